@@ -1,0 +1,66 @@
+"""The ``instar`` command: qemu-img-compatible sub-commands.
+
+Each sub-command is one module with a ``run(args) -> int``. Every
+`InstarError` becomes ``instar: MESSAGE`` on stderr and exit status 1, as
+qemu-img's errors do; nothing else is caught, so bugs still show a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from instar.cli.output import report_error
+from instar.errors import InstarError
+
+COMMANDS = {"dd": "instar.cli.dd"}
+
+USAGE = """\
+instar version {version} - a safe, qemu-img-compatible disk image toolkit
+usage: instar [standard options] command [command options]
+
+Command syntax:
+  dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] \
+[bs=block_size] [count=blocks] [skip=blocks] if=input of=output
+
+Standard options:
+  -h, --help       display this help and exit
+  -V, --version    output version information and exit
+
+See README.md and docs/ for what each command supports.
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run instar with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    from instar import __version__
+
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        report_error("Not enough arguments")
+        print("Try 'instar --help' for more information", file=sys.stderr)
+        return 1
+    command = args[0]
+    if command in ("-h", "--help"):
+        sys.stdout.write(USAGE.format(version=__version__))
+        return 0
+    if command in ("-V", "--version"):
+        print(f"instar version {__version__}")
+        return 0
+    module_name = COMMANDS.get(command)
+    if module_name is None:
+        report_error(f"Command not found: {command}")
+        return 1
+    module = importlib.import_module(module_name)
+    try:
+        status: int = module.run(args[1:])
+    except InstarError as error:
+        report_error(str(error))
+        hint = getattr(error, "hint", None)
+        if hint:
+            print(hint, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        report_error("interrupted")
+        return 1
+    return status

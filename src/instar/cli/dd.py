@@ -1,0 +1,142 @@
+"""``instar dd``: qemu-img dd's grammar, messages, exit codes and order of checks.
+
+Order, as qemu-img: options, operands left to right, if/of present, open the
+input, look up the output format, create the output, copy. Extensions beyond
+qemu-img dd (documented in docs/cli.md): ``-o``, ``-c``, ``-p``, ``--allow``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+
+from instar.cli.getopt import gnu_getopt
+from instar.cli.numbers import convert_number
+from instar.cli.output import report_error
+from instar.cli.progress import ProgressMeter
+from instar.errors import UnsupportedError, UsageError
+from instar.formats.base import CreateOptions
+from instar.sizes import INT64_MAX
+
+HELP = """\
+usage: instar dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir]
+                 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
+
+Copy a window of an image into a new image, exactly as qemu-img dd does.
+  bs=N       block size in bytes (1 to 2147483647, default 512); k M G T P E suffixes
+  count=N    copy up to N blocks from the START of the input (qemu's meaning)
+  skip=N     skip N blocks of the input
+  if=FILE    input image (format probed unless -f)
+  of=FILE    output image (-O format, default raw); replaced atomically
+  -U         accepted for compatibility (instar never locks its input)
+  -o opts    creation options for the output format (key=value,...)
+  -c         compress the output (qcow2, vmdk streamOptimized)
+  -p         show progress
+  --allow D  let backing and data files come from directory D as well
+"""
+
+SHORT_OPTIONS = "hf:O:Uo:cp"
+LONG_OPTIONS = {"help": False, "image-opts": False, "force-share": False, "object": True,
+                "allow": True}
+
+
+@dataclass
+class DdRequest:
+    """A dd command line, parsed."""
+
+    input_path: str | None = None
+    output_path: str | None = None
+    bs: int = 512
+    count: int | None = None
+    skip: int | None = None
+    input_format: str | None = None
+    output_format: str = "raw"
+    options: CreateOptions = field(default_factory=CreateOptions)
+    progress: bool = False
+    allow: list[str] = field(default_factory=list)
+
+
+def parse_creation_options(text: str, into: dict[str, str]) -> None:
+    """``-o key=value,key=value`` (``,,`` is a literal comma, as in qemu)."""
+    for item in text.replace(",,", "\0").split(","):
+        if not item:
+            continue
+        key, has_value, value = item.replace("\0", ",").partition("=")
+        if not has_value:
+            raise UsageError(f"Invalid parameter '{key}'")
+        into[key] = value
+
+
+def parse_dd_args(args: list[str]) -> DdRequest | None:
+    """Parse a dd command line; None means help was printed."""
+    parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
+    request = DdRequest()
+    for option, value in parsed.options:
+        if option in ("-h", "--help"):
+            sys.stdout.write(HELP)
+            return None
+        if option == "-f":
+            request.input_format = value
+        elif option == "-O":
+            request.output_format = value
+        elif option == "-o":
+            parse_creation_options(value, request.options.options)
+        elif option == "-c":
+            request.options.compress = True
+        elif option == "-p":
+            request.progress = True
+        elif option == "--allow":
+            request.allow.append(value)
+        elif option in ("--image-opts", "--object"):
+            raise UnsupportedError(f"instar does not support {option}")
+        # -U / --force-share: instar takes no locks, so sharing is the default.
+    for operand in parsed.operands:
+        _apply_operand(request, operand)
+    return request
+
+
+def _apply_operand(request: DdRequest, operand: str) -> None:
+    name, has_value, value = operand.partition("=")
+    if not has_value:
+        raise UsageError(f"unrecognized operand {operand}")
+    if name == "bs":
+        request.bs = convert_number("bs", value, 1, 2147483647)
+    elif name == "count":
+        request.count = convert_number("count", value, 0, INT64_MAX)
+    elif name == "skip":
+        request.skip = convert_number("skip", value, 0, INT64_MAX)
+    elif name == "if":
+        request.input_path = value
+    elif name == "of":
+        request.output_path = value
+    else:
+        raise UsageError(f"unrecognized operand {name}")
+
+
+def run(args: list[str]) -> int:
+    request = parse_dd_args(args)
+    if request is None:
+        return 0
+    if request.input_path is None or request.output_path is None:
+        raise UsageError("Must specify both input and output files")
+    from instar.dd import dd
+
+    meter = ProgressMeter() if request.progress else None
+    dd(
+        request.input_path,
+        request.output_path,
+        bs=request.bs,
+        count=request.count,
+        skip=request.skip,
+        input_format=request.input_format,
+        output_format=request.output_format,
+        options=request.options,
+        allow=tuple(request.allow),
+        progress=meter.update if meter else None,
+        on_skip_past_end=lambda: report_error(
+            f"{request.input_path}: cannot skip to specified offset"
+        ),
+    )
+    if meter is not None:
+        meter.finish()
+    return 0

@@ -1,0 +1,84 @@
+"""GNU getopt_long as qemu-img uses it, with qemu-img's error messages.
+
+Options and operands may be mixed (GNU permuting), ``--`` ends options, short
+options cluster (``-Uf raw``), an option's argument may be attached or the
+next word, and long options may be abbreviated when unambiguous.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from instar.errors import UsageError
+
+
+class GetoptError(UsageError):
+    """A bad option: qemu-img adds a hint line after the message."""
+
+    hint = "Try 'instar --help' for more information"
+
+
+@dataclass
+class Parsed:
+    options: list[tuple[str, str]] = field(default_factory=list)  # ("-f", "raw"), ("--help", "")
+    operands: list[str] = field(default_factory=list)
+
+
+def gnu_getopt(args: list[str], short: str, long: dict[str, bool]) -> Parsed:
+    """Parse ``args``: ``short`` as "hf:O:U", ``long`` maps names to "takes an argument"."""
+    takes_argument = {char: short[i + 1 : i + 2] == ":" for i, char in enumerate(short)}
+    takes_argument.pop(":", None)
+    parsed = Parsed()
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            parsed.operands.extend(args[i:])
+            break
+        if arg.startswith("--"):
+            i = _long_option(arg, args, i, long, parsed)
+        elif arg.startswith("-") and arg != "-":
+            i = _short_options(arg, args, i, takes_argument, parsed)
+        else:
+            parsed.operands.append(arg)
+    return parsed
+
+
+def _long_option(arg: str, args: list[str], i: int, long: dict[str, bool], parsed: Parsed) -> int:
+    name, has_value, value = arg[2:].partition("=")
+    matches = [n for n in long if n == name] or [n for n in long if n.startswith(name)]
+    if len(matches) != 1:
+        raise GetoptError(f"unrecognized option '{arg}'")
+    full = matches[0]
+    if long[full]:
+        if not has_value:
+            if i >= len(args):
+                raise GetoptError(f"missing argument for option '{arg}'")
+            value = args[i]
+            i += 1
+    elif has_value:
+        raise GetoptError(f"unrecognized option '{arg}'")
+    parsed.options.append((f"--{full}", value))
+    return i
+
+
+def _short_options(
+    arg: str, args: list[str], i: int, takes_argument: dict[str, bool], parsed: Parsed
+) -> int:
+    for position in range(1, len(arg)):
+        char = arg[position]
+        if char not in takes_argument:
+            raise GetoptError(f"unrecognized option '{arg}'")
+        if not takes_argument[char]:
+            parsed.options.append((f"-{char}", ""))
+            continue
+        value = arg[position + 1 :]
+        if not value:
+            if i >= len(args):
+                raise GetoptError(f"missing argument for option '{arg}'")
+            value = args[i]
+            i += 1
+        parsed.options.append((f"-{char}", value))
+        break
+    return i

@@ -1,0 +1,28 @@
+"""qemu-img's ``-p`` progress meter: ``    (NN.NN/100%)`` redrawn on one line."""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+
+class ProgressMeter:
+    """Prints progress when it moves by at least ``step`` percent, as qemu does."""
+
+    def __init__(self, stream: TextIO = sys.stdout, step: float = 1.0) -> None:
+        self._stream = stream
+        self._step = step
+        self._last = -step
+        self.update(0, 1)
+
+    def update(self, done: int, total: int) -> None:
+        percent = 100.0 if total == 0 else done * 100.0 / total
+        if percent - self._last >= self._step or (percent == 100.0 and self._last < 100.0):
+            self._last = percent
+            self._stream.write(f"    ({percent:0.2f}/100%)\r")
+            self._stream.flush()
+
+    def finish(self) -> None:
+        self.update(1, 1)
+        self._stream.write("\n")
+        self._stream.flush()

@@ -1,0 +1,90 @@
+"""The copy engine: every byte of an Image into a Writer, skipping what is not there.
+
+It asks the reader for extents first, so holes and zero clusters are never
+read; DATA extents are read in large aligned chunks and checked for zeros at
+the writer's granularity, so all-zero pieces are declared, not written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from instar.formats.base import Writer
+from instar.image import ExtentKind, Image
+
+CHUNK = 4 << 20  # bytes read at once from a DATA extent
+ZERO_GRANULARITY = 64 << 10  # zero detection inside a chunk
+_ZERO_CHUNK = bytes(CHUNK)
+
+Progress = Callable[[int, int], None]  # (bytes done, total)
+
+
+def copy_image(
+    image: Image,
+    writer: Writer,
+    *,
+    chunk: int = CHUNK,
+    zero_granularity: int = ZERO_GRANULARITY,
+    progress: Progress | None = None,
+) -> None:
+    """Copy all of ``image`` into ``writer`` at the same offsets, then close it."""
+    total = image.virtual_size
+    if total:
+        for extent in image.extents(0, total):
+            if extent.kind is ExtentKind.DATA:
+                _copy_data(image, writer, extent.offset, extent.end, chunk, zero_granularity)
+            else:
+                writer.write_zeroes(extent.offset, extent.length)
+            if progress is not None:
+                progress(extent.end, total)
+    writer.close()
+
+
+def _copy_data(
+    image: Image, writer: Writer, start: int, end: int, chunk: int, granularity: int
+) -> None:
+    position = start
+    while position < end:
+        # Align chunk ends so reads of cluster-based images stay on boundaries.
+        step_end = min(end, (position // chunk + 1) * chunk)
+        data = image.read(position, step_end - position)
+        _write_nonzero(writer, position, data, granularity)
+        position = step_end
+
+
+def _write_nonzero(writer: Writer, offset: int, data: bytes, granularity: int) -> None:
+    """Write ``data`` at ``offset``, declaring all-zero pieces instead of writing them.
+
+    Zero tests compare bytes with bytes (a memcmp); neighbouring non-zero
+    pieces are written together.
+    """
+    if data == _ZERO_CHUNK[: len(data)]:
+        writer.write_zeroes(offset, len(data))
+        return
+    if len(data) <= granularity:
+        writer.write(offset, data)
+        return
+    zero_piece = _ZERO_CHUNK[:granularity]
+    run_start = 0  # start of the pending run of pieces of one kind
+    run_is_zero: bool | None = None
+    # Pieces start at absolute multiples of the granularity.
+    piece_start = 0
+    first_end = min(len(data), granularity - offset % granularity)
+    while piece_start < len(data):
+        piece_end = first_end if piece_start == 0 else min(len(data), piece_start + granularity)
+        piece = data[piece_start:piece_end]
+        is_zero = piece == zero_piece[: len(piece)]
+        if run_is_zero is not None and is_zero != run_is_zero:
+            _flush(writer, offset, data, run_start, piece_start, run_is_zero)
+            run_start = piece_start
+        run_is_zero = is_zero
+        piece_start = piece_end
+    if run_is_zero is not None:
+        _flush(writer, offset, data, run_start, len(data), run_is_zero)
+
+
+def _flush(writer: Writer, offset: int, data: bytes, start: int, end: int, zero: bool) -> None:
+    if zero:
+        writer.write_zeroes(offset + start, end - start)
+    else:
+        writer.write(offset + start, data[start:end])

@@ -1,0 +1,71 @@
+"""Open files handed to format code.
+
+Format code never opens a path (DESIGN.md, safety rules): the host side opens
+files and passes an `InputFile`, a positioned-read wrapper around a file
+descriptor. ``pread`` keeps reads thread-safe and free of seek state.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+from instar.errors import FormatError
+
+
+class InputFile:
+    """A read-only open file: ``pread`` plus its size, named for messages."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        info = os.fstat(fd)
+        self.is_block_device = stat.S_ISBLK(info.st_mode)
+        self.is_regular = stat.S_ISREG(info.st_mode)
+        self.identity = (info.st_dev, info.st_ino)
+        if self.is_block_device:
+            self.size = os.lseek(fd, 0, os.SEEK_END)
+        else:
+            self.size = info.st_size
+
+    @classmethod
+    def open(cls, path: str, name: str | None = None) -> InputFile:
+        """Open ``path`` read-only (host side only)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            return cls(fd, path if name is None else name)
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def pread(self, offset: int, length: int) -> bytes:
+        """Up to ``length`` bytes at ``offset``; shorter only at end of file."""
+        if length <= 0:
+            return b""
+        data = os.pread(self.fd, length, offset)
+        if len(data) < length:
+            # A short read before the end of file: read the rest in a loop.
+            parts = [data]
+            got = len(data)
+            while got < length:
+                more = os.pread(self.fd, length - got, offset + got)
+                if not more:
+                    break
+                parts.append(more)
+                got += len(more)
+            data = b"".join(parts)
+        return data
+
+    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        """Exactly ``length`` bytes, or a FormatError saying which structure is cut off."""
+        if offset < 0 or offset + length > self.size:
+            raise FormatError(f"{what} at offset {offset} lies beyond the end of the file")
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise FormatError(f"{what} at offset {offset} is truncated")
+        return data
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

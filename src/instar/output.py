@@ -1,0 +1,137 @@
+"""Creating the output safely: temporary file, fsync, rename into place.
+
+A failure at any point leaves no partial output and never damages an existing
+file of the same name. A block device is written in place (zeros included),
+since it cannot be replaced. An output that is one of the inputs is refused
+before anything is written.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import stat
+from collections.abc import Callable, Iterable
+
+from instar.copy import Progress, copy_image
+from instar.errors import OutputError
+from instar.files import InputFile
+from instar.formats.base import CreateOptions, Format, OutputFile
+from instar.image import Image
+
+
+class AtomicOutput:
+    """An output file that appears at ``target`` only after ``commit``."""
+
+    def __init__(self, target: str) -> None:
+        self.target = target
+        # Write through a symbolic link to where it points, as qemu would.
+        self._final = os.path.realpath(target)
+        self._temp: str | None = None
+        self.file: OutputFile | None = None
+
+    def create(self) -> OutputFile:
+        """Open the temporary file (or the block device) to write into."""
+        try:
+            info: os.stat_result | None = os.stat(self._final)
+        except FileNotFoundError:
+            info = None
+        except OSError as error:
+            raise self._creation_error(error) from None
+        if info is not None and stat.S_ISDIR(info.st_mode):
+            raise self._creation_error(IsADirectoryError(21, "Is a directory"))
+        if info is not None and stat.S_ISBLK(info.st_mode):
+            fd = self._open(self._final, os.O_WRONLY)
+            self.file = OutputFile(fd, self.target, is_block_device=True)
+            return self.file
+        directory, base = os.path.split(self._final)
+        temp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.instar-tmp")
+        fd = self._open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        self._temp = temp
+        if info is not None:
+            os.fchmod(fd, stat.S_IMODE(info.st_mode))
+        self.file = OutputFile(fd, self.target)
+        return self.file
+
+    def _open(self, path: str, flags: int) -> int:
+        try:
+            return os.open(path, flags | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            raise self._creation_error(error) from None
+
+    def _creation_error(self, error: OSError) -> OutputError:
+        return OutputError(
+            f"{self.target}: error while creating output image: "
+            f"Could not create '{self.target}': {error.strerror}"
+        )
+
+    def commit(self) -> None:
+        """Make the output durable and visible under its name."""
+        assert self.file is not None
+        os.fsync(self.file.fd)
+        os.close(self.file.fd)
+        self.file = None
+        if self._temp is not None:
+            os.rename(self._temp, self._final)
+            self._temp = None
+            dir_fd = os.open(os.path.dirname(self._final) or ".", os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+    def abort(self) -> None:
+        """Remove the temporary file; the target is untouched."""
+        if self.file is not None:
+            os.close(self.file.fd)
+            self.file = None
+        if self._temp is not None:
+            try:
+                os.unlink(self._temp)
+            except FileNotFoundError:
+                pass
+            self._temp = None
+
+
+def refuse_same_file(target: str, inputs: Iterable[InputFile]) -> None:
+    """Refuse an output that is (any spelling of) one of the input files."""
+    try:
+        info = os.stat(target)
+    except OSError:
+        return
+    for file in inputs:
+        if (info.st_dev, info.st_ino) == file.identity:
+            raise OutputError(
+                f"{target}: output is the same file as input '{file.name}'; refusing to overwrite it"
+            )
+
+
+def write_image(
+    image: Image,
+    target: str,
+    fmt: Format,
+    virtual_size: int,
+    options: CreateOptions,
+    progress: Progress | None = None,
+    on_created: Callable[[], None] | None = None,
+) -> None:
+    """Create ``target`` in ``fmt`` with ``virtual_size`` and copy ``image`` into it.
+
+    ``on_created`` runs once the output image exists, before the copy (where
+    qemu-img dd prints its skip warning).
+    """
+    output = AtomicOutput(target)
+    out_file = output.create()
+    try:
+        writer = fmt.create(out_file, virtual_size, options)
+        if on_created is not None:
+            on_created()
+        try:
+            copy_image(image, writer, progress=progress)
+        except BaseException:
+            writer.abort()
+            raise
+        output.commit()
+    except BaseException:
+        output.abort()
+        raise
