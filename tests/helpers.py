@@ -1,0 +1,103 @@
+"""Shared test helpers: run instar and the real qemu-img side by side.
+
+instar runs in-process (``instar.cli.main``) for speed; qemu-img runs as a
+subprocess. Both are run in the same directory so relative names in messages
+match, and stderr is compared after the program prefix.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from instar.cli import main as instar_main
+
+QEMU_IMG = shutil.which("qemu-img")
+QEMU_IO = shutil.which("qemu-io")
+
+
+@dataclass
+class Result:
+    rc: int
+    stdout: str
+    stderr: str
+
+    def normalised_stderr(self) -> str:
+        """stderr with the program name removed, to compare instar with qemu-img."""
+        text = self.stderr.replace("qemu-img: ", "PROG: ").replace("instar: ", "PROG: ")
+        return text.replace("'qemu-img --help'", "'PROG --help'").replace(
+            "'instar --help'", "'PROG --help'"
+        )
+
+
+def run_instar(*args: str, cwd: str | os.PathLike[str] | None = None) -> Result:
+    """Run ``instar ARGS`` in-process, in ``cwd``; returns exit code and output."""
+    out, err = io.StringIO(), io.StringIO()
+    old = os.getcwd()
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = instar_main(list(args))
+    finally:
+        os.chdir(old)
+    return Result(rc, out.getvalue(), err.getvalue())
+
+
+def run_qemu_img(*args: str, cwd: str | os.PathLike[str] | None = None) -> Result:
+    """Run the real ``qemu-img ARGS``."""
+    assert QEMU_IMG is not None, "qemu-img is not installed"
+    proc = subprocess.run(
+        [QEMU_IMG, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+def qemu_img_ok(*args: str, cwd: str | os.PathLike[str] | None = None) -> str:
+    """Run qemu-img and insist it succeeds; returns stdout."""
+    result = run_qemu_img(*args, cwd=cwd)
+    assert result.rc == 0, f"qemu-img {' '.join(args)} failed: {result.stderr}"
+    return result.stdout
+
+
+def qemu_io(image: str | Path, command: str, fmt: str | None = None) -> None:
+    """Run one qemu-io command (e.g. ``write -P 0x5a 0 64k``) on ``image``."""
+    assert QEMU_IO is not None, "qemu-io is not installed"
+    args = [QEMU_IO]
+    if fmt:
+        args += ["-f", fmt]
+    proc = subprocess.run(
+        [*args, "-c", command, str(image)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
+
+
+def qemu_info(image: str | Path, fmt: str | None = None) -> dict[str, object]:
+    """``qemu-img info --output=json`` as a dict."""
+    args = ["info", "--output=json"] + (["-f", fmt] if fmt else []) + [str(image)]
+    info: dict[str, object] = json.loads(qemu_img_ok(*args))
+    return info
+
+
+def qemu_read_raw(image: str | Path, tmp_dir: Path, fmt: str | None = None) -> bytes:
+    """The image's contents as qemu reads them (``qemu-img convert -O raw``)."""
+    target = tmp_dir / f"readback-{os.getpid()}-{id(image)}.raw"
+    args = ["convert"] + (["-f", fmt] if fmt else []) + ["-O", "raw", str(image), str(target)]
+    qemu_img_ok(*args)
+    try:
+        return target.read_bytes()
+    finally:
+        target.unlink()
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """Deterministic non-repeating-looking bytes: byte i is (i + seed) % 251."""
+    block = bytes((i + seed) % 251 for i in range(251 * 16))
+    reps = size // len(block) + 1
+    return (block * reps)[:size]
