@@ -25,8 +25,11 @@ class Resolver(Protocol):
         """Open the backing image ``name`` that ``child`` refers to."""
         ...
 
-    def open_data_file(self, name: str, child: InputFile) -> InputFile:
-        """Open an external data file that ``child`` refers to."""
+    def open_file(self, name: str, child: InputFile, what: str) -> InputFile:
+        """Open a plain file ``child`` names: a qcow2 data file, a VMDK extent...
+
+        ``what`` names the role in messages ("data file", "extent").
+        """
         ...
 
 
