@@ -95,14 +95,12 @@ class ChainResolver:
         except ImageOpenError as error:
             raise FormatError(f"Could not open backing file: {error}") from None
 
-    def open_data_file(self, name: str, child: InputFile) -> InputFile:
-        path = self._resolve(name, child, "data file")
-        if not path:
-            raise ImageOpenError(path, "The 'file' block driver requires a file name")
+    def open_file(self, name: str, child: InputFile, what: str) -> InputFile:
+        path = self._resolve(name, child, what)
         try:
             file = InputFile.open(path)
         except OSError as error:
-            raise FormatError(f"Could not open data file '{path}': {error.strerror}") from None
+            raise FormatError(f"Could not open {what} '{path}': {error.strerror}") from None
         self.opener.opened.append(file)
         return file
 

@@ -8,6 +8,7 @@ before anything is written.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import stat
@@ -86,10 +87,8 @@ class AtomicOutput:
             os.close(self.file.fd)
             self.file = None
         if self._temp is not None:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self._temp)
-            except FileNotFoundError:
-                pass
             self._temp = None
 
 
@@ -102,7 +101,8 @@ def refuse_same_file(target: str, inputs: Iterable[InputFile]) -> None:
     for file in inputs:
         if (info.st_dev, info.st_ino) == file.identity:
             raise OutputError(
-                f"{target}: output is the same file as input '{file.name}'; refusing to overwrite it"
+                f"{target}: output is the same file as input '{file.name}';"
+                " refusing to overwrite it"
             )
 
 

@@ -159,4 +159,5 @@ def size_to_str(value: int) -> str:
     _, exponent = math.frexp(value / (1000.0 / 1024.0))
     index = int((exponent - 1) / 10)  # C division truncates toward zero
     scaled = value / float(1 << (index * 10))
-    return "%0.3g %sB" % (scaled, ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][index])
+    unit = ["", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"][index]
+    return f"{scaled:0.3g} {unit}B"
