@@ -33,7 +33,7 @@ OUTPUT_FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
 
 def make_input(path: Path) -> bytes:
     """A patterned image with a hole, so sparse handling shows too."""
-    data = bytearray((i % 251 for i in range(251 * 64))) * (SIZE // (251 * 64) + 1)
+    data = bytearray(i % 251 for i in range(251 * 64)) * (SIZE // (251 * 64) + 1)
     data = data[:SIZE]
     data[1 << 20 : 2 << 20] = bytes(1 << 20)
     with open(path, "wb") as file:

@@ -27,12 +27,18 @@ def copy_image(
     zero_granularity: int = ZERO_GRANULARITY,
     progress: Progress | None = None,
 ) -> None:
-    """Copy all of ``image`` into ``writer`` at the same offsets, then close it."""
+    """Copy all of ``image`` into ``writer`` at the same offsets, then close it.
+
+    ``zero_granularity`` 0 turns zero detection off: zeros are written as data
+    (``qemu-img convert -S 0``, a fully allocated output).
+    """
     total = image.virtual_size
     if total:
         for extent in image.extents(0, total):
             if extent.kind is ExtentKind.DATA:
                 _copy_data(image, writer, extent.offset, extent.end, chunk, zero_granularity)
+            elif zero_granularity == 0:
+                _write_zero_data(writer, extent.offset, extent.end, chunk)
             else:
                 writer.write_zeroes(extent.offset, extent.length)
             if progress is not None:
@@ -52,12 +58,20 @@ def _copy_data(
         position = step_end
 
 
+def _write_zero_data(writer: Writer, start: int, end: int, chunk: int) -> None:
+    for position in range(start, end, chunk):
+        writer.write(position, _ZERO_CHUNK[: min(chunk, end - position)])
+
+
 def _write_nonzero(writer: Writer, offset: int, data: bytes, granularity: int) -> None:
     """Write ``data`` at ``offset``, declaring all-zero pieces instead of writing them.
 
     Zero tests compare bytes with bytes (a memcmp); neighbouring non-zero
-    pieces are written together.
+    pieces are written together. Granularity 0 writes everything.
     """
+    if granularity == 0:
+        writer.write(offset, data)
+        return
     if data == _ZERO_CHUNK[: len(data)]:
         writer.write_zeroes(offset, len(data))
         return

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from instar.copy import Progress
-from instar.errors import OutputError
+from instar.errors import CreationError, OutputError
 from instar.formats import registry
 from instar.formats.base import CreateOptions
 from instar.image import Window
@@ -77,9 +77,15 @@ def dd(
         view = Window(image, window.start, window.length)
         declared = out_fmt.declared_size(window.length)
         on_created = on_skip_past_end if window.skipped_past_end else None
-        write_image(
-            view, output_path, out_fmt, declared, options or CreateOptions(), progress, on_created
-        )
+        try:
+            write_image(
+                view, output_path, out_fmt, declared, options or CreateOptions(), progress,
+                on_created,
+            )
+        except CreationError as error:
+            raise CreationError(
+                f"{output_path}: error while creating output image: {error}"
+            ) from None
         return window
     finally:
         opener.close()

@@ -42,3 +42,15 @@ class PolicyError(InstarError):
 
 class OutputError(InstarError):
     """The output image could not be created or written."""
+
+
+class OptionError(UsageError):
+    """A creation option the format does not take, or -c where it cannot compress.
+
+    qemu reports these before creating anything, unprefixed by the file name.
+    """
+
+
+class CreationError(OutputError):
+    """The output format refused to create the image (a bad option value, a size
+    it cannot hold); callers add qemu's "error while creating/converting" prefix."""

@@ -107,3 +107,44 @@ class Window:
 
     def close(self) -> None:
         self._image.close()
+
+
+class Concatenation:
+    """Several images one after another, as ``qemu-img convert A B OUT`` reads them."""
+
+    def __init__(self, parts: list[Image]) -> None:
+        if not parts:
+            raise ValueError("nothing to concatenate")
+        self._parts = parts
+        self._starts: list[int] = []
+        total = 0
+        for part in parts:
+            self._starts.append(total)
+            total += part.virtual_size
+        self._size = total
+
+    @property
+    def virtual_size(self) -> int:
+        return self._size
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[Image, int, int, int]]:
+        """(part, start of part, offset inside part, length) for a range."""
+        end = offset + length
+        for part, start in zip(self._parts, self._starts, strict=True):
+            lo, hi = max(offset, start), min(end, start + part.virtual_size)
+            if lo < hi:
+                yield part, start, lo - start, hi - lo
+
+    def read(self, offset: int, length: int) -> bytes:
+        check_range(self, offset, length)
+        return b"".join(part.read(inner, n) for part, _, inner, n in self._pieces(offset, length))
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        check_range(self, offset, length)
+        for part, start, inner, n in self._pieces(offset, length):
+            for extent in part.extents(inner, n):
+                yield Extent(extent.offset + start, extent.length, extent.kind)
+
+    def close(self) -> None:
+        for part in self._parts:
+            part.close()

@@ -14,8 +14,8 @@ import secrets
 import stat
 from collections.abc import Callable, Iterable
 
-from instar.copy import Progress, copy_image
-from instar.errors import OutputError
+from instar.copy import ZERO_GRANULARITY, Progress, copy_image
+from instar.errors import CreationError, InstarError, OptionError, OutputError
 from instar.files import InputFile
 from instar.formats.base import CreateOptions, Format, OutputFile
 from instar.image import Image
@@ -43,7 +43,7 @@ class AtomicOutput:
             raise self._creation_error(IsADirectoryError(21, "Is a directory"))
         if info is not None and stat.S_ISBLK(info.st_mode):
             fd = self._open(self._final, os.O_WRONLY)
-            self.file = OutputFile(fd, self.target, is_block_device=True)
+            self.file = OutputFile(fd, self.target, in_place=True)
             return self.file
         directory, base = os.path.split(self._final)
         temp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.instar-tmp")
@@ -60,11 +60,8 @@ class AtomicOutput:
         except OSError as error:
             raise self._creation_error(error) from None
 
-    def _creation_error(self, error: OSError) -> OutputError:
-        return OutputError(
-            f"{self.target}: error while creating output image: "
-            f"Could not create '{self.target}': {error.strerror}"
-        )
+    def _creation_error(self, error: OSError) -> CreationError:
+        return CreationError(f"Could not create '{self.target}': {error.strerror}")
 
     def commit(self) -> None:
         """Make the output durable and visible under its name."""
@@ -114,6 +111,7 @@ def write_image(
     options: CreateOptions,
     progress: Progress | None = None,
     on_created: Callable[[], None] | None = None,
+    zero_granularity: int = ZERO_GRANULARITY,
 ) -> None:
     """Create ``target`` in ``fmt`` with ``virtual_size`` and copy ``image`` into it.
 
@@ -123,11 +121,16 @@ def write_image(
     output = AtomicOutput(target)
     out_file = output.create()
     try:
-        writer = fmt.create(out_file, virtual_size, options)
+        try:
+            writer = fmt.create(out_file, virtual_size, options)
+        except OptionError:
+            raise
+        except InstarError as error:
+            raise CreationError(str(error)) from None
         if on_created is not None:
             on_created()
         try:
-            copy_image(image, writer, progress=progress)
+            copy_image(image, writer, progress=progress, zero_granularity=zero_granularity)
         except BaseException:
             writer.abort()
             raise
@@ -135,3 +138,30 @@ def write_image(
     except BaseException:
         output.abort()
         raise
+
+
+def write_in_place(
+    image: Image,
+    target: str,
+    fmt: Format,
+    options: CreateOptions,
+    progress: Progress | None = None,
+) -> None:
+    """Write ``image`` over the existing raw image ``target`` (``convert -n``).
+
+    Zeros are written too (the old contents must go); the file keeps its size.
+    """
+    try:
+        fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise OutputError(f"Could not open '{target}': Could not open '{target}': "
+                          f"{error.strerror}") from None
+    try:
+        size = os.lseek(fd, 0, os.SEEK_END)
+        if size < image.virtual_size:
+            raise OutputError("output file is smaller than input file")
+        writer = fmt.create(OutputFile(fd, target, in_place=True), size, options)
+        copy_image(image, writer, progress=progress)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -13,7 +13,7 @@ import sys
 from instar.cli.output import report_error
 from instar.errors import InstarError
 
-COMMANDS = {"dd": "instar.cli.dd"}
+COMMANDS = {"dd": "instar.cli.dd", "convert": "instar.cli.convert"}
 
 USAGE = """\
 instar version {version} - a safe, qemu-img-compatible disk image toolkit
@@ -22,6 +22,8 @@ usage: instar [standard options] command [command options]
 Command syntax:
   dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] \
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
+  convert [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-S sparse_size] [-p] [-q] [-n] \
+[--allow dir] filename [filename2 [...]] output_filename
 
 Standard options:
   -h, --help       display this help and exit

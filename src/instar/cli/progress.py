@@ -9,8 +9,8 @@ from typing import TextIO
 class ProgressMeter:
     """Prints progress when it moves by at least ``step`` percent, as qemu does."""
 
-    def __init__(self, stream: TextIO = sys.stdout, step: float = 1.0) -> None:
-        self._stream = stream
+    def __init__(self, stream: TextIO | None = None, step: float = 1.0) -> None:
+        self._stream = sys.stdout if stream is None else stream
         self._step = step
         self._last = -step
         self.update(0, 1)
@@ -23,6 +23,6 @@ class ProgressMeter:
             self._stream.flush()
 
     def finish(self) -> None:
-        self.update(1, 1)
-        self._stream.write("\n")
+        """The final 100% line and a newline, as qemu-img ends its meter."""
+        self._stream.write("    (100.00/100%)\r\n")
         self._stream.flush()

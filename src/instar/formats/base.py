@@ -39,7 +39,9 @@ class OutputFile:
 
     fd: int
     name: str  # the target the user named, for messages
-    is_block_device: bool = False
+    # Written over existing content (a block device, or convert -n): zeros must be
+    # written, and the file keeps its size.
+    in_place: bool = False
 
 
 @dataclass

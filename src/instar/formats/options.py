@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from instar.errors import UsageError
+from instar.errors import OptionError
 from instar.formats.base import CreateOptions
 
 
@@ -13,6 +13,6 @@ def reject_unknown(options: CreateOptions, format_name: str, known: Iterable[str
     allowed = set(known)
     for key in options.options:
         if key not in allowed:
-            raise UsageError(f"Invalid parameter '{key}'")
+            raise OptionError(f"Invalid parameter '{key}'")
     if options.compress and "compress" not in allowed:
-        raise UsageError("Compression not supported for this file format")
+        raise OptionError("Compression not supported for this file format")

@@ -89,8 +89,8 @@ class RawWriter:
             offset += written
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        if not self._out.is_block_device:
-            return  # a fresh regular file reads as zeros already
+        if not self._out.in_place:
+            return  # a fresh file reads as zeros already
         chunk = bytes(min(length, 4 << 20))
         while length > 0:
             step = min(length, len(chunk))
@@ -99,7 +99,7 @@ class RawWriter:
             length -= step
 
     def close(self) -> None:
-        if not self._out.is_block_device:
+        if not self._out.in_place:
             os.ftruncate(self._out.fd, self._size)
 
     def abort(self) -> None:

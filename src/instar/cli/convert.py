@@ -1,0 +1,120 @@
+"""``instar convert``: qemu-img convert's common options, messages and exit codes.
+
+    instar convert [-f fmt] [-O fmt] [-c] [-o options] [-S size] [-p] [-q] [-n] [-U]
+                   [--allow dir] FILE [FILE...] OUTPUT
+
+Accepted and ignored, as performance knobs that do not change the result:
+``-t``/``-T`` (cache modes), ``-m`` (coroutines), ``-W`` (out-of-order writes).
+"""
+
+from __future__ import annotations
+
+import sys
+
+from instar.cli.dd import parse_creation_options
+from instar.cli.getopt import gnu_getopt
+from instar.cli.numbers import NumberError, convert_number
+from instar.cli.progress import ProgressMeter
+from instar.errors import UnsupportedError, UsageError
+from instar.formats.base import CreateOptions
+
+HELP = """\
+usage: instar convert [-f fmt] [-O output_fmt] [-c] [-o options] [-S sparse_size] [-p] [-q]
+                      [-n] [-U] [--allow dir] filename [filename2 [...]] output_filename
+
+Convert images (concatenated in order) into a new image of output_fmt (default raw).
+  -S N   zero runs of at least N bytes stay unallocated (multiple of 512, default 4k;
+         0 writes zeros, fully allocating the output)
+  -o     creation options (key=value,...); '-o help' lists them for the format
+  -n     write over an existing raw target instead of creating one
+"""
+
+SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:W"
+LONG_OPTIONS = {"help": False, "image-opts": False, "target-image-opts": False,
+                "force-share": False, "object": True, "allow": True}
+MAX_SPARSE = 16 << 20
+
+
+def _sparse_size(text: str) -> int:
+    name = "buffer size for sparse output"
+    try:
+        value = convert_number(name, text, 0, (1 << 63) - 1)
+    except NumberError as error:
+        if "Must be between" not in str(error):
+            raise
+        value = -1
+    if value < 0 or value % 512 or value > MAX_SPARSE:
+        raise UsageError(
+            f"Invalid {name} specified. Valid sizes are multiples of 512 up to {MAX_SPARSE}. "
+            "Select 0 to disable sparse detection (fully allocates output)."
+        )
+    return value
+
+
+def _print_option_help(format_name: str) -> int:
+    from instar.convert import output_format
+
+    fmt = output_format(format_name)
+    print(f"Supported {fmt.name} options:")
+    for spec in getattr(fmt, "create_options", ()):
+        print(f"  {spec}")
+    return 0
+
+
+def run(args: list[str]) -> int:
+    parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
+    input_format: str | None = None
+    out_format = "raw"
+    options = CreateOptions()
+    sparse = 4096
+    progress = quiet = no_create = False
+    allow: list[str] = []
+    wants_help = False
+    for option, value in parsed.options:
+        if option in ("-h", "--help"):
+            sys.stdout.write(HELP)
+            return 0
+        if option == "-f":
+            input_format = value
+        elif option == "-O":
+            out_format = value
+        elif option == "-c":
+            options.compress = True
+        elif option == "-o":
+            if value == "help" or value.startswith("help,") or ",help" in value:
+                wants_help = True
+            else:
+                parse_creation_options(value, options.options)
+        elif option == "-S":
+            sparse = _sparse_size(value)
+        elif option == "-p":
+            progress = True
+        elif option == "-q":
+            quiet = True
+        elif option == "-n":
+            no_create = True
+        elif option == "--allow":
+            allow.append(value)
+        elif option in ("--image-opts", "--target-image-opts", "--object"):
+            raise UnsupportedError(f"instar does not support {option}")
+    if wants_help:
+        return _print_option_help(out_format)
+    if len(parsed.operands) < 2:
+        raise UsageError("Must specify image file name")
+    from instar.convert import convert
+
+    meter = ProgressMeter() if progress and not quiet else None
+    convert(
+        parsed.operands[:-1],
+        parsed.operands[-1],
+        input_format=input_format,
+        output_format_name=out_format,
+        options=options,
+        sparse_size=sparse,
+        no_create=no_create,
+        allow=tuple(allow),
+        progress=meter.update if meter else None,
+    )
+    if meter is not None:
+        meter.finish()
+    return 0

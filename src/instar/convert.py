@@ -1,0 +1,71 @@
+"""convert as qemu-img does it: whole images (concatenated) into a new image.
+
+The same readers, copy engine and writers as dd; only the source differs
+(the images themselves instead of a Window).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from instar.copy import ZERO_GRANULARITY, Progress
+from instar.errors import CreationError, OptionError, OutputError, UnsupportedError
+from instar.formats import registry
+from instar.formats.base import CreateOptions, Format
+from instar.image import Concatenation, Image
+from instar.opener import ImageOpener
+from instar.output import refuse_same_file, write_image, write_in_place
+from instar.safety import PathPolicy
+
+
+def output_format(name: str) -> Format:
+    """The writable format ``name``, with qemu-img convert's message otherwise."""
+    fmt = registry.get(name)
+    if fmt is None:
+        if registry.is_recognised_only(name):
+            raise UnsupportedError(f"instar cannot write {name} images yet")
+        raise OutputError(f"Unknown file format '{name}'")
+    return fmt
+
+
+def convert(
+    input_paths: Sequence[str],
+    output_path: str,
+    *,
+    input_format: str | None = None,
+    output_format_name: str = "raw",
+    options: CreateOptions | None = None,
+    sparse_size: int = ZERO_GRANULARITY,
+    no_create: bool = False,
+    allow: tuple[str, ...] = (),
+    progress: Progress | None = None,
+) -> None:
+    """Convert ``input_paths`` (one after another) into ``output_path``.
+
+    ``sparse_size`` 0 writes zeros as data (a fully allocated output);
+    ``no_create`` writes over an existing raw image instead of creating one.
+    """
+    options = options or CreateOptions()
+    opener = ImageOpener(PathPolicy.for_image(input_paths[0], allow))
+    try:
+        images: list[Image] = [opener.open(path, input_format) for path in input_paths]
+        source = images[0] if len(images) == 1 else Concatenation(images)
+        fmt = output_format(output_format_name)
+        refuse_same_file(output_path, opener.opened)
+        if no_create:
+            if fmt.name != "raw":
+                raise UnsupportedError("instar supports -n only for raw targets")
+            write_in_place(source, output_path, fmt, options, progress)
+            return
+        declared = fmt.declared_size(source.virtual_size)
+        try:
+            write_image(source, output_path, fmt, declared, options, progress,
+                        zero_granularity=sparse_size)
+        except OptionError:
+            raise
+        except CreationError as error:
+            raise CreationError(
+                f"{output_path}: error while converting {fmt.name}: {error}"
+            ) from None
+    finally:
+        opener.close()

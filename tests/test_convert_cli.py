@@ -1,0 +1,90 @@
+"""instar convert: messages, exit codes and results against qemu-img convert."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from helpers import pattern, run_instar, run_qemu_img
+
+ROWS: list[list[str]] = [
+    [],
+    ["in.raw"],
+    ["in.raw", "out.raw"],
+    ["-O", "foo", "in.raw", "out.raw"],
+    ["-O", "raw", "-c", "in.raw", "out.raw"],
+    ["-S", "1000", "in.raw", "out.raw"],
+    ["-S", "x", "in.raw", "out.raw"],
+    ["-S", "17M", "in.raw", "out.raw"],
+    ["-S", "0", "in.raw", "out.raw"],
+    ["-S", "1k", "in.raw", "out.raw"],
+    ["-o", "foo=1", "in.raw", "out.raw"],
+    ["-O", "raw", "-o", "help"],
+    ["missing.raw", "out.raw"],
+    ["-f", "foo", "in.raw", "out.raw"],
+    ["-f", "qcow2", "in.raw", "out.raw"],
+    ["-n", "in.raw", "missing-target.raw"],
+    ["-n", "in.raw", "small.raw"],
+    ["-n", "in.raw", "big.raw"],
+    ["in.raw", "in.raw", "out.raw"],
+    ["-x", "in.raw", "out.raw"],
+    ["-q", "-U", "in.raw", "out.raw"],
+    ["in.raw", "nodir/out.raw"],
+]
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("convert")
+    with open(directory / "in.raw", "wb") as file:
+        file.write(pattern(300_000))
+        file.seek(1 << 20)
+        file.write(pattern(70_000, seed=9))
+    return directory / "in.raw"
+
+
+def _prepare(directory: Path, source: Path) -> None:
+    directory.mkdir()
+    (directory / "in.raw").symlink_to(source)
+    (directory / "small.raw").write_bytes(b"\x01" * 1000)
+    (directory / "big.raw").write_bytes(b"\x01" * (2 << 20))
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("row", ROWS, ids=lambda row: " ".join(row) or "<none>")
+def test_convert_matches_qemu(row: list[str], source: Path, tmp_path: Path) -> None:
+    qemu_dir, ours_dir = tmp_path / "q", tmp_path / "i"
+    _prepare(qemu_dir, source)
+    _prepare(ours_dir, source)
+    qemu = run_qemu_img("convert", *row, cwd=qemu_dir)
+    ours = run_instar("convert", *row, cwd=ours_dir)
+    assert (ours.rc, ours.normalised_stderr()) == (qemu.rc, qemu.normalised_stderr())
+    if "help" in row:
+        assert ours.stdout.splitlines()[0] == qemu.stdout.splitlines()[0]
+        return
+    assert ours.stdout == qemu.stdout
+    for name in ("out.raw", "small.raw", "big.raw", "missing-target.raw"):
+        ours_file, qemu_file = ours_dir / name, qemu_dir / name
+        if qemu.rc == 0:
+            assert ours_file.exists() == qemu_file.exists(), name
+            if qemu_file.exists():
+                assert ours_file.read_bytes() == qemu_file.read_bytes(), name
+        else:
+            assert not (name == "out.raw" and ours_file.exists())
+
+
+def test_sparse_zero_fully_allocates(source: Path, tmp_path: Path) -> None:
+    sparse, full = tmp_path / "sparse.raw", tmp_path / "full.raw"
+    assert run_instar("convert", str(source), str(sparse)).rc == 0
+    assert run_instar("convert", "-S", "0", str(source), str(full)).rc == 0
+    assert sparse.read_bytes() == full.read_bytes()
+    assert full.stat().st_blocks * 512 >= full.stat().st_size
+    assert sparse.stat().st_blocks * 512 < full.stat().st_size // 2
+
+
+def test_progress_meter_format(source: Path, tmp_path: Path) -> None:
+    result = run_instar("convert", "-p", str(source), str(tmp_path / "o.raw"))
+    assert result.rc == 0
+    assert result.stdout.startswith("    (0.00/100%)\r")
+    assert result.stdout.endswith("    (100.00/100%)\r\n")
