@@ -31,6 +31,9 @@ from instar.formats.vpc.layout import (
     declared_size,
     rounded_geometry,
 )
+from instar.image import Extent, ExtentKind
+from instar.opener import ImageOpener
+from instar.safety import PathPolicy
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -138,11 +141,28 @@ def test_declared_size_matches_qemu_create(qemu_img: str, length: int) -> None:
 # --- dd windows against qemu-img dd --------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def vpc_source(source: Path) -> Path:
+    """The same bytes as a dynamic VHD made by qemu-img convert."""
+    path = source.with_name("in.vhd")
+    qemu_img_ok("convert", "-O", "vpc", str(source), str(path))
+    return path
+
+
+@pytest.mark.parametrize("input_kind", ["raw", "vpc"])
 @pytest.mark.parametrize("subformat", SUBFORMATS, ids=["dynamic", "fixed"])
 @pytest.mark.parametrize("window", WINDOWS, ids=lambda w: " ".join(w) or "whole")
 def test_dd_window_matches_qemu(
-    qemu_img: str, source: Path, tmp_path: Path, window: list[str], subformat: list[str]
+    qemu_img: str,
+    source: Path,
+    vpc_source: Path,
+    tmp_path: Path,
+    window: list[str],
+    subformat: list[str],
+    input_kind: str,
 ) -> None:
+    if input_kind == "vpc":
+        source = vpc_source
     ours, theirs = tmp_path / "i.vhd", tmp_path / "q.vhd"
     result = run_instar("dd", "-O", "vpc", *subformat, *window, f"if={source}", f"of={ours}")
     assert result.rc == 0, result.stderr
@@ -269,6 +289,13 @@ def test_largest_size_is_written(qemu_img: str, tmp_path: Path) -> None:
     assert qemu_info(ours)["virtual-size"] == 2040 * GIB
     entries = 2040 * GIB // (2 * MIB)
     assert ours.stat().st_size == 1536 + entries * 4 + 512  # headers, BAT, footer
+    opener = ImageOpener(PathPolicy.for_image(str(ours)))
+    try:
+        image = opener.open(str(ours))
+        extents = list(image.extents(0, image.virtual_size))
+    finally:
+        opener.close()
+    assert extents == [Extent(0, 2040 * GIB, ExtentKind.UNALLOCATED)]
 
 
 def _write_with_api(path: Path, size: int, options: dict[str, str], data: bytes) -> None:

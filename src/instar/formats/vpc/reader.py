@@ -327,18 +327,32 @@ class DynamicVpcImage:
         return merge_extents(self._raw_extents(offset, length))
 
     def _raw_extents(self, offset: int, length: int) -> Iterator[Extent]:
-        for index, within, position, step in self._pieces(offset, length):
-            if self._bat[index] == UNALLOCATED:
-                yield from self._parent_extents(position, step)
-            elif self.parent is None:
-                yield Extent(position, step, ExtentKind.DATA)
-            else:
+        end = offset + length
+        last_index = (end - 1) // self._block_size
+        position = offset
+        while position < end:
+            index, within = divmod(position, self._block_size)
+            allocated = self._bat[index] != UNALLOCATED
+            if allocated and self.parent is not None:
+                step = min(end - position, self._block_size - within)
                 for start, stop, present in self._runs(index, within, step):
                     at = position + start - within
                     if present:
                         yield Extent(at, stop - start, ExtentKind.DATA)
                     else:
                         yield from self._parent_extents(at, stop - start)
+                position += step
+                continue
+            # A run of blocks alike (all allocated, or all not): one extent, no bitmaps.
+            following = index + 1
+            while following <= last_index and (self._bat[following] != UNALLOCATED) == allocated:
+                following += 1
+            run_end = min(end, following * self._block_size)
+            if allocated:
+                yield Extent(position, run_end - position, ExtentKind.DATA)
+            else:
+                yield from self._parent_extents(position, run_end - position)
+            position = run_end
 
     def _parent_extents(self, position: int, length: int) -> Iterator[Extent]:
         inside = 0
