@@ -1,0 +1,39 @@
+"""VHD, which qemu calls "vpc": Virtual PC / Hyper-V virtual hard disks.
+
+Reads fixed, dynamic and differencing disks; writes dynamic (qemu's default)
+and fixed ones. The modules: `layout` (structures, checksums, CHS geometry),
+`reader`, `writer`. Reader and writer are imported only when used, so probing
+stays cheap.
+"""
+
+from __future__ import annotations
+
+from instar.files import InputFile
+from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.vpc.layout import FOOTER_COOKIE
+from instar.formats.vpc.layout import declared_size as _declared_size
+from instar.image import Image
+
+
+class VpcFormat:
+    name = "vpc"
+
+    def probe(self, header: bytes, filename: str) -> int:
+        """qemu looks at offset 0 only, so a fixed VHD (footer at the end) probes as raw."""
+        return 100 if header[: len(FOOTER_COOKIE)] == FOOTER_COOKIE else 0
+
+    def open(self, file: InputFile, resolver: Resolver) -> Image:
+        from instar.formats.vpc.reader import open_vpc
+
+        return open_vpc(file, resolver)
+
+    def declared_size(self, length: int) -> int:
+        return _declared_size(length)
+
+    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+        from instar.formats.vpc.writer import create_writer
+
+        return create_writer(out, virtual_size, options)
+
+
+FORMAT = VpcFormat()
