@@ -400,3 +400,13 @@ def test_oslo_format_inspector(qemu_img: str, written: dict[str, Path]) -> None:
     assert detected.NAME == "vhd"
     detected.safety_check()  # raises SafetyCheckFailed on a problem
     assert detected.virtual_size == qemu_info(written["dynamic"])["virtual-size"]
+
+
+def test_dd_force_size_declares_exact_size_like_convert(tmp_path: Path, qemu_img: str) -> None:
+    source = tmp_path / "src.raw"
+    source.write_bytes(pattern(3_000_000))
+    ours, theirs = tmp_path / "ours.vhd", tmp_path / "theirs.vhd"
+    result = run_instar("dd", "-O", "vpc", "-o", "force_size=on", f"if={source}", f"of={ours}")
+    assert result.rc == 0, result.stderr
+    qemu_img_ok("convert", "-O", "vpc", "-o", "force_size=on", str(source), str(theirs))
+    assert qemu_info(ours)["virtual-size"] == qemu_info(theirs)["virtual-size"] == 3_000_320

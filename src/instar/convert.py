@@ -57,7 +57,7 @@ def convert(
                 raise UnsupportedError("instar supports -n only for raw targets")
             write_in_place(source, output_path, fmt, options, progress)
             return
-        declared = fmt.declared_size(source.virtual_size)
+        declared = fmt.declared_size(source.virtual_size, options)
         try:
             write_image(source, output_path, fmt, declared, options, progress,
                         zero_granularity=sparse_size)

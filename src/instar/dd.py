@@ -75,11 +75,12 @@ def dd(
         window = dd_window(image.virtual_size, bs, count, skip)
         refuse_same_file(output_path, opener.opened)
         view = Window(image, window.start, window.length)
-        declared = out_fmt.declared_size(window.length)
+        options = options or CreateOptions()
+        declared = out_fmt.declared_size(window.length, options)
         on_created = on_skip_past_end if window.skipped_past_end else None
         try:
             write_image(
-                view, output_path, out_fmt, declared, options or CreateOptions(), progress,
+                view, output_path, out_fmt, declared, options, progress,
                 on_created,
             )
         except CreationError as error:

@@ -82,8 +82,12 @@ class Format(Protocol):
         """Read an image from an open file; raise FormatError if malformed."""
         ...
 
-    def declared_size(self, length: int) -> int:
-        """The virtual size a new image gets when asked for ``length`` bytes."""
+    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+        """The virtual size a new image gets when asked for ``length`` bytes.
+
+        ``options`` matter where a creation option changes the rounding (vpc's
+        ``force_size``).
+        """
         ...
 
     def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:

@@ -115,7 +115,7 @@ class RawFormat:
     def open(self, file: InputFile, resolver: Resolver) -> RawImage:
         return RawImage(file)
 
-    def declared_size(self, length: int) -> int:
+    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, SECTOR)
 
     def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:

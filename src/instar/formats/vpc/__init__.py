@@ -27,8 +27,9 @@ class VpcFormat:
 
         return open_vpc(file, resolver)
 
-    def declared_size(self, length: int) -> int:
-        return _declared_size(length)
+    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+        force = options is not None and options.options.get("force_size") == "on"
+        return _declared_size(length, force)
 
     def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
         from instar.formats.vpc.writer import create_writer

@@ -159,9 +159,10 @@ def rounded_geometry(length: int, force_size: bool = False) -> SizeChoice:
     return SizeChoice(geometry, geometry.total_sectors)
 
 
-def declared_size(length: int) -> int:
-    """The virtual size of a new VHD asked to hold ``length`` bytes (CHS rounded)."""
-    return rounded_geometry(length).size
+def declared_size(length: int, force_size: bool = False) -> int:
+    """The virtual size of a new VHD asked to hold ``length`` bytes (CHS rounded
+    unless ``force_size``)."""
+    return rounded_geometry(length, force_size).size
 
 
 @dataclass

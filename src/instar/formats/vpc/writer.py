@@ -22,7 +22,7 @@ import time
 import uuid
 from array import array
 
-from instar.errors import OutputError, UsageError
+from instar.errors import CreationError, UsageError
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.options import reject_unknown
 from instar.formats.vpc.layout import (
@@ -70,7 +70,7 @@ def create_writer(
     subformat, force_size = parse_options(options)
     choice = rounded_geometry(virtual_size, force_size)
     if choice.too_large:
-        raise OutputError(f"{out.name}: error while creating output image: {TOO_LARGE_MESSAGE}")
+        raise CreationError(TOO_LARGE_MESSAGE)
     footer = Footer(
         disk_type=DISK_FIXED if subformat == "fixed" else DISK_DYNAMIC,
         current_size=choice.size,
@@ -115,11 +115,11 @@ class FixedWriter:
         _pwrite_all(self._out.fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        if self._out.is_block_device:
+        if self._out.in_place:
             _write_zero_run(self._out.fd, offset, length)
 
     def close(self) -> None:
-        if self._out.is_block_device and self._footer_offset > self._footer.current_size:
+        if self._out.in_place and self._footer_offset > self._footer.current_size:
             _write_zero_run(self._out.fd, 0, self._footer_offset)
         _pwrite_all(self._out.fd, self._footer.pack(), self._footer_offset)
 
@@ -170,7 +170,7 @@ class DynamicWriter:
         self._bat[index] = self._block_offset // SECTOR
         self._next_free += self._bitmap_size + self._block_size
         self._bits = 0
-        if self._out.is_block_device:  # old device contents must not show through
+        if self._out.in_place:  # old device contents must not show through
             _write_zero_run(self._out.fd, self._block_offset, self._bitmap_size + self._block_size)
 
     def _mark(self, start: int, end: int) -> None:
