@@ -57,7 +57,12 @@ def test_parse_size_matches_model(prefix: str, number: str, suffix: str) -> None
     expected_status, expected_value, hex_with_suffix = model_parse(text)
     assert parsed.status == expected_status, text
     if expected_status is SizeStatus.OK:
-        assert parsed.value == expected_value, text
+        # qemu scales fractions through a double: with big suffixes the exact
+        # answer and qemu's may differ in the last bits (the grammar table pins
+        # qemu's own results); integers must agree exactly.
+        tolerance = (1 << 12) if "." in number and suffix.lower() in ("p", "e") else 1
+        tolerance = tolerance if "." in number else 0
+        assert abs(parsed.value - expected_value) <= tolerance, text
     assert parsed.hex_with_suffix == hex_with_suffix, text
 
 

@@ -16,13 +16,13 @@ PROBE_SIZE = 2048  # qemu's BLOCK_PROBE_BUF_SIZE
 
 _DRIVERS: dict[str, str] = {
     "raw": "instar.formats.raw",
+    "vmdk": "instar.formats.vmdk",
     "vpc": "instar.formats.vpc",
 }
 
 # Formats qemu-img knows, with the magic that identifies each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
     "qcow2": (0, b"QFI\xfb"),
-    "vmdk": (0, b"KDMV"),
     "vhdx": (0, b"vhdxfile"),
     "vdi": (64, b"\x7f\x10\xda\xbe"),
     "qed": (0, b"QED\x00"),
@@ -30,9 +30,7 @@ _RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
     "parallels": (0, b"WithoutFreeSpace"),
     "bochs": (0, b"Bochs Virtual HD Image"),
     "cloop": (0, b"#!/bin/sh\n#V2.0 Format\n"),
-
 }
-_VMDK_DESCRIPTOR = b"# Disk DescriptorFile"
 
 
 def known_names() -> list[str]:
@@ -74,9 +72,7 @@ def probe(header: bytes, filename: str) -> Format:
     for name, (offset, magic) in _RECOGNISED_ONLY.items():
         if name in _DRIVERS:
             continue
-        if header[offset : offset + len(magic)] == magic or (
-            name == "vmdk" and header.startswith(_VMDK_DESCRIPTOR)
-        ):
+        if header[offset : offset + len(magic)] == magic:
             raise UnsupportedError(
                 f"'{filename}' is a {name} image, which instar cannot read yet"
             )

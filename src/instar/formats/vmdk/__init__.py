@@ -1,0 +1,42 @@
+"""VMDK: VMware's virtual disk format, as qemu reads and writes it.
+
+Reads monolithicSparse (header versions 1-3), streamOptimized, monolithicFlat,
+twoGbMaxExtentSparse/Flat and parent chains; writes monolithicSparse (qemu-img
+create's default layout) and streamOptimized. See docs/formats/vmdk.md.
+"""
+
+from __future__ import annotations
+
+from instar.files import InputFile
+from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.vmdk.layout import COWD_MAGIC, MAGIC, SECTOR, looks_like_descriptor
+from instar.image import Image
+from instar.sizes import round_up
+
+
+class VmdkFormat:
+    name = "vmdk"
+
+    def probe(self, header: bytes, filename: str) -> int:
+        """qemu's vmdk_probe: a sparse magic, or a text descriptor's ``version=`` line."""
+        if len(header) < 4:
+            return 0
+        if header.startswith((MAGIC, COWD_MAGIC)):
+            return 100
+        return 100 if looks_like_descriptor(header) else 0
+
+    def open(self, file: InputFile, resolver: Resolver) -> Image:
+        from instar.formats.vmdk.reader import open_vmdk
+
+        return open_vmdk(file, resolver)
+
+    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+        return round_up(length, SECTOR)
+
+    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+        from instar.formats.vmdk.writer import create_writer
+
+        return create_writer(out, virtual_size, options)
+
+
+FORMAT = VmdkFormat()

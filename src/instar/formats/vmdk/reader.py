@@ -1,0 +1,600 @@
+"""Reading VMDK: every layout qemu reads except VMFS sparse (COWD) and SESparse.
+
+A disk is a list of extents laid end to end. A file starting with ``KDMV`` is
+one sparse extent (monolithicSparse or streamOptimized) with its descriptor
+embedded; any other file is a text descriptor naming extent files (FLAT/VMFS:
+raw bytes at an offset; SPARSE: a hosted sparse extent), which the host side
+opens through the resolver's allowlist. A ``parentFileNameHint`` makes the
+disk a child: grains a sparse extent does not map read from the parent.
+
+Grain tables are read on demand (a small cache per extent); ``extents()``
+reads only tables, never grain data; reads coalesce grains that are adjacent
+in the file into one ``pread``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import sys
+import zlib
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from instar.errors import FormatError, UnsupportedError
+from instar.files import InputFile
+from instar.formats.base import Resolver
+from instar.formats.raw import RawImage
+from instar.formats.vmdk.layout import (
+    COMPRESSION_DEFLATE,
+    COWD_MAGIC,
+    GD_AT_END,
+    GRAIN_MARKER,
+    GTE_ZEROED,
+    MAGIC,
+    MARKER_EOS,
+    MARKER_FOOTER,
+    MAX_DESCRIPTOR_BYTES,
+    MAX_GD_ENTRIES,
+    MAX_GRAIN_SECTORS,
+    MAX_GTES_PER_GT,
+    MAX_VERSION,
+    SECTOR,
+    Descriptor,
+    ExtentLine,
+    SparseHeader,
+    descriptor_text,
+    gd_entries,
+    parse_descriptor,
+    parse_metadata_marker,
+)
+from instar.image import Extent, ExtentKind, Image, check_range
+from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
+
+MAX_EXTENTS = 1024  # extent files one disk may name (each is an open file)
+MAX_COMPRESSED_GRAIN_BYTES = 16 << 20  # a compressed grain is inflated in memory
+GT_CACHE_TABLES = 16  # grain tables kept per extent (qemu keeps 16 too)
+QEMU_DESC_FALLBACK = 20 * SECTOR  # qemu reads CID and parent hint from 0x200, this much
+READ_CREATE_TYPES = ("monolithicFlat", "vmfs", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+REFUSED_CREATE_TYPES = (
+    "vmfsSparse",
+    "seSparse",
+    "vmfsRaw",
+    "vmfsRawDeviceMap",
+    "vmfsPassthroughRawDeviceMap",
+    "fullDevice",
+    "partitionedDevice",
+)
+
+
+class RunKind:
+    """How a piece of an extent is stored (finer than ExtentKind)."""
+
+    RAW = 0  # bytes at ``where`` in the extent file
+    COMPRESSED = 1  # inside the compressed grain at sector ``where``
+    ZERO = 2
+    UNALLOCATED = 3  # not in this disk: the parent's, or zeros
+
+
+@dataclass(frozen=True)
+class Run:
+    """``length`` bytes of an extent from ``offset`` (extent-relative)."""
+
+    offset: int
+    length: int
+    kind: int
+    where: int = 0  # RAW: file offset; COMPRESSED: grain sector
+    within: int = 0  # COMPRESSED: offset inside the inflated grain
+
+
+def _u32_table(data: bytes) -> array[int]:
+    table = array("I")
+    table.frombytes(data)
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        table.byteswap()
+    return table
+
+
+# --------------------------------------------------------------------------
+# Sparse extents
+
+
+def read_sparse_header(file: InputFile) -> SparseHeader:
+    """The header that counts: the footer's when the GD is at the end (stream)."""
+    first = file.pread_exact(0, SECTOR, "VMDK header")
+    if first[:4] == COWD_MAGIC:
+        raise UnsupportedError("VMFS sparse (COWD) vmdk extents are not supported")
+    if first[:4] != MAGIC:
+        raise FormatError("Image not in VMDK format")
+    header = SparseHeader.unpack(first)
+    if header.gd_offset == GD_AT_END:
+        header = _read_footer(file)
+    return header
+
+
+def _read_footer(file: InputFile) -> SparseHeader:
+    """Footer marker, footer (a header), end-of-stream marker: the file's last 3 sectors."""
+    if file.size < 3 * SECTOR:
+        raise FormatError("Invalid footer")
+    tail = file.pread_exact(file.size - 3 * SECTOR, 3 * SECTOR, "VMDK footer")
+    _, marker_size, marker_type = parse_metadata_marker(tail[:SECTOR])
+    eos = parse_metadata_marker(tail[2 * SECTOR :])
+    if (
+        tail[SECTOR : SECTOR + 4] != MAGIC
+        or marker_size != 0
+        or marker_type != MARKER_FOOTER
+        or eos != (0, 0, MARKER_EOS)
+    ):
+        raise FormatError("Invalid footer")
+    footer = SparseHeader.unpack(tail[SECTOR : 2 * SECTOR])
+    if footer.gd_offset == GD_AT_END:
+        raise FormatError("Invalid footer: it has no grain directory offset either")
+    return footer
+
+
+def check_sparse_header(header: SparseHeader, file: InputFile) -> int:
+    """qemu's checks on a sparse header, plus instar's limits; returns the GD length."""
+    if header.version > MAX_VERSION:
+        raise UnsupportedError(f"Unsupported VMDK version {header.version}")
+    if header.gtes_per_gt > MAX_GTES_PER_GT:
+        raise FormatError("L2 table size too big")
+    if header.gtes_per_gt * header.grain_sectors == 0:
+        raise FormatError("L1 entry size is invalid")
+    if header.grain_sectors > MAX_GRAIN_SECTORS:
+        raise FormatError("Invalid granularity, image may be corrupt")
+    if header.compression not in (0, COMPRESSION_DEFLATE):
+        raise UnsupportedError(f"unknown VMDK compression algorithm {header.compression}")
+    if header.compressed and header.grain_sectors * SECTOR > MAX_COMPRESSED_GRAIN_BYTES:
+        raise UnsupportedError(
+            f"compressed grains of {header.grain_sectors * SECTOR} bytes are larger than "
+            f"instar's limit of {MAX_COMPRESSED_GRAIN_BYTES}"
+        )
+    entries = gd_entries(header.capacity, header.grain_sectors, header.gtes_per_gt)
+    if entries > MAX_GD_ENTRIES:
+        raise FormatError("L1 size too big")
+    if entries * 4 > MAX_TABLE_BYTES:
+        raise FormatError(
+            f"grain directory of {entries * 4} bytes exceeds instar's limit of {MAX_TABLE_BYTES}"
+        )
+    if file.size < header.overhead * SECTOR:
+        raise FormatError(f"File truncated, expecting at least {header.overhead * SECTOR} bytes")
+    return entries
+
+
+class SparseExtent:
+    """A hosted sparse extent: grain directory in memory, grain tables cached."""
+
+    def __init__(self, file: InputFile, header: SparseHeader) -> None:
+        self.file = file
+        self.header = header
+        entries = check_sparse_header(header, file)
+        self.length = header.capacity * SECTOR
+        self.grain_bytes = header.grain_sectors * SECTOR
+        self._gt_bytes = header.gtes_per_gt * 4
+        self._gd = self._read_gd(entries)
+        self._tables: collections.OrderedDict[int, array[int]] = collections.OrderedDict()
+        self._zero_grain = header.has_zero_grain
+        self._compressed = header.compressed
+        self.metadata_bytes = entries * 4
+
+    def _read_gd(self, entries: int) -> array[int]:
+        if entries == 0:
+            return array("I")
+        data = self.file.pread_exact(
+            self.header.gd_offset * SECTOR, entries * 4, f"grain directory of '{self.file.name}'"
+        )
+        gd = _u32_table(data)
+        highest = max(gd)
+        if highest and highest * SECTOR + self._gt_bytes > self.file.size:
+            raise FormatError(
+                f"grain table at sector {highest} of '{self.file.name}' "
+                "lies beyond the end of the file"
+            )
+        return gd
+
+    def _table(self, index: int) -> array[int] | None:
+        """Grain table ``index``, or None when the directory maps none."""
+        sector = self._gd[index]
+        if sector == 0:
+            return None
+        table = self._tables.get(index)
+        if table is not None:
+            self._tables.move_to_end(index)
+            return table
+        data = self.file.pread_exact(
+            sector * SECTOR, self._gt_bytes, f"grain table of '{self.file.name}'"
+        )
+        table = _u32_table(data)
+        self._tables[index] = table
+        if len(self._tables) > GT_CACHE_TABLES:
+            self._tables.popitem(last=False)
+        return table
+
+    def runs(self, offset: int, length: int) -> Iterator[Run]:
+        """How ``[offset, offset + length)`` is stored, adjacent raw grains merged."""
+        grain_bytes = self.grain_bytes
+        per_table = self.header.gtes_per_gt
+        end = offset + length
+        pending: Run | None = None
+        position = offset
+        while position < end:
+            grain, within = divmod(position, grain_bytes)
+            table_index, entry_index = divmod(grain, per_table)
+            table = self._table(table_index)
+            if table is None:  # a whole grain table's worth is unallocated
+                step = min(end, (table_index + 1) * per_table * grain_bytes) - position
+                run = Run(position, step, RunKind.UNALLOCATED)
+            else:
+                step = min(end - position, grain_bytes - within)
+                run = self._grain_run(table[entry_index], position, step, within)
+            merged = None if pending is None else _merge(pending, run)
+            if merged is not None:
+                pending = merged
+            else:
+                if pending is not None:
+                    yield pending
+                pending = run
+            position += step
+        if pending is not None:
+            yield pending
+
+    def _grain_run(self, entry: int, position: int, step: int, within: int) -> Run:
+        if entry == 0:
+            return Run(position, step, RunKind.UNALLOCATED)
+        if entry == GTE_ZEROED and self._zero_grain:
+            return Run(position, step, RunKind.ZERO)
+        start = entry * SECTOR
+        if start >= self.file.size:
+            raise FormatError(
+                f"grain at sector {entry} of '{self.file.name}' lies beyond the end of the file"
+            )
+        if self._compressed:
+            return Run(position, step, RunKind.COMPRESSED, entry, within)
+        return Run(position, step, RunKind.RAW, start + within)
+
+    def read_raw(self, where: int, length: int) -> bytes:
+        """Grain bytes; past the end of the file they read as zeros, as in qemu."""
+        data = self.file.pread(where, length)
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    def inflate(self, sector: int) -> bytes:
+        """The compressed grain at ``sector``, inflated (bounded by the grain size)."""
+        start = sector * SECTOR
+        if self.header.has_markers:
+            marker = self.file.pread_exact(start, GRAIN_MARKER.size, "grain marker")
+            _, size = GRAIN_MARKER.unpack(marker)
+            start += GRAIN_MARKER.size
+            if size == 0 or size > 2 * self.grain_bytes:
+                raise FormatError(
+                    f"compressed grain at sector {sector} of '{self.file.name}' "
+                    f"has an invalid size {size}"
+                )
+            data = self.file.pread_exact(start, size, "compressed grain")
+        else:
+            data = self.file.pread(start, 2 * self.grain_bytes)
+        inflater = zlib.decompressobj()
+        try:
+            grain = inflater.decompress(data, self.grain_bytes)
+        except zlib.error as error:
+            raise FormatError(
+                f"compressed grain at sector {sector} of '{self.file.name}' is corrupt: {error}"
+            ) from None
+        if not inflater.eof:
+            raise FormatError(
+                f"compressed grain at sector {sector} of '{self.file.name}' does not inflate "
+                f"to at most {self.grain_bytes} bytes"
+            )
+        return grain
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _merge(pending: Run, run: Run) -> Run | None:
+    """``pending`` extended by ``run`` when one continues the other, else None."""
+    if pending.kind != run.kind or pending.kind == RunKind.COMPRESSED:
+        return None
+    if pending.kind == RunKind.RAW and pending.where + pending.length != run.where:
+        return None
+    return Run(pending.offset, pending.length + run.length, pending.kind, pending.where)
+
+
+class FlatExtent:
+    """Raw bytes of a file from ``start``; holes in the file read as zeros."""
+
+    def __init__(self, file: InputFile, sectors: int, start_sector: int) -> None:
+        self.file = file
+        self.length = sectors * SECTOR
+        self.start = start_sector * SECTOR
+        self._raw = RawImage(file)
+        self.metadata_bytes = 0
+
+    def runs(self, offset: int, length: int) -> Iterator[Run]:
+        """File data as RAW, holes and the part past the file's end as ZERO.
+
+        A flat extent maps every byte, so nothing falls through to a parent.
+        """
+        begin = self.start + offset
+        inside = max(0, min(length, self._raw.virtual_size - begin))
+        if inside:
+            for extent in self._raw.extents(begin, inside):
+                relative = extent.offset - self.start
+                if extent.kind is ExtentKind.DATA:
+                    yield Run(relative, extent.length, RunKind.RAW, extent.offset)
+                else:
+                    yield Run(relative, extent.length, RunKind.ZERO)
+        if inside < length:
+            yield Run(offset + inside, length - inside, RunKind.ZERO)
+
+    def read_raw(self, where: int, length: int) -> bytes:
+        data = self.file.pread(where, length)
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    def inflate(self, sector: int) -> bytes:  # pragma: no cover - flat runs are never compressed
+        raise AssertionError("flat extents have no compressed grains")
+
+    def close(self) -> None:
+        self.file.close()
+
+
+DiskExtent = SparseExtent | FlatExtent
+
+
+# --------------------------------------------------------------------------
+# The disk
+
+
+class VmdkImage:
+    """Extents end to end, over an optional parent."""
+
+    def __init__(
+        self,
+        name: str,
+        extents: list[DiskExtent],
+        descriptor: Descriptor | None,
+        parent: Image | None = None,
+    ) -> None:
+        self.name = name
+        self._extents = extents
+        self._starts: list[int] = []
+        total = 0
+        for extent in extents:
+            self._starts.append(total)
+            total += extent.length
+        self._size = total
+        self.descriptor = descriptor
+        self.cid = descriptor.cid("CID") if descriptor is not None else None
+        self._parent = parent
+        self._parent_problem: str | None = None
+        self._grain_cache: tuple[int, int, bytes] | None = None  # (extent id, sector, data)
+
+    @property
+    def virtual_size(self) -> int:
+        return self._size
+
+    def set_parent(self, parent: Image, problem: str | None) -> None:
+        """Attach the parent; ``problem`` (a CID mismatch) fails reads that need it, as qemu."""
+        self._parent = parent
+        self._parent_problem = problem
+
+    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, DiskExtent, Run]]:
+        """(disk offset, extent, run) covering the range, in order."""
+        end = offset + length
+        index = bisect.bisect_right(self._starts, offset) - 1
+        position = offset
+        while position < end:
+            extent, start = self._extents[index], self._starts[index]
+            step = min(end, start + extent.length) - position
+            for run in extent.runs(position - start, step):
+                yield start + run.offset, extent, run
+            position += step
+            index += 1
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        check_range(self, offset, length)
+        for disk_offset, _, run in self._pieces(offset, length):
+            if run.kind in (RunKind.RAW, RunKind.COMPRESSED):
+                yield Extent(disk_offset, run.length, ExtentKind.DATA)
+            elif run.kind == RunKind.ZERO:
+                yield Extent(disk_offset, run.length, ExtentKind.ZERO)
+            else:
+                yield from self._parent_extents(disk_offset, run.length)
+
+    def _parent_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        parent = self._usable_parent()
+        inside = 0 if parent is None else max(0, min(length, parent.virtual_size - offset))
+        if parent is not None and inside:
+            yield from parent.extents(offset, inside)
+        if inside < length:
+            yield Extent(offset + inside, length - inside, ExtentKind.UNALLOCATED)
+
+    def _usable_parent(self) -> Image | None:
+        if self._parent is not None and self._parent_problem is not None:
+            raise FormatError(self._parent_problem)
+        return self._parent
+
+    def read(self, offset: int, length: int) -> bytes:
+        check_range(self, offset, length)
+        parts: list[bytes] = []
+        for disk_offset, extent, run in self._pieces(offset, length):
+            if run.kind == RunKind.RAW:
+                parts.append(extent.read_raw(run.where, run.length))
+            elif run.kind == RunKind.COMPRESSED:
+                grain = self._inflated(extent, run.where)
+                piece = grain[run.within : run.within + run.length]
+                if len(piece) != run.length:
+                    raise FormatError(
+                        f"compressed grain at sector {run.where} of '{extent.file.name}' "
+                        "inflates to fewer bytes than the disk needs"
+                    )
+                parts.append(piece)
+            elif run.kind == RunKind.ZERO:
+                parts.append(bytes(run.length))
+            else:
+                parts.append(self._parent_read(disk_offset, run.length))
+        return b"".join(parts)
+
+    def _inflated(self, extent: DiskExtent, sector: int) -> bytes:
+        cached = self._grain_cache
+        if cached is not None and cached[0] == id(extent) and cached[1] == sector:
+            return cached[2]
+        grain = extent.inflate(sector)
+        self._grain_cache = (id(extent), sector, grain)
+        return grain
+
+    def _parent_read(self, offset: int, length: int) -> bytes:
+        parent = self._usable_parent()
+        inside = 0 if parent is None else max(0, min(length, parent.virtual_size - offset))
+        data = parent.read(offset, inside) if parent is not None and inside else b""
+        return data + bytes(length - inside) if inside < length else data
+
+    def close(self) -> None:
+        for extent in self._extents:
+            extent.close()
+        if self._parent is not None:
+            self._parent.close()
+
+
+# --------------------------------------------------------------------------
+# Opening
+
+
+def open_vmdk(file: InputFile, resolver: Resolver) -> VmdkImage:
+    """Open ``file`` as qemu's vmdk driver would: a sparse extent or a descriptor."""
+    if file.size < 4:
+        raise FormatError("File is too small, not a valid image")
+    magic = file.pread(0, 4)
+    if magic in (MAGIC, COWD_MAGIC):
+        image = _open_monolithic(file)
+    else:
+        image = _open_descriptor_file(file, resolver)
+    _attach_parent(image, file, resolver)
+    return image
+
+
+def _open_monolithic(file: InputFile) -> VmdkImage:
+    """monolithicSparse or streamOptimized: one sparse extent with its descriptor inside."""
+    first = file.pread_exact(0, SECTOR, "VMDK header")
+    if first[:4] == MAGIC:
+        raw = SparseHeader.unpack(first)
+        if raw.capacity == 0 and raw.desc_offset != 0:
+            # qemu then reads the embedded text as a descriptor file and refuses
+            # every type that could be embedded; instar says so plainly.
+            raise UnsupportedError(
+                "sparse vmdk header with capacity 0 and a descriptor offset "
+                "(qemu treats it as a descriptor file)"
+            )
+    header = read_sparse_header(file)
+    extent = SparseExtent(file, header)
+    descriptor = _embedded_descriptor(file, SparseHeader.unpack(first))
+    return VmdkImage(file.name, [extent], descriptor)
+
+
+def _embedded_descriptor(file: InputFile, header: SparseHeader) -> Descriptor | None:
+    """The descriptor inside a sparse file, parsed strictly; None if there is none.
+
+    A header without a descriptor offset still gets sector 1 looked at: qemu
+    always reads CID and parent hint from there.
+    """
+    if header.desc_offset and header.desc_sectors:
+        length = min(header.desc_sectors * SECTOR, MAX_DESCRIPTOR_BYTES)
+        data = file.pread_exact(header.desc_offset * SECTOR, length, "VMDK descriptor")
+        return _parse(descriptor_text(data))
+    text = descriptor_text(file.pread(SECTOR, QEMU_DESC_FALLBACK))
+    if not text.startswith("# Disk DescriptorFile"):
+        return None
+    return _parse(text)
+
+
+def _parse(text: str) -> Descriptor:
+    try:
+        return parse_descriptor(text)
+    except FormatError as error:
+        raise FormatError(f"invalid VMDK image descriptor: {error}") from None
+
+
+def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkImage:
+    """A text descriptor naming extent files (monolithicFlat, twoGbMaxExtent*, vmfs)."""
+    if file.size > MAX_DESCRIPTOR_BYTES:
+        raise FormatError(
+            f"invalid VMDK image descriptor: larger than {MAX_DESCRIPTOR_BYTES + 1} bytes"
+        )
+    data = file.pread(0, file.size)
+    try:
+        text = data.decode("utf-8", "surrogateescape")
+        descriptor = parse_descriptor(text.split("\0", 1)[0])
+    except FormatError as error:
+        raise FormatError(f"invalid VMDK image descriptor: {error}") from None
+    create_type = descriptor.create_type
+    if create_type is None:
+        raise FormatError("invalid VMDK image descriptor")
+    if create_type in REFUSED_CREATE_TYPES:
+        raise UnsupportedError(f"vmdk images of type '{create_type}' are not supported")
+    if create_type not in READ_CREATE_TYPES:
+        raise UnsupportedError(f"Unsupported image type '{create_type}'")
+    if not descriptor.extents:
+        raise FormatError("invalid VMDK image descriptor: it names no extents")
+    if len(descriptor.extents) > MAX_EXTENTS:
+        raise UnsupportedError(f"vmdk descriptor names more than {MAX_EXTENTS} extents")
+    extents: list[DiskExtent] = []
+    metadata = 0
+    try:
+        for line in descriptor.extents:
+            extent = _open_extent(line, file, resolver)
+            extents.append(extent)
+            metadata += extent.metadata_bytes
+            if metadata > MAX_METADATA_CACHE_BYTES:
+                raise FormatError(
+                    f"grain directories of all extents exceed instar's limit of "
+                    f"{MAX_METADATA_CACHE_BYTES} bytes"
+                )
+    except BaseException:
+        for extent in extents:
+            extent.close()
+        raise
+    return VmdkImage(file.name, extents, descriptor)
+
+
+def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskExtent:
+    """One extent line: check it, open its file through the resolver, read its header."""
+    if line.access != "RW":
+        raise UnsupportedError(f"vmdk extents with access '{line.access}' are not supported")
+    if line.sectors == 0:
+        raise FormatError("invalid VMDK image descriptor: an extent has 0 sectors")
+    kind = line.kind
+    if kind == "FLAT":
+        if line.offset is None:
+            raise FormatError(f"Invalid extent line: flat extent '{line.name}' has no offset")
+    elif line.offset is not None:
+        raise FormatError(f"Invalid extent line: {kind} extent '{line.name}' has an offset")
+    if kind not in ("FLAT", "VMFS", "SPARSE"):
+        raise UnsupportedError(f"vmdk extents of type '{kind}' are not supported")
+    extent_file = resolver.open_file(line.name, file, "extent")
+    if kind in ("FLAT", "VMFS"):
+        return FlatExtent(extent_file, line.sectors, line.offset or 0)
+    header = read_sparse_header(extent_file)
+    if header.capacity != line.sectors:
+        raise FormatError(
+            f"sparse extent '{line.name}' holds {header.capacity} sectors, "
+            f"the descriptor says {line.sectors}"
+        )
+    return SparseExtent(extent_file, header)
+
+
+def _attach_parent(image: VmdkImage, file: InputFile, resolver: Resolver) -> None:
+    """Open the parent a ``parentFileNameHint`` names (as vmdk, as qemu does)."""
+    descriptor = image.descriptor
+    hint = descriptor.parent_hint if descriptor is not None else None
+    if hint is None:
+        return
+    parent = resolver.open_backing(hint, "vmdk", file)
+    problem = None
+    assert descriptor is not None
+    parent_cid = descriptor.cid("parentCID")
+    if isinstance(parent, VmdkImage) and parent.cid != parent_cid:
+        problem = (
+            f"'{file.name}': parent CID {parent_cid if parent_cid is None else hex(parent_cid)} "
+            f"does not match the CID of its parent '{hint}'"
+        )
+    image.set_parent(parent, problem)

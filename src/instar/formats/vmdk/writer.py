@@ -1,0 +1,577 @@
+"""Writing VMDK: monolithicSparse (as qemu-img creates it) and streamOptimized.
+
+Both writers take data in increasing offsets and allocate grains in that
+order, so only one grain table lives in memory at a time. All-zero grains are
+never allocated (grain table entry 0): a new image reads them as zeros.
+
+monolithicSparse lays the file out as qemu does: header, embedded descriptor
+(20 sectors), redundant GD and GTs, primary GD and GTs, padding to a grain
+boundary, then grains. Every GT has a fixed place, so each is written once
+when the copy moves past it.
+
+streamOptimized follows VMware's stream layout, which qemu reads through the
+footer: header (``gd_offset = GD_AT_END``), descriptor, then compressed grains
+each behind a grain marker, each non-empty GT behind a GT marker once its
+grains are written, the GD behind a GD marker, a footer marker and footer
+(the header with the real GD offset), and an end-of-stream marker. Grains are
+deflated (zlib format, as qemu's ``compress()``) on a small thread pool and
+written in order.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import secrets
+import sys
+import zlib
+from array import array
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from instar.errors import OutputError, UnsupportedError, UsageError
+from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.options import reject_unknown
+from instar.formats.vmdk.layout import (
+    COMPRESSION_DEFLATE,
+    DEFAULT_DESC_SECTORS,
+    DEFAULT_GRAIN_SECTORS,
+    DEFAULT_GTES_PER_GT,
+    DEFAULT_TOOLS_VERSION,
+    FLAG_COMPRESSED,
+    FLAG_MARKERS,
+    FLAG_NL_DETECT,
+    FLAG_RGD,
+    FLAG_ZERO_GRAIN,
+    GD_AT_END,
+    GRAIN_MARKER,
+    MARKER_EOS,
+    MARKER_FOOTER,
+    MARKER_GRAIN_DIRECTORY,
+    MARKER_GRAIN_TABLE,
+    MAX_EXTENT_SECTORS,
+    SECTOR,
+    DescriptorSpec,
+    ExtentLine,
+    SparseHeader,
+    build_descriptor,
+    gd_entries,
+    metadata_marker,
+    safe_extent_name,
+    sectors_for,
+)
+from instar.safety import MAX_TABLE_BYTES
+
+SUBFORMATS_WRITTEN = ("monolithicSparse", "streamOptimized")
+SUBFORMATS_NOT_YET = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
+ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
+KNOWN_OPTIONS = (
+    "subformat",
+    "adapter_type",
+    "hwversion",
+    "toolsversion",
+    "compat6",
+    "zeroed_grain",
+    "compress",
+)
+_TRUE = ("on", "yes", "true", "y")  # qemu's qapi_bool_parse
+_FALSE = ("off", "no", "false", "n")
+
+GRAIN_BYTES = DEFAULT_GRAIN_SECTORS * SECTOR
+GT_BYTES = DEFAULT_GTES_PER_GT * 4
+GT_SECTORS = sectors_for(GT_BYTES)
+GT_COVERS = GRAIN_BYTES * DEFAULT_GTES_PER_GT  # bytes of disk one grain table maps
+# The GD is kept in memory by the stream writer: cap it like any metadata table.
+MAX_VIRTUAL_SIZE = (MAX_TABLE_BYTES // 4) * GT_COVERS
+_ZERO_GRAIN = bytes(GRAIN_BYTES)
+_WRITE_BUFFER = 1 << 20  # stream output is gathered into writes of about this size
+COMPRESS_LEVEL = zlib.Z_DEFAULT_COMPRESSION  # what qemu's compress() uses
+
+
+@dataclass(frozen=True)
+class VmdkCreateOptions:
+    """Validated ``-o`` options (and ``-c``) for a new VMDK."""
+
+    subformat: str = "monolithicSparse"
+    adapter_type: str = "ide"
+    hw_version: str = "4"
+    tools_version: str = DEFAULT_TOOLS_VERSION
+    zeroed_grain: bool = False
+
+    @property
+    def stream(self) -> bool:
+        return self.subformat == "streamOptimized"
+
+
+def parse_options(options: CreateOptions) -> VmdkCreateOptions:
+    """Check every option before anything is written; qemu's wording where it has one."""
+    reject_unknown(options, "vmdk", KNOWN_OPTIONS)
+    values = options.options
+    if "compress" in values:
+        raise UsageError("Invalid parameter 'compress'")
+    subformat = values.get("subformat")
+    if subformat is not None and subformat not in SUBFORMATS_WRITTEN + SUBFORMATS_NOT_YET:
+        raise UsageError(f"invalid parameter value: {subformat}")
+    if subformat in SUBFORMATS_NOT_YET:
+        raise UnsupportedError(
+            f"vmdk subformat '{subformat}' is not supported yet "
+            f"(instar writes {' and '.join(SUBFORMATS_WRITTEN)})"
+        )
+    if options.compress:
+        if subformat not in (None, "streamOptimized"):
+            raise UsageError("compression (-c) needs vmdk subformat=streamOptimized")
+        subformat = "streamOptimized"
+    adapter = values.get("adapter_type", "ide")
+    if adapter not in ADAPTER_TYPES:
+        raise UsageError(f"invalid parameter value: {adapter}")
+    compat6 = _parse_bool(values, "compat6")
+    hw_version = values.get("hwversion")
+    if hw_version == "undefined":
+        hw_version = None
+    if compat6:
+        if hw_version is not None:
+            raise UsageError("compat6 cannot be enabled with hwversion set")
+        hw_version = "6"
+    return VmdkCreateOptions(
+        subformat=subformat or "monolithicSparse",
+        adapter_type=adapter,
+        hw_version=hw_version or "4",
+        tools_version=values.get("toolsversion", DEFAULT_TOOLS_VERSION),
+        zeroed_grain=_parse_bool(values, "zeroed_grain"),
+    )
+
+
+def _parse_bool(values: dict[str, str], key: str) -> bool:
+    value = values.get(key)
+    if value is None or value in _FALSE:
+        return False
+    if value in _TRUE:
+        return True
+    raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def check_size(virtual_size: int) -> None:
+    """Refuse sizes whose metadata would not fit (qemu creates files it cannot open)."""
+    if virtual_size > MAX_VIRTUAL_SIZE:
+        raise UsageError(
+            f"Image size too large for vmdk: at most {MAX_VIRTUAL_SIZE} bytes "
+            f"({MAX_VIRTUAL_SIZE >> 40} TiB)"
+        )
+
+
+def descriptor_for(out: OutputFile, capacity: int, opts: VmdkCreateOptions) -> bytes:
+    """The embedded descriptor qemu-img create would write for this image."""
+    heads = 16 if opts.adapter_type == "ide" else 255
+    name = safe_extent_name(os.path.basename(out.name))
+    return build_descriptor(
+        DescriptorSpec(
+            cid=secrets.randbits(32),
+            create_type=opts.subformat,
+            extents=(ExtentLine("RW", capacity, "SPARSE", name, None),),
+            hw_version=opts.hw_version,
+            cylinders=capacity * SECTOR // (63 * heads * SECTOR),
+            heads=heads,
+            adapter_type=opts.adapter_type,
+            tools_version=opts.tools_version,
+        )
+    )
+
+
+class _FileOut:
+    """Positioned writes into the output, plus explicit zeros for block devices."""
+
+    def __init__(self, out: OutputFile) -> None:
+        self.out = out
+
+    def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self.out.fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def zero_fill(self, start: int, end: int) -> None:
+        """Zeros over [start, end) where a fresh file would not have them already."""
+        if not self.out.in_place:
+            return
+        chunk = bytes(min(end - start, 1 << 20))
+        while start < end:
+            step = min(end - start, len(chunk))
+            self.pwrite(start, chunk[:step])
+            start += step
+
+
+class _GrainSequencer:
+    """Turns increasing-offset writes into whole grains, in order.
+
+    A partial grain is assembled in a buffer (the rest stays zero); runs of
+    whole grains are handed on without copying, split around all-zero grains.
+    Subclasses allocate: ``_emit_run(first_grain, data)`` gets non-zero whole
+    grains, contiguous in the disk.
+    """
+
+    def __init__(self, virtual_size: int) -> None:
+        self._size = virtual_size
+        self._position = 0  # writes must not go back before this
+        self._pending_index = -1  # grain being assembled, or -1
+        self._pending = bytearray()
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < self._position:
+            raise ValueError(f"vmdk writer: write at {offset} goes back before {self._position}")
+        if offset + len(data) > self._size:
+            raise ValueError("vmdk writer: write past the end of the image")
+        done = 0
+        while done < len(data):
+            position = offset + done
+            index, within = divmod(position, GRAIN_BYTES)
+            whole = (len(data) - done) // GRAIN_BYTES
+            if within == 0 and whole and index != self._pending_index:
+                self._flush_pending()
+                self._emit_whole(index, data, done, whole)
+                done += whole * GRAIN_BYTES
+                continue
+            if index != self._pending_index:
+                self._flush_pending()
+                self._pending_index = index
+                self._pending = bytearray(GRAIN_BYTES)
+            step = min(GRAIN_BYTES - within, len(data) - done)
+            self._pending[within : within + step] = data[done : done + step]
+            done += step
+            if within + step == GRAIN_BYTES:
+                self._flush_pending()
+        self._position = offset + len(data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        # A new image reads as zeros already; only keep the order honest.
+        if offset < self._position:
+            raise ValueError(f"vmdk writer: zeroes at {offset} go back before {self._position}")
+        self._position = offset + length
+
+    def _flush_pending(self) -> None:
+        if self._pending_index < 0:
+            return
+        index, grain = self._pending_index, bytes(self._pending)
+        self._pending_index, self._pending = -1, bytearray()
+        if grain != _ZERO_GRAIN:
+            self._emit_run(index, grain)
+
+    def _emit_whole(self, first: int, data: bytes, start: int, count: int) -> None:
+        """Hand on ``count`` whole grains of ``data`` from ``start``, skipping zero ones."""
+        run_start = -1
+        for i in range(count):
+            begin = start + i * GRAIN_BYTES
+            is_zero = data[begin : begin + GRAIN_BYTES] == _ZERO_GRAIN
+            if is_zero and run_start >= 0:
+                self._emit_run(first + run_start, _slice(data, start, run_start, i))
+                run_start = -1
+            elif not is_zero and run_start < 0:
+                run_start = i
+        if run_start >= 0:
+            self._emit_run(first + run_start, _slice(data, start, run_start, count))
+
+    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+
+def _slice(data: bytes, start: int, first: int, end: int) -> memoryview:
+    """Grains ``[first, end)`` of ``data`` counted from ``start``, without a copy."""
+    return memoryview(data)[start + first * GRAIN_BYTES : start + end * GRAIN_BYTES]
+
+
+@dataclass(frozen=True)
+class SparseLayout:
+    """Where each structure of a qemu-style monolithicSparse file goes (in sectors)."""
+
+    capacity: int
+    gt_count: int
+    gd_sectors: int
+    desc_offset: int
+    desc_sectors: int
+    rgd_offset: int
+    gd_offset: int
+    overhead: int
+
+    @classmethod
+    def compute(cls, capacity: int, descriptor_bytes: int) -> SparseLayout:
+        gt_count = gd_entries(capacity, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES_PER_GT)
+        gd_sectors = sectors_for(gt_count * 4)
+        desc_sectors = max(DEFAULT_DESC_SECTORS, sectors_for(descriptor_bytes))
+        rgd_offset = 1 + desc_sectors
+        gd_offset = rgd_offset + gd_sectors + GT_SECTORS * gt_count
+        end = gd_offset + gd_sectors + GT_SECTORS * gt_count
+        overhead = -(-end // DEFAULT_GRAIN_SECTORS) * DEFAULT_GRAIN_SECTORS
+        return cls(capacity, gt_count, gd_sectors, 1, desc_sectors, rgd_offset, gd_offset, overhead)
+
+    def gt_sector(self, directory: int, index: int) -> int:
+        """Sector of grain table ``index`` behind the GD at ``directory``."""
+        return directory + self.gd_sectors + index * GT_SECTORS
+
+
+def _header_descriptor_fields(capacity: int, desc_sectors: int) -> tuple[int, int]:
+    """(desc_offset, desc_sectors) for the header.
+
+    qemu reads a header with capacity 0 and a descriptor offset as a text
+    descriptor and then refuses it ("Unsupported image type"); with offset 0
+    it opens the empty disk, still finding the descriptor at sector 1 as it
+    always does. So an empty image records no descriptor offset.
+    """
+    return (0, 0) if capacity == 0 else (1, desc_sectors)
+
+
+class SparseWriter(_GrainSequencer):
+    """monolithicSparse, laid out exactly as ``qemu-img create -f vmdk`` does."""
+
+    def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
+        super().__init__(virtual_size)
+        self._file = _FileOut(out)
+        capacity = sectors_for(virtual_size)
+        descriptor = descriptor_for(out, capacity, opts)
+        self._layout = layout = SparseLayout.compute(capacity, len(descriptor))
+        desc_offset, desc_sectors = _header_descriptor_fields(capacity, layout.desc_sectors)
+        flags = FLAG_NL_DETECT | FLAG_RGD | (FLAG_ZERO_GRAIN if opts.zeroed_grain else 0)
+        header = SparseHeader(
+            version=2 if opts.zeroed_grain else 1,
+            flags=flags,
+            capacity=capacity,
+            grain_sectors=DEFAULT_GRAIN_SECTORS,
+            desc_offset=desc_offset,
+            desc_sectors=desc_sectors,
+            gtes_per_gt=DEFAULT_GTES_PER_GT,
+            rgd_offset=layout.rgd_offset,
+            gd_offset=layout.gd_offset,
+            overhead=layout.overhead,
+        )
+        self._next_sector = layout.overhead  # where the next grain goes
+        self._gt_index = 0  # the grain table in memory
+        self._gt = array("I", bytes(GT_BYTES))
+        self._gt_dirty = False
+        self._gts_done = 0  # grain tables before this one are on disk
+        self._write_metadata(header, descriptor)
+
+    def _write_metadata(self, header: SparseHeader, descriptor: bytes) -> None:
+        layout = self._layout
+        region = bytearray(header.pack())
+        region += descriptor.ljust(layout.desc_sectors * SECTOR, b"\0")
+        self._file.pwrite(0, region)
+        for directory in (layout.rgd_offset, layout.gd_offset):
+            self._write_directory(directory)
+        end = layout.overhead * SECTOR
+        if not self._file.out.in_place:
+            os.ftruncate(self._file.out.fd, end)
+        gd_end = (layout.gd_offset + layout.gd_sectors + GT_SECTORS * layout.gt_count) * SECTOR
+        self._file.zero_fill(gd_end, end)
+
+    def _write_directory(self, directory: int) -> None:
+        """A grain directory: entries are computable, so write it in bounded chunks."""
+        layout = self._layout
+        per_chunk = 1 << 18
+        for first in range(0, layout.gt_count, per_chunk):
+            count = min(per_chunk, layout.gt_count - first)
+            start = layout.gt_sector(directory, first)
+            data = _le(array("I", range(start, start + count * GT_SECTORS, GT_SECTORS)))
+            end = (first + count) * 4
+            if end == layout.gt_count * 4:
+                data = data.ljust(layout.gd_sectors * SECTOR - first * 4, b"\0")
+            self._file.pwrite(directory * SECTOR + first * 4, data)
+
+    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+        count = len(data) // GRAIN_BYTES
+        if self._next_sector + count * DEFAULT_GRAIN_SECTORS > MAX_EXTENT_SECTORS:
+            raise OutputError("vmdk image is full: grain offsets are limited to 2 TiB of data")
+        self._file.pwrite(self._next_sector * SECTOR, data)
+        for grain in range(first, first + count):
+            self._set_entry(grain, self._next_sector)
+            self._next_sector += DEFAULT_GRAIN_SECTORS
+
+    def _set_entry(self, grain: int, sector: int) -> None:
+        table, index = divmod(grain, DEFAULT_GTES_PER_GT)
+        if table != self._gt_index:
+            self._flush_gt()
+            self._gt_index = table
+        self._gt[index] = sector
+        self._gt_dirty = True
+
+    def _flush_gt(self) -> None:
+        """Write the table in memory to both directories' places, then start afresh."""
+        layout = self._layout
+        if self._file.out.in_place:
+            self._zero_gts(self._gts_done, self._gt_index)
+        if self._gt_dirty:
+            data = _le(self._gt)
+            for directory in (layout.rgd_offset, layout.gd_offset):
+                self._file.pwrite(layout.gt_sector(directory, self._gt_index) * SECTOR, data)
+        elif self._file.out.in_place:
+            self._zero_gts(self._gt_index, self._gt_index + 1)
+        self._gts_done = self._gt_index + 1
+        self._gt = array("I", bytes(GT_BYTES))
+        self._gt_dirty = False
+
+    def _zero_gts(self, first: int, end: int) -> None:
+        layout = self._layout
+        for directory in (layout.rgd_offset, layout.gd_offset):
+            self._file.zero_fill(
+                layout.gt_sector(directory, first) * SECTOR,
+                layout.gt_sector(directory, end) * SECTOR,
+            )
+
+    def close(self) -> None:
+        self._flush_pending()
+        if self._layout.gt_count:
+            self._flush_gt()
+            if self._file.out.in_place:
+                self._zero_gts(self._gts_done, self._layout.gt_count)
+
+    def abort(self) -> None:
+        self._pending = bytearray()
+
+
+def _le(table: array[int]) -> bytes:
+    """A uint32 table in little-endian byte order."""
+    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
+        table = array("I", table)
+        table.byteswap()
+    return table.tobytes()
+
+
+def _compress(grain: bytes | memoryview) -> bytes:
+    return zlib.compress(grain, COMPRESS_LEVEL)
+
+
+class StreamWriter(_GrainSequencer):
+    """streamOptimized in VMware's stream layout (footer and end-of-stream marker)."""
+
+    def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
+        super().__init__(virtual_size)
+        self._file = _FileOut(out)
+        capacity = sectors_for(virtual_size)
+        descriptor = descriptor_for(out, capacity, opts)
+        desc_sectors = max(DEFAULT_DESC_SECTORS, sectors_for(len(descriptor)))
+        overhead = -(-(1 + desc_sectors) // DEFAULT_GRAIN_SECTORS) * DEFAULT_GRAIN_SECTORS
+        desc_offset, header_desc_sectors = _header_descriptor_fields(capacity, desc_sectors)
+        self._header = SparseHeader(
+            version=3,
+            flags=FLAG_NL_DETECT
+            | FLAG_COMPRESSED
+            | FLAG_MARKERS
+            | (FLAG_ZERO_GRAIN if opts.zeroed_grain else 0),
+            capacity=capacity,
+            grain_sectors=DEFAULT_GRAIN_SECTORS,
+            desc_offset=desc_offset,
+            desc_sectors=header_desc_sectors,
+            gtes_per_gt=DEFAULT_GTES_PER_GT,
+            rgd_offset=0,
+            gd_offset=GD_AT_END,
+            overhead=overhead,
+            compression=COMPRESSION_DEFLATE,
+        )
+        self._gt_count = gd_entries(capacity, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES_PER_GT)
+        self._gd = array("I", bytes(4 * self._gt_count))
+        self._gt_index = 0
+        self._gt = array("I", bytes(GT_BYTES))
+        self._gt_dirty = False
+        self._offset = overhead * SECTOR  # where the buffered bytes start
+        self._buffer = bytearray()
+        workers = max(1, min(4, os.cpu_count() or 1))
+        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix="instar-vmdk"
+        )
+        self._in_flight: collections.deque[tuple[int, Future[bytes]]] = collections.deque()
+        self._max_in_flight = 8 * workers
+        region = self._header.pack() + descriptor.ljust(desc_sectors * SECTOR, b"\0")
+        self._file.pwrite(0, region)
+        self._file.zero_fill(len(region), overhead * SECTOR)
+
+    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+        assert self._pool is not None
+        for i in range(len(data) // GRAIN_BYTES):
+            grain = data[i * GRAIN_BYTES : (i + 1) * GRAIN_BYTES]
+            self._in_flight.append((first + i, self._pool.submit(_compress, grain)))
+            if len(self._in_flight) >= self._max_in_flight:
+                self._retire_one()
+
+    def _retire_one(self) -> None:
+        """Write the oldest compressed grain: marker, data, padding to a sector."""
+        index, future = self._in_flight.popleft()
+        compressed = future.result()
+        table, entry = divmod(index, DEFAULT_GTES_PER_GT)
+        if table != self._gt_index:
+            self._emit_gt()
+            self._gt_index = table
+        sector = self._sector()
+        if sector + sectors_for(GRAIN_MARKER.size + len(compressed)) > MAX_EXTENT_SECTORS:
+            raise OutputError("vmdk image is full: grain offsets are limited to 2 TiB of data")
+        self._gt[entry] = sector
+        self._gt_dirty = True
+        record = GRAIN_MARKER.pack(index * DEFAULT_GRAIN_SECTORS, len(compressed)) + compressed
+        self._append(record)
+
+    def _sector(self) -> int:
+        return (self._offset + len(self._buffer)) // SECTOR
+
+    def _append(self, record: bytes) -> None:
+        """Buffer ``record`` padded to a sector; write out once the buffer is large."""
+        self._buffer += record
+        padding = -len(record) % SECTOR
+        if padding:
+            self._buffer += bytes(padding)
+        if len(self._buffer) >= _WRITE_BUFFER:
+            self._drain()
+
+    def _drain(self) -> None:
+        if self._buffer:
+            self._file.pwrite(self._offset, self._buffer)
+            self._offset += len(self._buffer)
+            self._buffer = bytearray()
+
+    def _emit_gt(self) -> None:
+        """The grain table in memory behind a GT marker (skipped when it maps nothing)."""
+        if self._gt_dirty:
+            self._append(metadata_marker(GT_SECTORS, MARKER_GRAIN_TABLE))
+            self._gd[self._gt_index] = self._sector()
+            self._append(_le(self._gt))
+        self._gt = array("I", bytes(GT_BYTES))
+        self._gt_dirty = False
+
+    def close(self) -> None:
+        self._flush_pending()
+        while self._in_flight:
+            self._retire_one()
+        self._shutdown()
+        self._emit_gt()
+        gd_bytes = _le(self._gd)
+        self._append(metadata_marker(sectors_for(len(gd_bytes)), MARKER_GRAIN_DIRECTORY))
+        gd_sector = self._sector()
+        if gd_bytes:
+            self._append(gd_bytes)
+        self._append(metadata_marker(1, MARKER_FOOTER))
+        self._append(self._header.with_gd_offset(gd_sector).pack())
+        self._append(metadata_marker(0, MARKER_EOS))
+        self._drain()
+
+    def abort(self) -> None:
+        for _, future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+
+def create_writer(
+    out: OutputFile, virtual_size: int, options: CreateOptions
+) -> SparseWriter | StreamWriter:
+    """Validate everything first, then start the writer (which writes the header)."""
+    opts = parse_options(options)
+    check_size(virtual_size)
+    if opts.stream and out.in_place:
+        raise UnsupportedError(
+            "a streamOptimized vmdk cannot be written to a block device: "
+            "its footer must end the file"
+        )
+    if opts.stream:
+        return StreamWriter(out, virtual_size, opts)
+    return SparseWriter(out, virtual_size, opts)
