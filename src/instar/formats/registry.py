@@ -16,11 +16,11 @@ PROBE_SIZE = 2048  # qemu's BLOCK_PROBE_BUF_SIZE
 
 _DRIVERS: dict[str, str] = {
     "raw": "instar.formats.raw",
+    "qcow2": "instar.formats.qcow2",
 }
 
 # Formats qemu-img knows, with the magic that identifies each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
-    "qcow2": (0, b"QFI\xfb"),
     "vmdk": (0, b"KDMV"),
     "vpc": (0, b"conectix"),
     "vhdx": (0, b"vhdxfile"),
