@@ -93,6 +93,15 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _create(d, "datafile.qcow2", "3M", "-o", "data_file=datafile.data", writes=data_writes)
     _create(d, "datafile-raw.qcow2", "3M", "-o", "data_file=dfr.data,data_file_raw=on",
             writes=data_writes)
+    # Internal snapshots (shared clusters, COPIED flags cleared) and preallocated metadata.
+    _convert(d, "snap.qcow2", writes=[])
+    qemu_img_ok("snapshot", "-c", "s1", str(d / "snap.qcow2"))
+    qemu_io(d / "snap.qcow2", "write -P 0x12 100k 200k", "qcow2")
+    qemu_io(d / "snap.qcow2", "write -z 1M 64k", "qcow2")
+    qemu_img_ok("snapshot", "-c", "s2", str(d / "snap.qcow2"))
+    qemu_io(d / "snap.qcow2", "discard 0 64k", "qcow2")
+    _create(d, "prealloc.qcow2", "3M", "-o", "preallocation=metadata",
+            writes=["write -P 0x13 100k 200k", "write -z 1M 64k"])
     (d / "small.raw").write_bytes(pattern(70_000, seed=3))
     qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", str(d / "small.raw"),
                 str(d / "small.qcow2"))
@@ -103,7 +112,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 IMAGES = [
     "c64k.qcow2", "c512.qcow2", "c2m.qcow2", "zlib.qcow2", "zstd.qcow2", "v2.qcow2",
     "mid.qcow2", "top.qcow2", "top-nofmt.qcow2", "extl2.qcow2", "datafile.qcow2",
-    "datafile-raw.qcow2", "small.qcow2",
+    "datafile-raw.qcow2", "small.qcow2", "snap.qcow2", "prealloc.qcow2",
 ]
 
 # "END" stands for the image's size in 512-byte blocks.

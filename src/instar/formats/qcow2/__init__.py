@@ -35,9 +35,9 @@ class Qcow2Format:
         return round_up(length, layout.SECTOR)
 
     def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
-        from instar.errors import UnsupportedError
+        from instar.formats.qcow2.writer import create_writer
 
-        raise UnsupportedError("instar cannot write qcow2 images yet")
+        return create_writer(out, virtual_size, options)
 
 
 FORMAT = Qcow2Format()
