@@ -14,7 +14,6 @@ import zlib
 from array import array
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
 
 from instar.errors import FormatError, UnsupportedError
 from instar.files import InputFile
@@ -24,6 +23,7 @@ from instar.image import Extent, ExtentKind, Image, check_range, merge_extents
 from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
+RUN_BATCH_CLUSTERS = 4096  # clusters mapped at once by extents()
 
 # Kinds of mapped runs (plain ints: the mapping loop is the hot path).
 _DATA, _ZERO, _UNALLOCATED, _COMPRESSED = 0, 1, 2, 3
@@ -101,22 +101,48 @@ class Qcow2Image:
 
         ``host`` is the host offset for data runs and the L2 entry for
         compressed ones. Data runs are merged only when host-contiguous, so
-        each becomes one pread.
+        each becomes one pread. The list grows with the range: callers
+        reading huge ranges go through `_run_batches`.
         """
         runs: list[list[int]] = []
         position, end = offset, offset + length
         while position < end:
-            l1_index = position // self._l2_span
-            stop = min(end, (l1_index + 1) * self._l2_span)
-            table = self._l2_table(l1_index)
-            if table is None:
-                _add(runs, _UNALLOCATED, position, stop - position, 0)
-            elif self._extended:
-                self._map_extended(runs, table, l1_index, position, stop)
-            else:
-                self._map_standard(runs, table, l1_index, position, stop)
-            position = stop
+            position = self._map_some(runs, position, end)
         return runs
+
+    def _run_batches(self, offset: int, length: int) -> Iterator[list[list[int]]]:
+        """The runs of a range in batches of at most `RUN_BATCH_CLUSTERS` clusters.
+
+        Memory stays bounded however large the range (``extents`` of a whole disk).
+        """
+        position, end = offset, offset + length
+        while position < end:
+            runs: list[list[int]] = []
+            stop = min(end, position + (RUN_BATCH_CLUSTERS << self._bits))
+            while position < stop:
+                position = self._map_some(runs, position, stop, end)
+            yield runs
+
+    def _map_some(
+        self, runs: list[list[int]], position: int, stop: int, end: int | None = None
+    ) -> int:
+        """Map from ``position`` to ``stop`` or the end of its L2 table; returns where it stopped.
+
+        The range of an unallocated L2 table is mapped whole in one step (up to
+        ``end`` when given, past ``stop``), so a sparse disk costs one step per table.
+        """
+        l1_index = position // self._l2_span
+        table = self._l2_table(l1_index)
+        if table is None:
+            stop = max(stop, end or stop)
+        stop = min(stop, (l1_index + 1) * self._l2_span)
+        if table is None:
+            _add(runs, _UNALLOCATED, position, stop - position, 0)
+        elif self._extended:
+            self._map_extended(runs, table, l1_index, position, stop)
+        else:
+            self._map_standard(runs, table, l1_index, position, stop)
+        return stop
 
     def _map_standard(
         self, runs: list[list[int]], table: array[int], l1_index: int, position: int, stop: int
@@ -270,7 +296,7 @@ class Qcow2Image:
     def _inflate(self, data: bytes, where: str) -> bytes:
         try:
             if self.header.compression_type == L.COMPRESSION_ZSTD:
-                zstd = _zstd()
+                zstd = L.zstd_module()
                 out: bytes = zstd.ZstdDecompressor().decompress(data, max_length=self._cluster)
             else:
                 # Any raw deflate window decodes with the largest one.
@@ -292,11 +318,12 @@ class Qcow2Image:
         return merge_extents(self._extents(offset, length))
 
     def _extents(self, offset: int, length: int) -> Iterator[Extent]:
-        for kind, position, count, _host in self._runs(offset, length):
-            if kind == _UNALLOCATED and self._backing is not None:
-                yield from self._backing_extents(position, count)
-            else:
-                yield Extent(position, count, _EXTENT_KIND[kind])
+        for runs in self._run_batches(offset, length):
+            for kind, position, count, _host in runs:
+                if kind == _UNALLOCATED and self._backing is not None:
+                    yield from self._backing_extents(position, count)
+                else:
+                    yield Extent(position, count, _EXTENT_KIND[kind])
 
     def _backing_extents(self, offset: int, length: int) -> Iterator[Extent]:
         assert self._backing is not None
@@ -328,15 +355,6 @@ def _add(runs: list[list[int]], kind: int, position: int, count: int, host: int)
             last[2] += count
             return
     runs.append([kind, position, count, host])
-
-
-def _zstd() -> Any:
-    """The zstd module: the standard library's from 3.14, backports.zstd before."""
-    if sys.version_info >= (3, 14):
-        from compression import zstd  # type: ignore[import-not-found,unused-ignore]
-    else:
-        from backports import zstd
-    return zstd
 
 
 # --- opening -----------------------------------------------------------------

@@ -318,9 +318,7 @@ def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> N
 def _compressor(compression_type: int, cluster_size: int) -> Callable[[bytes], bytes | None]:
     """A function compressing one cluster; None when that would not make it smaller."""
     if compression_type == L.COMPRESSION_ZSTD:
-        from instar.formats.qcow2.reader import _zstd
-
-        zstd = _zstd()
+        zstd = L.zstd_module()
 
         def compress_zstd(data: bytes) -> bytes | None:
             out: bytes = zstd.compress(data)
