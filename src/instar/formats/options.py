@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from instar.errors import OptionError
 from instar.formats.base import CreateOptions
+from instar.sizes import SizeStatus, parse_size
 
 
 def reject_unknown(options: CreateOptions, format_name: str, known: Iterable[str]) -> None:
@@ -16,3 +17,53 @@ def reject_unknown(options: CreateOptions, format_name: str, known: Iterable[str
             raise OptionError(f"Invalid parameter '{key}'")
     if options.compress and "compress" not in allowed:
         raise OptionError("Compression not supported for this file format")
+
+
+# qemu's qapi_bool_parse spellings.
+_TRUE = ("on", "yes", "true", "y")
+_FALSE = ("off", "no", "false", "n")
+
+
+def option_bool(options: CreateOptions, name: str, default: bool = False) -> bool:
+    """An on/off option, refused with qemu's option-parser message."""
+    text = options.options.get(name)
+    if text is None:
+        return default
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise OptionError(f"Parameter '{name}' expects 'on' or 'off'")
+
+
+def option_number(options: CreateOptions, name: str, default: int) -> int:
+    """A plain number option (qemu: strtoull base 0: decimal, 0x hex, 0 octal)."""
+    text = options.options.get(name)
+    if text is None:
+        return default
+    body = text.lstrip(" \t\n\v\f\r")
+    body = body[1:] if body.startswith("+") else body
+    try:
+        if body[:2] in ("0x", "0X"):
+            return int(body[2:], 16)
+        if body.startswith("0") and len(body) > 1:
+            return int(body[1:], 8)
+        if body.isdigit() and body.isascii():
+            return int(body)
+    except ValueError:
+        pass
+    raise OptionError(f"Parameter '{name}' expects a number")
+
+
+def option_size(options: CreateOptions, name: str, default: int) -> int:
+    """A size option with suffixes (qemu_strtosz); qemu's parser message on error.
+
+    qemu adds two lines about suffixes; instar keeps errors to one line.
+    """
+    text = options.options.get(name)
+    if text is None:
+        return default
+    parsed = parse_size(text)
+    if parsed.status is not SizeStatus.OK:
+        raise OptionError(f"Parameter '{name}' expects a non-negative number below 2^64")
+    return parsed.value

@@ -16,13 +16,13 @@ PROBE_SIZE = 2048  # qemu's BLOCK_PROBE_BUF_SIZE
 
 _DRIVERS: dict[str, str] = {
     "raw": "instar.formats.raw",
+    "qcow2": "instar.formats.qcow2",
     "vmdk": "instar.formats.vmdk",
     "vpc": "instar.formats.vpc",
 }
 
 # Formats qemu-img knows, with the magic that identifies each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
-    "qcow2": (0, b"QFI\xfb"),
     "vhdx": (0, b"vhdxfile"),
     "vdi": (64, b"\x7f\x10\xda\xbe"),
     "qed": (0, b"QED\x00"),

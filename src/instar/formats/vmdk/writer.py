@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.options import reject_unknown
+from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
     DEFAULT_DESC_SECTORS,
@@ -74,8 +74,6 @@ KNOWN_OPTIONS = (
     "zeroed_grain",
     "compress",
 )
-_TRUE = ("on", "yes", "true", "y")  # qemu's qapi_bool_parse
-_FALSE = ("off", "no", "false", "n")
 
 GRAIN_BYTES = DEFAULT_GRAIN_SECTORS * SECTOR
 GT_BYTES = DEFAULT_GTES_PER_GT * 4
@@ -124,7 +122,7 @@ def parse_options(options: CreateOptions) -> VmdkCreateOptions:
     adapter = values.get("adapter_type", "ide")
     if adapter not in ADAPTER_TYPES:
         raise UsageError(f"invalid parameter value: {adapter}")
-    compat6 = _parse_bool(values, "compat6")
+    compat6 = option_bool(options, "compat6")
     hw_version = values.get("hwversion")
     if hw_version == "undefined":
         hw_version = None
@@ -137,17 +135,8 @@ def parse_options(options: CreateOptions) -> VmdkCreateOptions:
         adapter_type=adapter,
         hw_version=hw_version or "4",
         tools_version=values.get("toolsversion", DEFAULT_TOOLS_VERSION),
-        zeroed_grain=_parse_bool(values, "zeroed_grain"),
+        zeroed_grain=option_bool(options, "zeroed_grain"),
     )
-
-
-def _parse_bool(values: dict[str, str], key: str) -> bool:
-    value = values.get(key)
-    if value is None or value in _FALSE:
-        return False
-    if value in _TRUE:
-        return True
-    raise UsageError(f"Parameter '{key}' expects 'on' or 'off'")
 
 
 def check_size(virtual_size: int) -> None:

@@ -24,7 +24,7 @@ from array import array
 
 from instar.errors import CreationError, UsageError
 from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.options import reject_unknown
+from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vpc.layout import (
     DEFAULT_BLOCK_SIZE,
     DISK_DYNAMIC,
@@ -45,8 +45,6 @@ from instar.formats.vpc.layout import (
 )
 
 OPTIONS = ("subformat", "force_size")
-_TRUE = ("on", "yes", "true", "y")
-_FALSE = ("off", "no", "false", "n")
 _TABLE_OFFSET = FOOTER_SIZE + DYNAMIC_HEADER_SIZE  # 1536, where qemu puts the BAT
 _ZEROS = bytes(4 << 20)
 
@@ -57,10 +55,7 @@ def parse_options(options: CreateOptions) -> tuple[str, bool]:
     subformat = options.options.get("subformat", "dynamic")
     if subformat not in ("dynamic", "fixed"):
         raise UsageError(f"Parameter 'subformat' does not accept value '{subformat}'")
-    force = options.options.get("force_size", "off")
-    if force not in _TRUE + _FALSE:
-        raise UsageError("Parameter 'force_size' expects 'on' or 'off'")
-    return subformat, force in _TRUE
+    return subformat, option_bool(options, "force_size")
 
 
 def create_writer(

@@ -1,0 +1,43 @@
+"""qcow2: qemu's copy-on-write format, versions 2 and 3 (read and write).
+
+`layout` holds the on-disk structures, `reader` maps guest offsets to host
+data, `writer` creates images sequentially. docs/formats/qcow2.md lists what
+is supported and what is refused.
+"""
+
+from __future__ import annotations
+
+from instar.files import InputFile
+from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.qcow2 import layout
+from instar.image import Image
+from instar.sizes import round_up
+
+
+class Qcow2Format:
+    name = "qcow2"
+
+    def probe(self, header: bytes, filename: str) -> int:
+        """The magic alone decides, whatever the version.
+
+        qemu probes versions 2 and up as qcow2 and the rest as raw; instar
+        claims every version so that opening refuses a version it cannot read
+        ("Unsupported qcow2 version") instead of copying the file as raw bytes.
+        """
+        return 100 if header[:4] == layout.MAGIC else 0
+
+    def open(self, file: InputFile, resolver: Resolver) -> Image:
+        from instar.formats.qcow2.reader import open_image
+
+        return open_image(file, resolver)
+
+    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+        return round_up(length, layout.SECTOR)
+
+    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+        from instar.formats.qcow2.writer import create_writer
+
+        return create_writer(out, virtual_size, options)
+
+
+FORMAT = Qcow2Format()

@@ -1,0 +1,565 @@
+"""Writing qcow2 images sequentially, as the copy engine feeds them.
+
+Layout of a new image: the header cluster, the L1 table, then data clusters
+in guest order with each L2 table written right after the data it maps (as
+soon as the copy moves past its range), refcount blocks written as soon as
+the clusters they count are all allocated, and at the end the refcount table
+and the last refcount blocks. Clusters are allocated strictly upwards, so
+the writer holds only what is still changing (bounded memory):
+
+- the L1 table (at most 32 MiB, qemu's limit; 8 bytes per 512 MiB of disk
+  with 64 KiB clusters),
+- one L2 table, one refcount block and one partly written data cluster,
+- for ``-c``, the clusters being compressed (about 8 MiB in flight),
+- one refcount table entry per refcount block (at most 8 MiB, qemu's limit).
+
+Zero data is never allocated: it reads back as zeros from unallocated
+clusters. With ``-c`` every cluster is compressed on a small thread pool
+(zlib and zstd release the GIL) and written in order; a cluster that does not
+shrink is stored uncompressed, as qemu does.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import zlib
+from array import array
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+from instar.errors import OutputError, UnsupportedError, UsageError
+from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.options import option_bool, option_number, option_size, reject_unknown
+from instar.formats.qcow2 import layout as L
+from instar.safety import MAX_TABLE_BYTES
+
+MAX_REFTABLE_BYTES = 8 << 20  # qemu refuses to open images with a larger refcount table
+COMPRESS_IN_FLIGHT_BYTES = 8 << 20  # clusters queued for compression at once
+ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
+
+_OPTIONS = ("cluster_size", "compat", "refcount_bits", "extended_l2", "compression_type",
+            "lazy_refcounts")
+# Options qemu-img takes for qcow2 that instar does not implement.
+_UNSUPPORTED_OPTIONS = ("backing_file", "backing_fmt", "data_file", "data_file_raw",
+                        "encryption", "encrypt.format", "preallocation", "size",
+                        "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
+                        "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg",
+                        "encrypt.iter-time")
+_COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
+_V3_HINT = "(use version=v3 or greater)"
+
+
+@dataclass(frozen=True)
+class Qcow2Options:
+    """Creation options, with qemu-img's defaults."""
+
+    cluster_bits: int = 16
+    version: int = 3
+    refcount_order: int = 4
+    extended_l2: bool = False
+    compression_type: int = L.COMPRESSION_ZLIB
+    lazy_refcounts: bool = False
+
+
+def parse_options(options: CreateOptions) -> Qcow2Options:
+    """Check ``-o`` options as qemu-img does, with its messages, before any writing."""
+    reject_unknown(options, "qcow2", (*_OPTIONS, *_UNSUPPORTED_OPTIONS, "compress"))
+    given = options.options
+    for key in given:
+        if key in _UNSUPPORTED_OPTIONS:
+            raise UnsupportedError(f"the qcow2 option '{key}' is not supported yet")
+    cluster_size = option_size(options, "cluster_size", 65536)
+    refcount_bits = option_number(options, "refcount_bits", 16)
+    extended_l2 = option_bool(options, "extended_l2")
+    lazy_refcounts = option_bool(options, "lazy_refcounts")
+    compat = given.get("compat", "1.1")
+    if compat not in _COMPAT:
+        raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
+    version = _COMPAT[compat]
+    compression = given.get("compression_type", "zlib")
+    if compression not in ("zlib", "zstd"):
+        raise UsageError(f"Parameter 'compression-type' does not accept value '{compression}'")
+    if not (512 <= cluster_size <= 2 << 20) or cluster_size & (cluster_size - 1):
+        raise UsageError("Cluster size must be a power of two between 512 and 2048k")
+    cluster_bits = cluster_size.bit_length() - 1
+    if extended_l2 and version < 3:
+        raise UsageError(
+            f"Extended L2 entries are only supported with compatibility level 1.1 and above "
+            f"{_V3_HINT}"
+        )
+    if extended_l2 and cluster_bits < L.MIN_EXTENDED_L2_CLUSTER_BITS:
+        raise UsageError(
+            "Extended L2 entries are only supported with cluster sizes of at least 16384 bytes"
+        )
+    if lazy_refcounts and version < 3:
+        raise UsageError(
+            f"Lazy refcounts only supported with compatibility level 1.1 and above {_V3_HINT}"
+        )
+    if not 1 <= refcount_bits <= 64 or refcount_bits & (refcount_bits - 1):
+        raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
+    if version < 3 and refcount_bits != 16:
+        raise UsageError(
+            "Different refcount widths than 16 bits require compatibility level 1.1 or above "
+            f"{_V3_HINT}"
+        )
+    if compression == "zstd" and version < 3:
+        raise UsageError(
+            "Non-zlib compression type is only supported with compatibility level 1.1 and "
+            f"above {_V3_HINT}"
+        )
+    return Qcow2Options(
+        cluster_bits=cluster_bits,
+        version=version,
+        refcount_order=refcount_bits.bit_length() - 1,
+        extended_l2=extended_l2,
+        compression_type=L.COMPRESSION_ZSTD if compression == "zstd" else L.COMPRESSION_ZLIB,
+        lazy_refcounts=lazy_refcounts,
+    )
+
+
+class RefcountTracker:
+    """Host cluster allocation, strictly upwards, with refcounts kept one block at a time.
+
+    Every cluster below ``next`` is in use. The counts of the refcount block
+    range being allocated live in ``block``; a finished range's block is
+    written into a newly allocated cluster straight away.
+    """
+
+    def __init__(self, fd: int, cluster_bits: int, refcount_order: int) -> None:
+        self._fd = fd
+        self._cluster = 1 << cluster_bits
+        self._bits = 1 << refcount_order
+        self.entries = self._cluster * 8 // self._bits  # clusters one block counts
+        self.max_refcount = (1 << self._bits) - 1
+        self.next = 0
+        self._range = 0
+        self._block = bytearray(self._cluster)
+        self._pending: list[tuple[int, bytes]] = []
+        self.table: list[int] = []  # refcount block offsets, by range
+        self._full = self._ones_block()
+
+    def _ones_block(self) -> bytes:
+        block = bytearray(self._cluster)
+        self._fill_ones(block, 0, self.entries)
+        return bytes(block)
+
+    def _fill_ones(self, block: bytearray, index: int, count: int) -> None:
+        """Set ``count`` fresh (zero) entries from ``index`` to 1."""
+        bits = self._bits
+        if bits >= 8:
+            width = bits // 8
+            block[index * width : (index + count) * width] = (1).to_bytes(width, "big") * count
+            return
+        per_byte = 8 // bits
+        while count and index % per_byte:  # head: a partial byte
+            block[index * bits // 8] |= 1 << (index * bits % 8)
+            index, count = index + 1, count - 1
+        whole = count // per_byte
+        if whole:
+            pattern = sum(1 << (k * bits) for k in range(per_byte))
+            first = index // per_byte
+            block[first : first + whole] = bytes([pattern]) * whole
+            index, count = index + whole * per_byte, count - whole * per_byte
+        for i in range(index, index + count):  # tail
+            block[i * bits // 8] |= 1 << (i * bits % 8)
+
+    def _get(self, index: int) -> int:
+        bits = self._bits
+        if bits >= 8:
+            width = bits // 8
+            return int.from_bytes(self._block[index * width : (index + 1) * width], "big")
+        return (self._block[index * bits // 8] >> (index * bits % 8)) & self.max_refcount
+
+    def _set(self, index: int, value: int) -> None:
+        bits = self._bits
+        if bits >= 8:
+            width = bits // 8
+            self._block[index * width : (index + 1) * width] = value.to_bytes(width, "big")
+            return
+        shift = index * bits % 8
+        byte = self._block[index * bits // 8] & ~(self.max_refcount << shift)
+        self._block[index * bits // 8] = byte | (value << shift)
+
+    def _mark(self, start: int, count: int) -> None:
+        """Give the fresh clusters ``[start, start + count)`` a refcount of 1."""
+        while count:
+            block_range = start // self.entries
+            if block_range != self._range:
+                self._pending.append((self._range, bytes(self._block)))
+                self._range = block_range
+                self._block = bytearray(self._cluster)
+                if (block_range + 1) * 8 > MAX_REFTABLE_BYTES:
+                    raise OutputError(
+                        "The image is too large for qcow2's refcount table "
+                        "(try a larger cluster size or fewer refcount bits)"
+                    )
+            index = start - block_range * self.entries
+            piece = min(count, self.entries - index)
+            if piece == self.entries:
+                self._block[:] = self._full
+            else:
+                self._fill_ones(self._block, index, piece)
+            start, count = start + piece, count - piece
+
+    def allocate(self, count: int) -> int:
+        """``count`` contiguous new clusters; returns the byte offset of the first."""
+        start = self.next
+        self.next += count
+        self._mark(start, count)
+        while self._pending:  # write finished refcount blocks into new clusters
+            block_range, content = self._pending.pop(0)
+            where = self.next
+            self.next += 1
+            self._mark(where, 1)
+            _pwrite_all(self._fd, content, where * self._cluster)
+            self._set_table(block_range, where * self._cluster)
+        return start * self._cluster
+
+    def can_share(self, cluster: int) -> bool:
+        """Whether the last allocated ``cluster`` may take one more reference."""
+        return (
+            cluster == self.next - 1
+            and cluster // self.entries == self._range
+            and self._get(cluster - self._range * self.entries) < self.max_refcount
+        )
+
+    def share(self, cluster: int) -> None:
+        """One more reference to the last allocated cluster (compressed data)."""
+        index = cluster - self._range * self.entries
+        self._set(index, self._get(index) + 1)
+
+    def _set_table(self, block_range: int, offset: int) -> None:
+        while len(self.table) <= block_range:
+            self.table.append(0)
+        self.table[block_range] = offset
+
+    def finish(self) -> tuple[int, int]:
+        """Write the refcount table and the last blocks; (table offset, table clusters)."""
+        finished = len(self.table)  # ranges whose blocks are written
+        table_clusters = 1
+        while True:
+            blocks = 0
+            while True:  # the least fixed point: blocks counting themselves
+                total = self.next + table_clusters + blocks
+                needed = -(-total // self.entries) - finished
+                if needed == blocks:
+                    break
+                blocks = needed
+            ranges = finished + blocks
+            if ranges * 8 <= table_clusters * self._cluster:
+                break
+            table_clusters += 1
+        if ranges * 8 > MAX_REFTABLE_BYTES:
+            raise OutputError("The image is too large for qcow2's refcount table")
+        table_start = self.next
+        self.next += table_clusters + blocks
+        self._mark(table_start, table_clusters + blocks)
+        self._pending.append((self._range, bytes(self._block)))
+        for i, (block_range, content) in enumerate(self._pending):
+            where = (table_start + table_clusters + i) * self._cluster
+            _pwrite_all(self._fd, content, where)
+            self._set_table(block_range, where)
+        self._pending.clear()
+        table = array("Q", self.table)
+        if sys.byteorder == "little":
+            table.byteswap()
+        data = table.tobytes()
+        data += bytes(table_clusters * self._cluster - len(data))
+        _pwrite_all(self._fd, data, table_start * self._cluster)
+        return table_start * self._cluster, table_clusters
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def _compressor(compression_type: int, cluster_size: int) -> Callable[[bytes], bytes | None]:
+    """A function compressing one cluster; None when that would not make it smaller."""
+    if compression_type == L.COMPRESSION_ZSTD:
+        zstd = L.zstd_module()
+
+        def compress_zstd(data: bytes) -> bytes | None:
+            out: bytes = zstd.compress(data)
+            return out if len(out) < cluster_size else None
+
+        return compress_zstd
+
+    def compress_zlib(data: bytes) -> bytes | None:
+        engine = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, L.ZLIB_WBITS, 9)
+        out = engine.compress(data) + engine.flush()
+        return out if len(out) < cluster_size else None
+
+    return compress_zlib
+
+
+class Qcow2Writer:
+    """A `Writer` for qcow2: data in increasing guest offsets, metadata at ``close``."""
+
+    def __init__(
+        self, out: OutputFile, virtual_size: int, options: Qcow2Options, compress: bool
+    ) -> None:
+        self._out = out
+        self._fd = out.fd
+        self._options = options
+        self._size = virtual_size
+        self._bits = options.cluster_bits
+        self._cluster = 1 << self._bits
+        self._entries = L.l2_entries(self._bits, options.extended_l2)
+        self._stride = 2 if options.extended_l2 else 1  # u64 words per L2 entry
+        l1_size = L.l1_entries_for(virtual_size, self._bits, options.extended_l2)
+        if l1_size * 8 > MAX_TABLE_BYTES:
+            raise OutputError(
+                "The image size is too large for file format 'qcow2' "
+                "(try using a larger cluster size)"
+            )
+        self._l1 = array("Q", bytes(8 * l1_size))
+        self._refcounts = RefcountTracker(self._fd, self._bits, options.refcount_order)
+        self._refcounts.allocate(1)  # the header cluster
+        l1_clusters = -(-l1_size * 8 // self._cluster)
+        self._l1_offset = self._refcounts.allocate(l1_clusters) if l1_size else 0
+        self._l2_index = -1  # the L1 index of the L2 table being filled
+        self._l2 = array("Q")
+        self._partial_index = -1  # guest cluster buffered in ``_partial``
+        self._partial = bytearray()
+        self._zero_cluster = bytes(self._cluster)
+        self._free_byte = 0  # where the next compressed cluster may start (0: nowhere)
+        self._pool: ThreadPoolExecutor | None = None
+        self._queue: deque[tuple[int, Future[bytes | None], bytes]] = deque()
+        self._compress: Callable[[bytes], bytes | None] | None = None
+        if compress:
+            workers = max(1, min(4, os.cpu_count() or 1))
+            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="qcow2-compress")
+            self._compress = _compressor(options.compression_type, self._cluster)
+            self._queue_limit = max(2 * workers, COMPRESS_IN_FLIGHT_BYTES // self._cluster)
+
+    # --- the Writer protocol -------------------------------------------------
+
+    def write(self, offset: int, data: bytes) -> None:
+        if offset < 0 or offset + len(data) > self._size:
+            raise ValueError(f"write [{offset}, {offset + len(data)}) outside the image")
+        mask = self._cluster - 1
+        position, end = offset, offset + len(data)
+        while position < end:
+            index = position >> self._bits
+            if self._partial_index >= 0 and index != self._partial_index:
+                self._flush_partial()
+            if self._partial_index < 0 and position & mask == 0 and end - position > mask:
+                whole_end = end & ~mask
+                self._write_clusters(data, position - offset, position, whole_end)
+                position = whole_end
+                continue
+            if self._partial_index < 0:  # a cluster written in pieces: buffer it
+                self._partial_index = index
+                self._partial = bytearray(self._cluster)
+            position = self._fill_partial(data, offset, position, end)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Nothing to do: unallocated clusters read as zeros, on a device too."""
+
+    def close(self) -> None:
+        try:
+            self._flush_partial()
+            self._drain(0)
+            self._flush_l2()
+            self._write_l1()
+            table_offset, table_clusters = self._refcounts.finish()
+            self._write_header(table_offset, table_clusters)
+            if not self._out.in_place:
+                os.ftruncate(self._fd, self._refcounts.next * self._cluster)
+        finally:
+            self._shutdown()
+
+    def abort(self) -> None:
+        self._queue.clear()
+        self._shutdown()
+
+    def _shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    # --- data ----------------------------------------------------------------
+
+    def _fill_partial(self, data: bytes, offset: int, position: int, end: int) -> int:
+        """Copy what falls into the buffered cluster; flush it once complete."""
+        cluster_start = self._partial_index << self._bits
+        stop = min(end, cluster_start + self._cluster)
+        self._partial[position - cluster_start : stop - cluster_start] = data[
+            position - offset : stop - offset
+        ]
+        if stop == cluster_start + self._cluster:
+            self._flush_partial()
+        return stop
+
+    def _flush_partial(self) -> None:
+        if self._partial_index < 0:
+            return
+        index, data = self._partial_index, bytes(self._partial)
+        self._partial_index, self._partial = -1, bytearray()
+        if data != self._zero_cluster:
+            self._store_clusters(index, memoryview(data), 1)
+
+    def _write_clusters(self, data: bytes, start: int, position: int, end: int) -> None:
+        """Whole clusters ``[position, end)`` from ``data[start:]``; zero clusters skipped.
+
+        Clusters smaller than the copy engine's zero granularity are checked
+        here one by one; larger ones arrive already free of zero pieces.
+        """
+        view = memoryview(data)
+        first = position >> self._bits
+        count = (end - position) >> self._bits
+        if self._cluster >= ZERO_CHECK_BELOW:
+            self._store_clusters(first, view[start : start + (count << self._bits)], count)
+            return
+        run_start = -1
+        for i in range(count + 1):
+            lo = start + (i << self._bits)
+            is_zero = i == count or data[lo : lo + self._cluster] == self._zero_cluster
+            if is_zero and run_start >= 0:
+                lo_run = start + (run_start << self._bits)
+                run = i - run_start
+                self._store_clusters(first + run_start, view[lo_run : lo_run + (run << self._bits)],
+                                     run)
+                run_start = -1
+            elif not is_zero and run_start < 0:
+                run_start = i
+
+    def _store_clusters(self, first: int, data: memoryview, count: int) -> None:
+        """Allocate and write ``count`` guest clusters of data starting at ``first``."""
+        if self._compress is not None:
+            for i in range(count):
+                cluster = bytes(data[i << self._bits : (i + 1) << self._bits])
+                self._queue.append((first + i, self._submit(cluster), cluster))
+                self._drain(self._queue_limit)
+            return
+        host = self._refcounts.allocate(count)
+        _pwrite_all(self._fd, data, host)
+        for i in range(count):
+            self._set_entry(first + i, (host + (i << self._bits)) | L.OFLAG_COPIED,
+                            L.SUBCLUSTER_ALLOC_MASK)
+
+    # --- compression ---------------------------------------------------------
+
+    def _submit(self, cluster: bytes) -> Future[bytes | None]:
+        assert self._pool is not None and self._compress is not None
+        return self._pool.submit(self._compress, cluster)
+
+    def _drain(self, keep: int) -> None:
+        """Write compressed clusters in guest order until at most ``keep`` are queued."""
+        while len(self._queue) > keep:
+            index, future, cluster = self._queue.popleft()
+            compressed = future.result()
+            if compressed is None:  # it did not shrink: store it as it is
+                host = self._refcounts.allocate(1)
+                _pwrite_all(self._fd, cluster, host)
+                self._set_entry(index, host | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
+            else:
+                self._set_entry(index, self._place_compressed(compressed), 0)
+
+    def _place_compressed(self, data: bytes) -> int:
+        """Write compressed data packed after the previous one; returns its L2 entry.
+
+        A host cluster holding parts of several compressed clusters gets one
+        reference for each of them (qemu-img check counts sectors touched).
+        """
+        size = len(data)
+        start = self._free_byte
+        first = start >> self._bits
+        if start == 0 or not self._refcounts.can_share(first):
+            sector_end = -(-size // L.SECTOR) * L.SECTOR
+            start = self._refcounts.allocate(-(-sector_end // self._cluster))
+        else:
+            # can_share() means ``first`` is the last cluster allocated: the
+            # next ones, if the data spills over, follow it contiguously.
+            sector_end = -(-(start + size) // L.SECTOR) * L.SECTOR
+            extra = ((sector_end - 1) >> self._bits) - first
+            self._refcounts.share(first)
+            if extra:
+                self._refcounts.allocate(extra)
+        _pwrite_all(self._fd, data, start)
+        end = start + size
+        self._free_byte = end if end & (self._cluster - 1) else 0
+        sectors = (end - 1) // L.SECTOR - start // L.SECTOR  # beyond the first one
+        return L.OFLAG_COMPRESSED | (sectors << L.compressed_shift(self._bits)) | start
+
+    # --- metadata ------------------------------------------------------------
+
+    def _set_entry(self, index: int, entry: int, bitmap: int) -> None:
+        """Record guest cluster ``index`` in its L2 table, writing out the previous table."""
+        l1_index = index // self._entries
+        if l1_index != self._l2_index:
+            self._flush_l2()
+            self._l2_index = l1_index
+            self._l2 = array("Q", self._zero_cluster)
+        slot = (index - l1_index * self._entries) * self._stride
+        self._l2[slot] = entry
+        if self._stride == 2:
+            self._l2[slot + 1] = bitmap
+
+    def _flush_l2(self) -> None:
+        if self._l2_index < 0:
+            return
+        table = self._l2
+        if sys.byteorder == "little":
+            table.byteswap()
+        host = self._refcounts.allocate(1)
+        _pwrite_all(self._fd, table.tobytes(), host)
+        self._l1[self._l2_index] = host | L.OFLAG_COPIED
+        self._l2_index, self._l2 = -1, array("Q")
+
+    def _write_l1(self) -> None:
+        if not self._l1:
+            return
+        table = array("Q", self._l1)
+        if sys.byteorder == "little":
+            table.byteswap()
+        data = table.tobytes()
+        _pwrite_all(self._fd, data + bytes(-len(data) % self._cluster), self._l1_offset)
+
+    def _write_header(self, table_offset: int, table_clusters: int) -> None:
+        options = self._options
+        v3 = options.version >= 3
+        incompatible = 0
+        if options.extended_l2:
+            incompatible |= L.INCOMPAT_EXTENDED_L2
+        if options.compression_type != L.COMPRESSION_ZLIB:
+            incompatible |= L.INCOMPAT_COMPRESSION
+        header = L.Header(
+            version=options.version,
+            backing_file_offset=0,
+            backing_file_size=0,
+            cluster_bits=self._bits,
+            size=self._size,
+            crypt_method=0,
+            l1_size=len(self._l1),
+            l1_table_offset=self._l1_offset,
+            refcount_table_offset=table_offset,
+            refcount_table_clusters=table_clusters,
+            nb_snapshots=0,
+            snapshots_offset=0,
+            incompatible_features=incompatible,
+            compatible_features=L.COMPAT_LAZY_REFCOUNTS if options.lazy_refcounts else 0,
+            refcount_order=options.refcount_order,
+            header_length=L.V3_HEADER_LENGTH if v3 else L.V2_HEADER_LENGTH,
+            compression_type=options.compression_type,
+        )
+        data = header.pack()
+        if v3:
+            table = L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
+            if len(data) + len(table) + 8 <= self._cluster:
+                data += table
+        data += bytes(8)  # the end of the header extensions
+        _pwrite_all(self._fd, data + bytes(self._cluster - len(data)), 0)
+
+
+def create_writer(out: OutputFile, virtual_size: int, options: CreateOptions) -> Qcow2Writer:
+    """Check the options (before any data), then start writing ``out``."""
+    parsed = parse_options(options)
+    return Qcow2Writer(out, virtual_size, parsed, options.compress)
