@@ -13,7 +13,12 @@ import sys
 from instar.cli.output import report_error
 from instar.errors import InstarError
 
-COMMANDS = {"dd": "instar.cli.dd", "convert": "instar.cli.convert"}
+COMMANDS = {
+    "dd": "instar.cli.dd",
+    "convert": "instar.cli.convert",
+    "info": "instar.cli.info",
+    "compare": "instar.cli.compare",
+}
 
 USAGE = """\
 instar version {version} - a safe, qemu-img-compatible disk image toolkit
@@ -24,6 +29,9 @@ Command syntax:
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   convert [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-S sparse_size] [-p] [-q] [-n] \
 [--allow dir] filename [filename2 [...]] output_filename
+  info [-U] [-f fmt] [--output human|json] [--backing-chain] [--allow dir] \
+[--qemu-version 7.2|8.0] filename
+  compare [-U] [-f fmt] [-F fmt] [-s] [-p] [-q] [--allow dir] filename1 filename2
 
 Standard options:
   -h, --help       display this help and exit

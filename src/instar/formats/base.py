@@ -8,7 +8,7 @@ knows about dd (the copy engine feeds it a Window like any Image).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from instar.files import InputFile
 from instar.image import Image
@@ -92,4 +92,74 @@ class Format(Protocol):
 
     def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
         """Start writing a new image of ``virtual_size`` bytes into ``out``."""
+        ...
+
+
+# What ``instar info`` shows about a format: the `describe` hook.
+#
+# qemu-img info prints what the block driver's get_info / get_specific_info /
+# snapshot_list callbacks return; a format module supplies the same facts
+# through an optional ``describe`` method. instar.info renders them exactly as
+# qemu-img does (key order, spacing, JSON), so a format only states facts.
+
+# A value of qemu's format-specific data (a QAPI object visited to a QObject):
+# a dict keeps the QAPI schema's member order (instar.info reorders keys as
+# qemu's QDict does), enums are their string names, absent optional members
+# are simply left out.
+QValue = bool | int | str | list["QValue"] | dict[str, "QValue"]
+
+
+@dataclass(frozen=True)
+class SnapshotDetails:
+    """One internal snapshot, as qemu's SnapshotInfo."""
+
+    id: str
+    name: str
+    vm_state_size: int
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int  # qemu splits it into vm-clock-sec / vm-clock-nsec
+    icount: int | None = None  # None: the snapshot records no icount
+
+
+@dataclass(frozen=True)
+class ChildFile:
+    """A file an image uses besides its own (qcow2 data file, VMDK extent).
+
+    ``name`` is qemu's child name ("data-file", "extents.0"...). Its
+    allocated size counts in "disk size"; qemu 8.0+ shows it as a child node.
+    """
+
+    name: str
+    file: InputFile
+
+
+@dataclass
+class FormatDetails:
+    """What ``qemu-img info`` shows beyond the size and name of an image.
+
+    ``dirty`` None means the driver has no get_info (qemu then omits
+    "dirty-flag"); ``specific_type``/``specific`` are ImageInfoSpecific's
+    union tag and data ("qcow2", {"compat": "1.1", ...}); ``children`` are
+    listed in the order qemu opens them.
+    """
+
+    cluster_size: int | None = None
+    encrypted: bool = False
+    dirty: bool | None = False
+    backing_filename: str | None = None
+    backing_format: str | None = None
+    snapshots: list[SnapshotDetails] = field(default_factory=list)
+    specific_type: str | None = None
+    specific: dict[str, QValue] | None = None
+    children: list[ChildFile] = field(default_factory=list)
+
+
+@runtime_checkable
+class Describable(Protocol):
+    """A Format that can describe an image it opened (for ``instar info``)."""
+
+    def describe(self, image: Image) -> FormatDetails:
+        """Facts about ``image`` (returned by this format's ``open``) from its
+        metadata only: never read guest data here."""
         ...

@@ -11,8 +11,8 @@ import os
 from collections.abc import Iterator
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
-from instar.image import Extent, ExtentKind, check_range
+from instar.formats.base import CreateOptions, FormatDetails, OutputFile, Resolver, Writer
+from instar.image import Extent, ExtentKind, Image, check_range
 from instar.sizes import round_up
 
 SECTOR = 512
@@ -117,6 +117,11 @@ class RawFormat:
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, SECTOR)
+
+    def describe(self, image: Image) -> FormatDetails:
+        """qemu shows no cluster size and no format-specific data for raw;
+        its get_info succeeds, so JSON carries "dirty-flag": false."""
+        return FormatDetails()
 
     def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
         from instar.formats.options import reject_unknown

@@ -1,0 +1,128 @@
+"""``instar compare``: qemu-img compare's options, messages and exit codes.
+
+    instar compare [-f fmt] [-F fmt] [-s] [-q] [-p] [-U] [-T cache] [--allow dir] A B
+
+Verdicts go to stdout (nothing with -q); exit 0 identical, 1 different,
+2 an image cannot be opened (or a bad -T), 3 block status failed, 4 a read
+failed; a bad command line exits 1, as qemu-img. ``-T`` is checked and
+otherwise ignored (instar has no cache modes).
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+
+from instar.cli.getopt import GetoptError, gnu_getopt
+from instar.cli.output import report_error
+from instar.errors import UnsupportedError
+
+HELP = """\
+usage: instar compare [-f fmt] [-F fmt] [-s] [-q] [-p] [-U] [--allow dir] filename1 filename2
+
+Compare the contents of two images, as qemu-img compare does.
+  -f fmt     format of the first image (probed when absent)
+  -F fmt     format of the second image
+  -s         strict: images of different sizes, or with different allocation,
+             are different
+  -q         quiet: print nothing, only the exit code tells
+  -p         show progress
+  --allow D  backing files may also come from directory D
+Exit status: 0 identical, 1 different, 2 cannot open, 4 read error.
+"""
+
+SHORT_OPTIONS = "hf:F:T:pqsU"
+LONG_OPTIONS = {"help": False, "image-opts": False, "object": True, "force-share": False,
+                "allow": True}
+CACHE_MODES = ("none", "off", "writeback", "unsafe", "directsync", "writethrough")
+MIN_SKIP = 2.0  # percent between two progress lines, as qemu-img compare
+
+
+def _f32(value: float) -> float:
+    """``value`` rounded to a C float, as qemu's progress arithmetic is."""
+    result: float = struct.unpack("f", struct.pack("f", value))[0]
+    return result
+
+
+class QemuProgress:
+    """qemu's progress meter (util/qemu-progress.c) in single precision, so
+    the lines printed are the ones qemu-img prints."""
+
+    def __init__(self) -> None:
+        self.current = 0.0
+        self.last_print = 0.0
+
+    def update(self, done: int, base: int) -> None:
+        """qemu_progress_print(((float) done / base) * 100, 100)."""
+        delta = 0.0 if done == 0 else _f32(_f32(_f32(float(done)) / _f32(float(base))) * 100)
+        current = _f32(self.current + _f32(_f32(delta / 100) * 100))
+        current = min(current, 100.0)
+        self.current = current
+        if current > _f32(self.last_print + MIN_SKIP) or current in (0.0, 100.0):
+            self.last_print = current
+            sys.stdout.write(f"    ({current:3.2f}/100%)\r")
+            sys.stdout.flush()
+
+    @staticmethod
+    def end() -> None:
+        sys.stdout.write("\n")
+
+
+def run(args: list[str]) -> int:
+    parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
+    fmt_a: str | None = None
+    fmt_b: str | None = None
+    strict = quiet = progress = False
+    cache = "writeback"
+    allow: list[str] = []
+    for option, value in parsed.options:
+        if option in ("-h", "--help"):
+            sys.stdout.write(HELP)
+            return 0
+        if option == "-f":
+            fmt_a = value
+        elif option == "-F":
+            fmt_b = value
+        elif option == "-s":
+            strict = True
+        elif option == "-q":
+            quiet = True
+        elif option == "-p":
+            progress = True
+        elif option == "-T":
+            cache = value
+        elif option == "--allow":
+            allow.append(value)
+        elif option in ("--image-opts", "--object"):
+            raise UnsupportedError(f"instar does not support {option}")
+        # -U / --force-share: instar takes no locks, so sharing is the default.
+    if len(parsed.operands) != 2:
+        raise GetoptError("Expecting two image file names")
+    meter = QemuProgress() if progress and not quiet else None
+    try:
+        return _compare(parsed.operands, fmt_a, fmt_b, strict, quiet, cache, allow, meter)
+    finally:
+        if meter is not None:
+            meter.end()
+
+
+def _compare(operands: list[str], fmt_a: str | None, fmt_b: str | None, strict: bool,
+             quiet: bool, cache: str, allow: list[str], meter: QemuProgress | None) -> int:
+    from instar.compare import OPEN_ERROR, CompareError, compare
+
+    if cache not in CACHE_MODES:
+        report_error(f"Invalid source cache option: {cache}")
+        return OPEN_ERROR
+
+    def say(line: str) -> None:
+        if not quiet:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+
+    try:
+        return compare(operands[0], operands[1], fmt_a=fmt_a, fmt_b=fmt_b, strict=strict,
+                       allow=tuple(allow), say=say,
+                       progress=meter.update if meter is not None else None)
+    except CompareError as error:
+        report_error(str(error))
+        return error.exit_code

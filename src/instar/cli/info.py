@@ -1,0 +1,88 @@
+"""``instar info``: qemu-img info's options, output and messages.
+
+    instar info [-f fmt] [--output human|json] [--backing-chain] [-U]
+                [--allow dir] [--qemu-version VERSION] FILE
+
+``--qemu-version`` picks the output of a qemu-img release: 7.2 (the default)
+or 8.0 and later, which add a ``Child node '/file':`` section (``children``
+in JSON) describing the file under each image.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from instar.cli.getopt import GetoptError, gnu_getopt
+from instar.errors import UnsupportedError, UsageError
+
+HELP = """\
+usage: instar info [-f fmt] [--output human|json] [--backing-chain] [-U] [--allow dir]
+                   [--qemu-version VERSION] filename
+
+Show what qemu-img info shows about an image, in the same words and layout.
+  -f fmt             image format (probed when absent)
+  --output FMT       human (default) or json
+  --backing-chain    show every image of the backing chain
+  -U                 accepted for compatibility (instar takes no locks)
+  --allow DIR        backing files may also come from DIR (--backing-chain)
+  --qemu-version V   output of qemu-img V: 7.2 (default) or 8.0 and later
+                     (adds the "Child node '/file':" section)
+"""
+
+SHORT_OPTIONS = "hf:U"
+LONG_OPTIONS = {"help": False, "format": True, "image-opts": False, "backing-chain": False,
+                "force-share": False, "output": True, "object": True, "allow": True,
+                "qemu-version": True}
+
+
+def parse_qemu_version(text: str) -> tuple[int, int]:
+    """``8``, ``8.0``, ``7.2``... as (major, minor); 7.2 is the oldest form."""
+    major, _, minor = text.partition(".")
+    if not major.isdigit() or (minor and not minor.isdigit()):
+        raise UsageError(f"--qemu-version must be a qemu release such as 7.2 or 8.0: {text}")
+    return int(major), int(minor or 0)
+
+
+def write_stdout(text: str) -> None:
+    """Print ``text``; names that are not UTF-8 go out as their original bytes."""
+    try:
+        sys.stdout.write(text)
+    except UnicodeEncodeError:
+        sys.stdout.flush()
+        sys.stdout.buffer.write(text.encode("utf-8", "surrogateescape"))
+    sys.stdout.flush()
+
+
+def run(args: list[str]) -> int:
+    parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
+    fmt: str | None = None
+    output = "human"
+    chain = False
+    allow: list[str] = []
+    version = (7, 2)
+    for option, value in parsed.options:
+        if option in ("-h", "--help"):
+            sys.stdout.write(HELP)
+            return 0
+        if option in ("-f", "--format"):
+            fmt = value
+        elif option == "--output":
+            if value not in ("human", "json"):
+                raise UsageError("--output must be used with human or json as argument.")
+            output = value
+        elif option == "--backing-chain":
+            chain = True
+        elif option == "--allow":
+            allow.append(value)
+        elif option == "--qemu-version":
+            version = parse_qemu_version(value)
+        elif option in ("--image-opts", "--object"):
+            raise UnsupportedError(f"instar does not support {option}")
+        # -U / --force-share: instar takes no locks, so sharing is the default.
+    if len(parsed.operands) != 1:
+        raise GetoptError("Expecting one image file name")
+    from instar.info import info
+
+    write_stdout(info(parsed.operands[0], fmt, output=output, chain=chain,
+                      allow=tuple(allow), qemu_version=version))
+    return 0
