@@ -176,3 +176,23 @@ def test_python_module_entry_point(inputs: Path, tmp_path: Path) -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert out.read_bytes() == pattern(1024)
+
+
+def test_nothing_is_visible_while_writing(
+    inputs: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output is an unnamed file until it is complete (O_TMPFILE where supported)."""
+    import instar.output
+
+    seen: list[list[str]] = []
+    real_copy = instar.output.copy_image
+
+    def spying_copy(*args: object, **kwargs: object) -> None:
+        seen.append(sorted(os.listdir(tmp_path)))
+        real_copy(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(instar.output, "copy_image", spying_copy)
+    out = tmp_path / "out.raw"
+    assert run_instar("dd", f"if={inputs / 'odd.raw'}", f"of={out}").rc == 0
+    assert seen == [[]]
+    assert out.read_bytes()[:ODD_SIZE] == pattern(ODD_SIZE)

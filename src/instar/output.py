@@ -1,7 +1,9 @@
 """Creating the output safely: temporary file, fsync, rename into place.
 
 A failure at any point leaves no partial output and never damages an existing
-file of the same name. A block device is written in place (zeros included),
+file of the same name. Where the file system allows it, the temporary file is
+anonymous (O_TMPFILE) and gets a name only once complete, so not even a crash
+leaves anything behind. A block device is written in place (zeros included),
 since it cannot be replaced. An output that is one of the inputs is refused
 before anything is written.
 """
@@ -9,6 +11,7 @@ before anything is written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import secrets
 import stat
@@ -28,7 +31,8 @@ class AtomicOutput:
         self.target = target
         # Write through a symbolic link to where it points, as qemu would.
         self._final = os.path.realpath(target)
-        self._temp: str | None = None
+        self._temp: str | None = None  # a named temporary file, when O_TMPFILE is unusable
+        self._anonymous = False  # an O_TMPFILE file, linked into place by commit
         self.file: OutputFile | None = None
 
     def create(self) -> OutputFile:
@@ -42,17 +46,37 @@ class AtomicOutput:
         if info is not None and stat.S_ISDIR(info.st_mode):
             raise self._creation_error(IsADirectoryError(21, "Is a directory"))
         if info is not None and stat.S_ISBLK(info.st_mode):
-            fd = self._open(self._final, os.O_WRONLY)
-            self.file = OutputFile(fd, self.target, in_place=True)
+            device = self._open(self._final, os.O_WRONLY)
+            self.file = OutputFile(device, self.target, in_place=True)
             return self.file
-        directory, base = os.path.split(self._final)
-        temp = os.path.join(directory, f".{base}.{secrets.token_hex(4)}.instar-tmp")
-        fd = self._open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        self._temp = temp
+        anonymous = self._open_anonymous()
+        if anonymous is None:
+            self._temp = self._temp_name()
+            fd = self._open(self._temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        else:
+            fd = anonymous
         if info is not None:
             os.fchmod(fd, stat.S_IMODE(info.st_mode))
         self.file = OutputFile(fd, self.target)
         return self.file
+
+    def _temp_name(self) -> str:
+        directory, base = os.path.split(self._final)
+        return os.path.join(directory, f".{base}.{secrets.token_hex(4)}.instar-tmp")
+
+    def _open_anonymous(self) -> int | None:
+        """An unnamed file in the target's directory, or None where that is unsupported."""
+        if not hasattr(os, "O_TMPFILE") or not os.path.isdir("/proc/self/fd"):
+            return None
+        directory = os.path.dirname(self._final) or "."
+        try:
+            fd = os.open(directory, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o644)
+        except OSError as error:
+            if error.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+                return None
+            raise self._creation_error(error) from None
+        self._anonymous = True
+        return fd
 
     def _open(self, path: str, flags: int) -> int:
         try:
@@ -67,6 +91,19 @@ class AtomicOutput:
         """Make the output durable and visible under its name."""
         assert self.file is not None
         os.fsync(self.file.fd)
+        if self._anonymous:
+            # Give the finished file a name, then move it over the target.
+            self._temp = self._temp_name()
+            directory, name = os.path.split(self._temp)
+            dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                # A directory fd makes os.link use linkat(AT_SYMLINK_FOLLOW), which
+                # follows /proc's link to the open file; plain link() would not.
+                os.link(f"/proc/self/fd/{self.file.fd}", name, dst_dir_fd=dir_fd,
+                        follow_symlinks=True)
+            finally:
+                os.close(dir_fd)
+            self._anonymous = False
         os.close(self.file.fd)
         self.file = None
         if self._temp is not None:
