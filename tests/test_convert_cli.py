@@ -88,3 +88,17 @@ def test_progress_meter_format(source: Path, tmp_path: Path) -> None:
     assert result.rc == 0
     assert result.stdout.startswith("    (0.00/100%)\r")
     assert result.stdout.endswith("    (100.00/100%)\r\n")
+
+
+@pytest.mark.parametrize("fmt", ["raw", "qcow2", "vmdk", "vpc", "vhdx"])
+def test_option_help_lists_options_instar_accepts(fmt: str, qemu_img: str) -> None:
+    ours = run_instar("convert", "-O", fmt, "-o", "help")
+    qemu = run_qemu_img("convert", "-O", fmt, "-o", "help")
+    assert ours.rc == qemu.rc == 0
+    lines = ours.stdout.splitlines()
+    assert lines[0] == qemu.stdout.splitlines()[0] == f"Supported {fmt} options:"
+    qemu_lines = qemu.stdout.splitlines()[1:]
+    qemu_names = {line.split("=")[0].strip() for line in qemu_lines if "=" in line}
+    for line in lines[1:]:
+        name = line.split("=")[0].strip()
+        assert name in qemu_names, f"{name} is not a qemu-img {fmt} option"

@@ -56,8 +56,8 @@ def _print_option_help(format_name: str) -> int:
 
     fmt = output_format(format_name)
     print(f"Supported {fmt.name} options:")
-    for spec in getattr(fmt, "create_options", ()):
-        print(f"  {spec}")
+    for spec in fmt.create_options:
+        print(spec.help_line())
     return 0
 
 

@@ -52,6 +52,19 @@ class CreateOptions:
     compress: bool = False
 
 
+@dataclass(frozen=True)
+class OptionSpec:
+    """One creation option a writer takes, for ``-o help``."""
+
+    name: str
+    kind: str  # "str", "size", "num" or "bool (on/off)", as qemu-img names them
+    help: str
+
+    def help_line(self) -> str:
+        """The option as ``qemu-img convert -o help`` lays it out."""
+        return f"  {f'{self.name}=<{self.kind}>':<22} - {self.help}"
+
+
 class Writer(Protocol):
     """Writes an image sequentially: increasing offsets, then ``close``.
 
@@ -73,6 +86,7 @@ class Format(Protocol):
     """One image format: probing, reading, sizing and creating."""
 
     name: str
+    create_options: tuple[OptionSpec, ...]  # what ``-o`` takes, for ``-o help``
 
     def probe(self, header: bytes, filename: str) -> int:
         """A score for ``header`` (the first 2048 bytes); 0 means "not mine"."""

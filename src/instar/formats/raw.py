@@ -11,7 +11,14 @@ import os
 from collections.abc import Iterator
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, FormatDetails, OutputFile, Resolver, Writer
+from instar.formats.base import (
+    CreateOptions,
+    FormatDetails,
+    OptionSpec,
+    OutputFile,
+    Resolver,
+    Writer,
+)
 from instar.image import Extent, ExtentKind, Image, check_range
 from instar.sizes import round_up
 
@@ -108,6 +115,7 @@ class RawWriter:
 
 class RawFormat:
     name = "raw"
+    create_options: tuple[OptionSpec, ...] = ()
 
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort

@@ -8,7 +8,7 @@ is supported and what is refused.
 from __future__ import annotations
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
 from instar.formats.qcow2 import layout
 from instar.image import Image
 from instar.sizes import round_up
@@ -16,6 +16,14 @@ from instar.sizes import round_up
 
 class Qcow2Format:
     name = "qcow2"
+    create_options = (
+        OptionSpec("cluster_size", "size", "cluster size, a power of two from 512 to 2M (64k)"),
+        OptionSpec("compat", "str", "0.10 (version 2) or 1.1 (version 3, the default)"),
+        OptionSpec("compression_type", "str", "zlib (default) or zstd, for -c"),
+        OptionSpec("extended_l2", "bool (on/off)", "subclusters: 32 per cluster of 16k or more"),
+        OptionSpec("lazy_refcounts", "bool (on/off)", "set the lazy refcounts flag"),
+        OptionSpec("refcount_bits", "num", "refcount width: 1, 2, 4, ... 64 (16)"),
+    )
 
     def probe(self, header: bytes, filename: str) -> int:
         """The magic alone decides, whatever the version.

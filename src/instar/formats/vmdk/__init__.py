@@ -8,7 +8,7 @@ create's default layout) and streamOptimized. See docs/formats/vmdk.md.
 from __future__ import annotations
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
 from instar.formats.vmdk.layout import COWD_MAGIC, MAGIC, SECTOR, looks_like_descriptor
 from instar.image import Image
 from instar.sizes import round_up
@@ -16,6 +16,14 @@ from instar.sizes import round_up
 
 class VmdkFormat:
     name = "vmdk"
+    create_options = (
+        OptionSpec("adapter_type", "str", "ide (default), lsilogic, buslogic or legacyESX"),
+        OptionSpec("compat6", "bool (on/off)", "virtual hardware version 6"),
+        OptionSpec("hwversion", "str", "virtual hardware version (4)"),
+        OptionSpec("subformat", "str", "monolithicSparse (default) or streamOptimized"),
+        OptionSpec("toolsversion", "str", "the VMware tools version in the descriptor"),
+        OptionSpec("zeroed_grain", "bool (on/off)", "mark zero grains instead of leaving holes"),
+    )
 
     def probe(self, header: bytes, filename: str) -> int:
         """qemu's vmdk_probe: a sparse magic, or a text descriptor's ``version=`` line."""

@@ -9,7 +9,7 @@ stays cheap.
 from __future__ import annotations
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
 from instar.formats.vpc.layout import FOOTER_COOKIE
 from instar.formats.vpc.layout import declared_size as _declared_size
 from instar.image import Image
@@ -17,6 +17,10 @@ from instar.image import Image
 
 class VpcFormat:
     name = "vpc"
+    create_options = (
+        OptionSpec("force_size", "bool (on/off)", "keep the exact size, not the CHS-rounded one"),
+        OptionSpec("subformat", "str", "dynamic (default) or fixed"),
+    )
 
     def probe(self, header: bytes, filename: str) -> int:
         """qemu looks at offset 0 only, so a fixed VHD (footer at the end) probes as raw."""
