@@ -16,6 +16,7 @@ PROBE_SIZE = 2048  # qemu's BLOCK_PROBE_BUF_SIZE
 
 _DRIVERS: dict[str, str] = {
     "raw": "instar.formats.raw",
+    "vhdx": "instar.formats.vhdx",
 }
 
 # Formats qemu-img knows, with the magic that identifies each (offset, bytes).
@@ -23,7 +24,6 @@ _RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
     "qcow2": (0, b"QFI\xfb"),
     "vmdk": (0, b"KDMV"),
     "vpc": (0, b"conectix"),
-    "vhdx": (0, b"vhdxfile"),
     "vdi": (64, b"\x7f\x10\xda\xbe"),
     "qed": (0, b"QED\x00"),
     "luks": (0, b"LUKS\xba\xbe"),

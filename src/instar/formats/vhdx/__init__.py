@@ -1,0 +1,37 @@
+"""VHDX (Hyper-V virtual hard disk v2): reading and writing.
+
+``layout`` holds the on-disk structures, ``writer`` creates dynamic and fixed
+images the way ``qemu-img create -f vhdx`` lays them out, ``reader`` opens
+dynamic, fixed and differencing images (``log`` replays a pending metadata
+log in memory, never touching the file).
+"""
+
+from __future__ import annotations
+
+from instar.errors import UnsupportedError
+from instar.files import InputFile
+from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.vhdx.layout import FILE_SIGNATURE
+from instar.image import Image
+from instar.sizes import round_up
+
+
+class VhdxFormat:
+    name = "vhdx"
+
+    def probe(self, header: bytes, filename: str) -> int:
+        return 100 if header.startswith(FILE_SIGNATURE) else 0
+
+    def open(self, file: InputFile, resolver: Resolver) -> Image:
+        raise UnsupportedError("instar cannot read vhdx images yet")
+
+    def declared_size(self, length: int) -> int:
+        return round_up(length, 512)
+
+    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+        from instar.formats.vhdx import writer
+
+        return writer.create(out, virtual_size, options)
+
+
+FORMAT = VhdxFormat()
