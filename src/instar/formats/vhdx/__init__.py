@@ -8,7 +8,6 @@ log in memory, never touching the file).
 
 from __future__ import annotations
 
-from instar.errors import UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
 from instar.formats.vhdx.layout import FILE_SIGNATURE
@@ -23,7 +22,9 @@ class VhdxFormat:
         return 100 if header.startswith(FILE_SIGNATURE) else 0
 
     def open(self, file: InputFile, resolver: Resolver) -> Image:
-        raise UnsupportedError("instar cannot read vhdx images yet")
+        from instar.formats.vhdx import reader
+
+        return reader.open_vhdx(file, resolver)
 
     def declared_size(self, length: int) -> int:
         return round_up(length, 512)
