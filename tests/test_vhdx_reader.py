@@ -871,3 +871,59 @@ def test_iotests_159_vhdx_to_vhdx(bs: str, tmp_path: Path) -> None:
     compare = run_qemu_img("compare", "-f", "vhdx", "-F", "vhdx", str(image), str(out))
     assert compare.rc == 0 and "Images are identical." in compare.stdout
     assert qemu_info(out)["virtual-size"] == MiB
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_log_overlay_matches_a_naive_model(seed: int) -> None:
+    """Many overlapping writes: the overlay reads what writing them in order would give."""
+    import random
+
+    rng = random.Random(seed)
+    size = 64 * KiB
+    base_bytes = bytes(rng.randrange(256) for _ in range(size))
+
+    class Base:
+        name = "base"
+
+        def __init__(self) -> None:
+            self.size = size
+
+        def pread(self, offset: int, length: int) -> bytes:
+            return base_bytes[offset : offset + length]
+
+        def close(self) -> None:
+            pass
+
+    model = bytearray(base_bytes)
+    writes = []
+    for _ in range(300):
+        offset = rng.randrange(size - 1)
+        length = rng.randrange(1, min(5000, size - offset) + 1)
+        data = None if rng.random() < 0.3 else bytes([rng.randrange(256)]) * length
+        writes.append(log.Write(offset, length, data))
+        model[offset : offset + length] = bytes(length) if data is None else data
+    entry = log.LogEntry(0, 4096, 1, 0, size, size, tuple(writes))
+    overlay = log.LogOverlay(Base(), [entry])  # type: ignore[arg-type]
+    assert overlay.size == MiB  # last_file_offset rounds the file up to 1 MiB
+    assert overlay.pread(0, size) == bytes(model)
+    for _ in range(200):
+        offset = rng.randrange(size)
+        length = rng.randrange(1, 3000)
+        want = bytes(model[offset : offset + length])
+        want += bytes(min(length, MiB - offset) - len(want))
+        assert overlay.pread(offset, length) == want
+
+
+def test_crafted_log_is_refused_quickly() -> None:
+    """Every sector a plausible header claiming the whole log: bounded work, then a refusal."""
+    import time
+
+    from instar.errors import UnsupportedError
+
+    guid = b"\x07" * 16
+    sector = bytearray(4096)
+    LOG_ENTRY.pack_into(sector, 0, b"loge", 0, MiB, 0, 1, 0, 0, guid, 0, 0)
+    started = time.monotonic()
+    with pytest.raises(UnsupportedError, match="too many overlapping entries"):
+        log.active_sequence(bytes(sector) * 256, guid)
+    assert time.monotonic() - started < 2

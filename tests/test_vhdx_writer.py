@@ -368,6 +368,7 @@ def test_block_device_output_overwrites_garbage(fixed: bool, inputs: Path, tmp_p
     assert qemu_read_raw(target, tmp_path, "vhdx") == source.read_bytes()
 
 
+@pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("fixed", [False, True], ids=["dynamic", "fixed"])
 @pytest.mark.parametrize("name", list(INPUTS))
 def test_independent_readers(fixed: bool, name: str, inputs: Path, tmp_path: Path) -> None:
@@ -402,7 +403,7 @@ def test_independent_readers(fixed: bool, name: str, inputs: Path, tmp_path: Pat
     inspector = format_inspector.detect_file_format(str(out))
     assert isinstance(inspector, format_inspector.VHDXInspector)
     inspector.safety_check()
-    assert inspector.virtual_size == len(expected)
+    assert inspector.virtual_size == len(expected) == qemu_info(out, "vhdx")["virtual-size"]
 
 
 def test_empty_image_for_other_readers(inputs: Path, tmp_path: Path) -> None:

@@ -108,6 +108,11 @@ def crc32c(data: bytes | bytearray | memoryview) -> int:
     return int(google_crc32c.value(bytes(data)))
 
 
+def crc32c_extend(crc: int, data: bytes | memoryview) -> int:
+    """Continue a CRC-32C over more bytes (``crc32c_extend(0, data) == crc32c(data)``)."""
+    return int(google_crc32c.extend(crc, bytes(data)))
+
+
 def checksum_ok(buffer: bytes, crc_offset: int = 4) -> bool:
     """True if the CRC stored at ``crc_offset`` matches ``buffer`` with that field zeroed."""
     stored: int = U32.unpack_from(buffer, crc_offset)[0]

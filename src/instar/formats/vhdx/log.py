@@ -36,6 +36,7 @@ DATA_DESCRIPTOR = b"desc"
 ZERO_DESCRIPTOR = b"zero"
 DATA_SIGNATURE = b"data"
 MAX_LOG_BYTES = MAX_TABLE_BYTES  # instar reads a log to replay into memory
+MAX_LOG_WRITES = 65536  # descriptors replayed (a real log holds a few hundred)
 
 
 @dataclass(frozen=True)
@@ -58,15 +59,38 @@ class LogEntry:
     writes: tuple[Write, ...]
 
 
-def _circular(log: bytes, position: int, length: int) -> bytes:
-    """``length`` bytes of the circular log from ``position``, wrapping at its end."""
+class _Budget:
+    """Bytes of checksum work left for scanning one log.
+
+    Entries are checked structurally (descriptors, data sector signatures)
+    before their CRC, so in a real log only the entries themselves and a few
+    stale headers reach the CRC. A crafted log of overlapping candidates
+    could ask for a CRC over the whole log at every sector; the budget turns
+    that into a clear refusal instead of minutes of work.
+    """
+
+    def __init__(self, log_length: int) -> None:
+        self.left = 8 * log_length
+
+    def spend(self, amount: int) -> None:
+        self.left -= amount
+        if self.left < 0:
+            raise UnsupportedError("the log has too many overlapping entries to replay safely")
+
+
+def _entry_crc(log: bytes, position: int, length: int) -> int:
+    """CRC-32C of the entry at ``position`` with its checksum field taken as zero."""
+    view = memoryview(log)
+    crc = layout.crc32c_extend(0, view[position : position + 4])
+    crc = layout.crc32c_extend(crc, bytes(4))
     end = position + length
-    if end <= len(log):
-        return log[position:end]
-    return log[position:] + log[: end - len(log)]
+    crc = layout.crc32c_extend(crc, view[position + 8 : min(end, len(log))])
+    if end > len(log):  # the entry wraps around the end of the circular log
+        crc = layout.crc32c_extend(crc, view[: end - len(log)])
+    return crc
 
 
-def parse_entry(log: bytes, position: int, log_guid: bytes) -> LogEntry | None:
+def parse_entry(log: bytes, position: int, log_guid: bytes, budget: _Budget) -> LogEntry | None:
     """The entry at ``position`` if every check passes, else None (it is not part of a log)."""
     if log[position : position + 4] != ENTRY_SIGNATURE:
         return None
@@ -80,26 +104,28 @@ def parse_entry(log: bytes, position: int, log_guid: bytes) -> LogEntry | None:
     descriptor_sectors = -(-(count + 2) // (SECTOR // DESCRIPTOR.size))
     if descriptor_sectors * SECTOR > length:
         return None
-    entry = bytearray(_circular(log, position, length))
-    entry[4:8] = bytes(4)
-    if layout.crc32c(entry) != checksum:
-        return None
-    writes = _descriptors(bytes(entry), count, descriptor_sectors, sequence)
+    writes = _descriptors(log, position, length, count, descriptor_sectors, sequence)
     if writes is None:
+        return None
+    budget.spend(length)
+    if _entry_crc(log, position, length) != checksum:
         return None
     return LogEntry(position, length, sequence, tail, flushed, last, writes)
 
 
 def _descriptors(
-    entry: bytes, count: int, descriptor_sectors: int, sequence: int
+    log: bytes, position: int, length: int, count: int, descriptor_sectors: int, sequence: int
 ) -> tuple[Write, ...] | None:
-    """The writes an entry's descriptors describe, or None if any is malformed."""
+    """The writes an entry's descriptors describe, or None at the first malformed one.
+
+    Positions wrap around the circular log; a descriptor (32 bytes) or a data
+    sector (4 KiB) never straddles the wrap, as the log is whole sectors.
+    """
     writes = []
     data_sector = descriptor_sectors * SECTOR
     for i in range(count):
-        signature, trailing, leading, offset, seq = DESCRIPTOR.unpack_from(
-            entry, ENTRY_HEADER.size + i * DESCRIPTOR.size
-        )
+        at = (position + ENTRY_HEADER.size + i * DESCRIPTOR.size) % len(log)
+        signature, trailing, leading, offset, seq = DESCRIPTOR.unpack_from(log, at)
         if seq != sequence or offset % SECTOR:
             return None
         if signature == ZERO_DESCRIPTOR:
@@ -107,15 +133,19 @@ def _descriptors(
                 return None
             writes.append(Write(offset, leading, None))
         elif signature == DATA_DESCRIPTOR:
-            if data_sector + SECTOR > len(entry):
+            if data_sector + SECTOR > length:
                 return None
-            sector = entry[data_sector : data_sector + SECTOR]
-            high = DATA_SECTOR_HEAD.unpack_from(sector)
-            low = struct.unpack_from("<I", sector, SECTOR - 4)[0]
-            if high[0] != DATA_SIGNATURE or (high[1] << 32 | low) != sequence:
+            start = (position + data_sector) % len(log)
+            head, high = DATA_SECTOR_HEAD.unpack_from(log, start)
+            low = struct.unpack_from("<I", log, start + SECTOR - 4)[0]
+            if head != DATA_SIGNATURE or (high << 32 | low) != sequence:
                 return None
-            data = struct.pack("<Q", leading) + sector[8 : SECTOR - 4] + struct.pack("<I", trailing)
-            writes.append(Write(offset, SECTOR, data))
+            body = log[start + 8 : start + SECTOR - 4]
+            writes.append(
+                Write(
+                    offset, SECTOR, struct.pack("<Q", leading) + body + struct.pack("<I", trailing)
+                )
+            )
             data_sector += SECTOR
         else:
             return None
@@ -125,8 +155,9 @@ def _descriptors(
 def active_sequence(log: bytes, log_guid: bytes) -> list[LogEntry]:
     """The entries to replay, oldest first; empty when no valid sequence exists."""
     entries = {}
+    budget = _Budget(len(log))
     for position in range(0, len(log), SECTOR):
-        entry = parse_entry(log, position, log_guid)
+        entry = parse_entry(log, position, log_guid, budget)
         if entry is not None:
             entries[position] = entry
 
@@ -169,6 +200,11 @@ class LogOverlay:
         self.size = size
         self._starts: list[int] = []
         self._spans: list[tuple[int, int, bytes | None]] = []  # (start, end, data or zeros)
+        writes = sum(len(entry.writes) for entry in entries)
+        if writes > MAX_LOG_WRITES:
+            raise UnsupportedError(
+                f"the log to replay has {writes} writes; instar replays at most {MAX_LOG_WRITES}"
+            )
         for entry in entries:
             for write in entry.writes:
                 if write.offset + write.length > size:
@@ -179,21 +215,26 @@ class LogOverlay:
                 self._apply(write)
 
     def _apply(self, write: Write) -> None:
-        """Insert a write, cutting away what it covers of earlier ones."""
+        """Insert a write over the sorted, disjoint spans, cutting what it covers."""
         start, end = write.offset, write.offset + write.length
-        kept: list[tuple[int, int, bytes | None]] = []
-        for s, e, data in self._spans:
-            if e <= start or s >= end:
-                kept.append((s, e, data))
-                continue
+        if start == end:
+            return
+        first = bisect.bisect_right(self._starts, start) - 1
+        if first < 0 or self._spans[first][1] <= start:
+            first += 1
+        last = bisect.bisect_left(self._starts, end)
+        pieces: list[tuple[int, int, bytes | None]] = []
+        if first < last:
+            s, e, data = self._spans[first]
             if s < start:
-                kept.append((s, start, None if data is None else data[: start - s]))
+                pieces.append((s, start, None if data is None else data[: start - s]))
+        pieces.append((start, end, write.data))
+        if first < last:
+            s, e, data = self._spans[last - 1]
             if e > end:
-                kept.append((end, e, None if data is None else data[end - s :]))
-        kept.append((start, end, write.data))
-        kept.sort(key=lambda span: span[0])
-        self._spans = kept
-        self._starts = [span[0] for span in kept]
+                pieces.append((end, e, None if data is None else data[end - s :]))
+        self._spans[first:last] = pieces
+        self._starts[first:last] = [piece[0] for piece in pieces]
 
     def pread(self, offset: int, length: int) -> bytes:
         if length <= 0 or offset >= self.size:
