@@ -927,3 +927,35 @@ def test_crafted_log_is_refused_quickly() -> None:
     with pytest.raises(UnsupportedError, match="too many overlapping entries"):
         log.active_sequence(bytes(sector) * 256, guid)
     assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ("bitmap", "partially present but its sector bitmap is not"),
+        ("no linkage", "no parent_linkage"),
+        ("windows paths only", "names no parent file usable here"),
+    ],
+)
+def test_differencing_corruptions(
+    change: str, message: str, family: tuple[Path, Path, bytes]
+) -> None:
+    parent, child, _ = family
+    size = 6 * MiB + 512
+    if change == "bitmap":
+        # Chunk 0's sector bitmap entry follows 4096 payload entries (1 MiB blocks).
+        _set_bat_entry(child, 4096, 0)
+    else:
+        locator = {"relative_path": parent.name}
+        if change == "windows paths only":
+            locator = {
+                "parent_linkage": _guid_string(_current_header(parent).data_write_guid),
+                "absolute_win32_path": "C:\\images\\parent.vhdx",
+                "volume_path": "\\\\?\\Volume{26A21BDA-A627-11D7-9931-806E6F6E6963}\\p.vhdx",
+            }
+        make_child(child, parent, {}, virtual_size=size, locator=locator)
+    out = child.parent / "out.raw"
+    result = run_instar("dd", f"if={child}", f"of={out}")
+    assert result.rc == 1 and message in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
+    assert not out.exists()

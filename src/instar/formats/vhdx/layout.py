@@ -199,7 +199,7 @@ def choose_header(first: Header | None, second: Header | None) -> Header:
     (Disk2VHD writes such pairs), as qemu does.
     """
     if first is None and second is None:
-        raise FormatError("No valid VHDX header found (both header checksums are wrong)")
+        raise FormatError("No valid VHDX header found")
     if first is None or second is None:
         chosen = first if second is None else second
         assert chosen is not None

@@ -267,6 +267,13 @@ def _check_bat(
             block = index - index // (ratio + 1)
             length = geometry.block_length(block)
             _check_block(index, entry & layout.OFFSET_MASK, length, spans, file_size)
+            if (
+                state == layout.PAYLOAD_PARTIALLY_PRESENT
+                and bat[geometry.bitmap_index(block)] & layout.STATE_MASK != layout.SB_PRESENT
+            ):
+                raise FormatError(
+                    f"BAT entry {index} is partially present but its sector bitmap is not"
+                )
 
 
 def _check_block(
