@@ -254,7 +254,6 @@ def test_bad_option_refused_before_output(option: str, inputs: Path, tmp_path: P
     ours = run_instar("dd", "-O", "qcow2", "-o", option, f"if={inputs / 'pattern.raw'}",
                       f"of={target}", cwd=tmp_path)
     assert ours.rc == 1 and "Traceback" not in ours.stderr
-    assert len(ours.stderr.splitlines()) == 1, ours.stderr
     assert not target.exists()
     assert list(tmp_path.iterdir()) == []  # no temporary file either
     # instar convert words the problem as qemu-img convert does (first line).
@@ -264,7 +263,7 @@ def test_bad_option_refused_before_output(option: str, inputs: Path, tmp_path: P
     ours = run_instar(*args, cwd=tmp_path / "i")
     qemu = run_qemu_img(*args, cwd=tmp_path / "q")
     assert ours.rc == qemu.rc == 1
-    assert ours.normalised_stderr().splitlines() == qemu.normalised_stderr().splitlines()[:1]
+    assert ours.normalised_stderr() == qemu.normalised_stderr()
     assert list((tmp_path / "i").iterdir()) == []
 
 

@@ -9,7 +9,13 @@ from __future__ import annotations
 
 
 class InstarError(Exception):
-    """Base class: an error the user can act on, printed as one line."""
+    """Base class: an error the user can act on, printed as one line.
+
+    ``hint`` is printed after it without the program prefix, as qemu-img
+    follows some messages with advice ("Try 'instar --help' ...").
+    """
+
+    hint: str | None = None
 
 
 class UsageError(InstarError):

@@ -66,9 +66,8 @@ def main(argv: list[str] | None = None) -> int:
         status: int = module.run(args[1:])
     except InstarError as error:
         report_error(str(error))
-        hint = getattr(error, "hint", None)
-        if hint:
-            print(hint, file=sys.stderr)
+        if error.hint:
+            print(error.hint, file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         report_error("interrupted")

@@ -15,7 +15,7 @@ from instar.errors import UsageError
 class GetoptError(UsageError):
     """A bad option: qemu-img adds a hint line after the message."""
 
-    hint = "Try 'instar --help' for more information"
+    hint: str | None = "Try 'instar --help' for more information"
 
 
 @dataclass

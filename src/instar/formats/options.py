@@ -55,15 +55,25 @@ def option_number(options: CreateOptions, name: str, default: int) -> int:
     raise OptionError(f"Parameter '{name}' expects a number")
 
 
-def option_size(options: CreateOptions, name: str, default: int) -> int:
-    """A size option with suffixes (qemu_strtosz); qemu's parser message on error.
+_SIZE_HINT = (
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+    "and exabytes, respectively."
+)
 
-    qemu adds two lines about suffixes; instar keeps errors to one line.
+
+def option_size(options: CreateOptions, name: str, default: int) -> int:
+    """A size option with suffixes (qemu_strtosz); qemu's parser messages on error.
+
+    A syntax error is followed by qemu's two unprefixed lines about suffixes.
     """
     text = options.options.get(name)
     if text is None:
         return default
     parsed = parse_size(text)
-    if parsed.status is not SizeStatus.OK:
-        raise OptionError(f"Parameter '{name}' expects a non-negative number below 2^64")
+    if parsed.status is SizeStatus.RANGE:
+        raise OptionError(f"Value '{text}' is out of range for parameter '{name}'")
+    if parsed.status is SizeStatus.SYNTAX:
+        error = OptionError(f"Parameter '{name}' expects a non-negative number below 2^64")
+        error.hint = _SIZE_HINT
+        raise error
     return parsed.value

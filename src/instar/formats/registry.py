@@ -19,11 +19,11 @@ _DRIVERS: dict[str, str] = {
     "qcow2": "instar.formats.qcow2",
     "vmdk": "instar.formats.vmdk",
     "vpc": "instar.formats.vpc",
+    "vhdx": "instar.formats.vhdx",
 }
 
 # Formats qemu-img knows, with the magic that identifies each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
-    "vhdx": (0, b"vhdxfile"),
     "vdi": (64, b"\x7f\x10\xda\xbe"),
     "qed": (0, b"QED\x00"),
     "luks": (0, b"LUKS\xba\xbe"),

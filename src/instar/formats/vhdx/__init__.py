@@ -1,0 +1,44 @@
+"""VHDX (Hyper-V virtual hard disk v2): reading and writing.
+
+``layout`` holds the on-disk structures, ``writer`` creates dynamic and fixed
+images the way ``qemu-img create -f vhdx`` lays them out, ``reader`` opens
+dynamic, fixed and differencing images (``log`` replays a pending metadata
+log in memory, never touching the file).
+"""
+
+from __future__ import annotations
+
+from instar.files import InputFile
+from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
+from instar.formats.vhdx.layout import FILE_SIGNATURE
+from instar.image import Image
+from instar.sizes import round_up
+
+
+class VhdxFormat:
+    name = "vhdx"
+    create_options = (
+        OptionSpec("block_size", "size", "block size, 1M to 256M; 0 chooses by image size"),
+        OptionSpec("block_state_zero", "bool (on/off)", "mark zero blocks ZERO (default on)"),
+        OptionSpec("log_size", "size", "log size, at least 1M (1M)"),
+        OptionSpec("subformat", "str", "dynamic (default) or fixed"),
+    )
+
+    def probe(self, header: bytes, filename: str) -> int:
+        return 100 if header.startswith(FILE_SIGNATURE) else 0
+
+    def open(self, file: InputFile, resolver: Resolver) -> Image:
+        from instar.formats.vhdx import reader
+
+        return reader.open_vhdx(file, resolver)
+
+    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+        return round_up(length, 512)
+
+    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+        from instar.formats.vhdx import writer
+
+        return writer.create(out, virtual_size, options)
+
+
+FORMAT = VhdxFormat()

@@ -1,0 +1,530 @@
+"""Reading VHDX images: dynamic, fixed and differencing.
+
+Opening checks every structure before anything is used: the CRC-32C of the
+headers and region tables, the bounds of every region and metadata item, the
+block and sector sizes, the BAT's size against the virtual size, and every
+allocated BAT entry against the end of the file and the other regions. A
+pending metadata log is replayed in memory first (`log.replay`).
+
+Payload block states read as qemu reads them: FULLY_PRESENT from the file;
+ZERO, UNDEFINED and UNMAPPED as zeros; NOT_PRESENT as zeros, or from the
+parent in a differencing image; PARTIALLY_PRESENT (differencing only) sector
+by sector as the chunk's sector bitmap says.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import uuid
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from instar.errors import FormatError, UnsupportedError
+from instar.files import InputFile
+from instar.formats.base import Resolver
+from instar.formats.vhdx import layout
+from instar.formats.vhdx.layout import Geometry, MiB, RegionEntry
+from instar.formats.vhdx.log import LogOverlay, replay
+from instar.image import Extent, ExtentKind, Image, check_range, merge_extents
+from instar.safety import MAX_TABLE_BYTES
+
+Source = InputFile | LogOverlay
+
+_ZERO_STATES = frozenset(
+    {
+        layout.PAYLOAD_UNDEFINED,
+        layout.PAYLOAD_ZERO,
+        layout.PAYLOAD_UNMAPPED,
+        layout.PAYLOAD_UNMAPPED_V095,
+    }
+)
+_PAYLOAD_STATES = _ZERO_STATES | {layout.PAYLOAD_NOT_PRESENT, layout.PAYLOAD_FULLY_PRESENT}
+_ITEM_SIZES = {
+    layout.FILE_PARAMETERS: 8,
+    layout.VIRTUAL_DISK_SIZE: 8,
+    layout.PAGE83_DATA: 16,
+    layout.LOGICAL_SECTOR_SIZE: 4,
+    layout.PHYSICAL_SECTOR_SIZE: 4,
+}
+_BITMAP_CACHE = 64  # sector bitmaps of payload blocks kept decoded
+
+# Segment kinds: where the bytes of a piece of the virtual disk come from.
+_FILE, _ZEROS, _NOTHING, _PARENT = range(4)
+
+
+@dataclass(frozen=True)
+class Metadata:
+    """What the metadata region says about the virtual disk."""
+
+    params: layout.FileParameters
+    virtual_size: int
+    logical_sector_size: int
+    physical_sector_size: int
+    parent_locator: layout.ParentLocator | None
+
+
+# ------------------------------------------------------------------ opening
+
+
+def open_vhdx(file: InputFile, resolver: Resolver) -> VhdxImage:
+    """Parse and check everything; raise FormatError/UnsupportedError naming the problem."""
+    if file.pread(0, 8) != layout.FILE_SIGNATURE:
+        raise FormatError("Image is not in vhdx format")
+    headers = [
+        layout.decode_header(file.pread(offset, layout.HEADER_SIZE))
+        for offset in layout.HEADER_OFFSETS
+    ]
+    header = layout.choose_header(headers[0], headers[1])
+    _check_log_location(header, file.size)
+    source = replay(file, header)
+    regions = _read_region_table(source)
+    fixed_regions = [RegionEntry(b"header", 0, layout.HEADER_SECTION_SIZE)]
+    if header.log_length:
+        fixed_regions.append(RegionEntry(b"log", header.log_offset, header.log_length))
+    _check_regions(regions, source.size)
+    if header.log_guid != layout.ZERO_GUID:
+        _check_regions(fixed_regions[1:], source.size)
+    _check_overlaps(fixed_regions + regions)
+    bat_region = _unique(regions, layout.BAT_REGION, "BAT")
+    metadata_region = _unique(regions, layout.METADATA_REGION, "metadata")
+    metadata = _read_metadata(source, metadata_region)
+    geometry = Geometry(
+        metadata.virtual_size, metadata.params.block_size, metadata.logical_sector_size
+    )
+    differencing = metadata.params.has_parent
+    bat = _read_bat(source, bat_region, geometry, differencing)
+    _check_bat(bat, geometry, differencing, fixed_regions + regions, source.size)
+    image = VhdxImage(source, header, geometry, bat, differencing)
+    if differencing:
+        assert metadata.parent_locator is not None
+        image.parent = _open_parent(metadata.parent_locator, file, resolver)
+    return image
+
+
+def _check_log_location(header: layout.Header, file_size: int) -> None:
+    if header.log_version != 0:
+        raise UnsupportedError(f"log version {header.log_version} is not supported")
+    if header.log_offset < layout.HEADER_SECTION_SIZE or header.log_offset % MiB:
+        raise FormatError(f"log offset {header.log_offset} is not a 1 MiB multiple past 1 MiB")
+    if header.log_length % MiB:
+        raise FormatError(f"log length {header.log_length} is not a multiple of 1 MiB")
+    if header.log_guid != layout.ZERO_GUID and header.log_offset + header.log_length > file_size:
+        raise FormatError("the log lies beyond the end of the file")
+
+
+def _read_region_table(source: Source) -> list[RegionEntry]:
+    """The first region table, or the second if the first is damaged."""
+    first_error: FormatError | None = None
+    for offset in layout.REGION_TABLE_OFFSETS:
+        try:
+            buffer = source.pread_exact(offset, layout.REGION_TABLE_SIZE, "region table")
+            entries = layout.decode_region_table(buffer)
+        except FormatError as error:
+            first_error = first_error or error
+            continue
+        for entry in entries:
+            known = entry.guid in (layout.BAT_REGION, layout.METADATA_REGION)
+            if entry.required and not known:
+                raise UnsupportedError(
+                    f"required region {layout.guid_text(entry.guid)} is not supported"
+                )
+        return entries
+    assert first_error is not None
+    raise first_error
+
+
+def _describe(region: RegionEntry) -> str:
+    names = {layout.BAT_REGION: "BAT", layout.METADATA_REGION: "metadata"}
+    if region.guid in (b"header", b"log"):
+        return f"{region.guid.decode()} region"
+    return names.get(region.guid, layout.guid_text(region.guid)) + " region"
+
+
+def _check_regions(regions: list[RegionEntry], file_size: int) -> None:
+    """Regions are 1 MiB aligned and inside the file."""
+    for region in regions:
+        name = _describe(region)
+        if region.file_offset % MiB or region.length % MiB or region.length == 0:
+            raise FormatError(
+                f"{name} at {region.file_offset} ({region.length} bytes) is not 1 MiB aligned"
+            )
+        if region.end > file_size:
+            raise FormatError(
+                f"{name} at [{region.file_offset}, {region.end}) lies beyond the end "
+                f"of the file ({file_size} bytes)"
+            )
+
+
+def _check_overlaps(regions: list[RegionEntry]) -> None:
+    """No two regions (the header section and log included) share a byte."""
+    ordered = sorted(regions, key=lambda r: r.file_offset)
+    for before, after in itertools.pairwise(ordered):
+        if after.file_offset < before.end:
+            raise FormatError(f"{_describe(before)} and {_describe(after)} overlap")
+
+
+def _unique(regions: list[RegionEntry], guid: bytes, name: str) -> RegionEntry:
+    found = [r for r in regions if r.guid == guid]
+    if len(found) != 1:
+        raise FormatError(f"the region table has {len(found)} {name} regions (needs one)")
+    return found[0]
+
+
+def _read_metadata(source: Source, region: RegionEntry) -> Metadata:
+    table = source.pread_exact(region.file_offset, layout.METADATA_TABLE_SIZE, "metadata table")
+    entries = layout.decode_metadata_table(table, region.length)
+    items: dict[bytes, bytes] = {}
+    for entry in entries:
+        known = entry.item_id in _ITEM_SIZES or entry.item_id == layout.PARENT_LOCATOR
+        if not known:
+            if entry.required:
+                raise UnsupportedError(
+                    f"required metadata item {layout.guid_text(entry.item_id)} is not supported"
+                )
+            continue
+        if entry.item_id in items:
+            raise FormatError(f"metadata item {layout.guid_text(entry.item_id)} appears twice")
+        expected = _ITEM_SIZES.get(entry.item_id)
+        if expected is not None and entry.length != expected:
+            raise FormatError(
+                f"metadata item {layout.guid_text(entry.item_id)} is {entry.length} bytes, "
+                f"not {expected}"
+            )
+        items[entry.item_id] = source.pread_exact(
+            region.file_offset + entry.offset, entry.length, "metadata item"
+        )
+    missing = [layout.guid_text(g) for g in _ITEM_SIZES if g not in items]
+    if missing:
+        raise FormatError(f"required metadata items are missing: {', '.join(missing)}")
+    params = layout.decode_file_parameters(items[layout.FILE_PARAMETERS])
+    virtual_size = layout.U64.unpack(items[layout.VIRTUAL_DISK_SIZE])[0]
+    logical = layout.U32.unpack(items[layout.LOGICAL_SECTOR_SIZE])[0]
+    physical = layout.U32.unpack(items[layout.PHYSICAL_SECTOR_SIZE])[0]
+    if logical not in (512, 4096):
+        raise FormatError(f"logical sector size {logical} is not 512 or 4096")
+    if physical not in (512, 4096):
+        raise FormatError(f"physical sector size {physical} is not 512 or 4096")
+    if virtual_size % logical or virtual_size > layout.MAX_VIRTUAL_SIZE:
+        raise FormatError(
+            f"virtual disk size {virtual_size} is not a multiple of the {logical}-byte "
+            "sector or exceeds 64 TiB"
+        )
+    locator = None
+    if params.has_parent:
+        if layout.PARENT_LOCATOR not in items:
+            raise FormatError("a differencing image without a parent locator")
+        locator = layout.decode_parent_locator(items[layout.PARENT_LOCATOR])
+    return Metadata(params, virtual_size, logical, physical, locator)
+
+
+def _read_bat(
+    source: Source, region: RegionEntry, geometry: Geometry, differencing: bool
+) -> array[int]:
+    """The BAT entries the virtual size needs (never more), as 64-bit integers."""
+    count = geometry.bat_entries(differencing)
+    if count * 8 > region.length:
+        raise FormatError(
+            f"the BAT region ({region.length} bytes) is too small for the {count} entries "
+            f"a {geometry.virtual_size}-byte disk in {geometry.block_size}-byte blocks needs"
+        )
+    if count * 8 > MAX_TABLE_BYTES:
+        raise UnsupportedError(
+            f"the BAT has {count} entries, more than instar's limit of {MAX_TABLE_BYTES // 8}"
+        )
+    bat = array("Q", source.pread_exact(region.file_offset, count * 8, "BAT"))
+    if sys.byteorder == "big":
+        bat.byteswap()
+    return bat
+
+
+def _check_bat(
+    bat: array[int],
+    geometry: Geometry,
+    differencing: bool,
+    regions: list[RegionEntry],
+    file_size: int,
+) -> None:
+    """Every state is known, every allocated block lies in the file, clear of the regions."""
+    ratio = geometry.chunk_ratio
+    payload_states = _PAYLOAD_STATES | (
+        {layout.PAYLOAD_PARTIALLY_PRESENT} if differencing else set()
+    )
+    spans = sorted((r.file_offset, r.end) for r in regions)
+    for index, entry in enumerate(bat):
+        state = entry & layout.STATE_MASK
+        if index % (ratio + 1) == ratio:  # a sector bitmap entry
+            if not differencing or state == layout.SB_NOT_PRESENT:
+                continue  # dynamic and fixed images never use them (qemu ignores them)
+            if state != layout.SB_PRESENT:
+                raise FormatError(f"BAT entry {index} has an invalid sector bitmap state {state}")
+            _check_block(index, entry & layout.OFFSET_MASK, MiB, spans, file_size)
+            continue
+        if state not in payload_states:
+            raise FormatError(f"BAT entry {index} has an invalid block state {state}")
+        if state >= layout.PAYLOAD_FULLY_PRESENT:
+            block = index - index // (ratio + 1)
+            length = geometry.block_length(block)
+            _check_block(index, entry & layout.OFFSET_MASK, length, spans, file_size)
+            if (
+                state == layout.PAYLOAD_PARTIALLY_PRESENT
+                and bat[geometry.bitmap_index(block)] & layout.STATE_MASK != layout.SB_PRESENT
+            ):
+                raise FormatError(
+                    f"BAT entry {index} is partially present but its sector bitmap is not"
+                )
+
+
+def _check_block(
+    index: int, offset: int, length: int, spans: list[tuple[int, int]], file_size: int
+) -> None:
+    if offset + length > file_size:
+        raise FormatError(
+            f"BAT entry {index} points to [{offset}, {offset + length}), beyond the end "
+            f"of the file ({file_size} bytes); the image has probably been truncated"
+        )
+    for start, end in spans:
+        if offset < end and start < offset + length:
+            raise FormatError(
+                f"BAT entry {index} points to [{offset}, {offset + length}), "
+                f"inside the VHDX metadata at [{start}, {end})"
+            )
+
+
+def _open_parent(locator: layout.ParentLocator, file: InputFile, resolver: Resolver) -> Image:
+    """Open the parent a differencing image names and check it is the right one.
+
+    Paths are tried in the specification's order, relative_path first; a
+    Windows drive or volume path cannot name a file here and is skipped. The
+    parent's data write GUID must equal parent_linkage (or parent_linkage2).
+    """
+    if locator.locator_type != layout.VHDX_PARENT_LOCATOR_TYPE:
+        raise UnsupportedError(
+            f"parent locator type {layout.guid_text(locator.locator_type)} is not supported"
+        )
+    entries = locator.entries
+    keys = [key for key in ("parent_linkage", "parent_linkage2") if key in entries]
+    linkages = [_parse_guid(entries[key], key) for key in keys]
+    if "parent_linkage" not in entries:
+        raise FormatError("the parent locator has no parent_linkage")
+    names = [
+        name
+        for key in ("relative_path", "volume_path", "absolute_win32_path")
+        if (name := _local_path(entries.get(key, ""))) is not None
+    ]
+    if not names:
+        raise FormatError("the parent locator names no parent file usable here")
+    first_error: FormatError | None = None
+    for name in names:
+        try:
+            parent = resolver.open_backing(name, None, file)
+        except FormatError as error:
+            first_error = first_error or error
+            continue
+        _check_linkage(parent, linkages, name)
+        return parent
+    assert first_error is not None
+    raise first_error
+
+
+def _parse_guid(text: str, key: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text.strip().strip("{}"))
+    except ValueError:
+        raise FormatError(f"parent locator {key} '{text}' is not a GUID") from None
+
+
+def _local_path(path: str) -> str | None:
+    """A locator path as a path on this system, or None for drive and volume paths."""
+    if not path or "\0" in path:
+        return None
+    converted = path.replace("\\", "/")
+    if converted.startswith("//") or (len(converted) > 1 and converted[1] == ":"):
+        return None  # \\?\C:\..., \\?\Volume{...}\..., C:\...
+    return converted
+
+
+def _check_linkage(parent: Image, linkages: list[uuid.UUID], name: str) -> None:
+    if not isinstance(parent, VhdxImage):
+        parent.close()
+        raise FormatError(f"parent '{name}' is not a VHDX image")
+    found = uuid.UUID(bytes_le=parent.data_write_guid)
+    if found not in linkages:
+        parent.close()
+        raise FormatError(
+            f"parent '{name}' has data write GUID {{{found}}}, not the "
+            f"{{{linkages[0]}}} this image was made from: it has changed since"
+        )
+
+
+# ------------------------------------------------------------------ the image
+
+
+class VhdxImage:
+    """A VHDX image as an Image; a differencing image reads through to ``parent``."""
+
+    def __init__(
+        self,
+        source: Source,
+        header: layout.Header,
+        geometry: Geometry,
+        bat: array[int],
+        differencing: bool,
+    ) -> None:
+        self._source = source
+        self.header = header
+        self.geometry = geometry
+        self._bat = bat
+        self.differencing = differencing
+        self.parent: Image | None = None
+        self._bitmaps: dict[int, int] = {}
+
+    @property
+    def virtual_size(self) -> int:
+        return self.geometry.virtual_size
+
+    @property
+    def data_write_guid(self) -> bytes:
+        return self.header.data_write_guid
+
+    @property
+    def block_size(self) -> int:
+        return self.geometry.block_size
+
+    # -- mapping virtual ranges to where their bytes are
+
+    def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
+        """(kind, virtual offset, length, file offset) pieces covering the range, in order."""
+        block_size = self.geometry.block_size
+        end = offset + length
+        while offset < end:
+            block, within = divmod(offset, block_size)
+            step = min(end - offset, block_size - within)
+            entry = self._bat[self.geometry.payload_index(block)]
+            state = entry & layout.STATE_MASK
+            file_offset = (entry & layout.OFFSET_MASK) + within
+            if state == layout.PAYLOAD_FULLY_PRESENT:
+                yield _FILE, offset, step, file_offset
+            elif state == layout.PAYLOAD_PARTIALLY_PRESENT:
+                yield from self._partial(block, offset, step, file_offset)
+            elif state == layout.PAYLOAD_NOT_PRESENT:
+                yield (_PARENT if self.differencing else _NOTHING), offset, step, 0
+            else:
+                yield _ZEROS, offset, step, 0
+            offset += step
+
+    def _partial(
+        self, block: int, offset: int, length: int, file_offset: int
+    ) -> Iterator[tuple[int, int, int, int]]:
+        """Runs of a partially present block: sectors here, or in the parent."""
+        sector = self.geometry.logical_sector_size
+        bits = self._bitmap(block)
+        within = offset % self.geometry.block_size
+        first, last = within // sector, -(-(within + length) // sector)
+        bits >>= first
+        position, end = offset, offset + length
+        index = first
+        while index < last:
+            present = bool(bits & 1)
+            run = _trailing(bits if not present else ~bits)
+            run = max(1, min(run, last - index))
+            run_end = min(end, offset - within + (index + run) * sector)
+            kind = _FILE if present else _PARENT
+            yield kind, position, run_end - position, file_offset + (position - offset)
+            bits >>= run
+            index += run
+            position = run_end
+
+    def _bitmap(self, block: int) -> int:
+        """The sector bitmap bits of payload block ``block``, as an integer (bit 0 first)."""
+        cached = self._bitmaps.get(block)
+        if cached is not None:
+            return cached
+        geometry = self.geometry
+        entry = self._bat[geometry.bitmap_index(block)]
+        if entry & layout.STATE_MASK != layout.SB_PRESENT:
+            raise FormatError(
+                f"payload block {block} is partially present but its sector bitmap is not"
+            )
+        sectors = geometry.block_size // geometry.logical_sector_size
+        start = (block % geometry.chunk_ratio) * sectors // 8
+        raw = self._source.pread_exact(
+            (entry & layout.OFFSET_MASK) + start, sectors // 8, "sector bitmap"
+        )
+        if len(self._bitmaps) >= _BITMAP_CACHE:
+            self._bitmaps.pop(next(iter(self._bitmaps)))
+        bits = int.from_bytes(raw, "little")
+        self._bitmaps[block] = bits
+        return bits
+
+    # -- the Image protocol
+
+    def read(self, offset: int, length: int) -> bytes:
+        check_range(self, offset, length)
+        parts: list[bytes] = []
+        run_start = run_length = 0  # a pending run of adjacent file bytes
+        for kind, position, size, file_offset in self._segments(offset, length):
+            if kind == _FILE:
+                if run_length and run_start + run_length == file_offset:
+                    run_length += size
+                    continue
+                if run_length:
+                    parts.append(self._read_file(run_start, run_length))
+                run_start, run_length = file_offset, size
+                continue
+            if run_length:
+                parts.append(self._read_file(run_start, run_length))
+                run_length = 0
+            parts.append(self._read_parent(position, size) if kind == _PARENT else bytes(size))
+        if run_length:
+            parts.append(self._read_file(run_start, run_length))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _read_file(self, offset: int, length: int) -> bytes:
+        data = self._source.pread(offset, length)
+        if len(data) != length:
+            raise FormatError(f"payload data at offset {offset} is cut off by the end of the file")
+        return data
+
+    def _read_parent(self, offset: int, length: int) -> bytes:
+        assert self.parent is not None
+        inside = max(0, min(length, self.parent.virtual_size - offset))
+        data = self.parent.read(offset, inside) if inside else b""
+        return data + bytes(length - inside) if inside < length else data
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        check_range(self, offset, length)
+        return merge_extents(self._extents(offset, length))
+
+    def _extents(self, offset: int, length: int) -> Iterator[Extent]:
+        for kind, position, size, _ in self._segments(offset, length):
+            if kind == _FILE:
+                yield Extent(position, size, ExtentKind.DATA)
+            elif kind == _ZEROS:
+                yield Extent(position, size, ExtentKind.ZERO)
+            elif kind == _NOTHING:
+                yield Extent(position, size, ExtentKind.UNALLOCATED)
+            else:
+                yield from self._parent_extents(position, size)
+
+    def _parent_extents(self, offset: int, length: int) -> Iterator[Extent]:
+        assert self.parent is not None
+        inside = max(0, min(length, self.parent.virtual_size - offset))
+        if inside:
+            yield from self.parent.extents(offset, inside)
+        if inside < length:
+            yield Extent(offset + inside, length - inside, ExtentKind.UNALLOCATED)
+
+    def close(self) -> None:
+        if self.parent is not None:
+            self.parent.close()
+            self.parent = None
+        self._source.close()
+
+
+def _trailing(bits: int) -> int:
+    """How many low bits of ``bits`` are zero (``bits`` != 0), or a large number if none."""
+    if bits == 0:
+        return 1 << 62
+    return (bits & -bits).bit_length() - 1
