@@ -1,4 +1,4 @@
-"""Open files handed to format code.
+"""Open files handed to format code, and the write helpers writers share.
 
 Format code never opens a path (DESIGN.md, safety rules): the host side opens
 files and passes an `InputFile`, a positioned-read wrapper around a file
@@ -69,3 +69,29 @@ class InputFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+_ZEROS = bytes(4 << 20)
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (``os.pwrite`` may write less)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
+
+
+def write_zeros(fd: int, offset: int, length: int) -> None:
+    """Explicit zeros over ``[offset, offset + length)``, in bounded pieces.
+
+    Writers need them where a fresh file's holes do not give zeros: a block
+    device or an image written in place.
+    """
+    zeros = memoryview(_ZEROS)
+    while length > 0:
+        step = min(length, len(zeros))
+        pwrite_all(fd, zeros[:step], offset)
+        offset += step
+        length -= step

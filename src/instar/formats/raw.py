@@ -10,7 +10,7 @@ import errno
 import os
 from collections.abc import Iterator
 
-from instar.files import InputFile
+from instar.files import InputFile, pwrite_all, write_zeros
 from instar.formats.base import (
     CreateOptions,
     FormatDetails,
@@ -89,21 +89,11 @@ class RawWriter:
         self._size = virtual_size
 
     def write(self, offset: int, data: bytes) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._out.fd, view, offset)
-            view = view[written:]
-            offset += written
+        pwrite_all(self._out.fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        if not self._out.in_place:
-            return  # a fresh file reads as zeros already
-        chunk = bytes(min(length, 4 << 20))
-        while length > 0:
-            step = min(length, len(chunk))
-            self.write(offset, chunk[:step])
-            offset += step
-            length -= step
+        if self._out.in_place:  # a fresh file reads as zeros already
+            write_zeros(self._out.fd, offset, length)
 
     def close(self) -> None:
         if not self._out.in_place:

@@ -31,6 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
+from instar.files import pwrite_all
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.options import option_bool, option_number, option_size, reject_unknown
 from instar.formats.qcow2 import layout as L
@@ -214,7 +215,7 @@ class RefcountTracker:
             where = self.next
             self.next += 1
             self._mark(where, 1)
-            _pwrite_all(self._fd, content, where * self._cluster)
+            pwrite_all(self._fd, content, where * self._cluster)
             self._set_table(block_range, where * self._cluster)
         return start * self._cluster
 
@@ -260,7 +261,7 @@ class RefcountTracker:
         self._pending.append((self._range, bytes(self._block)))
         for i, (block_range, content) in enumerate(self._pending):
             where = (table_start + table_clusters + i) * self._cluster
-            _pwrite_all(self._fd, content, where)
+            pwrite_all(self._fd, content, where)
             self._set_table(block_range, where)
         self._pending.clear()
         table = array("Q", self.table)
@@ -268,16 +269,8 @@ class RefcountTracker:
             table.byteswap()
         data = table.tobytes()
         data += bytes(table_clusters * self._cluster - len(data))
-        _pwrite_all(self._fd, data, table_start * self._cluster)
+        pwrite_all(self._fd, data, table_start * self._cluster)
         return table_start * self._cluster, table_clusters
-
-
-def _pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
 
 
 def _compressor(compression_type: int, cluster_size: int) -> Callable[[bytes], bytes | None]:
@@ -440,7 +433,7 @@ class Qcow2Writer:
                 self._drain(self._queue_limit)
             return
         host = self._refcounts.allocate(count)
-        _pwrite_all(self._fd, data, host)
+        pwrite_all(self._fd, data, host)
         for i in range(count):
             self._set_entry(first + i, (host + (i << self._bits)) | L.OFLAG_COPIED,
                             L.SUBCLUSTER_ALLOC_MASK)
@@ -458,7 +451,7 @@ class Qcow2Writer:
             compressed = future.result()
             if compressed is None:  # it did not shrink: store it as it is
                 host = self._refcounts.allocate(1)
-                _pwrite_all(self._fd, cluster, host)
+                pwrite_all(self._fd, cluster, host)
                 self._set_entry(index, host | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
             else:
                 self._set_entry(index, self._place_compressed(compressed), 0)
@@ -483,7 +476,7 @@ class Qcow2Writer:
             self._refcounts.share(first)
             if extra:
                 self._refcounts.allocate(extra)
-        _pwrite_all(self._fd, data, start)
+        pwrite_all(self._fd, data, start)
         end = start + size
         self._free_byte = end if end & (self._cluster - 1) else 0
         sectors = (end - 1) // L.SECTOR - start // L.SECTOR  # beyond the first one
@@ -510,7 +503,7 @@ class Qcow2Writer:
         if sys.byteorder == "little":
             table.byteswap()
         host = self._refcounts.allocate(1)
-        _pwrite_all(self._fd, table.tobytes(), host)
+        pwrite_all(self._fd, table.tobytes(), host)
         self._l1[self._l2_index] = host | L.OFLAG_COPIED
         self._l2_index, self._l2 = -1, array("Q")
 
@@ -521,7 +514,7 @@ class Qcow2Writer:
         if sys.byteorder == "little":
             table.byteswap()
         data = table.tobytes()
-        _pwrite_all(self._fd, data + bytes(-len(data) % self._cluster), self._l1_offset)
+        pwrite_all(self._fd, data + bytes(-len(data) % self._cluster), self._l1_offset)
 
     def _write_header(self, table_offset: int, table_clusters: int) -> None:
         options = self._options
@@ -556,7 +549,7 @@ class Qcow2Writer:
             if len(data) + len(table) + 8 <= self._cluster:
                 data += table
         data += bytes(8)  # the end of the header extensions
-        _pwrite_all(self._fd, data + bytes(self._cluster - len(data)), 0)
+        pwrite_all(self._fd, data + bytes(self._cluster - len(data)), 0)
 
 
 def create_writer(out: OutputFile, virtual_size: int, options: CreateOptions) -> Qcow2Writer:

@@ -24,6 +24,7 @@ from array import array
 from dataclasses import dataclass
 
 from instar.errors import UsageError
+from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.options import option_bool, option_size, reject_unknown
 from instar.formats.vhdx import layout
@@ -207,20 +208,10 @@ class VhdxWriter:
         return file_offset
 
     def _zero_fill(self, block_offset: int, within: int, length: int) -> None:
-        zeros = bytes(min(length, 4 * MiB))
-        position = block_offset + within
-        end = position + length
-        while position < end:
-            step = min(len(zeros), end - position)
-            self._pwrite(position, memoryview(zeros)[:step])
-            position += step
+        write_zeros(self._out.fd, block_offset + within, length)
 
     def _pwrite(self, offset: int, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._out.fd, view, offset)
-            view = view[written:]
-            offset += written
+        pwrite_all(self._out.fd, data, offset)
 
     # -- metadata
 

@@ -30,6 +30,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
+from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vmdk.layout import (
@@ -173,21 +174,12 @@ class _FileOut:
         self.out = out
 
     def pwrite(self, offset: int, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self.out.fd, view, offset)
-            view = view[written:]
-            offset += written
+        pwrite_all(self.out.fd, data, offset)
 
     def zero_fill(self, start: int, end: int) -> None:
         """Zeros over [start, end) where a fresh file would not have them already."""
-        if not self.out.in_place:
-            return
-        chunk = bytes(min(end - start, 1 << 20))
-        while start < end:
-            step = min(end - start, len(chunk))
-            self.pwrite(start, chunk[:step])
-            start += step
+        if self.out.in_place:
+            write_zeros(self.out.fd, start, end - start)
 
 
 class _GrainSequencer:

@@ -16,13 +16,13 @@ is allocated).
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
 from array import array
 
 from instar.errors import CreationError, UsageError
+from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vpc.layout import (
@@ -46,7 +46,6 @@ from instar.formats.vpc.layout import (
 
 OPTIONS = ("subformat", "force_size")
 _TABLE_OFFSET = FOOTER_SIZE + DYNAMIC_HEADER_SIZE  # 1536, where qemu puts the BAT
-_ZEROS = bytes(4 << 20)
 
 
 def parse_options(options: CreateOptions) -> tuple[str, bool]:
@@ -80,22 +79,6 @@ def create_writer(
     return DynamicWriter(out, choice, footer)
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        written = os.pwrite(fd, view, offset)
-        view = view[written:]
-        offset += written
-
-
-def _write_zero_run(fd: int, offset: int, length: int) -> None:
-    while length > 0:
-        step = min(length, len(_ZEROS))
-        _pwrite_all(fd, memoryview(_ZEROS)[:step], offset)
-        offset += step
-        length -= step
-
-
 class FixedWriter:
     """The raw disk followed by the footer; zero runs stay holes."""
 
@@ -107,16 +90,16 @@ class FixedWriter:
         self._footer_offset = max(choice.size, SECTOR)
 
     def write(self, offset: int, data: bytes) -> None:
-        _pwrite_all(self._out.fd, data, offset)
+        pwrite_all(self._out.fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
         if self._out.in_place:
-            _write_zero_run(self._out.fd, offset, length)
+            write_zeros(self._out.fd, offset, length)
 
     def close(self) -> None:
         if self._out.in_place and self._footer_offset > self._footer.current_size:
-            _write_zero_run(self._out.fd, 0, self._footer_offset)
-        _pwrite_all(self._out.fd, self._footer.pack(), self._footer_offset)
+            write_zeros(self._out.fd, 0, self._footer_offset)
+        pwrite_all(self._out.fd, self._footer.pack(), self._footer_offset)
 
     def abort(self) -> None:
         pass
@@ -147,7 +130,7 @@ class DynamicWriter:
             step = min(len(view), self._block_size - within)
             if index != self._block:
                 self._enter_block(index)
-            _pwrite_all(self._out.fd, view[:step], self._block_offset + self._bitmap_size + within)
+            pwrite_all(self._out.fd, view[:step], self._block_offset + self._bitmap_size + within)
             self._mark(within, within + step)
             view = view[step:]
             offset += step
@@ -166,7 +149,7 @@ class DynamicWriter:
         self._next_free += self._bitmap_size + self._block_size
         self._bits = 0
         if self._out.in_place:  # old device contents must not show through
-            _write_zero_run(self._out.fd, self._block_offset, self._bitmap_size + self._block_size)
+            write_zeros(self._out.fd, self._block_offset, self._bitmap_size + self._block_size)
 
     def _mark(self, start: int, end: int) -> None:
         """Set the bitmap bits of the sectors ``[start, end)`` of the block touches."""
@@ -180,7 +163,7 @@ class DynamicWriter:
             return
         bitmap = self._bits.to_bytes(self._sectors_per_block // 8, "big")
         bitmap += bytes(self._bitmap_size - len(bitmap))
-        _pwrite_all(self._out.fd, bitmap, self._block_offset)
+        pwrite_all(self._out.fd, bitmap, self._block_offset)
 
     def close(self) -> None:
         self._flush_bitmap()
@@ -195,8 +178,8 @@ class DynamicWriter:
             bat.byteswap()
         table = bat.tobytes()
         table += b"\xff" * (self._bat_bytes - len(table))
-        _pwrite_all(self._out.fd, footer + header + table, 0)
-        _pwrite_all(self._out.fd, footer, self._next_free)
+        pwrite_all(self._out.fd, footer + header + table, 0)
+        pwrite_all(self._out.fd, footer, self._next_free)
 
     def abort(self) -> None:
         pass
