@@ -1,7 +1,8 @@
 """Benchmarks: instar against qemu-img on the same inputs, in the same run.
 
 Makes a 1 GiB raw image, half random and half zero in alternating 1 MiB
-stripes (zeros written, not holes), and a qcow2 copy of it; then times each
+stripes (zeros written, not holes), and copies of it in each format (made by
+qemu-img convert, so zero clusters are not allocated); then times each
 case for qemu-img and instar alternately (A B A B ...), reporting the median
 wall time, throughput, the instar/qemu speed ratio and each side's peak RSS.
 Only public tools are used: qemu-img and the Python standard library.
@@ -23,12 +24,13 @@ from pathlib import Path
 
 INSTAR = [sys.executable, "-m", "instar"]
 STRIPE = 1 << 20
+INPUT_FORMATS = ("qcow2", "vmdk", "vpc", "vhdx")
 
 
 @dataclass
 class Case:
     name: str
-    qemu: list[str]  # arguments after "qemu-img"; {src}, {qsrc}, {out} are filled in
+    qemu: list[str]  # arguments after "qemu-img"; {src}, {qcow2}, {vmdk}... {out} filled in
     instar: list[str]  # arguments after "instar"
     bytes_moved: int  # for MB/s: the bytes of the window copied
     needs: tuple[str, ...] = ()  # output formats instar must be able to write
@@ -44,11 +46,12 @@ def cases(size: int) -> list[Case]:
         Case(f"dd raw->raw bs=512 count={small // 512}",
              ["dd", "bs=512", f"count={small // 512}", "if={src}", "of={out}"],
              ["dd", "bs=512", f"count={small // 512}", "if={src}", "of={out}"], small),
-        Case("dd qcow2->raw bs=4M", ["dd", "bs=4M", "if={qsrc}", "of={out}"],
-             ["dd", "bs=4M", "if={qsrc}", "of={out}"], size, ("qcow2",)),
-        Case("convert qcow2->raw", ["convert", "-O", "raw", "{qsrc}", "{out}"],
-             ["convert", "-O", "raw", "{qsrc}", "{out}"], size, ("qcow2",)),
     ]
+    for fmt in INPUT_FORMATS:
+        dd_args = ["dd", "-f", fmt, "bs=4M", f"if={{{fmt}}}", "of={out}"]
+        convert_args = ["convert", "-f", fmt, "-O", "raw", f"{{{fmt}}}", "{out}"]
+        rows.append(Case(f"dd {fmt}->raw bs=4M", dd_args, dd_args, size, (fmt,)))
+        rows.append(Case(f"convert {fmt}->raw", convert_args, convert_args, size, (fmt,)))
     for fmt in ("qcow2", "vmdk", "vpc", "vhdx"):
         rows.append(Case(f"dd raw->{fmt} bs=4M", ["dd", "bs=4M", "-O", fmt, "if={src}", "of={out}"],
                          ["dd", "bs=4M", "-O", fmt, "if={src}", "of={out}"], size, (fmt,)))
@@ -62,17 +65,19 @@ def cases(size: int) -> list[Case]:
     return rows
 
 
-def make_inputs(directory: Path, size: int) -> tuple[Path, Path]:
-    """The striped raw image and its qcow2 copy (made by qemu-img)."""
+def make_inputs(directory: Path, size: int) -> dict[str, Path]:
+    """The striped raw image and its copy in each input format (made by qemu-img)."""
     src = directory / "striped.raw"
     random_stripe = os.urandom(STRIPE)
     zero_stripe = bytes(STRIPE)
     with open(src, "wb") as file:
         for index in range(size // STRIPE):
             file.write(random_stripe if index % 2 == 0 else zero_stripe)
-    qsrc = directory / "striped.qcow2"
-    run(["qemu-img", "convert", "-O", "qcow2", str(src), str(qsrc)])
-    return src, qsrc
+    made = {"src": src}
+    for fmt in INPUT_FORMATS:
+        made[fmt] = directory / f"striped.{fmt}"
+        run(["qemu-img", "convert", "-O", fmt, str(src), str(made[fmt])])
+    return made
 
 
 def run(argv: list[str]) -> tuple[float, int]:
@@ -108,7 +113,7 @@ def main() -> int:
     size = args.size_mib << 20
     work = Path(args.dir or tempfile.mkdtemp(prefix="instar-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    src, qsrc = make_inputs(work, size)
+    inputs = make_inputs(work, size)
     print(f"input: {size >> 20} MiB, half random half zero in 1 MiB stripes; "
           f"{args.runs} runs each, medians; {os.cpu_count()} CPUs")
     print("| case | qemu-img s | instar s | qemu-img MB/s | instar MB/s | speed ratio "
@@ -121,7 +126,7 @@ def main() -> int:
             print(f"| {case.name} | | | | | not supported yet | | |")
             continue
         out = work / "out.img"
-        paths = {"src": str(src), "qsrc": str(qsrc), "out": str(out)}
+        paths = {name: str(path) for name, path in inputs.items()} | {"out": str(out)}
         qemu_times, ours_times, qemu_rss, ours_rss = [], [], [], []
         for _ in range(args.runs + 1):  # the first round warms the cache, not counted
             for argv, times, rss in ((["qemu-img", *fill(case.qemu, paths)], qemu_times, qemu_rss),
