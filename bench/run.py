@@ -5,6 +5,9 @@ stripes (zeros written, not holes), and copies of it in each format (made by
 qemu-img convert, so zero clusters are not allocated); then times each
 case for qemu-img and instar alternately (A B A B ...), reporting the median
 wall time, throughput, the instar/qemu speed ratio and each side's peak RSS.
+Before each run the page cache's dirty pages are written back (untimed), so a
+run does not pay for the previous one's writes. As in qemu-img, dd flushes its
+output and convert (default cache mode "unsafe") does not.
 Only public tools are used: qemu-img and the Python standard library.
 
     python bench/run.py [--size-mib 1024] [--runs 3] [--only SUBSTRING] [--keep]
@@ -131,6 +134,7 @@ def main() -> int:
         for _ in range(args.runs + 1):  # the first round warms the cache, not counted
             for argv, times, rss in ((["qemu-img", *fill(case.qemu, paths)], qemu_times, qemu_rss),
                                      ([*INSTAR, *fill(case.instar, paths)], ours_times, ours_rss)):
+                os.sync()  # start each run with no dirty pages left by the previous one
                 elapsed, peak = run(argv)
                 times.append(elapsed)
                 rss.append(peak)

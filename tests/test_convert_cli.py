@@ -31,6 +31,10 @@ ROWS: list[list[str]] = [
     ["-x", "in.raw", "out.raw"],
     ["-q", "-U", "in.raw", "out.raw"],
     ["in.raw", "nodir/out.raw"],
+    ["-t", "foo", "in.raw", "out.raw"],
+    ["-T", "foo", "in.raw", "out.raw"],
+    ["-t", "writeback", "-T", "none", "in.raw", "out.raw"],
+    ["-t", "none", "-S", "0", "in.raw", "out.raw"],
 ]
 
 
@@ -102,3 +106,25 @@ def test_option_help_lists_options_instar_accepts(fmt: str, qemu_img: str) -> No
     for line in lines[1:]:
         name = line.split("=")[0].strip()
         assert name in qemu_names, f"{name} is not a qemu-img {fmt} option"
+
+
+@pytest.mark.parametrize(("cache", "fsyncs"), [([], False), (["-t", "unsafe"], False),
+                                               (["-t", "writeback"], True)])
+def test_cache_mode_decides_fsync(cache: list[str], fsyncs: bool, source: Path, tmp_path: Path,
+                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """qemu-img convert's default target cache mode is unsafe (no flush); others flush."""
+    import instar.output
+
+    calls: list[int] = []
+    monkeypatch.setattr(instar.output.os, "fsync", lambda fd: calls.append(fd))
+    assert run_instar("convert", *cache, str(source), str(tmp_path / "o.raw")).rc == 0
+    assert bool(calls) == fsyncs
+
+
+def test_dd_always_fsyncs(source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import instar.output
+
+    calls: list[int] = []
+    monkeypatch.setattr(instar.output.os, "fsync", lambda fd: calls.append(fd))
+    assert run_instar("dd", f"if={source}", f"of={tmp_path / 'o.raw'}").rc == 0
+    assert calls

@@ -39,11 +39,14 @@ def convert(
     no_create: bool = False,
     allow: tuple[str, ...] = (),
     progress: Progress | None = None,
+    durable: bool = False,
 ) -> None:
     """Convert ``input_paths`` (one after another) into ``output_path``.
 
     ``sparse_size`` 0 writes zeros as data (a fully allocated output);
-    ``no_create`` writes over an existing raw image instead of creating one.
+    ``no_create`` writes over an existing raw image instead of creating one;
+    ``durable`` fsyncs the output before it takes its name (qemu-img convert's
+    default cache mode, "unsafe", does not flush, so neither does this by default).
     """
     options = options or CreateOptions()
     opener = ImageOpener(PathPolicy.for_image(input_paths[0], allow))
@@ -55,12 +58,12 @@ def convert(
         if no_create:
             if fmt.name != "raw":
                 raise UnsupportedError("instar supports -n only for raw targets")
-            write_in_place(source, output_path, fmt, options, progress)
+            write_in_place(source, output_path, fmt, options, progress, durable)
             return
         declared = fmt.declared_size(source.virtual_size, options)
         try:
             write_image(source, output_path, fmt, declared, options, progress,
-                        zero_granularity=sparse_size)
+                        zero_granularity=sparse_size, durable=durable)
         except OptionError:
             raise
         except CreationError as error:

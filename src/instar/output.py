@@ -87,10 +87,16 @@ class AtomicOutput:
     def _creation_error(self, error: OSError) -> CreationError:
         return CreationError(f"Could not create '{self.target}': {error.strerror}")
 
-    def commit(self) -> None:
-        """Make the output durable and visible under its name."""
+    def commit(self, durable: bool = True) -> None:
+        """Make the output visible under its name; durable (fsynced) first by default.
+
+        ``durable=False`` is ``qemu-img convert``'s default cache mode (unsafe):
+        the rename is still atomic for other processes, but a power loss may
+        lose data the kernel had not written yet.
+        """
         assert self.file is not None
-        os.fsync(self.file.fd)
+        if durable:
+            os.fsync(self.file.fd)
         if self._anonymous:
             # Give the finished file a name, then move it over the target.
             self._temp = self._temp_name()
@@ -109,11 +115,12 @@ class AtomicOutput:
         if self._temp is not None:
             os.rename(self._temp, self._final)
             self._temp = None
-            dir_fd = os.open(os.path.dirname(self._final) or ".", os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            if durable:
+                dir_fd = os.open(os.path.dirname(self._final) or ".", os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
 
     def abort(self) -> None:
         """Remove the temporary file; the target is untouched."""
@@ -149,6 +156,7 @@ def write_image(
     progress: Progress | None = None,
     on_created: Callable[[], None] | None = None,
     zero_granularity: int = ZERO_GRANULARITY,
+    durable: bool = True,
 ) -> None:
     """Create ``target`` in ``fmt`` with ``virtual_size`` and copy ``image`` into it.
 
@@ -171,7 +179,7 @@ def write_image(
         except BaseException:
             writer.abort()
             raise
-        output.commit()
+        output.commit(durable)
     except BaseException:
         output.abort()
         raise
@@ -183,6 +191,7 @@ def write_in_place(
     fmt: Format,
     options: CreateOptions,
     progress: Progress | None = None,
+    durable: bool = True,
 ) -> None:
     """Write ``image`` over the existing raw image ``target`` (``convert -n``).
 
@@ -199,6 +208,7 @@ def write_in_place(
             raise OutputError("output file is smaller than input file")
         writer = fmt.create(OutputFile(fd, target, in_place=True), size, options)
         copy_image(image, writer, progress=progress)
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)

@@ -3,8 +3,10 @@
     instar convert [-f fmt] [-O fmt] [-c] [-o options] [-S size] [-p] [-q] [-n] [-U]
                    [--allow dir] FILE [FILE...] OUTPUT
 
-Accepted and ignored, as performance knobs that do not change the result:
-``-t``/``-T`` (cache modes), ``-m`` (coroutines), ``-W`` (out-of-order writes).
+``-t`` is the output's cache mode as in qemu-img: the default, ``unsafe``, does
+not flush; any other mode fsyncs the output before it takes its name.
+Accepted and ignored, as knobs that do not change the result: ``-T`` (source
+cache mode, checked), ``-m`` (coroutines), ``-W`` (out-of-order writes).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:W"
 LONG_OPTIONS = {"help": False, "image-opts": False, "target-image-opts": False,
                 "force-share": False, "object": True, "allow": True}
 MAX_SPARSE = 16 << 20
+CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
 
 
 def _sparse_size(text: str) -> int:
@@ -70,6 +73,7 @@ def run(args: list[str]) -> int:
     progress = quiet = no_create = False
     allow: list[str] = []
     wants_help = False
+    cache = "unsafe"
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
@@ -95,6 +99,12 @@ def run(args: list[str]) -> int:
             no_create = True
         elif option == "--allow":
             allow.append(value)
+        elif option == "-t":
+            if value not in CACHE_MODES:
+                raise UsageError(f"Invalid cache option: {value}")
+            cache = value
+        elif option == "-T" and value not in CACHE_MODES:
+            raise UsageError(f"Invalid source cache option: {value}")
         elif option in ("--image-opts", "--target-image-opts", "--object"):
             raise UnsupportedError(f"instar does not support {option}")
     if wants_help:
@@ -114,6 +124,7 @@ def run(args: list[str]) -> int:
         no_create=no_create,
         allow=tuple(allow),
         progress=meter.update if meter else None,
+        durable=cache != "unsafe",
     )
     if meter is not None:
         meter.finish()
