@@ -15,6 +15,7 @@ from instar.image import ExtentKind, Image
 CHUNK = 4 << 20  # bytes read at once from a DATA extent
 ZERO_GRANULARITY = 64 << 10  # zero detection inside a chunk
 _ZERO_CHUNK = bytes(CHUNK)
+_ZERO_PIECE = bytes(ZERO_GRANULARITY)
 
 Progress = Callable[[int, int], None]  # (bytes done, total)
 
@@ -30,8 +31,12 @@ def copy_image(
     """Copy all of ``image`` into ``writer`` at the same offsets, then close it.
 
     ``zero_granularity`` 0 turns zero detection off: zeros are written as data
-    (``qemu-img convert -S 0``, a fully allocated output).
+    (``qemu-img convert -S 0``, a fully allocated output). Smaller values than
+    ``ZERO_GRANULARITY`` are raised to it: pieces are tested in a Python loop,
+    and finer holes would change only the allocation, never the bytes.
     """
+    if zero_granularity:
+        zero_granularity = max(zero_granularity, ZERO_GRANULARITY)
     total = image.virtual_size
     if total:
         for extent in image.extents(0, total):
@@ -63,36 +68,41 @@ def _write_zero_data(writer: Writer, start: int, end: int, chunk: int) -> None:
         writer.write(position, _ZERO_CHUNK[: min(chunk, end - position)])
 
 
+def _is_zero(data: bytes, start: int, end: int) -> bool:
+    """True if ``data[start:end]`` is all zeros: a memcmp in place, no slice copied."""
+    length = end - start
+    zeros = _ZERO_PIECE if length == len(_ZERO_PIECE) else _ZERO_CHUNK[:length]
+    return data.startswith(zeros, start)
+
+
 def _write_nonzero(writer: Writer, offset: int, data: bytes, granularity: int) -> None:
     """Write ``data`` at ``offset``, declaring all-zero pieces instead of writing them.
 
-    Zero tests compare bytes with bytes (a memcmp); neighbouring non-zero
+    Zero tests are memcmps against a zero buffer (``startswith`` compares in
+    place, where slicing would copy every piece first); neighbouring non-zero
     pieces are written together. Granularity 0 writes everything.
     """
     if granularity == 0:
         writer.write(offset, data)
         return
-    if data == _ZERO_CHUNK[: len(data)]:
+    if _ZERO_CHUNK.startswith(data):
         writer.write_zeroes(offset, len(data))
         return
     if len(data) <= granularity:
         writer.write(offset, data)
         return
-    zero_piece = _ZERO_CHUNK[:granularity]
     run_start = 0  # start of the pending run of pieces of one kind
     run_is_zero: bool | None = None
     # Pieces start at absolute multiples of the granularity.
     piece_start = 0
-    first_end = min(len(data), granularity - offset % granularity)
+    piece_end = min(len(data), granularity - offset % granularity)
     while piece_start < len(data):
-        piece_end = first_end if piece_start == 0 else min(len(data), piece_start + granularity)
-        piece = data[piece_start:piece_end]
-        is_zero = piece == zero_piece[: len(piece)]
+        is_zero = _is_zero(data, piece_start, piece_end)
         if run_is_zero is not None and is_zero != run_is_zero:
             _flush(writer, offset, data, run_start, piece_start, run_is_zero)
             run_start = piece_start
         run_is_zero = is_zero
-        piece_start = piece_end
+        piece_start, piece_end = piece_end, min(len(data), piece_end + granularity)
     if run_is_zero is not None:
         _flush(writer, offset, data, run_start, len(data), run_is_zero)
 
