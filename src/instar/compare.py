@@ -21,8 +21,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from instar.errors import InstarError
-from instar.files import InputFile
-from instar.formats.base import Format
 from instar.image import ExtentKind, Image
 from instar.opener import ImageOpener
 from instar.safety import PathPolicy
@@ -244,18 +242,6 @@ class Comparison:
         return None
 
 
-class _FormatRecorder(ImageOpener):
-    """An ImageOpener that remembers the format of the top image it opens."""
-
-    top_format: str | None = None
-
-    def _choose_format(self, file: InputFile, path: str, fmt_name: str | None) -> Format:
-        fmt = super()._choose_format(file, path, fmt_name)
-        if self.top_format is None:
-            self.top_format = fmt.name
-        return fmt
-
-
 def compare(
     path_a: str,
     path_b: str,
@@ -272,17 +258,17 @@ def compare(
     Verdicts go through ``say``; failures raise CompareError with the exit
     code qemu-img uses (2 for an image that cannot be opened).
     """
-    openers: list[_FormatRecorder] = []
+    openers: list[ImageOpener] = []
     try:
         sides = []
         for path, fmt in ((path_a, fmt_a), (path_b, fmt_b)):
-            opener = _FormatRecorder(PathPolicy.for_image(path, allow))
+            opener = ImageOpener(PathPolicy.for_image(path, allow))
             openers.append(opener)
             try:
-                image = opener.open(path, fmt)
+                node = opener.open_node(path, fmt)
             except InstarError as error:
                 raise CompareError(str(error), OPEN_ERROR) from None
-            sides.append(Side(image, path, opener.top_format == "raw"))
+            sides.append(Side(node.image, path, node.format.name == "raw"))
         return Comparison(sides[0], sides[1], strict=strict, say=say, progress=progress).run()
     finally:
         for opener in openers:
