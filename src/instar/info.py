@@ -252,6 +252,22 @@ def file_node(file: InputFile) -> NodeInfo:
     )
 
 
+# Formats whose qemu driver counts its child files in "disk size" (its own
+# get_allocated_file_size: vmdk adds its extent files). Other drivers count
+# their own file alone: qemu-img 7.2 leaves a qcow2 data file out.
+SUMS_CHILD_FILES = frozenset({"vmdk"})
+
+
+def disk_size(node: OpenedNode, details: FormatDetails) -> int:
+    """qemu's "disk size": the image file's allocation, plus its child files
+    (each file once) where the driver counts them."""
+    files: dict[tuple[int, int], InputFile] = {node.file.identity: node.file}
+    if node.format.name in SUMS_CHILD_FILES:
+        for child in details.children:
+            files.setdefault(child.file.identity, child.file)
+    return sum(allocated_bytes(file) for file in files.values())
+
+
 def describe(node: OpenedNode, qemu_version: tuple[int, int]) -> NodeInfo:
     """NodeInfo for an opened image, from its format's ``describe`` hook."""
     if isinstance(node.format, Describable):
@@ -263,14 +279,11 @@ def describe(node: OpenedNode, qemu_version: tuple[int, int]) -> NodeInfo:
             raise ImageOpenError(node.path, error.strerror or str(error)) from None
     else:
         details = FormatDetails(dirty=None)  # only the common lines
-    files: dict[tuple[int, int], InputFile] = {node.file.identity: node.file}
-    for child in details.children:
-        files.setdefault(child.file.identity, child.file)
     info = NodeInfo(
         filename=node.path,
         format=node.format.name,
         virtual_size=node.image.virtual_size,
-        actual_size=sum(allocated_bytes(file) for file in files.values()),
+        actual_size=disk_size(node, details),
         details=details,
     )
     if details.backing_filename:

@@ -1,14 +1,15 @@
 """qcow2: qemu's copy-on-write format, versions 2 and 3 (read and write).
 
 `layout` holds the on-disk structures, `reader` maps guest offsets to host
-data, `writer` creates images sequentially. docs/formats/qcow2.md lists what
+data, `writer` creates images sequentially, `info` says what qemu-img info
+shows. docs/formats/qcow2.md lists what
 is supported and what is refused.
 """
 
 from __future__ import annotations
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.base import CreateOptions, FormatDetails, OutputFile, Resolver, Writer
 from instar.formats.qcow2 import layout
 from instar.image import Image
 from instar.sizes import round_up
@@ -30,6 +31,15 @@ class Qcow2Format:
         from instar.formats.qcow2.reader import open_image
 
         return open_image(file, resolver)
+
+    def describe(self, image: Image) -> FormatDetails:
+        """What ``qemu-img info`` shows (`instar.formats.qcow2.info`)."""
+        from instar.formats.qcow2.info import describe
+        from instar.formats.qcow2.reader import Qcow2Image
+
+        if not isinstance(image, Qcow2Image):
+            raise TypeError("describe() takes the image this format opened")
+        return describe(image)
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, layout.SECTOR)

@@ -53,9 +53,15 @@ class Qcow2Image:
         l1: array[int],
         data_file: InputFile | None,
         backing: Image | None,
+        extensions: L.Extensions | None = None,
+        backing_name: str | None = None,
     ) -> None:
         self.file = file
         self.header = header
+        # What the header says beyond the mapping, for instar info.
+        self.extensions = extensions if extensions is not None else L.Extensions()
+        self.backing_name = backing_name
+        self.data_file = data_file
         self._l1 = l1
         self._data_file = data_file
         self._host = data_file if data_file is not None else file
@@ -376,7 +382,7 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Image:
     name = read_backing_name(header, file)
     if name is not None:
         backing = resolver.open_backing(name, extensions.backing_format, file)
-    return Qcow2Image(file, header, l1, data_file, backing)
+    return Qcow2Image(file, header, l1, data_file, backing, extensions, name)
 
 
 def check_header(header: L.Header, file: InputFile) -> None:

@@ -8,7 +8,7 @@ create's default layout) and streamOptimized. See docs/formats/vmdk.md.
 from __future__ import annotations
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.base import CreateOptions, FormatDetails, OutputFile, Resolver, Writer
 from instar.formats.vmdk.layout import COWD_MAGIC, MAGIC, SECTOR, looks_like_descriptor
 from instar.image import Image
 from instar.sizes import round_up
@@ -29,6 +29,15 @@ class VmdkFormat:
         from instar.formats.vmdk.reader import open_vmdk
 
         return open_vmdk(file, resolver)
+
+    def describe(self, image: Image) -> FormatDetails:
+        """What ``qemu-img info`` shows (`instar.formats.vmdk.info`)."""
+        from instar.formats.vmdk.info import describe
+        from instar.formats.vmdk.reader import VmdkImage
+
+        if not isinstance(image, VmdkImage):
+            raise TypeError("describe() takes the image this format opened")
+        return describe(image)
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, SECTOR)

@@ -9,7 +9,7 @@ stays cheap.
 from __future__ import annotations
 
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OutputFile, Resolver, Writer
+from instar.formats.base import CreateOptions, FormatDetails, OutputFile, Resolver, Writer
 from instar.formats.vpc.layout import FOOTER_COOKIE
 from instar.formats.vpc.layout import declared_size as _declared_size
 from instar.image import Image
@@ -26,6 +26,19 @@ class VpcFormat:
         from instar.formats.vpc.reader import open_vpc
 
         return open_vpc(file, resolver)
+
+    def describe(self, image: Image) -> FormatDetails:
+        """What ``qemu-img info`` shows (qemu's ``vpc_get_info``): the block
+        size as cluster size for a dynamic or differencing disk, nothing more.
+
+        qemu's vpc driver ignores a differencing disk's parent, so no backing
+        file is named.
+        """
+        from instar.formats.vpc.reader import DynamicVpcImage
+
+        if isinstance(image, DynamicVpcImage):
+            return FormatDetails(cluster_size=image.block_size)
+        return FormatDetails()
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         force = options is not None and options.options.get("force_size") == "on"

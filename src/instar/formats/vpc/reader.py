@@ -279,6 +279,10 @@ class DynamicVpcImage:
     def virtual_size(self) -> int:
         return self._size
 
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(block index, offset in block, disk offset, length) for each block touched."""
         end = offset + length
