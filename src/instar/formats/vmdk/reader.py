@@ -469,7 +469,7 @@ class VmdkImage:
 
 def open_vmdk(file: InputFile, resolver: Resolver) -> VmdkImage:
     """Open ``file`` as qemu's vmdk driver would: a sparse extent or a descriptor."""
-    if file.size < 4:
+    if file.size == 0:  # qemu sees whole sectors: 1 to 3 bytes read as a descriptor
         raise FormatError("File is too small, not a valid image")
     magic = file.pread(0, 4)
     if magic in (MAGIC, COWD_MAGIC):

@@ -86,8 +86,10 @@ def _read_footer(file: InputFile) -> tuple[Footer, bool]:
     data = file.pread(0, FOOTER_SIZE)
     at_start = data[: len(FOOTER_COOKIE)] == FOOTER_COOKIE and len(data) == FOOTER_SIZE
     if not at_start:
-        if file.size < FOOTER_SIZE:
+        if file.size == 0:
             raise FormatError("File too small for a VHD header")
+        if file.size < FOOTER_SIZE:  # qemu pads the file to a sector: no footer there
+            raise FormatError("invalid VPC image")
         data = file.pread_exact(file.size - FOOTER_SIZE, FOOTER_SIZE, "VHD footer")
         if data[: len(FOOTER_COOKIE)] != FOOTER_COOKIE:
             raise FormatError("invalid VPC image")
