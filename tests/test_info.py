@@ -611,3 +611,17 @@ def test_qemu8_children_order_and_paths() -> None:
 def test_bad_qemu_version_is_a_usage_error(images: Path) -> None:
     result = run_instar("info", "--qemu-version", "eight", "one.raw", cwd=images)
     assert result.rc == 1 and "--qemu-version" in result.stderr
+
+
+def test_qemu8_lists_extent_and_data_files(images: Path) -> None:
+    """Files under an image are child nodes, the last attached first."""
+    split = run_instar("info", "--qemu-version", "8", "split-sparse.vmdk", cwd=images).stdout
+    assert [line for line in split.splitlines() if line.startswith("Child node")] == [
+        "Child node '/extents.1':", "Child node '/extents.0':", "Child node '/file':"
+    ]
+    assert "    filename: split-sparse-s002.vmdk\n    protocol type: file\n" in split
+    data = run_instar("info", "--qemu-version=8", "--output=json", "data-file.qcow2", cwd=images)
+    children = json.loads(data.stdout)["children"]
+    assert [(c["name"], c["info"]["filename"]) for c in children] == [
+        ("data-file", "data-file.bin"), ("file", "data-file.qcow2")
+    ]
