@@ -34,14 +34,16 @@ class OpenedNode:
 
 @dataclass
 class ImageOpener:
-    """Opens a top image and everything it names; remembers every file opened.
+    """Opens a top image and everything it names; remembers what it opened.
 
-    ``opened`` lets callers refuse an output that is one of the inputs, and
-    close all of them.
+    ``opened`` (every file) lets callers refuse an output that is one of the
+    inputs, and close all of them; ``nodes`` (every image, backing files
+    first, the top image last) says which format each image was read as.
     """
 
     policy: PathPolicy
     opened: list[InputFile] = field(default_factory=list)
+    nodes: list[OpenedNode] = field(default_factory=list)
 
     def open(self, path: str, fmt_name: str | None = None, depth: int = 0) -> Image:
         """Open ``path`` as ``fmt_name`` (probed when None) with qemu's messages."""
@@ -74,7 +76,9 @@ class ImageOpener:
             raise ImageOpenError(path, str(error)) from None
         except OSError as error:
             raise ImageOpenError(path, error.strerror or str(error)) from None
-        return OpenedNode(path, image, fmt, file)
+        node = OpenedNode(path, image, fmt, file)
+        self.nodes.append(node)
+        return node
 
     def choose_format(self, file: InputFile, path: str, fmt_name: str | None) -> Format:
         """The format named by ``fmt_name``, or probed from the file when None."""
@@ -97,6 +101,7 @@ class ImageOpener:
         for file in self.opened:
             file.close()
         self.opened.clear()
+        self.nodes.clear()
 
 
 def combine_path(base: str, name: str) -> str:

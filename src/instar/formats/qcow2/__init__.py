@@ -8,11 +8,18 @@ is supported and what is refused.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from instar.files import InputFile
 from instar.formats.base import CreateOptions, FormatDetails, OutputFile, Resolver, Writer
 from instar.formats.qcow2 import layout
 from instar.image import Image
 from instar.sizes import round_up
+
+if TYPE_CHECKING:
+    from instar.compare import StatusRun
+    from instar.formats.qcow2.reader import Qcow2Image
 
 
 class Qcow2Format:
@@ -35,11 +42,17 @@ class Qcow2Format:
     def describe(self, image: Image) -> FormatDetails:
         """What ``qemu-img info`` shows (`instar.formats.qcow2.info`)."""
         from instar.formats.qcow2.info import describe
-        from instar.formats.qcow2.reader import Qcow2Image
 
-        if not isinstance(image, Qcow2Image):
-            raise TypeError("describe() takes the image this format opened")
-        return describe(image)
+        return describe(_qcow2_image(image))
+
+    def block_status(self, image: Image) -> Iterator[StatusRun]:
+        """qemu's block status of ``image`` (`instar.formats.qcow2.info`)."""
+        from instar.formats.qcow2.info import block_status
+
+        return block_status(_qcow2_image(image))
+
+    def backing_image(self, image: Image) -> Image | None:
+        return _qcow2_image(image).backing
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, layout.SECTOR)
@@ -48,6 +61,15 @@ class Qcow2Format:
         from instar.formats.qcow2.writer import create_writer
 
         return create_writer(out, virtual_size, options)
+
+
+def _qcow2_image(image: Image) -> Qcow2Image:
+    """``image`` as the reader's class: the hooks take what ``open`` returned."""
+    from instar.formats.qcow2.reader import Qcow2Image
+
+    if not isinstance(image, Qcow2Image):
+        raise TypeError("expected an image this format opened")
+    return image
 
 
 FORMAT = Qcow2Format()

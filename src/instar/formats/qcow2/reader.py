@@ -82,6 +82,19 @@ class Qcow2Image:
     def virtual_size(self) -> int:
         return self._virtual_size
 
+    @property
+    def backing(self) -> Image | None:
+        return self._backing
+
+    @property
+    def l2_span(self) -> int:
+        """Guest bytes one L2 table maps."""
+        return self._l2_span
+
+    def l2_table(self, l1_index: int) -> array[int] | None:
+        """L2 table ``l1_index`` (None if unallocated), for block status."""
+        return self._l2_table(l1_index)
+
     # --- mapping -----------------------------------------------------------
 
     def _l2_table(self, l1_index: int) -> array[int] | None:

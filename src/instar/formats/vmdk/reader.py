@@ -194,6 +194,14 @@ class SparseExtent:
             )
         return gd
 
+    @property
+    def zero_grains(self) -> bool:
+        return self._zero_grain
+
+    def table(self, index: int) -> array[int] | None:
+        """Grain table ``index`` (None when the directory maps none), for block status."""
+        return self._table(index)
+
     def _table(self, index: int) -> array[int] | None:
         """Grain table ``index``, or None when the directory maps none."""
         sector = self._gd[index]
@@ -312,6 +320,11 @@ class FlatExtent:
         self._raw = RawImage(file)
         self.metadata_bytes = 0
 
+    @property
+    def raw(self) -> RawImage:
+        """The extent file as a raw image (its data and holes)."""
+        return self._raw
+
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         """File data as RAW, holes and the part past the file's end as ZERO.
 
@@ -374,6 +387,10 @@ class VmdkImage:
     @property
     def virtual_size(self) -> int:
         return self._size
+
+    @property
+    def parent(self) -> Image | None:
+        return self._parent
 
     @property
     def disk_extents(self) -> tuple[DiskExtent, ...]:

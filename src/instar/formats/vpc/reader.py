@@ -285,6 +285,10 @@ class DynamicVpcImage:
     def block_size(self) -> int:
         return self._block_size
 
+    def block_allocated(self, index: int) -> bool:
+        """Whether the BAT maps block ``index`` (for block status)."""
+        return self._bat[index] != UNALLOCATED
+
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(block index, offset in block, disk offset, length) for each block touched."""
         end = offset + length
