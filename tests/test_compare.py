@@ -1,8 +1,10 @@
 """instar compare against the real qemu-img compare (7.2).
 
 Each row names two images (built once per module) and options; stdout, stderr
-and the exit code must be qemu-img's, progress lines included. A format is
-added by building its images in PAIRS' builders (e.g. with qemu-img convert).
+and the exit code must be qemu-img's, progress lines included. PAIRS compare
+raw files; CROSS_PAIRS the same contents in qcow2, vmdk and vpc (converted
+with qemu-img, edited with qemu-io, over backing files), in strict mode and
+with the meter too, since both show how each qemu driver answers block status.
 """
 
 from __future__ import annotations

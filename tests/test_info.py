@@ -1,10 +1,12 @@
 """instar info against the real qemu-img info (7.2): byte-identical stdout.
 
-Parity rows run both programs on the same files. Formats instar cannot read
+Parity rows run both programs on the same files ("disk size" depends on the
+file system, so both read the same file): a corpus of raw, qcow2, vmdk and
+vpc images made with qemu-img and qemu-io (INFO_IMAGES, built once), in human
+and JSON form, with and without --backing-chain. Formats instar cannot read
 yet are still covered at the rendering level: their facts (taken from qemu's
-own JSON) are rendered by instar.info and must give qemu's exact text, which
-is also the specification of what each format's ``describe`` must return.
-Adding a format to the parity table is one row in INFO_IMAGES.
+own JSON) are rendered by instar.info and must give qemu's exact text.
+Adding an image or a format to the parity table is one row in INFO_IMAGES.
 """
 
 from __future__ import annotations

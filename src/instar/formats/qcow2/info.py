@@ -240,7 +240,8 @@ def block_status(image: Qcow2Image) -> Iterator[StatusRun]:
     table; compressed clusters one by one.
 
     qemu's cache holds whole L2 tables by default, so a table is the limit.
-    Not modelled: the RECURSE flag of images with preallocated metadata.
+    Not modelled: images with preallocated metadata, where qemu also asks the
+    file and adds ZERO over its holes.
     """
     size = image.virtual_size
     span = image.l2_span
