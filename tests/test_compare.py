@@ -109,6 +109,8 @@ CROSS_IMAGES: dict[str, Builder] = {
     "dot-in-hole-64m.qcow2": _convert("dot-in-hole-64m.raw", "qcow2"),
     "dot-in-hole-64m.vmdk": _convert("dot-in-hole-64m.raw", "vmdk"),
     "hole-64m.vhd": _convert("hole-64m.raw", "vpc", "-o", "force_size=on"),
+    "hole-64m.qcow2": _convert("hole-64m.raw", "qcow2"),
+    "hole-64m.vmdk": _convert("hole-64m.raw", "vmdk"),
     # zero clusters (plain and allocated), subclusters, small clusters, zeroed grains
     "zeros.qcow2": _edited(_convert("base.raw", "qcow2"), "qcow2",
                            "write -z 1M 64k", "write -z -u 2M 64k"),
@@ -173,6 +175,11 @@ CROSS_PAIRS: list[tuple[str, str]] = [
     ("split.vmdk", "half-hole.raw"),
     ("split-flat.vmdk", "split.vmdk"),
     ("half-hole.raw", "split-flat.vmdk"),
+    # nothing stored: each driver answers differently (allocated or not, with an offset or not)
+    ("hole-64m.vhd", "hole-64m.raw"),
+    ("hole-64m.qcow2", "hole-64m.vmdk"),
+    ("hole-64m.vmdk", "hole-64m.raw"),
+    ("hole-64m.qcow2", "hole-64m.vhd"),
 ]
 
 CROSS_OPTIONS: list[list[str]] = [[], ["-q"], ["-p"], ["-s"], ["-s", "-p"]]
