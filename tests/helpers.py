@@ -51,10 +51,15 @@ def run_instar(*args: str, cwd: str | os.PathLike[str] | None = None) -> Result:
 
 
 def run_qemu_img(*args: str, cwd: str | os.PathLike[str] | None = None) -> Result:
-    """Run the real ``qemu-img ARGS``."""
+    """Run the real ``qemu-img ARGS``.
+
+    Output is text; bytes that are not UTF-8 (names from an image) are kept
+    as surrogate escapes, as instar's own output keeps them.
+    """
     assert QEMU_IMG is not None, "qemu-img is not installed"
     proc = subprocess.run(
-        [QEMU_IMG, *args], cwd=cwd, capture_output=True, text=True, timeout=300, check=False
+        [QEMU_IMG, *args], cwd=cwd, capture_output=True, text=True, encoding="utf-8",
+        errors="surrogateescape", timeout=300, check=False,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
 
@@ -66,14 +71,22 @@ def qemu_img_ok(*args: str, cwd: str | os.PathLike[str] | None = None) -> str:
     return result.stdout
 
 
-def qemu_io(image: str | Path, command: str, fmt: str | None = None) -> None:
-    """Run one qemu-io command (e.g. ``write -P 0x5a 0 64k``) on ``image``."""
+def qemu_io(
+    image: str | Path, command: str, fmt: str | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+) -> None:
+    """Run one qemu-io command (e.g. ``write -P 0x5a 0 64k``) on ``image``.
+
+    qemu-io resolves a qcow2 data file against its working directory, not the
+    image's: give ``cwd`` for such images.
+    """
     assert QEMU_IO is not None, "qemu-io is not installed"
     args = [QEMU_IO]
     if fmt:
         args += ["-f", fmt]
     proc = subprocess.run(
-        [*args, "-c", command, str(image)], capture_output=True, text=True, check=False
+        [*args, "-c", command, str(image)], capture_output=True, text=True, check=False,
+        cwd=cwd,
     )
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
 

@@ -1,8 +1,10 @@
 """instar compare against the real qemu-img compare (7.2).
 
 Each row names two images (built once per module) and options; stdout, stderr
-and the exit code must be qemu-img's, progress lines included. A format is
-added by building its images in PAIRS' builders (e.g. with qemu-img convert).
+and the exit code must be qemu-img's, progress lines included. PAIRS compare
+raw files; CROSS_PAIRS the same contents in qcow2, vmdk and vpc (converted
+with qemu-img, edited with qemu-io, over backing files), in strict mode and
+with the meter too, since both show how each qemu driver answers block status.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QEMU_IMG, Result, pattern, run_instar, run_qemu_img
+from helpers import QEMU_IMG, Result, pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img
 from instar.compare import first_difference
 
 MIB = 1 << 20
@@ -56,6 +58,132 @@ IMAGES: dict[str, Builder] = {
     "half-hole.raw": lambda p: _write(p, [(0, BASE[: MIB + 512])], 3 * MIB),
 }
 
+
+def _qemu_img(p: Path, *args: str) -> None:
+    qemu_img_ok(*args, cwd=p.parent)
+
+
+def _convert(source: str, fmt: str, *options: str) -> Builder:
+    """``qemu-img convert`` of an image built earlier into FMT (options: -c, -o)."""
+    return lambda p: _qemu_img(p, "convert", "-O", fmt, *options, source, p.name)
+
+
+def _edited(build: Builder, fmt: str, *writes: str) -> Builder:
+    """An image built by ``build``, then changed with qemu-io commands."""
+    def run(p: Path) -> None:
+        build(p)
+        for command in writes:
+            qemu_io(p.name, command, fmt, cwd=p.parent)
+    return run
+
+
+def _overlay(fmt: str, backing: str, backing_fmt: str, *writes: str) -> Builder:
+    """An image over a backing file, with qemu-io writes of its own."""
+    def build(p: Path) -> None:
+        _qemu_img(p, "create", "-q", "-f", fmt, "-b", backing, "-F", backing_fmt, p.name)
+        for command in writes:
+            qemu_io(p.name, command, fmt, cwd=p.parent)
+    return build
+
+
+# The same contents in other formats, and overlays whose bytes come partly
+# from a backing file. Built after IMAGES (they convert its raw files).
+CROSS_IMAGES: dict[str, Builder] = {
+    "base.qcow2": _convert("base.raw", "qcow2"),
+    "base-compressed.qcow2": _convert("base.raw", "qcow2", "-c"),
+    "base.vmdk": _convert("base.raw", "vmdk"),
+    "base-stream.vmdk": _convert("base.raw", "vmdk", "-o", "subformat=streamOptimized"),
+    "base-flat.vmdk": _convert("base.raw", "vmdk", "-o", "subformat=monolithicFlat"),
+    "base.vhd": _convert("base.raw", "vpc"),  # 3 MiB is no CHS size: the VHD is larger
+    "base-forced.vhd": _convert("base.raw", "vpc", "-o", "force_size=on"),
+    "first-byte.qcow2": _convert("first-byte.raw", "qcow2"),
+    "first-byte.vmdk": _convert("first-byte.raw", "vmdk"),
+    "last-byte.qcow2": _convert("last-byte.raw", "qcow2", "-c"),
+    "last-byte.vmdk": _convert("last-byte.raw", "vmdk"),
+    "last-byte.vhd": _convert("last-byte.raw", "vpc", "-o", "force_size=on"),
+    "middle.vhd": _convert("middle.raw", "vpc", "-o", "force_size=on"),
+    "shorter.qcow2": _convert("shorter.raw", "qcow2"),
+    "longer-data.vmdk": _convert("longer-data.raw", "vmdk"),
+    "longer-zero.qcow2": _convert("longer-zero.raw", "qcow2"),
+    "half-hole.vhd": _convert("half-hole.raw", "vpc", "-o", "force_size=on"),
+    "dot-in-hole-64m.qcow2": _convert("dot-in-hole-64m.raw", "qcow2"),
+    "dot-in-hole-64m.vmdk": _convert("dot-in-hole-64m.raw", "vmdk"),
+    "hole-64m.vhd": _convert("hole-64m.raw", "vpc", "-o", "force_size=on"),
+    "hole-64m.qcow2": _convert("hole-64m.raw", "qcow2"),
+    "hole-64m.vmdk": _convert("hole-64m.raw", "vmdk"),
+    # zero clusters (plain and allocated), subclusters, small clusters, zeroed grains
+    "zeros.qcow2": _edited(_convert("base.raw", "qcow2"), "qcow2",
+                           "write -z 1M 64k", "write -z -u 2M 64k"),
+    "extl2.qcow2": _edited(_convert("base.raw", "qcow2", "-o", "extended_l2=on"), "qcow2",
+                           "write -z 1M 4k", "discard 2M 8k"),
+    "c512.qcow2": _convert("half-hole.raw", "qcow2", "-o", "cluster_size=512"),
+    "zeroed.vmdk": _edited(_convert("half-hole.raw", "vmdk", "-o", "zeroed_grain=on"), "vmdk",
+                           "write -z 64k 64k"),
+    "split.vmdk": _convert("half-hole.raw", "vmdk", "-o", "subformat=twoGbMaxExtentSparse"),
+    "split-flat.vmdk": _convert("half-hole.raw", "vmdk", "-o", "subformat=twoGbMaxExtentFlat"),
+    "fixed.vhd": _convert("half-hole.raw", "vpc", "-o", "subformat=fixed,force_size=on"),
+    # backing chains: the difference lies in the backing file, or in the top
+    "over-first-byte.qcow2": _overlay("qcow2", "first-byte.raw", "raw"),
+    "over-base.qcow2": _overlay("qcow2", "base.qcow2", "qcow2"),
+    "over-base-edit.qcow2": _overlay("qcow2", "base.raw", "raw", "write -P 0xee 1052673 1"),
+    "over-base.vmdk": _overlay("vmdk", "base.vmdk", "vmdk"),
+    "over-first-byte.vmdk": _overlay("vmdk", "first-byte.vmdk", "vmdk",
+                                     "write -P 0x33 2M 4k"),
+    "over-over.qcow2": _overlay("qcow2", "over-base.qcow2", "qcow2", "write -P 0x44 3145216 512"),
+}
+
+# Pairs across formats: identical, first byte, last byte, a backing file,
+# size mismatches (both ways, with zeros or data past the shorter image).
+CROSS_PAIRS: list[tuple[str, str]] = [
+    ("base.raw", "base.qcow2"),
+    ("base.qcow2", "base.raw"),
+    ("base-compressed.qcow2", "base.vmdk"),
+    ("base-stream.vmdk", "base-flat.vmdk"),
+    ("base.vmdk", "base.vhd"),
+    ("base.vhd", "base-forced.vhd"),
+    ("base-forced.vhd", "base.qcow2"),
+    ("base.qcow2", "first-byte.vmdk"),
+    ("first-byte.qcow2", "base-stream.vmdk"),
+    ("base.vmdk", "last-byte.qcow2"),
+    ("last-byte.vhd", "base-compressed.qcow2"),
+    ("last-byte.vmdk", "last-byte.raw"),
+    ("base-flat.vmdk", "middle.vhd"),
+    ("base.vhd", "shorter.qcow2"),
+    ("shorter.qcow2", "base.vmdk"),
+    ("base.qcow2", "longer-data.vmdk"),
+    ("longer-zero.qcow2", "base-forced.vhd"),
+    ("half-hole.vhd", "half-hole.raw"),
+    ("base.vmdk", "half-hole.vhd"),
+    ("hole-64m.vhd", "dot-in-hole-64m.qcow2"),
+    ("dot-in-hole-64m.vmdk", "dot-in-hole-64m.qcow2"),
+    ("hole-64m.raw", "dot-in-hole-64m.vmdk"),
+    ("over-first-byte.qcow2", "base.raw"),
+    ("base.vmdk", "over-first-byte.qcow2"),
+    ("over-base.qcow2", "base.vhd"),
+    ("over-base.qcow2", "base-stream.vmdk"),
+    ("over-base-edit.qcow2", "middle.raw"),
+    ("over-base-edit.qcow2", "base.vmdk"),
+    ("over-base.vmdk", "over-base.qcow2"),
+    ("over-first-byte.vmdk", "first-byte.qcow2"),
+    ("over-over.qcow2", "last-byte.raw"),
+    ("zeros.qcow2", "base.raw"),
+    ("zeros.qcow2", "extl2.qcow2"),
+    ("extl2.qcow2", "base.vmdk"),
+    ("c512.qcow2", "half-hole.vhd"),
+    ("zeroed.vmdk", "half-hole.raw"),
+    ("zeroed.vmdk", "c512.qcow2"),
+    ("split.vmdk", "half-hole.raw"),
+    ("split-flat.vmdk", "split.vmdk"),
+    ("half-hole.raw", "split-flat.vmdk"),
+    # nothing stored: each driver answers differently (allocated or not, with an offset or not)
+    ("hole-64m.vhd", "hole-64m.raw"),
+    ("hole-64m.qcow2", "hole-64m.vmdk"),
+    ("hole-64m.vmdk", "hole-64m.raw"),
+    ("hole-64m.qcow2", "hole-64m.vhd"),
+]
+
+CROSS_OPTIONS: list[list[str]] = [[], ["-q"], ["-p"], ["-s"], ["-s", "-p"]]
+
 PAIRS: list[tuple[str, str]] = [
     ("base.raw", "same.raw"),
     ("base.raw", "first-byte.raw"),
@@ -88,7 +216,7 @@ OPTIONS: list[list[str]] = [[], ["-s"], ["-q"], ["-p"], ["-s", "-p"], ["-f", "ra
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("compare")
-    for name, build in IMAGES.items():
+    for name, build in (IMAGES | CROSS_IMAGES).items():
         build(directory / name)
     return directory
 
@@ -115,6 +243,33 @@ def _same_as_qemu(args: list[str], cwd: Path) -> None:
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}~{p[1]}")
 def test_compare_matches_qemu(pair: tuple[str, str], options: list[str], images: Path) -> None:
     _same_as_qemu([*options, *pair], images)
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("options", CROSS_OPTIONS, ids=lambda o: " ".join(o) or "plain")
+@pytest.mark.parametrize("pair", CROSS_PAIRS, ids=lambda p: f"{p[0]}~{p[1]}")
+def test_compare_across_formats(pair: tuple[str, str], options: list[str],
+                                images: Path) -> None:
+    _same_as_qemu([*options, *pair], images)
+
+
+def _format_of(name: str) -> str:
+    return {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc"}[name.rsplit(".", 1)[1]]
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("pair", CROSS_PAIRS[::3], ids=lambda p: f"{p[0]}~{p[1]}")
+def test_compare_with_formats_given(pair: tuple[str, str], images: Path) -> None:
+    _same_as_qemu(["-f", _format_of(pair[0]), "-F", _format_of(pair[1]), *pair], images)
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("options", CROSS_OPTIONS, ids=lambda o: " ".join(o) or "plain")
+@pytest.mark.parametrize("other", ["half-hole.raw", "split.vmdk", "c512.qcow2"])
+def test_compare_fixed_vhd_as_vpc(other: str, options: list[str], images: Path) -> None:
+    """A fixed VHD probes as raw; read as vpc it is its data without the footer."""
+    _same_as_qemu([*options, "-f", "vpc", "fixed.vhd", other], images)
+    _same_as_qemu([*options, "fixed.vhd", other], images)
 
 
 ERROR_ROWS: list[list[str]] = [

@@ -16,16 +16,14 @@ opened, 3 block status failed, 4 a read failed.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from instar.errors import InstarError
-from instar.files import InputFile
-from instar.formats.base import Format
 from instar.image import ExtentKind, Image
-from instar.opener import ImageOpener
-from instar.safety import PathPolicy
+from instar.opener import ImageOpener, OpenedNode
+from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img compare's chunk limit where it reads
@@ -48,48 +46,133 @@ class CompareError(InstarError):
         self.exit_code = exit_code
 
 
-class Status(enum.Enum):
-    """What block status says of a run, as far as compare can tell apart."""
-
-    DATA = "data"  # allocated, stored bytes
-    ZERO = "zero"  # allocated, reads as zeros (a raw hole, a qcow2 zero cluster)
-    UNALLOCATED = "unallocated"  # nowhere in the chain: zeros, not allocated
+# ---------------------------------------------------------------------------
+# qemu's block status, as img_compare sees it
 
 
-@dataclass(frozen=True)
-class Run:
+# BDRV_BLOCK_* flags (include/block/block-common.h).
+DATA, ZERO, OFFSET_VALID, ALLOCATED, EOF = 0x01, 0x02, 0x04, 0x10, 0x20
+
+
+class StatusRun(NamedTuple):
+    """What a format driver's block status says of ``[start, end)``.
+
+    ``flags`` are the driver's own (DATA, ZERO, OFFSET_VALID; 0 for
+    "not in this image": the backing file answers). qemu answers a query in
+    pieces: the whole run, or with ``step`` one piece per ``step`` bytes
+    counted from ``anchor`` (a VMDK grain, a compressed qcow2 cluster). The
+    pieces matter where qemu shows them: the EOF flag of strict mode and the
+    progress meter.
+    """
+
     start: int
     end: int
-    status: Status
+    flags: int
+    step: int = 0
+    anchor: int = 0
+
+    def piece_end(self, offset: int) -> int:
+        """Where qemu's answer for a query at ``offset`` ends."""
+        if not self.step:
+            return self.end
+        return min(self.end, self.anchor + ((offset - self.anchor) // self.step + 1) * self.step)
+
+
+@runtime_checkable
+class StatusSource(Protocol):
+    """A Format that says what its qemu driver's block status is (optional)."""
+
+    def block_status(self, image: Image) -> Iterator[StatusRun]:
+        """Runs covering ``[0, image.virtual_size)`` in order."""
+        ...
+
+    def backing_image(self, image: Image) -> Image | None:
+        """The image qemu asks where ``image`` has nothing (its backing file)."""
+        ...
+
+
+def runs_from_extents(image: Image) -> Iterator[StatusRun]:
+    """Block status of a format without its own model: raw's (file-posix):
+    data, or zeros, both at a valid offset, in maximal runs."""
+    pending: StatusRun | None = None
+    for extent in image.extents(0, image.virtual_size):
+        flags = DATA | OFFSET_VALID if extent.kind is ExtentKind.DATA else ZERO | OFFSET_VALID
+        if pending is not None and pending.flags == flags:
+            pending = StatusRun(pending.start, extent.end, flags)
+            continue
+        if pending is not None:
+            yield pending
+        pending = StatusRun(extent.offset, extent.end, flags)
+    if pending is not None:
+        yield pending
+
+
+class Layer:
+    """One image of a chain: ``bdrv_block_status_above`` from its runs and,
+    where it has nothing, its backing layer's. Queries go forward only."""
+
+    def __init__(self, image: Image, runs: Iterator[StatusRun], backing: Layer | None) -> None:
+        self.size = image.virtual_size
+        self._runs = runs
+        self._run: StatusRun | None = None
+        self._backing = backing
+
+    def _at(self, offset: int) -> StatusRun:
+        while self._run is None or self._run.end <= offset:
+            self._run = next(self._runs)
+        return self._run
+
+    def query(self, offset: int) -> tuple[int, int, int]:
+        """(flags with ALLOCATED, end of qemu's answer, end of the run) at
+        ``offset``; EOF is the caller's (the answer reaches the image end)."""
+        run = self._at(offset)
+        piece_end = run.piece_end(offset)
+        if run.flags & (DATA | ZERO):
+            return run.flags | ALLOCATED, piece_end, run.end
+        if self._backing is None:
+            return run.flags | ZERO, piece_end, run.end
+        if offset >= self._backing.size:
+            # Past the end of a shorter backing file: qemu synthesises zeros
+            # "allocated" there.
+            return ZERO | ALLOCATED, piece_end, run.end
+        flags, below_piece, below_run = self._backing.query(offset)
+        return flags, min(piece_end, below_piece), min(run.end, below_run)
+
+    def piece_start(self, position: int) -> int:
+        """Where qemu's answer that holds ``position`` begins (``position``
+        lies in the run the last query was in, or a later one)."""
+        run = self._at(position)
+        start = run.start
+        if run.step:
+            start = max(start, run.anchor + (position - run.anchor) // run.step * run.step)
+        if run.flags & (DATA | ZERO) or self._backing is None or position >= self._backing.size:
+            return start
+        return max(start, self._backing.piece_start(position))
 
 
 @dataclass
 class Side:
-    """One of the two images: how it is named in messages, and its runs."""
+    """One of the two images: how it is named in messages, and its status."""
 
     image: Image
     name: str
-    raw: bool  # qemu reports raw holes as allocated zeros
+    layer: Layer
 
-    def runs(self) -> Iterator[Run]:
-        """Maximal runs of one status over the whole image, in order."""
-        pending: Run | None = None
-        size = self.image.virtual_size
+    def query(self, offset: int) -> tuple[int, int, int]:
         try:
-            for extent in self.image.extents(0, size):
-                status = _status(extent.kind, self.raw)
-                if pending is not None and pending.status == status:
-                    pending = Run(pending.start, extent.end, status)
-                    continue
-                if pending is not None:
-                    yield pending
-                pending = Run(extent.offset, extent.end, status)
-        except (InstarError, OSError):
-            raise CompareError(
-                f"Sector allocation test failed for {self.name}", STATUS_ERROR
-            ) from None
-        if pending is not None:
-            yield pending
+            return self.layer.query(offset)
+        except (InstarError, OSError, StopIteration):
+            raise self._status_error() from None
+
+    def last_piece_start(self) -> int:
+        """Where qemu's last answer (the one with the EOF flag) begins."""
+        try:
+            return self.layer.piece_start(self.image.virtual_size - 1)
+        except (InstarError, OSError, StopIteration):
+            raise self._status_error() from None
+
+    def _status_error(self) -> CompareError:
+        return CompareError(f"Sector allocation test failed for {self.name}", STATUS_ERROR)
 
     def read(self, offset: int, length: int) -> bytes:
         try:
@@ -101,25 +184,15 @@ class Side:
             ) from None
 
 
-def _status(kind: ExtentKind, raw: bool) -> Status:
-    if kind is ExtentKind.DATA:
-        return Status.DATA
-    if kind is ExtentKind.ZERO or raw:
-        return Status.ZERO
-    return Status.UNALLOCATED
-
-
-class _Cursor:
-    """Walks a Side's runs forward: the run containing a given offset."""
-
-    def __init__(self, side: Side) -> None:
-        self._runs = side.runs()
-        self._current: Run | None = None
-
-    def at(self, offset: int) -> Run:
-        while self._current is None or self._current.end <= offset:
-            self._current = next(self._runs)
-        return self._current
+def build_layer(image: Image, nodes: dict[int, OpenedNode], depth: int = 0) -> Layer:
+    """The Layer of ``image`` and of the backing files below it."""
+    node = nodes.get(id(image))
+    fmt: object = node.format if node is not None else None
+    if isinstance(fmt, StatusSource) and depth <= MAX_CHAIN_DEPTH:
+        backing = fmt.backing_image(image)
+        below = build_layer(backing, nodes, depth + 1) if backing is not None else None
+        return Layer(image, fmt.block_status(image), below)
+    return Layer(image, runs_from_extents(image), None)
 
 
 def first_difference(left: bytes, right: bytes) -> int:
@@ -136,7 +209,14 @@ def first_difference(left: bytes, right: bytes) -> int:
 
 
 class Comparison:
-    """One qemu-img compare run over two opened images."""
+    """One qemu-img compare run over two opened images.
+
+    With a progress meter the walk goes through qemu's chunks one by one (the
+    meter shows each); otherwise it goes run by run, which finds the same
+    first difference: runs start where qemu's chunks do, so the sector
+    arithmetic is the same. Strict mode also compares the EOF flag, which
+    only qemu's last answer of an image carries: runs stop there.
+    """
 
     def __init__(self, a: Side, b: Side, *, strict: bool, say: Say,
                  progress: ProgressCallback | None) -> None:
@@ -144,6 +224,7 @@ class Comparison:
         self.strict = strict
         self.say = say
         self._progress = progress
+        self._exact = progress is not None
         self.size_a = a.image.virtual_size
         self.size_b = b.image.virtual_size
         self.base = max(self.size_a, self.size_b)
@@ -159,42 +240,54 @@ class Comparison:
         if self.strict and self.size_a != self.size_b:
             self.say("Strict mode: Image size mismatch!")
             return DIFFERENT
-        cursor_a, cursor_b = _Cursor(self.a), _Cursor(self.b)
         common = min(self.size_a, self.size_b)
         offset = 0
         while offset < common:
-            run_a, run_b = cursor_a.at(offset), cursor_b.at(offset)
-            end = min(run_a.end, run_b.end)
-            if self.strict and self._strict_status(run_a, self.size_a) != self._strict_status(
-                run_b, self.size_b
+            flags_a, piece_a, run_a = self.a.query(offset)
+            flags_b, piece_b, run_b = self.b.query(offset)
+            if self.strict and (
+                flags_a | (EOF if piece_a == self.size_a else 0)
+                != flags_b | (EOF if piece_b == self.size_b else 0)
             ):
                 self.say(f"Strict mode: Offset {offset} block status mismatch!")
                 return DIFFERENT
-            if run_a.status is Status.DATA or run_b.status is Status.DATA:
+            if self._exact:
+                end = min(piece_a, piece_b)
+            else:
+                end = min(run_a, run_b)
+                if self.strict:
+                    end = self._before_last_pieces(offset, end, (piece_a, run_a),
+                                                   (piece_b, run_b))
+            if flags_a & ZERO and flags_b & ZERO:
+                self.tick(end - offset)  # zeros on both sides: nothing to read
+            elif flags_a & ALLOCATED or flags_b & ALLOCATED:
                 mismatch = self._compare_data(
-                    offset, end, run_a.status is Status.DATA, run_b.status is Status.DATA
+                    offset, end, not flags_a & ZERO, not flags_b & ZERO
                 )
                 if mismatch is not None:
                     self.say(f"Content mismatch at offset {mismatch}!")
                     return DIFFERENT
             else:
-                self.tick(end - offset)  # zeros on both sides: nothing to read
+                self.tick(end - offset)
             offset = end
         if self.size_a != self.size_b:
             self.say("Warning: Image size mismatch!")
-            longer, cursor = (self.a, cursor_a) if self.size_a > self.size_b else (self.b, cursor_b)
-            mismatch = self._check_tail(longer, cursor, offset)
+            longer = self.a if self.size_a > self.size_b else self.b
+            mismatch = self._check_tail(longer, offset)
             if mismatch is not None:
                 self.say(f"Content mismatch at offset {mismatch}!")
                 return DIFFERENT
         self.say("Images are identical.")
         return IDENTICAL
 
-    @staticmethod
-    def _strict_status(run: Run, size: int) -> tuple[Status, bool]:
-        """What strict mode compares: the status and whether the run reaches
-        the end of its image (qemu's BDRV_BLOCK_EOF flag)."""
-        return run.status, run.end == size
+    def _before_last_pieces(self, offset: int, end: int, a: tuple[int, int],
+                            b: tuple[int, int]) -> int:
+        """``end``, or sooner the start of an image's last answer inside
+        ``[offset, end)``, where its EOF flag turns on."""
+        for side, (piece, run), size in ((self.a, a, self.size_a), (self.b, b, self.size_b)):
+            if run == size and piece != size:
+                end = min(end, side.last_piece_start())
+        return end
 
     def _compare_data(self, start: int, end: int, data_a: bool, data_b: bool) -> int | None:
         """First mismatch in ``[start, end)`` (qemu's offset), or None."""
@@ -228,32 +321,20 @@ class Comparison:
             self.tick(done)
             position += done
 
-    def _check_tail(self, side: Side, cursor: _Cursor, offset: int) -> int | None:
+    def _check_tail(self, side: Side, offset: int) -> int | None:
         """The part of the longer image past the shorter one must read as zeros."""
         size = side.image.virtual_size
         while offset < size:
-            run = cursor.at(offset)
-            if run.status is Status.DATA:
-                data_a, data_b = side is self.a, side is self.b
-                mismatch = self._compare_data(offset, run.end, data_a, data_b)
+            flags, piece, run = side.query(offset)
+            end = piece if self._exact else run
+            if flags & ALLOCATED and not flags & ZERO:
+                mismatch = self._compare_data(offset, end, side is self.a, side is self.b)
                 if mismatch is not None:
                     return mismatch
             else:
-                self.tick(run.end - offset)
-            offset = run.end
+                self.tick(end - offset)
+            offset = end
         return None
-
-
-class _FormatRecorder(ImageOpener):
-    """An ImageOpener that remembers the format of the top image it opens."""
-
-    top_format: str | None = None
-
-    def _choose_format(self, file: InputFile, path: str, fmt_name: str | None) -> Format:
-        fmt = super()._choose_format(file, path, fmt_name)
-        if self.top_format is None:
-            self.top_format = fmt.name
-        return fmt
 
 
 def compare(
@@ -272,21 +353,26 @@ def compare(
     Verdicts go through ``say``; failures raise CompareError with the exit
     code qemu-img uses (2 for an image that cannot be opened).
     """
-    openers: list[_FormatRecorder] = []
+    openers: list[ImageOpener] = []
     try:
         sides = []
         for path, fmt in ((path_a, fmt_a), (path_b, fmt_b)):
-            opener = _FormatRecorder(PathPolicy.for_image(path, allow))
+            opener = ImageOpener(PathPolicy.for_image(path, allow))
             openers.append(opener)
             try:
-                image = opener.open(path, fmt)
+                node = opener.open_node(path, fmt)
             except InstarError as error:
                 raise CompareError(str(error), OPEN_ERROR) from None
-            sides.append(Side(image, path, opener.top_format == "raw"))
+            nodes = {id(opened.image): opened for opened in opener.nodes}
+            sides.append(Side(node.image, path, build_layer(node.image, nodes)))
         return Comparison(sides[0], sides[1], strict=strict, say=say, progress=progress).run()
     finally:
         for opener in openers:
             opener.close()
 
 
-__all__ = ["CompareError", "Comparison", "Side", "compare", "first_difference"]
+__all__ = [
+    "ALLOCATED", "DATA", "EOF", "OFFSET_VALID", "ZERO",
+    "CompareError", "Comparison", "Layer", "Side", "StatusRun", "StatusSource", "compare",
+    "first_difference", "runs_from_extents",
+]

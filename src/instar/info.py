@@ -18,7 +18,6 @@ import fcntl
 import os
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from instar.errors import FormatError, ImageOpenError, InstarError
@@ -26,13 +25,11 @@ from instar.files import InputFile
 from instar.formats.base import (
     ChildFile,
     Describable,
-    Format,
     FormatDetails,
     QValue,
     SnapshotDetails,
 )
-from instar.image import Extent, Image
-from instar.opener import ChainResolver, ImageOpener
+from instar.opener import ImageOpener, OpenedNode
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
 from instar.sizes import round_up, size_to_str
 
@@ -255,85 +252,38 @@ def file_node(file: InputFile) -> NodeInfo:
     )
 
 
-# ---------------------------------------------------------------------------
-# Opening one image the way qemu-img info does
+# Formats whose qemu driver counts its child files in "disk size" (its own
+# get_allocated_file_size: vmdk adds its extent files). Other drivers count
+# their own file alone: qemu-img 7.2 leaves a qcow2 data file out.
+SUMS_CHILD_FILES = frozenset({"vmdk"})
 
 
-class _AbsentBacking:
-    """Stands in for a backing file info does not open: no bytes at all.
-
-    A format reads past the end of a backing image as zeros, so this makes
-    every unallocated cluster read as zeros, as qemu's BDRV_O_NO_BACKING.
-    """
-
-    virtual_size = 0
-
-    def read(self, offset: int, length: int) -> bytes:
-        if offset != 0 or length != 0:
-            raise ValueError("info never reads the backing file")
-        return b""
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return iter(())
-
-    def close(self) -> None:
-        pass
-
-
-@dataclass
-class _NoBackingResolver(ChainResolver):
-    """Opens data files and extents as usual, but never the backing file."""
-
-    def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
-        return _AbsentBacking()
-
-
-@dataclass
-class OpenedNode:
-    path: str
-    image: Image
-    format: Format
-    file: InputFile
-
-
-class InfoOpener(ImageOpener):
-    """An ImageOpener that opens single images of a chain, as qemu-img info."""
-
-    def open_node(self, path: str, fmt_name: str | None) -> OpenedNode:
-        """Open ``path`` without its backing file, with qemu's messages."""
-        if not path:
-            raise ImageOpenError(path, "The 'file' block driver requires a file name")
-        try:
-            file = InputFile.open(path)
-        except OSError as error:
-            raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-        self.opened.append(file)
-        if not (file.is_regular or file.is_block_device):
-            raise ImageOpenError(path, f"'file' driver requires '{path}' to be a regular file")
-        fmt = self._choose_format(file, path, fmt_name)
-        try:
-            image = fmt.open(file, _NoBackingResolver(self, 0))
-        except FormatError as error:
-            raise ImageOpenError(path, str(error)) from None
-        except OSError as error:
-            raise ImageOpenError(path, error.strerror or str(error)) from None
-        return OpenedNode(path, image, fmt, file)
+def disk_size(node: OpenedNode, details: FormatDetails) -> int:
+    """qemu's "disk size": the image file's allocation, plus its child files
+    (each file once) where the driver counts them."""
+    files: dict[tuple[int, int], InputFile] = {node.file.identity: node.file}
+    if node.format.name in SUMS_CHILD_FILES:
+        for child in details.children:
+            files.setdefault(child.file.identity, child.file)
+    return sum(allocated_bytes(file) for file in files.values())
 
 
 def describe(node: OpenedNode, qemu_version: tuple[int, int]) -> NodeInfo:
     """NodeInfo for an opened image, from its format's ``describe`` hook."""
     if isinstance(node.format, Describable):
-        details = node.format.describe(node.image)
+        try:
+            details = node.format.describe(node.image)
+        except FormatError as error:  # metadata only info reads (snapshots, bitmaps)
+            raise ImageOpenError(node.path, str(error)) from None
+        except OSError as error:
+            raise ImageOpenError(node.path, error.strerror or str(error)) from None
     else:
         details = FormatDetails(dirty=None)  # only the common lines
-    files: dict[tuple[int, int], InputFile] = {node.file.identity: node.file}
-    for child in details.children:
-        files.setdefault(child.file.identity, child.file)
     info = NodeInfo(
         filename=node.path,
         format=node.format.name,
         virtual_size=node.image.virtual_size,
-        actual_size=sum(allocated_bytes(file) for file in files.values()),
+        actual_size=disk_size(node, details),
         details=details,
     )
     if details.backing_filename:
@@ -354,7 +304,7 @@ def collect(
     qemu_version: tuple[int, int] = QEMU_7_2,
 ) -> list[NodeInfo]:
     """The images ``qemu-img info [--backing-chain]`` would show, top first."""
-    opener = InfoOpener(PathPolicy.for_image(path, allow))
+    opener = ImageOpener(PathPolicy.for_image(path, allow))
     seen: set[str] = set()
     infos: list[NodeInfo] = []
     name: str | None = path
@@ -367,7 +317,8 @@ def collect(
             seen.add(name)
             if infos:
                 opener.policy.check(name, "backing file")
-            info = describe(opener.open_node(name, fmt), qemu_version)
+            node = opener.open_node(name, fmt, with_backing=False)
+            info = describe(node, qemu_version)
             infos.append(info)
             if not chain:
                 break

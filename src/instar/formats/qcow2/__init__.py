@@ -1,17 +1,32 @@
 """qcow2: qemu's copy-on-write format, versions 2 and 3 (read and write).
 
 `layout` holds the on-disk structures, `reader` maps guest offsets to host
-data, `writer` creates images sequentially. docs/formats/qcow2.md lists what
+data, `writer` creates images sequentially, `info` says what qemu-img info
+shows. docs/formats/qcow2.md lists what
 is supported and what is refused.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
+from instar.formats.base import (
+    CreateOptions,
+    FormatDetails,
+    OptionSpec,
+    OutputFile,
+    Resolver,
+    Writer,
+)
 from instar.formats.qcow2 import layout
 from instar.image import Image
 from instar.sizes import round_up
+
+if TYPE_CHECKING:
+    from instar.compare import StatusRun
+    from instar.formats.qcow2.reader import Qcow2Image
 
 
 class Qcow2Format:
@@ -39,6 +54,21 @@ class Qcow2Format:
 
         return open_image(file, resolver)
 
+    def describe(self, image: Image) -> FormatDetails:
+        """What ``qemu-img info`` shows (`instar.formats.qcow2.info`)."""
+        from instar.formats.qcow2.info import describe
+
+        return describe(_qcow2_image(image))
+
+    def block_status(self, image: Image) -> Iterator[StatusRun]:
+        """qemu's block status of ``image`` (`instar.formats.qcow2.info`)."""
+        from instar.formats.qcow2.info import block_status
+
+        return block_status(_qcow2_image(image))
+
+    def backing_image(self, image: Image) -> Image | None:
+        return _qcow2_image(image).backing
+
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, layout.SECTOR)
 
@@ -46,6 +76,15 @@ class Qcow2Format:
         from instar.formats.qcow2.writer import create_writer
 
         return create_writer(out, virtual_size, options)
+
+
+def _qcow2_image(image: Image) -> Qcow2Image:
+    """``image`` as the reader's class: the hooks take what ``open`` returned."""
+    from instar.formats.qcow2.reader import Qcow2Image
+
+    if not isinstance(image, Qcow2Image):
+        raise TypeError("expected an image this format opened")
+    return image
 
 
 FORMAT = Qcow2Format()

@@ -176,6 +176,7 @@ class Extensions:
     data_file: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     has_bitmaps: bool = False
+    bitmaps_payload: bytes = b""  # the bitmaps extension, decoded by instar info
     has_crypto: bool = False
 
 
@@ -217,6 +218,7 @@ def _apply_extension(found: Extensions, ext_type: int, payload: bytes) -> None:
             found.feature_names[(kind, bit)] = name
     elif ext_type == EXT_BITMAPS:
         found.has_bitmaps = True  # dirty bitmaps do not change what the disk reads
+        found.bitmaps_payload = payload
     elif ext_type == EXT_CRYPTO:
         found.has_crypto = True
 

@@ -53,9 +53,15 @@ class Qcow2Image:
         l1: array[int],
         data_file: InputFile | None,
         backing: Image | None,
+        extensions: L.Extensions | None = None,
+        backing_name: str | None = None,
     ) -> None:
         self.file = file
         self.header = header
+        # What the header says beyond the mapping, for instar info.
+        self.extensions = extensions if extensions is not None else L.Extensions()
+        self.backing_name = backing_name
+        self.data_file = data_file
         self._l1 = l1
         self._data_file = data_file
         self._host = data_file if data_file is not None else file
@@ -75,6 +81,19 @@ class Qcow2Image:
     @property
     def virtual_size(self) -> int:
         return self._virtual_size
+
+    @property
+    def backing(self) -> Image | None:
+        return self._backing
+
+    @property
+    def l2_span(self) -> int:
+        """Guest bytes one L2 table maps."""
+        return self._l2_span
+
+    def l2_table(self, l1_index: int) -> array[int] | None:
+        """L2 table ``l1_index`` (None if unallocated), for block status."""
+        return self._l2_table(l1_index)
 
     # --- mapping -----------------------------------------------------------
 
@@ -376,7 +395,7 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Image:
     name = read_backing_name(header, file)
     if name is not None:
         backing = resolver.open_backing(name, extensions.backing_format, file)
-    return Qcow2Image(file, header, l1, data_file, backing)
+    return Qcow2Image(file, header, l1, data_file, backing, extensions, name)
 
 
 def check_header(header: L.Header, file: InputFile) -> None:

@@ -7,11 +7,25 @@ create's default layout) and streamOptimized. See docs/formats/vmdk.md.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
+from instar.formats.base import (
+    CreateOptions,
+    FormatDetails,
+    OptionSpec,
+    OutputFile,
+    Resolver,
+    Writer,
+)
 from instar.formats.vmdk.layout import COWD_MAGIC, MAGIC, SECTOR, looks_like_descriptor
 from instar.image import Image
 from instar.sizes import round_up
+
+if TYPE_CHECKING:
+    from instar.compare import StatusRun
+    from instar.formats.vmdk.reader import VmdkImage
 
 
 class VmdkFormat:
@@ -38,6 +52,21 @@ class VmdkFormat:
 
         return open_vmdk(file, resolver)
 
+    def describe(self, image: Image) -> FormatDetails:
+        """What ``qemu-img info`` shows (`instar.formats.vmdk.info`)."""
+        from instar.formats.vmdk.info import describe
+
+        return describe(_vmdk_image(image))
+
+    def block_status(self, image: Image) -> Iterator[StatusRun]:
+        """qemu's block status of ``image`` (`instar.formats.vmdk.info`)."""
+        from instar.formats.vmdk.info import block_status
+
+        return block_status(_vmdk_image(image))
+
+    def backing_image(self, image: Image) -> Image | None:
+        return _vmdk_image(image).parent
+
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, SECTOR)
 
@@ -45,6 +74,15 @@ class VmdkFormat:
         from instar.formats.vmdk.writer import create_writer
 
         return create_writer(out, virtual_size, options)
+
+
+def _vmdk_image(image: Image) -> VmdkImage:
+    """``image`` as the reader's class: the hooks take what ``open`` returned."""
+    from instar.formats.vmdk.reader import VmdkImage
+
+    if not isinstance(image, VmdkImage):
+        raise TypeError("expected an image this format opened")
+    return image
 
 
 FORMAT = VmdkFormat()

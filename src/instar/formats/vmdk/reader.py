@@ -165,9 +165,10 @@ def check_sparse_header(header: SparseHeader, file: InputFile) -> int:
 class SparseExtent:
     """A hosted sparse extent: grain directory in memory, grain tables cached."""
 
-    def __init__(self, file: InputFile, header: SparseHeader) -> None:
+    def __init__(self, file: InputFile, header: SparseHeader, kind: str = "") -> None:
         self.file = file
         self.header = header
+        self.kind = kind  # the descriptor's extent type; "" for a monolithic file
         entries = check_sparse_header(header, file)
         self.length = header.capacity * SECTOR
         self.grain_bytes = header.grain_sectors * SECTOR
@@ -192,6 +193,14 @@ class SparseExtent:
                 "lies beyond the end of the file"
             )
         return gd
+
+    @property
+    def zero_grains(self) -> bool:
+        return self._zero_grain
+
+    def table(self, index: int) -> array[int] | None:
+        """Grain table ``index`` (None when the directory maps none), for block status."""
+        return self._table(index)
 
     def _table(self, index: int) -> array[int] | None:
         """Grain table ``index``, or None when the directory maps none."""
@@ -303,12 +312,18 @@ def _merge(pending: Run, run: Run) -> Run | None:
 class FlatExtent:
     """Raw bytes of a file from ``start``; holes in the file read as zeros."""
 
-    def __init__(self, file: InputFile, sectors: int, start_sector: int) -> None:
+    def __init__(self, file: InputFile, sectors: int, start_sector: int, kind: str) -> None:
         self.file = file
+        self.kind = kind  # FLAT or VMFS
         self.length = sectors * SECTOR
         self.start = start_sector * SECTOR
         self._raw = RawImage(file)
         self.metadata_bytes = 0
+
+    @property
+    def raw(self) -> RawImage:
+        """The extent file as a raw image (its data and holes)."""
+        return self._raw
 
     def runs(self, offset: int, length: int) -> Iterator[Run]:
         """File data as RAW, holes and the part past the file's end as ZERO.
@@ -372,6 +387,15 @@ class VmdkImage:
     @property
     def virtual_size(self) -> int:
         return self._size
+
+    @property
+    def parent(self) -> Image | None:
+        return self._parent
+
+    @property
+    def disk_extents(self) -> tuple[DiskExtent, ...]:
+        """The extents in disk order (what instar info lists)."""
+        return tuple(self._extents)
 
     def set_parent(self, parent: Image, problem: str | None) -> None:
         """Attach the parent; ``problem`` (a CID mismatch) fails reads that need it, as qemu."""
@@ -462,7 +486,7 @@ class VmdkImage:
 
 def open_vmdk(file: InputFile, resolver: Resolver) -> VmdkImage:
     """Open ``file`` as qemu's vmdk driver would: a sparse extent or a descriptor."""
-    if file.size < 4:
+    if file.size == 0:  # qemu sees whole sectors: 1 to 3 bytes read as a descriptor
         raise FormatError("File is too small, not a valid image")
     magic = file.pread(0, 4)
     if magic in (MAGIC, COWD_MAGIC):
@@ -572,14 +596,14 @@ def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskE
         raise UnsupportedError(f"vmdk extents of type '{kind}' are not supported")
     extent_file = resolver.open_file(line.name, file, "extent")
     if kind in ("FLAT", "VMFS"):
-        return FlatExtent(extent_file, line.sectors, line.offset or 0)
+        return FlatExtent(extent_file, line.sectors, line.offset or 0, kind)
     header = read_sparse_header(extent_file)
     if header.capacity != line.sectors:
         raise FormatError(
             f"sparse extent '{line.name}' holds {header.capacity} sectors, "
             f"the descriptor says {line.sectors}"
         )
-    return SparseExtent(extent_file, header)
+    return SparseExtent(extent_file, header, kind)
 
 
 def _attach_parent(image: VmdkImage, file: InputFile, resolver: Resolver) -> None:

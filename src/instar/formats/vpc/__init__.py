@@ -8,11 +8,24 @@ stays cheap.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
+from instar.formats.base import (
+    CreateOptions,
+    FormatDetails,
+    OptionSpec,
+    OutputFile,
+    Resolver,
+    Writer,
+)
 from instar.formats.vpc.layout import FOOTER_COOKIE
 from instar.formats.vpc.layout import declared_size as _declared_size
 from instar.image import Image
+
+if TYPE_CHECKING:
+    from instar.compare import StatusRun
 
 
 class VpcFormat:
@@ -30,6 +43,21 @@ class VpcFormat:
         from instar.formats.vpc.reader import open_vpc
 
         return open_vpc(file, resolver)
+
+    def describe(self, image: Image) -> FormatDetails:
+        """What ``qemu-img info`` shows (`instar.formats.vpc.info`)."""
+        from instar.formats.vpc.info import describe
+
+        return describe(image)
+
+    def block_status(self, image: Image) -> Iterator[StatusRun]:
+        """qemu's block status of ``image`` (`instar.formats.vpc.info`)."""
+        from instar.formats.vpc.info import block_status
+
+        return block_status(image)
+
+    def backing_image(self, image: Image) -> Image | None:
+        return None  # qemu reads a differencing disk without its parent
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         force = options is not None and options.options.get("force_size") == "on"

@@ -86,8 +86,10 @@ def _read_footer(file: InputFile) -> tuple[Footer, bool]:
     data = file.pread(0, FOOTER_SIZE)
     at_start = data[: len(FOOTER_COOKIE)] == FOOTER_COOKIE and len(data) == FOOTER_SIZE
     if not at_start:
-        if file.size < FOOTER_SIZE:
+        if file.size == 0:
             raise FormatError("File too small for a VHD header")
+        if file.size < FOOTER_SIZE:  # qemu pads the file to a sector: no footer there
+            raise FormatError("invalid VPC image")
         data = file.pread_exact(file.size - FOOTER_SIZE, FOOTER_SIZE, "VHD footer")
         if data[: len(FOOTER_COOKIE)] != FOOTER_COOKIE:
             raise FormatError("invalid VPC image")
@@ -278,6 +280,14 @@ class DynamicVpcImage:
     @property
     def virtual_size(self) -> int:
         return self._size
+
+    @property
+    def block_size(self) -> int:
+        return self._block_size
+
+    def block_allocated(self, index: int) -> bool:
+        """Whether the BAT maps block ``index`` (for block status)."""
+        return self._bat[index] != UNALLOCATED
 
     def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
         """(block index, offset in block, disk offset, length) for each block touched."""

@@ -1,0 +1,344 @@
+"""What qemu says about a qcow2 image: ``qemu-img info`` (the `describe`
+hook) and block status (for ``instar compare``).
+
+The facts of qemu's ``qcow2_co_get_info``, ``qcow2_get_specific_info`` and
+``qcow2_snapshot_list``, from metadata only: the header, its extensions, the
+snapshot table and the bitmap directory. The two tables are read here and
+not when opening, since only info needs them; each is bounded as qemu bounds
+it (65536 snapshots, 1 KiB of extra data each, 64 MiB in all; 65535 bitmaps
+in a 64 MiB directory) before anything is read.
+"""
+
+from __future__ import annotations
+
+import struct
+from array import array
+from collections.abc import Iterator
+
+from instar.compare import DATA, OFFSET_VALID, ZERO, StatusRun
+from instar.errors import FormatError
+from instar.formats.base import ChildFile, FormatDetails, QValue, SnapshotDetails
+from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.reader import Qcow2Image
+
+# qemu's limits (block/qcow2.h).
+MAX_SNAPSHOT_EXTRA_DATA = 1024
+MAX_SNAPSHOT_TABLE_BYTES = 64 << 20  # QCOW_MAX_SNAPSHOTS_SIZE
+MAX_BITMAPS = 65535
+MAX_BITMAP_DIRECTORY_BYTES = 1024 * MAX_BITMAPS
+MAX_BITMAP_NAME = 1023
+MIN_GRANULARITY_BITS, MAX_GRANULARITY_BITS = 9, 31
+BITMAP_TYPE_DIRTY_TRACKING = 1
+BME_FLAG_IN_USE = 1 << 0
+BME_FLAG_AUTO = 1 << 1
+# qemu's snapshot list keeps id and name in fixed buffers (QEMUSnapshotInfo).
+SNAPSHOT_ID_BYTES = 127
+SNAPSHOT_NAME_BYTES = 255
+
+# l1_table_offset, l1_size, id_str_size, name_size, date_sec, date_nsec,
+# vm_clock_nsec, vm_state_size, extra_data_size.
+SNAPSHOT_HEADER = struct.Struct(">QIHHIIQII")
+# vm_state_size_large, disk_size, icount: each present if extra data reaches it.
+SNAPSHOT_EXTRA_U64 = struct.Struct(">Q")
+# nb_bitmaps, reserved, bitmap_directory_size, bitmap_directory_offset.
+BITMAPS_EXTENSION = struct.Struct(">IIQQ")
+# bitmap_table_offset, bitmap_table_size, flags, type, granularity_bits,
+# name_size, extra_data_size.
+BITMAP_ENTRY = struct.Struct(">QIIBBHI")
+
+
+def describe(image: Qcow2Image) -> FormatDetails:
+    """qemu-img info's facts about an open qcow2 image."""
+    header = image.header
+    extensions = image.extensions
+    children = []
+    if image.data_file is not None:
+        children.append(ChildFile("data-file", image.data_file))
+    return FormatDetails(
+        cluster_size=header.cluster_size,
+        dirty=bool(header.incompatible_features & L.INCOMPAT_DIRTY),
+        backing_filename=image.backing_name,
+        backing_format=extensions.backing_format if image.backing_name else None,
+        snapshots=read_snapshots(image),
+        specific_type="qcow2",
+        specific=specific_info(image),
+        children=children,
+    )
+
+
+def specific_info(image: Qcow2Image) -> dict[str, QValue]:
+    """ImageInfoSpecificQCow2, members in the QAPI schema's order."""
+    header = image.header
+    compression = L.COMPRESSION_NAMES[header.compression_type]
+    refcount_bits = 1 << header.refcount_order
+    if header.version < 3:
+        return {"compat": "0.10", "refcount-bits": refcount_bits,
+                "compression-type": compression}
+    data: dict[str, QValue] = {"compat": "1.1"}
+    if image.extensions.data_file is not None:
+        data["data-file"] = image.extensions.data_file
+    if header.incompatible_features & L.INCOMPAT_DATA_FILE:
+        data["data-file-raw"] = bool(header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
+    data["extended-l2"] = header.extended_l2
+    data["lazy-refcounts"] = bool(header.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
+    data["corrupt"] = bool(header.incompatible_features & L.INCOMPAT_CORRUPT)
+    data["refcount-bits"] = refcount_bits
+    bitmaps = read_bitmaps(image)
+    if bitmaps:
+        data["bitmaps"] = bitmaps
+    data["compression-type"] = compression
+    return data
+
+
+def _int64(value: int) -> int:
+    """A uint64 as qemu's int64 QAPI members show it."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _c_string(raw: bytes, limit: int) -> str:
+    """Bytes as qemu's fixed C buffer keeps them: up to a NUL, at most ``limit``."""
+    return raw.split(b"\0", 1)[0][:limit].decode("utf-8", "surrogateescape")
+
+
+# ---------------------------------------------------------------------------
+# Snapshots
+
+
+def read_snapshots(image: Qcow2Image) -> list[SnapshotDetails]:
+    """The snapshot table, as qemu's ``qcow2_read_snapshots`` reads it."""
+    header = image.header
+    if header.nb_snapshots > L.MAX_SNAPSHOTS:  # the reader checks this too
+        raise FormatError("Too many snapshots")
+    file = image.file
+    start = offset = header.snapshots_offset
+    snapshots = []
+    for index in range(header.nb_snapshots):
+        offset = (offset + 7) & ~7
+        fixed = file.pread_exact(offset, SNAPSHOT_HEADER.size, "snapshot table entry")
+        (_l1_offset, _l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec,
+         vm_state_size, extra_size) = SNAPSHOT_HEADER.unpack(fixed)
+        if extra_size > MAX_SNAPSHOT_EXTRA_DATA:
+            raise FormatError(f"Too much extra metadata in snapshot table entry {index}")
+        offset += SNAPSHOT_HEADER.size
+        variable = extra_size + id_size + name_size
+        if offset + variable - start > MAX_SNAPSHOT_TABLE_BYTES:
+            raise FormatError("Snapshot table is too big")
+        rest = file.pread_exact(offset, variable, "snapshot table entry")
+        offset += variable
+        extra = rest[:extra_size]
+        if len(extra) >= 8:
+            vm_state_size = SNAPSHOT_EXTRA_U64.unpack_from(extra, 0)[0]
+        icount = SNAPSHOT_EXTRA_U64.unpack_from(extra, 16)[0] if len(extra) >= 24 else None
+        snapshots.append(SnapshotDetails(
+            id=_c_string(rest[extra_size : extra_size + id_size], SNAPSHOT_ID_BYTES),
+            name=_c_string(rest[extra_size + id_size :], SNAPSHOT_NAME_BYTES),
+            vm_state_size=_int64(vm_state_size),
+            date_sec=date_sec,
+            date_nsec=date_nsec,
+            vm_clock_nsec=vm_clock_nsec,
+            icount=None if icount is None or icount == (1 << 64) - 1 else _int64(icount),
+        ))
+    return snapshots
+
+
+# ---------------------------------------------------------------------------
+# Persistent dirty bitmaps
+
+
+def read_bitmaps(image: Qcow2Image) -> list[QValue]:
+    """Qcow2BitmapInfo for each bitmap of the directory, in directory order.
+
+    qemu ignores a bitmaps extension whose autoclear bit is clear (a program
+    without bitmap support wrote the image), and so does this.
+    """
+    header = image.header
+    payload = image.extensions.bitmaps_payload
+    if not image.extensions.has_bitmaps:
+        return []
+    if len(payload) != BITMAPS_EXTENSION.size:
+        raise FormatError("bitmaps_ext: Invalid extension length")
+    if not header.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        return []
+    count, _reserved, size, offset = BITMAPS_EXTENSION.unpack(payload)
+    if count > MAX_BITMAPS:
+        raise FormatError(
+            f"bitmaps_ext: Image has {count} bitmaps, exceeding the QEMU supported "
+            f"maximum of {MAX_BITMAPS}"
+        )
+    if count == 0:
+        raise FormatError("found bitmaps extension with zero bitmaps")
+    if offset & (header.cluster_size - 1):
+        raise FormatError("bitmaps_ext: invalid bitmap directory offset")
+    if size > MAX_BITMAP_DIRECTORY_BYTES:
+        raise FormatError(
+            f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum supported "
+            f"size ({MAX_BITMAP_DIRECTORY_BYTES})"
+        )
+    directory = image.file.pread_exact(offset, size, "bitmap directory")
+    bitmaps = list(_bitmap_entries(directory))
+    if len(bitmaps) != count:
+        raise FormatError("Broken bitmap directory")
+    return bitmaps
+
+
+def _bitmap_entries(directory: bytes) -> list[QValue]:
+    entries: list[QValue] = []
+    position = 0
+    while position < len(directory):
+        if len(directory) - position < BITMAP_ENTRY.size:
+            raise FormatError("Broken bitmap directory")
+        (_table_offset, _table_size, flags, kind, granularity_bits, name_size,
+         extra_size) = BITMAP_ENTRY.unpack_from(directory, position)
+        length = BITMAP_ENTRY.size + extra_size + name_size
+        if (
+            length > len(directory) - position
+            or kind != BITMAP_TYPE_DIRTY_TRACKING
+            or not MIN_GRANULARITY_BITS <= granularity_bits <= MAX_GRANULARITY_BITS
+            or not 0 < name_size <= MAX_BITMAP_NAME
+        ):
+            raise FormatError("Broken bitmap directory")
+        name_at = position + BITMAP_ENTRY.size + extra_size
+        raw_name = directory[name_at : name_at + name_size]
+        entries.append({
+            "name": raw_name.split(b"\0", 1)[0].decode("utf-8", "surrogateescape"),
+            "granularity": 1 << granularity_bits,
+            "flags": _bitmap_flags(flags),
+        })
+        position += (length + 7) & ~7
+    return entries
+
+
+def _bitmap_flags(flags: int) -> list[QValue]:
+    """Qcow2BitmapInfoFlags, in qemu's order: in-use, then auto."""
+    names: list[QValue] = []
+    if flags & BME_FLAG_IN_USE:
+        names.append("in-use")
+    if flags & BME_FLAG_AUTO:
+        names.append("auto")
+    return names
+
+
+# ---------------------------------------------------------------------------
+# Block status, as qemu's qcow2_co_block_status answers (instar compare)
+
+# qemu's subcluster types and what block status says of each.
+_NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC, _ZERO_PLAIN, _UNALLOC_PLAIN, _COMPRESSED = range(6)
+_STATUS = {
+    _NORMAL: DATA | OFFSET_VALID,
+    _ZERO_ALLOC: ZERO | OFFSET_VALID,
+    _UNALLOC_ALLOC: OFFSET_VALID,  # nothing here: the backing file answers
+    _ZERO_PLAIN: ZERO,
+    _UNALLOC_PLAIN: 0,
+    _COMPRESSED: DATA,
+}
+_HOST_CONTIGUOUS = (_NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC)
+
+
+def block_status(image: Qcow2Image) -> Iterator[StatusRun]:
+    """qemu's answers over the whole image: one per run of clusters of one
+    type (host-contiguous where they have a host offset), never across an L2
+    table; compressed clusters one by one.
+
+    qemu's cache holds whole L2 tables by default, so a table is the limit.
+    Not modelled: images with preallocated metadata, where qemu also asks the
+    file and adds ZERO over its holes.
+    """
+    size = image.virtual_size
+    span = image.l2_span
+    unallocated_from: int | None = None
+    for index in range(-(-size // span)):
+        start, end = index * span, min(size, (index + 1) * span)
+        table = image.l2_table(index)
+        if table is None:
+            if unallocated_from is None:
+                unallocated_from = start
+            continue
+        if unallocated_from is not None:
+            yield StatusRun(unallocated_from, start, 0, span, unallocated_from)
+            unallocated_from = None
+        yield from _table_status(image, table, start, end)
+    if unallocated_from is not None:
+        yield StatusRun(unallocated_from, size, 0, span, unallocated_from)
+
+
+def _table_status(image: Qcow2Image, table: array[int], start: int,
+                  end: int) -> Iterator[StatusRun]:
+    """The runs of one L2 table's range ``[start, end)``."""
+    cluster = image.header.cluster_size
+    subclusters = L.SUBCLUSTERS if image.header.extended_l2 else 1
+    piece = cluster // subclusters
+    pending: tuple[int, int, int, int] | None = None  # start, end, type, next host offset
+    compressed_from: int | None = None
+    position = start
+    for index in range(-(-(end - start) // cluster)):
+        host, types = _cluster_types(image, table, index, position)
+        for first, count, kind in types:
+            run_start = position + first * piece
+            if run_start >= end:
+                break
+            run_end = min(end, run_start + count * piece)
+            if kind == _COMPRESSED:
+                if pending is not None:
+                    yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
+                    pending = None
+                if compressed_from is None:
+                    compressed_from = run_start
+                continue
+            if compressed_from is not None:
+                yield StatusRun(compressed_from, run_start, DATA, cluster, compressed_from)
+                compressed_from = None
+            continues = (
+                pending is not None
+                and pending[2] == kind
+                and pending[1] == run_start
+                and first == 0
+                and (kind not in _HOST_CONTIGUOUS or pending[3] == host)
+            )
+            if pending is not None and continues:
+                pending = (pending[0], run_end, kind, host + cluster)
+            else:
+                if pending is not None:
+                    yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
+                pending = (run_start, run_end, kind, host + cluster)
+            if first + count < subclusters:  # qemu stops at a change inside a cluster
+                yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
+                pending = None
+        position += cluster
+    if compressed_from is not None:
+        yield StatusRun(compressed_from, end, DATA, cluster, compressed_from)
+    if pending is not None:
+        yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
+
+
+def _cluster_types(image: Qcow2Image, table: array[int], index: int,
+                   position: int) -> tuple[int, list[tuple[int, int, int]]]:
+    """The host offset of a cluster and its subcluster runs: (first, count, type)."""
+    extended = image.header.extended_l2
+    entry = table[2 * index if extended else index]
+    host = entry & L.L2E_OFFSET_MASK
+    if entry & L.OFLAG_COMPRESSED:
+        return host, [(0, 1 if not extended else L.SUBCLUSTERS, _COMPRESSED)]
+    data_file = image.data_file is not None
+    allocated = bool(host) or (data_file and bool(entry & L.OFLAG_COPIED))
+    if not extended:
+        if entry & L.OFLAG_ZERO:
+            return host, [(0, 1, _ZERO_ALLOC if host else _ZERO_PLAIN)]
+        return host, [(0, 1, _NORMAL if allocated else _UNALLOC_PLAIN)]
+    bitmap = table[2 * index + 1]
+    alloc, zero = bitmap & L.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
+    if alloc & zero or (not allocated and alloc):
+        raise FormatError(
+            f"invalid subcluster bitmap {bitmap:#018x} at guest offset {position:#x}"
+        )
+    types: list[tuple[int, int, int]] = []
+    for sub in range(L.SUBCLUSTERS):
+        bit = 1 << sub
+        if allocated:
+            kind = _ZERO_ALLOC if zero & bit else _NORMAL if alloc & bit else _UNALLOC_ALLOC
+        else:
+            kind = _ZERO_PLAIN if zero & bit else _UNALLOC_PLAIN
+        if types and types[-1][2] == kind:
+            types[-1] = (types[-1][0], types[-1][1] + 1, kind)
+        else:
+            types.append((sub, 1, kind))
+    return host, types
