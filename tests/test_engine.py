@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import pytest
 import instar
 from helpers import pattern
 from instar.copy import copy_image
+from instar.errors import FormatError
 from instar.image import Concatenation, Extent, ExtentKind, Window, merge_extents
 
 
@@ -133,3 +135,39 @@ def test_api_open_image_and_dd(tmp_path: Path) -> None:
     assert (tmp_path / "out.raw").read_bytes() == pattern(5000)[1000:3000] + bytes(48)
     with pytest.raises(instar.InstarError, match="Could not open"):
         instar.open_image(str(tmp_path / "missing"))
+
+
+class FailingImage(MemoryImage):
+    """Raises a FormatError on the read of a given offset, as a corrupt image would."""
+
+    def __init__(self, data: bytes, fail_at: int) -> None:
+        super().__init__(data)
+        self.fail_at = fail_at
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset <= self.fail_at < offset + length:
+            raise FormatError("bad cluster")
+        return super().read(offset, length)
+
+
+class FailingWriter(RecordingWriter):
+    def write(self, offset: int, data: bytes) -> None:
+        raise OSError(28, "No space left on device")
+
+
+def test_reader_error_reaches_the_caller_and_nothing_is_closed() -> None:
+    image = FailingImage(pattern(20 << 20), fail_at=9 << 20)
+    writer = RecordingWriter(20 << 20)
+    with pytest.raises(FormatError, match="bad cluster"):
+        copy_image(image, writer)
+    assert not writer.closed
+    assert all(offset < 9 << 20 for _, offset, _ in writer.calls)
+    assert threading.active_count() == 1  # the reader thread is gone
+
+
+def test_writer_error_stops_the_reader_thread() -> None:
+    image = MemoryImage(pattern(64 << 20))
+    with pytest.raises(OSError, match="No space"):
+        copy_image(image, FailingWriter(64 << 20))
+    assert threading.active_count() == 1
+    assert len(image.reads) <= 4  # it stopped reading, a few chunks ahead at most
