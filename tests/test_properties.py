@@ -7,7 +7,7 @@ import re
 from hypothesis import given
 from hypothesis import strategies as st
 
-from instar.dd import dd_window
+from instar.dd_core import dd_window
 from instar.sizes import INT64_MAX, UINT64_MAX, SizeStatus, parse_size, round_up
 
 _MODEL = re.compile(r"[ \t]*\+?(?:(0[xX][0-9a-fA-F]++)|([0-9]+)(\.[0-9]*)?)([bBkKmMgGtTpPeE]?)")

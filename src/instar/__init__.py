@@ -4,7 +4,7 @@ The Python API, small on purpose:
 
 - `open_image(path, fmt=None, allow=())` returns an `Image` with
   ``virtual_size``, ``read(offset, length)`` and ``extents(offset, length)``;
-  close it when done (``with closing(open_image(...))``).
+  use it as a context manager (``with open_image(...) as image:``).
 - `dd(input_path, output_path, bs=512, count=None, skip=None, ...)` does what
   ``instar dd`` does.
 
@@ -14,53 +14,37 @@ image's own directory or a directory listed in ``allow``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
-
-from instar.dd import DdWindow, dd, dd_window
-from instar.errors import InstarError
-from instar.image import Extent, ExtentKind, Image, Window
-from instar.opener import ImageOpener
-from instar.safety import PathPolicy
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+# Loaded on first use, so that ``instar --version`` and ``instar info`` start fast.
+_LAZY = {
+    "DdWindow": "instar.dd_core",
+    "dd": "instar.dd_core",
+    "dd_window": "instar.dd_core",
+    "InstarError": "instar.errors",
+    "Extent": "instar.image",
+    "ExtentKind": "instar.image",
+    "Image": "instar.image",
+    "Window": "instar.image",
+    "OpenedImage": "instar.api",
+    "open_image": "instar.api",
+}
 
-class OpenedImage:
-    """An Image together with every file it opened; ``close`` closes them all."""
-
-    def __init__(self, image: Image, opener: ImageOpener) -> None:
-        self._image = image
-        self._opener = opener
-
-    @property
-    def virtual_size(self) -> int:
-        return self._image.virtual_size
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self._image.read(offset, length)
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        return self._image.extents(offset, length)
-
-    def close(self) -> None:
-        self._opener.close()
-
-    def __enter__(self) -> OpenedImage:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+if TYPE_CHECKING:
+    from instar.api import OpenedImage, open_image
+    from instar.dd_core import DdWindow, dd, dd_window
+    from instar.errors import InstarError
+    from instar.image import Extent, ExtentKind, Image, Window
 
 
-def open_image(path: str, fmt: str | None = None, allow: Iterable[str] = ()) -> OpenedImage:
-    """Open ``path`` (format probed as qemu does when ``fmt`` is None)."""
-    opener = ImageOpener(PathPolicy.for_image(path, allow))
-    try:
-        image = opener.open(path, fmt)
-    except BaseException:
-        opener.close()
-        raise
-    return OpenedImage(image, opener)
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'instar' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
 
 
 __all__ = [

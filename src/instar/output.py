@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import stat
 from collections.abc import Callable, Iterable
 
@@ -62,7 +61,7 @@ class AtomicOutput:
 
     def _temp_name(self) -> str:
         directory, base = os.path.split(self._final)
-        return os.path.join(directory, f".{base}.{secrets.token_hex(4)}.instar-tmp")
+        return os.path.join(directory, f".{base}.{os.urandom(4).hex()}.instar-tmp")
 
     def _open_anonymous(self) -> int | None:
         """An unnamed file in the target's directory, or None where that is unsupported."""

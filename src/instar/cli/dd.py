@@ -119,7 +119,7 @@ def run(args: list[str]) -> int:
         return 0
     if request.input_path is None or request.output_path is None:
         raise UsageError("Must specify both input and output files")
-    from instar.dd import dd
+    from instar.dd_core import dd
 
     meter = ProgressMeter() if request.progress else None
     dd(

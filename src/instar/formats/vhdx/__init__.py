@@ -10,9 +10,11 @@ from __future__ import annotations
 
 from instar.files import InputFile
 from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
-from instar.formats.vhdx.layout import FILE_SIGNATURE
 from instar.image import Image
 from instar.sizes import round_up
+
+# Here, not in layout, so that probing does not import the whole layout module.
+FILE_SIGNATURE = b"vhdxfile"
 
 
 class VhdxFormat:

@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 import google_crc32c
 
 from instar.errors import FormatError
+from instar.formats.vhdx import (
+    FILE_SIGNATURE as FILE_SIGNATURE,  # re-exported: defined there for probing
+)
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -38,7 +41,7 @@ HEADER_SIZE = 4 * KiB  # the CRC covers this much of each 64 KiB header block
 REGION_TABLE_SIZE = 64 * KiB
 METADATA_TABLE_SIZE = 64 * KiB
 
-FILE_SIGNATURE = b"vhdxfile"
+
 HEADER_SIGNATURE = b"head"
 REGION_SIGNATURE = b"regi"
 METADATA_SIGNATURE = b"metadata"

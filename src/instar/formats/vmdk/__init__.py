@@ -19,9 +19,13 @@ from instar.formats.base import (
     Resolver,
     Writer,
 )
-from instar.formats.vmdk.layout import COWD_MAGIC, MAGIC, SECTOR, looks_like_descriptor
 from instar.image import Image
 from instar.sizes import round_up
+
+# Here, not in layout, so that probing does not import the whole layout module.
+SECTOR = 512
+MAGIC = b"KDMV"  # hosted sparse extent ("VMDK4")
+COWD_MAGIC = b"COWD"  # ESX VMFS sparse ("VMDK3"), refused
 
 if TYPE_CHECKING:
     from instar.compare import StatusRun
@@ -45,6 +49,10 @@ class VmdkFormat:
             return 0
         if header.startswith((MAGIC, COWD_MAGIC)):
             return 100
+        if header[:1] not in (b"#", b" ", b"v"):
+            return 0  # a descriptor starts with a comment, a blank line or version=
+        from instar.formats.vmdk.layout import looks_like_descriptor
+
         return 100 if looks_like_descriptor(header) else 0
 
     def open(self, file: InputFile, resolver: Resolver) -> Image:

@@ -21,9 +21,11 @@ from dataclasses import dataclass, field, replace
 
 from instar.errors import FormatError
 
-SECTOR = 512
-MAGIC = b"KDMV"  # hosted sparse extent ("VMDK4")
-COWD_MAGIC = b"COWD"  # ESX VMFS sparse ("VMDK3"), refused
+# Defined in the package, for cheap probing; re-exported here with the rest of the layout.
+from instar.formats.vmdk import COWD_MAGIC as COWD_MAGIC
+from instar.formats.vmdk import MAGIC as MAGIC
+from instar.formats.vmdk import SECTOR as SECTOR
+
 SESPARSE_MAGIC = b"\xbe\xba\xfe\xca\x00\x00\x00\x00"  # 0xcafebabe little-endian
 
 FLAG_NL_DETECT = 1 << 0  # the four line-ending check bytes are valid

@@ -20,9 +20,10 @@ from instar.formats.base import (
     Resolver,
     Writer,
 )
-from instar.formats.vpc.layout import FOOTER_COOKIE
-from instar.formats.vpc.layout import declared_size as _declared_size
 from instar.image import Image
+
+# Here, not in layout, so that probing does not import the whole layout module.
+FOOTER_COOKIE = b"conectix"
 
 if TYPE_CHECKING:
     from instar.compare import StatusRun
@@ -61,7 +62,9 @@ class VpcFormat:
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         force = options is not None and options.options.get("force_size") == "on"
-        return _declared_size(length, force)
+        from instar.formats.vpc.layout import declared_size
+
+        return declared_size(length, force)
 
     def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
         from instar.formats.vpc.writer import create_writer

@@ -17,10 +17,14 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass, field
 
+from instar.formats.vpc import (
+    FOOTER_COOKIE as FOOTER_COOKIE,  # re-exported: defined there for probing
+)
+
 SECTOR = 512
 FOOTER_SIZE = 512
 DYNAMIC_HEADER_SIZE = 1024
-FOOTER_COOKIE = b"conectix"
+
 DYNAMIC_COOKIE = b"cxsparse"
 NO_OFFSET = 0xFFFFFFFFFFFFFFFF  # "no next structure" (qemu and Microsoft tools set all 64 bits)
 UNALLOCATED = 0xFFFFFFFF  # a BAT entry of a block not in the file

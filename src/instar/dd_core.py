@@ -1,5 +1,7 @@
 """dd as qemu-img does it: a window of the input copied to a new image.
 
+(Named dd_core so that the module does not shadow the function ``instar.dd``.)
+
 `dd_window` is qemu-img's arithmetic (``count`` is an absolute end measured
 from the start of the input, not from ``skip``); `dd` is Window + copy engine.
 """
