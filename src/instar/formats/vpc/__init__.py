@@ -25,7 +25,7 @@ from instar.formats.vpc.layout import declared_size as _declared_size
 from instar.image import Image
 
 if TYPE_CHECKING:
-    from instar.compare import StatusRun
+    from instar.formats.base import StatusRun
 
 
 class VpcFormat:
