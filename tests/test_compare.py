@@ -2,7 +2,7 @@
 
 Each row names two images (built once per module) and options; stdout, stderr
 and the exit code must be qemu-img's, progress lines included. PAIRS compare
-raw files; CROSS_PAIRS the same contents in qcow2, vmdk and vpc (converted
+raw files; CROSS_PAIRS the same contents in qcow2, vmdk, vpc and vhdx (converted
 with qemu-img, edited with qemu-io, over backing files), in strict mode and
 with the meter too, since both show how each qemu driver answers block status.
 """
@@ -130,6 +130,20 @@ CROSS_IMAGES: dict[str, Builder] = {
     "over-first-byte.vmdk": _overlay("vmdk", "first-byte.vmdk", "vmdk",
                                      "write -P 0x33 2M 4k"),
     "over-over.qcow2": _overlay("qcow2", "over-base.qcow2", "qcow2", "write -P 0x44 3145216 512"),
+    # vhdx: qemu's driver has no block status, so every byte is data (holes too)
+    "base.vhdx": _convert("base.raw", "vhdx"),
+    "base-fixed.vhdx": _convert("base.raw", "vhdx", "-o", "subformat=fixed"),
+    "first-byte.vhdx": _convert("first-byte.raw", "vhdx"),
+    "last-byte.vhdx": _convert("last-byte.raw", "vhdx", "-o", "block_size=1M"),
+    "shorter.vhdx": _convert("shorter.raw", "vhdx", "-o", "block_size=32M"),
+    "longer-data.vhdx": _convert("longer-data.raw", "vhdx"),
+    "hole-64m.vhdx": _convert("hole-64m.raw", "vhdx"),
+    "middle.vhdx": _edited(_convert("base.raw", "vhdx", "-o", "block_size=1M"), "vhdx",
+                           "write -P 0xee 1052673 1"),
+    "zeros.vhdx": _edited(_convert("base.raw", "vhdx", "-o", "block_size=1M"), "vhdx",
+                          "write -z 1M 64k", "write -z 2M 64k"),
+    "empty.vhdx": lambda p: _qemu_img(p, "create", "-q", "-f", "vhdx", "-o", "block_size=1M",
+                                      p.name, "0"),
 }
 
 # Pairs across formats: identical, first byte, last byte, a backing file,
@@ -180,6 +194,35 @@ CROSS_PAIRS: list[tuple[str, str]] = [
     ("hole-64m.qcow2", "hole-64m.vmdk"),
     ("hole-64m.vmdk", "hole-64m.raw"),
     ("hole-64m.qcow2", "hole-64m.vhd"),
+    # vhdx: all data, allocated, one answer to the end (no offset)
+    ("base.vhdx", "base.raw"),
+    ("base.raw", "base-fixed.vhdx"),
+    ("base.vhdx", "base-fixed.vhdx"),
+    ("base.vhdx", "base.qcow2"),
+    ("base-compressed.qcow2", "base.vhdx"),
+    ("base-forced.vhd", "base.vhdx"),
+    ("base.vhdx", "base.vhd"),
+    ("first-byte.vhdx", "base.qcow2"),
+    ("base.raw", "first-byte.vhdx"),
+    ("first-byte.vhdx", "base-forced.vhd"),
+    ("last-byte.vhdx", "last-byte.raw"),
+    ("base.qcow2", "last-byte.vhdx"),
+    ("last-byte.vhdx", "base-forced.vhd"),
+    ("middle.vhdx", "middle.raw"),
+    ("middle.vhd", "middle.vhdx"),
+    ("middle.vhdx", "base.vhdx"),
+    ("shorter.vhdx", "base.qcow2"),
+    ("base.raw", "shorter.vhdx"),
+    ("shorter.vhdx", "base.vhd"),
+    ("longer-data.vhdx", "base.vhd"),
+    ("base.qcow2", "longer-data.vhdx"),
+    ("longer-zero.qcow2", "base.vhdx"),
+    ("zeros.vhdx", "zeros.qcow2"),
+    ("zeros.vhdx", "base.raw"),
+    ("hole-64m.vhdx", "hole-64m.raw"),
+    ("hole-64m.vhd", "hole-64m.vhdx"),
+    ("hole-64m.vhdx", "dot-in-hole-64m.qcow2"),
+    ("empty.vhdx", "empty.raw"),
 ]
 
 CROSS_OPTIONS: list[list[str]] = [[], ["-q"], ["-p"], ["-s"], ["-s", "-p"]]
@@ -254,7 +297,8 @@ def test_compare_across_formats(pair: tuple[str, str], options: list[str],
 
 
 def _format_of(name: str) -> str:
-    return {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc"}[name.rsplit(".", 1)[1]]
+    suffix = name.rsplit(".", 1)[1]
+    return {"raw": "raw", "qcow2": "qcow2", "vmdk": "vmdk", "vhd": "vpc", "vhdx": "vhdx"}[suffix]
 
 
 @pytest.mark.usefixtures("qemu_img")

@@ -1,8 +1,8 @@
 """instar info against the real qemu-img info (7.2): byte-identical stdout.
 
 Parity rows run both programs on the same files ("disk size" depends on the
-file system, so both read the same file): a corpus of raw, qcow2, vmdk and
-vpc images made with qemu-img and qemu-io (INFO_IMAGES, built once), in human
+file system, so both read the same file): a corpus of raw, qcow2, vmdk,
+vpc and vhdx images made with qemu-img and qemu-io (INFO_IMAGES, built once), in human
 and JSON form, with and without --backing-chain. Formats instar cannot read
 yet are still covered at the rendering level: their facts (taken from qemu's
 own JSON) are rendered by instar.info and must give qemu's exact text.
@@ -241,6 +241,18 @@ INFO_IMAGES: dict[str, Builder] = {
     "odd.vhd": _new("vpc", "1000001"),
     "empty.vhd": _new("vpc", "0"),
     "converted.vhd": _convert("sparse.raw", "vpc"),
+    # vhdx: cluster_size is the block size (fixed images too), nothing format-specific
+    "dynamic.vhdx": _new("vhdx", "5M"),
+    "fixed.vhdx": _new("vhdx", "3M", "subformat=fixed"),
+    "b1m.vhdx": _new("vhdx", "5M", "block_size=1M"),
+    "b32m.vhdx": _new("vhdx", "5M", "block_size=32M"),
+    "odd.vhdx": _new("vhdx", "1000001"),
+    "empty.vhdx": _new("vhdx", "0", "block_size=1M"),  # 64 MiB of BAT with the default
+    "written.vhdx": _then(_new("vhdx", "8M"), _io("vhdx", "write -P 0x5a 1M 64k")),
+    "zeroed.vhdx": _then(_new("vhdx", "4M", "block_size=1M"),
+                         _io("vhdx", "write -P 10 0 2M", "write -z 1M 1M")),
+    "converted.vhdx": _convert("sparse.raw", "vhdx"),
+    "converted-fixed.vhdx": _convert("mib-plus-one.raw", "vhdx", "subformat=fixed"),
 }
 
 # Images whose backing chain qemu-img cannot open (so --backing-chain fails).
@@ -282,6 +294,7 @@ FORMAT_ROWS: list[tuple[str, str]] = [
     ("fixed.vhd", "vpc"), ("force-fixed.vhd", "vpc"), ("dynamic.vhd", "vpc"),
     ("v3.qcow2", "qcow2"), ("top.qcow2", "qcow2"), ("sparse.vmdk", "vmdk"),
     ("split-flat.vmdk", "vmdk"), ("stream.vmdk", "raw"), ("flat-flat.vmdk", "raw"),
+    ("fixed.vhdx", "vhdx"), ("zeroed.vhdx", "vhdx"), ("converted.vhdx", "raw"),
 ]
 
 
@@ -342,6 +355,9 @@ ERROR_ROWS: list[list[str]] = [
     ["-f", "vmdk", "empty.raw"],
     ["-f", "qcow2", "sparse.vmdk"],
     ["-f", "vpc", "v3.qcow2"],
+    ["-f", "vhdx", "one.raw"],
+    ["-f", "vhdx", "dynamic.vhd"],
+    ["-f", "qcow2", "dynamic.vhdx"],
     ["--backing-chain", "missing-backing.qcow2"],
     ["split-sparse-s001.vmdk"],
 ]

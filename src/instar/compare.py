@@ -18,10 +18,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
 
 from instar.errors import InstarError
-from instar.image import ExtentKind, Image
+from instar.formats.base import (
+    ALLOCATED,
+    DATA,
+    EOF,
+    OFFSET_VALID,
+    ZERO,
+    StatusRun,
+    StatusSource,
+    runs_from_extents,
+)
+from instar.image import Image
 from instar.opener import ImageOpener, OpenedNode
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
 
@@ -47,64 +56,8 @@ class CompareError(InstarError):
 
 
 # ---------------------------------------------------------------------------
-# qemu's block status, as img_compare sees it
-
-
-# BDRV_BLOCK_* flags (include/block/block-common.h).
-DATA, ZERO, OFFSET_VALID, ALLOCATED, EOF = 0x01, 0x02, 0x04, 0x10, 0x20
-
-
-class StatusRun(NamedTuple):
-    """What a format driver's block status says of ``[start, end)``.
-
-    ``flags`` are the driver's own (DATA, ZERO, OFFSET_VALID; 0 for
-    "not in this image": the backing file answers). qemu answers a query in
-    pieces: the whole run, or with ``step`` one piece per ``step`` bytes
-    counted from ``anchor`` (a VMDK grain, a compressed qcow2 cluster). The
-    pieces matter where qemu shows them: the EOF flag of strict mode and the
-    progress meter.
-    """
-
-    start: int
-    end: int
-    flags: int
-    step: int = 0
-    anchor: int = 0
-
-    def piece_end(self, offset: int) -> int:
-        """Where qemu's answer for a query at ``offset`` ends."""
-        if not self.step:
-            return self.end
-        return min(self.end, self.anchor + ((offset - self.anchor) // self.step + 1) * self.step)
-
-
-@runtime_checkable
-class StatusSource(Protocol):
-    """A Format that says what its qemu driver's block status is (optional)."""
-
-    def block_status(self, image: Image) -> Iterator[StatusRun]:
-        """Runs covering ``[0, image.virtual_size)`` in order."""
-        ...
-
-    def backing_image(self, image: Image) -> Image | None:
-        """The image qemu asks where ``image`` has nothing (its backing file)."""
-        ...
-
-
-def runs_from_extents(image: Image) -> Iterator[StatusRun]:
-    """Block status of a format without its own model: raw's (file-posix):
-    data, or zeros, both at a valid offset, in maximal runs."""
-    pending: StatusRun | None = None
-    for extent in image.extents(0, image.virtual_size):
-        flags = DATA | OFFSET_VALID if extent.kind is ExtentKind.DATA else ZERO | OFFSET_VALID
-        if pending is not None and pending.flags == flags:
-            pending = StatusRun(pending.start, extent.end, flags)
-            continue
-        if pending is not None:
-            yield pending
-        pending = StatusRun(extent.offset, extent.end, flags)
-    if pending is not None:
-        yield pending
+# qemu's block status, as img_compare walks it: each format's runs
+# (`instar.formats.base.StatusSource`, or raw's) over its backing layers.
 
 
 class Layer:

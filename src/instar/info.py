@@ -252,18 +252,12 @@ def file_node(file: InputFile) -> NodeInfo:
     )
 
 
-# Formats whose qemu driver counts its child files in "disk size" (its own
-# get_allocated_file_size: vmdk adds its extent files). Other drivers count
-# their own file alone: qemu-img 7.2 leaves a qcow2 data file out.
-SUMS_CHILD_FILES = frozenset({"vmdk"})
-
-
 def disk_size(node: OpenedNode, details: FormatDetails) -> int:
-    """qemu's "disk size": the image file's allocation, plus its child files
-    (each file once) where the driver counts them."""
+    """qemu's "disk size": the image file's allocation, plus the child files
+    the driver counts (``ChildFile.counts_in_disk_size``), each file once."""
     files: dict[tuple[int, int], InputFile] = {node.file.identity: node.file}
-    if node.format.name in SUMS_CHILD_FILES:
-        for child in details.children:
+    for child in details.children:
+        if child.counts_in_disk_size:
             files.setdefault(child.file.identity, child.file)
     return sum(allocated_bytes(file) for file in files.values())
 
@@ -289,7 +283,7 @@ def describe(node: OpenedNode, qemu_version: tuple[int, int]) -> NodeInfo:
     if details.backing_filename:
         info.full_backing_filename = full_backing_filename(node.path, details.backing_filename)
     if qemu_version >= QEMU_8_0:
-        attached = [ChildFile("file", node.file), *details.children]
+        attached = [ChildFile("file", node.file, counts_in_disk_size=True), *details.children]
         # qemu links children at the head of its list: the last opened comes first.
         info.children = [(child.name, file_node(child.file)) for child in reversed(attached)]
     return info

@@ -7,11 +7,12 @@ knows about dd (the copy engine feeds it a Window like any Image).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 from instar.files import InputFile
-from instar.image import Image
+from instar.image import ExtentKind, Image
 
 
 class Resolver(Protocol):
@@ -140,12 +141,15 @@ class SnapshotDetails:
 class ChildFile:
     """A file an image uses besides its own (qcow2 data file, VMDK extent).
 
-    ``name`` is qemu's child name ("data-file", "extents.0"...). Its
-    allocated size counts in "disk size"; qemu 8.0+ shows it as a child node.
+    ``name`` is qemu's child name ("data-file", "extents.0"...); qemu 8.0+
+    shows it as a child node. ``counts_in_disk_size``: whether its allocated
+    size counts in "disk size", as the driver's get_allocated_file_size adds
+    it (vmdk adds its extents; qemu-img 7.2 leaves a qcow2 data file out).
     """
 
     name: str
     file: InputFile
+    counts_in_disk_size: bool
 
 
 @dataclass
@@ -177,3 +181,68 @@ class Describable(Protocol):
         """Facts about ``image`` (returned by this format's ``open``) from its
         metadata only: never read guest data here."""
         ...
+
+
+# What ``instar compare`` asks a format: qemu's block status.
+#
+# qemu-img compare walks both images by the answers of their drivers'
+# block-status callbacks; strict mode compares the flags, the progress meter
+# shows each answer. A format whose qemu driver answers differently from raw
+# states the answers through an optional ``block_status`` method (the
+# `StatusSource` protocol); instar.compare walks them.
+
+# BDRV_BLOCK_* flags (qemu's include/block/block-common.h).
+DATA, ZERO, OFFSET_VALID, ALLOCATED, EOF = 0x01, 0x02, 0x04, 0x10, 0x20
+
+
+class StatusRun(NamedTuple):
+    """What a format driver's block status says of ``[start, end)``.
+
+    ``flags`` are the driver's own (DATA, ZERO, OFFSET_VALID; 0 for
+    "not in this image": the backing file answers). qemu answers a query in
+    pieces: the whole run, or with ``step`` one piece per ``step`` bytes
+    counted from ``anchor`` (a VMDK grain, a compressed qcow2 cluster). The
+    pieces matter where qemu shows them: the EOF flag of strict mode and the
+    progress meter.
+    """
+
+    start: int
+    end: int
+    flags: int
+    step: int = 0
+    anchor: int = 0
+
+    def piece_end(self, offset: int) -> int:
+        """Where qemu's answer for a query at ``offset`` ends."""
+        if not self.step:
+            return self.end
+        return min(self.end, self.anchor + ((offset - self.anchor) // self.step + 1) * self.step)
+
+
+@runtime_checkable
+class StatusSource(Protocol):
+    """A Format that says what its qemu driver's block status is (optional)."""
+
+    def block_status(self, image: Image) -> Iterator[StatusRun]:
+        """Runs covering ``[0, image.virtual_size)`` in order."""
+        ...
+
+    def backing_image(self, image: Image) -> Image | None:
+        """The image qemu asks where ``image`` has nothing (its backing file)."""
+        ...
+
+
+def runs_from_extents(image: Image) -> Iterator[StatusRun]:
+    """Block status of a format without its own model: raw's (file-posix):
+    data, or zeros, both at a valid offset, in maximal runs."""
+    pending: StatusRun | None = None
+    for extent in image.extents(0, image.virtual_size):
+        flags = DATA | OFFSET_VALID if extent.kind is ExtentKind.DATA else ZERO | OFFSET_VALID
+        if pending is not None and pending.flags == flags:
+            pending = StatusRun(pending.start, extent.end, flags)
+            continue
+        if pending is not None:
+            yield pending
+        pending = StatusRun(extent.offset, extent.end, flags)
+    if pending is not None:
+        yield pending

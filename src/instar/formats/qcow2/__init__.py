@@ -25,7 +25,7 @@ from instar.image import Image
 from instar.sizes import round_up
 
 if TYPE_CHECKING:
-    from instar.compare import StatusRun
+    from instar.formats.base import StatusRun
     from instar.formats.qcow2.reader import Qcow2Image
 
 

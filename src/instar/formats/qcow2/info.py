@@ -15,9 +15,17 @@ import struct
 from array import array
 from collections.abc import Iterator
 
-from instar.compare import DATA, OFFSET_VALID, ZERO, StatusRun
 from instar.errors import FormatError
-from instar.formats.base import ChildFile, FormatDetails, QValue, SnapshotDetails
+from instar.formats.base import (
+    DATA,
+    OFFSET_VALID,
+    ZERO,
+    ChildFile,
+    FormatDetails,
+    QValue,
+    SnapshotDetails,
+    StatusRun,
+)
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Image
 
@@ -53,7 +61,8 @@ def describe(image: Qcow2Image) -> FormatDetails:
     extensions = image.extensions
     children = []
     if image.data_file is not None:
-        children.append(ChildFile("data-file", image.data_file))
+        # qemu-img 7.2 counts the qcow2 file alone in "disk size".
+        children.append(ChildFile("data-file", image.data_file, counts_in_disk_size=False))
     return FormatDetails(
         cluster_size=header.cluster_size,
         dirty=bool(header.incompatible_features & L.INCOMPAT_DIRTY),

@@ -3,15 +3,30 @@
 ``layout`` holds the on-disk structures, ``writer`` creates dynamic and fixed
 images the way ``qemu-img create -f vhdx`` lays them out, ``reader`` opens
 dynamic, fixed and differencing images (``log`` replays a pending metadata
-log in memory, never touching the file).
+log in memory, never touching the file). ``info`` says what qemu's driver
+shows to ``qemu-img info`` and ``compare``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, OptionSpec, OutputFile, Resolver, Writer
+from instar.formats.base import (
+    CreateOptions,
+    FormatDetails,
+    OptionSpec,
+    OutputFile,
+    Resolver,
+    Writer,
+)
 from instar.image import Image
 from instar.sizes import round_up
+
+if TYPE_CHECKING:
+    from instar.formats.base import StatusRun
+    from instar.formats.vhdx.reader import VhdxImage
 
 # Here, not in layout, so that probing does not import the whole layout module.
 FILE_SIGNATURE = b"vhdxfile"
@@ -34,6 +49,23 @@ class VhdxFormat:
 
         return reader.open_vhdx(file, resolver)
 
+    def describe(self, image: Image) -> FormatDetails:
+        """What ``qemu-img info`` shows (`instar.formats.vhdx.info`)."""
+        from instar.formats.vhdx.info import describe
+
+        return describe(_vhdx_image(image))
+
+    def block_status(self, image: Image) -> Iterator[StatusRun]:
+        """qemu's block status of ``image`` (`instar.formats.vhdx.info`)."""
+        from instar.formats.vhdx.info import block_status
+
+        return block_status(_vhdx_image(image))
+
+    def backing_image(self, image: Image) -> Image | None:
+        """None: qemu's answer covers every byte (qemu 7.2 cannot open a
+        differencing VHDX at all), so no parent is ever asked."""
+        return None
+
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, 512)
 
@@ -41,6 +73,15 @@ class VhdxFormat:
         from instar.formats.vhdx import writer
 
         return writer.create(out, virtual_size, options)
+
+
+def _vhdx_image(image: Image) -> VhdxImage:
+    """``image`` as the reader's class: the hooks take what ``open`` returned."""
+    from instar.formats.vhdx.reader import VhdxImage
+
+    if not isinstance(image, VhdxImage):
+        raise TypeError(f"not an image the vhdx format opened: {type(image).__name__}")
+    return image
 
 
 FORMAT = VhdxFormat()

@@ -71,7 +71,8 @@ class Metadata:
 def open_vhdx(file: InputFile, resolver: Resolver) -> VhdxImage:
     """Parse and check everything; raise FormatError/UnsupportedError naming the problem."""
     if file.pread(0, 8) != layout.FILE_SIGNATURE:
-        raise FormatError("Image is not in vhdx format")
+        # qemu's words: its vhdx driver fails with EINVAL and no message of its own.
+        raise FormatError(f"Could not open '{file.name}': Invalid argument")
     headers = [
         layout.decode_header(file.pread(offset, layout.HEADER_SIZE))
         for offset in layout.HEADER_OFFSETS

@@ -28,7 +28,7 @@ MAGIC = b"KDMV"  # hosted sparse extent ("VMDK4")
 COWD_MAGIC = b"COWD"  # ESX VMFS sparse ("VMDK3"), refused
 
 if TYPE_CHECKING:
-    from instar.compare import StatusRun
+    from instar.formats.base import StatusRun
     from instar.formats.vmdk.reader import VmdkImage
 
 

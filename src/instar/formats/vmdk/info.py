@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from instar.compare import DATA, OFFSET_VALID, ZERO, StatusRun
 from instar.errors import FormatError
-from instar.formats.base import ChildFile, FormatDetails, QValue
+from instar.formats.base import (
+    DATA,
+    OFFSET_VALID,
+    ZERO,
+    ChildFile,
+    FormatDetails,
+    QValue,
+    StatusRun,
+)
 from instar.formats.vmdk.layout import GTE_ZEROED
 from instar.formats.vmdk.reader import DiskExtent, FlatExtent, SparseExtent, VmdkImage
 from instar.image import Extent, ExtentKind, merge_extents
@@ -41,9 +48,10 @@ def describe(image: VmdkImage) -> FormatDetails:
             "parent-cid": parent_cid,
             "extents": [extent_info(extent) for extent in extents],
         },
-        # A monolithic file is its own only extent; other extent files are children.
+        # A monolithic file is its own only extent; other extent files are
+        # children, which qemu's vmdk driver counts in "disk size".
         children=[
-            ChildFile(f"extents.{index}", extent.file)
+            ChildFile(f"extents.{index}", extent.file, counts_in_disk_size=True)
             for index, extent in enumerate(extents)
             if extent.kind
         ],

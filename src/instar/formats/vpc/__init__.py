@@ -26,7 +26,7 @@ from instar.image import Image
 FOOTER_COOKIE = b"conectix"
 
 if TYPE_CHECKING:
-    from instar.compare import StatusRun
+    from instar.formats.base import StatusRun
 
 
 class VpcFormat:

@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from instar.compare import DATA, OFFSET_VALID, ZERO, StatusRun, runs_from_extents
-from instar.formats.base import FormatDetails
+from instar.formats.base import (
+    DATA,
+    OFFSET_VALID,
+    ZERO,
+    FormatDetails,
+    StatusRun,
+    runs_from_extents,
+)
 from instar.formats.vpc.reader import DynamicVpcImage
 from instar.image import Image
 
