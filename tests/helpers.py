@@ -22,6 +22,18 @@ QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 
 
+def require_qemu() -> None:
+    """Fail (in CI, INSTAR_REQUIRE_QEMU=1) or skip (by hand) without qemu-img and qemu-io."""
+    import pytest
+
+    missing = [name for name, path in (("qemu-img", QEMU_IMG), ("qemu-io", QEMU_IO)) if not path]
+    if missing:
+        message = f"{' and '.join(missing)} not installed (apt-get install qemu-utils)"
+        if os.environ.get("INSTAR_REQUIRE_QEMU") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
+
+
 @dataclass
 class Result:
     rc: int
@@ -114,3 +126,38 @@ def pattern(size: int, seed: int = 0) -> bytes:
     block = bytes((i + seed) % 251 for i in range(251 * 16))
     reps = size // len(block) + 1
     return (block * reps)[:size]
+
+
+DD_INPUT_SIZE = (3 << 20) + 1000
+DD_INPUTS = ["pattern.raw", "c64k.qcow2", "c512.qcow2", "ooo.qcow2", "hole.qcow2"]
+DD_WINDOWS: list[list[str]] = [
+    [],
+    ["bs=65536", "skip=2", "count=4"],
+    ["bs=1000", "count=3"],
+    ["bs=513", "skip=1", "count=3"],
+    ["count=0"],
+]
+
+
+def build_dd_inputs(directory: Path) -> Path:
+    """The inputs of the writers' window matrix, made by qemu-img and qemu-io.
+
+    A patterned raw with a zero stretch; qcow2 copies with 64 KiB and 512-byte
+    clusters (one output grain or block spans many input clusters); a qcow2
+    whose clusters were allocated out of order; one with a hole before data.
+    """
+    require_qemu()
+    data = bytearray(pattern(DD_INPUT_SIZE, seed=9))
+    data[(1 << 20) + 12345 : (2 << 20) + 777] = bytes((1 << 20) - 12345 + 777)
+    raw = directory / "pattern.raw"
+    raw.write_bytes(bytes(data))
+    qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", str(raw), str(directory / "c64k.qcow2"))
+    qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512", str(raw),
+                str(directory / "c512.qcow2"))
+    qemu_img_ok("create", "-q", "-f", "qcow2", str(directory / "ooo.qcow2"), "3M")
+    for command in ("write -P 0x11 2M 128k", "write -P 0x22 1M 64k", "write -P 0x33 0 100k",
+                    "write -P 0x44 2500k 1k"):  # later guest offsets first
+        qemu_io(directory / "ooo.qcow2", command, "qcow2")
+    qemu_img_ok("create", "-q", "-f", "qcow2", str(directory / "hole.qcow2"), "3M")
+    qemu_io(directory / "hole.qcow2", "write -P 0x55 1500k 300k", "qcow2")
+    return directory

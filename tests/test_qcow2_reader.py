@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, qemu_img_ok, qemu_info, qemu_io, run_instar, run_qemu_img
+from helpers import pattern, qemu_img_ok, qemu_info, qemu_io, require_qemu, run_instar, run_qemu_img
 
 RAW_SIZE = (3 << 20) + 1000  # qcow2 images of an odd size: the last cluster is partial
 COMMON_WRITES = [
@@ -61,8 +61,7 @@ def _drop_backing_format(path: Path) -> None:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every reader input, built once for the module."""
-    if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
-        pytest.skip("qemu-img/qemu-io are not installed")
+    require_qemu()
     d = tmp_path_factory.mktemp("qcow2-inputs")
     _source_raw(d / "source.raw")
     _convert(d, "c64k.qcow2")
@@ -338,8 +337,7 @@ CORRUPTIONS: dict[str, tuple[Corruption, str]] = {
 @pytest.fixture(scope="module")
 def victim(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A small valid qcow2 with data in cluster 0, to corrupt copies of."""
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
+    require_qemu()
     d = tmp_path_factory.mktemp("victim")
     qemu_img_ok("create", "-q", "-f", "qcow2", str(d / "v.qcow2"), "1M")
     qemu_io(d / "v.qcow2", "write -P 0x5a 0 64k", "qcow2")
@@ -390,8 +388,7 @@ def test_named_unknown_feature(victim: Path, tmp_path: Path) -> None:
 
 
 def test_invalid_subcluster_bitmap(tmp_path: Path) -> None:
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
+    require_qemu()
     image = tmp_path / "bad.qcow2"
     qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(image), "1M")
     qemu_io(image, "write -P 0x5a 0 64k", "qcow2")
@@ -401,8 +398,7 @@ def test_invalid_subcluster_bitmap(tmp_path: Path) -> None:
 
 
 def test_backing_outside_allowed_directory(tmp_path: Path) -> None:
-    if shutil.which("qemu-img") is None:
-        pytest.skip("qemu-img is not installed")
+    require_qemu()
     elsewhere = tmp_path / "elsewhere"
     here = tmp_path / "here"
     elsewhere.mkdir()

@@ -17,49 +17,27 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    pattern,
+    DD_INPUT_SIZE,
+    DD_INPUTS,
+    DD_WINDOWS,
+    build_dd_inputs,
     qemu_img_ok,
     qemu_info,
-    qemu_io,
     qemu_read_raw,
     run_instar,
     run_qemu_img,
 )
 
-RAW_SIZE = (3 << 20) + 1000
+RAW_SIZE = DD_INPUT_SIZE
+INPUTS = DD_INPUTS
+WINDOWS = DD_WINDOWS
 
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
-        pytest.skip("qemu-img/qemu-io are not installed")
-    d = tmp_path_factory.mktemp("qcow2-writer-inputs")
-    data = bytearray(pattern(RAW_SIZE, seed=9))
-    data[(1 << 20) + 12345 : (2 << 20) + 777] = bytes((1 << 20) - 12345 + 777)  # a zero stretch
-    (d / "pattern.raw").write_bytes(bytes(data))
-    qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", str(d / "pattern.raw"),
-                str(d / "c64k.qcow2"))
-    qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=512",
-                str(d / "pattern.raw"), str(d / "c512.qcow2"))
-    # Clusters allocated out of order: later guest offsets written first.
-    qemu_img_ok("create", "-q", "-f", "qcow2", str(d / "ooo.qcow2"), "3M")
-    for command in ("write -P 0x11 2M 128k", "write -P 0x22 1M 64k", "write -P 0x33 0 100k",
-                    "write -P 0x44 2500k 1k"):
-        qemu_io(d / "ooo.qcow2", command, "qcow2")
-    # A hole before the data.
-    qemu_img_ok("create", "-q", "-f", "qcow2", str(d / "hole.qcow2"), "3M")
-    qemu_io(d / "hole.qcow2", "write -P 0x55 1500k 300k", "qcow2")
-    return d
+    return build_dd_inputs(tmp_path_factory.mktemp("qcow2-writer-inputs"))
 
 
-INPUTS = ["pattern.raw", "c64k.qcow2", "c512.qcow2", "ooo.qcow2", "hole.qcow2"]
-WINDOWS: list[list[str]] = [
-    [],
-    ["bs=65536", "skip=2", "count=4"],
-    ["bs=1000", "count=3"],
-    ["bs=513", "skip=1", "count=3"],
-    ["count=0"],
-]
 # Creation options beyond the defaults: (instar's extra arguments, expected `qemu-img info`).
 CONFIGS: dict[str, tuple[list[str], dict[str, object]]] = {
     "default": ([], {"compat": "1.1", "refcount-bits": 16, "compression-type": "zlib",

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from instar.formats.base import Writer
 from instar.image import ExtentKind, Image
 
-CHUNK = 4 << 20  # bytes read at once from a DATA extent
+CHUNK = 2 << 20  # bytes read at once from a DATA extent
 ZERO_GRANULARITY = 64 << 10  # zero detection inside a chunk
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_PIECE = bytes(ZERO_GRANULARITY)

@@ -19,7 +19,6 @@ Where instar differs from qemu, it is stricter or follows the specification:
 
 from __future__ import annotations
 
-import os
 import sys
 from array import array
 from collections import OrderedDict
@@ -216,16 +215,6 @@ def _from_windows(name: str) -> str:
 # --- images -------------------------------------------------------------------------------------
 
 
-def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-    """Fill ``view`` from ``offset``; past the end of the file stays as it is (zeros)."""
-    while view:
-        got = os.preadv(fd, [view], offset)
-        if got <= 0:
-            return
-        view = view[got:]
-        offset += got
-
-
 class FixedVpcImage:
     """A fixed disk: the data is the file up to its footer."""
 
@@ -304,31 +293,52 @@ class DynamicVpcImage:
     # -- read --
 
     def read(self, offset: int, length: int) -> bytes:
+        """The bytes of ``[offset, offset + length)``: neighbouring stored sectors are
+        read with one pread, the rest comes from the parent (or is zeros), and
+        the pieces are joined once (a single piece is returned as it is)."""
         check_range(self, offset, length)
-        buffer = bytearray(length)
-        view = memoryview(buffer)
+        parts: list[bytes] = []
+        run_start = run_length = 0  # a pending run of adjacent bytes in the file
+        for position, size, file_offset in self._segments(offset, length):
+            if file_offset is not None and run_length and run_start + run_length == file_offset:
+                run_length += size
+                continue
+            if run_length:
+                parts.append(self._read_file(run_start, run_length))
+                run_length = 0
+            if file_offset is None:
+                parts.append(self._read_parent(position, size))
+            else:
+                run_start, run_length = file_offset, size
+        if run_length:
+            parts.append(self._read_file(run_start, run_length))
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
+        """(guest offset, length, file offset or None when not stored here)."""
         for index, within, position, step in self._pieces(offset, length):
-            target = view[position - offset : position - offset + step]
             if self._bat[index] == UNALLOCATED:
-                self._read_parent(position, target)
+                yield position, step, None
             elif self.parent is None:
-                _pread_into(self.file.fd, target, self._data_offset(index, within))
+                yield position, step, self._data_offset(index, within)
             else:
                 for start, stop, present in self._runs(index, within, step):
-                    part = target[start - within : stop - within]
-                    if present:
-                        _pread_into(self.file.fd, part, self._data_offset(index, start))
-                    else:
-                        self._read_parent(position + start - within, part)
-        return bytes(buffer)
+                    at = position + start - within
+                    yield at, stop - start, self._data_offset(index, start) if present else None
 
-    def _read_parent(self, position: int, target: memoryview) -> None:
-        """Fill ``target`` from the parent (zeros without one, or past its end)."""
-        if self.parent is None:
-            return
-        inside = max(0, min(len(target), self.parent.virtual_size - position))
-        if inside:
-            target[:inside] = self.parent.read(position, inside)
+    def _read_file(self, offset: int, length: int) -> bytes:
+        """Stored bytes; what lies past the end of the file reads as zeros."""
+        data = self.file.pread(offset, length)
+        return data if len(data) == length else data + bytes(length - len(data))
+
+    def _read_parent(self, position: int, length: int) -> bytes:
+        """Bytes from the parent (zeros without one, or past its end)."""
+        parent = self.parent
+        inside = 0 if parent is None else max(0, min(length, parent.virtual_size - position))
+        if parent is None or not inside:
+            return bytes(length)
+        data = parent.read(position, inside)
+        return data if inside == length else data + bytes(length - inside)
 
     # -- extents --
 

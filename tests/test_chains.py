@@ -1,0 +1,85 @@
+"""Backing chains across formats resolve like qemu's and stop at the allowlist.
+
+qemu-img makes the chains (qcow2 over vmdk, vpc, vhdx and raw; vmdk over vmdk);
+`instar dd` to raw must equal `qemu-img dd` to raw. A backing file outside the
+image's directory is refused, naming the path, until `--allow` admits it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from helpers import pattern, qemu_img_ok, qemu_io, require_qemu, run_instar, run_qemu_img
+
+BASE_SIZE = 4 << 20
+
+
+def _base(directory: Path, fmt: str) -> Path:
+    raw = directory / "base-source.raw"
+    raw.write_bytes(pattern(BASE_SIZE, seed=21))
+    base = directory / f"base.{fmt}"
+    qemu_img_ok("convert", "-f", "raw", "-O", fmt, str(raw), str(base))
+    raw.unlink()
+    return base
+
+
+def _overlay(directory: Path, top_fmt: str, base: Path, base_fmt: str) -> Path:
+    top = directory / f"top.{top_fmt}"
+    qemu_img_ok("create", "-q", "-f", top_fmt, "-b", os.path.relpath(base, directory),
+                "-F", base_fmt, str(top))
+    qemu_io(top, "write -P 0xa5 64k 128k", top_fmt)
+    qemu_io(top, "write -z 1M 64k", top_fmt)
+    return top
+
+
+CHAINS = [("qcow2", "vmdk"), ("qcow2", "vpc"), ("qcow2", "vhdx"), ("qcow2", "raw"),
+          ("qcow2", "qcow2"), ("vmdk", "vmdk")]
+
+
+@pytest.mark.parametrize(("top_fmt", "base_fmt"), CHAINS)
+def test_chain_reads_like_qemu(top_fmt: str, base_fmt: str, tmp_path: Path) -> None:
+    require_qemu()
+    top = _overlay(tmp_path, top_fmt, _base(tmp_path, base_fmt), base_fmt)
+    for window in ([], ["bs=65536", "skip=1", "count=20"], ["bs=1000", "skip=1000"]):
+        ours, theirs = tmp_path / "ours.raw", tmp_path / "theirs.raw"
+        result = run_instar("dd", *window, f"if={top}", f"of={ours}")
+        assert result.rc == 0, result.stderr
+        qemu = run_qemu_img("dd", *window, f"if={top}", f"of={theirs}")
+        assert qemu.rc == 0, qemu.stderr
+        assert ours.read_bytes() == theirs.read_bytes(), window
+
+
+@pytest.mark.parametrize(("top_fmt", "base_fmt"), [("qcow2", "vmdk"), ("vmdk", "vmdk"),
+                                                    ("qcow2", "raw")])
+def test_backing_outside_the_directory_is_refused(
+    top_fmt: str, base_fmt: str, tmp_path: Path
+) -> None:
+    require_qemu()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    base = _base(tmp_path / "elsewhere", base_fmt)
+    top = _overlay(tmp_path / "here", top_fmt, base, base_fmt)
+    out = tmp_path / "here" / "out.raw"
+    refused = run_instar("dd", f"if={top}", f"of={out}")
+    assert refused.rc == 1
+    assert len(refused.stderr.splitlines()) == 1
+    assert "base." + base_fmt in refused.stderr and "outside the allowed" in refused.stderr
+    assert not out.exists()
+    allowed = run_instar("dd", "--allow", str(tmp_path / "elsewhere"), f"if={top}", f"of={out}")
+    assert allowed.rc == 0, allowed.stderr
+    qemu_img_ok("dd", f"if={top}", f"of={tmp_path / 'theirs.raw'}")
+    assert out.read_bytes() == (tmp_path / "theirs.raw").read_bytes()
+
+
+def test_symlink_escaping_the_directory_is_refused(tmp_path: Path) -> None:
+    require_qemu()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "here").mkdir()
+    base = _base(tmp_path / "elsewhere", "raw")
+    (tmp_path / "here" / "base.raw").symlink_to(base)
+    top = _overlay(tmp_path / "here", "qcow2", tmp_path / "here" / "base.raw", "raw")
+    result = run_instar("dd", f"if={top}", f"of={tmp_path / 'here' / 'out.raw'}")
+    assert result.rc == 1 and "outside the allowed" in result.stderr
