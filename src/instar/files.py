@@ -13,7 +13,25 @@ import stat
 from instar.errors import FormatError
 
 
-class InputFile:
+class ExactReads:
+    """``pread_exact`` for any readable file-like with ``size`` and ``pread``."""
+
+    size: int
+
+    def pread(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
+        """Exactly ``length`` bytes, or a FormatError saying which structure is cut off."""
+        if offset < 0 or offset + length > self.size:
+            raise FormatError(f"{what} at offset {offset} lies beyond the end of the file")
+        data = self.pread(offset, length)
+        if len(data) != length:
+            raise FormatError(f"{what} at offset {offset} is truncated")
+        return data
+
+
+class InputFile(ExactReads):
     """A read-only open file: ``pread`` plus its size, named for messages."""
 
     def __init__(self, fd: int, name: str) -> None:
@@ -56,14 +74,6 @@ class InputFile:
             data = b"".join(parts)
         return data
 
-    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        """Exactly ``length`` bytes, or a FormatError saying which structure is cut off."""
-        if offset < 0 or offset + length > self.size:
-            raise FormatError(f"{what} at offset {offset} lies beyond the end of the file")
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset} is truncated")
-        return data
 
     def close(self) -> None:
         if self.fd >= 0:

@@ -22,7 +22,7 @@ import struct
 from dataclasses import dataclass
 
 from instar.errors import FormatError, UnsupportedError
-from instar.files import InputFile
+from instar.files import ExactReads, InputFile
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import MiB
 from instar.safety import MAX_TABLE_BYTES
@@ -183,7 +183,7 @@ def active_sequence(log: bytes, log_guid: bytes) -> list[LogEntry]:
     return best
 
 
-class LogOverlay:
+class LogOverlay(ExactReads):
     """A read-only file view with replayed log writes on top (an `InputFile` look-alike)."""
 
     def __init__(self, base: InputFile, entries: list[LogEntry]) -> None:
@@ -257,14 +257,6 @@ class LogOverlay:
             piece = bytes(hi - lo) if payload is None else payload[lo - s : hi - s]
             buffer[lo - offset : hi - offset] = piece
         return bytes(buffer)
-
-    def pread_exact(self, offset: int, length: int, what: str) -> bytes:
-        if offset < 0 or offset + length > self.size:
-            raise FormatError(f"{what} at offset {offset} lies beyond the end of the file")
-        data = self.pread(offset, length)
-        if len(data) != length:
-            raise FormatError(f"{what} at offset {offset} is truncated")
-        return data
 
     def close(self) -> None:
         self.base.close()
