@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     module_name = COMMANDS.get(command)
     if module_name is None:
         report_error(f"Command not found: {command}")
+        print("Try 'instar --help' for more information", file=sys.stderr)
         return 1
     module = importlib.import_module(module_name)
     try:
