@@ -161,3 +161,13 @@ def build_dd_inputs(directory: Path) -> Path:
     qemu_img_ok("create", "-q", "-f", "qcow2", str(directory / "hole.qcow2"), "3M")
     qemu_io(directory / "hole.qcow2", "write -P 0x55 1500k 300k", "qcow2")
     return directory
+
+
+def write_pieces(path: Path, pieces: list[tuple[int, bytes]], size: int | None = None) -> None:
+    """A file with ``data`` at each ``offset`` (holes between), cut to ``size`` if given."""
+    with open(path, "wb") as file:
+        for offset, data in pieces:
+            file.seek(offset)
+            file.write(data)
+        if size is not None:
+            file.truncate(size)

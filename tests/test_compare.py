@@ -17,20 +17,23 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QEMU_IMG, Result, pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img
+from helpers import (
+    QEMU_IMG,
+    Result,
+    pattern,
+    qemu_img_ok,
+    qemu_io,
+    run_instar,
+    run_qemu_img,
+    write_pieces,
+)
 from instar.compare import first_difference
 
 MIB = 1 << 20
 Builder = Callable[[Path], None]
 
 
-def _write(path: Path, pieces: list[tuple[int, bytes]], size: int | None = None) -> None:
-    with open(path, "wb") as file:
-        for offset, data in pieces:
-            file.seek(offset)
-            file.write(data)
-        if size is not None:
-            file.truncate(size)
+_write = write_pieces
 
 
 BASE = pattern(3 * MIB)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img
+from helpers import pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img, write_pieces
 from instar.formats.base import FormatDetails, QValue, SnapshotDetails
 from instar.info import (
     NodeInfo,
@@ -36,13 +36,7 @@ from instar.sizes import size_to_str
 Builder = Callable[[Path], None]
 
 
-def _write(path: Path, pieces: list[tuple[int, bytes]], size: int | None = None) -> None:
-    with open(path, "wb") as file:
-        for offset, data in pieces:
-            file.seek(offset)
-            file.write(data)
-        if size is not None:
-            file.truncate(size)
+_write = write_pieces
 
 
 def _qemu_img(p: Path, *args: str) -> None:
