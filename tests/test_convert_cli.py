@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, run_instar, run_qemu_img
+from helpers import pattern, qemu_img_ok, qemu_io, qemu_read_raw, run_instar, run_qemu_img
 
 ROWS: list[list[str]] = [
     [],
@@ -128,3 +128,30 @@ def test_dd_always_fsyncs(source: Path, tmp_path: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr(instar.output.os, "fsync", lambda fd: calls.append(fd))
     assert run_instar("dd", f"if={source}", f"of={tmp_path / 'o.raw'}").rc == 0
     assert calls
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vmdk", "vpc", "vhdx"])
+def test_no_create_into_structured_target(fmt: str, source: Path, tmp_path: Path,
+                                          qemu_img: str) -> None:
+    """-n into an existing image: the source over its start, its old tail kept, as qemu."""
+    results = {}
+    for side in ("ours", "qemu"):
+        target = tmp_path / f"{side}.{fmt}"
+        qemu_img_ok("create", "-q", "-f", fmt, str(target), "4M")
+        qemu_io(target, "write -P 0x77 0 4M", fmt)  # old data under and past the source
+        args = ["convert", "-n", "-O", fmt, str(source), str(target)]
+        result = run_instar(*args) if side == "ours" else run_qemu_img(*args)
+        assert result.rc == 0, result.stderr
+        results[side] = qemu_read_raw(target, tmp_path, fmt)
+    assert results["ours"] == results["qemu"]
+    assert results["ours"][(4 << 20) - 1000 : 4 << 20] == b"\x77" * 1000  # the old tail
+
+
+def test_no_create_into_smaller_structured_target(source: Path, tmp_path: Path,
+                                                  qemu_img: str) -> None:
+    for side in ("ours", "qemu"):
+        target = tmp_path / f"{side}.qcow2"
+        qemu_img_ok("create", "-q", "-f", "qcow2", str(target), "64k")
+    ours = run_instar("convert", "-n", "-O", "qcow2", str(source), str(tmp_path / "ours.qcow2"))
+    qemu = run_qemu_img("convert", "-n", "-O", "qcow2", str(source), str(tmp_path / "qemu.qcow2"))
+    assert (ours.rc, ours.normalised_stderr()) == (qemu.rc, qemu.normalised_stderr())

@@ -12,7 +12,7 @@ from instar.copy import ZERO_GRANULARITY, Progress
 from instar.errors import CreationError, OptionError, OutputError, UnsupportedError
 from instar.formats import registry
 from instar.formats.base import CreateOptions, Format
-from instar.image import Concatenation, Image
+from instar.image import Concatenation, Image, Window
 from instar.opener import ImageOpener
 from instar.output import refuse_same_file, write_image, write_in_place
 from instar.safety import PathPolicy
@@ -44,7 +44,8 @@ def convert(
     """Convert ``input_paths`` (one after another) into ``output_path``.
 
     ``sparse_size`` 0 writes zeros as data (a fully allocated output);
-    ``no_create`` writes over an existing raw image instead of creating one;
+    ``no_create`` writes over an existing image instead of creating one (see
+    `_rewrite_existing` for structured formats);
     ``durable`` fsyncs the output before it takes its name (qemu-img convert's
     default cache mode, "unsafe", does not flush, so neither does this by default).
     """
@@ -55,12 +56,12 @@ def convert(
         source = images[0] if len(images) == 1 else Concatenation(images)
         fmt = output_format(output_format_name)
         refuse_same_file(output_path, opener.opened)
-        if no_create:
-            if fmt.name != "raw":
-                raise UnsupportedError("instar supports -n only for raw targets")
+        declared = fmt.declared_size(source.virtual_size, options)
+        if no_create and fmt.name == "raw":
             write_in_place(source, output_path, fmt, options, progress, durable)
             return
-        declared = fmt.declared_size(source.virtual_size, options)
+        if no_create:
+            source, declared = _rewrite_existing(source, output_path, fmt, opener)
         try:
             write_image(source, output_path, fmt, declared, options, progress,
                         zero_granularity=sparse_size, durable=durable)
@@ -72,3 +73,23 @@ def convert(
             ) from None
     finally:
         opener.close()
+
+
+def _rewrite_existing(
+    source: Image, target: str, fmt: Format, opener: ImageOpener
+) -> tuple[Image, int]:
+    """``convert -n`` into an existing structured image: what to write, and its size.
+
+    qemu writes the source over the start of the existing image and leaves the
+    rest as it was. instar's writers only create images, so it writes a new
+    image of the same format and virtual size whose content is exactly that
+    (the source, then the old image's tail) and renames it over the target,
+    atomically. The old image's creation options (cluster size...) are not kept.
+    """
+    old = opener.open(target, fmt.name)
+    if old.virtual_size < source.virtual_size:
+        raise OutputError("output file is smaller than input file")
+    tail = old.virtual_size - source.virtual_size
+    if tail:
+        source = Concatenation([source, Window(old, source.virtual_size, tail)])
+    return source, old.virtual_size

@@ -28,7 +28,7 @@ Convert images (concatenated in order) into a new image of output_fmt (default r
   -S N   zero runs of at least N bytes stay unallocated (multiple of 512, default 4k;
          0 writes zeros, fully allocating the output)
   -o     creation options (key=value,...); '-o help' lists them for the format
-  -n     write over an existing raw target instead of creating one
+  -n     write over an existing target image instead of creating one
 """
 
 SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:W"
