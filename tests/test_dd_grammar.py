@@ -39,7 +39,8 @@ GRAMMAR_ROWS: list[list[str]] = [
     # options
     ["-x"], ["-n"], ["-q"], ["--foo"], ["--foo=1"], ["--help=3"], ["-Ux"],
     ["-U"], ["--force-share"], ["--force"], ["-f", "raw"], ["-fraw"], ["-O", "raw"], ["-Oraw"],
-    ["-f", "foo"], ["-f", "qcow2"], ["-O", "foo"], ["-O", "foo", "if=missing.raw", "of=o"],
+    ["-f", "foo"], ["-f", "qcow2"], ["-f", "vmdk"], ["-f", "vpc"], ["-f", "vhdx"],
+    ["-O", "foo"], ["-O", "foo", "if=missing.raw", "of=o"],
     ["-f", "foo", "-O", "bar"], ["-U", "-f", "raw", "-O", "raw", "bs=4k"],
     ["bs=4k", "-f", "raw", "count=2", "-U"], ["--", "bs=4k"], ["bs=4k", "--", "-U"],
     # if / of

@@ -46,6 +46,7 @@ from instar.formats.vmdk.layout import (
     SparseHeader,
     descriptor_text,
     gd_entries,
+    looks_like_descriptor,
     parse_descriptor,
     parse_metadata_marker,
 )
@@ -540,6 +541,9 @@ def _parse(text: str) -> Descriptor:
 
 def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkImage:
     """A text descriptor naming extent files (monolithicFlat, twoGbMaxExtent*, vmfs)."""
+    if not looks_like_descriptor(file.pread(0, 2048)):
+        # Not a descriptor at all (``-f vmdk`` on another format): qemu's words, no detail.
+        raise FormatError("invalid VMDK image descriptor")
     if file.size > MAX_DESCRIPTOR_BYTES:
         raise FormatError(
             f"invalid VMDK image descriptor: larger than {MAX_DESCRIPTOR_BYTES + 1} bytes"
