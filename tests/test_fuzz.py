@@ -80,3 +80,17 @@ def test_mutated_images_fail_cleanly(index: int, originals: list[Path], tmp_path
                 assert not out.exists() or args[0] == "info"
         out.unlink(missing_ok=True)
     assert refused >= 2, f"only {refused} runs refused: the mutations miss the metadata"
+
+
+def test_control_characters_from_an_image_are_escaped(tmp_path: Path) -> None:
+    """An image cannot forge lines or send terminal escapes through an error message."""
+    descriptor = tmp_path / "evil.vmdk"
+    descriptor.write_bytes(
+        b"# Disk DescriptorFile\nversion=1\nCID=12345678\nparentCID=ffffffff\n"
+        b'createType="mono\x1b[31mlithic\x0cFlat\xff"\n\nRW 8 FLAT "x.bin" 0\n'
+    )
+    result = run_instar("info", str(descriptor))
+    assert result.rc == 1
+    assert result.stderr.count("\n") == 1 and len(result.stderr.splitlines()) == 1
+    assert "\x1b" not in result.stderr and "\\x1b[31m" in result.stderr
+    assert "\\x0c" in result.stderr and "\\xff" in result.stderr

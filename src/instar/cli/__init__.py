@@ -11,7 +11,7 @@ import importlib
 import sys
 
 from instar.cli.output import report_error
-from instar.errors import InstarError
+from instar.errors import InstarError, UsageError
 
 COMMANDS = {
     "dd": "instar.cli.dd",
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = module.run(args[1:])
     except InstarError as error:
-        report_error(str(error))
+        # Only instar's own usage messages span lines; image-derived text never may.
+        report_error(str(error), multiline=isinstance(error, UsageError))
         if error.hint:
             print(error.hint, file=sys.stderr)
         return 1
