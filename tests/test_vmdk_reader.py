@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img
+from helpers import READ_WINDOWS, pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img
 from instar.files import InputFile
 from instar.formats import registry
 from instar.formats.vmdk import FORMAT
@@ -30,12 +30,7 @@ from instar.safety import PathPolicy
 KIB = 1 << 10
 MIB = 1 << 20
 SIZE = 4 * MIB + 1536  # a partial last grain
-WINDOWS = [
-    [],
-    ["bs=65536", "skip=2", "count=4"],
-    ["bs=1000", "count=3"],
-    ["bs=513", "skip=1", "count=3"],
-]
+WINDOWS = READ_WINDOWS
 
 
 def _source() -> bytes:

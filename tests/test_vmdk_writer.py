@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, qemu_img_ok, qemu_info, qemu_read_raw, run_instar, run_qemu_img
+from helpers import (
+    DD_WINDOWS,
+    pattern,
+    qemu_img_ok,
+    qemu_info,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+)
 from instar.errors import UnsupportedError, UsageError
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.vmdk import FORMAT
@@ -37,13 +45,7 @@ from instar.formats.vmdk.layout import (
 
 KIB = 1 << 10
 MIB = 1 << 20
-WINDOWS = [
-    [],
-    ["bs=65536", "skip=2", "count=4"],
-    ["bs=1000", "count=3"],
-    ["bs=513", "skip=1", "count=3"],
-    ["count=0"],
-]
+WINDOWS = DD_WINDOWS
 MODES = {
     "sparse": ["-O", "vmdk"],
     "stream": ["-O", "vmdk", "-o", "subformat=streamOptimized"],

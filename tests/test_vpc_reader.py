@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, qemu_img_ok, qemu_info, qemu_io, run_instar, run_qemu_img
+from helpers import READ_WINDOWS, pattern, qemu_img_ok, qemu_info, qemu_io, run_instar, run_qemu_img
 from instar.errors import InstarError
 from instar.formats import registry
 from instar.formats.vpc.layout import (
@@ -37,12 +37,7 @@ from instar.safety import PathPolicy
 
 MIB = 1 << 20
 BLOCK = 2 * MIB
-WINDOWS = [
-    [],
-    ["bs=65536", "skip=2", "count=4"],
-    ["bs=1000", "count=3"],
-    ["bs=513", "skip=1", "count=3"],
-]
+WINDOWS = READ_WINDOWS
 
 
 # --- the corpus ------------------------------------------------------------------------------

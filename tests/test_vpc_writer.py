@@ -18,7 +18,15 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from helpers import pattern, qemu_img_ok, qemu_info, qemu_read_raw, run_instar, run_qemu_img
+from helpers import (
+    DD_WINDOWS,
+    pattern,
+    qemu_img_ok,
+    qemu_info,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+)
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.vpc import FORMAT
 from instar.formats.vpc.layout import (
@@ -37,13 +45,7 @@ from instar.safety import PathPolicy
 
 MIB = 1 << 20
 GIB = 1 << 30
-WINDOWS = [
-    [],
-    ["bs=65536", "skip=2", "count=4"],
-    ["bs=1000", "count=3"],
-    ["bs=513", "skip=1", "count=3"],
-    ["count=0"],
-]
+WINDOWS = DD_WINDOWS
 SUBFORMATS = [[], ["-o", "subformat=fixed"]]
 
 
