@@ -173,3 +173,20 @@ def write_pieces(path: Path, pieces: list[tuple[int, bytes]], size: int | None =
             file.write(data)
         if size is not None:
             file.truncate(size)
+
+
+def assert_option_refused_like_qemu(fmt: str, option: str, source: Path, tmp_path: Path) -> None:
+    """``-o option`` is refused as qemu-img convert refuses it (same exit status and
+    stderr), and by ``instar dd`` too, with no output or temporary file left behind."""
+    for side in ("i", "q"):
+        (tmp_path / side).mkdir()
+    args = ["convert", "-O", fmt, "-o", option, str(source), f"out.{fmt}"]
+    ours = run_instar(*args, cwd=tmp_path / "i")
+    qemu = run_qemu_img(*args, cwd=tmp_path / "q")
+    assert ours.rc == qemu.rc == 1
+    assert ours.normalised_stderr() == qemu.normalised_stderr()
+    assert list((tmp_path / "i").iterdir()) == []
+    dd = run_instar("dd", "-O", fmt, "-o", option, f"if={source}", f"of=out.{fmt}",
+                    cwd=tmp_path / "i")
+    assert dd.rc == 1 and "Traceback" not in dd.stderr
+    assert list((tmp_path / "i").iterdir()) == []
