@@ -22,8 +22,8 @@ from instar.errors import FormatError, PolicyError
 from instar.files import InputFile
 from instar.formats.vhdx import layout, log
 from instar.formats.vhdx.layout import Geometry
-from instar.formats.vhdx.reader import VhdxImage, open_vhdx
-from instar.image import Extent, ExtentKind, Image
+from instar.formats.vhdx.reader import open_vhdx
+from instar.image import BlockImage, Extent, ExtentKind, Image
 from instar.opener import ImageOpener
 from instar.safety import PathPolicy
 
@@ -187,10 +187,10 @@ class CountingFile(InputFile):
         return super().pread(offset, length)
 
 
-def _open_counting(path: Path) -> tuple[VhdxImage, CountingFile]:
+def _open_counting(path: Path) -> tuple[BlockImage, CountingFile]:
     file = CountingFile(os.open(path, os.O_RDONLY), str(path))
     file.reads = []
-    return open_vhdx(file, NoResolver()), file
+    return BlockImage(open_vhdx(file, NoResolver())), file
 
 
 def test_extents_never_read_data(corpus: Path, tmp_path: Path) -> None:

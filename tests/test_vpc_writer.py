@@ -297,7 +297,8 @@ def test_largest_size_is_written(qemu_img: str, tmp_path: Path) -> None:
         extents = list(image.extents(0, image.virtual_size))
     finally:
         opener.close()
-    assert extents == [Extent(0, 2040 * GIB, ExtentKind.UNALLOCATED)]
+    # qemu's vpc driver answers ZERO for unallocated blocks: one run, nothing read.
+    assert extents == [Extent(0, 2040 * GIB, ExtentKind.ZERO)]
 
 
 def _write_with_api(path: Path, size: int, options: dict[str, str], data: bytes) -> None:

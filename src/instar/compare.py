@@ -16,23 +16,13 @@ opened, 3 block status failed, 4 a read failed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from instar.errors import InstarError
-from instar.formats.base import (
-    ALLOCATED,
-    DATA,
-    EOF,
-    OFFSET_VALID,
-    ZERO,
-    StatusRun,
-    StatusSource,
-    runs_from_extents,
-)
-from instar.image import Image
-from instar.opener import ImageOpener, OpenedNode
-from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
+from instar.image import ALLOCATED, EOF, ZERO, Image, StatusLayer
+from instar.opener import ImageOpener
+from instar.safety import PathPolicy
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img compare's chunk limit where it reads
@@ -55,61 +45,13 @@ class CompareError(InstarError):
         self.exit_code = exit_code
 
 
-# ---------------------------------------------------------------------------
-# qemu's block status, as img_compare walks it: each format's runs
-# (`instar.formats.base.StatusSource`, or raw's) over its backing layers.
-
-
-class Layer:
-    """One image of a chain: ``bdrv_block_status_above`` from its runs and,
-    where it has nothing, its backing layer's. Queries go forward only."""
-
-    def __init__(self, image: Image, runs: Iterator[StatusRun], backing: Layer | None) -> None:
-        self.size = image.virtual_size
-        self._runs = runs
-        self._run: StatusRun | None = None
-        self._backing = backing
-
-    def _at(self, offset: int) -> StatusRun:
-        while self._run is None or self._run.end <= offset:
-            self._run = next(self._runs)
-        return self._run
-
-    def query(self, offset: int) -> tuple[int, int, int]:
-        """(flags with ALLOCATED, end of qemu's answer, end of the run) at
-        ``offset``; EOF is the caller's (the answer reaches the image end)."""
-        run = self._at(offset)
-        piece_end = run.piece_end(offset)
-        if run.flags & (DATA | ZERO):
-            return run.flags | ALLOCATED, piece_end, run.end
-        if self._backing is None:
-            return run.flags | ZERO, piece_end, run.end
-        if offset >= self._backing.size:
-            # Past the end of a shorter backing file: qemu synthesises zeros
-            # "allocated" there.
-            return ZERO | ALLOCATED, piece_end, run.end
-        flags, below_piece, below_run = self._backing.query(offset)
-        return flags, min(piece_end, below_piece), min(run.end, below_run)
-
-    def piece_start(self, position: int) -> int:
-        """Where qemu's answer that holds ``position`` begins (``position``
-        lies in the run the last query was in, or a later one)."""
-        run = self._at(position)
-        start = run.start
-        if run.step:
-            start = max(start, run.anchor + (position - run.anchor) // run.step * run.step)
-        if run.flags & (DATA | ZERO) or self._backing is None or position >= self._backing.size:
-            return start
-        return max(start, self._backing.piece_start(position))
-
-
 @dataclass
 class Side:
     """One of the two images: how it is named in messages, and its status."""
 
     image: Image
     name: str
-    layer: Layer
+    layer: StatusLayer
 
     def query(self, offset: int) -> tuple[int, int, int]:
         try:
@@ -135,17 +77,6 @@ class Side:
             raise CompareError(
                 f"Error while reading offset {offset} of {self.name}: {reason}", READ_ERROR
             ) from None
-
-
-def build_layer(image: Image, nodes: dict[int, OpenedNode], depth: int = 0) -> Layer:
-    """The Layer of ``image`` and of the backing files below it."""
-    node = nodes.get(id(image))
-    fmt: object = node.format if node is not None else None
-    if isinstance(fmt, StatusSource) and depth <= MAX_CHAIN_DEPTH:
-        backing = fmt.backing_image(image)
-        below = build_layer(backing, nodes, depth + 1) if backing is not None else None
-        return Layer(image, fmt.block_status(image), below)
-    return Layer(image, runs_from_extents(image), None)
 
 
 def first_difference(left: bytes, right: bytes) -> int:
@@ -316,16 +247,11 @@ def compare(
                 node = opener.open_node(path, fmt)
             except InstarError as error:
                 raise CompareError(str(error), OPEN_ERROR) from None
-            nodes = {id(opened.image): opened for opened in opener.nodes}
-            sides.append(Side(node.image, path, build_layer(node.image, nodes)))
+            sides.append(Side(node.image, path, StatusLayer(node.image)))
         return Comparison(sides[0], sides[1], strict=strict, say=say, progress=progress).run()
     finally:
         for opener in openers:
             opener.close()
 
 
-__all__ = [
-    "ALLOCATED", "DATA", "EOF", "OFFSET_VALID", "ZERO",
-    "CompareError", "Comparison", "Layer", "Side", "StatusRun", "StatusSource", "compare",
-    "first_difference", "runs_from_extents",
-]
+__all__ = ["CompareError", "Comparison", "Side", "compare", "first_difference"]

@@ -17,6 +17,7 @@ class ExactReads:
     """``pread_exact`` for any readable file-like with ``size`` and ``pread``."""
 
     size: int
+    name: str
 
     def pread(self, offset: int, length: int) -> bytes:
         raise NotImplementedError

@@ -266,7 +266,7 @@ def describe(node: OpenedNode, qemu_version: tuple[int, int]) -> NodeInfo:
     """NodeInfo for an opened image, from its format's ``describe`` hook."""
     if isinstance(node.format, Describable):
         try:
-            details = node.format.describe(node.image)
+            details = node.format.describe(node.image.driver)
         except FormatError as error:  # metadata only info reads (snapshots, bitmaps)
             raise ImageOpenError(node.path, str(error)) from None
         except OSError as error:

@@ -18,7 +18,7 @@ from instar.errors import FormatError, ImageOpenError, PolicyError, UnsupportedE
 from instar.files import InputFile
 from instar.formats import registry
 from instar.formats.base import Format
-from instar.image import Extent, Image
+from instar.image import BlockImage, Extent, Image
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
 
 
@@ -27,7 +27,7 @@ class OpenedNode:
     """One image as opened: its reader, the format chosen and its own file."""
 
     path: str
-    image: Image
+    image: BlockImage
     format: Format
     file: InputFile
 
@@ -71,7 +71,7 @@ class ImageOpener:
         fmt = self.choose_format(file, path, fmt_name)
         resolver = ChainResolver(self, depth) if with_backing else NoBackingResolver(self, depth)
         try:
-            image = fmt.open(file, resolver)
+            image = BlockImage(fmt.open(file, resolver))
         except FormatError as error:
             raise ImageOpenError(path, str(error)) from None
         except OSError as error:

@@ -7,12 +7,13 @@ knows about dd (the copy engine feeds it a Window like any Image).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from instar.files import InputFile
-from instar.image import ExtentKind, Image
+
+if TYPE_CHECKING:
+    from instar.image import Driver, Image
 
 
 class Resolver(Protocol):
@@ -93,8 +94,10 @@ class Format(Protocol):
         """A score for ``header`` (the first 2048 bytes); 0 means "not mine"."""
         ...
 
-    def open(self, file: InputFile, resolver: Resolver) -> Image:
-        """Read an image from an open file; raise FormatError if malformed."""
+    def open(self, file: InputFile, resolver: Resolver) -> Driver:
+        """This format's layer of the image in ``file`` (its mapping function);
+        raise FormatError if malformed. Files the image names come from
+        ``resolver``; the host wraps the layer in a `BlockImage`."""
         ...
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
@@ -177,72 +180,7 @@ class FormatDetails:
 class Describable(Protocol):
     """A Format that can describe an image it opened (for ``instar info``)."""
 
-    def describe(self, image: Image) -> FormatDetails:
-        """Facts about ``image`` (returned by this format's ``open``) from its
-        metadata only: never read guest data here."""
+    def describe(self, driver: Driver) -> FormatDetails:
+        """Facts about an image from the layer this format's ``open`` returned,
+        from its metadata only: never read guest data here."""
         ...
-
-
-# What ``instar compare`` asks a format: qemu's block status.
-#
-# qemu-img compare walks both images by the answers of their drivers'
-# block-status callbacks; strict mode compares the flags, the progress meter
-# shows each answer. A format whose qemu driver answers differently from raw
-# states the answers through an optional ``block_status`` method (the
-# `StatusSource` protocol); instar.compare walks them.
-
-# BDRV_BLOCK_* flags (qemu's include/block/block-common.h).
-DATA, ZERO, OFFSET_VALID, ALLOCATED, EOF = 0x01, 0x02, 0x04, 0x10, 0x20
-
-
-class StatusRun(NamedTuple):
-    """What a format driver's block status says of ``[start, end)``.
-
-    ``flags`` are the driver's own (DATA, ZERO, OFFSET_VALID; 0 for
-    "not in this image": the backing file answers). qemu answers a query in
-    pieces: the whole run, or with ``step`` one piece per ``step`` bytes
-    counted from ``anchor`` (a VMDK grain, a compressed qcow2 cluster). The
-    pieces matter where qemu shows them: the EOF flag of strict mode and the
-    progress meter.
-    """
-
-    start: int
-    end: int
-    flags: int
-    step: int = 0
-    anchor: int = 0
-
-    def piece_end(self, offset: int) -> int:
-        """Where qemu's answer for a query at ``offset`` ends."""
-        if not self.step:
-            return self.end
-        return min(self.end, self.anchor + ((offset - self.anchor) // self.step + 1) * self.step)
-
-
-@runtime_checkable
-class StatusSource(Protocol):
-    """A Format that says what its qemu driver's block status is (optional)."""
-
-    def block_status(self, image: Image) -> Iterator[StatusRun]:
-        """Runs covering ``[0, image.virtual_size)`` in order."""
-        ...
-
-    def backing_image(self, image: Image) -> Image | None:
-        """The image qemu asks where ``image`` has nothing (its backing file)."""
-        ...
-
-
-def runs_from_extents(image: Image) -> Iterator[StatusRun]:
-    """Block status of a format without its own model: raw's (file-posix):
-    data, or zeros, both at a valid offset, in maximal runs."""
-    pending: StatusRun | None = None
-    for extent in image.extents(0, image.virtual_size):
-        flags = DATA | OFFSET_VALID if extent.kind is ExtentKind.DATA else ZERO | OFFSET_VALID
-        if pending is not None and pending.flags == flags:
-            pending = StatusRun(pending.start, extent.end, flags)
-            continue
-        if pending is not None:
-            yield pending
-        pending = StatusRun(extent.offset, extent.end, flags)
-    if pending is not None:
-        yield pending

@@ -1,4 +1,4 @@
-"""raw: the file is the disk. Sparse files are read with SEEK_DATA/SEEK_HOLE.
+"""raw: the file is the disk. Holes are found with SEEK_DATA/SEEK_HOLE.
 
 qemu reports a raw image's size as its length rounded up to 512 bytes and
 reads the padding as zeros; instar does the same.
@@ -6,7 +6,6 @@ reads the padding as zeros; instar does the same.
 
 from __future__ import annotations
 
-import errno
 import os
 from collections.abc import Iterator
 
@@ -19,66 +18,31 @@ from instar.formats.base import (
     Resolver,
     Writer,
 )
-from instar.image import Extent, ExtentKind, Image, check_range
+from instar.image import BlockImage, Driver, Run, file_runs
 from instar.sizes import round_up
 
 SECTOR = 512
 
 
-class RawImage:
-    """A raw file as an Image; holes in the file are UNALLOCATED extents."""
+class RawDriver(Driver):
+    """A raw file as a layer: data where the file has data, zeros over its
+    holes and its sector padding, at a valid offset (as qemu's file-posix)."""
 
     def __init__(self, file: InputFile) -> None:
         self.file = file
-        self._virtual_size = round_up(file.size, SECTOR)
+        self.name = file.name
+        self.virtual_size = round_up(file.size, SECTOR)
 
-    @property
-    def virtual_size(self) -> int:
-        return self._virtual_size
-
-    def read(self, offset: int, length: int) -> bytes:
-        check_range(self, offset, length)
-        data = self.file.pread(offset, length)
-        return data if len(data) == length else data + bytes(length - len(data))
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        check_range(self, offset, length)
-        end = offset + length
-        file_end = min(end, self.file.size)
-        position = offset
-        while position < file_end:
-            data_start = _seek(self.file.fd, position, os.SEEK_DATA, file_end)
-            if data_start is None:  # the file system cannot say: all data
-                yield Extent(position, file_end - position, ExtentKind.DATA)
-                position = file_end
-                break
-            data_start = min(data_start, file_end)
-            if data_start > position:
-                yield Extent(position, data_start - position, ExtentKind.UNALLOCATED)
-            if data_start >= file_end:
-                position = file_end
-                break
-            hole = _seek(self.file.fd, data_start, os.SEEK_HOLE, file_end)
-            data_end = file_end if hole is None else min(hole, file_end)
-            yield Extent(data_start, data_end - data_start, ExtentKind.DATA)
-            position = data_end
-        if position < end:  # past the end of the file: qemu's sector padding
-            yield Extent(position, end - position, ExtentKind.ZERO)
+    def map(self, offset: int, length: int) -> Iterator[Run]:
+        return file_runs(self.file, offset, length, offset, 0)
 
     def close(self) -> None:
         self.file.close()
 
 
-def _seek(fd: int, position: int, whence: int, file_end: int) -> int | None:
-    """lseek for SEEK_DATA/SEEK_HOLE: ``file_end`` past the last data, None if unsupported."""
-    try:
-        return os.lseek(fd, position, whence)
-    except OSError as error:
-        if error.errno == errno.ENXIO:
-            return file_end
-        if error.errno in (errno.EINVAL, errno.EOPNOTSUPP):
-            return None
-        raise
+def open_raw(file: InputFile) -> BlockImage:
+    """``file`` read as a raw image."""
+    return BlockImage(RawDriver(file))
 
 
 class RawWriter:
@@ -110,13 +74,13 @@ class RawFormat:
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort
 
-    def open(self, file: InputFile, resolver: Resolver) -> RawImage:
-        return RawImage(file)
+    def open(self, file: InputFile, resolver: Resolver) -> RawDriver:
+        return RawDriver(file)
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, SECTOR)
 
-    def describe(self, image: Image) -> FormatDetails:
+    def describe(self, driver: Driver) -> FormatDetails:
         """qemu shows no cluster size and no format-specific data for raw;
         its get_info succeeds, so JSON carries "dirty-flag": false."""
         return FormatDetails()

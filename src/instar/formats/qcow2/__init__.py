@@ -8,7 +8,6 @@ is supported and what is refused.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from instar.files import InputFile
@@ -21,13 +20,10 @@ from instar.formats.base import (
     Writer,
 )
 from instar.formats.qcow2 import layout
-from instar.image import Image
 from instar.sizes import round_up
 
 if TYPE_CHECKING:
-    from instar.formats.base import StatusRun
-    from instar.formats.qcow2.reader import Qcow2Image
-
+    from instar.image import Driver
 
 class Qcow2Format:
     name = "qcow2"
@@ -49,25 +45,18 @@ class Qcow2Format:
         """
         return 100 if header[:4] == layout.MAGIC else 0
 
-    def open(self, file: InputFile, resolver: Resolver) -> Image:
+    def open(self, file: InputFile, resolver: Resolver) -> Driver:
         from instar.formats.qcow2.reader import open_image
 
         return open_image(file, resolver)
 
-    def describe(self, image: Image) -> FormatDetails:
+    def describe(self, driver: Driver) -> FormatDetails:
         """What ``qemu-img info`` shows (`instar.formats.qcow2.info`)."""
         from instar.formats.qcow2.info import describe
+        from instar.formats.qcow2.reader import Qcow2Driver
 
-        return describe(_qcow2_image(image))
-
-    def block_status(self, image: Image) -> Iterator[StatusRun]:
-        """qemu's block status of ``image`` (`instar.formats.qcow2.info`)."""
-        from instar.formats.qcow2.info import block_status
-
-        return block_status(_qcow2_image(image))
-
-    def backing_image(self, image: Image) -> Image | None:
-        return _qcow2_image(image).backing
+        assert isinstance(driver, Qcow2Driver)
+        return describe(driver)
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, layout.SECTOR)
@@ -76,15 +65,6 @@ class Qcow2Format:
         from instar.formats.qcow2.writer import create_writer
 
         return create_writer(out, virtual_size, options)
-
-
-def _qcow2_image(image: Image) -> Qcow2Image:
-    """``image`` as the reader's class: the hooks take what ``open`` returned."""
-    from instar.formats.qcow2.reader import Qcow2Image
-
-    if not isinstance(image, Qcow2Image):
-        raise TypeError("expected an image this format opened")
-    return image
 
 
 FORMAT = Qcow2Format()

@@ -1,5 +1,4 @@
-"""What qemu says about a qcow2 image: ``qemu-img info`` (the `describe`
-hook) and block status (for ``instar compare``).
+"""What ``qemu-img info`` says about a qcow2 image (the `describe` hook).
 
 The facts of qemu's ``qcow2_co_get_info``, ``qcow2_get_specific_info`` and
 ``qcow2_snapshot_list``, from metadata only: the header, its extensions, the
@@ -12,22 +11,16 @@ in a 64 MiB directory) before anything is read.
 from __future__ import annotations
 
 import struct
-from array import array
-from collections.abc import Iterator
 
 from instar.errors import FormatError
 from instar.formats.base import (
-    DATA,
-    OFFSET_VALID,
-    ZERO,
     ChildFile,
     FormatDetails,
     QValue,
     SnapshotDetails,
-    StatusRun,
 )
 from instar.formats.qcow2 import layout as L
-from instar.formats.qcow2.reader import Qcow2Image
+from instar.formats.qcow2.reader import Qcow2Driver
 
 # qemu's limits (block/qcow2.h).
 MAX_SNAPSHOT_EXTRA_DATA = 1024
@@ -55,7 +48,7 @@ BITMAPS_EXTENSION = struct.Struct(">IIQQ")
 BITMAP_ENTRY = struct.Struct(">QIIBBHI")
 
 
-def describe(image: Qcow2Image) -> FormatDetails:
+def describe(image: Qcow2Driver) -> FormatDetails:
     """qemu-img info's facts about an open qcow2 image."""
     header = image.header
     extensions = image.extensions
@@ -75,7 +68,7 @@ def describe(image: Qcow2Image) -> FormatDetails:
     )
 
 
-def specific_info(image: Qcow2Image) -> dict[str, QValue]:
+def specific_info(image: Qcow2Driver) -> dict[str, QValue]:
     """ImageInfoSpecificQCow2, members in the QAPI schema's order."""
     header = image.header
     compression = L.COMPRESSION_NAMES[header.compression_type]
@@ -113,7 +106,7 @@ def _c_string(raw: bytes, limit: int) -> str:
 # Snapshots
 
 
-def read_snapshots(image: Qcow2Image) -> list[SnapshotDetails]:
+def read_snapshots(image: Qcow2Driver) -> list[SnapshotDetails]:
     """The snapshot table, as qemu's ``qcow2_read_snapshots`` reads it."""
     header = image.header
     if header.nb_snapshots > L.MAX_SNAPSHOTS:  # the reader checks this too
@@ -154,7 +147,7 @@ def read_snapshots(image: Qcow2Image) -> list[SnapshotDetails]:
 # Persistent dirty bitmaps
 
 
-def read_bitmaps(image: Qcow2Image) -> list[QValue]:
+def read_bitmaps(image: Qcow2Driver) -> list[QValue]:
     """Qcow2BitmapInfo for each bitmap of the directory, in directory order.
 
     qemu ignores a bitmaps extension whose autoclear bit is clear (a program
@@ -225,129 +218,3 @@ def _bitmap_flags(flags: int) -> list[QValue]:
     if flags & BME_FLAG_AUTO:
         names.append("auto")
     return names
-
-
-# ---------------------------------------------------------------------------
-# Block status, as qemu's qcow2_co_block_status answers (instar compare)
-
-# qemu's subcluster types and what block status says of each.
-_NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC, _ZERO_PLAIN, _UNALLOC_PLAIN, _COMPRESSED = range(6)
-_STATUS = {
-    _NORMAL: DATA | OFFSET_VALID,
-    _ZERO_ALLOC: ZERO | OFFSET_VALID,
-    _UNALLOC_ALLOC: OFFSET_VALID,  # nothing here: the backing file answers
-    _ZERO_PLAIN: ZERO,
-    _UNALLOC_PLAIN: 0,
-    _COMPRESSED: DATA,
-}
-_HOST_CONTIGUOUS = (_NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC)
-
-
-def block_status(image: Qcow2Image) -> Iterator[StatusRun]:
-    """qemu's answers over the whole image: one per run of clusters of one
-    type (host-contiguous where they have a host offset), never across an L2
-    table; compressed clusters one by one.
-
-    qemu's cache holds whole L2 tables by default, so a table is the limit.
-    Not modelled: images with preallocated metadata, where qemu also asks the
-    file and adds ZERO over its holes.
-    """
-    size = image.virtual_size
-    span = image.l2_span
-    unallocated_from: int | None = None
-    for index in range(-(-size // span)):
-        start, end = index * span, min(size, (index + 1) * span)
-        table = image.l2_table(index)
-        if table is None:
-            if unallocated_from is None:
-                unallocated_from = start
-            continue
-        if unallocated_from is not None:
-            yield StatusRun(unallocated_from, start, 0, span, unallocated_from)
-            unallocated_from = None
-        yield from _table_status(image, table, start, end)
-    if unallocated_from is not None:
-        yield StatusRun(unallocated_from, size, 0, span, unallocated_from)
-
-
-def _table_status(image: Qcow2Image, table: array[int], start: int,
-                  end: int) -> Iterator[StatusRun]:
-    """The runs of one L2 table's range ``[start, end)``."""
-    cluster = image.header.cluster_size
-    subclusters = L.SUBCLUSTERS if image.header.extended_l2 else 1
-    piece = cluster // subclusters
-    pending: tuple[int, int, int, int] | None = None  # start, end, type, next host offset
-    compressed_from: int | None = None
-    position = start
-    for index in range(-(-(end - start) // cluster)):
-        host, types = _cluster_types(image, table, index, position)
-        for first, count, kind in types:
-            run_start = position + first * piece
-            if run_start >= end:
-                break
-            run_end = min(end, run_start + count * piece)
-            if kind == _COMPRESSED:
-                if pending is not None:
-                    yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
-                    pending = None
-                if compressed_from is None:
-                    compressed_from = run_start
-                continue
-            if compressed_from is not None:
-                yield StatusRun(compressed_from, run_start, DATA, cluster, compressed_from)
-                compressed_from = None
-            continues = (
-                pending is not None
-                and pending[2] == kind
-                and pending[1] == run_start
-                and first == 0
-                and (kind not in _HOST_CONTIGUOUS or pending[3] == host)
-            )
-            if pending is not None and continues:
-                pending = (pending[0], run_end, kind, host + cluster)
-            else:
-                if pending is not None:
-                    yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
-                pending = (run_start, run_end, kind, host + cluster)
-            if first + count < subclusters:  # qemu stops at a change inside a cluster
-                yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
-                pending = None
-        position += cluster
-    if compressed_from is not None:
-        yield StatusRun(compressed_from, end, DATA, cluster, compressed_from)
-    if pending is not None:
-        yield StatusRun(pending[0], pending[1], _STATUS[pending[2]])
-
-
-def _cluster_types(image: Qcow2Image, table: array[int], index: int,
-                   position: int) -> tuple[int, list[tuple[int, int, int]]]:
-    """The host offset of a cluster and its subcluster runs: (first, count, type)."""
-    extended = image.header.extended_l2
-    entry = table[2 * index if extended else index]
-    host = entry & L.L2E_OFFSET_MASK
-    if entry & L.OFLAG_COMPRESSED:
-        return host, [(0, 1 if not extended else L.SUBCLUSTERS, _COMPRESSED)]
-    data_file = image.data_file is not None
-    allocated = bool(host) or (data_file and bool(entry & L.OFLAG_COPIED))
-    if not extended:
-        if entry & L.OFLAG_ZERO:
-            return host, [(0, 1, _ZERO_ALLOC if host else _ZERO_PLAIN)]
-        return host, [(0, 1, _NORMAL if allocated else _UNALLOC_PLAIN)]
-    bitmap = table[2 * index + 1]
-    alloc, zero = bitmap & L.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
-    if alloc & zero or (not allocated and alloc):
-        raise FormatError(
-            f"invalid subcluster bitmap {bitmap:#018x} at guest offset {position:#x}"
-        )
-    types: list[tuple[int, int, int]] = []
-    for sub in range(L.SUBCLUSTERS):
-        bit = 1 << sub
-        if allocated:
-            kind = _ZERO_ALLOC if zero & bit else _NORMAL if alloc & bit else _UNALLOC_ALLOC
-        else:
-            kind = _ZERO_PLAIN if zero & bit else _UNALLOC_PLAIN
-        if types and types[-1][2] == kind:
-            types[-1] = (types[-1][0], types[-1][1] + 1, kind)
-        else:
-            types.append((sub, 1, kind))
-    return host, types

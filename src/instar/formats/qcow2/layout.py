@@ -9,11 +9,10 @@ numbers in qcow2 are big-endian.
 from __future__ import annotations
 
 import struct
-import sys
 from dataclasses import dataclass, field
-from typing import Any
 
 from instar.errors import FormatError
+from instar.formats.common import zstd_module as zstd_module  # the writer's name for it
 
 MAGIC = b"QFI\xfb"
 SECTOR = 512
@@ -259,12 +258,3 @@ def l1_entries_for(size: int, cluster_bits: int, extended_l2: bool) -> int:
     """L1 entries needed to map ``size`` bytes."""
     span = (1 << cluster_bits) * l2_entries(cluster_bits, extended_l2)
     return -(-size // span)
-
-
-def zstd_module() -> Any:
-    """The zstd module (imported on first use): the standard library's from 3.14."""
-    if sys.version_info >= (3, 14):
-        from compression import zstd  # type: ignore[import-not-found,unused-ignore]
-    else:
-        from backports import zstd
-    return zstd

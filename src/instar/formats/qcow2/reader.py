@@ -1,38 +1,44 @@
-"""Reading qcow2 images (versions 2 and 3) as an `Image`.
+"""qcow2 (versions 2 and 3): the mapping function of the read core.
 
-The guest offset is mapped through the L1 table and cached L2 tables into
-runs: host data, zeros, unallocated (the backing image, or zeros) and
-compressed clusters. ``read`` reads host-contiguous data with one pread per
-run; ``extents`` never touches data clusters. Every value read from the image
-is checked before use (DESIGN.md): a malformed image raises FormatError.
+`Qcow2Driver.map` answers as qemu's ``qcow2_co_block_status``: runs of
+clusters (or subclusters) of one type, host-contiguous where they have a host
+offset, never across an L2 table; compressed clusters one by one; a range of
+unallocated L2 tables in one run. `instar.image.BlockImage` reads, falls
+through to the backing file and walks extents on those answers. Every value
+read from the image is checked before use: a malformed image raises
+FormatError.
 """
 
 from __future__ import annotations
 
 import sys
-import zlib
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterator
 
 from instar.errors import FormatError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
+from instar.formats.common import DEFLATE, ZSTD, TableCache, inflate
 from instar.formats.qcow2 import layout as L
-from instar.image import Extent, ExtentKind, Image, check_range, merge_extents
+from instar.image import COMPRESSED, DATA, OFFSET_VALID, ZERO, Driver, Image, Run
 from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
-RUN_BATCH_CLUSTERS = 4096  # clusters mapped at once by extents()
 
-# Kinds of mapped runs (plain ints: the mapping loop is the hot path).
-_DATA, _ZERO, _UNALLOCATED, _COMPRESSED = 0, 1, 2, 3
-_EXTENT_KIND = {
-    _DATA: ExtentKind.DATA,
-    _COMPRESSED: ExtentKind.DATA,
-    _ZERO: ExtentKind.ZERO,
-    _UNALLOCATED: ExtentKind.UNALLOCATED,
-}
+# qemu's subcluster types, and what block status says of each.
+_NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC, _ZERO_PLAIN, _UNALLOC_PLAIN, _COMPRESSED = range(6)
+_FLAGS = (
+    DATA | OFFSET_VALID,  # normal: stored here
+    ZERO | OFFSET_VALID,  # zero, with a cluster allocated
+    OFFSET_VALID,  # allocated cluster, unallocated subcluster: the backing file answers
+    ZERO,
+    0,  # unallocated: the backing file answers
+    DATA | COMPRESSED,
+)
+_HOSTED = (True, True, True, False, False, False)  # runs must be host-contiguous
+
+# A cluster as (first subcluster, count, type) pieces, for the common cases.
+Pieces = tuple[tuple[int, int, int], ...]
 
 
 def _be_u64_array(data: bytes) -> array[int]:
@@ -43,8 +49,8 @@ def _be_u64_array(data: bytes) -> array[int]:
     return table
 
 
-class Qcow2Image:
-    """A qcow2 image: L1/L2 mapping over the image file (or its data file)."""
+class Qcow2Driver(Driver):
+    """A qcow2 image's own layer: L1 in memory, L2 tables through a cache."""
 
     def __init__(
         self,
@@ -52,334 +58,196 @@ class Qcow2Image:
         header: L.Header,
         l1: array[int],
         data_file: InputFile | None,
-        backing: Image | None,
         extensions: L.Extensions | None = None,
         backing_name: str | None = None,
     ) -> None:
         self.file = file
+        self.name = file.name
         self.header = header
         # What the header says beyond the mapping, for instar info.
         self.extensions = extensions if extensions is not None else L.Extensions()
         self.backing_name = backing_name
         self.data_file = data_file
+        self.backing_image: Image | None = None
         self._l1 = l1
-        self._data_file = data_file
         self._host = data_file if data_file is not None else file
-        self._backing = backing
         self._bits = header.cluster_bits
         self._cluster = header.cluster_size
         self._extended = header.extended_l2
         self._l2_entries = L.l2_entries(self._bits, self._extended)
         self._l2_span = self._l2_entries << self._bits
-        self._subcluster = self._cluster // L.SUBCLUSTERS
-        self._cache: OrderedDict[int, array[int]] = OrderedDict()
-        self._cache_limit = max(1, MAX_METADATA_CACHE_BYTES // self._cluster)
-        self._last_compressed: tuple[int, bytes] | None = None
+        self._subclusters = L.SUBCLUSTERS if self._extended else 1
+        self._tables: TableCache[array[int]] = TableCache(
+            self._load_l2, MAX_METADATA_CACHE_BYTES // self._cluster
+        )
         # qemu sees whole sectors: a size that is no multiple of 512 is rounded down.
-        self._virtual_size = header.size // L.SECTOR * L.SECTOR
-
-    @property
-    def virtual_size(self) -> int:
-        return self._virtual_size
+        self.virtual_size = header.size // L.SECTOR * L.SECTOR
+        whole = self._subclusters
+        self._whole = {kind: ((0, whole, kind),) for kind in range(6)}
 
     @property
     def backing(self) -> Image | None:
-        return self._backing
+        return self.backing_image
 
-    @property
-    def l2_span(self) -> int:
-        """Guest bytes one L2 table maps."""
-        return self._l2_span
+    # --- the mapping function ----------------------------------------------------
 
-    def l2_table(self, l1_index: int) -> array[int] | None:
-        """L2 table ``l1_index`` (None if unallocated), for block status."""
-        return self._l2_table(l1_index)
+    def map(self, offset: int, length: int) -> Iterator[Run]:
+        end = offset + length
+        span = self._l2_span
+        position = offset
+        while position < end:
+            l1_index = position // span
+            stop = min(end, (l1_index + 1) * span)
+            if self._l1[l1_index] & L.L1E_OFFSET_MASK == 0:
+                # qemu answers one L2 table's range at a time: pieces of ``span``.
+                while stop < end and self._l1[stop // span] & L.L1E_OFFSET_MASK == 0:
+                    stop = min(end, stop + span)
+                yield Run(position, stop, 0, step=span, anchor=l1_index * span)
+            else:
+                yield from self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
+            position = stop
 
-    # --- mapping -----------------------------------------------------------
-
-    def _l2_table(self, l1_index: int) -> array[int] | None:
-        """The L2 table for ``l1_index`` (None if unallocated), through the LRU cache."""
-        entry = self._l1[l1_index]
-        offset = entry & L.L1E_OFFSET_MASK
-        if offset == 0:
-            return None
-        table = self._cache.get(offset)
-        if table is not None:
-            self._cache.move_to_end(offset)
-            return table
+    def _load_l2(self, l1_index: int) -> array[int]:
+        offset = self._l1[l1_index] & L.L1E_OFFSET_MASK
         if offset & (self._cluster - 1):
             raise FormatError(f"L2 table offset {offset:#x} unaligned (L1 index {l1_index:#x})")
-        table = _be_u64_array(self.file.pread_exact(offset, self._cluster, "L2 table"))
-        self._cache[offset] = table
-        if len(self._cache) > self._cache_limit:
-            self._cache.popitem(last=False)
-        return table
+        return _be_u64_array(self.file.pread_exact(offset, self._cluster, "L2 table"))
 
-    def _runs(self, offset: int, length: int) -> list[list[int]]:
-        """``[kind, guest offset, length, host]`` runs covering the range, coalesced.
-
-        ``host`` is the host offset for data runs and the L2 entry for
-        compressed ones. Data runs are merged only when host-contiguous, so
-        each becomes one pread. The list grows with the range: callers
-        reading huge ranges go through `_run_batches`.
-        """
-        runs: list[list[int]] = []
-        position, end = offset, offset + length
-        while position < end:
-            position = self._map_some(runs, position, end)
-        return runs
-
-    def _run_batches(self, offset: int, length: int) -> Iterator[list[list[int]]]:
-        """The runs of a range in batches of at most `RUN_BATCH_CLUSTERS` clusters.
-
-        Memory stays bounded however large the range (``extents`` of a whole disk).
-        """
-        position, end = offset, offset + length
-        while position < end:
-            runs: list[list[int]] = []
-            stop = min(end, position + (RUN_BATCH_CLUSTERS << self._bits))
-            while position < stop:
-                position = self._map_some(runs, position, stop, end)
-            yield runs
-
-    def _map_some(
-        self, runs: list[list[int]], position: int, stop: int, end: int | None = None
-    ) -> int:
-        """Map from ``position`` to ``stop`` or the end of its L2 table; returns where it stopped.
-
-        The range of an unallocated L2 table is mapped whole in one step (up to
-        ``end`` when given, past ``stop``), so a sparse disk costs one step per table.
-        """
-        l1_index = position // self._l2_span
-        table = self._l2_table(l1_index)
-        if table is None:
-            stop = max(stop, end or stop)
-        stop = min(stop, (l1_index + 1) * self._l2_span)
-        if table is None:
-            _add(runs, _UNALLOCATED, position, stop - position, 0)
-        elif self._extended:
-            self._map_extended(runs, table, l1_index, position, stop)
-        else:
-            self._map_standard(runs, table, l1_index, position, stop)
-        return stop
-
-    def _map_standard(
-        self, runs: list[list[int]], table: array[int], l1_index: int, position: int, stop: int
-    ) -> None:
-        mask = self._cluster - 1
+    def _table_runs(
+        self, table: array[int], l1_index: int, position: int, stop: int
+    ) -> Iterator[Run]:
+        """The runs of ``[position, stop)``, inside one L2 table's range."""
+        bits, cluster = self._bits, self._cluster
+        piece = cluster >> (self._subclusters.bit_length() - 1)
         base = l1_index * self._l2_entries
+        pending: Run | None = None
+        pending_kind = -1
         while position < stop:
-            within = position & mask
-            count = min(stop - position, self._cluster - within)
-            entry = table[(position >> self._bits) - base]
-            if entry & L.OFLAG_COMPRESSED:
-                self._check_compressed_allowed(position)
-                _add(runs, _COMPRESSED, position, count, entry)
-            elif entry & L.OFLAG_ZERO:
-                _add(runs, _ZERO, position, count, 0)
-            else:
-                host = self._host_cluster(entry, position)
-                if host is None:
-                    _add(runs, _UNALLOCATED, position, count, 0)
+            cluster_start = position & ~(cluster - 1)
+            host, pieces = self._cluster_pieces(table, (position >> bits) - base, cluster_start)
+            for first, count, kind in pieces:
+                run_start = max(position, cluster_start + first * piece)
+                run_end = min(stop, cluster_start + (first + count) * piece)
+                if run_end <= run_start:
+                    continue
+                within = run_start - cluster_start
+                if kind == _COMPRESSED:
+                    if pending is not None:
+                        yield pending
+                        pending = None
+                    yield Run(run_start, run_end, _FLAGS[kind], self.file, within, host)
+                    continue
+                hosted = _HOSTED[kind]
+                at = host + within if hosted else 0
+                if (
+                    pending is not None
+                    and pending_kind == kind
+                    and (not hosted or pending.host + (run_start - pending.start) == at)
+                ):
+                    pending = pending._replace(end=run_end)
                 else:
-                    _add(runs, _DATA, position, count, host + within)
-            position += count
+                    if pending is not None:
+                        yield pending
+                    pending = Run(run_start, run_end, _FLAGS[kind],
+                                  self._host if hosted else None, at)
+                    pending_kind = kind
+                if first + count < self._subclusters:  # qemu stops at a change in a cluster
+                    yield pending
+                    pending = None
+            position = cluster_start + cluster
+        if pending is not None:
+            yield pending
 
-    def _map_extended(
-        self, runs: list[list[int]], table: array[int], l1_index: int, position: int, stop: int
-    ) -> None:
-        mask = self._cluster - 1
-        base = l1_index * self._l2_entries
-        while position < stop:
-            within = position & mask
-            count = min(stop - position, self._cluster - within)
-            index = 2 * ((position >> self._bits) - base)
-            entry, bitmap = table[index], table[index + 1]
-            if entry & L.OFLAG_COMPRESSED:
-                self._check_compressed_allowed(position)
-                _add(runs, _COMPRESSED, position, count, entry)
-                position += count
-                continue
-            host = self._host_cluster(entry, position)
-            alloc, zero = bitmap & L.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
-            if alloc & zero or (host is None and alloc):
+    def _cluster_pieces(self, table: array[int], index: int, start: int) -> tuple[int, Pieces]:
+        """A cluster's host offset (its L2 entry if compressed) and its pieces."""
+        if self._extended:
+            entry, bitmap = table[2 * index], table[2 * index + 1]
+        else:
+            entry, bitmap = table[index], 0
+        if entry & L.OFLAG_COMPRESSED:
+            if self.data_file is not None:
                 raise FormatError(
-                    f"invalid subcluster bitmap {bitmap:#018x} at guest offset "
-                    f"{position - within:#x}"
+                    f"compressed cluster at guest offset {start:#x} in an image "
+                    "with an external data file"
                 )
-            self._map_subclusters(runs, position, count, within, host, alloc, zero)
-            position += count
-
-    def _map_subclusters(
-        self,
-        runs: list[list[int]],
-        position: int,
-        count: int,
-        within: int,
-        host: int | None,
-        alloc: int,
-        zero: int,
-    ) -> None:
-        """Runs for ``count`` bytes of one extended-L2 cluster, subcluster by subcluster."""
-        size = self._subcluster
-        end = position + count
-        while position < end:
-            index = within // size
-            piece = min(end - position, size - within % size)
-            bit = 1 << index
-            if zero & bit:
-                _add(runs, _ZERO, position, piece, 0)
-            elif alloc & bit:
-                assert host is not None
-                _add(runs, _DATA, position, piece, host + within)
-            else:
-                _add(runs, _UNALLOCATED, position, piece, 0)
-            position += piece
-            within += piece
-
-    def _host_cluster(self, entry: int, position: int) -> int | None:
-        """The checked host offset of a standard cluster, None if unallocated.
-
-        Offset 0 means unallocated, except in an external data file, where
-        the COPIED flag marks guest cluster 0 stored at host offset 0.
-        """
+            return entry, self._whole[_COMPRESSED]
         host: int = entry & L.L2E_OFFSET_MASK
-        if host == 0 and not (self._data_file is not None and entry & L.OFLAG_COPIED):
-            return None
+        allocated = host != 0 or (self.data_file is not None and bool(entry & L.OFLAG_COPIED))
+        if not self._extended:
+            if entry & L.OFLAG_ZERO:
+                return host, self._whole[_ZERO_ALLOC if host else _ZERO_PLAIN]
+            if not allocated:
+                return 0, self._whole[_UNALLOC_PLAIN]
+            return self._checked_host(host, start), self._whole[_NORMAL]
+        alloc, zero = bitmap & L.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
+        if alloc & zero or (not allocated and alloc):
+            raise FormatError(
+                f"invalid subcluster bitmap {bitmap:#018x} at guest offset {start:#x}"
+            )
+        if allocated:
+            host = self._checked_host(host, start)
+        return host, _subcluster_pieces(alloc, zero, allocated)
+
+    def _checked_host(self, host: int, start: int) -> int:
+        """A standard cluster's host offset, checked against alignment and the file."""
         if host & (self._cluster - 1):
             raise FormatError(
-                f"cluster allocation offset {host:#x} unaligned "
-                f"(guest offset {position & ~(self._cluster - 1):#x})"
+                f"cluster allocation offset {host:#x} unaligned (guest offset {start:#x})"
             )
         if host >= self._host.size:
-            where = "data file" if self._data_file is not None else "file"
+            where = "data file" if self.data_file is not None else "file"
             raise FormatError(
-                f"cluster at guest offset {position & ~(self._cluster - 1):#x} points to "
-                f"{host:#x}, beyond the end of the {where}"
+                f"cluster at guest offset {start:#x} points to {host:#x}, "
+                f"beyond the end of the {where}"
             )
         return host
 
-    def _check_compressed_allowed(self, position: int) -> None:
-        if self._data_file is not None:
-            raise FormatError(
-                f"compressed cluster at guest offset {position:#x} in an image "
-                "with an external data file"
-            )
-
-    # --- reading -----------------------------------------------------------
-
-    def read(self, offset: int, length: int) -> bytes:
-        check_range(self, offset, length)
-        parts: list[bytes] = []
-        for kind, position, count, host in self._runs(offset, length):
-            if kind == _DATA:
-                data = self._host.pread(host, count)
-                parts.append(data if len(data) == count else data + bytes(count - len(data)))
-            elif kind == _ZERO:
-                parts.append(bytes(count))
-            elif kind == _UNALLOCATED:
-                parts.append(self._read_backing(position, count))
-            else:
-                cluster = self._decompress(host, position)
-                within = position & (self._cluster - 1)
-                parts.append(cluster[within : within + count])
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _read_backing(self, offset: int, length: int) -> bytes:
-        """Unallocated bytes: the backing image's, zeros past its end or without one."""
-        backing = self._backing
-        inside = 0 if backing is None else max(0, min(length, backing.virtual_size - offset))
-        if not inside:
-            return bytes(length)
-        assert backing is not None
-        data = backing.read(offset, inside)
-        return data if inside == length else data + bytes(length - inside)
-
-    def _decompress(self, entry: int, position: int) -> bytes:
+    def decompress(self, run: Run) -> bytes:
         """One compressed cluster, decompressed to exactly a cluster (bounded)."""
-        if self._last_compressed is not None and self._last_compressed[0] == entry:
-            return self._last_compressed[1]
+        entry = run.unit
+        assert isinstance(entry, int)
         shift = L.compressed_shift(self._bits)
         host = entry & ((1 << shift) - 1)
         sectors = ((entry >> shift) & ((1 << (self._bits - 8)) - 1)) + 1
         size = sectors * L.SECTOR - (host & (L.SECTOR - 1))
-        where = f"compressed cluster at guest offset {position & ~(self._cluster - 1):#x}"
+        where = f"compressed cluster at guest offset {run.start - run.host:#x}"
         if host >> 56 or host >= self.file.size:
             raise FormatError(f"{where} points to {host:#x}, beyond the end of the file")
         # qemu does not write the tail of the last sector: the file may end before it.
         data = self.file.pread(host, min(size, self.file.size - host))
-        cluster = self._inflate(data, where)
-        self._last_compressed = (entry, cluster)
-        return cluster
-
-    def _inflate(self, data: bytes, where: str) -> bytes:
-        try:
-            if self.header.compression_type == L.COMPRESSION_ZSTD:
-                zstd = L.zstd_module()
-                out: bytes = zstd.ZstdDecompressor().decompress(data, max_length=self._cluster)
-            else:
-                # Any raw deflate window decodes with the largest one.
-                out = zlib.decompressobj(-15).decompress(data, self._cluster)
-        except (zlib.error, ValueError, EOFError) as error:
-            raise FormatError(f"{where} does not decompress: {error}") from None
-        except Exception as error:  # zstd.ZstdError, which lives in a lazy import
-            if type(error).__name__ != "ZstdError":
-                raise
-            raise FormatError(f"{where} does not decompress: {error}") from None
+        codec = ZSTD if self.header.compression_type == L.COMPRESSION_ZSTD else DEFLATE
+        out = inflate(data, self._cluster, codec, where)
         if len(out) != self._cluster:
             raise FormatError(f"{where} decompresses to {len(out)} bytes, not a whole cluster")
         return out
 
-    # --- extents -----------------------------------------------------------
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        check_range(self, offset, length)
-        return merge_extents(self._extents(offset, length))
-
-    def _extents(self, offset: int, length: int) -> Iterator[Extent]:
-        for runs in self._run_batches(offset, length):
-            for kind, position, count, _host in runs:
-                if kind == _UNALLOCATED and self._backing is not None:
-                    yield from self._backing_extents(position, count)
-                else:
-                    yield Extent(position, count, _EXTENT_KIND[kind])
-
-    def _backing_extents(self, offset: int, length: int) -> Iterator[Extent]:
-        assert self._backing is not None
-        inside = max(0, min(length, self._backing.virtual_size - offset))
-        if inside:
-            yield from self._backing.extents(offset, inside)
-        if inside < length:
-            yield Extent(offset + inside, length - inside, ExtentKind.ZERO)
-
     def close(self) -> None:
-        if self._backing is not None:
-            self._backing.close()
-        if self._data_file is not None:
-            self._data_file.close()
+        if self.data_file is not None:
+            self.data_file.close()
         self.file.close()
-        self._cache.clear()
+        self._tables.clear()
 
 
-def _add(runs: list[list[int]], kind: int, position: int, count: int, host: int) -> None:
-    """Append a run, merging it into the previous one when they continue each other."""
-    if runs:
-        last = runs[-1]
-        if (
-            last[0] == kind
-            and kind != _COMPRESSED
-            and last[1] + last[2] == position
-            and (kind != _DATA or last[3] + last[2] == host)
-        ):
-            last[2] += count
-            return
-    runs.append([kind, position, count, host])
+def _subcluster_pieces(alloc: int, zero: int, allocated: bool) -> Pieces:
+    """The (first, count, type) runs of an extended L2 cluster's 32 subclusters."""
+    pieces: list[tuple[int, int, int]] = []
+    for sub in range(L.SUBCLUSTERS):
+        bit = 1 << sub
+        if allocated:
+            kind = _ZERO_ALLOC if zero & bit else _NORMAL if alloc & bit else _UNALLOC_ALLOC
+        else:
+            kind = _ZERO_PLAIN if zero & bit else _UNALLOC_PLAIN
+        if pieces and pieces[-1][2] == kind:
+            pieces[-1] = (pieces[-1][0], pieces[-1][1] + 1, kind)
+        else:
+            pieces.append((sub, 1, kind))
+    return tuple(pieces)
 
 
 # --- opening -----------------------------------------------------------------
 
 
-def open_image(file: InputFile, resolver: Resolver) -> Qcow2Image:
+def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
     """Parse and check the header, then open the data file and backing image it names."""
     header = L.Header.parse(file.pread(0, L.V3_MIN_HEADER_LENGTH + 8))
     check_header(header, file)
@@ -391,11 +259,11 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Image:
         if extensions.data_file is None:
             raise FormatError("'data-file' is required for this image")
         data_file = resolver.open_file(extensions.data_file, file, "data file")
-    backing = None
     name = read_backing_name(header, file)
+    driver = Qcow2Driver(file, header, l1, data_file, extensions, name)
     if name is not None:
-        backing = resolver.open_backing(name, extensions.backing_format, file)
-    return Qcow2Image(file, header, l1, data_file, backing, extensions, name)
+        driver.backing_image = resolver.open_backing(name, extensions.backing_format, file)
+    return driver
 
 
 def check_header(header: L.Header, file: InputFile) -> None:

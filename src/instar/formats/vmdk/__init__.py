@@ -7,7 +7,6 @@ create's default layout) and streamOptimized. See docs/formats/vmdk.md.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from instar.files import InputFile
@@ -19,7 +18,6 @@ from instar.formats.base import (
     Resolver,
     Writer,
 )
-from instar.image import Image
 from instar.sizes import round_up
 
 # Here, not in layout, so that probing does not import the whole layout module.
@@ -28,8 +26,7 @@ MAGIC = b"KDMV"  # hosted sparse extent ("VMDK4")
 COWD_MAGIC = b"COWD"  # ESX VMFS sparse ("VMDK3"), refused
 
 if TYPE_CHECKING:
-    from instar.formats.base import StatusRun
-    from instar.formats.vmdk.reader import VmdkImage
+    from instar.image import Driver
 
 
 class VmdkFormat:
@@ -55,25 +52,18 @@ class VmdkFormat:
 
         return 100 if looks_like_descriptor(header) else 0
 
-    def open(self, file: InputFile, resolver: Resolver) -> Image:
+    def open(self, file: InputFile, resolver: Resolver) -> Driver:
         from instar.formats.vmdk.reader import open_vmdk
 
         return open_vmdk(file, resolver)
 
-    def describe(self, image: Image) -> FormatDetails:
+    def describe(self, driver: Driver) -> FormatDetails:
         """What ``qemu-img info`` shows (`instar.formats.vmdk.info`)."""
         from instar.formats.vmdk.info import describe
+        from instar.formats.vmdk.reader import VmdkDriver
 
-        return describe(_vmdk_image(image))
-
-    def block_status(self, image: Image) -> Iterator[StatusRun]:
-        """qemu's block status of ``image`` (`instar.formats.vmdk.info`)."""
-        from instar.formats.vmdk.info import block_status
-
-        return block_status(_vmdk_image(image))
-
-    def backing_image(self, image: Image) -> Image | None:
-        return _vmdk_image(image).parent
+        assert isinstance(driver, VmdkDriver)
+        return describe(driver)
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         return round_up(length, SECTOR)
@@ -82,15 +72,6 @@ class VmdkFormat:
         from instar.formats.vmdk.writer import create_writer
 
         return create_writer(out, virtual_size, options)
-
-
-def _vmdk_image(image: Image) -> VmdkImage:
-    """``image`` as the reader's class: the hooks take what ``open`` returned."""
-    from instar.formats.vmdk.reader import VmdkImage
-
-    if not isinstance(image, VmdkImage):
-        raise TypeError("expected an image this format opened")
-    return image
 
 
 FORMAT = VmdkFormat()

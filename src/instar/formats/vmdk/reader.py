@@ -7,25 +7,22 @@ raw bytes at an offset; SPARSE: a hosted sparse extent), which the host side
 opens through the resolver's allowlist. A ``parentFileNameHint`` makes the
 disk a child: grains a sparse extent does not map read from the parent.
 
-Grain tables are read on demand (a small cache per extent); ``extents()``
-reads only tables, never grain data; reads coalesce grains that are adjacent
-in the file into one ``pread``.
+Grain tables are read on demand (a small cache per extent); `VmdkDriver.map`
+answers grain by grain as qemu does, and the read core coalesces grains
+that are adjacent in the file into one ``pread``.
 """
 
 from __future__ import annotations
 
 import bisect
-import collections
 import sys
-import zlib
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 from instar.errors import FormatError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
-from instar.formats.raw import RawImage
+from instar.formats.common import ZLIB, TableCache, inflate
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
     COWD_MAGIC,
@@ -50,7 +47,17 @@ from instar.formats.vmdk.layout import (
     parse_descriptor,
     parse_metadata_marker,
 )
-from instar.image import Extent, ExtentKind, Image, check_range
+from instar.image import (
+    COMPRESSED,
+    DATA,
+    OFFSET_VALID,
+    ZERO,
+    BlockImage,
+    Driver,
+    Image,
+    Run,
+    file_runs,
+)
 from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_EXTENTS = 1024  # extent files one disk may name (each is an open file)
@@ -67,26 +74,6 @@ REFUSED_CREATE_TYPES = (
     "fullDevice",
     "partitionedDevice",
 )
-
-
-class RunKind:
-    """How a piece of an extent is stored (finer than ExtentKind)."""
-
-    RAW = 0  # bytes at ``where`` in the extent file
-    COMPRESSED = 1  # inside the compressed grain at sector ``where``
-    ZERO = 2
-    UNALLOCATED = 3  # not in this disk: the parent's, or zeros
-
-
-@dataclass(frozen=True)
-class Run:
-    """``length`` bytes of an extent from ``offset`` (extent-relative)."""
-
-    offset: int
-    length: int
-    kind: int
-    where: int = 0  # RAW: file offset; COMPRESSED: grain sector
-    within: int = 0  # COMPRESSED: offset inside the inflated grain
 
 
 def _u32_table(data: bytes) -> array[int]:
@@ -175,9 +162,9 @@ class SparseExtent:
         self.grain_bytes = header.grain_sectors * SECTOR
         self._gt_bytes = header.gtes_per_gt * 4
         self._gd = self._read_gd(entries)
-        self._tables: collections.OrderedDict[int, array[int]] = collections.OrderedDict()
-        self._zero_grain = header.has_zero_grain
-        self._compressed = header.compressed
+        self._tables: TableCache[array[int]] = TableCache(self._load_table, GT_CACHE_TABLES)
+        self.zero_grains = header.has_zero_grain
+        self._stored = DATA | (COMPRESSED if header.compressed else OFFSET_VALID)
         self.metadata_bytes = entries * 4
 
     def _read_gd(self, entries: int) -> array[int]:
@@ -195,34 +182,16 @@ class SparseExtent:
             )
         return gd
 
-    @property
-    def zero_grains(self) -> bool:
-        return self._zero_grain
-
-    def table(self, index: int) -> array[int] | None:
-        """Grain table ``index`` (None when the directory maps none), for block status."""
-        return self._table(index)
-
-    def _table(self, index: int) -> array[int] | None:
-        """Grain table ``index``, or None when the directory maps none."""
-        sector = self._gd[index]
-        if sector == 0:
-            return None
-        table = self._tables.get(index)
-        if table is not None:
-            self._tables.move_to_end(index)
-            return table
+    def _load_table(self, index: int) -> array[int]:
         data = self.file.pread_exact(
-            sector * SECTOR, self._gt_bytes, f"grain table of '{self.file.name}'"
+            self._gd[index] * SECTOR, self._gt_bytes, f"grain table of '{self.file.name}'"
         )
-        table = _u32_table(data)
-        self._tables[index] = table
-        if len(self._tables) > GT_CACHE_TABLES:
-            self._tables.popitem(last=False)
-        return table
+        return _u32_table(data)
 
-    def runs(self, offset: int, length: int) -> Iterator[Run]:
-        """How ``[offset, offset + length)`` is stored, adjacent raw grains merged."""
+    def runs(self, offset: int, length: int, disk_start: int) -> Iterator[Run]:
+        """qemu's answers for ``[offset, offset + length)`` of the extent, at
+        disk offsets: grain by grain (pieces of a grain), stored grains merged
+        where they continue each other in the file, compressed ones alone."""
         grain_bytes = self.grain_bytes
         per_table = self.header.gtes_per_gt
         end = offset + length
@@ -231,83 +200,58 @@ class SparseExtent:
         while position < end:
             grain, within = divmod(position, grain_bytes)
             table_index, entry_index = divmod(grain, per_table)
-            table = self._table(table_index)
-            if table is None:  # a whole grain table's worth is unallocated
+            if self._gd[table_index] == 0:  # a whole grain table's worth is unallocated
                 step = min(end, (table_index + 1) * per_table * grain_bytes) - position
-                run = Run(position, step, RunKind.UNALLOCATED)
+                flags, host, unit = 0, 0, None
             else:
                 step = min(end - position, grain_bytes - within)
-                run = self._grain_run(table[entry_index], position, step, within)
-            merged = None if pending is None else _merge(pending, run)
-            if merged is not None:
-                pending = merged
+                entry = self._tables.get(table_index)[entry_index]
+                flags, host, unit = self._grain(entry, within)
+            at = disk_start + position
+            if pending is not None and pending.flags == flags and not flags & COMPRESSED and (
+                not flags & OFFSET_VALID or pending.host + (at - pending.start) == host
+            ):
+                pending = pending._replace(end=at + step)
             else:
                 if pending is not None:
                     yield pending
-                pending = run
+                pending = Run(at, at + step, flags, self.file if flags & DATA else None,
+                              host, unit, grain_bytes, disk_start)
             position += step
         if pending is not None:
             yield pending
 
-    def _grain_run(self, entry: int, position: int, step: int, within: int) -> Run:
+    def _grain(self, entry: int, within: int) -> tuple[int, int, object]:
+        """(flags, host offset or offset in the grain, compressed unit) of a grain."""
         if entry == 0:
-            return Run(position, step, RunKind.UNALLOCATED)
-        if entry == GTE_ZEROED and self._zero_grain:
-            return Run(position, step, RunKind.ZERO)
-        start = entry * SECTOR
-        if start >= self.file.size:
+            return 0, 0, None
+        if entry == GTE_ZEROED and self.zero_grains:
+            return ZERO, 0, None
+        if entry * SECTOR >= self.file.size:
             raise FormatError(
                 f"grain at sector {entry} of '{self.file.name}' lies beyond the end of the file"
             )
-        if self._compressed:
-            return Run(position, step, RunKind.COMPRESSED, entry, within)
-        return Run(position, step, RunKind.RAW, start + within)
-
-    def read_raw(self, where: int, length: int) -> bytes:
-        """Grain bytes; past the end of the file they read as zeros, as in qemu."""
-        data = self.file.pread(where, length)
-        return data if len(data) == length else data + bytes(length - len(data))
+        if self._stored & COMPRESSED:
+            return self._stored, within, (self, entry)
+        return self._stored, entry * SECTOR + within, None
 
     def inflate(self, sector: int) -> bytes:
         """The compressed grain at ``sector``, inflated (bounded by the grain size)."""
         start = sector * SECTOR
+        where = f"compressed grain at sector {sector} of '{self.file.name}'"
         if self.header.has_markers:
             marker = self.file.pread_exact(start, GRAIN_MARKER.size, "grain marker")
             _, size = GRAIN_MARKER.unpack(marker)
             start += GRAIN_MARKER.size
             if size == 0 or size > 2 * self.grain_bytes:
-                raise FormatError(
-                    f"compressed grain at sector {sector} of '{self.file.name}' "
-                    f"has an invalid size {size}"
-                )
+                raise FormatError(f"{where} has an invalid size {size}")
             data = self.file.pread_exact(start, size, "compressed grain")
         else:
             data = self.file.pread(start, 2 * self.grain_bytes)
-        inflater = zlib.decompressobj()
-        try:
-            grain = inflater.decompress(data, self.grain_bytes)
-        except zlib.error as error:
-            raise FormatError(
-                f"compressed grain at sector {sector} of '{self.file.name}' is corrupt: {error}"
-            ) from None
-        if not inflater.eof:
-            raise FormatError(
-                f"compressed grain at sector {sector} of '{self.file.name}' does not inflate "
-                f"to at most {self.grain_bytes} bytes"
-            )
-        return grain
+        return inflate(data, self.grain_bytes, ZLIB, where)
 
     def close(self) -> None:
         self.file.close()
-
-
-def _merge(pending: Run, run: Run) -> Run | None:
-    """``pending`` extended by ``run`` when one continues the other, else None."""
-    if pending.kind != run.kind or pending.kind == RunKind.COMPRESSED:
-        return None
-    if pending.kind == RunKind.RAW and pending.where + pending.length != run.where:
-        return None
-    return Run(pending.offset, pending.length + run.length, pending.kind, pending.where)
 
 
 class FlatExtent:
@@ -318,37 +262,14 @@ class FlatExtent:
         self.kind = kind  # FLAT or VMFS
         self.length = sectors * SECTOR
         self.start = start_sector * SECTOR
-        self._raw = RawImage(file)
         self.metadata_bytes = 0
 
-    @property
-    def raw(self) -> RawImage:
-        """The extent file as a raw image (its data and holes)."""
-        return self._raw
-
-    def runs(self, offset: int, length: int) -> Iterator[Run]:
-        """File data as RAW, holes and the part past the file's end as ZERO.
-
-        A flat extent maps every byte, so nothing falls through to a parent.
-        """
-        begin = self.start + offset
-        inside = max(0, min(length, self._raw.virtual_size - begin))
-        if inside:
-            for extent in self._raw.extents(begin, inside):
-                relative = extent.offset - self.start
-                if extent.kind is ExtentKind.DATA:
-                    yield Run(relative, extent.length, RunKind.RAW, extent.offset)
-                else:
-                    yield Run(relative, extent.length, RunKind.ZERO)
-        if inside < length:
-            yield Run(offset + inside, length - inside, RunKind.ZERO)
-
-    def read_raw(self, where: int, length: int) -> bytes:
-        data = self.file.pread(where, length)
-        return data if len(data) == length else data + bytes(length - len(data))
-
-    def inflate(self, sector: int) -> bytes:  # pragma: no cover - flat runs are never compressed
-        raise AssertionError("flat extents have no compressed grains")
+    def runs(self, offset: int, length: int, disk_start: int) -> Iterator[Run]:
+        """qemu's answers: data, at a valid offset, for the rest of the extent,
+        cut where the file has data or holes (qemu asks the file and adds ZERO
+        over a hole); past the end of the file is a hole. A flat extent maps
+        every byte, so nothing falls through to a parent."""
+        return file_runs(self.file, self.start + offset, length, disk_start + offset, DATA)
 
     def close(self) -> None:
         self.file.close()
@@ -361,16 +282,10 @@ DiskExtent = SparseExtent | FlatExtent
 # The disk
 
 
-class VmdkImage:
+class VmdkDriver(Driver):
     """Extents end to end, over an optional parent."""
 
-    def __init__(
-        self,
-        name: str,
-        extents: list[DiskExtent],
-        descriptor: Descriptor | None,
-        parent: Image | None = None,
-    ) -> None:
+    def __init__(self, name: str, extents: list[DiskExtent], descriptor: Descriptor | None) -> None:
         self.name = name
         self._extents = extents
         self._starts: list[int] = []
@@ -378,20 +293,15 @@ class VmdkImage:
         for extent in extents:
             self._starts.append(total)
             total += extent.length
-        self._size = total
+        self.virtual_size = total
         self.descriptor = descriptor
         self.cid = descriptor.cid("CID") if descriptor is not None else None
-        self._parent = parent
+        self.parent: Image | None = None
         self._parent_problem: str | None = None
-        self._grain_cache: tuple[int, int, bytes] | None = None  # (extent id, sector, data)
 
     @property
-    def virtual_size(self) -> int:
-        return self._size
-
-    @property
-    def parent(self) -> Image | None:
-        return self._parent
+    def backing(self) -> Image | None:
+        return self.parent
 
     @property
     def disk_extents(self) -> tuple[DiskExtent, ...]:
@@ -400,92 +310,41 @@ class VmdkImage:
 
     def set_parent(self, parent: Image, problem: str | None) -> None:
         """Attach the parent; ``problem`` (a CID mismatch) fails reads that need it, as qemu."""
-        self._parent = parent
+        self.parent = parent
         self._parent_problem = problem
 
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, DiskExtent, Run]]:
-        """(disk offset, extent, run) covering the range, in order."""
+    def check_backing_read(self) -> None:
+        if self._parent_problem is not None:
+            raise FormatError(self._parent_problem)
+
+    def map(self, offset: int, length: int) -> Iterator[Run]:
         end = offset + length
         index = bisect.bisect_right(self._starts, offset) - 1
         position = offset
         while position < end:
             extent, start = self._extents[index], self._starts[index]
             step = min(end, start + extent.length) - position
-            for run in extent.runs(position - start, step):
-                yield start + run.offset, extent, run
+            yield from extent.runs(position - start, step, start)
             position += step
             index += 1
 
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        check_range(self, offset, length)
-        for disk_offset, _, run in self._pieces(offset, length):
-            if run.kind in (RunKind.RAW, RunKind.COMPRESSED):
-                yield Extent(disk_offset, run.length, ExtentKind.DATA)
-            elif run.kind == RunKind.ZERO:
-                yield Extent(disk_offset, run.length, ExtentKind.ZERO)
-            else:
-                yield from self._parent_extents(disk_offset, run.length)
-
-    def _parent_extents(self, offset: int, length: int) -> Iterator[Extent]:
-        parent = self._usable_parent()
-        inside = 0 if parent is None else max(0, min(length, parent.virtual_size - offset))
-        if parent is not None and inside:
-            yield from parent.extents(offset, inside)
-        if inside < length:
-            yield Extent(offset + inside, length - inside, ExtentKind.UNALLOCATED)
-
-    def _usable_parent(self) -> Image | None:
-        if self._parent is not None and self._parent_problem is not None:
-            raise FormatError(self._parent_problem)
-        return self._parent
-
-    def read(self, offset: int, length: int) -> bytes:
-        check_range(self, offset, length)
-        parts: list[bytes] = []
-        for disk_offset, extent, run in self._pieces(offset, length):
-            if run.kind == RunKind.RAW:
-                parts.append(extent.read_raw(run.where, run.length))
-            elif run.kind == RunKind.COMPRESSED:
-                grain = self._inflated(extent, run.where)
-                piece = grain[run.within : run.within + run.length]
-                if len(piece) != run.length:
-                    raise FormatError(
-                        f"compressed grain at sector {run.where} of '{extent.file.name}' "
-                        "inflates to fewer bytes than the disk needs"
-                    )
-                parts.append(piece)
-            elif run.kind == RunKind.ZERO:
-                parts.append(bytes(run.length))
-            else:
-                parts.append(self._parent_read(disk_offset, run.length))
-        return b"".join(parts)
-
-    def _inflated(self, extent: DiskExtent, sector: int) -> bytes:
-        cached = self._grain_cache
-        if cached is not None and cached[0] == id(extent) and cached[1] == sector:
-            return cached[2]
-        grain = extent.inflate(sector)
-        self._grain_cache = (id(extent), sector, grain)
-        return grain
-
-    def _parent_read(self, offset: int, length: int) -> bytes:
-        parent = self._usable_parent()
-        inside = 0 if parent is None else max(0, min(length, parent.virtual_size - offset))
-        data = parent.read(offset, inside) if parent is not None and inside else b""
-        return data + bytes(length - inside) if inside < length else data
+    def decompress(self, run: Run) -> bytes:
+        unit = run.unit
+        assert isinstance(unit, tuple)
+        extent, sector = unit
+        assert isinstance(extent, SparseExtent) and isinstance(sector, int)
+        return extent.inflate(sector)
 
     def close(self) -> None:
         for extent in self._extents:
             extent.close()
-        if self._parent is not None:
-            self._parent.close()
 
 
 # --------------------------------------------------------------------------
 # Opening
 
 
-def open_vmdk(file: InputFile, resolver: Resolver) -> VmdkImage:
+def open_vmdk(file: InputFile, resolver: Resolver) -> VmdkDriver:
     """Open ``file`` as qemu's vmdk driver would: a sparse extent or a descriptor."""
     if file.size == 0:  # qemu sees whole sectors: 1 to 3 bytes read as a descriptor
         raise FormatError("File is too small, not a valid image")
@@ -498,7 +357,7 @@ def open_vmdk(file: InputFile, resolver: Resolver) -> VmdkImage:
     return image
 
 
-def _open_monolithic(file: InputFile) -> VmdkImage:
+def _open_monolithic(file: InputFile) -> VmdkDriver:
     """monolithicSparse or streamOptimized: one sparse extent with its descriptor inside."""
     first = file.pread_exact(0, SECTOR, "VMDK header")
     if first[:4] == MAGIC:
@@ -513,7 +372,7 @@ def _open_monolithic(file: InputFile) -> VmdkImage:
     header = read_sparse_header(file)
     extent = SparseExtent(file, header)
     descriptor = _embedded_descriptor(file, SparseHeader.unpack(first))
-    return VmdkImage(file.name, [extent], descriptor)
+    return VmdkDriver(file.name, [extent], descriptor)
 
 
 def _embedded_descriptor(file: InputFile, header: SparseHeader) -> Descriptor | None:
@@ -539,7 +398,7 @@ def _parse(text: str) -> Descriptor:
         raise FormatError(f"invalid VMDK image descriptor: {error}") from None
 
 
-def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkImage:
+def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
     """A text descriptor naming extent files (monolithicFlat, twoGbMaxExtent*, vmfs)."""
     if not looks_like_descriptor(file.pread(0, 2048)):
         # Not a descriptor at all (``-f vmdk`` on another format): qemu's words, no detail.
@@ -581,7 +440,7 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkImage:
         for extent in extents:
             extent.close()
         raise
-    return VmdkImage(file.name, extents, descriptor)
+    return VmdkDriver(file.name, extents, descriptor)
 
 
 def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskExtent:
@@ -610,7 +469,7 @@ def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskE
     return SparseExtent(extent_file, header, kind)
 
 
-def _attach_parent(image: VmdkImage, file: InputFile, resolver: Resolver) -> None:
+def _attach_parent(image: VmdkDriver, file: InputFile, resolver: Resolver) -> None:
     """Open the parent a ``parentFileNameHint`` names (as vmdk, as qemu does)."""
     descriptor = image.descriptor
     hint = descriptor.parent_hint if descriptor is not None else None
@@ -620,7 +479,8 @@ def _attach_parent(image: VmdkImage, file: InputFile, resolver: Resolver) -> Non
     problem = None
     assert descriptor is not None
     parent_cid = descriptor.cid("parentCID")
-    if isinstance(parent, VmdkImage) and parent.cid != parent_cid:
+    parent_driver = parent.driver if isinstance(parent, BlockImage) else None
+    if isinstance(parent_driver, VmdkDriver) and parent_driver.cid != parent_cid:
         problem = (
             f"'{file.name}': parent CID {parent_cid if parent_cid is None else hex(parent_cid)} "
             f"does not match the CID of its parent '{hint}'"

@@ -8,7 +8,6 @@ stays cheap.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from instar.files import InputFile
@@ -20,13 +19,12 @@ from instar.formats.base import (
     Resolver,
     Writer,
 )
-from instar.image import Image
 
 # Here, not in layout, so that probing does not import the whole layout module.
 FOOTER_COOKIE = b"conectix"
 
 if TYPE_CHECKING:
-    from instar.formats.base import StatusRun
+    from instar.image import Driver
 
 
 class VpcFormat:
@@ -40,25 +38,18 @@ class VpcFormat:
         """qemu looks at offset 0 only, so a fixed VHD (footer at the end) probes as raw."""
         return 100 if header[: len(FOOTER_COOKIE)] == FOOTER_COOKIE else 0
 
-    def open(self, file: InputFile, resolver: Resolver) -> Image:
+    def open(self, file: InputFile, resolver: Resolver) -> Driver:
         from instar.formats.vpc.reader import open_vpc
 
         return open_vpc(file, resolver)
 
-    def describe(self, image: Image) -> FormatDetails:
-        """What ``qemu-img info`` shows (`instar.formats.vpc.info`)."""
-        from instar.formats.vpc.info import describe
+    def describe(self, driver: Driver) -> FormatDetails:
+        """``vpc_get_info``: the block size as cluster size, except for a fixed disk."""
+        from instar.formats.vpc.reader import DynamicVpcDriver
 
-        return describe(image)
-
-    def block_status(self, image: Image) -> Iterator[StatusRun]:
-        """qemu's block status of ``image`` (`instar.formats.vpc.info`)."""
-        from instar.formats.vpc.info import block_status
-
-        return block_status(image)
-
-    def backing_image(self, image: Image) -> Image | None:
-        return None  # qemu reads a differencing disk without its parent
+        if isinstance(driver, DynamicVpcDriver):
+            return FormatDetails(cluster_size=driver.block_size)
+        return FormatDetails()
 
     def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
         force = options is not None and options.options.get("force_size") == "on"

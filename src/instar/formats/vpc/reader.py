@@ -21,14 +21,13 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections import OrderedDict
 from collections.abc import Iterator
 from urllib.parse import unquote
 
 from instar.errors import FormatError
 from instar.files import InputFile
 from instar.formats.base import Resolver
-from instar.formats.raw import RawImage
+from instar.formats.common import TableCache
 from instar.formats.vpc.layout import (
     DISK_DIFFERENCING,
     DISK_DYNAMIC,
@@ -45,7 +44,7 @@ from instar.formats.vpc.layout import (
     ParentLocator,
     bitmap_size,
 )
-from instar.image import Extent, ExtentKind, Image, check_range, merge_extents
+from instar.image import DATA, OFFSET_VALID, ZERO, Driver, Image, Run, file_runs
 from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_NAME_BYTES, MAX_TABLE_BYTES
 
 MIN_BLOCK_SIZE = 4 << 10
@@ -56,7 +55,7 @@ _BITMAP_CACHE_BYTES = min(8 << 20, MAX_METADATA_CACHE_BYTES)
 _LOCATOR_ORDER = (b"W2ru", b"MacX", b"W2ku")
 
 
-def open_vpc(file: InputFile, resolver: Resolver) -> Image:
+def open_vpc(file: InputFile, resolver: Resolver) -> Driver:
     """Open a VHD of any type qemu reads; raise FormatError if it is malformed."""
     footer, at_start = _read_footer(file)
     size = footer.virtual_size()
@@ -67,9 +66,9 @@ def open_vpc(file: InputFile, resolver: Resolver) -> Image:
             raise FormatError(
                 f"the footer copy at offset 0 of this type {footer.disk_type} disk is missing"
             )
-        return FixedVpcImage(file, size)
+        return FixedVpcDriver(file, size)
     if footer.disk_type == DISK_FIXED and file.size == FOOTER_SIZE:
-        return FixedVpcImage(file, size)  # an empty fixed disk: the footer is all there is
+        return FixedVpcDriver(file, size)  # an empty fixed disk: the footer is all there is
     if footer.disk_type not in (DISK_DYNAMIC, DISK_DIFFERENCING):
         raise FormatError(f"unsupported VHD disk type {footer.disk_type}")
     header = _read_dynamic_header(file, footer.data_offset)
@@ -77,7 +76,7 @@ def open_vpc(file: InputFile, resolver: Resolver) -> Image:
     parent = None
     if footer.disk_type == DISK_DIFFERENCING:
         parent = _open_parent(file, header, resolver)
-    return DynamicVpcImage(file, size, header.block_size, bat, parent)
+    return DynamicVpcDriver(file, size, header.block_size, bat, parent)
 
 
 def _read_footer(file: InputFile) -> tuple[Footer, bool]:
@@ -215,205 +214,102 @@ def _from_windows(name: str) -> str:
 # --- images -------------------------------------------------------------------------------------
 
 
-class FixedVpcImage:
-    """A fixed disk: the data is the file up to its footer."""
+class FixedVpcDriver(Driver):
+    """A fixed disk: the data is the file up to its footer. qemu answers
+    data at a valid offset and asks the file, which adds ZERO over holes."""
 
     def __init__(self, file: InputFile, size: int) -> None:
         self.file = file
-        self._size = size
+        self.name = file.name
+        self.virtual_size = size
         self._data_end = max(0, file.size - FOOTER_SIZE)
-        self._raw = RawImage(file)  # for SEEK_DATA/SEEK_HOLE extents
 
-    @property
-    def virtual_size(self) -> int:
-        return self._size
-
-    def read(self, offset: int, length: int) -> bytes:
-        check_range(self, offset, length)
-        inside = max(0, min(length, self._data_end - offset))
-        data = self.file.pread(offset, inside) if inside else b""
-        return data + bytes(length - len(data)) if len(data) < length else data
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        check_range(self, offset, length)
-        inside = max(0, min(length, self._data_end - offset))
-        if inside:
-            yield from self._raw.extents(offset, inside)
-        if inside < length:
-            yield Extent(offset + inside, length - inside, ExtentKind.ZERO)
+    def map(self, offset: int, length: int) -> Iterator[Run]:
+        return file_runs(self.file, offset, length, offset, DATA, self._data_end)
 
     def close(self) -> None:
         self.file.close()
 
 
-class DynamicVpcImage:
+class DynamicVpcDriver(Driver):
     """A dynamic or differencing disk (``parent`` set) over its BAT.
 
-    Reads go block by block: one ``preadv`` per allocated stretch, straight
-    into the result; a differencing disk splits a block by its sector bitmap.
+    qemu answers block by block where blocks are allocated, and for a whole
+    stretch of unallocated blocks at once (zeros: qemu's vpc has no backing
+    file). A differencing disk splits a block by its sector bitmap, and what
+    it does not hold comes from the parent (qemu ignores the parent).
     """
 
     def __init__(
         self, file: InputFile, size: int, block_size: int, bat: array[int], parent: Image | None
     ) -> None:
         self.file = file
-        self._size = size
-        self._block_size = block_size
+        self.name = file.name
+        self.virtual_size = size
+        self.block_size = block_size
         self._bitmap_size = bitmap_size(block_size)
         self._sectors_per_block = block_size // SECTOR
         self._bat = bat
         self.parent = parent
-        self._bitmaps: OrderedDict[int, int] = OrderedDict()
-        self._bitmap_cache_entries = max(1, _BITMAP_CACHE_BYTES // self._bitmap_size)
+        self._bitmaps: TableCache[int] = TableCache(
+            self._load_bitmap, _BITMAP_CACHE_BYTES // self._bitmap_size
+        )
+        # What the disk does not hold: the parent's, or zeros.
+        self._absent = 0 if parent is not None else ZERO
 
     @property
-    def virtual_size(self) -> int:
-        return self._size
+    def backing(self) -> Image | None:
+        return self.parent
 
-    @property
-    def block_size(self) -> int:
-        return self._block_size
-
-    def block_allocated(self, index: int) -> bool:
-        """Whether the BAT maps block ``index`` (for block status)."""
-        return self._bat[index] != UNALLOCATED
-
-    def _pieces(self, offset: int, length: int) -> Iterator[tuple[int, int, int, int]]:
-        """(block index, offset in block, disk offset, length) for each block touched."""
+    def map(self, offset: int, length: int) -> Iterator[Run]:
         end = offset + length
-        while offset < end:
-            index, within = divmod(offset, self._block_size)
-            step = min(end - offset, self._block_size - within)
-            yield index, within, offset, step
-            offset += step
-
-    def _data_offset(self, index: int, within: int) -> int:
-        return self._bat[index] * SECTOR + self._bitmap_size + within
-
-    # -- read --
-
-    def read(self, offset: int, length: int) -> bytes:
-        """The bytes of ``[offset, offset + length)``: neighbouring stored sectors are
-        read with one pread, the rest comes from the parent (or is zeros), and
-        the pieces are joined once (a single piece is returned as it is)."""
-        check_range(self, offset, length)
-        parts: list[bytes] = []
-        run_start = run_length = 0  # a pending run of adjacent bytes in the file
-        for position, size, file_offset in self._segments(offset, length):
-            if file_offset is not None and run_length and run_start + run_length == file_offset:
-                run_length += size
-                continue
-            if run_length:
-                parts.append(self._read_file(run_start, run_length))
-                run_length = 0
-            if file_offset is None:
-                parts.append(self._read_parent(position, size))
-            else:
-                run_start, run_length = file_offset, size
-        if run_length:
-            parts.append(self._read_file(run_start, run_length))
-        return parts[0] if len(parts) == 1 else b"".join(parts)
-
-    def _segments(self, offset: int, length: int) -> Iterator[tuple[int, int, int | None]]:
-        """(guest offset, length, file offset or None when not stored here)."""
-        for index, within, position, step in self._pieces(offset, length):
-            if self._bat[index] == UNALLOCATED:
-                yield position, step, None
-            elif self.parent is None:
-                yield position, step, self._data_offset(index, within)
-            else:
-                for start, stop, present in self._runs(index, within, step):
-                    at = position + start - within
-                    yield at, stop - start, self._data_offset(index, start) if present else None
-
-    def _read_file(self, offset: int, length: int) -> bytes:
-        """Stored bytes; what lies past the end of the file reads as zeros."""
-        data = self.file.pread(offset, length)
-        return data if len(data) == length else data + bytes(length - len(data))
-
-    def _read_parent(self, position: int, length: int) -> bytes:
-        """Bytes from the parent (zeros without one, or past its end)."""
-        parent = self.parent
-        inside = 0 if parent is None else max(0, min(length, parent.virtual_size - position))
-        if parent is None or not inside:
-            return bytes(length)
-        data = parent.read(position, inside)
-        return data if inside == length else data + bytes(length - inside)
-
-    # -- extents --
-
-    def extents(self, offset: int, length: int) -> Iterator[Extent]:
-        check_range(self, offset, length)
-        return merge_extents(self._raw_extents(offset, length))
-
-    def _raw_extents(self, offset: int, length: int) -> Iterator[Extent]:
-        end = offset + length
-        last_index = (end - 1) // self._block_size
+        block_size = self.block_size
         position = offset
         while position < end:
-            index, within = divmod(position, self._block_size)
-            allocated = self._bat[index] != UNALLOCATED
-            if allocated and self.parent is not None:
-                step = min(end - position, self._block_size - within)
-                for start, stop, present in self._runs(index, within, step):
+            index, within = divmod(position, block_size)
+            if self._bat[index] == UNALLOCATED:
+                following = index + 1
+                while following * block_size < end and self._bat[following] == UNALLOCATED:
+                    following += 1
+                stop = min(end, following * block_size)
+                yield Run(position, stop, self._absent)
+                position = stop
+                continue
+            step = min(end - position, block_size - within)
+            data = self._bat[index] * SECTOR + self._bitmap_size
+            if self.parent is None:
+                yield Run(position, position + step, DATA | OFFSET_VALID, self.file, data + within)
+            else:
+                for start, stop, present in self._bitmap_runs(index, within, step):
                     at = position + start - within
                     if present:
-                        yield Extent(at, stop - start, ExtentKind.DATA)
+                        yield Run(at, at + stop - start, DATA | OFFSET_VALID, self.file,
+                                  data + start)
                     else:
-                        yield from self._parent_extents(at, stop - start)
-                position += step
-                continue
-            # A run of blocks alike (all allocated, or all not): one extent, no bitmaps.
-            following = index + 1
-            while following <= last_index and (self._bat[following] != UNALLOCATED) == allocated:
-                following += 1
-            run_end = min(end, following * self._block_size)
-            if allocated:
-                yield Extent(position, run_end - position, ExtentKind.DATA)
-            else:
-                yield from self._parent_extents(position, run_end - position)
-            position = run_end
-
-    def _parent_extents(self, position: int, length: int) -> Iterator[Extent]:
-        inside = 0
-        if self.parent is not None:
-            inside = max(0, min(length, self.parent.virtual_size - position))
-            if inside:
-                yield from self.parent.extents(position, inside)
-        if inside < length:
-            yield Extent(position + inside, length - inside, ExtentKind.UNALLOCATED)
+                        yield Run(at, at + stop - start, 0)
+            position += step
 
     # -- sector bitmaps (differencing disks only) --
 
-    def _runs(self, index: int, within: int, length: int) -> Iterator[tuple[int, int, bool]]:
+    def _bitmap_runs(self, index: int, within: int, length: int) -> Iterator[tuple[int, int, bool]]:
         """Byte ranges ``[start, stop)`` inside block ``index`` with their bitmap bit."""
         first = within // SECTOR
         last = -(-(within + length) // SECTOR)
         for run_first, run_last, present in bitmap_runs(
-            self._bitmap(index), self._sectors_per_block, first, last
+            self._bitmaps.get(index), self._sectors_per_block, first, last
         ):
             start = max(within, run_first * SECTOR)
             stop = min(within + length, run_last * SECTOR)
             yield start, stop, present
 
-    def _bitmap(self, index: int) -> int:
+    def _load_bitmap(self, index: int) -> int:
         """Block ``index``'s bitmap as an integer (bit ``n - 1 - i`` is sector i)."""
-        bits = self._bitmaps.get(index)
-        if bits is not None:
-            self._bitmaps.move_to_end(index)
-            return bits
         data = self.file.pread_exact(
             self._bat[index] * SECTOR, self._sectors_per_block // 8, "sector bitmap"
         )
-        bits = int.from_bytes(data, "big")
-        self._bitmaps[index] = bits
-        if len(self._bitmaps) > self._bitmap_cache_entries:
-            self._bitmaps.popitem(last=False)
-        return bits
+        return int.from_bytes(data, "big")
 
     def close(self) -> None:
-        if self.parent is not None:
-            self.parent.close()
         self.file.close()
 
 
