@@ -37,6 +37,9 @@ _FLAGS = (
 )
 _HOSTED = (True, True, True, False, False, False)  # runs must be host-contiguous
 
+_L1_BLOCK = 8192  # L1 entries tested for zero at once
+_ZERO_L1_BLOCK = bytes(8 * _L1_BLOCK)
+
 # A cluster as (first subcluster, count, type) pieces, for the common cases.
 Pieces = tuple[tuple[int, int, int], ...]
 
@@ -100,12 +103,25 @@ class Qcow2Driver(Driver):
             stop = min(end, (l1_index + 1) * span)
             if self._l1[l1_index] & L.L1E_OFFSET_MASK == 0:
                 # qemu answers one L2 table's range at a time: pieces of ``span``.
-                while stop < end and self._l1[stop // span] & L.L1E_OFFSET_MASK == 0:
-                    stop = min(end, stop + span)
+                stop = min(end, self._next_allocated_table(l1_index + 1) * span)
                 yield Run(position, stop, 0, step=span, anchor=l1_index * span)
             else:
                 yield from self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
             position = stop
+
+    def _next_allocated_table(self, index: int) -> int:
+        """The first L1 index from ``index`` on with an L2 table (or the L1's
+        end). Empty stretches are skipped a block of entries at a time with a
+        memcmp: an empty 2 PiB image has 4 million of them."""
+        l1, size = self._l1, len(self._l1)
+        while index < size:
+            stop = min(size, (index // _L1_BLOCK + 1) * _L1_BLOCK)
+            if not _ZERO_L1_BLOCK.startswith(l1[index:stop].tobytes()):
+                for position in range(index, stop):
+                    if l1[position] & L.L1E_OFFSET_MASK:
+                        return position
+            index = stop
+        return size
 
     def _load_l2(self, l1_index: int) -> array[int]:
         offset = self._l1[l1_index] & L.L1E_OFFSET_MASK
