@@ -24,7 +24,7 @@ from instar.formats.vhdx import layout, log
 from instar.formats.vhdx.layout import Geometry
 from instar.formats.vhdx.reader import open_vhdx
 from instar.image import BlockImage, Extent, ExtentKind, Image
-from instar.opener import ImageOpener
+from instar.opener import ImageOpener, open_input_file
 from instar.safety import PathPolicy
 
 KiB = 1 << 10
@@ -816,13 +816,13 @@ def test_header_with_higher_sequence_wins(corpus: Path, tmp_path: Path) -> None:
         )
         file.seek(layout.HEADER_OFFSETS[0])
         file.write(marked.encode())
-    file_handle = InputFile.open(str(image))
+    file_handle = open_input_file(str(image))
     opened = open_vhdx(file_handle, NoResolver())
     assert opened.data_write_guid == b"\x01" * 16
     opened.close()
     # Break the winner's CRC: the other header is used.
     _patch(image, layout.HEADER_OFFSETS[0] + 100, b"\x01")
-    opened = open_vhdx(InputFile.open(str(image)), NoResolver())
+    opened = open_vhdx(open_input_file(str(image)), NoResolver())
     assert opened.data_write_guid == headers[1].data_write_guid
     opened.close()
 

@@ -20,12 +20,12 @@ from helpers import (
     run_qemu_img,
 )
 from instar.copy import copy_image
-from instar.files import InputFile
 from instar.formats.base import CreateOptions, OutputFile
 from instar.formats.raw import open_raw
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.writer import VhdxOptions, create, plan_layout
 from instar.image import Window
+from instar.opener import open_input_file
 from instar.output import write_image
 
 MiB = 1 << 20
@@ -247,7 +247,7 @@ def test_block_size_by_virtual_size(size: int, block_size: int, tmp_path: Path) 
     target = tmp_path / "ours.vhdx"
     from instar.formats.vhdx import FORMAT
 
-    image = open_raw(InputFile.open(str(source)))
+    image = open_raw(open_input_file(str(source)))
     write_image(Window(image, 0, size), str(target), FORMAT, size, CreateOptions())
     image.close()
     assert qemu_info(target)["cluster-size"] == block_size
@@ -348,7 +348,7 @@ def test_block_device_output_overwrites_garbage(fixed: bool, inputs: Path, tmp_p
     target = tmp_path / "device.img"
     target.write_bytes(b"\xa5" * (40 * MiB))
     options = {"block_size": "1M", **({"subformat": "fixed"} if fixed else {})}
-    image = open_raw(InputFile.open(str(source)))
+    image = open_raw(open_input_file(str(source)))
     fd = os.open(target, os.O_WRONLY)
     try:
         out = OutputFile(fd, str(target), in_place=True)

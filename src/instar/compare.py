@@ -16,10 +16,10 @@ opened, 3 block status failed, 4 a read failed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from instar.errors import InstarError
+from instar.errors import ImageReadError, InstarError
+from instar.events import Advance, EventSink, Line, ignore
 from instar.image import ALLOCATED, EOF, ZERO, Image, StatusLayer
 from instar.opener import ImageOpener
 from instar.safety import PathPolicy
@@ -31,10 +31,6 @@ SCAN_STEP = 64 << 10  # first pass of the search for the first difference
 
 IDENTICAL, DIFFERENT, OPEN_ERROR, STATUS_ERROR, READ_ERROR = 0, 1, 2, 3, 4
 
-Say = Callable[[str], None]
-# Called with (bytes done in a chunk, size of the larger image), as qemu
-# calls qemu_progress_print; (0, size) once the images are open.
-ProgressCallback = Callable[[int, int], None]
 
 
 class CompareError(InstarError):
@@ -74,6 +70,8 @@ class Side:
             return self.image.read(offset, length)
         except (InstarError, OSError) as error:
             reason = error.strerror if isinstance(error, OSError) else str(error)
+            if isinstance(error, ImageReadError) and error.image == self.name:
+                reason = error.reason  # named once, by the message below
             raise CompareError(
                 f"Error while reading offset {offset} of {self.name}: {reason}", READ_ERROR
             ) from None
@@ -102,21 +100,24 @@ class Comparison:
     only qemu's last answer of an image carries: runs stop there.
     """
 
-    def __init__(self, a: Side, b: Side, *, strict: bool, say: Say,
-                 progress: ProgressCallback | None) -> None:
+    def __init__(self, a: Side, b: Side, *, strict: bool, events: EventSink,
+                 progress: bool) -> None:
         self.a, self.b = a, b
         self.strict = strict
-        self.say = say
-        self._progress = progress
-        self._exact = progress is not None
+        self._events = events
+        self._exact = progress
         self.size_a = a.image.virtual_size
         self.size_b = b.image.virtual_size
         self.base = max(self.size_a, self.size_b)
         self._zeros = bytes(READ_BLOCK)
 
     def tick(self, done: int) -> None:
-        if self._progress is not None:
-            self._progress(done, self.base)
+        """qemu's meter advances by one chunk (``done`` bytes; 0 once open)."""
+        if self._exact:
+            self._events(Advance(done, self.base))
+
+    def say(self, text: str) -> None:
+        self._events(Line(text))
 
     def run(self) -> int:
         """Compare; print qemu's verdict through ``say``; return the exit code."""
@@ -229,13 +230,15 @@ def compare(
     fmt_b: str | None = None,
     strict: bool = False,
     allow: tuple[str, ...] = (),
-    say: Say = print,
-    progress: ProgressCallback | None = None,
+    events: EventSink = ignore,
+    progress: bool = False,
 ) -> int:
     """Compare two images as ``qemu-img compare``; returns its exit code.
 
-    Verdicts go through ``say``; failures raise CompareError with the exit
-    code qemu-img uses (2 for an image that cannot be opened).
+    Verdicts go to ``events`` as `Line`s; with ``progress``, each of qemu's
+    chunks as an `Advance` (the first, of 0 bytes, once the images are open).
+    Failures raise CompareError with the exit code qemu-img uses (2 for an
+    image that cannot be opened).
     """
     openers: list[ImageOpener] = []
     try:
@@ -248,7 +251,8 @@ def compare(
             except InstarError as error:
                 raise CompareError(str(error), OPEN_ERROR) from None
             sides.append(Side(node.image, path, StatusLayer(node.image)))
-        return Comparison(sides[0], sides[1], strict=strict, say=say, progress=progress).run()
+        return Comparison(sides[0], sides[1], strict=strict, events=events,
+                          progress=progress).run()
     finally:
         for opener in openers:
             opener.close()

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from instar.copy import ZERO_GRANULARITY, Progress
+from instar.copy import ZERO_GRANULARITY
 from instar.errors import CreationError, OptionError, OutputError, UnsupportedError
+from instar.events import EventSink
 from instar.formats import registry
 from instar.formats.base import CreateOptions, Format
 from instar.image import Concatenation, Image, Window
@@ -38,7 +39,7 @@ def convert(
     sparse_size: int = ZERO_GRANULARITY,
     no_create: bool = False,
     allow: tuple[str, ...] = (),
-    progress: Progress | None = None,
+    events: EventSink | None = None,
     durable: bool = False,
 ) -> None:
     """Convert ``input_paths`` (one after another) into ``output_path``.
@@ -46,6 +47,7 @@ def convert(
     ``sparse_size`` 0 writes zeros as data (a fully allocated output);
     ``no_create`` writes over an existing image instead of creating one (see
     `_rewrite_existing` for structured formats);
+    ``events`` gets `Progress` as the copy goes;
     ``durable`` fsyncs the output before it takes its name (qemu-img convert's
     default cache mode, "unsafe", does not flush, so neither does this by default).
     """
@@ -58,12 +60,12 @@ def convert(
         refuse_same_file(output_path, opener.opened)
         declared = fmt.declared_size(source.virtual_size, options)
         if no_create and fmt.name == "raw":
-            write_in_place(source, output_path, fmt, options, progress, durable)
+            write_in_place(source, output_path, fmt, options, events, durable)
             return
         if no_create:
             source, declared = _rewrite_existing(source, output_path, fmt, opener)
         try:
-            write_image(source, output_path, fmt, declared, options, progress,
+            write_image(source, output_path, fmt, declared, options, events=events,
                         zero_granularity=sparse_size, durable=durable)
         except OptionError:
             raise

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
+from instar.events import EventSink, Progress
 from instar.formats.base import Writer
 from instar.image import ExtentKind, Image
 
@@ -19,8 +20,6 @@ ZERO_GRANULARITY = 64 << 10  # zero detection inside a chunk
 _ZERO_CHUNK = bytes(CHUNK)
 _ZERO_PIECE = bytes(ZERO_GRANULARITY)
 
-Progress = Callable[[int, int], None]  # (bytes done, total)
-
 
 def copy_image(
     image: Image,
@@ -28,7 +27,7 @@ def copy_image(
     *,
     chunk: int = CHUNK,
     zero_granularity: int = ZERO_GRANULARITY,
-    progress: Progress | None = None,
+    events: EventSink | None = None,
 ) -> None:
     """Copy all of ``image`` into ``writer`` at the same offsets, then close it.
 
@@ -52,8 +51,8 @@ def copy_image(
             _write_zero_data(writer, offset, offset + length, chunk)
         else:
             writer.write_zeroes(offset, length)
-        if progress is not None:
-            progress(offset + length, total)
+        if events is not None:
+            events(Progress(offset + length, total))
     writer.close()
 
 

@@ -8,11 +8,10 @@ from the start of the input, not from ``skip``); `dd` is Window + copy engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-from instar.copy import Progress
 from instar.errors import CreationError, OutputError
+from instar.events import EventSink, Notice
 from instar.formats import registry
 from instar.formats.base import CreateOptions
 from instar.image import Window
@@ -56,14 +55,14 @@ def dd(
     output_format: str = "raw",
     options: CreateOptions | None = None,
     allow: tuple[str, ...] = (),
-    progress: Progress | None = None,
-    on_skip_past_end: Callable[[], None] | None = None,
+    events: EventSink | None = None,
 ) -> DdWindow:
     """Copy a window of ``input_path`` into a new ``output_path``, as ``qemu-img dd``.
 
     Returns the window copied; ``skipped_past_end`` is True when ``skip`` lies
-    beyond the input (the output is then empty, as qemu's is, and
-    ``on_skip_past_end`` is called once the output exists, where qemu warns).
+    beyond the input (the output is then empty, as qemu's is, and a `Notice`
+    event goes to ``events`` once the output exists, where qemu warns).
+    ``events`` also gets `Progress` as the copy goes.
     Raises an `InstarError` subclass for bad input, with qemu-img's wording.
     """
     opener = ImageOpener(PathPolicy.for_image(input_path, allow))
@@ -79,12 +78,12 @@ def dd(
         view = Window(image, window.start, window.length)
         options = options or CreateOptions()
         declared = out_fmt.declared_size(window.length, options)
-        on_created = on_skip_past_end if window.skipped_past_end else None
+        notice = None
+        if window.skipped_past_end:
+            notice = Notice(f"{input_path}: cannot skip to specified offset")
         try:
-            write_image(
-                view, output_path, out_fmt, declared, options, progress,
-                on_created,
-            )
+            write_image(view, output_path, out_fmt, declared, options, events=events,
+                        notice=notice)
         except CreationError as error:
             raise CreationError(
                 f"{output_path}: error while creating output image: {error}"

@@ -38,6 +38,25 @@ class FormatError(InstarError):
     """Image bytes violate the format or one of instar's safety limits."""
 
 
+class ImageReadError(FormatError):
+    """A malformed structure found while reading an image (after it opened):
+    the message names the image, ``IMAGE: REASON``."""
+
+    def __init__(self, image: str, reason: str) -> None:
+        super().__init__(f"{image}: {reason}")
+        self.image = image
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ImageReadError], tuple[str, str]]:
+        return type(self), (self.image, self.reason)
+
+
+class DriverError(FormatError):
+    """A format driver failed with an errno and no message of its own (its
+    strerror is the message). qemu then names the file twice, "Could not open
+    'F': Could not open 'F': Invalid argument": the opener composes that."""
+
+
 class UnsupportedError(InstarError):
     """A feature qemu supports that instar does not (yet): refused clearly."""
 

@@ -1,7 +1,7 @@
 """Open files handed to format code, and the write helpers writers share.
 
-Format code never opens a path (DESIGN.md, safety rules): the host side opens
-files and passes an `InputFile`, a positioned-read wrapper around a file
+Format code never opens a path: the host side (`instar.opener.HostBroker`)
+opens files and passes an `InputFile`, a positioned-read wrapper around a file
 descriptor. ``pread`` keeps reads thread-safe and free of seek state.
 """
 
@@ -46,16 +46,6 @@ class InputFile(ExactReads):
             self.size = os.lseek(fd, 0, os.SEEK_END)
         else:
             self.size = info.st_size
-
-    @classmethod
-    def open(cls, path: str, name: str | None = None) -> InputFile:
-        """Open ``path`` read-only (host side only)."""
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            return cls(fd, path if name is None else name)
-        except BaseException:
-            os.close(fd)
-            raise
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; shorter only at end of file."""

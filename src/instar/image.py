@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from instar.errors import FormatError
+from instar.errors import FormatError, ImageReadError
 
 if TYPE_CHECKING:
     from instar.files import ExactReads, InputFile
@@ -266,8 +266,17 @@ class BlockImage:
 
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``: host runs that continue each other
-        in one file are read with one pread; a single piece is returned as is."""
+        in one file are read with one pread; a single piece is returned as is.
+        A malformed structure raises `ImageReadError` naming the image."""
         check_range(self, offset, length)
+        try:
+            return self._read(offset, length)
+        except ImageReadError:
+            raise  # from a backing image, named already
+        except FormatError as error:
+            raise ImageReadError(self.driver.name, str(error)) from None
+
+    def _read(self, offset: int, length: int) -> bytes:
         parts: list[bytes] = []
         file: ExactReads | None = None
         host = size = 0  # a pending run of adjacent host bytes in ``file``
@@ -337,8 +346,17 @@ class BlockImage:
         check_range(self, offset, length)
         return merge_extents(self._extents(offset, length))
 
+    def _answers(self, offset: int, length: int) -> Iterator[Run]:
+        """The driver's runs; a malformed structure raises `ImageReadError`."""
+        try:
+            yield from self.driver.map(offset, length)
+        except ImageReadError:
+            raise
+        except FormatError as error:
+            raise ImageReadError(self.driver.name, str(error)) from None
+
     def _extents(self, offset: int, length: int) -> Iterator[Extent]:
-        for run in self.driver.map(offset, length):
+        for run in self._answers(offset, length):
             flags = run.flags
             if flags & ZERO:
                 yield Extent(run.start, run.end - run.start, ExtentKind.ZERO)
@@ -368,7 +386,7 @@ class BlockImage:
             if size:
                 yield Run(0, size, DATA)
             return
-        for run in self.driver.map(0, size):
+        for run in self._answers(0, size):
             yield run if not run.flags & COMPRESSED else run._replace(flags=run.flags & ~COMPRESSED)
 
     def close(self) -> None:

@@ -20,7 +20,7 @@ import struct
 import time
 from dataclasses import dataclass, field
 
-from instar.errors import FormatError, ImageOpenError, InstarError
+from instar.errors import FormatError, InstarError
 from instar.files import InputFile
 from instar.formats.base import (
     ChildFile,
@@ -29,7 +29,7 @@ from instar.formats.base import (
     QValue,
     SnapshotDetails,
 )
-from instar.opener import ImageOpener, OpenedNode
+from instar.opener import ImageOpener, OpenedNode, open_error
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
 from instar.sizes import round_up, size_to_str
 
@@ -187,7 +187,12 @@ def dump_human(value: QValue, indentation: int) -> str:
 
 @dataclass
 class NodeInfo:
-    """qemu's BlockNodeInfo for one node, plus its children (8.0+ form)."""
+    """qemu's BlockNodeInfo for one node, plus its children (8.0+ form).
+
+    ``files`` are the node's own file ("file") and the files its driver uses,
+    by identity: the host turns them into ``actual_size`` and, for 8.0+,
+    ``children`` (`add_file_facts`), since facts about files are the host's.
+    """
 
     filename: str
     format: str
@@ -196,6 +201,7 @@ class NodeInfo:
     details: FormatDetails
     full_backing_filename: str | None = None
     children: list[tuple[str, NodeInfo]] = field(default_factory=list)
+    files: list[ChildFile] = field(default_factory=list)
 
 
 def path_has_protocol(path: str) -> bool:
@@ -252,41 +258,39 @@ def file_node(file: InputFile) -> NodeInfo:
     )
 
 
-def disk_size(node: OpenedNode, details: FormatDetails) -> int:
-    """qemu's "disk size": the image file's allocation, plus the child files
-    the driver counts (``ChildFile.counts_in_disk_size``), each file once."""
-    files: dict[tuple[int, int], InputFile] = {node.file.identity: node.file}
-    for child in details.children:
-        if child.counts_in_disk_size:
-            files.setdefault(child.file.identity, child.file)
-    return sum(allocated_bytes(file) for file in files.values())
-
-
-def describe(node: OpenedNode, qemu_version: tuple[int, int]) -> NodeInfo:
-    """NodeInfo for an opened image, from its format's ``describe`` hook."""
+def describe(node: OpenedNode) -> NodeInfo:
+    """NodeInfo for an opened image, from its format's ``describe`` hook
+    (metadata only); file facts are left for the host (`add_file_facts`)."""
     if isinstance(node.format, Describable):
         try:
             details = node.format.describe(node.image.driver)
-        except FormatError as error:  # metadata only info reads (snapshots, bitmaps)
-            raise ImageOpenError(node.path, str(error)) from None
-        except OSError as error:
-            raise ImageOpenError(node.path, error.strerror or str(error)) from None
+        except (FormatError, OSError) as error:  # metadata only info reads (snapshots...)
+            raise open_error(node.path, error) from None
     else:
         details = FormatDetails(dirty=None)  # only the common lines
     info = NodeInfo(
         filename=node.path,
         format=node.format.name,
         virtual_size=node.image.virtual_size,
-        actual_size=disk_size(node, details),
+        actual_size=None,
         details=details,
+        files=[ChildFile.of("file", node.file, counts_in_disk_size=True), *details.children],
     )
     if details.backing_filename:
         info.full_backing_filename = full_backing_filename(node.path, details.backing_filename)
-    if qemu_version >= QEMU_8_0:
-        attached = [ChildFile("file", node.file, counts_in_disk_size=True), *details.children]
-        # qemu links children at the head of its list: the last opened comes first.
-        info.children = [(child.name, file_node(child.file)) for child in reversed(attached)]
     return info
+
+
+def add_file_facts(info: NodeInfo, files: dict[tuple[int, int], InputFile],
+                   qemu_version: tuple[int, int]) -> None:
+    """Host side: qemu's "disk size" (the image file's allocation plus the
+    child files the driver counts, each file once) and the 8.0+ file nodes."""
+    counted = {child.identity for child in info.files if child.counts_in_disk_size}
+    info.actual_size = sum(allocated_bytes(files[identity]) for identity in counted)
+    if qemu_version >= QEMU_8_0:
+        # qemu links children at the head of its list: the last opened comes first.
+        info.children = [(child.name, file_node(files[child.identity]))
+                         for child in reversed(info.files)]
 
 
 def collect(
@@ -312,7 +316,9 @@ def collect(
             if infos:
                 opener.policy.check(name, "backing file")
             node = opener.open_node(name, fmt, with_backing=False)
-            info = describe(node, qemu_version)
+            info = describe(node)
+            files = {file.identity: file for file in opener.opened}
+            add_file_facts(info, files, qemu_version)
             infos.append(info)
             if not chain:
                 break

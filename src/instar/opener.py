@@ -1,8 +1,17 @@
-"""Host side of opening images: paths, probing, the allowlist and chain depth.
+"""Opening images: the host broker that opens files, and the chain opener that reads them.
 
-This is the only place that turns a path into an open file. Format code gets
-the open file and a `ChainResolver` to ask for the files an image names, so
-the same format code can later run in a sandboxed worker handed only fds.
+Two sides, so that everything reading image bytes can run in a worker process:
+
+- `HostBroker` (host side) is the only code that turns a name into an open
+  file: the images the user named, and "the file named N, relative to image
+  file F, in role R" (a backing file, data file, extent, parent), after
+  checking it against the policy. It raises plain facts (OSError,
+  PolicyError); it never reads a byte of an image.
+- `ImageOpener` (worker side) asks a broker for each file, probes, hands the
+  file to its format and wraps the format's layer in a `BlockImage`; format
+  code asks for the files an image names through a `ChainResolver`. It
+  composes qemu's messages ("Could not open 'F': ...") from the facts that
+  formats and the broker raise.
 
 `ImageOpener.open` gives the Image (dd, convert); `ImageOpener.open_node`
 also says which format and file it chose (info, compare), and can leave the
@@ -11,15 +20,76 @@ backing file unopened, as qemu-img info does (BDRV_O_NO_BACKING).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from instar.errors import FormatError, ImageOpenError, PolicyError, UnsupportedError
+from instar.errors import (
+    DriverError,
+    FormatError,
+    ImageOpenError,
+    PolicyError,
+    UnsupportedError,
+)
 from instar.files import InputFile
 from instar.formats import registry
 from instar.formats.base import Format
 from instar.image import BlockImage, Extent, Image
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
+
+
+class Broker(Protocol):
+    """What the worker asks the host for: open files, never paths to open."""
+
+    def open_image_file(self, path: str) -> InputFile:
+        """A file the user named (raises OSError)."""
+        ...
+
+    def open_named_file(self, name: str, relative_to: str, role: str) -> InputFile:
+        """The file an image names: ``name`` relative to the image file
+        ``relative_to``, for ``role`` ("backing file", "data file", "extent");
+        raises PolicyError when the policy refuses it, OSError when it cannot
+        be opened. The file's ``name`` is the combined path, as qemu shows it."""
+        ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class HostBroker:
+    """Opens files on the host side, after the policy allows them; remembers
+    each (``opened``), so the caller can refuse an output that is an input."""
+
+    policy: PathPolicy
+    opened: list[InputFile] = field(default_factory=list)
+
+    def open_image_file(self, path: str) -> InputFile:
+        file = open_input_file(path)
+        self.opened.append(file)
+        return file
+
+    def open_named_file(self, name: str, relative_to: str, role: str) -> InputFile:
+        if "\0" in name or not name:
+            raise FormatError(f"{role} name is not a valid path")
+        path = combine_path(relative_to, name)
+        self.policy.check(path, role)
+        return self.open_image_file(path)
+
+    def close(self) -> None:
+        for file in self.opened:
+            file.close()
+        self.opened.clear()
+
+
+def open_input_file(path: str) -> InputFile:
+    """Open ``path`` read-only: the one place a path becomes an `InputFile`."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        return InputFile(fd, path)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 @dataclass(frozen=True)
@@ -32,25 +102,28 @@ class OpenedNode:
     file: InputFile
 
 
-@dataclass
 class ImageOpener:
-    """Opens a top image and everything it names; remembers what it opened.
+    """Opens a top image and everything it names, through a broker.
 
-    ``opened`` (every file) lets callers refuse an output that is one of the
-    inputs, and close all of them; ``nodes`` (every image, backing files
-    first, the top image last) says which format each image was read as.
+    ``nodes`` (every image, backing files first, the top image last) says
+    which format each image was read as; ``opened`` is every file opened.
     """
 
-    policy: PathPolicy
-    opened: list[InputFile] = field(default_factory=list)
-    nodes: list[OpenedNode] = field(default_factory=list)
+    def __init__(self, policy: PathPolicy, broker: HostBroker | None = None) -> None:
+        self.policy = policy
+        self.broker = broker if broker is not None else HostBroker(policy)
+        self.nodes: list[OpenedNode] = []
 
-    def open(self, path: str, fmt_name: str | None = None, depth: int = 0) -> Image:
+    @property
+    def opened(self) -> list[InputFile]:
+        return self.broker.opened
+
+    def open(self, path: str, fmt_name: str | None = None) -> Image:
         """Open ``path`` as ``fmt_name`` (probed when None) with qemu's messages."""
-        return self.open_node(path, fmt_name, depth=depth).image
+        return self.open_node(path, fmt_name).image
 
     def open_node(
-        self, path: str, fmt_name: str | None = None, *, with_backing: bool = True, depth: int = 0
+        self, path: str, fmt_name: str | None = None, *, with_backing: bool = True
     ) -> OpenedNode:
         """Open ``path`` and say how: the Image, its format and its file.
 
@@ -61,21 +134,24 @@ class ImageOpener:
         if not path:
             raise ImageOpenError(path, "The 'file' block driver requires a file name")
         try:
-            file = InputFile.open(path)
+            file = self.broker.open_image_file(path)
         except OSError as error:
-            reason = f"Could not open '{path}': {error.strerror}"
-            raise ImageOpenError(path, reason) from None
-        self.opened.append(file)
+            raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+        return self.open_file_node(file, path, fmt_name, with_backing=with_backing, depth=0)
+
+    def open_file_node(
+        self, file: InputFile, path: str, fmt_name: str | None, *, with_backing: bool,
+        depth: int,
+    ) -> OpenedNode:
+        """The node for an already-open ``file``, named ``path`` in messages."""
         if not (file.is_regular or file.is_block_device):
             raise ImageOpenError(path, f"'file' driver requires '{path}' to be a regular file")
         fmt = self.choose_format(file, path, fmt_name)
         resolver = ChainResolver(self, depth) if with_backing else NoBackingResolver(self, depth)
         try:
             image = BlockImage(fmt.open(file, resolver))
-        except FormatError as error:
-            raise ImageOpenError(path, str(error)) from None
-        except OSError as error:
-            raise ImageOpenError(path, error.strerror or str(error)) from None
+        except (FormatError, UnsupportedError, OSError) as error:
+            raise open_error(path, error) from None
         node = OpenedNode(path, image, fmt, file)
         self.nodes.append(node)
         return node
@@ -98,10 +174,17 @@ class ImageOpener:
         raise ImageOpenError(path, f"Unknown driver '{fmt_name}'")
 
     def close(self) -> None:
-        for file in self.opened:
-            file.close()
-        self.opened.clear()
+        self.broker.close()
         self.nodes.clear()
+
+
+def open_error(path: str, error: FormatError | UnsupportedError | OSError) -> ImageOpenError:
+    """qemu's "Could not open 'PATH': REASON" from what a format or the file said."""
+    if isinstance(error, OSError):
+        return ImageOpenError(path, error.strerror or str(error))
+    if isinstance(error, DriverError):  # a driver failing without a message: named twice
+        return ImageOpenError(path, f"Could not open '{path}': {error}")
+    return ImageOpenError(path, str(error))
 
 
 def combine_path(base: str, name: str) -> str:
@@ -122,30 +205,27 @@ class ChainResolver:
     opener: ImageOpener
     depth: int
 
-    def _resolve(self, name: str, child: InputFile, what: str) -> str:
-        if "\0" in name or not name:
-            raise FormatError(f"{what} name is not a valid path")
-        path = combine_path(child.name, name)
-        self.opener.policy.check(path, what)
-        return path
-
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         if self.depth + 1 > MAX_CHAIN_DEPTH:
             raise FormatError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
-        path = self._resolve(name, child, "backing file")
+        path = combine_path(child.name, name)
         try:
-            return self.opener.open(path, fmt, self.depth + 1)
+            try:
+                file = self.opener.broker.open_named_file(name, child.name, "backing file")
+            except OSError as error:
+                raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+            node = self.opener.open_file_node(file, path, fmt, with_backing=True,
+                                              depth=self.depth + 1)
         except ImageOpenError as error:
             raise FormatError(f"Could not open backing file: {error}") from None
+        return node.image
 
     def open_file(self, name: str, child: InputFile, what: str) -> InputFile:
-        path = self._resolve(name, child, what)
         try:
-            file = InputFile.open(path)
+            return self.opener.broker.open_named_file(name, child.name, what)
         except OSError as error:
+            path = combine_path(child.name, name)
             raise FormatError(f"Could not open {what} '{path}': {error.strerror}") from None
-        self.opener.opened.append(file)
-        return file
 
 
 class AbsentBacking:
@@ -179,10 +259,14 @@ class NoBackingResolver(ChainResolver):
 
 __all__ = [
     "AbsentBacking",
+    "Broker",
     "ChainResolver",
+    "HostBroker",
     "ImageOpener",
     "NoBackingResolver",
     "OpenedNode",
     "PolicyError",
     "combine_path",
+    "open_error",
+    "open_input_file",
 ]

@@ -14,10 +14,11 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
-from instar.copy import ZERO_GRANULARITY, Progress, copy_image
+from instar.copy import ZERO_GRANULARITY, copy_image
 from instar.errors import CreationError, InstarError, OptionError, OutputError
+from instar.events import EventSink, Notice
 from instar.files import InputFile
 from instar.formats.base import CreateOptions, Format, OutputFile
 from instar.image import Image
@@ -146,38 +147,59 @@ def refuse_same_file(target: str, inputs: Iterable[InputFile]) -> None:
             )
 
 
+def fill_output(
+    image: Image,
+    out: OutputFile,
+    fmt: Format,
+    virtual_size: int,
+    options: CreateOptions,
+    *,
+    events: EventSink | None = None,
+    zero_granularity: int = ZERO_GRANULARITY,
+    notice: Notice | None = None,
+) -> None:
+    """Create a ``fmt`` image of ``virtual_size`` in the already-open ``out``
+    and copy ``image`` into it: the half of writing an output that reads image
+    bytes, so it can run anywhere the output's fd is (a worker).
+
+    ``notice`` is sent once the output image exists, before the copy (where
+    qemu-img dd prints its skip warning).
+    """
+    try:
+        writer = fmt.create(out, virtual_size, options)
+    except OptionError:
+        raise
+    except InstarError as error:
+        raise CreationError(str(error)) from None
+    if notice is not None and events is not None:
+        events(notice)
+    try:
+        copy_image(image, writer, events=events, zero_granularity=zero_granularity)
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def write_image(
     image: Image,
     target: str,
     fmt: Format,
     virtual_size: int,
     options: CreateOptions,
-    progress: Progress | None = None,
-    on_created: Callable[[], None] | None = None,
+    *,
+    events: EventSink | None = None,
     zero_granularity: int = ZERO_GRANULARITY,
+    notice: Notice | None = None,
     durable: bool = True,
 ) -> None:
-    """Create ``target`` in ``fmt`` with ``virtual_size`` and copy ``image`` into it.
-
-    ``on_created`` runs once the output image exists, before the copy (where
-    qemu-img dd prints its skip warning).
-    """
+    """Create ``target`` in ``fmt`` with ``virtual_size`` and copy ``image`` into it:
+    the host creates the output (`AtomicOutput`), `fill_output` fills it, the
+    host commits it, or removes it on any failure."""
     output = AtomicOutput(target)
     out_file = output.create()
     try:
-        try:
-            writer = fmt.create(out_file, virtual_size, options)
-        except OptionError:
-            raise
-        except InstarError as error:
-            raise CreationError(str(error)) from None
-        if on_created is not None:
-            on_created()
-        try:
-            copy_image(image, writer, progress=progress, zero_granularity=zero_granularity)
-        except BaseException:
-            writer.abort()
-            raise
+        fill_output(image, out_file, fmt, virtual_size, options, events=events,
+                    zero_granularity=zero_granularity, notice=notice)
         output.commit(durable)
     except BaseException:
         output.abort()
@@ -189,7 +211,7 @@ def write_in_place(
     target: str,
     fmt: Format,
     options: CreateOptions,
-    progress: Progress | None = None,
+    events: EventSink | None = None,
     durable: bool = True,
 ) -> None:
     """Write ``image`` over the existing raw image ``target`` (``convert -n``).
@@ -206,7 +228,7 @@ def write_in_place(
         if size < image.virtual_size:
             raise OutputError("output file is smaller than input file")
         writer = fmt.create(OutputFile(fd, target, in_place=True), size, options)
-        copy_image(image, writer, progress=progress)
+        copy_image(image, writer, events=events)
         if durable:
             os.fsync(fd)
     finally:

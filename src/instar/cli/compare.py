@@ -114,15 +114,19 @@ def _compare(operands: list[str], fmt_a: str | None, fmt_b: str | None, strict: 
         report_error(f"Invalid source cache option: {cache}")
         return OPEN_ERROR
 
-    def say(line: str) -> None:
-        if not quiet:
-            sys.stdout.write(line + "\n")
-            sys.stdout.flush()
+    from instar.events import Advance, Event, Line
+
+    def show(event: Event) -> None:
+        if isinstance(event, Line):
+            if not quiet:
+                sys.stdout.write(event.text + "\n")
+                sys.stdout.flush()
+        elif isinstance(event, Advance) and meter is not None:
+            meter.update(event.length, event.total)
 
     try:
         return compare(operands[0], operands[1], fmt_a=fmt_a, fmt_b=fmt_b, strict=strict,
-                       allow=tuple(allow), say=say,
-                       progress=meter.update if meter is not None else None)
+                       allow=tuple(allow), events=show, progress=meter is not None)
     except CompareError as error:
         report_error(str(error))
         return error.exit_code

@@ -16,7 +16,7 @@ import sys
 from instar.cli.dd import parse_creation_options
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import NumberError, convert_number
-from instar.cli.progress import ProgressMeter
+from instar.cli.progress import ProgressMeter, show_events
 from instar.errors import UnsupportedError, UsageError
 from instar.formats.base import CreateOptions
 
@@ -123,7 +123,7 @@ def run(args: list[str]) -> int:
         sparse_size=sparse,
         no_create=no_create,
         allow=tuple(allow),
-        progress=meter.update if meter else None,
+        events=show_events(meter),
         durable=cache != "unsafe",
     )
     if meter is not None:

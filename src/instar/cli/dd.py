@@ -12,8 +12,7 @@ from dataclasses import dataclass, field
 
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import convert_number
-from instar.cli.output import report_error
-from instar.cli.progress import ProgressMeter
+from instar.cli.progress import ProgressMeter, show_events
 from instar.errors import UnsupportedError, UsageError
 from instar.formats.base import CreateOptions
 from instar.sizes import INT64_MAX
@@ -132,10 +131,7 @@ def run(args: list[str]) -> int:
         output_format=request.output_format,
         options=request.options,
         allow=tuple(request.allow),
-        progress=meter.update if meter else None,
-        on_skip_past_end=lambda: report_error(
-            f"{request.input_path}: cannot skip to specified offset"
-        ),
+        events=show_events(meter),
     )
     if meter is not None:
         meter.finish()

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import sys
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
+
+from instar.cli.output import report_error
+
+if TYPE_CHECKING:
+    from instar.events import Event, EventSink
 
 
 class ProgressMeter:
@@ -26,3 +31,19 @@ class ProgressMeter:
         """The final 100% line and a newline, as qemu-img ends its meter."""
         self._stream.write("    (100.00/100%)\r\n")
         self._stream.flush()
+
+
+def show_events(meter: ProgressMeter | None) -> EventSink:
+    """The CLI's sink for a copy's events: progress on ``meter`` (when -p),
+    notices as warnings on stderr."""
+
+    def show(event: Event) -> None:
+        from instar.events import Notice, Progress
+
+        if isinstance(event, Progress):
+            if meter is not None:
+                meter.update(event.done, event.total)
+        elif isinstance(event, Notice):
+            report_error(event.text)
+
+    return show

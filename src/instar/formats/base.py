@@ -148,11 +148,17 @@ class ChildFile:
     shows it as a child node. ``counts_in_disk_size``: whether its allocated
     size counts in "disk size", as the driver's get_allocated_file_size adds
     it (vmdk adds its extents; qemu-img 7.2 leaves a qcow2 data file out).
+    The file is named by its identity (st_dev, st_ino), not held: facts about
+    files (allocation, size) are the host's to gather.
     """
 
     name: str
-    file: InputFile
+    identity: tuple[int, int]
     counts_in_disk_size: bool
+
+    @classmethod
+    def of(cls, name: str, file: InputFile, counts_in_disk_size: bool) -> ChildFile:
+        return cls(name, file.identity, counts_in_disk_size)
 
 
 @dataclass

@@ -55,7 +55,7 @@ def describe(image: Qcow2Driver) -> FormatDetails:
     children = []
     if image.data_file is not None:
         # qemu-img 7.2 counts the qcow2 file alone in "disk size".
-        children.append(ChildFile("data-file", image.data_file, counts_in_disk_size=False))
+        children.append(ChildFile.of("data-file", image.data_file, counts_in_disk_size=False))
     return FormatDetails(
         cluster_size=header.cluster_size,
         dirty=bool(header.incompatible_features & L.INCOMPAT_DIRTY),

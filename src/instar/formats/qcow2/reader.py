@@ -285,9 +285,7 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
 def check_header(header: L.Header, file: InputFile) -> None:
     """The header's own fields: version, sizes, table offsets (qemu's messages)."""
     if header.version == 1:
-        raise UnsupportedError(
-            f"Could not open '{file.name}': qcow (version 1) images are not supported"
-        )
+        raise UnsupportedError("qcow (version 1) images are not supported")
     if header.version not in (2, 3):
         raise FormatError(f"Unsupported qcow2 version {header.version}")
     if not L.MIN_CLUSTER_BITS <= header.cluster_bits <= L.MAX_CLUSTER_BITS:
@@ -301,9 +299,7 @@ def check_header(header: L.Header, file: InputFile) -> None:
         if header.refcount_order > 6:
             raise FormatError("Reference count entry width too large; may not exceed 64 bits")
     if header.crypt_method in (1, 2):
-        raise UnsupportedError(
-            f"Could not open '{file.name}': encrypted images are not supported yet"
-        )
+        raise UnsupportedError("encrypted images are not supported yet")
     if header.crypt_method != 0:
         raise FormatError(f"Unsupported encryption method {header.crypt_method}")
     if header.size >= 1 << 63:
@@ -334,8 +330,7 @@ def check_features(header: L.Header, extensions: L.Extensions, file: InputFile) 
     unknown = header.incompatible_features & ~L.INCOMPAT_KNOWN
     if unknown:
         raise UnsupportedError(
-            f"Could not open '{file.name}': Unsupported qcow2 feature(s): "
-            + _describe_features(unknown, extensions)
+            "Unsupported qcow2 feature(s): " + _describe_features(unknown, extensions)
         )
     if header.compression_type not in L.COMPRESSION_NAMES:
         raise FormatError(f"qcow2: unknown compression type: {header.compression_type}")

@@ -21,7 +21,7 @@ from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from instar.errors import FormatError, UnsupportedError
+from instar.errors import DriverError, FormatError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
 from instar.formats.common import TableCache
@@ -73,7 +73,7 @@ def open_vhdx(file: InputFile, resolver: Resolver) -> VhdxDriver:
     """Parse and check everything; raise FormatError/UnsupportedError naming the problem."""
     if file.pread(0, 8) != layout.FILE_SIGNATURE:
         # qemu's words: its vhdx driver fails with EINVAL and no message of its own.
-        raise FormatError(f"Could not open '{file.name}': Invalid argument")
+        raise DriverError("Invalid argument")
     headers = [
         layout.decode_header(file.pread(offset, layout.HEADER_SIZE))
         for offset in layout.HEADER_OFFSETS

@@ -7,7 +7,7 @@ entry per extent. Only what opening already parsed is used.
 
 from __future__ import annotations
 
-from instar.errors import FormatError
+from instar.errors import DriverError
 from instar.formats.base import ChildFile, FormatDetails, QValue
 from instar.formats.vmdk.reader import DiskExtent, SparseExtent, VmdkDriver
 
@@ -23,7 +23,7 @@ def describe(image: VmdkDriver) -> FormatDetails:
     if cid is None or parent_cid is None:
         # qemu reads both from the descriptor when opening, and fails without
         # them with no message of its own (EINVAL).
-        raise FormatError(f"Could not open '{image.name}': Invalid argument")
+        raise DriverError("Invalid argument")
     hint = descriptor.parent_hint if descriptor is not None else None
     details = FormatDetails(
         backing_filename=hint,
@@ -38,7 +38,7 @@ def describe(image: VmdkDriver) -> FormatDetails:
         # A monolithic file is its own only extent; other extent files are
         # children, which qemu's vmdk driver counts in "disk size".
         children=[
-            ChildFile(f"extents.{index}", extent.file, counts_in_disk_size=True)
+            ChildFile.of(f"extents.{index}", extent.file, counts_in_disk_size=True)
             for index, extent in enumerate(extents)
             if extent.kind
         ],
