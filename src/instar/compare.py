@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from instar.errors import InstarError
+from instar.errors import CompareError, InstarError
 from instar.image import ALLOCATED, EOF, ZERO, Image, StatusLayer
 from instar.opener import ImageOpener
 from instar.safety import PathPolicy
@@ -35,14 +35,6 @@ Say = Callable[[str], None]
 # Called with (bytes done in a chunk, size of the larger image), as qemu
 # calls qemu_progress_print; (0, size) once the images are open.
 ProgressCallback = Callable[[int, int], None]
-
-
-class CompareError(InstarError):
-    """A failure with qemu-img compare's exit code (2, 3 or 4)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
