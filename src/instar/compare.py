@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from instar.errors import CompareError, InstarError
 from instar.image import ALLOCATED, EOF, ZERO, Image, StatusLayer
 from instar.opener import ImageOpener
-from instar.safety import PathPolicy
+from instar.safety import AllowedDirs, PathPolicy, allowed_dirs
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img compare's chunk limit where it reads
@@ -220,7 +220,7 @@ def compare(
     fmt_a: str | None = None,
     fmt_b: str | None = None,
     strict: bool = False,
-    allow: tuple[str, ...] = (),
+    allow: AllowedDirs = (),
     say: Say = print,
     progress: ProgressCallback | None = None,
 ) -> int:
@@ -229,11 +229,12 @@ def compare(
     Verdicts go through ``say``; failures raise CompareError with the exit
     code qemu-img uses (2 for an image that cannot be opened).
     """
+    dirs = allowed_dirs(allow)  # once: a generator would be empty for the second image
     openers: list[ImageOpener] = []
     try:
         sides = []
         for path, fmt in ((path_a, fmt_a), (path_b, fmt_b)):
-            opener = ImageOpener(PathPolicy.for_image(path, allow))
+            opener = ImageOpener(PathPolicy.for_image(path, dirs))
             openers.append(opener)
             try:
                 node = opener.open_node(path, fmt)

@@ -61,6 +61,12 @@ class CompareError(InstarError):
         self.exit_code = exit_code
 
 
+class InvalidArgumentError(InstarError, ValueError):
+    """A Python API call with a bad argument (``bs=0``, a negative ``count``, a
+    read outside the image): a ValueError too, so ``except ValueError`` written
+    before it existed still catches it."""
+
+
 class FormatError(InstarError):
     """Image bytes violate the format or one of instar's safety limits."""
 

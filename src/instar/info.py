@@ -31,7 +31,7 @@ from instar.formats.base import (
 )
 from instar.opener import ImageOpener, OpenedNode
 from instar.qobject import dump_human, to_json
-from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
+from instar.safety import MAX_CHAIN_DEPTH, AllowedDirs, PathPolicy
 from instar.sizes import round_up, size_to_str
 
 QEMU_7_2 = (7, 2)
@@ -151,7 +151,7 @@ def collect(
     fmt: str | None = None,
     *,
     chain: bool = False,
-    allow: tuple[str, ...] = (),
+    allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
 ) -> list[NodeInfo]:
     """The images ``qemu-img info [--backing-chain]`` would show, top first."""
@@ -331,7 +331,7 @@ def info(
     *,
     output: str = "human",
     chain: bool = False,
-    allow: tuple[str, ...] = (),
+    allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
 ) -> str:
     """The text ``qemu-img info`` prints for ``path``."""
