@@ -8,6 +8,10 @@ anything is opened or written, and ``allow`` never read as a string's letters.
 
 from __future__ import annotations
 
+import contextlib
+import gc
+import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,12 +23,29 @@ from instar.compare import compare
 from instar.convert import convert
 from instar.errors import InstarError, InvalidArgumentError, OptionError, PolicyError
 from instar.formats.base import CreateOptions
+from instar.image import ExtentKind
 from instar.info import info
 
 
 def _raw(path: Path, size: int = 5120) -> Path:
     path.write_bytes(pattern(size))
     return path
+
+
+def _qcow2(path: Path, size: int = 5120) -> Path:
+    raw = _raw(path.with_suffix(".src"), size)
+    qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+    return path
+
+
+def _fds_on(path: Path) -> int:
+    """How many of this process's descriptors are open on ``path``."""
+    target = os.path.realpath(path)
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):  # the descriptor listdir used, now closed
+            count += os.readlink(f"/proc/self/fd/{fd}") == target
+    return count
 
 
 def _chain_outside(tmp_path: Path, name: str = "top.qcow2") -> tuple[Path, Path]:
@@ -38,6 +59,95 @@ def _chain_outside(tmp_path: Path, name: str = "top.qcow2") -> tuple[Path, Path]
     top = top_dir / name
     qemu_img_ok("create", "-f", "qcow2", "-b", str(base), "-F", "raw", str(top))
     return top, base_dir
+
+
+# ---------------------------------------------------------------------------
+# open_image: a context manager that knows its format and closes its files
+
+
+@pytest.mark.usefixtures("qemu_img")
+def test_context_manager_closes_every_file_of_the_chain(tmp_path: Path) -> None:
+    top, base_dir = _chain_outside(tmp_path)
+    base = base_dir / "base.raw"
+    with instar.open_image(top, allow=[base_dir]) as image:
+        assert not image.closed
+        assert _fds_on(top) >= 1 and _fds_on(base) >= 1
+        assert image.read(0, 8192) == pattern(8192)
+    assert image.closed
+    assert _fds_on(top) == 0 and _fds_on(base) == 0
+    image.close()  # a second close is harmless
+    assert image.closed
+    with pytest.raises(InvalidArgumentError, match="closed"):
+        image.read(0, 512)
+
+
+@pytest.mark.usefixtures("qemu_img")
+def test_format_is_the_top_image_format_probed_or_given(tmp_path: Path) -> None:
+    top, base_dir = _chain_outside(tmp_path)
+    with instar.open_image(top, allow=[base_dir]) as image:
+        assert image.format == "qcow2"  # not the raw backing file opened after it
+    with instar.open_image(_raw(tmp_path / "plain.img")) as image:
+        assert image.format == "raw"
+    with instar.open_image(top, fmt="raw") as image:  # read as given, qcow2 bytes and all
+        assert image.format == "raw"
+        assert image.virtual_size == -(-top.stat().st_size // 512) * 512  # sector-rounded
+
+
+@pytest.mark.usefixtures("qemu_img")
+def test_repr_names_path_format_size_and_state(tmp_path: Path) -> None:
+    path = _qcow2(tmp_path / "disk.qcow2", 1 << 20)
+    image = instar.open_image(str(path))
+    assert repr(image) == f"<OpenedImage {str(path)!r} format='qcow2' virtual_size=1048576 open>"
+    image.close()
+    assert repr(image).endswith("virtual_size=1048576 closed>")
+
+
+def test_an_image_dropped_open_warns_and_is_closed(tmp_path: Path) -> None:
+    path = _raw(tmp_path / "dropped.raw")
+    image = instar.open_image(path)
+    with pytest.warns(ResourceWarning, match=r"unclosed image <OpenedImage .*dropped\.raw"):
+        del image
+        gc.collect()
+    assert _fds_on(path) == 0
+
+
+def test_a_closed_image_does_not_warn(tmp_path: Path) -> None:
+    path = _raw(tmp_path / "closed.raw")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with instar.open_image(path):
+            pass
+        instar.open_image(path).close()
+        gc.collect()
+    assert [w for w in caught if issubclass(w.category, ResourceWarning)] == []
+
+
+# ---------------------------------------------------------------------------
+# read and extents: the range is checked before a reader sees it
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(5120, 1), (5000, 121), (-1, 10), (0, -1), (-512, 512), (1 << 63, 1)],
+)
+def test_reads_and_extents_outside_the_image_are_invalid_arguments(
+    tmp_path: Path, offset: int, length: int
+) -> None:
+    with instar.open_image(_raw(tmp_path / "in.raw", 5120)) as image:
+        with pytest.raises(InvalidArgumentError, match="outside the image") as raised:
+            image.read(offset, length)
+        assert isinstance(raised.value, ValueError)  # old `except ValueError` still works
+        with pytest.raises(InvalidArgumentError):
+            image.extents(offset, length)  # at the call, not on first next()
+
+
+def test_ranges_up_to_the_end_are_fine(tmp_path: Path) -> None:
+    with instar.open_image(_raw(tmp_path / "in.raw", 5120)) as image:
+        assert image.read(5120, 0) == b""
+        assert image.read(5000, 120) == pattern(5120)[5000:]
+        assert [e.kind for e in image.extents(0, 5120)] == [ExtentKind.DATA]
+        with pytest.raises(TypeError):
+            image.read(1.5, 10)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------------------
