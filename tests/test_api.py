@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.resources
 import os
+import tomllib
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,6 +27,8 @@ from instar.errors import InstarError, InvalidArgumentError, OptionError, Policy
 from instar.formats.base import CreateOptions
 from instar.image import ExtentKind
 from instar.info import info
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def _raw(path: Path, size: int = 5120) -> Path:
@@ -259,3 +263,26 @@ def test_options_are_checked_like_the_command_line(tmp_path: Path) -> None:
     with pytest.raises(TypeError, match="options must be CreateOptions or a dict"):
         instar.dd(source, out, options=["cluster_size=4096"])  # type: ignore[arg-type]
     assert not Path(out).exists()
+
+
+# ---------------------------------------------------------------------------
+# The package: what dir() shows, what type checkers see
+
+
+def test_dir_lists_the_api_and_every_name_resolves() -> None:
+    names = dir(instar)
+    for name in ("open_image", "dd", "OpenedImage", "InstarError", "InvalidArgumentError",
+                 "ImageOpenError", "CreateOptions", "__version__"):
+        assert name in names
+    assert "importlib" not in names and "_LAZY" not in names
+    for name in instar.__all__:
+        assert getattr(instar, name) is not None
+    assert set(instar._LAZY) == set(instar.__all__)
+    assert issubclass(instar.InvalidArgumentError, instar.InstarError)
+
+
+def test_py_typed_is_shipped() -> None:
+    assert importlib.resources.files("instar").joinpath("py.typed").is_file()
+    with (ROOT / "pyproject.toml").open("rb") as file:
+        package_data = tomllib.load(file)["tool"]["setuptools"]["package-data"]
+    assert "py.typed" in package_data["instar"]
