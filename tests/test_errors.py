@@ -99,7 +99,7 @@ def assert_round_trips(error: InstarError) -> None:
 def test_the_walk_finds_the_subclasses_defined_outside_errors_py() -> None:
     names = {cls.__qualname__ for cls in ERRORS}
     assert {"ImageOpenError", "CompareError", "GetoptError", "NumberError",
-            "OptionError"} <= names
+            "OptionError", "InvalidArgumentError"} <= names
 
 
 @pytest.mark.parametrize("cls", ERRORS, ids=lambda cls: cls.__qualname__)
