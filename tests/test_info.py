@@ -23,14 +23,8 @@ import pytest
 
 from helpers import pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img, write_pieces
 from instar.formats.base import FormatDetails, QValue, SnapshotDetails
-from instar.info import (
-    NodeInfo,
-    full_backing_filename,
-    qdict_items,
-    render_human,
-    render_json,
-    to_json,
-)
+from instar.info import NodeInfo, full_backing_filename, render_human, render_json
+from instar.qobject import qdict_items, to_json
 from instar.sizes import size_to_str
 
 Builder = Callable[[Path], None]

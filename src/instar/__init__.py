@@ -1,15 +1,27 @@
 """instar: a safe, qemu-img-compatible disk image toolkit.
 
-The Python API, small on purpose:
+The Python API, small on purpose (``dir(instar)`` lists it):
 
-- `open_image(path, fmt=None, allow=())` returns an `Image` with
-  ``virtual_size``, ``read(offset, length)`` and ``extents(offset, length)``;
-  use it as a context manager (``with open_image(...) as image:``).
+- `open_image(path, fmt=None, allow=())` returns an `OpenedImage`: a context
+  manager (``with open_image(...) as image:``) with ``format`` (the format it
+  was read as), ``virtual_size``, ``read(offset, length)`` and
+  ``extents(offset, length)``. An image dropped without ``close`` gives a
+  ResourceWarning.
 - `dd(input_path, output_path, bs=512, count=None, skip=None, ...)` does what
-  ``instar dd`` does.
+  ``instar dd`` does; ``options`` is a `CreateOptions` or a dict of ``-o``
+  pairs (``{"cluster_size": "65536"}``).
 
 Files named inside images (backing files, data files) are opened only from the
-image's own directory or a directory listed in ``allow``.
+image's own directory or a directory listed in ``allow``: a list or other
+iterable of directories; a bare string raises TypeError (iterated, "/data"
+would allow "/").
+
+Errors are `InstarError` subclasses: `ImageOpenError` (cannot open, with
+``filename`` and ``reason``), `FormatError` (malformed image), `PolicyError`
+(a file outside the allowed directories), `UnsupportedError`, `OutputError`,
+and `InvalidArgumentError` for bad arguments (``bs=0``, a negative ``count``,
+a read outside the image), which is also a ValueError. All of them pickle, so
+they cross process boundaries intact.
 """
 
 from __future__ import annotations
@@ -24,7 +36,14 @@ _LAZY = {
     "DdWindow": "instar.dd_core",
     "dd": "instar.dd_core",
     "dd_window": "instar.dd_core",
+    "CreateOptions": "instar.formats.base",
+    "FormatError": "instar.errors",
+    "ImageOpenError": "instar.errors",
     "InstarError": "instar.errors",
+    "InvalidArgumentError": "instar.errors",
+    "OutputError": "instar.errors",
+    "PolicyError": "instar.errors",
+    "UnsupportedError": "instar.errors",
     "Extent": "instar.image",
     "ExtentKind": "instar.image",
     "Image": "instar.image",
@@ -36,7 +55,16 @@ _LAZY = {
 if TYPE_CHECKING:
     from instar.api import OpenedImage, open_image
     from instar.dd_core import DdWindow, dd, dd_window
-    from instar.errors import InstarError
+    from instar.errors import (
+        FormatError,
+        ImageOpenError,
+        InstarError,
+        InvalidArgumentError,
+        OutputError,
+        PolicyError,
+        UnsupportedError,
+    )
+    from instar.formats.base import CreateOptions
     from instar.image import Extent, ExtentKind, Image, Window
 
 
@@ -47,13 +75,26 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+def __dir__() -> list[str]:
+    """The API (lazy names included, which plain dir() would miss) and the
+    module's dunders; not its helpers (importlib, _LAZY) nor loaded submodules."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})
+
+
 __all__ = [
+    "CreateOptions",
     "DdWindow",
     "Extent",
     "ExtentKind",
+    "FormatError",
     "Image",
+    "ImageOpenError",
     "InstarError",
+    "InvalidArgumentError",
     "OpenedImage",
+    "OutputError",
+    "PolicyError",
+    "UnsupportedError",
     "Window",
     "dd",
     "dd_window",

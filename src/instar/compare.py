@@ -18,11 +18,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from instar.errors import ImageReadError, InstarError
+from instar.errors import CompareError, ImageReadError, InstarError
 from instar.events import Advance, EventSink, Line, ignore
 from instar.image import ALLOCATED, EOF, ZERO, Image, StatusLayer
 from instar.opener import ImageOpener
-from instar.safety import PathPolicy
+from instar.safety import AllowedDirs, PathPolicy, allowed_dirs
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img compare's chunk limit where it reads
@@ -31,14 +31,6 @@ SCAN_STEP = 64 << 10  # first pass of the search for the first difference
 
 IDENTICAL, DIFFERENT, OPEN_ERROR, STATUS_ERROR, READ_ERROR = 0, 1, 2, 3, 4
 
-
-
-class CompareError(InstarError):
-    """A failure with qemu-img compare's exit code (2, 3 or 4)."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 @dataclass
@@ -229,7 +221,7 @@ def compare(
     fmt_a: str | None = None,
     fmt_b: str | None = None,
     strict: bool = False,
-    allow: tuple[str, ...] = (),
+    allow: AllowedDirs = (),
     events: EventSink = ignore,
     progress: bool = False,
 ) -> int:
@@ -240,11 +232,12 @@ def compare(
     Failures raise CompareError with the exit code qemu-img uses (2 for an
     image that cannot be opened).
     """
+    dirs = allowed_dirs(allow)  # once: a generator would be empty for the second image
     openers: list[ImageOpener] = []
     try:
         sides = []
         for path, fmt in ((path_a, fmt_a), (path_b, fmt_b)):
-            opener = ImageOpener(PathPolicy.for_image(path, allow))
+            opener = ImageOpener(PathPolicy.for_image(path, dirs))
             openers.append(opener)
             try:
                 node = opener.open_node(path, fmt)

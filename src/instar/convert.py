@@ -12,11 +12,12 @@ from instar.copy import ZERO_GRANULARITY
 from instar.errors import CreationError, OptionError, OutputError, UnsupportedError
 from instar.events import EventSink
 from instar.formats import registry
-from instar.formats.base import CreateOptions, Format
+from instar.formats.base import Format
+from instar.formats.options import OptionsArgument, as_create_options
 from instar.image import Concatenation, Image, Window
 from instar.opener import ImageOpener
 from instar.output import refuse_same_file, write_image, write_in_place
-from instar.safety import PathPolicy
+from instar.safety import AllowedDirs, PathPolicy
 
 
 def output_format(name: str) -> Format:
@@ -35,10 +36,10 @@ def convert(
     *,
     input_format: str | None = None,
     output_format_name: str = "raw",
-    options: CreateOptions | None = None,
+    options: OptionsArgument = None,
     sparse_size: int = ZERO_GRANULARITY,
     no_create: bool = False,
-    allow: tuple[str, ...] = (),
+    allow: AllowedDirs = (),
     events: EventSink | None = None,
     durable: bool = False,
 ) -> None:
@@ -50,22 +51,26 @@ def convert(
     ``events`` gets `Progress` as the copy goes;
     ``durable`` fsyncs the output before it takes its name (qemu-img convert's
     default cache mode, "unsafe", does not flush, so neither does this by default).
+    ``options`` is a `CreateOptions` or a dict of ``-o`` pairs; ``allow`` a list of
+    directories, never a bare string (TypeError).
     """
-    options = options or CreateOptions()
+    if isinstance(input_paths, str | bytes):
+        raise TypeError("input_paths must be a sequence of paths, not a single str")
+    create_options = as_create_options(options)
     opener = ImageOpener(PathPolicy.for_image(input_paths[0], allow))
     try:
         images: list[Image] = [opener.open(path, input_format) for path in input_paths]
         source = images[0] if len(images) == 1 else Concatenation(images)
         fmt = output_format(output_format_name)
         refuse_same_file(output_path, opener.opened)
-        declared = fmt.declared_size(source.virtual_size, options)
+        declared = fmt.declared_size(source.virtual_size, create_options)
         if no_create and fmt.name == "raw":
-            write_in_place(source, output_path, fmt, options, events, durable)
+            write_in_place(source, output_path, fmt, create_options, events, durable)
             return
         if no_create:
             source, declared = _rewrite_existing(source, output_path, fmt, opener)
         try:
-            write_image(source, output_path, fmt, declared, options, events=events,
+            write_image(source, output_path, fmt, declared, create_options, events=events,
                         zero_granularity=sparse_size, durable=durable)
         except OptionError:
             raise

@@ -8,16 +8,17 @@ from the start of the input, not from ``skip``); `dd` is Window + copy engine.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
-from instar.errors import CreationError, OutputError
+from instar.errors import CreationError, InvalidArgumentError, OutputError
 from instar.events import EventSink, Notice
 from instar.formats import registry
-from instar.formats.base import CreateOptions
+from instar.formats.options import OptionsArgument, as_create_options
 from instar.image import Window
 from instar.opener import ImageOpener
 from instar.output import refuse_same_file, write_image
-from instar.safety import PathPolicy
+from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import INT64_MAX
 
 DEFAULT_BS = 512
@@ -32,10 +33,24 @@ class DdWindow:
     skipped_past_end: bool  # qemu warns "cannot skip to specified offset", exit 0
 
 
-def dd_window(size: int, bs: int, count: int | None = None, skip: int | None = None) -> DdWindow:
-    """qemu-img dd's window over an input of ``size`` bytes, overflow-safe."""
+def check_dd_numbers(bs: int, count: int | None, skip: int | None) -> None:
+    """Refuse what the command line cannot say (its parser keeps bs >= 1 and
+    count, skip >= 0): from Python they would make a window of negative length."""
     if bs < 1:
-        raise ValueError("bs must be at least 1")
+        raise InvalidArgumentError(f"bs must be at least 1, not {bs}")
+    if count is not None and count < 0:
+        raise InvalidArgumentError(f"count must not be negative, not {count}")
+    if skip is not None and skip < 0:
+        raise InvalidArgumentError(f"skip must not be negative, not {skip}")
+
+
+def dd_window(size: int, bs: int, count: int | None = None, skip: int | None = None) -> DdWindow:
+    """qemu-img dd's window over an input of ``size`` bytes, overflow-safe.
+
+    Raises InvalidArgumentError (a ValueError) for ``bs < 1`` or a negative
+    ``count`` or ``skip``.
+    """
+    check_dd_numbers(bs, count, skip)
     if count is not None and count <= INT64_MAX // bs and count * bs < size:
         size = count * bs
     if skip is not None and (skip > INT64_MAX // bs or size < skip * bs):
@@ -45,16 +60,16 @@ def dd_window(size: int, bs: int, count: int | None = None, skip: int | None = N
 
 
 def dd(
-    input_path: str,
-    output_path: str,
+    input_path: str | os.PathLike[str],
+    output_path: str | os.PathLike[str],
     *,
     bs: int = DEFAULT_BS,
     count: int | None = None,
     skip: int | None = None,
     input_format: str | None = None,
     output_format: str = "raw",
-    options: CreateOptions | None = None,
-    allow: tuple[str, ...] = (),
+    options: OptionsArgument = None,
+    allow: AllowedDirs = (),
     events: EventSink | None = None,
 ) -> DdWindow:
     """Copy a window of ``input_path`` into a new ``output_path``, as ``qemu-img dd``.
@@ -63,8 +78,15 @@ def dd(
     beyond the input (the output is then empty, as qemu's is, and a `Notice`
     event goes to ``events`` once the output exists, where qemu warns).
     ``events`` also gets `Progress` as the copy goes.
-    Raises an `InstarError` subclass for bad input, with qemu-img's wording.
+    ``options`` is a `CreateOptions` or a dict of ``-o`` pairs (``{"cluster_size":
+    "65536"}``); ``allow`` a list of directories, never a bare string (TypeError).
+    Raises an `InstarError` subclass for bad input, with qemu-img's wording, and
+    `InvalidArgumentError` (a ValueError) for ``bs < 1`` or a negative ``count``
+    or ``skip``, before anything is opened.
     """
+    input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+    check_dd_numbers(bs, count, skip)
+    create_options = as_create_options(options)
     opener = ImageOpener(PathPolicy.for_image(input_path, allow))
     try:
         image = opener.open(input_path, input_format)
@@ -76,13 +98,12 @@ def dd(
         window = dd_window(image.virtual_size, bs, count, skip)
         refuse_same_file(output_path, opener.opened)
         view = Window(image, window.start, window.length)
-        options = options or CreateOptions()
-        declared = out_fmt.declared_size(window.length, options)
+        declared = out_fmt.declared_size(window.length, create_options)
         notice = None
         if window.skipped_past_end:
             notice = Notice(f"{input_path}: cannot skip to specified offset")
         try:
-            write_image(view, output_path, out_fmt, declared, options, events=events,
+            write_image(view, output_path, out_fmt, declared, create_options, events=events,
                         notice=notice)
         except CreationError as error:
             raise CreationError(

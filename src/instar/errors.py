@@ -3,9 +3,21 @@
 The CLI turns every `InstarError` into a one-line message (after the program
 prefix) and exit status 1; anything else escaping is a bug in instar, not bad
 input. Messages follow qemu-img's wording where a user may script against it.
+
+Every one of them survives pickling (the sandboxed worker will raise them in
+another process; so do multiprocessing pools in callers' code), whatever its
+``__init__`` takes: see `InstarError.__reduce__`.
 """
 
 from __future__ import annotations
+
+from typing import Any
+
+
+def _rebuild(cls: type[InstarError], args: tuple[Any, ...]) -> InstarError:
+    """Unpickle without calling ``cls.__init__``, whose parameters may differ
+    from the ``args`` it passed on (ImageOpenError keeps only its message)."""
+    return cls.__new__(cls, *args)
 
 
 class InstarError(Exception):
@@ -16,6 +28,13 @@ class InstarError(Exception):
     """
 
     hint: str | None = None
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Exception's own reduce calls cls(*self.args): a TypeError for any
+        # subclass whose __init__ takes other arguments than its message.
+        # Rebuilding from args and restoring __dict__ (attributes, an
+        # instance's hint, __notes__) works for every subclass.
+        return (_rebuild, (type(self), self.args), self.__dict__ or None)
 
 
 class UsageError(InstarError):
@@ -34,6 +53,20 @@ class ImageOpenError(InstarError):
         self.reason = reason
 
 
+class CompareError(InstarError):
+    """A compare failure with qemu-img compare's exit code (2, 3 or 4)."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class InvalidArgumentError(InstarError, ValueError):
+    """A Python API call with a bad argument (``bs=0``, a negative ``count``, a
+    read outside the image): a ValueError too, so ``except ValueError`` written
+    before it existed still catches it."""
+
+
 class FormatError(InstarError):
     """Image bytes violate the format or one of instar's safety limits."""
 
@@ -46,9 +79,6 @@ class ImageReadError(FormatError):
         super().__init__(f"{image}: {reason}")
         self.image = image
         self.reason = reason
-
-    def __reduce__(self) -> tuple[type[ImageReadError], tuple[str, str]]:
-        return type(self), (self.image, self.reason)
 
 
 class DriverError(FormatError):

@@ -13,11 +13,34 @@ from collections.abc import Iterable
 
 from instar.errors import PolicyError
 
+# Directories as the API takes them: a list, tuple, set or any other iterable.
+AllowedDirs = Iterable[str | os.PathLike[str]]
+
 MAX_CHAIN_DEPTH = 16  # backing files below the top image
 MAX_TABLE_BYTES = 32 << 20  # one metadata table (qcow2 L1, refcount table, BAT...)
 MAX_METADATA_CACHE_BYTES = 64 << 20  # decoded tables kept in memory at once
 MAX_HEADER_EXTENSION_BYTES = 64 << 10  # all qcow2 header extensions together
 MAX_NAME_BYTES = 4096  # a file name stored inside an image
+
+
+def allowed_dirs(allow: AllowedDirs) -> list[str]:
+    """``allow`` as a list of directory names; TypeError for a bare string.
+
+    A string is an iterable of one-character strings: ``allow="/data"`` would
+    allow "/", the whole file system, so it is refused rather than iterated.
+    """
+    if isinstance(allow, str | bytes | bytearray | os.PathLike):
+        raise TypeError(
+            f"allow must be an iterable of directories, not {type(allow).__name__}: "
+            f"write allow=[{allow!r}]"
+        )
+    dirs = []
+    for entry in allow:
+        name = os.fspath(entry)
+        if not isinstance(name, str):
+            raise TypeError(f"allow entries must be str or os.PathLike[str], not {name!r}")
+        dirs.append(name)
+    return dirs
 
 
 class PathPolicy:
@@ -27,13 +50,17 @@ class PathPolicy:
     allowed directory cannot point outside it.
     """
 
-    def __init__(self, allowed_dirs: Iterable[str]) -> None:
-        self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs]
+    def __init__(self, allowed: AllowedDirs) -> None:
+        self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs(allowed)]
 
     @classmethod
-    def for_image(cls, image_path: str, extra: Iterable[str] = ()) -> PathPolicy:
-        """The default policy: the directory of ``image_path``, plus ``extra``."""
-        return cls([os.path.dirname(os.path.abspath(image_path)) or ".", *extra])
+    def for_image(cls, image_path: str, extra: AllowedDirs = ()) -> PathPolicy:
+        """The default policy: the directory of ``image_path``, plus ``extra``.
+
+        Every entry point (dd, convert, info, compare, open_image) starts here,
+        so each refuses ``allow="/dir"`` before it opens anything.
+        """
+        return cls([os.path.dirname(os.path.abspath(image_path)) or ".", *allowed_dirs(extra)])
 
     def check(self, path: str, what: str) -> str:
         """The resolved ``path`` if allowed, else PolicyError naming it."""

@@ -2,11 +2,33 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from instar.errors import OptionError
 from instar.formats.base import CreateOptions
 from instar.sizes import SizeStatus, parse_size
+
+# What the Python API takes as ``options=``: the dataclass, or ``-o``'s pairs.
+OptionsArgument = CreateOptions | Mapping[str, str] | None
+
+
+def as_create_options(options: OptionsArgument) -> CreateOptions:
+    """``options`` as CreateOptions: a mapping is ``-o key=value,...`` (no ``-c``).
+
+    Keys and values must be strings, as on the command line; anything else is
+    refused here rather than failing deep inside a writer.
+    """
+    if options is None:
+        return CreateOptions()
+    if isinstance(options, CreateOptions):
+        return options
+    if not isinstance(options, Mapping):
+        raise TypeError(f"options must be CreateOptions or a dict, not {type(options).__name__}")
+    pairs = dict(options)
+    for key, value in pairs.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError(f"options take str keys and values, as -o does: {key!r}={value!r}")
+    return CreateOptions(options=pairs)
 
 
 def reject_unknown(options: CreateOptions, format_name: str, known: Iterable[str]) -> None:
