@@ -9,9 +9,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from instar.copy import ZERO_GRANULARITY, Progress
-from instar.errors import CreationError, OptionError, OutputError, UnsupportedError
+from instar.errors import CreationError, OutputError, UnsupportedError
 from instar.formats import registry
 from instar.formats.base import CreateOptions, Format
+from instar.formats.options import parse_options
 from instar.image import Concatenation, Image, Window
 from instar.opener import ImageOpener
 from instar.output import refuse_same_file, write_image, write_in_place
@@ -56,17 +57,16 @@ def convert(
         source = images[0] if len(images) == 1 else Concatenation(images)
         fmt = output_format(output_format_name)
         refuse_same_file(output_path, opener.opened)
-        declared = fmt.declared_size(source.virtual_size, options)
-        if no_create and fmt.name == "raw":
-            write_in_place(source, output_path, fmt, options, progress, durable)
-            return
-        if no_create:
-            source, declared = _rewrite_existing(source, output_path, fmt, opener)
         try:
-            write_image(source, output_path, fmt, declared, options, progress,
+            parsed = parse_options(fmt.create_options, options)
+            declared = fmt.declared_size(source.virtual_size, parsed)
+            if no_create and fmt.name == "raw":
+                write_in_place(source, output_path, fmt, parsed, progress, durable)
+                return
+            if no_create:
+                source, declared = _rewrite_existing(source, output_path, fmt, opener)
+            write_image(source, output_path, fmt, declared, parsed, progress,
                         zero_granularity=sparse_size, durable=durable)
-        except OptionError:
-            raise
         except CreationError as error:
             raise CreationError(
                 f"{output_path}: error while converting {fmt.name}: {error}"

@@ -15,6 +15,7 @@ from instar.copy import Progress
 from instar.errors import CreationError, OutputError
 from instar.formats import registry
 from instar.formats.base import CreateOptions
+from instar.formats.options import parse_options
 from instar.image import Window
 from instar.opener import ImageOpener
 from instar.output import refuse_same_file, write_image
@@ -77,12 +78,12 @@ def dd(
         window = dd_window(image.virtual_size, bs, count, skip)
         refuse_same_file(output_path, opener.opened)
         view = Window(image, window.start, window.length)
-        options = options or CreateOptions()
-        declared = out_fmt.declared_size(window.length, options)
         on_created = on_skip_past_end if window.skipped_past_end else None
         try:
+            parsed = parse_options(out_fmt.create_options, options or CreateOptions())
+            declared = out_fmt.declared_size(window.length, parsed)
             write_image(
-                view, output_path, out_fmt, declared, options, progress,
+                view, output_path, out_fmt, declared, parsed, progress,
                 on_created,
             )
         except CreationError as error:

@@ -17,9 +17,9 @@ import stat
 from collections.abc import Callable, Iterable
 
 from instar.copy import ZERO_GRANULARITY, Progress, copy_image
-from instar.errors import CreationError, InstarError, OptionError, OutputError
+from instar.errors import CreationError, InstarError, OutputError
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, Format, OutputFile
+from instar.formats.base import Format, OutputFile, ParsedOptions
 from instar.image import Image
 
 
@@ -151,7 +151,7 @@ def write_image(
     target: str,
     fmt: Format,
     virtual_size: int,
-    options: CreateOptions,
+    options: ParsedOptions,
     progress: Progress | None = None,
     on_created: Callable[[], None] | None = None,
     zero_granularity: int = ZERO_GRANULARITY,
@@ -167,9 +167,7 @@ def write_image(
     try:
         try:
             writer = fmt.create(out_file, virtual_size, options)
-        except OptionError:
-            raise
-        except InstarError as error:
+        except InstarError as error:  # the driver refused: qemu prefixes its message
             raise CreationError(str(error)) from None
         if on_created is not None:
             on_created()
@@ -188,7 +186,7 @@ def write_in_place(
     image: Image,
     target: str,
     fmt: Format,
-    options: CreateOptions,
+    options: ParsedOptions,
     progress: Progress | None = None,
     durable: bool = True,
 ) -> None:

@@ -59,8 +59,8 @@ def _print_option_help(format_name: str) -> int:
 
     fmt = output_format(format_name)
     print(f"Supported {fmt.name} options:")
-    for spec in fmt.create_options:
-        print(spec.help_line())
+    for option in fmt.create_options.listed():
+        print(option.help_line())
     return 0
 
 

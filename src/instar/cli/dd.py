@@ -56,15 +56,16 @@ class DdRequest:
     allow: list[str] = field(default_factory=list)
 
 
-def parse_creation_options(text: str, into: dict[str, str]) -> None:
-    """``-o key=value,key=value`` (``,,`` is a literal comma, as in qemu)."""
+def parse_creation_options(text: str, into: list[tuple[str, str]]) -> None:
+    """``-o key=value,key=value`` (``,,`` is a literal comma, as in qemu), appended
+    to ``into`` in order; the format's schema checks them later."""
     for item in text.replace(",,", "\0").split(","):
         if not item:
             continue
         key, has_value, value = item.replace("\0", ",").partition("=")
         if not has_value:
             raise UsageError(f"Invalid parameter '{key}'")
-        into[key] = value
+        into.append((key, value))
 
 
 def parse_dd_args(args: list[str]) -> DdRequest | None:
