@@ -58,13 +58,17 @@ class DdRequest:
 
 def parse_creation_options(text: str, into: list[tuple[str, str]]) -> None:
     """``-o key=value,key=value`` (``,,`` is a literal comma, as in qemu), appended
-    to ``into`` in order; the format's schema checks them later."""
+    to ``into`` in order; the format's schema checks them later.
+
+    A bare ``name`` means ``name=on`` and ``noname`` means ``name=off``: qemu's
+    short form (meant for bool options, taken for any, without a warning).
+    """
     for item in text.replace(",,", "\0").split(","):
         if not item:
             continue
         key, has_value, value = item.replace("\0", ",").partition("=")
         if not has_value:
-            raise UsageError(f"Invalid parameter '{key}'")
+            key, value = (key[2:], "off") if key.startswith("no") else (key, "on")
         into.append((key, value))
 
 
