@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from instar.cli.dd import parse_creation_options
+from instar.cli.dd import check_option_list, parse_creation_options
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import NumberError, convert_number
 from instar.cli.progress import ProgressMeter
@@ -85,6 +85,7 @@ def run(args: list[str]) -> int:
         elif option == "-c":
             options.compress = True
         elif option == "-o":
+            check_option_list(value)
             if value == "help" or value.startswith("help,") or ",help" in value:
                 wants_help = True
             else:
