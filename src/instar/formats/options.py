@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from instar.errors import CreationError, OptionError
-from instar.sizes import SizeStatus, parse_size
+from instar.sizes import UINT64_MAX, SizeStatus, parse_size
 
 OptionType = Literal["str", "size", "num", "bool"]
 OptionValue = str | int | bool
@@ -138,7 +138,7 @@ class ParsedOptions:
         return value
 
     def number(self, name: str) -> int:
-        """A size or num option's value."""
+        """A size or num option's value (a num may be negative, as qemu takes ``-1``)."""
         value = self._value(name, "size", "num")
         assert isinstance(value, int) and not isinstance(value, bool)
         return value
@@ -195,19 +195,26 @@ def _parse_bool(name: str, text: str) -> bool:
 
 
 def _parse_num(name: str, text: str) -> int:
-    """A plain number (qemu: strtoull base 0: decimal, 0x hex, 0 octal)."""
+    """C strtoull, base 0, over the whole text: white space, a sign, then decimal,
+    ``0x`` hex or ``0`` octal digits. A ``-`` is kept as a sign (strtoull would
+    wrap the value modulo 2**64; qemu's drivers read the text back signed)."""
     body = text.lstrip(_C_SPACE)
-    body = body[1:] if body.startswith("+") else body
-    try:
-        if body[:2] in ("0x", "0X"):
-            return int(body[2:], 16)
-        if body.startswith("0") and len(body) > 1:
-            return int(body[1:], 8)
-        if body.isdigit() and body.isascii():
-            return int(body)
-    except ValueError:
-        pass
-    raise OptionError(f"Parameter '{name}' expects a number")
+    negative = body.startswith("-")
+    if body[:1] in ("+", "-"):
+        body = body[1:]
+    if body[:2] in ("0x", "0X") and len(body) > 2:
+        digits, base = body[2:], 16
+    elif body.startswith("0"):
+        digits, base = body, 8
+    else:
+        digits, base = body, 10
+    allowed = "0123456789abcdefABCDEF" if base == 16 else "0123456789"[:base]
+    if not digits or any(char not in allowed for char in digits):
+        raise OptionError(f"Parameter '{name}' expects a number")
+    value = int(digits, base)
+    if value > UINT64_MAX:
+        raise OptionError(f"Value '{text}' is too large for parameter '{name}'")
+    return -value if negative else value
 
 
 def _parse_size(name: str, text: str) -> int:

@@ -35,6 +35,7 @@ from instar.files import pwrite_all
 from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
+from instar.sizes import UINT64_MAX
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu refuses to open images with a larger refcount table
 COMPRESS_IN_FLIGHT_BYTES = 8 << 20  # clusters queued for compression at once
@@ -67,6 +68,9 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
     if compat not in _COMPAT:
         raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     version = _COMPAT[compat]
+    # qemu's driver reads the number back as a signed 64-bit integer.
+    if not -(1 << 63) <= refcount_bits < 1 << 63:
+        raise UsageError("Parameter 'refcount-bits' expects integer")
     compression = options.text("compression_type")
     if compression not in ("zlib", "zstd"):
         raise UsageError(f"Parameter 'compression-type' does not accept value '{compression}'")
@@ -86,7 +90,8 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
         raise UsageError(
             f"Lazy refcounts only supported with compatibility level 1.1 and above {_V3_HINT}"
         )
-    if not 1 <= refcount_bits <= 64 or refcount_bits & (refcount_bits - 1):
+    as_u64 = refcount_bits & UINT64_MAX  # qemu's power-of-two test takes it unsigned
+    if refcount_bits > 64 or not as_u64 or as_u64 & (as_u64 - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
     if version < 3 and refcount_bits != 16:
         raise UsageError(
@@ -98,6 +103,8 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
             "Non-zlib compression type is only supported with compatibility level 1.1 and "
             f"above {_V3_HINT}"
         )
+    if refcount_bits < 1:  # -2**63 passes the test above as 2**63
+        raise UsageError("Reference count entry width too large; may not exceed 64 bits")
     return Qcow2Options(
         cluster_bits=cluster_bits,
         version=version,
