@@ -264,6 +264,24 @@ def test_option_list_grammar_like_qemu(text: str, source: Path, tmp_path: Path) 
 
 
 @pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("args", [["-n", "-o", "lazy_refcounts=on", "in.raw", "t.qcow2"],
+                                  ["-n", "-o", "help", "in.raw", "t.qcow2"],
+                                  ["-o", "foo=1", "-n"]], ids=lambda a: " ".join(a))
+def test_options_refused_without_creation_like_qemu(
+    args: list[str], source: Path, tmp_path: Path
+) -> None:
+    """convert -n creates nothing, so qemu refuses -o whatever it holds."""
+    (tmp_path / "in.raw").symlink_to(source)
+    qemu_img_ok("create", "-q", "-f", "qcow2", str(tmp_path / "t.qcow2"), str(INPUT_SIZE))
+    before = (tmp_path / "t.qcow2").read_bytes()
+    qemu = run_qemu_img("convert", "-O", "qcow2", *args, cwd=tmp_path)
+    ours = run_instar("convert", "-O", "qcow2", *args, cwd=tmp_path)
+    assert (ours.rc, ours.normalised_stderr()) == (qemu.rc, qemu.normalised_stderr())
+    assert ours.stderr == "instar: -o has no effect when skipping image creation\n"
+    assert (tmp_path / "t.qcow2").read_bytes() == before
+
+
+@pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("dash_o", ["hwversion=", "hwversion=7", "compat6=on", "compat6=off"])
 def test_vmdk_hardware_version_like_qemu(dash_o: str, source: Path, tmp_path: Path) -> None:
     qemu, ours, dd = _outcomes("vmdk", "hwversion", dash_o, source, tmp_path)

@@ -108,6 +108,8 @@ def run(args: list[str]) -> int:
             raise UsageError(f"Invalid source cache option: {value}")
         elif option in ("--image-opts", "--target-image-opts", "--object"):
             raise UnsupportedError(f"instar does not support {option}")
+    if no_create and (options.options or wants_help):
+        raise UsageError("-o has no effect when skipping image creation")
     if wants_help:
         return _print_option_help(out_format)
     if len(parsed.operands) < 2:
