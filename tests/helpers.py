@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from instar.cli import main as instar_main
+from instar.formats.base import CreateOptions, Format, ParsedOptions
+from instar.formats.options import parse_options
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -190,3 +192,8 @@ def assert_option_refused_like_qemu(fmt: str, option: str, source: Path, tmp_pat
                     cwd=tmp_path / "i")
     assert dd.rc == 1 and "Traceback" not in dd.stderr
     assert list((tmp_path / "i").iterdir()) == []
+
+
+def creation_options(fmt: Format, options: dict[str, str] | None = None) -> ParsedOptions:
+    """``-o`` options for ``fmt.create``, checked by the format's schema as the CLI does."""
+    return parse_options(fmt.create_options, CreateOptions(list((options or {}).items())))

@@ -248,7 +248,7 @@ def test_dd_and_convert_take_options_as_a_dict(tmp_path: Path) -> None:
     assert options == {"cluster_size": "4096"}  # the caller's dict is left alone
     same = tmp_path / "same.qcow2"
     instar.dd(source, str(same), bs=65536, output_format="qcow2",
-              options=CreateOptions(options={"cluster_size": "4096"}))
+              options=CreateOptions(options=[("cluster_size", "4096")]))
     assert qemu_info(same)["cluster-size"] == 4096
 
 

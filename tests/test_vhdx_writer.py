@@ -12,6 +12,7 @@ import pytest
 
 from helpers import (
     assert_option_refused_like_qemu,
+    creation_options,
     pattern,
     qemu_img_ok,
     qemu_info,
@@ -20,10 +21,11 @@ from helpers import (
     run_qemu_img,
 )
 from instar.copy import copy_image
-from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.base import OutputFile
 from instar.formats.raw import open_raw
+from instar.formats.vhdx import FORMAT as VHDX
 from instar.formats.vhdx import layout
-from instar.formats.vhdx.writer import VhdxOptions, create, plan_layout
+from instar.formats.vhdx.writer import check_options, create, plan_layout
 from instar.image import Window
 from instar.opener import open_input_file
 from instar.output import write_image
@@ -248,7 +250,7 @@ def test_block_size_by_virtual_size(size: int, block_size: int, tmp_path: Path) 
     from instar.formats.vhdx import FORMAT
 
     image = open_raw(open_input_file(str(source)))
-    write_image(Window(image, 0, size), str(target), FORMAT, size, CreateOptions())
+    write_image(Window(image, 0, size), str(target), FORMAT, size, creation_options(FORMAT))
     image.close()
     assert qemu_info(target)["cluster-size"] == block_size
     assert qemu_info(target)["virtual-size"] == size
@@ -261,7 +263,8 @@ def test_block_size_by_virtual_size(size: int, block_size: int, tmp_path: Path) 
 )
 def test_block_size_for_huge_disks(size: int, block_size: int) -> None:
     """Above 32 TiB qemu picks 64 MiB blocks (too big to create in a test)."""
-    assert plan_layout(size, VhdxOptions()).geometry.block_size == block_size
+    plan = plan_layout(size, check_options(creation_options(VHDX)))
+    assert plan.geometry.block_size == block_size
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -335,9 +338,9 @@ def test_too_large_refused_like_qemu(tmp_path: Path) -> None:
     qemu = run_qemu_img("create", "-q", "-f", "vhdx", "t.vhdx", "65T", cwd=tmp_path)
     assert qemu.stderr.endswith("Image size too large; max of 64TB\n")
     with pytest.raises(Exception, match=r"^Image size too large; max of 64TB$"):
-        plan_layout(65 << 40, VhdxOptions())
+        plan_layout(65 << 40, check_options(creation_options(VHDX)))
     with pytest.raises(Exception, match="use a larger block_size"):
-        plan_layout(64 << 40, VhdxOptions(block_size=MiB))
+        plan_layout(64 << 40, check_options(creation_options(VHDX, {"block_size": "1M"})))
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -353,7 +356,7 @@ def test_block_device_output_overwrites_garbage(fixed: bool, inputs: Path, tmp_p
     try:
         out = OutputFile(fd, str(target), in_place=True)
         size = image.virtual_size
-        writer = create(out, size, CreateOptions(options))
+        writer = create(out, size, creation_options(VHDX, options))
         copy_image(Window(image, 0, size), writer)
     finally:
         os.close(fd)

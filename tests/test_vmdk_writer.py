@@ -19,6 +19,7 @@ import pytest
 
 from helpers import (
     DD_WINDOWS,
+    creation_options,
     pattern,
     qemu_img_ok,
     qemu_info,
@@ -27,7 +28,7 @@ from helpers import (
     run_qemu_img,
 )
 from instar.errors import UnsupportedError, UsageError
-from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.base import OutputFile
 from instar.formats.vmdk import FORMAT
 from instar.formats.vmdk.layout import (
     GD_AT_END,
@@ -289,7 +290,7 @@ def test_unaligned_writes(qemu_img: str, tmp_path: Path, subformat: str) -> None
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         writer = FORMAT.create(
-            OutputFile(fd, str(path)), size, CreateOptions({"subformat": subformat})
+            OutputFile(fd, str(path)), size, creation_options(FORMAT, {"subformat": subformat})
         )
         offset = 100
         step = 0
@@ -319,14 +320,14 @@ def test_block_device_gets_explicit_zeros(qemu_img: str, tmp_path: Path) -> None
     fd = os.open(path, os.O_WRONLY)
     try:
         out = OutputFile(fd, str(path), in_place=True)
-        writer = FORMAT.create(out, size, CreateOptions())
+        writer = FORMAT.create(out, size, creation_options(FORMAT))
         for offset in (5 * MIB, 40 * MIB + 4096):
             writer.write_zeroes(offset - MIB, MIB)
             writer.write(offset, pattern(70000))
             expected[offset : offset + 70000] = pattern(70000)
         writer.close()
         with pytest.raises(UnsupportedError, match="block device"):
-            FORMAT.create(out, size, CreateOptions({"subformat": "streamOptimized"}))
+            FORMAT.create(out, size, creation_options(FORMAT, {"subformat": "streamOptimized"}))
     finally:
         os.close(fd)
     _check_clean(path)
@@ -414,7 +415,7 @@ def test_too_large_is_refused(tmp_path: Path) -> None:
     fd = os.open(tmp_path / "big.vmdk", os.O_WRONLY | os.O_CREAT, 0o644)
     try:
         with pytest.raises(UsageError, match="too large for vmdk"):
-            FORMAT.create(OutputFile(fd, "big.vmdk"), 1 << 60, CreateOptions())
+            FORMAT.create(OutputFile(fd, "big.vmdk"), 1 << 60, creation_options(FORMAT))
         assert os.fstat(fd).st_size == 0
     finally:
         os.close(fd)

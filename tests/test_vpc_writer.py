@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from helpers import (
     DD_WINDOWS,
+    creation_options,
     pattern,
     qemu_img_ok,
     qemu_info,
@@ -27,7 +28,7 @@ from helpers import (
     run_instar,
     run_qemu_img,
 )
-from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.base import OutputFile
 from instar.formats.vpc import FORMAT
 from instar.formats.vpc.layout import (
     DISK_DYNAMIC,
@@ -304,7 +305,7 @@ def test_largest_size_is_written(qemu_img: str, tmp_path: Path) -> None:
 def _write_with_api(path: Path, size: int, options: dict[str, str], data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        writer = FORMAT.create(OutputFile(fd, str(path)), size, CreateOptions(options))
+        writer = FORMAT.create(OutputFile(fd, str(path)), size, creation_options(FORMAT, options))
         writer.write(0, data)
         writer.close()
     finally:

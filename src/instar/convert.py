@@ -9,11 +9,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from instar.copy import ZERO_GRANULARITY
-from instar.errors import CreationError, OptionError, OutputError, UnsupportedError
+from instar.errors import CreationError, OutputError, UnsupportedError
 from instar.events import EventSink
 from instar.formats import registry
 from instar.formats.base import Format
-from instar.formats.options import OptionsArgument, as_create_options
+from instar.formats.options import OptionsArgument, as_create_options, parse_options
 from instar.image import Concatenation, Image, Window
 from instar.opener import ImageOpener
 from instar.output import refuse_same_file, write_image, write_in_place
@@ -63,17 +63,16 @@ def convert(
         source = images[0] if len(images) == 1 else Concatenation(images)
         fmt = output_format(output_format_name)
         refuse_same_file(output_path, opener.opened)
-        declared = fmt.declared_size(source.virtual_size, create_options)
-        if no_create and fmt.name == "raw":
-            write_in_place(source, output_path, fmt, create_options, events, durable)
-            return
-        if no_create:
-            source, declared = _rewrite_existing(source, output_path, fmt, opener)
         try:
-            write_image(source, output_path, fmt, declared, create_options, events=events,
+            parsed = parse_options(fmt.create_options, create_options)
+            declared = fmt.declared_size(source.virtual_size, parsed)
+            if no_create and fmt.name == "raw":
+                write_in_place(source, output_path, fmt, parsed, events, durable)
+                return
+            if no_create:
+                source, declared = _rewrite_existing(source, output_path, fmt, opener)
+            write_image(source, output_path, fmt, declared, parsed, events=events,
                         zero_granularity=sparse_size, durable=durable)
-        except OptionError:
-            raise
         except CreationError as error:
             raise CreationError(
                 f"{output_path}: error while converting {fmt.name}: {error}"

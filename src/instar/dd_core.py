@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from instar.errors import CreationError, InvalidArgumentError, OutputError
 from instar.events import EventSink, Notice
 from instar.formats import registry
-from instar.formats.options import OptionsArgument, as_create_options
+from instar.formats.options import OptionsArgument, as_create_options, parse_options
 from instar.image import Window
 from instar.opener import ImageOpener
 from instar.output import refuse_same_file, write_image
@@ -98,12 +98,13 @@ def dd(
         window = dd_window(image.virtual_size, bs, count, skip)
         refuse_same_file(output_path, opener.opened)
         view = Window(image, window.start, window.length)
-        declared = out_fmt.declared_size(window.length, create_options)
         notice = None
         if window.skipped_past_end:
             notice = Notice(f"{input_path}: cannot skip to specified offset")
         try:
-            write_image(view, output_path, out_fmt, declared, create_options, events=events,
+            parsed = parse_options(out_fmt.create_options, create_options)
+            declared = out_fmt.declared_size(window.length, parsed)
+            write_image(view, output_path, out_fmt, declared, parsed, events=events,
                         notice=notice)
         except CreationError as error:
             raise CreationError(

@@ -17,10 +17,10 @@ import stat
 from collections.abc import Iterable
 
 from instar.copy import ZERO_GRANULARITY, copy_image
-from instar.errors import CreationError, InstarError, OptionError, OutputError
+from instar.errors import CreationError, InstarError, OutputError
 from instar.events import EventSink, Notice
 from instar.files import InputFile
-from instar.formats.base import CreateOptions, Format, OutputFile
+from instar.formats.base import Format, OutputFile, ParsedOptions
 from instar.image import Image
 
 
@@ -152,7 +152,7 @@ def fill_output(
     out: OutputFile,
     fmt: Format,
     virtual_size: int,
-    options: CreateOptions,
+    options: ParsedOptions,
     *,
     events: EventSink | None = None,
     zero_granularity: int = ZERO_GRANULARITY,
@@ -167,9 +167,7 @@ def fill_output(
     """
     try:
         writer = fmt.create(out, virtual_size, options)
-    except OptionError:
-        raise
-    except InstarError as error:
+    except InstarError as error:  # the driver refused: qemu prefixes its message
         raise CreationError(str(error)) from None
     if notice is not None and events is not None:
         events(notice)
@@ -185,7 +183,7 @@ def write_image(
     target: str,
     fmt: Format,
     virtual_size: int,
-    options: CreateOptions,
+    options: ParsedOptions,
     *,
     events: EventSink | None = None,
     zero_granularity: int = ZERO_GRANULARITY,
@@ -210,7 +208,7 @@ def write_in_place(
     image: Image,
     target: str,
     fmt: Format,
-    options: CreateOptions,
+    options: ParsedOptions,
     events: EventSink | None = None,
     durable: bool = True,
 ) -> None:

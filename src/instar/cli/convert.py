@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from instar.cli.dd import parse_creation_options
+from instar.cli.dd import check_option_list, parse_creation_options
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import NumberError, convert_number
 from instar.cli.progress import ProgressMeter, show_events
@@ -59,8 +59,8 @@ def _print_option_help(format_name: str) -> int:
 
     fmt = output_format(format_name)
     print(f"Supported {fmt.name} options:")
-    for spec in fmt.create_options:
-        print(spec.help_line())
+    for option in fmt.create_options.listed():
+        print(option.help_line())
     return 0
 
 
@@ -85,6 +85,7 @@ def run(args: list[str]) -> int:
         elif option == "-c":
             options.compress = True
         elif option == "-o":
+            check_option_list(value)
             if value == "help" or value.startswith("help,") or ",help" in value:
                 wants_help = True
             else:
@@ -107,6 +108,8 @@ def run(args: list[str]) -> int:
             raise UsageError(f"Invalid source cache option: {value}")
         elif option in ("--image-opts", "--target-image-opts", "--object"):
             raise UnsupportedError(f"instar does not support {option}")
+    if no_create and (options.options or wants_help):
+        raise UsageError("-o has no effect when skipping image creation")
     if wants_help:
         return _print_option_help(out_format)
     if len(parsed.operands) < 2:

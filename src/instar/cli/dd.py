@@ -55,15 +55,29 @@ class DdRequest:
     allow: list[str] = field(default_factory=list)
 
 
-def parse_creation_options(text: str, into: dict[str, str]) -> None:
-    """``-o key=value,key=value`` (``,,`` is a literal comma, as in qemu)."""
+def check_option_list(text: str) -> None:
+    """qemu-img refuses a ``-o`` text that is empty, starts with a comma or ends in
+    an odd number of commas (one that is not an escaped ``,,``)."""
+    trailing = len(text) - len(text.rstrip(","))
+    if not text or text.startswith(",") or trailing % 2:
+        raise UsageError(f"Invalid option list: {text}")
+
+
+def parse_creation_options(text: str, into: list[tuple[str, str]]) -> None:
+    """``-o key=value,key=value`` (``,,`` is a literal comma, as in qemu), appended
+    to ``into`` in order; the format's schema checks them later.
+
+    A bare ``name`` means ``name=on`` and ``noname`` means ``name=off``: qemu's
+    short form (meant for bool options, taken for any, without a warning).
+    """
+    check_option_list(text)
     for item in text.replace(",,", "\0").split(","):
         if not item:
             continue
         key, has_value, value = item.replace("\0", ",").partition("=")
         if not has_value:
-            raise UsageError(f"Invalid parameter '{key}'")
-        into[key] = value
+            key, value = (key[2:], "off") if key.startswith("no") else (key, "on")
+        into.append((key, value))
 
 
 def parse_dd_args(args: list[str]) -> DdRequest | None:

@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from instar.files import InputFile
+from instar.formats.options import CreateOptions as CreateOptions  # re-exported
+from instar.formats.options import OptionSchema as OptionSchema  # re-exported
+from instar.formats.options import ParsedOptions as ParsedOptions  # re-exported
 
 if TYPE_CHECKING:
     from instar.image import Driver, Image
@@ -46,27 +49,6 @@ class OutputFile:
     in_place: bool = False
 
 
-@dataclass
-class CreateOptions:
-    """Creation options, as ``-o key=value`` and ``-c`` give them."""
-
-    options: dict[str, str] = field(default_factory=dict)
-    compress: bool = False
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One creation option a writer takes, for ``-o help``."""
-
-    name: str
-    kind: str  # "str", "size", "num" or "bool (on/off)", as qemu-img names them
-    help: str
-
-    def help_line(self) -> str:
-        """The option as ``qemu-img convert -o help`` lays it out."""
-        return f"  {f'{self.name}=<{self.kind}>':<22} - {self.help}"
-
-
 class Writer(Protocol):
     """Writes an image sequentially: increasing offsets, then ``close``.
 
@@ -88,7 +70,9 @@ class Format(Protocol):
     """One image format: probing, reading, sizing and creating."""
 
     name: str
-    create_options: tuple[OptionSpec, ...]  # what ``-o`` takes, for ``-o help``
+    # Every ``-o`` option and whether ``-c`` works: feeds ``-o help``, `parse_options`,
+    # and so ``declared_size`` and ``create``.
+    create_options: OptionSchema
 
     def probe(self, header: bytes, filename: str) -> int:
         """A score for ``header`` (the first 2048 bytes); 0 means "not mine"."""
@@ -100,16 +84,21 @@ class Format(Protocol):
         ``resolver``; the host wraps the layer in a `BlockImage`."""
         ...
 
-    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
         """The virtual size a new image gets when asked for ``length`` bytes.
 
-        ``options`` matter where a creation option changes the rounding (vpc's
-        ``force_size``).
+        ``options`` (None: the defaults) matter where a creation option changes
+        the rounding (vpc's ``force_size``).
         """
         ...
 
-    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
-        """Start writing a new image of ``virtual_size`` bytes into ``out``."""
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
+        """Start writing a new image of ``virtual_size`` bytes into ``out``.
+
+        ``options`` come from `parse_options` with this format's schema; what
+        their values mean (and qemu's messages when they make no sense) is the
+        writer's to check, before it writes anything.
+        """
         ...
 
 

@@ -1,12 +1,54 @@
-"""Shared handling of ``-o key=value`` creation options and ``-c``."""
+"""Creation options (``-o key=value`` and ``-c``): one schema per format, one parser.
+
+Each format lists its options once, as an `OptionSchema` of `Option` (qemu's
+name and type, instar's default, the ``-o help`` line). `parse_options` is the
+only code that reads option text: it checks every ``key=value`` in command-line
+order as qemu's option parser does (unknown key, then the value against its
+type), refuses ``-c`` where the format cannot compress, and returns
+`ParsedOptions`, typed values with the defaults applied. ``declared_size`` and
+the writer both read that one result, so the two can never disagree about what
+an option means.
+
+What a value means for the format (which subformats exist, which cluster sizes)
+is the writer's business and worded as qemu's driver words it; this module only
+does what qemu's generic option parser does, with its messages.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Literal
 
-from instar.errors import OptionError
-from instar.formats.base import CreateOptions
-from instar.sizes import SizeStatus, parse_size
+from instar.errors import CreationError, OptionError
+from instar.sizes import UINT64_MAX, SizeStatus, parse_size
+
+OptionType = Literal["str", "size", "num", "bool"]
+OptionValue = str | int | bool
+
+# The spellings qemu-img 7.2 takes for a bool option (measured: case matters, no
+# white space, nothing else; tests/test_options.py holds it to that).
+BOOL_TRUE = ("on", "yes", "true", "y")
+BOOL_FALSE = ("off", "no", "false", "n")
+
+_C_SPACE = " \t\n\v\f\r"
+_SIZE_HINT = (
+    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
+    "and exabytes, respectively."
+)
+
+
+@dataclass
+class CreateOptions:
+    """Creation options as the command line gives them, not yet checked.
+
+    ``options`` keeps every ``-o`` pair in order, repeats included: qemu checks
+    each occurrence, and the last one wins.
+    """
+
+    options: list[tuple[str, str]] = field(default_factory=list)
+    compress: bool = False
+
 
 # What the Python API takes as ``options=``: the dataclass, or ``-o``'s pairs.
 OptionsArgument = CreateOptions | Mapping[str, str] | None
@@ -24,73 +66,183 @@ def as_create_options(options: OptionsArgument) -> CreateOptions:
         return options
     if not isinstance(options, Mapping):
         raise TypeError(f"options must be CreateOptions or a dict, not {type(options).__name__}")
-    pairs = dict(options)
-    for key, value in pairs.items():
+    pairs = list(options.items())
+    for key, value in pairs:
         if not isinstance(key, str) or not isinstance(value, str):
             raise TypeError(f"options take str keys and values, as -o does: {key!r}={value!r}")
     return CreateOptions(options=pairs)
 
 
-def reject_unknown(options: CreateOptions, format_name: str, known: Iterable[str]) -> None:
-    """Refuse options a format does not take, and compression where it has none."""
-    allowed = set(known)
-    for key in options.options:
-        if key not in allowed:
+@dataclass(frozen=True)
+class Option:
+    """One creation option: qemu's name and type, the default, the ``-o help`` text.
+
+    ``supported`` False marks an option qemu takes and instar refuses ("not
+    supported yet"): its value is still checked first, as qemu would check it,
+    and it is not listed by ``-o help``.
+    """
+
+    name: str
+    type: OptionType
+    default: OptionValue | None
+    help: str = ""
+    supported: bool = True
+
+    def help_line(self) -> str:
+        """The option as ``qemu-img convert -o help`` lays it out."""
+        kind = "bool (on/off)" if self.type == "bool" else self.type
+        return f"  {f'{self.name}=<{kind}>':<22} - {self.help}"
+
+    def parse(self, text: str) -> OptionValue:
+        """``text`` as this option's type, with qemu's option-parser messages."""
+        if self.type == "bool":
+            return _parse_bool(self.name, text)
+        if self.type == "size":
+            return _parse_size(self.name, text)
+        if self.type == "num":
+            return _parse_num(self.name, text)
+        return text
+
+
+def refused(name: str, type: OptionType) -> Option:
+    """An option qemu takes that instar does not implement (yet)."""
+    return Option(name, type, None, supported=False)
+
+
+@dataclass(frozen=True)
+class OptionSchema:
+    """Every creation option of one format, and whether it takes ``-c``."""
+
+    format_name: str
+    options: tuple[Option, ...] = ()
+    compress: bool = False
+
+    def __post_init__(self) -> None:
+        names = [option.name for option in self.options]
+        if len(set(names)) != len(names):
+            raise ValueError(f"{self.format_name}: an option is listed twice")
+        for option in self.options:
+            if option.supported and option.default is None:
+                raise ValueError(f"{self.format_name}: option {option.name} has no default")
+
+    def find(self, name: str) -> Option | None:
+        """The option called ``name`` (qemu's spelling, exactly), or None."""
+        for option in self.options:
+            if option.name == name:
+                return option
+        return None
+
+    def listed(self) -> tuple[Option, ...]:
+        """The options ``-o help`` lists: those instar implements, sorted as qemu sorts."""
+        return tuple(sorted((o for o in self.options if o.supported), key=lambda o: o.name))
+
+    def defaults(self) -> ParsedOptions:
+        """The options of a command line that gives none."""
+        return parse_options(self, CreateOptions())
+
+
+@dataclass(frozen=True)
+class ParsedOptions:
+    """Checked creation options: a typed value for every option the format implements.
+
+    ``given`` names the options the command line set (a writer may treat an
+    explicit default differently, as qemu's vmdk does with ``-c``).
+    """
+
+    schema: OptionSchema
+    values: Mapping[str, OptionValue]
+    given: frozenset[str] = frozenset()
+    compress: bool = False
+
+    def flag(self, name: str) -> bool:
+        """A bool option's value."""
+        value = self._value(name, "bool")
+        assert isinstance(value, bool)
+        return value
+
+    def number(self, name: str) -> int:
+        """A size or num option's value (a num may be negative, as qemu takes ``-1``)."""
+        value = self._value(name, "size", "num")
+        assert isinstance(value, int) and not isinstance(value, bool)
+        return value
+
+    def text(self, name: str) -> str:
+        """A str option's value."""
+        value = self._value(name, "str")
+        assert isinstance(value, str)
+        return value
+
+    def _value(self, name: str, *types: OptionType) -> OptionValue:
+        option = self.schema.find(name)
+        if option is None or not option.supported or option.type not in types:
+            raise KeyError(f"{self.schema.format_name} has no {'/'.join(types)} option {name}")
+        return self.values[name]
+
+
+def parse_options(schema: OptionSchema, given: CreateOptions) -> ParsedOptions:
+    """Check ``given`` against ``schema`` as qemu-img does, before anything is created.
+
+    In qemu's order: each pair left to right (an unknown key or a malformed
+    value is an `OptionError`, printed without the output's name), then ``-c``,
+    then options instar refuses (a `CreationError`, which callers prefix as
+    qemu prefixes a driver's refusal).
+    """
+    values: dict[str, OptionValue] = {
+        option.name: option.default
+        for option in schema.options
+        if option.supported and option.default is not None
+    }
+    order: list[str] = []
+    for key, text in given.options:
+        option = schema.find(key)
+        if option is None:
             raise OptionError(f"Invalid parameter '{key}'")
-    if options.compress and "compress" not in allowed:
+        values[key] = option.parse(text)
+        if key not in order:
+            order.append(key)
+    if given.compress and not schema.compress:
         raise OptionError("Compression not supported for this file format")
+    for key in order:
+        option = schema.find(key)
+        if option is not None and not option.supported:
+            raise CreationError(f"the {schema.format_name} option '{key}' is not supported yet")
+    return ParsedOptions(schema, values, frozenset(order), given.compress)
 
 
-# qemu's qapi_bool_parse spellings.
-_TRUE = ("on", "yes", "true", "y")
-_FALSE = ("off", "no", "false", "n")
-
-
-def option_bool(options: CreateOptions, name: str, default: bool = False) -> bool:
-    """An on/off option, refused with qemu's option-parser message."""
-    text = options.options.get(name)
-    if text is None:
-        return default
-    if text in _TRUE:
+def _parse_bool(name: str, text: str) -> bool:
+    if text in BOOL_TRUE:
         return True
-    if text in _FALSE:
+    if text in BOOL_FALSE:
         return False
     raise OptionError(f"Parameter '{name}' expects 'on' or 'off'")
 
 
-def option_number(options: CreateOptions, name: str, default: int) -> int:
-    """A plain number option (qemu: strtoull base 0: decimal, 0x hex, 0 octal)."""
-    text = options.options.get(name)
-    if text is None:
-        return default
-    body = text.lstrip(" \t\n\v\f\r")
-    body = body[1:] if body.startswith("+") else body
-    try:
-        if body[:2] in ("0x", "0X"):
-            return int(body[2:], 16)
-        if body.startswith("0") and len(body) > 1:
-            return int(body[1:], 8)
-        if body.isdigit() and body.isascii():
-            return int(body)
-    except ValueError:
-        pass
-    raise OptionError(f"Parameter '{name}' expects a number")
+def _parse_num(name: str, text: str) -> int:
+    """C strtoull, base 0, over the whole text: white space, a sign, then decimal,
+    ``0x`` hex or ``0`` octal digits. A ``-`` is kept as a sign (strtoull would
+    wrap the value modulo 2**64; qemu's drivers read the text back signed)."""
+    body = text.lstrip(_C_SPACE)
+    negative = body.startswith("-")
+    if body[:1] in ("+", "-"):
+        body = body[1:]
+    if body[:2] in ("0x", "0X") and len(body) > 2:
+        digits, base = body[2:], 16
+    elif body.startswith("0"):
+        digits, base = body, 8
+    else:
+        digits, base = body, 10
+    allowed = "0123456789abcdefABCDEF" if base == 16 else "0123456789"[:base]
+    if not digits or any(char not in allowed for char in digits):
+        raise OptionError(f"Parameter '{name}' expects a number")
+    value = int(digits, base)
+    if value > UINT64_MAX:
+        raise OptionError(f"Value '{text}' is too large for parameter '{name}'")
+    return -value if negative else value
 
 
-_SIZE_HINT = (
-    "Optional suffix k, M, G, T, P or E means kilo-, mega-, giga-, tera-, peta-\n"
-    "and exabytes, respectively."
-)
-
-
-def option_size(options: CreateOptions, name: str, default: int) -> int:
-    """A size option with suffixes (qemu_strtosz); qemu's parser messages on error.
-
-    A syntax error is followed by qemu's two unprefixed lines about suffixes.
-    """
-    text = options.options.get(name)
-    if text is None:
-        return default
+def _parse_size(name: str, text: str) -> int:
+    """qemu_strtosz; a syntax error is followed by qemu's two unprefixed lines
+    about suffixes."""
     parsed = parse_size(text)
     if parsed.status is SizeStatus.RANGE:
         raise OptionError(f"Value '{text}' is out of range for parameter '{name}'")

@@ -11,10 +11,10 @@ from collections.abc import Iterator
 
 from instar.files import InputFile, pwrite_all, write_zeros
 from instar.formats.base import (
-    CreateOptions,
     FormatDetails,
-    OptionSpec,
+    OptionSchema,
     OutputFile,
+    ParsedOptions,
     Resolver,
     Writer,
 )
@@ -69,7 +69,7 @@ class RawWriter:
 
 class RawFormat:
     name = "raw"
-    create_options: tuple[OptionSpec, ...] = ()
+    create_options = OptionSchema("raw")  # none: qemu's (size, preallocation...) are unknown here
 
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort
@@ -77,7 +77,7 @@ class RawFormat:
     def open(self, file: InputFile, resolver: Resolver) -> RawDriver:
         return RawDriver(file)
 
-    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
         return round_up(length, SECTOR)
 
     def describe(self, driver: Driver) -> FormatDetails:
@@ -85,10 +85,7 @@ class RawFormat:
         its get_info succeeds, so JSON carries "dirty-flag": false."""
         return FormatDetails()
 
-    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
-        from instar.formats.options import reject_unknown
-
-        reject_unknown(options, self.name, known=())
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
         return RawWriter(out, virtual_size)
 
 

@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 
 from instar.files import InputFile
 from instar.formats.base import (
-    CreateOptions,
     FormatDetails,
-    OptionSpec,
+    OptionSchema,
     OutputFile,
+    ParsedOptions,
     Resolver,
     Writer,
 )
+from instar.formats.options import Option, refused
 from instar.formats.qcow2 import layout
 from instar.sizes import round_up
 
@@ -27,13 +28,34 @@ if TYPE_CHECKING:
 
 class Qcow2Format:
     name = "qcow2"
-    create_options = (
-        OptionSpec("cluster_size", "size", "cluster size, a power of two from 512 to 2M (64k)"),
-        OptionSpec("compat", "str", "0.10 (version 2) or 1.1 (version 3, the default)"),
-        OptionSpec("compression_type", "str", "zlib (default) or zstd, for -c"),
-        OptionSpec("extended_l2", "bool (on/off)", "subclusters: 32 per cluster of 16k or more"),
-        OptionSpec("lazy_refcounts", "bool (on/off)", "set the lazy refcounts flag"),
-        OptionSpec("refcount_bits", "num", "refcount width: 1, 2, 4, ... 64 (16)"),
+    create_options = OptionSchema(
+        "qcow2",
+        (
+            Option("cluster_size", "size", 65536,
+                   "cluster size, a power of two from 512 to 2M (64k)"),
+            Option("compat", "str", "1.1", "0.10 (version 2) or 1.1 (version 3, the default)"),
+            Option("compression_type", "str", "zlib", "zlib (default) or zstd, for -c"),
+            Option("extended_l2", "bool", False, "subclusters: 32 per cluster of 16k or more"),
+            Option("lazy_refcounts", "bool", False, "set the lazy refcounts flag"),
+            Option("refcount_bits", "num", 16, "refcount width: 1, 2, 4, ... 64 (16)"),
+            # qemu-img's other qcow2 options, with qemu's types.
+            refused("backing_file", "str"),
+            refused("backing_fmt", "str"),
+            refused("data_file", "str"),
+            refused("data_file_raw", "bool"),
+            refused("encrypt.cipher-alg", "str"),
+            refused("encrypt.cipher-mode", "str"),
+            refused("encrypt.format", "str"),
+            refused("encrypt.hash-alg", "str"),
+            refused("encrypt.iter-time", "num"),
+            refused("encrypt.ivgen-alg", "str"),
+            refused("encrypt.ivgen-hash-alg", "str"),
+            refused("encrypt.key-secret", "str"),
+            refused("encryption", "bool"),
+            refused("preallocation", "str"),
+            refused("size", "size"),
+        ),
+        compress=True,
     )
 
     def probe(self, header: bytes, filename: str) -> int:
@@ -58,10 +80,10 @@ class Qcow2Format:
         assert isinstance(driver, Qcow2Driver)
         return describe(driver)
 
-    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
         return round_up(length, layout.SECTOR)
 
-    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
         from instar.formats.qcow2.writer import create_writer
 
         return create_writer(out, virtual_size, options)

@@ -30,57 +30,48 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-from instar.errors import OutputError, UnsupportedError, UsageError
+from instar.errors import OutputError, UsageError
 from instar.files import pwrite_all
-from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.options import option_bool, option_number, option_size, reject_unknown
+from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
+from instar.sizes import UINT64_MAX
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu refuses to open images with a larger refcount table
 COMPRESS_IN_FLIGHT_BYTES = 8 << 20  # clusters queued for compression at once
 ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
 
-_OPTIONS = ("cluster_size", "compat", "refcount_bits", "extended_l2", "compression_type",
-            "lazy_refcounts")
-# Options qemu-img takes for qcow2 that instar does not implement.
-_UNSUPPORTED_OPTIONS = ("backing_file", "backing_fmt", "data_file", "data_file_raw",
-                        "encryption", "encrypt.format", "preallocation", "size",
-                        "encrypt.key-secret", "encrypt.cipher-alg", "encrypt.cipher-mode",
-                        "encrypt.ivgen-alg", "encrypt.ivgen-hash-alg", "encrypt.hash-alg",
-                        "encrypt.iter-time")
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _V3_HINT = "(use version=v3 or greater)"
 
 
 @dataclass(frozen=True)
 class Qcow2Options:
-    """Creation options, with qemu-img's defaults."""
+    """Creation options as the writer uses them (the defaults are the schema's)."""
 
-    cluster_bits: int = 16
-    version: int = 3
-    refcount_order: int = 4
-    extended_l2: bool = False
-    compression_type: int = L.COMPRESSION_ZLIB
-    lazy_refcounts: bool = False
+    cluster_bits: int
+    version: int
+    refcount_order: int
+    extended_l2: bool
+    compression_type: int
+    lazy_refcounts: bool
 
 
-def parse_options(options: CreateOptions) -> Qcow2Options:
-    """Check ``-o`` options as qemu-img does, with its messages, before any writing."""
-    reject_unknown(options, "qcow2", (*_OPTIONS, *_UNSUPPORTED_OPTIONS, "compress"))
-    given = options.options
-    for key in given:
-        if key in _UNSUPPORTED_OPTIONS:
-            raise UnsupportedError(f"the qcow2 option '{key}' is not supported yet")
-    cluster_size = option_size(options, "cluster_size", 65536)
-    refcount_bits = option_number(options, "refcount_bits", 16)
-    extended_l2 = option_bool(options, "extended_l2")
-    lazy_refcounts = option_bool(options, "lazy_refcounts")
-    compat = given.get("compat", "1.1")
+def check_options(options: ParsedOptions) -> Qcow2Options:
+    """What the parsed ``-o`` options mean for a new image; qemu's driver messages
+    for combinations it refuses, before any writing."""
+    cluster_size = options.number("cluster_size")
+    refcount_bits = options.number("refcount_bits")
+    extended_l2 = options.flag("extended_l2")
+    lazy_refcounts = options.flag("lazy_refcounts")
+    compat = options.text("compat")
     if compat not in _COMPAT:
         raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     version = _COMPAT[compat]
-    compression = given.get("compression_type", "zlib")
+    # qemu's driver reads the number back as a signed 64-bit integer.
+    if not -(1 << 63) <= refcount_bits < 1 << 63:
+        raise UsageError("Parameter 'refcount-bits' expects integer")
+    compression = options.text("compression_type")
     if compression not in ("zlib", "zstd"):
         raise UsageError(f"Parameter 'compression-type' does not accept value '{compression}'")
     if not (512 <= cluster_size <= 2 << 20) or cluster_size & (cluster_size - 1):
@@ -99,7 +90,8 @@ def parse_options(options: CreateOptions) -> Qcow2Options:
         raise UsageError(
             f"Lazy refcounts only supported with compatibility level 1.1 and above {_V3_HINT}"
         )
-    if not 1 <= refcount_bits <= 64 or refcount_bits & (refcount_bits - 1):
+    as_u64 = refcount_bits & UINT64_MAX  # qemu's power-of-two test takes it unsigned
+    if refcount_bits > 64 or not as_u64 or as_u64 & (as_u64 - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
     if version < 3 and refcount_bits != 16:
         raise UsageError(
@@ -111,6 +103,8 @@ def parse_options(options: CreateOptions) -> Qcow2Options:
             "Non-zlib compression type is only supported with compatibility level 1.1 and "
             f"above {_V3_HINT}"
         )
+    if refcount_bits < 1:  # -2**63 passes the test above as 2**63
+        raise UsageError("Reference count entry width too large; may not exceed 64 bits")
     return Qcow2Options(
         cluster_bits=cluster_bits,
         version=version,
@@ -552,7 +546,6 @@ class Qcow2Writer:
         pwrite_all(self._fd, data + bytes(self._cluster - len(data)), 0)
 
 
-def create_writer(out: OutputFile, virtual_size: int, options: CreateOptions) -> Qcow2Writer:
+def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) -> Qcow2Writer:
     """Check the options (before any data), then start writing ``out``."""
-    parsed = parse_options(options)
-    return Qcow2Writer(out, virtual_size, parsed, options.compress)
+    return Qcow2Writer(out, virtual_size, check_options(options), options.compress)

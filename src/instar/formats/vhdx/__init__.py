@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 
 from instar.files import InputFile
 from instar.formats.base import (
-    CreateOptions,
     FormatDetails,
-    OptionSpec,
+    OptionSchema,
     OutputFile,
+    ParsedOptions,
     Resolver,
     Writer,
 )
+from instar.formats.options import Option
 from instar.sizes import round_up
 
 if TYPE_CHECKING:
@@ -30,11 +31,14 @@ FILE_SIGNATURE = b"vhdxfile"
 
 class VhdxFormat:
     name = "vhdx"
-    create_options = (
-        OptionSpec("block_size", "size", "block size, 1M to 256M; 0 chooses by image size"),
-        OptionSpec("block_state_zero", "bool (on/off)", "mark zero blocks ZERO (default on)"),
-        OptionSpec("log_size", "size", "log size, at least 1M (1M)"),
-        OptionSpec("subformat", "str", "dynamic (default) or fixed"),
+    create_options = OptionSchema(
+        "vhdx",
+        (
+            Option("block_size", "size", 0, "block size, 1M to 256M; 0 chooses by image size"),
+            Option("block_state_zero", "bool", True, "mark zero blocks ZERO (default on)"),
+            Option("log_size", "size", 1 << 20, "log size, at least 1M (1M)"),
+            Option("subformat", "str", "dynamic", "dynamic (default) or fixed"),
+        ),
     )
 
     def probe(self, header: bytes, filename: str) -> int:
@@ -53,10 +57,10 @@ class VhdxFormat:
         assert isinstance(driver, VhdxDriver)
         return FormatDetails(cluster_size=driver.block_size)
 
-    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
         return round_up(length, 512)
 
-    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
         from instar.formats.vhdx import writer
 
         return writer.create(out, virtual_size, options)

@@ -25,15 +25,12 @@ from dataclasses import dataclass
 
 from instar.errors import UsageError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.options import option_bool, option_size, reject_unknown
+from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import Geometry, MiB
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import round_up
 
-KNOWN_OPTIONS = ("block_size", "log_size", "block_state_zero", "subformat")
-DEFAULT_LOG_SIZE = 1 * MiB
 _UINT32_MAX = (1 << 32) - 1
 
 PHYSICAL_SECTOR = 512  # what qemu-img writes (Hyper-V itself uses 4096)
@@ -43,31 +40,26 @@ PHYSICAL_SECTOR = 512  # what qemu-img writes (Hyper-V itself uses 4096)
 class VhdxOptions:
     """Creation options after qemu's silent rounding (sizes up to whole MiB)."""
 
-    block_size: int | None = None  # None: chosen by virtual size
-    log_size: int = DEFAULT_LOG_SIZE
-    block_state_zero: bool = True
-    fixed: bool = False
+    block_size: int | None  # None: chosen by virtual size
+    log_size: int
+    block_state_zero: bool
+    fixed: bool
 
 
-def parse_options(options: CreateOptions) -> VhdxOptions:
-    """Check ``-o`` options as qemu's vhdx driver does, with its messages."""
-    reject_unknown(options, "vhdx", KNOWN_OPTIONS)
-    values = options.options
-    block_size: int | None = None
-    if "block_size" in values:
-        block_size = round_up(option_size(options, "block_size", 0), MiB)
-        block_size = min(block_size, layout.MAX_BLOCK_SIZE) or None  # 0 means "by size"
-        if block_size is not None and not layout.is_power_of_two(block_size):
-            raise UsageError("Block size must be a power of two")
-    log_size = DEFAULT_LOG_SIZE
-    if "log_size" in values:
-        log_size = round_up(option_size(options, "log_size", 0), MiB)
-        if log_size > _UINT32_MAX:
-            raise UsageError("Log size must be smaller than 4 GB")
-        if log_size < MiB:
-            raise UsageError("Log size must be a multiple of 1 MB")
-    zero = option_bool(options, "block_state_zero", default=True)
-    subformat = values.get("subformat", "dynamic")
+def check_options(options: ParsedOptions) -> VhdxOptions:
+    """What the parsed ``-o`` options mean, checked as qemu's vhdx driver checks
+    them, with its messages."""
+    rounded = min(round_up(options.number("block_size"), MiB), layout.MAX_BLOCK_SIZE)
+    block_size = rounded or None  # 0 means "by size"
+    if block_size is not None and not layout.is_power_of_two(block_size):
+        raise UsageError("Block size must be a power of two")
+    log_size = round_up(options.number("log_size"), MiB)
+    if log_size > _UINT32_MAX:
+        raise UsageError("Log size must be smaller than 4 GB")
+    if log_size < MiB:
+        raise UsageError("Log size must be a multiple of 1 MB")
+    zero = options.flag("block_state_zero")
+    subformat = options.text("subformat")
     if subformat not in ("dynamic", "fixed"):
         raise UsageError(f"Parameter 'subformat' does not accept value '{subformat}'")
     return VhdxOptions(block_size, log_size, zero, subformat == "fixed")
@@ -290,9 +282,9 @@ class VhdxWriter:
         pass
 
 
-def create(out: OutputFile, virtual_size: int, options: CreateOptions) -> VhdxWriter:
+def create(out: OutputFile, virtual_size: int, options: ParsedOptions) -> VhdxWriter:
     """Check the options, plan the layout and return a writer (nothing written yet)."""
     from instar import __version__
 
-    plan = plan_layout(virtual_size, parse_options(options))
+    plan = plan_layout(virtual_size, check_options(options))
     return VhdxWriter(out, plan, f"instar v{__version__}")

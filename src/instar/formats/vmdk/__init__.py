@@ -11,13 +11,14 @@ from typing import TYPE_CHECKING
 
 from instar.files import InputFile
 from instar.formats.base import (
-    CreateOptions,
     FormatDetails,
-    OptionSpec,
+    OptionSchema,
     OutputFile,
+    ParsedOptions,
     Resolver,
     Writer,
 )
+from instar.formats.options import Option
 from instar.sizes import round_up
 
 # Here, not in layout, so that probing does not import the whole layout module.
@@ -31,13 +32,20 @@ if TYPE_CHECKING:
 
 class VmdkFormat:
     name = "vmdk"
-    create_options = (
-        OptionSpec("adapter_type", "str", "ide (default), lsilogic, buslogic or legacyESX"),
-        OptionSpec("compat6", "bool (on/off)", "virtual hardware version 6"),
-        OptionSpec("hwversion", "str", "virtual hardware version (4)"),
-        OptionSpec("subformat", "str", "monolithicSparse (default) or streamOptimized"),
-        OptionSpec("toolsversion", "str", "the VMware tools version in the descriptor"),
-        OptionSpec("zeroed_grain", "bool (on/off)", "mark zero grains instead of leaving holes"),
+    create_options = OptionSchema(
+        "vmdk",
+        (
+            Option("adapter_type", "str", "ide", "ide (default), lsilogic, buslogic or legacyESX"),
+            Option("compat6", "bool", False, "virtual hardware version 6"),
+            # "undefined" is qemu's default: version 4, or 6 with compat6.
+            Option("hwversion", "str", "undefined", "virtual hardware version (4)"),
+            Option("subformat", "str", "monolithicSparse",
+                   "monolithicSparse (default) or streamOptimized"),
+            Option("toolsversion", "str", "2147483647",
+                   "the VMware tools version in the descriptor"),
+            Option("zeroed_grain", "bool", False, "mark zero grains instead of leaving holes"),
+        ),
+        compress=True,  # streamOptimized only: the writer checks the subformat
     )
 
     def probe(self, header: bytes, filename: str) -> int:
@@ -65,10 +73,10 @@ class VmdkFormat:
         assert isinstance(driver, VmdkDriver)
         return describe(driver)
 
-    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
+    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
         return round_up(length, SECTOR)
 
-    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
         from instar.formats.vmdk.writer import create_writer
 
         return create_writer(out, virtual_size, options)

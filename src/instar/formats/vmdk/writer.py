@@ -31,14 +31,12 @@ from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.options import option_bool, reject_unknown
+from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
     DEFAULT_DESC_SECTORS,
     DEFAULT_GRAIN_SECTORS,
     DEFAULT_GTES_PER_GT,
-    DEFAULT_TOOLS_VERSION,
     FLAG_COMPRESSED,
     FLAG_MARKERS,
     FLAG_NL_DETECT,
@@ -66,15 +64,6 @@ from instar.safety import MAX_TABLE_BYTES
 SUBFORMATS_WRITTEN = ("monolithicSparse", "streamOptimized")
 SUBFORMATS_NOT_YET = ("monolithicFlat", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
 ADAPTER_TYPES = ("ide", "buslogic", "lsilogic", "legacyESX")
-KNOWN_OPTIONS = (
-    "subformat",
-    "adapter_type",
-    "hwversion",
-    "toolsversion",
-    "compat6",
-    "zeroed_grain",
-    "compress",
-)
 
 GRAIN_BYTES = DEFAULT_GRAIN_SECTORS * SECTOR
 GT_BYTES = DEFAULT_GTES_PER_GT * 4
@@ -91,25 +80,22 @@ COMPRESS_LEVEL = zlib.Z_DEFAULT_COMPRESSION  # what qemu's compress() uses
 class VmdkCreateOptions:
     """Validated ``-o`` options (and ``-c``) for a new VMDK."""
 
-    subformat: str = "monolithicSparse"
-    adapter_type: str = "ide"
-    hw_version: str = "4"
-    tools_version: str = DEFAULT_TOOLS_VERSION
-    zeroed_grain: bool = False
+    subformat: str
+    adapter_type: str
+    hw_version: str
+    tools_version: str
+    zeroed_grain: bool
 
     @property
     def stream(self) -> bool:
         return self.subformat == "streamOptimized"
 
 
-def parse_options(options: CreateOptions) -> VmdkCreateOptions:
-    """Check every option before anything is written; qemu's wording where it has one."""
-    reject_unknown(options, "vmdk", KNOWN_OPTIONS)
-    values = options.options
-    if "compress" in values:
-        raise UsageError("Invalid parameter 'compress'")
-    subformat = values.get("subformat")
-    if subformat is not None and subformat not in SUBFORMATS_WRITTEN + SUBFORMATS_NOT_YET:
+def check_options(options: ParsedOptions) -> VmdkCreateOptions:
+    """What the parsed options (and ``-c``) mean for a new VMDK, checked before
+    anything is written; qemu's wording where it has one."""
+    subformat = options.text("subformat")
+    if subformat not in SUBFORMATS_WRITTEN + SUBFORMATS_NOT_YET:
         raise UsageError(f"invalid parameter value: {subformat}")
     if subformat in SUBFORMATS_NOT_YET:
         raise UnsupportedError(
@@ -117,26 +103,23 @@ def parse_options(options: CreateOptions) -> VmdkCreateOptions:
             f"(instar writes {' and '.join(SUBFORMATS_WRITTEN)})"
         )
     if options.compress:
-        if subformat not in (None, "streamOptimized"):
+        if "subformat" in options.given and subformat != "streamOptimized":
             raise UsageError("compression (-c) needs vmdk subformat=streamOptimized")
         subformat = "streamOptimized"
-    adapter = values.get("adapter_type", "ide")
+    adapter = options.text("adapter_type")
     if adapter not in ADAPTER_TYPES:
         raise UsageError(f"invalid parameter value: {adapter}")
-    compat6 = option_bool(options, "compat6")
-    hw_version = values.get("hwversion")
-    if hw_version == "undefined":
-        hw_version = None
-    if compat6:
-        if hw_version is not None:
+    hw_version = options.text("hwversion")
+    if options.flag("compat6"):
+        if hw_version != "undefined":
             raise UsageError("compat6 cannot be enabled with hwversion set")
         hw_version = "6"
     return VmdkCreateOptions(
-        subformat=subformat or "monolithicSparse",
+        subformat=subformat,
         adapter_type=adapter,
-        hw_version=hw_version or "4",
-        tools_version=values.get("toolsversion", DEFAULT_TOOLS_VERSION),
-        zeroed_grain=option_bool(options, "zeroed_grain"),
+        hw_version="4" if hw_version == "undefined" else hw_version,
+        tools_version=options.text("toolsversion"),
+        zeroed_grain=options.flag("zeroed_grain"),
     )
 
 
@@ -543,10 +526,10 @@ class StreamWriter(_GrainSequencer):
 
 
 def create_writer(
-    out: OutputFile, virtual_size: int, options: CreateOptions
+    out: OutputFile, virtual_size: int, options: ParsedOptions
 ) -> SparseWriter | StreamWriter:
     """Validate everything first, then start the writer (which writes the header)."""
-    opts = parse_options(options)
+    opts = check_options(options)
     check_size(virtual_size)
     if opts.stream and out.in_place:
         raise UnsupportedError(

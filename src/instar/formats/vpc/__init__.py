@@ -12,13 +12,14 @@ from typing import TYPE_CHECKING
 
 from instar.files import InputFile
 from instar.formats.base import (
-    CreateOptions,
     FormatDetails,
-    OptionSpec,
+    OptionSchema,
     OutputFile,
+    ParsedOptions,
     Resolver,
     Writer,
 )
+from instar.formats.options import Option
 
 # Here, not in layout, so that probing does not import the whole layout module.
 FOOTER_COOKIE = b"conectix"
@@ -29,9 +30,12 @@ if TYPE_CHECKING:
 
 class VpcFormat:
     name = "vpc"
-    create_options = (
-        OptionSpec("force_size", "bool (on/off)", "keep the exact size, not the CHS-rounded one"),
-        OptionSpec("subformat", "str", "dynamic (default) or fixed"),
+    create_options = OptionSchema(
+        "vpc",
+        (
+            Option("force_size", "bool", False, "keep the exact size, not the CHS-rounded one"),
+            Option("subformat", "str", "dynamic", "dynamic (default) or fixed"),
+        ),
     )
 
     def probe(self, header: bytes, filename: str) -> int:
@@ -51,13 +55,13 @@ class VpcFormat:
             return FormatDetails(cluster_size=driver.block_size)
         return FormatDetails()
 
-    def declared_size(self, length: int, options: CreateOptions | None = None) -> int:
-        force = options is not None and options.options.get("force_size") == "on"
+    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
         from instar.formats.vpc.layout import declared_size
 
-        return declared_size(length, force)
+        options = options or self.create_options.defaults()
+        return declared_size(length, options.flag("force_size"))
 
-    def create(self, out: OutputFile, virtual_size: int, options: CreateOptions) -> Writer:
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
         from instar.formats.vpc.writer import create_writer
 
         return create_writer(out, virtual_size, options)

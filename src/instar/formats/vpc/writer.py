@@ -23,8 +23,7 @@ from array import array
 
 from instar.errors import CreationError, UsageError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.options import option_bool, reject_unknown
+from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.vpc.layout import (
     DEFAULT_BLOCK_SIZE,
     DISK_DYNAMIC,
@@ -44,24 +43,17 @@ from instar.formats.vpc.layout import (
     rounded_geometry,
 )
 
-OPTIONS = ("subformat", "force_size")
 _TABLE_OFFSET = FOOTER_SIZE + DYNAMIC_HEADER_SIZE  # 1536, where qemu puts the BAT
 
 
-def parse_options(options: CreateOptions) -> tuple[str, bool]:
-    """``subformat`` (dynamic | fixed) and ``force_size``, with qemu's messages."""
-    reject_unknown(options, "vpc", OPTIONS)
-    subformat = options.options.get("subformat", "dynamic")
-    if subformat not in ("dynamic", "fixed"):
-        raise UsageError(f"Parameter 'subformat' does not accept value '{subformat}'")
-    return subformat, option_bool(options, "force_size")
-
-
 def create_writer(
-    out: OutputFile, virtual_size: int, options: CreateOptions
+    out: OutputFile, virtual_size: int, options: ParsedOptions
 ) -> DynamicWriter | FixedWriter:
     """A writer for a new VHD holding ``virtual_size`` bytes (CHS rounded up unless forced)."""
-    subformat, force_size = parse_options(options)
+    subformat = options.text("subformat")
+    if subformat not in ("dynamic", "fixed"):
+        raise UsageError(f"Parameter 'subformat' does not accept value '{subformat}'")
+    force_size = options.flag("force_size")
     choice = rounded_geometry(virtual_size, force_size)
     if choice.too_large:
         raise CreationError(TOO_LARGE_MESSAGE)
