@@ -28,7 +28,7 @@ from instar.formats.vhdx import layout
 from instar.formats.vhdx.writer import check_options, create, plan_layout
 from instar.image import Window
 from instar.opener import open_input_file
-from instar.output import write_image
+from instar.output import OutputSpec, write_image
 
 MiB = 1 << 20
 
@@ -250,7 +250,8 @@ def test_block_size_by_virtual_size(size: int, block_size: int, tmp_path: Path) 
     from instar.formats.vhdx import FORMAT
 
     image = open_raw(open_input_file(str(source)))
-    write_image(Window(image, 0, size), str(target), FORMAT, size, creation_options(FORMAT))
+    write_image(Window(image, 0, size), str(target),
+                OutputSpec(FORMAT, size, creation_options(FORMAT)))
     image.close()
     assert qemu_info(target)["cluster-size"] == block_size
     assert qemu_info(target)["virtual-size"] == size

@@ -16,7 +16,7 @@ from instar.formats.base import Format
 from instar.formats.options import OptionsArgument, as_create_options, parse_options
 from instar.image import Concatenation, Image, Window
 from instar.opener import ImageOpener
-from instar.output import refuse_same_file, write_image, write_in_place
+from instar.output import OutputSpec, refuse_same_file, write_image, write_in_place
 from instar.safety import AllowedDirs, PathPolicy
 
 
@@ -71,8 +71,8 @@ def convert(
                 return
             if no_create:
                 source, declared = _rewrite_existing(source, output_path, fmt, opener)
-            write_image(source, output_path, fmt, declared, parsed, events=events,
-                        zero_granularity=sparse_size, durable=durable)
+            write_image(source, output_path, OutputSpec(fmt, declared, parsed, sparse_size),
+                        events=events, durable=durable)
         except CreationError as error:
             raise CreationError(
                 f"{output_path}: error while converting {fmt.name}: {error}"

@@ -17,7 +17,7 @@ from instar.formats import registry
 from instar.formats.options import OptionsArgument, as_create_options, parse_options
 from instar.image import Window
 from instar.opener import ImageOpener
-from instar.output import refuse_same_file, write_image
+from instar.output import OutputSpec, refuse_same_file, write_image
 from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import INT64_MAX
 
@@ -104,8 +104,8 @@ def dd(
         try:
             parsed = parse_options(out_fmt.create_options, create_options)
             declared = out_fmt.declared_size(window.length, parsed)
-            write_image(view, output_path, out_fmt, declared, parsed, events=events,
-                        notice=notice)
+            write_image(view, output_path, OutputSpec(out_fmt, declared, parsed),
+                        events=events, notice=notice)
         except CreationError as error:
             raise CreationError(
                 f"{output_path}: error while creating output image: {error}"

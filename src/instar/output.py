@@ -15,6 +15,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable
+from typing import NamedTuple
 
 from instar.copy import ZERO_GRANULARITY, copy_image
 from instar.errors import CreationError, InstarError, OutputError
@@ -147,32 +148,40 @@ def refuse_same_file(target: str, inputs: Iterable[InputFile]) -> None:
             )
 
 
+class OutputSpec(NamedTuple):
+    """What to write: the format, the declared virtual size, the parsed
+    creation options and the zero-detection granularity (0: write zeros as
+    data). Plain data, so it can be handed to a worker."""
+
+    format: Format
+    virtual_size: int
+    options: ParsedOptions
+    zero_granularity: int = ZERO_GRANULARITY
+
+
 def fill_output(
     image: Image,
     out: OutputFile,
-    fmt: Format,
-    virtual_size: int,
-    options: ParsedOptions,
+    spec: OutputSpec,
     *,
     events: EventSink | None = None,
-    zero_granularity: int = ZERO_GRANULARITY,
     notice: Notice | None = None,
 ) -> None:
-    """Create a ``fmt`` image of ``virtual_size`` in the already-open ``out``
-    and copy ``image`` into it: the half of writing an output that reads image
-    bytes, so it can run anywhere the output's fd is (a worker).
+    """Create the image ``spec`` describes in the already-open ``out`` and copy
+    ``image`` into it: the half of writing an output that reads image bytes,
+    so it can run anywhere the output's fd is (a worker).
 
     ``notice`` is sent once the output image exists, before the copy (where
     qemu-img dd prints its skip warning).
     """
     try:
-        writer = fmt.create(out, virtual_size, options)
+        writer = spec.format.create(out, spec.virtual_size, spec.options)
     except InstarError as error:  # the driver refused: qemu prefixes its message
         raise CreationError(str(error)) from None
     if notice is not None and events is not None:
         events(notice)
     try:
-        copy_image(image, writer, events=events, zero_granularity=zero_granularity)
+        copy_image(image, writer, events=events, zero_granularity=spec.zero_granularity)
     except BaseException:
         writer.abort()
         raise
@@ -181,23 +190,19 @@ def fill_output(
 def write_image(
     image: Image,
     target: str,
-    fmt: Format,
-    virtual_size: int,
-    options: ParsedOptions,
+    spec: OutputSpec,
     *,
     events: EventSink | None = None,
-    zero_granularity: int = ZERO_GRANULARITY,
     notice: Notice | None = None,
     durable: bool = True,
 ) -> None:
-    """Create ``target`` in ``fmt`` with ``virtual_size`` and copy ``image`` into it:
-    the host creates the output (`AtomicOutput`), `fill_output` fills it, the
-    host commits it, or removes it on any failure."""
+    """Create ``target`` as ``spec`` says and copy ``image`` into it: the host
+    creates the output (`AtomicOutput`), `fill_output` fills it, the host
+    commits it, or removes it on any failure."""
     output = AtomicOutput(target)
     out_file = output.create()
     try:
-        fill_output(image, out_file, fmt, virtual_size, options, events=events,
-                    zero_granularity=zero_granularity, notice=notice)
+        fill_output(image, out_file, spec, events=events, notice=notice)
         output.commit(durable)
     except BaseException:
         output.abort()
