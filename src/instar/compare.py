@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from instar.errors import CompareError, ImageReadError, InstarError
 from instar.events import Advance, EventSink, Line, ignore
 from instar.image import ALLOCATED, EOF, ZERO, Image, StatusLayer
-from instar.opener import ImageOpener
+from instar.opener import Broker, ImageOpener
 from instar.safety import AllowedDirs, PathPolicy, allowed_dirs
+from instar.worker import SandboxSettings, run_job
 
 SECTOR = 512
 IO_BUF_SIZE = 2 << 20  # qemu-img compare's chunk limit where it reads
@@ -224,6 +225,7 @@ def compare(
     allow: AllowedDirs = (),
     events: EventSink = ignore,
     progress: bool = False,
+    sandbox: SandboxSettings | None = None,
 ) -> int:
     """Compare two images as ``qemu-img compare``; returns its exit code.
 
@@ -233,12 +235,23 @@ def compare(
     image that cannot be opened).
     """
     dirs = allowed_dirs(allow)  # once: a generator would be empty for the second image
-    openers: list[ImageOpener] = []
+    policy = PathPolicy([*PathPolicy.for_image(path_a, dirs).allowed_dirs,
+                         *PathPolicy.for_image(path_b).allowed_dirs])
+
+    def job(broker: Broker, send: EventSink) -> int:
+        return _compare_job(broker, send, path_a, path_b, fmt_a, fmt_b, strict, progress)
+
+    result = run_job(job, policy, sandbox, events, inputs=[path_a, path_b])
+    return int(result)
+
+
+def _compare_job(broker: Broker, events: EventSink, path_a: str, path_b: str,
+                 fmt_a: str | None, fmt_b: str | None, strict: bool, progress: bool) -> int:
+    """compare itself, reaching files only through ``broker`` (it may run in a worker)."""
+    opener = ImageOpener(broker=broker)
     try:
         sides = []
         for path, fmt in ((path_a, fmt_a), (path_b, fmt_b)):
-            opener = ImageOpener(PathPolicy.for_image(path, dirs))
-            openers.append(opener)
             try:
                 node = opener.open_node(path, fmt)
             except InstarError as error:
@@ -247,8 +260,7 @@ def compare(
         return Comparison(sides[0], sides[1], strict=strict, events=events,
                           progress=progress).run()
     finally:
-        for opener in openers:
-            opener.close()
+        opener.close()
 
 
 __all__ = ["CompareError", "Comparison", "Side", "compare", "first_difference"]

@@ -6,6 +6,7 @@ The same readers, copy engine and writers as dd; only the source differs
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 from instar.copy import ZERO_GRANULARITY
@@ -13,11 +14,17 @@ from instar.errors import CreationError, OutputError, UnsupportedError
 from instar.events import EventSink
 from instar.formats import registry
 from instar.formats.base import Format
-from instar.formats.options import OptionsArgument, as_create_options, parse_options
+from instar.formats.options import (
+    CreateOptions,
+    OptionsArgument,
+    as_create_options,
+    parse_options,
+)
 from instar.image import Concatenation, Image, Window
-from instar.opener import ImageOpener
-from instar.output import OutputSpec, refuse_same_file, write_image, write_in_place
+from instar.opener import Broker, ImageOpener
+from instar.output import OutputSpec, write_image, write_in_place
 from instar.safety import AllowedDirs, PathPolicy
+from instar.worker import SandboxSettings, run_job
 
 
 def output_format(name: str) -> Format:
@@ -42,6 +49,7 @@ def convert(
     allow: AllowedDirs = (),
     events: EventSink | None = None,
     durable: bool = False,
+    sandbox: SandboxSettings | None = None,
 ) -> None:
     """Convert ``input_paths`` (one after another) into ``output_path``.
 
@@ -56,23 +64,39 @@ def convert(
     """
     if isinstance(input_paths, str | bytes):
         raise TypeError("input_paths must be a sequence of paths, not a single str")
+    paths = [os.fspath(path) for path in input_paths]
     create_options = as_create_options(options)
-    opener = ImageOpener(PathPolicy.for_image(input_paths[0], allow))
+    policy = PathPolicy.for_image(paths[0], allow)
+
+    def job(broker: Broker, send: EventSink) -> None:
+        _convert_job(broker, send, paths, output_path, input_format, output_format_name,
+                     create_options, sparse_size, no_create, durable)
+
+    run_job(job, policy, sandbox, events,
+            inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path])
+
+
+def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], output_path: str,
+                 input_format: str | None, output_format_name: str, options: CreateOptions,
+                 sparse_size: int, no_create: bool, durable: bool) -> None:
+    """convert itself, reaching files only through ``broker`` (it may run in a worker)."""
+    opener = ImageOpener(broker=broker)
     try:
         images: list[Image] = [opener.open(path, input_format) for path in input_paths]
         source = images[0] if len(images) == 1 else Concatenation(images)
         fmt = output_format(output_format_name)
-        refuse_same_file(output_path, opener.opened)
+        broker.check_output(output_path)
         try:
-            parsed = parse_options(fmt.create_options, create_options)
+            parsed = parse_options(fmt.create_options, options)
             declared = fmt.declared_size(source.virtual_size, parsed)
             if no_create and fmt.name == "raw":
-                write_in_place(source, output_path, fmt, parsed, events, durable)
+                out = broker.open_output_in_place(output_path)
+                write_in_place(source, out, fmt, parsed, events, durable)
                 return
             if no_create:
                 source, declared = _rewrite_existing(source, output_path, fmt, opener)
             write_image(source, output_path, OutputSpec(fmt, declared, parsed, sparse_size),
-                        events=events, durable=durable)
+                        broker=broker, events=events, durable=durable)
         except CreationError as error:
             raise CreationError(
                 f"{output_path}: error while converting {fmt.name}: {error}"

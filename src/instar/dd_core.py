@@ -14,12 +14,18 @@ from dataclasses import dataclass
 from instar.errors import CreationError, InvalidArgumentError, OutputError
 from instar.events import EventSink, Notice
 from instar.formats import registry
-from instar.formats.options import OptionsArgument, as_create_options, parse_options
+from instar.formats.options import (
+    CreateOptions,
+    OptionsArgument,
+    as_create_options,
+    parse_options,
+)
 from instar.image import Window
-from instar.opener import ImageOpener
-from instar.output import OutputSpec, refuse_same_file, write_image
+from instar.opener import Broker, ImageOpener
+from instar.output import OutputSpec, write_image
 from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import INT64_MAX
+from instar.worker import SandboxSettings, run_job
 
 DEFAULT_BS = 512
 
@@ -71,6 +77,7 @@ def dd(
     options: OptionsArgument = None,
     allow: AllowedDirs = (),
     events: EventSink | None = None,
+    sandbox: SandboxSettings | None = None,
 ) -> DdWindow:
     """Copy a window of ``input_path`` into a new ``output_path``, as ``qemu-img dd``.
 
@@ -82,12 +89,29 @@ def dd(
     "65536"}``); ``allow`` a list of directories, never a bare string (TypeError).
     Raises an `InstarError` subclass for bad input, with qemu-img's wording, and
     `InvalidArgumentError` (a ValueError) for ``bs < 1`` or a negative ``count``
-    or ``skip``, before anything is opened.
+    or ``skip``, before anything is opened. The image is read in a sandboxed
+    worker as ``sandbox`` says (default: the process's settings, `instar.worker`).
     """
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     check_dd_numbers(bs, count, skip)
     create_options = as_create_options(options)
-    opener = ImageOpener(PathPolicy.for_image(input_path, allow))
+    policy = PathPolicy.for_image(input_path, allow)
+
+    def job(broker: Broker, send: EventSink) -> list[int | bool]:
+        window = _dd_job(broker, send, input_path, output_path, bs, count, skip, input_format,
+                         output_format, create_options)
+        return [window.start, window.length, window.skipped_past_end]
+
+    start, length, skipped = run_job(job, policy, sandbox, events,
+                                     inputs=[input_path], outputs=[output_path])
+    return DdWindow(int(start), int(length), bool(skipped))
+
+
+def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str, bs: int,
+            count: int | None, skip: int | None, input_format: str | None, output_format: str,
+            create_options: CreateOptions) -> DdWindow:
+    """dd itself, reaching files only through ``broker`` (it may run in a worker)."""
+    opener = ImageOpener(broker=broker)
     try:
         image = opener.open(input_path, input_format)
         out_fmt = registry.get(output_format)
@@ -96,7 +120,7 @@ def dd(
                 raise OutputError(f"instar cannot write {output_format} images yet")
             raise OutputError("Unknown file format")
         window = dd_window(image.virtual_size, bs, count, skip)
-        refuse_same_file(output_path, opener.opened)
+        broker.check_output(output_path)
         view = Window(image, window.start, window.length)
         notice = None
         if window.skipped_past_end:
@@ -105,7 +129,7 @@ def dd(
             parsed = parse_options(out_fmt.create_options, create_options)
             declared = out_fmt.declared_size(window.length, parsed)
             write_image(view, output_path, OutputSpec(out_fmt, declared, parsed),
-                        events=events, notice=notice)
+                        broker=broker, events=events, notice=notice)
         except CreationError as error:
             raise CreationError(
                 f"{output_path}: error while creating output image: {error}"

@@ -109,3 +109,7 @@ class OptionError(UsageError):
 class CreationError(OutputError):
     """The output format refused to create the image (a bad option value, a size
     it cannot hold); callers add qemu's "error while creating/converting" prefix."""
+
+
+class WorkerLimitError(InstarError):
+    """The sandboxed worker hit one of its limits (memory, CPU, wall clock) or died."""

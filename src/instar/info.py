@@ -18,9 +18,11 @@ import fcntl
 import os
 import struct
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from instar.errors import FormatError, InstarError
+from instar.events import EventSink
 from instar.files import InputFile
 from instar.formats.base import (
     ChildFile,
@@ -29,10 +31,11 @@ from instar.formats.base import (
     QValue,
     SnapshotDetails,
 )
-from instar.opener import ImageOpener, OpenedNode, open_error
+from instar.opener import Broker, HostBroker, ImageOpener, OpenedNode, open_error
 from instar.qobject import dump_human, to_json
 from instar.safety import MAX_CHAIN_DEPTH, AllowedDirs, PathPolicy
 from instar.sizes import round_up, size_to_str
+from instar.worker import SandboxSettings, run_job
 
 QEMU_7_2 = (7, 2)
 QEMU_8_0 = (8, 0)
@@ -157,33 +160,77 @@ def collect(
     chain: bool = False,
     allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
+    sandbox: SandboxSettings | None = None,
 ) -> list[NodeInfo]:
-    """The images ``qemu-img info [--backing-chain]`` would show, top first."""
-    opener = ImageOpener(PathPolicy.for_image(path, allow))
+    """The images ``qemu-img info [--backing-chain]`` would show, top first.
+
+    The images are described in a worker (`_collect_job`, metadata only); the
+    host adds what it knows of the files (`add_file_facts`).
+    """
+    policy = PathPolicy.for_image(path, allow)
+
+    def job(broker: Broker, send: EventSink) -> list[dict[str, Any]]:
+        return [asdict(node) for node in _collect_job(broker, path, fmt, chain)]
+
+    def facts(host: HostBroker, result: Any) -> list[NodeInfo]:
+        files = {file.identity: file for file in host.opened}
+        infos = [node_from_data(item) for item in result]
+        for node in infos:
+            add_file_facts(node, files, qemu_version)
+        return infos
+
+    infos: list[NodeInfo] = run_job(job, policy, sandbox, host_side=facts,
+                                      inputs=[path])
+    return infos
+
+
+def _collect_job(broker: Broker, path: str, fmt: str | None, chain: bool) -> list[NodeInfo]:
+    """Open each image of the chain on its own, without its backing file (as
+    qemu-img does), and describe it; the next through the broker's policy."""
+    opener = ImageOpener(broker=broker)
     seen: set[str] = set()
     infos: list[NodeInfo] = []
-    name: str | None = path
     try:
-        while name is not None:
-            if name in seen:
-                raise InstarError(f"Backing file '{name}' creates an infinite loop.")
+        node = opener.open_node(path, fmt, with_backing=False)
+        while True:
+            info = describe(node)
+            infos.append(info)
+            seen.add(node.path)
+            backing = info.details.backing_filename
+            if not chain or not backing or info.full_backing_filename is None:
+                return infos
+            if info.full_backing_filename in seen:
+                raise InstarError(
+                    f"Backing file '{info.full_backing_filename}' creates an infinite loop."
+                )
             if len(infos) > MAX_CHAIN_DEPTH:
                 raise FormatError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
-            seen.add(name)
-            if infos:
-                opener.policy.check(name, "backing file")
-            node = opener.open_node(name, fmt, with_backing=False)
-            info = describe(node)
-            files = {file.identity: file for file in opener.opened}
-            add_file_facts(info, files, qemu_version)
-            infos.append(info)
-            if not chain:
-                break
-            name = info.full_backing_filename
-            fmt = info.details.backing_format
+            node = opener.open_named_node(backing, node.path, info.details.backing_format,
+                                          with_backing=False)
     finally:
         opener.close()
-    return infos
+
+
+def node_from_data(data: dict[str, Any]) -> NodeInfo:
+    """A NodeInfo from what `dataclasses.asdict` made of it (a worker's answer)."""
+    details = dict(data["details"])
+    details["snapshots"] = [SnapshotDetails(**snap) for snap in details["snapshots"]]
+    details["children"] = [_child_from_data(child) for child in details["children"]]
+    return NodeInfo(
+        filename=str(data["filename"]),
+        format=str(data["format"]),
+        virtual_size=int(data["virtual_size"]),
+        actual_size=None,
+        details=FormatDetails(**details),
+        full_backing_filename=data["full_backing_filename"],
+        files=[_child_from_data(child) for child in data["files"]],
+    )
+
+
+def _child_from_data(data: dict[str, Any]) -> ChildFile:
+    device, inode = data["identity"]
+    return ChildFile(str(data["name"]), (int(device), int(inode)),
+                     bool(data["counts_in_disk_size"]))
 
 
 # ---------------------------------------------------------------------------
@@ -339,9 +386,11 @@ def info(
     chain: bool = False,
     allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
+    sandbox: SandboxSettings | None = None,
 ) -> str:
     """The text ``qemu-img info`` prints for ``path``."""
-    infos = collect(path, fmt, chain=chain, allow=allow, qemu_version=qemu_version)
+    infos = collect(path, fmt, chain=chain, allow=allow, qemu_version=qemu_version,
+                    sandbox=sandbox)
     if output == "json":
         return render_json(infos, chain=chain, qemu_version=qemu_version)
     return render_human(infos, qemu_version)

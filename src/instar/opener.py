@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from instar.errors import (
     DriverError,
@@ -34,13 +34,18 @@ from instar.errors import (
 )
 from instar.files import InputFile
 from instar.formats import registry
-from instar.formats.base import Format
+from instar.formats.base import Format, OutputFile
 from instar.image import BlockImage, Extent, Image
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
+
+if TYPE_CHECKING:
+    from instar.output import AtomicOutput
 
 
 class Broker(Protocol):
     """What the worker asks the host for: open files, never paths to open."""
+
+    opened: list[InputFile]  # every file opened so far
 
     def open_image_file(self, path: str) -> InputFile:
         """A file the user named (raises OSError)."""
@@ -53,30 +58,95 @@ class Broker(Protocol):
         be opened. The file's ``name`` is the combined path, as qemu shows it."""
         ...
 
-    def close(self) -> None: ...
+    def check_output(self, target: str) -> None:
+        """Refuse ``target`` if it is (any spelling of) one of the inputs."""
+        ...
+
+    def create_output(self, target: str) -> OutputFile:
+        """A new output that appears at ``target`` only once committed (or a
+        block device, written in place)."""
+        ...
+
+    def open_output_in_place(self, target: str) -> OutputFile:
+        """The existing raw image ``target``, to write over (``convert -n``)."""
+        ...
+
+    def commit_output(self, durable: bool) -> None:
+        """Give the output created last its name (after an fsync if ``durable``)."""
+        ...
+
+    def close(self) -> None:
+        """Close every file; an output not committed is removed."""
+        ...
 
 
 @dataclass
 class HostBroker:
-    """Opens files on the host side, after the policy allows them; remembers
-    each (``opened``), so the caller can refuse an output that is an input."""
+    """Opens files on the host side: only the images and outputs the user
+    named (``inputs``, ``outputs``; None: any, for in-process use), and files
+    images name once the policy allows them. Remembers each file opened, so
+    an output that is an input is refused."""
 
     policy: PathPolicy
+    inputs: frozenset[str] | None = None
+    outputs: frozenset[str] | None = None
     opened: list[InputFile] = field(default_factory=list)
+    _output: AtomicOutput | None = None
+    _in_place: list[int] = field(default_factory=list)
 
     def open_image_file(self, path: str) -> InputFile:
+        if self.inputs is not None and path not in self.inputs:
+            raise PolicyError(f"'{path}' was not named on the command line")
+        return self._open(path)
+
+    def _open(self, path: str) -> InputFile:
         file = open_input_file(path)
         self.opened.append(file)
         return file
+
+    def _check_target(self, target: str) -> None:
+        if self.outputs is not None and target not in self.outputs:
+            raise PolicyError(f"'{target}' was not named as the output")
 
     def open_named_file(self, name: str, relative_to: str, role: str) -> InputFile:
         if "\0" in name or not name:
             raise FormatError(f"{role} name is not a valid path")
         path = combine_path(relative_to, name)
         self.policy.check(path, role)
-        return self.open_image_file(path)
+        return self._open(path)
+
+    def check_output(self, target: str) -> None:
+        from instar.output import refuse_same_file
+
+        refuse_same_file(target, self.opened)
+
+    def create_output(self, target: str) -> OutputFile:
+        from instar.output import AtomicOutput
+
+        self._check_target(target)
+        self._output = AtomicOutput(target)
+        return self._output.create()
+
+    def open_output_in_place(self, target: str) -> OutputFile:
+        from instar.output import open_in_place
+
+        self._check_target(target)
+        out = open_in_place(target)
+        self._in_place.append(out.fd)
+        return out
+
+    def commit_output(self, durable: bool) -> None:
+        assert self._output is not None
+        self._output.commit(durable)
+        self._output = None
 
     def close(self) -> None:
+        if self._output is not None:
+            self._output.abort()
+            self._output = None
+        for fd in self._in_place:
+            os.close(fd)
+        self._in_place.clear()
         for file in self.opened:
             file.close()
         self.opened.clear()
@@ -109,9 +179,11 @@ class ImageOpener:
     which format each image was read as; ``opened`` is every file opened.
     """
 
-    def __init__(self, policy: PathPolicy, broker: HostBroker | None = None) -> None:
-        self.policy = policy
-        self.broker = broker if broker is not None else HostBroker(policy)
+    def __init__(self, policy: PathPolicy | None = None, *, broker: Broker | None = None) -> None:
+        if broker is None:
+            assert policy is not None, "an opener needs a policy or a broker"
+            broker = HostBroker(policy)
+        self.broker = broker
         self.nodes: list[OpenedNode] = []
 
     @property
@@ -135,6 +207,18 @@ class ImageOpener:
             raise ImageOpenError(path, "The 'file' block driver requires a file name")
         try:
             file = self.broker.open_image_file(path)
+        except OSError as error:
+            raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+        return self.open_file_node(file, path, fmt_name, with_backing=with_backing, depth=0)
+
+    def open_named_node(
+        self, name: str, relative_to: str, fmt_name: str | None, *, with_backing: bool
+    ) -> OpenedNode:
+        """The image file ``relative_to`` names as its backing file, through
+        the broker's policy (info --backing-chain walks the chain this way)."""
+        path = combine_path(relative_to, name)
+        try:
+            file = self.broker.open_named_file(name, relative_to, "backing file")
         except OSError as error:
             raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
         return self.open_file_node(file, path, fmt_name, with_backing=with_backing, depth=0)

@@ -15,7 +15,7 @@ import errno
 import os
 import stat
 from collections.abc import Iterable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from instar.copy import ZERO_GRANULARITY, copy_image
 from instar.errors import CreationError, InstarError, OutputError
@@ -23,6 +23,9 @@ from instar.events import EventSink, Notice
 from instar.files import InputFile
 from instar.formats.base import Format, OutputFile, ParsedOptions
 from instar.image import Image
+
+if TYPE_CHECKING:
+    from instar.opener import Broker
 
 
 class AtomicOutput:
@@ -192,47 +195,55 @@ def write_image(
     target: str,
     spec: OutputSpec,
     *,
+    broker: Broker | None = None,
     events: EventSink | None = None,
     notice: Notice | None = None,
     durable: bool = True,
 ) -> None:
-    """Create ``target`` as ``spec`` says and copy ``image`` into it: the host
-    creates the output (`AtomicOutput`), `fill_output` fills it, the host
-    commits it, or removes it on any failure."""
-    output = AtomicOutput(target)
-    out_file = output.create()
+    """Create ``target`` as ``spec`` says and copy ``image`` into it: the
+    broker (the host) creates the output, `fill_output` fills it, the broker
+    commits it; on any failure the broker's close removes it."""
+    own = broker is None
+    if broker is None:
+        from instar.opener import HostBroker
+        from instar.safety import PathPolicy
+
+        broker = HostBroker(PathPolicy([]))
     try:
+        out_file = broker.create_output(target)
         fill_output(image, out_file, spec, events=events, notice=notice)
-        output.commit(durable)
-    except BaseException:
-        output.abort()
-        raise
+        broker.commit_output(durable)
+    finally:
+        if own:
+            broker.close()
 
 
-def write_in_place(
-    image: Image,
-    target: str,
-    fmt: Format,
-    options: ParsedOptions,
-    events: EventSink | None = None,
-    durable: bool = True,
-) -> None:
-    """Write ``image`` over the existing raw image ``target`` (``convert -n``).
-
-    Zeros are written too (the old contents must go); the file keeps its size.
-    """
+def open_in_place(target: str) -> OutputFile:
+    """The existing image ``target`` opened to be written over (host side)."""
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as error:
         raise OutputError(f"Could not open '{target}': Could not open '{target}': "
                           f"{error.strerror}") from None
-    try:
-        size = os.lseek(fd, 0, os.SEEK_END)
-        if size < image.virtual_size:
-            raise OutputError("output file is smaller than input file")
-        writer = fmt.create(OutputFile(fd, target, in_place=True), size, options)
-        copy_image(image, writer, events=events)
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    return OutputFile(fd, target, in_place=True)
+
+
+def write_in_place(
+    image: Image,
+    out: OutputFile,
+    fmt: Format,
+    options: ParsedOptions,
+    events: EventSink | None = None,
+    durable: bool = True,
+) -> None:
+    """Write ``image`` over the existing raw image open as ``out`` (``convert -n``).
+
+    Zeros are written too (the old contents must go); the file keeps its size.
+    """
+    size = os.lseek(out.fd, 0, os.SEEK_END)
+    if size < image.virtual_size:
+        raise OutputError("output file is smaller than input file")
+    writer = fmt.create(out, size, options)
+    copy_image(image, writer, events=events)
+    if durable:
+        os.fsync(out.fd)

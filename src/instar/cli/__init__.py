@@ -9,9 +9,13 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import TYPE_CHECKING
 
 from instar.cli.output import report_error
 from instar.errors import InstarError, UsageError
+
+if TYPE_CHECKING:
+    from instar.worker import SandboxSettings
 
 COMMANDS = {
     "dd": "instar.cli.dd",
@@ -41,11 +45,29 @@ See README.md and docs/ for what each command supports.
 """
 
 
+def _sandbox_settings(args: list[str]) -> SandboxSettings:
+    """Take the sandbox options off the front of ``args`` (in place)."""
+    from instar.cli.sandbox_options import settings_from, take_sandbox_options
+
+    rest, values = take_sandbox_options(args)
+    args[:] = rest
+    return settings_from(values)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run instar with ``argv`` (default: sys.argv[1:]); returns the exit status."""
     from instar import __version__
 
-    args = sys.argv[1:] if argv is None else argv
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        settings = _sandbox_settings(args)
+    except InstarError as error:
+        report_error(str(error))
+        return 1
+    if args and args[0] == "--sandbox-status":
+        from instar.cli.sandbox_options import print_status
+
+        return print_status(settings)
     if not args:
         report_error("Not enough arguments")
         print("Try 'instar --help' for more information", file=sys.stderr)
@@ -63,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         print("Try 'instar --help' for more information", file=sys.stderr)
         return 1
     module = importlib.import_module(module_name)
+    from instar.worker import configure
+
+    previous = configure(settings)  # every job of this command runs so
     try:
         status: int = module.run(args[1:])
     except InstarError as error:
@@ -74,4 +99,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         report_error("interrupted")
         return 1
+    finally:
+        configure(previous)
     return status
