@@ -1,0 +1,484 @@
+"""Conformance: damaged images of every format, one table per format, one test body.
+
+Each row names a base image (made by qemu-img and qemu-io: patterned data,
+zeros, holes; written by hand only where qemu cannot make it), the damage
+done to a copy of it (bytes poked at an offset, often computed from the
+header, or a truncation), what instar says (a regex on its one line of
+stderr), and whether qemu-img 7.2 refuses the damaged image too. That column
+is checked by running ``qemu-img convert -O raw`` and ``qemu-img info`` on
+the same file. Rows with no message are read by instar, and must read as
+qemu reads them.
+
+One body checks every row with ``instar info``, ``dd``, ``convert -O raw``
+and ``compare``: exit 1 (compare: qemu's 2, 3 or 4), one line matching the
+row, no traceback, nothing left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from helpers import (
+    Result,
+    pattern,
+    qemu_img_ok,
+    qemu_io,
+    run_instar,
+    run_qemu_img,
+)
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+# --- the language of the tables ------------------------------------------------------------
+
+Offset = int | Callable[[Path], int]
+Value = int | bytes | Callable[[Path], int | bytes]
+
+
+@dataclass(frozen=True)
+class Poke:
+    """Write ``struct.pack(fmt, *values)`` at ``at`` in the image, or in ``file``
+    (another file of the image's directory); an offset or value may be computed
+    from the file (a function of its path)."""
+
+    at: Offset
+    fmt: str
+    values: tuple[Value, ...]
+    file: str | None = None
+
+    def apply(self, path: Path) -> None:
+        offset = self.at(path) if callable(self.at) else self.at
+        values = [value(path) if callable(value) else value for value in self.values]
+        with path.open("r+b") as handle:
+            handle.seek(offset)
+            handle.write(struct.pack(self.fmt, *values))
+
+
+def poke(at: Offset, fmt: str, *values: Value, file: str | None = None) -> Poke:
+    return Poke(at, fmt, values, file)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Truncate the file to ``size`` bytes (or ``size(path)``)."""
+
+    size: Offset
+    file: str | None = None
+
+    def apply(self, path: Path) -> None:
+        os.truncate(path, self.size(path) if callable(self.size) else self.size)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A step that is no poke: recompute a checksum, rewrite a structure, remove a file."""
+
+    run: Callable[[Path], None]
+    file: str | None = None
+
+    def apply(self, path: Path) -> None:
+        self.run(path)
+
+
+Step = Poke | Cut | Edit
+
+
+@dataclass(frozen=True)
+class Base:
+    """A directory of files, made once per module; ``image`` is the file the
+    commands name (relative to the directory, as in every message)."""
+
+    key: str
+    build: Callable[[Path], None]
+    image: str
+
+
+OPENING = "Could not open '{image}': "  # qemu's words before the reason a format gives
+IN_IMAGE = "{image}: "  # before the reason a read fails: compare says "... of {image}: "
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row.
+
+    ``says``: instar's line of stderr after ``instar: ``, a regex that must
+    match all of it (``{image}`` stands for the image's name: OPENING before
+    a reason at open, IN_IMAGE before a reason a read fails); None: instar
+    reads the image, as qemu does (or, where qemu refuses it, as qemu reads the
+    undamaged base). ``qemu_refuses``: qemu-img convert exits non-zero.
+    ``fails_at``: where instar stops, which decides what info and compare do:
+    "open" (every command fails; compare exits 2), "backing" (the image
+    opens, a backing file does not: info works, compare 2), "status" (the
+    mapping is wrong: info works, compare 3) or "read" (the data is wrong:
+    info works, compare 4). ``info_says``: info's line, where it differs.
+    ``same_as_qemu``: instar's line is qemu-img's, word for word. ``fmt``: the
+    ``-f`` every command gets ("" for none: probed); ``probes``: the damaged
+    file still probes as ``fmt``, so ``dd`` runs a second time without ``-f``.
+    """
+
+    name: str
+    base: Base
+    patch: tuple[Step, ...]
+    says: str | None
+    qemu_refuses: bool
+    fails_at: str = "open"
+    info_says: str | None = None
+    same_as_qemu: bool = False
+    fmt: str | None = None
+    probes: bool = True
+    family: str = ""
+
+
+def table(family: str, fmt: str | None, *rows: Case) -> list[Case]:
+    """The rows of one format: ``fmt`` is the ``-f`` they take unless they say."""
+    return [
+        dataclasses.replace(row, family=family, fmt=row.fmt if row.fmt is not None else fmt)
+        for row in rows
+    ]
+
+
+def row(name: str, base: Base, patch: Step | tuple[Step, ...], says: str | None,
+        qemu_refuses: bool, **more: object) -> Case:
+    """A row: its name, base, damage (one step or several), instar's line (None:
+    readable), whether qemu-img refuses it; then the other columns by name."""
+    steps = patch if isinstance(patch, tuple) else (patch,)
+    return Case(name, base, steps, says, qemu_refuses, **more)  # type: ignore[arg-type]
+
+
+NOTHING: tuple[Step, ...] = ()
+
+
+def field_at(path: Path, offset: int, fmt: str) -> int:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        value: int = struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+    return value
+
+
+def file_end(path: Path) -> int:
+    """The size of the file: an offset just past its end."""
+    return path.stat().st_size
+
+
+def patterned_raw(path: Path, size: int, holes: list[tuple[int, int]], seed: int = 0) -> None:
+    """Patterned bytes with zero stretches at ``holes`` ((start, end) pairs)."""
+    data = bytearray(pattern(size, seed=seed))
+    for start, end in holes:
+        data[start:end] = bytes(end - start)
+    path.write_bytes(bytes(data))
+
+
+# --- qcow2 ------------------------------------------------------------------------------------
+
+
+def build_qcow2(directory: Path) -> None:
+    """1 MiB, 64 KiB clusters: data in cluster 0 (the first L2 entry), a zero
+    cluster, more data, unallocated clusters, data at the end."""
+    patterned_raw(directory / "v.raw", MiB, [(320 * KiB, 768 * KiB)], seed=1)
+    qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", str(directory / "v.raw"),
+                str(directory / "v.qcow2"))
+    qemu_io(directory / "v.qcow2", "write -z 64k 64k", "qcow2")
+    (directory / "v.raw").unlink()
+
+
+def build_qcow2_extl2(directory: Path) -> None:
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(directory / "v.qcow2"),
+                "1M")
+    qemu_io(directory / "v.qcow2", "write -P 0x5a 0 64k", "qcow2")
+    qemu_io(directory / "v.qcow2", "write -z 256k 8k", "qcow2")
+
+
+def build_qcow2_compressed(directory: Path) -> None:
+    patterned_raw(directory / "v.raw", MiB, [(512 * KiB, 640 * KiB)], seed=2)
+    qemu_img_ok("convert", "-c", "-f", "raw", "-O", "qcow2", str(directory / "v.raw"),
+                str(directory / "v.qcow2"))
+    (directory / "v.raw").unlink()
+
+
+QCOW2 = Base("qcow2", build_qcow2, "v.qcow2")
+QCOW2_EXTL2 = Base("qcow2-extl2", build_qcow2_extl2, "v.qcow2")
+QCOW2_COMPRESSED = Base("qcow2-compressed", build_qcow2_compressed, "v.qcow2")
+
+
+def l1_table(path: Path) -> int:
+    return field_at(path, 40, ">Q")
+
+
+def l2_entry(index: int) -> Callable[[Path], int]:
+    """Where entry ``index`` of the first L2 table lies."""
+
+    def at(path: Path) -> int:
+        return (field_at(path, l1_table(path), ">Q") & 0x00FF_FFFF_FFFF_FE00) + 8 * index
+
+    return at
+
+
+def past_eof_cluster(path: Path) -> int:
+    """The first 64 KiB-aligned offset at or past the end of the file."""
+    return -(-file_end(path) // 0x10000) * 0x10000
+
+
+def name_feature_bit_9(path: Path) -> None:
+    """The feature name table's entry for extended L2 (bit 4) renamed to bit 9."""
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"\x00\x04extended L2 entries")
+    data[entry + 1] = 9
+    path.write_bytes(bytes(data))
+
+
+COMPRESSED = 1 << 62
+COPIED = 1 << 63
+
+QCOW2_ROWS = table(
+    "qcow2", "qcow2",
+    row("cluster-bits-30", QCOW2, poke(20, ">I", 30), OPENING + r"Unsupported cluster size: 2\^30",
+        True, same_as_qemu=True),
+    row("huge-l1-size", QCOW2, poke(36, ">I", 0x7FFFFFFF), OPENING + "Active L1 table too large",
+        True, same_as_qemu=True),
+    row("l1-past-eof", QCOW2, poke(40, ">Q", 1 << 40),
+        OPENING + "L1 table at offset 1099511627776 lies beyond the end of the file", False),
+    row("l1-too-small", QCOW2, poke(36, ">I", 0), OPENING + "L1 table is too small", True,
+        same_as_qemu=True),
+    row("l1-unaligned", QCOW2, poke(40, ">Q", 0x30008), OPENING + "Invalid L1 table offset 0x30008",
+        True),
+    row("l2-past-eof", QCOW2, poke(l2_entry(0), ">Q", COPIED | 1 << 40),
+        IN_IMAGE + "cluster at guest offset 0x0 points to 0x10000000000, beyond the end of the "
+        "file", False, fails_at="status"),
+    row("l2-unaligned", QCOW2, poke(l2_entry(0), ">Q", COPIED | 0x50200),
+        IN_IMAGE + r"cluster allocation offset 0x50200 unaligned \(guest offset 0x0\)", True,
+        fails_at="status"),
+    row("l2-table-past-eof", QCOW2, poke(l1_table, ">Q", COPIED | 1 << 40),
+        IN_IMAGE + "L2 table at offset 1099511627776 lies beyond the end of the file", False,
+        fails_at="status"),
+    row("unknown-incompatible-bit", QCOW2, poke(72, ">Q", 1 << 40),
+        OPENING + r"Unsupported qcow2 feature\(s\): Unknown incompatible feature: 10000000000",
+        True, same_as_qemu=True),
+    row("unknown-incompatible-bits", QCOW2, poke(72, ">Q", 1 << 40 | 1 << 5),
+        OPENING + r"Unsupported qcow2 feature\(s\): Unknown incompatible feature: 10000000020",
+        True, same_as_qemu=True),
+    row("named-unknown-feature", QCOW2, (Edit(name_feature_bit_9), poke(72, ">Q", 1 << 9)),
+        OPENING + r"Unsupported qcow2 feature\(s\): extended L2 entries", True, same_as_qemu=True),
+    row("encrypted-aes", QCOW2, poke(32, ">I", 1),
+        OPENING + "encrypted images are not supported yet", True),
+    row("encrypted-luks", QCOW2, poke(32, ">I", 2),  # qemu-img info dies of SIGSEGV on it
+        OPENING + "encrypted images are not supported yet", True),
+    row("version-4", QCOW2, poke(4, ">I", 4), OPENING + "Unsupported qcow2 version 4", True,
+        same_as_qemu=True),
+    row("header-length-huge", QCOW2, poke(100, ">I", 1 << 20),
+        OPENING + "qcow2 header exceeds cluster size", True, same_as_qemu=True),
+    row("refcount-order-7", QCOW2, poke(96, ">I", 7),
+        OPENING + "Reference count entry width too large; may not exceed 64 bits", True,
+        same_as_qemu=True),
+    row("extension-too-large", QCOW2, poke(116, ">I", 0x7FFFFFF0),
+        OPENING + "qcow2 header extension 0x6803f857 is too large", True),
+    row("data-file-missing", QCOW2, poke(72, ">Q", 1 << 2),
+        OPENING + "'data-file' is required for this image", True, same_as_qemu=True),
+    row("compression-bit-zlib", QCOW2, poke(72, ">Q", 1 << 3),
+        OPENING + "qcow2: Compression type incompatible feature bit must not be set", True,
+        same_as_qemu=True),
+    row("compressed-garbage", QCOW2, poke(l2_entry(0), ">Q", COMPRESSED | 7 << 54 | 0x300),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 does not decompress: "
+        "Error -3 while decompressing data: invalid stored block lengths", True, fails_at="read"),
+    row("backing-name-too-long", QCOW2, poke(8, ">QI", 0x1000, 4000),
+        OPENING + "Backing file name too long", True, same_as_qemu=True),
+    row("invalid-subcluster-bitmap", QCOW2_EXTL2,
+        poke(lambda p: l2_entry(0)(p) + 8, ">Q", 1 << 32 | 1),
+        IN_IMAGE + "invalid subcluster bitmap 0x0000000100000001 at guest offset 0x0", True,
+        fails_at="status"),
+    row("corrupt-and-dirty-bits", QCOW2, poke(72, ">Q", 0b11), None, False),
+    # New rows.
+    row("l1-just-past-eof", QCOW2, poke(40, ">Q", past_eof_cluster),
+        OPENING + "L1 table at offset 917504 lies beyond the end of the file", False),
+    row("refcount-table-unaligned", QCOW2, poke(48, ">Q", 0x10008),
+        OPENING + "Invalid reference count table offset 0x10008", True),
+    row("refcount-table-past-eof", QCOW2, poke(48, ">Q", 1 << 40), None, False),
+    row("refcount-table-too-large", QCOW2, poke(56, ">I", 0x7FFFFFFF),
+        OPENING + "Reference count table too large", True, same_as_qemu=True),
+    row("snapshot-table-unaligned", QCOW2, poke(60, ">IQ", 1, 0x10008),
+        OPENING + "Invalid snapshot table offset 0x10008", True),
+    row("too-many-snapshots", QCOW2, poke(60, ">I", 0x7FFFFFFF), OPENING + "Too many snapshots",
+        True),
+    row("virtual-size-huge", QCOW2, poke(24, ">Q", 1 << 62), OPENING + "L1 table is too small",
+        True),
+    row("backing-name-past-cluster", QCOW2, poke(8, ">QI", 0x20000, 10),
+        OPENING + "Invalid backing file offset", True, same_as_qemu=True),
+    row("compressed-cluster-past-eof", QCOW2_COMPRESSED,
+        poke(l2_entry(0), ">Q", lambda p: COMPRESSED | past_eof_cluster(p)),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 points to 0x60000, beyond the end of "
+        "the file", True, fails_at="read"),
+    row("dirty-bit", QCOW2, poke(72, ">Q", 0b1), None, False),
+    row("unknown-compatible-bit", QCOW2, poke(80, ">Q", 1 << 20), None, False),
+    row("unknown-autoclear-bit", QCOW2, poke(88, ">Q", 1 << 20), None, False),
+)  # fmt: skip
+
+
+# --- the test body ------------------------------------------------------------------------------
+
+ROWS = [*QCOW2_ROWS]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Base], Path]:
+    """Each base directory, built on first use and kept for the module."""
+    root = tmp_path_factory.mktemp("bases")
+    built: dict[str, Path] = {}
+
+    def get(base: Base) -> Path:
+        if base.key not in built:
+            directory = root / base.key
+            directory.mkdir()
+            base.build(directory)
+            built[base.key] = directory
+        return built[base.key]
+
+    return get
+
+
+def damaged(case: Case, bases: Callable[[Base], Path], work: Path) -> Path:
+    """A copy of the row's base in ``work``, with the row's damage done."""
+    shutil.copytree(bases(case.base), work, symlinks=True)
+    for step in case.patch:
+        step.apply(work / (step.file or case.base.image))
+    return work
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
+
+
+def f_option(case: Case, flag: str = "-f") -> list[str]:
+    return [flag, case.fmt] if case.fmt else []
+
+
+@dataclass
+class Outcome:
+    """What instar and qemu-img did with one damaged image."""
+
+    info: Result
+    dd: list[Result]  # with -f, then probing (when the row probes)
+    convert: Result
+    compare: Result
+    qemu_convert: Result
+    qemu_info: Result
+    outputs: dict[str, bytes] = field(default_factory=dict)  # readable rows: what was read
+    left_behind: dict[str, list[str]] = field(default_factory=dict)  # failed runs: new files
+
+
+def run_row(case: Case, work: Path, elsewhere: Path, undamaged: Path) -> Outcome:
+    """Every command on the damaged image, instar in-process and qemu-img as a
+    subprocess, both in ``work`` so names in messages are the row's."""
+    image = case.base.image
+    f = f_option(case)
+    qemu_raw = elsewhere / "qemu.raw"
+    qemu_convert = run_qemu_img("convert", *f, "-O", "raw", image, str(qemu_raw), cwd=work)
+    qemu_info = run_qemu_img("info", *f, image, cwd=work)
+    outputs: dict[str, bytes] = {}
+    left: dict[str, list[str]] = {}
+    if case.says is None:  # a readable row: what qemu reads, and its dd
+        if qemu_convert.rc != 0:  # qemu refuses it: what qemu reads of the undamaged base
+            qemu_img_ok("convert", *f, "-O", "raw", image, str(qemu_raw), cwd=undamaged)
+        outputs["qemu convert"] = qemu_raw.read_bytes()
+        qemu_dd = run_qemu_img("dd", *f, f"if={image}", f"of={elsewhere / 'qemu-dd.raw'}",
+                               cwd=work if qemu_convert.rc == 0 else undamaged)
+        assert qemu_dd.rc == 0, qemu_dd.stderr
+        outputs["qemu dd"] = (elsewhere / "qemu-dd.raw").read_bytes()
+    before = listing(work)
+
+    def produced(label: str, result: Result, output: str) -> None:
+        target = work / output
+        if result.rc == 0 and target.exists():
+            outputs[label] = target.read_bytes()
+            target.unlink()
+        now = listing(work)
+        if now != before:
+            left[label] = sorted(set(now) - set(before))
+
+    info = run_instar("info", *f, image, cwd=work)
+    produced("info", info, "none")
+    dd = [run_instar("dd", *f, f"if={image}", "of=out.raw", cwd=work)]
+    produced("dd", dd[0], "out.raw")
+    if case.probes and case.fmt:
+        dd.append(run_instar("dd", f"if={image}", "of=out.raw", cwd=work))
+        produced("dd probed", dd[1], "out.raw")
+    convert = run_instar("convert", *f, "-O", "raw", image, "out.raw", cwd=work)
+    produced("convert", convert, "out.raw")
+    if case.says is None:  # against what qemu read
+        compare = run_instar("compare", *f, "-F", "raw", image, str(qemu_raw), cwd=work)
+    else:  # against itself: the first image is the one refused
+        compare = run_instar("compare", *f, *f_option(case, "-F"), image, image, cwd=work)
+    produced("compare", compare, "none")
+    return Outcome(info, dd, convert, compare, qemu_convert, qemu_info, outputs, left)
+
+
+COMPARE_EXIT = {"open": 2, "backing": 2, "status": 3, "read": 4}
+
+
+def check_refusal(case: Case, command: str, result: Result, rc: int, says: str) -> None:
+    """Exit ``rc``, no traceback, one line of stderr: ``instar: `` and what the row says."""
+    assert result.rc == rc, (command, result)
+    assert "Traceback" not in result.stderr, (command, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, (command, lines)
+    image = re.escape(case.base.image)
+    reason = says.replace("{image}", image)
+    expected = "instar: " + reason
+    if command == "compare" and rc == 3:  # qemu's words, which give no reason
+        expected = f"instar: Sector allocation test failed for {image}"
+    elif command == "compare" and rc == 4:  # the image is named before the reason
+        reason = says.removeprefix(IN_IMAGE).replace("{image}", image)
+        expected = rf"instar: Error while reading offset \d+ of {image}: " + reason
+    assert re.fullmatch(expected, lines[0]), (command, expected, lines[0])
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("case", ROWS, ids=lambda case: f"{case.family}-{case.name}")
+def test_damaged_image(case: Case, bases: Callable[[Base], Path], tmp_path: Path) -> None:
+    work = damaged(case, bases, tmp_path / "work")
+    elsewhere = tmp_path / "qemu"
+    elsewhere.mkdir()
+    outcome = run_row(case, work, elsewhere, bases(case.base))
+    # The qemu column: qemu-img refuses the image, or reads it.
+    if case.qemu_refuses:
+        assert outcome.qemu_convert.rc != 0, outcome.qemu_convert
+    else:
+        assert outcome.qemu_convert.rc == 0, outcome.qemu_convert.stderr
+        assert outcome.qemu_info.rc == 0, outcome.qemu_info.stderr
+    assert outcome.left_behind == {}  # no output file, no temporary file
+    if case.says is None:
+        check_read_as_qemu(outcome)
+        return
+    if case.fails_at == "open":
+        check_refusal(case, "info", outcome.info, 1, case.info_says or case.says)
+    else:
+        # The image itself opens: info shows it, as qemu-img info does.
+        assert (outcome.info.rc, outcome.info.stderr) == (0, ""), outcome.info
+        assert outcome.info.stdout == outcome.qemu_info.stdout
+    for dd in outcome.dd:
+        check_refusal(case, "dd", dd, 1, case.says)
+    check_refusal(case, "convert", outcome.convert, 1, case.says)
+    check_refusal(case, "compare", outcome.compare, COMPARE_EXIT[case.fails_at], case.says)
+    if case.same_as_qemu:
+        assert outcome.convert.normalised_stderr() == outcome.qemu_convert.normalised_stderr()
+
+
+def check_read_as_qemu(outcome: Outcome) -> None:
+    """A readable row: instar reads what qemu-img reads, with every command."""
+    for result in (outcome.info, *outcome.dd, outcome.convert, outcome.compare):
+        assert (result.rc, result.stderr) == (0, ""), result
+    if outcome.qemu_info.rc == 0:
+        assert outcome.info.stdout == outcome.qemu_info.stdout
+    assert outcome.outputs["convert"] == outcome.outputs["qemu convert"]
+    assert outcome.outputs["dd"] == outcome.outputs["qemu dd"]
+    if len(outcome.dd) > 1:
+        assert outcome.outputs["dd probed"] == outcome.outputs["qemu dd"]
+    assert outcome.compare.stdout == "Images are identical.\n"
