@@ -322,9 +322,227 @@ QCOW2_ROWS = table(
 )  # fmt: skip
 
 
+# --- vmdk -------------------------------------------------------------------------------------
+
+
+def vmdk_source(directory: Path) -> Path:
+    """2 MiB + 1536: patterned, a zero stretch, a ragged last grain."""
+    raw = directory / "source.raw"
+    patterned_raw(raw, 2 * MiB + 1536, [(MiB, MiB + 384 * KiB)], seed=3)
+    return raw
+
+
+def build_vmdk(directory: Path, *options: str, name: str = "v.vmdk") -> None:
+    raw = vmdk_source(directory)
+    dash_o = ["-o", ",".join(options)] if options else []
+    qemu_img_ok("convert", "-f", "raw", "-O", "vmdk", *dash_o, str(raw), str(directory / name))
+    raw.unlink()
+
+
+def build_vmdk_sparse(directory: Path) -> None:
+    build_vmdk(directory)
+    qemu_io(directory / "v.vmdk", "write -P 0x11 100k 200k", "vmdk")
+    qemu_io(directory / "v.vmdk", "write -z 1600k 64k", "vmdk")
+
+
+def build_vmdk_stream_footer(directory: Path) -> None:
+    """streamOptimized in VMware's layout (footer, end-of-stream marker), as instar writes it."""
+    raw = vmdk_source(directory)
+    result = run_instar("dd", "-c", "-O", "vmdk", f"if={raw}", f"of={directory / 'v.vmdk'}")
+    assert result.rc == 0, result.stderr
+    raw.unlink()
+
+
+def build_vmdk_child(directory: Path) -> None:
+    build_vmdk(directory, name="base.vmdk")
+    qemu_img_ok("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "child.vmdk",
+                cwd=directory)
+    qemu_io(directory / "child.vmdk", "write -P 0x44 100k 10k", "vmdk")
+
+
+def build_vmdk_part(directory: Path) -> None:
+    """A 1 MiB sparse extent named by a descriptor that says it has 4096 sectors."""
+    patterned_raw(directory / "part.raw", MiB, [], seed=4)
+    qemu_img_ok("convert", "-f", "raw", "-O", "vmdk", "part.raw", "part1.vmdk", cwd=directory)
+    (directory / "part.raw").unlink()
+    write_descriptor(directory / "v.vmdk", "twoGbMaxExtentSparse", ['RW 4096 SPARSE "part1.vmdk"'])
+
+
+def write_descriptor(path: Path, create_type: str, extents: list[str]) -> None:
+    lines = [
+        "# Disk DescriptorFile", "version=1", "CID=12345678", "parentCID=ffffffff",
+        f'createType="{create_type}"', "", "# Extent description", *extents, "",
+        "# The Disk Data Base", "#DDB", "", 'ddb.virtualHWVersion = "4"',
+        'ddb.adapterType = "ide"',
+    ]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+def descriptor(key: str, create_type: str, extents: list[str],
+               files: dict[str, bytes] | None = None, image: str = "v.vmdk") -> Base:
+    """A hand-written descriptor (and the files it names): what qemu cannot make."""
+
+    def build(directory: Path) -> None:
+        for name, data in (files or {}).items():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_bytes(data)
+        (directory / image).parent.mkdir(parents=True, exist_ok=True)
+        lines = [line.replace("{dir}", str(directory)) for line in extents]
+        write_descriptor(directory / image, create_type, lines)
+
+    return Base(key, build, image)
+
+
+VMDK_SPARSE = Base("vmdk-sparse", build_vmdk_sparse, "v.vmdk")
+VMDK_STREAM = Base("vmdk-stream", lambda d: build_vmdk(d, "subformat=streamOptimized"), "v.vmdk")
+VMDK_STREAM_FOOTER = Base("vmdk-stream-footer", build_vmdk_stream_footer, "v.vmdk")
+VMDK_FLAT = Base("vmdk-flat", lambda d: build_vmdk(d, "subformat=monolithicFlat"), "v.vmdk")
+VMDK_CHILD = Base("vmdk-child", build_vmdk_child, "child.vmdk")
+VMDK_PART = Base("vmdk-part", build_vmdk_part, "v.vmdk")
+VMDK_RAW = Base("vmdk-raw", lambda d: (d / "in.raw").write_bytes(pattern(4096)), "in.raw")
+X_BIN = {"x.bin": bytes(4096)}
+
+
+def gd_offset(path: Path) -> int:
+    return field_at(path, 0x38, "<Q") * 512
+
+
+def grain_table_entry(index: int) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return field_at(path, gd_offset(path), "<I") * 512 + 4 * index
+
+    return at
+
+
+def first_grain_marker(path: Path) -> int:
+    """A stream's first grain marker: right after the overhead."""
+    return field_at(path, 0x40, "<Q") * 512
+
+
+def cid_digit(path: Path) -> int:
+    return path.read_bytes().index(b"CID=") + 4
+
+
+def other_digit(path: Path) -> bytes:
+    return b"1" if path.read_bytes()[cid_digit(path)] == ord("0") else b"0"
+
+
+VMDK_ROWS = table(
+    "vmdk", "vmdk",
+    row("gd-beyond-eof", VMDK_SPARSE, poke(0x38, "<Q", 0xFFFFFFF0),
+        OPENING + "grain directory of 'v.vmdk' at offset 2199023247360 lies beyond the end of "
+        "the file", False),
+    row("gt-beyond-eof", VMDK_SPARSE, poke(gd_offset, "<I", 0x7FFFFFFF),
+        OPENING + "grain table at sector 2147483647 of 'v.vmdk' lies beyond the end of the file",
+        False),
+    row("grain-beyond-eof", VMDK_SPARSE, poke(grain_table_entry(5), "<I", 0x7FFFFF00),
+        IN_IMAGE + "grain at sector 2147483392 of 'v.vmdk' lies beyond the end of the file", False,
+        fails_at="status"),
+    row("truncated-text-descriptor", VMDK_FLAT, Cut(lambda p: p.read_bytes().index(b"FLAT") + 7),
+        OPENING + "invalid VMDK image descriptor: invalid line 8 in VMDK descriptor: "
+        "'RW 4099 FLAT \"v'", True),
+    row("truncated-sparse-file", VMDK_SPARSE, Cut(3000),
+        OPENING + "File truncated, expecting at least 65536 bytes", True, same_as_qemu=True),
+    row("huge-capacity", VMDK_SPARSE, poke(12, "<Q", 1 << 62), OPENING + "L1 size too big", True),
+    row("huge-num-gtes-per-gt", VMDK_SPARSE, poke(0x2C, "<I", 0x10000000),
+        OPENING + "L2 table size too big", True, same_as_qemu=True),
+    row("huge-grain", VMDK_SPARSE, poke(20, "<Q", 1 << 40),
+        OPENING + "Invalid granularity, image may be corrupt", True),
+    row("extent-outside-the-allowed-directory",
+        descriptor("vmdk-escape", "monolithicFlat", ['RW 8 FLAT "../outside.bin" 0'],
+                   {"outside.bin": b"secret" * 1000}, image="inner/escape.vmdk"),
+        NOTHING, r"extent 'inner/\.\./outside\.bin' is outside the allowed directories "
+        r"\(/\S+/work/inner\); use --allow DIR to permit it", False),
+    row("absolute-extent-path",
+        descriptor("vmdk-absolute", "monolithicFlat", ['RW 1 FLAT "{dir}/secret.bin" 0'],
+                   {"secret.bin": b"secret" * 1000}),
+        NOTHING, r"extent '/\S+/vmdk-absolute/secret\.bin' is outside the allowed directories "
+        r"\(/\S+/work\); use --allow DIR to permit it", False),
+    row("bad-footer", VMDK_STREAM_FOOTER, poke(lambda p: file_end(p) - 512, "<I", 7),
+        OPENING + "Invalid footer", True, same_as_qemu=True),
+    row("corrupt-compressed-grain", VMDK_STREAM,
+        poke(lambda p: first_grain_marker(p) + 12, "<Q", 0x0123456789ABCDEF),
+        IN_IMAGE + "compressed grain at sector 128 of 'v.vmdk' does not decompress: "
+        "Error -3 while decompressing data: incorrect header check", True, fails_at="read"),
+    row("oversized-compressed-grain", VMDK_STREAM,
+        poke(lambda p: first_grain_marker(p) + 8, "<I", 0x7FFFFFFF),
+        IN_IMAGE + "compressed grain at sector 128 of 'v.vmdk' has an invalid size 2147483647",
+        True, fails_at="read"),
+    row("version-4", VMDK_SPARSE, poke(4, "<I", 4), OPENING + "Unsupported VMDK version 4", True,
+        same_as_qemu=True),
+    row("COWD", Base("vmdk-cowd", lambda d: (d / "v.vmdk").write_bytes(b"COWD" + bytes(2044)),
+                     "v.vmdk"), NOTHING,
+        OPENING + r"VMFS sparse \(COWD\) vmdk extents are not supported", True),
+    row("vmfsSparse", descriptor("vmdk-vmfssparse", "vmfsSparse", ['RW 8 VMFSSPARSE "x.vmdk"']),
+        NOTHING, OPENING + "vmdk images of type 'vmfsSparse' are not supported", True),
+    row("SESPARSE-extent",
+        descriptor("vmdk-sesparse", "twoGbMaxExtentSparse", ['RW 8 SESPARSE "x.vmdk"']),
+        NOTHING, OPENING + "vmdk extents of type 'SESPARSE' are not supported", True),
+    row("garbage-line",
+        descriptor("vmdk-garbage", "monolithicFlat", ['RW 8 FLAT "x.bin" 0', "rm -rf /"], X_BIN),
+        NOTHING, OPENING + "invalid VMDK image descriptor: invalid line 9 in VMDK descriptor: "
+        "'rm -rf /'", False),
+    row("descriptor-over-1-MiB",
+        descriptor("vmdk-huge", "monolithicFlat", ['RW 8 FLAT "x.bin" 0'] + ["#" * 1000] * 1100,
+                   X_BIN),
+        NOTHING, OPENING + "invalid VMDK image descriptor: larger than 1048576 bytes", False),
+    row("missing-extent",
+        descriptor("vmdk-missing", "monolithicFlat", ['RW 8 FLAT "nowhere.bin" 0']),
+        NOTHING, OPENING + "Could not open extent 'nowhere.bin': No such file or directory", True),
+    row("extent-size-mismatch", VMDK_PART, NOTHING,
+        OPENING + "sparse extent 'part1.vmdk' holds 2048 sectors, the descriptor says 4096", False),
+    row("parent-CID-mismatch", VMDK_CHILD, poke(cid_digit, "1s", other_digit, file="base.vmdk"),
+        r"'child\.vmdk': parent CID 0x[0-9a-f]{8} does not match the CID of its parent "
+        r"'base\.vmdk'", True, fails_at="read"),
+    row("no-extents", descriptor("vmdk-empty", "monolithicFlat", []), NOTHING,
+        OPENING + "invalid VMDK image descriptor: it names no extents", True),  # qemu aborts
+    row("RDONLY-extent",
+        descriptor("vmdk-rdonly", "monolithicFlat", ['RDONLY 8 FLAT "x.bin" 0'], X_BIN),
+        NOTHING, OPENING + "vmdk extents with access 'RDONLY' are not supported",
+        True),  # qemu aborts
+    row("flat-extent-without-offset",
+        descriptor("vmdk-nooffset", "monolithicFlat", ['RW 8 FLAT "x.bin"'], X_BIN),
+        NOTHING, OPENING + "Invalid extent line: flat extent 'x.bin' has no offset", True),
+    row("capacity-0-with-a-descriptor-offset", VMDK_SPARSE, poke(12, "<Q", 0),
+        OPENING + r"sparse vmdk header with capacity 0 and a descriptor offset "
+        r"\(qemu treats it as a descriptor file\)", True),
+    row("raw-file-as-vmdk", VMDK_RAW, NOTHING, OPENING + "invalid VMDK image descriptor", True,
+        same_as_qemu=True, probes=False),
+    row("embedded-type-in-a-descriptor-file",
+        descriptor("vmdk-embedded", "monolithicSparse", ['RW 8 SPARSE "x.bin"'], X_BIN),
+        NOTHING, OPENING + "Unsupported image type 'monolithicSparse'", True, same_as_qemu=True),
+    # New rows.
+    row("extent-of-0-sectors",
+        descriptor("vmdk-zero-sectors", "monolithicFlat", ['RW 0 FLAT "x.bin" 0'], X_BIN),
+        NOTHING, OPENING + "invalid VMDK image descriptor: an extent has 0 sectors",
+        True),  # qemu aborts
+    row("zero-extent-line", descriptor("vmdk-zero", "monolithicFlat", ["RW 2048 ZERO"]), NOTHING,
+        OPENING + "invalid VMDK image descriptor: invalid line 8 in VMDK descriptor: "
+        "'RW 2048 ZERO'", True),  # qemu aborts
+    row("unknown-create-type",
+        descriptor("vmdk-bogus-type", "bogus", ['RW 8 FLAT "x.bin" 0'], X_BIN),
+        NOTHING, OPENING + "Unsupported image type 'bogus'", True, same_as_qemu=True),
+    row("sparse-extent-that-is-raw",
+        descriptor("vmdk-raw-extent", "twoGbMaxExtentSparse", ['RW 8 SPARSE "x.bin"'], X_BIN),
+        NOTHING, OPENING + "Image not in VMDK format", True, same_as_qemu=True),
+    row("num-gtes-per-gt-0", VMDK_SPARSE, poke(0x2C, "<I", 0),
+        OPENING + "L1 entry size is invalid", True, same_as_qemu=True),
+    row("grain-0", VMDK_SPARSE, poke(20, "<Q", 0), OPENING + "L1 entry size is invalid", True,
+        same_as_qemu=True),
+    row("missing-parent", VMDK_CHILD, Edit(os.unlink, file="base.vmdk"),
+        OPENING + "Could not open backing file: Could not open 'base.vmdk': "
+        "Could not open 'base.vmdk': No such file or directory", True, fails_at="backing"),
+    row("stream-footer-cut", VMDK_STREAM_FOOTER, Cut(lambda p: file_end(p) - 1024),
+        OPENING + "Invalid footer", True, same_as_qemu=True),
+    row("flat-extent-past-its-file",
+        descriptor("vmdk-short", "monolithicFlat", ['RW 100 FLAT "short.bin" 0'],
+                   {"short.bin": pattern(10000, seed=5)}), NOTHING, None, False),
+)  # fmt: skip
+
+
 # --- the test body ------------------------------------------------------------------------------
 
-ROWS = [*QCOW2_ROWS]
+ROWS = [*QCOW2_ROWS, *VMDK_ROWS]
 
 
 @pytest.fixture(scope="module")
