@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import test_vpc_reader as vpc_tests
 from helpers import (
     Result,
     pattern,
@@ -540,9 +541,126 @@ VMDK_ROWS = table(
 )  # fmt: skip
 
 
+# --- vpc --------------------------------------------------------------------------------------
+
+
+def build_vpc(directory: Path) -> None:
+    """A dynamic 5 MiB disk (three 2 MiB blocks): data, zeros written, a block never written."""
+    qemu_img_ok("create", "-q", "-f", "vpc", str(directory / "v.vhd"), "5M")
+    for command in ("write -P 0x42 0 3M", "write -z 1M 512k", "write -P 0x43 2M 4k"):
+        qemu_io(directory / "v.vhd", command, "vpc")
+
+
+def build_vpc_fixed(directory: Path) -> None:
+    qemu_img_ok("create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(directory / "v.vhd"),
+                "3M")
+    qemu_io(directory / "v.vhd", "write -P 0x44 1M 5k", "vpc")
+
+
+def vpc_child(key: str, locator: str, *, parent_name: str = "", blocks: bool = True,
+              image: str = "child.vhd") -> Base:
+    """A differencing disk over a qemu-made parent (qemu-img cannot make one),
+    built by the vpc reader tests' builder; ``locator``: a W2ru parent locator."""
+
+    def build(directory: Path) -> None:
+        qemu_img_ok("create", "-q", "-f", "vpc", str(directory / "base.vhd"), "5M")
+        qemu_io(directory / "base.vhd", "write -P 0x5a 0 5M", "vpc")
+        children = vpc_tests._child_blocks()[0] if blocks else {}
+        vpc_tests.make_child(directory / image, directory / "base.vhd", children,
+                             [(b"W2ru", vpc_tests._utf16le(locator))], parent_name)
+
+    return Base(key, build, image)
+
+
+def vhd_checksum(start: int, length: int, checksum_at: int) -> Edit:
+    """Recompute the VHD checksum (one's complement of the byte sum) of a structure."""
+
+    def fix(path: Path) -> None:
+        data = bytearray(path.read_bytes()[start : start + length])
+        data[checksum_at : checksum_at + 4] = bytes(4)
+        with path.open("r+b") as handle:
+            handle.seek(start + checksum_at)
+            handle.write(struct.pack(">I", ~sum(data) & 0xFFFFFFFF))
+
+    return Edit(fix)
+
+
+VPC = Base("vpc", build_vpc, "v.vhd")
+VPC_FIXED = Base("vpc-fixed", build_vpc_fixed, "v.vhd")
+DYNAMIC_HEADER = 512
+FIX_HEADER = vhd_checksum(DYNAMIC_HEADER, 1024, 36)
+FIX_FOOTER = vhd_checksum(0, 512, 64)
+
+
+def bat_entry(index: int) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return field_at(path, DYNAMIC_HEADER + 16, ">Q") + 4 * index
+
+    return at
+
+
+def last_footer(path: Path) -> int:
+    return file_end(path) - 512
+
+
+VPC_BEYOND = r"points beyond the end of the file \(the image is truncated or corrupt\)"
+VPC_ROWS = table(
+    "vpc", "vpc",
+    row("bad-footer-checksum", VPC, poke(28, "4s", b"qemX"), OPENING + "Incorrect header checksum",
+        True, same_as_qemu=True),
+    row("BAT-entry-beyond-EOF", VPC, poke(bat_entry(0), ">I", 0x00FFFFFF),
+        OPENING + "block allocation table entry 0 " + VPC_BEYOND, True),
+    row("absurd-block-size", VPC, (poke(DYNAMIC_HEADER + 32, ">I", 3), FIX_HEADER),
+        OPENING + r"Invalid block size 3 \(instar reads powers of two from 4096 to 268435456\)",
+        True),
+    row("huge-block-size", VPC, (poke(DYNAMIC_HEADER + 32, ">I", 1 << 31), FIX_HEADER),
+        OPENING + r"Invalid block size 2147483648 "
+        r"\(instar reads powers of two from 4096 to 268435456\)", True),
+    row("bad-header-checksum", VPC, poke(DYNAMIC_HEADER + 40, "B", 1),
+        OPENING + "Incorrect dynamic disk header checksum", False),
+    row("BAT-beyond-EOF", VPC, (poke(DYNAMIC_HEADER + 16, ">Q", 1 << 40), FIX_HEADER),
+        OPENING + "block allocation table at offset 1099511627776 lies beyond the end of the file",
+        True),
+    row("truncated", VPC, Cut(lambda p: file_end(p) - 4096),
+        OPENING + "block allocation table entry 1 " + VPC_BEYOND, True),
+    row("header-beyond-EOF", VPC, (poke(16, ">Q", 1 << 50), FIX_FOOTER),
+        OPENING + "dynamic disk header at offset 1125899906842624 lies beyond the end of the file",
+        True),
+    row("table-too-small", VPC, (poke(DYNAMIC_HEADER + 28, ">I", 1), FIX_HEADER),
+        OPENING + "Page table too small", True, same_as_qemu=True),
+    row("parent-is-itself", vpc_child("vpc-loop", "loop.vhd", blocks=False, image="loop.vhd"),
+        NOTHING, OPENING + r"(cannot open the parent disk: Could not open backing file: "
+        r"Could not open 'loop\.vhd': ){16}"
+        "cannot open the parent disk: backing chain is deeper than 16 images", False,
+        fails_at="backing"),
+    row("parent-locator-too-long", vpc_child("vpc-long-locator", "x" * 5000, blocks=False),
+        NOTHING, OPENING + "parent locator of 10000 bytes is too long", False),
+    row("missing-parent", vpc_child("vpc-orphan", "gone.vhd", parent_name="also-gone.vhd"),
+        NOTHING, OPENING + "cannot open the parent disk: Could not open backing file: "
+        "Could not open 'gone.vhd': Could not open 'gone.vhd': No such file or directory", False,
+        fails_at="backing"),
+    # New rows.
+    row("unknown-disk-type", VPC, (poke(60, ">I", 5), FIX_FOOTER),
+        OPENING + "unsupported VHD disk type 5", False),
+    row("dynamic-header-cookie", VPC, (poke(DYNAMIC_HEADER, "8s", b"cxsparsX"), FIX_HEADER),
+        OPENING + "Invalid header magic", True, same_as_qemu=True),
+    row("huge-max-table-entries", VPC,
+        (poke(DYNAMIC_HEADER + 28, ">I", 0x7FFFFFFF), FIX_HEADER), None, True),
+    row("huge-current-size", VPC, (poke(48, ">Q", 1 << 60), FIX_FOOTER), None, False),
+    row("first-footer-cookie", VPC, poke(0, "8s", b"conectiX"),
+        OPENING + "the footer copy at offset 0 of this type 3 disk is missing", True,
+        probes=False),
+    row("BAT-entry-into-the-header", VPC, poke(bat_entry(0), ">I", 1), None, False),
+    row("fixed-footer-checksum", VPC_FIXED, poke(last_footer, "4s", b"qemX"),
+        OPENING + "invalid VPC image", True, same_as_qemu=True, probes=False),
+    row("fixed-footer-cut", VPC_FIXED, Cut(last_footer), OPENING + "invalid VPC image", True,
+        same_as_qemu=True, probes=False),
+)  # fmt: skip
+
+
 # --- the test body ------------------------------------------------------------------------------
 
-ROWS = [*QCOW2_ROWS, *VMDK_ROWS]
+ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS]
 
 
 @pytest.fixture(scope="module")
