@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import test_vhdx_reader as vhdx_tests
 import test_vpc_reader as vpc_tests
 from helpers import (
     Result,
@@ -36,6 +37,7 @@ from helpers import (
     run_instar,
     run_qemu_img,
 )
+from instar.formats.vhdx import layout as vhdx_layout
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -658,9 +660,203 @@ VPC_ROWS = table(
 )  # fmt: skip
 
 
+# --- vhdx -------------------------------------------------------------------------------------
+
+
+def build_vhdx(directory: Path) -> None:
+    """1 MiB blocks, 2 MiB + 512: data in block 0, data across its end, zeros, a last sector."""
+    image, size = directory / "bs1.vhdx", 2 * MiB + 512
+    qemu_img_ok("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(image), str(size))
+    vhdx_tests.qemu_io_cmds(
+        image, "write -P 0x41 0 128k", f"write -P 0x42 {MiB - 4096} 8192",
+        f"write -z {MiB + 8192} 4096", f"write -P 0x43 {size - 512} 512",
+    )
+
+
+def build_vhdx_dirty(directory: Path) -> None:
+    """bs1.vhdx with a pending log (the vhdx reader tests' builder)."""
+    build_vhdx(directory)
+    vhdx_tests.dirty_image(directory, directory)
+    (directory / "bs1.vhdx").unlink()
+
+
+def vhdx_child(key: str, **options: object) -> Base:
+    """A differencing VHDX over a parent qemu made (qemu cannot make one), by the
+    vhdx reader tests' builder; ``options`` change the child's parent locator."""
+
+    def build(directory: Path) -> None:
+        size = 6 * MiB + 512
+        (directory / "parent.raw").write_bytes(pattern(size, seed=11))
+        qemu_img_ok("convert", "-O", "vhdx", "-o", "block_size=1M", "parent.raw", "parent.vhdx",
+                    cwd=directory)
+        (directory / "parent.raw").unlink()
+        parent = directory / "parent.vhdx"
+        locator = options.get("locator")
+        if callable(locator):
+            options["locator"] = locator(parent)
+        blocks = {1: ("full", pattern(MiB, seed=21), None), 3: ("zero", b"", None),
+                  2: ("partial", pattern(MiB, seed=22), [i % 3 == 0 for i in range(2048)])}
+        vhdx_tests.make_child(directory / "child.vhdx", parent, blocks, virtual_size=size,
+                              **options)  # type: ignore[arg-type]
+
+    return Base(key, build, "child.vhdx")
+
+
+VHDX = Base("vhdx", build_vhdx, "bs1.vhdx")
+VHDX_DIRTY = Base("vhdx-dirty", build_vhdx_dirty, "dirty.vhdx")
+VHDX_CHILD = vhdx_child("vhdx-child")
+
+
+def regions(path: Path) -> dict[bytes, tuple[int, int]]:
+    """GUID -> (file offset, length) of the first region table (instar's decoder finds them)."""
+    data = path.read_bytes()[vhdx_layout.REGION_TABLE_OFFSETS[0] :]
+    return {e.guid: (e.file_offset, e.length) for e in vhdx_layout.decode_region_table(data)}
+
+
+def rewrite_regions(change: Callable[[Path], dict[bytes, tuple[int, int]]]) -> Edit:
+    """Both region tables rewritten (CRCs correct) with some regions moved."""
+
+    def fix(path: Path) -> None:
+        moved = change(path)
+        entries = [vhdx_layout.RegionEntry(guid, *moved.get(guid, place))
+                   for guid, place in regions(path).items()]
+        for offset in vhdx_layout.REGION_TABLE_OFFSETS:
+            poke(offset, f"{vhdx_layout.REGION_TABLE_SIZE}s",
+                 vhdx_layout.encode_region_table(entries)).apply(path)
+
+    return Edit(fix)
+
+
+def vhdx_bat(index: int) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return regions(path)[vhdx_layout.BAT_REGION][0] + 8 * index
+
+    return at
+
+
+def metadata_item(item: bytes) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return vhdx_tests._metadata_item_offset(path, item)
+
+    return at
+
+
+def metadata_region(path: Path) -> int:
+    return regions(path)[vhdx_layout.METADATA_REGION][0]
+
+
+def first_block(path: Path) -> int:
+    return field_at(path, vhdx_bat(0)(path), "<Q") & vhdx_layout.OFFSET_MASK
+
+
+def set_header_log_guid(path: Path) -> None:
+    """Both headers name a log (CRCs recomputed) that the log region does not hold."""
+    vhdx_tests._set_log_guid(path, b"\x07" * 16)
+
+
+def linkage(parent: Path) -> str:
+    return vhdx_tests._guid_string(vhdx_tests._current_header(parent).data_write_guid)
+
+
+FULLY_PRESENT = 6
+VHDX_INVALID = OPENING + "Could not open '{image}': Invalid argument"
+VHDX_NOT_VHDX_PARENT = OPENING + "parent 'parent.vhdx' is not a VHDX image"
+VHDX_ROWS = table(
+    "vhdx", "vhdx",
+    row("header-CRCs", VHDX, (poke(vhdx_layout.HEADER_OFFSETS[0] + 40, "B", 0xFF),
+                              poke(vhdx_layout.HEADER_OFFSETS[1] + 40, "B", 0xFF)),
+        OPENING + "No valid VHDX header found", True, same_as_qemu=True),
+    row("BAT-entry-beyond-EOF", VHDX, poke(vhdx_bat(0), "<Q", 1 << 40 | FULLY_PRESENT),
+        OPENING + r"BAT entry 0 points to \[1099511627776, 1099512676352\), beyond the end of the "
+        r"file \(11534336 bytes\); the image has probably been truncated", True),
+    row("BAT-region-beyond-EOF", VHDX,
+        rewrite_regions(lambda p: {vhdx_layout.BAT_REGION: (1 << 40, MiB)}),
+        OPENING + r"BAT region at \[1099511627776, 1099512676352\) lies beyond the end of the "
+        r"file \(11534336 bytes\)", False),
+    row("region-overlap", VHDX,
+        rewrite_regions(lambda p: {vhdx_layout.BAT_REGION: (metadata_region(p), MiB)}),
+        OPENING + "BAT region and metadata region overlap", True),
+    row("block-size-3-MiB", VHDX, poke(metadata_item(vhdx_layout.FILE_PARAMETERS), "<I", 3 * MiB),
+        OPENING + "block size 3145728 is not a power of two between 1 MiB and 256 MiB", True),
+    row("block-size-2-GiB", VHDX, poke(metadata_item(vhdx_layout.FILE_PARAMETERS), "<I", 1 << 31),
+        OPENING + "block size 2147483648 is not a power of two between 1 MiB and 256 MiB", True),
+    row("logical-sector-1024", VHDX,
+        poke(metadata_item(vhdx_layout.LOGICAL_SECTOR_SIZE), "<I", 1024),
+        OPENING + "logical sector size 1024 is not 512 or 4096", True),
+    row("virtual-size-beyond-the-BAT", VHDX,
+        poke(metadata_item(vhdx_layout.VIRTUAL_DISK_SIZE), "<Q", 1 << 44),
+        OPENING + r"the BAT region \(1048576 bytes\) is too small for the 16781311 entries a "
+        "17592186044416-byte disk in 1048576-byte blocks needs", True),
+    row("metadata-item-outside-its-region", VHDX,
+        poke(lambda p: metadata_region(p) + 32 + 16, "<I", MiB - 4),
+        OPENING + r"metadata item caa16737-fa36-4d43-b3b6-33f0aa44e76b at \[1048572, 1048580\) "
+        "lies outside the metadata region of 1048576 bytes", True),
+    row("partial-block-in-a-dynamic-disk", VHDX,
+        poke(vhdx_bat(1), "<Q", lambda p: first_block(p) | 7),
+        OPENING + "BAT entry 1 has an invalid block state 7", True),
+    row("block-inside-the-metadata-region", VHDX,
+        poke(vhdx_bat(0), "<Q", lambda p: metadata_region(p) | FULLY_PRESENT),
+        OPENING + r"BAT entry 0 points to \[3145728, 4194304\), inside the VHDX metadata at "
+        r"\[3145728, 4194304\)", True),
+    row("signature-and-zeros",
+        Base("vhdx-fake", lambda d: (d / "fake.vhdx").write_bytes(b"vhdxfile" + bytes(300 * KiB)),
+             "fake.vhdx"), NOTHING, OPENING + "No valid VHDX header found", True,
+        same_as_qemu=True),
+    row("signature-only",
+        Base("vhdx-short", lambda d: (d / "short.vhdx").write_bytes(b"vhdxfile"), "short.vhdx"),
+        NOTHING, OPENING + "No valid VHDX header found", True, same_as_qemu=True),
+    row("log-of-a-truncated-file", VHDX_DIRTY, Cut(lambda p: file_end(p) - MiB),
+        OPENING + "log entry 1 says the file was 12582912 bytes, but it is 11534336: "
+        "the image has been truncated", True),
+    # Differencing images: qemu 7.2 opens none ("Operation not supported").
+    row("child-bitmap-not-present", VHDX_CHILD, poke(vhdx_bat(4096), "<Q", 0),
+        OPENING + "BAT entry 2 is partially present but its sector bitmap is not", True),
+    row("child-without-parent-linkage",
+        vhdx_child("vhdx-no-linkage", locator={"relative_path": "parent.vhdx"}), NOTHING,
+        OPENING + "the parent locator has no parent_linkage", True),
+    row("child-with-windows-paths-only",
+        vhdx_child("vhdx-windows-paths", locator=lambda parent: {
+            "parent_linkage": linkage(parent),
+            "absolute_win32_path": "C:\\images\\parent.vhdx",
+            "volume_path": "\\\\?\\Volume{26A21BDA-A627-11D7-9931-806E6F6E6963}\\p.vhdx"}),
+        NOTHING, OPENING + "the parent locator names no parent file usable here", True),
+    # instar info opens no parent, and then takes the absent parent for one of
+    # another format: its reason is not the real one (the other commands give it).
+    row("child-of-a-changed-parent", vhdx_child("vhdx-changed", linkage=bytes(range(16))),
+        NOTHING, OPENING + r"parent 'parent\.vhdx' has data write GUID \{[0-9a-f-]{36}\}, not "
+        r"the \{03020100-0504-0706-0809-0a0b0c0d0e0f\} this image was made from: "
+        "it has changed since", True, info_says=VHDX_NOT_VHDX_PARENT),
+    row("child-with-missing-parent", VHDX_CHILD, Edit(os.unlink, file="parent.vhdx"),
+        OPENING + "Could not open backing file: Could not open 'parent.vhdx': "
+        "Could not open 'parent.vhdx': No such file or directory", True,
+        info_says=VHDX_NOT_VHDX_PARENT),
+    # New rows.
+    row("region-table-CRCs", VHDX, (poke(vhdx_layout.REGION_TABLE_OFFSETS[0] + 40, "B", 0xFF),
+                                    poke(vhdx_layout.REGION_TABLE_OFFSETS[1] + 40, "B", 0xFF)),
+        OPENING + "region table checksum is wrong", True),
+    row("first-region-table-CRC", VHDX, poke(vhdx_layout.REGION_TABLE_OFFSETS[0] + 40, "B", 0xFF),
+        None, True),
+    row("first-header-CRC", VHDX, poke(vhdx_layout.HEADER_OFFSETS[0] + 40, "B", 0xFF), None,
+        False),
+    row("file-identifier", VHDX, poke(0, "8s", b"vhdxfil\0"), VHDX_INVALID, True,
+        same_as_qemu=True, probes=False),
+    row("metadata-table-signature", VHDX, poke(metadata_region, "8s", b"metadatX"),
+        OPENING + "metadata table signature is wrong", True),
+    row("unknown-required-metadata-item", VHDX,
+        poke(lambda p: metadata_region(p) + 32, "16s", b"\x99" * 16),
+        OPENING + "required metadata item 99999999-9999-9999-9999-999999999999 is not supported",
+        True),
+    row("log-named-but-absent", VHDX, Edit(set_header_log_guid), None, False),
+    row("BAT-entry-into-the-BAT", VHDX,
+        poke(vhdx_bat(0), "<Q", lambda p: regions(p)[vhdx_layout.BAT_REGION][0] | FULLY_PRESENT),
+        OPENING + r"BAT entry 0 points to \[2097152, 3145728\), inside the VHDX metadata at "
+        r"\[2097152, 3145728\)", True),
+)  # fmt: skip
+
+
 # --- the test body ------------------------------------------------------------------------------
 
-ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS]
+ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS]
 
 
 @pytest.fixture(scope="module")
