@@ -1,7 +1,7 @@
 """Reading VHDX: instar dd from images qemu-img and qemu-io made, against qemu-img dd;
 every block state; differencing images (which qemu cannot create or read) against
-libvhdi and dissect.hypervisor; log replay against ``qemu-img check -r all``;
-corrupt images refused with one line."""
+libvhdi and dissect.hypervisor; log replay against ``qemu-img check -r all``.
+Damaged images are rows of tests/test_conformance.py."""
 
 from __future__ import annotations
 
@@ -436,17 +436,6 @@ def test_differencing_extents(family: tuple[Path, Path, bytes]) -> None:
     assert extents[2] == Extent(4 * MiB, 2 * MiB + 512, ExtentKind.DATA)
 
 
-def test_differencing_parent_changed_is_refused(family: tuple[Path, Path, bytes]) -> None:
-    parent, child, _ = family
-    make_child(child, parent, {}, virtual_size=6 * MiB + 512, linkage=bytes(range(16)))
-    out = child.parent / "out.raw"
-    result = run_instar("dd", f"if={child}", f"of={out}")
-    assert result.rc == 1
-    assert "has data write GUID" in result.stderr and "changed since" in result.stderr
-    assert len(result.stderr.splitlines()) == 1
-    assert not out.exists()
-
-
 def test_differencing_falls_back_to_absolute_path(family: tuple[Path, Path, bytes]) -> None:
     """relative_path first; a missing one gives way to a usable absolute path."""
     parent, child, _ = family
@@ -460,16 +449,6 @@ def test_differencing_falls_back_to_absolute_path(family: tuple[Path, Path, byte
     out = child.parent / "out.raw"
     assert run_instar("dd", "bs=1M", f"if={child}", f"of={out}").rc == 0
     assert out.read_bytes() == pattern(6 * MiB + 512, seed=11)
-
-
-def test_differencing_missing_parent(family: tuple[Path, Path, bytes]) -> None:
-    parent, child, _ = family
-    parent.unlink()
-    out = child.parent / "out.raw"
-    result = run_instar("dd", f"if={child}", f"of={out}")
-    assert result.rc == 1 and len(result.stderr.splitlines()) == 1
-    assert "Could not open backing file" in result.stderr
-    assert not out.exists()
 
 
 # ------------------------------------------------------------------ the log
@@ -589,16 +568,6 @@ def test_log_sequence_stops_at_a_bad_entry(corpus: Path, tmp_path: Path) -> None
     assert ours.read_bytes()[:8192] != bytes(8192)  # the zeroing entry was not replayed
 
 
-def test_log_of_a_truncated_file_is_refused(corpus: Path, tmp_path: Path) -> None:
-    image, _ = dirty_image(corpus, tmp_path)
-    os.truncate(image, image.stat().st_size - MiB)
-    out = tmp_path / "out.raw"
-    result = run_instar("dd", f"if={image}", f"of={out}")
-    assert result.rc == 1 and len(result.stderr.splitlines()) == 1
-    assert "truncated" in result.stderr
-    assert not out.exists()
-
-
 def test_log_overlay_layers_writes() -> None:
     """Later writes win, zero writes cut data writes, reads past the old end are zeros."""
 
@@ -634,19 +603,7 @@ def test_log_overlay_layers_writes() -> None:
     assert overlay.pread(10, 3) == bytes([10, 11, 12])
 
 
-# ------------------------------------------------------------------ corrupt images
-
-
-def _rewrite_region_tables(image: Path, change: dict[bytes, tuple[int, int]]) -> None:
-    data = image.read_bytes()
-    entries = layout.decode_region_table(data[layout.REGION_TABLE_OFFSETS[0] :])
-    new = [
-        layout.RegionEntry(e.guid, *change.get(e.guid, (e.file_offset, e.length))) for e in entries
-    ]
-    with open(image, "r+b") as file:
-        for offset in layout.REGION_TABLE_OFFSETS:
-            file.seek(offset)
-            file.write(layout.encode_region_table(new))
+# ------------------------------------------------------------------ structures, parents, probe
 
 
 def _metadata_item_offset(image: Path, item: bytes) -> int:
@@ -662,107 +619,6 @@ def _patch(image: Path, offset: int, data: bytes) -> None:
     with open(image, "r+b") as file:
         file.seek(offset)
         file.write(data)
-
-
-def corrupt_header_crcs(image: Path) -> None:
-    for offset in layout.HEADER_OFFSETS:
-        _patch(image, offset + 40, b"\xff")
-
-
-def corrupt_bat_beyond_eof(image: Path) -> None:
-    _set_bat_entry(image, 0, (1 << 40) | layout.PAYLOAD_FULLY_PRESENT)
-
-
-def corrupt_bat_region_beyond_eof(image: Path) -> None:
-    _rewrite_region_tables(image, {layout.BAT_REGION: (1 << 40, MiB)})
-
-
-def corrupt_region_overlap(image: Path) -> None:
-    regions = layout.decode_region_table(image.read_bytes()[layout.REGION_TABLE_OFFSETS[0] :])
-    metadata = next(r for r in regions if r.guid == layout.METADATA_REGION)
-    _rewrite_region_tables(image, {layout.BAT_REGION: (metadata.file_offset, MiB)})
-
-
-def corrupt_block_size(image: Path) -> None:
-    _patch(image, _metadata_item_offset(image, layout.FILE_PARAMETERS), struct.pack("<I", 3 * MiB))
-
-
-def corrupt_block_size_huge(image: Path) -> None:
-    _patch(image, _metadata_item_offset(image, layout.FILE_PARAMETERS), struct.pack("<I", 1 << 31))
-
-
-def corrupt_sector_size(image: Path) -> None:
-    _patch(image, _metadata_item_offset(image, layout.LOGICAL_SECTOR_SIZE), struct.pack("<I", 1024))
-
-
-def corrupt_virtual_size(image: Path) -> None:
-    """A disk far larger than its BAT can describe."""
-    _patch(
-        image, _metadata_item_offset(image, layout.VIRTUAL_DISK_SIZE), struct.pack("<Q", 1 << 44)
-    )
-
-
-def corrupt_metadata_item_bounds(image: Path) -> None:
-    data = image.read_bytes()
-    regions = layout.decode_region_table(data[layout.REGION_TABLE_OFFSETS[0] :])
-    region = next(r for r in regions if r.guid == layout.METADATA_REGION)
-    # The first entry's offset field: past the 1 MiB region.
-    _patch(image, region.file_offset + 32 + 16, struct.pack("<I", MiB - 4))
-
-
-def corrupt_bat_state(image: Path) -> None:
-    _set_bat_entry(image, 1, layout.PAYLOAD_PARTIALLY_PRESENT | (_bat_entry(image, 0) >> 20 << 20))
-
-
-def corrupt_block_in_metadata(image: Path) -> None:
-    regions = layout.decode_region_table(image.read_bytes()[layout.REGION_TABLE_OFFSETS[0] :])
-    metadata = next(r for r in regions if r.guid == layout.METADATA_REGION)
-    _set_bat_entry(image, 0, metadata.file_offset | layout.PAYLOAD_FULLY_PRESENT)
-
-
-def corrupt_signature(image: Path) -> None:
-    _patch(image, 0, b"vhdxfil\0")
-
-
-CORRUPTIONS = {
-    "header CRCs": (corrupt_header_crcs, "No valid VHDX header found"),
-    "BAT entry beyond EOF": (corrupt_bat_beyond_eof, "beyond the end of the file"),
-    "BAT region beyond EOF": (corrupt_bat_region_beyond_eof, "beyond the end of the file"),
-    "region overlap": (corrupt_region_overlap, "overlap"),
-    "block size 3 MiB": (corrupt_block_size, "block size 3145728"),
-    "block size 2 GiB": (corrupt_block_size_huge, "block size 2147483648"),
-    "logical sector 1024": (corrupt_sector_size, "logical sector size 1024"),
-    "virtual size vs BAT": (corrupt_virtual_size, "too small"),
-    "metadata item bounds": (corrupt_metadata_item_bounds, "outside the metadata region"),
-    "partial block in dynamic": (corrupt_bat_state, "invalid block state 7"),
-    "block inside metadata": (corrupt_block_in_metadata, "inside the VHDX metadata"),
-}
-
-
-@pytest.mark.parametrize("name", list(CORRUPTIONS))
-def test_corrupt_images_refused(name: str, corpus: Path, tmp_path: Path) -> None:
-    corrupt, message = CORRUPTIONS[name]
-    image = tmp_path / "bad.vhdx"
-    shutil.copy(corpus / "bs1.vhdx", image)
-    corrupt(image)
-    out = tmp_path / "out.raw"
-    for args in (["-f", "vhdx"], []):
-        result = run_instar("dd", *args, f"if={image}", f"of={out}")
-        assert result.rc == 1, name
-        assert result.stderr.startswith(f"instar: Could not open '{image}': ")
-        assert message in result.stderr
-        assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
-        assert not out.exists()
-        assert [p.name for p in tmp_path.iterdir()] == ["bad.vhdx"]
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("name", ["header CRCs", "BAT entry beyond EOF", "block size 3 MiB"])
-def test_qemu_refuses_them_too(name: str, corpus: Path, tmp_path: Path) -> None:
-    image = tmp_path / "bad.vhdx"
-    shutil.copy(corpus / "bs1.vhdx", image)
-    CORRUPTIONS[name][0](image)
-    assert run_qemu_img("info", "-f", "vhdx", str(image)).rc == 1
 
 
 def test_parent_outside_allowed_directory(family: tuple[Path, Path, bytes], tmp_path: Path) -> None:
@@ -783,19 +639,11 @@ def test_parent_outside_allowed_directory(family: tuple[Path, Path, bytes], tmp_
     assert run_instar("dd", "--allow", str(tmp_path), f"if={child}", f"of={out}").rc == 0
 
 
-def test_probe_and_not_vhdx(tmp_path: Path) -> None:
+def test_probe() -> None:
     from instar.formats.vhdx import FORMAT
 
     assert FORMAT.probe(b"vhdxfile" + bytes(100), "x") == 100
     assert FORMAT.probe(b"vhdxfilf", "x") == 0
-    fake = tmp_path / "fake.vhdx"
-    fake.write_bytes(b"vhdxfile" + bytes(300 * KiB))
-    result = run_instar("dd", f"if={fake}", f"of={tmp_path / 'o.raw'}")
-    assert result.rc == 1 and "No valid VHDX header found" in result.stderr
-    short = tmp_path / "short.vhdx"
-    short.write_bytes(b"vhdxfile")
-    result = run_instar("dd", f"if={short}", f"of={tmp_path / 'o.raw'}")
-    assert result.rc == 1 and len(result.stderr.splitlines()) == 1
 
 
 # ------------------------------------------------------------------ headers and sizes
@@ -927,35 +775,3 @@ def test_crafted_log_is_refused_quickly() -> None:
     with pytest.raises(UnsupportedError, match="too many overlapping entries"):
         log.active_sequence(bytes(sector) * 256, guid)
     assert time.monotonic() - started < 2
-
-
-@pytest.mark.parametrize(
-    ("change", "message"),
-    [
-        ("bitmap", "partially present but its sector bitmap is not"),
-        ("no linkage", "no parent_linkage"),
-        ("windows paths only", "names no parent file usable here"),
-    ],
-)
-def test_differencing_corruptions(
-    change: str, message: str, family: tuple[Path, Path, bytes]
-) -> None:
-    parent, child, _ = family
-    size = 6 * MiB + 512
-    if change == "bitmap":
-        # Chunk 0's sector bitmap entry follows 4096 payload entries (1 MiB blocks).
-        _set_bat_entry(child, 4096, 0)
-    else:
-        locator = {"relative_path": parent.name}
-        if change == "windows paths only":
-            locator = {
-                "parent_linkage": _guid_string(_current_header(parent).data_write_guid),
-                "absolute_win32_path": "C:\\images\\parent.vhdx",
-                "volume_path": "\\\\?\\Volume{26A21BDA-A627-11D7-9931-806E6F6E6963}\\p.vhdx",
-            }
-        make_child(child, parent, {}, virtual_size=size, locator=locator)
-    out = child.parent / "out.raw"
-    result = run_instar("dd", f"if={child}", f"of={out}")
-    assert result.rc == 1 and message in result.stderr
-    assert len(result.stderr.splitlines()) == 1 and "Traceback" not in result.stderr
-    assert not out.exists()

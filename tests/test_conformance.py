@@ -1,0 +1,1043 @@
+"""Conformance: damaged images of every format, one table per format, one test body.
+
+Each row names a base image (made by qemu-img and qemu-io: patterned data,
+zeros, holes; written by hand only where qemu cannot make it), the damage
+done to a copy of it (bytes poked at an offset, often computed from the
+header, or a truncation), what instar says (a regex on its one line of
+stderr), and whether qemu-img 7.2 refuses the damaged image too. That column
+is checked by running ``qemu-img convert -O raw`` and ``qemu-img info`` on
+the same file. Rows with no message are read by instar, and must read as
+qemu reads them.
+
+One body checks every row with ``instar info``, ``dd``, ``convert -O raw``
+and ``compare``: exit 1 (compare: qemu's 2, 3 or 4), one line matching the
+row, no traceback, nothing left behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+import test_vhdx_reader as vhdx_tests
+import test_vpc_reader as vpc_tests
+from helpers import (
+    Result,
+    pattern,
+    qemu_img_ok,
+    qemu_io,
+    run_instar,
+    run_qemu_img,
+    write_pieces,
+)
+from instar.formats.vhdx import layout as vhdx_layout
+
+KiB = 1 << 10
+MiB = 1 << 20
+
+# --- the language of the tables ------------------------------------------------------------
+
+Offset = int | Callable[[Path], int]
+Value = int | bytes | Callable[[Path], int | bytes]
+
+
+@dataclass(frozen=True)
+class Poke:
+    """Write ``struct.pack(fmt, *values)`` at ``at`` in the image, or in ``file``
+    (another file of the image's directory); an offset or value may be computed
+    from the file (a function of its path)."""
+
+    at: Offset
+    fmt: str
+    values: tuple[Value, ...]
+    file: str | None = None
+
+    def apply(self, path: Path) -> None:
+        offset = self.at(path) if callable(self.at) else self.at
+        values = [value(path) if callable(value) else value for value in self.values]
+        with path.open("r+b") as handle:
+            handle.seek(offset)
+            handle.write(struct.pack(self.fmt, *values))
+
+
+def poke(at: Offset, fmt: str, *values: Value, file: str | None = None) -> Poke:
+    return Poke(at, fmt, values, file)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Truncate the file to ``size`` bytes (or ``size(path)``)."""
+
+    size: Offset
+    file: str | None = None
+
+    def apply(self, path: Path) -> None:
+        os.truncate(path, self.size(path) if callable(self.size) else self.size)
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A step that is no poke: recompute a checksum, rewrite a structure, remove a file."""
+
+    run: Callable[[Path], None]
+    file: str | None = None
+
+    def apply(self, path: Path) -> None:
+        self.run(path)
+
+
+Step = Poke | Cut | Edit
+
+
+@dataclass(frozen=True)
+class Base:
+    """A directory of files, made once per module; ``image`` is the file the
+    commands name (relative to the directory, as in every message)."""
+
+    key: str
+    build: Callable[[Path], None]
+    image: str
+
+
+OPENING = "Could not open '{image}': "  # qemu's words before the reason a format gives
+IN_IMAGE = "{image}: "  # before the reason a read fails: compare says "... of {image}: "
+
+
+@dataclass(frozen=True)
+class Case:
+    """One row.
+
+    ``says``: instar's line of stderr after ``instar: ``, a regex that must
+    match all of it (``{image}`` stands for the image's name: OPENING before
+    a reason at open, IN_IMAGE before a reason a read fails); None: instar
+    reads the image, as qemu does (or, where qemu refuses it, as qemu reads the
+    undamaged base). ``qemu_refuses``: qemu-img convert exits non-zero.
+    ``fails_at``: where instar stops, which decides what info and compare do:
+    "open" (every command fails; compare exits 2), "backing" (the image
+    opens, a backing file does not: info works, compare 2), "status" (the
+    mapping is wrong: info works, compare 3) or "read" (the data is wrong:
+    info works, compare 4). ``info_says``: info's line, where it differs.
+    ``same_as_qemu``: instar's line is qemu-img's, word for word. ``fmt``: the
+    ``-f`` every command gets ("" for none: probed); ``probes``: the damaged
+    file still probes as ``fmt``, so ``dd`` runs a second time without ``-f``.
+    """
+
+    name: str
+    base: Base
+    patch: tuple[Step, ...]
+    says: str | None
+    qemu_refuses: bool
+    fails_at: str = "open"
+    info_says: str | None = None
+    same_as_qemu: bool = False
+    fmt: str | None = None
+    probes: bool = True
+    family: str = ""
+
+
+def table(family: str, fmt: str | None, *rows: Case) -> list[Case]:
+    """The rows of one format: ``fmt`` is the ``-f`` they take unless they say."""
+    return [
+        dataclasses.replace(row, family=family, fmt=row.fmt if row.fmt is not None else fmt)
+        for row in rows
+    ]
+
+
+def row(name: str, base: Base, patch: Step | tuple[Step, ...], says: str | None,
+        qemu_refuses: bool, **more: object) -> Case:
+    """A row: its name, base, damage (one step or several), instar's line (None:
+    readable), whether qemu-img refuses it; then the other columns by name."""
+    steps = patch if isinstance(patch, tuple) else (patch,)
+    return Case(name, base, steps, says, qemu_refuses, **more)  # type: ignore[arg-type]
+
+
+NOTHING: tuple[Step, ...] = ()
+
+
+def field_at(path: Path, offset: int, fmt: str) -> int:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        value: int = struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+    return value
+
+
+def file_end(path: Path) -> int:
+    """The size of the file: an offset just past its end."""
+    return path.stat().st_size
+
+
+def patterned_raw(path: Path, size: int, holes: list[tuple[int, int]], seed: int = 0) -> None:
+    """Patterned bytes with zero stretches at ``holes`` ((start, end) pairs)."""
+    data = bytearray(pattern(size, seed=seed))
+    for start, end in holes:
+        data[start:end] = bytes(end - start)
+    path.write_bytes(bytes(data))
+
+
+# --- qcow2 ------------------------------------------------------------------------------------
+
+
+def build_qcow2(directory: Path) -> None:
+    """1 MiB, 64 KiB clusters: data in cluster 0 (the first L2 entry), a zero
+    cluster, more data, unallocated clusters, data at the end."""
+    patterned_raw(directory / "v.raw", MiB, [(320 * KiB, 768 * KiB)], seed=1)
+    qemu_img_ok("convert", "-f", "raw", "-O", "qcow2", str(directory / "v.raw"),
+                str(directory / "v.qcow2"))
+    qemu_io(directory / "v.qcow2", "write -z 64k 64k", "qcow2")
+    (directory / "v.raw").unlink()
+
+
+def build_qcow2_extl2(directory: Path) -> None:
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "extended_l2=on", str(directory / "v.qcow2"),
+                "1M")
+    qemu_io(directory / "v.qcow2", "write -P 0x5a 0 64k", "qcow2")
+    qemu_io(directory / "v.qcow2", "write -z 256k 8k", "qcow2")
+
+
+def build_qcow2_compressed(directory: Path) -> None:
+    patterned_raw(directory / "v.raw", MiB, [(512 * KiB, 640 * KiB)], seed=2)
+    qemu_img_ok("convert", "-c", "-f", "raw", "-O", "qcow2", str(directory / "v.raw"),
+                str(directory / "v.qcow2"))
+    (directory / "v.raw").unlink()
+
+
+QCOW2 = Base("qcow2", build_qcow2, "v.qcow2")
+QCOW2_EXTL2 = Base("qcow2-extl2", build_qcow2_extl2, "v.qcow2")
+QCOW2_COMPRESSED = Base("qcow2-compressed", build_qcow2_compressed, "v.qcow2")
+
+
+def l1_table(path: Path) -> int:
+    return field_at(path, 40, ">Q")
+
+
+def l2_entry(index: int) -> Callable[[Path], int]:
+    """Where entry ``index`` of the first L2 table lies."""
+
+    def at(path: Path) -> int:
+        return (field_at(path, l1_table(path), ">Q") & 0x00FF_FFFF_FFFF_FE00) + 8 * index
+
+    return at
+
+
+def past_eof_cluster(path: Path) -> int:
+    """The first 64 KiB-aligned offset at or past the end of the file."""
+    return -(-file_end(path) // 0x10000) * 0x10000
+
+
+def name_feature_bit_9(path: Path) -> None:
+    """The feature name table's entry for extended L2 (bit 4) renamed to bit 9."""
+    data = bytearray(path.read_bytes())
+    entry = data.index(b"\x00\x04extended L2 entries")
+    data[entry + 1] = 9
+    path.write_bytes(bytes(data))
+
+
+COMPRESSED = 1 << 62
+COPIED = 1 << 63
+
+QCOW2_ROWS = table(
+    "qcow2", "qcow2",
+    row("cluster-bits-30", QCOW2, poke(20, ">I", 30), OPENING + r"Unsupported cluster size: 2\^30",
+        True, same_as_qemu=True),
+    row("huge-l1-size", QCOW2, poke(36, ">I", 0x7FFFFFFF), OPENING + "Active L1 table too large",
+        True, same_as_qemu=True),
+    row("l1-past-eof", QCOW2, poke(40, ">Q", 1 << 40),
+        OPENING + "L1 table at offset 1099511627776 lies beyond the end of the file", False),
+    row("l1-too-small", QCOW2, poke(36, ">I", 0), OPENING + "L1 table is too small", True,
+        same_as_qemu=True),
+    row("l1-unaligned", QCOW2, poke(40, ">Q", 0x30008), OPENING + "Invalid L1 table offset 0x30008",
+        True),
+    row("l2-past-eof", QCOW2, poke(l2_entry(0), ">Q", COPIED | 1 << 40),
+        IN_IMAGE + "cluster at guest offset 0x0 points to 0x10000000000, beyond the end of the "
+        "file", False, fails_at="status"),
+    row("l2-unaligned", QCOW2, poke(l2_entry(0), ">Q", COPIED | 0x50200),
+        IN_IMAGE + r"cluster allocation offset 0x50200 unaligned \(guest offset 0x0\)", True,
+        fails_at="status"),
+    row("l2-table-past-eof", QCOW2, poke(l1_table, ">Q", COPIED | 1 << 40),
+        IN_IMAGE + "L2 table at offset 1099511627776 lies beyond the end of the file", False,
+        fails_at="status"),
+    row("unknown-incompatible-bit", QCOW2, poke(72, ">Q", 1 << 40),
+        OPENING + r"Unsupported qcow2 feature\(s\): Unknown incompatible feature: 10000000000",
+        True, same_as_qemu=True),
+    row("unknown-incompatible-bits", QCOW2, poke(72, ">Q", 1 << 40 | 1 << 5),
+        OPENING + r"Unsupported qcow2 feature\(s\): Unknown incompatible feature: 10000000020",
+        True, same_as_qemu=True),
+    row("named-unknown-feature", QCOW2, (Edit(name_feature_bit_9), poke(72, ">Q", 1 << 9)),
+        OPENING + r"Unsupported qcow2 feature\(s\): extended L2 entries", True, same_as_qemu=True),
+    row("encrypted-aes", QCOW2, poke(32, ">I", 1),
+        OPENING + "encrypted images are not supported yet", True),
+    row("encrypted-luks", QCOW2, poke(32, ">I", 2),  # qemu-img info dies of SIGSEGV on it
+        OPENING + "encrypted images are not supported yet", True),
+    row("version-4", QCOW2, poke(4, ">I", 4), OPENING + "Unsupported qcow2 version 4", True,
+        same_as_qemu=True),
+    row("header-length-huge", QCOW2, poke(100, ">I", 1 << 20),
+        OPENING + "qcow2 header exceeds cluster size", True, same_as_qemu=True),
+    row("refcount-order-7", QCOW2, poke(96, ">I", 7),
+        OPENING + "Reference count entry width too large; may not exceed 64 bits", True,
+        same_as_qemu=True),
+    row("extension-too-large", QCOW2, poke(116, ">I", 0x7FFFFFF0),
+        OPENING + "qcow2 header extension 0x6803f857 is too large", True),
+    row("data-file-missing", QCOW2, poke(72, ">Q", 1 << 2),
+        OPENING + "'data-file' is required for this image", True, same_as_qemu=True),
+    row("compression-bit-zlib", QCOW2, poke(72, ">Q", 1 << 3),
+        OPENING + "qcow2: Compression type incompatible feature bit must not be set", True,
+        same_as_qemu=True),
+    row("compressed-garbage", QCOW2, poke(l2_entry(0), ">Q", COMPRESSED | 7 << 54 | 0x300),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 does not decompress: "
+        "Error -3 while decompressing data: invalid stored block lengths", True, fails_at="read"),
+    row("backing-name-too-long", QCOW2, poke(8, ">QI", 0x1000, 4000),
+        OPENING + "Backing file name too long", True, same_as_qemu=True),
+    row("invalid-subcluster-bitmap", QCOW2_EXTL2,
+        poke(lambda p: l2_entry(0)(p) + 8, ">Q", 1 << 32 | 1),
+        IN_IMAGE + "invalid subcluster bitmap 0x0000000100000001 at guest offset 0x0", True,
+        fails_at="status"),
+    row("corrupt-and-dirty-bits", QCOW2, poke(72, ">Q", 0b11), None, False),
+    # New rows.
+    row("l1-just-past-eof", QCOW2, poke(40, ">Q", past_eof_cluster),
+        OPENING + "L1 table at offset 917504 lies beyond the end of the file", False),
+    row("refcount-table-unaligned", QCOW2, poke(48, ">Q", 0x10008),
+        OPENING + "Invalid reference count table offset 0x10008", True),
+    row("refcount-table-past-eof", QCOW2, poke(48, ">Q", 1 << 40), None, False),
+    row("refcount-table-too-large", QCOW2, poke(56, ">I", 0x7FFFFFFF),
+        OPENING + "Reference count table too large", True, same_as_qemu=True),
+    row("snapshot-table-unaligned", QCOW2, poke(60, ">IQ", 1, 0x10008),
+        OPENING + "Invalid snapshot table offset 0x10008", True),
+    row("too-many-snapshots", QCOW2, poke(60, ">I", 0x7FFFFFFF), OPENING + "Too many snapshots",
+        True),
+    row("virtual-size-huge", QCOW2, poke(24, ">Q", 1 << 62), OPENING + "L1 table is too small",
+        True),
+    row("backing-name-past-cluster", QCOW2, poke(8, ">QI", 0x20000, 10),
+        OPENING + "Invalid backing file offset", True, same_as_qemu=True),
+    row("compressed-cluster-past-eof", QCOW2_COMPRESSED,
+        poke(l2_entry(0), ">Q", lambda p: COMPRESSED | past_eof_cluster(p)),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 points to 0x60000, beyond the end of "
+        "the file", True, fails_at="read"),
+    row("dirty-bit", QCOW2, poke(72, ">Q", 0b1), None, False),
+    row("unknown-compatible-bit", QCOW2, poke(80, ">Q", 1 << 20), None, False),
+    row("unknown-autoclear-bit", QCOW2, poke(88, ">Q", 1 << 20), None, False),
+)  # fmt: skip
+
+
+# --- vmdk -------------------------------------------------------------------------------------
+
+
+def vmdk_source(directory: Path) -> Path:
+    """2 MiB + 1536: patterned, a zero stretch, a ragged last grain."""
+    raw = directory / "source.raw"
+    patterned_raw(raw, 2 * MiB + 1536, [(MiB, MiB + 384 * KiB)], seed=3)
+    return raw
+
+
+def build_vmdk(directory: Path, *options: str, name: str = "v.vmdk") -> None:
+    raw = vmdk_source(directory)
+    dash_o = ["-o", ",".join(options)] if options else []
+    qemu_img_ok("convert", "-f", "raw", "-O", "vmdk", *dash_o, str(raw), str(directory / name))
+    raw.unlink()
+
+
+def build_vmdk_sparse(directory: Path) -> None:
+    build_vmdk(directory)
+    qemu_io(directory / "v.vmdk", "write -P 0x11 100k 200k", "vmdk")
+    qemu_io(directory / "v.vmdk", "write -z 1600k 64k", "vmdk")
+
+
+def build_vmdk_stream_footer(directory: Path) -> None:
+    """streamOptimized in VMware's layout (footer, end-of-stream marker), as instar writes it."""
+    raw = vmdk_source(directory)
+    result = run_instar("dd", "-c", "-O", "vmdk", f"if={raw}", f"of={directory / 'v.vmdk'}")
+    assert result.rc == 0, result.stderr
+    raw.unlink()
+
+
+def build_vmdk_child(directory: Path) -> None:
+    build_vmdk(directory, name="base.vmdk")
+    qemu_img_ok("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "child.vmdk",
+                cwd=directory)
+    qemu_io(directory / "child.vmdk", "write -P 0x44 100k 10k", "vmdk")
+
+
+def build_vmdk_part(directory: Path) -> None:
+    """A 1 MiB sparse extent named by a descriptor that says it has 4096 sectors."""
+    patterned_raw(directory / "part.raw", MiB, [], seed=4)
+    qemu_img_ok("convert", "-f", "raw", "-O", "vmdk", "part.raw", "part1.vmdk", cwd=directory)
+    (directory / "part.raw").unlink()
+    write_descriptor(directory / "v.vmdk", "twoGbMaxExtentSparse", ['RW 4096 SPARSE "part1.vmdk"'])
+
+
+def write_descriptor(path: Path, create_type: str, extents: list[str]) -> None:
+    lines = [
+        "# Disk DescriptorFile", "version=1", "CID=12345678", "parentCID=ffffffff",
+        f'createType="{create_type}"', "", "# Extent description", *extents, "",
+        "# The Disk Data Base", "#DDB", "", 'ddb.virtualHWVersion = "4"',
+        'ddb.adapterType = "ide"',
+    ]  # fmt: skip
+    path.write_text("\n".join(lines) + "\n")
+
+
+def descriptor(key: str, create_type: str, extents: list[str],
+               files: dict[str, bytes] | None = None, image: str = "v.vmdk") -> Base:
+    """A hand-written descriptor (and the files it names): what qemu cannot make."""
+
+    def build(directory: Path) -> None:
+        for name, data in (files or {}).items():
+            (directory / name).parent.mkdir(parents=True, exist_ok=True)
+            (directory / name).write_bytes(data)
+        (directory / image).parent.mkdir(parents=True, exist_ok=True)
+        lines = [line.replace("{dir}", str(directory)) for line in extents]
+        write_descriptor(directory / image, create_type, lines)
+
+    return Base(key, build, image)
+
+
+VMDK_SPARSE = Base("vmdk-sparse", build_vmdk_sparse, "v.vmdk")
+VMDK_STREAM = Base("vmdk-stream", lambda d: build_vmdk(d, "subformat=streamOptimized"), "v.vmdk")
+VMDK_STREAM_FOOTER = Base("vmdk-stream-footer", build_vmdk_stream_footer, "v.vmdk")
+VMDK_FLAT = Base("vmdk-flat", lambda d: build_vmdk(d, "subformat=monolithicFlat"), "v.vmdk")
+VMDK_CHILD = Base("vmdk-child", build_vmdk_child, "child.vmdk")
+VMDK_PART = Base("vmdk-part", build_vmdk_part, "v.vmdk")
+VMDK_RAW = Base("vmdk-raw", lambda d: (d / "in.raw").write_bytes(pattern(4096)), "in.raw")
+X_BIN = {"x.bin": bytes(4096)}
+
+
+def gd_offset(path: Path) -> int:
+    return field_at(path, 0x38, "<Q") * 512
+
+
+def grain_table_entry(index: int) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return field_at(path, gd_offset(path), "<I") * 512 + 4 * index
+
+    return at
+
+
+def first_grain_marker(path: Path) -> int:
+    """A stream's first grain marker: right after the overhead."""
+    return field_at(path, 0x40, "<Q") * 512
+
+
+def cid_digit(path: Path) -> int:
+    return path.read_bytes().index(b"CID=") + 4
+
+
+def other_digit(path: Path) -> bytes:
+    return b"1" if path.read_bytes()[cid_digit(path)] == ord("0") else b"0"
+
+
+VMDK_ROWS = table(
+    "vmdk", "vmdk",
+    row("gd-beyond-eof", VMDK_SPARSE, poke(0x38, "<Q", 0xFFFFFFF0),
+        OPENING + "grain directory of 'v.vmdk' at offset 2199023247360 lies beyond the end of "
+        "the file", False),
+    row("gt-beyond-eof", VMDK_SPARSE, poke(gd_offset, "<I", 0x7FFFFFFF),
+        OPENING + "grain table at sector 2147483647 of 'v.vmdk' lies beyond the end of the file",
+        False),
+    row("grain-beyond-eof", VMDK_SPARSE, poke(grain_table_entry(5), "<I", 0x7FFFFF00),
+        IN_IMAGE + "grain at sector 2147483392 of 'v.vmdk' lies beyond the end of the file", False,
+        fails_at="status"),
+    row("truncated-text-descriptor", VMDK_FLAT, Cut(lambda p: p.read_bytes().index(b"FLAT") + 7),
+        OPENING + "invalid VMDK image descriptor: invalid line 8 in VMDK descriptor: "
+        "'RW 4099 FLAT \"v'", True),
+    row("truncated-sparse-file", VMDK_SPARSE, Cut(3000),
+        OPENING + "File truncated, expecting at least 65536 bytes", True, same_as_qemu=True),
+    row("huge-capacity", VMDK_SPARSE, poke(12, "<Q", 1 << 62), OPENING + "L1 size too big", True),
+    row("huge-num-gtes-per-gt", VMDK_SPARSE, poke(0x2C, "<I", 0x10000000),
+        OPENING + "L2 table size too big", True, same_as_qemu=True),
+    row("huge-grain", VMDK_SPARSE, poke(20, "<Q", 1 << 40),
+        OPENING + "Invalid granularity, image may be corrupt", True),
+    row("extent-outside-the-allowed-directory",
+        descriptor("vmdk-escape", "monolithicFlat", ['RW 8 FLAT "../outside.bin" 0'],
+                   {"outside.bin": b"secret" * 1000}, image="inner/escape.vmdk"),
+        NOTHING, r"extent 'inner/\.\./outside\.bin' is outside the allowed directories "
+        r"\(/\S+/work/inner\); use --allow DIR to permit it", False),
+    row("absolute-extent-path",
+        descriptor("vmdk-absolute", "monolithicFlat", ['RW 1 FLAT "{dir}/secret.bin" 0'],
+                   {"secret.bin": b"secret" * 1000}),
+        NOTHING, r"extent '/\S+/vmdk-absolute/secret\.bin' is outside the allowed directories "
+        r"\(/\S+/work\); use --allow DIR to permit it", False),
+    row("bad-footer", VMDK_STREAM_FOOTER, poke(lambda p: file_end(p) - 512, "<I", 7),
+        OPENING + "Invalid footer", True, same_as_qemu=True),
+    row("corrupt-compressed-grain", VMDK_STREAM,
+        poke(lambda p: first_grain_marker(p) + 12, "<Q", 0x0123456789ABCDEF),
+        IN_IMAGE + "compressed grain at sector 128 of 'v.vmdk' does not decompress: "
+        "Error -3 while decompressing data: incorrect header check", True, fails_at="read"),
+    row("oversized-compressed-grain", VMDK_STREAM,
+        poke(lambda p: first_grain_marker(p) + 8, "<I", 0x7FFFFFFF),
+        IN_IMAGE + "compressed grain at sector 128 of 'v.vmdk' has an invalid size 2147483647",
+        True, fails_at="read"),
+    row("version-4", VMDK_SPARSE, poke(4, "<I", 4), OPENING + "Unsupported VMDK version 4", True,
+        same_as_qemu=True),
+    row("COWD", Base("vmdk-cowd", lambda d: (d / "v.vmdk").write_bytes(b"COWD" + bytes(2044)),
+                     "v.vmdk"), NOTHING,
+        OPENING + r"VMFS sparse \(COWD\) vmdk extents are not supported", True),
+    row("vmfsSparse", descriptor("vmdk-vmfssparse", "vmfsSparse", ['RW 8 VMFSSPARSE "x.vmdk"']),
+        NOTHING, OPENING + "vmdk images of type 'vmfsSparse' are not supported", True),
+    row("SESPARSE-extent",
+        descriptor("vmdk-sesparse", "twoGbMaxExtentSparse", ['RW 8 SESPARSE "x.vmdk"']),
+        NOTHING, OPENING + "vmdk extents of type 'SESPARSE' are not supported", True),
+    row("garbage-line",
+        descriptor("vmdk-garbage", "monolithicFlat", ['RW 8 FLAT "x.bin" 0', "rm -rf /"], X_BIN),
+        NOTHING, OPENING + "invalid VMDK image descriptor: invalid line 9 in VMDK descriptor: "
+        "'rm -rf /'", False),
+    row("descriptor-over-1-MiB",
+        descriptor("vmdk-huge", "monolithicFlat", ['RW 8 FLAT "x.bin" 0'] + ["#" * 1000] * 1100,
+                   X_BIN),
+        NOTHING, OPENING + "invalid VMDK image descriptor: larger than 1048576 bytes", False),
+    row("missing-extent",
+        descriptor("vmdk-missing", "monolithicFlat", ['RW 8 FLAT "nowhere.bin" 0']),
+        NOTHING, OPENING + "Could not open extent 'nowhere.bin': No such file or directory", True),
+    row("extent-size-mismatch", VMDK_PART, NOTHING,
+        OPENING + "sparse extent 'part1.vmdk' holds 2048 sectors, the descriptor says 4096", False),
+    row("parent-CID-mismatch", VMDK_CHILD, poke(cid_digit, "1s", other_digit, file="base.vmdk"),
+        r"'child\.vmdk': parent CID 0x[0-9a-f]{8} does not match the CID of its parent "
+        r"'base\.vmdk'", True, fails_at="read"),
+    row("no-extents", descriptor("vmdk-empty", "monolithicFlat", []), NOTHING,
+        OPENING + "invalid VMDK image descriptor: it names no extents", True),  # qemu aborts
+    row("RDONLY-extent",
+        descriptor("vmdk-rdonly", "monolithicFlat", ['RDONLY 8 FLAT "x.bin" 0'], X_BIN),
+        NOTHING, OPENING + "vmdk extents with access 'RDONLY' are not supported",
+        True),  # qemu aborts
+    row("flat-extent-without-offset",
+        descriptor("vmdk-nooffset", "monolithicFlat", ['RW 8 FLAT "x.bin"'], X_BIN),
+        NOTHING, OPENING + "Invalid extent line: flat extent 'x.bin' has no offset", True),
+    row("capacity-0-with-a-descriptor-offset", VMDK_SPARSE, poke(12, "<Q", 0),
+        OPENING + r"sparse vmdk header with capacity 0 and a descriptor offset "
+        r"\(qemu treats it as a descriptor file\)", True),
+    row("raw-file-as-vmdk", VMDK_RAW, NOTHING, OPENING + "invalid VMDK image descriptor", True,
+        same_as_qemu=True, probes=False),
+    row("embedded-type-in-a-descriptor-file",
+        descriptor("vmdk-embedded", "monolithicSparse", ['RW 8 SPARSE "x.bin"'], X_BIN),
+        NOTHING, OPENING + "Unsupported image type 'monolithicSparse'", True, same_as_qemu=True),
+    # New rows.
+    row("extent-of-0-sectors",
+        descriptor("vmdk-zero-sectors", "monolithicFlat", ['RW 0 FLAT "x.bin" 0'], X_BIN),
+        NOTHING, OPENING + "invalid VMDK image descriptor: an extent has 0 sectors",
+        True),  # qemu aborts
+    row("zero-extent-line", descriptor("vmdk-zero", "monolithicFlat", ["RW 2048 ZERO"]), NOTHING,
+        OPENING + "invalid VMDK image descriptor: invalid line 8 in VMDK descriptor: "
+        "'RW 2048 ZERO'", True),  # qemu aborts
+    row("unknown-create-type",
+        descriptor("vmdk-bogus-type", "bogus", ['RW 8 FLAT "x.bin" 0'], X_BIN),
+        NOTHING, OPENING + "Unsupported image type 'bogus'", True, same_as_qemu=True),
+    row("sparse-extent-that-is-raw",
+        descriptor("vmdk-raw-extent", "twoGbMaxExtentSparse", ['RW 8 SPARSE "x.bin"'], X_BIN),
+        NOTHING, OPENING + "Image not in VMDK format", True, same_as_qemu=True),
+    row("num-gtes-per-gt-0", VMDK_SPARSE, poke(0x2C, "<I", 0),
+        OPENING + "L1 entry size is invalid", True, same_as_qemu=True),
+    row("grain-0", VMDK_SPARSE, poke(20, "<Q", 0), OPENING + "L1 entry size is invalid", True,
+        same_as_qemu=True),
+    row("missing-parent", VMDK_CHILD, Edit(os.unlink, file="base.vmdk"),
+        OPENING + "Could not open backing file: Could not open 'base.vmdk': "
+        "Could not open 'base.vmdk': No such file or directory", True, fails_at="backing"),
+    row("stream-footer-cut", VMDK_STREAM_FOOTER, Cut(lambda p: file_end(p) - 1024),
+        OPENING + "Invalid footer", True, same_as_qemu=True),
+    row("flat-extent-past-its-file",
+        descriptor("vmdk-short", "monolithicFlat", ['RW 100 FLAT "short.bin" 0'],
+                   {"short.bin": pattern(10000, seed=5)}), NOTHING, None, False),
+)  # fmt: skip
+
+
+# --- vpc --------------------------------------------------------------------------------------
+
+
+def build_vpc(directory: Path) -> None:
+    """A dynamic 5 MiB disk (three 2 MiB blocks): data, zeros written, a block never written."""
+    qemu_img_ok("create", "-q", "-f", "vpc", str(directory / "v.vhd"), "5M")
+    for command in ("write -P 0x42 0 3M", "write -z 1M 512k", "write -P 0x43 2M 4k"):
+        qemu_io(directory / "v.vhd", command, "vpc")
+
+
+def build_vpc_fixed(directory: Path) -> None:
+    qemu_img_ok("create", "-q", "-f", "vpc", "-o", "subformat=fixed", str(directory / "v.vhd"),
+                "3M")
+    qemu_io(directory / "v.vhd", "write -P 0x44 1M 5k", "vpc")
+
+
+def vpc_child(key: str, locator: str, *, parent_name: str = "", blocks: bool = True,
+              image: str = "child.vhd") -> Base:
+    """A differencing disk over a qemu-made parent (qemu-img cannot make one),
+    built by the vpc reader tests' builder; ``locator``: a W2ru parent locator."""
+
+    def build(directory: Path) -> None:
+        qemu_img_ok("create", "-q", "-f", "vpc", str(directory / "base.vhd"), "5M")
+        qemu_io(directory / "base.vhd", "write -P 0x5a 0 5M", "vpc")
+        children = vpc_tests._child_blocks()[0] if blocks else {}
+        vpc_tests.make_child(directory / image, directory / "base.vhd", children,
+                             [(b"W2ru", vpc_tests._utf16le(locator))], parent_name)
+
+    return Base(key, build, image)
+
+
+def vhd_checksum(start: int, length: int, checksum_at: int) -> Edit:
+    """Recompute the VHD checksum (one's complement of the byte sum) of a structure."""
+
+    def fix(path: Path) -> None:
+        data = bytearray(path.read_bytes()[start : start + length])
+        data[checksum_at : checksum_at + 4] = bytes(4)
+        with path.open("r+b") as handle:
+            handle.seek(start + checksum_at)
+            handle.write(struct.pack(">I", ~sum(data) & 0xFFFFFFFF))
+
+    return Edit(fix)
+
+
+VPC = Base("vpc", build_vpc, "v.vhd")
+VPC_FIXED = Base("vpc-fixed", build_vpc_fixed, "v.vhd")
+DYNAMIC_HEADER = 512
+FIX_HEADER = vhd_checksum(DYNAMIC_HEADER, 1024, 36)
+FIX_FOOTER = vhd_checksum(0, 512, 64)
+
+
+def bat_entry(index: int) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return field_at(path, DYNAMIC_HEADER + 16, ">Q") + 4 * index
+
+    return at
+
+
+def last_footer(path: Path) -> int:
+    return file_end(path) - 512
+
+
+VPC_BEYOND = r"points beyond the end of the file \(the image is truncated or corrupt\)"
+VPC_ROWS = table(
+    "vpc", "vpc",
+    row("bad-footer-checksum", VPC, poke(28, "4s", b"qemX"), OPENING + "Incorrect header checksum",
+        True, same_as_qemu=True),
+    row("BAT-entry-beyond-EOF", VPC, poke(bat_entry(0), ">I", 0x00FFFFFF),
+        OPENING + "block allocation table entry 0 " + VPC_BEYOND, True),
+    row("absurd-block-size", VPC, (poke(DYNAMIC_HEADER + 32, ">I", 3), FIX_HEADER),
+        OPENING + r"Invalid block size 3 \(instar reads powers of two from 4096 to 268435456\)",
+        True),
+    row("huge-block-size", VPC, (poke(DYNAMIC_HEADER + 32, ">I", 1 << 31), FIX_HEADER),
+        OPENING + r"Invalid block size 2147483648 "
+        r"\(instar reads powers of two from 4096 to 268435456\)", True),
+    row("bad-header-checksum", VPC, poke(DYNAMIC_HEADER + 40, "B", 1),
+        OPENING + "Incorrect dynamic disk header checksum", False),
+    row("BAT-beyond-EOF", VPC, (poke(DYNAMIC_HEADER + 16, ">Q", 1 << 40), FIX_HEADER),
+        OPENING + "block allocation table at offset 1099511627776 lies beyond the end of the file",
+        True),
+    row("truncated", VPC, Cut(lambda p: file_end(p) - 4096),
+        OPENING + "block allocation table entry 1 " + VPC_BEYOND, True),
+    row("header-beyond-EOF", VPC, (poke(16, ">Q", 1 << 50), FIX_FOOTER),
+        OPENING + "dynamic disk header at offset 1125899906842624 lies beyond the end of the file",
+        True),
+    row("table-too-small", VPC, (poke(DYNAMIC_HEADER + 28, ">I", 1), FIX_HEADER),
+        OPENING + "Page table too small", True, same_as_qemu=True),
+    row("parent-is-itself", vpc_child("vpc-loop", "loop.vhd", blocks=False, image="loop.vhd"),
+        NOTHING, OPENING + r"(cannot open the parent disk: Could not open backing file: "
+        r"Could not open 'loop\.vhd': ){16}"
+        "cannot open the parent disk: backing chain is deeper than 16 images", False,
+        fails_at="backing"),
+    row("parent-locator-too-long", vpc_child("vpc-long-locator", "x" * 5000, blocks=False),
+        NOTHING, OPENING + "parent locator of 10000 bytes is too long", False),
+    row("missing-parent", vpc_child("vpc-orphan", "gone.vhd", parent_name="also-gone.vhd"),
+        NOTHING, OPENING + "cannot open the parent disk: Could not open backing file: "
+        "Could not open 'gone.vhd': Could not open 'gone.vhd': No such file or directory", False,
+        fails_at="backing"),
+    # New rows.
+    row("unknown-disk-type", VPC, (poke(60, ">I", 5), FIX_FOOTER),
+        OPENING + "unsupported VHD disk type 5", False),
+    row("dynamic-header-cookie", VPC, (poke(DYNAMIC_HEADER, "8s", b"cxsparsX"), FIX_HEADER),
+        OPENING + "Invalid header magic", True, same_as_qemu=True),
+    row("huge-max-table-entries", VPC,
+        (poke(DYNAMIC_HEADER + 28, ">I", 0x7FFFFFFF), FIX_HEADER), None, True),
+    row("huge-current-size", VPC, (poke(48, ">Q", 1 << 60), FIX_FOOTER), None, False),
+    row("first-footer-cookie", VPC, poke(0, "8s", b"conectiX"),
+        OPENING + "the footer copy at offset 0 of this type 3 disk is missing", True,
+        probes=False),
+    row("BAT-entry-into-the-header", VPC, poke(bat_entry(0), ">I", 1), None, False),
+    row("fixed-footer-checksum", VPC_FIXED, poke(last_footer, "4s", b"qemX"),
+        OPENING + "invalid VPC image", True, same_as_qemu=True, probes=False),
+    row("fixed-footer-cut", VPC_FIXED, Cut(last_footer), OPENING + "invalid VPC image", True,
+        same_as_qemu=True, probes=False),
+)  # fmt: skip
+
+
+# --- vhdx -------------------------------------------------------------------------------------
+
+
+def build_vhdx(directory: Path) -> None:
+    """1 MiB blocks, 2 MiB + 512: data in block 0, data across its end, zeros, a last sector."""
+    image, size = directory / "bs1.vhdx", 2 * MiB + 512
+    qemu_img_ok("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(image), str(size))
+    vhdx_tests.qemu_io_cmds(
+        image, "write -P 0x41 0 128k", f"write -P 0x42 {MiB - 4096} 8192",
+        f"write -z {MiB + 8192} 4096", f"write -P 0x43 {size - 512} 512",
+    )
+
+
+def build_vhdx_dirty(directory: Path) -> None:
+    """bs1.vhdx with a pending log (the vhdx reader tests' builder)."""
+    build_vhdx(directory)
+    vhdx_tests.dirty_image(directory, directory)
+    (directory / "bs1.vhdx").unlink()
+
+
+def vhdx_child(key: str, **options: object) -> Base:
+    """A differencing VHDX over a parent qemu made (qemu cannot make one), by the
+    vhdx reader tests' builder; ``options`` change the child's parent locator."""
+
+    def build(directory: Path) -> None:
+        size = 6 * MiB + 512
+        (directory / "parent.raw").write_bytes(pattern(size, seed=11))
+        qemu_img_ok("convert", "-O", "vhdx", "-o", "block_size=1M", "parent.raw", "parent.vhdx",
+                    cwd=directory)
+        (directory / "parent.raw").unlink()
+        parent = directory / "parent.vhdx"
+        locator = options.get("locator")
+        if callable(locator):
+            options["locator"] = locator(parent)
+        blocks = {1: ("full", pattern(MiB, seed=21), None), 3: ("zero", b"", None),
+                  2: ("partial", pattern(MiB, seed=22), [i % 3 == 0 for i in range(2048)])}
+        vhdx_tests.make_child(directory / "child.vhdx", parent, blocks, virtual_size=size,
+                              **options)  # type: ignore[arg-type]
+
+    return Base(key, build, "child.vhdx")
+
+
+VHDX = Base("vhdx", build_vhdx, "bs1.vhdx")
+VHDX_DIRTY = Base("vhdx-dirty", build_vhdx_dirty, "dirty.vhdx")
+VHDX_CHILD = vhdx_child("vhdx-child")
+
+
+def regions(path: Path) -> dict[bytes, tuple[int, int]]:
+    """GUID -> (file offset, length) of the first region table (instar's decoder finds them)."""
+    data = path.read_bytes()[vhdx_layout.REGION_TABLE_OFFSETS[0] :]
+    return {e.guid: (e.file_offset, e.length) for e in vhdx_layout.decode_region_table(data)}
+
+
+def rewrite_regions(change: Callable[[Path], dict[bytes, tuple[int, int]]]) -> Edit:
+    """Both region tables rewritten (CRCs correct) with some regions moved."""
+
+    def fix(path: Path) -> None:
+        moved = change(path)
+        entries = [vhdx_layout.RegionEntry(guid, *moved.get(guid, place))
+                   for guid, place in regions(path).items()]
+        for offset in vhdx_layout.REGION_TABLE_OFFSETS:
+            poke(offset, f"{vhdx_layout.REGION_TABLE_SIZE}s",
+                 vhdx_layout.encode_region_table(entries)).apply(path)
+
+    return Edit(fix)
+
+
+def vhdx_bat(index: int) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return regions(path)[vhdx_layout.BAT_REGION][0] + 8 * index
+
+    return at
+
+
+def metadata_item(item: bytes) -> Callable[[Path], int]:
+    def at(path: Path) -> int:
+        return vhdx_tests._metadata_item_offset(path, item)
+
+    return at
+
+
+def metadata_region(path: Path) -> int:
+    return regions(path)[vhdx_layout.METADATA_REGION][0]
+
+
+def first_block(path: Path) -> int:
+    return field_at(path, vhdx_bat(0)(path), "<Q") & vhdx_layout.OFFSET_MASK
+
+
+def set_header_log_guid(path: Path) -> None:
+    """Both headers name a log (CRCs recomputed) that the log region does not hold."""
+    vhdx_tests._set_log_guid(path, b"\x07" * 16)
+
+
+def linkage(parent: Path) -> str:
+    return vhdx_tests._guid_string(vhdx_tests._current_header(parent).data_write_guid)
+
+
+FULLY_PRESENT = 6
+VHDX_INVALID = OPENING + "Could not open '{image}': Invalid argument"
+VHDX_NOT_VHDX_PARENT = OPENING + "parent 'parent.vhdx' is not a VHDX image"
+VHDX_ROWS = table(
+    "vhdx", "vhdx",
+    row("header-CRCs", VHDX, (poke(vhdx_layout.HEADER_OFFSETS[0] + 40, "B", 0xFF),
+                              poke(vhdx_layout.HEADER_OFFSETS[1] + 40, "B", 0xFF)),
+        OPENING + "No valid VHDX header found", True, same_as_qemu=True),
+    row("BAT-entry-beyond-EOF", VHDX, poke(vhdx_bat(0), "<Q", 1 << 40 | FULLY_PRESENT),
+        OPENING + r"BAT entry 0 points to \[1099511627776, 1099512676352\), beyond the end of the "
+        r"file \(11534336 bytes\); the image has probably been truncated", True),
+    row("BAT-region-beyond-EOF", VHDX,
+        rewrite_regions(lambda p: {vhdx_layout.BAT_REGION: (1 << 40, MiB)}),
+        OPENING + r"BAT region at \[1099511627776, 1099512676352\) lies beyond the end of the "
+        r"file \(11534336 bytes\)", False),
+    row("region-overlap", VHDX,
+        rewrite_regions(lambda p: {vhdx_layout.BAT_REGION: (metadata_region(p), MiB)}),
+        OPENING + "BAT region and metadata region overlap", True),
+    row("block-size-3-MiB", VHDX, poke(metadata_item(vhdx_layout.FILE_PARAMETERS), "<I", 3 * MiB),
+        OPENING + "block size 3145728 is not a power of two between 1 MiB and 256 MiB", True),
+    row("block-size-2-GiB", VHDX, poke(metadata_item(vhdx_layout.FILE_PARAMETERS), "<I", 1 << 31),
+        OPENING + "block size 2147483648 is not a power of two between 1 MiB and 256 MiB", True),
+    row("logical-sector-1024", VHDX,
+        poke(metadata_item(vhdx_layout.LOGICAL_SECTOR_SIZE), "<I", 1024),
+        OPENING + "logical sector size 1024 is not 512 or 4096", True),
+    row("virtual-size-beyond-the-BAT", VHDX,
+        poke(metadata_item(vhdx_layout.VIRTUAL_DISK_SIZE), "<Q", 1 << 44),
+        OPENING + r"the BAT region \(1048576 bytes\) is too small for the 16781311 entries a "
+        "17592186044416-byte disk in 1048576-byte blocks needs", True),
+    row("metadata-item-outside-its-region", VHDX,
+        poke(lambda p: metadata_region(p) + 32 + 16, "<I", MiB - 4),
+        OPENING + r"metadata item caa16737-fa36-4d43-b3b6-33f0aa44e76b at \[1048572, 1048580\) "
+        "lies outside the metadata region of 1048576 bytes", True),
+    row("partial-block-in-a-dynamic-disk", VHDX,
+        poke(vhdx_bat(1), "<Q", lambda p: first_block(p) | 7),
+        OPENING + "BAT entry 1 has an invalid block state 7", True),
+    row("block-inside-the-metadata-region", VHDX,
+        poke(vhdx_bat(0), "<Q", lambda p: metadata_region(p) | FULLY_PRESENT),
+        OPENING + r"BAT entry 0 points to \[3145728, 4194304\), inside the VHDX metadata at "
+        r"\[3145728, 4194304\)", True),
+    row("signature-and-zeros",
+        Base("vhdx-fake", lambda d: (d / "fake.vhdx").write_bytes(b"vhdxfile" + bytes(300 * KiB)),
+             "fake.vhdx"), NOTHING, OPENING + "No valid VHDX header found", True,
+        same_as_qemu=True),
+    row("signature-only",
+        Base("vhdx-short", lambda d: (d / "short.vhdx").write_bytes(b"vhdxfile"), "short.vhdx"),
+        NOTHING, OPENING + "No valid VHDX header found", True, same_as_qemu=True),
+    row("log-of-a-truncated-file", VHDX_DIRTY, Cut(lambda p: file_end(p) - MiB),
+        OPENING + "log entry 1 says the file was 12582912 bytes, but it is 11534336: "
+        "the image has been truncated", True),
+    # Differencing images: qemu 7.2 opens none ("Operation not supported").
+    row("child-bitmap-not-present", VHDX_CHILD, poke(vhdx_bat(4096), "<Q", 0),
+        OPENING + "BAT entry 2 is partially present but its sector bitmap is not", True),
+    row("child-without-parent-linkage",
+        vhdx_child("vhdx-no-linkage", locator={"relative_path": "parent.vhdx"}), NOTHING,
+        OPENING + "the parent locator has no parent_linkage", True),
+    row("child-with-windows-paths-only",
+        vhdx_child("vhdx-windows-paths", locator=lambda parent: {
+            "parent_linkage": linkage(parent),
+            "absolute_win32_path": "C:\\images\\parent.vhdx",
+            "volume_path": "\\\\?\\Volume{26A21BDA-A627-11D7-9931-806E6F6E6963}\\p.vhdx"}),
+        NOTHING, OPENING + "the parent locator names no parent file usable here", True),
+    # instar info opens no parent, and then takes the absent parent for one of
+    # another format: its reason is not the real one (the other commands give it).
+    row("child-of-a-changed-parent", vhdx_child("vhdx-changed", linkage=bytes(range(16))),
+        NOTHING, OPENING + r"parent 'parent\.vhdx' has data write GUID \{[0-9a-f-]{36}\}, not "
+        r"the \{03020100-0504-0706-0809-0a0b0c0d0e0f\} this image was made from: "
+        "it has changed since", True, info_says=VHDX_NOT_VHDX_PARENT),
+    row("child-with-missing-parent", VHDX_CHILD, Edit(os.unlink, file="parent.vhdx"),
+        OPENING + "Could not open backing file: Could not open 'parent.vhdx': "
+        "Could not open 'parent.vhdx': No such file or directory", True,
+        info_says=VHDX_NOT_VHDX_PARENT),
+    # New rows.
+    row("region-table-CRCs", VHDX, (poke(vhdx_layout.REGION_TABLE_OFFSETS[0] + 40, "B", 0xFF),
+                                    poke(vhdx_layout.REGION_TABLE_OFFSETS[1] + 40, "B", 0xFF)),
+        OPENING + "region table checksum is wrong", True),
+    row("first-region-table-CRC", VHDX, poke(vhdx_layout.REGION_TABLE_OFFSETS[0] + 40, "B", 0xFF),
+        None, True),
+    row("first-header-CRC", VHDX, poke(vhdx_layout.HEADER_OFFSETS[0] + 40, "B", 0xFF), None,
+        False),
+    row("file-identifier", VHDX, poke(0, "8s", b"vhdxfil\0"), VHDX_INVALID, True,
+        same_as_qemu=True, probes=False),
+    row("metadata-table-signature", VHDX, poke(metadata_region, "8s", b"metadatX"),
+        OPENING + "metadata table signature is wrong", True),
+    row("unknown-required-metadata-item", VHDX,
+        poke(lambda p: metadata_region(p) + 32, "16s", b"\x99" * 16),
+        OPENING + "required metadata item 99999999-9999-9999-9999-999999999999 is not supported",
+        True),
+    row("log-named-but-absent", VHDX, Edit(set_header_log_guid), None, False),
+    row("BAT-entry-into-the-BAT", VHDX,
+        poke(vhdx_bat(0), "<Q", lambda p: regions(p)[vhdx_layout.BAT_REGION][0] | FULLY_PRESENT),
+        OPENING + r"BAT entry 0 points to \[2097152, 3145728\), inside the VHDX metadata at "
+        r"\[2097152, 3145728\)", True),
+)  # fmt: skip
+
+
+# --- raw --------------------------------------------------------------------------------------
+
+
+def build_raw_sparse(directory: Path) -> None:
+    write_pieces(directory / "v.raw", [(0, pattern(100 * KiB)), (MiB, bytes(64 * KiB)),
+                                       (2 * MiB, pattern(5000, seed=6))], size=3 * MiB + 77)
+
+
+RAW_VDI = Base("raw-vdi", lambda d: (d / "v.raw").write_bytes(
+    bytes(64) + b"\x7f\x10\xda\xbe" + pattern(8000)), "v.raw")  # vdi's magic, at 64
+RAW_ROWS = table(
+    "raw", "raw",
+    row("holes-zeros-and-a-ragged-end", Base("raw-sparse", build_raw_sparse, "v.raw"), NOTHING,
+        None, False),
+    row("empty", Base("raw-empty", lambda d: (d / "v.raw").write_bytes(b""), "v.raw"), NOTHING,
+        None, False),
+    # Magic of formats instar does not read: refused when probed, bytes with -f raw.
+    row("vdi-magic-read-as-raw", RAW_VDI, NOTHING, None, False, probes=False),
+    row("vdi-magic-probed", RAW_VDI, NOTHING,
+        "'v.raw' is a vdi image, which instar cannot read yet", True, fmt=""),
+    row("qed-magic-probed",
+        Base("raw-qed", lambda d: (d / "v.img").write_bytes(b"QED\x00" + pattern(8000)), "v.img"),
+        NOTHING, "'v.img' is a qed image, which instar cannot read yet", True, fmt=""),
+)  # fmt: skip
+
+
+# --- the test body ------------------------------------------------------------------------------
+
+ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS, *RAW_ROWS]
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Base], Path]:
+    """Each base directory, built on first use and kept for the module."""
+    root = tmp_path_factory.mktemp("bases")
+    built: dict[str, Path] = {}
+
+    def get(base: Base) -> Path:
+        if base.key not in built:
+            directory = root / base.key
+            directory.mkdir()
+            base.build(directory)
+            built[base.key] = directory
+        return built[base.key]
+
+    return get
+
+
+def damaged(case: Case, bases: Callable[[Base], Path], work: Path) -> Path:
+    """A copy of the row's base in ``work``, with the row's damage done."""
+    shutil.copytree(bases(case.base), work, symlinks=True)
+    for step in case.patch:
+        step.apply(work / (step.file or case.base.image))
+    return work
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(str(path.relative_to(directory)) for path in directory.rglob("*"))
+
+
+def f_option(case: Case, flag: str = "-f") -> list[str]:
+    return [flag, case.fmt] if case.fmt else []
+
+
+@dataclass
+class Outcome:
+    """What instar and qemu-img did with one damaged image."""
+
+    info: Result
+    dd: list[Result]  # with -f, then probing (when the row probes)
+    convert: Result
+    compare: Result
+    qemu_convert: Result
+    qemu_info: Result
+    outputs: dict[str, bytes] = field(default_factory=dict)  # readable rows: what was read
+    left_behind: dict[str, list[str]] = field(default_factory=dict)  # failed runs: new files
+
+
+def run_row(case: Case, work: Path, elsewhere: Path, undamaged: Path) -> Outcome:
+    """Every command on the damaged image, instar in-process and qemu-img as a
+    subprocess, both in ``work`` so names in messages are the row's."""
+    image = case.base.image
+    f = f_option(case)
+    qemu_raw = elsewhere / "qemu.raw"
+    qemu_convert = run_qemu_img("convert", *f, "-O", "raw", image, str(qemu_raw), cwd=work)
+    qemu_info = run_qemu_img("info", *f, image, cwd=work)
+    outputs: dict[str, bytes] = {}
+    left: dict[str, list[str]] = {}
+    if case.says is None:  # a readable row: what qemu reads, and its dd
+        if qemu_convert.rc != 0:  # qemu refuses it: what qemu reads of the undamaged base
+            qemu_img_ok("convert", *f, "-O", "raw", image, str(qemu_raw), cwd=undamaged)
+        outputs["qemu convert"] = qemu_raw.read_bytes()
+        qemu_dd = run_qemu_img("dd", *f, f"if={image}", f"of={elsewhere / 'qemu-dd.raw'}",
+                               cwd=work if qemu_convert.rc == 0 else undamaged)
+        assert qemu_dd.rc == 0, qemu_dd.stderr
+        outputs["qemu dd"] = (elsewhere / "qemu-dd.raw").read_bytes()
+    before = listing(work)
+
+    def produced(label: str, result: Result, output: str) -> None:
+        target = work / output
+        if result.rc == 0 and target.exists():
+            outputs[label] = target.read_bytes()
+            target.unlink()
+        now = listing(work)
+        if now != before:
+            left[label] = sorted(set(now) - set(before))
+
+    info = run_instar("info", *f, image, cwd=work)
+    produced("info", info, "none")
+    dd = [run_instar("dd", *f, f"if={image}", "of=out.raw", cwd=work)]
+    produced("dd", dd[0], "out.raw")
+    if case.probes and case.fmt:
+        dd.append(run_instar("dd", f"if={image}", "of=out.raw", cwd=work))
+        produced("dd probed", dd[1], "out.raw")
+    convert = run_instar("convert", *f, "-O", "raw", image, "out.raw", cwd=work)
+    produced("convert", convert, "out.raw")
+    if case.says is None:  # against what qemu read
+        compare = run_instar("compare", *f, "-F", "raw", image, str(qemu_raw), cwd=work)
+    else:  # against itself: the first image is the one refused
+        compare = run_instar("compare", *f, *f_option(case, "-F"), image, image, cwd=work)
+    produced("compare", compare, "none")
+    return Outcome(info, dd, convert, compare, qemu_convert, qemu_info, outputs, left)
+
+
+COMPARE_EXIT = {"open": 2, "backing": 2, "status": 3, "read": 4}
+
+
+def check_refusal(case: Case, command: str, result: Result, rc: int, says: str) -> None:
+    """Exit ``rc``, no traceback, one line of stderr: ``instar: `` and what the row says."""
+    assert result.rc == rc, (command, result)
+    assert "Traceback" not in result.stderr, (command, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, (command, lines)
+    image = re.escape(case.base.image)
+    reason = says.replace("{image}", image)
+    expected = "instar: " + reason
+    if command == "compare" and rc == 3:  # qemu's words, which give no reason
+        expected = f"instar: Sector allocation test failed for {image}"
+    elif command == "compare" and rc == 4:  # the image is named before the reason
+        reason = says.removeprefix(IN_IMAGE).replace("{image}", image)
+        expected = rf"instar: Error while reading offset \d+ of {image}: " + reason
+    assert re.fullmatch(expected, lines[0]), (command, expected, lines[0])
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("case", ROWS, ids=lambda case: f"{case.family}-{case.name}")
+def test_damaged_image(case: Case, bases: Callable[[Base], Path], tmp_path: Path) -> None:
+    work = damaged(case, bases, tmp_path / "work")
+    elsewhere = tmp_path / "qemu"
+    elsewhere.mkdir()
+    outcome = run_row(case, work, elsewhere, bases(case.base))
+    # The qemu column: qemu-img refuses the image, or reads it.
+    if case.qemu_refuses:
+        assert outcome.qemu_convert.rc != 0, outcome.qemu_convert
+    else:
+        assert outcome.qemu_convert.rc == 0, outcome.qemu_convert.stderr
+        assert outcome.qemu_info.rc == 0, outcome.qemu_info.stderr
+    assert outcome.left_behind == {}  # no output file, no temporary file
+    if case.says is None:
+        check_read_as_qemu(outcome)
+        return
+    if case.fails_at == "open":
+        check_refusal(case, "info", outcome.info, 1, case.info_says or case.says)
+    else:
+        # The image itself opens: info shows it, as qemu-img info does.
+        assert (outcome.info.rc, outcome.info.stderr) == (0, ""), outcome.info
+        assert outcome.info.stdout == outcome.qemu_info.stdout
+    for dd in outcome.dd:
+        check_refusal(case, "dd", dd, 1, case.says)
+    check_refusal(case, "convert", outcome.convert, 1, case.says)
+    check_refusal(case, "compare", outcome.compare, COMPARE_EXIT[case.fails_at], case.says)
+    if case.same_as_qemu:
+        assert outcome.convert.normalised_stderr() == outcome.qemu_convert.normalised_stderr()
+
+
+def check_read_as_qemu(outcome: Outcome) -> None:
+    """A readable row: instar reads what qemu-img reads, with every command."""
+    for result in (outcome.info, *outcome.dd, outcome.convert, outcome.compare):
+        assert (result.rc, result.stderr) == (0, ""), result
+    if outcome.qemu_info.rc == 0:
+        assert outcome.info.stdout == outcome.qemu_info.stdout
+    assert outcome.outputs["convert"] == outcome.outputs["qemu convert"]
+    assert outcome.outputs["dd"] == outcome.outputs["qemu dd"]
+    if len(outcome.dd) > 1:
+        assert outcome.outputs["dd probed"] == outcome.outputs["qemu dd"]
+    assert outcome.compare.stdout == "Images are identical.\n"
