@@ -496,7 +496,7 @@ VMDK_ROWS = table(
     row("extent-size-mismatch", VMDK_PART, NOTHING,
         OPENING + "sparse extent 'part1.vmdk' holds 2048 sectors, the descriptor says 4096", False),
     row("parent-CID-mismatch", VMDK_CHILD, poke(cid_digit, "1s", other_digit, file="base.vmdk"),
-        r"'child\.vmdk': parent CID 0x[0-9a-f]{8} does not match the CID of its parent "
+        r"'child\.vmdk': parent CID 0x[0-9a-f]{1,8} does not match the CID of its parent "
         r"'base\.vmdk'", True, fails_at="read"),
     row("no-extents", descriptor("vmdk-empty", "monolithicFlat", []), NOTHING,
         OPENING + "invalid VMDK image descriptor: it names no extents", True),  # qemu aborts
@@ -535,7 +535,7 @@ VMDK_ROWS = table(
         same_as_qemu=True),
     row("missing-parent", VMDK_CHILD, Edit(os.unlink, file="base.vmdk"),
         OPENING + "Could not open backing file: Could not open 'base.vmdk': "
-        "Could not open 'base.vmdk': No such file or directory", True, fails_at="backing"),
+        "No such file or directory", True, fails_at="backing", same_as_qemu=True),
     row("stream-footer-cut", VMDK_STREAM_FOOTER, Cut(lambda p: file_end(p) - 1024),
         OPENING + "Invalid footer", True, same_as_qemu=True),
     row("flat-extent-past-its-file",
@@ -640,7 +640,7 @@ VPC_ROWS = table(
         NOTHING, OPENING + "parent locator of 10000 bytes is too long", False),
     row("missing-parent", vpc_child("vpc-orphan", "gone.vhd", parent_name="also-gone.vhd"),
         NOTHING, OPENING + "cannot open the parent disk: Could not open backing file: "
-        "Could not open 'gone.vhd': Could not open 'gone.vhd': No such file or directory", False,
+        "Could not open 'gone.vhd': No such file or directory", False,
         fails_at="backing"),
     # New rows.
     row("unknown-disk-type", VPC, (poke(60, ">I", 5), FIX_FOOTER),
@@ -761,7 +761,6 @@ def linkage(parent: Path) -> str:
 
 FULLY_PRESENT = 6
 VHDX_INVALID = OPENING + "Could not open '{image}': Invalid argument"
-VHDX_NOT_VHDX_PARENT = OPENING + "parent 'parent.vhdx' is not a VHDX image"
 VHDX_ROWS = table(
     "vhdx", "vhdx",
     row("header-CRCs", VHDX, (poke(vhdx_layout.HEADER_OFFSETS[0] + 40, "B", 0xFF),
@@ -826,11 +825,10 @@ VHDX_ROWS = table(
     row("child-of-a-changed-parent", vhdx_child("vhdx-changed", linkage=bytes(range(16))),
         NOTHING, OPENING + r"parent 'parent\.vhdx' has data write GUID \{[0-9a-f-]{36}\}, not "
         r"the \{03020100-0504-0706-0809-0a0b0c0d0e0f\} this image was made from: "
-        "it has changed since", True, info_says=VHDX_NOT_VHDX_PARENT),
+        "it has changed since", True, fails_at="backing"),
     row("child-with-missing-parent", VHDX_CHILD, Edit(os.unlink, file="parent.vhdx"),
         OPENING + "Could not open backing file: Could not open 'parent.vhdx': "
-        "Could not open 'parent.vhdx': No such file or directory", True,
-        info_says=VHDX_NOT_VHDX_PARENT),
+        "No such file or directory", True, fails_at="backing"),
     # New rows.
     row("region-table-CRCs", VHDX, (poke(vhdx_layout.REGION_TABLE_OFFSETS[0] + 40, "B", 0xFF),
                                     poke(vhdx_layout.REGION_TABLE_OFFSETS[1] + 40, "B", 0xFF)),
@@ -1019,9 +1017,11 @@ def test_damaged_image(case: Case, bases: Callable[[Base], Path], tmp_path: Path
     if case.fails_at == "open":
         check_refusal(case, "info", outcome.info, 1, case.info_says or case.says)
     else:
-        # The image itself opens: info shows it, as qemu-img info does.
+        # The image itself opens: info shows it, as qemu-img info does (where
+        # qemu opens it at all: not a differencing VHDX).
         assert (outcome.info.rc, outcome.info.stderr) == (0, ""), outcome.info
-        assert outcome.info.stdout == outcome.qemu_info.stdout
+        if outcome.qemu_info.rc == 0:
+            assert outcome.info.stdout == outcome.qemu_info.stdout
     for dd in outcome.dd:
         check_refusal(case, "dd", dd, 1, case.says)
     check_refusal(case, "convert", outcome.convert, 1, case.says)

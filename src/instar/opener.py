@@ -296,8 +296,8 @@ class ChainResolver:
         try:
             try:
                 file = self.opener.broker.open_named_file(name, child.name, "backing file")
-            except OSError as error:
-                raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+            except OSError as error:  # qemu names a backing file once (no protocol layer)
+                raise ImageOpenError(path, error.strerror or str(error)) from None
             node = self.opener.open_file_node(file, path, fmt, with_backing=True,
                                               depth=self.depth + 1)
         except ImageOpenError as error:

@@ -51,7 +51,8 @@ class PathPolicy:
     """
 
     def __init__(self, allowed: AllowedDirs) -> None:
-        self.allowed_dirs = [os.path.realpath(d) for d in allowed_dirs(allowed)]
+        resolved = (os.path.realpath(d) for d in allowed_dirs(allowed))
+        self.allowed_dirs = list(dict.fromkeys(resolved))  # each once, in order
 
     @classmethod
     def for_image(cls, image_path: str, extra: AllowedDirs = ()) -> PathPolicy:

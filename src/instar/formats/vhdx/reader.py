@@ -348,7 +348,9 @@ def _local_path(path: str) -> str | None:
 
 
 def _check_linkage(parent: Image, linkages: list[uuid.UUID], name: str) -> None:
-    driver = parent.driver if isinstance(parent, BlockImage) else None
+    if not isinstance(parent, BlockImage):
+        return  # the parent was left unopened (info reads no backing file)
+    driver = parent.driver
     if not isinstance(driver, VhdxDriver):
         parent.close()
         raise FormatError(f"parent '{name}' is not a VHDX image")
