@@ -27,3 +27,6 @@ def test_version_and_help() -> None:
     assert usage.rc == 0
     for command in ("dd", "convert", "info", "compare"):
         assert f"\n  {command} " in usage.stdout
+    # The wheel carries no docs: the help points to what is installed.
+    assert "README" not in usage.stdout and "docs/" not in usage.stdout
+    assert "'instar COMMAND --help'" in usage.stdout

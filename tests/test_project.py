@@ -19,3 +19,12 @@ def test_license_is_declared_and_shipped() -> None:
     assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
     assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in text
     assert "END OF TERMS AND CONDITIONS" in text
+
+
+def test_docs_do_not_point_outside_the_repository() -> None:
+    """A clone has only what is in it: no ``../shared`` (the design notes it once had)."""
+    files = [ROOT / "README.md", *(ROOT / "docs").rglob("*"), *(ROOT / "src").rglob("*")]
+    checked = [path for path in files if path.is_file() and path.suffix in (".md", ".py")]
+    assert len(checked) > 30
+    offenders = [str(path) for path in checked if "../shared" in path.read_text()]
+    assert offenders == []

@@ -1,6 +1,6 @@
 """Open files handed to format code, and the write helpers writers share.
 
-Format code never opens a path (DESIGN.md, safety rules): the host side opens
+Format code never opens a path (docs/architecture.md): the host side opens
 files and passes an `InputFile`, a positioned-read wrapper around a file
 descriptor. ``pread`` keeps reads thread-safe and free of seek state.
 """

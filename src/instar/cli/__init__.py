@@ -37,7 +37,7 @@ Standard options:
   -h, --help       display this help and exit
   -V, --version    output version information and exit
 
-See README.md and docs/ for what each command supports.
+Run 'instar COMMAND --help' for what a command takes.
 """
 
 
