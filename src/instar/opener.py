@@ -93,7 +93,7 @@ class ImageOpener:
             return fmt
         if registry.is_recognised_only(fmt_name):
             raise UnsupportedError(
-                f"Could not open '{path}': instar cannot read {fmt_name} images yet"
+                f"Could not open '{path}': {registry.unsupported_message(fmt_name, writing=False)}"
             )
         raise ImageOpenError(path, f"Unknown driver '{fmt_name}'")
 
