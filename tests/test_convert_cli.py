@@ -35,6 +35,12 @@ ROWS: list[list[str]] = [
     ["-T", "foo", "in.raw", "out.raw"],
     ["-t", "writeback", "-T", "none", "in.raw", "out.raw"],
     ["-t", "none", "-S", "0", "in.raw", "out.raw"],
+    ["in.raw", ""],
+    ["-O", "qcow2", "in.raw", ""],
+    ["-c", "-O", "vmdk", "in.raw", ""],
+    ["-O", "vhdx", "in.raw", "in.raw", ""],
+    ["-n", "in.raw", ""],
+    ["-n", "-O", "qcow2", "in.raw", ""],
 ]
 
 

@@ -36,6 +36,8 @@ class AtomicOutput:
 
     def create(self) -> OutputFile:
         """Open the temporary file (or the block device) to write into."""
+        if not self.target:  # qemu opens "" (ENOENT); its real path would be the cwd
+            raise self._creation_error(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)))
         try:
             info: os.stat_result | None = os.stat(self._final)
         except FileNotFoundError:
@@ -162,6 +164,8 @@ def write_image(
     ``on_created`` runs once the output image exists, before the copy (where
     qemu-img dd prints its skip warning).
     """
+    if not target and fmt.name == "vmdk":
+        raise CreationError("No filename provided")  # qemu's vmdk checks before creating
     output = AtomicOutput(target)
     out_file = output.create()
     try:
@@ -196,6 +200,8 @@ def write_in_place(
 
     Zeros are written too (the old contents must go); the file keeps its size.
     """
+    if not target:
+        raise OutputError("Could not open '': The 'file' block driver requires a file name")
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as error:
