@@ -5,8 +5,9 @@
 
 ``-t`` is the output's cache mode as in qemu-img: the default, ``unsafe``, does
 not flush; any other mode fsyncs the output before it takes its name.
-Accepted and ignored, as knobs that do not change the result: ``-T`` (source
-cache mode, checked), ``-m`` (coroutines), ``-W`` (out-of-order writes).
+Accepted and ignored, as knobs that do not change the result (values checked as
+qemu-img checks them): ``-T`` (source cache mode), ``-m`` (coroutines), ``-r``
+(rate limit), ``-W`` (out-of-order writes).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from instar.cli.numbers import NumberError, convert_number
 from instar.cli.progress import ProgressMeter
 from instar.errors import UnsupportedError, UsageError
 from instar.formats.base import CreateOptions
+from instar.sizes import INT64_MAX, parse_long
 
 HELP = """\
 usage: instar convert [-f fmt] [-O output_fmt] [-c] [-o options] [-S sparse_size] [-p] [-q]
@@ -31,11 +33,12 @@ Convert images (concatenated in order) into a new image of output_fmt (default r
   -n     write over an existing target image instead of creating one
 """
 
-SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:W"
+SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:Wr:"
 LONG_OPTIONS = {"help": False, "image-opts": False, "target-image-opts": False,
                 "force-share": False, "object": True, "allow": True}
 MAX_SPARSE = 16 << 20
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+MAX_COROUTINES = 16
 
 
 def _sparse_size(text: str) -> int:
@@ -73,7 +76,7 @@ def run(args: list[str]) -> int:
     progress = quiet = no_create = False
     allow: list[str] = []
     wants_help = False
-    cache = "unsafe"
+    cache, source_cache = "unsafe", "writeback"
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
@@ -100,17 +103,26 @@ def run(args: list[str]) -> int:
         elif option == "--allow":
             allow.append(value)
         elif option == "-t":
-            if value not in CACHE_MODES:
-                raise UsageError(f"Invalid cache option: {value}")
             cache = value
-        elif option == "-T" and value not in CACHE_MODES:
-            raise UsageError(f"Invalid source cache option: {value}")
+        elif option == "-T":
+            source_cache = value
+        elif option == "-m" and not 1 <= (parse_long(value) or 0) <= MAX_COROUTINES:
+            raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                             f"between 1 and {MAX_COROUTINES}")
+        elif option == "-r":
+            convert_number("rate limit", value, 0, INT64_MAX)
         elif option in ("--image-opts", "--target-image-opts", "--object"):
             raise UnsupportedError(f"instar does not support {option}")
     if wants_help:
         return _print_option_help(out_format)
     if len(parsed.operands) < 2:
         raise UsageError("Must specify image file name")
+    # qemu-img checks the cache modes after the command line (-t once the output
+    # exists, which it then leaves behind; instar before opening anything).
+    if source_cache not in CACHE_MODES:
+        raise UsageError(f"Invalid source cache option: {source_cache}")
+    if cache not in CACHE_MODES:
+        raise UsageError(f"Invalid cache option: {cache}")
     from instar.convert import convert
 
     meter = ProgressMeter() if progress and not quiet else None
