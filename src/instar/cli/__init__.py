@@ -28,13 +28,15 @@ instar version {version} - a safe, qemu-img-compatible disk image toolkit
 usage: instar [standard options] command [command options]
 
 Command syntax:
+  compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
+filename1 filename2
+  convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \
+[-o options] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--allow dir] \
+filename [filename2 [...]] output_filename
   dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] \
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
-  convert [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-S sparse_size] [-p] [-q] [-n] \
-[--allow dir] filename [filename2 [...]] output_filename
-  info [-U] [-f fmt] [--output human|json] [--backing-chain] [--allow dir] \
-[--qemu-version 7.2|8.0] filename
-  compare [-U] [-f fmt] [-F fmt] [-s] [-p] [-q] [--allow dir] filename1 filename2
+  info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir] \
+[--qemu-version version] filename
 
 Standard options:
   -h, --help       display this help and exit
