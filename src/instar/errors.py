@@ -38,6 +38,11 @@ class FormatError(InstarError):
     """Image bytes violate the format or one of instar's safety limits."""
 
 
+class ChainDepthError(InstarError):
+    """A backing chain deeper than instar's limit. Not a FormatError, so no level of
+    the chain wraps it: the top image reports it, once."""
+
+
 class UnsupportedError(InstarError):
     """A feature qemu supports that instar does not (yet): refused clearly."""
 

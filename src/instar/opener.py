@@ -14,7 +14,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-from instar.errors import FormatError, ImageOpenError, PolicyError, UnsupportedError
+from instar.errors import (
+    ChainDepthError,
+    FormatError,
+    ImageOpenError,
+    PolicyError,
+    UnsupportedError,
+)
 from instar.files import InputFile
 from instar.formats import registry
 from instar.formats.base import Format
@@ -72,6 +78,10 @@ class ImageOpener:
         resolver = ChainResolver(self, depth) if with_backing else NoBackingResolver(self, depth)
         try:
             image = fmt.open(file, resolver)
+        except ChainDepthError as error:
+            if depth:  # up to the top image unwrapped, not once per level
+                raise
+            raise ImageOpenError(path, str(error)) from None
         except FormatError as error:
             raise ImageOpenError(path, str(error)) from None
         except OSError as error:
@@ -131,7 +141,7 @@ class ChainResolver:
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         if self.depth + 1 > MAX_CHAIN_DEPTH:
-            raise FormatError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
+            raise ChainDepthError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
         path = self._resolve(name, child, "backing file")
         try:
             return self.opener.open(path, fmt, self.depth + 1)
