@@ -24,16 +24,35 @@ QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
 
 
-def require_qemu() -> None:
-    """Fail (in CI, INSTAR_REQUIRE_QEMU=1) or skip (by hand) without qemu-img and qemu-io."""
+def require_qemu(*tools: str) -> None:
+    """Fail (in CI, INSTAR_REQUIRE_QEMU=1) or skip (by hand) unless ``tools`` are installed.
+
+    ``tools`` defaults to qemu-img and qemu-io. Every run of either goes through
+    here, so a machine without them skips the parity tests instead of erroring.
+    """
     import pytest
 
-    missing = [name for name, path in (("qemu-img", QEMU_IMG), ("qemu-io", QEMU_IO)) if not path]
+    paths = {"qemu-img": QEMU_IMG, "qemu-io": QEMU_IO}
+    missing = [name for name in tools or paths if not paths[name]]
     if missing:
         message = f"{' and '.join(missing)} not installed (apt-get install qemu-utils)"
         if os.environ.get("INSTAR_REQUIRE_QEMU") == "1":
             pytest.fail(message)
         pytest.skip(message)
+
+
+def qemu_img_path() -> str:
+    """The path of qemu-img, after `require_qemu` (fails or skips without it)."""
+    require_qemu("qemu-img")
+    assert QEMU_IMG is not None
+    return QEMU_IMG
+
+
+def qemu_io_path() -> str:
+    """The path of qemu-io, after `require_qemu` (fails or skips without it)."""
+    require_qemu("qemu-io")
+    assert QEMU_IO is not None
+    return QEMU_IO
 
 
 @dataclass
@@ -70,9 +89,8 @@ def run_qemu_img(*args: str, cwd: str | os.PathLike[str] | None = None) -> Resul
     Output is text; bytes that are not UTF-8 (names from an image) are kept
     as surrogate escapes, as instar's own output keeps them.
     """
-    assert QEMU_IMG is not None, "qemu-img is not installed"
     proc = subprocess.run(
-        [QEMU_IMG, *args], cwd=cwd, capture_output=True, text=True, encoding="utf-8",
+        [qemu_img_path(), *args], cwd=cwd, capture_output=True, text=True, encoding="utf-8",
         errors="surrogateescape", timeout=300, check=False,
     )
     return Result(proc.returncode, proc.stdout, proc.stderr)
@@ -94,8 +112,7 @@ def qemu_io(
     qemu-io resolves a qcow2 data file against its working directory, not the
     image's: give ``cwd`` for such images.
     """
-    assert QEMU_IO is not None, "qemu-io is not installed"
-    args = [QEMU_IO]
+    args = [qemu_io_path()]
     if fmt:
         args += ["-f", fmt]
     proc = subprocess.run(

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import pattern, qemu_img_ok, qemu_io, require_qemu, run_instar, run_qemu_img
+from instar.safety import MAX_CHAIN_DEPTH
 
 BASE_SIZE = 4 << 20
 
@@ -83,3 +84,37 @@ def test_symlink_escaping_the_directory_is_refused(tmp_path: Path) -> None:
     top = _overlay(tmp_path / "here", "qcow2", tmp_path / "here" / "base.raw", "raw")
     result = run_instar("dd", f"if={top}", f"of={tmp_path / 'here' / 'out.raw'}")
     assert result.rc == 1 and "outside the allowed" in result.stderr
+
+
+def _qcow2_chain(directory: Path, images: int) -> Path:
+    """``images`` qcow2 files, each backed by the previous; returns the top one."""
+    (directory / "base.raw").write_bytes(pattern(1 << 20, seed=5))
+    below, below_fmt = "base.raw", "raw"
+    for level in range(images):
+        name = f"level{level}.qcow2"
+        qemu_img_ok("create", "-q", "-f", "qcow2", "-b", below, "-F", below_fmt, name,
+                    cwd=directory)
+        below, below_fmt = name, "qcow2"
+    return directory / below
+
+
+def test_chain_at_the_depth_limit_opens(tmp_path: Path) -> None:
+    """16 backing files below the top image: read as qemu reads them."""
+    require_qemu()
+    top = _qcow2_chain(tmp_path, MAX_CHAIN_DEPTH)  # 15 qcow2 and base.raw below the top
+    result = run_instar("dd", "bs=64k", f"if={top.name}", "of=ours.raw", cwd=tmp_path)
+    assert result.rc == 0, result.stderr
+    qemu_img_ok("dd", "bs=64k", f"if={top.name}", "of=theirs.raw", cwd=tmp_path)
+    assert (tmp_path / "ours.raw").read_bytes() == (tmp_path / "theirs.raw").read_bytes()
+
+
+def test_chain_deeper_than_the_limit_is_one_message(tmp_path: Path) -> None:
+    require_qemu()
+    top = _qcow2_chain(tmp_path, MAX_CHAIN_DEPTH + 3)
+    message = f"Could not open '{top.name}': backing chain is deeper than 16 images"
+    for command, args, status in (("dd", [f"if={top.name}", "of=out.raw"], 1),
+                                  ("convert", [top.name, "out.raw"], 1),
+                                  ("compare", [top.name, "base.raw"], 2)):
+        result = run_instar(command, *args, cwd=tmp_path)
+        assert (result.rc, result.stdout, result.stderr) == (status, "", f"instar: {message}\n")
+    assert not (tmp_path / "out.raw").exists()

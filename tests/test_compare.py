@@ -18,10 +18,10 @@ from pathlib import Path
 import pytest
 
 from helpers import (
-    QEMU_IMG,
     Result,
     pattern,
     qemu_img_ok,
+    qemu_img_path,
     qemu_io,
     run_instar,
     run_qemu_img,
@@ -270,8 +270,7 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _qemu_compare(args: list[str], cwd: Path) -> Result:
     """qemu-img compare with its output kept byte for byte (the progress
     meter's carriage returns too, which text mode would turn into newlines)."""
-    assert QEMU_IMG is not None
-    proc = subprocess.run([QEMU_IMG, "compare", *args], cwd=cwd, capture_output=True,
+    proc = subprocess.run([qemu_img_path(), "compare", *args], cwd=cwd, capture_output=True,
                           timeout=300, check=False)
     return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 

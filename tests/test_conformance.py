@@ -632,9 +632,7 @@ VPC_ROWS = table(
     row("table-too-small", VPC, (poke(DYNAMIC_HEADER + 28, ">I", 1), FIX_HEADER),
         OPENING + "Page table too small", True, same_as_qemu=True),
     row("parent-is-itself", vpc_child("vpc-loop", "loop.vhd", blocks=False, image="loop.vhd"),
-        NOTHING, OPENING + r"(cannot open the parent disk: Could not open backing file: "
-        r"Could not open 'loop\.vhd': ){16}"
-        "cannot open the parent disk: backing chain is deeper than 16 images", False,
+        NOTHING, OPENING + "backing chain is deeper than 16 images", False,
         fails_at="backing"),
     row("parent-locator-too-long", vpc_child("vpc-long-locator", "x" * 5000, blocks=False),
         NOTHING, OPENING + "parent locator of 10000 bytes is too long", False),
@@ -872,10 +870,11 @@ RAW_ROWS = table(
     # Magic of formats instar does not read: refused when probed, bytes with -f raw.
     row("vdi-magic-read-as-raw", RAW_VDI, NOTHING, None, False, probes=False),
     row("vdi-magic-probed", RAW_VDI, NOTHING,
-        "'v.raw' is a vdi image, which instar cannot read yet", True, fmt=""),
+        r"Could not open 'v\.raw': vdi: reading this format is not supported yet", True, fmt=""),
     row("qed-magic-probed",
         Base("raw-qed", lambda d: (d / "v.img").write_bytes(b"QED\x00" + pattern(8000)), "v.img"),
-        NOTHING, "'v.img' is a qed image, which instar cannot read yet", True, fmt=""),
+        NOTHING, r"Could not open 'v\.img': qed: reading this format is not supported yet", True,
+        fmt=""),
 )  # fmt: skip
 
 

@@ -35,6 +35,27 @@ ROWS: list[list[str]] = [
     ["-T", "foo", "in.raw", "out.raw"],
     ["-t", "writeback", "-T", "none", "in.raw", "out.raw"],
     ["-t", "none", "-S", "0", "in.raw", "out.raw"],
+    ["in.raw", ""],
+    ["-O", "qcow2", "in.raw", ""],
+    ["-c", "-O", "vmdk", "in.raw", ""],
+    ["-O", "vhdx", "in.raw", "in.raw", ""],
+    ["-n", "in.raw", ""],
+    ["-n", "-O", "qcow2", "in.raw", ""],
+    *(["-m", m, "in.raw", "out.raw"] for m in ("0", "1", "16", "17", "-1", "-0", "abc", "", "8k",
+                                               "1.5", " 5", "+5", "5 ", "017", "021", "08",
+                                               "0x10", "0x11", "0x", "99999999999999999999")),
+    ["-m", "0", "-t", "foo", "in.raw", "out.raw"],
+    ["-t", "foo", "-m", "0", "in.raw", "out.raw"],
+    ["-T", "foo", "-S", "x", "in.raw", "out.raw"],
+    ["-T", "foo", "-t", "bar", "in.raw", "out.raw"],
+    ["-t", "foo", "in.raw"],
+    ["-T", "foo", "-O", "foo", "in.raw", "out.raw"],
+    ["-m", "0", "in.raw"],
+    ["-W", "-m", "4", "in.raw", "out.raw"],
+    # (a small valid rate limit would slow qemu-img down to it)
+    *(["-r", r, "in.raw", "out.raw"] for r in ("0", "-1", "abc", "", "1G", "1.5", "1.5G", "1kb",
+                                               "8E", "99999999999999999999", "0x10M", " 1G")),
+    ["-r", "x", "-m", "0", "in.raw", "out.raw"],
 ]
 
 

@@ -50,6 +50,9 @@ GRAMMAR_ROWS: list[list[str]] = [
     ["only-none", "if=in.raw", "of=nodir/out.raw"], ["only-none", "if=in.raw", "of=."],
     ["only-none", "-O", "foo", "if=in.raw", "of=nodir/out.raw"],
     ["only-none", "-f", "qcow2", "if=missing.raw", "of=out.raw"],
+    ["only-none", "if=in.raw", "of="], ["only-none", "-O", "vmdk", "if=in.raw", "of="],
+    ["only-none", "-O", "qcow2", "if=in.raw", "of=", "count=0"],
+    ["only-none", "-O", "vpc", "if=in.raw", "of=", "skip=99999"],
     # skipping past the end: a message, exit 0, empty output
     ["bs=512", "skip=2049"], ["skip=100", "count=50"], ["bs=512", "skip=2048"],
     ["bs=8E", "skip=2"], ["skip=9223372036854775807", "bs=2"],
@@ -94,7 +97,8 @@ def test_grammar_matches_qemu(row: list[str], workdir: Path, tmp_path: Path) -> 
     ours = run_instar("dd", *args, cwd=instar_dir)
     assert (ours.rc, ours.normalised_stderr()) == (qemu.rc, qemu.normalised_stderr())
     assert ours.stdout == qemu.stdout == ""
-    if out_name is None or out_name in (".",):
+    if out_name is None or out_name in ("", "."):
+        assert sorted(path.name for path in instar_dir.iterdir()) == ["in.raw"]
         return
     ours_out, qemu_out = instar_dir / out_name, qemu_dir / out_name
     if qemu.rc == 0:

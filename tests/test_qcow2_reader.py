@@ -15,7 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, qemu_img_ok, qemu_info, qemu_io, require_qemu, run_instar, run_qemu_img
+from helpers import (
+    pattern,
+    qemu_img_ok,
+    qemu_info,
+    qemu_io,
+    qemu_io_path,
+    require_qemu,
+    run_instar,
+    run_qemu_img,
+)
 
 RAW_SIZE = (3 << 20) + 1000  # qcow2 images of an odd size: the last cluster is partial
 COMMON_WRITES = [
@@ -43,7 +52,7 @@ def _create(directory: Path, name: str, size: str, *options: str, writes: list[s
     # qemu names the data file relative to its working directory: create it beside the image.
     qemu_img_ok("create", "-q", "-f", "qcow2", *options, name, size, cwd=directory)
     for command in writes:
-        proc = subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, name], cwd=directory,
+        proc = subprocess.run([qemu_io_path(), "-f", "qcow2", "-c", command, name], cwd=directory,
                               capture_output=True, text=True, check=False)
         assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout
 

@@ -17,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from helpers import QEMU_IO, pattern, qemu_img_ok, qemu_info, run_instar, run_qemu_img
+from helpers import (
+    pattern,
+    qemu_img_ok,
+    qemu_info,
+    qemu_io_path,
+    require_qemu,
+    run_instar,
+    run_qemu_img,
+)
 from instar.errors import FormatError, PolicyError
 from instar.files import InputFile
 from instar.formats.vhdx import layout, log
@@ -40,8 +48,7 @@ BLOCK_SIZES = [1, 2, 4, 8, 16, 32, 64, 128, 256]
 
 
 def qemu_io_cmds(image: Path, *commands: str) -> None:
-    assert QEMU_IO is not None, "qemu-io is not installed"
-    args = [QEMU_IO, "-f", "vhdx"]
+    args = [qemu_io_path(), "-f", "vhdx"]
     for command in commands:
         args += ["-c", command]
     proc = subprocess.run([*args, str(image)], capture_output=True, text=True, check=False)
@@ -64,8 +71,7 @@ def same_files(first: Path, second: Path) -> bool:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Images made by qemu-img and qemu-io: dynamic, fixed, every block size."""
-    if shutil.which("qemu-img") is None or QEMU_IO is None:
-        pytest.fail("qemu-img and qemu-io are needed (apt-get install qemu-utils)")
+    require_qemu()
     d = tmp_path_factory.mktemp("vhdx-corpus")
     source = d / "source.raw"
     source.write_bytes(pattern(5 * MiB, seed=3) + bytes(4 * MiB) + pattern(3 * MiB + 3584, seed=9))

@@ -451,11 +451,10 @@ def test_bat_interleaves_sector_bitmap_entries(tmp_path: Path) -> None:
 def run_qemu_io(image: Path, command: str) -> str:
     import subprocess
 
-    from helpers import QEMU_IO
+    from helpers import qemu_io_path
 
-    assert QEMU_IO is not None
     proc = subprocess.run(
-        [QEMU_IO, "-f", "vhdx", "-r", "-c", command, str(image)],
+        [qemu_io_path(), "-f", "vhdx", "-r", "-c", command, str(image)],
         capture_output=True,
         text=True,
         check=True,

@@ -16,7 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import READ_WINDOWS, pattern, qemu_img_ok, qemu_io, run_instar
+from helpers import (
+    READ_WINDOWS,
+    pattern,
+    qemu_img_ok,
+    qemu_io,
+    require_qemu,
+    run_instar,
+)
 from instar.files import InputFile
 from instar.formats import registry
 from instar.formats.vmdk import FORMAT
@@ -168,8 +175,7 @@ def _build_corpus(root: Path) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
-        pytest.fail("qemu-img and qemu-io are needed to build the vmdk corpus")
+    require_qemu()
     return _build_corpus(tmp_path_factory.mktemp("vmdk-corpus"))
 
 

@@ -32,7 +32,7 @@ def output_format(name: str) -> Format:
     fmt = registry.get(name)
     if fmt is None:
         if registry.is_recognised_only(name):
-            raise UnsupportedError(f"instar cannot write {name} images yet")
+            raise UnsupportedError(registry.unsupported_message(name, writing=True))
         raise OutputError(f"Unknown file format '{name}'")
     return fmt
 

@@ -117,7 +117,7 @@ def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str
         out_fmt = registry.get(output_format)
         if out_fmt is None:
             if registry.is_recognised_only(output_format):
-                raise OutputError(f"instar cannot write {output_format} images yet")
+                raise OutputError(registry.unsupported_message(output_format, writing=True))
             raise OutputError("Unknown file format")
         window = dd_window(image.virtual_size, bs, count, skip)
         broker.check_output(output_path)

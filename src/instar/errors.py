@@ -87,6 +87,11 @@ class DriverError(FormatError):
     'F': Could not open 'F': Invalid argument": the opener composes that."""
 
 
+class ChainDepthError(InstarError):
+    """A backing chain deeper than instar's limit. Not a FormatError, so no level of
+    the chain wraps it: the top image reports it, once."""
+
+
 class UnsupportedError(InstarError):
     """A feature qemu supports that instar does not (yet): refused clearly."""
 

@@ -21,6 +21,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from instar.cli.output import escape_controls as shown
 from instar.errors import FormatError, InstarError
 from instar.events import EventSink
 from instar.files import InputFile
@@ -316,21 +317,36 @@ def _snapshot_row(snap: SnapshotDetails) -> str:
     clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{millis:03d}"
     icount = "" if snap.icount is None else str(snap.icount)
     return (
-        _c_width(snap.id, 9, True) + " " + _c_width(snap.name, 16, True) + " "
+        _c_width(shown(snap.id), 9, True) + " " + _c_width(shown(snap.name), 16, True) + " "
         + _c_width(size_to_str(snap.vm_state_size), 8, False)
         + _c_width(date, 20, False) + _c_width(clock, 13, False) + _c_width(icount, 11, False)
     )
 
 
+def _shown_values(value: QValue) -> QValue:
+    """Format-specific data with control characters in its strings escaped (`shown`)."""
+    if isinstance(value, str):
+        return shown(value)
+    if isinstance(value, dict):
+        return {key: _shown_values(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_shown_values(item) for item in value]
+    return value
+
+
 def _human_node(info: NodeInfo, indentation: int, protocol: bool,
                 qemu_version: tuple[int, int]) -> str:
-    """``bdrv_node_info_dump`` (7.2: ``bdrv_image_info_dump`` at indentation 0)."""
+    """``bdrv_node_info_dump`` (7.2: ``bdrv_image_info_dump`` at indentation 0).
+
+    Names from the image (or the command line) have their control characters
+    escaped (`shown`), unlike qemu-img's, so an image cannot drive the terminal.
+    """
     ind = " " * (4 * indentation)
     protocol = protocol and indentation > 0
     details = info.details
     disk = "unavailable" if info.actual_size is None else size_to_str(info.actual_size)
     out = [
-        f"{ind}{'filename' if protocol else 'image'}: {info.filename}\n",
+        f"{ind}{'filename' if protocol else 'image'}: {shown(info.filename)}\n",
         f"{ind}{'protocol type' if protocol else 'file format'}: {info.format}\n",
         f"{ind}{'file length' if protocol else 'virtual size'}: "
         f"{size_to_str(info.virtual_size)} ({info.virtual_size} bytes)\n",
@@ -343,14 +359,14 @@ def _human_node(info: NodeInfo, indentation: int, protocol: bool,
     if details.dirty:
         out.append(f"{ind}cleanly shut down: no\n")
     if details.backing_filename:
-        line = f"{ind}backing file: {details.backing_filename}"
+        line = f"{ind}backing file: {shown(details.backing_filename)}"
         if info.full_backing_filename is None:
             line += " (cannot determine actual path)"
         elif info.full_backing_filename != details.backing_filename:
-            line += f" (actual path: {info.full_backing_filename})"
+            line += f" (actual path: {shown(info.full_backing_filename)})"
         out.append(line + "\n")
         if details.backing_format:
-            out.append(f"{ind}backing file format: {details.backing_format}\n")
+            out.append(f"{ind}backing file format: {shown(details.backing_format)}\n")
     if details.snapshots:
         out.append(f"{ind}Snapshot list:\n{ind}{_snapshot_header()}\n")
         out.extend(f"{ind}{_snapshot_row(snap)}\n" for snap in details.snapshots)
@@ -359,7 +375,7 @@ def _human_node(info: NodeInfo, indentation: int, protocol: bool,
         # 8.0 leaves out an empty section; 7.2 prints the header regardless.
         if data or qemu_version < QEMU_8_0:
             out.append(f"{ind}Format specific information:\n")
-            out.append(dump_human(data, indentation + 1))
+            out.append(dump_human(_shown_values(data), indentation + 1))
     return "".join(out)
 
 

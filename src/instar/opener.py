@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
 from instar.errors import (
+    ChainDepthError,
     DriverError,
     FormatError,
     ImageOpenError,
@@ -219,7 +220,7 @@ class ImageOpener:
         path = combine_path(relative_to, name)
         try:
             file = self.broker.open_named_file(name, relative_to, "backing file")
-        except OSError as error:
+        except OSError as error:  # info opens it as an image of its own: named twice
             raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
         return self.open_file_node(file, path, fmt_name, with_backing=with_backing, depth=0)
 
@@ -234,6 +235,10 @@ class ImageOpener:
         resolver = ChainResolver(self, depth) if with_backing else NoBackingResolver(self, depth)
         try:
             image = BlockImage(fmt.open(file, resolver))
+        except ChainDepthError as error:
+            if depth:  # up to the top image unwrapped, not once per level
+                raise
+            raise ImageOpenError(path, str(error)) from None
         except (FormatError, UnsupportedError, OSError) as error:
             raise open_error(path, error) from None
         node = OpenedNode(path, image, fmt, file)
@@ -253,7 +258,7 @@ class ImageOpener:
             return fmt
         if registry.is_recognised_only(fmt_name):
             raise UnsupportedError(
-                f"Could not open '{path}': instar cannot read {fmt_name} images yet"
+                f"Could not open '{path}': {registry.unsupported_message(fmt_name, writing=False)}"
             )
         raise ImageOpenError(path, f"Unknown driver '{fmt_name}'")
 
@@ -291,7 +296,7 @@ class ChainResolver:
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         if self.depth + 1 > MAX_CHAIN_DEPTH:
-            raise FormatError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
+            raise ChainDepthError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
         path = combine_path(child.name, name)
         try:
             try:

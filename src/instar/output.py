@@ -41,6 +41,8 @@ class AtomicOutput:
 
     def create(self) -> OutputFile:
         """Open the temporary file (or the block device) to write into."""
+        if not self.target:  # qemu opens "" (ENOENT); its real path would be the cwd
+            raise self._creation_error(FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT)))
         try:
             info: os.stat_result | None = os.stat(self._final)
         except FileNotFoundError:
@@ -210,6 +212,8 @@ def write_image(
 
         broker = HostBroker(PathPolicy([]))
     try:
+        if not target and spec.format.name == "vmdk":
+            raise CreationError("No filename provided")  # qemu's vmdk checks before creating
         out_file = broker.create_output(target)
         fill_output(image, out_file, spec, events=events, notice=notice)
         broker.commit_output(durable)
@@ -220,6 +224,8 @@ def write_image(
 
 def open_in_place(target: str) -> OutputFile:
     """The existing image ``target`` opened to be written over (host side)."""
+    if not target:
+        raise OutputError("Could not open '': The 'file' block driver requires a file name")
     try:
         fd = os.open(target, os.O_WRONLY | os.O_CLOEXEC)
     except OSError as error:

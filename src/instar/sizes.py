@@ -18,6 +18,7 @@ INT64_MAX = (1 << 63) - 1
 
 _SUFFIXES = {"B": 0, "K": 1, "M": 2, "G": 3, "T": 4, "P": 5, "E": 6}
 _C_SPACE = " \t\n\v\f\r"
+_HEX_DIGITS = "0123456789abcdefABCDEF"
 _SMALLEST_NORMAL_DOUBLE = 2.2250738585072014e-308
 
 
@@ -144,6 +145,28 @@ def parse_size(text: str) -> ParsedSize:
     if result > UINT64_MAX:
         return ParsedSize(SizeStatus.RANGE, hex_with_suffix=hex_with_suffix)
     return ParsedSize(SizeStatus.OK, result, hex_with_suffix=hex_with_suffix)
+
+
+def parse_long(text: str) -> int | None:
+    """qemu's ``qemu_strtol(text, NULL, 0, ...)``: all of ``text`` as a C long, else None.
+
+    Base 0 as C reads it: ``0x`` hex, a leading ``0`` octal (``017`` is 15),
+    after optional white space and sign; nothing may follow the digits.
+    """
+    rest = text.lstrip(_C_SPACE)
+    sign = -1 if rest[:1] == "-" else 1
+    if rest[:1] in ("+", "-"):
+        rest = rest[1:]
+    if rest[:2] in ("0x", "0X") and rest[2:3] and rest[2] in _HEX_DIGITS:
+        base, digits, allowed = 16, rest[2:], _HEX_DIGITS
+    elif rest[:1] == "0":
+        base, digits, allowed = 8, rest, "01234567"
+    else:
+        base, digits, allowed = 10, rest, "0123456789"
+    if not digits or any(char not in allowed for char in digits):
+        return None
+    value = sign * int(digits, base)
+    return value if -(1 << 63) <= value <= INT64_MAX else None  # ERANGE
 
 
 def round_up(value: int, alignment: int) -> int:

@@ -1,6 +1,6 @@
 """``instar compare``: qemu-img compare's options, messages and exit codes.
 
-    instar compare [-f fmt] [-F fmt] [-s] [-q] [-p] [-U] [-T cache] [--allow dir] A B
+    instar compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] A B
 
 Verdicts go to stdout (nothing with -q); exit 0 identical, 1 different,
 2 an image cannot be opened (or a bad -T), 3 block status failed, 4 a read
@@ -18,17 +18,24 @@ from instar.cli.output import report_error
 from instar.errors import UnsupportedError
 
 HELP = """\
-usage: instar compare [-f fmt] [-F fmt] [-s] [-q] [-p] [-U] [--allow dir] filename1 filename2
+usage: instar compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir]
+                      filename1 filename2
 
 Compare the contents of two images, as qemu-img compare does.
-  -f fmt     format of the first image (probed when absent)
-  -F fmt     format of the second image
-  -s         strict: images of different sizes, or with different allocation,
-             are different
-  -q         quiet: print nothing, only the exit code tells
-  -p         show progress
-  --allow D  backing files may also come from directory D
-Exit status: 0 identical, 1 different, 2 cannot open, 4 read error.
+  -f fmt             format of the first image (probed when absent)
+  -F fmt             format of the second image (probed when absent)
+  -T src_cache       cache mode of the images: checked, no effect
+  -s                 strict: images of different sizes, or with different allocation,
+                     are different
+  -q                 quiet: print nothing, only the exit status tells
+  -p                 show progress
+  -U, --force-share  accepted (instar takes no locks)
+  --allow dir        backing files may also come from dir (not in qemu-img)
+  -h, --help         show this help
+Exit status: 0 identical, 1 different, 2 cannot open, 3 block status failed,
+4 read error.
+
+Not supported (refused): --object objectdef, --image-opts
 """
 
 SHORT_OPTIONS = "hf:F:T:pqsU"
@@ -94,7 +101,7 @@ def run(args: list[str]) -> int:
         elif option == "--allow":
             allow.append(value)
         elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"instar does not support {option}")
+            raise UnsupportedError(f"{option} is not supported")
         # -U / --force-share: instar takes no locks, so sharing is the default.
     if len(parsed.operands) != 2:
         raise GetoptError("Expecting two image file names")

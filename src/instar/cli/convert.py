@@ -1,12 +1,14 @@
 """``instar convert``: qemu-img convert's common options, messages and exit codes.
 
-    instar convert [-f fmt] [-O fmt] [-c] [-o options] [-S size] [-p] [-q] [-n] [-U]
-                   [--allow dir] FILE [FILE...] OUTPUT
+    instar convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache]
+                   [-O output_fmt] [-o options] [-S sparse_size] [-r rate_limit]
+                   [-m num_coroutines] [-W] [--allow dir] FILE [FILE...] OUTPUT
 
 ``-t`` is the output's cache mode as in qemu-img: the default, ``unsafe``, does
 not flush; any other mode fsyncs the output before it takes its name.
-Accepted and ignored, as knobs that do not change the result: ``-T`` (source
-cache mode, checked), ``-m`` (coroutines), ``-W`` (out-of-order writes).
+Accepted and ignored, as knobs that do not change the result (values checked as
+qemu-img checks them): ``-T`` (source cache mode), ``-m`` (coroutines), ``-r``
+(rate limit), ``-W`` (out-of-order writes).
 """
 
 from __future__ import annotations
@@ -19,23 +21,48 @@ from instar.cli.numbers import NumberError, convert_number
 from instar.cli.progress import ProgressMeter, show_events
 from instar.errors import UnsupportedError, UsageError
 from instar.formats.base import CreateOptions
+from instar.sizes import INT64_MAX, parse_long
 
 HELP = """\
-usage: instar convert [-f fmt] [-O output_fmt] [-c] [-o options] [-S sparse_size] [-p] [-q]
-                      [-n] [-U] [--allow dir] filename [filename2 [...]] output_filename
+usage: instar convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache]
+                      [-O output_fmt] [-o options] [-S sparse_size] [-r rate_limit]
+                      [-m num_coroutines] [-W] [--allow dir]
+                      filename [filename2 [...]] output_filename
 
-Convert images (concatenated in order) into a new image of output_fmt (default raw).
-  -S N   zero runs of at least N bytes stay unallocated (multiple of 512, default 4k;
-         0 writes zeros, fully allocating the output)
-  -o     creation options (key=value,...); '-o help' lists them for the format
-  -n     write over an existing target image instead of creating one
+Convert images (concatenated in order) into a new image, as qemu-img convert does.
+  -f fmt             format of the input images (probed when absent)
+  -O output_fmt      format of the output: raw (default), qcow2, vmdk, vpc or vhdx
+  -o options         creation options (key=value,...); '-o help' lists the format's
+  -c                 compress the output (qcow2; vmdk streamOptimized)
+  -S sparse_size     zero runs this long stay unallocated (a multiple of 512 up to 16M,
+                     default 4k; 0 writes zeros too, fully allocating the output)
+  -n                 write over an existing target image instead of creating one
+  -t cache           cache mode of the output: unsafe (the default) does not flush it;
+                     writeback, writethrough, directsync and none fsync it
+  -T src_cache       cache mode of the inputs: checked, no effect
+  -r rate_limit      a size: checked, no effect (instar does not throttle)
+  -m num_coroutines  1 to 16: checked, no effect
+  -W                 accepted, no effect (instar writes in order)
+  -p                 show progress
+  -q                 quiet: no progress
+  -U, --force-share  accepted (instar takes no locks on its inputs)
+  --allow dir        backing and data files may also come from dir (not in qemu-img)
+  -h, --help         show this help
+
+Not supported (refused): --object objectdef, --image-opts, --target-image-opts,
+  -B backing_file, -F backing_fmt, -l snapshot_param, -C, --salvage, --target-is-zero,
+  --bitmaps, --skip-broken-bitmaps
 """
 
-SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:W"
+SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:Wr:B:F:l:C"
 LONG_OPTIONS = {"help": False, "image-opts": False, "target-image-opts": False,
-                "force-share": False, "object": True, "allow": True}
+                "force-share": False, "object": True, "allow": True, "salvage": False,
+                "target-is-zero": False, "bitmaps": False, "skip-broken-bitmaps": False}
+UNSUPPORTED = ("--image-opts", "--target-image-opts", "--object", "-B", "-F", "-l", "-C",
+               "--salvage", "--target-is-zero", "--bitmaps", "--skip-broken-bitmaps")
 MAX_SPARSE = 16 << 20
 CACHE_MODES = ("none", "writeback", "unsafe", "directsync", "writethrough")
+MAX_COROUTINES = 16
 
 
 def _sparse_size(text: str) -> int:
@@ -73,7 +100,7 @@ def run(args: list[str]) -> int:
     progress = quiet = no_create = False
     allow: list[str] = []
     wants_help = False
-    cache = "unsafe"
+    cache, source_cache = "unsafe", "writeback"
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
@@ -101,19 +128,28 @@ def run(args: list[str]) -> int:
         elif option == "--allow":
             allow.append(value)
         elif option == "-t":
-            if value not in CACHE_MODES:
-                raise UsageError(f"Invalid cache option: {value}")
             cache = value
-        elif option == "-T" and value not in CACHE_MODES:
-            raise UsageError(f"Invalid source cache option: {value}")
-        elif option in ("--image-opts", "--target-image-opts", "--object"):
-            raise UnsupportedError(f"instar does not support {option}")
+        elif option == "-T":
+            source_cache = value
+        elif option == "-m" and not 1 <= (parse_long(value) or 0) <= MAX_COROUTINES:
+            raise UsageError("Invalid number of coroutines. Allowed number of coroutines is "
+                             f"between 1 and {MAX_COROUTINES}")
+        elif option == "-r":
+            convert_number("rate limit", value, 0, INT64_MAX)
+        elif option in UNSUPPORTED:
+            raise UnsupportedError(f"{option} is not supported")
     if no_create and (options.options or wants_help):
         raise UsageError("-o has no effect when skipping image creation")
     if wants_help:
         return _print_option_help(out_format)
     if len(parsed.operands) < 2:
         raise UsageError("Must specify image file name")
+    # qemu-img checks the cache modes after the command line (-t once the output
+    # exists, which it then leaves behind; instar before opening anything).
+    if source_cache not in CACHE_MODES:
+        raise UsageError(f"Invalid source cache option: {source_cache}")
+    if cache not in CACHE_MODES:
+        raise UsageError(f"Invalid cache option: {cache}")
     from instar.convert import convert
 
     meter = ProgressMeter() if progress and not quiet else None

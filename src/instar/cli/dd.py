@@ -22,16 +22,21 @@ usage: instar dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow d
                  [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
 
 Copy a window of an image into a new image, exactly as qemu-img dd does.
-  bs=N       block size in bytes (1 to 2147483647, default 512); k M G T P E suffixes
-  count=N    copy up to N blocks from the START of the input (qemu's meaning)
-  skip=N     skip N blocks of the input
-  if=FILE    input image (format probed unless -f)
-  of=FILE    output image (-O format, default raw); replaced atomically
-  -U         accepted for compatibility (instar never locks its input)
-  -o opts    creation options for the output format (key=value,...)
-  -c         compress the output (qcow2, vmdk streamOptimized)
-  -p         show progress
-  --allow D  let backing and data files come from directory D as well
+  bs=block_size      bytes per block (1 to 2147483647, default 512; k M G T P E suffixes)
+  count=blocks       copy up to this many blocks from the START of the input (qemu's)
+  skip=blocks        skip this many blocks of the input
+  if=input           input image
+  of=output          output image, replaced atomically
+  -f fmt             format of the input (probed when absent)
+  -O output_fmt      format of the output: raw (default), qcow2, vmdk, vpc or vhdx
+  -o options         creation options (key=value,...) as convert's (not in qemu-img dd)
+  -c                 compress the output: qcow2; vmdk streamOptimized (not in qemu-img dd)
+  -p                 show progress (not in qemu-img dd)
+  -U, --force-share  accepted (instar takes no locks on its input)
+  --allow dir        backing and data files may also come from dir (not in qemu-img)
+  -h, --help         show this help
+
+Not supported (refused): --object objectdef, --image-opts
 """
 
 SHORT_OPTIONS = "hf:O:Uo:cp"
@@ -101,7 +106,7 @@ def parse_dd_args(args: list[str]) -> DdRequest | None:
         elif option == "--allow":
             request.allow.append(value)
         elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"instar does not support {option}")
+            raise UnsupportedError(f"{option} is not supported")
         # -U / --force-share: instar takes no locks, so sharing is the default.
     for operand in parsed.operands:
         _apply_operand(request, operand)

@@ -1,7 +1,7 @@
 """``instar info``: qemu-img info's options, output and messages.
 
-    instar info [-f fmt] [--output human|json] [--backing-chain] [-U]
-                [--allow dir] [--qemu-version VERSION] FILE
+    instar info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir]
+                [--qemu-version version] FILE
 
 ``--qemu-version`` picks the output of a qemu-img release: 7.2 (the default)
 or 8.0 and later, which add a ``Child node '/file':`` section (``children``
@@ -16,17 +16,20 @@ from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.errors import UnsupportedError, UsageError
 
 HELP = """\
-usage: instar info [-f fmt] [--output human|json] [--backing-chain] [-U] [--allow dir]
-                   [--qemu-version VERSION] filename
+usage: instar info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir]
+                   [--qemu-version version] filename
 
 Show what qemu-img info shows about an image, in the same words and layout.
-  -f fmt             image format (probed when absent)
-  --output FMT       human (default) or json
-  --backing-chain    show every image of the backing chain
-  -U                 accepted for compatibility (instar takes no locks)
-  --allow DIR        backing files may also come from DIR (--backing-chain)
-  --qemu-version V   output of qemu-img V: 7.2 (default) or 8.0 and later
-                     (adds the "Child node '/file':" section)
+  -f, --format fmt          image format (probed when absent)
+  --output=ofmt             human (the default) or json
+  --backing-chain           show every image of the backing chain
+  -U, --force-share         accepted (instar takes no locks)
+  --allow dir               backing files may also come from dir (not in qemu-img)
+  --qemu-version version    the output of qemu-img 7.2 (the default) or 8.0 and later,
+                            which adds the "Child node '/file':" section (not in qemu-img)
+  -h, --help                show this help
+
+Not supported (refused): --object objectdef, --image-opts
 """
 
 SHORT_OPTIONS = "hf:U"
@@ -77,7 +80,7 @@ def run(args: list[str]) -> int:
         elif option == "--qemu-version":
             version = parse_qemu_version(value)
         elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"instar does not support {option}")
+            raise UnsupportedError(f"{option} is not supported")
         # -U / --force-share: instar takes no locks, so sharing is the default.
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")

@@ -29,6 +29,23 @@ def printable(text: str, keep_newlines: bool = False) -> str:
     )
 
 
+def _is_control(char: str) -> bool:
+    code = ord(char)
+    # C0, DEL and C1, as characters or as raw bytes that were not UTF-8 (surrogateescape)
+    return code < 0x20 or 0x7F <= code <= 0x9F or 0xDC80 <= code <= 0xDC9F
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with its control characters escaped and the rest as it is.
+
+    For output that otherwise prints an image's names as qemu-img does (``info``):
+    only what a terminal would act on is changed.
+    """
+    if text.isprintable():
+        return text
+    return "".join(_escape(char) if _is_control(char) else char for char in text)
+
+
 def report_error(message: str, multiline: bool = False) -> None:
     """``instar: MESSAGE`` on stderr, as qemu's error_report.
 

@@ -2,7 +2,8 @@
 
 Adding a format is one line in `_DRIVERS` and its own module. Formats qemu
 reads but instar does not (yet) are still recognised by their magic, so a VDI
-is refused clearly instead of being copied as raw bytes.
+is refused clearly instead of being copied as raw bytes; any other driver qemu
+has is refused as not supported, not as unknown (`unsupported_message`).
 """
 
 from __future__ import annotations
@@ -33,6 +34,30 @@ _RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
 }
 
 
+# Every driver qemu-img 7.2 has ("Supported formats" in ``qemu-img --help``).
+QEMU_DRIVERS = frozenset((
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "file", "ftp", "ftps", "gluster",
+    "host_cdrom", "host_device", "http", "https", "iscsi", "iser", "luks", "nbd", "nfs",
+    "null-aio", "null-co", "nvme", "parallels", "preallocate", "qcow", "qcow2", "qed",
+    "quorum", "raw", "rbd", "replication", "snapshot-access", "ssh", "throttle", "vdi",
+    "vhdx", "vmdk", "vpc", "vvfat",
+))
+# The format drivers qemu-img cannot create an image with: it says so before creating.
+QEMU_CANNOT_CREATE = frozenset((
+    "blkdebug", "blklogwrites", "blkverify", "bochs", "cloop", "compress",
+    "copy-before-write", "copy-on-read", "dmg", "ftp", "ftps", "http", "https", "null-aio",
+    "null-co", "preallocate", "quorum", "replication", "snapshot-access", "throttle", "vvfat",
+))
+
+
+def unsupported_message(name: str, writing: bool) -> str:
+    """Why instar refuses ``name``, a driver qemu has (`is_recognised_only`)."""
+    if writing and name in QEMU_CANNOT_CREATE:
+        return f"Format driver '{name}' does not support image creation"  # as qemu-img
+    return f"{name}: {'writing' if writing else 'reading'} this format is not supported yet"
+
+
 def known_names() -> list[str]:
     """Every format instar can name (readable or not)."""
     return sorted(set(_DRIVERS) | set(_RECOGNISED_ONLY))
@@ -50,7 +75,7 @@ def get(name: str) -> Format | None:
 
 def is_recognised_only(name: str) -> bool:
     """True for a format qemu has and instar does not (yet)."""
-    return name in _RECOGNISED_ONLY and name not in _DRIVERS
+    return (name in _RECOGNISED_ONLY or name in QEMU_DRIVERS) and name not in _DRIVERS
 
 
 def probe(header: bytes, filename: str) -> Format:
@@ -74,7 +99,7 @@ def probe(header: bytes, filename: str) -> Format:
             continue
         if header[offset : offset + len(magic)] == magic:
             raise UnsupportedError(
-                f"'{filename}' is a {name} image, which instar cannot read yet"
+                f"Could not open '{filename}': {unsupported_message(name, writing=False)}"
             )
     assert best is not None
     return best
