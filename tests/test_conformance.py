@@ -227,6 +227,16 @@ def l2_entry(index: int) -> Callable[[Path], int]:
     return at
 
 
+def cluster_0_data(path: Path) -> int:
+    """The host offset of guest cluster 0's data."""
+    return field_at(path, l2_entry(0)(path), ">Q") & 0x00FF_FFFF_FFFF_FE00
+
+
+def compressed_at_cluster_0(path: Path) -> int:
+    """A compressed L2 entry of 8 sectors at guest cluster 0's data cluster."""
+    return COMPRESSED | 7 << 54 | cluster_0_data(path)
+
+
 def past_eof_cluster(path: Path) -> int:
     """The first 64 KiB-aligned offset at or past the end of the file."""
     return -(-file_end(path) // 0x10000) * 0x10000
@@ -290,7 +300,10 @@ QCOW2_ROWS = table(
     row("compression-bit-zlib", QCOW2, poke(72, ">Q", 1 << 3),
         OPENING + "qcow2: Compression type incompatible feature bit must not be set", True,
         same_as_qemu=True),
-    row("compressed-garbage", QCOW2, poke(l2_entry(0), ">Q", COMPRESSED | 7 << 54 | 0x300),
+    # Garbage where cluster 0's data was (zeros: a stored block of invalid
+    # length); pointing into the header instead would alias it.
+    row("compressed-garbage", QCOW2, (poke(cluster_0_data, ">Q", 0),
+                                      poke(l2_entry(0), ">Q", compressed_at_cluster_0)),
         IN_IMAGE + "compressed cluster at guest offset 0x0 does not decompress: "
         "Error -3 while decompressing data: invalid stored block lengths", True, fails_at="read"),
     row("backing-name-too-long", QCOW2, poke(8, ">QI", 0x1000, 4000),
@@ -651,7 +664,11 @@ VPC_ROWS = table(
     row("first-footer-cookie", VPC, poke(0, "8s", b"conectiX"),
         OPENING + "the footer copy at offset 0 of this type 3 disk is missing", True,
         probes=False),
-    row("BAT-entry-into-the-header", VPC, poke(bat_entry(0), ">I", 1), None, False),
+    # qemu reads it; instar refuses a block over the image's own metadata
+    # (docs/formats/vpc.md), when it maps the disk: info still describes it.
+    row("BAT-entry-into-the-header", VPC, poke(bat_entry(0), ">I", 1),
+        IN_IMAGE + r"host offset 0x200, mapped at guest offset 0x0, is also the dynamic disk "
+        r"header \(a host unit mapped twice: the image is corrupt\)", False, fails_at="status"),
     row("fixed-footer-checksum", VPC_FIXED, poke(last_footer, "4s", b"qemX"),
         OPENING + "invalid VPC image", True, same_as_qemu=True, probes=False),
     row("fixed-footer-cut", VPC_FIXED, Cut(last_footer), OPENING + "invalid VPC image", True,

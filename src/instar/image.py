@@ -520,6 +520,13 @@ def file_layout(
         yield position, end - position, False
 
 
+def next_data(file: InputFile, offset: int, end: int) -> int | None:
+    """Where the file's next data at or after ``offset`` begins (``end`` if
+    none before it), or None if the file system cannot say (SEEK_DATA)."""
+    found = _seek(file.fd, offset, os.SEEK_DATA, end)
+    return None if found is None else min(found, end)
+
+
 def _seek(fd: int, position: int, whence: int, file_end: int) -> int | None:
     """lseek for SEEK_DATA/SEEK_HOLE: ``file_end`` past the last data, None if unsupported."""
     try:

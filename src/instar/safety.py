@@ -21,6 +21,10 @@ MAX_TABLE_BYTES = 32 << 20  # one metadata table (qcow2 L1, refcount table, BAT.
 MAX_METADATA_CACHE_BYTES = 64 << 20  # decoded tables kept in memory at once
 MAX_HEADER_EXTENSION_BYTES = 64 << 10  # all qcow2 header extensions together
 MAX_NAME_BYTES = 4096  # a file name stored inside an image
+# The map of which host units of a file an image's mapping claims (aliasing
+# check): one bit per unit up to this size, coarser beyond. Anonymous memory,
+# so only the pages that hold a claim are ever resident.
+MAX_CLAIM_MAP_BYTES = 32 << 20
 
 
 def allowed_dirs(allow: AllowedDirs) -> list[str]:

@@ -13,14 +13,32 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from instar.errors import FormatError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
-from instar.formats.common import DEFLATE, ZSTD, TableCache, inflate
+from instar.formats.common import (
+    DEFLATE,
+    ZSTD,
+    HostClaims,
+    TableCache,
+    alias_message,
+    first_other,
+    inflate,
+    is_progression,
+    metadata_alias_message,
+)
 from instar.formats.qcow2 import layout as L
-from instar.image import COMPRESSED, DATA, OFFSET_VALID, ZERO, Driver, Image, Run
+from instar.image import (
+    COMPRESSED,
+    DATA,
+    OFFSET_VALID,
+    ZERO,
+    Driver,
+    Image,
+    Run,
+)
 from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
@@ -36,9 +54,6 @@ _FLAGS = (
     DATA | COMPRESSED,
 )
 _HOSTED = (True, True, True, False, False, False)  # runs must be host-contiguous
-
-_L1_BLOCK = 8192  # L1 entries tested for zero at once
-_ZERO_L1_BLOCK = bytes(8 * _L1_BLOCK)
 
 # A cluster as (first subcluster, count, type) pieces, for the common cases.
 Pieces = tuple[tuple[int, int, int], ...]
@@ -87,6 +102,17 @@ class Qcow2Driver(Driver):
         self.virtual_size = header.size // L.SECTOR * L.SECTOR
         whole = self._subclusters
         self._whole = {kind: ((0, whole, kind),) for kind in range(6)}
+        # The aliasing check: host clusters claimed by the metadata (at open)
+        # and by each L2 table's entries (when the table is first loaded).
+        self._claims = HostClaims(file.size, self._cluster)
+        self._data_claims = (
+            HostClaims(data_file.size, self._cluster) if data_file is not None else self._claims
+        )
+        self._compressed: HostClaims | None = None  # clusters holding compressed data
+        self._checked = HostClaims(len(l1), 1)  # L1 indices whose L2 table was claimed
+        self._metadata: list[tuple[int, int, str]] = []  # (start, end, what), for messages
+        self._metadata_claimed = False  # done by the first mapping, so info never pays
+        self.corruption: str | None = None  # the aliasing found: every mapping fails
 
     @property
     def backing(self) -> Image | None:
@@ -95,6 +121,11 @@ class Qcow2Driver(Driver):
     # --- the mapping function ----------------------------------------------------
 
     def map(self, offset: int, length: int) -> Iterator[Run]:
+        if not self._metadata_claimed:
+            self._metadata_claimed = True
+            self._checking(self.claim_metadata)
+        if self.corruption is not None:
+            raise FormatError(self.corruption)
         end = offset + length
         span = self._l2_span
         position = offset
@@ -111,19 +142,32 @@ class Qcow2Driver(Driver):
 
     def _next_allocated_table(self, index: int) -> int:
         """The first L1 index from ``index`` on with an L2 table (or the L1's
-        end). Empty stretches are skipped a block of entries at a time with a
-        memcmp: an empty 2 PiB image has 4 million of them."""
+        end). Empty stretches are skipped at memory speed (`first_other`):
+        an empty 2 PiB image has 4 million of them."""
         l1, size = self._l1, len(self._l1)
         while index < size:
-            stop = min(size, (index // _L1_BLOCK + 1) * _L1_BLOCK)
-            if not _ZERO_L1_BLOCK.startswith(l1[index:stop].tobytes()):
-                for position in range(index, stop):
-                    if l1[position] & L.L1E_OFFSET_MASK:
-                        return position
-            index = stop
+            index = first_other(l1, index, size, 0)
+            if index == size or l1[index] & L.L1E_OFFSET_MASK:
+                return index
+            index += 1  # flag bits without an offset: no table
         return size
 
     def _load_l2(self, l1_index: int) -> array[int]:
+        table = self._read_l2(l1_index)
+        if self._checked.claim(l1_index, 1):  # the first load of this table
+            self._checking(lambda: self._claim_table(table, l1_index))
+        return table
+
+    def _checking(self, claim: Callable[[], None]) -> None:
+        """Run a claim; aliasing it finds stays: every later mapping fails too
+        (a table is claimed once, so a retry would not find it again)."""
+        try:
+            claim()
+        except FormatError as error:
+            self.corruption = str(error)
+            raise
+
+    def _read_l2(self, l1_index: int) -> array[int]:
         offset = self._l1[l1_index] & L.L1E_OFFSET_MASK
         if offset & (self._cluster - 1):
             raise FormatError(f"L2 table offset {offset:#x} unaligned (L1 index {l1_index:#x})")
@@ -218,14 +262,174 @@ class Qcow2Driver(Driver):
             )
         return host
 
+    # --- the aliasing check ---------------------------------------------------------
+
+    def claim_metadata(self) -> None:
+        """Claim the host clusters of the header, the L1 table, the refcount
+        table and blocks and every L2 table the L1 names: two of them in one
+        cluster, or a data cluster among them later, is corruption (qemu-img
+        check reports it; qemu's overlap check refuses to write there).
+        Done before the first mapping, not at open: info describes a corrupt
+        image as qemu-img info does."""
+        header, cluster = self.header, self._cluster
+        self._claim_metadata(0, cluster, "the image header")
+        if header.l1_size:
+            self._claim_metadata(header.l1_table_offset, header.l1_size * 8, "the L1 table")
+        reftable_bytes = header.refcount_table_clusters * cluster
+        if reftable_bytes and header.refcount_table_offset < self.file.size:
+            self._claim_metadata(header.refcount_table_offset, reftable_bytes,
+                                 "the refcount table")
+            reftable = _be_u64_array(self.file.pread(header.refcount_table_offset,
+                                                     reftable_bytes).ljust(reftable_bytes, b"\0"))
+            index = 0
+            while (index := first_other(reftable, index, len(reftable), 0)) < len(reftable):
+                block = reftable[index] & L.REFTABLE_OFFSET_MASK
+                if block and not block & (cluster - 1):
+                    self._claim_metadata(block, cluster, "a refcount block")
+                index += 1
+        l1, index = self._l1, 0
+        while (index := self._next_allocated_table(index)) < len(l1):
+            offset = l1[index] & L.L1E_OFFSET_MASK
+            if not offset & (cluster - 1):  # an unaligned table fails when it is read
+                guest = index * self._l2_span
+                self._claim_metadata(offset, cluster, f"the L2 table of guest offset {guest:#x}")
+            index += 1
+
+    def _claim_metadata(self, offset: int, length: int, what: str) -> None:
+        if offset >= self.file.size:
+            return  # nothing there to alias; reading it fails on its own
+        if not self._claims.claim(offset, length):
+            end = offset + length
+            other = next(
+                (name for start, stop, name in self._metadata if start < end and offset < stop),
+                "another structure",
+            )
+            raise FormatError(
+                f"{what} at host offset {offset:#x} overlaps {other} "
+                "(a host unit mapped twice: the image is corrupt)"
+            )
+        self._metadata.append((offset, offset + length, what))
+
+    def _claim_table(self, table: array[int], l1_index: int) -> None:
+        """Claim the host clusters one L2 table maps, once per table: runs of
+        consecutive clusters are claimed at once, a table that is one run in
+        one step (the usual layout of a written image)."""
+        entries = table[::2] if self._extended else table
+        count, cluster = len(entries), self._cluster
+        guest_base = l1_index * self._l2_span
+        first = entries[0] if entries else 0
+        start = first & L.L2E_OFFSET_MASK
+        if (
+            start
+            and not first & L.OFLAG_COMPRESSED
+            and not start & (cluster - 1)
+            and is_progression(entries, first, cluster)
+        ):
+            self._claim_data(start, count, guest_base)
+            return
+        data_file = self.data_file
+        file_size = self._host.size
+        run_host = run_count = run_guest = 0
+        follow, follow_index = -1, -1  # the entry and index that would extend the run
+        for index, entry in enumerate(entries):
+            if not entry:
+                continue
+            if entry == follow and index == follow_index:  # the next cluster of the run
+                run_count += 1
+                follow += cluster
+                follow_index += 1
+                continue
+            guest = guest_base + index * cluster
+            if entry & L.OFLAG_COMPRESSED:
+                if data_file is None:
+                    self._claim_compressed(entry, guest)
+                continue
+            host = entry & L.L2E_OFFSET_MASK
+            if not host and not (data_file is not None and entry & L.OFLAG_COPIED):
+                continue  # no host cluster (a zero or unallocated entry with flags)
+            if host & (cluster - 1) or host >= file_size:
+                continue  # reading that cluster reports it
+            if run_count:
+                self._claim_data(run_host, run_count, run_guest)
+            run_host, run_count, run_guest = host, 1, guest
+            follow, follow_index = entry + cluster, index + 1
+        if run_count:
+            self._claim_data(run_host, run_count, run_guest)
+
+    def _claim_data(self, host: int, count: int, guest: int) -> None:
+        """Claim ``count`` data clusters from ``host``, mapped from ``guest`` on."""
+        cluster = self._cluster
+        end = min(host + count * cluster, self._host.size)
+        if end <= host:
+            return
+        compressed = self._compressed
+        clash = compressed is not None and compressed.claimed(host, end - host)
+        if not clash and self._data_claims.claim(host, end - host):
+            return
+        for at in range(host, end, cluster):  # which cluster: the error path only
+            if compressed is not None and compressed.claimed(at, cluster):
+                raise self._alias_error(at, guest + at - host)
+            if not self._data_claims.claim(at, cluster):
+                raise self._alias_error(at, guest + at - host)
+        raise AssertionError("a failed claim without a claimed cluster")  # pragma: no cover
+
+    def _claim_compressed(self, entry: int, guest: int) -> None:
+        """Compressed clusters may share host clusters (qemu packs them), but
+        not with data clusters or metadata."""
+        host, size = self._compressed_range(entry)
+        if host >= self.file.size:
+            return  # reading it reports it
+        if self._claims.claimed(host, size):
+            raise self._alias_error(host, guest)
+        if self._compressed is None:
+            self._compressed = HostClaims(self.file.size, self._cluster)
+        cluster = self._cluster
+        for at in range(host & ~(cluster - 1), host + size, cluster):
+            self._compressed.claim(at, cluster)
+
+    def _compressed_range(self, entry: int) -> tuple[int, int]:
+        """(host offset, bytes at most) of a compressed cluster's data."""
+        shift = L.compressed_shift(self._bits)
+        host = entry & ((1 << shift) - 1)
+        sectors = ((entry >> shift) & ((1 << (self._bits - 8)) - 1)) + 1
+        return host, sectors * L.SECTOR - (host & (L.SECTOR - 1))
+
+    def _alias_error(self, host: int, guest: int) -> FormatError:
+        """The message for a host cluster claimed twice: who else maps it.
+        Only on the error path: it may read every L2 table again."""
+        cluster = self._cluster
+        if self._host is self.file:
+            for start, stop, what in self._metadata:
+                if start <= host < stop:
+                    return FormatError(metadata_alias_message(host, guest, what))
+        l1, index = self._l1, 0
+        while (index := self._next_allocated_table(index)) < len(l1):
+            try:
+                table = self._read_l2(index)
+            except FormatError:
+                index += 1
+                continue
+            entries = table[::2] if self._extended else table
+            for position, entry in enumerate(entries):
+                other = index * self._l2_span + position * cluster
+                if not entry or other == guest:
+                    continue
+                if entry & L.OFLAG_COMPRESSED:
+                    start, size = self._compressed_range(entry)
+                    if self.data_file is None and start < host + cluster and host < start + size:
+                        return FormatError(alias_message(host, guest, other))
+                elif entry & L.L2E_OFFSET_MASK == host:
+                    return FormatError(alias_message(host, guest, other))
+            index += 1
+        return FormatError(  # pragma: no cover - a claim always has a claimant
+            f"host offset {host:#x}, mapped at guest offset {guest:#x}, is mapped twice"
+        )
+
     def decompress(self, run: Run) -> bytes:
         """One compressed cluster, decompressed to exactly a cluster (bounded)."""
         entry = run.unit
         assert isinstance(entry, int)
-        shift = L.compressed_shift(self._bits)
-        host = entry & ((1 << shift) - 1)
-        sectors = ((entry >> shift) & ((1 << (self._bits - 8)) - 1)) + 1
-        size = sectors * L.SECTOR - (host & (L.SECTOR - 1))
+        host, size = self._compressed_range(entry)
         where = f"compressed cluster at guest offset {run.start - run.host:#x}"
         if host >> 56 or host >= self.file.size:
             raise FormatError(f"{where} points to {host:#x}, beyond the end of the file")
@@ -240,8 +444,13 @@ class Qcow2Driver(Driver):
     def close(self) -> None:
         if self.data_file is not None:
             self.data_file.close()
+            self._data_claims.close()
         self.file.close()
         self._tables.clear()
+        self._claims.close()
+        self._checked.close()
+        if self._compressed is not None:
+            self._compressed.close()
 
 
 def _subcluster_pieces(alloc: int, zero: int, allocated: bool) -> Pieces:

@@ -22,7 +22,16 @@ from collections.abc import Iterator
 from instar.errors import FormatError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
-from instar.formats.common import ZLIB, TableCache, inflate
+from instar.formats.common import (
+    ZLIB,
+    HostClaims,
+    TableCache,
+    alias_message,
+    first_other,
+    inflate,
+    is_progression,
+    metadata_alias_message,
+)
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
     COWD_MAGIC,
@@ -57,12 +66,14 @@ from instar.image import (
     Image,
     Run,
     file_runs,
+    next_data,
 )
 from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_EXTENTS = 1024  # extent files one disk may name (each is an open file)
 MAX_COMPRESSED_GRAIN_BYTES = 16 << 20  # a compressed grain is inflated in memory
 GT_CACHE_TABLES = 16  # grain tables kept per extent (qemu keeps 16 too)
+EMPTY_SCAN_TABLES = 8192  # grain tables tested for emptiness at once (16 MiB of 512-entry tables)
 QEMU_DESC_FALLBACK = 20 * SECTOR  # qemu reads CID and parent hint from 0x200, this much
 READ_CREATE_TYPES = ("monolithicFlat", "vmfs", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
 REFUSED_CREATE_TYPES = (
@@ -161,11 +172,25 @@ class SparseExtent:
         self.length = header.capacity * SECTOR
         self.grain_bytes = header.grain_sectors * SECTOR
         self._gt_bytes = header.gtes_per_gt * 4
+        self._laid_out = False  # the grain tables lie end to end, in GD order
         self._gd = self._read_gd(entries)
         self._tables: TableCache[array[int]] = TableCache(self._load_table, GT_CACHE_TABLES)
         self.zero_grains = header.has_zero_grain
         self._stored = DATA | (COMPRESSED if header.compressed else OFFSET_VALID)
         self.metadata_bytes = entries * 4
+        self.disk_start = 0  # where the extent begins in the disk (for messages)
+        # GD indices [low, high) whose grain tables are known to be empty,
+        # and the last one found to map something.
+        self._empty = (0, 0)
+        self._mapping = -1
+        # The aliasing check: sectors claimed by the header, descriptor and
+        # grain directory (before the first mapping), then by each grain
+        # table and the grains it maps, when the table is first loaded.
+        self._claims = HostClaims(file.size, SECTOR)
+        self._checked = HostClaims(entries, 1)  # GD indices whose table was claimed
+        self._metadata: list[tuple[int, int, str]] = []
+        self._metadata_claimed = False
+        self.corruption: str | None = None  # the aliasing found: every mapping fails
 
     def _read_gd(self, entries: int) -> array[int]:
         if entries == 0:
@@ -174,7 +199,11 @@ class SparseExtent:
             self.header.gd_offset * SECTOR, entries * 4, f"grain directory of '{self.file.name}'"
         )
         gd = _u32_table(data)
-        highest = max(gd)
+        step = self._gt_bytes // SECTOR if self._gt_bytes % SECTOR == 0 else 0
+        # Tables laid end to end (qemu's layout): the last is the highest,
+        # found without a Python object per entry.
+        self._laid_out = bool(gd[0] and step and is_progression(gd, gd[0], step))
+        highest = gd[-1] if self._laid_out else max(gd)
         if highest and highest * SECTOR + self._gt_bytes > self.file.size:
             raise FormatError(
                 f"grain table at sector {highest} of '{self.file.name}' "
@@ -183,30 +212,241 @@ class SparseExtent:
         return gd
 
     def _load_table(self, index: int) -> array[int]:
+        table = self._read_table(index)
+        if self._checked.claim(index, 1):  # the first load of this table
+            try:
+                self._claim_table(table, index)
+            except FormatError as error:
+                # It stays: a table is claimed once, so a retry would not find it again.
+                self.corruption = str(error)
+                raise
+        return table
+
+    def _read_table(self, index: int) -> array[int]:
         data = self.file.pread_exact(
             self._gd[index] * SECTOR, self._gt_bytes, f"grain table of '{self.file.name}'"
         )
         return _u32_table(data)
 
+    # -- empty grain tables, skipped at memory speed
+
+    def _next_table(self, index: int, limit: int) -> int:
+        """The first GD index in ``[index, limit)`` whose grain table may map
+        a grain, or ``limit``. Zero GD entries (a stream's empty directory)
+        are skipped with a memcmp; so are runs of tables laid end to end in
+        the file that are all zeros (qemu preallocates every grain table of
+        a monolithicSparse disk): found by the file's holes (SEEK_DATA), or
+        read a megabyte at a time, never one table at a time."""
+        gd = self._gd
+        while index < limit:
+            low, high = self._empty
+            if low <= index < high:
+                index = high
+                continue
+            index = first_other(gd, index, limit, 0)
+            if index >= limit:
+                break
+            skipped = self._skip_empty_tables(index, limit)
+            if skipped == index:
+                return index
+            self._empty = (index, skipped)
+            index = skipped
+        return limit
+
+    def _skip_empty_tables(self, index: int, limit: int) -> int:
+        """Past the grain tables from ``index`` on that hold only zeros, a
+        block of tables laid end to end at a time (``index`` itself if its
+        table maps something)."""
+        gd, step = self._gd, self._gt_bytes // SECTOR
+        if self._gt_bytes % SECTOR or index in self._tables or index == self._mapping:
+            return index
+        while index < limit:
+            first = gd[index]
+            if first == 0:
+                return index
+            stop = min(limit, index + EMPTY_SCAN_TABLES)
+            if not self._laid_out and not is_progression(gd[index:stop], first, step):
+                stop = index + 1
+            start = first * SECTOR
+            index += self._hole_prefix(start, start + (stop - index) * self._gt_bytes) \
+                // self._gt_bytes
+            if index == stop:
+                continue
+            # Not a hole: the first table is read as it would be to map it,
+            # the rest of the block (if the first is empty) in one read.
+            table = self._tables.get(index)
+            if first_other(table, 0, len(table), 0) < len(table):
+                self._mapping = index
+                return index
+            index += 1
+            per_read = len(_ZERO_SCAN) // self._gt_bytes
+            while index < stop:
+                chunk = min(stop, index + per_read)
+                data = self.file.pread(gd[index] * SECTOR, (chunk - index) * self._gt_bytes)
+                zeros = len(data) if _ZERO_SCAN.startswith(data) else _zero_bytes(data)
+                index += zeros // self._gt_bytes
+                if index < chunk:
+                    return index
+        return index
+
+    def _hole_prefix(self, start: int, end: int) -> int:
+        """How many bytes from ``start`` on (up to ``end``) lie in a hole of
+        the file (0 if the file system cannot say)."""
+        file_end = min(end, self.file.size)
+        if start >= file_end:
+            return 0
+        data_at = next_data(self.file, start, file_end)
+        if data_at is None or data_at == start:
+            return 0
+        return data_at - start if data_at < file_end else end - start
+
+    # -- the aliasing check
+
+    def claim_metadata(self) -> None:
+        """Claim the header, the descriptor and the grain directory: a grain
+        table or grain in them is corruption."""
+        self._metadata_claimed = True
+        header = self.header
+        self._claim_metadata(0, SECTOR, "the header")
+        if header.desc_offset and header.desc_sectors:
+            self._claim_metadata(header.desc_offset * SECTOR, header.desc_sectors * SECTOR,
+                                 "the descriptor")
+        if len(self._gd):
+            self._claim_metadata(header.gd_offset * SECTOR, len(self._gd) * 4,
+                                 "the grain directory")
+
+    def _claim_metadata(self, offset: int, length: int, what: str) -> None:
+        if offset >= self.file.size:
+            return
+        if not self._claims.claim(offset, length):
+            raise FormatError(
+                f"{what} at host offset {offset:#x} of '{self.file.name}' overlaps "
+                f"{self._claimant(offset, length)} (a host unit mapped twice: the image is corrupt)"
+            )
+        self._metadata.append((offset, offset + length, what))
+
+    def _claimant(self, host: int, length: int) -> str:
+        """What claimed part of ``[host, host + length)`` already: metadata, or a grain."""
+        for start, stop, what in self._metadata:
+            if start < host + length and host < stop:
+                return what
+        found = self._grain_over(host, length, -1)
+        return "another structure" if found is None else f"the grain of guest offset {found[0]:#x}"
+
+    def _grain_over(self, host: int, length: int, guest: int) -> tuple[int, int] | None:
+        """(guest offset, host offset) of a grain other than ``guest``'s that
+        overlaps ``[host, host + length)``: every allocated grain table is
+        read again, on the error path only."""
+        grain_bytes, per_table = self.grain_bytes, self.header.gtes_per_gt
+        other_length = SECTOR if self._stored & COMPRESSED else grain_bytes
+        for index, table_sector in enumerate(self._gd):
+            if not table_sector:
+                continue
+            try:
+                table = self._read_table(index)
+            except FormatError:
+                continue
+            for position, entry in enumerate(table):
+                if entry == 0 or (entry == GTE_ZEROED and self.zero_grains):
+                    continue
+                other = self.disk_start + (index * per_table + position) * grain_bytes
+                start = entry * SECTOR
+                if other != guest and start < host + length and host < start + other_length:
+                    return other, start
+        return None
+
+    def _claim_table(self, table: array[int], index: int) -> None:
+        """Claim a grain table's sectors and the grains it maps, once:
+        consecutive grains in one step."""
+        if not self._metadata_claimed:
+            self.claim_metadata()
+        grain_bytes, per_table = self.grain_bytes, self.header.gtes_per_gt
+        guest_base = self.disk_start + index * per_table * grain_bytes
+        self._claim_metadata(self._gd[index] * SECTOR, self._gt_bytes,
+                             f"the grain table of guest offset {guest_base:#x}")
+        compressed = bool(self._stored & COMPRESSED)
+        sectors = self.header.grain_sectors
+        length = SECTOR if compressed else grain_bytes  # a compressed grain: its first sector
+        file_size = self.file.size
+        run_start = run_count = run_guest = 0
+        follow = follow_index = -1
+        for position, entry in enumerate(table):
+            if entry == 0 or (entry == GTE_ZEROED and self.zero_grains):
+                continue
+            if entry == follow and position == follow_index and not compressed:
+                run_count += 1
+                follow += sectors
+                follow_index += 1
+                continue
+            if entry * SECTOR >= file_size:
+                continue  # reading that grain reports it
+            if run_count:
+                self._claim_grains(run_start, run_count, length, run_guest)
+            run_start, run_count = entry, 1
+            run_guest = guest_base + position * grain_bytes
+            follow, follow_index = entry + sectors, position + 1
+        if run_count:
+            self._claim_grains(run_start, run_count, length, run_guest)
+
+    def _claim_grains(self, sector: int, count: int, length: int, guest: int) -> None:
+        """Claim ``count`` grains stored from ``sector`` on, mapped from ``guest`` on."""
+        start = sector * SECTOR
+        if self._claims.claim(start, (count - 1) * self.grain_bytes + length):
+            return
+        for number in range(count):  # which grain: the error path only
+            host = start + number * self.grain_bytes
+            at = guest + number * self.grain_bytes
+            if not self._claims.claim(host, length):
+                raise self._alias_error(host, length, at)
+        raise AssertionError("a failed claim without a claimed grain")  # pragma: no cover
+
+    def _alias_error(self, host: int, length: int, guest: int) -> FormatError:
+        """Who else maps the sectors of the grain of ``guest``: metadata, or another grain."""
+        for start, stop, what in self._metadata:
+            if start < host + length and host < stop:
+                overlap = max(host, start)
+                return FormatError(metadata_alias_message(overlap, guest + overlap - host, what))
+        found = self._grain_over(host, length, guest)
+        if found is None:  # pragma: no cover - a claim always has a claimant
+            return FormatError(f"host offset {host:#x} at guest offset {guest:#x} is mapped twice")
+        other, start = found
+        overlap = max(host, start)
+        return FormatError(alias_message(overlap, guest + overlap - host, other + overlap - start))
+
     def runs(self, offset: int, length: int, disk_start: int) -> Iterator[Run]:
         """qemu's answers for ``[offset, offset + length)`` of the extent, at
         disk offsets: grain by grain (pieces of a grain), stored grains merged
         where they continue each other in the file, compressed ones alone."""
+        if self.corruption is not None:
+            raise FormatError(self.corruption)
         grain_bytes = self.grain_bytes
         per_table = self.header.gtes_per_gt
         end = offset + length
         pending: Run | None = None
         position = offset
+        table_span = per_table * grain_bytes
+        last_table = (end - 1) // table_span + 1 if end else 0
+        table, current = None, -1  # the grain table of ``current``, once looked up
         while position < end:
             grain, within = divmod(position, grain_bytes)
             table_index, entry_index = divmod(grain, per_table)
-            if self._gd[table_index] == 0:  # a whole grain table's worth is unallocated
-                step = min(end, (table_index + 1) * per_table * grain_bytes) - position
+            if table_index != current:
+                following = self._next_table(table_index, last_table)
+                if following == table_index:
+                    table, current = self._tables.get(table_index), table_index
+            if table_index != current:  # whole grain tables' worth are unallocated
+                step = min(end, following * table_span) - position
                 flags, host, unit = 0, 0, None
             else:
-                step = min(end - position, grain_bytes - within)
-                entry = self._tables.get(table_index)[entry_index]
-                flags, host, unit = self._grain(entry, within)
+                assert table is not None
+                entry = table[entry_index]
+                if entry == 0:  # unallocated grains, up to the next entry that is not
+                    stop = first_other(table, entry_index + 1, per_table, 0)
+                    step = min(end, table_index * table_span + stop * grain_bytes) - position
+                    flags, host, unit = 0, 0, None
+                else:
+                    step = min(end - position, grain_bytes - within)
+                    flags, host, unit = self._grain(entry, within)
             at = disk_start + position
             if pending is not None and pending.flags == flags and not flags & COMPRESSED and (
                 not flags & OFFSET_VALID or pending.host + (at - pending.start) == host
@@ -252,6 +492,23 @@ class SparseExtent:
 
     def close(self) -> None:
         self.file.close()
+        self._claims.close()
+        self._checked.close()
+
+
+_ZERO_SCAN = bytes(1 << 20)  # grain tables read at once when the file has no holes
+
+
+def _zero_bytes(data: bytes) -> int:
+    """How many bytes at the start of ``data`` (not all zeros) are zeros, by halving."""
+    low, high = 0, len(data)  # the first nonzero byte lies in [low, high)
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _ZERO_SCAN.startswith(data[low:middle]):
+            low = middle
+        else:
+            high = middle
+    return low
 
 
 class FlatExtent:
@@ -292,6 +549,8 @@ class VmdkDriver(Driver):
         total = 0
         for extent in extents:
             self._starts.append(total)
+            if isinstance(extent, SparseExtent):
+                extent.disk_start = total
             total += extent.length
         self.virtual_size = total
         self.descriptor = descriptor

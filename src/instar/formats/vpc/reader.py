@@ -27,7 +27,13 @@ from urllib.parse import unquote
 from instar.errors import FormatError
 from instar.files import InputFile
 from instar.formats.base import Resolver
-from instar.formats.common import TableCache
+from instar.formats.common import (
+    HostClaims,
+    TableCache,
+    alias_message,
+    first_other,
+    metadata_alias_message,
+)
 from instar.formats.vpc.layout import (
     DISK_DIFFERENCING,
     DISK_DYNAMIC,
@@ -73,10 +79,13 @@ def open_vpc(file: InputFile, resolver: Resolver) -> Driver:
         raise FormatError(f"unsupported VHD disk type {footer.disk_type}")
     header = _read_dynamic_header(file, footer.data_offset)
     bat = _read_bat(file, header, size)
+    corruption = _check_blocks(file, footer.data_offset, header, bat)
     parent = None
     if footer.disk_type == DISK_DIFFERENCING:
         parent = _open_parent(file, header, resolver)
-    return DynamicVpcDriver(file, size, header.block_size, bat, parent)
+    driver = DynamicVpcDriver(file, size, header.block_size, bat, parent)
+    driver.corruption = corruption
+    return driver
 
 
 def _read_footer(file: InputFile) -> tuple[Footer, bool]:
@@ -131,15 +140,60 @@ def _read_bat(file: InputFile, header: DynamicHeader, size: int) -> array[int]:
     bat.frombytes(data)
     if sys.byteorder == "little":
         bat.byteswap()
-    block_span = bitmap_size(block_size) + block_size
-    last = max((entry for entry in bat if entry != UNALLOCATED), default=None)
-    if last is not None and last * SECTOR + block_span > file.size:
-        index = bat.index(last)
-        raise FormatError(
-            f"block allocation table entry {index} points beyond the end of the file "
-            "(the image is truncated or corrupt)"
-        )
     return bat
+
+
+def _check_blocks(
+    file: InputFile, header_offset: int, header: DynamicHeader, bat: array[int]
+) -> str | None:
+    """Every allocated block lies in the file (or FormatError), clear of the
+    footer copy, the dynamic header, the BAT and every other block: a block
+    mapped twice is corruption, returned as the message reading will give
+    (info describes such a disk, as qemu-img info does). One pass over the
+    allocated entries (unallocated stretches skipped at memory speed), with a
+    bit per sector of the file."""
+    block_size = header.block_size
+    span = bitmap_size(block_size) + block_size
+    claims = HostClaims(file.size, SECTOR)
+    try:
+        regions = [(0, FOOTER_SIZE, "the footer copy"),
+                   (header_offset, DYNAMIC_HEADER_SIZE, "the dynamic disk header"),
+                   (header.table_offset, len(bat) * 4, "the block allocation table")]
+        for start, length, _what in regions:
+            if not claims.claim(start, length):  # regions that overlap: claim what is left
+                for sector in range(start, start + length, SECTOR):
+                    claims.claim(sector, SECTOR)
+        index, count = 0, len(bat)
+        while (index := first_other(bat, index, count, UNALLOCATED)) < count:
+            host = bat[index] * SECTOR
+            if host + span > file.size:
+                raise FormatError(
+                    f"block allocation table entry {index} points beyond the end of the file "
+                    "(the image is truncated or corrupt)"
+                )
+            if not claims.claim(host, span):
+                return _alias(bat, index, block_size, span, regions)
+            index += 1
+        return None
+    finally:
+        claims.close()
+
+
+def _alias(
+    bat: array[int], index: int, block_size: int, span: int, regions: list[tuple[int, int, str]]
+) -> str:
+    """The message for block ``index``, which overlaps a region or another block."""
+    host = bat[index] * SECTOR
+    guest = index * block_size
+    for start, length, what in regions:
+        if start < host + span and host < start + length:
+            return metadata_alias_message(max(host, start), guest, what)
+    for other, entry in enumerate(bat):
+        start = entry * SECTOR
+        if entry != UNALLOCATED and other != index and start < host + span and host < start + span:
+            # The blocks' guest offsets, and where the second begins to overlap the first.
+            return alias_message(max(host, start), guest, other * block_size)
+    raise AssertionError("an overlap without a second block")  # pragma: no cover
 
 
 # --- differencing disks: finding the parent ---------------------------------------------------
@@ -256,21 +310,23 @@ class DynamicVpcDriver(Driver):
         )
         # What the disk does not hold: the parent's, or zeros.
         self._absent = 0 if parent is not None else ZERO
+        self.corruption: str | None = None  # a block mapped twice: reading fails
 
     @property
     def backing(self) -> Image | None:
         return self.parent
 
     def map(self, offset: int, length: int) -> Iterator[Run]:
+        if self.corruption is not None:
+            raise FormatError(self.corruption)
         end = offset + length
         block_size = self.block_size
         position = offset
         while position < end:
             index, within = divmod(position, block_size)
             if self._bat[index] == UNALLOCATED:
-                following = index + 1
-                while following * block_size < end and self._bat[following] == UNALLOCATED:
-                    following += 1
+                last = -(-end // block_size)  # the BAT entries the range needs
+                following = first_other(self._bat, index + 1, last, UNALLOCATED)
                 stop = min(end, following * block_size)
                 yield Run(position, stop, self._absent)
                 position = stop

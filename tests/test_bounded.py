@@ -1,0 +1,520 @@
+"""Work bounded by the file, not by what the header claims.
+
+1. Aliasing is corruption: a host cluster, grain or block mapped by two guest
+   ranges (or by a guest range and the image's own metadata) is refused, in
+   one line naming the guest offsets and the host offset. qemu reads such
+   images (qemu-img check calls them corrupt): an intended difference.
+3. Empty tables at memory speed: huge empty disks are compared and copied
+   without a Python loop per table entry (counted in executed lines).
+
+Every image is made by qemu-img (and qemu-io), then patched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import re
+import struct
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import pytest
+
+import instar
+from helpers import qemu_img_ok, qemu_io, qemu_read_raw, require_qemu, run_instar, run_qemu_img
+from instar.errors import FormatError
+from instar.formats import common
+from instar.formats.common import HostClaims
+from instar.formats.vhdx import layout as vhdx_layout
+from instar.formats.vmdk.layout import SparseHeader
+
+KiB, MiB, GiB, TiB = 1 << 10, 1 << 20, 1 << 30, 1 << 40
+QCOW2_OFFSET = 0x00FF_FFFF_FFFF_FE00
+COPIED, COMPRESSED = 1 << 63, 1 << 62
+CORRUPT = r" \(a host unit mapped twice: the image is corrupt\)"
+
+
+# --- patching images ------------------------------------------------------------------------
+
+
+def read_field(path: Path, offset: int, fmt: str) -> int:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        value: int = struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
+    return value
+
+
+def write_field(path: Path, offset: int, fmt: str, value: int) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(offset)
+        handle.write(struct.pack(fmt, value))
+
+
+def make_qcow2(path: Path, size: str, writes: list[str], *options: str) -> Path:
+    qemu_img_ok("create", "-q", "-f", "qcow2", *options, str(path), size)
+    for command in writes:
+        qemu_io(path, command, "qcow2")
+    return path
+
+
+def qcow2_l1(path: Path) -> int:
+    return read_field(path, 40, ">Q")
+
+
+def qcow2_l2(path: Path, l1_index: int = 0) -> int:
+    """The host offset of the L2 table of L1 entry ``l1_index``."""
+    return read_field(path, qcow2_l1(path) + 8 * l1_index, ">Q") & QCOW2_OFFSET
+
+
+def one_line_refusal(result: Any, pattern: str) -> None:
+    """Exit 1, one line of stderr matching ``pattern`` (after ``instar: ``), no traceback."""
+    assert result.rc == 1, result
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch("instar: " + pattern, lines[0]), (pattern, lines[0])
+
+
+def refused_everywhere(image: Path, pattern: str, tmp_path: Path, qemu_reads: bool = True) -> None:
+    """dd and convert (run beside the image, named by its name) refuse with the
+    line; info still describes the image (as qemu-img info does); qemu-img
+    convert reads it (the intended difference) unless ``qemu_reads`` is False."""
+    directory = image.parent
+    for args in (["dd", f"if={image.name}", "of=out.raw"],
+                 ["convert", "-O", "qcow2", image.name, "out.qcow2"]):
+        one_line_refusal(run_instar(*args, cwd=directory), pattern)
+        assert not (directory / "out.raw").exists() and not (directory / "out.qcow2").exists()
+    assert run_instar("info", str(image)).rc == 0
+    qemu = run_qemu_img("convert", "-O", "raw", str(image), str(tmp_path / "q.raw"))
+    assert (qemu.rc == 0) == qemu_reads, qemu
+
+
+# --- 1. aliasing: qcow2 -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("extended", [False, True])
+def test_qcow2_two_l2_entries_on_one_cluster(tmp_path: Path, extended: bool) -> None:
+    options = ["-o", "extended_l2=on"] if extended else []
+    image = make_qcow2(tmp_path / "alias.qcow2", "4M",
+                       ["write -P 0x11 0 64k", "write -P 0x33 1M 64k"], *options)
+    width = 16 if extended else 8
+    l2 = qcow2_l2(image)
+    entry = read_field(image, l2, ">Q")
+    host = entry & QCOW2_OFFSET
+    write_field(image, l2 + width * 16, ">Q", entry)  # guest 1 MiB: guest 0's cluster
+    if extended:
+        write_field(image, l2 + width * 16 + 8, ">Q", read_field(image, l2 + 8, ">Q"))
+    refused_everywhere(
+        image,
+        rf"alias\.qcow2: host offset {host:#x} is mapped by two guest ranges, at guest "
+        rf"offsets 0x0 and 0x100000{CORRUPT}",
+        tmp_path,
+    )
+    # Through the API: every read fails, not only the first (a table is claimed once).
+    with instar.open_image(str(image)) as opened:
+        for _ in range(2):
+            with pytest.raises(FormatError, match="mapped by two guest ranges"):
+                opened.read(0, 4096)
+
+
+def test_qcow2_data_cluster_on_its_l2_table(tmp_path: Path) -> None:
+    image = make_qcow2(tmp_path / "meta.qcow2", "4M", ["write -P 0x11 0 64k"])
+    l2 = qcow2_l2(image)
+    write_field(image, l2 + 8 * 17, ">Q", COPIED | l2)  # guest 0x110000 is the L2 table
+    refused_everywhere(
+        image,
+        rf"meta\.qcow2: host offset {l2:#x}, mapped at guest offset 0x110000, is also the "
+        rf"L2 table of guest offset 0x0{CORRUPT}",
+        tmp_path,
+    )
+
+
+def test_qcow2_l2_table_shared_by_two_l1_entries(tmp_path: Path) -> None:
+    image = make_qcow2(tmp_path / "shared.qcow2", "2G",
+                       ["write -P 0x11 0 64k", "write -P 0x22 1G 64k"])
+    l1 = qcow2_l1(image)
+    write_field(image, l1 + 8, ">Q", read_field(image, l1, ">Q"))
+    refused_everywhere(
+        image,
+        rf"shared\.qcow2: the L2 table of guest offset 0x20000000 at host offset "
+        rf"{qcow2_l2(image):#x} overlaps the L2 table of guest offset 0x0{CORRUPT}",
+        tmp_path,
+    )
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    (40, lambda image: 0, r"the L1 table at host offset 0x0 overlaps the image header"),
+    (48, qcow2_l1, r"the refcount table at host offset 0x30000 overlaps the L1 table"),
+])
+def test_qcow2_tables_overlapping_each_other(
+    tmp_path: Path, field: int, value: Callable[[Path], int], says: str
+) -> None:
+    image = make_qcow2(tmp_path / "tables.qcow2", "4M", ["write -P 0x11 0 64k"])
+    assert qcow2_l1(image) == 0x30000  # qemu's layout: header, reftable, refblock, L1
+    write_field(image, field, ">Q", value(image))
+    assert run_qemu_img("check", str(image)).rc != 0  # qemu-img check: corrupt too
+    one_line_refusal(run_instar("dd", "if=tables.qcow2", "of=o.raw", cwd=tmp_path),
+                     rf"tables\.qcow2: {says}{CORRUPT}")
+
+
+def test_qcow2_compressed_cluster_on_a_data_cluster(tmp_path: Path) -> None:
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"instar compresses this well " * 40000)
+    image = tmp_path / "mixed.qcow2"
+    qemu_img_ok("convert", "-c", "-O", "qcow2", str(raw), str(image))
+    qemu_io(image, "write -P 0x5a 512k 64k", "qcow2")  # a normal cluster among compressed ones
+    l2 = qcow2_l2(image)
+    data = read_field(image, l2 + 8 * 8, ">Q") & QCOW2_OFFSET
+    assert not read_field(image, l2 + 8 * 8, ">Q") & COMPRESSED
+    write_field(image, l2, ">Q", COMPRESSED | data)  # guest 0's compressed bytes: that cluster
+    refused_everywhere(
+        image,
+        rf"mixed\.qcow2: host offset {data:#x} is mapped by two guest ranges, at guest "
+        rf"offsets 0x0 and 0x80000{CORRUPT}",
+        tmp_path,
+        qemu_reads=False,  # qemu fails to inflate plain data: an I/O error
+    )
+
+
+def test_qcow2_external_data_file_aliases(tmp_path: Path) -> None:
+    image = tmp_path / "ext.qcow2"
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "data_file=ext.data", "ext.qcow2", "4M",
+                cwd=tmp_path)  # qemu resolves the data file name against its directory
+    for command in ("write -P 0x11 0 64k", "write -P 0x22 2M 64k"):
+        qemu_io(image, command, "qcow2", cwd=tmp_path)
+    l2 = qcow2_l2(image)
+    write_field(image, l2 + 8 * 32, ">Q", read_field(image, l2, ">Q"))
+    result = run_instar("convert", "-O", "raw", "ext.qcow2", "o.raw", cwd=tmp_path)
+    one_line_refusal(result, rf"ext\.qcow2: host offset 0x0 is mapped by two guest ranges, at "
+                             rf"guest offsets 0x0 and 0x200000{CORRUPT}")
+
+
+# --- 1. aliasing: vmdk, vpc, vhdx --------------------------------------------------------------
+
+
+def vmdk_tables(image: Path) -> tuple[SparseHeader, int, int]:
+    """(header, GD offset, first grain table offset) of a monolithic sparse VMDK."""
+    with image.open("rb") as handle:
+        header = SparseHeader.unpack(handle.read(512))
+    gd = header.gd_offset * 512
+    return header, gd, read_field(image, gd, "<I") * 512
+
+
+def make_vmdk(path: Path, size: str, writes: list[str], *options: str) -> Path:
+    qemu_img_ok("create", "-q", "-f", "vmdk", *options, str(path), size)
+    for command in writes:
+        qemu_io(path, command, "vmdk")
+    return path
+
+
+def test_vmdk_two_grain_table_entries_on_one_grain(tmp_path: Path) -> None:
+    image = make_vmdk(tmp_path / "g.vmdk", "64M", ["write -P 0x11 0 64k", "write -P 0x22 1M 64k"])
+    _, _, gt = vmdk_tables(image)
+    sector = read_field(image, gt, "<I")
+    write_field(image, gt + 4 * 16, "<I", sector)
+    refused_everywhere(
+        image,
+        rf"g\.vmdk: host offset {sector * 512:#x} is mapped by two guest ranges, at guest "
+        rf"offsets 0x0 and 0x100000{CORRUPT}",
+        tmp_path,
+    )
+
+
+def test_vmdk_grain_table_shared_by_two_directory_entries(tmp_path: Path) -> None:
+    image = make_vmdk(tmp_path / "d.vmdk", "64M",
+                      ["write -P 0x11 0 64k", "write -P 0x22 32M 64k"])
+    _, gd, gt = vmdk_tables(image)
+    write_field(image, gd + 4, "<I", gt // 512)  # the second 32 MiB uses the first table
+    refused_everywhere(
+        image,
+        rf"d\.vmdk: the grain table of guest offset 0x2000000 at host offset {gt:#x} of "
+        rf"'d\.vmdk' overlaps the grain table of guest offset 0x0{CORRUPT}",
+        tmp_path,
+    )
+
+
+def test_vmdk_grain_on_the_grain_directory(tmp_path: Path) -> None:
+    image = make_vmdk(tmp_path / "m.vmdk", "64M", ["write -P 0x11 0 64k"])
+    _, gd, gt = vmdk_tables(image)
+    write_field(image, gt + 4 * 3, "<I", gd // 512)
+    refused_everywhere(
+        image,
+        rf"m\.vmdk: host offset {gd:#x}, mapped at guest offset 0x30000, is also the grain "
+        rf"directory{CORRUPT}",
+        tmp_path,
+    )
+
+
+def test_vmdk_stream_two_entries_on_one_compressed_grain(tmp_path: Path) -> None:
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"grains of a stream " * 60000)
+    image = tmp_path / "s.vmdk"
+    qemu_img_ok("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(image))
+    opened = instar.open_image(str(image))
+    extent = opened._image.driver.disk_extents[0]  # type: ignore[attr-defined]
+    table_at = extent._gd[0] * 512
+    opened.close()
+    sector = read_field(image, table_at, "<I")
+    write_field(image, table_at + 4 * 5, "<I", sector)
+    refused_everywhere(
+        image,
+        rf"s\.vmdk: host offset {sector * 512:#x} is mapped by two guest ranges, at guest "
+        rf"offsets 0x0 and 0x50000{CORRUPT}",
+        tmp_path,
+    )
+
+
+def vpc_bat(image: Path) -> int:
+    dynamic = read_field(image, 16, ">Q")  # the footer copy's data offset
+    return read_field(image, dynamic + 16, ">Q")
+
+
+def test_vpc_two_bat_entries_on_one_block(tmp_path: Path) -> None:
+    image = tmp_path / "b.vhd"
+    qemu_img_ok("create", "-q", "-f", "vpc", str(image), "64M")
+    for command in ("write -P 0x11 0 64k", "write -P 0x22 4M 64k"):
+        qemu_io(image, command, "vpc")
+    bat = vpc_bat(image)
+    first = read_field(image, bat, ">I")
+    write_field(image, bat + 4 * 3, ">I", first)  # guest 6 MiB: guest 0's block
+    pattern = (rf"b\.vhd: host offset {first * 512:#x} is mapped by two guest ranges, at "
+               rf"guest offsets 0x0 and 0x600000{CORRUPT}")
+    refused_everywhere(image, pattern, tmp_path)
+    compared = run_instar("compare", str(image), str(image))
+    assert compared.rc == 3  # the mapping is wrong: qemu's "Sector allocation test failed"
+
+
+def vhdx_bat(image: Path) -> int:
+    with image.open("rb") as handle:
+        handle.seek(192 * KiB)
+        regions = vhdx_layout.decode_region_table(handle.read(64 * KiB))
+    return next(r.file_offset for r in regions if r.guid == vhdx_layout.BAT_REGION)
+
+
+def test_vhdx_two_bat_entries_on_one_block(tmp_path: Path) -> None:
+    image = tmp_path / "x.vhdx"
+    qemu_img_ok("create", "-q", "-f", "vhdx", "-o", "block_size=1M", str(image), "64M")
+    for command in ("write -P 0x11 0 64k", "write -P 0x22 4M 64k"):
+        qemu_io(image, command, "vhdx")
+    bat = vhdx_bat(image)
+    entry = read_field(image, bat, "<Q")
+    write_field(image, bat + 8 * 2, "<Q", entry)  # guest 2 MiB: guest 0's block
+    host = entry & vhdx_layout.OFFSET_MASK
+    refused_everywhere(
+        image,
+        rf"x\.vhdx: host offset {host:#x} is mapped by two guest ranges, at guest offsets "
+        rf"0x0 and 0x200000{CORRUPT}",
+        tmp_path,
+    )
+
+
+# --- 1. what is not aliasing ---------------------------------------------------------------
+
+
+def test_reading_again_is_not_aliasing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tables evicted from the cache and loaded again claim nothing twice: the
+    same ranges read, walked and compared over and over read as qemu reads them."""
+    from instar.formats.qcow2 import reader as qcow2_reader
+    from instar.formats.vmdk import reader as vmdk_reader
+
+    monkeypatch.setattr(qcow2_reader, "MAX_METADATA_CACHE_BYTES", 1)  # one L2 table cached
+    monkeypatch.setattr(vmdk_reader, "GT_CACHE_TABLES", 1)
+    writes = ["write -P 0x11 0 64k", "write -P 0x22 600M 64k", "write -P 0x33 1200M 64k"]
+    images = [make_qcow2(tmp_path / "r.qcow2", "1300M", writes),
+              make_vmdk(tmp_path / "r.vmdk", "1300M", writes)]
+    for image in images:
+        # Kept on disk, not in memory: a sandboxed worker forked from a process
+        # of more than its 1 GiB address space could not allocate anything.
+        expected = tmp_path / "expected.raw"
+        qemu_img_ok("convert", "-O", "raw", str(image), str(expected))
+        with instar.open_image(str(image)) as opened, expected.open("rb") as reference:
+            for _ in range(2):
+                for start in (1200 * MiB, 0, 600 * MiB, 0, 1200 * MiB):
+                    reference.seek(start)
+                    assert opened.read(start, 128 * KiB) == reference.read(128 * KiB)
+                    list(opened.extents(0, opened.virtual_size))
+        compared = run_instar("compare", str(image), str(image))
+        assert compared.stdout == "Images are identical.\n", (image, compared)
+        out = tmp_path / "out.raw"
+        assert run_instar("convert", "-O", "raw", str(image), str(out)).rc == 0
+        assert run_qemu_img("compare", "-f", "raw", "-F", "raw", str(out), str(expected)).rc == 0
+        out.unlink()
+        expected.unlink()
+
+
+def test_legitimate_sharing_is_not_aliasing(tmp_path: Path) -> None:
+    """Layouts qemu makes that share or pack host clusters read as qemu reads them:
+    internal snapshots (the active L1 shares L2 tables and clusters with a
+    snapshot's), compressed clusters packed into one host cluster, preallocated
+    zero clusters, metadata preallocation."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"packed compressed clusters " * 80000)
+    compressed = tmp_path / "c.qcow2"
+    qemu_img_ok("convert", "-c", "-O", "qcow2", str(raw), str(compressed))
+    qemu_io(compressed, "write -P 0x5a 1M 64k", "qcow2")
+    snapshot = make_qcow2(tmp_path / "s.qcow2", "8M", ["write -P 0x11 0 1M"])
+    qemu_img_ok("snapshot", "-c", "one", str(snapshot))
+    qemu_io(snapshot, "write -P 0x22 64k 64k", "qcow2")
+    zeros = make_qcow2(tmp_path / "z.qcow2", "8M", ["write -P 0x11 0 1M", "write -z 64k 128k"])
+    prealloc = make_qcow2(tmp_path / "p.qcow2", "8M", ["write -P 0x11 1M 64k"],
+                          "-o", "preallocation=metadata")
+    for image in (compressed, snapshot, zeros, prealloc):
+        out = tmp_path / "out.raw"
+        result = run_instar("convert", "-O", "raw", str(image), str(out))
+        assert result.rc == 0, result
+        assert out.read_bytes() == qemu_read_raw(image, tmp_path)
+        out.unlink()
+
+
+def test_host_claims_against_a_set() -> None:
+    """The claim map says "claimed already" exactly when a reference set does."""
+    rng = random.Random(7)
+    for _ in range(100):
+        size, unit = rng.randint(1, 1 << 16), 1 << rng.randint(0, 6)
+        claims, claimed = HostClaims(size, unit), set()
+        for _ in range(60):
+            first, count = rng.randrange(0, size // unit + 2), rng.randint(1, 40)
+            units = {u for u in range(first, first + count) if u < claims.units}
+            assert claims.claim(first * unit, count * unit) == (not units & claimed)
+            if not units & claimed:
+                claimed |= units
+            assert claims.claimed(first * unit, count * unit) == bool(units & claimed)
+        claims.close()
+
+
+def test_host_claims_coarse_bound_what_a_file_maps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past the map's memory bound, claims are counted per cell of 2^k units: a
+    claim is refused exactly when its cell would hold more units than it has."""
+    monkeypatch.setattr(common, "MAX_CLAIM_MAP_BYTES", 64)
+    rng = random.Random(11)
+    for _ in range(100):
+        size = rng.randint(600 * 8, 5000 * 32)
+        claims = HostClaims(size, 1)
+        assert not claims.exact
+        bits, counts = claims._cell_bits, {}
+        for _ in range(60):
+            first, count = rng.randrange(0, size), rng.randint(1, 300)
+            added: dict[int, int] = {}
+            for unit in range(first, min(size, first + count)):
+                added[unit >> bits] = added.get(unit >> bits, 0) + 1
+            fits = all(counts.get(cell, 0) + n <= 1 << bits for cell, n in added.items())
+            assert claims.claim(first, count) == fits
+            if fits:
+                for cell, n in added.items():
+                    counts[cell] = counts.get(cell, 0) + n
+        claims.close()
+
+
+def test_coarse_claims_read_a_legitimate_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the map forced coarse (two clusters a cell), a qemu image still reads
+    as qemu reads it, and an alias into a full cell is still refused."""
+    monkeypatch.setattr(common, "MAX_CLAIM_MAP_BYTES", 8)
+    image = make_qcow2(tmp_path / "c.qcow2", "8M", ["write -P 0x11 0 1M", "write -P 0x22 4M 1M"])
+    out = tmp_path / "out.raw"
+    assert run_instar("convert", "-O", "raw", str(image), str(out)).rc == 0
+    assert out.read_bytes() == qemu_read_raw(image, tmp_path)
+    l2 = qcow2_l2(image)
+    write_field(image, l2 + 8 * 100, ">Q", read_field(image, l2 + 8 * 2, ">Q"))
+    result = run_instar("convert", "-O", "raw", str(image), str(tmp_path / "o2.raw"))
+    assert result.rc == 1 and "mapped by two guest ranges" in result.stderr, result
+
+
+# --- 3. empty tables at memory speed --------------------------------------------------------------
+
+INSTAR_DIR = os.path.dirname(instar.__file__)
+
+
+@contextlib.contextmanager
+def counted_lines() -> Iterator[list[int]]:
+    """Count the lines of instar's own code executed, in every thread."""
+    count = [0]
+
+    def local(frame: FrameType, event: str, arg: object) -> Any:
+        if event == "line":
+            count[0] += 1
+        return local
+
+    def tracer(frame: FrameType, event: str, arg: object) -> Any:
+        return local if frame.f_code.co_filename.startswith(INSTAR_DIR) else None
+
+    old = sys.gettrace()
+    threading.settrace(tracer)
+    sys.settrace(tracer)
+    try:
+        yield count
+    finally:
+        sys.settrace(old)
+        threading.settrace(old)  # type: ignore[arg-type]
+
+
+def huge_empty(directory: Path, name: str) -> Path:
+    path = directory / name
+    if path.exists():
+        return path
+    fmt, size, *options = {
+        "empty.qcow2": ("qcow2", "2P"),
+        "empty.vmdk": ("vmdk", "64T"),  # every grain table preallocated, in holes
+        "stream.vmdk": ("vmdk", "64T", "-o", "subformat=streamOptimized"),
+        "flat-tables.vmdk": ("vmdk", "1T"),  # read with the holes hidden
+        "empty.vhd": ("vpc", "2040G"),
+        "empty.vhdx": ("vhdx", "64T"),
+    }[name]
+    qemu_img_ok("create", "-q", "-f", fmt, *options, str(path), size)
+    return path
+
+
+@pytest.fixture(scope="module")
+def empties(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_qemu()
+    return tmp_path_factory.mktemp("empties")
+
+
+EMPTY_LINE_BUDGET = 60_000  # a Python loop per entry would run millions
+
+
+@pytest.mark.parametrize("name", ["empty.qcow2", "empty.vmdk", "stream.vmdk", "empty.vhd",
+                                  "empty.vhdx"])
+def test_empty_disks_at_memory_speed(
+    name: str, empties: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    image = huge_empty(empties, name)
+    monkeypatch.setenv("INSTAR_SANDBOX", "off")  # in this process, where lines are counted
+    with counted_lines() as compared:
+        result = run_instar("compare", str(image), str(image))
+    assert result.stdout == "Images are identical.\n", result
+    out = tmp_path / "out.qcow2"
+    with counted_lines() as copied:
+        result = run_instar("dd", "-O", "qcow2", f"if={image}", f"of={out}")
+    assert result.rc == 0, result
+    assert compared[0] < EMPTY_LINE_BUDGET and copied[0] < EMPTY_LINE_BUDGET, (compared, copied)
+    # The copy is as empty and as large (qemu's compare would read every byte of some).
+    written = json.loads(qemu_img_ok("map", "--output=json", str(out)))
+    assert [(e["start"], e["data"]) for e in written] == [(0, False)]
+    assert written[0]["length"] == json.loads(
+        qemu_img_ok("info", "--output=json", str(image)))["virtual-size"]
+
+
+def test_empty_grain_tables_without_holes(
+    empties: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the file system cannot show holes, empty grain tables laid end to
+    end are read a megabyte at a time, not one table at a time."""
+    from instar.formats.vmdk import reader as vmdk_reader
+
+    image = huge_empty(empties, "flat-tables.vmdk")
+    monkeypatch.setattr(vmdk_reader, "next_data", lambda file, offset, end: None)
+    monkeypatch.setenv("INSTAR_SANDBOX", "off")
+    with counted_lines() as lines:
+        result = run_instar("compare", str(image), str(image))
+    assert result.stdout == "Images are identical.\n", result
+    assert lines[0] < EMPTY_LINE_BUDGET, lines
+
+
