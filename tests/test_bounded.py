@@ -4,6 +4,7 @@
    ranges (or by a guest range and the image's own metadata) is refused, in
    one line naming the guest offsets and the host offset. qemu reads such
    images (qemu-img check calls them corrupt): an intended difference.
+2. Compression bombs: a compressed unit that inflates past its unit is refused.
 3. Empty tables at memory speed: huge empty disks are compared and copied
    without a Python loop per table entry (counted in executed lines).
 
@@ -20,6 +21,8 @@ import re
 import struct
 import sys
 import threading
+import tracemalloc
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import FrameType
@@ -31,7 +34,7 @@ import instar
 from helpers import qemu_img_ok, qemu_io, qemu_read_raw, require_qemu, run_instar, run_qemu_img
 from instar.errors import FormatError
 from instar.formats import common
-from instar.formats.common import HostClaims
+from instar.formats.common import ZLIB, ZSTD, HostClaims, inflate, zstd_module
 from instar.formats.vhdx import layout as vhdx_layout
 from instar.formats.vmdk.layout import SparseHeader
 
@@ -425,6 +428,96 @@ def test_coarse_claims_read_a_legitimate_image(
     write_field(image, l2 + 8 * 100, ">Q", read_field(image, l2 + 8 * 2, ">Q"))
     result = run_instar("convert", "-O", "raw", str(image), str(tmp_path / "o2.raw"))
     assert result.rc == 1 and "mapped by two guest ranges" in result.stderr, result
+
+
+# --- 2. compression bombs ------------------------------------------------------------------------
+
+
+def qcow2_bomb(tmp_path: Path, codec: str, units: int) -> Path:
+    """A compressed qcow2 whose cluster 0 holds a stream of ``units`` clusters of zeros."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"instar compresses this cluster well " * 30000)
+    image = tmp_path / f"{codec}-{units}.qcow2"
+    options = ["-o", "compression_type=zstd"] if codec == "zstd" else []
+    qemu_img_ok("convert", "-c", "-O", "qcow2", *options, str(raw), str(image))
+    entry = read_field(image, qcow2_l2(image), ">Q")
+    assert entry & COMPRESSED
+    shift = 62 - (16 - 8)
+    host = entry & ((1 << shift) - 1)
+    room = (((entry >> shift) & 0xFF) + 1) * 512 - (host & 511)
+    zeros = bytes(units * 64 * KiB)
+    if codec == "zstd":
+        stream = zstd_module().compress(zeros)
+    else:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, -12)
+        stream = deflater.compress(zeros) + deflater.flush()
+    assert len(stream) <= room
+    with image.open("r+b") as handle:
+        handle.seek(host)
+        handle.write(stream)
+    return image
+
+
+@pytest.mark.parametrize("codec", ["zlib", "zstd"])
+def test_qcow2_compression_bomb(tmp_path: Path, codec: str) -> None:
+    bomb = qcow2_bomb(tmp_path, codec, 2)
+    result = run_instar("convert", "-O", "raw", bomb.name, "o.raw", cwd=tmp_path)
+    one_line_refusal(result, rf"{codec}-2\.qcow2: compressed cluster at guest offset 0x0 "
+                             r"inflates to more than 65536 bytes \(a compression bomb\)")
+    # qemu keeps the first cluster of a zlib bomb, and fails a zstd one.
+    assert run_qemu_img("convert", "-O", "raw", str(bomb), str(tmp_path / "q.raw")).rc == (
+        0 if codec == "zlib" else 1
+    )
+    exact = qcow2_bomb(tmp_path, codec, 1)  # a stream of exactly one cluster reads as qemu's
+    out = tmp_path / "exact.raw"
+    assert run_instar("convert", "-O", "raw", str(exact), str(out)).rc == 0
+    assert out.read_bytes() == qemu_read_raw(exact, tmp_path)
+
+
+@pytest.mark.parametrize("grains", [2, 1])
+def test_vmdk_stream_grain_bomb(tmp_path: Path, grains: int) -> None:
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(b"grains of a stream " * 60000)
+    image = tmp_path / "s.vmdk"
+    qemu_img_ok("convert", "-O", "vmdk", "-o", "subformat=streamOptimized", str(raw), str(image))
+    with instar.open_image(str(image)) as opened:
+        extent = opened._image.driver.disk_extents[0]  # type: ignore[attr-defined]
+        sector = extent._read_table(0)[0]
+    lba, size = struct.unpack("<QI", image.read_bytes()[sector * 512 : sector * 512 + 12])
+    stream = zlib.compress(bytes(grains * 64 * KiB), 9)
+    assert len(stream) <= size
+    with image.open("r+b") as handle:
+        handle.seek(sector * 512)
+        handle.write(struct.pack("<QI", lba, len(stream)) + stream)
+    out = tmp_path / "o.raw"
+    result = run_instar("convert", "-O", "raw", "s.vmdk", "o.raw", cwd=tmp_path)
+    if grains == 1:
+        assert result.rc == 0 and out.read_bytes() == qemu_read_raw(image, tmp_path)
+        return
+    one_line_refusal(result, rf"s\.vmdk: compressed grain at sector {sector} of 's\.vmdk' "
+                             r"inflates to more than 65536 bytes \(a compression bomb\)")
+    assert run_qemu_img("convert", "-O", "raw", str(image), str(tmp_path / "q.raw")).rc == 1
+
+
+@pytest.mark.parametrize("codec", [ZLIB, ZSTD, "deflate"])
+def test_inflate_never_makes_more_than_its_unit(codec: str) -> None:
+    """A gigabyte of zeros in a few kilobytes: refused after at most one byte more
+    than the unit, with memory to match."""
+    zeros = bytes(1 << 20)
+    if codec == ZSTD:
+        compressor = zstd_module().ZstdCompressor()
+        stream = b"".join(compressor.compress(zeros) for _ in range(1024)) + compressor.flush()
+    else:
+        deflater = zlib.compressobj(9, zlib.DEFLATED, 15 if codec == ZLIB else -15)
+        stream = b"".join(deflater.compress(zeros) for _ in range(1024)) + deflater.flush()
+    tracemalloc.start()
+    try:
+        with pytest.raises(FormatError, match="inflates to more than 65536 bytes"):
+            inflate(stream, 64 * KiB, codec, "unit")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * MiB, peak
 
 
 # --- 3. empty tables at memory speed --------------------------------------------------------------

@@ -345,22 +345,33 @@ def inflate(data: bytes, limit: int, codec: str, where: str) -> bytes:
     ``codec``: DEFLATE (raw deflate, any window: qcow2), ZLIB (a zlib stream:
     VMDK grains) or ZSTD. Returns what the unit decodes to (callers check the
     length they need); a corrupt stream raises FormatError naming ``where``.
-    A stream that would decode past ``limit`` is cut there: a unit cannot be
-    made to allocate more than its own size.
+    A stream that would decode past ``limit`` is refused once one byte past
+    it shows up (a compression bomb: a unit that stands for more than its own
+    size); at most ``limit + 1`` bytes are ever produced. qemu instead keeps
+    the first ``limit`` bytes of such a stream.
     """
     try:
         if codec == ZSTD:
-            out: bytes = zstd_module().ZstdDecompressor().decompress(data, max_length=limit)
-            return out
-        inflater = zlib.decompressobj(-15 if codec == DEFLATE else 15)
-        out = inflater.decompress(data, limit)
+            decompressor = zstd_module().ZstdDecompressor()
+            out: bytes = decompressor.decompress(data, max_length=limit)
+            more = not decompressor.eof and not decompressor.needs_input and bool(
+                decompressor.decompress(b"", max_length=1)
+            )
+            ended = True  # a zstd frame cut short is a truncated unit: callers check the length
+        else:
+            inflater = zlib.decompressobj(-15 if codec == DEFLATE else 15)
+            out = inflater.decompress(data, limit)
+            more = not inflater.eof and bool(inflater.decompress(inflater.unconsumed_tail, 1))
+            ended = inflater.eof
     except (zlib.error, ValueError, EOFError) as error:
         raise FormatError(f"{where} does not decompress: {error}") from None
     except Exception as error:  # zstd.ZstdError, which lives in a lazy import
         if type(error).__name__ != "ZstdError":
             raise
         raise FormatError(f"{where} does not decompress: {error}") from None
-    if codec == ZLIB and not inflater.eof:
+    if more:
+        raise FormatError(f"{where} inflates to more than {limit} bytes (a compression bomb)")
+    if codec == ZLIB and not ended:
         raise FormatError(f"{where} does not inflate to at most {limit} bytes")
     return out
 
