@@ -7,6 +7,8 @@
 2. Compression bombs: a compressed unit that inflates past its unit is refused.
 3. Empty tables at memory speed: huge empty disks are compared and copied
    without a Python loop per table entry (counted in executed lines).
+4. Sizes past what Python or the output can hold: never an OverflowError,
+   qemu's wording where qemu has one.
 
 Every image is made by qemu-img (and qemu-io), then patched.
 """
@@ -611,3 +613,119 @@ def test_empty_grain_tables_without_holes(
     assert lines[0] < EMPTY_LINE_BUDGET, lines
 
 
+# --- 4. sizes past what Python or the output can hold --------------------------------------------
+
+
+def commands(image: Path, tmp_path: Path) -> Iterator[list[str]]:
+    yield ["info", str(image)]
+    yield ["info", "--output", "json", str(image)]
+    yield ["compare", str(image), str(image)]
+    yield ["dd", f"if={image}", f"of={tmp_path / 'o.raw'}", "bs=1M", "count=1"]
+    for fmt in ("qcow2", "vmdk", "vpc", "vhdx"):
+        yield ["dd", "-O", fmt, f"if={image}", f"of={tmp_path / ('o.' + fmt)}"]
+        yield ["convert", "-O", fmt, str(image), str(tmp_path / ("c." + fmt))]
+
+
+def assert_no_overflow(image: Path, tmp_path: Path) -> None:
+    for args in commands(image, tmp_path):
+        result = run_instar(*args)
+        assert "Traceback" not in result.stderr and "Overflow" not in result.stderr, (args, result)
+        assert len(result.stderr.splitlines()) <= 1, (args, result.stderr)
+        for leftover in tmp_path.glob("[oc].*"):
+            leftover.unlink()
+
+
+@pytest.mark.parametrize("size", [1 << 62, (1 << 63) - 512, 1 << 63, (1 << 64) - (1 << 29),
+                                  (1 << 64) - 1])
+def test_qcow2_sizes_as_qemu_refuses_them(tmp_path: Path, size: int) -> None:
+    image = make_qcow2(tmp_path / "big.qcow2", "1M", ["write -P 0x11 0 64k"])
+    write_field(image, 24, ">Q", size)
+    ours, theirs = run_instar("info", str(image)), run_qemu_img("info", str(image))
+    assert (ours.rc, ours.normalised_stderr()) == (theirs.rc, theirs.normalised_stderr())
+    assert re.search("Image is too big|File too large", ours.stderr)
+    assert_no_overflow(image, tmp_path)
+
+
+def flat_descriptor(path: Path, sectors: list[int]) -> Path:
+    (path.parent / "flat.raw").write_bytes(b"x" * 4096)
+    lines = ["# Disk DescriptorFile", "version=1", "CID=fffffffe", "parentCID=ffffffff",
+             'createType="monolithicFlat"', ""]
+    lines += [f'RW {count} FLAT "flat.raw" 0' for count in sectors]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+LARGEST = (1 << 63) - (1 << 30)  # qemu's BDRV_MAX_LENGTH
+
+
+@pytest.mark.parametrize("sectors", [[LARGEST // 512 + 1], [(1 << 63) // 512 - 1],
+                                     [1 << 54], [1 << 55, 1 << 55], [10**30]])
+def test_vmdk_extents_past_the_largest_disk(tmp_path: Path, sectors: list[int]) -> None:
+    """Extents adding up past 2^63 - 2^30 bytes: qemu's "File too large" at open."""
+    image = flat_descriptor(tmp_path / "d.vmdk", sectors)
+    result = run_instar("info", str(image))
+    one_line_refusal(result, r"Could not open '.*d\.vmdk': Could not refresh total sector "
+                             r"count: File too large")
+    theirs = run_qemu_img("info", str(image))
+    assert theirs.rc == 1 and "File too large" in theirs.stderr
+    assert_no_overflow(image, tmp_path)
+
+
+@pytest.mark.parametrize("sectors", [[LARGEST // 512],
+                                     [(1 << 62) // 512, LARGEST // 512 - (1 << 53)]])
+def test_the_largest_disk_is_read(tmp_path: Path, sectors: list[int]) -> None:
+    """2^63 - 2^30 bytes opens; every command works or says why in one line."""
+    image = flat_descriptor(tmp_path / "d.vmdk", sectors)
+    info = run_instar("info", "--output", "json", str(image))
+    assert info.rc == 0 and f'"virtual-size": {LARGEST},' in info.stdout
+    assert run_instar("compare", str(image), str(image)).stdout == "Images are identical.\n"
+    assert_no_overflow(image, tmp_path)
+
+
+def test_vpc_size_past_2040_gib(tmp_path: Path) -> None:
+    """qemu's vpc fails such a disk with EFBIG and no message of its own."""
+    image = tmp_path / "big.vhd"
+    qemu_img_ok("create", "-q", "-f", "vpc", str(image), "64M")
+    data = bytearray(image.read_bytes())
+    for base in (0, len(data) - 512):
+        data[base + 28 : base + 32] = b"win "  # sized by the current size field
+        struct.pack_into(">Q", data, base + 48, (1 << 64) - 512)
+        struct.pack_into(">I", data, base + 64, 0)
+        struct.pack_into(">I", data, base + 64, ~sum(data[base : base + 512]) & 0xFFFFFFFF)
+    image.write_bytes(bytes(data))
+    ours, theirs = run_instar("info", str(image)), run_qemu_img("info", str(image))
+    assert (ours.rc, ours.normalised_stderr()) == (theirs.rc, theirs.normalised_stderr())
+    assert ours.stderr.endswith(": File too large\n")
+    assert_no_overflow(image, tmp_path)
+
+
+@pytest.mark.parametrize("size", [64 * TiB + MiB, 1 << 63, (1 << 64) - 512])
+def test_vhdx_size_past_64_tib(tmp_path: Path, size: int) -> None:
+    """qemu's vhdx fails such a disk with EINVAL and no message of its own."""
+    image = tmp_path / "big.vhdx"
+    qemu_img_ok("create", "-q", "-f", "vhdx", str(image), "64M")
+    with image.open("rb") as handle:
+        handle.seek(192 * KiB)
+        regions = vhdx_layout.decode_region_table(handle.read(64 * KiB))
+        metadata = next(r for r in regions if r.guid == vhdx_layout.METADATA_REGION)
+        handle.seek(metadata.file_offset)
+        table = handle.read(vhdx_layout.METADATA_TABLE_SIZE)
+    entries = vhdx_layout.decode_metadata_table(table, metadata.length)
+    item = next(e for e in entries if e.item_id == vhdx_layout.VIRTUAL_DISK_SIZE)
+    write_field(image, metadata.file_offset + item.offset, "<Q", size)
+    ours, theirs = run_instar("info", str(image)), run_qemu_img("info", str(image))
+    assert (ours.rc, ours.normalised_stderr()) == (theirs.rc, theirs.normalised_stderr())
+    assert ours.stderr.endswith(": Invalid argument\n")
+    assert_no_overflow(image, tmp_path)
+
+
+def test_offsets_no_file_can_reach_read_nothing(tmp_path: Path) -> None:
+    """A flat extent starting at sector 2^64 - 1: past every file, zeros, no OverflowError."""
+    image = tmp_path / "far.vmdk"
+    (tmp_path / "flat.raw").write_bytes(b"x" * 4096)
+    image.write_text("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+                     'createType="monolithicFlat"\n\n'
+                     f'RW 2048 FLAT "flat.raw" {(1 << 64) - 1}\n')
+    with instar.open_image(str(image)) as opened:
+        assert opened.read(0, 1 * MiB) == bytes(MiB)
+    assert_no_overflow(image, tmp_path)

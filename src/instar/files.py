@@ -48,8 +48,10 @@ class InputFile(ExactReads):
             self.size = info.st_size
 
     def pread(self, offset: int, length: int) -> bytes:
-        """Up to ``length`` bytes at ``offset``; shorter only at end of file."""
-        if length <= 0:
+        """Up to ``length`` bytes at ``offset``; shorter only at end of file.
+        An offset no file can reach (2^63 on: an image's field times its unit)
+        reads nothing, as past the end of the file, never an OverflowError."""
+        if length <= 0 or offset >= 1 << 63:
             return b""
         data = os.pread(self.fd, length, offset)
         if len(data) < length:

@@ -247,10 +247,19 @@ class Driver:
         """Close the files this layer opened (not the backing image)."""
 
 
+# qemu's BDRV_MAX_LENGTH: no disk may be larger (2^63 less 1 GiB, so every
+# offset and length fits a signed 64-bit number with room for alignment).
+MAX_VIRTUAL_SIZE = (1 << 63) - (1 << 30)
+
+
 class BlockImage:
     """The Image every command uses: one format's layer over its backing chain."""
 
     def __init__(self, driver: Driver) -> None:
+        if driver.virtual_size > MAX_VIRTUAL_SIZE:
+            # What qemu says of any format whose header claims more (a VMDK
+            # descriptor's extents can add up to any number).
+            raise FormatError("Could not refresh total sector count: File too large")
         self.driver = driver
         self._unit: tuple[int, object, bytes] | None = None  # the last decoded unit
 

@@ -33,6 +33,7 @@ from instar.formats.qcow2 import layout as L
 from instar.image import (
     COMPRESSED,
     DATA,
+    MAX_VIRTUAL_SIZE,
     OFFSET_VALID,
     ZERO,
     Driver,
@@ -511,8 +512,6 @@ def check_header(header: L.Header, file: InputFile) -> None:
         raise UnsupportedError("encrypted images are not supported yet")
     if header.crypt_method != 0:
         raise FormatError(f"Unsupported encryption method {header.crypt_method}")
-    if header.size >= 1 << 63:
-        raise FormatError(f"virtual size {header.size} is too large")
     _check_table(header, header.refcount_table_offset, "reference count table")
     if header.refcount_table_clusters * cluster > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
@@ -522,9 +521,17 @@ def check_header(header: L.Header, file: InputFile) -> None:
         _check_table(header, header.snapshots_offset, "snapshot table")
     if header.l1_size * 8 > MAX_TABLE_BYTES:
         raise FormatError("Active L1 table too large")
-    needed = L.l1_entries_for(header.size, header.cluster_bits, header.extended_l2)
+    # qemu counts the L1 entries the size needs in 64 bits: a size within an
+    # L2 table's span of 2^64 wraps round to a few entries.
+    entries = L.l2_entries(header.cluster_bits, header.extended_l2)
+    span_bits = header.cluster_bits + entries.bit_length() - 1  # entries: a power of two
+    needed = ((header.size + (1 << span_bits) - 1) & ((1 << 64) - 1)) >> span_bits
+    if needed > 0x7FFF_FFFF:
+        raise FormatError("Image is too big")
     if header.l1_size < needed:
         raise FormatError("L1 table is too small")
+    if header.size // L.SECTOR * L.SECTOR > MAX_VIRTUAL_SIZE:
+        raise FormatError("Could not refresh total sector count: File too large")
     if header.l1_size:
         _check_table(header, header.l1_table_offset, "L1 table")
 

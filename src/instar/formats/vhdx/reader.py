@@ -215,10 +215,12 @@ def _read_metadata(source: Source, region: RegionEntry) -> Metadata:
         raise FormatError(f"logical sector size {logical} is not 512 or 4096")
     if physical not in (512, 4096):
         raise FormatError(f"physical sector size {physical} is not 512 or 4096")
-    if virtual_size % logical or virtual_size > layout.MAX_VIRTUAL_SIZE:
+    if virtual_size > layout.MAX_VIRTUAL_SIZE:
+        # qemu's vhdx fails with EINVAL and no message of its own: larger than 64 TiB.
+        raise DriverError("Invalid argument")
+    if virtual_size % logical:
         raise FormatError(
-            f"virtual disk size {virtual_size} is not a multiple of the {logical}-byte "
-            "sector or exceeds 64 TiB"
+            f"virtual disk size {virtual_size} is not a multiple of the {logical}-byte sector"
         )
     locator = None
     if params.has_parent:

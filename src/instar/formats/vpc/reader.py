@@ -24,7 +24,7 @@ from array import array
 from collections.abc import Iterator
 from urllib.parse import unquote
 
-from instar.errors import FormatError
+from instar.errors import DriverError, FormatError
 from instar.files import InputFile
 from instar.formats.base import Resolver
 from instar.formats.common import (
@@ -66,7 +66,8 @@ def open_vpc(file: InputFile, resolver: Resolver) -> Driver:
     footer, at_start = _read_footer(file)
     size = footer.virtual_size()
     if size > MAX_SECTORS * SECTOR:
-        raise FormatError(f"disk size {size} is larger than the VHD maximum of 2040 GiB")
+        # qemu's vpc fails with EFBIG and no message of its own: larger than 2040 GiB.
+        raise DriverError("File too large")
     if not at_start:
         if footer.disk_type != DISK_FIXED:
             raise FormatError(
