@@ -235,8 +235,7 @@ def compare(
     image that cannot be opened).
     """
     dirs = allowed_dirs(allow)  # once: a generator would be empty for the second image
-    policy = PathPolicy([*PathPolicy.for_image(path_a, dirs).allowed_dirs,
-                         *PathPolicy.for_image(path_b).allowed_dirs])
+    policy = PathPolicy.from_allow(dirs)
 
     def job(broker: Broker, send: EventSink) -> int:
         return _compare_job(broker, send, path_a, path_b, fmt_a, fmt_b, strict, progress)

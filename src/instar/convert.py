@@ -66,7 +66,7 @@ def convert(
         raise TypeError("input_paths must be a sequence of paths, not a single str")
     paths = [os.fspath(path) for path in input_paths]
     create_options = as_create_options(options)
-    policy = PathPolicy.for_image(paths[0], allow)
+    policy = PathPolicy.from_allow(allow)
 
     def job(broker: Broker, send: EventSink) -> None:
         _convert_job(broker, send, paths, output_path, input_format, output_format_name,

@@ -95,7 +95,7 @@ def dd(
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     check_dd_numbers(bs, count, skip)
     create_options = as_create_options(options)
-    policy = PathPolicy.for_image(input_path, allow)
+    policy = PathPolicy.from_allow(allow)
 
     def job(broker: Broker, send: EventSink) -> list[int | bool]:
         window = _dd_job(broker, send, input_path, output_path, bs, count, skip, input_format,

@@ -168,7 +168,7 @@ def collect(
     The images are described in a worker (`_collect_job`, metadata only); the
     host adds what it knows of the files (`add_file_facts`).
     """
-    policy = PathPolicy.for_image(path, allow)
+    policy = PathPolicy.from_allow(allow)
 
     def job(broker: Broker, send: EventSink) -> list[dict[str, Any]]:
         return [asdict(node) for node in _collect_job(broker, path, fmt, chain)]
