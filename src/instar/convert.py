@@ -50,6 +50,7 @@ def convert(
     events: EventSink | None = None,
     durable: bool = False,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> None:
     """Convert ``input_paths`` (one after another) into ``output_path``.
 
@@ -73,7 +74,8 @@ def convert(
                      create_options, sparse_size, no_create, durable)
 
     run_job(job, policy, sandbox, events,
-            inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path])
+            inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path],
+            force_share=force_share)
 
 
 def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], output_path: str,

@@ -78,6 +78,7 @@ def dd(
     allow: AllowedDirs = (),
     events: EventSink | None = None,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> DdWindow:
     """Copy a window of ``input_path`` into a new ``output_path``, as ``qemu-img dd``.
 
@@ -103,7 +104,8 @@ def dd(
         return [window.start, window.length, window.skipped_past_end]
 
     start, length, skipped = run_job(job, policy, sandbox, events,
-                                     inputs=[input_path], outputs=[output_path])
+                                     inputs=[input_path], outputs=[output_path],
+                                     force_share=force_share)
     return DdWindow(int(start), int(length), bool(skipped))
 
 

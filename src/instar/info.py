@@ -162,6 +162,7 @@ def collect(
     allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> list[NodeInfo]:
     """The images ``qemu-img info [--backing-chain]`` would show, top first.
 
@@ -181,7 +182,7 @@ def collect(
         return infos
 
     infos: list[NodeInfo] = run_job(job, policy, sandbox, host_side=facts,
-                                      inputs=[path])
+                                      inputs=[path], force_share=force_share)
     return infos
 
 
@@ -403,10 +404,11 @@ def info(
     allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> str:
     """The text ``qemu-img info`` prints for ``path``."""
     infos = collect(path, fmt, chain=chain, allow=allow, qemu_version=qemu_version,
-                    sandbox=sandbox)
+                    sandbox=sandbox, force_share=force_share)
     if output == "json":
         return render_json(infos, chain=chain, qemu_version=qemu_version)
     return render_human(infos, qemu_version)

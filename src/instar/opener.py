@@ -92,6 +92,7 @@ class HostBroker:
     policy: PathPolicy
     inputs: frozenset[str] | None = None
     outputs: frozenset[str] | None = None
+    force_share: bool = False  # -U: read images a running qemu holds locks on
     opened: list[InputFile] = field(default_factory=list)
     _output: AtomicOutput | None = None
     _in_place: list[int] = field(default_factory=list)
@@ -104,6 +105,14 @@ class HostBroker:
     def _open(self, path: str, resolved: str | None = None) -> InputFile:
         file = open_input_file(path, resolved)
         self.opened.append(file)
+        if not self.force_share:
+            from instar.locks import read_conflict
+
+            conflict = read_conflict(file.fd)
+            if conflict is not None:
+                error = ImageOpenError(path, conflict)
+                error.hint = f"Is another process using the image [{path}]?"
+                raise error
         return file
 
     def _check_target(self, target: str) -> None:

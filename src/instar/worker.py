@@ -302,16 +302,18 @@ def current_settings() -> SandboxSettings:
 def run_job(job: Job, policy: PathPolicy, settings: SandboxSettings | None = None,
             events: EventSink | None = None,
             host_side: Callable[[HostBroker, Any], Any] | None = None, *,
-            inputs: Sequence[str], outputs: Sequence[str] = ()) -> Any:
+            inputs: Sequence[str], outputs: Sequence[str] = (),
+            force_share: bool = False) -> Any:
     """Run ``job`` in a sandboxed worker (in-process with mode off) and return
     its result; the host serves its requests with a `HostBroker` under
     ``policy``, and removes an output the job did not commit. ``host_side``
     turns the result into the answer while the host's files are still open
     (info's file facts). The job may open only the images in ``inputs`` and
-    create only the outputs in ``outputs``, besides what the policy allows."""
+    create only the outputs in ``outputs``, besides what the policy allows;
+    ``force_share`` (-U) reads images a running qemu holds locks on."""
     settings = settings or current_settings()
     sink = events or (lambda event: None)
-    host = HostBroker(policy, frozenset(inputs), frozenset(outputs))
+    host = HostBroker(policy, frozenset(inputs), frozenset(outputs), force_share)
     try:
         if settings.mode == "off":
             result = job(host, sink)
