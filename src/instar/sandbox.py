@@ -18,7 +18,6 @@ child, for ``instar --sandbox-status``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -45,11 +44,18 @@ class Limits(NamedTuple):
     open_files: int = MAX_OPEN_FILES
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+def _libc() -> Any:
+    """The C library, for the calls Python has no wrapper for (loaded only in a
+    worker: the host never needs ctypes)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _check(result: int, what: str) -> int:
     if result < 0:
+        import ctypes
+
         code = ctypes.get_errno()
         raise OSError(code, f"{what}: {os.strerror(code)}")
     return result
@@ -80,7 +86,7 @@ PR_SET_NO_NEW_PRIVS = 38
 
 
 def _apply_no_new_privs() -> str:
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(_libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     return "set"
 
 
@@ -93,7 +99,7 @@ CLONE_NEWNET = 0x40000000
 def _apply_namespaces() -> str:
     """A new user namespace (no mapping: the worker is nobody there) and a
     network namespace with nothing in it. Needs a single-threaded process."""
-    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare")
+    _check(_libc().unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare")
     return "new user and network namespaces"
 
 
@@ -108,19 +114,13 @@ _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
 _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
 
 
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = (
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
-    )
-
-
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version (raises OSError where there is none)."""
+    import ctypes
+
     return _check(
-        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                      ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)),
+        _libc().syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                        ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)),
         "landlock_create_ruleset",
     )
 
@@ -128,8 +128,17 @@ def landlock_abi() -> int:
 def _apply_landlock() -> str:
     """Handle every right the ABI knows and allow none: no file can be opened,
     created, executed or listed."""
+    import ctypes
+
+    class RulesetAttr(ctypes.Structure):
+        _fields_ = (
+            ("handled_access_fs", ctypes.c_uint64),
+            ("handled_access_net", ctypes.c_uint64),
+            ("scoped", ctypes.c_uint64),
+        )
+
     abi = landlock_abi()
-    attr = _RulesetAttr((1 << _FS_RIGHTS_BY_ABI.get(abi, 16)) - 1, 0, 0)
+    attr = RulesetAttr((1 << _FS_RIGHTS_BY_ABI.get(abi, 16)) - 1, 0, 0)
     size = 8
     if abi >= 4:
         attr.handled_access_net = _NET_BIND_TCP | _NET_CONNECT_TCP
@@ -138,12 +147,12 @@ def _apply_landlock() -> str:
         attr.scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL
         size = 24
     ruleset = _check(
-        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
-                      ctypes.c_uint32(0)),
+        _libc().syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
+                        ctypes.c_size_t(size), ctypes.c_uint32(0)),
         "landlock_create_ruleset",
     )
     try:
-        _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)),
+        _check(_libc().syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)),
                "landlock_restrict_self")
     finally:
         os.close(ruleset)

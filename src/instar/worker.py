@@ -215,33 +215,48 @@ class WorkerBroker:
         self.opened.clear()
 
 
-def _prepare_worker() -> None:
-    """Import everything a job may need while files can still be opened:
-    once confined, the worker cannot read a module from disk."""
-    import codecs
-    import concurrent.futures  # noqa: F401  (the compression pool)
-    import importlib
-    import pkgutil
-    import queue  # noqa: F401
-    import threading  # noqa: F401
+# What every job may need: the format readers (any format can appear in a
+# chain), the codecs their names are in, zstd for compressed qcow2 clusters.
+_READERS = (
+    "instar.formats.raw", "instar.formats.qcow2.reader", "instar.formats.vmdk.reader",
+    "instar.formats.vpc.reader", "instar.formats.vhdx.reader",
+)
 
-    import instar.formats
-    from instar import compare, convert, dd_core, info  # noqa: F401
+
+def output_modules(format_name: str, compress: bool) -> list[str]:
+    """What a job writing ``format_name`` needs besides the readers."""
+    modules = [] if format_name == "raw" else [f"instar.formats.{format_name}.writer"]
+    if compress or format_name == "vmdk":  # the compression pool's threads
+        modules.append("concurrent.futures")
+    return modules
+
+
+def _prepare_worker(preload: Sequence[str]) -> None:
+    """Import everything the job may need while files can still be opened:
+    once confined, the worker cannot read a module from disk. Only what the
+    job names (``preload``) besides the readers, so a worker starts fast."""
+    import codecs
+    import importlib
+
     from instar.formats.common import zstd_module
 
-    for module in pkgutil.walk_packages(instar.formats.__path__, "instar.formats."):
-        importlib.import_module(module.name)
+    for name in _READERS:
+        importlib.import_module(name)
+    for name in preload:
+        with contextlib.suppress(ImportError):  # a format instar cannot write: refused later
+            importlib.import_module(name)
     with contextlib.suppress(ImportError):
         zstd_module()
     for encoding in ("utf-16-le", "utf-16-be", "ascii", "latin-1", "unicode_escape"):
         codecs.lookup(encoding)
 
 
-def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings) -> int:
+def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings,
+                 preload: Sequence[str]) -> int:
     """The worker: confine, run the job, report; returns the exit status."""
     channel = Channel(sock)
     _keep_only(sock.fileno())
-    _prepare_worker()
+    _prepare_worker(preload)
     states = apply(settings.limits)
     missing = [state for state in states if not state.on]
     if missing and settings.mode == "require":
@@ -303,14 +318,15 @@ def run_job(job: Job, policy: PathPolicy, settings: SandboxSettings | None = Non
             events: EventSink | None = None,
             host_side: Callable[[HostBroker, Any], Any] | None = None, *,
             inputs: Sequence[str], outputs: Sequence[str] = (),
-            force_share: bool = False) -> Any:
+            force_share: bool = False, preload: Sequence[str] = ()) -> Any:
     """Run ``job`` in a sandboxed worker (in-process with mode off) and return
     its result; the host serves its requests with a `HostBroker` under
     ``policy``, and removes an output the job did not commit. ``host_side``
     turns the result into the answer while the host's files are still open
     (info's file facts). The job may open only the images in ``inputs`` and
     create only the outputs in ``outputs``, besides what the policy allows;
-    ``force_share`` (-U) reads images a running qemu holds locks on."""
+    ``force_share`` (-U) reads images a running qemu holds locks on;
+    ``preload`` names the modules the job needs besides the readers."""
     settings = settings or current_settings()
     sink = events or (lambda event: None)
     host = HostBroker(policy, frozenset(inputs), frozenset(outputs), force_share)
@@ -318,13 +334,14 @@ def run_job(job: Job, policy: PathPolicy, settings: SandboxSettings | None = Non
         if settings.mode == "off":
             result = job(host, sink)
         else:
-            result = _run_forked(job, host, settings, sink)
+            result = _run_forked(job, host, settings, sink, preload)
         return result if host_side is None else host_side(host, result)
     finally:
         host.close()
 
 
-def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: EventSink) -> Any:
+def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: EventSink,
+                preload: Sequence[str]) -> Any:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -334,7 +351,7 @@ def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: E
         status = 1
         try:
             host_end.close()
-            status = _worker_main(worker_end, job, settings)
+            status = _worker_main(worker_end, job, settings, preload)
         finally:
             os._exit(status)
     worker_end.close()
