@@ -27,7 +27,6 @@ from instar.events import EventSink
 from instar.files import InputFile
 from instar.formats.base import (
     ChildFile,
-    Describable,
     FormatDetails,
     QValue,
     SnapshotDetails,
@@ -122,13 +121,10 @@ def file_node(file: InputFile) -> NodeInfo:
 def describe(node: OpenedNode) -> NodeInfo:
     """NodeInfo for an opened image, from its format's ``describe`` hook
     (metadata only); file facts are left for the host (`add_file_facts`)."""
-    if isinstance(node.format, Describable):
-        try:
-            details = node.format.describe(node.image.driver)
-        except (FormatError, OSError) as error:  # metadata only info reads (snapshots...)
-            raise open_error(node.path, error) from None
-    else:
-        details = FormatDetails(dirty=None)  # only the common lines
+    try:
+        details = node.format.describe(node.image.driver)
+    except (FormatError, OSError) as error:  # metadata only info reads (snapshots...)
+        raise open_error(node.path, error) from None
     info = NodeInfo(
         filename=node.path,
         format=node.format.name,

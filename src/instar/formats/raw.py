@@ -10,14 +10,7 @@ import os
 from collections.abc import Iterator
 
 from instar.files import InputFile, pwrite_all, write_zeros
-from instar.formats.base import (
-    FormatDetails,
-    OptionSchema,
-    OutputFile,
-    ParsedOptions,
-    Resolver,
-    Writer,
-)
+from instar.formats.base import FormatBase, OptionSchema, OutputFile, ParsedOptions
 from instar.image import BlockImage, Driver, Run, file_runs
 from instar.sizes import round_up
 
@@ -40,6 +33,11 @@ class RawDriver(Driver):
         self.file.close()
 
 
+def open_driver(file: InputFile, resolver: object = None) -> RawDriver:
+    """The format's open: a raw file names no other file."""
+    return RawDriver(file)
+
+
 def open_raw(file: InputFile) -> BlockImage:
     """``file`` read as a raw image."""
     return BlockImage(RawDriver(file))
@@ -48,7 +46,8 @@ def open_raw(file: InputFile) -> BlockImage:
 class RawWriter:
     """Writes data in place; zero runs stay holes in a new regular file."""
 
-    def __init__(self, out: OutputFile, virtual_size: int) -> None:
+    def __init__(self, out: OutputFile, virtual_size: int,
+                 options: ParsedOptions | None = None) -> None:
         self._out = out
         self._size = virtual_size
 
@@ -67,26 +66,17 @@ class RawWriter:
         pass
 
 
-class RawFormat:
+class RawFormat(FormatBase):
+    """qemu shows no cluster size and no format-specific data for raw; its
+    get_info succeeds, so JSON carries "dirty-flag": false (FormatDetails())."""
+
     name = "raw"
     create_options = OptionSchema("raw")  # none: qemu's (size, preallocation...) are unknown here
+    reader = "instar.formats.raw:open_driver"
+    writer = "instar.formats.raw:RawWriter"
 
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort
-
-    def open(self, file: InputFile, resolver: Resolver) -> RawDriver:
-        return RawDriver(file)
-
-    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
-        return round_up(length, SECTOR)
-
-    def describe(self, driver: Driver) -> FormatDetails:
-        """qemu shows no cluster size and no format-specific data for raw;
-        its get_info succeeds, so JSON carries "dirty-flag": false."""
-        return FormatDetails()
-
-    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
-        return RawWriter(out, virtual_size)
 
 
 FORMAT = RawFormat()
