@@ -6,6 +6,10 @@ anonymous (O_TMPFILE) and gets a name only once complete, so not even a crash
 leaves anything behind. A block device is written in place (zeros included),
 since it cannot be replaced. An output that is one of the inputs is refused
 before anything is written.
+
+Errors from the file system while writing (ENOSPC, EFBIG, EIO) become
+`WriteError`, qemu-img convert's "error while writing at byte N: REASON";
+errors while reading the input become `ReadError`.
 """
 
 from __future__ import annotations
@@ -14,15 +18,15 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from instar.copy import ZERO_GRANULARITY, copy_image
-from instar.errors import CreationError, InstarError, OutputError
+from instar.errors import CreationError, InstarError, OutputError, ReadError, WriteError
 from instar.events import EventSink, Notice
 from instar.files import InputFile
-from instar.formats.base import Format, OutputFile, ParsedOptions
-from instar.image import Image
+from instar.formats.base import Format, OutputFile, ParsedOptions, Writer
+from instar.image import Extent, Image
 
 if TYPE_CHECKING:
     from instar.opener import Broker
@@ -98,35 +102,44 @@ class AtomicOutput:
 
         ``durable=False`` is ``qemu-img convert``'s default cache mode (unsafe):
         the rename is still atomic for other processes, but a power loss may
-        lose data the kernel had not written yet.
+        lose data the kernel had not written yet. Failures are CreationErrors
+        with qemu's "Could not create" wording: the output could not take its
+        name.
         """
         assert self.file is not None
+        try:
+            self._commit(self.file, durable)
+        except OSError as error:
+            raise self._creation_error(error) from None
+
+    def _commit(self, out: OutputFile, durable: bool) -> None:
         if durable:
-            os.fsync(self.file.fd)
+            os.fsync(out.fd)
         if self._anonymous:
             # Give the finished file a name, then move it over the target.
             self._temp = self._temp_name()
             directory, name = os.path.split(self._temp)
-            dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY)
+            dir_fd = os.open(directory or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             try:
                 # A directory fd makes os.link use linkat(AT_SYMLINK_FOLLOW), which
                 # follows /proc's link to the open file; plain link() would not.
-                os.link(f"/proc/self/fd/{self.file.fd}", name, dst_dir_fd=dir_fd,
+                os.link(f"/proc/self/fd/{out.fd}", name, dst_dir_fd=dir_fd,
                         follow_symlinks=True)
             finally:
                 os.close(dir_fd)
             self._anonymous = False
-        os.close(self.file.fd)
-        self.file = None
         if self._temp is not None:
             os.rename(self._temp, self._final)
             self._temp = None
             if durable:
-                dir_fd = os.open(os.path.dirname(self._final) or ".", os.O_RDONLY)
+                dir_fd = os.open(os.path.dirname(self._final) or ".",
+                                 os.O_RDONLY | os.O_CLOEXEC)
                 try:
                     os.fsync(dir_fd)
                 finally:
                     os.close(dir_fd)
+        self.file = None
+        os.close(out.fd)
 
     def abort(self) -> None:
         """Remove the temporary file; the target is untouched."""
@@ -164,6 +177,92 @@ class OutputSpec(NamedTuple):
     zero_granularity: int = ZERO_GRANULARITY
 
 
+def _reason(error: OSError | OverflowError) -> str:
+    """The strerror of a failure to write; an offset or size past what the
+    platform's off_t holds (Python's OverflowError) is the kernel's EFBIG."""
+    if isinstance(error, OverflowError):
+        return os.strerror(errno.EFBIG)
+    return error.strerror or os.strerror(error.errno or errno.EIO)
+
+
+class _ReportingWriter:
+    """A Writer whose file system errors say where they happened: qemu-img
+    convert reports the guest offset of the write that failed. Metadata a
+    writer writes when it closes belongs to no single write; its failures are
+    reported at the end of the image."""
+
+    def __init__(self, writer: Writer, end: int) -> None:
+        self._writer = writer
+        self._end = end
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            self._writer.write(offset, data)
+        except (OSError, OverflowError) as error:
+            raise WriteError(offset, _reason(error)) from None
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        try:
+            self._writer.write_zeroes(offset, length)
+        except (OSError, OverflowError) as error:
+            raise WriteError(offset, _reason(error)) from None
+
+    def close(self) -> None:
+        try:
+            self._writer.close()
+        except (OSError, OverflowError) as error:
+            raise WriteError(self._end, _reason(error)) from None
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+class _ReportingImage:
+    """An Image whose read errors (EIO from a failing disk) say where, as
+    qemu-img convert's "error while reading at byte N" does."""
+
+    def __init__(self, image: Image) -> None:
+        self._image = image
+
+    @property
+    def virtual_size(self) -> int:
+        return self._image.virtual_size
+
+    def read(self, offset: int, length: int) -> bytes:
+        try:
+            return self._image.read(offset, length)
+        except OSError as error:
+            raise ReadError(offset, _reason(error)) from None
+
+    def extents(self, offset: int, length: int) -> Iterator[Extent]:
+        position = offset
+        try:
+            for extent in self._image.extents(offset, length):
+                position = extent.offset + extent.length
+                yield extent
+        except OSError as error:
+            raise ReadError(position, _reason(error), block_status=True) from None
+
+    def close(self) -> None:
+        self._image.close()
+
+
+def _copy(image: Image, writer: Writer, end: int, events: EventSink | None,
+          zero_granularity: int = ZERO_GRANULARITY) -> None:
+    """copy_image with qemu's messages for the file system's errors."""
+    copy_image(_ReportingImage(image), _ReportingWriter(writer, end), events=events,
+               zero_granularity=zero_granularity)
+
+
+def _sync(out: OutputFile, end: int) -> None:
+    """fsync the output; a failure (EIO: the kernel could not write back what
+    it had accepted) is a failure to write it."""
+    try:
+        os.fsync(out.fd)
+    except OSError as error:
+        raise WriteError(end, _reason(error)) from None
+
+
 def fill_output(
     image: Image,
     out: OutputFile,
@@ -177,16 +276,20 @@ def fill_output(
     so it can run anywhere the output's fd is (a worker).
 
     ``notice`` is sent once the output image exists, before the copy (where
-    qemu-img dd prints its skip warning).
+    qemu-img dd prints its skip warning). Raises CreationError when the
+    format refuses or cannot start the image, WriteError or ReadError when
+    the file system fails during the copy.
     """
     try:
         writer = spec.format.create(out, spec.virtual_size, spec.options)
     except InstarError as error:  # the driver refused: qemu prefixes its message
         raise CreationError(str(error)) from None
+    except (OSError, OverflowError) as error:  # it could not write its first structures
+        raise CreationError(_reason(error)) from None
     if notice is not None and events is not None:
         events(notice)
     try:
-        copy_image(image, writer, events=events, zero_granularity=spec.zero_granularity)
+        _copy(image, writer, spec.virtual_size, events, spec.zero_granularity)
     except BaseException:
         writer.abort()
         raise
@@ -204,7 +307,10 @@ def write_image(
 ) -> None:
     """Create ``target`` as ``spec`` says and copy ``image`` into it: the
     broker (the host) creates the output, `fill_output` fills it, the broker
-    commits it; on any failure the broker's close removes it."""
+    commits it; on any failure the broker's close removes it.
+
+    A durable output is fsynced here, where a failure can still be reported
+    as qemu's write error, before the host gives it its name."""
     own = broker is None
     if broker is None:
         from instar.opener import HostBroker
@@ -216,6 +322,8 @@ def write_image(
             raise CreationError("No filename provided")  # qemu's vmdk checks before creating
         out_file = broker.create_output(target)
         fill_output(image, out_file, spec, events=events, notice=notice)
+        if durable:
+            _sync(out_file, spec.virtual_size)
         broker.commit_output(durable)
     finally:
         if own:
@@ -250,6 +358,6 @@ def write_in_place(
     if size < image.virtual_size:
         raise OutputError("output file is smaller than input file")
     writer = fmt.create(out, size, options)
-    copy_image(image, writer, events=events)
+    _copy(image, writer, image.virtual_size, events)
     if durable:
-        os.fsync(out.fd)
+        _sync(out, image.virtual_size)

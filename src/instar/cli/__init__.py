@@ -2,7 +2,8 @@
 
 Each sub-command is one module with a ``run(args) -> int``. Every
 `InstarError` becomes ``instar: MESSAGE`` on stderr and exit status 1, as
-qemu-img's errors do; nothing else is caught, so bugs still show a traceback.
+qemu-img's errors do, and so does an OSError from the system (the file
+system, the streams); anything else escaping is a bug and shows a traceback.
 """
 
 from __future__ import annotations
@@ -104,9 +105,20 @@ def main(argv: list[str] | None = None) -> int:
         if error.hint:
             print(error.hint, file=sys.stderr)
         return 1
+    except OSError as error:  # the system's, not instar's: one line, no traceback
+        report_error(describe_os_error(error))
+        return 1
     except KeyboardInterrupt:
         report_error("interrupted")
         return 1
     finally:
         configure(previous)
     return status
+
+
+def describe_os_error(error: OSError) -> str:
+    """``NAME: REASON`` for an OSError that names a file, else ``REASON``."""
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        return f"{error.filename}: {reason}"
+    return reason

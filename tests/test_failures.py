@@ -1,0 +1,309 @@
+"""Every failure is one line: a full file system, a file size limit, a size past
+what the file system or off_t can hold, I/O errors.
+
+Each test asserts the one ``instar: ...`` line (qemu-img's words where qemu-img
+has them, checked against the real qemu-img), the exit status, that nothing
+is left beside the target and that an existing target is untouched.
+
+Most run instar as a subprocess (``python -m instar``): a file size limit
+belongs to a process. The tests that need a small
+file system mount a tmpfs (or a loop-mounted ext4), which needs root: CI runs
+as root, so a failure to mount fails the test instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import resource
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from helpers import pattern, qemu_img_ok, qemu_img_path, run_instar
+
+SRC = Path(__file__).parents[1] / "src"
+FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
+ENOSPC = os.strerror(errno.ENOSPC)
+EFBIG = os.strerror(errno.EFBIG)
+EIO = os.strerror(errno.EIO)
+
+
+# --- running both programs ------------------------------------------------------------------
+
+
+class Run:
+    """A finished run: exit status (negative: killed by that signal), the
+    stderr lines with the program's name as ``PROG``, and stdout bytes."""
+
+    def __init__(self, proc: subprocess.CompletedProcess[bytes]) -> None:
+        self.rc = proc.returncode
+        self.stdout = proc.stdout or b""
+        text = proc.stderr.decode("utf-8", "replace")
+        self.stderr = text
+        self.lines = [re.sub(r"^(instar|qemu-img): ", "PROG: ", line)
+                      for line in text.splitlines()]
+
+    def one_line(self) -> str:
+        """The only line on stderr (the test fails if there are more or none)."""
+        assert len(self.lines) == 1, self.stderr
+        assert "Traceback" not in self.stderr
+        return self.lines[0]
+
+
+def command(program: str, *args: str) -> list[str]:
+    if program == "instar":
+        return [sys.executable, "-m", "instar", *args]
+    return [qemu_img_path(), *args]
+
+
+def environment() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(SRC)}
+
+
+def run(program: str, *args: str, cwd: Path, stdout: int | object = subprocess.PIPE,
+        preexec_fn: Callable[[], None] | None = None) -> Run:
+    """``program ARGS`` (instar or qemu-img) in ``cwd``."""
+    proc = subprocess.run(command(program, *args), cwd=cwd, stdout=stdout,  # type: ignore[call-overload]
+                          stderr=subprocess.PIPE, env=environment(), preexec_fn=preexec_fn,
+                          timeout=300, check=False)
+    return Run(proc)
+
+
+def listing(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def file_size_limit(limit: int) -> Callable[[], None]:
+    """A preexec_fn: ``ulimit -f`` of ``limit`` bytes (soft and hard)."""
+
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    return apply
+
+
+@contextlib.contextmanager
+def mounted(directory: Path, *mount_args: str) -> Iterator[Path]:
+    """``mount MOUNT_ARGS directory`` for the block; fails (not skips) without root."""
+    directory.mkdir(exist_ok=True)
+    proc = subprocess.run(["mount", *mount_args, str(directory)], capture_output=True,
+                          text=True, check=False)
+    if proc.returncode != 0:
+        pytest.fail(f"cannot mount {mount_args} (these tests need root, as CI has): "
+                    f"{proc.stderr.strip()}")
+    try:
+        yield directory
+    finally:
+        if subprocess.run(["umount", str(directory)], check=False).returncode != 0:
+            subprocess.run(["umount", "-l", str(directory)], check=False)
+
+
+def small_tmpfs(directory: Path, size: str = "2m") -> contextlib.AbstractContextManager[Path]:
+    return mounted(directory, "-t", "tmpfs", "-o", f"size={size}", "tmpfs")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 MiB of data that does not compress or deduplicate into 2 MiB."""
+    path = tmp_path_factory.mktemp("failures") / "source.raw"
+    path.write_bytes(os.urandom(8 << 20))
+    return path
+
+
+# --- a full file system ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_full_file_system_is_one_line(fmt: str, source: Path, tmp_path: Path) -> None:
+    """qemu-img: "error while writing at byte N: No space left on device", exit 1,
+    and a partial file left behind; instar: the same line, nothing left."""
+    with small_tmpfs(tmp_path / "fs") as fs:
+        ours = run("instar", "convert", "-O", fmt, str(source), "fs/out", cwd=tmp_path)
+        assert ours.rc == 1
+        assert re.fullmatch(rf"PROG: error while writing at byte \d+: {ENOSPC}", ours.one_line())
+        assert listing(fs) == []
+        theirs = run("qemu", "convert", "-O", fmt, str(source), "fs/out", cwd=tmp_path)
+        assert theirs.rc == 1
+        assert re.fullmatch(rf"PROG: error while writing at byte \d+: {ENOSPC}",
+                            theirs.one_line())
+        if fmt == "raw":  # the same write fails first: the same offset
+            assert ours.lines == theirs.lines
+
+
+def test_full_file_system_keeps_the_existing_target(source: Path, tmp_path: Path) -> None:
+    with small_tmpfs(tmp_path / "fs") as fs:
+        (fs / "out.qcow2").write_bytes(b"the old image")
+        ours = run("instar", "convert", "-O", "qcow2", str(source), "fs/out.qcow2", cwd=tmp_path)
+        assert ours.rc == 1
+        assert re.fullmatch(rf"PROG: error while writing at byte \d+: {ENOSPC}", ours.one_line())
+        assert listing(fs) == ["out.qcow2"]
+        assert (fs / "out.qcow2").read_bytes() == b"the old image"
+
+
+def test_full_file_system_dd(source: Path, tmp_path: Path) -> None:
+    """qemu-img dd has its own words for it."""
+    with small_tmpfs(tmp_path / "fs") as fs:
+        for program in ("instar", "qemu"):
+            result = run(program, "dd", f"if={source}", "of=fs/out.raw", cwd=tmp_path)
+            assert result.rc == 1
+            assert result.one_line() == f"PROG: error while writing to output image file: {ENOSPC}"
+            if program == "instar":
+                assert listing(fs) == []
+            for name in listing(fs):
+                (fs / name).unlink()
+
+
+# --- file size limits -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_file_size_limit(fmt: str, source: Path, tmp_path: Path) -> None:
+    """``ulimit -f`` 1 MiB. raw is sized when created, so qemu-img says so
+    ("Could not resize file: File too large"); other formats fail a write."""
+    (tmp_path / "out").write_bytes(b"old")
+    limit = file_size_limit(1 << 20)
+    ours = run("instar", "convert", "-O", fmt, str(source), "out", cwd=tmp_path, preexec_fn=limit)
+    assert ours.rc == 1
+    line = ours.one_line()  # also: no warning that the worker's rlimits are off
+    assert listing(tmp_path) == ["out"]
+    assert (tmp_path / "out").read_bytes() == b"old"
+    theirs = run("qemu", "convert", "-O", fmt, str(source), "out", cwd=tmp_path, preexec_fn=limit)
+    assert theirs.rc == 1
+    if fmt == "raw":
+        assert line == f"PROG: out: error while converting raw: Could not resize file: {EFBIG}"
+        assert theirs.lines == ours.lines
+    elif fmt == "vhdx":  # qemu sizes a vhdx's log and metadata when creating it
+        assert line == f"PROG: error while writing at byte 0: {EFBIG}"
+        assert theirs.one_line() == (
+            f"PROG: out: error while converting vhdx: Could not resize file: {EFBIG}")
+    else:
+        assert line == f"PROG: error while writing at byte 0: {EFBIG}"
+        assert theirs.lines == ours.lines
+
+
+def test_file_size_limit_dd(source: Path, tmp_path: Path) -> None:
+    limit = file_size_limit(1 << 20)
+    for fmt, expected in (("raw", "out: error while creating output image: Could not resize "
+                                  f"file: {EFBIG}"),
+                          ("qcow2", f"error while writing to output image file: {EFBIG}")):
+        for program in ("instar", "qemu"):
+            result = run(program, "dd", "-O", fmt, f"if={source}", "of=out", cwd=tmp_path,
+                         preexec_fn=limit)
+            assert (result.rc, result.one_line()) == (1, f"PROG: {expected}")
+            if program == "instar":
+                assert listing(tmp_path) == []
+            with contextlib.suppress(FileNotFoundError):
+                (tmp_path / "out").unlink()
+
+
+def test_size_past_the_file_system(tmp_path: Path) -> None:
+    """A 2 PiB raw output on ext4 (whose files end at 16 TiB): qemu-img's
+    creation error; it used to be a traceback from ftruncate."""
+    qemu_img_ok("create", "-q", "-f", "qcow2", str(tmp_path / "big.qcow2"), "2P")
+    image = tmp_path / "ext4.img"
+    with open(image, "wb") as file:
+        file.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", str(image)], check=True)
+    with mounted(tmp_path / "fs", "-o", "loop", str(image)) as fs:
+        os.rmdir(fs / "lost+found")
+        for program in ("instar", "qemu"):
+            result = run(program, "convert", "-O", "raw", "big.qcow2", "fs/out.raw", cwd=tmp_path)
+            assert (result.rc, result.one_line()) == (
+                1, f"PROG: fs/out.raw: error while converting raw: Could not resize file: {EFBIG}")
+            if program == "instar":
+                assert listing(fs) == []
+            with contextlib.suppress(FileNotFoundError):
+                (fs / "out.raw").unlink()
+
+
+def test_size_past_off_t(tmp_path: Path) -> None:
+    """A raw input of 2^63 - 1 bytes (a sparse file on tmpfs) declares a raw
+    output of 2^63 bytes, past what off_t holds: EFBIG's words, not Python's
+    OverflowError. (qemu-img cannot open such an input at all.)"""
+    with small_tmpfs(tmp_path / "fs") as fs:
+        with open(fs / "huge.raw", "wb") as file:
+            file.truncate((1 << 63) - 1)
+        result = run("instar", "convert", "-O", "raw", "fs/huge.raw", "fs/out.raw", cwd=tmp_path)
+        assert (result.rc, result.one_line()) == (
+            1, f"PROG: fs/out.raw: error while converting raw: Could not resize file: {EFBIG}")
+        assert listing(fs) == ["huge.raw"]
+
+
+# --- I/O errors, in the worker and in-process -----------------------------------------------
+
+
+def _failing(real: Callable[..., object], code: int,
+             when: Callable[..., bool] = lambda *args: True) -> Callable[..., object]:
+    def fail(*args: object, **kwargs: object) -> object:
+        if when(*args):
+            raise OSError(code, os.strerror(code))
+        return real(*args, **kwargs)
+
+    return fail
+
+
+@pytest.mark.parametrize("sandbox", ["auto", "off"])
+def test_write_error_in_the_worker_is_qemus_line(
+    sandbox: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EIO from pwrite inside the forked worker reaches the host as data
+    and is qemu's line, not "internal error in the worker"."""
+    source = tmp_path / "in.raw"
+    source.write_bytes(pattern(3 << 20, seed=3))
+    monkeypatch.setattr(os, "pwrite", _failing(os.pwrite, errno.EIO))  # the worker inherits it
+    out = tmp_path / "out.qcow2"
+    out.write_bytes(b"old")
+    result = run_instar(f"--sandbox={sandbox}", "convert", "-O", "qcow2", str(source), str(out))
+    assert (result.rc, result.stderr) == (1, f"instar: error while writing at byte 0: {EIO}\n")
+    assert listing(tmp_path) == ["in.raw", "out.qcow2"]
+    assert out.read_bytes() == b"old"
+    result = run_instar(f"--sandbox={sandbox}", "dd", f"if={source}", f"of={out}")
+    assert (result.rc, result.stderr) == (
+        1, f"instar: error while writing to output image file: {EIO}\n")
+    assert out.read_bytes() == b"old"
+
+
+def test_read_error_is_qemus_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    source = tmp_path / "in.raw"
+    source.write_bytes(pattern(6 << 20, seed=4))
+    monkeypatch.setattr(os, "pread", _failing(os.pread, errno.EIO,
+                                              lambda fd, length, offset: offset >= 2 << 20))
+    out = tmp_path / "out.raw"
+    result = run_instar("convert", "-O", "raw", str(source), str(out))
+    assert (result.rc, result.stderr) == (
+        1, f"instar: error while reading at byte 2097152: {EIO}\n")
+    result = run_instar("dd", f"if={source}", f"of={out}")
+    assert (result.rc, result.stderr) == (
+        1, f"instar: error while reading from input image file: {EIO}\n")
+    assert listing(tmp_path) == ["in.raw"]
+
+
+def test_fsync_error_is_a_write_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-t writeback fsyncs before the output takes its name; EIO there (the
+    kernel lost data it had accepted) is a failed write at the end."""
+    source = tmp_path / "in.raw"
+    source.write_bytes(pattern(1 << 20, seed=5))
+    monkeypatch.setattr(os, "fsync", _failing(os.fsync, errno.EIO))
+    result = run_instar("convert", "-t", "writeback", str(source), str(tmp_path / "out.raw"))
+    assert (result.rc, result.stderr) == (
+        1, f"instar: error while writing at byte 1048576: {EIO}\n")
+    assert listing(tmp_path) == ["in.raw"]
+
+
+def test_failure_to_name_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The host links the finished file into place; if that fails it is
+    qemu's creation error, and nothing is left."""
+    source = tmp_path / "in.raw"
+    source.write_bytes(pattern(1 << 20, seed=6))
+    monkeypatch.setattr(os, "link", _failing(os.link, errno.ENOSPC))
+    out = tmp_path / "out.raw"
+    result = run_instar("convert", str(source), str(out))
+    assert (result.rc, result.stderr) == (
+        1, f"instar: {out}: error while converting raw: Could not create '{out}': {ENOSPC}\n")
+    assert listing(tmp_path) == ["in.raw"]
