@@ -1,12 +1,13 @@
 """Every failure is one line: a full file system, a file size limit, a size past
-what the file system or off_t can hold, I/O errors.
+what the file system or off_t can hold, I/O errors, a closed or full stdout,
+a broken pipe under -p.
 
 Each test asserts the one ``instar: ...`` line (qemu-img's words where qemu-img
 has them, checked against the real qemu-img), the exit status, that nothing
 is left beside the target and that an existing target is untouched.
 
 Most run instar as a subprocess (``python -m instar``): a file size limit
-belongs to a process. The tests that need a small
+and a closed stdout belong to a process. The tests that need a small
 file system mount a tmpfs (or a loop-mounted ext4), which needs root: CI runs
 as root, so a failure to mount fails the test instead of skipping it.
 """
@@ -307,3 +308,84 @@ def test_failure_to_name_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert (result.rc, result.stderr) == (
         1, f"instar: {out}: error while converting raw: Could not create '{out}': {ENOSPC}\n")
     assert listing(tmp_path) == ["in.raw"]
+
+
+# --- standard output ------------------------------------------------------------------------
+
+
+def close_stdout() -> None:
+    os.close(1)
+
+
+def test_info_into_a_full_stdout(source: Path, tmp_path: Path) -> None:
+    """qemu-img loses the text and exits 0; instar says so and exits 1 (info's
+    text is its result)."""
+    with open("/dev/full", "wb") as full:
+        ours = run("instar", "info", str(source), cwd=tmp_path, stdout=full)
+        theirs = run("qemu", "info", str(source), cwd=tmp_path, stdout=full)
+    assert (ours.rc, ours.one_line()) == (
+        1, f"PROG: error while writing to standard output: {ENOSPC}")
+    assert (theirs.rc, theirs.stderr) == (0, "")
+
+
+def test_info_with_stdout_closed(source: Path, tmp_path: Path) -> None:
+    ours = run("instar", "info", str(source), cwd=tmp_path, stdout=None, preexec_fn=close_stdout)
+    theirs = run("qemu", "info", str(source), cwd=tmp_path, stdout=None, preexec_fn=close_stdout)
+    assert (ours.rc, ours.one_line()) == (
+        1, f"PROG: error while writing to standard output: {os.strerror(errno.EBADF)}")
+    assert (theirs.rc, theirs.stderr) == (0, "")
+
+
+def test_help_into_a_full_stdout(tmp_path: Path) -> None:
+    with open("/dev/full", "wb") as full:
+        result = run("instar", "--help", cwd=tmp_path, stdout=full)
+    assert (result.rc, result.one_line()) == (
+        1, f"PROG: error while writing to standard output: {ENOSPC}")
+
+
+@pytest.mark.parametrize("how", ["closed", "full"])
+def test_progress_that_cannot_be_shown_is_ignored(how: str, source: Path, tmp_path: Path) -> None:
+    """convert -p with stdout closed or full: qemu-img copies everything and
+    exits 0; so does instar, and no progress text lands in the output (a
+    closed descriptor 1 is not reused for a file)."""
+    for program in ("instar", "qemu"):
+        out = tmp_path / f"{program}.raw"
+        args = ("convert", "-p", "-O", "raw", str(source), str(out))
+        if how == "closed":
+            result = run(program, *args, cwd=tmp_path, stdout=None, preexec_fn=close_stdout)
+        else:
+            with open("/dev/full", "wb") as full:
+                result = run(program, *args, cwd=tmp_path, stdout=full)
+        assert (result.rc, result.stderr) == (0, "")
+        assert out.read_bytes() == source.read_bytes()
+    assert listing(tmp_path) == ["instar.raw", "qemu.raw"]
+
+
+def test_progress_into_a_broken_pipe(tmp_path: Path) -> None:
+    """``convert -p ... | head -c1``: the reader leaves after one byte; the
+    copy goes on to the end and exits 0, as qemu-img's does."""
+    source = tmp_path / "in.raw"
+    source.write_bytes(pattern(64 << 20, seed=7))
+    for program in ("instar", "qemu"):
+        out = tmp_path / f"{program}.raw"
+        proc = subprocess.Popen(command(program, "convert", "-p", "-O", "raw", str(source),
+                                        str(out)),
+                                cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                env=environment())
+        assert proc.stdout is not None and proc.stderr is not None
+        assert proc.stdout.read(1) == b" "
+        proc.stdout.close()
+        stderr = proc.stderr.read()
+        assert (proc.wait(timeout=300), stderr) == (0, b"")
+        assert out.read_bytes() == source.read_bytes()
+
+
+def test_full_stderr_keeps_the_exit_status(tmp_path: Path) -> None:
+    """An error that cannot be printed still exits 1 (not Python's 120 for a
+    failed flush at exit), as qemu-img does."""
+    for program in ("instar", "qemu"):
+        with open("/dev/full", "wb") as full:
+            proc = subprocess.run(command(program, "info", str(tmp_path / "missing")),
+                                  stdout=subprocess.PIPE, stderr=full, env=environment(),
+                                  check=False)
+        assert proc.returncode == 1

@@ -347,11 +347,13 @@ def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: E
 
 
 def report_missing_layers(states: list[LayerState]) -> None:
-    """auto mode: say on stderr which layers this kernel lacks (one line each)."""
+    """auto mode: say on stderr which layers this kernel lacks (one line each).
+    A closed or full stderr loses the warning, never the job."""
     for state in states:
-        if not state.on:
-            sys.stderr.write(f"instar: warning: sandbox layer {state.name} is off: "
-                             f"{state.detail}\n")
+        if not state.on and sys.stderr is not None:
+            with contextlib.suppress(OSError):
+                sys.stderr.write(f"instar: warning: sandbox layer {state.name} is off: "
+                                 f"{state.detail}\n")
 
 
 def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettings,
