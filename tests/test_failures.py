@@ -1,13 +1,13 @@
 """Every failure is one line: a full file system, a file size limit, a size past
 what the file system or off_t can hold, I/O errors, a closed or full stdout,
-a broken pipe under -p.
+a broken pipe under -p, and SIGINT/SIGTERM at any moment.
 
 Each test asserts the one ``instar: ...`` line (qemu-img's words where qemu-img
 has them, checked against the real qemu-img), the exit status, that nothing
 is left beside the target and that an existing target is untouched.
 
-Most run instar as a subprocess (``python -m instar``): a file size limit
-and a closed stdout belong to a process. The tests that need a small
+Most run instar as a subprocess (``python -m instar``): a file size limit, a
+closed stdout and signals belong to a process. The tests that need a small
 file system mount a tmpfs (or a loop-mounted ext4), which needs root: CI runs
 as root, so a failure to mount fails the test instead of skipping it.
 """
@@ -17,16 +17,20 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import random
 import re
 import resource
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import pattern, qemu_img_ok, qemu_img_path, run_instar
+from instar import signals
 
 SRC = Path(__file__).parents[1] / "src"
 FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
@@ -389,3 +393,150 @@ def test_full_stderr_keeps_the_exit_status(tmp_path: Path) -> None:
                                   stdout=subprocess.PIPE, stderr=full, env=environment(),
                                   check=False)
         assert proc.returncode == 1
+
+
+# --- signals --------------------------------------------------------------------------------
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """Live processes whose command line contains ``text`` (a forked worker
+    has its host's command line)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if text.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                found.append(int(entry))
+    return found
+
+
+@pytest.fixture(scope="module")
+def large_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """256 MiB of data (no zeros: every byte is copied), for copies that take
+    long enough to be interrupted."""
+    path = tmp_path_factory.mktemp("signals") / "large.raw"
+    block = bytearray(pattern(1 << 20, seed=11))
+    with open(path, "wb") as file:
+        for index in range(256):
+            block[0] = index % 255 + 1
+            file.write(block)
+    return path
+
+
+def test_signals_at_random_moments(large_source: Path, tmp_path: Path) -> None:
+    """SIGINT or SIGTERM at a random moment of a convert, 20 times. Each run
+    dies by the signal (as qemu-img does) or, if the signal came after the
+    output took its name, ends with that complete output; never a traceback,
+    a partial or temporary file, a damaged old target or a live worker."""
+    seed = int(os.environ.get("INSTAR_SIGNAL_SEED", random.randrange(1 << 32)))
+    rng = random.Random(seed)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = out_dir / "target.img"
+    interrupted = 0
+    for attempt in range(20):
+        context = f"seed {seed}, attempt {attempt}"
+        number = rng.choice([signal.SIGINT, signal.SIGTERM])
+        fmt = rng.choice(["raw", "qcow2"])
+        cache = rng.choice(["unsafe", "writeback"])
+        existing = attempt % 2 == 1
+        if existing:
+            target.write_bytes(b"the old image")
+        proc = subprocess.Popen(
+            command("instar", "convert", "-p", "-t", cache, "-O", fmt, str(large_source),
+                    str(target)),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
+        assert proc.stdout is not None
+        proc.stdout.read(4)  # the meter's first bytes: instar's handlers are in place
+        time.sleep(rng.uniform(0, 0.8))
+        proc.send_signal(number)
+        _, stderr = proc.communicate(timeout=300)
+        assert stderr == b"", f"{context}: {stderr.decode(errors='replace')}"
+        assert processes_mentioning(str(target)) == [], context
+        assert proc.returncode in (-number, 0), context
+        names = listing(out_dir)
+        complete = names == ["target.img"] and target.stat().st_size != len(b"the old image")
+        if proc.returncode == -number and not complete:
+            interrupted += 1
+            assert names == (["target.img"] if existing else []), context
+            if existing:
+                assert target.read_bytes() == b"the old image", context
+        else:  # the signal came after the output had its name: it is whole
+            assert names == ["target.img"], context
+            compare = subprocess.run([qemu_img_path(), "compare", "-q", "-F", fmt,
+                                      str(large_source), str(target)], check=False)
+            assert compare.returncode == 0, context
+        with contextlib.suppress(FileNotFoundError):
+            target.unlink()
+    assert interrupted >= 10, f"seed {seed}: only {interrupted} runs were interrupted"
+
+
+def test_worker_dies_with_a_killed_host(large_source: Path, tmp_path: Path) -> None:
+    """SIGKILL cannot be caught: the kernel still ends the worker (it asked
+    for PR_SET_PDEATHSIG) and drops the unnamed output."""
+    target = tmp_path / "target.raw"
+    proc = subprocess.Popen(command("instar", "convert", "-p", str(large_source), str(target)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
+    assert proc.stdout is not None
+    proc.stdout.read(4)
+    time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.monotonic() + 10
+    while processes_mentioning(str(target)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_mentioning(str(target)) == []
+    assert listing(tmp_path) == []
+
+
+def test_deferred_holds_a_signal_until_the_step_is_done() -> None:
+    """What commit and the worker's start rely on: a signal inside the block is
+    delivered, to the handler that was there, when the block ends."""
+    seen: list[str] = []
+
+    def handler(signum: int, frame: object) -> None:
+        seen.append("handled")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        with signals.deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.01)
+            seen.append("step done")
+        time.sleep(0.01)
+        assert seen == ["step done", "handled"]
+        assert signal.getsignal(signal.SIGTERM) is handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_during_commit_comes_after_the_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A signal between the link and the rename of the finished output is held
+    until the rename is done: the target is complete, no temporary name is left."""
+    from instar.output import AtomicOutput
+
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    real_rename = os.rename
+
+    def rename(source: str, target: str) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.01)
+        assert caught == []
+        real_rename(source, target)
+
+    monkeypatch.setattr(os, "rename", rename)
+    try:
+        output = AtomicOutput(str(tmp_path / "out.raw"))
+        out = output.create()
+        os.write(out.fd, b"complete")
+        output.commit(durable=False)
+        time.sleep(0.01)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert caught == [signal.SIGTERM]
+    assert listing(tmp_path) == ["out.raw"]
+    assert (tmp_path / "out.raw").read_bytes() == b"complete"

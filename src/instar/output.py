@@ -27,6 +27,7 @@ from instar.events import EventSink, Notice
 from instar.files import InputFile
 from instar.formats.base import Format, OutputFile, ParsedOptions, Writer
 from instar.image import Extent, Image
+from instar.signals import deferred
 
 if TYPE_CHECKING:
     from instar.opener import Broker
@@ -102,13 +103,15 @@ class AtomicOutput:
 
         ``durable=False`` is ``qemu-img convert``'s default cache mode (unsafe):
         the rename is still atomic for other processes, but a power loss may
-        lose data the kernel had not written yet. Failures are CreationErrors
-        with qemu's "Could not create" wording: the output could not take its
-        name.
+        lose data the kernel had not written yet. A terminating signal that
+        arrives meanwhile is held until the output has its name, so the name
+        never ends up on a temporary file. Failures are CreationErrors with
+        qemu's "Could not create" wording: the output could not take its name.
         """
         assert self.file is not None
         try:
-            self._commit(self.file, durable)
+            with deferred():
+                self._commit(self.file, durable)
         except OSError as error:
             raise self._creation_error(error) from None
 
@@ -142,14 +145,17 @@ class AtomicOutput:
         os.close(out.fd)
 
     def abort(self) -> None:
-        """Remove the temporary file; the target is untouched."""
-        if self.file is not None:
-            os.close(self.file.fd)
-            self.file = None
-        if self._temp is not None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self._temp)
-            self._temp = None
+        """Drop the unfinished output: an unnamed file vanishes with its last
+        descriptor, a named temporary file is removed; the target is as it was."""
+        with deferred():
+            out, self.file = self.file, None
+            if out is not None:
+                os.close(out.fd)
+            self._anonymous = False
+            if self._temp is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._temp)
+                self._temp = None
 
 
 def refuse_same_file(target: str, inputs: Iterable[InputFile]) -> None:

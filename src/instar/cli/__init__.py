@@ -7,6 +7,9 @@ system, the streams); anything else escaping is a bug and shows a traceback.
 
 What happens around a command, and why:
 
+- SIGINT, SIGTERM and SIGHUP unwind it (`instar.signals`): the worker is
+  killed, an unfinished output dropped; then instar dies by the signal, as
+  qemu-img does, so the exit status says which.
 - Standard output goes through `GuardedStdout`: a progress meter that cannot
   be drawn is ignored, as qemu-img ignores it; losing a command's result
   (info's text, help) is one line on stderr and exit status 1 (compare keeps
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 from typing import TYPE_CHECKING
 
+from instar import signals
 from instar.cli.output import (
     GuardedStdout,
     protect_standard_descriptors,
@@ -75,18 +80,28 @@ def _sandbox_settings(args: list[str]) -> SandboxSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run instar with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    """Run instar with ``argv`` (default: sys.argv[1:]); returns the exit status,
+    or ends the process by the signal that interrupted it."""
     args = list(sys.argv[1:] if argv is None else argv)
     protect_standard_descriptors()
     saved = sys.stdout
     stdout = GuardedStdout(saved)
+    handlers: dict[int, signals.Handler] = {}
     status = 1
     try:
+        if threading.current_thread() is threading.main_thread():
+            handlers = signals.install()
         sys.stdout = stdout  # duck-typed: write, flush, buffer; the rest is delegated
         status = _main(args)
         stdout.flush()
+    except signals.Terminated:
+        pass  # everything is undone by now; die below
     finally:
         sys.stdout = saved
+        signals.restore(handlers)
+    signum = signals.received()
+    if signum is not None:
+        signals.die(signum)
     if stdout.lost_result and stdout.error is not None:
         report_error(f"error while writing to standard output: {stdout.error.strerror}")
         if not args or args[0] != "compare":  # compare's status is its verdict
@@ -140,9 +155,6 @@ def _main(args: list[str]) -> int:
         return 1
     except OSError as error:  # the system's, not instar's: one line, no traceback
         report_error(describe_os_error(error))
-        return 1
-    except KeyboardInterrupt:
-        report_error("interrupted")
         return 1
     finally:
         configure(previous)
