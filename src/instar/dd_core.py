@@ -11,7 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from instar.errors import CreationError, InvalidArgumentError, OutputError
+from instar.errors import (
+    CreationError,
+    InvalidArgumentError,
+    OutputError,
+    ReadError,
+    WriteError,
+)
 from instar.events import EventSink, Notice
 from instar.formats import registry
 from instar.formats.options import (
@@ -138,6 +144,13 @@ def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str
             raise CreationError(
                 f"{output_path}: error while creating output image: {error}"
             ) from None
+        except WriteError as error:  # qemu-img dd's words for a failed write or read
+            raise WriteError(error.offset, error.reason,
+                             f"error while writing to output image file: {error.reason}") from None
+        except ReadError as error:
+            raise ReadError(error.offset, error.reason,
+                            message=f"error while reading from input image file: {error.reason}"
+                            ) from None
         return window
     finally:
         opener.close()

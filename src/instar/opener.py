@@ -138,7 +138,8 @@ class HostBroker:
         from instar.output import AtomicOutput
 
         self._check_target(target)
-        self._output = AtomicOutput(target)
+        # A file the job reads (convert -n's old image) is replaced, never rewritten.
+        self._output = AtomicOutput(target, [file.identity for file in self.opened])
         return self._output.create()
 
     def open_output_in_place(self, target: str) -> OutputFile:

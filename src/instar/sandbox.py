@@ -64,15 +64,32 @@ def _check(result: int, what: str) -> int:
 # --- 1. rlimits ---------------------------------------------------------------------------
 
 
+def _lower(limit: int, soft: int, hard: int) -> None:
+    """Set ``limit`` to at most ``soft``/``hard``, never above what the
+    process already has: a user's ``ulimit -f`` (which qemu-img obeys) still
+    holds in the worker, and raising a hard limit would fail anyway."""
+    current_soft, current_hard = resource.getrlimit(limit)
+
+    def smaller(a: int, b: int) -> int:
+        if a == resource.RLIM_INFINITY:
+            return b
+        if b == resource.RLIM_INFINITY:
+            return a
+        return min(a, b)
+
+    new_hard = smaller(hard, current_hard)
+    resource.setrlimit(limit, (smaller(smaller(soft, current_soft), new_hard), new_hard))
+
+
 def _apply_rlimits(limits: Limits) -> str:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory, limits.memory))
+    _lower(resource.RLIMIT_CORE, 0, 0)
+    _lower(resource.RLIMIT_AS, limits.memory, limits.memory)
     # The soft limit sends SIGXCPU (the host reports it); the hard one kills.
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu, limits.cpu + 1))
+    _lower(resource.RLIMIT_CPU, limits.cpu, limits.cpu + 1)
     # Writing past the file size limit fails with EFBIG instead of killing.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size, limits.file_size))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+    _lower(resource.RLIMIT_FSIZE, limits.file_size, limits.file_size)
+    _lower(resource.RLIMIT_NOFILE, limits.open_files, limits.open_files)
     size = "none" if limits.file_size == 0 else (
         "unlimited" if limits.file_size == resource.RLIM_INFINITY
         else f"{limits.file_size // MiB} MiB")

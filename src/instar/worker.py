@@ -17,6 +17,7 @@ The host also enforces the wall-clock limit by killing the worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from instar.formats.base import OutputFile
 from instar.opener import Broker, HostBroker
 from instar.safety import PathPolicy
 from instar.sandbox import DEFAULT_TIMEOUT, LayerState, Limits, apply
+from instar.signals import TERMINATING, deferred
 
 Job = Callable[[Broker, EventSink], Any]  # returns plain (JSON) data
 
@@ -345,32 +347,60 @@ def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: E
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the worker, measured by its own tests
-        status = 1
-        try:
-            host_end.close()
-            status = _worker_main(worker_end, job, settings, preload)
-        finally:
-            os._exit(status)
-    worker_end.close()
+    parent = os.getpid()
+    pid = 0
+    host_end: socket.socket | None = None
     try:
+        # From the fork until the host is inside this try, a terminating signal
+        # waits: the worker is always known here, so always killed below.
+        with deferred():
+            host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the worker, measured by its own tests
+                status = 1
+                try:
+                    _become_worker(parent)
+                    host_end.close()
+                    status = _worker_main(worker_end, job, settings, preload)
+                finally:
+                    os._exit(status)
+            worker_end.close()
         return _serve(Channel(host_end), pid, host, settings, events)
     finally:
-        host_end.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        with deferred():  # a second signal must not leave the worker running
+            if host_end is not None:
+                host_end.close()
+            if pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _become_worker(parent: int) -> None:
+    """The first steps of a new worker: terminating signals end it at once
+    (the host, which gets them too, does the cleanup), and it dies with the
+    host: the kernel kills it if the host ends without killing it first."""
+    for number in TERMINATING:
+        signal.signal(number, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the host died before the line above
+        os._exit(1)
 
 
 def report_missing_layers(states: list[LayerState]) -> None:
-    """auto mode: say on stderr which layers this kernel lacks (one line each)."""
+    """auto mode: say on stderr which layers this kernel lacks (one line each).
+    A closed or full stderr loses the warning, never the job."""
     for state in states:
-        if not state.on:
-            sys.stderr.write(f"instar: warning: sandbox layer {state.name} is off: "
-                             f"{state.detail}\n")
+        if not state.on and sys.stderr is not None:
+            with contextlib.suppress(OSError):
+                sys.stderr.write(f"instar: warning: sandbox layer {state.name} is off: "
+                                 f"{state.detail}\n")
 
 
 def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettings,

@@ -6,9 +6,11 @@ reads the padding as zeros; instar does the same.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 
+from instar.errors import CreationError
 from instar.files import InputFile, pwrite_all, write_zeros
 from instar.formats.base import FormatBase, OptionSchema, OutputFile, ParsedOptions
 from instar.image import BlockImage, Driver, Run, file_runs
@@ -44,12 +46,25 @@ def open_raw(file: InputFile) -> BlockImage:
 
 
 class RawWriter:
-    """Writes data in place; zero runs stay holes in a new regular file."""
+    """Writes data in place; zero runs stay holes in a new regular file.
+
+    A new file is given its full size first, as qemu's raw driver does when it
+    creates the image, so a size the file system (or ``ulimit -f``) cannot
+    hold is a creation error before anything is copied: qemu's "Could not
+    resize file: File too large".
+    """
 
     def __init__(self, out: OutputFile, virtual_size: int,
                  options: ParsedOptions | None = None) -> None:
         self._out = out
         self._size = virtual_size
+        if not out.in_place:
+            try:
+                os.ftruncate(out.fd, virtual_size)
+            except OverflowError:  # past what off_t holds: the kernel would say EFBIG
+                raise CreationError(f"Could not resize file: {os.strerror(errno.EFBIG)}") from None
+            except OSError as error:
+                raise CreationError(f"Could not resize file: {error.strerror}") from None
 
     def write(self, offset: int, data: bytes) -> None:
         pwrite_all(self._out.fd, data, offset)
@@ -59,8 +74,7 @@ class RawWriter:
             write_zeros(self._out.fd, offset, length)
 
     def close(self) -> None:
-        if not self._out.in_place:
-            os.ftruncate(self._out.fd, self._size)
+        pass  # sized when created; nothing else to write
 
     def abort(self) -> None:
         pass
