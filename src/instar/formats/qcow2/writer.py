@@ -22,7 +22,6 @@ shrink is stored uncompressed, as qemu does.
 from __future__ import annotations
 
 import os
-import sys
 import zlib
 from array import array
 from collections import deque
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all
 from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.common import pack_table
 from instar.formats.options import option_bool, option_number, option_size, reject_unknown
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
@@ -264,11 +264,7 @@ class RefcountTracker:
             pwrite_all(self._fd, content, where)
             self._set_table(block_range, where)
         self._pending.clear()
-        table = array("Q", self.table)
-        if sys.byteorder == "little":
-            table.byteswap()
-        data = table.tobytes()
-        data += bytes(table_clusters * self._cluster - len(data))
+        data = pack_table(self.table, 8, "big", size=table_clusters * self._cluster)
         pwrite_all(self._fd, data, table_start * self._cluster)
         return table_start * self._cluster, table_clusters
 
@@ -499,22 +495,16 @@ class Qcow2Writer:
     def _flush_l2(self) -> None:
         if self._l2_index < 0:
             return
-        table = self._l2
-        if sys.byteorder == "little":
-            table.byteswap()
         host = self._refcounts.allocate(1)
-        pwrite_all(self._fd, table.tobytes(), host)
+        pwrite_all(self._fd, pack_table(self._l2, 8, "big"), host)
         self._l1[self._l2_index] = host | L.OFLAG_COPIED
         self._l2_index, self._l2 = -1, array("Q")
 
     def _write_l1(self) -> None:
         if not self._l1:
             return
-        table = array("Q", self._l1)
-        if sys.byteorder == "little":
-            table.byteswap()
-        data = table.tobytes()
-        pwrite_all(self._fd, data + bytes(-len(data) % self._cluster), self._l1_offset)
+        size = -(-len(self._l1) * 8 // self._cluster) * self._cluster
+        pwrite_all(self._fd, pack_table(self._l1, 8, "big", size=size), self._l1_offset)
 
     def _write_header(self, table_offset: int, table_clusters: int) -> None:
         options = self._options

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from array import array
 from dataclasses import dataclass
 
 from instar.errors import UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.common import pack_table
 from instar.formats.options import option_bool, option_size, reject_unknown
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import Geometry, MiB
@@ -261,9 +261,7 @@ class VhdxWriter:
             chunk = self._payload[start : start + ratio]
             index = geometry.payload_index(start)
             bat[index : index + len(chunk)] = chunk
-        if sys.byteorder == "big":
-            bat.byteswap()
-        return bat.tobytes()
+        return pack_table(bat, 8, "little")
 
     def _metadata_items(self) -> list[tuple[bytes, int, bytes]]:
         geometry = self._geometry

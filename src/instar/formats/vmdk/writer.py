@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import os
 import secrets
-import sys
 import zlib
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.common import pack_table
 from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
@@ -350,10 +350,11 @@ class SparseWriter(_GrainSequencer):
         for first in range(0, layout.gt_count, per_chunk):
             count = min(per_chunk, layout.gt_count - first)
             start = layout.gt_sector(directory, first)
-            data = _le(array("I", range(start, start + count * GT_SECTORS, GT_SECTORS)))
-            end = (first + count) * 4
-            if end == layout.gt_count * 4:
-                data = data.ljust(layout.gd_sectors * SECTOR - first * 4, b"\0")
+            last = first + count == layout.gt_count  # pad the last chunk to whole sectors
+            data = pack_table(
+                range(start, start + count * GT_SECTORS, GT_SECTORS), 4, "little",
+                size=layout.gd_sectors * SECTOR - first * 4 if last else 0,
+            )
             self._file.pwrite(directory * SECTOR + first * 4, data)
 
     def _emit_run(self, first: int, data: bytes | memoryview) -> None:
@@ -379,7 +380,7 @@ class SparseWriter(_GrainSequencer):
         if self._file.out.in_place:
             self._zero_gts(self._gts_done, self._gt_index)
         if self._gt_dirty:
-            data = _le(self._gt)
+            data = pack_table(self._gt, 4, "little")
             for directory in (layout.rgd_offset, layout.gd_offset):
                 self._file.pwrite(layout.gt_sector(directory, self._gt_index) * SECTOR, data)
         elif self._file.out.in_place:
@@ -405,14 +406,6 @@ class SparseWriter(_GrainSequencer):
 
     def abort(self) -> None:
         self._pending = bytearray()
-
-
-def _le(table: array[int]) -> bytes:
-    """A uint32 table in little-endian byte order."""
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        table = array("I", table)
-        table.byteswap()
-    return table.tobytes()
 
 
 def _compress(grain: bytes | memoryview) -> bytes:
@@ -510,7 +503,7 @@ class StreamWriter(_GrainSequencer):
         if self._gt_dirty:
             self._append(metadata_marker(GT_SECTORS, MARKER_GRAIN_TABLE))
             self._gd[self._gt_index] = self._sector()
-            self._append(_le(self._gt))
+            self._append(pack_table(self._gt, 4, "little"))
         self._gt = array("I", bytes(GT_BYTES))
         self._gt_dirty = False
 
@@ -520,7 +513,7 @@ class StreamWriter(_GrainSequencer):
             self._retire_one()
         self._shutdown()
         self._emit_gt()
-        gd_bytes = _le(self._gd)
+        gd_bytes = pack_table(self._gd, 4, "little")
         self._append(metadata_marker(sectors_for(len(gd_bytes)), MARKER_GRAIN_DIRECTORY))
         gd_sector = self._sector()
         if gd_bytes:

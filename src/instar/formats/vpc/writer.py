@@ -16,7 +16,6 @@ is allocated).
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from array import array
@@ -24,6 +23,7 @@ from array import array
 from instar.errors import CreationError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
+from instar.formats.common import pack_table
 from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vpc.layout import (
     DEFAULT_BLOCK_SIZE,
@@ -173,11 +173,7 @@ class DynamicWriter:
             max_table_entries=len(self._bat),
             block_size=self._block_size,
         ).pack()
-        bat = array("I", self._bat)
-        if sys.byteorder == "little":
-            bat.byteswap()
-        table = bat.tobytes()
-        table += b"\xff" * (self._bat_bytes - len(table))
+        table = pack_table(self._bat, 4, "big", size=self._bat_bytes, fill=0xFF)
         pwrite_all(self._out.fd, footer + header + table, 0)
         pwrite_all(self._out.fd, footer, self._next_free)
 
