@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Literal
 
 # =============================================================================================
-# Write side: endian table packing.
+# Write side: endian table packing, the zero-skipping unit sequencer. Writers take data
+# in increasing offsets (see formats.base.Writer).
 # =============================================================================================
 
 _TABLE_TYPECODES: dict[int, str] = {4: "I", 8: "Q"}
@@ -45,3 +46,107 @@ def pack_table(
     if len(data) < size:
         data += bytes([fill]) * (size - len(data))
     return data
+
+
+Emit = Callable[[int, memoryview], None]
+
+
+class UnitSequencer:
+    """Turns writes in increasing offsets into runs of whole, non-zero units.
+
+    The units are qcow2 clusters or VMDK grains. A unit written in pieces is
+    assembled in one reused buffer (what is not written stays zero); runs of
+    whole units are handed on without a copy; all-zero units are dropped, as a
+    new image reads them as zeros. ``emit(first, data)`` receives
+    ``len(data) // unit`` units from unit index ``first``, contiguous in the
+    disk. ``data`` may be the reused buffer: a sink that keeps it beyond the
+    call must copy it unless ``data.readonly``.
+
+    ``check_whole=False`` leaves whole units untested (qcow2 clusters at least
+    as large as the copy engine's zero granularity arrive already tested).
+    """
+
+    def __init__(self, unit: int, size: int, emit: Emit, *, check_whole: bool = True) -> None:
+        self._unit = unit
+        self._size = size
+        self._emit = emit
+        self._check_whole = check_whole
+        self._zero = bytes(unit)
+        self._position = 0  # writes must not go back before this
+        self._pending_index = -1  # the unit being assembled, or -1
+        self._pending = bytearray()  # allocated on the first partial unit, then reused
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        """Hand on the whole units of ``data``; keep a partial one until it is complete."""
+        end = offset + len(data)
+        if offset < self._position:
+            raise ValueError(f"write at {offset} goes back before {self._position}")
+        if end > self._size:
+            raise ValueError(f"write [{offset}, {end}) outside the image")
+        if not isinstance(data, bytes | bytearray):
+            data = bytes(data)  # zero tests use bytes.startswith
+        view = memoryview(data)
+        unit = self._unit
+        position = offset
+        while position < end:
+            index, within = divmod(position, unit)
+            if index != self._pending_index:
+                self.flush()
+                whole = (end - position) // unit
+                if within == 0 and whole:
+                    self._emit_whole(index, data, view, position - offset, whole)
+                    position += whole * unit
+                    continue
+                self._start_pending(index)
+            step = min(unit - within, end - position)
+            start = position - offset
+            self._pending[within : within + step] = view[start : start + step]
+            position += step
+            if within + step == unit:
+                self.flush()
+        self._position = end
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Nothing to store (a new image reads as zeros); only the order is checked."""
+        if offset < self._position:
+            raise ValueError(f"zeroes at {offset} go back before {self._position}")
+        self._position = offset + length
+
+    def flush(self) -> None:
+        """Hand on the unit being assembled, if any: before the metadata is written."""
+        if self._pending_index < 0:
+            return
+        index, self._pending_index = self._pending_index, -1
+        if self._pending != self._zero:
+            self._emit(index, memoryview(self._pending))
+
+    def _start_pending(self, index: int) -> None:
+        if self._pending:
+            self._pending[:] = self._zero
+        else:
+            self._pending = bytearray(self._unit)
+        self._pending_index = index
+
+    def _emit_whole(
+        self, first: int, data: bytes | bytearray, view: memoryview, start: int, count: int
+    ) -> None:
+        """Hand on ``count`` whole units from ``data[start:]`` in runs between zero units.
+
+        The zero test is ``startswith`` against a zero unit: a memcmp in place,
+        where slicing would copy every unit first.
+        """
+        unit = self._unit
+        if not self._check_whole:
+            self._emit(first, view[start : start + count * unit])
+            return
+        zero = self._zero
+        run_start = -1
+        for i in range(count):
+            is_zero = data.startswith(zero, start + i * unit)
+            if is_zero and run_start >= 0:
+                self._emit(first + run_start, view[start + run_start * unit : start + i * unit])
+                run_start = -1
+            elif not is_zero and run_start < 0:
+                run_start = i
+        if run_start >= 0:
+            self._emit(first + run_start, view[start + run_start * unit : start + count * unit])

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all
 from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.common import pack_table
+from instar.formats.common import UnitSequencer, pack_table
 from instar.formats.options import option_bool, option_number, option_size, reject_unknown
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
@@ -315,9 +315,13 @@ class Qcow2Writer:
         self._l1_offset = self._refcounts.allocate(l1_clusters) if l1_size else 0
         self._l2_index = -1  # the L1 index of the L2 table being filled
         self._l2 = array("Q")
-        self._partial_index = -1  # guest cluster buffered in ``_partial``
-        self._partial = bytearray()
         self._zero_cluster = bytes(self._cluster)
+        # Clusters smaller than the copy engine's zero granularity may arrive
+        # all zero; larger ones arrive already free of zero pieces.
+        self._clusters = UnitSequencer(
+            self._cluster, virtual_size, self._store_clusters,
+            check_whole=self._cluster < ZERO_CHECK_BELOW,
+        )
         self._free_byte = 0  # where the next compressed cluster may start (0: nowhere)
         self._pool: ThreadPoolExecutor | None = None
         self._queue: deque[tuple[int, Future[bytes | None], bytes]] = deque()
@@ -331,30 +335,15 @@ class Qcow2Writer:
     # --- the Writer protocol -------------------------------------------------
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > self._size:
-            raise ValueError(f"write [{offset}, {offset + len(data)}) outside the image")
-        mask = self._cluster - 1
-        position, end = offset, offset + len(data)
-        while position < end:
-            index = position >> self._bits
-            if self._partial_index >= 0 and index != self._partial_index:
-                self._flush_partial()
-            if self._partial_index < 0 and position & mask == 0 and end - position > mask:
-                whole_end = end & ~mask
-                self._write_clusters(data, position - offset, position, whole_end)
-                position = whole_end
-                continue
-            if self._partial_index < 0:  # a cluster written in pieces: buffer it
-                self._partial_index = index
-                self._partial = bytearray(self._cluster)
-            position = self._fill_partial(data, offset, position, end)
+        self._clusters.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Nothing to do: unallocated clusters read as zeros, on a device too."""
+        """Nothing to store: unallocated clusters read as zeros, on a device too."""
+        self._clusters.write_zeroes(offset, length)
 
     def close(self) -> None:
         try:
-            self._flush_partial()
+            self._clusters.flush()
             self._drain(0)
             self._flush_l2()
             self._write_l1()
@@ -376,52 +365,9 @@ class Qcow2Writer:
 
     # --- data ----------------------------------------------------------------
 
-    def _fill_partial(self, data: bytes, offset: int, position: int, end: int) -> int:
-        """Copy what falls into the buffered cluster; flush it once complete."""
-        cluster_start = self._partial_index << self._bits
-        stop = min(end, cluster_start + self._cluster)
-        self._partial[position - cluster_start : stop - cluster_start] = data[
-            position - offset : stop - offset
-        ]
-        if stop == cluster_start + self._cluster:
-            self._flush_partial()
-        return stop
-
-    def _flush_partial(self) -> None:
-        if self._partial_index < 0:
-            return
-        index, data = self._partial_index, bytes(self._partial)
-        self._partial_index, self._partial = -1, bytearray()
-        if data != self._zero_cluster:
-            self._store_clusters(index, memoryview(data), 1)
-
-    def _write_clusters(self, data: bytes, start: int, position: int, end: int) -> None:
-        """Whole clusters ``[position, end)`` from ``data[start:]``; zero clusters skipped.
-
-        Clusters smaller than the copy engine's zero granularity are checked
-        here one by one; larger ones arrive already free of zero pieces.
-        """
-        view = memoryview(data)
-        first = position >> self._bits
-        count = (end - position) >> self._bits
-        if self._cluster >= ZERO_CHECK_BELOW:
-            self._store_clusters(first, view[start : start + (count << self._bits)], count)
-            return
-        run_start = -1
-        for i in range(count + 1):
-            lo = start + (i << self._bits)
-            is_zero = i == count or data[lo : lo + self._cluster] == self._zero_cluster
-            if is_zero and run_start >= 0:
-                lo_run = start + (run_start << self._bits)
-                run = i - run_start
-                self._store_clusters(first + run_start, view[lo_run : lo_run + (run << self._bits)],
-                                     run)
-                run_start = -1
-            elif not is_zero and run_start < 0:
-                run_start = i
-
-    def _store_clusters(self, first: int, data: memoryview, count: int) -> None:
-        """Allocate and write ``count`` guest clusters of data starting at ``first``."""
+    def _store_clusters(self, first: int, data: memoryview) -> None:
+        """Allocate and write the whole guest clusters ``data`` from ``first`` on."""
+        count = len(data) >> self._bits
         if self._compress is not None:
             for i in range(count):
                 cluster = bytes(data[i << self._bits : (i + 1) << self._bits])

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.common import pack_table
+from instar.formats.common import UnitSequencer, pack_table
 from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
@@ -82,7 +82,6 @@ GT_SECTORS = sectors_for(GT_BYTES)
 GT_COVERS = GRAIN_BYTES * DEFAULT_GTES_PER_GT  # bytes of disk one grain table maps
 # The GD is kept in memory by the stream writer: cap it like any metadata table.
 MAX_VIRTUAL_SIZE = (MAX_TABLE_BYTES // 4) * GT_COVERS
-_ZERO_GRAIN = bytes(GRAIN_BYTES)
 _WRITE_BUFFER = 1 << 20  # stream output is gathered into writes of about this size
 COMPRESS_LEVEL = zlib.Z_DEFAULT_COMPRESSION  # what qemu's compress() uses
 
@@ -182,82 +181,25 @@ class _FileOut:
             write_zeros(self.out.fd, start, end - start)
 
 
-class _GrainSequencer:
-    """Turns increasing-offset writes into whole grains, in order.
+class _GrainWriter:
+    """What both writers share: writes become runs of whole, non-zero grains.
 
-    A partial grain is assembled in a buffer (the rest stays zero); runs of
-    whole grains are handed on without copying, split around all-zero grains.
-    Subclasses allocate: ``_emit_run(first_grain, data)`` gets non-zero whole
-    grains, contiguous in the disk.
+    Subclasses allocate: ``_emit_run(first_grain, data)`` gets whole grains,
+    contiguous in the disk (see `UnitSequencer` for how long ``data`` lives).
     """
 
     def __init__(self, virtual_size: int) -> None:
-        self._size = virtual_size
-        self._position = 0  # writes must not go back before this
-        self._pending_index = -1  # grain being assembled, or -1
-        self._pending = bytearray()
+        self._grains = UnitSequencer(GRAIN_BYTES, virtual_size, self._emit_run)
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset < self._position:
-            raise ValueError(f"vmdk writer: write at {offset} goes back before {self._position}")
-        if offset + len(data) > self._size:
-            raise ValueError("vmdk writer: write past the end of the image")
-        done = 0
-        while done < len(data):
-            position = offset + done
-            index, within = divmod(position, GRAIN_BYTES)
-            whole = (len(data) - done) // GRAIN_BYTES
-            if within == 0 and whole and index != self._pending_index:
-                self._flush_pending()
-                self._emit_whole(index, data, done, whole)
-                done += whole * GRAIN_BYTES
-                continue
-            if index != self._pending_index:
-                self._flush_pending()
-                self._pending_index = index
-                self._pending = bytearray(GRAIN_BYTES)
-            step = min(GRAIN_BYTES - within, len(data) - done)
-            self._pending[within : within + step] = data[done : done + step]
-            done += step
-            if within + step == GRAIN_BYTES:
-                self._flush_pending()
-        self._position = offset + len(data)
+        self._grains.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        # A new image reads as zeros already; only keep the order honest.
-        if offset < self._position:
-            raise ValueError(f"vmdk writer: zeroes at {offset} go back before {self._position}")
-        self._position = offset + length
+        """Nothing to store: a new image reads as zeros (grain table entry 0)."""
+        self._grains.write_zeroes(offset, length)
 
-    def _flush_pending(self) -> None:
-        if self._pending_index < 0:
-            return
-        index, grain = self._pending_index, bytes(self._pending)
-        self._pending_index, self._pending = -1, bytearray()
-        if grain != _ZERO_GRAIN:
-            self._emit_run(index, grain)
-
-    def _emit_whole(self, first: int, data: bytes, start: int, count: int) -> None:
-        """Hand on ``count`` whole grains of ``data`` from ``start``, skipping zero ones."""
-        run_start = -1
-        for i in range(count):
-            begin = start + i * GRAIN_BYTES
-            is_zero = data[begin : begin + GRAIN_BYTES] == _ZERO_GRAIN
-            if is_zero and run_start >= 0:
-                self._emit_run(first + run_start, _slice(data, start, run_start, i))
-                run_start = -1
-            elif not is_zero and run_start < 0:
-                run_start = i
-        if run_start >= 0:
-            self._emit_run(first + run_start, _slice(data, start, run_start, count))
-
-    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+    def _emit_run(self, first: int, data: memoryview) -> None:
         raise NotImplementedError
-
-
-def _slice(data: bytes, start: int, first: int, end: int) -> memoryview:
-    """Grains ``[first, end)`` of ``data`` counted from ``start``, without a copy."""
-    return memoryview(data)[start + first * GRAIN_BYTES : start + end * GRAIN_BYTES]
 
 
 @dataclass(frozen=True)
@@ -300,7 +242,7 @@ def _header_descriptor_fields(capacity: int, desc_sectors: int) -> tuple[int, in
     return (0, 0) if capacity == 0 else (1, desc_sectors)
 
 
-class SparseWriter(_GrainSequencer):
+class SparseWriter(_GrainWriter):
     """monolithicSparse, laid out exactly as ``qemu-img create -f vmdk`` does."""
 
     def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
@@ -357,7 +299,7 @@ class SparseWriter(_GrainSequencer):
             )
             self._file.pwrite(directory * SECTOR + first * 4, data)
 
-    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+    def _emit_run(self, first: int, data: memoryview) -> None:
         count = len(data) // GRAIN_BYTES
         if self._next_sector + count * DEFAULT_GRAIN_SECTORS > MAX_EXTENT_SECTORS:
             raise OutputError("vmdk image is full: grain offsets are limited to 2 TiB of data")
@@ -398,21 +340,21 @@ class SparseWriter(_GrainSequencer):
             )
 
     def close(self) -> None:
-        self._flush_pending()
+        self._grains.flush()
         if self._layout.gt_count:
             self._flush_gt()
             if self._file.out.in_place:
                 self._zero_gts(self._gts_done, self._layout.gt_count)
 
     def abort(self) -> None:
-        self._pending = bytearray()
+        pass
 
 
 def _compress(grain: bytes | memoryview) -> bytes:
     return zlib.compress(grain, COMPRESS_LEVEL)
 
 
-class StreamWriter(_GrainSequencer):
+class StreamWriter(_GrainWriter):
     """streamOptimized in VMware's stream layout (footer and end-of-stream marker)."""
 
     def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
@@ -456,8 +398,10 @@ class StreamWriter(_GrainSequencer):
         self._file.pwrite(0, region)
         self._file.zero_fill(len(region), overhead * SECTOR)
 
-    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+    def _emit_run(self, first: int, data: memoryview) -> None:
         assert self._pool is not None
+        if not data.readonly:  # the sequencer's reused buffer
+            data = memoryview(bytes(data))
         for i in range(len(data) // GRAIN_BYTES):
             grain = data[i * GRAIN_BYTES : (i + 1) * GRAIN_BYTES]
             self._in_flight.append((first + i, self._pool.submit(_compress, grain)))
@@ -508,7 +452,7 @@ class StreamWriter(_GrainSequencer):
         self._gt_dirty = False
 
     def close(self) -> None:
-        self._flush_pending()
+        self._grains.flush()
         while self._in_flight:
             self._retire_one()
         self._shutdown()
