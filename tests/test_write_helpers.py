@@ -8,7 +8,7 @@ from array import array
 
 import pytest
 
-from instar.formats.common import UnitSequencer, pack_table
+from instar.formats.common import UnitSequencer, pack_table, unit_spans
 
 VALUES = [0, 1, 0x1234_5678, 0xFFFF_FFFF]
 
@@ -37,6 +37,13 @@ def test_pack_table_refuses_values_that_do_not_fit() -> None:
 
 
 # --- unit_spans and UnitSequencer -----------------------------------------------------------
+
+
+def test_unit_spans_cut_at_unit_boundaries() -> None:
+    assert list(unit_spans(1000, 5000, 2048)) == [
+        (0, 1000, 0, 1048), (1, 0, 1048, 2048), (2, 0, 3096, 1904)
+    ]
+    assert list(unit_spans(4096, 0, 512)) == []
 
 
 class Recorder:

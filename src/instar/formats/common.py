@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 from array import array
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 # =============================================================================================
@@ -46,6 +46,21 @@ def pack_table(
     if len(data) < size:
         data += bytes([fill]) * (size - len(data))
     return data
+
+
+def unit_spans(offset: int, length: int, unit: int) -> Iterator[tuple[int, int, int, int]]:
+    """``[offset, offset + length)`` cut at multiples of ``unit``, as
+    (unit index, offset in the unit, offset in the range, length) per piece.
+
+    For writers that place every piece straight into its block (VHD, VHDX)
+    rather than assembling whole units as `UnitSequencer` does.
+    """
+    done = 0
+    while done < length:
+        index, within = divmod(offset + done, unit)
+        step = min(length - done, unit - within)
+        yield index, within, done, step
+        done += step
 
 
 Emit = Callable[[int, memoryview], None]

@@ -23,7 +23,7 @@ from array import array
 from instar.errors import CreationError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.common import pack_table
+from instar.formats.common import pack_table, unit_spans
 from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vpc.layout import (
     DEFAULT_BLOCK_SIZE,
@@ -125,15 +125,12 @@ class DynamicWriter:
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            index, within = divmod(offset, self._block_size)
-            step = min(len(view), self._block_size - within)
+        for index, within, start, step in unit_spans(offset, len(data), self._block_size):
             if index != self._block:
                 self._enter_block(index)
-            pwrite_all(self._out.fd, view[:step], self._block_offset + self._bitmap_size + within)
+            where = self._block_offset + self._bitmap_size + within
+            pwrite_all(self._out.fd, view[start : start + step], where)
             self._mark(within, within + step)
-            view = view[step:]
-            offset += step
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Nothing to do: unwritten sectors already read as zeros (see module notes)."""
