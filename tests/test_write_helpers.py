@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import random
 import struct
+import subprocess
+import sys
+import threading
+import zlib
 from array import array
+from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 
-from instar.formats.common import UnitSequencer, pack_table, unit_spans
+from instar.formats.common import CompressionPool, UnitSequencer, pack_table, unit_spans
 
 VALUES = [0, 1, 0x1234_5678, 0xFFFF_FFFF]
 
@@ -119,3 +126,98 @@ def test_sequencer_takes_memoryviews() -> None:
     sequencer = UnitSequencer(512, 2048, sink.emit)
     sequencer.write(0, memoryview(b"\1" * 1024 + bytes(512)))
     assert sink.runs == [(0, 1024)]
+
+
+# --- CompressionPool ------------------------------------------------------------------------
+
+
+def _counting_codec(made: list[int]) -> Callable[[], Callable[[memoryview], bytes]]:
+    def codec() -> Callable[[memoryview], bytes]:
+        made.append(threading.get_ident())
+        return lambda unit: zlib.compress(unit)
+
+    return codec
+
+
+def test_pool_delivers_in_order_with_one_codec_per_thread() -> None:
+    unit = 4096
+    rng = random.Random(5)
+    data = rng.randbytes(300 * unit)
+    delivered: list[tuple[int, bytes, bytes]] = []
+    made: list[int] = []
+    pool = CompressionPool(
+        unit, _counting_codec(made),
+        lambda index, raw, packed: delivered.append((index, bytes(raw), packed)),
+        name="test", batch_bytes=8 * unit, in_flight_bytes=64 * unit,
+    )
+    first = 0
+    while first < 300:  # runs of assorted lengths, with gaps between them
+        count = min(300 - first, rng.randrange(1, 40))
+        pool.submit(first, memoryview(data)[first * unit : (first + count) * unit])
+        first += count + rng.randrange(3)
+    pool.finish()
+    pool.close()
+    assert [i for i, _, _ in delivered] == sorted(i for i, _, _ in delivered)
+    for index, raw, packed in delivered:
+        assert raw == data[index * unit : (index + 1) * unit]
+        assert zlib.decompress(packed) == raw
+    assert len(made) == len(set(made)) <= 4  # one codec per thread, never per unit
+
+
+def test_pool_hands_units_over_in_batches(monkeypatch: pytest.MonkeyPatch) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    calls = []
+    submit = ThreadPoolExecutor.submit
+
+    def counting_submit(self: ThreadPoolExecutor, *args: object) -> object:
+        calls.append(1)
+        return submit(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ThreadPoolExecutor, "submit", counting_submit)
+    pool = CompressionPool(
+        512, lambda: bytes, lambda index, raw, packed: None, name="test", batch_bytes=32 * 512
+    )
+    for first in range(0, 640, 64):
+        pool.submit(first, memoryview(bytes(64 * 512)))
+    pool.finish()
+    pool.close()
+    assert len(calls) == 20  # 640 units, 32 a batch
+
+
+def test_pool_copies_a_buffer_the_caller_reuses() -> None:
+    buffer = bytearray(b"a" * 512)
+    delivered: list[bytes] = []
+    pool = CompressionPool(
+        512, lambda: bytes, lambda index, raw, packed: delivered.append(packed), name="test"
+    )
+    pool.submit(0, memoryview(buffer))
+    buffer[:] = b"b" * 512
+    pool.finish()
+    pool.close()
+    assert delivered == [b"a" * 512]
+
+
+def test_pool_raises_a_codec_error_and_closes() -> None:
+    def codec() -> Callable[[memoryview], bytes]:
+        def fail(unit: memoryview) -> bytes:
+            raise RuntimeError("codec failed")
+
+        return fail
+
+    pool = CompressionPool(512, codec, lambda index, raw, packed: None, name="test")
+    pool.submit(0, memoryview(bytes(4096)))
+    with pytest.raises(RuntimeError, match="codec failed"):
+        pool.finish()
+    pool.close()
+    pool.close()  # closing twice is harmless
+
+
+def test_writers_without_compression_do_not_load_the_pool() -> None:
+    code = (
+        "import sys; import instar.formats.qcow2.writer, instar.formats.vmdk.writer, "
+        "instar.formats.vpc.writer, instar.formats.vhdx.writer; "
+        "sys.exit('concurrent.futures' in sys.modules)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    assert subprocess.run([sys.executable, "-c", code], env=env, check=False).returncode == 0

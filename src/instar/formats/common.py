@@ -7,14 +7,19 @@ sequencer, endian table packing.
 
 from __future__ import annotations
 
+import os
 import sys
 from array import array
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import Literal
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
 
 # =============================================================================================
-# Write side: endian table packing, the zero-skipping unit sequencer. Writers take data
-# in increasing offsets (see formats.base.Writer).
+# Write side: endian table packing, the zero-skipping unit sequencer, the ordered
+# compression pool. Writers take data in increasing offsets (see formats.base.Writer).
 # =============================================================================================
 
 _TABLE_TYPECODES: dict[int, str] = {4: "I", 8: "Q"}
@@ -165,3 +170,109 @@ class UnitSequencer:
                 run_start = i
         if run_start >= 0:
             self._emit(first + run_start, view[start + run_start * unit : start + count * unit])
+
+
+R = TypeVar("R")
+Codec = Callable[[], Callable[[memoryview], R]]  # makes one thread's compress function
+
+COMPRESS_BATCH_BYTES = 512 << 10  # units handed to a thread at once
+COMPRESS_IN_FLIGHT_BYTES = 8 << 20  # units queued or being compressed at once
+
+
+class CompressionPool(Generic[R]):
+    """Compresses units on a few threads and delivers the results in order.
+
+    zlib and zstd release the GIL, so units compress in parallel while the
+    writer places earlier results. Units travel in batches of about
+    ``COMPRESS_BATCH_BYTES`` (one hand-off per batch, not per unit); each
+    thread calls ``codec()`` once, so a codec that can reuse a context (zstd)
+    keeps one per thread. ``deliver(index, unit, result)`` runs on the
+    caller's thread, in unit order. ``concurrent.futures`` is imported only
+    when a pool is made: writers without compression never load it.
+    """
+
+    def __init__(
+        self,
+        unit: int,
+        codec: Codec[R],
+        deliver: Callable[[int, memoryview, R], None],
+        *,
+        name: str,
+        batch_bytes: int = COMPRESS_BATCH_BYTES,
+        in_flight_bytes: int = COMPRESS_IN_FLIGHT_BYTES,
+    ) -> None:
+        import threading
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(4, os.cpu_count() or 1))
+        self._executor: ThreadPoolExecutor | None = ThreadPoolExecutor(
+            workers, thread_name_prefix=name
+        )
+        self._local = threading.local()
+        self._unit = unit
+        self._codec = codec
+        self._deliver = deliver
+        self._batch_units = max(1, batch_bytes // unit)
+        self._max_batches = max(2 * workers, in_flight_bytes // (self._batch_units * unit))
+        self._batch: list[tuple[int, memoryview]] = []  # runs of units for the next task
+        self._batch_count = 0  # units in ``_batch``
+        self._in_flight: deque[tuple[list[tuple[int, memoryview]], Future[list[R]]]] = deque()
+
+    def submit(self, first: int, data: memoryview) -> None:
+        """Queue the units of ``data`` (indexes from ``first``); deliver those done."""
+        if not data.readonly:  # a caller's reused buffer: keep a copy
+            data = memoryview(bytes(data))
+        unit = self._unit
+        count = len(data) // unit
+        done = 0
+        while done < count:
+            take = min(count - done, self._batch_units - self._batch_count)
+            self._batch.append((first + done, data[done * unit : (done + take) * unit]))
+            self._batch_count += take
+            done += take
+            if self._batch_count == self._batch_units:
+                self._send()
+        self._retire(self._max_batches)
+
+    def finish(self) -> None:
+        """Compress what is queued and deliver every result."""
+        if self._batch:
+            self._send()
+        self._retire(0)
+
+    def close(self) -> None:
+        """Stop the threads; results not delivered yet are dropped (after an error)."""
+        for _, future in self._in_flight:
+            future.cancel()
+        self._in_flight.clear()
+        self._batch, self._batch_count = [], 0
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
+
+    def _send(self) -> None:
+        assert self._executor is not None, "the pool is closed"
+        batch, self._batch, self._batch_count = self._batch, [], 0
+        self._in_flight.append((batch, self._executor.submit(self._compress, batch)))
+
+    def _compress(self, batch: list[tuple[int, memoryview]]) -> list[R]:
+        """Runs on a pool thread: every unit of ``batch``, with this thread's codec."""
+        compress: Callable[[memoryview], R] | None = getattr(self._local, "compress", None)
+        if compress is None:
+            compress = self._local.compress = self._codec()
+        unit = self._unit
+        return [compress(run[i : i + unit]) for _, run in batch for i in range(0, len(run), unit)]
+
+    def _retire(self, keep: int) -> None:
+        """Deliver finished batches in order, waiting while more than ``keep`` are out."""
+        unit = self._unit
+        deliver = self._deliver
+        in_flight = self._in_flight
+        while in_flight and (len(in_flight) > keep or in_flight[0][1].done()):
+            batch, future = in_flight.popleft()
+            results = future.result()
+            k = 0
+            for first, run in batch:
+                for i in range(len(run) // unit):
+                    deliver(first + i, run[i * unit : (i + 1) * unit], results[k])
+                    k += 1

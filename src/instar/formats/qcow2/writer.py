@@ -24,21 +24,18 @@ from __future__ import annotations
 import os
 import zlib
 from array import array
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all
 from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.common import UnitSequencer, pack_table
+from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.options import option_bool, option_number, option_size, reject_unknown
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu refuses to open images with a larger refcount table
-COMPRESS_IN_FLIGHT_BYTES = 8 << 20  # clusters queued for compression at once
 ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
 
 _OPTIONS = ("cluster_size", "compat", "refcount_bits", "extended_l2", "compression_type",
@@ -269,18 +266,20 @@ class RefcountTracker:
         return table_start * self._cluster, table_clusters
 
 
-def _compressor(compression_type: int, cluster_size: int) -> Callable[[bytes], bytes | None]:
-    """A function compressing one cluster; None when that would not make it smaller."""
+def _compressor(compression_type: int, cluster_size: int) -> Callable[[memoryview], bytes | None]:
+    """One pool thread's function compressing a cluster; None when it would not shrink."""
     if compression_type == L.COMPRESSION_ZSTD:
         zstd = L.zstd_module()
+        context = zstd.ZstdCompressor()  # reused: each frame as zstd.compress() makes it
+        end_frame = zstd.ZstdCompressor.FLUSH_FRAME
 
-        def compress_zstd(data: bytes) -> bytes | None:
-            out: bytes = zstd.compress(data)
+        def compress_zstd(data: memoryview) -> bytes | None:
+            out: bytes = context.compress(data, mode=end_frame)
             return out if len(out) < cluster_size else None
 
         return compress_zstd
 
-    def compress_zlib(data: bytes) -> bytes | None:
+    def compress_zlib(data: memoryview) -> bytes | None:
         engine = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, L.ZLIB_WBITS, 9)
         out = engine.compress(data) + engine.flush()
         return out if len(out) < cluster_size else None
@@ -323,14 +322,13 @@ class Qcow2Writer:
             check_whole=self._cluster < ZERO_CHECK_BELOW,
         )
         self._free_byte = 0  # where the next compressed cluster may start (0: nowhere)
-        self._pool: ThreadPoolExecutor | None = None
-        self._queue: deque[tuple[int, Future[bytes | None], bytes]] = deque()
-        self._compress: Callable[[bytes], bytes | None] | None = None
+        self._pool: CompressionPool[bytes | None] | None = None
         if compress:
-            workers = max(1, min(4, os.cpu_count() or 1))
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="qcow2-compress")
-            self._compress = _compressor(options.compression_type, self._cluster)
-            self._queue_limit = max(2 * workers, COMPRESS_IN_FLIGHT_BYTES // self._cluster)
+            compression_type, cluster = options.compression_type, self._cluster
+            self._pool = CompressionPool(
+                cluster, lambda: _compressor(compression_type, cluster), self._store_compressed,
+                name="qcow2-compress",
+            )
 
     # --- the Writer protocol -------------------------------------------------
 
@@ -344,7 +342,8 @@ class Qcow2Writer:
     def close(self) -> None:
         try:
             self._clusters.flush()
-            self._drain(0)
+            if self._pool is not None:
+                self._pool.finish()
             self._flush_l2()
             self._write_l1()
             table_offset, table_clusters = self._refcounts.finish()
@@ -352,28 +351,21 @@ class Qcow2Writer:
             if not self._out.in_place:
                 os.ftruncate(self._fd, self._refcounts.next * self._cluster)
         finally:
-            self._shutdown()
+            if self._pool is not None:  # the threads end here, whatever happened
+                self._pool.close()
 
     def abort(self) -> None:
-        self._queue.clear()
-        self._shutdown()
-
-    def _shutdown(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+            self._pool.close()
 
     # --- data ----------------------------------------------------------------
 
     def _store_clusters(self, first: int, data: memoryview) -> None:
         """Allocate and write the whole guest clusters ``data`` from ``first`` on."""
-        count = len(data) >> self._bits
-        if self._compress is not None:
-            for i in range(count):
-                cluster = bytes(data[i << self._bits : (i + 1) << self._bits])
-                self._queue.append((first + i, self._submit(cluster), cluster))
-                self._drain(self._queue_limit)
+        if self._pool is not None:
+            self._pool.submit(first, data)
             return
+        count = len(data) >> self._bits
         host = self._refcounts.allocate(count)
         pwrite_all(self._fd, data, host)
         for i in range(count):
@@ -382,21 +374,14 @@ class Qcow2Writer:
 
     # --- compression ---------------------------------------------------------
 
-    def _submit(self, cluster: bytes) -> Future[bytes | None]:
-        assert self._pool is not None and self._compress is not None
-        return self._pool.submit(self._compress, cluster)
-
-    def _drain(self, keep: int) -> None:
-        """Write compressed clusters in guest order until at most ``keep`` are queued."""
-        while len(self._queue) > keep:
-            index, future, cluster = self._queue.popleft()
-            compressed = future.result()
-            if compressed is None:  # it did not shrink: store it as it is
-                host = self._refcounts.allocate(1)
-                pwrite_all(self._fd, cluster, host)
-                self._set_entry(index, host | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
-            else:
-                self._set_entry(index, self._place_compressed(compressed), 0)
+    def _store_compressed(self, index: int, cluster: memoryview, compressed: bytes | None) -> None:
+        """Place guest cluster ``index`` as the pool delivers it, in guest order."""
+        if compressed is None:  # it did not shrink: store it as it is
+            host = self._refcounts.allocate(1)
+            pwrite_all(self._fd, cluster, host)
+            self._set_entry(index, host | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
+        else:
+            self._set_entry(index, self._place_compressed(compressed), 0)
 
     def _place_compressed(self, data: bytes) -> int:
         """Write compressed data packed after the previous one; returns its L2 entry.

@@ -20,18 +20,16 @@ written in order.
 
 from __future__ import annotations
 
-import collections
 import os
 import secrets
 import zlib
 from array import array
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import CreateOptions, OutputFile
-from instar.formats.common import UnitSequencer, pack_table
+from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.options import option_bool, reject_unknown
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
@@ -350,7 +348,7 @@ class SparseWriter(_GrainWriter):
         pass
 
 
-def _compress(grain: bytes | memoryview) -> bytes:
+def _compress(grain: memoryview) -> bytes:
     return zlib.compress(grain, COMPRESS_LEVEL)
 
 
@@ -388,30 +386,18 @@ class StreamWriter(_GrainWriter):
         self._gt_dirty = False
         self._offset = overhead * SECTOR  # where the buffered bytes start
         self._buffer = bytearray()
-        workers = max(1, min(4, os.cpu_count() or 1))
-        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="instar-vmdk"
+        self._pool = CompressionPool(
+            GRAIN_BYTES, lambda: _compress, self._store_grain, name="instar-vmdk"
         )
-        self._in_flight: collections.deque[tuple[int, Future[bytes]]] = collections.deque()
-        self._max_in_flight = 8 * workers
         region = self._header.pack() + descriptor.ljust(desc_sectors * SECTOR, b"\0")
         self._file.pwrite(0, region)
         self._file.zero_fill(len(region), overhead * SECTOR)
 
     def _emit_run(self, first: int, data: memoryview) -> None:
-        assert self._pool is not None
-        if not data.readonly:  # the sequencer's reused buffer
-            data = memoryview(bytes(data))
-        for i in range(len(data) // GRAIN_BYTES):
-            grain = data[i * GRAIN_BYTES : (i + 1) * GRAIN_BYTES]
-            self._in_flight.append((first + i, self._pool.submit(_compress, grain)))
-            if len(self._in_flight) >= self._max_in_flight:
-                self._retire_one()
+        self._pool.submit(first, data)
 
-    def _retire_one(self) -> None:
-        """Write the oldest compressed grain: marker, data, padding to a sector."""
-        index, future = self._in_flight.popleft()
-        compressed = future.result()
+    def _store_grain(self, index: int, grain: memoryview, compressed: bytes) -> None:
+        """Write a compressed grain, in grain order: marker, data, padding to a sector."""
         table, entry = divmod(index, DEFAULT_GTES_PER_GT)
         if table != self._gt_index:
             self._emit_gt()
@@ -453,9 +439,8 @@ class StreamWriter(_GrainWriter):
 
     def close(self) -> None:
         self._grains.flush()
-        while self._in_flight:
-            self._retire_one()
-        self._shutdown()
+        self._pool.finish()
+        self._pool.close()
         self._emit_gt()
         gd_bytes = pack_table(self._gd, 4, "little")
         self._append(metadata_marker(sectors_for(len(gd_bytes)), MARKER_GRAIN_DIRECTORY))
@@ -468,15 +453,7 @@ class StreamWriter(_GrainWriter):
         self._drain()
 
     def abort(self) -> None:
-        for _, future in self._in_flight:
-            future.cancel()
-        self._in_flight.clear()
-        self._shutdown()
-
-    def _shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._pool.close()
 
 
 def create_writer(
