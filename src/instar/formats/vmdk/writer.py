@@ -180,14 +180,21 @@ class _FileOut:
 
 
 class _GrainWriter:
-    """What both writers share: writes become runs of whole, non-zero grains.
+    """What both writers share: the descriptor, one grain table in memory, and
+    writes turned into runs of whole, non-zero grains.
 
     Subclasses allocate: ``_emit_run(first_grain, data)`` gets whole grains,
     contiguous in the disk (see `UnitSequencer` for how long ``data`` lives).
     """
 
-    def __init__(self, virtual_size: int) -> None:
+    def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
         self._grains = UnitSequencer(GRAIN_BYTES, virtual_size, self._emit_run)
+        self._file = _FileOut(out)
+        self._capacity = sectors_for(virtual_size)
+        self._descriptor = descriptor_for(out, self._capacity, opts)
+        self._gt_index = 0  # the grain table in memory
+        self._gt = array("I", bytes(GT_BYTES))
+        self._gt_dirty = False
 
     def write(self, offset: int, data: bytes) -> None:
         self._grains.write(offset, data)
@@ -244,10 +251,8 @@ class SparseWriter(_GrainWriter):
     """monolithicSparse, laid out exactly as ``qemu-img create -f vmdk`` does."""
 
     def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
-        super().__init__(virtual_size)
-        self._file = _FileOut(out)
-        capacity = sectors_for(virtual_size)
-        descriptor = descriptor_for(out, capacity, opts)
+        super().__init__(out, virtual_size, opts)
+        capacity, descriptor = self._capacity, self._descriptor
         self._layout = layout = SparseLayout.compute(capacity, len(descriptor))
         desc_offset, desc_sectors = _header_descriptor_fields(capacity, layout.desc_sectors)
         flags = FLAG_NL_DETECT | FLAG_RGD | (FLAG_ZERO_GRAIN if opts.zeroed_grain else 0)
@@ -264,9 +269,6 @@ class SparseWriter(_GrainWriter):
             overhead=layout.overhead,
         )
         self._next_sector = layout.overhead  # where the next grain goes
-        self._gt_index = 0  # the grain table in memory
-        self._gt = array("I", bytes(GT_BYTES))
-        self._gt_dirty = False
         self._gts_done = 0  # grain tables before this one are on disk
         self._write_metadata(header, descriptor)
 
@@ -356,10 +358,8 @@ class StreamWriter(_GrainWriter):
     """streamOptimized in VMware's stream layout (footer and end-of-stream marker)."""
 
     def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
-        super().__init__(virtual_size)
-        self._file = _FileOut(out)
-        capacity = sectors_for(virtual_size)
-        descriptor = descriptor_for(out, capacity, opts)
+        super().__init__(out, virtual_size, opts)
+        capacity, descriptor = self._capacity, self._descriptor
         desc_sectors = max(DEFAULT_DESC_SECTORS, sectors_for(len(descriptor)))
         overhead = -(-(1 + desc_sectors) // DEFAULT_GRAIN_SECTORS) * DEFAULT_GRAIN_SECTORS
         desc_offset, header_desc_sectors = _header_descriptor_fields(capacity, desc_sectors)
@@ -381,9 +381,6 @@ class StreamWriter(_GrainWriter):
         )
         self._gt_count = gd_entries(capacity, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES_PER_GT)
         self._gd = array("I", bytes(4 * self._gt_count))
-        self._gt_index = 0
-        self._gt = array("I", bytes(GT_BYTES))
-        self._gt_dirty = False
         self._offset = overhead * SECTOR  # where the buffered bytes start
         self._buffer = bytearray()
         self._pool = CompressionPool(
