@@ -64,7 +64,7 @@ def run_as_nobody(program: str, *args: str, cwd: Path) -> tuple[int, list[str]]:
 
     every_format_module = [m.name for m in pkgutil.walk_packages(instar.formats.__path__,
                                                                  "instar.formats.")]
-    _prepare_worker([*every_format_module, "concurrent.futures"])
+    _prepare_worker([*every_format_module, "concurrent.futures.thread"])
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child

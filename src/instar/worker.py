@@ -229,7 +229,7 @@ def output_modules(format_name: str, compress: bool) -> list[str]:
     """What a job writing ``format_name`` needs besides the readers."""
     modules = [] if format_name == "raw" else [f"instar.formats.{format_name}.writer"]
     if compress or format_name == "vmdk":  # the compression pool's threads
-        modules.append("concurrent.futures")
+        modules.append("concurrent.futures.thread")
     return modules
 
 
