@@ -64,6 +64,8 @@ MAX_EXTENTS = 1024  # extent files one disk may name (each is an open file)
 MAX_COMPRESSED_GRAIN_BYTES = 16 << 20  # a compressed grain is inflated in memory
 GT_CACHE_TABLES = 16  # grain tables kept per extent (qemu keeps 16 too)
 QEMU_DESC_FALLBACK = 20 * SECTOR  # qemu reads CID and parent hint from 0x200, this much
+_GD_BLOCK = 8192  # grain directory entries tested for zero at once
+_ZERO_GD_BLOCK = bytes(4 * _GD_BLOCK)
 READ_CREATE_TYPES = ("monolithicFlat", "vmfs", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
 REFUSED_CREATE_TYPES = (
     "vmfsSparse",
@@ -200,8 +202,9 @@ class SparseExtent:
         while position < end:
             grain, within = divmod(position, grain_bytes)
             table_index, entry_index = divmod(grain, per_table)
-            if self._gd[table_index] == 0:  # a whole grain table's worth is unallocated
-                step = min(end, (table_index + 1) * per_table * grain_bytes) - position
+            if self._gd[table_index] == 0:  # whole grain tables' worth are unallocated
+                following = self._next_table(table_index + 1)
+                step = min(end, following * per_table * grain_bytes) - position
                 flags, host, unit = 0, 0, None
             else:
                 step = min(end - position, grain_bytes - within)
@@ -220,6 +223,20 @@ class SparseExtent:
             position += step
         if pending is not None:
             yield pending
+
+    def _next_table(self, index: int) -> int:
+        """The first grain directory entry from ``index`` on that names a grain
+        table (or the directory's end). Empty stretches are skipped a block of
+        entries at a time with a memcmp: an empty 256 TiB disk has 8 million."""
+        gd, size = self._gd, len(self._gd)
+        while index < size:
+            stop = min(size, (index // _GD_BLOCK + 1) * _GD_BLOCK)
+            if not _ZERO_GD_BLOCK.startswith(gd[index:stop].tobytes()):
+                for position in range(index, stop):
+                    if gd[position]:
+                        return position
+            index = stop
+        return size
 
     def _grain(self, entry: int, within: int) -> tuple[int, int, object]:
         """(flags, host offset or offset in the grain, compressed unit) of a grain."""
