@@ -475,6 +475,13 @@ def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskE
     if kind not in ("FLAT", "VMFS", "SPARSE"):
         raise UnsupportedError(f"vmdk extents of type '{kind}' are not supported")
     extent_file = resolver.open_file(line.name, file, "extent")
+    if not (extent_file.is_regular or extent_file.is_block_device):
+        # A directory opens, then fails every read (EISDIR); a device or pipe
+        # has no size to speak of. qemu's file driver says this of both.
+        raise FormatError(
+            f"Could not open extent '{extent_file.name}': 'file' driver requires "
+            f"'{extent_file.name}' to be a regular file"
+        )
     if kind in ("FLAT", "VMFS"):
         return FlatExtent(extent_file, line.sectors, line.offset or 0, kind)
     header = read_sparse_header(extent_file)
