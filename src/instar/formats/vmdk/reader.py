@@ -61,6 +61,7 @@ from instar.image import (
 from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_EXTENTS = 1024  # extent files one disk may name (each is an open file)
+MAX_DISK_BYTES = (1 << 63) - 1  # qemu's largest image; file offsets are signed 64-bit
 MAX_COMPRESSED_GRAIN_BYTES = 16 << 20  # a compressed grain is inflated in memory
 GT_CACHE_TABLES = 16  # grain tables kept per extent (qemu keeps 16 too)
 QEMU_DESC_FALLBACK = 20 * SECTOR  # qemu reads CID and parent hint from 0x200, this much
@@ -441,6 +442,7 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
         raise FormatError("invalid VMDK image descriptor: it names no extents")
     if len(descriptor.extents) > MAX_EXTENTS:
         raise UnsupportedError(f"vmdk descriptor names more than {MAX_EXTENTS} extents")
+    _check_extent_sizes(descriptor.extents)
     extents: list[DiskExtent] = []
     metadata = 0
     try:
@@ -458,6 +460,23 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
             extent.close()
         raise
     return VmdkDriver(file.name, extents, descriptor)
+
+
+def _check_extent_sizes(lines: list[ExtentLine]) -> None:
+    """Every extent ends inside a file, and the disk is no larger than qemu's
+    largest, before any extent is opened: offsets past 2^63 bytes cannot be
+    read (qemu wraps them around and reads the start of the file)."""
+    total = 0
+    for line in lines:
+        end = ((line.offset or 0) + line.sectors) * SECTOR
+        if end > MAX_DISK_BYTES:
+            raise FormatError(
+                f"Invalid extent line: extent '{line.name}' ends {end} bytes into its file, "
+                "past the largest file offset"
+            )
+        total += line.sectors * SECTOR
+    if total > MAX_DISK_BYTES:
+        raise FormatError(f"the extents add up to {total} bytes, more than any disk can hold")
 
 
 def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskExtent:
