@@ -22,8 +22,10 @@ import secrets
 import shutil
 import socket
 import struct
+import sys
 import uuid
 import zlib
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -624,13 +626,15 @@ class Vhd:
                                 bytes(16), 0, 0, bytes(512))
         header = bytearray(head + bytes(1024 - len(head)))
         fix_vhd_checksum(header, 0, 1024, 36)
-        table = bytearray(b"\xff" * self.table_bytes)
+        table = array("I", b"\xff" * self.table_bytes)
         for index, sector in self.bat.items():
-            if 4 * index + 4 <= len(table):
-                table[4 * index : 4 * index + 4] = struct.pack(">I", sector)
+            if index < len(table):
+                table[index] = sector
+        if sys.byteorder == "little":
+            table.byteswap()  # the VHD is big-endian (0xFFFFFFFF reads the same)
         body = b"".join(self.blocks)
         end = self.first_block + len(body)
-        write_at(path, [(0, footer + bytes(header) + bytes(table)), (self.first_block, body),
+        write_at(path, [(0, footer + bytes(header) + table.tobytes()), (self.first_block, body),
                         (end, footer)])
 
 
@@ -750,7 +754,11 @@ class Vhdx:
             (self.metadata_offset, table),
             (self.metadata_offset + L.METADATA_TABLE_SIZE, items),
         ]
-        pieces += [(self.bat_offset + 8 * i, struct.pack("<Q", v)) for i, v in self.bat.items()]
+        if self.bat:
+            table = array("Q", bytes(8 * (max(self.bat) + 1)))
+            for index, value in self.bat.items():
+                table[index] = value
+            pieces.append((self.bat_offset, table.tobytes()))
         pieces += [(self.log_offset + position, entry) for position, entry in self.log_entries]
         pieces += self.blobs
         write_at(path, pieces, self.free)
@@ -984,8 +992,8 @@ def huge_tables() -> list[Case]:
         case("vmdk-grain-directory-64MiB", vmdk_build(lambda p: Vmdk(1 << 40)), "refuse"),
         case("vmdk-grain-directory-32MiB-of-zeros", vmdk_build(lambda p: Vmdk(1 << 39)),
              "either"),
-        case("vmdk-4M-grain-tables-of-512-byte-grains",
-             vmdk_build(lambda p: Vmdk(1 << 31, grain=1)), "either"),
+        case("vmdk-4M-grain-tables-of-512-byte-grains",  # qemu takes minutes over it
+             vmdk_build(lambda p: Vmdk(1 << 31, grain=1)), "either", qemu=False),
         case("vhd-BAT-of-2040-GiB", vhd_with(lambda v, p: None, size=2040 * GiB, blocks=()),
              "read"),
         case("vhd-BAT-of-4-KiB-blocks", vhd_with(lambda v, p: None, size=2040 * GiB,
@@ -1108,7 +1116,7 @@ def aliasing() -> list[Case]:
         case("vhdx-1-TiB-from-one-block", vhdx_with(terabytes_vhdx, virtual_size=TiB,
                                                     blocks=(0,)), "either"),
         case("vmdk-1000-flat-extents-one-file", flat_descriptor(
-            ['RW 2048 FLAT "x.bin" 0'] * 1000, {"x.bin": pattern(MiB, seed=2)}), "either"),
+            ['RW 128 FLAT "x.bin" 0'] * 1000, {"x.bin": pattern(64 * KiB, seed=2)}), "either"),
     ]
 
 
@@ -1515,14 +1523,14 @@ def vhdx_log() -> list[Case]:
     top = (1 << 64) - 1
     return [
         case("log-grows-the-file-and-moves-block-0-to-2^64", with_log(
-            remap_block_0(L.OFFSET_MASK, top)), "either", qemu=False),
+            remap_block_0(L.OFFSET_MASK, top)), "refuse"),
         case("log-says-the-file-was-2^64", with_log(entry(flushed=top, last=top)), "refuse"),
         case("log-zeroes-2^63-bytes", with_log(entry(zeros=[(0, 1 << 63)])), "refuse"),
         case("log-overwrites-header-1", with_log(header_naming_other_log), "either",
              qemu=False),
         case("log-overwrites-the-region-table", with_log(regions_into_metadata), "either",
              qemu=False),
-        case("8192-log-entries", with_log(many(8192), at_end=True, log_length=32 * MiB),
+        case("4096-log-entries", with_log(many(4096), at_end=True, log_length=16 * MiB),
              "either", qemu=False),
         case("log-entry-of-70000-descriptors", with_log(many(1, 70000), at_end=True,
                                                         log_length=4 * MiB), "refuse"),
@@ -1674,7 +1682,8 @@ def cves() -> list[Case]:
              allow="both", without_allow="refuse", says=OUTSIDE),
         case("CVE-2022-47951-2GbMaxExtentFlat-next-upload", neighbour("twoGbMaxExtentFlat"),
              "read", allow="both", without_allow="refuse", says=OUTSIDE),
-        case("CVE-2015-5162-65536-snapshots", snapshots(65536), "either"),
+        case("CVE-2015-5162-65536-snapshots", snapshots(65536), "either",
+             qemu=False),  # qemu-img info takes 9 s over it
         case("CVE-2015-5162-snapshot-of-huge-sizes", snapshots(
             1, extra=1024, l1_size=0x7FFFFFFF, id_size=65535, name_size=65535), "either"),
         case("CVE-2015-5162-refcount-table-of-4-GiB", qcow2_fields(

@@ -11,7 +11,8 @@ would set (``--timeout 5 --max-memory 512M``):
 
 and each run must either succeed with the right output (what qemu-img reads,
 where qemu reads the image; an image's own commands agree where it does not)
-or refuse in exactly one line (``instar: ...``, no traceback); within 5 s of
+or refuse in exactly one line (``instar: ...``, no traceback, no "internal
+error": an exception the worker did not expect); within 5 s of
 wall clock and 512 MiB of memory (the instar process and its worker); with no
 file left behind on failure (hidden temporary files included) and nothing of
 the canary, of /etc/passwd or of the environment in any output.
@@ -248,6 +249,8 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
         problems.append(f"MEMORY ({run.max_rss >> 20} MiB): {where}")
     if b"Traceback" in run.stderr:
         problems.append(f"TRACEBACK: {where}")
+    if b"internal error" in run.stderr:  # an exception instar did not expect, from the worker
+        problems.append(f"INTERNAL ERROR: {where}")
     for stream, data in (("stdout", run.stdout), ("stderr", run.stderr)):
         for secret in leaks(data, forbidden):
             problems.append(f"LEAK of {secret[:16]!r} on {stream}: {where}")
