@@ -105,12 +105,14 @@ class Place:
         return place
 
 
-def forbidden(place: Place, neighbour_allowed: bool) -> list[bytes]:
-    secrets_ = [CANARY_TOKEN, CANARY_TOKEN[:16], CANARY_TOKEN[16:], ENV_SECRET.encode(),
-                PASSWD_MARK]
+def forbidden(neighbour_allowed: bool) -> list[bytes]:
+    """What no output of a run may contain (halves too: a read of 47 bytes
+    anywhere in the canary holds one whole)."""
+    found = [CANARY_TOKEN, CANARY_TOKEN[:16], CANARY_TOKEN[16:], ENV_SECRET.encode(),
+             PASSWD_MARK]
     if not neighbour_allowed:
-        secrets_ += [NEIGHBOUR_TOKEN, NEIGHBOUR_TOKEN[:16], NEIGHBOUR_TOKEN[16:]]
-    return secrets_
+        found += [NEIGHBOUR_TOKEN, NEIGHBOUR_TOKEN[:16], NEIGHBOUR_TOKEN[16:]]
+    return found
 
 
 Build = Callable[[Place], str]
@@ -126,8 +128,8 @@ class Case:
     commands must do where it differs (info opens no backing file). ``says``:
     a regex each refusal of a "refuse" case must contain. ``allow``: "none";
     "dir" (``--allow img``: a benign image needs its backing files); "both"
-    (an attack on paths: the six commands with ``--allow img``, then dd and
-    info without it, refused both ways, or as ``without_allow`` says).
+    (an attack on paths: the six commands with ``--allow img``, then dd
+    without it, refused both ways, or as ``without_allow`` says).
     ``qemu``: qemu-img may be run on the image to get the bytes it reads
     (never on an image that names a path outside its directory).
     """
@@ -151,7 +153,7 @@ class Case:
         if self.probes is not None:
             return self.probes
         if self.fmt is not None:
-            return {"qcow": "qcow"}.get(self.fmt, self.fmt)
+            return self.fmt
         suffix = image.rsplit(".", 1)[-1]
         return {"vhd": "vpc", "img": "raw", "bin": "raw"}.get(suffix, suffix)
 
@@ -175,23 +177,10 @@ OUTSIDE = r"outside the allowed directories"
 # --- patching ---------------------------------------------------------------------------------
 
 
-def poke(path: Path, offset: int, fmt: str, *values: int | bytes) -> None:
-    with path.open("r+b") as handle:
-        handle.seek(offset)
-        handle.write(struct.pack(fmt, *values))
-
-
 def put(path: Path, offset: int, data: bytes) -> None:
     with path.open("r+b") as handle:
         handle.seek(offset)
         handle.write(data)
-
-
-def peek(path: Path, offset: int, fmt: str) -> int:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        value: int = struct.unpack(fmt, handle.read(struct.calcsize(fmt)))[0]
-    return value
 
 
 def cut(path: Path, size: int) -> None:
@@ -1116,7 +1105,8 @@ def aliasing() -> list[Case]:
         case("vhdx-1-TiB-from-one-block", vhdx_with(terabytes_vhdx, virtual_size=TiB,
                                                     blocks=(0,)), "either"),
         case("vmdk-1000-flat-extents-one-file", flat_descriptor(
-            ['RW 128 FLAT "x.bin" 0'] * 1000, {"x.bin": pattern(64 * KiB, seed=2)}), "either"),
+            ['RW 128 FLAT "x.bin" 0'] * 1000, {"x.bin": pattern(64 * KiB, seed=2)}), "either",
+             allow="dir"),
     ]
 
 
@@ -1415,24 +1405,26 @@ def vmdk_descriptor() -> list[Case]:
         attack("extent-fifo", flat("pipe", make_fifo("pipe"))),
         case("extent-is-the-descriptor-itself", flat("v.vmdk"), "either", allow="both",
              qemu=False),
+        # Descriptors naming x.bin beside them: --allow img, as for any benign image.
         case("2000-extents", flat_descriptor(['RW 8 FLAT "x.bin" 0'] * 2000, x_bin), "refuse",
-             says="1024 extents"),
+             says="1024 extents", allow="dir"),
         case("1024-extents-one-file", flat_descriptor(['RW 8 FLAT "x.bin" 0'] * 1024, x_bin),
-             "either"),
+             "either", allow="dir"),
         case("flat-extent-of-2^63-sectors", flat_descriptor(
-            ['RW 9223372036854775807 FLAT "x.bin" 0'], x_bin), "refuse"),
-        case("flat-extent-at-sector-2^62", flat_descriptor(
-            ['RW 8 FLAT "x.bin" 4611686018427387904'], x_bin), "either"),
+            ['RW 9223372036854775807 FLAT "x.bin" 0'], x_bin), "refuse", allow="dir"),
+        case("flat-extent-at-sector-2^62", flat_descriptor(  # qemu wraps it round to 0
+            ['RW 8 FLAT "x.bin" 4611686018427387904'], x_bin), "refuse", allow="dir"),
         case("NUL-inside-an-extent-name", flat_descriptor(
-            ['RW 8 FLAT "x.bin" 0'], x_bin, text=nul_inside), "refuse"),
+            ['RW 8 FLAT "x.bin" 0'], x_bin, text=nul_inside), "refuse", allow="dir"),
         case("NUL-before-the-extents", flat_descriptor(
             ['RW 8 FLAT "{canary}" 0'], text=nul_before_extents), "refuse", allow="both",
             qemu=False),
         case("descriptor-of-2-MiB", flat_descriptor(
             ['RW 8 FLAT "x.bin" 0'], x_bin, text=padded(2 * MiB)), "refuse",
-            says="larger than"),
-        case("control-characters-in-a-name", flat("\x1b[2J\x1b]0;pwned\x07.bin"), "refuse"),
-        case("5000-character-name", flat("n" * 5000), "refuse"),
+            says="larger than", allow="dir"),
+        case("control-characters-in-a-name", flat("\x1b[2J\x1b]0;pwned\x07.bin"), "refuse",
+             allow="dir"),
+        case("5000-character-name", flat("n" * 5000), "refuse", allow="dir"),
         attack("embedded-parent-hint-etc-passwd", vmdk_build(lambda p: vmdk_file(
             descriptor=descriptor_text("monolithicSparse", ['RW 4096 SPARSE "v.vmdk"'],
                                        ['parentFileNameHint="/etc/passwd"']))), OUTSIDE,
@@ -1605,7 +1597,7 @@ def polyglots() -> list[Case]:
         attack("vhd-fixed-holding-a-qcow2-header", vhd_fixed(
             MiB, qcow2_header_naming("../secret/canary.bin")), OUTSIDE, info="read",
                probes="qcow2"),
-        case("vmdk-descriptor-and-VHD-footer", descriptor_and_footer, "either"),
+        case("vmdk-descriptor-and-VHD-footer", descriptor_and_footer, "either", allow="dir"),
     ]
 
 

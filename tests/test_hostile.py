@@ -324,10 +324,9 @@ def run_case(case: Case, place: Place, image: str) -> Checked:
             runs[label] = run
             expect = case.info if label.startswith("info") and case.info else case.expect
         else:
-            run.label = label
             expect = case.without_allow or (
                 case.info if label.startswith("info") and case.info else case.expect)
-        forbidden = corpus.forbidden(place, neighbour_allowed=allowed)
+        forbidden = corpus.forbidden(neighbour_allowed=allowed)
         problems += check_run(run, expect, case, place, before, forbidden,
                               kept if allowed or case.allow != "both" else None)
         if run.stalled:
