@@ -63,12 +63,22 @@ def inflate(data: bytes, limit: int, codec: str, where: str) -> bytes:
     ``codec``: DEFLATE (raw deflate, any window: qcow2), ZLIB (a zlib stream:
     VMDK grains) or ZSTD. Returns what the unit decodes to (callers check the
     length they need); a corrupt stream raises FormatError naming ``where``.
-    A stream that would decode past ``limit`` is cut there: a unit cannot be
-    made to allocate more than its own size.
+    A stream never decodes past ``limit``: a unit cannot be made to allocate
+    more than its own size. Raw deflate is cut there (qemu reads the start of
+    a longer qcow2 zlib stream); a zlib stream or a zstd frame that goes on
+    past it is refused, as qemu refuses them.
     """
     try:
         if codec == ZSTD:
-            out: bytes = zstd_module().ZstdDecompressor().decompress(data, max_length=limit)
+            decompressor = zstd_module().ZstdDecompressor()
+            out: bytes = decompressor.decompress(data, max_length=limit)
+            if len(out) == limit and not decompressor.eof:
+                # qemu takes a frame only if it ends with the unit: a longer one
+                # is a bomb, one cut short is damaged.
+                if decompressor.decompress(b"", max_length=1):
+                    raise FormatError(f"{where} does not inflate to at most {limit} bytes")
+                if not decompressor.eof:
+                    raise FormatError(f"{where} ends inside a zstd frame")
             return out
         inflater = zlib.decompressobj(-15 if codec == DEFLATE else 15)
         out = inflater.decompress(data, limit)

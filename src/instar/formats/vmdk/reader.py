@@ -61,9 +61,12 @@ from instar.image import (
 from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_EXTENTS = 1024  # extent files one disk may name (each is an open file)
+MAX_DISK_BYTES = (1 << 63) - 1  # qemu's largest image; file offsets are signed 64-bit
 MAX_COMPRESSED_GRAIN_BYTES = 16 << 20  # a compressed grain is inflated in memory
 GT_CACHE_TABLES = 16  # grain tables kept per extent (qemu keeps 16 too)
 QEMU_DESC_FALLBACK = 20 * SECTOR  # qemu reads CID and parent hint from 0x200, this much
+_GD_BLOCK = 8192  # grain directory entries tested for zero at once
+_ZERO_GD_BLOCK = bytes(4 * _GD_BLOCK)
 READ_CREATE_TYPES = ("monolithicFlat", "vmfs", "twoGbMaxExtentSparse", "twoGbMaxExtentFlat")
 REFUSED_CREATE_TYPES = (
     "vmfsSparse",
@@ -200,8 +203,9 @@ class SparseExtent:
         while position < end:
             grain, within = divmod(position, grain_bytes)
             table_index, entry_index = divmod(grain, per_table)
-            if self._gd[table_index] == 0:  # a whole grain table's worth is unallocated
-                step = min(end, (table_index + 1) * per_table * grain_bytes) - position
+            if self._gd[table_index] == 0:  # whole grain tables' worth are unallocated
+                following = self._next_table(table_index + 1)
+                step = min(end, following * per_table * grain_bytes) - position
                 flags, host, unit = 0, 0, None
             else:
                 step = min(end - position, grain_bytes - within)
@@ -220,6 +224,20 @@ class SparseExtent:
             position += step
         if pending is not None:
             yield pending
+
+    def _next_table(self, index: int) -> int:
+        """The first grain directory entry from ``index`` on that names a grain
+        table (or the directory's end). Empty stretches are skipped a block of
+        entries at a time with a memcmp: an empty 256 TiB disk has 8 million."""
+        gd, size = self._gd, len(self._gd)
+        while index < size:
+            stop = min(size, (index // _GD_BLOCK + 1) * _GD_BLOCK)
+            if not _ZERO_GD_BLOCK.startswith(gd[index:stop].tobytes()):
+                for position in range(index, stop):
+                    if gd[position]:
+                        return position
+            index = stop
+        return size
 
     def _grain(self, entry: int, within: int) -> tuple[int, int, object]:
         """(flags, host offset or offset in the grain, compressed unit) of a grain."""
@@ -424,6 +442,7 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
         raise FormatError("invalid VMDK image descriptor: it names no extents")
     if len(descriptor.extents) > MAX_EXTENTS:
         raise UnsupportedError(f"vmdk descriptor names more than {MAX_EXTENTS} extents")
+    _check_extent_sizes(descriptor.extents)
     extents: list[DiskExtent] = []
     metadata = 0
     try:
@@ -443,6 +462,23 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
     return VmdkDriver(file.name, extents, descriptor)
 
 
+def _check_extent_sizes(lines: list[ExtentLine]) -> None:
+    """Every extent ends inside a file, and the disk is no larger than qemu's
+    largest, before any extent is opened: offsets past 2^63 bytes cannot be
+    read (qemu wraps them around and reads the start of the file)."""
+    total = 0
+    for line in lines:
+        end = ((line.offset or 0) + line.sectors) * SECTOR
+        if end > MAX_DISK_BYTES:
+            raise FormatError(
+                f"Invalid extent line: extent '{line.name}' ends {end} bytes into its file, "
+                "past the largest file offset"
+            )
+        total += line.sectors * SECTOR
+    if total > MAX_DISK_BYTES:
+        raise FormatError(f"the extents add up to {total} bytes, more than any disk can hold")
+
+
 def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskExtent:
     """One extent line: check it, open its file through the resolver, read its header."""
     if line.access != "RW":
@@ -458,6 +494,13 @@ def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskE
     if kind not in ("FLAT", "VMFS", "SPARSE"):
         raise UnsupportedError(f"vmdk extents of type '{kind}' are not supported")
     extent_file = resolver.open_file(line.name, file, "extent")
+    if not (extent_file.is_regular or extent_file.is_block_device):
+        # A directory opens, then fails every read (EISDIR); a device or pipe
+        # has no size to speak of. qemu's file driver says this of both.
+        raise FormatError(
+            f"Could not open extent '{extent_file.name}': 'file' driver requires "
+            f"'{extent_file.name}' to be a regular file"
+        )
     if kind in ("FLAT", "VMFS"):
         return FlatExtent(extent_file, line.sectors, line.offset or 0, kind)
     header = read_sparse_header(extent_file)
