@@ -129,7 +129,8 @@ class Case:
     a regex each refusal of a "refuse" case must contain. ``allow``: "none";
     "dir" (``--allow img``: a benign image needs its backing files); "both"
     (an attack on paths: the six commands with ``--allow img``, then dd
-    without it, refused both ways, or as ``without_allow`` says).
+    without it, refused both ways, or as ``without_allow`` says; a refusal
+    without it must contain ``says_without_allow`` where given).
     ``qemu``: qemu-img may be run on the image to get the bytes it reads
     (never on an image that names a path outside its directory).
     """
@@ -142,6 +143,7 @@ class Case:
     fmt: str | None = None
     allow: str = "none"
     without_allow: str | None = None
+    says_without_allow: str | None = None
     qemu: bool = True
     probes: str | None = None
     family: str = ""
@@ -1333,11 +1335,11 @@ def chains() -> list[Case]:
     json_file = 'json:{"driver":"file","filename":"../secret/canary.bin"}'
     return [
         case("loop-A-A", qcow2_backed("v.qcow2"), "refuse", says="deeper than 16",
-             info="read", allow="both", qemu=False),
-        case("loop-A-B-A", loop_of_two, "refuse", says="deeper than 16", info="read",
-             allow="both", qemu=False),
-        case("17-deep", chain(17), "refuse", says="deeper than 16", info="read",
-             allow="both", qemu=False),
+             says_without_allow=OUTSIDE, info="read", allow="both", qemu=False),
+        case("loop-A-B-A", loop_of_two, "refuse", says="deeper than 16",
+             says_without_allow=OUTSIDE, info="read", allow="both", qemu=False),
+        case("17-deep", chain(17), "refuse", says="deeper than 16",
+             says_without_allow=OUTSIDE, info="read", allow="both", qemu=False),
         case("16-deep", chain(16), "read", allow="dir"),
         case("backing-file-in-a-subdirectory", in_subdir, "read", allow="dir"),
         case("qcow2-over-qcow2-over-vhd", mixed, "read", allow="dir"),
@@ -1363,7 +1365,8 @@ def chains() -> list[Case]:
         attack("data-file-fifo", qcow2_data_file("pipe", prepare=make_fifo("pipe"))),
         case("data-file-is-the-image-itself", qcow2_data_file("v.qcow2"), "either",
              allow="both", qemu=False),
-        attack("vmdk-parent-is-itself", vmdk_parent("v.vmdk"), "deeper than 16", info="read"),
+        attack("vmdk-parent-is-itself", vmdk_parent("v.vmdk"), "deeper than 16", info="read",
+               says_without_allow=OUTSIDE),
         attack("vmdk-parent-canary", vmdk_parent("../secret/canary.bin"), OUTSIDE,
                info="read"),
         attack("vpc-parent-etc-passwd-by-MacX", vpc_child("file:///etc/passwd", b"MacX"),

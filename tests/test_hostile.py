@@ -237,8 +237,9 @@ class Checked:
 
 
 def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
-              forbidden: list[bytes], keep: Path | None) -> list[str]:
-    """The contract for one run; ``expect`` is "read", "refuse" or "either"."""
+              forbidden: list[bytes], keep: Path | None, says: str | None) -> list[str]:
+    """The contract for one run; ``expect`` is "read", "refuse" or "either";
+    a refusal must contain ``says`` (a regex) where given."""
     problems = []
     where = run.describe()
     if run.hung:
@@ -280,8 +281,8 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
             problems.append(f"EXIT {run.rc} (wanted {good_rc}): {where}")
         if len(lines) != 1 or not lines[0].startswith("instar: "):
             problems.append(f"NOT ONE LINE ({len(lines)} lines): {where}")
-        elif case.says and not re.search(case.says, lines[0]) and expect == "refuse":
-            problems.append(f"REASON not /{case.says}/: {where}")
+        elif says and not re.search(says, lines[0]) and expect == "refuse":
+            problems.append(f"REASON not /{says}/: {where}")
     after = listing(place.root)
     if after != before:
         added, removed = sorted(after - before), sorted(before - after)
@@ -320,15 +321,17 @@ def run_case(case: Case, place: Place, image: str) -> Checked:
             problems.append(f"NOT RUN after a stall: {label}{' (no --allow)' if second else ''}")
             continue
         run = run_instar(label, args, place)
+        says = case.says
         if allowed or case.allow != "both":
             runs[label] = run
             expect = case.info if label.startswith("info") and case.info else case.expect
         else:
             expect = case.without_allow or (
                 case.info if label.startswith("info") and case.info else case.expect)
+            says = case.says_without_allow or says
         forbidden = corpus.forbidden(neighbour_allowed=allowed)
         problems += check_run(run, expect, case, place, before, forbidden,
-                              kept if allowed or case.allow != "both" else None)
+                              kept if allowed or case.allow != "both" else None, says)
         if run.stalled:
             stalled.add(kind)
     outputs = {label: kept / OUTPUTS[label] for label in OUTPUTS

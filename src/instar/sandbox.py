@@ -31,7 +31,7 @@ MiB = 1 << 20
 DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_MAX_CPU = 600  # seconds of CPU
 DEFAULT_TIMEOUT = 3600.0  # seconds of wall clock, enforced by the host
-MAX_OPEN_FILES = 2048  # a VMDK may name 1024 extents, a chain 16 images
+MAX_OPEN_FILES = 4096  # compare opens two images; a VMDK may name 1024 extents
 
 
 class Limits(NamedTuple):

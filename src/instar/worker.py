@@ -186,6 +186,10 @@ class WorkerBroker:
 
     def _file(self, request: dict[str, Any]) -> InputFile:
         reply, fds = self._ask(request)
+        if not fds:  # the kernel dropped it: the worker holds all the files it may
+            raise errors.PolicyError(
+                f"'{reply['name']}': the worker may hold at most {Limits().open_files} "
+                "open files")
         file = InputFile(fds[0], str(reply["name"]))
         self.opened.append(file)
         return file
