@@ -36,6 +36,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -423,8 +424,29 @@ def nbd_listener() -> socket.socket | None:
     return listener
 
 
+# A small file claiming terabytes through one host unit mapped by many guest
+# ranges: instar does not yet refuse the aliasing itself (the sandbox issue's
+# "a host unit mapped by two guest ranges is corruption"), so the copy runs
+# into the 5 s limit. Strict: these fail the suite the day they pass.
+NOT_YET = {
+    "aliasing-qcow2-4-TiB-from-one-cluster",
+    "aliasing-qcow2-64-GiB-from-one-compressed-cluster",
+    "aliasing-vmdk-2-TiB-from-one-grain",
+    "aliasing-vhd-2040-GiB-from-one-block",
+    "aliasing-vhdx-1-TiB-from-one-block",
+}
+
+
+def _case_param(case: Case) -> Any:
+    name = f"{case.family}-{case.name}"
+    if name in NOT_YET:
+        mark = pytest.mark.xfail(strict=True, reason="aliasing is not detected yet")
+        return pytest.param(case, marks=mark, id=name)
+    return pytest.param(case, id=name)
+
+
 @pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("case", corpus.CASES, ids=lambda case: f"{case.family}-{case.name}")
+@pytest.mark.parametrize("case", [_case_param(case) for case in corpus.CASES])
 def test_hostile_image(case: Case, bases: corpus.Bases, tmp_path: Path) -> None:
     place = Place.make(tmp_path, bases)
     image = "img/" + case.build(place)
