@@ -22,16 +22,26 @@ COMMANDS = (
 )
 
 
+def _hold(image: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A qemu-io holding ``image`` open read-write for a minute (its locks held)."""
+    with log.open("ab") as errors:
+        return subprocess.Popen([qemu_io_path(), "-f", "qcow2", str(image), "-c", "sleep 60000"],
+                                stdout=subprocess.DEVNULL, stderr=errors)
+
+
 @pytest.fixture
 def image_in_use(tmp_path: Path) -> Iterator[Path]:
     image = tmp_path / "busy.qcow2"
     qemu_img_ok("create", "-q", "-f", "qcow2", str(image), "1M")
-    holder = subprocess.Popen([qemu_io_path(), "-f", "qcow2", str(image), "-c", "sleep 20000"],
-                              stdout=subprocess.DEVNULL)
+    log = tmp_path / "qemu-io.log"
+    holder = _hold(image, log)
     try:
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 60  # a loaded machine starts qemu-io slowly
         while run_qemu_img("info", str(image)).rc == 0:  # until qemu-io holds its locks
-            assert time.monotonic() < deadline, "qemu-io never locked the image"
+            if holder.poll() is not None:  # it could not start: once more, then say why
+                assert holder.returncode is not None
+                holder = _hold(image, log)
+            assert time.monotonic() < deadline, f"qemu-io never locked it: {log.read_text()}"
             time.sleep(0.05)
         yield image
     finally:
