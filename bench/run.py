@@ -144,6 +144,7 @@ def main() -> int:
         print(f"| {case.name} | {q:.2f} | {o:.2f} | {mb / q:.0f} | {mb / o:.0f} | {q / o:.2f}x "
               f"| {max(qemu_rss) / 1024:.0f} | {max(ours_rss) / 1024:.0f} |", flush=True)
     sparse_memory(work)
+    sandbox_cost(inputs, work, args.runs)
     if args.dir is None:
         shutil.rmtree(work)
     return 0
@@ -175,6 +176,35 @@ def sparse_memory(work: Path) -> None:
         print(f"| convert 1 TiB sparse raw->{fmt} | {qemu_time:.2f} | {ours_time:.2f} "
               f"| {qemu_rss / 1024:.0f} | {ours_rss / 1024:.0f} |", flush=True)
     src.unlink()
+
+
+def sandbox_cost(inputs: dict[str, Path], work: Path, runs: int) -> None:
+    """What the sandboxed worker costs: each command with the worker (the
+    default) and in-process (``--sandbox=off``), alternately, and qemu-img
+    beside them; the worker's cost is the difference of the medians."""
+    out = work / "out.img"
+    rows = (
+        ("info qcow2", ["info", "{qcow2}"]),
+        ("info --output=json vmdk", ["info", "--output=json", "{vmdk}"]),
+        ("convert qcow2->raw", ["convert", "-O", "raw", "{qcow2}", "{out}"]),
+    )
+    print(f"\nThe sandboxed worker's cost: medians of {max(runs, 5)} alternating runs")
+    print("| case | qemu-img s | instar --sandbox=off s | instar (worker) s | worker cost ms |")
+    print("|---|---|---|---|---|")
+    paths = {name: str(path) for name, path in inputs.items()} | {"out": str(out)}
+    for name, args in rows:
+        times: dict[str, list[float]] = {"qemu": [], "off": [], "on": []}
+        argvs = {"qemu": ["qemu-img", *fill(args, paths)],
+                 "off": [*INSTAR, "--sandbox=off", *fill(args, paths)],
+                 "on": [*INSTAR, *fill(args, paths)]}
+        for _ in range(max(runs, 5) + 1):
+            for key, argv in argvs.items():
+                os.sync()
+                times[key].append(run(argv)[0])
+                out.unlink(missing_ok=True)
+        q, off, on = (statistics.median(times[key][1:]) for key in ("qemu", "off", "on"))
+        print(f"| {name} | {q:.3f} | {off:.3f} | {on:.3f} | {(on - off) * 1000:.0f} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ Parity tests need the real qemu-img. When INSTAR_REQUIRE_QEMU=1 (as in CI and
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from helpers import qemu_img_path, qemu_io_path
@@ -20,3 +22,31 @@ def qemu_img() -> str:
 @pytest.fixture
 def qemu_io_tool() -> str:
     return qemu_io_path()
+
+
+def _directories(value: object) -> list[Path]:
+    """The directories a corpus fixture's value (a path, or paths by name) lives in."""
+    if isinstance(value, Path):
+        return [value if value.is_dir() else value.parent]
+    if isinstance(value, dict):
+        return [d for item in value.values() for d in _directories(item)]
+    return []
+
+
+# Fixtures that build a module's images; their directories are "the image's own".
+CORPUS_FIXTURES = ("images", "corpus", "inputs", "bases")
+
+
+@pytest.fixture
+def allow_own_directories(request: pytest.FixtureRequest, tmp_path: Path,
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """For tests whose images name files beside them (backing files, extents,
+    parents): instar may open files in the test's own directories, through
+    INSTAR_ALLOW, which only instar reads, so qemu-img runs with the same
+    arguments. instar's policy allows no directory by default; the tests of
+    that policy do not use this fixture."""
+    dirs = [tmp_path]
+    for name in CORPUS_FIXTURES:
+        if name in request.fixturenames:
+            dirs += _directories(request.getfixturevalue(name))
+    monkeypatch.setenv("INSTAR_ALLOW", ":".join(str(d) for d in dirs))

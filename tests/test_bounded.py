@@ -35,6 +35,7 @@ import pytest
 import instar
 from helpers import qemu_img_ok, qemu_io, qemu_read_raw, require_qemu, run_instar, run_qemu_img
 from instar.errors import FormatError
+from instar.files import InputFile
 from instar.formats import common
 from instar.formats.common import ZLIB, ZSTD, HostClaims, inflate, zstd_module
 from instar.formats.vhdx import layout as vhdx_layout
@@ -187,7 +188,8 @@ def test_qcow2_compressed_cluster_on_a_data_cluster(tmp_path: Path) -> None:
     )
 
 
-def test_qcow2_external_data_file_aliases(tmp_path: Path) -> None:
+def test_qcow2_external_data_file_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))  # the data file, beside the image
     image = tmp_path / "ext.qcow2"
     qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "data_file=ext.data", "ext.qcow2", "4M",
                 cwd=tmp_path)  # qemu resolves the data file name against its directory
@@ -660,8 +662,11 @@ LARGEST = (1 << 63) - (1 << 30)  # qemu's BDRV_MAX_LENGTH
 
 @pytest.mark.parametrize("sectors", [[LARGEST // 512 + 1], [(1 << 63) // 512 - 1],
                                      [1 << 54], [1 << 55, 1 << 55], [10**30]])
-def test_vmdk_extents_past_the_largest_disk(tmp_path: Path, sectors: list[int]) -> None:
+def test_vmdk_extents_past_the_largest_disk(
+    tmp_path: Path, sectors: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Extents adding up past 2^63 - 2^30 bytes: qemu's "File too large" at open."""
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))  # the extent, beside the descriptor
     image = flat_descriptor(tmp_path / "d.vmdk", sectors)
     result = run_instar("info", str(image))
     one_line_refusal(result, r"Could not open '.*d\.vmdk': Could not refresh total sector "
@@ -673,8 +678,11 @@ def test_vmdk_extents_past_the_largest_disk(tmp_path: Path, sectors: list[int]) 
 
 @pytest.mark.parametrize("sectors", [[LARGEST // 512],
                                      [(1 << 62) // 512, LARGEST // 512 - (1 << 53)]])
-def test_the_largest_disk_is_read(tmp_path: Path, sectors: list[int]) -> None:
+def test_the_largest_disk_is_read(
+    tmp_path: Path, sectors: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """2^63 - 2^30 bytes opens; every command works or says why in one line."""
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))  # the extent, beside the descriptor
     image = flat_descriptor(tmp_path / "d.vmdk", sectors)
     info = run_instar("info", "--output", "json", str(image))
     assert info.rc == 0 and f'"virtual-size": {LARGEST},' in info.stdout
@@ -719,13 +727,21 @@ def test_vhdx_size_past_64_tib(tmp_path: Path, size: int) -> None:
     assert_no_overflow(image, tmp_path)
 
 
-def test_offsets_no_file_can_reach_read_nothing(tmp_path: Path) -> None:
-    """A flat extent starting at sector 2^64 - 1: past every file, zeros, no OverflowError."""
+def test_offsets_no_file_can_reach(tmp_path: Path) -> None:
+    """A flat extent starting at sector 2^64 - 1: refused in one line, never an
+    OverflowError (qemu wraps such an offset round and reads the file's start)."""
     image = tmp_path / "far.vmdk"
     (tmp_path / "flat.raw").write_bytes(b"x" * 4096)
     image.write_text("# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
                      'createType="monolithicFlat"\n\n'
                      f'RW 2048 FLAT "flat.raw" {(1 << 64) - 1}\n')
-    with instar.open_image(str(image)) as opened:
-        assert opened.read(0, 1 * MiB) == bytes(MiB)
+    one_line_refusal(run_instar("info", "far.vmdk", cwd=tmp_path),
+                     r"Could not open 'far\.vmdk': Invalid extent line: extent 'flat\.raw' ends "
+                     r"\d+ bytes into its file, past the largest file offset")
     assert_no_overflow(image, tmp_path)
+    fd = os.open(tmp_path / "flat.raw", os.O_RDONLY)
+    file = InputFile(fd, "flat.raw")
+    try:  # the last line of defence: an offset no file reaches reads nothing
+        assert file.pread((1 << 64) - 512, 512) == b"" and file.pread(0, 1) == b"x"
+    finally:
+        file.close()

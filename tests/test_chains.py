@@ -15,6 +15,9 @@ import pytest
 from helpers import pattern, qemu_img_ok, qemu_io, require_qemu, run_instar, run_qemu_img
 from instar.safety import MAX_CHAIN_DEPTH
 
+# These images name files beside them: instar may open files in their directories.
+pytestmark = pytest.mark.usefixtures("allow_own_directories")
+
 BASE_SIZE = 4 << 20
 
 
@@ -56,9 +59,10 @@ def test_chain_reads_like_qemu(top_fmt: str, base_fmt: str, tmp_path: Path) -> N
 @pytest.mark.parametrize(("top_fmt", "base_fmt"), [("qcow2", "vmdk"), ("vmdk", "vmdk"),
                                                     ("qcow2", "raw")])
 def test_backing_outside_the_directory_is_refused(
-    top_fmt: str, base_fmt: str, tmp_path: Path
+    top_fmt: str, base_fmt: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     require_qemu()
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path / "here"))  # the image's own directory
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "here").mkdir()
     base = _base(tmp_path / "elsewhere", base_fmt)
@@ -75,8 +79,10 @@ def test_backing_outside_the_directory_is_refused(
     assert out.read_bytes() == (tmp_path / "theirs.raw").read_bytes()
 
 
-def test_symlink_escaping_the_directory_is_refused(tmp_path: Path) -> None:
+def test_symlink_escaping_the_directory_is_refused(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     require_qemu()
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path / "here"))  # the image's own directory
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "here").mkdir()
     base = _base(tmp_path / "elsewhere", "raw")

@@ -29,6 +29,9 @@ from helpers import (
 )
 from instar.compare import first_difference
 
+# These images name files beside them: instar may open files in their directories.
+pytestmark = pytest.mark.usefixtures("allow_own_directories")
+
 MIB = 1 << 20
 Builder = Callable[[Path], None]
 

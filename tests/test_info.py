@@ -27,6 +27,9 @@ from instar.info import NodeInfo, full_backing_filename, render_human, render_js
 from instar.qobject import qdict_items, to_json
 from instar.sizes import size_to_str
 
+# These images name files beside them: instar may open files in their directories.
+pytestmark = pytest.mark.usefixtures("allow_own_directories")
+
 Builder = Callable[[Path], None]
 
 

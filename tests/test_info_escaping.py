@@ -13,6 +13,9 @@ import pytest
 
 from helpers import qemu_img_ok, run_instar, run_qemu_img
 
+# These images name files beside them: instar may open files in their directories.
+pytestmark = pytest.mark.usefixtures("allow_own_directories")
+
 TERMINAL_ATTACK = "\x1b[2J\x1b]0;x\x07"
 
 

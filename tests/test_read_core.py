@@ -33,6 +33,9 @@ from instar.image import (
     StatusLayer,
 )
 
+# These images name files beside them: instar may open files in their directories.
+pytestmark = pytest.mark.usefixtures("allow_own_directories")
+
 MIB = 1 << 20
 
 

@@ -292,7 +292,7 @@ def test_largest_size_is_written(qemu_img: str, tmp_path: Path) -> None:
     assert qemu_info(ours)["virtual-size"] == 2040 * GIB
     entries = 2040 * GIB // (2 * MIB)
     assert ours.stat().st_size == 1536 + entries * 4 + 512  # headers, BAT, footer
-    opener = ImageOpener(PathPolicy.for_image(str(ours)))
+    opener = ImageOpener(PathPolicy([os.path.dirname(str(ours))]))
     try:
         image = opener.open(str(ours))
         extents = list(image.extents(0, image.virtual_size))

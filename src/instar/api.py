@@ -108,7 +108,7 @@ def open_image(
     `InstarError`) for an image that cannot be opened.
     """
     name = os.fspath(path)
-    opener = ImageOpener(PathPolicy.for_image(name, allow))
+    opener = ImageOpener(PathPolicy.from_allow(allow))
     try:
         node = opener.open_node(name, fmt)
     except BaseException:

@@ -267,6 +267,7 @@ def compare(
     events: EventSink = ignore,
     progress: bool = False,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> int:
     """Compare two images as ``qemu-img compare``; returns its exit code.
 
@@ -276,13 +277,13 @@ def compare(
     image that cannot be opened).
     """
     dirs = allowed_dirs(allow)  # once: a generator would be empty for the second image
-    policy = PathPolicy([*PathPolicy.for_image(path_a, dirs).allowed_dirs,
-                         *PathPolicy.for_image(path_b).allowed_dirs])
+    policy = PathPolicy.from_allow(dirs)
 
     def job(broker: Broker, send: EventSink) -> int:
         return _compare_job(broker, send, path_a, path_b, fmt_a, fmt_b, strict, progress)
 
-    result = run_job(job, policy, sandbox, events, inputs=[path_a, path_b])
+    result = run_job(job, policy, sandbox, events, inputs=[path_a, path_b],
+                     force_share=force_share)
     return int(result)
 
 
@@ -296,7 +297,9 @@ def _compare_job(broker: Broker, events: EventSink, path_a: str, path_b: str,
             try:
                 node = opener.open_node(path, fmt)
             except InstarError as error:
-                raise CompareError(str(error), OPEN_ERROR) from None
+                failure = CompareError(str(error), OPEN_ERROR)
+                failure.hint = error.hint  # "Is another process using the image?"
+                raise failure from None
             sides.append(Side(node.image, path, StatusLayer(node.image)))
         return Comparison(sides[0], sides[1], strict=strict, events=events,
                           progress=progress).run()

@@ -24,7 +24,7 @@ from instar.image import Concatenation, Image, Window
 from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image, write_in_place
 from instar.safety import AllowedDirs, PathPolicy
-from instar.worker import SandboxSettings, run_job
+from instar.worker import SandboxSettings, output_modules, run_job
 
 
 def output_format(name: str) -> Format:
@@ -50,6 +50,7 @@ def convert(
     events: EventSink | None = None,
     durable: bool = False,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> None:
     """Convert ``input_paths`` (one after another) into ``output_path``.
 
@@ -66,14 +67,16 @@ def convert(
         raise TypeError("input_paths must be a sequence of paths, not a single str")
     paths = [os.fspath(path) for path in input_paths]
     create_options = as_create_options(options)
-    policy = PathPolicy.for_image(paths[0], allow)
+    policy = PathPolicy.from_allow(allow)
 
     def job(broker: Broker, send: EventSink) -> None:
         _convert_job(broker, send, paths, output_path, input_format, output_format_name,
                      create_options, sparse_size, no_create, durable)
 
     run_job(job, policy, sandbox, events,
-            inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path])
+            inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path],
+            force_share=force_share,
+            preload=output_modules(output_format_name, create_options.compress))
 
 
 def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], output_path: str,

@@ -11,7 +11,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from instar.errors import CreationError, InvalidArgumentError, OutputError
+from instar.errors import (
+    CreationError,
+    InvalidArgumentError,
+    OutputError,
+    ReadError,
+    WriteError,
+)
 from instar.events import EventSink, Notice
 from instar.formats import registry
 from instar.formats.options import (
@@ -25,7 +31,7 @@ from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image
 from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import INT64_MAX
-from instar.worker import SandboxSettings, run_job
+from instar.worker import SandboxSettings, output_modules, run_job
 
 DEFAULT_BS = 512
 
@@ -78,6 +84,7 @@ def dd(
     allow: AllowedDirs = (),
     events: EventSink | None = None,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> DdWindow:
     """Copy a window of ``input_path`` into a new ``output_path``, as ``qemu-img dd``.
 
@@ -95,7 +102,7 @@ def dd(
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
     check_dd_numbers(bs, count, skip)
     create_options = as_create_options(options)
-    policy = PathPolicy.for_image(input_path, allow)
+    policy = PathPolicy.from_allow(allow)
 
     def job(broker: Broker, send: EventSink) -> list[int | bool]:
         window = _dd_job(broker, send, input_path, output_path, bs, count, skip, input_format,
@@ -103,7 +110,10 @@ def dd(
         return [window.start, window.length, window.skipped_past_end]
 
     start, length, skipped = run_job(job, policy, sandbox, events,
-                                     inputs=[input_path], outputs=[output_path])
+                                     inputs=[input_path], outputs=[output_path],
+                                     force_share=force_share,
+                                     preload=output_modules(output_format,
+                                                            create_options.compress))
     return DdWindow(int(start), int(length), bool(skipped))
 
 
@@ -134,6 +144,13 @@ def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str
             raise CreationError(
                 f"{output_path}: error while creating output image: {error}"
             ) from None
+        except WriteError as error:  # qemu-img dd's words for a failed write or read
+            raise WriteError(error.offset, error.reason,
+                             f"error while writing to output image file: {error.reason}") from None
+        except ReadError as error:
+            raise ReadError(error.offset, error.reason,
+                            message=f"error while reading from input image file: {error.reason}"
+                            ) from None
         return window
     finally:
         opener.close()

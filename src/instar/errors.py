@@ -116,5 +116,39 @@ class CreationError(OutputError):
     it cannot hold); callers add qemu's "error while creating/converting" prefix."""
 
 
+class WriteError(OutputError):
+    """The file system failed a write of the output (ENOSPC, EFBIG, EIO...).
+
+    Worded as qemu-img convert words it, "error while writing at byte OFFSET:
+    REASON"; ``offset`` (where in the image) and ``reason`` (the strerror) let
+    a command word it its own way (dd: "error while writing to output image
+    file: REASON"), passed as ``message``.
+    """
+
+    def __init__(self, offset: int, reason: str, message: str | None = None) -> None:
+        super().__init__(message or f"error while writing at byte {offset}: {reason}")
+        self.offset = offset
+        self.reason = reason
+
+
+class ReadError(InstarError):
+    """The file system failed a read of an input (EIO from a failing disk).
+
+    qemu-img convert's "error while reading at byte OFFSET: REASON", or, for
+    the map of what is allocated, "error while reading block status at offset
+    OFFSET: REASON"; ``message`` rewords it (dd's "error while reading from
+    input image file: REASON").
+    """
+
+    def __init__(self, offset: int, reason: str, block_status: bool = False,
+                 message: str | None = None) -> None:
+        if message is None:
+            message = (f"error while reading block status at offset {offset}: {reason}"
+                       if block_status else f"error while reading at byte {offset}: {reason}")
+        super().__init__(message)
+        self.offset = offset
+        self.reason = reason
+
+
 class WorkerLimitError(InstarError):
     """The sandboxed worker hit one of its limits (memory, CPU, wall clock) or died."""

@@ -27,7 +27,6 @@ from instar.events import EventSink
 from instar.files import InputFile
 from instar.formats.base import (
     ChildFile,
-    Describable,
     FormatDetails,
     QValue,
     SnapshotDetails,
@@ -122,13 +121,10 @@ def file_node(file: InputFile) -> NodeInfo:
 def describe(node: OpenedNode) -> NodeInfo:
     """NodeInfo for an opened image, from its format's ``describe`` hook
     (metadata only); file facts are left for the host (`add_file_facts`)."""
-    if isinstance(node.format, Describable):
-        try:
-            details = node.format.describe(node.image.driver)
-        except (FormatError, OSError) as error:  # metadata only info reads (snapshots...)
-            raise open_error(node.path, error) from None
-    else:
-        details = FormatDetails(dirty=None)  # only the common lines
+    try:
+        details = node.format.describe(node.image.driver)
+    except (FormatError, OSError) as error:  # metadata only info reads (snapshots...)
+        raise open_error(node.path, error) from None
     info = NodeInfo(
         filename=node.path,
         format=node.format.name,
@@ -162,13 +158,14 @@ def collect(
     allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> list[NodeInfo]:
     """The images ``qemu-img info [--backing-chain]`` would show, top first.
 
     The images are described in a worker (`_collect_job`, metadata only); the
     host adds what it knows of the files (`add_file_facts`).
     """
-    policy = PathPolicy.for_image(path, allow)
+    policy = PathPolicy.from_allow(allow)
 
     def job(broker: Broker, send: EventSink) -> list[dict[str, Any]]:
         return [asdict(node) for node in _collect_job(broker, path, fmt, chain)]
@@ -181,8 +178,13 @@ def collect(
         return infos
 
     infos: list[NodeInfo] = run_job(job, policy, sandbox, host_side=facts,
-                                      inputs=[path])
+                                      inputs=[path], force_share=force_share,
+                                      preload=DESCRIBE_MODULES)
     return infos
+
+
+# What describing needs besides the readers (the formats' info modules).
+DESCRIBE_MODULES = ("instar.formats.qcow2.info", "instar.formats.vmdk.info")
 
 
 def _collect_job(broker: Broker, path: str, fmt: str | None, chain: bool) -> list[NodeInfo]:
@@ -403,10 +405,11 @@ def info(
     allow: AllowedDirs = (),
     qemu_version: tuple[int, int] = QEMU_7_2,
     sandbox: SandboxSettings | None = None,
+    force_share: bool = False,
 ) -> str:
     """The text ``qemu-img info`` prints for ``path``."""
     infos = collect(path, fmt, chain=chain, allow=allow, qemu_version=qemu_version,
-                    sandbox=sandbox)
+                    sandbox=sandbox, force_share=force_share)
     if output == "json":
         return render_json(infos, chain=chain, qemu_version=qemu_version)
     return render_human(infos, qemu_version)

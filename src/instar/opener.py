@@ -20,6 +20,7 @@ backing file unopened, as qemu-img info does (BDRV_O_NO_BACKING).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class HostBroker:
     policy: PathPolicy
     inputs: frozenset[str] | None = None
     outputs: frozenset[str] | None = None
+    force_share: bool = False  # -U: read images a running qemu holds locks on
     opened: list[InputFile] = field(default_factory=list)
     _output: AtomicOutput | None = None
     _in_place: list[int] = field(default_factory=list)
@@ -100,9 +102,17 @@ class HostBroker:
             raise PolicyError(f"'{path}' was not named on the command line")
         return self._open(path)
 
-    def _open(self, path: str) -> InputFile:
-        file = open_input_file(path)
+    def _open(self, path: str, resolved: str | None = None) -> InputFile:
+        file = open_input_file(path, resolved)
         self.opened.append(file)
+        if not self.force_share:
+            from instar.locks import read_conflict
+
+            conflict = read_conflict(file.fd)
+            if conflict is not None:
+                error = ImageOpenError(path, conflict)
+                error.hint = f"Is another process using the image [{path}]?"
+                raise error
         return file
 
     def _check_target(self, target: str) -> None:
@@ -113,8 +123,11 @@ class HostBroker:
         if "\0" in name or not name:
             raise FormatError(f"{role} name is not a valid path")
         path = combine_path(relative_to, name)
-        self.policy.check(path, role)
-        return self._open(path)
+        resolved = self.policy.check(path, role)
+        file = self._open(path, resolved)
+        if not (file.is_regular or file.is_block_device):
+            raise OSError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular file")
+        return file
 
     def check_output(self, target: str) -> None:
         from instar.output import refuse_same_file
@@ -125,7 +138,8 @@ class HostBroker:
         from instar.output import AtomicOutput
 
         self._check_target(target)
-        self._output = AtomicOutput(target)
+        # A file the job reads (convert -n's old image) is replaced, never rewritten.
+        self._output = AtomicOutput(target, [file.identity for file in self.opened])
         return self._output.create()
 
     def open_output_in_place(self, target: str) -> OutputFile:
@@ -153,9 +167,16 @@ class HostBroker:
         self.opened.clear()
 
 
-def open_input_file(path: str) -> InputFile:
-    """Open ``path`` read-only: the one place a path becomes an `InputFile`."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+def open_input_file(path: str, resolved: str | None = None) -> InputFile:
+    """Open ``path`` read-only: the one place a path becomes an `InputFile`.
+
+    What is opened is the resolved path (the one the policy checked, when it
+    checked one), never through a symbolic link that could have been swapped
+    in since, and never blocking: a FIFO opens at once and is then refused by
+    its type, where a plain open would wait for a writer forever.
+    """
+    real = resolved if resolved is not None else os.path.realpath(path)
+    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         return InputFile(fd, path)
     except BaseException:
@@ -181,6 +202,7 @@ class ImageOpener:
     """
 
     def __init__(self, policy: PathPolicy | None = None, *, broker: Broker | None = None) -> None:
+        self._owns_broker = broker is None  # a broker given is closed by who gave it
         if broker is None:
             assert policy is not None, "an opener needs a policy or a broker"
             broker = HostBroker(policy)
@@ -263,7 +285,8 @@ class ImageOpener:
         raise ImageOpenError(path, f"Unknown driver '{fmt_name}'")
 
     def close(self) -> None:
-        self.broker.close()
+        if self._owns_broker:
+            self.broker.close()
         self.nodes.clear()
 
 

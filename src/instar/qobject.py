@@ -23,8 +23,19 @@ if TYPE_CHECKING:
 QDICT_BUCKETS = 512
 
 
+_HASHES: dict[str, int] = {}  # keys repeat (every snapshot has "id", "name"...)
+
+
 def _tdb_hash(key: str) -> int:
     """qemu's ``tdb_hash`` (qobject/qdict.c) over the key's bytes, 32-bit."""
+    known = _HASHES.get(key)
+    if known is not None:
+        return known
+    value = _HASHES[key] = _tdb_hash_of(key)
+    return value
+
+
+def _tdb_hash_of(key: str) -> int:
     data = key.encode("utf-8", "surrogateescape")
     value = (0x238F13AF * len(data)) & 0xFFFFFFFF
     for i, byte in enumerate(data):
@@ -91,6 +102,8 @@ def json_quote(text: str) -> str:
     Text is taken as the bytes qemu would hold (file names keep undecodable
     bytes through surrogateescape); invalid sequences become U+FFFD.
     """
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return f'"{text}"'  # nothing to escape: the common case, at C speed
     data = text.encode("utf-8", "surrogateescape")
     out = ['"']
     pos = 0

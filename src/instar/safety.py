@@ -2,8 +2,8 @@
 
 Every number read from an image is checked against these before it sizes an
 allocation or a loop. The allowlist decides which files an image may name
-(backing files, data files, extents): by default only those inside the
-directory of the image the user named.
+(backing files, data files, extents, parents): by default none at all; the
+directories given with ``--allow`` or INSTAR_ALLOW.
 """
 
 from __future__ import annotations
@@ -59,21 +59,26 @@ class PathPolicy:
         self.allowed_dirs = list(dict.fromkeys(resolved))  # each once, in order
 
     @classmethod
-    def for_image(cls, image_path: str, extra: AllowedDirs = ()) -> PathPolicy:
-        """The default policy: the directory of ``image_path``, plus ``extra``.
+    def from_allow(cls, allow: AllowedDirs = ()) -> PathPolicy:
+        """The policy of a command: the directories in ``allow`` (``--allow``)
+        and in INSTAR_ALLOW (colon-separated), and nothing else. An image opens
+        no other file by default, not even one beside it: an upload directory
+        holds other people's files (the CVE-2022-47951 pattern).
 
         Every entry point (dd, convert, info, compare, open_image) starts here,
         so each refuses ``allow="/dir"`` before it opens anything.
         """
-        return cls([os.path.dirname(os.path.abspath(image_path)) or ".", *allowed_dirs(extra)])
+        from_env = [d for d in os.environ.get("INSTAR_ALLOW", "").split(":") if d]
+        return cls([*allowed_dirs(allow), *from_env])
 
     def check(self, path: str, what: str) -> str:
-        """The resolved ``path`` if allowed, else PolicyError naming it."""
+        """The resolved ``path`` if allowed, else PolicyError naming it (and
+        never saying whether it exists)."""
         resolved = os.path.realpath(path)
         for directory in self.allowed_dirs:
             if resolved == directory or resolved.startswith(directory.rstrip(os.sep) + os.sep):
                 return resolved
         raise PolicyError(
             f"{what} '{path}' is outside the allowed directories "
-            f"({', '.join(self.allowed_dirs)}); use --allow DIR to permit it"
+            f"({', '.join(self.allowed_dirs) or 'none'}); use --allow DIR to permit it"
         )

@@ -18,7 +18,6 @@ child, for ``instar --sandbox-status``.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -32,7 +31,7 @@ MiB = 1 << 20
 DEFAULT_MAX_MEMORY = 1 << 30
 DEFAULT_MAX_CPU = 600  # seconds of CPU
 DEFAULT_TIMEOUT = 3600.0  # seconds of wall clock, enforced by the host
-MAX_OPEN_FILES = 2048  # a VMDK may name 1024 extents, a chain 16 images
+MAX_OPEN_FILES = 4096  # compare opens two images; a VMDK may name 1024 extents
 
 
 class Limits(NamedTuple):
@@ -45,11 +44,18 @@ class Limits(NamedTuple):
     open_files: int = MAX_OPEN_FILES
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+def _libc() -> Any:
+    """The C library, for the calls Python has no wrapper for (loaded only in a
+    worker: the host never needs ctypes)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _check(result: int, what: str) -> int:
     if result < 0:
+        import ctypes
+
         code = ctypes.get_errno()
         raise OSError(code, f"{what}: {os.strerror(code)}")
     return result
@@ -58,15 +64,32 @@ def _check(result: int, what: str) -> int:
 # --- 1. rlimits ---------------------------------------------------------------------------
 
 
+def _lower(limit: int, soft: int, hard: int) -> None:
+    """Set ``limit`` to at most ``soft``/``hard``, never above what the
+    process already has: a user's ``ulimit -f`` (which qemu-img obeys) still
+    holds in the worker, and raising a hard limit would fail anyway."""
+    current_soft, current_hard = resource.getrlimit(limit)
+
+    def smaller(a: int, b: int) -> int:
+        if a == resource.RLIM_INFINITY:
+            return b
+        if b == resource.RLIM_INFINITY:
+            return a
+        return min(a, b)
+
+    new_hard = smaller(hard, current_hard)
+    resource.setrlimit(limit, (smaller(smaller(soft, current_soft), new_hard), new_hard))
+
+
 def _apply_rlimits(limits: Limits) -> str:
-    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-    resource.setrlimit(resource.RLIMIT_AS, (limits.memory, limits.memory))
+    _lower(resource.RLIMIT_CORE, 0, 0)
+    _lower(resource.RLIMIT_AS, limits.memory, limits.memory)
     # The soft limit sends SIGXCPU (the host reports it); the hard one kills.
-    resource.setrlimit(resource.RLIMIT_CPU, (limits.cpu, limits.cpu + 1))
+    _lower(resource.RLIMIT_CPU, limits.cpu, limits.cpu + 1)
     # Writing past the file size limit fails with EFBIG instead of killing.
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limits.file_size, limits.file_size))
-    resource.setrlimit(resource.RLIMIT_NOFILE, (limits.open_files, limits.open_files))
+    _lower(resource.RLIMIT_FSIZE, limits.file_size, limits.file_size)
+    _lower(resource.RLIMIT_NOFILE, limits.open_files, limits.open_files)
     size = "none" if limits.file_size == 0 else (
         "unlimited" if limits.file_size == resource.RLIM_INFINITY
         else f"{limits.file_size // MiB} MiB")
@@ -80,7 +103,7 @@ PR_SET_NO_NEW_PRIVS = 38
 
 
 def _apply_no_new_privs() -> str:
-    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _check(_libc().prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     return "set"
 
 
@@ -93,7 +116,7 @@ CLONE_NEWNET = 0x40000000
 def _apply_namespaces() -> str:
     """A new user namespace (no mapping: the worker is nobody there) and a
     network namespace with nothing in it. Needs a single-threaded process."""
-    _check(_libc.unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare")
+    _check(_libc().unshare(CLONE_NEWUSER | CLONE_NEWNET), "unshare")
     return "new user and network namespaces"
 
 
@@ -108,19 +131,13 @@ _NET_BIND_TCP, _NET_CONNECT_TCP = 1 << 0, 1 << 1
 _SCOPE_ABSTRACT_UNIX_SOCKET, _SCOPE_SIGNAL = 1 << 0, 1 << 1
 
 
-class _RulesetAttr(ctypes.Structure):
-    _fields_ = (
-        ("handled_access_fs", ctypes.c_uint64),
-        ("handled_access_net", ctypes.c_uint64),
-        ("scoped", ctypes.c_uint64),
-    )
-
-
 def landlock_abi() -> int:
     """The kernel's Landlock ABI version (raises OSError where there is none)."""
+    import ctypes
+
     return _check(
-        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
-                      ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)),
+        _libc().syscall(_SYS_LANDLOCK_CREATE_RULESET, None, ctypes.c_size_t(0),
+                        ctypes.c_uint32(_LANDLOCK_CREATE_RULESET_VERSION)),
         "landlock_create_ruleset",
     )
 
@@ -128,8 +145,17 @@ def landlock_abi() -> int:
 def _apply_landlock() -> str:
     """Handle every right the ABI knows and allow none: no file can be opened,
     created, executed or listed."""
+    import ctypes
+
+    class RulesetAttr(ctypes.Structure):
+        _fields_ = (
+            ("handled_access_fs", ctypes.c_uint64),
+            ("handled_access_net", ctypes.c_uint64),
+            ("scoped", ctypes.c_uint64),
+        )
+
     abi = landlock_abi()
-    attr = _RulesetAttr((1 << _FS_RIGHTS_BY_ABI.get(abi, 16)) - 1, 0, 0)
+    attr = RulesetAttr((1 << _FS_RIGHTS_BY_ABI.get(abi, 16)) - 1, 0, 0)
     size = 8
     if abi >= 4:
         attr.handled_access_net = _NET_BIND_TCP | _NET_CONNECT_TCP
@@ -138,12 +164,12 @@ def _apply_landlock() -> str:
         attr.scoped = _SCOPE_ABSTRACT_UNIX_SOCKET | _SCOPE_SIGNAL
         size = 24
     ruleset = _check(
-        _libc.syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr), ctypes.c_size_t(size),
-                      ctypes.c_uint32(0)),
+        _libc().syscall(_SYS_LANDLOCK_CREATE_RULESET, ctypes.byref(attr),
+                        ctypes.c_size_t(size), ctypes.c_uint32(0)),
         "landlock_create_ruleset",
     )
     try:
-        _check(_libc.syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)),
+        _check(_libc().syscall(_SYS_LANDLOCK_RESTRICT_SELF, ruleset, ctypes.c_uint32(0)),
                "landlock_restrict_self")
     finally:
         os.close(ruleset)

@@ -17,6 +17,7 @@ The host also enforces the wall-clock limit by killing the worker.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from instar.formats.base import OutputFile
 from instar.opener import Broker, HostBroker
 from instar.safety import PathPolicy
 from instar.sandbox import DEFAULT_TIMEOUT, LayerState, Limits, apply
+from instar.signals import TERMINATING, deferred
 
 Job = Callable[[Broker, EventSink], Any]  # returns plain (JSON) data
 
@@ -184,6 +186,10 @@ class WorkerBroker:
 
     def _file(self, request: dict[str, Any]) -> InputFile:
         reply, fds = self._ask(request)
+        if not fds:  # the kernel dropped it: the worker holds all the files it may
+            raise errors.PolicyError(
+                f"'{reply['name']}': the worker may hold at most {Limits().open_files} "
+                "open files")
         file = InputFile(fds[0], str(reply["name"]))
         self.opened.append(file)
         return file
@@ -215,33 +221,48 @@ class WorkerBroker:
         self.opened.clear()
 
 
-def _prepare_worker() -> None:
-    """Import everything a job may need while files can still be opened:
-    once confined, the worker cannot read a module from disk."""
-    import codecs
-    import concurrent.futures  # noqa: F401  (the compression pool)
-    import importlib
-    import pkgutil
-    import queue  # noqa: F401
-    import threading  # noqa: F401
+# What every job may need: the format readers (any format can appear in a
+# chain), the codecs their names are in, zstd for compressed qcow2 clusters.
+_READERS = (
+    "instar.formats.raw", "instar.formats.qcow2.reader", "instar.formats.vmdk.reader",
+    "instar.formats.vpc.reader", "instar.formats.vhdx.reader",
+)
 
-    import instar.formats
-    from instar import compare, convert, dd_core, info  # noqa: F401
+
+def output_modules(format_name: str, compress: bool) -> list[str]:
+    """What a job writing ``format_name`` needs besides the readers."""
+    modules = [] if format_name == "raw" else [f"instar.formats.{format_name}.writer"]
+    if compress or format_name == "vmdk":  # the compression pool's threads
+        modules.append("concurrent.futures.thread")
+    return modules
+
+
+def _prepare_worker(preload: Sequence[str]) -> None:
+    """Import everything the job may need while files can still be opened:
+    once confined, the worker cannot read a module from disk. Only what the
+    job names (``preload``) besides the readers, so a worker starts fast."""
+    import codecs
+    import importlib
+
     from instar.formats.common import zstd_module
 
-    for module in pkgutil.walk_packages(instar.formats.__path__, "instar.formats."):
-        importlib.import_module(module.name)
+    for name in _READERS:
+        importlib.import_module(name)
+    for name in preload:
+        with contextlib.suppress(ImportError):  # a format instar cannot write: refused later
+            importlib.import_module(name)
     with contextlib.suppress(ImportError):
         zstd_module()
     for encoding in ("utf-16-le", "utf-16-be", "ascii", "latin-1", "unicode_escape"):
         codecs.lookup(encoding)
 
 
-def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings) -> int:
+def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings,
+                 preload: Sequence[str]) -> int:
     """The worker: confine, run the job, report; returns the exit status."""
     channel = Channel(sock)
     _keep_only(sock.fileno())
-    _prepare_worker()
+    _prepare_worker(preload)
     states = apply(settings.limits)
     missing = [state for state in states if not state.on]
     if missing and settings.mode == "require":
@@ -302,56 +323,88 @@ def current_settings() -> SandboxSettings:
 def run_job(job: Job, policy: PathPolicy, settings: SandboxSettings | None = None,
             events: EventSink | None = None,
             host_side: Callable[[HostBroker, Any], Any] | None = None, *,
-            inputs: Sequence[str], outputs: Sequence[str] = ()) -> Any:
+            inputs: Sequence[str], outputs: Sequence[str] = (),
+            force_share: bool = False, preload: Sequence[str] = ()) -> Any:
     """Run ``job`` in a sandboxed worker (in-process with mode off) and return
     its result; the host serves its requests with a `HostBroker` under
     ``policy``, and removes an output the job did not commit. ``host_side``
     turns the result into the answer while the host's files are still open
     (info's file facts). The job may open only the images in ``inputs`` and
-    create only the outputs in ``outputs``, besides what the policy allows."""
+    create only the outputs in ``outputs``, besides what the policy allows;
+    ``force_share`` (-U) reads images a running qemu holds locks on;
+    ``preload`` names the modules the job needs besides the readers."""
     settings = settings or current_settings()
     sink = events or (lambda event: None)
-    host = HostBroker(policy, frozenset(inputs), frozenset(outputs))
+    host = HostBroker(policy, frozenset(inputs), frozenset(outputs), force_share)
     try:
         if settings.mode == "off":
             result = job(host, sink)
         else:
-            result = _run_forked(job, host, settings, sink)
+            result = _run_forked(job, host, settings, sink, preload)
         return result if host_side is None else host_side(host, result)
     finally:
         host.close()
 
 
-def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: EventSink) -> Any:
+def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: EventSink,
+                preload: Sequence[str]) -> Any:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the worker, measured by its own tests
-        status = 1
-        try:
-            host_end.close()
-            status = _worker_main(worker_end, job, settings)
-        finally:
-            os._exit(status)
-    worker_end.close()
+    parent = os.getpid()
+    pid = 0
+    host_end: socket.socket | None = None
     try:
+        # From the fork until the host is inside this try, a terminating signal
+        # waits: the worker is always known here, so always killed below.
+        with deferred():
+            host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            pid = os.fork()
+            if pid == 0:  # pragma: no cover - the worker, measured by its own tests
+                status = 1
+                try:
+                    _become_worker(parent)
+                    host_end.close()
+                    status = _worker_main(worker_end, job, settings, preload)
+                finally:
+                    os._exit(status)
+            worker_end.close()
         return _serve(Channel(host_end), pid, host, settings, events)
     finally:
-        host_end.close()
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(pid, 0)
+        with deferred():  # a second signal must not leave the worker running
+            if host_end is not None:
+                host_end.close()
+            if pid > 0:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                with contextlib.suppress(ChildProcessError):
+                    os.waitpid(pid, 0)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _become_worker(parent: int) -> None:
+    """The first steps of a new worker: terminating signals end it at once
+    (the host, which gets them too, does the cleanup), and it dies with the
+    host: the kernel kills it if the host ends without killing it first."""
+    for number in TERMINATING:
+        signal.signal(number, signal.SIG_DFL)
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the host died before the line above
+        os._exit(1)
 
 
 def report_missing_layers(states: list[LayerState]) -> None:
-    """auto mode: say on stderr which layers this kernel lacks (one line each)."""
+    """auto mode: say on stderr which layers this kernel lacks (one line each).
+    A closed or full stderr loses the warning, never the job."""
     for state in states:
-        if not state.on:
-            sys.stderr.write(f"instar: warning: sandbox layer {state.name} is off: "
-                             f"{state.detail}\n")
+        if not state.on and sys.stderr is not None:
+            with contextlib.suppress(OSError):
+                sys.stderr.write(f"instar: warning: sandbox layer {state.name} is off: "
+                                 f"{state.detail}\n")
 
 
 def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettings,

@@ -2,16 +2,36 @@
 
 Each sub-command is one module with a ``run(args) -> int``. Every
 `InstarError` becomes ``instar: MESSAGE`` on stderr and exit status 1, as
-qemu-img's errors do; nothing else is caught, so bugs still show a traceback.
+qemu-img's errors do, and so does an OSError from the system (the file
+system, the streams); anything else escaping is a bug and shows a traceback.
+
+What happens around a command, and why:
+
+- SIGINT, SIGTERM and SIGHUP unwind it (`instar.signals`): the worker is
+  killed, an unfinished output dropped; then instar dies by the signal, as
+  qemu-img does, so the exit status says which.
+- Standard output goes through `GuardedStdout`: a progress meter that cannot
+  be drawn is ignored, as qemu-img ignores it; losing a command's result
+  (info's text, help) is one line on stderr and exit status 1 (compare keeps
+  its verdict as the status). qemu-img exits 0 in both cases.
+- Descriptors 0-2 closed at start are reopened on /dev/null, so no file
+  instar opens can take their place.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+import threading
 from typing import TYPE_CHECKING
 
-from instar.cli.output import report_error
+from instar import signals
+from instar.cli.output import (
+    GuardedStdout,
+    protect_standard_descriptors,
+    report_error,
+    report_hint,
+)
 from instar.errors import InstarError, UsageError
 
 if TYPE_CHECKING:
@@ -60,10 +80,39 @@ def _sandbox_settings(args: list[str]) -> SandboxSettings:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run instar with ``argv`` (default: sys.argv[1:]); returns the exit status."""
+    """Run instar with ``argv`` (default: sys.argv[1:]); returns the exit status,
+    or ends the process by the signal that interrupted it."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    protect_standard_descriptors()
+    saved = sys.stdout
+    stdout = GuardedStdout(saved)
+    handlers: dict[int, signals.Handler] = {}
+    status = 1
+    try:
+        if threading.current_thread() is threading.main_thread():
+            handlers = signals.install()
+        sys.stdout = stdout  # duck-typed: write, flush, buffer; the rest is delegated
+        status = _main(args)
+        stdout.flush()
+    except signals.Terminated:
+        pass  # everything is undone by now; die below
+    finally:
+        sys.stdout = saved
+        signals.restore(handlers)
+    signum = signals.received()
+    if signum is not None:
+        signals.die(signum)
+    if stdout.lost_result and stdout.error is not None:
+        report_error(f"error while writing to standard output: {stdout.error.strerror}")
+        if not args or args[0] != "compare":  # compare's status is its verdict
+            status = 1
+    return status
+
+
+def _main(args: list[str]) -> int:
+    """The command line's command; ``args`` loses its sandbox options."""
     from instar import __version__
 
-    args = list(sys.argv[1:] if argv is None else argv)
     try:
         settings = _sandbox_settings(args)
     except InstarError as error:
@@ -75,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         return print_status(settings)
     if not args:
         report_error("Not enough arguments")
-        print("Try 'instar --help' for more information", file=sys.stderr)
+        report_hint("Try 'instar --help' for more information")
         return 1
     command = args[0]
     if command in ("-h", "--help"):
@@ -90,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             report_error(f"'{command}' is a qemu-img command instar does not implement yet")
         else:
             report_error(f"Command not found: {command}")
-        print("Try 'instar --help' for more information", file=sys.stderr)
+        report_hint("Try 'instar --help' for more information")
         return 1
     module = importlib.import_module(module_name)
     from instar.worker import configure
@@ -102,11 +151,19 @@ def main(argv: list[str] | None = None) -> int:
         # Only instar's own usage messages span lines; image-derived text never may.
         report_error(str(error), multiline=isinstance(error, UsageError))
         if error.hint:
-            print(error.hint, file=sys.stderr)
+            report_hint(error.hint)
         return 1
-    except KeyboardInterrupt:
-        report_error("interrupted")
+    except OSError as error:  # the system's, not instar's: one line, no traceback
+        report_error(describe_os_error(error))
         return 1
     finally:
         configure(previous)
     return status
+
+
+def describe_os_error(error: OSError) -> str:
+    """``NAME: REASON`` for an OSError that names a file, else ``REASON``."""
+    reason = error.strerror or str(error)
+    if error.filename is not None:
+        return f"{error.filename}: {reason}"
+    return reason

@@ -29,7 +29,7 @@ Compare the contents of two images, as qemu-img compare does.
                      are different
   -q                 quiet: print nothing, only the exit status tells
   -p                 show progress
-  -U, --force-share  accepted (instar takes no locks)
+  -U, --force-share  read images a running qemu holds a write lock on
   --allow dir        backing files may also come from dir (not in qemu-img)
   -h, --help         show this help
 Exit status: 0 identical, 1 different, 2 cannot open, 3 block status failed,
@@ -82,6 +82,7 @@ def run(args: list[str]) -> int:
     strict = quiet = progress = False
     cache = "writeback"
     allow: list[str] = []
+    force_share = False
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
@@ -102,19 +103,22 @@ def run(args: list[str]) -> int:
             allow.append(value)
         elif option in ("--image-opts", "--object"):
             raise UnsupportedError(f"{option} is not supported")
-        # -U / --force-share: instar takes no locks, so sharing is the default.
+        elif option in ("-U", "--force-share"):
+            force_share = True
     if len(parsed.operands) != 2:
         raise GetoptError("Expecting two image file names")
     meter = QemuProgress() if progress and not quiet else None
     try:
-        return _compare(parsed.operands, fmt_a, fmt_b, strict, quiet, cache, allow, meter)
+        return _compare(parsed.operands, fmt_a, fmt_b, strict, quiet, cache, allow, meter,
+                        force_share)
     finally:
         if meter is not None:
             meter.end()
 
 
 def _compare(operands: list[str], fmt_a: str | None, fmt_b: str | None, strict: bool,
-             quiet: bool, cache: str, allow: list[str], meter: QemuProgress | None) -> int:
+             quiet: bool, cache: str, allow: list[str], meter: QemuProgress | None,
+             force_share: bool) -> int:
     from instar.compare import OPEN_ERROR, CompareError, compare
 
     if cache not in CACHE_MODES:
@@ -133,7 +137,10 @@ def _compare(operands: list[str], fmt_a: str | None, fmt_b: str | None, strict: 
 
     try:
         return compare(operands[0], operands[1], fmt_a=fmt_a, fmt_b=fmt_b, strict=strict,
-                       allow=tuple(allow), events=show, progress=meter is not None)
+                       allow=tuple(allow), events=show, progress=meter is not None,
+                       force_share=force_share)
     except CompareError as error:
         report_error(str(error))
+        if error.hint:
+            print(error.hint, file=sys.stderr)
         return error.exit_code

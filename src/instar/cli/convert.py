@@ -45,7 +45,7 @@ Convert images (concatenated in order) into a new image, as qemu-img convert doe
   -W                 accepted, no effect (instar writes in order)
   -p                 show progress
   -q                 quiet: no progress
-  -U, --force-share  accepted (instar takes no locks on its inputs)
+  -U, --force-share  read inputs a running qemu holds a write lock on
   --allow dir        backing and data files may also come from dir (not in qemu-img)
   -h, --help         show this help
 
@@ -97,7 +97,7 @@ def run(args: list[str]) -> int:
     out_format = "raw"
     options = CreateOptions()
     sparse = 4096
-    progress = quiet = no_create = False
+    progress = quiet = no_create = force_share = False
     allow: list[str] = []
     wants_help = False
     cache, source_cache = "unsafe", "writeback"
@@ -127,6 +127,8 @@ def run(args: list[str]) -> int:
             no_create = True
         elif option == "--allow":
             allow.append(value)
+        elif option in ("-U", "--force-share"):
+            force_share = True
         elif option == "-t":
             cache = value
         elif option == "-T":
@@ -163,6 +165,7 @@ def run(args: list[str]) -> int:
         no_create=no_create,
         allow=tuple(allow),
         events=show_events(meter),
+        force_share=force_share,
         durable=cache != "unsafe",
     )
     if meter is not None:

@@ -32,7 +32,7 @@ Copy a window of an image into a new image, exactly as qemu-img dd does.
   -o options         creation options (key=value,...) as convert's (not in qemu-img dd)
   -c                 compress the output: qcow2; vmdk streamOptimized (not in qemu-img dd)
   -p                 show progress (not in qemu-img dd)
-  -U, --force-share  accepted (instar takes no locks on its input)
+  -U, --force-share  read an input a running qemu holds a write lock on
   --allow dir        backing and data files may also come from dir (not in qemu-img)
   -h, --help         show this help
 
@@ -57,6 +57,7 @@ class DdRequest:
     output_format: str = "raw"
     options: CreateOptions = field(default_factory=CreateOptions)
     progress: bool = False
+    force_share: bool = False
     allow: list[str] = field(default_factory=list)
 
 
@@ -107,7 +108,8 @@ def parse_dd_args(args: list[str]) -> DdRequest | None:
             request.allow.append(value)
         elif option in ("--image-opts", "--object"):
             raise UnsupportedError(f"{option} is not supported")
-        # -U / --force-share: instar takes no locks, so sharing is the default.
+        elif option in ("-U", "--force-share"):
+            request.force_share = True
     for operand in parsed.operands:
         _apply_operand(request, operand)
     return request
@@ -151,6 +153,7 @@ def run(args: list[str]) -> int:
         options=request.options,
         allow=tuple(request.allow),
         events=show_events(meter),
+        force_share=request.force_share,
     )
     if meter is not None:
         meter.finish()

@@ -23,7 +23,7 @@ Show what qemu-img info shows about an image, in the same words and layout.
   -f, --format fmt          image format (probed when absent)
   --output=ofmt             human (the default) or json
   --backing-chain           show every image of the backing chain
-  -U, --force-share         accepted (instar takes no locks)
+  -U, --force-share         read an image a running qemu holds a write lock on
   --allow dir               backing files may also come from dir (not in qemu-img)
   --qemu-version version    the output of qemu-img 7.2 (the default) or 8.0 and later,
                             which adds the "Child node '/file':" section (not in qemu-img)
@@ -62,6 +62,7 @@ def run(args: list[str]) -> int:
     output = "human"
     chain = False
     allow: list[str] = []
+    force_share = False
     version = (7, 2)
     for option, value in parsed.options:
         if option in ("-h", "--help"):
@@ -81,11 +82,12 @@ def run(args: list[str]) -> int:
             version = parse_qemu_version(value)
         elif option in ("--image-opts", "--object"):
             raise UnsupportedError(f"{option} is not supported")
-        # -U / --force-share: instar takes no locks, so sharing is the default.
+        elif option in ("-U", "--force-share"):
+            force_share = True
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")
     from instar.info import info
 
     write_stdout(info(parsed.operands[0], fmt, output=output, chain=chain,
-                      allow=tuple(allow), qemu_version=version))
+                      allow=tuple(allow), qemu_version=version, force_share=force_share))
     return 0

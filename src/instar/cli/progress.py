@@ -12,25 +12,37 @@ if TYPE_CHECKING:
 
 
 class ProgressMeter:
-    """Prints progress when it moves by at least ``step`` percent, as qemu does."""
+    """Prints progress when it moves by at least ``step`` percent, as qemu does.
+
+    The meter is a side show: if its stream fails (closed, full, a pipe whose
+    reader left: ``convert -p | head -c1``) it stops drawing and the copy goes
+    on to the end, as qemu-img's does; the exit status is the copy's.
+    """
 
     def __init__(self, stream: TextIO | None = None, step: float = 1.0) -> None:
-        self._stream = sys.stdout if stream is None else stream
+        self._stream: TextIO | None = sys.stdout if stream is None else stream
         self._step = step
         self._last = -step
         self.update(0, 1)
+
+    def _draw(self, text: str) -> None:
+        if self._stream is None:
+            return
+        try:
+            self._stream.write(text)
+            self._stream.flush()
+        except (OSError, ValueError):  # ValueError: a stream closed under us
+            self._stream = None
 
     def update(self, done: int, total: int) -> None:
         percent = 100.0 if total == 0 else done * 100.0 / total
         if percent - self._last >= self._step or (percent == 100.0 and self._last < 100.0):
             self._last = percent
-            self._stream.write(f"    ({percent:0.2f}/100%)\r")
-            self._stream.flush()
+            self._draw(f"    ({percent:0.2f}/100%)\r")
 
     def finish(self) -> None:
         """The final 100% line and a newline, as qemu-img ends its meter."""
-        self._stream.write("    (100.00/100%)\r\n")
-        self._stream.flush()
+        self._draw("    (100.00/100%)\r\n")
 
 
 def show_events(meter: ProgressMeter | None) -> EventSink:

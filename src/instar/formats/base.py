@@ -8,7 +8,7 @@ knows about dd (the copy engine feeds it a Window like any Image).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol
 
 from instar.files import InputFile
 from instar.formats.options import CreateOptions as CreateOptions  # re-exported
@@ -101,6 +101,10 @@ class Format(Protocol):
         """
         ...
 
+    def describe(self, driver: Driver) -> FormatDetails:
+        """What ``qemu-img info`` shows beyond the size and name of an image."""
+        ...
+
 
 # What ``instar info`` shows about a format: the `describe` hook.
 #
@@ -171,11 +175,47 @@ class FormatDetails:
     children: list[ChildFile] = field(default_factory=list)
 
 
-@runtime_checkable
-class Describable(Protocol):
-    """A Format that can describe an image it opened (for ``instar info``)."""
+class FormatBase:
+    """What every format shares. A format names the functions that open its
+    layer, create its writer and describe an image ("module:function"); they
+    are imported on first use, so probing stays cheap. Sizes round up to a
+    sector unless the format says otherwise."""
+
+    name: str
+    create_options: OptionSchema
+    reader: str  # (file, resolver) -> Driver
+    writer: str  # (out, virtual_size, options) -> Writer
+    describer: str | None = None  # (driver) -> FormatDetails; None: nothing to add
+
+    def probe(self, header: bytes, filename: str) -> int:
+        raise NotImplementedError
+
+    def open(self, file: InputFile, resolver: Resolver) -> Driver:
+        driver: Driver = _entry(self.reader)(file, resolver)
+        return driver
+
+    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
+        return -(-length // SECTOR) * SECTOR
+
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
+        writer: Writer = _entry(self.writer)(out, virtual_size, options)
+        return writer
 
     def describe(self, driver: Driver) -> FormatDetails:
-        """Facts about an image from the layer this format's ``open`` returned,
-        from its metadata only: never read guest data here."""
-        ...
+        """Facts about an image from the layer ``open`` returned, from its
+        metadata only (never guest data), for ``instar info``."""
+        if self.describer is None:
+            return FormatDetails()
+        details: FormatDetails = _entry(self.describer)(driver)
+        return details
+
+
+SECTOR = 512
+
+
+def _entry(spec: str) -> Any:
+    """The function ``module:name`` names, importing its module."""
+    import importlib
+
+    module, _, name = spec.partition(":")
+    return getattr(importlib.import_module(module), name)

@@ -6,18 +6,13 @@ reads the padding as zeros; instar does the same.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterator
 
+from instar.errors import CreationError
 from instar.files import InputFile, pwrite_all, write_zeros
-from instar.formats.base import (
-    FormatDetails,
-    OptionSchema,
-    OutputFile,
-    ParsedOptions,
-    Resolver,
-    Writer,
-)
+from instar.formats.base import FormatBase, OptionSchema, OutputFile, ParsedOptions
 from instar.image import BlockImage, Driver, Run, file_runs
 from instar.sizes import round_up
 
@@ -40,17 +35,36 @@ class RawDriver(Driver):
         self.file.close()
 
 
+def open_driver(file: InputFile, resolver: object = None) -> RawDriver:
+    """The format's open: a raw file names no other file."""
+    return RawDriver(file)
+
+
 def open_raw(file: InputFile) -> BlockImage:
     """``file`` read as a raw image."""
     return BlockImage(RawDriver(file))
 
 
 class RawWriter:
-    """Writes data in place; zero runs stay holes in a new regular file."""
+    """Writes data in place; zero runs stay holes in a new regular file.
 
-    def __init__(self, out: OutputFile, virtual_size: int) -> None:
+    A new file is given its full size first, as qemu's raw driver does when it
+    creates the image, so a size the file system (or ``ulimit -f``) cannot
+    hold is a creation error before anything is copied: qemu's "Could not
+    resize file: File too large".
+    """
+
+    def __init__(self, out: OutputFile, virtual_size: int,
+                 options: ParsedOptions | None = None) -> None:
         self._out = out
         self._size = virtual_size
+        if not out.in_place:
+            try:
+                os.ftruncate(out.fd, virtual_size)
+            except OverflowError:  # past what off_t holds: the kernel would say EFBIG
+                raise CreationError(f"Could not resize file: {os.strerror(errno.EFBIG)}") from None
+            except OSError as error:
+                raise CreationError(f"Could not resize file: {error.strerror}") from None
 
     def write(self, offset: int, data: bytes) -> None:
         pwrite_all(self._out.fd, data, offset)
@@ -60,33 +74,23 @@ class RawWriter:
             write_zeros(self._out.fd, offset, length)
 
     def close(self) -> None:
-        if not self._out.in_place:
-            os.ftruncate(self._out.fd, self._size)
+        pass  # sized when created; nothing else to write
 
     def abort(self) -> None:
         pass
 
 
-class RawFormat:
+class RawFormat(FormatBase):
+    """qemu shows no cluster size and no format-specific data for raw; its
+    get_info succeeds, so JSON carries "dirty-flag": false (FormatDetails())."""
+
     name = "raw"
     create_options = OptionSchema("raw")  # none: qemu's (size, preallocation...) are unknown here
+    reader = "instar.formats.raw:open_driver"
+    writer = "instar.formats.raw:RawWriter"
 
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort
-
-    def open(self, file: InputFile, resolver: Resolver) -> RawDriver:
-        return RawDriver(file)
-
-    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
-        return round_up(length, SECTOR)
-
-    def describe(self, driver: Driver) -> FormatDetails:
-        """qemu shows no cluster size and no format-specific data for raw;
-        its get_info succeeds, so JSON carries "dirty-flag": false."""
-        return FormatDetails()
-
-    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
-        return RawWriter(out, virtual_size)
 
 
 FORMAT = RawFormat()

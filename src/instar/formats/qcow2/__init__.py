@@ -8,26 +8,16 @@ is supported and what is refused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from instar.files import InputFile
-from instar.formats.base import (
-    FormatDetails,
-    OptionSchema,
-    OutputFile,
-    ParsedOptions,
-    Resolver,
-    Writer,
-)
+from instar.formats.base import FormatBase, OptionSchema
 from instar.formats.options import Option, refused
 from instar.formats.qcow2 import layout
-from instar.sizes import round_up
 
-if TYPE_CHECKING:
-    from instar.image import Driver
 
-class Qcow2Format:
+class Qcow2Format(FormatBase):
     name = "qcow2"
+    reader = "instar.formats.qcow2.reader:open_image"
+    writer = "instar.formats.qcow2.writer:create_writer"
+    describer = "instar.formats.qcow2.info:describe"
     create_options = OptionSchema(
         "qcow2",
         (
@@ -66,27 +56,6 @@ class Qcow2Format:
         ("Unsupported qcow2 version") instead of copying the file as raw bytes.
         """
         return 100 if header[:4] == layout.MAGIC else 0
-
-    def open(self, file: InputFile, resolver: Resolver) -> Driver:
-        from instar.formats.qcow2.reader import open_image
-
-        return open_image(file, resolver)
-
-    def describe(self, driver: Driver) -> FormatDetails:
-        """What ``qemu-img info`` shows (`instar.formats.qcow2.info`)."""
-        from instar.formats.qcow2.info import describe
-        from instar.formats.qcow2.reader import Qcow2Driver
-
-        assert isinstance(driver, Qcow2Driver)
-        return describe(driver)
-
-    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
-        return round_up(length, layout.SECTOR)
-
-    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
-        from instar.formats.qcow2.writer import create_writer
-
-        return create_writer(out, virtual_size, options)
 
 
 FORMAT = Qcow2Format()

@@ -485,6 +485,12 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
         if extensions.data_file is None:
             raise FormatError("'data-file' is required for this image")
         data_file = resolver.open_file(extensions.data_file, file, "data file")
+        if not (data_file.is_regular or data_file.is_block_device):
+            # A directory opens and fails every read; qemu's file driver refuses both.
+            raise FormatError(
+                f"Could not open data file '{data_file.name}': 'file' driver requires "
+                f"'{data_file.name}' to be a regular file"
+            )
     name = read_backing_name(header, file)
     driver = Qcow2Driver(file, header, l1, data_file, extensions, name)
     if name is not None:

@@ -22,23 +22,20 @@ shrink is stored uncompressed, as qemu does.
 from __future__ import annotations
 
 import os
-import sys
 import zlib
 from array import array
-from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UsageError
 from instar.files import pwrite_all
 from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import UINT64_MAX
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu refuses to open images with a larger refcount table
-COMPRESS_IN_FLIGHT_BYTES = 8 << 20  # clusters queued for compression at once
 ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
 
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
@@ -258,27 +255,25 @@ class RefcountTracker:
             pwrite_all(self._fd, content, where)
             self._set_table(block_range, where)
         self._pending.clear()
-        table = array("Q", self.table)
-        if sys.byteorder == "little":
-            table.byteswap()
-        data = table.tobytes()
-        data += bytes(table_clusters * self._cluster - len(data))
+        data = pack_table(self.table, 8, "big", size=table_clusters * self._cluster)
         pwrite_all(self._fd, data, table_start * self._cluster)
         return table_start * self._cluster, table_clusters
 
 
-def _compressor(compression_type: int, cluster_size: int) -> Callable[[bytes], bytes | None]:
-    """A function compressing one cluster; None when that would not make it smaller."""
+def _compressor(compression_type: int, cluster_size: int) -> Callable[[memoryview], bytes | None]:
+    """One pool thread's function compressing a cluster; None when it would not shrink."""
     if compression_type == L.COMPRESSION_ZSTD:
         zstd = L.zstd_module()
+        context = zstd.ZstdCompressor()  # reused: each frame as zstd.compress() makes it
+        end_frame = zstd.ZstdCompressor.FLUSH_FRAME
 
-        def compress_zstd(data: bytes) -> bytes | None:
-            out: bytes = zstd.compress(data)
+        def compress_zstd(data: memoryview) -> bytes | None:
+            out: bytes = context.compress(data, mode=end_frame)
             return out if len(out) < cluster_size else None
 
         return compress_zstd
 
-    def compress_zlib(data: bytes) -> bytes | None:
+    def compress_zlib(data: memoryview) -> bytes | None:
         engine = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, L.ZLIB_WBITS, 9)
         out = engine.compress(data) + engine.flush()
         return out if len(out) < cluster_size else None
@@ -313,47 +308,36 @@ class Qcow2Writer:
         self._l1_offset = self._refcounts.allocate(l1_clusters) if l1_size else 0
         self._l2_index = -1  # the L1 index of the L2 table being filled
         self._l2 = array("Q")
-        self._partial_index = -1  # guest cluster buffered in ``_partial``
-        self._partial = bytearray()
         self._zero_cluster = bytes(self._cluster)
+        # Clusters smaller than the copy engine's zero granularity may arrive
+        # all zero; larger ones arrive already free of zero pieces.
+        self._clusters = UnitSequencer(
+            self._cluster, virtual_size, self._store_clusters,
+            check_whole=self._cluster < ZERO_CHECK_BELOW,
+        )
         self._free_byte = 0  # where the next compressed cluster may start (0: nowhere)
-        self._pool: ThreadPoolExecutor | None = None
-        self._queue: deque[tuple[int, Future[bytes | None], bytes]] = deque()
-        self._compress: Callable[[bytes], bytes | None] | None = None
+        self._pool: CompressionPool[bytes | None] | None = None
         if compress:
-            workers = max(1, min(4, os.cpu_count() or 1))
-            self._pool = ThreadPoolExecutor(workers, thread_name_prefix="qcow2-compress")
-            self._compress = _compressor(options.compression_type, self._cluster)
-            self._queue_limit = max(2 * workers, COMPRESS_IN_FLIGHT_BYTES // self._cluster)
+            compression_type, cluster = options.compression_type, self._cluster
+            self._pool = CompressionPool(
+                cluster, lambda: _compressor(compression_type, cluster), self._store_compressed,
+                name="qcow2-compress",
+            )
 
     # --- the Writer protocol -------------------------------------------------
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset < 0 or offset + len(data) > self._size:
-            raise ValueError(f"write [{offset}, {offset + len(data)}) outside the image")
-        mask = self._cluster - 1
-        position, end = offset, offset + len(data)
-        while position < end:
-            index = position >> self._bits
-            if self._partial_index >= 0 and index != self._partial_index:
-                self._flush_partial()
-            if self._partial_index < 0 and position & mask == 0 and end - position > mask:
-                whole_end = end & ~mask
-                self._write_clusters(data, position - offset, position, whole_end)
-                position = whole_end
-                continue
-            if self._partial_index < 0:  # a cluster written in pieces: buffer it
-                self._partial_index = index
-                self._partial = bytearray(self._cluster)
-            position = self._fill_partial(data, offset, position, end)
+        self._clusters.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        """Nothing to do: unallocated clusters read as zeros, on a device too."""
+        """Nothing to store: unallocated clusters read as zeros, on a device too."""
+        self._clusters.write_zeroes(offset, length)
 
     def close(self) -> None:
         try:
-            self._flush_partial()
-            self._drain(0)
+            self._clusters.flush()
+            if self._pool is not None:
+                self._pool.finish()
             self._flush_l2()
             self._write_l1()
             table_offset, table_clusters = self._refcounts.finish()
@@ -361,71 +345,21 @@ class Qcow2Writer:
             if not self._out.in_place:
                 os.ftruncate(self._fd, self._refcounts.next * self._cluster)
         finally:
-            self._shutdown()
+            if self._pool is not None:  # the threads end here, whatever happened
+                self._pool.close()
 
     def abort(self) -> None:
-        self._queue.clear()
-        self._shutdown()
-
-    def _shutdown(self) -> None:
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+            self._pool.close()
 
     # --- data ----------------------------------------------------------------
 
-    def _fill_partial(self, data: bytes, offset: int, position: int, end: int) -> int:
-        """Copy what falls into the buffered cluster; flush it once complete."""
-        cluster_start = self._partial_index << self._bits
-        stop = min(end, cluster_start + self._cluster)
-        self._partial[position - cluster_start : stop - cluster_start] = data[
-            position - offset : stop - offset
-        ]
-        if stop == cluster_start + self._cluster:
-            self._flush_partial()
-        return stop
-
-    def _flush_partial(self) -> None:
-        if self._partial_index < 0:
+    def _store_clusters(self, first: int, data: memoryview) -> None:
+        """Allocate and write the whole guest clusters ``data`` from ``first`` on."""
+        if self._pool is not None:
+            self._pool.submit(first, data)
             return
-        index, data = self._partial_index, bytes(self._partial)
-        self._partial_index, self._partial = -1, bytearray()
-        if data != self._zero_cluster:
-            self._store_clusters(index, memoryview(data), 1)
-
-    def _write_clusters(self, data: bytes, start: int, position: int, end: int) -> None:
-        """Whole clusters ``[position, end)`` from ``data[start:]``; zero clusters skipped.
-
-        Clusters smaller than the copy engine's zero granularity are checked
-        here one by one; larger ones arrive already free of zero pieces.
-        """
-        view = memoryview(data)
-        first = position >> self._bits
-        count = (end - position) >> self._bits
-        if self._cluster >= ZERO_CHECK_BELOW:
-            self._store_clusters(first, view[start : start + (count << self._bits)], count)
-            return
-        run_start = -1
-        for i in range(count + 1):
-            lo = start + (i << self._bits)
-            is_zero = i == count or data[lo : lo + self._cluster] == self._zero_cluster
-            if is_zero and run_start >= 0:
-                lo_run = start + (run_start << self._bits)
-                run = i - run_start
-                self._store_clusters(first + run_start, view[lo_run : lo_run + (run << self._bits)],
-                                     run)
-                run_start = -1
-            elif not is_zero and run_start < 0:
-                run_start = i
-
-    def _store_clusters(self, first: int, data: memoryview, count: int) -> None:
-        """Allocate and write ``count`` guest clusters of data starting at ``first``."""
-        if self._compress is not None:
-            for i in range(count):
-                cluster = bytes(data[i << self._bits : (i + 1) << self._bits])
-                self._queue.append((first + i, self._submit(cluster), cluster))
-                self._drain(self._queue_limit)
-            return
+        count = len(data) >> self._bits
         host = self._refcounts.allocate(count)
         pwrite_all(self._fd, data, host)
         for i in range(count):
@@ -434,21 +368,14 @@ class Qcow2Writer:
 
     # --- compression ---------------------------------------------------------
 
-    def _submit(self, cluster: bytes) -> Future[bytes | None]:
-        assert self._pool is not None and self._compress is not None
-        return self._pool.submit(self._compress, cluster)
-
-    def _drain(self, keep: int) -> None:
-        """Write compressed clusters in guest order until at most ``keep`` are queued."""
-        while len(self._queue) > keep:
-            index, future, cluster = self._queue.popleft()
-            compressed = future.result()
-            if compressed is None:  # it did not shrink: store it as it is
-                host = self._refcounts.allocate(1)
-                pwrite_all(self._fd, cluster, host)
-                self._set_entry(index, host | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
-            else:
-                self._set_entry(index, self._place_compressed(compressed), 0)
+    def _store_compressed(self, index: int, cluster: memoryview, compressed: bytes | None) -> None:
+        """Place guest cluster ``index`` as the pool delivers it, in guest order."""
+        if compressed is None:  # it did not shrink: store it as it is
+            host = self._refcounts.allocate(1)
+            pwrite_all(self._fd, cluster, host)
+            self._set_entry(index, host | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
+        else:
+            self._set_entry(index, self._place_compressed(compressed), 0)
 
     def _place_compressed(self, data: bytes) -> int:
         """Write compressed data packed after the previous one; returns its L2 entry.
@@ -493,22 +420,16 @@ class Qcow2Writer:
     def _flush_l2(self) -> None:
         if self._l2_index < 0:
             return
-        table = self._l2
-        if sys.byteorder == "little":
-            table.byteswap()
         host = self._refcounts.allocate(1)
-        pwrite_all(self._fd, table.tobytes(), host)
+        pwrite_all(self._fd, pack_table(self._l2, 8, "big"), host)
         self._l1[self._l2_index] = host | L.OFLAG_COPIED
         self._l2_index, self._l2 = -1, array("Q")
 
     def _write_l1(self) -> None:
         if not self._l1:
             return
-        table = array("Q", self._l1)
-        if sys.byteorder == "little":
-            table.byteswap()
-        data = table.tobytes()
-        pwrite_all(self._fd, data + bytes(-len(data) % self._cluster), self._l1_offset)
+        size = -(-len(self._l1) * 8 // self._cluster) * self._cluster
+        pwrite_all(self._fd, pack_table(self._l1, 8, "big", size=size), self._l1_offset)
 
     def _write_header(self, table_offset: int, table_clusters: int) -> None:
         options = self._options

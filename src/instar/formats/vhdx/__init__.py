@@ -10,17 +10,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from instar.files import InputFile
-from instar.formats.base import (
-    FormatDetails,
-    OptionSchema,
-    OutputFile,
-    ParsedOptions,
-    Resolver,
-    Writer,
-)
+from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import Option
-from instar.sizes import round_up
 
 if TYPE_CHECKING:
     from instar.image import Driver
@@ -29,8 +20,10 @@ if TYPE_CHECKING:
 FILE_SIGNATURE = b"vhdxfile"
 
 
-class VhdxFormat:
+class VhdxFormat(FormatBase):
     name = "vhdx"
+    reader = "instar.formats.vhdx.reader:open_vhdx"
+    writer = "instar.formats.vhdx.writer:create"
     create_options = OptionSchema(
         "vhdx",
         (
@@ -44,11 +37,6 @@ class VhdxFormat:
     def probe(self, header: bytes, filename: str) -> int:
         return 100 if header.startswith(FILE_SIGNATURE) else 0
 
-    def open(self, file: InputFile, resolver: Resolver) -> Driver:
-        from instar.formats.vhdx import reader
-
-        return reader.open_vhdx(file, resolver)
-
     def describe(self, driver: Driver) -> FormatDetails:
         """``vhdx_get_info``: the block size as cluster size (fixed images
         included), no format-specific data, the dirty flag left false."""
@@ -56,14 +44,6 @@ class VhdxFormat:
 
         assert isinstance(driver, VhdxDriver)
         return FormatDetails(cluster_size=driver.block_size)
-
-    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
-        return round_up(length, 512)
-
-    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
-        from instar.formats.vhdx import writer
-
-        return writer.create(out, virtual_size, options)
 
 
 FORMAT = VhdxFormat()

@@ -37,6 +37,7 @@ ZERO_DESCRIPTOR = b"zero"
 DATA_SIGNATURE = b"data"
 MAX_LOG_BYTES = MAX_TABLE_BYTES  # instar reads a log to replay into memory
 MAX_LOG_WRITES = 65536  # descriptors replayed (a real log holds a few hundred)
+MAX_FILE_BYTES = (1 << 63) - 1  # file offsets are signed 64-bit
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,13 @@ class LogOverlay(ExactReads):
                     f"log entry {entry.sequence} says the file was {entry.flushed_file_offset} "
                     f"bytes, but it is {base.size}: the image has been truncated"
                 )
-            size = max(size, -(-entry.last_file_offset // MiB) * MiB)
+            grown = -(-entry.last_file_offset // MiB) * MiB
+            if grown > MAX_FILE_BYTES:
+                raise FormatError(
+                    f"log entry {entry.sequence} says the file grows to {entry.last_file_offset} "
+                    "bytes, past the largest file offset"
+                )
+            size = max(size, grown)
         self.size = size
         self._starts: list[int] = []
         self._spans: list[tuple[int, int, bytes | None]] = []  # (start, end, data or zeros)

@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 from array import array
 from dataclasses import dataclass
 
 from instar.errors import UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.common import pack_table, unit_spans
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import Geometry, MiB
 from instar.safety import MAX_TABLE_BYTES
@@ -163,27 +163,18 @@ class VhdxWriter:
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
-        block_size = self._geometry.block_size
-        while view:
-            block, within = divmod(offset, block_size)
-            step = min(len(view), block_size - within)
-            self._pwrite(self._block_offset(block, within) + within, view[:step])
-            view = view[step:]
-            offset += step
+        for block, within, start, step in unit_spans(offset, len(data), self._geometry.block_size):
+            self._pwrite(self._block_offset(block, within) + within, view[start : start + step])
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Nothing to do in a new file; a block device needs the zeros written."""
         if not self._out.in_place:
             return
-        end = min(offset + length, self._geometry.virtual_size)
-        block_size = self._geometry.block_size
-        while offset < end:
-            block, within = divmod(offset, block_size)
-            step = min(end - offset, block_size - within)
+        length = min(offset + length, self._geometry.virtual_size) - offset
+        for block, within, _, step in unit_spans(offset, length, self._geometry.block_size):
             entry = self._payload[block]
             if entry & layout.STATE_MASK == layout.PAYLOAD_FULLY_PRESENT:
                 self._zero_fill(entry & layout.OFFSET_MASK, within, step)
-            offset += step
 
     def _block_offset(self, block: int, first_write: int) -> int:
         """File offset of ``block``, allocating it at the end of the file if new."""
@@ -253,9 +244,7 @@ class VhdxWriter:
             chunk = self._payload[start : start + ratio]
             index = geometry.payload_index(start)
             bat[index : index + len(chunk)] = chunk
-        if sys.byteorder == "big":
-            bat.byteswap()
-        return bat.tobytes()
+        return pack_table(bat, 8, "little")
 
     def _metadata_items(self) -> list[tuple[bytes, int, bytes]]:
         geometry = self._geometry

@@ -7,31 +7,21 @@ create's default layout) and streamOptimized. See docs/formats/vmdk.md.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from instar.files import InputFile
-from instar.formats.base import (
-    FormatDetails,
-    OptionSchema,
-    OutputFile,
-    ParsedOptions,
-    Resolver,
-    Writer,
-)
+from instar.formats.base import FormatBase, OptionSchema
 from instar.formats.options import Option
-from instar.sizes import round_up
 
 # Here, not in layout, so that probing does not import the whole layout module.
 SECTOR = 512
 MAGIC = b"KDMV"  # hosted sparse extent ("VMDK4")
 COWD_MAGIC = b"COWD"  # ESX VMFS sparse ("VMDK3"), refused
 
-if TYPE_CHECKING:
-    from instar.image import Driver
 
 
-class VmdkFormat:
+class VmdkFormat(FormatBase):
     name = "vmdk"
+    reader = "instar.formats.vmdk.reader:open_vmdk"
+    writer = "instar.formats.vmdk.writer:create_writer"
+    describer = "instar.formats.vmdk.info:describe"
     create_options = OptionSchema(
         "vmdk",
         (
@@ -59,27 +49,6 @@ class VmdkFormat:
         from instar.formats.vmdk.layout import looks_like_descriptor
 
         return 100 if looks_like_descriptor(header) else 0
-
-    def open(self, file: InputFile, resolver: Resolver) -> Driver:
-        from instar.formats.vmdk.reader import open_vmdk
-
-        return open_vmdk(file, resolver)
-
-    def describe(self, driver: Driver) -> FormatDetails:
-        """What ``qemu-img info`` shows (`instar.formats.vmdk.info`)."""
-        from instar.formats.vmdk.info import describe
-        from instar.formats.vmdk.reader import VmdkDriver
-
-        assert isinstance(driver, VmdkDriver)
-        return describe(driver)
-
-    def declared_size(self, length: int, options: ParsedOptions | None = None) -> int:
-        return round_up(length, SECTOR)
-
-    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
-        from instar.formats.vmdk.writer import create_writer
-
-        return create_writer(out, virtual_size, options)
 
 
 FORMAT = VmdkFormat()

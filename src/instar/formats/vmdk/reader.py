@@ -59,6 +59,7 @@ from instar.formats.vmdk.layout import (
 from instar.image import (
     COMPRESSED,
     DATA,
+    MAX_VIRTUAL_SIZE,
     OFFSET_VALID,
     ZERO,
     BlockImage,
@@ -71,6 +72,7 @@ from instar.image import (
 from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
 MAX_EXTENTS = 1024  # extent files one disk may name (each is an open file)
+MAX_DISK_BYTES = (1 << 63) - 1  # qemu's largest image; file offsets are signed 64-bit
 MAX_COMPRESSED_GRAIN_BYTES = 16 << 20  # a compressed grain is inflated in memory
 GT_CACHE_TABLES = 16  # grain tables kept per extent (qemu keeps 16 too)
 EMPTY_SCAN_TABLES = 8192  # grain tables tested for emptiness at once (16 MiB of 512-entry tables)
@@ -683,6 +685,7 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
         raise FormatError("invalid VMDK image descriptor: it names no extents")
     if len(descriptor.extents) > MAX_EXTENTS:
         raise UnsupportedError(f"vmdk descriptor names more than {MAX_EXTENTS} extents")
+    _check_extent_sizes(descriptor.extents)
     extents: list[DiskExtent] = []
     metadata = 0
     try:
@@ -702,6 +705,22 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
     return VmdkDriver(file.name, extents, descriptor)
 
 
+def _check_extent_sizes(lines: list[ExtentLine]) -> None:
+    """The disk is no larger than qemu's largest (qemu's words for it), and
+    every extent ends inside a file, before any extent is opened: offsets
+    past 2^63 bytes cannot be read (qemu wraps them around and reads the
+    start of the file)."""
+    if sum(line.sectors for line in lines) * SECTOR > MAX_VIRTUAL_SIZE:
+        raise FormatError("Could not refresh total sector count: File too large")
+    for line in lines:
+        end = ((line.offset or 0) + line.sectors) * SECTOR
+        if end > MAX_DISK_BYTES:
+            raise FormatError(
+                f"Invalid extent line: extent '{line.name}' ends {end} bytes into its file, "
+                "past the largest file offset"
+            )
+
+
 def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskExtent:
     """One extent line: check it, open its file through the resolver, read its header."""
     if line.access != "RW":
@@ -717,6 +736,13 @@ def _open_extent(line: ExtentLine, file: InputFile, resolver: Resolver) -> DiskE
     if kind not in ("FLAT", "VMFS", "SPARSE"):
         raise UnsupportedError(f"vmdk extents of type '{kind}' are not supported")
     extent_file = resolver.open_file(line.name, file, "extent")
+    if not (extent_file.is_regular or extent_file.is_block_device):
+        # A directory opens, then fails every read (EISDIR); a device or pipe
+        # has no size to speak of. qemu's file driver says this of both.
+        raise FormatError(
+            f"Could not open extent '{extent_file.name}': 'file' driver requires "
+            f"'{extent_file.name}' to be a regular file"
+        )
     if kind in ("FLAT", "VMFS"):
         return FlatExtent(extent_file, line.sectors, line.offset or 0, kind)
     header = read_sparse_header(extent_file)

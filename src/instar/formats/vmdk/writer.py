@@ -20,18 +20,16 @@ written in order.
 
 from __future__ import annotations
 
-import collections
 import os
 import secrets
-import sys
 import zlib
 from array import array
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
     DEFAULT_DESC_SECTORS,
@@ -71,7 +69,6 @@ GT_SECTORS = sectors_for(GT_BYTES)
 GT_COVERS = GRAIN_BYTES * DEFAULT_GTES_PER_GT  # bytes of disk one grain table maps
 # The GD is kept in memory by the stream writer: cap it like any metadata table.
 MAX_VIRTUAL_SIZE = (MAX_TABLE_BYTES // 4) * GT_COVERS
-_ZERO_GRAIN = bytes(GRAIN_BYTES)
 _WRITE_BUFFER = 1 << 20  # stream output is gathered into writes of about this size
 COMPRESS_LEVEL = zlib.Z_DEFAULT_COMPRESSION  # what qemu's compress() uses
 
@@ -165,82 +162,32 @@ class _FileOut:
             write_zeros(self.out.fd, start, end - start)
 
 
-class _GrainSequencer:
-    """Turns increasing-offset writes into whole grains, in order.
+class _GrainWriter:
+    """What both writers share: the descriptor, one grain table in memory, and
+    writes turned into runs of whole, non-zero grains.
 
-    A partial grain is assembled in a buffer (the rest stays zero); runs of
-    whole grains are handed on without copying, split around all-zero grains.
-    Subclasses allocate: ``_emit_run(first_grain, data)`` gets non-zero whole
-    grains, contiguous in the disk.
+    Subclasses allocate: ``_emit_run(first_grain, data)`` gets whole grains,
+    contiguous in the disk (see `UnitSequencer` for how long ``data`` lives).
     """
 
-    def __init__(self, virtual_size: int) -> None:
-        self._size = virtual_size
-        self._position = 0  # writes must not go back before this
-        self._pending_index = -1  # grain being assembled, or -1
-        self._pending = bytearray()
+    def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
+        self._grains = UnitSequencer(GRAIN_BYTES, virtual_size, self._emit_run)
+        self._file = _FileOut(out)
+        self._capacity = sectors_for(virtual_size)
+        self._descriptor = descriptor_for(out, self._capacity, opts)
+        self._gt_index = 0  # the grain table in memory
+        self._gt = array("I", bytes(GT_BYTES))
+        self._gt_dirty = False
 
     def write(self, offset: int, data: bytes) -> None:
-        if offset < self._position:
-            raise ValueError(f"vmdk writer: write at {offset} goes back before {self._position}")
-        if offset + len(data) > self._size:
-            raise ValueError("vmdk writer: write past the end of the image")
-        done = 0
-        while done < len(data):
-            position = offset + done
-            index, within = divmod(position, GRAIN_BYTES)
-            whole = (len(data) - done) // GRAIN_BYTES
-            if within == 0 and whole and index != self._pending_index:
-                self._flush_pending()
-                self._emit_whole(index, data, done, whole)
-                done += whole * GRAIN_BYTES
-                continue
-            if index != self._pending_index:
-                self._flush_pending()
-                self._pending_index = index
-                self._pending = bytearray(GRAIN_BYTES)
-            step = min(GRAIN_BYTES - within, len(data) - done)
-            self._pending[within : within + step] = data[done : done + step]
-            done += step
-            if within + step == GRAIN_BYTES:
-                self._flush_pending()
-        self._position = offset + len(data)
+        self._grains.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:
-        # A new image reads as zeros already; only keep the order honest.
-        if offset < self._position:
-            raise ValueError(f"vmdk writer: zeroes at {offset} go back before {self._position}")
-        self._position = offset + length
+        """Nothing to store: a new image reads as zeros (grain table entry 0)."""
+        self._grains.write_zeroes(offset, length)
 
-    def _flush_pending(self) -> None:
-        if self._pending_index < 0:
-            return
-        index, grain = self._pending_index, bytes(self._pending)
-        self._pending_index, self._pending = -1, bytearray()
-        if grain != _ZERO_GRAIN:
-            self._emit_run(index, grain)
-
-    def _emit_whole(self, first: int, data: bytes, start: int, count: int) -> None:
-        """Hand on ``count`` whole grains of ``data`` from ``start``, skipping zero ones."""
-        run_start = -1
-        for i in range(count):
-            begin = start + i * GRAIN_BYTES
-            is_zero = data[begin : begin + GRAIN_BYTES] == _ZERO_GRAIN
-            if is_zero and run_start >= 0:
-                self._emit_run(first + run_start, _slice(data, start, run_start, i))
-                run_start = -1
-            elif not is_zero and run_start < 0:
-                run_start = i
-        if run_start >= 0:
-            self._emit_run(first + run_start, _slice(data, start, run_start, count))
-
-    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+    def _emit_run(self, first: int, data: memoryview) -> None:
         raise NotImplementedError
-
-
-def _slice(data: bytes, start: int, first: int, end: int) -> memoryview:
-    """Grains ``[first, end)`` of ``data`` counted from ``start``, without a copy."""
-    return memoryview(data)[start + first * GRAIN_BYTES : start + end * GRAIN_BYTES]
 
 
 @dataclass(frozen=True)
@@ -283,14 +230,12 @@ def _header_descriptor_fields(capacity: int, desc_sectors: int) -> tuple[int, in
     return (0, 0) if capacity == 0 else (1, desc_sectors)
 
 
-class SparseWriter(_GrainSequencer):
+class SparseWriter(_GrainWriter):
     """monolithicSparse, laid out exactly as ``qemu-img create -f vmdk`` does."""
 
     def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
-        super().__init__(virtual_size)
-        self._file = _FileOut(out)
-        capacity = sectors_for(virtual_size)
-        descriptor = descriptor_for(out, capacity, opts)
+        super().__init__(out, virtual_size, opts)
+        capacity, descriptor = self._capacity, self._descriptor
         self._layout = layout = SparseLayout.compute(capacity, len(descriptor))
         desc_offset, desc_sectors = _header_descriptor_fields(capacity, layout.desc_sectors)
         flags = FLAG_NL_DETECT | FLAG_RGD | (FLAG_ZERO_GRAIN if opts.zeroed_grain else 0)
@@ -307,9 +252,6 @@ class SparseWriter(_GrainSequencer):
             overhead=layout.overhead,
         )
         self._next_sector = layout.overhead  # where the next grain goes
-        self._gt_index = 0  # the grain table in memory
-        self._gt = array("I", bytes(GT_BYTES))
-        self._gt_dirty = False
         self._gts_done = 0  # grain tables before this one are on disk
         self._write_metadata(header, descriptor)
 
@@ -333,13 +275,14 @@ class SparseWriter(_GrainSequencer):
         for first in range(0, layout.gt_count, per_chunk):
             count = min(per_chunk, layout.gt_count - first)
             start = layout.gt_sector(directory, first)
-            data = _le(array("I", range(start, start + count * GT_SECTORS, GT_SECTORS)))
-            end = (first + count) * 4
-            if end == layout.gt_count * 4:
-                data = data.ljust(layout.gd_sectors * SECTOR - first * 4, b"\0")
+            last = first + count == layout.gt_count  # pad the last chunk to whole sectors
+            data = pack_table(
+                range(start, start + count * GT_SECTORS, GT_SECTORS), 4, "little",
+                size=layout.gd_sectors * SECTOR - first * 4 if last else 0,
+            )
             self._file.pwrite(directory * SECTOR + first * 4, data)
 
-    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
+    def _emit_run(self, first: int, data: memoryview) -> None:
         count = len(data) // GRAIN_BYTES
         if self._next_sector + count * DEFAULT_GRAIN_SECTORS > MAX_EXTENT_SECTORS:
             raise OutputError("vmdk image is full: grain offsets are limited to 2 TiB of data")
@@ -362,7 +305,7 @@ class SparseWriter(_GrainSequencer):
         if self._file.out.in_place:
             self._zero_gts(self._gts_done, self._gt_index)
         if self._gt_dirty:
-            data = _le(self._gt)
+            data = pack_table(self._gt, 4, "little")
             for directory in (layout.rgd_offset, layout.gd_offset):
                 self._file.pwrite(layout.gt_sector(directory, self._gt_index) * SECTOR, data)
         elif self._file.out.in_place:
@@ -380,36 +323,26 @@ class SparseWriter(_GrainSequencer):
             )
 
     def close(self) -> None:
-        self._flush_pending()
+        self._grains.flush()
         if self._layout.gt_count:
             self._flush_gt()
             if self._file.out.in_place:
                 self._zero_gts(self._gts_done, self._layout.gt_count)
 
     def abort(self) -> None:
-        self._pending = bytearray()
+        pass
 
 
-def _le(table: array[int]) -> bytes:
-    """A uint32 table in little-endian byte order."""
-    if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
-        table = array("I", table)
-        table.byteswap()
-    return table.tobytes()
-
-
-def _compress(grain: bytes | memoryview) -> bytes:
+def _compress(grain: memoryview) -> bytes:
     return zlib.compress(grain, COMPRESS_LEVEL)
 
 
-class StreamWriter(_GrainSequencer):
+class StreamWriter(_GrainWriter):
     """streamOptimized in VMware's stream layout (footer and end-of-stream marker)."""
 
     def __init__(self, out: OutputFile, virtual_size: int, opts: VmdkCreateOptions) -> None:
-        super().__init__(virtual_size)
-        self._file = _FileOut(out)
-        capacity = sectors_for(virtual_size)
-        descriptor = descriptor_for(out, capacity, opts)
+        super().__init__(out, virtual_size, opts)
+        capacity, descriptor = self._capacity, self._descriptor
         desc_sectors = max(DEFAULT_DESC_SECTORS, sectors_for(len(descriptor)))
         overhead = -(-(1 + desc_sectors) // DEFAULT_GRAIN_SECTORS) * DEFAULT_GRAIN_SECTORS
         desc_offset, header_desc_sectors = _header_descriptor_fields(capacity, desc_sectors)
@@ -431,33 +364,20 @@ class StreamWriter(_GrainSequencer):
         )
         self._gt_count = gd_entries(capacity, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES_PER_GT)
         self._gd = array("I", bytes(4 * self._gt_count))
-        self._gt_index = 0
-        self._gt = array("I", bytes(GT_BYTES))
-        self._gt_dirty = False
         self._offset = overhead * SECTOR  # where the buffered bytes start
         self._buffer = bytearray()
-        workers = max(1, min(4, os.cpu_count() or 1))
-        self._pool: ThreadPoolExecutor | None = ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix="instar-vmdk"
+        self._pool = CompressionPool(
+            GRAIN_BYTES, lambda: _compress, self._store_grain, name="instar-vmdk"
         )
-        self._in_flight: collections.deque[tuple[int, Future[bytes]]] = collections.deque()
-        self._max_in_flight = 8 * workers
         region = self._header.pack() + descriptor.ljust(desc_sectors * SECTOR, b"\0")
         self._file.pwrite(0, region)
         self._file.zero_fill(len(region), overhead * SECTOR)
 
-    def _emit_run(self, first: int, data: bytes | memoryview) -> None:
-        assert self._pool is not None
-        for i in range(len(data) // GRAIN_BYTES):
-            grain = data[i * GRAIN_BYTES : (i + 1) * GRAIN_BYTES]
-            self._in_flight.append((first + i, self._pool.submit(_compress, grain)))
-            if len(self._in_flight) >= self._max_in_flight:
-                self._retire_one()
+    def _emit_run(self, first: int, data: memoryview) -> None:
+        self._pool.submit(first, data)
 
-    def _retire_one(self) -> None:
-        """Write the oldest compressed grain: marker, data, padding to a sector."""
-        index, future = self._in_flight.popleft()
-        compressed = future.result()
+    def _store_grain(self, index: int, grain: memoryview, compressed: bytes) -> None:
+        """Write a compressed grain, in grain order: marker, data, padding to a sector."""
         table, entry = divmod(index, DEFAULT_GTES_PER_GT)
         if table != self._gt_index:
             self._emit_gt()
@@ -493,17 +413,16 @@ class StreamWriter(_GrainSequencer):
         if self._gt_dirty:
             self._append(metadata_marker(GT_SECTORS, MARKER_GRAIN_TABLE))
             self._gd[self._gt_index] = self._sector()
-            self._append(_le(self._gt))
+            self._append(pack_table(self._gt, 4, "little"))
         self._gt = array("I", bytes(GT_BYTES))
         self._gt_dirty = False
 
     def close(self) -> None:
-        self._flush_pending()
-        while self._in_flight:
-            self._retire_one()
-        self._shutdown()
+        self._grains.flush()
+        self._pool.finish()
+        self._pool.close()
         self._emit_gt()
-        gd_bytes = _le(self._gd)
+        gd_bytes = pack_table(self._gd, 4, "little")
         self._append(metadata_marker(sectors_for(len(gd_bytes)), MARKER_GRAIN_DIRECTORY))
         gd_sector = self._sector()
         if gd_bytes:
@@ -514,15 +433,7 @@ class StreamWriter(_GrainSequencer):
         self._drain()
 
     def abort(self) -> None:
-        for _, future in self._in_flight:
-            future.cancel()
-        self._in_flight.clear()
-        self._shutdown()
-
-    def _shutdown(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True)
-            self._pool = None
+        self._pool.close()
 
 
 def create_writer(

@@ -10,15 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from instar.files import InputFile
-from instar.formats.base import (
-    FormatDetails,
-    OptionSchema,
-    OutputFile,
-    ParsedOptions,
-    Resolver,
-    Writer,
-)
+from instar.formats.base import FormatBase, FormatDetails, OptionSchema, ParsedOptions
 from instar.formats.options import Option
 
 # Here, not in layout, so that probing does not import the whole layout module.
@@ -28,8 +20,10 @@ if TYPE_CHECKING:
     from instar.image import Driver
 
 
-class VpcFormat:
+class VpcFormat(FormatBase):
     name = "vpc"
+    reader = "instar.formats.vpc.reader:open_vpc"
+    writer = "instar.formats.vpc.writer:create_writer"
     create_options = OptionSchema(
         "vpc",
         (
@@ -41,11 +35,6 @@ class VpcFormat:
     def probe(self, header: bytes, filename: str) -> int:
         """qemu looks at offset 0 only, so a fixed VHD (footer at the end) probes as raw."""
         return 100 if header[: len(FOOTER_COOKIE)] == FOOTER_COOKIE else 0
-
-    def open(self, file: InputFile, resolver: Resolver) -> Driver:
-        from instar.formats.vpc.reader import open_vpc
-
-        return open_vpc(file, resolver)
 
     def describe(self, driver: Driver) -> FormatDetails:
         """``vpc_get_info``: the block size as cluster size, except for a fixed disk."""
@@ -60,11 +49,6 @@ class VpcFormat:
 
         options = options or self.create_options.defaults()
         return declared_size(length, options.flag("force_size"))
-
-    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
-        from instar.formats.vpc.writer import create_writer
-
-        return create_writer(out, virtual_size, options)
 
 
 FORMAT = VpcFormat()

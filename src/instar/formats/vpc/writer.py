@@ -16,7 +16,6 @@ is allocated).
 
 from __future__ import annotations
 
-import sys
 import time
 import uuid
 from array import array
@@ -24,6 +23,7 @@ from array import array
 from instar.errors import CreationError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.common import pack_table, unit_spans
 from instar.formats.vpc.layout import (
     DEFAULT_BLOCK_SIZE,
     DISK_DYNAMIC,
@@ -117,15 +117,12 @@ class DynamicWriter:
 
     def write(self, offset: int, data: bytes) -> None:
         view = memoryview(data)
-        while view:
-            index, within = divmod(offset, self._block_size)
-            step = min(len(view), self._block_size - within)
+        for index, within, start, step in unit_spans(offset, len(data), self._block_size):
             if index != self._block:
                 self._enter_block(index)
-            pwrite_all(self._out.fd, view[:step], self._block_offset + self._bitmap_size + within)
+            where = self._block_offset + self._bitmap_size + within
+            pwrite_all(self._out.fd, view[start : start + step], where)
             self._mark(within, within + step)
-            view = view[step:]
-            offset += step
 
     def write_zeroes(self, offset: int, length: int) -> None:
         """Nothing to do: unwritten sectors already read as zeros (see module notes)."""
@@ -165,11 +162,7 @@ class DynamicWriter:
             max_table_entries=len(self._bat),
             block_size=self._block_size,
         ).pack()
-        bat = array("I", self._bat)
-        if sys.byteorder == "little":
-            bat.byteswap()
-        table = bat.tobytes()
-        table += b"\xff" * (self._bat_bytes - len(table))
+        table = pack_table(self._bat, 4, "big", size=self._bat_bytes, fill=0xFF)
         pwrite_all(self._out.fd, footer + header + table, 0)
         pwrite_all(self._out.fd, footer, self._next_free)
 

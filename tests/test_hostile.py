@@ -1,0 +1,458 @@
+"""The hostile corpus: every image of tests/hostile_corpus.py through six commands.
+
+Each image is built by the test (qemu-img bases patched in Python, or written
+from the format specifications) in a directory ``img/`` of its own, beside a
+directory ``secret/`` holding a canary file, which attacks name. Every command
+runs instar as a subprocess with the default sandbox and the limits a service
+would set (``--timeout 5 --max-memory 512M``):
+
+    dd if=X of=OUT   dd -O qcow2 if=X of=OUT   convert -O raw X OUT
+    info X           info --output=json X     compare X X
+
+and each run must either succeed with the right output (what qemu-img reads,
+where qemu reads the image; an image's own commands agree where it does not)
+or refuse in exactly one line (``instar: ...``, no traceback, no "internal
+error": an exception the worker did not expect); within 5 s of
+wall clock and 512 MiB of memory (the instar process and its worker); with no
+file left behind on failure (hidden temporary files included) and nothing of
+the canary, of /etc/passwd or of the environment in any output.
+
+Attacks on paths run the six commands with ``--allow img`` (the most a user
+would allow), and dd again without it: refused both ways.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import resource
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hostile_corpus as corpus
+from helpers import QEMU_IMG, require_qemu
+from hostile_corpus import Case, Place
+
+SRC = Path(__file__).resolve().parent.parent / "src"
+LIMIT_SECONDS = 5.0
+LIMIT_MEMORY = 512 << 20
+WATCHDOG_SECONDS = 8.0  # past instar's own --timeout: the run hangs
+QEMU_SECONDS = 30.0
+SCAN_LIMIT = 256 << 20  # bytes of data read from one output to look for the canary
+SANDBOX_WARNING = re.compile(r"instar: warning: sandbox layer \S+ is off: ")
+
+
+@dataclass
+class Run:
+    """One subprocess run of instar."""
+
+    label: str
+    args: list[str]
+    rc: int
+    stdout: bytes
+    stderr: bytes
+    seconds: float
+    max_rss: int  # bytes: the instar process or its worker, whichever was larger
+    cpu: float  # seconds of CPU, the process and its worker
+    hung: bool
+
+    @property
+    def stalled(self) -> bool:
+        """Killed by the watchdog, or over the time limit (instar's own --timeout)."""
+        return self.hung or self.seconds > LIMIT_SECONDS
+
+    def describe(self) -> str:
+        return (f"{self.label}: rc={self.rc} {self.seconds:.2f}s (CPU {self.cpu:.2f}s) "
+                f"rss={self.max_rss >> 20}MiB "
+                f"stderr={self.stderr.decode(errors='replace')[:400]!r}")
+
+
+def environment() -> dict[str, str]:
+    """The environment of every run: this checkout's code, default settings, and
+    a secret only /proc/self/environ holds."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("INSTAR_")}
+    env["PYTHONPATH"] = str(SRC) + os.pathsep + env.get("PYTHONPATH", "")
+    env["INSTAR_HOSTILE_SECRET"] = corpus.ENV_SECRET
+    env["LC_ALL"] = "C.UTF-8"
+    return env
+
+
+ENV = environment()
+
+
+def run_instar(label: str, args: list[str], place: Place) -> Run:
+    """``python -m instar --timeout 5 --max-memory 512M ARGS`` in the case's
+    directory, with its wall clock and its maximum resident size (wait4
+    reports the larger of the process and the children it waited for: the
+    worker). Its output is captured outside the case's directory."""
+    command = [sys.executable, "-m", "instar", "--timeout", "5", "--max-memory", "512M", *args]
+    out_path, err_path = place.scratch / "stdout", place.scratch / "stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        started = time.monotonic()
+        process = subprocess.Popen(command, cwd=place.root, stdin=subprocess.DEVNULL, stdout=out,
+                                   stderr=err, env=ENV, start_new_session=True)
+        hung = threading.Event()
+
+        def kill() -> None:
+            hung.set()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+
+        watchdog = threading.Timer(WATCHDOG_SECONDS, kill)
+        watchdog.start()
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        finally:
+            watchdog.cancel()
+        seconds = time.monotonic() - started
+        process.returncode = os.waitstatus_to_exitcode(status)
+        with contextlib.suppress(ProcessLookupError):  # a worker left behind
+            os.killpg(process.pid, signal.SIGKILL)
+    stdout, stderr = out_path.read_bytes(), err_path.read_bytes()
+    out_path.unlink()
+    err_path.unlink()
+    return Run(label, args, process.returncode, stdout, stderr, seconds,
+               usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, hung.is_set())
+
+
+def run_qemu(args: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes] | None:
+    """qemu-img, limited as instar is (memory, time); None if it did not finish."""
+    require_qemu("qemu-img")
+    assert QEMU_IMG is not None
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    try:
+        return subprocess.run([QEMU_IMG, *args], cwd=cwd, capture_output=True,
+                              timeout=QEMU_SECONDS, preexec_fn=limit, check=False)
+    except subprocess.TimeoutExpired:
+        return None
+
+
+# --- what is in a directory and in a file -----------------------------------------------------
+
+
+def listing(directory: Path) -> set[str]:
+    """Every name under ``directory``, hidden ones included (not following links)."""
+    names = set()
+    for root, dirs, files in os.walk(directory, followlinks=False):
+        for name in dirs + files:
+            names.add(os.path.relpath(os.path.join(root, name), directory))
+    return names
+
+
+def data_ranges(path: Path) -> list[tuple[int, int]]:
+    """(start, end) of the data of a (possibly sparse) file, by SEEK_DATA/SEEK_HOLE."""
+    ranges = []
+    with open(path, "rb") as handle:
+        fd, size, position = handle.fileno(), os.fstat(handle.fileno()).st_size, 0
+        while position < size:
+            try:
+                start = os.lseek(fd, position, os.SEEK_DATA)
+            except OSError:
+                break
+            end = os.lseek(fd, start, os.SEEK_HOLE)
+            ranges.append((start, end))
+            position = end
+    return ranges
+
+
+def chunks(path: Path, limit: int = SCAN_LIMIT) -> list[tuple[int, bytes]]:
+    """The data of ``path`` as (offset, bytes) pieces of at most 4 MiB; at most
+    ``limit`` bytes (an AssertionError beyond: an output that large is a finding)."""
+    pieces, total = [], 0
+    with open(path, "rb") as handle:
+        for start, end in data_ranges(path):
+            position = start
+            while position < end:
+                length = min(4 << 20, end - position)
+                handle.seek(position)
+                data = handle.read(length)
+                total += len(data)
+                assert total <= limit, f"{path.name} holds more than {limit} bytes of data"
+                pieces.append((position, data))
+                position += length
+    return pieces
+
+
+def same_content(first: Path, second: Path) -> str | None:
+    """None if the files read the same (holes as zeros), else where they differ."""
+    size_a, size_b = first.stat().st_size, second.stat().st_size
+    if size_a != size_b:
+        return f"{first.name} is {size_a} bytes, {second.name} {size_b}"
+    for this, other in ((first, second), (second, first)):
+        with open(other, "rb") as handle:
+            for offset, data in chunks(this):
+                handle.seek(offset)
+                theirs = handle.read(len(data))
+                theirs += bytes(len(data) - len(theirs))
+                if data != theirs:
+                    at = next(i for i in range(len(data)) if data[i] != theirs[i])
+                    return f"{this.name} and {other.name} differ at offset {offset + at}"
+    return None
+
+
+def leaks(data: bytes, forbidden: list[bytes]) -> list[bytes]:
+    return [secret for secret in forbidden if secret in data]
+
+
+# --- the six commands ---------------------------------------------------------------------------
+
+
+OUTPUTS = {"dd": "dd.raw", "dd -O qcow2": "dd.qcow2", "convert": "convert.raw"}
+
+
+def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]:
+    """(label, arguments) of the six commands; outputs go to ``out/``."""
+    f = ["-f", case.fmt] if case.fmt else []
+    a = ["--allow", "img"] if allow else []
+    return [
+        ("dd", ["dd", *f, *a, f"if={image}", "of=out/dd.raw"]),
+        ("dd -O qcow2", ["dd", *f, *a, "-O", "qcow2", f"if={image}", "of=out/dd.qcow2"]),
+        ("convert", ["convert", *f, *a, "-O", "raw", image, "out/convert.raw"]),
+        ("info", ["info", *f, *a, image]),
+        ("info json", ["info", *f, *a, "--output=json", image]),
+        ("compare", ["compare", *f, *a, *(["-F", case.fmt] if case.fmt else []), image, image]),
+    ]
+
+
+@dataclass
+class Checked:
+    """What the runs of one image showed: every problem, and the outputs kept."""
+
+    problems: list[str]
+    outputs: dict[str, Path]
+    runs: dict[str, Run]
+
+
+def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
+              forbidden: list[bytes], keep: Path | None, says: str | None) -> list[str]:
+    """The contract for one run; ``expect`` is "read", "refuse" or "either";
+    a refusal must contain ``says`` (a regex) where given."""
+    problems = []
+    where = run.describe()
+    if run.hung:
+        problems.append(f"HANG (killed after {WATCHDOG_SECONDS:g} s): {where}")
+    elif run.stalled:
+        problems.append(f"SLOW ({run.seconds:.1f} s): {where}")
+    if run.max_rss > LIMIT_MEMORY:
+        problems.append(f"MEMORY ({run.max_rss >> 20} MiB): {where}")
+    if b"Traceback" in run.stderr:
+        problems.append(f"TRACEBACK: {where}")
+    if b"internal error" in run.stderr:  # an exception instar did not expect, from the worker
+        problems.append(f"INTERNAL ERROR: {where}")
+    for stream, data in (("stdout", run.stdout), ("stderr", run.stderr)):
+        for secret in leaks(data, forbidden):
+            problems.append(f"LEAK of {secret[:16]!r} on {stream}: {where}")
+    lines = [line for line in run.stderr.decode("utf-8", "replace").splitlines()
+             if not SANDBOX_WARNING.match(line)]
+    output = place.out / OUTPUTS[run.label] if run.label in OUTPUTS else None
+    ok = run.rc == 0 and not lines
+    if ok:
+        if expect == "refuse":
+            problems.append(f"NOT REFUSED: {where}")
+        if output is not None:
+            if not output.exists():
+                problems.append(f"NO OUTPUT: {where}")
+            else:
+                for _, data in chunks(output):
+                    for secret in leaks(data, forbidden):
+                        problems.append(f"LEAK of {secret[:16]!r} in {output.name}: {where}")
+                if keep is not None:
+                    output.rename(keep / output.name)
+        if run.label == "compare" and run.stdout != b"Images are identical.\n":
+            problems.append(f"COMPARE says {run.stdout[:200]!r}: {where}")
+    else:
+        if expect == "read":
+            problems.append(f"NOT READ: {where}")
+        good_rc = (2, 3, 4) if run.label == "compare" else (1,)
+        if run.rc not in good_rc and not run.hung:
+            problems.append(f"EXIT {run.rc} (wanted {good_rc}): {where}")
+        if len(lines) != 1 or not lines[0].startswith("instar: "):
+            problems.append(f"NOT ONE LINE ({len(lines)} lines): {where}")
+        elif says and not re.search(says, lines[0]) and expect == "refuse":
+            problems.append(f"REASON not /{says}/: {where}")
+    after = listing(place.root)
+    if after != before:
+        added, removed = sorted(after - before), sorted(before - after)
+        if ok and output is not None:  # the output, moved aside above
+            added = [name for name in added if name != f"out/{output.name}"]
+        if added or removed:
+            problems.append(f"FILES added {added} removed {removed}: {where}")
+    if output is not None and output.exists():
+        output.unlink()  # a success kept elsewhere, or a failure's file (reported above)
+    return problems
+
+
+READING = ("dd", "dd -O qcow2", "convert", "compare")  # one read path: one stall stalls all
+
+
+def run_case(case: Case, place: Place, image: str) -> Checked:
+    """The six commands (with ``--allow img`` where the case asks), then dd
+    again without it for attacks on paths. Once a command of one kind
+    (reading the data, or info) hangs or runs out of time, the others of its
+    kind are not run: each would cost the full limit, and the case fails anyway."""
+    problems: list[str] = []
+    runs: dict[str, Run] = {}
+    kept = place.scratch / "kept"
+    kept.mkdir()
+    before = listing(place.root)
+    stalled: set[bool] = set()
+    allow = case.allow in ("dir", "both")
+    plan = [(label, args, allow) for label, args in commands(case, image, allow)]
+    if case.allow == "both":
+        plan += [(label, args, False) for label, args in commands(case, image, allow=False)
+                 if label == "dd"]
+    for label, args, allowed in plan:
+        kind = label in READING
+        if kind in stalled:
+            second = case.allow == "both" and not allowed
+            problems.append(f"NOT RUN after a stall: {label}{' (no --allow)' if second else ''}")
+            continue
+        run = run_instar(label, args, place)
+        says = case.says
+        if allowed or case.allow != "both":
+            runs[label] = run
+            expect = case.info if label.startswith("info") and case.info else case.expect
+        else:
+            expect = case.without_allow or (
+                case.info if label.startswith("info") and case.info else case.expect)
+            says = case.says_without_allow or says
+        forbidden = corpus.forbidden(neighbour_allowed=allowed)
+        problems += check_run(run, expect, case, place, before, forbidden,
+                              kept if allowed or case.allow != "both" else None, says)
+        if run.stalled:
+            stalled.add(kind)
+    outputs = {label: kept / OUTPUTS[label] for label in OUTPUTS
+               if (kept / OUTPUTS[label]).exists()}
+    return Checked(problems, outputs, runs)
+
+
+def check_contents(case: Case, place: Place, image: str, checked: Checked) -> list[str]:
+    """What succeeded read the right bytes: qemu-img's where qemu reads the image
+    (and qemu-img may be run on it), else the image's own convert output."""
+    problems: list[str] = []
+    outputs, runs = checked.outputs, checked.runs
+    f = ["-f", case.fmt] if case.fmt else []
+    reference: Path | None = None
+    qemu_size: int | None = None
+    # qemu-img reads the image only where instar did (in the time limit), so that
+    # it is never asked to copy the terabytes an image claims.
+    if case.qemu and ("convert" in outputs or "dd" in outputs or case.expect == "read"):
+        target = place.scratch / "kept" / "qemu.raw"
+        qemu = run_qemu(["convert", *f, "-O", "raw", image, str(target)], place.root)
+        if qemu is not None and qemu.returncode == 0:
+            reference = target
+        elif case.expect == "read":
+            problems.append(f"qemu-img does not read this image: {qemu and qemu.stderr!r}")
+    json_run = runs.get("info json")
+    if case.qemu and json_run is not None and json_run.rc == 0:
+        info = run_qemu(["info", *f, "--output=json", image], place.root)
+        if info is not None and info.returncode == 0:
+            qemu_size = json.loads(info.stdout)["virtual-size"]
+    if reference is None and "convert" in outputs:
+        reference = outputs["convert"]
+    for label in ("dd", "convert"):
+        if label in outputs and reference is not None and outputs[label] != reference:
+            difference = same_content(outputs[label], reference)
+            if difference:
+                problems.append(f"WRONG DATA from {label}: {difference}")
+    if "dd -O qcow2" in outputs and reference is not None:
+        readback = place.scratch / "kept" / "readback.raw"
+        qemu = run_qemu(["convert", "-f", "qcow2", "-O", "raw", str(outputs["dd -O qcow2"]),
+                         str(readback)], place.root)
+        if qemu is None or qemu.returncode != 0:
+            problems.append(f"qemu-img cannot read the qcow2 dd wrote: {qemu and qemu.stderr!r}")
+        else:
+            difference = same_content(readback, reference)
+            if difference:
+                problems.append(f"WRONG DATA from dd -O qcow2: {difference}")
+    if json_run is not None and json_run.rc == 0:
+        try:
+            size = json.loads(json_run.stdout)["virtual-size"]
+        except (ValueError, KeyError) as error:
+            problems.append(f"info --output=json is not qemu's JSON: {error}")
+        else:
+            wanted = qemu_size if qemu_size is not None else (
+                reference.stat().st_size if reference is not None else None)
+            if wanted is not None and size != wanted:
+                problems.append(f"info says virtual size {size}, not {wanted}")
+    if json_run is not None and json_run.rc == 0 and case.probes != "any":
+        with contextlib.suppress(ValueError, KeyError):
+            found, wanted_format = json.loads(json_run.stdout)["format"], case.probed_format(image)
+            if found != wanted_format:
+                problems.append(f"the image was read as {found}, not {wanted_format}: "
+                                "the case tests nothing")
+    human = runs.get("info")
+    if human is not None and human.rc == 0 and b"virtual size: " not in human.stdout:
+        problems.append(f"info printed no virtual size: {human.stdout[:200]!r}")
+    return problems
+
+
+# --- the test -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
+    require_qemu("qemu-img", "qemu-io")
+    return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))
+
+
+def nbd_listener() -> socket.socket | None:
+    """A listener on localhost:10809 (NBD's port) that no run may connect to
+    (None if the port is taken: by the other worker's, say)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setblocking(False)
+    try:
+        listener.bind(("127.0.0.1", 10809))
+    except OSError:
+        listener.close()
+        return None
+    listener.listen(8)
+    return listener
+
+
+def _case_param(case: Case) -> Any:
+    return pytest.param(case, id=f"{case.family}-{case.name}")
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("case", [_case_param(case) for case in corpus.CASES])
+def test_hostile_image(case: Case, bases: corpus.Bases, tmp_path: Path) -> None:
+    place = Place.make(tmp_path, bases)
+    image = "img/" + case.build(place)
+    listener = nbd_listener() if "nbd" in case.name else None
+    try:
+        checked = run_case(case, place, image)
+        problems = checked.problems + check_contents(case, place, image, checked)
+        if listener is not None:
+            with contextlib.suppress(BlockingIOError):
+                listener.accept()
+                problems.append("a run connected to localhost:10809")
+    finally:
+        if listener is not None:
+            listener.close()
+    assert not problems, "\n".join(problems)
+
+
+def test_the_corpus_is_large_and_every_class_is_documented() -> None:
+    """At least 150 images, every class with a docstring saying what it attacks."""
+    assert len(corpus.CASES) >= 150
+    names = [f"{case.family}-{case.name}" for case in corpus.CASES]
+    assert len(set(names)) == len(names)
+    for family in corpus.FAMILIES:
+        assert family.__doc__ and len(family.__doc__.split()) > 8, family.__name__
+    families = {case.family for case in corpus.CASES}
+    assert families == {family.__name__ for family in corpus.FAMILIES}
