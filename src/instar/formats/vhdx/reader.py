@@ -309,6 +309,8 @@ def _check_bat(
                         f"BAT entry {index} is partially present but its sector bitmap is not"
                     )
             index += 1
+            if corruption:
+                break  # the image cannot be read: no need to claim the rest
         return corruption[0] if corruption else None
     finally:
         claims.close()
@@ -362,7 +364,8 @@ def _alias(bat: array[int], geometry: Geometry, index: int, offset: int, length:
         return start, geometry.block_length(block), f"{block * geometry.block_size:#x}"
 
     _, _, this = describe(index)
-    for other in range(len(bat)):
+    first = bat.index(bat[index])  # an identical entry before it: found in C
+    for other in itertools.chain([first] if first != index else [], range(len(bat))):
         start, size, what = describe(other)
         if other == index or not size or not (start < offset + length and offset < start + size):
             continue

@@ -19,6 +19,7 @@ Where instar differs from qemu, it is stricter or follows the specification:
 
 from __future__ import annotations
 
+import itertools
 import sys
 from array import array
 from collections.abc import Iterator
@@ -189,7 +190,9 @@ def _alias(
     for start, length, what in regions:
         if start < host + span and host < start + length:
             return metadata_alias_message(max(host, start), guest, what)
-    for other, entry in enumerate(bat):
+    first = bat.index(bat[index])  # an identical entry before it: found in C
+    for other in itertools.chain([first] if first != index else [], range(len(bat))):
+        entry = bat[other]
         start = entry * SECTOR
         if entry != UNALLOCATED and other != index and start < host + span and host < start + span:
             # The blocks' guest offsets, and where the second begins to overlap the first.
