@@ -188,6 +188,31 @@ def test_qcow2_compressed_cluster_on_a_data_cluster(tmp_path: Path) -> None:
     )
 
 
+@pytest.mark.parametrize("where", ["same table", "another table"])
+def test_qcow2_compressed_cluster_named_twice(tmp_path: Path, where: str) -> None:
+    """One compressed cluster named by two L2 entries: in one table (found by
+    its start), or in two (by the sectors inside its range, its alone)."""
+    raw = tmp_path / "src.raw"
+    raw.write_bytes(random.Random(5).randbytes(2 * MiB).hex().encode())  # halves when deflated
+    image = tmp_path / "c.qcow2"
+    qemu_img_ok("convert", "-c", "-O", "qcow2", "-o", "cluster_size=4k", str(raw), str(image))
+    l2 = qcow2_l2(image)
+    entry = read_field(image, l2 + 8, ">Q")  # guest 0x1000
+    assert entry & COMPRESSED and (entry >> 54) & 0xFF >= 3  # 4 sectors or more
+    if where == "same table":
+        write_field(image, l2 + 8 * 5, ">Q", entry)  # guest 0x5000
+        host, other = entry & ((1 << 54) - 1), 0x5000
+    else:
+        write_field(image, qcow2_l2(image, 1), ">Q", entry)  # guest 0x200000: the next table
+        host, other = ((entry & ((1 << 54) - 1)) // 512 + 1) * 512, 0x200000
+    refused_everywhere(
+        image,
+        rf"c\.qcow2: host offset {host:#x} is mapped by two guest ranges, at guest offsets "
+        rf"0x1000 and {other:#x}{CORRUPT}",
+        tmp_path,
+    )
+
+
 def test_qcow2_external_data_file_aliases(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))  # the data file, beside the image
     image = tmp_path / "ext.qcow2"

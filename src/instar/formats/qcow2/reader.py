@@ -110,6 +110,7 @@ class Qcow2Driver(Driver):
             HostClaims(data_file.size, self._cluster) if data_file is not None else self._claims
         )
         self._compressed: HostClaims | None = None  # clusters holding compressed data
+        self._compressed_sectors: HostClaims | None = None  # sectors inside compressed ranges
         self._checked = HostClaims(len(l1), 1)  # L1 indices whose L2 table was claimed
         self._metadata: list[tuple[int, int, str]] = []  # (start, end, what), for messages
         self._metadata_claimed = False  # done by the first mapping, so info never pays
@@ -330,6 +331,7 @@ class Qcow2Driver(Driver):
             return
         data_file = self.data_file
         file_size = self._host.size
+        compressed: dict[int, int] = {}  # this table's compressed clusters: start -> guest
         run_host = run_count = run_guest = 0
         follow, follow_index = -1, -1  # the entry and index that would extend the run
         for index, entry in enumerate(entries):
@@ -343,6 +345,12 @@ class Qcow2Driver(Driver):
             guest = guest_base + index * cluster
             if entry & L.OFLAG_COMPRESSED:
                 if data_file is None:
+                    # One compressed cluster named twice in a table: its sectors
+                    # inside may be none (a small one), so compare starts too.
+                    start = self._compressed_range(entry)[0]
+                    if start in compressed:
+                        raise FormatError(alias_message(start, compressed[start], guest))
+                    compressed[start] = guest
                     self._claim_compressed(entry, guest)
                 continue
             host = entry & L.L2E_OFFSET_MASK
@@ -375,18 +383,53 @@ class Qcow2Driver(Driver):
         raise AssertionError("a failed claim without a claimed cluster")  # pragma: no cover
 
     def _claim_compressed(self, entry: int, guest: int) -> None:
-        """Compressed clusters may share host clusters (qemu packs them), but
-        not with data clusters or metadata."""
+        """Compressed clusters may share host clusters and even sectors (qemu
+        packs them byte after byte), but not with data clusters or metadata;
+        and the sectors strictly inside one's range (neither its first nor
+        its last, which the previous and next may share) are its alone."""
         host, size = self._compressed_range(entry)
         if host >= self.file.size:
             return  # reading it reports it
-        if self._claims.claimed(host, size):
-            raise self._alias_error(host, guest)
-        if self._compressed is None:
-            self._compressed = HostClaims(self.file.size, self._cluster)
         cluster = self._cluster
+        if self._claims.claimed(host, size):
+            for at in range(host & ~(cluster - 1), host + size, cluster):
+                if self._claims.claimed(at, cluster):
+                    raise self._alias_error(at, guest)
+        if self._compressed is None or self._compressed_sectors is None:
+            self._compressed = HostClaims(self.file.size, cluster)
+            self._compressed_sectors = HostClaims(self.file.size, L.SECTOR)
         for at in range(host & ~(cluster - 1), host + size, cluster):
             self._compressed.claim(at, cluster)
+        sectors = self._compressed_sectors
+        inside = (host // L.SECTOR + 1) * L.SECTOR  # the second sector of the range
+        end = host + size - L.SECTOR  # the start of its last sector
+        if inside < end and not sectors.claim(inside, end - inside):
+            for at in range(inside, end, L.SECTOR):
+                if not sectors.claim(at, L.SECTOR):
+                    raise self._compressed_alias_error(at, guest)
+
+    def _compressed_alias_error(self, sector: int, guest: int) -> FormatError:
+        """Which other compressed cluster holds ``sector`` inside its range
+        (every L2 table is read again: the error path only)."""
+        l1, index = self._l1, 0
+        while (index := self._next_allocated_table(index)) < len(l1):
+            try:
+                table = self._read_l2(index)
+            except FormatError:
+                index += 1
+                continue
+            entries = table[::2] if self._extended else table
+            for position, entry in enumerate(entries):
+                other = index * self._l2_span + position * self._cluster
+                if other == guest or not entry & L.OFLAG_COMPRESSED:
+                    continue
+                start, size = self._compressed_range(entry)
+                if (start // L.SECTOR + 1) * L.SECTOR <= sector < start + size - L.SECTOR:
+                    return FormatError(alias_message(sector, guest, other))
+            index += 1
+        return FormatError(  # pragma: no cover - a claim always has a claimant
+            f"host offset {sector:#x}, mapped at guest offset {guest:#x}, is mapped twice"
+        )
 
     def _compressed_range(self, entry: int) -> tuple[int, int]:
         """(host offset, bytes at most) of a compressed cluster's data."""
@@ -452,6 +495,8 @@ class Qcow2Driver(Driver):
         self._checked.close()
         if self._compressed is not None:
             self._compressed.close()
+        if self._compressed_sectors is not None:
+            self._compressed_sectors.close()
 
 
 def _subcluster_pieces(alloc: int, zero: int, allocated: bool) -> Pieces:
