@@ -411,6 +411,19 @@ class Qcow2Driver(Driver):
     def _compressed_alias_error(self, sector: int, guest: int) -> FormatError:
         """Which other compressed cluster holds ``sector`` inside its range
         (every L2 table is read again: the error path only)."""
+        for other, entry in self._every_entry():
+            if other == guest or not entry & L.OFLAG_COMPRESSED:
+                continue
+            start, size = self._compressed_range(entry)
+            if (start // L.SECTOR + 1) * L.SECTOR <= sector < start + size - L.SECTOR:
+                return FormatError(alias_message(sector, guest, other))
+        return FormatError(  # pragma: no cover - a claim always has a claimant
+            f"host offset {sector:#x}, mapped at guest offset {guest:#x}, is mapped twice"
+        )
+
+    def _every_entry(self) -> Iterator[tuple[int, int]]:
+        """(guest offset, L2 entry) of every cluster of every readable L2
+        table, for the alias errors' search for the other claimant."""
         l1, index = self._l1, 0
         while (index := self._next_allocated_table(index)) < len(l1):
             try:
@@ -420,16 +433,8 @@ class Qcow2Driver(Driver):
                 continue
             entries = table[::2] if self._extended else table
             for position, entry in enumerate(entries):
-                other = index * self._l2_span + position * self._cluster
-                if other == guest or not entry & L.OFLAG_COMPRESSED:
-                    continue
-                start, size = self._compressed_range(entry)
-                if (start // L.SECTOR + 1) * L.SECTOR <= sector < start + size - L.SECTOR:
-                    return FormatError(alias_message(sector, guest, other))
+                yield index * self._l2_span + position * self._cluster, entry
             index += 1
-        return FormatError(  # pragma: no cover - a claim always has a claimant
-            f"host offset {sector:#x}, mapped at guest offset {guest:#x}, is mapped twice"
-        )
 
     def _compressed_range(self, entry: int) -> tuple[int, int]:
         """(host offset, bytes at most) of a compressed cluster's data."""
@@ -446,25 +451,15 @@ class Qcow2Driver(Driver):
             for start, stop, what in self._metadata:
                 if start <= host < stop:
                     return FormatError(metadata_alias_message(host, guest, what))
-        l1, index = self._l1, 0
-        while (index := self._next_allocated_table(index)) < len(l1):
-            try:
-                table = self._read_l2(index)
-            except FormatError:
-                index += 1
+        for other, entry in self._every_entry():
+            if not entry or other == guest:
                 continue
-            entries = table[::2] if self._extended else table
-            for position, entry in enumerate(entries):
-                other = index * self._l2_span + position * cluster
-                if not entry or other == guest:
-                    continue
-                if entry & L.OFLAG_COMPRESSED:
-                    start, size = self._compressed_range(entry)
-                    if self.data_file is None and start < host + cluster and host < start + size:
-                        return FormatError(alias_message(host, guest, other))
-                elif entry & L.L2E_OFFSET_MASK == host:
+            if entry & L.OFLAG_COMPRESSED:
+                start, size = self._compressed_range(entry)
+                if self.data_file is None and start < host + cluster and host < start + size:
                     return FormatError(alias_message(host, guest, other))
-            index += 1
+            elif entry & L.L2E_OFFSET_MASK == host:
+                return FormatError(alias_message(host, guest, other))
         return FormatError(  # pragma: no cover - a claim always has a claimant
             f"host offset {host:#x}, mapped at guest offset {guest:#x}, is mapped twice"
         )
