@@ -214,3 +214,31 @@ def assert_option_refused_like_qemu(fmt: str, option: str, source: Path, tmp_pat
 def creation_options(fmt: Format, options: dict[str, str] | None = None) -> ParsedOptions:
     """``-o`` options for ``fmt.create``, checked by the format's schema as the CLI does."""
     return parse_options(fmt.create_options, CreateOptions(list((options or {}).items())))
+
+
+SAMPLE_IMAGES = Path(__file__).parent / "data" / "qemu-sample-images"
+
+
+def sample_image_names() -> list[str]:
+    """qemu's own sample images (made by Hyper-V, Virtual PC, Disk2VHD, ESXi,
+    Parallels, hdiutil, bximage, create_compressed_fs and a fuzzer), stored
+    bzip2-compressed in ``tests/data``, named without the ``.bz2``."""
+    return sorted(path.name.removesuffix(".bz2") for path in SAMPLE_IMAGES.glob("*.bz2"))
+
+
+def unpack_sample_image(name: str, directory: Path) -> Path:
+    """Decompress sample image ``name`` into ``directory``, sparse: zero
+    runs of the decompressed stream are skipped with a seek, so a 127 GiB
+    mostly-unallocated VHD costs only its data."""
+    import bz2
+
+    target = directory / name
+    chunk = 1 << 20
+    with bz2.open(SAMPLE_IMAGES / f"{name}.bz2", "rb") as source, open(target, "wb") as out:
+        while piece := source.read(chunk):
+            if piece.count(0) == len(piece):
+                out.seek(len(piece), os.SEEK_CUR)
+            else:
+                out.write(piece)
+        out.truncate()
+    return target

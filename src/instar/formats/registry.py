@@ -23,15 +23,17 @@ _DRIVERS: dict[str, str] = {
     "vhdx": "instar.formats.vhdx",
 }
 
-# Formats qemu-img knows, with the magic that identifies each (offset, bytes).
-_RECOGNISED_ONLY: dict[str, tuple[int, bytes]] = {
-    "vdi": (64, b"\x7f\x10\xda\xbe"),
-    "qed": (0, b"QED\x00"),
-    "luks": (0, b"LUKS\xba\xbe"),
-    "parallels": (0, b"WithoutFreeSpace"),
-    "bochs": (0, b"Bochs Virtual HD Image"),
-    "cloop": (0, b"#!/bin/sh\n#V2.0 Format\n"),
+# Formats qemu-img knows, with the magics that identify each (offset, bytes).
+_RECOGNISED_ONLY: dict[str, tuple[tuple[int, bytes], ...]] = {
+    "vdi": ((64, b"\x7f\x10\xda\xbe"),),
+    "qed": ((0, b"QED\x00"),),
+    "luks": ((0, b"LUKS\xba\xbe"),),
+    "parallels": ((0, b"WithoutFreeSpace"), (0, b"WithouFreSpacExt")),
+    "bochs": ((0, b"Bochs Virtual HD Image"),),
+    "cloop": ((0, b"#!/bin/sh\n#V2.0 Format\n"),),
 }
+# Formats qemu-img probes by the file name's ending, not by content.
+_RECOGNISED_BY_NAME: dict[str, str] = {"dmg": ".dmg"}
 
 
 # Every driver qemu-img 7.2 has ("Supported formats" in ``qemu-img --help``).
@@ -60,7 +62,15 @@ def unsupported_message(name: str, writing: bool) -> str:
 
 def known_names() -> list[str]:
     """Every format instar can name (readable or not)."""
-    return sorted(set(_DRIVERS) | set(_RECOGNISED_ONLY))
+    return sorted(set(_DRIVERS) | set(_RECOGNISED_ONLY) | set(_RECOGNISED_BY_NAME))
+
+
+def _recognised(name: str, header: bytes, filename: str) -> bool:
+    """Whether qemu's probe would pick ``name`` over raw for this file."""
+    if any(header[at : at + len(magic)] == magic for at, magic in _RECOGNISED_ONLY.get(name, ())):
+        return True
+    suffix = _RECOGNISED_BY_NAME.get(name)
+    return suffix is not None and filename.endswith(suffix)
 
 
 def get(name: str) -> Format | None:
@@ -75,7 +85,8 @@ def get(name: str) -> Format | None:
 
 def is_recognised_only(name: str) -> bool:
     """True for a format qemu has and instar does not (yet)."""
-    return (name in _RECOGNISED_ONLY or name in QEMU_DRIVERS) and name not in _DRIVERS
+    return (name in _RECOGNISED_ONLY or name in _RECOGNISED_BY_NAME
+            or name in QEMU_DRIVERS) and name not in _DRIVERS
 
 
 def probe(header: bytes, filename: str) -> Format:
@@ -94,10 +105,8 @@ def probe(header: bytes, filename: str) -> Format:
             best, best_score = fmt, score
     if best is not None and best.name != "raw":
         return best
-    for name, (offset, magic) in _RECOGNISED_ONLY.items():
-        if name in _DRIVERS:
-            continue
-        if header[offset : offset + len(magic)] == magic:
+    for name in _RECOGNISED_ONLY.keys() | _RECOGNISED_BY_NAME.keys():
+        if name not in _DRIVERS and _recognised(name, header, filename):
             raise UnsupportedError(
                 f"Could not open '{filename}': {unsupported_message(name, writing=False)}"
             )

@@ -54,8 +54,8 @@ from instar.formats.vpc.layout import (
 from instar.image import DATA, OFFSET_VALID, ZERO, Driver, Image, Run, file_runs
 from instar.safety import MAX_METADATA_CACHE_BYTES, MAX_NAME_BYTES, MAX_TABLE_BYTES
 
-MIN_BLOCK_SIZE = 4 << 10
 MAX_BLOCK_SIZE = 256 << 20
+MAX_TABLE_ENTRIES = 0x7FFFFFFF // 4  # qemu's bound: INT_MAX / 4
 _BITMAP_CACHE_BYTES = min(8 << 20, MAX_METADATA_CACHE_BYTES)
 
 # Parent locator platform codes instar follows, in the order it tries them.
@@ -79,7 +79,7 @@ def open_vpc(file: InputFile, resolver: Resolver) -> Driver:
         return FixedVpcDriver(file, size)  # an empty fixed disk: the footer is all there is
     if footer.disk_type not in (DISK_DYNAMIC, DISK_DIFFERENCING):
         raise FormatError(f"unsupported VHD disk type {footer.disk_type}")
-    header = _read_dynamic_header(file, footer.data_offset)
+    header = _read_dynamic_header(file, footer.data_offset, size)
     bat = _read_bat(file, header, size)
     corruption = _check_blocks(file, footer.data_offset, header, bat)
     parent = None
@@ -107,30 +107,36 @@ def _read_footer(file: InputFile) -> tuple[Footer, bool]:
     return Footer.parse(data), at_start
 
 
-def _read_dynamic_header(file: InputFile, offset: int) -> DynamicHeader:
-    data = file.pread_exact(offset, DYNAMIC_HEADER_SIZE, "dynamic disk header")
+def _read_dynamic_header(file: InputFile, offset: int, size: int) -> DynamicHeader:
+    """The dynamic disk header, checked in qemu's order so a bad image gets
+    qemu's message; bytes past the end of the file read as zeros, as qemu
+    reads them. The header checksum, which qemu ignores, is checked last."""
+    if offset >= file.size:
+        raise FormatError(f"dynamic disk header at offset {offset} lies beyond the end of the file")
+    data = file.pread(offset, DYNAMIC_HEADER_SIZE).ljust(DYNAMIC_HEADER_SIZE, b"\0")
     if data[: len(DYNAMIC_COOKIE)] != DYNAMIC_COOKIE:
         raise FormatError("Invalid header magic")
-    if not DynamicHeader.checksum_matches(data):
-        raise FormatError("Incorrect dynamic disk header checksum")
     header = DynamicHeader.parse(data)
     block_size = header.block_size
-    if block_size & (block_size - 1) or not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+    if block_size & (block_size - 1) or block_size < SECTOR:
+        raise FormatError(f"Invalid block size {block_size}")
+    if block_size > MAX_BLOCK_SIZE:
         raise FormatError(
-            f"Invalid block size {block_size} (instar reads powers of two "
-            f"from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE})"
-        )
+            f"Invalid block size {block_size} (instar reads blocks of up to {MAX_BLOCK_SIZE})")
+    if size // block_size > 0xFFFFFFFF:
+        raise FormatError("Too many blocks")
+    if header.max_table_entries * block_size < size:
+        raise FormatError("Page table too small")
+    if header.max_table_entries > MAX_TABLE_ENTRIES:
+        raise FormatError(f"Max Table Entries too large ({header.max_table_entries})")
+    if not DynamicHeader.checksum_matches(data):
+        raise FormatError("Incorrect dynamic disk header checksum")
     return header
 
 
 def _read_bat(file: InputFile, header: DynamicHeader, size: int) -> array[int]:
     """The BAT entries that cover the disk, each checked to lie inside the file."""
-    block_size = header.block_size
-    needed = -(-size // block_size)
-    if needed > 0xFFFFFFFF:
-        raise FormatError("Too many blocks")
-    if header.max_table_entries < needed:
-        raise FormatError("Page table too small")
+    needed = -(-size // header.block_size)
     if needed * 4 > MAX_TABLE_BYTES:
         raise FormatError(
             f"block allocation table of {needed} entries is over instar's "
