@@ -210,6 +210,24 @@ class FormatBase:
         return details
 
 
+class ReadOnlyFormat(FormatBase):
+    """A format qemu-img reads and cannot create (dmg, bochs, cloop): ``-O``
+    is refused in qemu's words (`registry.creation_refusal`) before any
+    writer would be asked for, and no ``info`` facts beyond size and name
+    (qemu's drivers have no get_info: no cluster size, no dirty flag)."""
+
+    writer = ""
+
+    def __init__(self) -> None:
+        self.create_options = OptionSchema(self.name)
+
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
+        raise AssertionError(f"{self.name} cannot be written: refused before creating")
+
+    def describe(self, driver: Driver) -> FormatDetails:
+        return FormatDetails(dirty=None)
+
+
 SECTOR = 512
 
 
