@@ -11,6 +11,7 @@ first), padded to sectors, then its sectors."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +56,7 @@ class Bochs:
             data += struct.pack("<IQ", 0, self.disk)
         return data.ljust(512, b"\0")
 
-    def bytes(self) -> bytes:
+    def build(self) -> bytes:
         per_extent = self.extent // SECTOR
         extents = list(self.order)
         for sector in sorted(self.stored):
@@ -125,7 +126,7 @@ IMAGES = {
 def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("bochs")
     for name, image in IMAGES.items():
-        (directory / name).write_bytes(image.bytes())
+        (directory / name).write_bytes(image.build())
     return directory
 
 
@@ -182,12 +183,11 @@ BASE = Bochs(1 << 20, stored=sectors(0, 8, 11))
 
 
 def header_case(**fields: object) -> bytes:
-    image = Bochs(**{**BASE.__dict__, **fields})  # type: ignore[arg-type]
-    return image.bytes()
+    return dataclasses.replace(BASE, **fields).build()  # type: ignore[arg-type]
 
 
 def poked(at: int, data: bytes) -> bytes:
-    image = bytearray(BASE.bytes())
+    image = bytearray(BASE.build())
     image[at : at + len(data)] = data
     return bytes(image)
 
@@ -203,7 +203,7 @@ HEADER_CASES = {
     "subtype-undoable": poked(48, b"Undoable\0"),
     "magic-not-terminated": poked(22, b"!"),
     "disk-not-a-sector-multiple": header_case(disk=(1 << 20) - 100),
-    "header-is-short": BASE.bytes()[:300],
+    "header-is-short": BASE.build()[:300],
 }
 
 
@@ -219,7 +219,7 @@ def test_header_checks_are_qemus(name: str, tmp_path: Path) -> None:
 
 @pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize(("name", "image", "says", "qemu_reads"), [
-    ("catalog-past-EOF", BASE.bytes()[:600], "the catalog (256 entries at offset 512) lies "
+    ("catalog-past-EOF", BASE.build()[:600], "the catalog (256 entries at offset 512) lies "
      "beyond the end of the file", True),
     ("extent-past-EOF", header_case(entries={0: 5000}), "catalog entry 0 points beyond the end "
      "of the file", True),
