@@ -65,10 +65,9 @@ class Bochs:
         catalog = [UNALLOCATED] * self.catalog_entries()
         for number, extent in enumerate(extents):
             catalog[extent] = number
-        catalog_bytes = bytes(struct.pack(f"<{len(catalog)}I", *catalog))
         for index, value in self.entries.items():
-            catalog_bytes = (catalog_bytes[: 4 * index] + struct.pack("<I", value)
-                             + catalog_bytes[4 * index + 4 :])
+            catalog[index] = value
+        catalog_bytes = struct.pack(f"<{len(catalog)}I", *catalog)
         bitmap_blocks = -(-self.bitmap // SECTOR)
         span = SECTOR * (bitmap_blocks + per_extent)
         data_offset = self.header_size + 4 * len(catalog)
