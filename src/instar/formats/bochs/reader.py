@@ -66,6 +66,11 @@ class Header:
         """Bytes from one extent's bitmap to the next one's."""
         return SECTOR * (self.bitmap_blocks + self.extent_blocks)
 
+    @property
+    def used(self) -> int:
+        """The catalog entries the disk reaches (qemu never reads the others)."""
+        return -(-self.sectors // (self.extent // SECTOR))
+
     def bitmap_offset(self, entry: int) -> int:
         return self.data_offset + entry * self.span
 
@@ -85,7 +90,7 @@ def open_bochs(file: InputFile, resolver: Resolver) -> Driver:
         raise FormatError(f"Extent size {extent} is not a power of two")
     if extent > MAX_EXTENT:
         raise FormatError(f"Extent size {extent} is too large")
-    if header.catalog < -(-header.sectors // (extent // SECTOR)):
+    if header.catalog < header.used:
         raise FormatError("Catalog size is too small for this disk size")
     size = header.catalog * 4
     data = file.pread(header.header_size, size)
@@ -106,10 +111,8 @@ def open_bochs(file: InputFile, resolver: Resolver) -> Driver:
 def _check_extents(file: InputFile, header: Header, catalog: array[int]) -> str | None:
     """Why reading must fail, or None: an allocated extent whose bitmap lies
     beyond the end of the file, an extent named twice, or one over the
-    header or the catalog. Only the entries the disk reaches count (qemu
-    never reads the others)."""
-    used = -(-header.sectors // (header.extent // SECTOR))
-    allocated = [entry for entry in catalog[:used] if entry != UNALLOCATED]
+    header or the catalog. Only the entries the disk reaches count."""
+    allocated = [entry for entry in catalog[: header.used] if entry != UNALLOCATED]
     if not allocated:
         return None
     bitmap_bytes = -(-header.extent // SECTOR // 8)
@@ -142,7 +145,7 @@ def _check_extents(file: InputFile, header: Header, catalog: array[int]) -> str 
 def _twice_named(header: Header, catalog: array[int]) -> str:
     """The message for the first extent two catalog entries name."""
     seen: dict[int, int] = {}
-    for index, entry in enumerate(catalog[: -(-header.sectors // (header.extent // SECTOR))]):
+    for index, entry in enumerate(catalog[: header.used]):
         if entry == UNALLOCATED:
             continue
         if entry in seen:

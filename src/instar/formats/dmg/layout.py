@@ -42,7 +42,8 @@ ADC, ZLIB, BZIP2, LZFSE = 0x80000004, 0x80000005, 0x80000006, 0x80000007
 COMMENT, LAST = 0x7FFFFFFE, 0xFFFFFFFF
 # What instar reads (qemu too, bzip2 when built with its dmg-bz2 module).
 KNOWN = frozenset((ZEROES, RAW, IGNORE, ZLIB, BZIP2))
-TYPE_NAMES = {ADC: "ADC", LZFSE: "lzfse"}
+TYPE_NAMES = {ZEROES: "zero", RAW: "raw", IGNORE: "ignore", ADC: "ADC", ZLIB: "zlib",
+              BZIP2: "bzip2", LZFSE: "lzfse"}
 
 MISH = b"mish"
 MISH_HEADER = 204  # bytes before the first chunk entry

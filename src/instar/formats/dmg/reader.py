@@ -94,7 +94,7 @@ def _corruption(file: InputFile, trailer: Trailer, chunks: Chunks) -> str | None
             continue
         if offsets[index] + lengths[index] > file.size:
             return (
-                f"{type_name_of(types[index])} chunk at guest offset {guest:#x} lies beyond "
+                f"{type_name(types[index])} chunk at guest offset {guest:#x} lies beyond "
                 "the end of the file (the image is truncated or corrupt)"
             )
         if types[index] == RAW and lengths[index] < counts[index] * SECTOR:
@@ -125,10 +125,6 @@ def _host_alias(trailer: Trailer, chunks: Chunks) -> str | None:
                 return metadata_alias_message(max(start, offsets[index]),
                                               sectors[index] * SECTOR, what)
     return None
-
-
-def type_name_of(kind: int) -> str:
-    return {RAW: "raw", ZLIB: "zlib", BZIP2: "bzip2"}.get(kind, type_name(kind))
 
 
 class DmgDriver(Driver):
@@ -197,7 +193,7 @@ class DmgDriver(Driver):
         chunks = self.chunks
         kind = chunks.types[index]
         size = chunks.counts[index] * SECTOR
-        where = (f"{type_name_of(kind)} chunk at guest offset "
+        where = (f"{type_name(kind)} chunk at guest offset "
                  f"{chunks.sectors[index] * SECTOR:#x}")
         data = self.file.pread(chunks.offsets[index], chunks.lengths[index])
         out = inflate(data, size, BZIP2_CODEC if kind == BZIP2 else ZLIB_CODEC, where)
