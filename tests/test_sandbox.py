@@ -256,3 +256,18 @@ def test_a_running_worker_seen_from_outside(tmp_path: Path) -> None:
 def test_errors_in_the_worker_stay_one_line(tmp_path: Path) -> None:
     with pytest.raises(InstarError, match="internal error in the worker: ZeroDivisionError"):
         in_worker(lambda: 1 // 0)
+
+
+@pytest.mark.parametrize("sonames", ["{'c': 'libc.so.6', 'seccomp': 'libseccomp.so.2'}",
+                                     "{'c': 'libc.so.6', 'seccomp': 'libnothing.so.9'}"])
+def test_seccomp_loads_with_known_sonames_or_the_real_lookup(sonames: str) -> None:
+    """pyseccomp is lent the sonames (fast); with a wrong one it still loads
+    through ctypes.util, and the lent module is never left behind."""
+    code = ("import sys; from instar import sandbox; sandbox._SONAMES = " + sonames + "; "
+            "sc = sandbox._import_pyseccomp(); import ctypes.util; "
+            "print(sc._libseccomp_path, ctypes.util.find_library.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    path, module = proc.stdout.split()
+    assert "seccomp" in path and module == "ctypes.util"
