@@ -271,3 +271,22 @@ def test_seccomp_loads_with_known_sonames_or_the_real_lookup(sonames: str) -> No
     assert proc.returncode == 0, proc.stderr
     path, module = proc.stdout.split()
     assert "seccomp" in path and module == "ctypes.util"
+
+
+def test_a_worker_stopped_after_its_commit_leaves_no_output(tmp_path: Path) -> None:
+    """The output takes its name when the result comes, not when the worker
+    asks: a timeout between the two leaves nothing, and no existing target
+    is replaced."""
+    target = tmp_path / "out.img"
+    target.write_bytes(b"old contents")
+
+    def job(broker: Broker, events: EventSink) -> None:
+        out = broker.create_output(str(target))
+        pwrite_all(out.fd, b"new", 0)
+        broker.commit_output(False)
+        time.sleep(30)
+
+    with pytest.raises(WorkerLimitError, match=r"took longer than 1 s"):
+        run_job(job, PathPolicy([]), SandboxSettings("require", timeout=1.0), inputs=[],
+                outputs=[str(target)])
+    assert os.listdir(tmp_path) == ["out.img"] and target.read_bytes() == b"old contents"

@@ -389,7 +389,11 @@ def report_missing_layers(states: list[LayerState]) -> None:
 
 def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettings,
            events: EventSink) -> Any:
+    """Answer the worker until its result comes. The output it commits takes
+    its name only then: a worker stopped (timeout, limit, death) after asking
+    leaves nothing behind, and the result and the output never disagree."""
     deadline = time.monotonic() + settings.timeout
+    commit: bool | None = None  # the durability the worker's commit asked for
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -407,6 +411,8 @@ def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettin
             raise _died(pid, settings)
         try:
             if "result" in message:
+                if commit is not None:
+                    host.commit_output(commit)
                 return message["result"]
             if "error" in message:
                 raise error_from_data(message["error"], settings.limits)
@@ -415,6 +421,9 @@ def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettin
             elif "layers" in message:
                 report_missing_layers([LayerState(str(n), bool(o), str(d))
                                        for n, o, d in message["layers"]])
+            elif message.get("request") == "commit_output":
+                commit = bool(message["durable"])
+                channel.send({"done": True})
             elif "request" in message:
                 _answer(channel, host, message)
             else:
@@ -445,9 +454,6 @@ def _answer(channel: Channel, host: HostBroker, message: dict[str, Any]) -> None
             channel.send({"done": True})
         elif request == "module":
             channel.send(module_reply(str(message["name"])))
-        elif request == "commit_output":
-            host.commit_output(bool(message["durable"]))
-            channel.send({"done": True})
         else:
             raise ProtocolError(f"an unknown request {request!r}")
     except (InstarError, OSError) as error:
