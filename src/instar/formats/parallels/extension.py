@@ -22,7 +22,6 @@ least 512 bytes (qemu aborts), an extension cluster larger than instar reads.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from typing import NamedTuple
 
@@ -73,8 +72,7 @@ def check_extension(
             f"Wrong parallels Format Extension magic: 0x{magic:x}, "
             f"expected: 0x{EXTENSION_MAGIC:x}"
         )
-    digest = hashlib.md5(memoryview(cluster)[_EXTENSION_HEADER.size :], usedforsecurity=False)
-    if digest.digest() != checksum:
+    if _md5(memoryview(cluster)[_EXTENSION_HEADER.size :]) != checksum:
         raise FormatError(
             "Wrong checksum in Format Extension header. Format extension is corrupted."
         )
@@ -152,6 +150,20 @@ def _check_bitmap(
             raise FormatError("Failed to read bitmap data cluster: Input/output error")
         regions.append(Region(start, cluster_size, f"data of dirty bitmap {name}"))
     return regions
+
+
+def _md5(data: memoryview) -> bytes:
+    """MD5 without importing hashlib, which in a confined worker would need every
+    compiled hash module: CPython's ``_md5``, loaded before the worker is forked
+    (`instar.worker_imports.EXTENSIONS`), else hashlib's (a Python built without it)."""
+    try:
+        import _md5  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:  # pragma: no cover - CPython has it unless built without
+        import hashlib
+
+        return hashlib.md5(data, usedforsecurity=False).digest()
+    digest: bytes = _md5.md5(data).digest()
+    return digest
 
 
 def _table_size(disk_bytes: int, granularity: int, cluster_size: int) -> int:
