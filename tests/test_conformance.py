@@ -967,6 +967,11 @@ PARALLELS_ROWS = table(
     row("truncated", PARALLELS, Cut(lambda p: file_end(p) - 128 * KiB),
         IN_IMAGE + "catalog entry 15 " + P_BEYOND, False, fails_at="status"),
     row("last-cluster-cut-short", PARALLELS, Cut(lambda p: file_end(p) - 60 * KiB), None, False),
+    row("entry-at-EOF", PARALLELS,
+        poke(catalog_entry(15), "<I", lambda p: file_end(p) // (64 * KiB)), None, False),
+    row("version-1-cluster-off-by-a-sector", PARALLELS_V1,
+        poke(catalog_entry(15), "<I", lambda p: field_at(p, catalog_entry(15), "<I") + 1),
+        None, False),
     row("two-entries-one-cluster", PARALLELS, poke(catalog_entry(8), "<I", entry_value(1)),
         IN_IMAGE + r"host offset 0x20000 is mapped by two guest ranges, at guest offsets 0x10000 "
         r"and 0x80000 " + P_TWICE, False, fails_at="status"),
