@@ -370,7 +370,7 @@ def inflate(data: bytes, limit: int, codec: str, where: str) -> bytes:
                 raise FormatError(f"{where} ends inside a zstd frame")
             ended = True  # a frame cut short earlier: callers check the length
         elif codec == BZIP2:
-            import bz2  # loaded before the worker is confined: the dmg reader imports it
+            import bz2  # on first use: only dmg has bzip2 units
 
             unpacker = bz2.BZ2Decompressor()
             out = unpacker.decompress(data, max_length=limit)

@@ -22,7 +22,6 @@ to read, as in qemu, with a message naming the chunk's type.
 
 from __future__ import annotations
 
-import bz2  # noqa: F401  (bzip2 chunks: loaded before the worker is confined)
 import itertools
 from array import array
 from bisect import bisect_right
