@@ -100,6 +100,8 @@ def detect(file: Readable) -> Detection:
     signature the file holds."""
     header = file.pread(0, PROBE_SIZE)
     probed = registry.probe_name(header, file.name)
+    if probed == "qcow2" and header[4:8] == b"\0\0\0\1":
+        probed = "qcow"  # qemu's qcow driver probes version 1, qcow2 versions 2 and up
     found = [probed]
     at_start = probed == "raw"
     if has_vhd_footer(file):

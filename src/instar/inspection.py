@@ -150,14 +150,16 @@ def _open(fmt: Format, file: InputFile, resolver: InspectResolver,
 
 
 def _vmdk_create_type(driver: Driver | None, file: Readable) -> str | None:
-    """The create type qemu would report: from the open image, else (its
-    extents left unopened) from the descriptor file itself."""
+    """The create type the VMDK's descriptor declares (None: no descriptor, or
+    none declared), from the open image, else (its extents left unopened) from
+    the descriptor file itself. qemu calls every monolithic file
+    monolithicSparse (or streamOptimized) whatever its descriptor says; other
+    readers go by the descriptor, and so does the verdict."""
     from instar.formats.vmdk import layout as vmdk_layout
-    from instar.formats.vmdk.info import create_type
     from instar.formats.vmdk.reader import VmdkDriver
 
     if isinstance(driver, VmdkDriver):
-        return create_type(driver)
+        return driver.descriptor.create_type if driver.descriptor is not None else None
     head = file.pread(0, min(file.size, vmdk_layout.MAX_DESCRIPTOR_BYTES))
     if not vmdk_layout.looks_like_descriptor(head[:2048]):
         return None
@@ -174,10 +176,14 @@ def _format_facts(name: str, driver: Driver | None, file: Readable,
     findings = []
     if name == "vmdk":
         kind = _vmdk_create_type(driver, file)
-        if kind is not None and kind not in policy.vmdk_types:
+        allowed = ' or '.join(policy.vmdk_types) or 'an allowed one'
+        if kind is None and (driver is not None or file.pread(0, 4) == b"KDMV"):
             findings.append(policy.finding(
-                "vmdk-create-type", f"the VMDK create type is {kind}, not "
-                f"{' or '.join(policy.vmdk_types) or 'an allowed one'}"))
+                "vmdk-create-type", f"the VMDK has no descriptor: its create type is "
+                f"unknown, not {allowed}"))
+        elif kind is not None and kind not in policy.vmdk_types:
+            findings.append(policy.finding(
+                "vmdk-create-type", f"the VMDK create type is {kind}, not {allowed}"))
         findings += _embedded_extent_names(driver, policy)
     if getattr(driver, "log_replayed", False):
         findings.append(policy.finding(
