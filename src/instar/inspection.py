@@ -36,6 +36,7 @@ from instar.detect import Readable, claim_fits, detect, mbr_problems, normal_nam
 from instar.errors import (
     FormatError,
     ImageOpenError,
+    InstarError,
     PolicyError,
     UnknownFeatureError,
     UnsupportedError,
@@ -236,7 +237,6 @@ def _check_walk(fmt: Format, driver: Driver, policy: InspectPolicy) -> list[Find
     check = getattr(fmt, "check", None)
     if check is None:
         return []
-    from instar.errors import InstarError
 
     try:
         result = check(driver)
@@ -354,4 +354,28 @@ def _check_claim(fmt: str) -> None:
         raise InvalidArgumentError(f"Unknown format '{fmt}'")
 
 
-__all__ = ["STRUCTURE_CHECKS", "InspectResolver", "inspect", "inspect_file", "walk"]
+
+
+class UnsafeImageError(InstarError):
+    """``--require-safe``: an input's verdict is unsafe (``verdict`` says why)."""
+
+    def __init__(self, verdict: Verdict) -> None:
+        first = verdict.unsafe_findings[0]
+        more = len(verdict.unsafe_findings) - 1
+        super().__init__(f"'{verdict.filename}' is not safe to read: {first.code}: "
+                         f"{first.message}" + (f" (and {more} more)" if more else ""))
+        self.verdict = verdict
+
+
+def require_safe(paths: list[str], fmt: str | None, *, allow: AllowedDirs = (),
+                 policy: InspectPolicy | None = None, force_share: bool = False) -> None:
+    """Raise `UnsafeImageError` for the first of ``paths`` whose verdict is
+    unsafe (``convert``/``dd --require-safe``, before anything is written)."""
+    for path in paths:
+        verdict = inspect(path, fmt, policy=policy, allow=allow, force_share=force_share)
+        if not verdict.safe:
+            raise UnsafeImageError(verdict)
+
+
+__all__ = ["STRUCTURE_CHECKS", "InspectResolver", "UnsafeImageError", "inspect", "inspect_file",
+           "require_safe", "walk"]

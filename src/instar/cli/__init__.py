@@ -57,8 +57,8 @@ Command syntax:
 filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \
 [-o options] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--allow dir] \
-filename [filename2 [...]] output_filename
-  dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] \
+[--require-safe] filename [filename2 [...]] output_filename
+  dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] [--require-safe] \
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir] \
 [--qemu-version version] filename
