@@ -29,8 +29,9 @@ table. Exit status: 0 safe, 2 unsafe, 1 could not inspect.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from instar.detect import Readable, claim_fits, detect, mbr_problems, normal_name
 from instar.errors import (
@@ -150,25 +151,34 @@ def _open(fmt: Format, file: InputFile, resolver: InspectResolver,
     return None
 
 
-def _vmdk_create_type(driver: Driver | None, file: Readable) -> str | None:
-    """The create type the VMDK's descriptor declares (None: no descriptor, or
-    none declared), from the open image, else (its extents left unopened) from
-    the descriptor file itself. qemu calls every monolithic file
-    monolithicSparse (or streamOptimized) whatever its descriptor says; other
-    readers go by the descriptor, and so does the verdict."""
+def _vmdk_create_type(driver: Driver | None, file: Readable) -> tuple[bool, str | None]:
+    """Whether the VMDK's descriptor could be read, and the create type it
+    declares (None: no descriptor, or none declared): from the open image,
+    else (unopened: its extents not allowed, or it is corrupt) from the file.
+    qemu calls every monolithic file monolithicSparse (or streamOptimized)
+    whatever its descriptor says; other readers go by the descriptor, and so
+    does the verdict."""
     from instar.formats.vmdk import layout as vmdk_layout
-    from instar.formats.vmdk.reader import VmdkDriver
+    from instar.formats.vmdk.reader import VmdkDriver, embedded_descriptor
 
-    if isinstance(driver, VmdkDriver):
-        return driver.descriptor.create_type if driver.descriptor is not None else None
-    head = file.pread(0, min(file.size, vmdk_layout.MAX_DESCRIPTOR_BYTES))
-    if not vmdk_layout.looks_like_descriptor(head[:2048]):
-        return None
     try:
+        if file.pread(0, 4) == b"KDMV":  # a sparse extent: its descriptor is embedded
+            header = vmdk_layout.SparseHeader.unpack(file.pread(0, vmdk_layout.SECTOR))
+            if not (header.desc_offset and header.desc_sectors):
+                return True, None  # none, by the specification (qemu still reads sector 1)
+            descriptor = driver.descriptor if isinstance(driver, VmdkDriver) else \
+                embedded_descriptor(cast("InputFile", file), header)
+            return True, descriptor.create_type if descriptor is not None else None
+        if isinstance(driver, VmdkDriver):  # a descriptor file, opened
+            kind = driver.descriptor.create_type if driver.descriptor is not None else None
+            return True, kind
+        head = file.pread(0, min(file.size, vmdk_layout.MAX_DESCRIPTOR_BYTES))
+        if not vmdk_layout.looks_like_descriptor(head[:2048]):
+            return False, None
         text = head.decode("utf-8", "surrogateescape").split("\0", 1)[0]
-        return vmdk_layout.parse_descriptor(text).create_type
-    except FormatError:
-        return None
+        return True, vmdk_layout.parse_descriptor(text).create_type
+    except (FormatError, struct.error):
+        return False, None  # the reader said what is wrong with it
 
 
 def _format_facts(name: str, driver: Driver | None, file: Readable,
@@ -176,9 +186,9 @@ def _format_facts(name: str, driver: Driver | None, file: Readable,
     """What an open image (or, for a VMDK, its descriptor) says beyond its mapping."""
     findings = []
     if name == "vmdk":
-        kind = _vmdk_create_type(driver, file)
+        known, kind = _vmdk_create_type(driver, file)
         allowed = ' or '.join(policy.vmdk_types) or 'an allowed one'
-        if kind is None and (driver is not None or file.pread(0, 4) == b"KDMV"):
+        if known and kind is None:
             findings.append(policy.finding(
                 "vmdk-create-type", f"the VMDK has no descriptor: its create type is "
                 f"unknown, not {allowed}"))
@@ -210,19 +220,20 @@ def _embedded_extent_names(driver: Driver | None, policy: InspectPolicy) -> list
 # --- step 3: the walk ---------------------------------------------------------------------------
 
 
-def walk(driver: Driver) -> None:
-    """Ask for the mapping of the whole image and inflate every compressed
-    unit once: the reader's checks raise FormatError on what is corrupt."""
-    last: object = None
+def walk(image: BlockImage) -> None:
+    """Ask for the mapping of the whole image and read every compressed run
+    (each unit inflated once, never past its unit, and long enough for what
+    the disk needs): the reader's checks raise FormatError on what is corrupt.
+    Data is never read otherwise: the walk costs the image's metadata."""
+    driver = image.driver
     for run in driver.map(0, driver.virtual_size):
-        if run.flags & COMPRESSED and run.unit != last:
-            driver.decompress(run)
-            last = run.unit
+        if run.flags & COMPRESSED:
+            image.read(run.start, run.end - run.start)
 
 
-def _reader_walk(fmt: Format, driver: Driver, policy: InspectPolicy) -> list[Finding]:
+def _reader_walk(fmt: Format, image: BlockImage, policy: InspectPolicy) -> list[Finding]:
     try:
-        walk(driver)
+        walk(image)
     except FormatError as error:
         return [policy.finding("corrupt", str(error))]
     except UnsupportedError as error:
@@ -230,7 +241,7 @@ def _reader_walk(fmt: Format, driver: Driver, policy: InspectPolicy) -> list[Fin
     return []
 
 
-def _check_walk(fmt: Format, driver: Driver, policy: InspectPolicy) -> list[Finding]:
+def _check_walk(fmt: Format, image: BlockImage, policy: InspectPolicy) -> list[Finding]:
     """The corruptions the format's structural check (``instar check``) finds,
     where the format has one (``Format.check`` returning a result whose
     ``findings`` have a kind, a code and a message)."""
@@ -239,7 +250,7 @@ def _check_walk(fmt: Format, driver: Driver, policy: InspectPolicy) -> list[Find
         return []
 
     try:
-        result = check(driver)
+        result = check(image.driver)
     except (InstarError, OSError):
         return []  # no check for this format, or it could not look: the walk reports
     return [policy.finding("corrupt", f"{item.message} ({item.code})")
@@ -247,7 +258,7 @@ def _check_walk(fmt: Format, driver: Driver, policy: InspectPolicy) -> list[Find
             if getattr(item, "kind", None) == "corruption"]
 
 
-StructureCheck = Callable[["Format", Driver, InspectPolicy], list[Finding]]
+StructureCheck = Callable[["Format", BlockImage, InspectPolicy], list[Finding]]
 # What step 3 runs over an open image, in order: each returns its findings.
 STRUCTURE_CHECKS: list[StructureCheck] = [_reader_walk, _check_walk]
 
@@ -276,8 +287,9 @@ def inspect_file(file: InputFile, claimed: str | None, policy: InspectPolicy, *,
         if driver is not None and fmt is not None:
             virtual_size = driver.virtual_size
             if structure:
+                image = BlockImage(driver)
                 for check in STRUCTURE_CHECKS:
-                    findings += check(fmt, driver, policy)
+                    findings += check(fmt, image, policy)
     finally:
         if driver is not None:
             driver.close()
