@@ -12,8 +12,9 @@ unchanged and keeps only what the verdict needs, in bounded memory:
   most): each time a captured region completes, the format's reader opens
   what has been captured (in the sandboxed worker) and names the next region
   it needs, if that is still ahead in the stream;
-- the last ``TAIL_BYTES`` (a VHD footer, a streamOptimized VMDK's footer and
-  grain directory).
+- the last ``TAIL_BYTES`` that passed: at the end, a VHD footer, a
+  streamOptimized VMDK's footer and grain directory; mid-stream, the
+  structures that follow a region just captured.
 
 At the end of the stream the verdict of steps 1 and 2 of `instar.inspection`
 is computed over those regions: the same as ``inspect(path,
@@ -52,15 +53,26 @@ if TYPE_CHECKING:
 HEAD_BYTES = 4 << 20
 TAIL_BYTES = 1 << 20
 CAPTURE_BUDGET = 32 << 20  # bytes of regions the headers point to, kept at once
+MIN_REGION = 64 << 10  # a region is captured with what follows it, up to this length
 MAX_PASSES = 32  # times the headers are read again for a region they need
 UNKNOWN_SIZE = 1 << 62  # the stream's size as readers see it before its end
+NEAR_THE_END = 1 << 40  # reads this close to UNKNOWN_SIZE are relative to the end
 CHUNK = 1 << 20  # what iterating the wrapper reads at a time
 
-# Findings the rest of a stream cannot take back: an intermediate verdict with
-# one of these unsafe stops the upload early, where asked (``abort_unsafe``).
+# Findings the rest of a stream cannot take back (but see `_final`): an
+# intermediate verdict with one of these unsafe stops the upload early, where
+# asked (``abort_unsafe``).
 FINAL_CODES = frozenset({"format-mismatch", "multiple-formats", "backing-file", "data-file",
                          "external-extent", "unknown-features", "format-refused",
                          "vmdk-create-type"})
+
+
+def _final(code: str, verdict: Verdict) -> bool:
+    """Whether the rest of the stream cannot take a finding back: a raw start
+    may still turn out to be a fixed VHD (its footer ends the stream)."""
+    if code == "format-mismatch":
+        return verdict.format != "raw"
+    return code in FINAL_CODES
 
 
 class NotCaptured(Exception):
@@ -86,7 +98,8 @@ class CaptureView(ExactReads):
     """What a reader sees of a stream: the captured pieces, at their offsets.
 
     A read of anything else raises `NotCaptured`; past ``size`` (the end of
-    the stream, or `UNKNOWN_SIZE` before it) it reads nothing, as a file does.
+    the stream, or `UNKNOWN_SIZE` before it) it reads nothing, as a file does,
+    and before the end is known so does a read relative to it (a footer).
     """
 
     fd = -1
@@ -102,6 +115,8 @@ class CaptureView(ExactReads):
     def pread(self, offset: int, length: int) -> bytes:
         if length <= 0 or offset >= self.size:
             return b""
+        if self.size == UNKNOWN_SIZE and offset >= UNKNOWN_SIZE - NEAR_THE_END:
+            return b""  # the end is not known yet: nothing is there yet
         end = min(offset + length, self.size)
         parts: list[bytes] = []
         position = offset
@@ -294,10 +309,13 @@ class InspectingStream:
             pwrite_all(self._spool_fd, data, offset)
 
     def _view(self, final: bool) -> CaptureView:
+        """The captured pieces: the head, the wanted regions, and the last
+        bytes that passed (the tail at the end; mid-stream, the recent bytes,
+        where the next structure a region points to often lies)."""
         size = self.position if final else UNKNOWN_SIZE
         pieces = [(0, bytes(self._head))]
         pieces += [(start, bytes(data)) for start, data in self._wanted.items()]
-        if final and self._tail:
+        if self._tail:
             tail = b"".join(self._tail)
             pieces.append((self.position - len(tail), tail))
         return CaptureView(self.name, size, pieces)
@@ -326,17 +344,23 @@ class InspectingStream:
             self._header = verdict
             return
         self.early = verdict
-        if self._abort and any(finding.code in FINAL_CODES
+        if self._abort and any(_final(finding.code, verdict)
                                for finding in verdict.unsafe_findings):
             raise UnsafeStreamError(verdict)
 
     def _want(self, offset: int, length: int) -> None:
-        """Keep ``length`` bytes at ``offset`` from now on, if they are still to come."""
+        """Keep ``length`` bytes at ``offset`` from now on, if they are still to
+        come, with what lies between here and there where the budget allows:
+        the structure a region points to next often lies before it."""
         if offset < self.position or offset in self._wanted:
             return  # passed: the final pass will say the stream is incomplete
-        length = min(length, CAPTURE_BUDGET - self._captured)
-        if length <= 0 or offset >= UNKNOWN_SIZE - TAIL_BYTES:
-            return  # past the budget, or relative to an end not known yet
+        room = CAPTURE_BUDGET - self._captured
+        length = max(length, MIN_REGION)
+        if offset + length - self.position <= room:
+            length, offset = offset + length - self.position, self.position
+        length = min(length, room)
+        if length <= 0:
+            return  # past the budget
         self._wanted[offset] = bytearray()
         self._lengths[offset] = length
         self._captured += length
