@@ -1,6 +1,6 @@
 """``instar inspect``: one verdict on an upload (not a qemu-img command).
 
-    instar inspect [-U] [-f claimed] [--output human|json] [--allow-backing]
+    instar inspect [-U] [-f claimed] [--output=ofmt] [--allow-backing]
                    [--allow-data-file] [--allow-extents] [--accept codes]
                    [--vmdk-types T1,T2] [--allow-formats F1,F2] [--policy FILE]
                    [--allow dir] FILE
@@ -14,12 +14,12 @@ from __future__ import annotations
 import sys
 
 from instar.cli.getopt import GetoptError, gnu_getopt
-from instar.errors import InvalidArgumentError, UsageError
+from instar.errors import InvalidArgumentError, UnsupportedError, UsageError
 
 HELP = """\
-usage: instar inspect [-U] [-f claimed] [--output human|json] [--allow-backing]
+usage: instar inspect [-U] [-f claimed] [--output=ofmt] [--allow-backing]
                       [--allow-data-file] [--allow-extents] [--accept codes]
-                      [--vmdk-types T1,T2] [--allow-formats F1,F2] [--policy FILE]
+                      [--vmdk-types T1,T2] [--allow-formats F1,F2] [--policy file]
                       [--allow dir] filename
 
 Say whether an image is safe to convert: its detected format, its virtual size,
@@ -34,17 +34,19 @@ and each finding (a stable code and a message). Exit status: 0 safe, 2 unsafe,
   --vmdk-types T1,T2     the VMDK create types allowed
                          (default monolithicSparse,streamOptimized)
   --allow-formats F1,F2  formats taken off the refused list (default: qed, luks refused)
-  --policy FILE          read the policy from FILE first (docs/inspect.md)
+  --policy file          read the policy from a file first (docs/inspect.md)
   --allow dir            files the image names may be opened from dir, where allowed
   -U, --force-share      read an image a running qemu holds a write lock on
   -h, --help             show this help
+
+Not supported (refused): --object objectdef, --image-opts
 """
 
 SHORT_OPTIONS = "hf:U"
 LONG_OPTIONS = {"help": False, "format": True, "output": True, "allow-backing": False,
                 "allow-data-file": False, "allow-extents": False, "accept": True,
                 "vmdk-types": True, "allow-formats": True, "policy": True, "allow": True,
-                "force-share": False}
+                "force-share": False, "object": True, "image-opts": False}
 SWITCHES = {"--allow-backing": "backing-file", "--allow-data-file": "data-file",
             "--allow-extents": "external-extent"}
 
@@ -89,6 +91,8 @@ def run(args: list[str]) -> int:
             allow.append(value)
         elif option in ("-U", "--force-share"):
             force_share = True
+        elif option in ("--object", "--image-opts"):
+            raise UnsupportedError(f"{option} is not supported")
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")
     base = load_policy(policy_file) if policy_file is not None else InspectPolicy()
