@@ -868,6 +868,107 @@ VHDX_ROWS = table(
 )  # fmt: skip
 
 
+# --- vdi --------------------------------------------------------------------------------------
+
+
+def build_vdi(directory: Path) -> None:
+    """A dynamic 5 MiB image: blocks 0-2 of data (zeros written in block 1), block 3
+    never written, 4 KiB in block 4."""
+    qemu_img_ok("create", "-q", "-f", "vdi", str(directory / "v.vdi"), "5M")
+    for command in ("write -P 0x42 0 3M", "write -z 1M 512k", "write -P 0x43 4M 4k"):
+        qemu_io(directory / "v.vdi", command, "vdi")
+
+
+def build_vdi_static(directory: Path) -> None:
+    qemu_img_ok("create", "-q", "-f", "vdi", "-o", "static=on", str(directory / "v.vdi"), "3M")
+    qemu_io(directory / "v.vdi", "write -P 0x44 1M 5k", "vdi")
+
+
+VDI = Base("vdi", build_vdi, "v.vdi")
+VDI_STATIC = Base("vdi-static", build_vdi_static, "v.vdi")
+# Header fields (little-endian): signature, version, header size, image type, block
+# map and data offsets, sector size, disk size, block size, blocks, link and parent UUIDs.
+(VDI_SIGNATURE, VDI_VERSION, VDI_HEADER_SIZE, VDI_TYPE, VDI_BMAP, VDI_DATA, VDI_SECTOR,
+ VDI_DISK_SIZE, VDI_BLOCK_SIZE, VDI_BLOCKS, VDI_LINK, VDI_PARENT) = (
+    64, 68, 72, 76, 0x154, 0x158, 0x168, 0x170, 0x178, 0x180, 0x1A8, 0x1B8)
+VDI_BEYOND = r"points beyond the end of the file \(the image is truncated or corrupt\)"
+VDI_TWICE = r"\(a host unit mapped twice: the image is corrupt\)"
+UNSUPPORTED_VDI = OPENING + r"unsupported VDI image \("
+
+
+def vdi_entry(index: int) -> int:
+    return 0x200 + 4 * index  # where qemu puts the block map
+
+
+VDI_ROWS = table(
+    "vdi", "vdi",
+    # qemu's checks, in its order and words.
+    row("bad-signature", VDI, poke(VDI_SIGNATURE, "<I", 0xDEADBEEF),
+        OPENING + r"Image not in VDI format \(bad signature deadbeef\)", True, same_as_qemu=True,
+        probes=False),
+    row("version-1.2", VDI, poke(VDI_VERSION, "<I", 0x00010002),
+        UNSUPPORTED_VDI + r"version 1\.2\)", True, same_as_qemu=True),
+    row("unaligned-block-map", VDI, poke(VDI_BMAP, "<I", 0x201),
+        UNSUPPORTED_VDI + r"unaligned block map offset 0x201\)", True, same_as_qemu=True),
+    row("unaligned-data", VDI, poke(VDI_DATA, "<I", 0x401),
+        UNSUPPORTED_VDI + r"unaligned data offset 0x401\)", True, same_as_qemu=True),
+    row("sector-size-4096", VDI, poke(VDI_SECTOR, "<I", 4096),
+        UNSUPPORTED_VDI + r"sector size 4096 is not 512\)", True, same_as_qemu=True),
+    row("block-size-2M", VDI, poke(VDI_BLOCK_SIZE, "<I", 2 * MiB),
+        UNSUPPORTED_VDI + r"block size 2097152 is not 1048576\)", True, same_as_qemu=True),
+    row("disk-larger-than-its-blocks", VDI, poke(VDI_DISK_SIZE, "<Q", 6 * MiB),
+        UNSUPPORTED_VDI + r"disk size 6291456, image bitmap has room for 5242880\)", True,
+        same_as_qemu=True),
+    row("huge-disk-size", VDI, poke(VDI_DISK_SIZE, "<Q", 1 << 60),
+        OPENING + r"Unsupported VDI image size \(size is 0x1000000000000000, max supported is "
+        r"0x1fffff8000000\)", True, same_as_qemu=True),
+    row("link-UUID", VDI, poke(VDI_LINK, "<I", 1), UNSUPPORTED_VDI + r"non-NULL link UUID\)",
+        True, same_as_qemu=True),
+    row("parent-UUID", VDI, poke(VDI_PARENT + 15, "B", 1),
+        UNSUPPORTED_VDI + r"non-NULL parent UUID\)", True, same_as_qemu=True),
+    row("too-many-blocks", VDI, poke(VDI_BLOCKS, "<I", 0x20000000),
+        UNSUPPORTED_VDI + r"too many blocks 536870912, max is 536870784\)", True,
+        same_as_qemu=True),
+    row("header-cut-short", VDI, Cut(300), UNSUPPORTED_VDI + r"sector size 0 is not 512\)", True,
+        same_as_qemu=True),
+    # Read as qemu reads them: a size rounded up to a sector, discarded blocks.
+    row("odd-disk-size", VDI, poke(VDI_DISK_SIZE, "<Q", 5 * MiB - 100), None, False),
+    row("discarded-blocks", VDI, (poke(vdi_entry(0), "<I", 0xFFFFFFFE),
+                                  poke(vdi_entry(4), "<I", 0xFFFFFFFE)), None, False),
+    row("static-block-unallocated", VDI_STATIC, poke(vdi_entry(1), "<I", 0xFFFFFFFF), None, False),
+    # qemu reads these; instar refuses them (docs/formats/vdi.md).
+    row("header-size-0x100", VDI, poke(VDI_HEADER_SIZE, "<I", 0x100),
+        UNSUPPORTED_VDI + r"header size 0x100 is smaller than a version 1\.1 header, 0x180\)",
+        False),
+    row("differencing-image", VDI, poke(VDI_TYPE, "<I", 4),
+        UNSUPPORTED_VDI + r"image type 4: a differencing image, which needs its parent\)", False),
+    row("image-type-0", VDI, poke(VDI_TYPE, "<I", 0),
+        UNSUPPORTED_VDI + r"unknown image type 0\)", False),
+    row("block-map-beyond-EOF", VDI, poke(VDI_BMAP, "<I", 1 << 30),
+        OPENING + r"the block map \(5 entries at offset 1073741824\) extends beyond the end of "
+        r"the file \(the image is truncated or corrupt\)", False),
+    # ... when it maps the disk: info still describes it.
+    row("entry-beyond-EOF", VDI, poke(vdi_entry(0), "<I", 0x00FFFFFF),
+        IN_IMAGE + "block map entry 0 " + VDI_BEYOND, False, fails_at="status"),
+    row("truncated", VDI, Cut(lambda p: file_end(p) - 4096),
+        IN_IMAGE + "block map entry 4 " + VDI_BEYOND, False, fails_at="status"),
+    row("static-truncated", VDI_STATIC, Cut(lambda p: file_end(p) - 4096),
+        IN_IMAGE + "block map entry 2 " + VDI_BEYOND, False, fails_at="status"),
+    row("two-entries-one-block", VDI, poke(vdi_entry(1), "<I", 0),
+        IN_IMAGE + r"host offset 0x400 is mapped by two guest ranges, at guest offsets 0x0 and "
+        r"0x100000 " + VDI_TWICE, False, fails_at="status"),
+    row("static-two-entries-one-block", VDI_STATIC, poke(vdi_entry(2), "<I", 1),
+        IN_IMAGE + r"host offset 0x100400 is mapped by two guest ranges, at guest offsets "
+        r"0x100000 and 0x200000 " + VDI_TWICE, False, fails_at="status"),
+    row("data-over-the-header", VDI, poke(VDI_DATA, "<I", 0),
+        IN_IMAGE + r"host offset 0x0, mapped at guest offset 0x0, is also the header " + VDI_TWICE,
+        False, fails_at="status"),
+    row("data-over-the-block-map", VDI, poke(VDI_DATA, "<I", 0x200),
+        IN_IMAGE + r"host offset 0x200, mapped at guest offset 0x0, is also the block map "
+        + VDI_TWICE, False, fails_at="status"),
+)  # fmt: skip
+
+
 # --- raw --------------------------------------------------------------------------------------
 
 
@@ -884,10 +985,13 @@ RAW_ROWS = table(
         None, False),
     row("empty", Base("raw-empty", lambda d: (d / "v.raw").write_bytes(b""), "v.raw"), NOTHING,
         None, False),
-    # Magic of formats instar does not read: refused when probed, bytes with -f raw.
+    # Another format's magic: bytes with -f raw; probed, that format's refusal (qemu's
+    # words for vdi, which reads the disk size before the rest), or instar's for a
+    # format it does not read.
     row("vdi-magic-read-as-raw", RAW_VDI, NOTHING, None, False, probes=False),
     row("vdi-magic-probed", RAW_VDI, NOTHING,
-        r"Could not open 'v\.raw': vdi: reading this format is not supported yet", True, fmt=""),
+        r"Could not open 'v\.raw': Unsupported VDI image size \(size is 0x3837363534333231, "
+        r"max supported is 0x1fffff8000000\)", True, fmt="", same_as_qemu=True),
     row("qed-magic-probed",
         Base("raw-qed", lambda d: (d / "v.img").write_bytes(b"QED\x00" + pattern(8000)), "v.img"),
         NOTHING, r"Could not open 'v\.img': qed: reading this format is not supported yet", True,
@@ -897,7 +1001,7 @@ RAW_ROWS = table(
 
 # --- the test body ------------------------------------------------------------------------------
 
-ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS, *RAW_ROWS]
+ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS, *VDI_ROWS, *RAW_ROWS]
 
 
 @pytest.fixture(scope="module")
