@@ -191,6 +191,8 @@ CODE_CASES = [
     CodeCase("corrupt", lambda d: qcow2_with_data(d / "a.qcow2", "-c") and patch(
         d / "a.qcow2", 0x50000 + 200, b"\xff" * 64), lambda d: qcow2_with_data(d / "a.qcow2",
                                                                              "-c")),
+    CodeCase("corrupt", lambda d: patch(qcow2_with_data(d / "a.qcow2"), 72 + 7, b"\x02"),
+             lambda d: patch(qcow2_with_data(d / "a.qcow2"), 72 + 7, b"\x01")),  # dirty
     CodeCase("format-refused", lambda d: qemu_create(d / "a.qed", "qed"),
              lambda d: qemu_create(d / "a.qcow2", "qcow2")),
     CodeCase("unsupported", lambda d: patch(qemu_create(d / "a.qcow2", "qcow2"), 32,

@@ -196,6 +196,15 @@ def _format_facts(name: str, driver: Driver | None, file: Readable,
             findings.append(policy.finding(
                 "vmdk-create-type", f"the VMDK create type is {kind}, not {allowed}"))
         findings += _embedded_extent_names(driver, policy)
+    if name == "qcow2" and driver is not None:
+        from instar.formats.qcow2 import layout as qcow2_layout
+        from instar.formats.qcow2.reader import Qcow2Driver
+
+        if isinstance(driver, Qcow2Driver) and \
+                driver.header.incompatible_features & qcow2_layout.INCOMPAT_CORRUPT:
+            findings.append(policy.finding(
+                "corrupt", "the image is marked corrupt (qcow2's corrupt bit): qemu found "
+                "its metadata inconsistent and will not write to it"))
     if getattr(driver, "log_replayed", False):
         findings.append(policy.finding(
             "vhdx-log", "the VHDX log holds writes not yet in place (the image was not "
