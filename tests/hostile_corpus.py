@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import test_parallels_reader as parallels_tests
 import test_vhdx_reader as vhdx_tests
 import test_vpc_reader as vpc_tests
 from helpers import pattern, qemu_img_ok, qemu_io
@@ -1837,8 +1838,183 @@ def vdi() -> list[Case]:
     ]
 
 
+# --- Parallels, from the specification (qemu's docs/interop/parallels.rst) ----------------------
+
+PARALLELS_HEADER = struct.Struct("<16sIIIIIQIIIQ")
+
+
+@dataclass
+class Parallels:
+    """A Parallels image written from the specification: the 64-byte header,
+    the catalog (little-endian 32-bit entries: clusters in version 2, sectors
+    in version 1), clusters from ``data_off``, an optional format extension."""
+
+    size: int  # bytes
+    cluster: int = 64 * KiB
+    version_1: bool = False
+    entries: int | None = None
+    catalog: dict[int, int] = field(default_factory=dict)
+    clusters: list[bytes] = field(default_factory=list)
+    fields: dict[str, int] = field(default_factory=dict)
+    extension: bytes | None = None
+
+    @property
+    def catalog_entries(self) -> int:
+        return -(-self.size // self.cluster) if self.entries is None else self.entries
+
+    @property
+    def data_off(self) -> int:
+        """The first cluster, in bytes: after the catalog (on disk at most 64 MiB of it)."""
+        stored = 64 + 4 * min(self.catalog_entries, 16 * MiB)
+        return -(-stored // self.cluster) * self.cluster
+
+    def unit(self) -> int:
+        return 512 if self.version_1 else self.cluster
+
+    def store(self, index: int, data: bytes) -> int:
+        """Cluster ``index`` holds ``data``; its catalog entry."""
+        host = self.data_off + len(self.clusters) * self.cluster
+        self.clusters.append(data.ljust(self.cluster, b"\0"))
+        self.catalog[index] = host // self.unit()
+        return self.catalog[index]
+
+    def write(self, path: Path) -> None:
+        magic = b"WithoutFreeSpace" if self.version_1 else b"WithouFreSpacExt"
+        end = self.data_off + len(self.clusters) * self.cluster
+        values = {"tracks": self.cluster // 512, "entries": self.catalog_entries,
+                  "sectors": -(-self.size // 512), "data_off": self.data_off // 512,
+                  "ext_off": end // 512 if self.extension else 0}
+        values.update(self.fields)
+        header = PARALLELS_HEADER.pack(magic, 2, 16, 1, values["tracks"], values["entries"],
+                                       values["sectors"], 0, values["data_off"], 0,
+                                       values["ext_off"])
+        table = array("I", bytes(4 * min(self.catalog_entries, 16 * MiB)))
+        for index, entry in self.catalog.items():
+            table[index] = entry
+        if sys.byteorder == "big":
+            table.byteswap()
+        pieces = [(0, header + table.tobytes()), (self.data_off, b"".join(self.clusters))]
+        if self.extension:
+            pieces.append((end, self.extension))
+        write_at(path, pieces)
+
+
+def parallels_build(make: Callable[[Place], Parallels], name: str = "v.parallels") -> Build:
+    def build(place: Place) -> str:
+        make(place).write(place.img / name)
+        return name
+
+    return build
+
+
+def parallels_file(size: int = MiB, clusters: tuple[int, ...] = (0, 3), **options: object
+                   ) -> Parallels:
+    image = Parallels(size, **options)  # type: ignore[arg-type]
+    for index in clusters:
+        image.store(index, pattern(image.cluster, seed=20 + index))
+    return image
+
+
+def parallels_with(change: Callable[[Parallels], None], **options: object) -> Build:
+    def make(place: Place) -> Parallels:
+        image = parallels_file(**options)  # type: ignore[arg-type]
+        change(image)
+        return image
+
+    return parallels_build(make)
+
+
+def parallels() -> list[Case]:
+    """Parallels images: catalog entries past the end of the file or at the
+    top of their range, entries aliasing one cluster (2 TiB from one), huge
+    catalogs (qemu's limit, instar's, a catalog longer than its file), huge
+    and wrapping sizes (qemu's 32-bit catalog index past 2^32 clusters),
+    format extensions that run past their cluster or whose cluster is 2 GiB,
+    and headers cut short."""
+
+    def set_entry(index: int, value: int | Callable[[Parallels], int]) -> Callable[
+            [Parallels], None]:
+        return lambda image: image.catalog.__setitem__(
+            index, value(image) if callable(value) else value)
+
+    def terabytes(image: Parallels) -> None:
+        image.catalog = dict.fromkeys(range(image.catalog_entries), image.catalog[0])
+
+    def extension(features: list[bytes], cluster: int) -> bytes:
+        return parallels_tests.extension_cluster(features, cluster)
+
+    def empty_bitmaps(count: int) -> Callable[[Parallels], None]:
+        """``count`` bitmaps of a disk of size 0 (no table): their data runs
+        past the cluster long before qemu's count of what is left runs out."""
+        features = [parallels_tests.bitmap_feature(bytes([n]) * 16, 0, 1, [])
+                    for n in range(count)]
+
+        def change(image: Parallels) -> None:
+            # No end marker: the features fill the cluster, and run past it.
+            image.extension = parallels_tests.extension_cluster(features, image.cluster, b"")
+
+        return change
+
+    def truncated_at(size: int) -> Build:
+        return then(parallels_build(lambda p: parallels_file()), lambda path, place: cut(
+            path, size))
+
+    # Refused when the data is mapped, and compare says only qemu's words then
+    # ("Sector allocation test failed"): what each says is the conformance table's.
+    return [
+        case("parallels-entry-past-EOF", parallels_with(set_entry(0, 0x00FFFFFF)), "refuse",
+             info="read"),
+        case("parallels-entry-at-the-top-of-the-range", parallels_with(
+            set_entry(0, 0xFFFFFFFF)), "refuse", info="read"),
+        case("parallels-v1-entry-at-the-top-of-the-range", parallels_with(
+            set_entry(0, 0xFFFFFFFF), version_1=True), "refuse", info="read"),
+        case("parallels-entry-is-the-catalog", parallels_with(
+            set_entry(0, 1), version_1=True, entries=200), "refuse",
+             info="read"),
+        case("parallels-two-entries-one-cluster", parallels_with(
+            set_entry(5, lambda image: image.catalog[0])), "refuse", info="read"),
+        case("parallels-2-TiB-from-one-cluster", parallels_with(
+            terabytes, size=2 * TiB, cluster=MiB, clusters=(0,)), "refuse",
+             info="read"),
+        case("parallels-catalog-too-large", parallels_with(
+            lambda image: image.fields.update(entries=0x20000000)), "refuse"),
+        case("parallels-catalog-of-2^29-1-entries-in-4-KiB", parallels_with(
+            lambda image: image.fields.update(entries=0x1FFFFFFF), clusters=()), "either",
+             qemu=False),  # qemu-img fails it with EIO: 4 * entries overflows an int
+        case("parallels-catalog-of-32-MiB-of-zeros", parallels_build(lambda p: Parallels(
+            32 * GiB, cluster=4 * KiB)), "either"),
+        case("parallels-catalog-over-32-MiB", parallels_build(lambda p: Parallels(
+            32 * GiB + 4 * KiB, cluster=4 * KiB)), "refuse", says="over instar's limit"),
+        case("parallels-size-2^63-512", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 54) - 1)), "refuse"),
+        case("parallels-size-2^64-512", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 64) - 1)), "refuse"),
+        case("parallels-v1-size-of-64-bits", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 63) | 2048), version_1=True),
+             "either"),
+        case("parallels-index-wraps-past-2^32-clusters", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 32) + 64), cluster=512,
+            clusters=(0,)), "refuse", info="read", qemu=False),
+        case("parallels-index-wraps-over-nothing", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 32) + 64), cluster=512,
+            clusters=()), "either", qemu=False),
+        case("parallels-extension-cluster-of-2-GiB", parallels_with(
+            lambda image: image.fields.update(tracks=0x7FFFFFFF // 513, ext_off=8),
+            clusters=()), "refuse", qemu=False),
+        case("parallels-extension-features-past-the-cluster", parallels_with(
+            empty_bitmaps(20), size=0, cluster=512, clusters=()), "refuse",
+             says="past its cluster", qemu=False),  # qemu 7.2 reads past its buffer
+        case("parallels-bitmap-of-512-byte-granules", parallels_with(
+            lambda image: setattr(image, "extension", extension(
+                [parallels_tests.bitmap_feature(b"\x01" * 16, 2048, 1, [1])], image.cluster)),
+            ), "either"),
+        *(case(f"parallels-cut-at-{size}", truncated_at(size), "either", probes="any")
+          for size in (8, 17, 20, 40, 63, 64, 100, 64 * KiB + 100)),
+    ]
+
+
 FAMILIES = [huge_tables, beyond_eof, aliasing, bad_geometry, huge_virtual_sizes,
             compression_bombs, chains, vmdk_descriptor, vhdx_log, polyglots,
-            truncated_headers, cves, vdi]
+            truncated_headers, cves, vdi, parallels]
 CASES = [dataclasses.replace(c, family=family.__name__) for family in FAMILIES
          for c in family()]

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+import test_parallels_reader as parallels_tests
 import test_vhdx_reader as vhdx_tests
 import test_vpc_reader as vpc_tests
 from helpers import (
@@ -969,6 +970,183 @@ VDI_ROWS = table(
 )  # fmt: skip
 
 
+# --- parallels ---------------------------------------------------------------------------------
+
+
+def build_parallels(directory: Path, version_1: bool = False, bitmap: bool = False) -> None:
+    """1 MiB in 64 KiB clusters (16): data in clusters 0-3, 8 and 15, allocated
+    in that order; version 1 rewritten from it; or a dirty bitmap appended."""
+    image = directory / "v.hds"
+    qemu_img_ok("create", "-q", "-f", "parallels", "-o", "cluster_size=64k", str(image), "1M")
+    for command in ("write -P 0x42 0 200k", "write -P 0x43 512k 64k", "write -P 0x44 960k 4k"):
+        qemu_io(image, command, "parallels")
+    if version_1:
+        parallels_tests.to_version_1(image)
+    if bitmap:
+        parallels_tests.add_extension(image)
+
+
+PARALLELS = Base("parallels", build_parallels, "v.hds")
+PARALLELS_V1 = Base("parallels-v1", lambda d: build_parallels(d, version_1=True), "v.hds")
+PARALLELS_BITMAP = Base("parallels-bitmap", lambda d: build_parallels(d, bitmap=True), "v.hds")
+SECTORS_1M = 2048
+BITMAP_ID = "10101010-1010-1010-1010-101010101010"
+
+
+def catalog_entry(index: int) -> int:
+    return 64 + 4 * index
+
+
+def entry_value(index: int) -> Callable[[Path], int]:
+    return lambda path: field_at(path, catalog_entry(index), "<I")
+
+
+def extension_at(path: Path) -> int:
+    return field_at(path, 56, "<Q") * 512
+
+
+def features(*items: bytes, end: bytes | None = None) -> Edit:
+    """Replace the extension cluster by one holding ``items`` (MD5 right)."""
+
+    def rewrite(path: Path) -> None:
+        cluster = parallels_tests.extension_cluster(list(items), 64 * KiB, end)
+        with path.open("r+b") as handle:
+            handle.seek(extension_at(path))
+            handle.write(cluster)
+
+    return Edit(rewrite)
+
+
+def bitmap(uuid: bytes = b"\x10" * 16, sectors: int = SECTORS_1M, granularity: int = 128,
+           table: tuple[int, ...] = (0,)) -> bytes:
+    return parallels_tests.bitmap_feature(uuid, sectors, granularity, list(table))
+
+
+def feature(magic: int, flags: int, data: bytes, size: int | None = None) -> bytes:
+    """A raw feature header and data (``size``: the data size it claims)."""
+    return struct.pack("<QQI4x", magic, flags, len(data) if size is None else size) + data
+
+
+DIRTY = parallels_tests.DIRTY_BITMAP
+P_BEYOND = r"points beyond the end of the file \(the image is truncated or corrupt\)"
+P_TWICE = r"\(a host unit mapped twice: the image is corrupt\)"
+PARALLELS_ROWS = table(
+    "parallels", "parallels",
+    row("version-3", PARALLELS, poke(16, "<I", 3), OPENING + "Image not in Parallels format",
+        True, same_as_qemu=True, probes=False),
+    row("bad-magic", PARALLELS, poke(0, "16s", b"WithouFreSpacExX"),
+        OPENING + "Image not in Parallels format", True, same_as_qemu=True, probes=False),
+    row("zero-sectors-per-track", PARALLELS, poke(28, "<I", 0),
+        OPENING + "Invalid image: Zero sectors per track", True, same_as_qemu=True),
+    row("too-big-cluster", PARALLELS, poke(28, "<I", 0x7FFFFFFF // 513 + 1),
+        OPENING + "Invalid image: Too big cluster", True, same_as_qemu=True),
+    # qemu reads it (its clusters lie past the end of the file: zeros); instar does not.
+    row("largest-cluster", PARALLELS, poke(28, "<I", 0x7FFFFFFF // 513),
+        IN_IMAGE + "catalog entry 0 " + P_BEYOND, False, fails_at="status"),
+    row("catalog-too-large", PARALLELS, poke(32, "<I", 0x7FFFFFFF // 4 + 1),
+        OPENING + "Catalog too large", True, same_as_qemu=True),
+    row("cut-inside-the-version", PARALLELS, Cut(17),
+        OPENING + "Invalid image: Zero sectors per track", True, same_as_qemu=True),
+    row("cut-after-the-sector-count", PARALLELS, Cut(40), None, False),
+    row("size-past-qemus-limit", PARALLELS, poke(36, "<Q", 1 << 54),
+        OPENING + "Could not refresh total sector count: File too large", True,
+        same_as_qemu=True),
+    # qemu opens it (its size check wraps) and then cannot size it.
+    row("size-of-2^69-bytes", PARALLELS, poke(36, "<Q", 1 << 60),
+        OPENING + "Could not refresh total sector count: File too large", True),
+    row("sectors-past-the-catalog", PARALLELS, poke(36, "<Q", 3 * SECTORS_1M), None, False),
+    row("sectors-short-of-the-catalog", PARALLELS, poke(36, "<Q", 1001), None, False),
+    row("inuse", PARALLELS, poke(44, "<I", 0x746F6E59), None, False),
+    row("data-offset-garbage", PARALLELS, poke(48, "<I", 0xFFFFFFFF), None, False),
+    row("catalog-longer-than-the-disk", PARALLELS, poke(32, "<I", 1000), None, False),
+    row("version-1", PARALLELS_V1, NOTHING, None, False),
+    row("version-1-high-sector-bits", PARALLELS_V1, poke(40, "<I", 7), None, False),
+    # qemu reads past the end of the file as zeros; instar refuses a cluster
+    # that starts there (what qemu-img check calls a cluster outside the image).
+    row("entry-beyond-EOF", PARALLELS, poke(catalog_entry(0), "<I", 0x00FFFFFF),
+        IN_IMAGE + "catalog entry 0 " + P_BEYOND, False, fails_at="status"),
+    row("truncated", PARALLELS, Cut(lambda p: file_end(p) - 128 * KiB),
+        IN_IMAGE + "catalog entry 15 " + P_BEYOND, False, fails_at="status"),
+    row("last-cluster-cut-short", PARALLELS, Cut(lambda p: file_end(p) - 60 * KiB), None, False),
+    row("entry-at-EOF", PARALLELS,
+        poke(catalog_entry(15), "<I", lambda p: file_end(p) // (64 * KiB)), None, False),
+    row("version-1-cluster-off-by-a-sector", PARALLELS_V1,
+        poke(catalog_entry(15), "<I", lambda p: field_at(p, catalog_entry(15), "<I") + 1),
+        None, False),
+    row("two-entries-one-cluster", PARALLELS, poke(catalog_entry(8), "<I", entry_value(1)),
+        IN_IMAGE + r"host offset 0x20000 is mapped by two guest ranges, at guest offsets 0x10000 "
+        r"and 0x80000 " + P_TWICE, False, fails_at="status"),
+    row("catalog-over-the-first-cluster", PARALLELS, poke(32, "<I", 20000),
+        IN_IMAGE + r"host offset 0x10000, mapped at guest offset 0x0, is also the header and "
+        r"catalog " + P_TWICE, False, fails_at="status"),
+    row("version-1-cluster-over-two", PARALLELS_V1, poke(catalog_entry(3), "<I", 1),
+        IN_IMAGE + r"host offset 0x10000 is mapped by two guest ranges, at guest offsets 0x0 "
+        r"and 0x30000 " + P_TWICE, False, fails_at="status"),
+    row("version-1-entry-into-the-catalog", PARALLELS_V1,
+        (poke(32, "<I", 200), poke(catalog_entry(3), "<I", 1)),
+        IN_IMAGE + r"host offset 0x200, mapped at guest offset 0x30000, is also the header and "
+        r"catalog " + P_TWICE, False, fails_at="status"),
+    row("version-1-clusters-overlapping", PARALLELS_V1,
+        poke(catalog_entry(8), "<I", lambda p: field_at(p, catalog_entry(1), "<I") + 8),
+        IN_IMAGE + r"host offset 0x21000 is mapped by two guest ranges, at guest offsets 0x10000 "
+        r"and 0x80000 " + P_TWICE, False, fails_at="status"),
+    # The format extension.
+    row("bitmap", PARALLELS_BITMAP, NOTHING, None, False),
+    row("extension-magic", PARALLELS_BITMAP, poke(extension_at, "<Q", 0x1234),
+        OPENING + "Wrong parallels Format Extension magic: 0x1234, expected: 0xab234cef23dcea87",
+        True, same_as_qemu=True),
+    row("extension-checksum", PARALLELS_BITMAP, poke(lambda p: extension_at(p) + 8, "B", 0),
+        OPENING + r"Wrong checksum in Format Extension header\. Format extension is corrupted\.",
+        True, same_as_qemu=True),
+    row("extension-beyond-EOF", PARALLELS_BITMAP, poke(56, "<Q", 1 << 30),
+        OPENING + "Wrong parallels Format Extension magic: 0x0, expected: 0xab234cef23dcea87",
+        True, same_as_qemu=True),
+    row("extension-beyond-qemus-reach", PARALLELS_BITMAP, poke(56, "<Q", (1 << 54) - 1),
+        OPENING + "Failed to read Format Extension cluster: Input/output error", True,
+        same_as_qemu=True),
+    row("no-features", PARALLELS_BITMAP, features(), None, False),
+    row("feature-flags", PARALLELS_BITMAP, features(feature(DIRTY, 1, bytes(48))),
+        OPENING + "Flags for extension feature are unsupported", True, same_as_qemu=True),
+    row("unknown-feature", PARALLELS_BITMAP, features(feature(0x1234, 0, bytes(8))),
+        OPENING + "Unknown feature: 0x1234", True, same_as_qemu=True),
+    row("feature-larger-than-the-cluster", PARALLELS_BITMAP,
+        features(feature(DIRTY, 0, b"", size=64 * KiB)),
+        OPENING + "Feature data_size exceedes Format Extension cluster", True, same_as_qemu=True),
+    row("bitmap-feature-too-small", PARALLELS_BITMAP, features(feature(DIRTY, 0, bytes(8))),
+        OPENING + "Too small Bitmap Feature area in Parallels Format Extension: 8 bytes, "
+        "expected at least 32 bytes", True, same_as_qemu=True),
+    row("bitmap-of-another-size", PARALLELS_BITMAP, features(bitmap(sectors=4096)),
+        OPENING + r"Bitmap size \(in sectors\) 4096 differs from disk size in sectors 2048",
+        True, same_as_qemu=True),
+    row("bitmap-table-past-its-feature", PARALLELS_BITMAP,
+        features(feature(DIRTY, 0, struct.pack("<Q16sII", SECTORS_1M, b"\x10" * 16, 128, 1))),
+        OPENING + "Bitmaps feature corrupted: l1 table exceeds extension data_size", True,
+        same_as_qemu=True),
+    row("bitmap-table-of-the-wrong-size", PARALLELS_BITMAP, features(bitmap(table=(0, 0, 0))),
+        OPENING + "Bitmap table size 3 does not correspond to bitmap size and cluster size. "
+        "Expected 1", True, same_as_qemu=True),
+    row("bitmaps-of-one-name", PARALLELS_BITMAP, features(bitmap(), bitmap(table=(1,))),
+        OPENING + f"Bitmap already exists: {BITMAP_ID}", True, same_as_qemu=True),
+    row("bitmaps-of-two-names", PARALLELS_BITMAP,
+        features(bitmap(), bitmap(uuid=b"\x11" * 16, table=(1,))), None, False),
+    row("bitmap-data-beyond-qemus-reach", PARALLELS_BITMAP,
+        features(bitmap(table=((1 << 54) - 1,))),
+        OPENING + "Failed to read bitmap data cluster: Input/output error", True,
+        same_as_qemu=True),
+    row("bitmap-data-beyond-EOF", PARALLELS_BITMAP, features(bitmap(table=(1 << 30,))),
+        None, False),
+    # qemu reads it (the bitmap and cluster 0 share their bytes): instar refuses.
+    row("bitmap-data-over-a-cluster", PARALLELS_BITMAP,
+        features(bitmap(table=(128,))),
+        IN_IMAGE + r"host offset 0x10000, mapped at guest offset 0x0, is also data of dirty "
+        rf"bitmap {BITMAP_ID} " + P_TWICE, False, fails_at="status"),
+    # qemu 7.2 aborts on it (an assertion in bdrv_create_dirty_bitmap).
+    row("bitmap-granularity-3", PARALLELS_BITMAP, features(bitmap(granularity=3)),
+        OPENING + rf"dirty bitmap {BITMAP_ID} has a granularity of 3 sectors: not a power of "
+        r"two of at least 512 bytes \(qemu 7\.2 aborts on it\)", True),
+)  # fmt: skip
+
+
 # --- raw --------------------------------------------------------------------------------------
 
 
@@ -1001,7 +1179,8 @@ RAW_ROWS = table(
 
 # --- the test body ------------------------------------------------------------------------------
 
-ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS, *VDI_ROWS, *RAW_ROWS]
+ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS, *VDI_ROWS, *PARALLELS_ROWS,
+        *RAW_ROWS]
 
 
 @pytest.fixture(scope="module")

@@ -38,7 +38,7 @@ from instar.formats.options import (
 from instar.formats.vhdx import layout as vhdx_layout
 
 MiB = 1 << 20
-FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi"]
+FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels"]
 # (format, bool option): every bool option instar takes, per its schema (checked below).
 BOOL_OPTIONS = [
     ("qcow2", "extended_l2"),

@@ -34,12 +34,14 @@ from typing import Any
 # The compiled modules jobs need, loaded before the fork without their
 # parent packages (whose Python code comes from the host when a job imports
 # them): zlib, bz2 and zstd for compressed data, crc32c for VHDX checksums
-# (its pure-Python fallback would load silently, and slowly, without it), mmap.
+# (its pure-Python fallback would load silently, and slowly, without it), mmap,
+# _md5 for the Parallels format extension's checksum (hashlib would want
+# OpenSSL or every hash module).
 # Accelerators the standard library falls back from (_heapq, _uuid...) stay
 # out: an ImportError there is expected. tests/test_worker_imports.py imports
 # every module of instar in a confined worker and fails when one is missing.
 EXTENSIONS = ("zlib", "_bz2", "mmap", "fcntl", "backports.zstd._zstd", "_zstd",
-              "google_crc32c._crc32c")
+              "google_crc32c._crc32c", "_md5")
 
 Ask = Callable[[dict[str, Any]], dict[str, Any]]
 

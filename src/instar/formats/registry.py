@@ -22,13 +22,13 @@ _DRIVERS: dict[str, str] = {
     "vpc": "instar.formats.vpc",
     "vhdx": "instar.formats.vhdx",
     "vdi": "instar.formats.vdi",
+    "parallels": "instar.formats.parallels",
 }
 
 # Formats qemu-img knows, with the magics that identify each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[tuple[int, bytes], ...]] = {
     "qed": ((0, b"QED\x00"),),
     "luks": ((0, b"LUKS\xba\xbe"),),
-    "parallels": ((0, b"WithoutFreeSpace"), (0, b"WithouFreSpacExt")),
     "bochs": ((0, b"Bochs Virtual HD Image"),),
     "cloop": ((0, b"#!/bin/sh\n#V2.0 Format\n"),),
 }
