@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from instar.errors import FormatError, ImageReadError
+from instar.errors import FormatError, ImageReadError, UnsupportedError
 
 if TYPE_CHECKING:
     from instar.files import ExactReads, InputFile
@@ -276,13 +276,14 @@ class BlockImage:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``: host runs that continue each other
         in one file are read with one pread; a single piece is returned as is.
-        A malformed structure raises `ImageReadError` naming the image."""
+        A malformed structure, or data stored in a way instar cannot decode (a
+        dmg chunk compressed with lzfse), raises `ImageReadError` naming the image."""
         check_range(self, offset, length)
         try:
             return self._read(offset, length)
         except ImageReadError:
             raise  # from a backing image, named already
-        except FormatError as error:
+        except (FormatError, UnsupportedError) as error:
             raise ImageReadError(self.driver.name, str(error)) from None
 
     def _read(self, offset: int, length: int) -> bytes:
@@ -361,7 +362,7 @@ class BlockImage:
             yield from self.driver.map(offset, length)
         except ImageReadError:
             raise
-        except FormatError as error:
+        except (FormatError, UnsupportedError) as error:
             raise ImageReadError(self.driver.name, str(error)) from None
 
     def _extents(self, offset: int, length: int) -> Iterator[Extent]:

@@ -27,7 +27,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Iterator
 
-from instar.errors import FormatError
+from instar.errors import FormatError, InstarError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
 from instar.formats.common import BZIP2 as BZIP2_CODEC
@@ -157,7 +157,7 @@ class DmgDriver(Driver):
                     sectors[index] <= sector < sectors[index] + counts[index]):
                 index = bisect_right(sectors, sector) - 1
                 if index < 0 or sector >= sectors[index] + counts[index]:
-                    raise FormatError(self._unreadable(sector))
+                    raise self._unreadable(sector)
             start = sectors[index] * SECTOR
             stop = min(end, start + counts[index] * SECTOR)
             kind = types[index]
@@ -171,19 +171,23 @@ class DmgDriver(Driver):
             position = stop
             index += 1
 
-    def _unreadable(self, sector: int) -> str:
-        """Why guest ``sector`` cannot be read: the chunk qemu dropped, or none."""
+    def _unreadable(self, sector: int) -> InstarError:
+        """Why guest ``sector`` cannot be read: a chunk of a type qemu drops
+        (UnsupportedError: the data is there, in a form instar cannot decode),
+        or no chunk at all (FormatError: the image is corrupt)."""
         for first, count, kind in self.chunks.unreadable:
             if first <= sector < first + count:
                 where = f"the chunk at guest offset {first * SECTOR:#x}"
                 if kind == LZFSE:
-                    return (f"{where} is lzfse-compressed, which instar cannot read "
-                            "(qemu reads it only when built with its dmg-lzfse module)")
+                    return UnsupportedError(
+                        f"{where} is lzfse-compressed, which instar cannot read (qemu reads "
+                        "it only when built with its dmg-lzfse module)")
                 if kind == ADC:
-                    return f"{where} is ADC-compressed, which instar cannot read (nor can qemu)"
-                return (f"{where} is of unknown type {kind:#x}, which instar cannot read "
-                        "(nor can qemu)")
-        return f"no chunk of the image holds guest offset {sector * SECTOR:#x}"
+                    return UnsupportedError(
+                        f"{where} is ADC-compressed, which instar cannot read (nor can qemu)")
+                return UnsupportedError(f"{where} is of unknown type {kind:#x}, which instar "
+                                        "cannot read (nor can qemu)")
+        return FormatError(f"no chunk of the image holds guest offset {sector * SECTOR:#x}")
 
     def decompress(self, run: Run) -> bytes:
         """Chunk ``run.unit``, inflated to exactly its sectors (bounded by them)."""
