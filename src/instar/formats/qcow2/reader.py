@@ -30,6 +30,7 @@ from instar.formats.common import (
     metadata_alias_message,
 )
 from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.refcounts import metadata_preallocated
 from instar.image import (
     COMPRESSED,
     DATA,
@@ -39,6 +40,7 @@ from instar.image import (
     Driver,
     Image,
     Run,
+    file_runs,
 )
 from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
@@ -114,6 +116,9 @@ class Qcow2Driver(Driver):
         self._checked = HostClaims(len(l1), 1)  # L1 indices whose L2 table was claimed
         self._metadata: list[tuple[int, int, str]] = []  # (start, end, what), for messages
         self._metadata_claimed = False  # done by the first mapping, so info never pays
+        # qemu's guess of metadata preallocation, made by the first mapping too:
+        # then the file says where data clusters hold zeros (`refcounts`).
+        self._recurse: bool | None = None
         self.corruption: str | None = None  # the aliasing found: every mapping fails
 
     @property
@@ -128,6 +133,11 @@ class Qcow2Driver(Driver):
             self._checking(self.claim_metadata)
         if self.corruption is not None:
             raise FormatError(self.corruption)
+        if self._recurse is None:
+            try:
+                self._recurse = metadata_preallocated(self.file, self.header)
+            except OSError:
+                self._recurse = False  # qemu takes a failed guess for no
         end = offset + length
         span = self._l2_span
         position = offset
@@ -139,8 +149,18 @@ class Qcow2Driver(Driver):
                 stop = min(end, self._next_allocated_table(l1_index + 1) * span)
                 yield Run(position, stop, 0, step=span, anchor=l1_index * span)
             else:
-                yield from self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
+                runs = self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
+                yield from self._file_zeros(runs) if self._recurse else runs
             position = stop
+
+    def _file_zeros(self, runs: Iterator[Run]) -> Iterator[Run]:
+        """Data runs cut where the file has holes, which are zeros (qemu's
+        BDRV_BLOCK_RECURSE, for images it takes for metadata-preallocated)."""
+        for run in runs:
+            if run.flags == DATA | OFFSET_VALID:
+                yield from file_runs(self._host, run.host, run.end - run.start, run.start, DATA)
+            else:
+                yield run
 
     def _next_allocated_table(self, index: int) -> int:
         """The first L1 index from ``index`` on with an L2 table (or the L1's
