@@ -24,9 +24,9 @@ from instar.events import EventSink, MapEntry, Mapped, map_entry_from_data
 from instar.image import ALLOCATED, DATA, OFFSET_VALID, ZERO, Image, StatusLayer
 from instar.opener import Broker, ImageOpener
 from instar.safety import AllowedDirs, PathPolicy
+from instar.sizes import INT64_MAX
 from instar.worker import SandboxSettings, run_job
 
-INT64_MAX = (1 << 63) - 1
 BATCH = 2048  # entries per event: few messages for a fragmented image, bounded memory
 # qemu-img map's human output cannot show an entry of data without an offset.
 UNMAPPABLE = "File contains external, encrypted or compressed clusters."

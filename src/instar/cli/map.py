@@ -19,6 +19,7 @@ from instar.cli.info import write_stdout
 from instar.cli.numbers import convert_number
 from instar.cli.output import escape_controls, report_error
 from instar.errors import UnsupportedError, UsageError
+from instar.sizes import INT64_MAX
 
 if TYPE_CHECKING:
     from instar.events import Event, MapEntry
@@ -43,7 +44,6 @@ SHORT_OPTIONS = "hf:s:l:U"
 LONG_OPTIONS = {"help": False, "format": True, "output": True, "object": True,
                 "image-opts": False, "force-share": False, "start-offset": True,
                 "max-length": True, "allow": True}
-INT64_MAX = (1 << 63) - 1
 
 
 def run(args: list[str]) -> int:
