@@ -218,6 +218,16 @@ def test_map_window_edges_match_qemu(name: str, options: list[str], images: Path
     same_as_qemu([*options, name], images)
 
 
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("output", ["human", "json"])
+@pytest.mark.parametrize(("fmt", "name"), [("vpc", "fixed.vhd"), ("vpc", "dynamic.vhd"),
+                                           ("qcow2", "chain-top.qcow2"), ("vmdk", "flat.vmdk"),
+                                           ("raw", "split.vmdk"), ("vhdx", "fixed.vhdx")])
+def test_map_with_format_given(fmt: str, name: str, output: str, images: Path) -> None:
+    """``-f``: a fixed VHD read as vpc (probed, it is raw), a descriptor read as raw."""
+    same_as_qemu(["-f", fmt, f"--output={output}", "-s", "4097", name], images)
+
+
 def test_the_matrix_shows_what_it_should(images: Path) -> None:
     """The matrix is no set of empty maps: qemu shows the cases it is built for."""
     def json_of(name: str) -> str:

@@ -11,6 +11,7 @@ FormatError.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from array import array
 from collections.abc import Callable, Iterator
@@ -30,7 +31,7 @@ from instar.formats.common import (
     metadata_alias_message,
 )
 from instar.formats.qcow2 import layout as L
-from instar.formats.qcow2.refcounts import metadata_preallocated
+from instar.formats.qcow2.refcounts import metadata_preallocated, read_reftable
 from instar.image import (
     COMPRESSED,
     DATA,
@@ -118,7 +119,7 @@ class Qcow2Driver(Driver):
         self._metadata_claimed = False  # done by the first mapping, so info never pays
         # qemu's guess of metadata preallocation, made by the first mapping too:
         # then the file says where data clusters hold zeros (`refcounts`).
-        self._recurse: bool | None = None
+        self._recurse = False
         self.corruption: str | None = None  # the aliasing found: every mapping fails
 
     @property
@@ -130,14 +131,12 @@ class Qcow2Driver(Driver):
     def map(self, offset: int, length: int) -> Iterator[Run]:
         if not self._metadata_claimed:
             self._metadata_claimed = True
-            self._checking(self.claim_metadata)
+            reftable = read_reftable(self.file, self.header)
+            self._checking(lambda: self.claim_metadata(reftable))
+            with contextlib.suppress(OSError):  # qemu takes a failed guess for no
+                self._recurse = metadata_preallocated(self.file, self.header, reftable)
         if self.corruption is not None:
             raise FormatError(self.corruption)
-        if self._recurse is None:
-            try:
-                self._recurse = metadata_preallocated(self.file, self.header)
-            except OSError:
-                self._recurse = False  # qemu takes a failed guess for no
         end = offset + length
         span = self._l2_span
         position = offset
@@ -286,13 +285,13 @@ class Qcow2Driver(Driver):
 
     # --- the aliasing check ---------------------------------------------------------
 
-    def claim_metadata(self) -> None:
+    def claim_metadata(self, reftable: array[int]) -> None:
         """Claim the host clusters of the header, the L1 table, the refcount
-        table and blocks and every L2 table the L1 names: two of them in one
-        cluster, or a data cluster among them later, is corruption (qemu-img
-        check reports it; qemu's overlap check refuses to write there).
-        Done before the first mapping, not at open: info describes a corrupt
-        image as qemu-img info does."""
+        table (``reftable``, as read) and blocks and every L2 table the L1
+        names: two of them in one cluster, or a data cluster among them later,
+        is corruption (qemu-img check reports it; qemu's overlap check refuses
+        to write there). Done before the first mapping, not at open: info
+        describes a corrupt image as qemu-img info does."""
         header, cluster = self.header, self._cluster
         self._claim_metadata(0, cluster, "the image header")
         if header.l1_size:
@@ -301,8 +300,6 @@ class Qcow2Driver(Driver):
         if reftable_bytes and header.refcount_table_offset < self.file.size:
             self._claim_metadata(header.refcount_table_offset, reftable_bytes,
                                  "the refcount table")
-            reftable = _be_u64_array(self.file.pread(header.refcount_table_offset,
-                                                     reftable_bytes).ljust(reftable_bytes, b"\0"))
             index = 0
             while (index := first_other(reftable, index, len(reftable), 0)) < len(reftable):
                 block = reftable[index] & L.REFTABLE_OFFSET_MASK

@@ -40,7 +40,19 @@ def nonzero_entries(block: bytes, width: int, count: int) -> int:
     return (folded & mask).bit_count()
 
 
-def metadata_preallocated(file: InputFile, header: L.Header) -> bool:
+def read_reftable(file: InputFile, header: L.Header) -> array[int]:
+    """The refcount table (zeros where it lies past the end of the file, as
+    qemu reads them); its size was checked at open."""
+    size = header.refcount_table_clusters * header.cluster_size
+    offset = header.refcount_table_offset
+    data = file.pread(offset, size) if offset < file.size else b""
+    table = array("Q", data.ljust(size, b"\0"))
+    if sys.byteorder == "little":
+        table.byteswap()
+    return table
+
+
+def metadata_preallocated(file: InputFile, header: L.Header, reftable: array[int]) -> bool:
     """qemu's guess: True when the refcounts name at least
     ``max(real * 10 / 9, real + 2)`` clusters of the file, ``real`` being the
     clusters the file system allocated for it. Counting stops there, as
@@ -51,14 +63,7 @@ def metadata_preallocated(file: InputFile, header: L.Header) -> bool:
     end_cluster = -(-file.size // cluster)
     width = 1 << header.refcount_order
     per_block = cluster * 8 // width
-    reftable_bytes = header.refcount_table_clusters * cluster
-    blocks = min(-(-end_cluster // per_block), reftable_bytes // 8)
-    if not blocks:
-        return False
-    data = file.pread(header.refcount_table_offset, blocks * 8).ljust(blocks * 8, b"\0")
-    reftable = array("Q", data)
-    if sys.byteorder == "little":
-        reftable.byteswap()
+    blocks = min(-(-end_cluster // per_block), len(reftable))
     counted, index = 0, 0
     while counted < threshold and (index := first_other(reftable, index, blocks, 0)) < blocks:
         offset = reftable[index] & L.REFTABLE_OFFSET_MASK
