@@ -1,8 +1,8 @@
 """Format names to format modules, imported lazily, and format probing.
 
 Adding a format is one line in `_DRIVERS` and its own module. Formats qemu
-reads but instar does not (yet) are still recognised by their magic, so a VDI
-is refused clearly instead of being copied as raw bytes; any other driver qemu
+reads but instar does not (yet) are still recognised by their magic, so such an
+image is refused clearly instead of being copied as raw bytes; any other driver qemu
 has is refused as not supported, not as unknown (`unsupported_message`).
 """
 
@@ -21,14 +21,14 @@ _DRIVERS: dict[str, str] = {
     "vmdk": "instar.formats.vmdk",
     "vpc": "instar.formats.vpc",
     "vhdx": "instar.formats.vhdx",
+    "vdi": "instar.formats.vdi",
+    "parallels": "instar.formats.parallels",
 }
 
 # Formats qemu-img knows, with the magics that identify each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[tuple[int, bytes], ...]] = {
-    "vdi": ((64, b"\x7f\x10\xda\xbe"),),
     "qed": ((0, b"QED\x00"),),
     "luks": ((0, b"LUKS\xba\xbe"),),
-    "parallels": ((0, b"WithoutFreeSpace"), (0, b"WithouFreSpacExt")),
     "bochs": ((0, b"Bochs Virtual HD Image"),),
     "cloop": ((0, b"#!/bin/sh\n#V2.0 Format\n"),),
 }
