@@ -1,4 +1,4 @@
-"""The hostile corpus: every image of tests/hostile_corpus.py through six commands.
+"""The hostile corpus: every image of tests/hostile_corpus.py through eight commands.
 
 Each image is built by the test (qemu-img bases patched in Python, or written
 from the format specifications) in a directory ``img/`` of its own, beside a
@@ -8,6 +8,7 @@ would set (``--timeout 5 --max-memory 512M``):
 
     dd if=X of=OUT   dd -O qcow2 if=X of=OUT   convert -O raw X OUT
     info X           info --output=json X     compare X X
+    map X            map --output=json X
 
 and each run must either succeed with the right output (what qemu-img reads,
 where qemu reads the image; an image's own commands agree where it does not)
@@ -17,7 +18,13 @@ wall clock and 512 MiB of memory (the instar process and its worker); with no
 file left behind on failure (hidden temporary files included) and nothing of
 the canary, of /etc/passwd or of the environment in any output.
 
-Attacks on paths run the six commands with ``--allow img`` (the most a user
+map reads no data, only the image's tables: it may map an image whose data
+the other commands refuse (a compressed bomb), so it must map it as qemu-img
+maps it, or refuse in one line; a benign image ("read") it maps exactly as
+qemu-img does (stdout and exit status, the human output's "File contains
+external, encrypted or compressed clusters." included).
+
+Attacks on paths run the eight commands with ``--allow img`` (the most a user
 would allow), and dd again without it: refused both ways.
 """
 
@@ -208,14 +215,14 @@ def leaks(data: bytes, forbidden: list[bytes]) -> list[bytes]:
     return [secret for secret in forbidden if secret in data]
 
 
-# --- the six commands ---------------------------------------------------------------------------
+# --- the eight commands -------------------------------------------------------------------------
 
 
 OUTPUTS = {"dd": "dd.raw", "dd -O qcow2": "dd.qcow2", "convert": "convert.raw"}
 
 
 def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]:
-    """(label, arguments) of the six commands; outputs go to ``out/``."""
+    """(label, arguments) of the eight commands; outputs go to ``out/``."""
     f = ["-f", case.fmt] if case.fmt else []
     a = ["--allow", "img"] if allow else []
     return [
@@ -225,7 +232,23 @@ def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]
         ("info", ["info", *f, *a, image]),
         ("info json", ["info", *f, *a, "--output=json", image]),
         ("compare", ["compare", *f, *a, *(["-F", case.fmt] if case.fmt else []), image, image]),
+        ("map", ["map", *f, *a, image]),
+        ("map json", ["map", *f, *a, "--output=json", image]),
     ]
+
+
+MAPS = {"map": [], "map json": ["--output=json"]}
+
+
+def expectation(case: Case, label: str) -> str:
+    """What a command must do with the case's image: info as ``info`` says
+    where given; map refuses attacks on paths and otherwise may map what the
+    others refuse (its output is checked against qemu-img's instead)."""
+    if label.startswith("info") and case.info:
+        return case.info
+    if label in MAPS and case.allow != "both":
+        return "either"
+    return case.expect
 
 
 @dataclass
@@ -299,24 +322,29 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
 READING = ("dd", "dd -O qcow2", "convert", "compare")  # one read path: one stall stalls all
 
 
+def kind_of(label: str) -> str:
+    """Commands of one kind share a path through the image: one stall stalls all."""
+    return "read" if label in READING else "map" if label in MAPS else "info"
+
+
 def run_case(case: Case, place: Place, image: str) -> Checked:
-    """The six commands (with ``--allow img`` where the case asks), then dd
+    """The eight commands (with ``--allow img`` where the case asks), then dd
     again without it for attacks on paths. Once a command of one kind
-    (reading the data, or info) hangs or runs out of time, the others of its
+    (reading the data, mapping, or info) hangs or runs out of time, the others of its
     kind are not run: each would cost the full limit, and the case fails anyway."""
     problems: list[str] = []
     runs: dict[str, Run] = {}
     kept = place.scratch / "kept"
     kept.mkdir()
     before = listing(place.root)
-    stalled: set[bool] = set()
+    stalled: set[str] = set()
     allow = case.allow in ("dir", "both")
     plan = [(label, args, allow) for label, args in commands(case, image, allow)]
     if case.allow == "both":
         plan += [(label, args, False) for label, args in commands(case, image, allow=False)
                  if label == "dd"]
     for label, args, allowed in plan:
-        kind = label in READING
+        kind = kind_of(label)
         if kind in stalled:
             second = case.allow == "both" and not allowed
             problems.append(f"NOT RUN after a stall: {label}{' (no --allow)' if second else ''}")
@@ -325,10 +353,9 @@ def run_case(case: Case, place: Place, image: str) -> Checked:
         says = case.says
         if allowed or case.allow != "both":
             runs[label] = run
-            expect = case.info if label.startswith("info") and case.info else case.expect
+            expect = expectation(case, label)
         else:
-            expect = case.without_allow or (
-                case.info if label.startswith("info") and case.info else case.expect)
+            expect = case.without_allow or expectation(case, label)
             says = case.says_without_allow or says
         forbidden = corpus.forbidden(neighbour_allowed=allowed)
         problems += check_run(run, expect, case, place, before, forbidden,
@@ -398,6 +425,25 @@ def check_contents(case: Case, place: Place, image: str, checked: Checked) -> li
     human = runs.get("info")
     if human is not None and human.rc == 0 and b"virtual size: " not in human.stdout:
         problems.append(f"info printed no virtual size: {human.stdout[:200]!r}")
+    return problems + check_maps(case, place, image, runs)
+
+
+def check_maps(case: Case, place: Place, image: str, runs: dict[str, Run]) -> list[str]:
+    """What map printed is what qemu-img map prints (stdout, exit status)
+    wherever both mapped the image, and for every benign image."""
+    problems: list[str] = []
+    f = ["-f", case.fmt] if case.fmt else []
+    for label, options in MAPS.items():
+        run = runs.get(label)
+        if run is None or not case.qemu or (run.rc != 0 and case.expect != "read"):
+            continue  # a refusal: checked to be one line above
+        qemu = run_qemu(["map", *f, *options, image], place.root)
+        if qemu is None or (qemu.returncode and not qemu.stdout and case.expect != "read"):
+            continue  # qemu refuses to open what instar reads (as for the other commands)
+        if (qemu.returncode, qemu.stdout) != (run.rc, run.stdout):
+            problems.append(f"{label.upper()} is not qemu-img's: qemu rc={qemu.returncode} "
+                            f"{qemu.stdout[:300]!r} {qemu.stderr[:200]!r}; {run.describe()} "
+                            f"{run.stdout[:300]!r}")
     return problems
 
 

@@ -43,6 +43,7 @@ COMMANDS = {
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
     "inspect": "instar.cli.inspect",
+    "map": "instar.cli.map",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -65,6 +66,8 @@ filename1 filename2
   inspect [-U] [-f claimed] [--output=ofmt] [--allow-backing] [--allow-data-file] \
 [--allow-extents] [--accept codes] [--vmdk-types T1,T2] [--allow-formats F1,F2] \
 [--policy file] [--allow dir] filename
+  map [-U] [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] \
+[--allow dir] filename
 
 Standard options:
   -h, --help       display this help and exit

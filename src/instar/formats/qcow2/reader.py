@@ -11,6 +11,7 @@ FormatError.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from array import array
 from collections.abc import Callable, Iterator
@@ -30,6 +31,7 @@ from instar.formats.common import (
     metadata_alias_message,
 )
 from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.refcounts import metadata_preallocated, read_reftable
 from instar.image import (
     COMPRESSED,
     DATA,
@@ -39,6 +41,7 @@ from instar.image import (
     Driver,
     Image,
     Run,
+    file_runs,
 )
 from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
@@ -114,6 +117,9 @@ class Qcow2Driver(Driver):
         self._checked = HostClaims(len(l1), 1)  # L1 indices whose L2 table was claimed
         self._metadata: list[tuple[int, int, str]] = []  # (start, end, what), for messages
         self._metadata_claimed = False  # done by the first mapping, so info never pays
+        # qemu's guess of metadata preallocation, made by the first mapping too:
+        # then the file says where data clusters hold zeros (`refcounts`).
+        self._recurse = False
         self.corruption: str | None = None  # the aliasing found: every mapping fails
 
     @property
@@ -125,7 +131,10 @@ class Qcow2Driver(Driver):
     def map(self, offset: int, length: int) -> Iterator[Run]:
         if not self._metadata_claimed:
             self._metadata_claimed = True
-            self._checking(self.claim_metadata)
+            reftable = read_reftable(self.file, self.header)
+            self._checking(lambda: self.claim_metadata(reftable))
+            with contextlib.suppress(OSError):  # qemu takes a failed guess for no
+                self._recurse = metadata_preallocated(self.file, self.header, reftable)
         if self.corruption is not None:
             raise FormatError(self.corruption)
         end = offset + length
@@ -139,8 +148,18 @@ class Qcow2Driver(Driver):
                 stop = min(end, self._next_allocated_table(l1_index + 1) * span)
                 yield Run(position, stop, 0, step=span, anchor=l1_index * span)
             else:
-                yield from self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
+                runs = self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
+                yield from self._file_zeros(runs) if self._recurse else runs
             position = stop
+
+    def _file_zeros(self, runs: Iterator[Run]) -> Iterator[Run]:
+        """Data runs cut where the file has holes, which are zeros (qemu's
+        BDRV_BLOCK_RECURSE, for images it takes for metadata-preallocated)."""
+        for run in runs:
+            if run.flags == DATA | OFFSET_VALID:
+                yield from file_runs(self._host, run.host, run.end - run.start, run.start, DATA)
+            else:
+                yield run
 
     def _next_allocated_table(self, index: int) -> int:
         """The first L1 index from ``index`` on with an L2 table (or the L1's
@@ -266,13 +285,13 @@ class Qcow2Driver(Driver):
 
     # --- the aliasing check ---------------------------------------------------------
 
-    def claim_metadata(self) -> None:
+    def claim_metadata(self, reftable: array[int]) -> None:
         """Claim the host clusters of the header, the L1 table, the refcount
-        table and blocks and every L2 table the L1 names: two of them in one
-        cluster, or a data cluster among them later, is corruption (qemu-img
-        check reports it; qemu's overlap check refuses to write there).
-        Done before the first mapping, not at open: info describes a corrupt
-        image as qemu-img info does."""
+        table (``reftable``, as read) and blocks and every L2 table the L1
+        names: two of them in one cluster, or a data cluster among them later,
+        is corruption (qemu-img check reports it; qemu's overlap check refuses
+        to write there). Done before the first mapping, not at open: info
+        describes a corrupt image as qemu-img info does."""
         header, cluster = self.header, self._cluster
         self._claim_metadata(0, cluster, "the image header")
         if header.l1_size:
@@ -281,8 +300,6 @@ class Qcow2Driver(Driver):
         if reftable_bytes and header.refcount_table_offset < self.file.size:
             self._claim_metadata(header.refcount_table_offset, reftable_bytes,
                                  "the refcount table")
-            reftable = _be_u64_array(self.file.pread(header.refcount_table_offset,
-                                                     reftable_bytes).ljust(reftable_bytes, b"\0"))
             index = 0
             while (index := first_other(reftable, index, len(reftable), 0)) < len(reftable):
                 block = reftable[index] & L.REFTABLE_OFFSET_MASK
