@@ -89,6 +89,12 @@ def report_hint(text: str) -> None:
     _write_stderr(text)
 
 
+def report_line(text: str) -> None:
+    """A line on stderr as qemu prints it with fprintf: no prefix; control
+    characters escaped (the text may quote an image)."""
+    _write_stderr(escape_controls(text))
+
+
 def _detach(stream: Any) -> None:
     """After a failed write to the process's own stdout or stderr, point that
     descriptor at /dev/null: what the stream still buffers then goes nowhere

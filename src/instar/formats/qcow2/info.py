@@ -148,7 +148,21 @@ def read_snapshots(image: Qcow2Driver) -> list[SnapshotDetails]:
 
 
 def read_bitmaps(image: Qcow2Driver) -> list[QValue]:
-    """Qcow2BitmapInfo for each bitmap of the directory, in directory order.
+    """Qcow2BitmapInfo for each bitmap of the directory, in directory order."""
+    found = bitmap_directory(image)
+    if found is None:
+        return []
+    count, offset, size = found
+    directory = image.file.pread_exact(offset, size, "bitmap directory")
+    bitmaps = list(_bitmap_entries(directory))
+    if len(bitmaps) != count:
+        raise FormatError("Broken bitmap directory")
+    return bitmaps
+
+
+def bitmap_directory(image: Qcow2Driver) -> tuple[int, int, int] | None:
+    """(bitmaps, offset, size) of the bitmap directory, checked as qemu's
+    open checks the bitmaps extension; None without one.
 
     qemu ignores a bitmaps extension whose autoclear bit is clear (a program
     without bitmap support wrote the image), and so does this.
@@ -156,11 +170,11 @@ def read_bitmaps(image: Qcow2Driver) -> list[QValue]:
     header = image.header
     payload = image.extensions.bitmaps_payload
     if not image.extensions.has_bitmaps:
-        return []
+        return None
     if len(payload) != BITMAPS_EXTENSION.size:
         raise FormatError("bitmaps_ext: Invalid extension length")
     if not header.autoclear_features & L.AUTOCLEAR_BITMAPS:
-        return []
+        return None
     count, _reserved, size, offset = BITMAPS_EXTENSION.unpack(payload)
     if count > MAX_BITMAPS:
         raise FormatError(
@@ -176,11 +190,7 @@ def read_bitmaps(image: Qcow2Driver) -> list[QValue]:
             f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum supported "
             f"size ({MAX_BITMAP_DIRECTORY_BYTES})"
         )
-    directory = image.file.pread_exact(offset, size, "bitmap directory")
-    bitmaps = list(_bitmap_entries(directory))
-    if len(bitmaps) != count:
-        raise FormatError("Broken bitmap directory")
-    return bitmaps
+    return count, offset, size
 
 
 def _bitmap_entries(directory: bytes) -> list[QValue]:
