@@ -88,6 +88,17 @@ class CheckResult:
             self.check_errors += 1
         self.note(Finding(kind, code, message, prefixed))
 
+    def extend(self, findings: list[Finding], corruptions: int = 0, leaks: int = 0,
+               check_errors: int = 0) -> None:
+        """Lines whose counts are known (a table's, replayed at each visit):
+        no work per line once MAX_FINDINGS are kept."""
+        self.corruptions += corruptions
+        self.leaks += leaks
+        self.check_errors += check_errors
+        room = max(0, MAX_FINDINGS - len(self.findings))
+        self.findings.extend(findings[:room])
+        self.findings_dropped += max(0, len(findings) - room)
+
     def fail(self, reason: str) -> None:
         """The check stops here (qemu returns -errno): "Check failed: REASON"."""
         self.failure = reason

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from instar.cli.getopt import GetoptError, gnu_getopt
-from instar.cli.output import escape_controls, report_error, report_line
+from instar.cli.output import report_error, report_lines
 from instar.errors import ChecksNotSupportedError, UnsupportedError, UsageError
 
 if TYPE_CHECKING:
@@ -96,11 +96,7 @@ def show(result: CheckResult, json: bool, quiet: bool) -> int:
     from instar.check import render_human, render_json
     from instar.cli.info import write_stdout
 
-    for finding in result.findings:
-        if finding.prefixed:
-            report_error(escape_controls(finding.message))
-        else:
-            report_line(finding.message)
+    report_lines([(finding.message, finding.prefixed) for finding in result.findings])
     if result.findings_dropped:
         report_error(f"{result.findings_dropped} more lines like these were not kept "
                      f"(instar keeps the first {len(result.findings)})")

@@ -89,10 +89,14 @@ def report_hint(text: str) -> None:
     _write_stderr(text)
 
 
-def report_line(text: str) -> None:
-    """A line on stderr as qemu prints it with fprintf: no prefix; control
-    characters escaped (the text may quote an image)."""
-    _write_stderr(escape_controls(text))
+def report_lines(lines: list[tuple[str, bool]]) -> None:
+    """Lines on stderr at once (a check may print a hundred thousand), each
+    (text, prefixed): with the program's prefix as error_report prints, or as
+    it stands as fprintf prints; control characters escaped (the text may
+    quote an image)."""
+    if lines:
+        _write_stderr("\n".join(f"{PROGRAM}: {escape_controls(text)}" if prefixed
+                                 else escape_controls(text) for text, prefixed in lines))
 
 
 def _detach(stream: Any) -> None:

@@ -60,7 +60,10 @@ BITMAP_RESERVED_FLAGS = 0xFFFF_FFFC
 BITMAP_ENTRY_RESERVED = 0xFF00_0000_0000_01FE
 BITMAP_ENTRY_OFFSET = 0x00FF_FFFF_FFFF_FE00
 BITMAP_ENTRY_ALL_ONES = 1
-BUDGET_BASE = 512 << 20  # metadata bytes a check may read besides 4 times the file
+BUDGET_BASE = 64 << 20  # work a check may do besides 4 times the file's size
+L1_ENTRY_WEIGHT = 8  # an L1 entry is walked in Python: it costs 8 times its bytes
+EXACT_WORK_LIMIT = 1 << 19  # L2 entries walked one by one where refcounts overflow
+SNAPSHOT_WINDOW = 1 << 20  # the snapshot table is read this much at a time
 
 # qemu's cluster types (qcow2_get_cluster_type).
 _UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
@@ -113,8 +116,8 @@ class _L2Stats:
 class _Snapshot(NamedTuple):
     l1_offset: int
     l1_size: int
-    id: str
-    name: str
+    id: bytes
+    name: bytes
     extra_size: int
 
 
@@ -182,6 +185,8 @@ class _Walk:
         self.counts: dict[int, array[int]] = {}  # expected refcounts, per refcount block
         self._zeros = array(self.typecode, bytes(self.rb_size * array(self.typecode).itemsize))
         self.snapshots_size = 0
+        self._snapshot_window: tuple[int, bytes] = (0, b"")
+        self._l1_tables: dict[tuple[int, int], _L1Table] = {}
         self.active_indices: array[int] = array("Q")
         self.budget = 4 * self.file_len + BUDGET_BASE
         self.reftable: array[int] = array("Q")
@@ -191,15 +196,16 @@ class _Walk:
 
     # -- reading as qemu reads: zeros past the end, EIO past qemu's limit
 
-    def _spend(self, offset: int, length: int) -> None:
-        """Count the bytes of the file that reading ``[offset, +length)`` costs."""
+    def _spend(self, offset: int, length: int, weight: int = 1) -> None:
+        """Count the work of reading ``[offset, +length)``: its bytes inside the
+        file (zeros past the end cost nothing: they hold no entry)."""
         inside = max(0, min(offset + length, self.file_len) - offset)
-        self.budget -= inside
+        self.budget -= inside * weight
         if self.budget < 0:
             raise FormatError(
-                f"checking '{self.file.name}' would read more than "
-                f"{4 * self.file_len + BUDGET_BASE} bytes of metadata (tables named over "
-                "and over): the image is corrupt or hostile; refused"
+                f"checking '{self.file.name}' would read more metadata than 4 times the "
+                "file holds (tables named over and over): the image is corrupt or "
+                "hostile; refused"
             )
 
     def _read(self, offset: int, length: int) -> bytes:
@@ -218,7 +224,7 @@ class _Walk:
         if offset < 0 or offset > BDRV_MAX_LENGTH or entries * 8 > BDRV_MAX_LENGTH - offset:
             raise _Failed(EIO)
         inside = max(0, min(entries * 8, self.file_len - offset)) // 8
-        self._spend(offset, inside * 8)
+        self._spend(offset, inside * 8, L1_ENTRY_WEIGHT)
         if not inside:
             return array("Q")
         data = self.file.pread(offset, inside * 8)
@@ -268,32 +274,29 @@ class _Walk:
         snapshots: list[_Snapshot] = []
         offset, table_length = start, 0
         try:
+            header = I.SNAPSHOT_HEADER
             for index in range(count):
                 offset = (offset + 7) & ~7
                 table_length = (table_length + 7) & ~7
-                fixed = self._snapshot_read(offset, I.SNAPSHOT_HEADER.size)
                 (l1_offset, l1_size, id_size, name_size, _date, _nsec, _clock, _state,
-                 extra_size) = I.SNAPSHOT_HEADER.unpack(fixed)
-                offset += I.SNAPSHOT_HEADER.size
+                 extra_size) = header.unpack(self._snapshot_read(offset, header.size))
                 if extra_size > I.MAX_SNAPSHOT_EXTRA_DATA:
                     raise _SnapshotError(
                         f"Too much extra metadata in snapshot table entry {index}",
                         "You can force-remove this extra metadata with qemu-img check -r all",
                         EFBIG)
-                offset += extra_size  # its known part, then what qemu keeps as unknown
-                self._snapshot_read(offset - extra_size, extra_size)
-                id_raw = self._snapshot_read(offset, id_size)
-                offset += id_size
-                name_raw = self._snapshot_read(offset, name_size)
-                offset += name_size
-                table_length += I.SNAPSHOT_HEADER.size + extra_size + id_size + name_size
+                # The extra data (what qemu knows of it, then the rest), id and name.
+                length = extra_size + id_size + name_size
+                rest = self._snapshot_read(offset + header.size, length)
+                offset += header.size + length
+                table_length += header.size + length
                 if table_length > I.MAX_SNAPSHOT_TABLE_BYTES or offset - start > INT_MAX:
                     raise _SnapshotError(
                         "Snapshot table is too big",
                         f"You can force-remove all {count - index} overhanging snapshots "
                         "with qemu-img check -r all", EFBIG)
-                snapshots.append(_Snapshot(l1_offset, l1_size, _c_string(id_raw),
-                                           _c_string(name_raw), extra_size))
+                snapshots.append(_Snapshot(l1_offset, l1_size, rest[extra_size:][:id_size],
+                                           rest[extra_size + id_size :], extra_size))
         except _SnapshotError as error:
             result.add(CHECK_ERROR, "snapshot-table-unreadable",
                        f"ERROR failed to read the snapshot table: {error.message}", prefixed=True)
@@ -309,11 +312,21 @@ class _Walk:
         return snapshots
 
     def _snapshot_read(self, offset: int, length: int) -> bytes:
-        try:
-            return self._read(offset, length)
-        except _Failed as failed:
-            raise _SnapshotError(f"Failed to read snapshot table: {failed.reason}", None,
-                                 failed.reason) from None
+        """A piece of the snapshot table, from a window read a megabyte at a
+        time: 65536 entries are 262144 small reads otherwise."""
+        start, window = self._snapshot_window
+        if not start <= offset or offset + length > start + len(window):
+            try:
+                window = self._read(offset, max(length, SNAPSHOT_WINDOW))
+            except _Failed as failed:
+                try:  # qemu reads exactly this much: it may be readable alone
+                    window = self._read(offset, length)
+                except _Failed:
+                    raise _SnapshotError(f"Failed to read snapshot table: {failed.reason}",
+                                         None, failed.reason) from None
+            start = offset
+            self._snapshot_window = (start, window)
+        return window[offset - start : offset - start + length]
 
     # -- expected refcounts (qcow2_inc_refcounts_imrt)
 
@@ -391,7 +404,7 @@ class _Walk:
             steps.append(Finding(CORRUPTION, "snapshots-with-data-file",
                                  f"ERROR {len(snapshots)} snapshots in image with data file"))
         for snapshot in snapshots:
-            where = f"ERROR snapshot {snapshot.id} ({snapshot.name})"
+            where = f"ERROR snapshot {_c_string(snapshot.id)} ({_c_string(snapshot.name)})"
             if snapshot.l1_offset & (self.cluster - 1):
                 steps.append(Finding(
                     CORRUPTION, "snapshot-l1-unaligned",
@@ -404,6 +417,8 @@ class _Walk:
                     "snapshot table entry corrupted"))
             else:
                 steps.append(self._l1_table(snapshot.l1_offset, snapshot.l1_size, active=False))
+        if self.exact:
+            self._exact_work(steps)
         tables = {} if self.exact else self._tables_once(result, steps)
         for step in steps:
             if isinstance(step, Finding):
@@ -416,6 +431,18 @@ class _Walk:
         self._bitmaps(result)
         self._refblocks(result)
 
+    def _exact_work(self, steps: list[_L1Table | Finding]) -> None:
+        """Refuse an image whose walk in qemu's order, entry by entry, would
+        take too long (only an image whose refcounts overflow needs it)."""
+        named = sum(len(step.entries) for step in steps if isinstance(step, _L1Table))
+        if named * self.l2_size > EXACT_WORK_LIMIT:
+            raise FormatError(
+                f"checking '{self.file.name}': clusters are referenced more times than "
+                f"{1 << self.order}-bit refcounts can count, and walking the {named} L2 "
+                "tables named in qemu's order would take too long: the image is corrupt or "
+                "hostile; refused"
+            )
+
     def _l1_table(self, offset: int, size: int, active: bool) -> _L1Table:
         """Read an L1 table's entries that are not 0 (or note why it cannot be read)."""
         empty = array("Q")
@@ -423,13 +450,19 @@ class _Walk:
             return _L1Table(offset, size, active, empty, empty, None)
         if offset > INT64_MAX:
             return _L1Table(offset, size, active, empty, empty, ENOMEM)
+        known = self._l1_tables.get((offset, size))
+        if known is not None:  # snapshots sharing an L1 table: walked again, not read again
+            self._spend(offset, len(known.entries) * 8, L1_ENTRY_WEIGHT)
+            return known._replace(active=active)
         try:
             table = self._read_table(offset, size)
         except _Failed as failed:
             return _L1Table(offset, size, active, empty, empty, failed.reason)
         indices = array("Q", _nonzero(table))
         entries = array("Q", compress(table, table))
-        return _L1Table(offset, size, active, indices, entries, None)
+        found = self._l1_tables[offset, size] = _L1Table(offset, size, active, indices, entries,
+                                                         None)
+        return found
 
     def _tables_once(self, result: CheckResult,
                      steps: list[_L1Table | Finding]) -> dict[int, _L2Stats]:
@@ -470,8 +503,7 @@ class _Walk:
             stats = tables.get(offset) if not self.exact else None
             if stats is None:
                 stats = self._l2_table(offset, 1)
-            for finding in stats.findings:
-                result.add(*finding)
+            result.extend(stats.findings, corruptions=stats.corruptions)
             if table.active:
                 result.allocated_clusters += stats.allocated
                 result.fragmented_clusters += stats.fragmented
@@ -722,30 +754,32 @@ class _Walk:
             if order > 3 and sys.byteorder == "little":
                 values.byteswap()
             return values
-        if not _SUB_BYTE:
-            _SUB_BYTE.update(_sub_byte_tables())
-        return array("B", b"".join(_SUB_BYTE[order][byte] for byte in data))
+        width = 4  # a byte holds two 4-bit entries, each two 2-bit ones, each two bits
+        while width >= 1 << order:
+            data = _split(data, width)
+            width //= 2
+        return array("B", data)
 
-    def _block(self, result: CheckResult | None, index: int) -> array[int] | str | None:
+    def _block(self, sink: _Sink | None, index: int) -> array[int] | str | None:
         """A refcount block as qcow2_get_refcount finds it: its values, None
         (all 0) or the strerror of its failure; an unaligned one is signalled
         once, as qemu's qcow2_signal_corruption."""
         found = self._blocks.get(index)
         if isinstance(found, str) and found.startswith("unaligned "):
-            if not self.signaled and result is not None:
+            if not self.signaled and sink is not None:
                 self.signaled = True
-                result.add(NOTE, "corrupt", (
+                sink.add(NOTE, "corrupt", (
                     f"qcow2: Image is corrupt: Refblock offset {found[10:]} unaligned "
                     f"(reftable index: {_c_hex(index)}); further non-fatal corruption "
                     "events will be suppressed"))
             return EIO
         return found
 
-    def _on_disk(self, result: CheckResult, cluster: int) -> int | None:
+    def _on_disk(self, sink: _Sink, cluster: int) -> int | None:
         """The refcount on disk of ``cluster``; None if it cannot be read."""
         if cluster >> self.rb_bits >= self.reftable_size:
             return 0
-        block = self._block(result, cluster >> self.rb_bits)
+        block = self._block(sink, cluster >> self.rb_bits)
         if isinstance(block, str):
             return None
         return 0 if block is None else block[cluster & (self.rb_size - 1)]
@@ -822,6 +856,9 @@ class _Walk:
     # -- check_oflag_copied
 
     def _oflag_copied(self, result: CheckResult) -> None:
+        """check_oflag_copied; an L2 table named by several L1 entries is
+        looked at once (its lines are the same each time)."""
+        tables: dict[int, _L2Stats] = {}
         for index, entry in zip(self.active_indices, self.active_l1, strict=True):
             offset = entry & L.L1E_OFFSET_MASK
             if not offset:
@@ -833,35 +870,45 @@ class _Walk:
                 result.add(CORRUPTION, "oflag-copied-l2",
                            f"ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={entry:x} "
                            f"refcount={stored}")
-            try:
-                entries, _ = self._l2_entries(offset)
-            except _Failed as failed:
-                result.add(CHECK_ERROR, "io-error",
-                           f"ERROR: Could not read L2 table: {failed.reason}")
-                raise
-            skip_to = 0
-            for position in _nonzero(entries):
-                if position < skip_to:
-                    continue
-                entry = entries[position]
-                run = self._plain_run(entries, position, entry)
-                if run == 1 or not (entry & L.OFLAG_COPIED and self._all_one(entry, run)):
-                    for number in range(run):
-                        self._oflag_data(result, entry + number * self.cluster)
-                skip_to = position + run
-                if skip_to == len(entries):
-                    break
+            stats = tables.get(offset)
+            if stats is None:
+                signaled = self.signaled
+                stats = self._oflag_table(result, offset)
+                if signaled == self.signaled:  # qemu's "Image is corrupt" line: only once
+                    tables[offset] = stats
+            result.extend(stats.findings, corruptions=stats.corruptions)
 
-    def _oflag_data(self, result: CheckResult, entry: int) -> None:
+    def _oflag_table(self, result: CheckResult, offset: int) -> _L2Stats:
+        stats = _L2Stats()
+        try:
+            entries, _ = self._l2_entries(offset)
+        except _Failed as failed:
+            result.add(CHECK_ERROR, "io-error", f"ERROR: Could not read L2 table: {failed.reason}")
+            raise
+        skip_to = 0
+        for position in _nonzero(entries):
+            if position < skip_to:
+                continue
+            entry = entries[position]
+            run = self._plain_run(entries, position, entry)
+            if run == 1 or not (entry & L.OFLAG_COPIED and self._all_one(entry, run)):
+                for number in range(run):
+                    self._oflag_data(stats, entry + number * self.cluster)
+            skip_to = position + run
+            if skip_to == len(entries):
+                break
+        return stats
+
+    def _oflag_data(self, sink: _Sink, entry: int) -> None:
         """An active L2 entry's OFLAG_COPIED against its cluster's refcount on disk."""
         if self._cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
             return
         if self.data_file:
             stored: int | None = 1
         else:
-            stored = self._on_disk(result, (entry & L.L2E_OFFSET_MASK) >> self.bits)
+            stored = self._on_disk(sink, (entry & L.L2E_OFFSET_MASK) >> self.bits)
         if stored is not None and (stored == 1) != bool(entry & L.OFLAG_COPIED):
-            result.add(CORRUPTION, "oflag-copied-data",
+            sink.add(CORRUPTION, "oflag-copied-data",
                        f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
                        f"refcount={stored}")
 
@@ -894,16 +941,14 @@ class _SnapshotError(Exception):
         self.reason = reason
 
 
-def _sub_byte_tables() -> dict[int, list[bytes]]:
-    """For refcount orders 0..2: each byte's entries, lowest bits first."""
-    tables: dict[int, list[bytes]] = {}
-    for order in range(3):
-        width = 1 << order
-        mask = (1 << width) - 1
-        tables[order] = [
-            bytes((byte >> (width * i)) & mask for i in range(8 // width)) for byte in range(256)
-        ]
-    return tables
+def _split(values: bytes, width: int) -> bytes:
+    """Each byte of ``values`` (two fields of ``width`` bits) as two bytes, the
+    low field first: refcount entries narrower than a byte, unpacked at C speed."""
+    out = bytearray(2 * len(values))
+    out[0::2] = values.translate(_LOW[width])
+    out[1::2] = values.translate(_HIGH[width])
+    return bytes(out)
 
 
-_SUB_BYTE: dict[int, list[bytes]] = {}  # built on first use (refcounts under 8 bits)
+_LOW = {w: bytes(x & ((1 << w) - 1) for x in range(256)) for w in (1, 2, 4)}
+_HIGH = {w: bytes((x >> w) & ((1 << w) - 1) for x in range(256)) for w in (1, 2, 4)}

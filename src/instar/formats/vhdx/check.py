@@ -40,38 +40,60 @@ def check(driver: VhdxDriver) -> CheckResult:
     header = driver.header
     regions.reverse()
     regions.append((header.log_offset, (header.log_offset + header.log_length) & U64))
-    payload_left = ratio  # qemu's ``payblocks``
+    payload_left = ratio  # qemu's ``payblocks``: it counts FULLY_PRESENT entries only
     index, count = 0, len(bat)
     while index < count:
         entry = bat[index]
+        following = index + 1  # then past a run of the same entry
+        if following < count and bat[following] == entry:
+            following = first_other(bat, following, count, entry)
         if entry & layout.STATE_MASK != layout.PAYLOAD_FULLY_PRESENT:
-            index = first_other(bat, index, count, entry)  # a run of the same entry
+            index = following
             continue
         offset = entry & layout.OFFSET_MASK
-        length = min(block_size, (disk_bytes - index * block_size) & U64) & 0xFFFFFFFF
-        if offset > INT64_MAX - block_size:
-            _report(result, "bat-offset-overflow", f"VHDX BAT entry {index} offset overflow.")
-        if offset >= file_size:
-            _report(result, "bat-beyond-eof",
-                    f"VHDX BAT entry {index} start offset {offset} points after end of file "
-                    f"({file_size}). Image has probably been truncated.")
-        elif offset + length > file_size:
-            _report(result, "bat-end-beyond-eof",
-                    f"VHDX BAT entry {index} end offset {offset + length - 1} points after end "
-                    f"of file ({file_size}). Image has probably been truncated.")
-        if payload_left:
-            payload_left -= 1
-            end = (offset + block_size) & U64
-            for start, stop in regions:
-                if not (offset >= stop or end <= start):
+        if (
+            offset <= INT64_MAX - block_size
+            and offset + block_size <= file_size
+            and _overlapped(regions, offset, block_size) is None
+        ):  # nothing to say of any entry of the run: only qemu's count moves on
+            payload_left = (payload_left - (following - index)) % (ratio + 1)
+            index = following
+            continue
+        for at in range(index, following):
+            length = min(block_size, (disk_bytes - at * block_size) & U64) & 0xFFFFFFFF
+            if offset > INT64_MAX - block_size:
+                _report(result, "bat-offset-overflow", f"VHDX BAT entry {at} offset overflow.")
+            if offset >= file_size:
+                _report(result, "bat-beyond-eof",
+                        f"VHDX BAT entry {at} start offset {offset} points after end of file "
+                        f"({file_size}). Image has probably been truncated.")
+            elif offset + length > file_size:
+                _report(result, "bat-end-beyond-eof",
+                        f"VHDX BAT entry {at} end offset {offset + length - 1} points after "
+                        f"end of file ({file_size}). Image has probably been truncated.")
+            if payload_left:
+                payload_left -= 1
+                region = _overlapped(regions, offset, block_size)
+                if region is not None:
+                    start, stop = region
                     stop_text = str(stop) if stop else ""  # qemu's "%.lu": 0 prints nothing
                     _report(result, "bat-overlaps-region",
-                            f"VHDX region {offset}-{end} overlaps with region {start}-{stop_text}")
-                    break
-        else:
-            payload_left = ratio
-        index += 1
+                            f"VHDX region {offset}-{(offset + block_size) & U64} overlaps "
+                            f"with region {start}-{stop_text}")
+            else:
+                payload_left = ratio
+        index = following
     return result
+
+
+def _overlapped(regions: list[tuple[int, int]], offset: int,
+                length: int) -> tuple[int, int] | None:
+    """The first region (qemu's order) that ``[offset, offset + length)`` overlaps."""
+    end = (offset + length) & U64
+    for start, stop in regions:
+        if not (offset >= stop or end <= start):
+            return start, stop
+    return None
 
 
 def _report(result: CheckResult, code: str, message: str) -> None:

@@ -55,6 +55,7 @@ def _grain_beyond_eof(extent: SparseExtent, first: int, count: int) -> int | Non
     per_table = extent.header.gtes_per_gt
     limit = -(-extent.file.size // SECTOR)  # an entry from here on points past the end
     directory = extent.grain_directory
+    largest: dict[int, int] = {}  # grain table sector -> its largest entry (tables named again)
     grain, last = first, first + count
     while grain < last:
         index = grain // per_table
@@ -66,7 +67,12 @@ def _grain_beyond_eof(extent: SparseExtent, first: int, count: int) -> int | Non
             continue
         low = grain % per_table
         high = min(per_table, low + last - grain)
+        sector = directory[index]
+        if largest.get(sector, limit) < limit:
+            grain += high - low
+            continue
         table = extent.grain_table(index)
+        largest[sector] = max(table)
         if max(table[low:high]) >= limit:
             for position in range(low, high):
                 entry = table[position]
