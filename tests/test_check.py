@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from helpers import pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img
-from instar.check import check
+from instar import check_image
 from instar.findings import CORRUPTION, LEAK, CheckResult
 from instar.formats.qcow2 import layout as L
 from instar.formats.vhdx import layout as vhdx_layout
@@ -766,9 +766,82 @@ def test_help() -> None:
 
 def test_result_is_data(tmp_path: Path) -> None:
     name = refcount_too_high(tmp_path)
-    result = check(str(tmp_path / name))
+    result = check_image(str(tmp_path / name))
     assert isinstance(result, CheckResult)
     assert result.exit_code == 2 and result.format == "qcow2"
     assert [f.code for f in result.of_kind(LEAK)] == ["leaked-cluster"]
     assert [f.code for f in result.of_kind(CORRUPTION)] == ["oflag-copied-data"]
     assert CheckResult.from_data(result.to_data()).to_data() == result.to_data()
+
+
+# --------------------------------------------------------------------------
+# bounds: what instar does where qemu would print or walk without end
+
+
+@pytest.mark.usefixtures("qemu_img")
+def test_lines_past_the_limit_are_counted_not_kept(tmp_path: Path) -> None:
+    """A zeroed refcount table: qemu prints a line per cluster (twice for data
+    clusters). instar prints its first MAX_FINDINGS lines, says how many more
+    there were, and the same summary and exit status."""
+    from instar.findings import MAX_FINDINGS
+
+    image = make_qcow2(tmp_path, size="64M", options="cluster_size=512",
+                       writes=("write -P 3 0 40M",))
+    table = image.header.refcount_table_offset
+    with open(image.path, "r+b") as file:
+        file.seek(table)
+        file.write(bytes(image.header.refcount_table_clusters * image.cluster))
+    ours = run_instar("check", image.path.name, cwd=tmp_path)
+    theirs = run_qemu_img("check", image.path.name, cwd=tmp_path)
+    qemu_lines = theirs.stderr.splitlines()
+    assert len(qemu_lines) > MAX_FINDINGS + 1000
+    assert (ours.rc, ours.stdout) == (theirs.rc, theirs.stdout)
+    assert ours.rc == 2
+    assert ours.stderr.splitlines() == [
+        *qemu_lines[:MAX_FINDINGS],
+        f"instar: {len(qemu_lines) - MAX_FINDINGS} more lines like these were not kept "
+        f"(instar keeps the first {MAX_FINDINGS})",
+    ]
+
+
+def _snapshot_entry(l1_offset: int, l1_size: int, name: bytes) -> bytes:
+    """A version 3 snapshot table entry (24 bytes of extra data), padded to 8."""
+    entry = struct.pack(">QIHHIIQII", l1_offset, l1_size, 1, len(name), 0, 0, 0, 0, 24)
+    entry += bytes(24) + b"1" + name
+    return entry + bytes(-len(entry) % 8)
+
+
+def test_tables_named_over_and_over_are_refused(tmp_path: Path) -> None:
+    """Snapshots whose L1 tables all lie over the same half megabyte of the
+    file: walking them would read far more than the file holds. Refused in
+    one line, quickly, where qemu walks every one."""
+    image = make_qcow2(tmp_path)
+    entries = b"".join(_snapshot_entry(0, 65536, b"s%d" % n) for n in range(64))
+    with open(image.path, "r+b") as file:
+        at = -(-file.seek(0, 2) // image.cluster) * image.cluster
+        file.seek(at)
+        file.write(entries)
+    image.put(60, ">I", 64)
+    image.put(64, ">Q", at)
+    result = run_instar("check", image.path.name, cwd=tmp_path)
+    assert result.rc == 1 and result.stdout == ""
+    assert result.stderr.splitlines()[-1] == (
+        "instar: checking 't.qcow2' would read more metadata than 4 times the file holds "
+        "(tables named over and over): the image is corrupt or hostile; refused")
+
+
+def test_overflowing_walks_too_long_in_order_are_refused(tmp_path: Path) -> None:
+    """One-bit refcounts and a hundred L1 entries naming one L2 table: its
+    clusters overflow, and qemu's order of overflow lines would need walking
+    800 000 L2 entries one by one. Refused."""
+    image = make_qcow2(tmp_path, size="100G", options="refcount_bits=1",
+                       writes=("write -P 1 0 64k",))
+    l1_entry = image.u64(image.l1_slot(0))
+    for index in range(1, 101):
+        image.put(image.header.l1_table_offset + 8 * index, ">Q", l1_entry)
+    result = run_instar("check", image.path.name, cwd=tmp_path)
+    assert (result.rc, result.stdout) == (1, "")
+    assert result.stderr == (
+        "instar: checking 't.qcow2': clusters are referenced more times than 1-bit refcounts "
+        "can count, and walking the 101 L2 tables named in qemu's order would take too long: "
+        "the image is corrupt or hostile; refused\n")

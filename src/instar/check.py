@@ -35,7 +35,7 @@ CHECK_MODULES = (
 )
 
 
-def check(
+def check_image(
     path: str,
     fmt: str | None = None,
     *,

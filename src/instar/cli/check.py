@@ -30,11 +30,12 @@ exit status.
   -T src_cache           cache mode of the image: checked, no effect
   -U, --force-share      read an image a running qemu holds a write lock on
   --allow dir            backing files may also come from dir (not in qemu-img)
+  -r, --repair leaks|all refused: instar never writes to an image it reads
   -h, --help             show this help
 Exit status: 0 no errors, 2 corruptions, 3 leaked clusters only, 1 the check could not
 be done, 63 the format has no check.
 
-Not supported (refused): -r leaks|all (repair), --object objectdef, --image-opts
+Not supported (refused): --object objectdef, --image-opts
 """
 
 SHORT_OPTIONS = "hf:r:T:qU"
@@ -81,10 +82,10 @@ def run(args: list[str]) -> int:
         raise UsageError("--output must be used with human or json as argument.")
     if cache not in CACHE_MODES:
         raise UsageError(f"Invalid source cache option: {cache}")
-    from instar.check import check
+    from instar.check import check_image
 
     try:
-        result = check(parsed.operands[0], fmt, allow=tuple(allow), force_share=force_share)
+        result = check_image(parsed.operands[0], fmt, allow=tuple(allow), force_share=force_share)
     except ChecksNotSupportedError as error:
         report_error(str(error))
         return NOT_SUPPORTED
