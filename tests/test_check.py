@@ -350,6 +350,17 @@ def snapshot_l1_past_eof(tmp: Path) -> str:
     return image.path.name
 
 
+def _snapshot_l1_at(offset: int) -> Build:
+    """A snapshot L1 table at an offset no file reaches: qemu's int64 arithmetic
+    decides between "exceeding the end", an I/O error and running out of memory."""
+    def build(tmp: Path) -> str:
+        image = _with_snapshots(tmp)
+        image.put(image.snapshot_entry(), ">Q", offset)
+        return image.path.name
+    build.__name__ = f"snapshot_l1_at_{offset:#x}"
+    return build
+
+
 def snapshot_l2_shared_differently(tmp: Path) -> str:
     """A snapshot's L2 entry changed: one L2 table walked twice with other results."""
     image = _with_snapshots(tmp)
@@ -439,7 +450,9 @@ DAMAGED: list[Build] = [
     refcount_block_outside_image, refcount_table_past_eof, truncated,
     dirty_with_lazy_refcounts, refcount_overflow, compressed_copied_flag,
     compressed_past_eof, compressed_shared_with_data, snapshot_l1_unaligned,
-    snapshot_l1_too_large, snapshot_l1_past_eof, snapshot_l2_shared_differently,
+    snapshot_l1_too_large, snapshot_l1_past_eof, _snapshot_l1_at(1 << 63),
+    _snapshot_l1_at((1 << 63) - MiB), _snapshot_l1_at(0xFFFF_FFFF_FFFF_0000),
+    snapshot_l2_shared_differently,
     snapshot_incomplete, snapshot_extra_too_large, snapshot_count_too_large,
     snapshot_table_unaligned, snapshot_table_past_eof, extended_bitmap_both_bits,
     extended_unallocated_with_bits, data_file_compressed_entry, data_file_with_snapshots,
@@ -553,6 +566,22 @@ def _vmdk(subformat: str) -> Build:
     return build
 
 
+def _vmdk_zeroed_grains(tmp: Path) -> str:
+    qemu_img_ok("create", "-q", "-f", "vmdk", "-o", "zeroed_grain=on", str(tmp / "z.vmdk"), "8M")
+    qemu_io(tmp / "z.vmdk", "write -P 5 0 1M", "vmdk")
+    qemu_io(tmp / "z.vmdk", "write -z 2M 1M", "vmdk")
+    return "z.vmdk"
+
+
+def _vmdk_child(tmp: Path) -> str:
+    qemu_img_ok("create", "-q", "-f", "vmdk", str(tmp / "base.vmdk"), "8M")
+    qemu_io(tmp / "base.vmdk", "write -P 5 0 1M", "vmdk")
+    qemu_img_ok("create", "-q", "-f", "vmdk", "-b", "base.vmdk", "-F", "vmdk", "child.vmdk",
+                cwd=tmp)
+    qemu_io("child.vmdk", "write -P 6 64k 64k", "vmdk", cwd=tmp)
+    return "child.vmdk"
+
+
 def _stream(tmp: Path) -> str:
     raw = tmp / "s.raw"
     raw.write_bytes(pattern(3 * MiB, seed=2))
@@ -589,7 +618,7 @@ def _raw(tmp: Path) -> str:
 OTHER_CLEAN: list[Build] = [
     *(_vmdk(sub) for sub in ("monolithicSparse", "monolithicFlat", "twoGbMaxExtentSparse",
                              "twoGbMaxExtentFlat", "streamOptimized")),
-    _stream,
+    _stream, _vmdk_zeroed_grains, _vmdk_child,
     *(_vhdx(options) for options in ("subformat=dynamic", "subformat=fixed",
                                      "block_size=1M", "block_size=32M,log_size=2M")),
 ]
@@ -845,3 +874,14 @@ def test_overflowing_walks_too_long_in_order_are_refused(tmp_path: Path) -> None
         "instar: checking 't.qcow2': clusters are referenced more times than 1-bit refcounts "
         "can count, and walking the 101 L2 tables named in qemu's order would take too long: "
         "the image is corrupt or hostile; refused\n")
+
+
+@pytest.mark.usefixtures("qemu_img")
+def test_info_gives_qemus_advice_on_a_snapshot_table_too_large(tmp_path: Path) -> None:
+    """The snapshot table walk is info's too: the same refusal, with qemu's
+    advice on the line after it."""
+    name = snapshot_extra_too_large(tmp_path)
+    ours, theirs = run_instar("info", name, cwd=tmp_path), run_qemu_img("info", name, cwd=tmp_path)
+    assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
+        theirs.rc, theirs.stdout, theirs.normalised_stderr())
+    assert theirs.stderr.count("\n") == 2

@@ -52,7 +52,6 @@ L1E_RESERVED_MASK = 0x7F00_0000_0000_01FF
 L2E_STD_RESERVED_MASK = 0x3F00_0000_0000_01FE
 REFT_RESERVED_MASK = 0x1FF
 L2_BITMAP_ALL_ALLOC = 0xFFFF_FFFF
-SNAPSHOT_EXTRA_BYTES = 24  # qemu's QCowSnapshotExtraData: vm state size, disk size, icount
 SNAPSHOT_EXTRA_MINIMUM = 16  # a version 3 entry has at least vm state and disk size
 BITMAP_TABLE_MAX = 0x800_0000  # entries of one bitmap table
 BITMAP_PHYS_MAX = 0x2000_0000  # bytes one bitmap may take on disk
@@ -111,14 +110,6 @@ class _L2Stats:
         if kind == CORRUPTION:
             self.corruptions += 1
         self.findings.append(Finding(kind, code, message, prefixed))
-
-
-class _Snapshot(NamedTuple):
-    l1_offset: int
-    l1_size: int
-    id: bytes
-    name: bytes
-    extra_size: int
 
 
 class _L1Table(NamedTuple):
@@ -258,7 +249,7 @@ class _Walk:
 
     # -- the snapshot table (qcow2_check_read_snapshot_table)
 
-    def _snapshot_table(self, result: CheckResult) -> list[_Snapshot]:
+    def _snapshot_table(self, result: CheckResult) -> list[I.SnapshotEntry]:
         count, start = self.header.nb_snapshots, self.header.snapshots_offset
         problem = None
         if count > L.MAX_SNAPSHOTS:
@@ -271,42 +262,21 @@ class _Walk:
                 result.add(NOTE, "hint", f"You can force-remove all {count - L.MAX_SNAPSHOTS} "
                            "overhanging snapshots with qemu-img check -r all")
             raise _Failed(reason)
-        snapshots: list[_Snapshot] = []
-        offset, table_length = start, 0
+        snapshots: list[I.SnapshotEntry] = []
         try:
-            header = I.SNAPSHOT_HEADER
-            for index in range(count):
-                offset = (offset + 7) & ~7
-                table_length = (table_length + 7) & ~7
-                (l1_offset, l1_size, id_size, name_size, _date, _nsec, _clock, _state,
-                 extra_size) = header.unpack(self._snapshot_read(offset, header.size))
-                if extra_size > I.MAX_SNAPSHOT_EXTRA_DATA:
-                    raise _SnapshotError(
-                        f"Too much extra metadata in snapshot table entry {index}",
-                        "You can force-remove this extra metadata with qemu-img check -r all",
-                        EFBIG)
-                # The extra data (what qemu knows of it, then the rest), id and name.
-                length = extra_size + id_size + name_size
-                rest = self._snapshot_read(offset + header.size, length)
-                offset += header.size + length
-                table_length += header.size + length
-                if table_length > I.MAX_SNAPSHOT_TABLE_BYTES or offset - start > INT_MAX:
-                    raise _SnapshotError(
-                        "Snapshot table is too big",
-                        f"You can force-remove all {count - index} overhanging snapshots "
-                        "with qemu-img check -r all", EFBIG)
-                snapshots.append(_Snapshot(l1_offset, l1_size, rest[extra_size:][:id_size],
-                                           rest[extra_size + id_size :], extra_size))
-        except _SnapshotError as error:
+            for end, entry in I.snapshot_entries(self._snapshot_read, start, count):
+                snapshots.append(entry)
+                self.snapshots_size = end - start  # up to the last entry's end, for its refcount
+        except (_SnapshotError, I.SnapshotTableError) as error:
+            reason = error.reason if isinstance(error, _SnapshotError) else EFBIG
             result.add(CHECK_ERROR, "snapshot-table-unreadable",
-                       f"ERROR failed to read the snapshot table: {error.message}", prefixed=True)
+                       f"ERROR failed to read the snapshot table: {error}", prefixed=True)
             if error.hint:
                 result.add(NOTE, "hint", error.hint)
-            raise _Failed(error.reason) from None
-        self.snapshots_size = offset - start if count else 0
+            raise _Failed(reason) from None
         if self.header.version >= 3:
             for index, snapshot in enumerate(snapshots):
-                if snapshot.extra_size < SNAPSHOT_EXTRA_MINIMUM:
+                if len(snapshot.extra) < SNAPSHOT_EXTRA_MINIMUM:
                     result.add(CORRUPTION, "snapshot-entry-incomplete",
                                f"ERROR snapshot table entry {index} is incomplete")
         return snapshots
@@ -323,7 +293,7 @@ class _Walk:
                     window = self._read(offset, length)
                 except _Failed:
                     raise _SnapshotError(f"Failed to read snapshot table: {failed.reason}",
-                                         None, failed.reason) from None
+                                         failed.reason) from None
             start = offset
             self._snapshot_window = (start, window)
         return window[offset - start : offset - start + length]
@@ -337,7 +307,8 @@ class _Walk:
         if size <= 0:
             return
         signed = offset - (1 << 64) if offset > INT64_MAX else offset
-        if signed + size - self.file_len >= self.cluster:
+        beyond = ((signed + size - self.file_len + (1 << 63)) & U64) - (1 << 63)  # int64 math
+        if beyond >= self.cluster:
             sink.add(CORRUPTION, "reference-beyond-eof",
                      "ERROR: counting reference for region exceeding the end of the file by "
                      f"one cluster or more: offset {offset:#x} size {size:#x}")
@@ -391,7 +362,7 @@ class _Walk:
 
     # -- calculate_refcounts
 
-    def _calculate(self, result: CheckResult, snapshots: list[_Snapshot]) -> None:
+    def _calculate(self, result: CheckResult, snapshots: list[I.SnapshotEntry]) -> None:
         header = self.header
         self._ref(result, 0, self.cluster)
         # The L1 tables in qemu's order, with the lines that come between them.
@@ -448,8 +419,6 @@ class _Walk:
         empty = array("Q")
         if not size:
             return _L1Table(offset, size, active, empty, empty, None)
-        if offset > INT64_MAX:
-            return _L1Table(offset, size, active, empty, empty, ENOMEM)
         known = self._l1_tables.get((offset, size))
         if known is not None:  # snapshots sharing an L1 table: walked again, not read again
             self._spend(offset, len(known.entries) * 8, L1_ENTRY_WEIGHT)
@@ -484,8 +453,6 @@ class _Walk:
         """check_refcounts_l1: the table's own clusters, then each entry."""
         if not table.size:
             return
-        if table.failure == ENOMEM:
-            raise _Failed(ENOMEM)
         self._ref(result, table.offset, table.size * 8)
         if table.failure is not None:
             result.add(CHECK_ERROR, "io-error", "ERROR: I/O error in check_refcounts_l1")
@@ -932,12 +899,12 @@ class _Walk:
 
 
 class _SnapshotError(Exception):
-    """qcow2_do_read_snapshots failed: its message, hint and errno."""
+    """qcow2_do_read_snapshots could not read the table: qemu's message and errno."""
 
-    def __init__(self, message: str, hint: str | None, reason: str) -> None:
+    hint: str | None = None
+
+    def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
-        self.message = message
-        self.hint = hint
         self.reason = reason
 
 
