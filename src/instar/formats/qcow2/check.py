@@ -5,9 +5,10 @@ file should have from everything that references it: the header, the active
 L1 table, its L2 tables and their clusters (counting allocated, fragmented
 and compressed clusters on the way), every snapshot's L1 and L2 tables, the
 snapshot table, the refcount table, the bitmaps and the refcount blocks. It
-compares that with the refcounts on disk (leaks, corruptions), checks the
-OFLAG_COPIED flag of every active L1 and L2 entry against the on-disk
-refcount, and reports the image end offset. Every line it prints while
+compares that with the refcounts on disk (leaks, corruptions; both kinds of
+refcount are kept in `refcounts`), checks the OFLAG_COPIED flag of every
+active L1 and L2 entry against the on-disk refcount, and reports the image
+end offset. Every line it prints while
 doing so is a `Finding`, with the same text, in the same order.
 
 Bounded by the file, whatever the header claims:
@@ -21,15 +22,16 @@ Bounded by the file, whatever the header claims:
   of visits, its lines replayed at each visit. Only when an expected
   refcount would reach the refcount maximum (qemu's "overflow", where the
   order of additions shows) is the walk done again visit by visit;
-- every byte of metadata read counts against a budget of a few times the
-  file's size; an image whose tables would make the check read more (tables
-  named again and again, overlapping) is refused in one line.
+- every byte of metadata read counts against a budget of 4 times the file's
+  size (an L1 entry, walked in Python, 8 times its bytes); an image whose
+  tables would make the check read more (tables named again and again,
+  overlapping) is refused in one line, and so is one whose overflowing
+  refcounts would need a walk in qemu's order of over 2^19 L2 entries.
 """
 
 from __future__ import annotations
 
 import operator
-import sys
 from array import array
 from collections.abc import Iterator
 from itertools import compress
@@ -38,10 +40,19 @@ from typing import NamedTuple, Protocol
 from instar.errors import FormatError
 from instar.files import InputFile
 from instar.findings import CHECK_ERROR, CORRUPTION, LEAK, NOTE, CheckResult, Finding
-from instar.formats.common import TableCache, is_progression
+from instar.formats.common import is_progression
 from instar.formats.qcow2 import info as I
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Driver, _be_u64_array
+from instar.formats.qcow2.refcounts import (
+    UNALIGNED,
+    Expected,
+    OnDisk,
+    Overflow,
+    differences,
+    fitted,
+    last_nonzero,
+)
 
 INT_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1
@@ -132,23 +143,9 @@ def _c_string(raw: bytes) -> str:
     return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
 
 
-# refcount widths: the array type holding one refcount entry of each order
-_TYPECODES = {4: "H", 5: "I" if array("I").itemsize == 4 else "L", 6: "Q"}
-
-
-def _typecode(order: int) -> str:
-    return _TYPECODES.get(order, "B")
-
-
 def _nonzero(table: array[int]) -> Iterator[int]:
     """The indices of the entries that are not 0, found at C speed."""
     return compress(range(len(table)), table)
-
-
-def _last_nonzero(values: array[int]) -> int:
-    """The index of the last entry that is not 0, or -1."""
-    kept = len(values.tobytes().rstrip(b"\0"))
-    return (kept - 1) // values.itemsize if kept else -1
 
 
 class _Walk:
@@ -167,23 +164,18 @@ class _Walk:
         self.l2_size = L.l2_entries(self.bits, self.extended)
         order = header.refcount_order if header.version >= 3 else 4
         self.order = order
-        self.refcount_max = (1 << (1 << order)) - 1
-        self.typecode = _typecode(order)
         self.rb_bits = self.bits + 3 - order  # refcount entries per block, as a power of 2
         self.rb_size = 1 << self.rb_bits
         self.reftable_size = header.refcount_table_clusters << (self.bits - 3)
-        self.nb = 0  # qemu's nb_clusters: grows when a reference ends in the last cluster
-        self.counts: dict[int, array[int]] = {}  # expected refcounts, per refcount block
-        self._zeros = array(self.typecode, bytes(self.rb_size * array(self.typecode).itemsize))
+        self.expected = Expected(self.bits, order, 0)  # nb_clusters set once known
         self.snapshots_size = 0
         self._snapshot_window: tuple[int, bytes] = (0, b"")
         self._l1_tables: dict[tuple[int, int], _L1Table] = {}
         self.active_indices: array[int] = array("Q")
         self.budget = 4 * self.file_len + BUDGET_BASE
-        self.reftable: array[int] = array("Q")
+        self.on_disk = OnDisk(array("Q"), 0, self.bits, order, self._read, _Failed)
         self.active_l1: array[int] = array("Q")
         self.signaled = False  # qcow2_signal_corruption printed (only once)
-        self._blocks: TableCache[array[int] | str | None] = TableCache(self._load_block, 64)
 
     # -- reading as qemu reads: zeros past the end, EIO past qemu's limit
 
@@ -235,7 +227,7 @@ class _Walk:
             result.check_errors += 1
             result.fail(EFBIG)
             return result
-        self.nb = nb
+        self.expected.clusters = nb
         result.total_clusters = -(-self.driver.virtual_size // self.cluster)
         try:
             self._calculate(result, snapshots)
@@ -319,46 +311,19 @@ class _Walk:
         self._bump(sink, first, ((offset + size - 1) >> self.bits) - first + 1, times)
 
     def _bump(self, sink: _Sink, first: int, count: int, times: int) -> None:
-        """Add ``times`` to the expected refcount of ``count`` clusters from ``first``."""
-        if first + count > self.nb:
-            self.nb = first + count
-        ceiling = self.refcount_max
-        size = self.rb_size
-        cluster = first
-        end = first + count
-        while cluster < end:
-            block, within = divmod(cluster, size)
-            stop = min(end, (block + 1) * size)
-            counts = self.counts.get(block)
-            if counts is None:
-                length = min(size, self.nb + 1 - block * size)
-                counts = self.counts[block] = self._zeros[:length]
-            span = stop - cluster
-            if times <= ceiling and span > 8 and counts[within : stop - block * size] == \
-                    self._zeros[:span]:
-                counts[within : within + span] = array(self.typecode, [times]) * span
-                cluster = stop
-                continue
-            for index in range(within, within + span):
-                value = counts[index]
-                if value + times > ceiling:
-                    if not self.exact:
-                        raise _Restart()
-                    offset = (block * size + index) << self.bits
-                    sink.add(CORRUPTION, "refcount-overflow",
-                             f"ERROR: overflow cluster offset={offset:#x}")
-                    sink.add(NOTE, "refcount-overflow",
-                             "Use qemu-img amend to increase the refcount entry width or "
-                             "qemu-img convert to create a clean copy if the image cannot be "
-                             "opened for writing")
-                    continue
-                counts[index] = value + times
-            cluster = stop
-
-    def _expected(self, cluster: int) -> int:
-        counts = self.counts.get(cluster >> self.rb_bits)
-        within = cluster & (self.rb_size - 1)
-        return counts[within] if counts is not None and within < len(counts) else 0
+        """Add ``times`` to the expected refcount of ``count`` clusters from
+        ``first``; past the maximum, qemu's overflow error (walking again in
+        qemu's order first, where the additions were not made in it)."""
+        try:
+            overflowed = self.expected.add(first, count, times, strict=not self.exact)
+        except Overflow:
+            raise _Restart() from None
+        for cluster in overflowed:
+            sink.add(CORRUPTION, "refcount-overflow",
+                     f"ERROR: overflow cluster offset={cluster << self.bits:#x}")
+            sink.add(NOTE, "refcount-overflow",
+                     "Use qemu-img amend to increase the refcount entry width or qemu-img "
+                     "convert to create a clean copy if the image cannot be opened for writing")
 
     # -- calculate_refcounts
 
@@ -398,7 +363,9 @@ class _Walk:
                 self._walk_l1(result, step, tables)
         self._ref(result, header.snapshots_offset, self.snapshots_size)
         self._ref(result, header.refcount_table_offset, self.reftable_size * 8)
-        self.reftable = self._read_table(header.refcount_table_offset, self.reftable_size)
+        reftable = self._read_table(header.refcount_table_offset, self.reftable_size)
+        self.on_disk = OnDisk(reftable, self.reftable_size, self.bits, self.order, self._read,
+                              _Failed)
         self._bitmaps(result)
         self._refblocks(result)
 
@@ -675,7 +642,7 @@ class _Walk:
     # -- check_refblocks
 
     def _refblocks(self, result: CheckResult) -> None:
-        table = self.reftable
+        table = self.on_disk.table
         for index in _nonzero(table):
             entry = table[index]
             offset = entry & L.REFTABLE_OFFSET_MASK
@@ -686,59 +653,30 @@ class _Walk:
                 result.add(CORRUPTION, "refcount-block-unaligned",
                            f"ERROR refcount block {index} is not cluster aligned; refcount "
                            "table entry corrupted")
-            elif offset >> self.bits >= self.nb:
+            elif offset >> self.bits >= self.expected.clusters:
                 result.add(CORRUPTION, "refcount-block-outside-image",
                            f"ERROR refcount block {index} is outside image")
             else:
                 self._ref(result, offset, self.cluster)
-                value = self._expected(offset >> self.bits)
+                value = self.expected.get(offset >> self.bits)
                 if value != 1:
                     result.add(CORRUPTION, "refcount-block-refcount",
                                f"ERROR refcount block {index} refcount={value}")
 
     # -- the refcounts on disk (qcow2_get_refcount)
 
-    def _load_block(self, index: int) -> array[int] | str | None:
-        """Refcount block ``index`` decoded, None if the table has none, or
-        why qemu cannot read it (a strerror)."""
-        if index >= len(self.reftable):
-            return None
-        offset = self.reftable[index] & L.REFTABLE_OFFSET_MASK
-        if not offset:
-            return None
-        if offset & (self.cluster - 1):
-            return f"unaligned {offset:#x}"
-        try:
-            data = self._read(offset, self.cluster)
-        except _Failed as failed:
-            return failed.reason
-        return self._decode(data)
-
-    def _decode(self, data: bytes) -> array[int]:
-        order = self.order
-        if order >= 3:
-            values = array(_typecode(order), data)
-            if order > 3 and sys.byteorder == "little":
-                values.byteswap()
-            return values
-        width = 4  # a byte holds two 4-bit entries, each two 2-bit ones, each two bits
-        while width >= 1 << order:
-            data = _split(data, width)
-            width //= 2
-        return array("B", data)
-
     def _block(self, sink: _Sink | None, index: int) -> array[int] | str | None:
         """A refcount block as qcow2_get_refcount finds it: its values, None
         (all 0) or the strerror of its failure; an unaligned one is signalled
         once, as qemu's qcow2_signal_corruption."""
-        found = self._blocks.get(index)
-        if isinstance(found, str) and found.startswith("unaligned "):
+        found = self.on_disk.block(index)
+        if found == UNALIGNED:
             if not self.signaled and sink is not None:
                 self.signaled = True
                 sink.add(NOTE, "corrupt", (
-                    f"qcow2: Image is corrupt: Refblock offset {found[10:]} unaligned "
-                    f"(reftable index: {_c_hex(index)}); further non-fatal corruption "
-                    "events will be suppressed"))
+                    f"qcow2: Image is corrupt: Refblock offset "
+                    f"{self.on_disk.block_offset(index):#x} unaligned (reftable index: "
+                    f"{_c_hex(index)}); further non-fatal corruption events will be suppressed"))
             return EIO
         return found
 
@@ -758,9 +696,9 @@ class _Walk:
         one; returns the highest cluster either says is in use."""
         highest = 0
         size = self.rb_size
-        nb = self.nb
-        blocks = set(self.counts)
-        blocks.update(index for index in _nonzero(self.reftable) if index * size < nb)
+        nb = self.expected.clusters
+        blocks = set(self.expected.blocks)
+        blocks.update(index for index in _nonzero(self.on_disk.table) if index * size < nb)
         for block in sorted(blocks):
             low = block * size
             high = min(low + size, nb)
@@ -772,15 +710,14 @@ class _Walk:
                     result.add(CHECK_ERROR, "refcount-unreadable",
                                f"Can't get refcount for cluster {cluster}: {on_disk}")
                 continue
-            expected = self.counts.get(block)
-            found = self._slice(on_disk, high - low)
-            wanted = self._slice(expected, high - low)
-            last = max(_last_nonzero(found), _last_nonzero(wanted))
+            wanted = self.expected.values(block, high - low)
+            found = fitted(on_disk, high - low, wanted.typecode)
+            last = max(last_nonzero(found), last_nonzero(wanted))
             if last >= 0:
                 highest = low + last
             if found == wanted:
                 continue
-            for position in self._differences(found, wanted):
+            for position in differences(found, wanted):
                 stored, counted = found[position], wanted[position]
                 cluster = low + position
                 if stored < counted:
@@ -790,35 +727,6 @@ class _Walk:
                     result.add(LEAK, "leaked-cluster",
                                f"Leaked cluster {cluster} refcount={stored} reference={counted}")
         return highest
-
-    def _slice(self, values: array[int] | None, length: int) -> array[int]:
-        """``length`` refcounts from ``values`` (zeros where it has none), typed alike."""
-        width = array(self.typecode).itemsize
-        if values is None:
-            return array(self.typecode, bytes(length * width))
-        part = values[:length]
-        if part.typecode != self.typecode:
-            part = array(self.typecode, part)
-        if len(part) < length:
-            part.frombytes(bytes((length - len(part)) * width))
-        return part
-
-    @staticmethod
-    def _differences(found: array[int], wanted: array[int]) -> Iterator[int]:
-        """The positions where two arrays differ, found by halving (memcmp)."""
-        pending = [(0, len(found))]
-        while pending:
-            low, high = pending.pop()
-            if found[low:high] == wanted[low:high]:
-                continue
-            if high - low <= 64:
-                for position in range(low, high):
-                    if found[position] != wanted[position]:
-                        yield position
-                continue
-            middle = (low + high) // 2
-            pending.append((middle, high))
-            pending.append((low, middle))
 
     # -- check_oflag_copied
 
@@ -889,7 +797,7 @@ class _Walk:
         while cluster < end:
             block, within = divmod(cluster, self.rb_size)
             span = min(end - cluster, self.rb_size - within)
-            values = self._blocks.get(block) if block < self.reftable_size else None
+            values = self.on_disk.block(block)
             if not isinstance(values, array) or (
                 values[within : within + span] != array(values.typecode, [1]) * span
             ):
@@ -908,14 +816,4 @@ class _SnapshotError(Exception):
         self.reason = reason
 
 
-def _split(values: bytes, width: int) -> bytes:
-    """Each byte of ``values`` (two fields of ``width`` bits) as two bytes, the
-    low field first: refcount entries narrower than a byte, unpacked at C speed."""
-    out = bytearray(2 * len(values))
-    out[0::2] = values.translate(_LOW[width])
-    out[1::2] = values.translate(_HIGH[width])
-    return bytes(out)
 
-
-_LOW = {w: bytes(x & ((1 << w) - 1) for x in range(256)) for w in (1, 2, 4)}
-_HIGH = {w: bytes((x >> w) & ((1 << w) - 1) for x in range(256)) for w in (1, 2, 4)}
