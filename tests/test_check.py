@@ -427,6 +427,25 @@ def _data_file(tmp: Path, raw: bool = False) -> Qcow2:
     return Qcow2(tmp / "t.qcow2")
 
 
+def bitmap_data_past_eof(tmp: Path) -> str:
+    """A persistent bitmap whose data cluster lies far past the end of the file."""
+    image = make_qcow2(tmp)
+    qemu_img_ok("bitmap", "--add", str(image.path), "b0")
+    qemu_io(image.path, "write -P 2 2M 64k", "qcow2")
+    header = image.read(0, image.cluster)
+    position = image.header.header_length
+    while True:
+        kind, length = struct.unpack_from(">II", header, position)
+        if kind == L.EXT_BITMAPS:
+            directory = struct.unpack_from(">IIQQ", header, position + 8)[3]
+            break
+        assert kind != L.EXT_END
+        position += 8 + (length + 7 & ~7)
+    table = image.u64(directory)
+    image.put(table, ">Q", 1 << 40)
+    return image.path.name
+
+
 def data_file_compressed_entry(tmp: Path) -> str:
     image = _data_file(tmp)
     image.put(image.l2_slot(0), ">Q", L.OFLAG_COMPRESSED | 4096)
@@ -456,6 +475,7 @@ DAMAGED: list[Build] = [
     snapshot_incomplete, snapshot_extra_too_large, snapshot_count_too_large,
     snapshot_table_unaligned, snapshot_table_past_eof, extended_bitmap_both_bits,
     extended_unallocated_with_bits, data_file_compressed_entry, data_file_with_snapshots,
+    bitmap_data_past_eof,
 ]
 
 
