@@ -13,26 +13,20 @@ check what it would refuse when opening), and its format's checker
 
 Exit codes: 0 clean, 2 corruptions, 3 leaks only, 1 could not check, 63 the
 format has no check (raw, vpc: "This image format does not support checks").
+A format qemu checks and instar reads without a check of its own yet (vdi,
+parallels) is refused in one line, exit 1.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from instar.errors import UnsupportedError
 from instar.events import EventSink
 from instar.findings import CheckResult
 from instar.opener import Broker, ImageOpener
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-
-# The checkers besides the readers, imported before the worker is confined.
-CHECK_MODULES = (
-    "instar.findings",
-    "instar.formats.qcow2.info",
-    "instar.formats.qcow2.check",
-    "instar.formats.vmdk.check",
-    "instar.formats.vhdx.check",
-)
 
 
 def check_image(
@@ -53,15 +47,22 @@ def check_image(
     def job(broker: Broker, send: EventSink) -> dict[str, Any]:
         return _check_job(broker, path, fmt).to_data()
 
-    data = run_job(job, policy, sandbox, inputs=[path], force_share=force_share,
-                   preload=CHECK_MODULES)
+    data = run_job(job, policy, sandbox, inputs=[path], force_share=force_share)
     return CheckResult.from_data(data)
+
+
+# qemu 7.2's drivers with a check (bdrv_co_check): a format among them that
+# instar reads but cannot check yet is refused as such, never said to have none.
+QEMU_CHECKED = frozenset({"qcow2", "qed", "vdi", "vhdx", "vmdk", "parallels"})
 
 
 def _check_job(broker: Broker, path: str, fmt: str | None) -> CheckResult:
     opener = ImageOpener(broker=broker)
     try:
         node = opener.open_node(path, fmt, checking=True)
+        name = node.format.name
+        if getattr(node.format, "checker", None) is None and name in QEMU_CHECKED:
+            raise UnsupportedError(f"instar cannot check {name} images yet (qemu-img can)")
         result = node.format.check(node.image.driver)
         result.filename = path
         result.format = node.format.name

@@ -24,12 +24,11 @@ class Resolver(Protocol):
     """Host-side services a reader may ask for: files named inside an image.
 
     The host resolves the name against the allowlist and the chain-depth
-    limit, so format code never touches the file system itself. ``checking``
-    is qemu's BDRV_O_CHECK: the image is opened for ``check``, which reports
-    what opening would otherwise refuse (a VHDX BAT entry past the end).
+    limit, so format code never touches the file system itself. A resolver
+    may have ``checking`` True (read with ``getattr``, default False): qemu's
+    BDRV_O_CHECK, the image is opened for ``check``, which reports what
+    opening would otherwise refuse (a VHDX BAT entry past the end).
     """
-
-    checking: bool
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         """Open the backing image ``name`` that ``child`` refers to."""

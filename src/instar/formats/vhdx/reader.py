@@ -118,6 +118,7 @@ def open_vhdx(file: InputFile, resolver: Resolver) -> VhdxDriver:
     image = VhdxDriver(source, header, geometry, bat, differencing)
     image.corruption = corruption
     image.regions = regions
+    image.log_replayed = source is not file
     if differencing:
         assert metadata.parent_locator is not None
         image.parent = _open_parent(metadata.parent_locator, file, resolver)
@@ -496,6 +497,9 @@ class VhdxDriver(Driver):
         self.virtual_size = geometry.virtual_size
         self.corruption: str | None = None  # a block mapped twice: reading fails
         self.regions: list[RegionEntry] = []  # the region table's entries, in table order
+        # The log held writes not yet in place (a crash): instar read them from
+        # the log, qemu refuses such a file read-only (inspect reports it).
+        self.log_replayed = False
 
     @property
     def backing(self) -> Image | None:
