@@ -1,4 +1,4 @@
-"""The hostile corpus: every image of tests/hostile_corpus.py through eight commands.
+"""The hostile corpus: every image of tests/hostile_corpus.py through nine commands.
 
 Each image is built by the test (qemu-img bases patched in Python, or written
 from the format specifications) in a directory ``img/`` of its own, beside a
@@ -9,6 +9,7 @@ would set (``--timeout 5 --max-memory 512M``):
     dd if=X of=OUT   dd -O qcow2 if=X of=OUT   convert -O raw X OUT
     info X           info --output=json X     compare X X
     map X            map --output=json X
+    check X
 
 and each run must either succeed with the right output (what qemu-img reads,
 where qemu reads the image; an image's own commands agree where it does not)
@@ -16,7 +17,10 @@ or refuse in exactly one line (``instar: ...``, no traceback, no "internal
 error": an exception the worker did not expect); within 5 s of
 wall clock and 512 MiB of memory (the instar process and its worker); with no
 file left behind on failure (hidden temporary files included) and nothing of
-the canary, of /etc/passwd or of the environment in any output.
+the canary, of /etc/passwd or of the environment in any output. ``check``
+reports what it finds, as qemu-img check does, so its contract is its own
+(`check_check_run`): qemu-img check's exit statuses, a summary where it
+finished, a last line ``instar: ...`` where it could not check.
 
 map reads no data, only the image's tables: it may map an image whose data
 the other commands refuse (a compressed bomb), so it must map it as qemu-img
@@ -24,7 +28,7 @@ maps it, or refuse in one line; a benign image ("read") it maps exactly as
 qemu-img does (stdout and exit status, the human output's "File contains
 external, encrypted or compressed clusters." included).
 
-Attacks on paths run the eight commands with ``--allow img`` (the most a user
+Attacks on paths run the nine commands with ``--allow img`` (the most a user
 would allow), and dd again without it: refused both ways.
 """
 
@@ -215,14 +219,14 @@ def leaks(data: bytes, forbidden: list[bytes]) -> list[bytes]:
     return [secret for secret in forbidden if secret in data]
 
 
-# --- the eight commands -------------------------------------------------------------------------
+# --- the nine commands -------------------------------------------------------------------------
 
 
 OUTPUTS = {"dd": "dd.raw", "dd -O qcow2": "dd.qcow2", "convert": "convert.raw"}
 
 
 def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]:
-    """(label, arguments) of the eight commands; outputs go to ``out/``."""
+    """(label, arguments) of the nine commands; outputs go to ``out/``."""
     f = ["-f", case.fmt] if case.fmt else []
     a = ["--allow", "img"] if allow else []
     return [
@@ -234,6 +238,7 @@ def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]
         ("compare", ["compare", *f, *a, *(["-F", case.fmt] if case.fmt else []), image, image]),
         ("map", ["map", *f, *a, image]),
         ("map json", ["map", *f, *a, "--output=json", image]),
+        ("check", ["check", *f, *a, image]),
     ]
 
 
@@ -264,6 +269,8 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
               forbidden: list[bytes], keep: Path | None, says: str | None) -> list[str]:
     """The contract for one run; ``expect`` is "read", "refuse" or "either";
     a refusal must contain ``says`` (a regex) where given."""
+    if run.label == "check":
+        return check_check_run(run, place, before, forbidden)
     problems = []
     where = run.describe()
     if run.hung:
@@ -316,6 +323,51 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
             problems.append(f"FILES added {added} removed {removed}: {where}")
     if output is not None and output.exists():
         output.unlink()  # a success kept elsewhere, or a failure's file (reported above)
+    return problems
+
+
+CHECK_SUMMARY = re.compile(rb"No errors were found on the image\.\n|errors were found on the image"
+                           rb"|leaked clusters were found on the image")
+
+
+def check_check_run(run: Run, place: Place, before: set[str],
+                    forbidden: list[bytes]) -> list[str]:
+    """check's contract: within the limits, no traceback or internal error, no
+    secret in its output, nothing written; qemu-img check's exit statuses, with
+    its summary on stdout where the check ran to the end (0, 2, 3), a last line
+    ``instar: ...`` where it could not check (1), the format's refusal (63)."""
+    problems = []
+    where = run.describe()
+    if run.hung:
+        problems.append(f"HANG (killed after {WATCHDOG_SECONDS:g} s): {where}")
+    elif run.stalled:
+        problems.append(f"SLOW ({run.seconds:.1f} s): {where}")
+    if run.max_rss > LIMIT_MEMORY:
+        problems.append(f"MEMORY ({run.max_rss >> 20} MiB): {where}")
+    if b"Traceback" in run.stderr or b"internal error" in run.stderr:
+        problems.append(f"TRACEBACK or INTERNAL ERROR: {where}")
+    for stream, data in (("stdout", run.stdout), ("stderr", run.stderr)):
+        for secret in leaks(data, forbidden):
+            problems.append(f"LEAK of {secret[:16]!r} on {stream}: {where}")
+    lines = [line for line in run.stderr.decode("utf-8", "replace").splitlines()
+             if not SANDBOX_WARNING.match(line)]
+    if run.rc in (0, 2, 3):
+        if not CHECK_SUMMARY.search(run.stdout):
+            problems.append(f"NO SUMMARY {run.stdout[:200]!r}: {where}")
+        if run.rc == 0 and lines:
+            problems.append(f"LINES on a clean check: {where}")
+    elif run.rc == 1:
+        stopped = not run.stdout and any(line.startswith("instar: ") for line in lines)
+        errors = CHECK_SUMMARY.search(run.stdout) and lines[-1:] == ["instar: Check failed"]
+        if not (stopped or errors):
+            problems.append(f"NOT A FAILED CHECK: {where}")
+    elif run.rc == 63:
+        if lines != ["instar: This image format does not support checks"]:
+            problems.append(f"NOT qemu's 63: {where}")
+    elif not run.hung:
+        problems.append(f"EXIT {run.rc} (wanted 0, 1, 2, 3 or 63): {where}")
+    if listing(place.root) != before:
+        problems.append(f"FILES changed: {where}")
     return problems
 
 

@@ -382,7 +382,8 @@ def test_nonzero_entries_counts_every_width(width: int) -> None:
         packed = sum(v << (i * width) for i, v in enumerate(values))
         block = packed.to_bytes(4096, "little")
     for limit in (0, 1, 7, count // 3, count):
-        assert nonzero_entries(block, width, limit) == sum(1 for v in values[:limit] if v)
+        order = width.bit_length() - 1
+        assert nonzero_entries(block, order, limit) == sum(1 for v in values[:limit] if v)
 
 
 # --- qemu's sample images; images qemu does not read as instar does ------------------------------

@@ -42,6 +42,7 @@ COMMANDS = {
     "convert": "instar.cli.convert",
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
+    "check": "instar.cli.check",
     "inspect": "instar.cli.inspect",
     "map": "instar.cli.map",
 }
@@ -54,6 +55,7 @@ instar version {version} - a safe, qemu-img-compatible disk image toolkit
 usage: instar [standard options] command [command options]
 
 Command syntax:
+  check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
   compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
 filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \

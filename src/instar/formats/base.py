@@ -16,6 +16,7 @@ from instar.formats.options import OptionSchema as OptionSchema  # re-exported
 from instar.formats.options import ParsedOptions as ParsedOptions  # re-exported
 
 if TYPE_CHECKING:
+    from instar.findings import CheckResult
     from instar.image import Driver, Image
 
 
@@ -23,7 +24,10 @@ class Resolver(Protocol):
     """Host-side services a reader may ask for: files named inside an image.
 
     The host resolves the name against the allowlist and the chain-depth
-    limit, so format code never touches the file system itself.
+    limit, so format code never touches the file system itself. A resolver
+    may have ``checking`` True (read with ``getattr``, default False): qemu's
+    BDRV_O_CHECK, the image is opened for ``check``, which reports what
+    opening would otherwise refuse (a VHDX BAT entry past the end).
     """
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
@@ -103,6 +107,10 @@ class Format(Protocol):
 
     def describe(self, driver: Driver) -> FormatDetails:
         """What ``qemu-img info`` shows beyond the size and name of an image."""
+        ...
+
+    def check(self, driver: Driver) -> CheckResult:
+        """What ``qemu-img check`` finds in the layer ``open`` returned."""
         ...
 
 
@@ -186,6 +194,7 @@ class FormatBase:
     reader: str  # (file, resolver) -> Driver
     writer: str  # (out, virtual_size, options) -> Writer
     describer: str | None = None  # (driver) -> FormatDetails; None: nothing to add
+    checker: str | None = None  # (driver) -> CheckResult; None: qemu has no check for it
 
     def probe(self, header: bytes, filename: str) -> int:
         raise NotImplementedError
@@ -208,6 +217,17 @@ class FormatBase:
             return FormatDetails()
         details: FormatDetails = _entry(self.describer)(driver)
         return details
+
+    def check(self, driver: Driver) -> CheckResult:
+        """qemu-img check's structural walk of the layer ``open`` returned
+        (opened with ``Resolver.checking``); ChecksNotSupportedError where
+        qemu's driver has no check."""
+        if self.checker is None:
+            from instar.errors import ChecksNotSupportedError
+
+            raise ChecksNotSupportedError()
+        result: CheckResult = _entry(self.checker)(driver)
+        return result
 
 
 class ReadOnlyFormat(FormatBase):

@@ -533,7 +533,7 @@ def _subcluster_pieces(alloc: int, zero: int, allocated: bool) -> Pieces:
 def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
     """Parse and check the header, then open the data file and backing image it names."""
     header = L.Header.parse(file.pread(0, L.V3_MIN_HEADER_LENGTH + 8))
-    check_header(header, file)
+    check_header(header, file, checking=getattr(resolver, "checking", False))
     extensions = read_extensions(header, file)
     check_features(header, extensions, file)
     l1 = read_l1(header, file)
@@ -555,8 +555,11 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
     return driver
 
 
-def check_header(header: L.Header, file: InputFile) -> None:
-    """The header's own fields: version, sizes, table offsets (qemu's messages)."""
+def check_header(header: L.Header, file: InputFile, checking: bool = False) -> None:
+    """The header's own fields: version, sizes, table offsets (qemu's messages).
+
+    Opened for ``check`` (``checking``), the snapshot table is left to the
+    check, which reports what is wrong with it, as qemu does."""
     if header.version == 1:
         raise UnsupportedError("qcow (version 1) images are not supported")
     if header.version not in (2, 3):
@@ -578,9 +581,9 @@ def check_header(header: L.Header, file: InputFile) -> None:
     _check_table(header, header.refcount_table_offset, "reference count table")
     if header.refcount_table_clusters * cluster > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
-    if header.nb_snapshots > L.MAX_SNAPSHOTS:
+    if header.nb_snapshots > L.MAX_SNAPSHOTS and not checking:
         raise FormatError("Too many snapshots")
-    if header.nb_snapshots:
+    if header.nb_snapshots and not checking:
         _check_table(header, header.snapshots_offset, "snapshot table")
     if header.l1_size * 8 > MAX_TABLE_BYTES:
         raise FormatError("Active L1 table too large")
