@@ -380,7 +380,7 @@ def kind_of(label: str) -> str:
 
 
 def run_case(case: Case, place: Place, image: str) -> Checked:
-    """The eight commands (with ``--allow img`` where the case asks), then dd
+    """The nine commands (with ``--allow img`` where the case asks), then dd
     again without it for attacks on paths. Once a command of one kind
     (reading the data, mapping, or info) hangs or runs out of time, the others of its
     kind are not run: each would cost the full limit, and the case fails anyway."""
