@@ -46,6 +46,8 @@ class InputFile(ExactReads):
             self.size = os.lseek(fd, 0, os.SEEK_END)
         else:
             self.size = info.st_size
+        # The last (start, end) of data SEEK_DATA/SEEK_HOLE found (`image.file_layout`).
+        self.data_region: tuple[int, int] | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; shorter only at end of file.

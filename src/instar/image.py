@@ -540,23 +540,44 @@ def file_layout(
     file_end = min(end, file.size if data_end < 0 else min(data_end, file.size))
     position = offset
     while position < file_end:
-        data_start = _seek(file.fd, position, os.SEEK_DATA, file_end)
-        if data_start is None:  # the file system cannot say: all data
+        region = _data_region(file, position, file_end)
+        if region is None:  # the file system cannot say: all data
             yield position, file_end - position, True
             position = file_end
             break
-        data_start = min(data_start, file_end)
+        data_start, data_end = region
         if data_start > position:
             yield position, data_start - position, False
         if data_start >= file_end:
             position = file_end
             break
-        hole = _seek(file.fd, data_start, os.SEEK_HOLE, file_end)
-        data_end = file_end if hole is None else min(hole, file_end)
         yield data_start, data_end - data_start, True
         position = data_end
     if position < end:
         yield position, end - position, False
+
+
+def _data_region(file: InputFile, position: int, file_end: int) -> tuple[int, int] | None:
+    """Where the data at or after ``position`` starts and ends (both at most
+    ``file_end``), or None if the file system cannot say.
+
+    The last region found is kept on the file, as qemu's block-status cache
+    keeps it: a copy reads a large data region in chunks, and each SEEK_HOLE
+    can walk the whole rest of the region (tmpfs walks it page by page).
+    """
+    known = file.data_region
+    if known is not None and known[0] <= position < known[1]:
+        return position, min(known[1], file_end)
+    data_start = _seek(file.fd, position, os.SEEK_DATA, file_end)
+    if data_start is None:
+        return None
+    if data_start >= file_end:
+        return file_end, file_end
+    hole = _seek(file.fd, data_start, os.SEEK_HOLE, file_end)
+    if hole is None:
+        return data_start, file_end
+    file.data_region = (data_start, hole)
+    return data_start, min(hole, file_end)
 
 
 def next_data(file: InputFile, offset: int, end: int) -> int | None:
