@@ -287,7 +287,40 @@ class BlockImage:
             raise ImageReadError(self.driver.name, str(error)) from None
 
     def _read(self, offset: int, length: int) -> bytes:
-        parts: list[bytes] = []
+        parts = [piece if isinstance(piece, bytes) else _pread_padded(*piece)
+                 for piece in self._pieces(offset, length)]
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` with the bytes at ``offset``; returns its length.
+        Stored bytes are read straight into it: a caller that reuses one
+        buffer (compare) does not make the C library map and fault in fresh
+        memory for every block. Errors as `read`'s."""
+        view = memoryview(buffer).cast("B")
+        check_range(self, offset, len(view))
+        at = 0
+        try:
+            for piece in self._pieces(offset, len(view)):
+                if isinstance(piece, bytes):
+                    view[at : at + len(piece)] = piece
+                    at += len(piece)
+                    continue
+                file, host, size = piece
+                got = file.pread_into(view[at : at + size], host)
+                view[at + got : at + size] = bytes(size - got)  # past the end of the file
+                at += size
+        except ImageReadError:
+            raise
+        except (FormatError, UnsupportedError) as error:
+            raise ImageReadError(self.driver.name, str(error)) from None
+        return len(view)
+
+    def _pieces(self, offset: int, length: int) -> Iterator[bytes | tuple[ExactReads, int, int]]:
+        """The bytes at ``offset`` in order: each either given (zeros, decoded
+        units, the backing image's) or (file, host offset, length) still to
+        read, host runs that continue each other in one file joined."""
         file: ExactReads | None = None
         host = size = 0  # a pending run of adjacent host bytes in ``file``
         for run in self.driver.map(offset, length):
@@ -296,30 +329,21 @@ class BlockImage:
                 if size and run.file is file and host + size == run.host:
                     size += count
                     continue
-                if size:
-                    parts.append(_pread_padded(file, host, size))
+                if size and file is not None:
+                    yield file, host, size
                 file, host, size = run.file, run.host, count
                 continue
-            if size:
-                parts.append(_pread_padded(file, host, size))
+            if size and file is not None:
+                yield file, host, size
                 size = 0
             if flags & ZERO:
-                parts.append(bytes(count))
+                yield bytes(count)
             elif flags & DATA:
-                parts.append(self._decoded(run, count))
+                yield self._decoded(run, count)
             else:
-                parts.append(self._read_backing(run.start, count))
-        if size:
-            parts.append(_pread_padded(file, host, size))
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
-
-    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
-        """Fill ``buffer`` with the bytes at ``offset``; returns its length."""
-        view = memoryview(buffer).cast("B")
-        view[:] = self.read(offset, len(view))
-        return len(view)
+                yield self._read_backing(run.start, count)
+        if size and file is not None:
+            yield file, host, size
 
     def _decoded(self, run: Run, count: int) -> bytes:
         """``count`` bytes of a compressed unit, decoding each unit once in a row."""
