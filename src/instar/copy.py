@@ -150,8 +150,8 @@ def _write_nonzero(writer: Writer, offset: int, data: bytes, granularity: int) -
     if _ZERO_CHUNK.startswith(data):
         writer.write_zeroes(offset, len(data))
         return
-    if len(data) <= granularity:
-        writer.write(offset, data)
+    if offset // granularity == (offset + len(data) - 1) // granularity:
+        writer.write(offset, data)  # within one piece (not across two: see measure)
         return
     run_start = 0  # start of the pending run of pieces of one kind
     run_is_zero: bool | None = None

@@ -175,6 +175,9 @@ class Concatenation:
 DATA, ZERO, OFFSET_VALID, ALLOCATED, EOF = 0x01, 0x02, 0x04, 0x10, 0x20
 # instar's own: DATA stored compressed; the format decodes ``Run.unit``.
 COMPRESSED = 0x100
+# qemu's BDRV_BLOCK_RECURSE: block status looks at the file under DATA stored
+# here, and says ZERO where it has a hole (a preallocated qcow2's clusters).
+RECURSE = 0x200
 STATUS_FLAGS = DATA | ZERO | OFFSET_VALID  # what qemu's answer carries
 
 
@@ -396,13 +399,36 @@ class BlockImage:
                 yield Run(0, size, DATA)
             return
         for run in self._answers(0, size):
-            yield run if not run.flags & COMPRESSED else run._replace(flags=run.flags & ~COMPRESSED)
+            if run.flags & COMPRESSED:
+                yield run._replace(flags=run.flags & ~COMPRESSED)
+            elif run.flags & RECURSE:
+                yield from _recursed(run)
+            else:
+                yield run
 
     def close(self) -> None:
         backing = self.driver.backing
         self.driver.close()
         if backing is not None:
             backing.close()
+
+
+def _recursed(run: Run) -> Iterator[Run]:
+    """A RECURSE run as qemu's block status answers it: its host range split
+    by the file's holes (SEEK_HOLE), which read as zeros and so are ZERO too,
+    as is whatever lies past the end of the file."""
+    from instar.files import InputFile
+
+    flags = run.flags & ~RECURSE
+    file = run.file
+    if flags & ZERO or not flags & DATA or not isinstance(file, InputFile):
+        yield run._replace(flags=flags)
+        return
+    position = run.start
+    for host, count, has_data in file_layout(file, run.host, run.end - run.start):
+        yield run._replace(start=position, end=position + count, host=host,
+                           flags=flags if has_data else flags | ZERO)
+        position += count
 
 
 def _pread_padded(file: ExactReads | None, offset: int, length: int) -> bytes:

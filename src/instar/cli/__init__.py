@@ -42,6 +42,7 @@ COMMANDS = {
     "convert": "instar.cli.convert",
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
+    "measure": "instar.cli.measure",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -61,6 +62,8 @@ filename [filename2 [...]] output_filename
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir] \
 [--qemu-version version] filename
+  measure [--output=ofmt] [-O output_fmt] [-o options] \
+[--size N | [-f fmt] [-U] [--allow dir] filename]
 
 Standard options:
   -h, --help       display this help and exit

@@ -35,6 +35,7 @@ from instar.image import (
     DATA,
     MAX_VIRTUAL_SIZE,
     OFFSET_VALID,
+    RECURSE,
     ZERO,
     Driver,
     Image,
@@ -47,7 +48,7 @@ MAX_REFTABLE_BYTES = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
 # qemu's subcluster types, and what block status says of each.
 _NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC, _ZERO_PLAIN, _UNALLOC_PLAIN, _COMPRESSED = range(6)
 _FLAGS = (
-    DATA | OFFSET_VALID,  # normal: stored here
+    DATA | OFFSET_VALID | RECURSE,  # normal: stored here (block status asks the file too)
     ZERO | OFFSET_VALID,  # zero, with a cluster allocated
     OFFSET_VALID,  # allocated cluster, unallocated subcluster: the backing file answers
     ZERO,

@@ -24,6 +24,7 @@ class VhdxFormat(FormatBase):
     name = "vhdx"
     reader = "instar.formats.vhdx.reader:open_vhdx"
     writer = "instar.formats.vhdx.writer:create"
+    measurer = "instar.formats.vhdx.writer:measure"
     create_options = OptionSchema(
         "vhdx",
         (
