@@ -1,4 +1,4 @@
-"""The hostile corpus: every image of tests/hostile_corpus.py through six commands.
+"""The hostile corpus: every image of tests/hostile_corpus.py through seven commands.
 
 Each image is built by the test (qemu-img bases patched in Python, or written
 from the format specifications) in a directory ``img/`` of its own, beside a
@@ -8,6 +8,7 @@ would set (``--timeout 5 --max-memory 512M``):
 
     dd if=X of=OUT   dd -O qcow2 if=X of=OUT   convert -O raw X OUT
     info X           info --output=json X     compare X X
+    measure -O qcow2 X
 
 and each run must either succeed with the right output (what qemu-img reads,
 where qemu reads the image; an image's own commands agree where it does not)
@@ -17,7 +18,11 @@ wall clock and 512 MiB of memory (the instar process and its worker); with no
 file left behind on failure (hidden temporary files included) and nothing of
 the canary, of /etc/passwd or of the environment in any output.
 
-Attacks on paths run the six commands with ``--allow img`` (the most a user
+measure walks block status and reads no data, so it may succeed where the
+data cannot be read (a compressed cluster that inflates too far); it must
+succeed on every image the others read.
+
+Attacks on paths run the seven commands with ``--allow img`` (the most a user
 would allow), and dd again without it: refused both ways.
 """
 
@@ -208,14 +213,14 @@ def leaks(data: bytes, forbidden: list[bytes]) -> list[bytes]:
     return [secret for secret in forbidden if secret in data]
 
 
-# --- the six commands ---------------------------------------------------------------------------
+# --- the seven commands ---------------------------------------------------------------------------
 
 
 OUTPUTS = {"dd": "dd.raw", "dd -O qcow2": "dd.qcow2", "convert": "convert.raw"}
 
 
 def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]:
-    """(label, arguments) of the six commands; outputs go to ``out/``."""
+    """(label, arguments) of the seven commands; outputs go to ``out/``."""
     f = ["-f", case.fmt] if case.fmt else []
     a = ["--allow", "img"] if allow else []
     return [
@@ -225,6 +230,7 @@ def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]
         ("info", ["info", *f, *a, image]),
         ("info json", ["info", *f, *a, "--output=json", image]),
         ("compare", ["compare", *f, *a, *(["-F", case.fmt] if case.fmt else []), image, image]),
+        ("measure", ["measure", *f, *a, "-O", "qcow2", image]),
     ]
 
 
@@ -274,6 +280,10 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
                     output.rename(keep / output.name)
         if run.label == "compare" and run.stdout != b"Images are identical.\n":
             problems.append(f"COMPARE says {run.stdout[:200]!r}: {where}")
+        if run.label == "measure" and not re.fullmatch(
+                rb"required size: \d+\nfully allocated size: \d+\n(bitmaps size: \d+\n)?",
+                run.stdout):
+            problems.append(f"MEASURE says {run.stdout[:200]!r}: {where}")
     else:
         if expect == "read":
             problems.append(f"NOT READ: {where}")
@@ -296,11 +306,12 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
     return problems
 
 
-READING = ("dd", "dd -O qcow2", "convert", "compare")  # one read path: one stall stalls all
+# One read path (measure's block status walk is part of it): one stall stalls all.
+READING = ("dd", "dd -O qcow2", "convert", "compare", "measure")
 
 
 def run_case(case: Case, place: Place, image: str) -> Checked:
-    """The six commands (with ``--allow img`` where the case asks), then dd
+    """The seven commands (with ``--allow img`` where the case asks), then dd
     again without it for attacks on paths. Once a command of one kind
     (reading the data, or info) hangs or runs out of time, the others of its
     kind are not run: each would cost the full limit, and the case fails anyway."""
@@ -326,6 +337,8 @@ def run_case(case: Case, place: Place, image: str) -> Checked:
         if allowed or case.allow != "both":
             runs[label] = run
             expect = case.info if label.startswith("info") and case.info else case.expect
+            if label == "measure" and expect == "refuse":
+                expect = "either"  # no data is read: what only reading finds goes unseen
         else:
             expect = case.without_allow or (
                 case.info if label.startswith("info") and case.info else case.expect)

@@ -151,7 +151,9 @@ def _write_nonzero(writer: Writer, offset: int, data: bytes, granularity: int) -
         writer.write_zeroes(offset, len(data))
         return
     if offset // granularity == (offset + len(data) - 1) // granularity:
-        writer.write(offset, data)  # within one piece (not across two: see measure)
+        # Within one piece. Across two, a zero half would make a writer allocate
+        # a unit for zeros, which measure (counting units with data) leaves out.
+        writer.write(offset, data)
         return
     run_start = 0  # start of the pending run of pieces of one kind
     run_is_zero: bool | None = None

@@ -176,7 +176,8 @@ DATA, ZERO, OFFSET_VALID, ALLOCATED, EOF = 0x01, 0x02, 0x04, 0x10, 0x20
 # instar's own: DATA stored compressed; the format decodes ``Run.unit``.
 COMPRESSED = 0x100
 # qemu's BDRV_BLOCK_RECURSE: block status looks at the file under DATA stored
-# here, and says ZERO where it has a hole (a preallocated qcow2's clusters).
+# here, and says ZERO where it has a hole (a preallocated qcow2's clusters;
+# `Driver.status_recurses` says whether it does for an image).
 RECURSE = 0x200
 STATUS_FLAGS = DATA | ZERO | OFFSET_VALID  # what qemu's answer carries
 
@@ -241,6 +242,11 @@ class Driver:
     def check_backing_read(self) -> None:
         """Raise if reading from the backing image must fail (a VMDK whose
         parent's CID does not match: qemu fails such reads, not the open)."""
+
+    def status_recurses(self) -> bool:
+        """Whether block status looks at the file under this layer's RECURSE
+        runs (qemu asks only of a qcow2 image it finds preallocated)."""
+        return True
 
     def decompress(self, run: Run) -> bytes:
         """The whole decoded unit of a COMPRESSED run."""
@@ -398,11 +404,17 @@ class BlockImage:
             if size:
                 yield Run(0, size, DATA)
             return
+        recurses: bool | None = None
         for run in self._answers(0, size):
             if run.flags & COMPRESSED:
                 yield run._replace(flags=run.flags & ~COMPRESSED)
             elif run.flags & RECURSE:
-                yield from _recursed(run)
+                if recurses is None:
+                    recurses = self.driver.status_recurses()
+                if recurses:
+                    yield from _recursed(run)
+                else:
+                    yield run._replace(flags=run.flags & ~RECURSE)
             else:
                 yield run
 

@@ -11,6 +11,7 @@ FormatError.
 
 from __future__ import annotations
 
+import os
 import sys
 from array import array
 from collections.abc import Callable, Iterator
@@ -116,10 +117,18 @@ class Qcow2Driver(Driver):
         self._metadata: list[tuple[int, int, str]] = []  # (start, end, what), for messages
         self._metadata_claimed = False  # done by the first mapping, so info never pays
         self.corruption: str | None = None  # the aliasing found: every mapping fails
+        self._recurses: bool | None = None  # found preallocated (`status_recurses`)
 
     @property
     def backing(self) -> Image | None:
         return self.backing_image
+
+    def status_recurses(self) -> bool:
+        """qemu's block status looks at the file under data clusters only in an
+        image it finds preallocated (`metadata_preallocated`), decided once."""
+        if self._recurses is None:
+            self._recurses = metadata_preallocated(self.file, self.header)
+        return self._recurses
 
     # --- the mapping function ----------------------------------------------------
 
@@ -537,6 +546,55 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
     if name is not None:
         driver.backing_image = resolver.open_backing(name, extensions.backing_format, file)
     return driver
+
+def metadata_preallocated(file: InputFile, header: L.Header) -> bool:
+    """qemu's ``qcow2_detect_metadata_preallocation``: the refcounts name at
+    least a tenth more clusters (and two) than the file system allocated, so
+    data clusters may be holes. Counted over the file's clusters, stopping at
+    that threshold; a refcount block that cannot be read makes it false, as
+    qemu's error does. Bounded by the refcount table (8 MiB at most) and the
+    blocks it names."""
+    cluster = header.cluster_size
+    real_clusters = os.fstat(file.fd).st_blocks * 512 // cluster
+    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
+    end_cluster = -(-file.size // cluster)
+    entries = cluster * 8 >> header.refcount_order  # clusters one refcount block counts
+    table_bytes = header.refcount_table_clusters * cluster
+    try:
+        table = _be_u64_array(
+            file.pread(header.refcount_table_offset, table_bytes).ljust(table_bytes, b"\0"))
+        count = index = 0
+        while count < threshold:
+            index = first_other(table, index, len(table), 0)
+            if index >= len(table) or index * entries >= end_cluster:
+                break
+            offset = table[index] & L.REFTABLE_OFFSET_MASK
+            if offset & (cluster - 1):
+                return False  # qemu: "Refblock offset ... unaligned", an error
+            if offset:
+                block = file.pread(offset, cluster).ljust(cluster, b"\0")
+                limit = min(entries, end_cluster - index * entries)
+                count += nonzero_refcounts(block, header.refcount_order, limit)
+            index += 1
+    except OSError:
+        return False
+    return count >= threshold
+
+
+def nonzero_refcounts(block: bytes, order: int, limit: int) -> int:
+    """How many of the first ``limit`` refcounts of a refcount block (entries
+    of 2**order bits; below a byte, packed from the low bit) are not zero."""
+    bits = 1 << order
+    if bits >= 8:
+        width = bits // 8
+        zeros = array({1: "B", 2: "H", 4: "I", 8: "Q"}[width], block[: limit * width]).count(0)
+        return limit - zeros
+    value = int.from_bytes(block[: -(-limit * bits // 8)], "little") & ((1 << limit * bits) - 1)
+    folded = value
+    for shift in range(1, bits):
+        folded |= value >> shift
+    lowest = int.from_bytes(bytes([{1: 0xFF, 2: 0x55, 4: 0x11}[bits]]) * len(block), "little")
+    return (folded & lowest).bit_count()
 
 
 def check_header(header: L.Header, file: InputFile) -> None:
