@@ -59,7 +59,6 @@ def run(args: list[str]) -> int:
     size: int | None = None
     allow: list[str] = []
     force_share = False
-    refused: list[str] = []  # what instar does not do, refused once the command line is read
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
@@ -77,10 +76,8 @@ def run(args: list[str]) -> int:
             output = value
         elif option == "--size":
             size = convert_number("image size", value, 0, INT64_MAX)
-        elif option == "--object":  # qemu creates objects as it meets them
-            raise UnsupportedError("--object is not supported")
-        elif option in ("-l", "--image-opts"):
-            refused.append(option)
+        elif option in ("--object", "-l", "--image-opts"):
+            raise UnsupportedError(f"{option} is not supported")
         elif option in ("-U", "--force-share"):
             force_share = True
         elif option == "--allow":
@@ -89,14 +86,12 @@ def run(args: list[str]) -> int:
     if len(operands) > 1:
         raise UsageError("At most one filename argument is allowed.")
     filename = operands[0] if operands else None
-    if filename is None and (refused or fmt is not None):
+    if filename is None and fmt is not None:
         raise UsageError("--image-opts, -f, and -l require a filename argument.")
     if filename is not None and size is not None:
         raise UsageError("--size N cannot be used together with a filename.")
     if filename is None and size is None:
         raise UsageError("Either --size N or one filename must be specified.")
-    if refused:
-        raise UnsupportedError(f"{refused[0]} is not supported")
     from instar.measure import measure, render
 
     try:
