@@ -28,6 +28,7 @@ import pytest
 from helpers import pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img, write_pieces
 from instar.formats.base import Measurement
 from instar.formats.qcow2.measure import prealloc_size
+from instar.formats.qcow2.reader import nonzero_refcounts
 from instar.measure import render
 
 pytestmark = pytest.mark.usefixtures("allow_own_directories")
@@ -102,6 +103,15 @@ IMAGES: dict[str, Builder] = {
                                            "a bitmap with a longer name")),
     "metadata.qcow2": _then(_new("qcow2", "4M", "preallocation=metadata", "cluster_size=4k"),
                             _io("qcow2", "write -P 5 1M 64k", "write -P 6 62k 4k")),
+    "metadata-rc1.qcow2": _then(
+        _new("qcow2", "3M", "preallocation=metadata", "cluster_size=512", "refcount_bits=1"),
+        _io("qcow2", "write -P 5 1M 64k")),
+    "metadata-rc4.qcow2": _then(
+        _new("qcow2", "3M", "preallocation=metadata", "cluster_size=1k", "refcount_bits=4"),
+        _io("qcow2", "write -P 5 1M 3k")),
+    "metadata-rc64.qcow2": _then(
+        _new("qcow2", "3M", "preallocation=metadata", "refcount_bits=64"),
+        _io("qcow2", "write -P 5 2M 64k")),
     "falloc.qcow2": _then(_new("qcow2", "3M", "preallocation=falloc"),
                           _io("qcow2", "write -P 5 1M 64k")),
     "full.qcow2": _new("qcow2", "2M", "preallocation=full"),
@@ -274,6 +284,25 @@ def test_qcow2_arithmetic_wraps_as_qemu() -> None:
     assert prealloc_size(size, 512, 6, False) == 9520826352637402112  # 512, refcount_bits=64
 
 
+@pytest.mark.parametrize("order", range(7))
+def test_refcounts_are_counted_as_qemu_reads_them(order: int) -> None:
+    """Which refcounts of a block are not zero, for every width: entries below
+    a byte are packed from the low bit (qemu's get_refcount_ro0..2), wider
+    ones are big-endian; only the first ``limit`` entries count."""
+    bits = 1 << order
+    block = os.urandom(512)
+    block = bytes(b if i % 3 else 0 for i, b in enumerate(block))  # some zero entries
+    entries = 512 * 8 // bits
+    value = int.from_bytes(block, "little") if bits < 8 else 0
+    for limit in (0, 1, entries // 3, entries):
+        if bits < 8:
+            wanted = sum(1 for i in range(limit) if (value >> (i * bits)) & ((1 << bits) - 1))
+        else:
+            width = bits // 8
+            wanted = sum(1 for i in range(limit) if any(block[i * width : (i + 1) * width]))
+        assert nonzero_refcounts(block, order, limit) == wanted
+
+
 # --- the figures are true ---------------------------------------------------------------------
 
 # (-O format, -o options, whether instar writes it): the output formats and options
@@ -348,7 +377,8 @@ QEMU_TARGETS = [(fmt, options) for fmt, options in TARGETS
                 if not options or options[0].startswith("subformat=")] + QEMU_ONLY
 # The images converted (the others add nothing to what these cover).
 CONVERTED = [name for name in IMAGES if name not in (
-    "sector.raw", "c2m.qcow2", "v2.qcow2", "base.qcow2", "short-base.raw", "split.vmdk")]
+    "sector.raw", "c2m.qcow2", "v2.qcow2", "base.qcow2", "short-base.raw", "split.vmdk",
+    "metadata-rc1.qcow2", "metadata-rc4.qcow2", "metadata-rc64.qcow2")]
 
 
 @pytest.mark.parametrize("name", CONVERTED)
