@@ -3,7 +3,8 @@
 No image is committed: each is built by its case, either from a base qemu-img
 made (patched here in Python) or written here from the format specification
 (qcow2: qemu's docs/interop/qcow2.txt; VMDK: VMware's Virtual Disk Format
-5.0; VHD: Microsoft's VHD specification; VHDX: MS-VHDX; zstd: RFC 8878).
+5.0; VHD: Microsoft's VHD specification; VHDX: MS-VHDX; VDI: VirtualBox's header
+version 1.1; zstd: RFC 8878).
 
 A case builds its files in ``img/`` and returns the name of the image the
 commands open. Beside ``img/`` lies ``secret/canary.bin``, a file of a random
@@ -30,6 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import test_parallels_reader as parallels_tests
 import test_vhdx_reader as vhdx_tests
 import test_vpc_reader as vpc_tests
 from helpers import pattern, qemu_img_ok, qemu_io
@@ -657,6 +659,80 @@ def vhd_fixed(size: int, data: bytes = b"", name: str = "v.vhd", **footer: objec
     return build
 
 
+# --- VDI, from VirtualBox's layout ----------------------------------------------------------------
+
+VDI_HEADER = struct.Struct("<64sIIIII256sIIIIIIIQIIII16s16s16s16s56x")
+VDI_MAX_BLOCKS = ((1 << 31) - 512) // 4  # qemu's limit: a block map of 2 GiB
+VDI_FREE, VDI_ZERO = 0xFFFFFFFF, 0xFFFFFFFE
+
+
+@dataclass
+class Vdi:
+    """A VDI: the 512-byte header, the block map at 512 (an entry per 1 MiB
+    block: a data block's index, or free or zero), the data blocks after it.
+    ``table``: the map's bytes as given (None: built from ``bmap``; b"": not
+    written, a hole whose every entry is 0)."""
+
+    size: int
+    image_type: int = 1
+    bmap: dict[int, int] = field(default_factory=dict)
+    blocks: list[bytes] = field(default_factory=list)
+    fields: dict[str, int] = field(default_factory=dict)
+    table: bytes | None = None
+    length: int = 0  # the file's size, if more than the blocks need
+
+    @property
+    def entries(self) -> int:
+        return -(-self.size // MiB)
+
+    @property
+    def data_offset(self) -> int:
+        return 512 + -(-4 * self.entries // 512) * 512
+
+    def block(self, index: int, data: bytes) -> None:
+        self.bmap[index] = len(self.blocks)
+        self.blocks.append(data.ljust(MiB, b"\0"))
+
+    def write(self, path: Path) -> None:
+        values = {"offset_bmap": 512, "offset_data": self.data_offset, "blocks": self.entries,
+                  "disk_size": self.size, "block_size": MiB, "sector_size": 512,
+                  "version": 0x00010001, "header_size": 0x190, "signature": 0xBEDA107F}
+        values.update(self.fields)
+        header = VDI_HEADER.pack(
+            b"<<< instar's hostile corpus >>>\n", values["signature"], values["version"],
+            values["header_size"], self.image_type, 0, b"", values["offset_bmap"],
+            values["offset_data"], 0, 0, 0, values["sector_size"], 0, values["disk_size"],
+            values["block_size"], 0, values["blocks"], len(self.blocks), b"\x01" * 16,
+            b"\x02" * 16, bytes(16), bytes(16))
+        pieces = [(0, header)]
+        table = self.table
+        if table is None:
+            entries = array("I", [VDI_FREE]) * self.entries
+            for index, value in self.bmap.items():
+                entries[index] = value
+            if sys.byteorder == "big":
+                entries.byteswap()
+            table = entries.tobytes()
+        if table:
+            pieces.append((values["offset_bmap"], table))
+        pieces += [(values["offset_data"] + n * MiB, data) for n, data in enumerate(self.blocks)]
+        end = max(values["offset_data"] + len(self.blocks) * MiB, 512, self.length)
+        write_at(path, pieces, size=end)
+
+
+def vdi_with(change: Callable[[Vdi], None], size: int = 5 * MiB, name: str = "v.vdi",
+             blocks: tuple[int, ...] = (0, 2, 4)) -> Build:
+    def build(place: Place) -> str:
+        image = Vdi(size)
+        for index in blocks:
+            image.block(index, pattern(MiB, seed=11 + index))
+        change(image)
+        image.write(place.img / name)
+        return name
+
+    return build
+
+
 # --- VHDX, from the specification ---------------------------------------------------------------
 
 
@@ -866,9 +942,12 @@ BASE_BUILDERS: dict[str, Callable[[Path], None]] = {
     "vhd": lambda d: _qemu_convert(d, "vpc", "v.vhd", size=5 * MiB),
     "vhd-fixed": lambda d: _qemu_convert(d, "vpc", "v.vhd", "-o", "subformat=fixed"),
     "vhdx": _build_vhdx_base,
+    "vdi": lambda d: _qemu_convert(d, "vdi", "v.vdi", size=3 * MiB),
+    "vdi-static": lambda d: _qemu_convert(d, "vdi", "v.vdi", "-o", "static=on", size=3 * MiB),
 }
 BASE_IMAGES = {"qcow2": "v.qcow2", "qcow2-v2": "v.qcow2", "vmdk": "v.vmdk",
-               "vmdk-stream": "v.vmdk", "vhd": "v.vhd", "vhd-fixed": "v.vhd", "vhdx": "v.vhdx"}
+               "vmdk-stream": "v.vmdk", "vhd": "v.vhd", "vhd-fixed": "v.vhd", "vhdx": "v.vhdx",
+               "vdi": "v.vdi", "vdi-static": "v.vdi"}
 
 
 def base(key: str, change: Callable[[Path, Place], None] | None = None) -> Build:
@@ -1694,8 +1773,248 @@ def cves() -> list[Case]:
     ]
 
 
+def vdi() -> list[Case]:
+    """VDI block maps and headers built to attack the reader: entries past the
+    end of the file and at the top of the range, two entries naming one block,
+    data blocks over the header or the map, a 2 GiB map of zeros behind qemu's
+    largest disk, 1 TiB of alternating free and zero entries, sizes and block
+    counts past qemu's limits, headers and maps cut short. Where the map is
+    wrong, instar refuses when it reads (compare: qemu's "Sector allocation
+    test failed"), and info still describes the image, as qemu-img info does."""
+    def entry(index: int, value: int | Callable[[Vdi], int]) -> Build:
+        return vdi_with(lambda v: v.bmap.__setitem__(
+            index, value(v) if callable(value) else value))
+
+    def fields(**values: int) -> Build:
+        return vdi_with(lambda v: v.fields.update(values))
+
+    def largest_from_one_block(image: Vdi) -> None:
+        image.size = VDI_MAX_BLOCKS * MiB
+        image.table = b""  # a hole: 2^29 entries of 0, every one naming block 0
+
+    def over_the_header(image: Vdi) -> None:
+        image.fields["offset_data"] = 0  # block 0 is the header and the map
+        image.bmap[0] = 0
+        image.length = 4 * MiB
+
+    def alternating(image: Vdi) -> None:
+        image.size = TiB
+        image.table = struct.pack("<II", VDI_FREE, VDI_ZERO) * (image.entries // 2)
+
+    return [
+        case("vdi-entry-past-EOF", entry(1, 0x00FFFFFF), "refuse", info="read"),
+        case("vdi-entry-at-the-top-of-the-range", entry(1, 0xFFFFFFFD), "refuse",
+             info="read"),
+        case("vdi-entry-one-past-the-last-block", entry(1, 3), "refuse",
+             info="read"),
+        case("vdi-two-entries-one-block", entry(3, 0), "refuse", info="read"),
+        case("vdi-block-over-the-header", vdi_with(over_the_header, blocks=()), "refuse",
+             info="read"),
+        case("vdi-block-over-the-block-map", fields(offset_data=512), "refuse",
+             info="read"),
+        case("vdi-512-TiB-from-one-block", vdi_with(largest_from_one_block, blocks=(0,)),
+             "refuse", info="read", qemu=False),  # qemu reads the 2 GiB map
+        case("vdi-1-TiB-of-free-and-zero-entries", vdi_with(alternating, blocks=()), "read",
+             qemu=False),  # qemu takes minutes over its 1M answers
+        case("vdi-block-map-past-EOF", fields(offset_bmap=0xFFFFFE00), "refuse",
+             says="extends beyond the end of the file"),
+        case("vdi-2-GiB-map-not-in-the-file", fields(blocks=VDI_MAX_BLOCKS,
+                                                     disk_size=VDI_MAX_BLOCKS * MiB),
+             "refuse", says="extends beyond the end of the file"),
+        case("vdi-disk-size-2^64-512", fields(disk_size=(1 << 64) - 512), "refuse",
+             says="Unsupported VDI image size"),
+        case("vdi-disk-size-2^63", fields(disk_size=1 << 63), "refuse"),
+        case("vdi-2^32-1-blocks", fields(blocks=0xFFFFFFFF), "refuse", says="too many blocks"),
+        case("vdi-block-size-0", fields(block_size=0), "refuse"),
+        case("vdi-differencing", vdi_with(lambda v: setattr(v, "image_type", 4)), "refuse"),
+        case("vdi-header-at-70", truncated("vdi", 70), "refuse"),
+        case("vdi-header-at-300", truncated("vdi", 300), "refuse"),
+        case("vdi-cut-in-the-block-map", truncated("vdi", 514), "refuse"),
+        case("vdi-cut-in-the-last-block", truncated("vdi", lambda p: p.stat().st_size - 4096),
+             "refuse", info="read"),
+        case("vdi-static-cut-in-a-block", truncated(
+            "vdi-static", lambda p: p.stat().st_size - MiB - 4096), "refuse",
+             info="read"),
+    ]
+
+
+# --- Parallels, from the specification (qemu's docs/interop/parallels.rst) ----------------------
+
+PARALLELS_HEADER = struct.Struct("<16sIIIIIQIIIQ")
+
+
+@dataclass
+class Parallels:
+    """A Parallels image written from the specification: the 64-byte header,
+    the catalog (little-endian 32-bit entries: clusters in version 2, sectors
+    in version 1), clusters from ``data_off``, an optional format extension."""
+
+    size: int  # bytes
+    cluster: int = 64 * KiB
+    version_1: bool = False
+    entries: int | None = None
+    catalog: dict[int, int] = field(default_factory=dict)
+    clusters: list[bytes] = field(default_factory=list)
+    fields: dict[str, int] = field(default_factory=dict)
+    extension: bytes | None = None
+
+    @property
+    def catalog_entries(self) -> int:
+        return -(-self.size // self.cluster) if self.entries is None else self.entries
+
+    @property
+    def data_off(self) -> int:
+        """The first cluster, in bytes: after the catalog (on disk at most 64 MiB of it)."""
+        stored = 64 + 4 * min(self.catalog_entries, 16 * MiB)
+        return -(-stored // self.cluster) * self.cluster
+
+    def unit(self) -> int:
+        return 512 if self.version_1 else self.cluster
+
+    def store(self, index: int, data: bytes) -> int:
+        """Cluster ``index`` holds ``data``; its catalog entry."""
+        host = self.data_off + len(self.clusters) * self.cluster
+        self.clusters.append(data.ljust(self.cluster, b"\0"))
+        self.catalog[index] = host // self.unit()
+        return self.catalog[index]
+
+    def write(self, path: Path) -> None:
+        magic = b"WithoutFreeSpace" if self.version_1 else b"WithouFreSpacExt"
+        end = self.data_off + len(self.clusters) * self.cluster
+        values = {"tracks": self.cluster // 512, "entries": self.catalog_entries,
+                  "sectors": -(-self.size // 512), "data_off": self.data_off // 512,
+                  "ext_off": end // 512 if self.extension else 0}
+        values.update(self.fields)
+        header = PARALLELS_HEADER.pack(magic, 2, 16, 1, values["tracks"], values["entries"],
+                                       values["sectors"], 0, values["data_off"], 0,
+                                       values["ext_off"])
+        table = array("I", bytes(4 * min(self.catalog_entries, 16 * MiB)))
+        for index, entry in self.catalog.items():
+            table[index] = entry
+        if sys.byteorder == "big":
+            table.byteswap()
+        pieces = [(0, header + table.tobytes()), (self.data_off, b"".join(self.clusters))]
+        if self.extension:
+            pieces.append((end, self.extension))
+        write_at(path, pieces)
+
+
+def parallels_build(make: Callable[[Place], Parallels], name: str = "v.parallels") -> Build:
+    def build(place: Place) -> str:
+        make(place).write(place.img / name)
+        return name
+
+    return build
+
+
+def parallels_file(size: int = MiB, clusters: tuple[int, ...] = (0, 3), **options: object
+                   ) -> Parallels:
+    image = Parallels(size, **options)  # type: ignore[arg-type]
+    for index in clusters:
+        image.store(index, pattern(image.cluster, seed=20 + index))
+    return image
+
+
+def parallels_with(change: Callable[[Parallels], None], **options: object) -> Build:
+    def make(place: Place) -> Parallels:
+        image = parallels_file(**options)  # type: ignore[arg-type]
+        change(image)
+        return image
+
+    return parallels_build(make)
+
+
+def parallels() -> list[Case]:
+    """Parallels images: catalog entries past the end of the file or at the
+    top of their range, entries aliasing one cluster (2 TiB from one), huge
+    catalogs (qemu's limit, instar's, a catalog longer than its file), huge
+    and wrapping sizes (qemu's 32-bit catalog index past 2^32 clusters),
+    format extensions that run past their cluster or whose cluster is 2 GiB,
+    and headers cut short."""
+
+    def set_entry(index: int, value: int | Callable[[Parallels], int]) -> Callable[
+            [Parallels], None]:
+        return lambda image: image.catalog.__setitem__(
+            index, value(image) if callable(value) else value)
+
+    def terabytes(image: Parallels) -> None:
+        image.catalog = dict.fromkeys(range(image.catalog_entries), image.catalog[0])
+
+    def extension(features: list[bytes], cluster: int) -> bytes:
+        return parallels_tests.extension_cluster(features, cluster)
+
+    def empty_bitmaps(count: int) -> Callable[[Parallels], None]:
+        """``count`` bitmaps of a disk of size 0 (no table): their data runs
+        past the cluster long before qemu's count of what is left runs out."""
+        features = [parallels_tests.bitmap_feature(bytes([n]) * 16, 0, 1, [])
+                    for n in range(count)]
+
+        def change(image: Parallels) -> None:
+            # No end marker: the features fill the cluster, and run past it.
+            image.extension = parallels_tests.extension_cluster(features, image.cluster, b"")
+
+        return change
+
+    def truncated_at(size: int) -> Build:
+        return then(parallels_build(lambda p: parallels_file()), lambda path, place: cut(
+            path, size))
+
+    # Refused when the data is mapped, and compare says only qemu's words then
+    # ("Sector allocation test failed"): what each says is the conformance table's.
+    return [
+        case("parallels-entry-past-EOF", parallels_with(set_entry(0, 0x00FFFFFF)), "refuse",
+             info="read"),
+        case("parallels-entry-at-the-top-of-the-range", parallels_with(
+            set_entry(0, 0xFFFFFFFF)), "refuse", info="read"),
+        case("parallels-v1-entry-at-the-top-of-the-range", parallels_with(
+            set_entry(0, 0xFFFFFFFF), version_1=True), "refuse", info="read"),
+        case("parallels-entry-is-the-catalog", parallels_with(
+            set_entry(0, 1), version_1=True, entries=200), "refuse",
+             info="read"),
+        case("parallels-two-entries-one-cluster", parallels_with(
+            set_entry(5, lambda image: image.catalog[0])), "refuse", info="read"),
+        case("parallels-2-TiB-from-one-cluster", parallels_with(
+            terabytes, size=2 * TiB, cluster=MiB, clusters=(0,)), "refuse",
+             info="read"),
+        case("parallels-catalog-too-large", parallels_with(
+            lambda image: image.fields.update(entries=0x20000000)), "refuse"),
+        case("parallels-catalog-of-2^29-1-entries-in-4-KiB", parallels_with(
+            lambda image: image.fields.update(entries=0x1FFFFFFF), clusters=()), "either",
+             qemu=False),  # qemu-img fails it with EIO: 4 * entries overflows an int
+        case("parallels-catalog-of-32-MiB-of-zeros", parallels_build(lambda p: Parallels(
+            32 * GiB, cluster=4 * KiB)), "either"),
+        case("parallels-catalog-over-32-MiB", parallels_build(lambda p: Parallels(
+            32 * GiB + 4 * KiB, cluster=4 * KiB)), "refuse", says="over instar's limit"),
+        case("parallels-size-2^63-512", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 54) - 1)), "refuse"),
+        case("parallels-size-2^64-512", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 64) - 1)), "refuse"),
+        case("parallels-v1-size-of-64-bits", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 63) | 2048), version_1=True),
+             "either"),
+        case("parallels-index-wraps-past-2^32-clusters", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 32) + 64), cluster=512,
+            clusters=(0,)), "refuse", info="read", qemu=False),
+        case("parallels-index-wraps-over-nothing", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 32) + 64), cluster=512,
+            clusters=()), "either", qemu=False),
+        case("parallels-extension-cluster-of-2-GiB", parallels_with(
+            lambda image: image.fields.update(tracks=0x7FFFFFFF // 513, ext_off=8),
+            clusters=()), "refuse", qemu=False),
+        case("parallels-extension-features-past-the-cluster", parallels_with(
+            empty_bitmaps(20), size=0, cluster=512, clusters=()), "refuse",
+             says="past its cluster", qemu=False),  # qemu 7.2 reads past its buffer
+        case("parallels-bitmap-of-512-byte-granules", parallels_with(
+            lambda image: setattr(image, "extension", extension(
+                [parallels_tests.bitmap_feature(b"\x01" * 16, 2048, 1, [1])], image.cluster)),
+            ), "either"),
+        *(case(f"parallels-cut-at-{size}", truncated_at(size), "either", probes="any")
+          for size in (8, 17, 20, 40, 63, 64, 100, 64 * KiB + 100)),
+    ]
+
+
 FAMILIES = [huge_tables, beyond_eof, aliasing, bad_geometry, huge_virtual_sizes,
             compression_bombs, chains, vmdk_descriptor, vhdx_log, polyglots,
-            truncated_headers, cves]
+            truncated_headers, cves, vdi, parallels]
 CASES = [dataclasses.replace(c, family=family.__name__) for family in FAMILIES
          for c in family()]

@@ -20,6 +20,7 @@ SOURCES = [
     ("qcow2", []), ("qcow2", ["-o", "compat=0.10"]), ("qcow2", ["-c"]),
     ("qcow2", ["-o", "extended_l2=on"]), ("vmdk", []),
     ("vmdk", ["-o", "subformat=streamOptimized"]), ("vpc", []), ("vhdx", []),
+    ("vdi", []), ("vdi", ["-o", "static=on"]),
 ]
 MUTATIONS = 60
 

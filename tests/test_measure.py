@@ -3,15 +3,16 @@
 - Command lines (a matrix of sizes and options, every error path): exit status,
   stdout and stderr as qemu-img's.
 - Images of every format instar reads (raw, qcow2 of many kinds and chains,
-  vmdk, vpc, vhdx), measured for raw and qcow2: as qemu-img, human and JSON.
+  vmdk, vpc, vhdx, vdi, parallels), measured for raw and qcow2: as qemu-img,
+  human and JSON.
 - The figures are true: each image converted by instar, and by qemu-img, to
   every output format with several options; the output never allocates more
   than "required" (to the file system's block) and, where instar wrote it, is
   never longer; fixed formats and full preallocation are within "fully
-  allocated". qemu-img's own vmdk, vpc and vhdx files are held to allocation
-  only: its vhdx writer gives the last block its whole size and lays a fixed
+  allocated". qemu-img's own files of the formats it cannot measure are held
+  to allocation only: its vhdx writer gives the last block its whole size and lays a fixed
   image out otherwise, so the file can be longer (sparse) than instar's.
-- vmdk, vpc and vhdx (which qemu-img 7.2 cannot measure): an image without
+- vmdk, vpc, vhdx, vdi and parallels (which qemu-img 7.2 cannot measure): an image without
   data converts to exactly "required" bytes, one full of data to exactly
   "fully allocated" (streamOptimized: at most, as it compresses).
 """
@@ -139,6 +140,9 @@ IMAGES: dict[str, Builder] = {
     "fixed.vhd": _convert("pattern.raw", "vpc", "subformat=fixed"),
     "dynamic.vhdx": _convert("pattern.raw", "vhdx"),
     "fixed.vhdx": _convert("pattern.raw", "vhdx", "subformat=fixed"),
+    "dynamic.vdi": _convert("pattern.raw", "vdi"),
+    "static.vdi": _convert("pattern.raw", "vdi", "static=on"),
+    "image.parallels": _convert("pattern.raw", "parallels", "cluster_size=64k"),
 }
 # How each is opened: fixed VHDs probe as raw, so -f says what they are.
 FORMATS = {"fixed.vhd": "vpc"}
@@ -158,6 +162,8 @@ def _same(args: list[str], cwd: Path | None = None) -> None:
     assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
         qemu.rc, qemu.stdout, qemu.normalised_stderr()), args
 
+
+OWN = ("vmdk", "vpc", "vhdx", "vdi", "parallels")  # what qemu-img 7.2 cannot measure
 
 # --- command lines ----------------------------------------------------------------------------
 
@@ -230,8 +236,8 @@ def test_command_lines_match_qemu(args: list[str], tmp_path: Path) -> None:
 
 
 def test_qemu_refuses_what_instar_measures() -> None:
-    """qemu-img 7.2 cannot measure vmdk, vpc or vhdx; instar can (see below)."""
-    for fmt in ("vmdk", "vpc", "vhdx"):
+    """qemu-img 7.2 cannot measure vmdk, vpc, vhdx, vdi or parallels; instar can (below)."""
+    for fmt in OWN:
         qemu = run_qemu_img("measure", "--size", "1G", "-O", fmt)
         assert (qemu.rc, qemu.stderr) == (
             1, f"qemu-img: Block driver '{fmt}' does not support size measurement\n")
@@ -317,13 +323,15 @@ TARGETS: list[tuple[str, list[str]]] = [
     ("vpc", []), ("vpc", ["subformat=fixed"]), ("vpc", ["force_size=on"]),
     ("vhdx", []), ("vhdx", ["subformat=fixed"]), ("vhdx", ["block_size=1M"]),
     ("vhdx", ["block_state_zero=off", "log_size=2M"]),
+    ("vdi", []), ("vdi", ["static=on"]),
+    ("parallels", []), ("parallels", ["cluster_size=64k"]),
 ]
 # What only qemu-img writes: preallocated qcow2.
 QEMU_ONLY: list[tuple[str, list[str]]] = [
     ("qcow2", ["preallocation=metadata"]), ("qcow2", ["preallocation=falloc"]),
     ("qcow2", ["preallocation=full"]),
 ]
-FIXED = {("vpc", "subformat=fixed"), ("vhdx", "subformat=fixed")}
+FIXED = {("vpc", "subformat=fixed"), ("vhdx", "subformat=fixed"), ("vdi", "static=on")}
 def _qemu_fails(name: str, fmt: str, options: list[str]) -> bool:
     """Where qemu-img's convert does not agree with itself, for an empty disk: its
     vmdk and fixed vpc are files it cannot open, its vhdx writes 64 MiB of BAT (an
@@ -374,7 +382,7 @@ def _check_output(path: Path, figures: Measurement, fmt: str, options: list[str]
 
 # qemu-img converts with each format's defaults and what only it writes.
 QEMU_TARGETS = [(fmt, options) for fmt, options in TARGETS
-                if not options or options[0].startswith("subformat=")] + QEMU_ONLY
+                if not options or options[0].startswith(("subformat=", "static="))] + QEMU_ONLY
 # The images converted (the others add nothing to what these cover).
 CONVERTED = [name for name in IMAGES if name not in (
     "sector.raw", "c2m.qcow2", "v2.qcow2", "base.qcow2", "short-base.raw", "split.vmdk",
@@ -404,7 +412,7 @@ def test_converted_images_fit_the_figures(name: str, images: Path, tmp_path: Pat
 
 
 @pytest.mark.parametrize(("fmt", "options"), [
-    (fmt, options) for fmt, options in TARGETS if fmt in ("vmdk", "vpc", "vhdx")])
+    (fmt, options) for fmt, options in TARGETS if fmt in OWN])
 @pytest.mark.parametrize("size", [0, 1, 512, 1000001, 3 * MiB + 2560, 70 * MiB])
 def test_own_formats_are_exact(fmt: str, options: list[str], size: int,
                                tmp_path: Path) -> None:

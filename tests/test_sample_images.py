@@ -20,9 +20,8 @@ import pytest
 from helpers import run_instar, run_qemu_img, sample_image_names, unpack_sample_image
 
 # Formats qemu reads that instar does not yet: refused by name, not copied as raw.
-NOT_READ_YET = {"empty.bochs": "bochs", "parallels-v1": "parallels",
-                "parallels-v2": "parallels", "parallels-with-bitmap": "parallels",
-                "simple-dmg.dmg": "dmg", "simple-pattern.cloop": "cloop"}
+NOT_READ_YET = {"empty.bochs": "bochs", "simple-dmg.dmg": "dmg",
+                "simple-pattern.cloop": "cloop"}
 # A VHDX with a pending log: qemu-img refuses to open it read-only; instar replays
 # the log in memory and reads what qemu reads once ``qemu-img check -r all`` has
 # replayed it into the file (test_pending_log_reads_as_qemu_after_replay).

@@ -10,6 +10,11 @@ The Python API, small on purpose (``dir(instar)`` lists it):
 - `dd(input_path, output_path, bs=512, count=None, skip=None, ...)` does what
   ``instar dd`` does; ``options`` is a `CreateOptions` or a dict of ``-o``
   pairs (``{"cluster_size": "65536"}``).
+- `inspect(path, fmt=None, policy=None, allow=())` returns a `Verdict`: the
+  detected format, the virtual size, ``safe`` and the findings (``instar
+  inspect``; `InspectPolicy` says what is allowed). `InspectingStream(source,
+  fmt=None, ...)` wraps an upload stream, inspects it as it passes in bounded
+  memory and gives the same verdict (docs/inspect.md).
 
 Files named inside images (backing files, data files) are opened only from the
 image's own directory or a directory listed in ``allow``: a list or other
@@ -50,6 +55,10 @@ _LAZY = {
     "Window": "instar.image",
     "OpenedImage": "instar.api",
     "open_image": "instar.api",
+    "inspect": "instar.inspection",
+    "InspectingStream": "instar.inspect_stream",
+    "InspectPolicy": "instar.verdict",
+    "Verdict": "instar.verdict",
 }
 
 if TYPE_CHECKING:
@@ -66,6 +75,9 @@ if TYPE_CHECKING:
     )
     from instar.formats.base import CreateOptions
     from instar.image import Extent, ExtentKind, Image, Window
+    from instar.inspect_stream import InspectingStream
+    from instar.inspection import inspect
+    from instar.verdict import InspectPolicy, Verdict
 
 
 def __getattr__(name: str) -> Any:
@@ -89,14 +101,18 @@ __all__ = [
     "FormatError",
     "Image",
     "ImageOpenError",
+    "InspectPolicy",
+    "InspectingStream",
     "InstarError",
     "InvalidArgumentError",
     "OpenedImage",
     "OutputError",
     "PolicyError",
     "UnsupportedError",
+    "Verdict",
     "Window",
     "dd",
     "dd_window",
+    "inspect",
     "open_image",
 ]

@@ -24,7 +24,7 @@ from instar.image import Concatenation, Image, Window
 from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image, write_in_place
 from instar.safety import AllowedDirs, PathPolicy
-from instar.worker import SandboxSettings, output_modules, run_job
+from instar.worker import SandboxSettings, run_job
 
 
 def output_format(name: str) -> Format:
@@ -75,8 +75,7 @@ def convert(
 
     run_job(job, policy, sandbox, events,
             inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path],
-            force_share=force_share,
-            preload=output_modules(output_format_name, create_options.compress))
+            force_share=force_share)
 
 
 def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], output_path: str,

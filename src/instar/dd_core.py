@@ -31,7 +31,7 @@ from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image
 from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import INT64_MAX
-from instar.worker import SandboxSettings, output_modules, run_job
+from instar.worker import SandboxSettings, run_job
 
 DEFAULT_BS = 512
 
@@ -111,9 +111,7 @@ def dd(
 
     start, length, skipped = run_job(job, policy, sandbox, events,
                                      inputs=[input_path], outputs=[output_path],
-                                     force_share=force_share,
-                                     preload=output_modules(output_format,
-                                                            create_options.compress))
+                                     force_share=force_share)
     return DdWindow(int(start), int(length), bool(skipped))
 
 

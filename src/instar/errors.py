@@ -96,6 +96,11 @@ class UnsupportedError(InstarError):
     """A feature qemu supports that instar does not (yet): refused clearly."""
 
 
+class UnknownFeatureError(UnsupportedError):
+    """An image sets a feature bit no reader knows (qcow2's unknown incompatible
+    features): refused, and reported by ``inspect`` as its own finding."""
+
+
 class PolicyError(InstarError):
     """A path or resource the safety policy does not allow."""
 

@@ -178,13 +178,8 @@ def collect(
         return infos
 
     infos: list[NodeInfo] = run_job(job, policy, sandbox, host_side=facts,
-                                      inputs=[path], force_share=force_share,
-                                      preload=DESCRIBE_MODULES)
+                                      inputs=[path], force_share=force_share)
     return infos
-
-
-# What describing needs besides the readers (the formats' info modules).
-DESCRIBE_MODULES = ("instar.formats.qcow2.info", "instar.formats.vmdk.info")
 
 
 def _collect_job(broker: Broker, path: str, fmt: str | None, chain: bool) -> list[NodeInfo]:

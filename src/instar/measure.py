@@ -151,16 +151,6 @@ def _measure_job(broker: Broker, path: str, fmt: str | None, format_name: str,
         opener.close()
 
 
-def preload(format_name: str) -> list[str]:
-    """The modules a worker measuring for ``format_name`` imports before it is confined."""
-    modules = ["instar.formats.qcow2.info"]
-    fmt = registry.get(format_name)
-    measurer = getattr(fmt, "measurer", None)
-    if isinstance(measurer, str):
-        modules.append(measurer.partition(":")[0])
-    return modules
-
-
 def measure(
     path: str | None = None,
     *,
@@ -187,7 +177,7 @@ def measure(
         return _measure_job(broker, image_path, fmt, output_format_name, create_options)
 
     result: Any = run_job(job, PathPolicy.from_allow(allow), sandbox, inputs=[path],
-                          force_share=force_share, preload=preload(output_format_name))
+                          force_share=force_share)
     return Measurement(*result)
 
 

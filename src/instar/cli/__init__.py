@@ -42,6 +42,7 @@ COMMANDS = {
     "convert": "instar.cli.convert",
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
+    "inspect": "instar.cli.inspect",
     "measure": "instar.cli.measure",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
@@ -57,11 +58,14 @@ Command syntax:
 filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \
 [-o options] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--allow dir] \
-filename [filename2 [...]] output_filename
-  dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] \
+[--require-safe] filename [filename2 [...]] output_filename
+  dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] [--require-safe] \
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir] \
 [--qemu-version version] filename
+  inspect [-U] [-f claimed] [--output=ofmt] [--allow-backing] [--allow-data-file] \
+[--allow-extents] [--accept codes] [--vmdk-types T1,T2] [--allow-formats F1,F2] \
+[--policy file] [--allow dir] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] \
 [--size N | [-f fmt] [-U] [--allow dir] filename]
 

@@ -16,7 +16,7 @@ import sys
 from array import array
 from collections.abc import Callable, Iterator
 
-from instar.errors import FormatError, UnsupportedError
+from instar.errors import FormatError, UnknownFeatureError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
 from instar.formats.common import (
@@ -650,7 +650,7 @@ def check_features(header: L.Header, extensions: L.Extensions, file: InputFile) 
     """Feature bits and compression type: refuse what instar does not know."""
     unknown = header.incompatible_features & ~L.INCOMPAT_KNOWN
     if unknown:
-        raise UnsupportedError(
+        raise UnknownFeatureError(
             "Unsupported qcow2 feature(s): " + _describe_features(unknown, extensions)
         )
     if header.compression_type not in L.COMPRESSION_NAMES:

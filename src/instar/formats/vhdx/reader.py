@@ -106,6 +106,7 @@ def open_vhdx(file: InputFile, resolver: Resolver) -> VhdxDriver:
     corruption = _check_bat(bat, geometry, differencing, fixed_regions + regions, source.size)
     image = VhdxDriver(source, header, geometry, bat, differencing)
     image.corruption = corruption
+    image.log_replayed = source is not file
     if differencing:
         assert metadata.parent_locator is not None
         image.parent = _open_parent(metadata.parent_locator, file, resolver)
@@ -483,6 +484,9 @@ class VhdxDriver(Driver):
         self._bitmaps: TableCache[int] = TableCache(self._load_bitmap, _BITMAP_CACHE)
         self.virtual_size = geometry.virtual_size
         self.corruption: str | None = None  # a block mapped twice: reading fails
+        # The log held writes not yet in place (a crash): instar read them from
+        # the log, qemu refuses such a file read-only (inspect reports it).
+        self.log_replayed = False
 
     @property
     def backing(self) -> Image | None:

@@ -632,11 +632,11 @@ def _open_monolithic(file: InputFile) -> VmdkDriver:
             )
     header = read_sparse_header(file)
     extent = SparseExtent(file, header)
-    descriptor = _embedded_descriptor(file, SparseHeader.unpack(first))
+    descriptor = embedded_descriptor(file, SparseHeader.unpack(first))
     return VmdkDriver(file.name, [extent], descriptor)
 
 
-def _embedded_descriptor(file: InputFile, header: SparseHeader) -> Descriptor | None:
+def embedded_descriptor(file: InputFile, header: SparseHeader) -> Descriptor | None:
     """The descriptor inside a sparse file, parsed strictly; None if there is none.
 
     A header without a descriptor offset still gets sector 1 looked at: qemu
