@@ -8,8 +8,8 @@ status of the whole chain (``bdrv_block_status_above``: ZERO is skipped, DATA
 counted), which `ImageSource` walks through the read core's `StatusLayer`.
 
 Each format states its own figures (``FormatBase.measure``): raw and qcow2
-qemu 7.2's exactly (``qcow2/measure.py``); vmdk, vpc and vhdx, which qemu 7.2
-cannot measure, from their writers' layouts, so the figure and the writer
+qemu 7.2's exactly (``qcow2/measure.py``); vmdk, vpc, vhdx, vdi and
+parallels, which qemu 7.2 cannot measure, from their writers' layouts, so the figure and the writer
 cannot disagree. The image is read in the sandboxed worker; a size alone needs
 no worker.
 """

@@ -7,8 +7,8 @@ Order of checks, as qemu-img 7.2: the options as they come (``--output``,
 ``--size``, ``-o`` lists), the operands, then open the image, then the output
 format, then its options (a bad one is followed by "Invalid options for file
 format"), then the format's figures. raw and qcow2 print qemu's figures;
-vmdk, vpc and vhdx, which qemu 7.2 refuses ("does not support size
-measurement"), print instar's own (docs/cli.md).
+vmdk, vpc, vhdx, vdi and parallels, which qemu 7.2 refuses ("does not support
+size measurement"), print instar's own (docs/cli.md).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ Say how large a new image would be, as qemu-img measure does: created with
 --size N bytes, or converted from filename (its whole backing chain).
   --size N           the size of an empty image (k M G T P E suffixes)
   -f fmt             format of the image to convert (probed when absent)
-  -O output_fmt      format of the new image: raw (default), qcow2; also vmdk, vpc
-                     and vhdx, which qemu-img 7.2 cannot measure
+  -O output_fmt      format of the new image: raw (default), qcow2; also vmdk, vpc,
+                     vhdx, vdi and parallels, which qemu-img 7.2 cannot measure
   -o options         creation options (key=value,...), as qemu-img measure takes them
   --output=ofmt      human (the default) or json
   -U, --force-share  read an image a running qemu holds a write lock on
