@@ -4,7 +4,8 @@ No image is committed: each is built by its case, either from a base qemu-img
 made (patched here in Python) or written here from the format specification
 (qcow2: qemu's docs/interop/qcow2.txt; VMDK: VMware's Virtual Disk Format
 5.0; VHD: Microsoft's VHD specification; VHDX: MS-VHDX; VDI: VirtualBox's header
-version 1.1; zstd: RFC 8878).
+version 1.1; zstd: RFC 8878; dmg, bochs and cloop, which qemu cannot write: their reader
+tests' builders).
 
 A case builds its files in ``img/`` and returns the name of the image the
 commands open. Beside ``img/`` lies ``secret/canary.bin``, a file of a random
@@ -15,6 +16,7 @@ attacks; `CASES` is every case of every class.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import functools
 import os
@@ -31,6 +33,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import test_bochs as bochs_tests
+import test_cloop as cloop_tests
+import test_dmg as dmg_tests
 import test_parallels_reader as parallels_tests
 import test_vhdx_reader as vhdx_tests
 import test_vpc_reader as vpc_tests
@@ -911,6 +916,71 @@ LOG_GUID = b"\x44" * 16
 # --- qemu-made bases ------------------------------------------------------------------------------
 
 
+# --- dmg, bochs, cloop: built by their reader tests' builders ----------------------------------
+
+
+def image_file(name: str, make: Callable[[Place], bytes]) -> Build:
+    """A case whose image is ``make(place)``, written as ``name``."""
+
+    def build(place: Place) -> str:
+        (place.img / name).write_bytes(make(place))
+        return name
+
+    return build
+
+
+Chunk, Dmg = dmg_tests.Chunk, dmg_tests.Dmg
+DMG_TYPES = dmg_tests.TYPES
+
+
+def dmg(image: Callable[[], Dmg], name: str = "v.dmg") -> Build:
+    return image_file(name, lambda place: image().build())
+
+
+def dmg_chunks(*entries: tuple[str, int, int, int, int], sectors: int | None = None,
+               form: str = "plist") -> Build:
+    """A dmg of raw data whose chunk entries are ``entries`` (kind, sector,
+    sectors, offset, length), over a data fork of 64 KiB of pattern."""
+
+    def image() -> Dmg:
+        chunks = [Chunk("raw", pattern(64 * KiB, seed=4))]
+        table = [(0, i, (DMG_TYPES[kind], 0, *rest)) for i, (kind, *rest) in enumerate(entries)]
+        chunks += [Chunk("raw", b"") for _ in entries[1:]]
+        return Dmg([chunks], entries=table, sectors=sectors, form=form)
+
+    return dmg(image)
+
+
+def dmg_one(kind: str, guest: bytes, stored: bytes, sectors: int | None = None) -> Build:
+    """A dmg of one chunk of ``kind`` standing for ``guest`` and holding ``stored``."""
+    return dmg(lambda: Dmg([[Chunk(kind, guest, stored=stored, sectors=sectors)]]))
+
+
+def dmg_plist(before: bytes = b"", after: bytes = b"", pad: int = 0) -> Build:
+    """The standard dmg with ``before`` inserted ahead of its first <dict>,
+    ``after`` ahead of the plist's end, ``pad`` bytes of spaces after that."""
+
+    def image() -> Dmg:
+        return Dmg(dmg_tests.every_kind("zlib"), plist_before=before + after + b" " * pad)
+
+    return dmg(image)
+
+
+def bochs(image: Callable[[], bochs_tests.Bochs], name: str = "v.bochs") -> Build:
+    return image_file(name, lambda place: image().build())
+
+
+def cloop(image: Callable[[], bytes], name: str = "v.cloop") -> Build:
+    return image_file(name, lambda place: image())
+
+
+def cloop_table(block_size: int, offsets: list[int], blocks: int | None = None) -> bytes:
+    """A cloop header and offsets table (no blocks after it)."""
+    count = len(offsets) - 1 if blocks is None else blocks
+    return (cloop_tests.MAGIC.ljust(cloop_tests.HEADER, b"\0")
+            + struct.pack(">II", block_size, count) + struct.pack(f">{len(offsets)}Q", *offsets))
+
+
 def _base_raw(directory: Path, size: int = MiB, seed: int = 1) -> Path:
     raw = directory / "source.raw"
     data = bytearray(pattern(size, seed=seed))
@@ -944,10 +1014,14 @@ BASE_BUILDERS: dict[str, Callable[[Path], None]] = {
     "vhdx": _build_vhdx_base,
     "vdi": lambda d: _qemu_convert(d, "vdi", "v.vdi", size=3 * MiB),
     "vdi-static": lambda d: _qemu_convert(d, "vdi", "v.vdi", "-o", "static=on", size=3 * MiB),
+    "dmg": lambda d: (d / "v.dmg").write_bytes(Dmg(dmg_tests.every_kind("zlib")).build()),
+    "bochs": lambda d: (d / "v.bochs").write_bytes(bochs_tests.IMAGES["mixed.bochs"].build()),
+    "cloop": lambda d: (d / "v.cloop").write_bytes(cloop_tests.damaged()),
 }
 BASE_IMAGES = {"qcow2": "v.qcow2", "qcow2-v2": "v.qcow2", "vmdk": "v.vmdk",
                "vmdk-stream": "v.vmdk", "vhd": "v.vhd", "vhd-fixed": "v.vhd", "vhdx": "v.vhdx",
-               "vdi": "v.vdi", "vdi-static": "v.vdi"}
+               "vdi": "v.vdi", "vdi-static": "v.vdi", "dmg": "v.dmg", "bochs": "v.bochs",
+               "cloop": "v.cloop"}
 
 
 def base(key: str, change: Callable[[Path, Place], None] | None = None) -> Build:
@@ -1137,6 +1211,28 @@ def beyond_eof() -> list[Case]:
         case("vhdx-BAT-entry-is-the-log", vhdx_bat(lambda x: x.log_offset), "refuse"),
         case("vhdx-metadata-item-past-its-region", vhdx_with(lambda x, p: x.items.update(
             {vhdx_layout.PAGE83_DATA: b"\x33" * 16 + bytes(MiB)})), "refuse"),
+        case("dmg-chunk-past-EOF", dmg_chunks(("raw", 0, 128, TiB, 64 * KiB)), "refuse",
+             info="read"),
+        case("dmg-chunk-offset-wraps-2^64", dmg_chunks(
+            ("zlib", 0, 128, (1 << 64) - 100, 64 * KiB)), "refuse", info="read"),
+        case("dmg-chunk-is-the-plist", dmg_chunks(("raw", 0, 2, 64 * KiB, 1024)), "refuse",
+             info="read"),
+        case("dmg-resource-fork-chunk-is-the-fork", dmg_chunks(
+            ("raw", 0, 2, 64 * KiB, 1024), form="rsrc"), "refuse", info="read"),
+        case("bochs-catalog-past-EOF", bochs(lambda: dataclasses.replace(
+            bochs_tests.IMAGES["mixed.bochs"], cut=600)), "refuse", info="read"),
+        case("bochs-extent-at-the-top-of-the-range", bochs(lambda: dataclasses.replace(
+            bochs_tests.IMAGES["mixed.bochs"], entries={0: 0xFFFFFFFE})), "refuse",
+             info="read"),
+        case("bochs-extent-is-the-header", bochs(lambda: bochs_tests.Bochs(
+            64 * KiB, header_size=256, stored=bochs_tests.sectors(0, 8, 3))), "refuse",
+             info="read"),
+        case("cloop-offsets-table-of-1M-past-EOF", cloop(lambda: cloop_table(
+            64 * KiB, [], blocks=1 << 20)), "refuse", info="read"),
+        case("cloop-blocks-at-2^63", cloop(lambda: cloop_table(
+            64 * KiB, [1 << 63, (1 << 63) + 100, (1 << 63) + 200])), "refuse", info="read"),
+        case("cloop-block-is-the-header", cloop(lambda: cloop_tests.damaged(
+            offsets=[0, 1000, 2000, 3000, 4000])), "refuse", info="read"),
     ]
 
 
@@ -1188,7 +1284,24 @@ def aliasing() -> list[Case]:
         case("vmdk-1000-flat-extents-one-file", flat_descriptor(
             ['RW 128 FLAT "x.bin" 0'] * 1000, {"x.bin": pattern(64 * KiB, seed=2)}), "either",
              allow="dir"),
+        case("dmg-1-TiB-from-one-zlib-chunk", dmg(_terabyte_dmg), "refuse", info="read"),
+        case("dmg-two-chunks-one-guest-range", dmg_chunks(
+            ("raw", 0, 128, 0, 64 * KiB), ("raw", 64, 64, 0, 32 * KiB)), "refuse", info="read"),
+        case("bochs-every-extent-one-extent", bochs(lambda: bochs_tests.Bochs(
+            4 * GiB, catalog=0x100000, stored=bochs_tests.sectors(0, 8, 5),
+            entries=dict.fromkeys(range(1, 0x100000), 0))), "refuse", info="read"),
     ]
+
+
+def _terabyte_dmg() -> Dmg:
+    """16384 zlib chunks of 64 MiB, every one naming the same compressed bytes."""
+    count = 1 << 17  # sectors in 64 MiB
+    chunks = [Chunk("zlib", bytes(64 * MiB), stored=zlib.compress(bytes(64 * MiB)))]
+    stored = len(chunks[0].encoded())
+    entries = [(0, i, (DMG_TYPES["zlib"], 0, i * count, count, 0, stored))
+               for i in range(1, 16384)]
+    chunks += [Chunk("zlib", b"", stored=b"") for _ in entries]
+    return Dmg([chunks], entries=entries, sectors=16384 * count)
 
 
 def _stream_footer_gd(sector: int) -> Vmdk:
@@ -1270,6 +1383,18 @@ def huge_virtual_sizes() -> list[Case]:
              fmt="vpc"),
         case("vhdx-2^64-512", vhdx_sized((1 << 64) - 512), "refuse"),
         case("vhdx-64-TiB", vhdx_sized(64 * TiB), "refuse"),
+        case("dmg-2^63-1-sectors", dmg(lambda: Dmg([[Chunk("zero", bytes(512))]],
+                                                   sectors=(1 << 63) - 1)), "refuse"),
+        case("dmg-zero-chunk-of-2^50-sectors", dmg(lambda: Dmg(
+            [[Chunk("zero", bytes(512), sectors=1 << 50)]], sectors=1 << 50)), "either",
+             qemu=False),  # qemu's dmg has no block status: it would read 512 PiB of zeros
+        case("bochs-disk-2^64-512", bochs(lambda: dataclasses.replace(
+            bochs_tests.IMAGES["mixed.bochs"], disk=(1 << 64) - 512, catalog=256)), "refuse"),
+        case("bochs-1M-extents-of-8-MiB", bochs(lambda: bochs_tests.Bochs(
+            8 * TiB, extent=8 * MiB, bitmap=2048, stored=bochs_tests.sectors(0, 8, 6))),
+             "either", qemu=False),  # 8 TiB of zeros through qemu's bochs: hours
+        case("cloop-size-wraps-32-bits", cloop(lambda: cloop_table(
+            64 * MiB, [4104] * 65537)), "read"),  # 65536 blocks of 64 MiB: qemu says size 0
     ]
 
 
@@ -1318,6 +1443,26 @@ def compression_bombs() -> list[Case]:
              info="read"),
         case("vmdk-stream-grain-half-a-grain", grain(lambda: zlib.compress(b"B" * 32 * KiB)),
              "refuse", info="read"),
+        case("dmg-zlib-chunk-of-16-MiB-in-4-KiB", dmg_one(
+            "zlib", bytes(4 * KiB), deflate_bomb(raw=False)), "refuse", info="read"),
+        case("dmg-zlib-64-MiB-chunk-of-128-MiB", dmg_one(
+            "zlib", bytes(0), deflate_bomb(128 * MiB, raw=False), sectors=1 << 17), "refuse",
+             info="read"),
+        case("dmg-zlib-chunk-of-exactly-8-MiB", dmg_one(
+            "zlib", bytes(8 * MiB), deflate_bomb(8 * MiB, raw=False)), "read"),
+        case("dmg-bzip2-chunk-of-16-MiB-in-4-KiB", dmg_one(
+            "bzip2", bytes(4 * KiB), bz2.compress(b"A" * 16 * MiB)), "refuse", info="read"),
+        case("dmg-bzip2-chunk-of-exactly-8-MiB", dmg_one(
+            "bzip2", b"A" * 8 * MiB, bz2.compress(b"A" * 8 * MiB)), "read",
+             qemu=False),  # this machine's qemu lacks its dmg-bz2 module
+        case("dmg-bzip2-garbage", dmg_one("bzip2", bytes(4 * KiB), b"BZh9" + b"\xff" * 5000),
+             "refuse", info="read"),
+        case("dmg-zlib-stream-ends-early", dmg_one("zlib", pattern(64 * KiB), zlib.compress(
+            random.Random(2).randbytes(64 * KiB))[:30000]), "refuse", info="read"),
+        case("cloop-block-of-16-MiB-in-64-KiB", cloop(lambda: cloop_tests.damaged(
+            streams=[deflate_bomb(raw=False)] * 4)), "refuse", info="read"),
+        case("cloop-8-MiB-block-of-zeros", cloop(lambda: cloop_tests.cloop_bytes(
+            bytes(8 * MiB), 8 * MiB)), "read"),
     ]
 
 
@@ -1695,12 +1840,20 @@ def truncated_headers() -> list[Case]:
         ("vmdk", [511, 11264]),
         ("vhd", [511, 1000]),
         ("vhdx", [8, 64 * KiB + 100, 192 * KiB + 10, MiB]),
+        ("bochs", [100, 511, 700]),
+        ("cloop", [60, 130, 140]),
     ]
     cases = [case(f"{key}-at-{size}", truncated(key, size), "either", probes="any")
              for key, sizes in cuts for size in sizes]
     cases.append(case("vmdk-stream-without-its-footer", then(
         vmdk_build(lambda p: vmdk_file(compressed=True, footer=True)),
         lambda path, place: cut(path, path.stat().st_size - 1536)), "refuse"))
+    # A dmg's header is its trailer, at the end: cut inside it, before it, to nothing.
+    for left in (100, 300, 512, 700):
+        cases.append(case(f"dmg-trailer-cut-{left}-bytes-in", truncated(
+            "dmg", lambda path, left=left: path.read_bytes().rfind(b"koly") + left),
+                          "either", probes="any"))
+    cases.append(case("dmg-cut-to-511-bytes", truncated("dmg", 511), "refuse"))
     return cases
 
 
@@ -1770,6 +1923,56 @@ def cves() -> list[Case]:
         attack("CVE-2024-4467-data-file-json-qcow2", qcow2_data_file(json_self)),
         attack("CVE-2024-4467-data-file-json-raw-canary", qcow2_data_file(
             lambda p: json_canary.replace("{c}", str(p.canary)))),
+    ]
+
+
+def plists() -> list[Case]:
+    """The XML property list of a dmg, which holds its chunk table: nested
+    entities (a billion laughs), external entities naming /etc/passwd and
+    the canary, entity references inside the table, a plist of 16 MiB and one
+    past it, a hundred thousand elements, an element never closed, a NUL in
+    the middle. instar, like qemu, never parses it as XML: it looks for
+    <data> elements only."""
+    laughs = b'<!DOCTYPE plist [<!ENTITY lol "lol">' + b"".join(
+        b'<!ENTITY lol%d "%s">' % (i, (b"&lol%d;" % (i - 1) if i > 1 else b"&lol;") * 10)
+        for i in range(1, 10)) + b"]>\n<string>&lol9;</string>\n"
+
+    def external(place: Place) -> bytes:
+        return (b'<!DOCTYPE plist [<!ENTITY passwd SYSTEM "file:///etc/passwd">'
+                b'<!ENTITY canary SYSTEM "' + str(place.canary).encode() + b'">]>\n'
+                b"<string>&passwd;&canary;</string>\n")
+
+    def with_external(place: Place) -> bytes:
+        return Dmg(dmg_tests.every_kind("zlib"), plist_before=external(place)).build()
+
+    def entity_in_data(place: Place) -> bytes:
+        image = bytearray(Dmg(dmg_tests.every_kind("zlib")).build())
+        at = image.index(b"<data>") + 6
+        image[at : at + 8] = b"&canary;"
+        return bytes(image)
+
+    def many_elements() -> Dmg:
+        return Dmg(dmg_tests.every_kind("zlib"), plist_before=b"<data>AAAA</data>" * 100000)
+
+    def cut_at(text: bytes, size: Callable[[bytes], int]) -> Callable[[Place], bytes]:
+        def make(place: Place) -> bytes:
+            image = Dmg(dmg_tests.every_kind("zlib")).build()
+            at = size(image)
+            return image[:at] + text + image[at + len(text):]
+
+        return make
+
+    return [
+        case("dmg-billion-laughs", dmg_plist(laughs), "read"),
+        case("dmg-external-entities", image_file("v.dmg", with_external), "read"),
+        case("dmg-entity-reference-in-the-table", image_file("v.dmg", entity_in_data), "either"),
+        case("dmg-plist-of-16-MiB", dmg_plist(pad=16 * MiB - 20000), "read"),
+        case("dmg-plist-past-16-MiB", dmg_plist(pad=16 * MiB), "refuse"),
+        case("dmg-100000-data-elements", dmg(many_elements), "read"),
+        case("dmg-data-never-closed", image_file("v.dmg", cut_at(
+            b"</dat>!", lambda image: image.rfind(b"</data>"))), "refuse"),
+        case("dmg-NUL-inside-the-table", image_file("v.dmg", cut_at(
+            b"\0", lambda image: image.index(b"<data>") + 10)), "refuse"),
     ]
 
 
@@ -2015,6 +2218,6 @@ def parallels() -> list[Case]:
 
 FAMILIES = [huge_tables, beyond_eof, aliasing, bad_geometry, huge_virtual_sizes,
             compression_bombs, chains, vmdk_descriptor, vhdx_log, polyglots,
-            truncated_headers, cves, vdi, parallels]
+            truncated_headers, cves, vdi, parallels, plists]
 CASES = [dataclasses.replace(c, family=family.__name__) for family in FAMILIES
          for c in family()]

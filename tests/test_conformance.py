@@ -16,17 +16,22 @@ row, no traceback, nothing left behind.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import os
 import re
 import shutil
 import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+import test_bochs as bochs_tests
+import test_cloop as cloop_tests
+import test_dmg as dmg_tests
 import test_parallels_reader as parallels_tests
 import test_vhdx_reader as vhdx_tests
 import test_vpc_reader as vpc_tests
@@ -1147,6 +1152,220 @@ PARALLELS_ROWS = table(
 )  # fmt: skip
 
 
+# --- dmg, bochs, cloop: qemu cannot make them; built by their reader tests' builders ----------
+
+
+def dmg_base(key: str, image: dmg_tests.Dmg, name: str = "v.dmg") -> Base:
+    return Base(key, lambda d: (d / name).write_bytes(image.build()), name)
+
+
+def dmg_entry(partition: int, chunk: int, kind: str, sector: int, count: int, offset: int,
+              length: int) -> dmg_tests.Dmg:
+    """The standard dmg with one chunk entry rewritten."""
+    entry = (dmg_tests.TYPES[kind], 0, sector, count, offset, length)
+    return dmg_tests.Dmg(dmg_tests.every_kind("zlib"), entries=[(partition, chunk, entry)])
+
+
+def two_raw(*entries: tuple[int, int, int, int, int], sectors: int | None = None
+            ) -> dmg_tests.Dmg:
+    """Two raw chunks of 4 KiB; ``entries`` rewrite them: (chunk, sector, count,
+    offset, length); ``sectors``: the disk's (None: both chunks')."""
+    chunks = [dmg_tests.Chunk("raw", pattern(4096, seed=1)),
+              dmg_tests.Chunk("raw", pattern(4096, seed=2))]
+    return dmg_tests.Dmg([chunks], entries=[(0, c, (1, 0, *rest)) for c, *rest in entries],
+                         sectors=sectors)
+
+
+def koly(path: Path) -> int:
+    return path.read_bytes().rfind(b"koly")
+
+
+def koly_field(at: int) -> Callable[[Path], int]:
+    return lambda path: koly(path) + at
+
+
+def swap_partitions(path: Path) -> None:
+    """The plist's first two mish blocks (their <dict>s) swapped: the table out
+    of guest order, every offset in the file unchanged."""
+    data = path.read_bytes()
+    start = data.index(b"\t\t\t<dict>")
+    middle = data.index(b"\t\t\t<dict>", start + 1)
+    end = data.index(b"\t\t\t<dict>", middle + 1)
+    path.write_bytes(data[:start] + data[middle:end] + data[start:middle] + data[end:])
+
+
+DMG = dmg_base("dmg", dmg_tests.Dmg(dmg_tests.every_kind("zlib")))
+DMG_RSRC = dmg_base("dmg-rsrc", dmg_tests.Dmg(dmg_tests.every_kind("raw"), form="rsrc"))
+DMG_INVALID = OPENING + "Could not open '{image}': Invalid argument"
+DMG_ROWS = table(
+    "dmg", "dmg",
+    row("no-trailer", DMG, poke(koly, "4s", b"kolx"),
+        OPENING + "Could not locate UDIF trailer in dmg file", True, same_as_qemu=True),
+    row("file-of-100-bytes", DMG, Cut(100),
+        OPENING + "Could not locate UDIF trailer in dmg file", True, same_as_qemu=True),
+    row("data-fork-past-the-trailer", DMG, poke(koly_field(0x18), ">Q", 1 << 40), DMG_INVALID,
+        True, same_as_qemu=True),
+    row("plist-past-the-trailer", DMG, poke(koly_field(0xE0), ">Q", 1 << 40), DMG_INVALID, True,
+        same_as_qemu=True),
+    row("negative-sector-count", DMG, poke(koly_field(0x1EC), ">Q", (1 << 63) + 5), DMG_INVALID,
+        True, same_as_qemu=True),
+    row("no-chunk-table", DMG, poke(koly_field(0xE0), ">Q", 0), DMG_INVALID, True,
+        same_as_qemu=True),
+    row("data-element-never-closed", DMG, Edit(lambda p: p.write_bytes(
+        p.read_bytes().replace(b"</data>", b"</dat>!"))), DMG_INVALID, True, same_as_qemu=True),
+    row("resource-data-past-the-fork", DMG_RSRC,
+        poke(lambda p: field_at(p, koly(p) + 0x28, ">Q"), ">I", 1 << 30), DMG_INVALID, True,
+        same_as_qemu=True),
+    row("resource-of-no-bytes", DMG_RSRC,
+        poke(lambda p: field_at(p, koly(p) + 0x28, ">Q") + 256, ">I", 0), DMG_INVALID, True,
+        same_as_qemu=True),
+    row("sector-count-over-qemu's-max",
+        dmg_base("dmg-sectors", dmg_entry(1, 2, "zlib", 72, 200000, 0, 100)),
+        NOTHING, OPENING + r"sector count 200000 for chunk 3 is larger than max \(131072\)",
+        True),
+    row("length-over-qemu's-max",
+        dmg_base("dmg-length", dmg_entry(1, 2, "raw", 72, 100, 0, (64 << 20) + 1)),
+        NOTHING, OPENING + r"length 67108865 for chunk 3 is larger than max \(67108864\)", True),
+    row("sector-count-huge", DMG, poke(koly_field(0x1EC), ">Q", 1 << 62),
+        OPENING + "Could not refresh total sector count: File too large", True),
+    row("sectors-in-no-chunk",
+        dmg_base("dmg-gap", two_raw((1, 16, 8, 4096, 4096))), NOTHING,
+        IN_IMAGE + "no chunk of the image holds guest offset 0x1000", True, fails_at="read"),
+    row("chunks-overlap-in-the-guest",
+        dmg_base("dmg-overlap", two_raw((1, 4, 8, 4096, 4096))), NOTHING,
+        IN_IMAGE + r"chunks at guest offsets 0x0 and 0x800 overlap \(guest sectors mapped "
+        r"twice: the image is corrupt\)", True, fails_at="read"),
+    # qemu reads these three; instar refuses a chunk aliasing another, or past the end of the
+    # file, or a raw chunk shorter than its sectors (docs/formats/dmg.md).
+    row("chunks-share-file-bytes",
+        dmg_base("dmg-alias", two_raw((1, 8, 8, 0, 4096))), NOTHING,
+        IN_IMAGE + r"host offset 0x0 is mapped by two guest ranges, at guest offsets 0x0 and "
+        r"0x1000 \(a host unit mapped twice: the image is corrupt\)", False, fails_at="read"),
+    row("chunk-past-EOF", dmg_base("dmg-past-eof", two_raw((0, 0, 8, 1 << 30, 4096))), NOTHING,
+        IN_IMAGE + r"raw chunk at guest offset 0x0 lies beyond the end of the file \(the image "
+        r"is truncated or corrupt\)", False, fails_at="read"),
+    row("chunk-over-the-plist",
+        dmg_base("dmg-over-plist", two_raw((1, 8, 1, 8192, 512), sectors=9)), NOTHING,
+        IN_IMAGE + r"host offset 0x2000, mapped at guest offset 0x1000, is also the property "
+        r"list \(a host unit mapped twice: the image is corrupt\)", False, fails_at="read"),
+    row("raw-chunk-short", dmg_base("dmg-raw-short", two_raw((1, 8, 16, 4096, 4096))), NOTHING,
+        IN_IMAGE + "raw chunk at guest offset 0x1000 holds 4096 bytes, fewer than its 16 "
+        "sectors", False, fails_at="read"),
+    row("zlib-bomb", dmg_base("dmg-bomb", dmg_tests.Dmg([[dmg_tests.Chunk(
+        "zlib", bytes(4096), stored=zlib.compress(bytes(1 << 20)))]])), NOTHING,
+        IN_IMAGE + r"zlib chunk at guest offset 0x0 inflates to more than 4096 bytes \(a "
+        r"compression bomb\)", True, fails_at="read"),
+    row("bzip2-bomb", dmg_base("dmg-bz2-bomb", dmg_tests.Dmg([[dmg_tests.Chunk(
+        "bzip2", bytes(4096), stored=bz2.compress(bytes(1 << 20)))]])), NOTHING,
+        IN_IMAGE + r"bzip2 chunk at guest offset 0x0 inflates to more than 4096 bytes \(a "
+        r"compression bomb\)", True, fails_at="read"),
+    row("zlib-chunk-short", dmg_base("dmg-zlib-short", dmg_tests.Dmg([[dmg_tests.Chunk(
+        "zlib", bytes(4096), stored=zlib.compress(bytes(1000)))]])), NOTHING,
+        IN_IMAGE + "zlib chunk at guest offset 0x0 inflates to 1000 bytes, not its 4096", True,
+        fails_at="read"),
+    row("lzfse-chunk", dmg_base("dmg-lzfse", dmg_tests.Dmg(dmg_tests.every_kind("lzfse"))),
+        NOTHING, IN_IMAGE + r"the chunk at guest offset 0x0 is lzfse-compressed, which instar "
+        r"cannot read \(qemu reads it only when built with its dmg-lzfse module\)", True,
+        fails_at="read"),
+    row("unknown-chunk-type", dmg_base("dmg-unknown", dmg_tests.Dmg(
+        dmg_tests.every_kind("zlib"), entries=[(2, 1, (0x1234, 0, 200, 5, 0, 100))])), NOTHING,
+        IN_IMAGE + r"the chunk at guest offset 0x137800 is of unknown type 0x1234, which instar "
+        r"cannot read \(nor can qemu\)", True, fails_at="read"),
+    # Read by both.
+    row("trailer-cut-short", DMG, Cut(lambda p: file_end(p) - 100), None, False),
+    row("zero-chunk-of-2^40-sectors", dmg_base("dmg-zeros", dmg_tests.Dmg(
+        [[dmg_tests.Chunk("zero", bytes(4096), sectors=1 << 40)]], sectors=100)), NOTHING, None,
+        False),
+    row("resource-fork", DMG_RSRC, NOTHING, None, False),
+    # qemu's search of a table out of guest order fails; instar sorts it.
+    row("mish-blocks-out-of-order", DMG, Edit(swap_partitions), None, True),
+)  # fmt: skip
+
+
+def bochs_base(key: str, image: bochs_tests.Bochs) -> Base:
+    return Base(key, lambda d: (d / "v.bochs").write_bytes(image.build()), "v.bochs")
+
+
+BOCHS_IMAGE = bochs_tests.IMAGES["mixed.bochs"]
+BOCHS = bochs_base("bochs", BOCHS_IMAGE)
+BOCHS_READ = r"the image is truncated or corrupt\)"
+BOCHS_ROWS = table(
+    "bochs", "bochs",
+    row("version-3", BOCHS, poke(64, "<I", 3 << 16), OPENING + "Image not in Bochs format", True,
+        same_as_qemu=True, probes=False),
+    row("catalog-too-large", BOCHS, poke(72, "<I", 0x100001),
+        OPENING + "Catalog size is too large", True, same_as_qemu=True),
+    row("extent-256", BOCHS, poke(80, "<I", 256), OPENING + "Extent size must be at least 512",
+        True, same_as_qemu=True),
+    row("extent-not-a-power-of-two", BOCHS, poke(80, "<I", 3072),
+        OPENING + "Extent size 3072 is not a power of two", True, same_as_qemu=True),
+    row("extent-16M", BOCHS, poke(80, "<I", 16 << 20),
+        OPENING + "Extent size 16777216 is too large", True, same_as_qemu=True),
+    row("catalog-too-small", BOCHS, poke(72, "<I", 10),
+        OPENING + "Catalog size is too small for this disk size", True, same_as_qemu=True),
+    # qemu reads what lies past the end of the file as zeros; instar refuses to read.
+    row("catalog-past-EOF", BOCHS, Cut(600), IN_IMAGE + r"the catalog \(256 entries at offset "
+        r"512\) lies beyond the end of the file \(" + BOCHS_READ, False, fails_at="read"),
+    row("extent-past-EOF", BOCHS, poke(512, "<I", 5000),
+        IN_IMAGE + r"catalog entry 0 points beyond the end of the file \(" + BOCHS_READ, False,
+        fails_at="read"),
+    row("extent-named-twice", BOCHS, poke(516, "<I", 0),
+        IN_IMAGE + r"host offset 0x600 is mapped by two guest ranges, at guest offsets 0x1000 "
+        r"and 0x96000 \(a host unit mapped twice: the image is corrupt\)", False,
+        fails_at="read"),
+    row("version-1", bochs_base("bochs-v1", bochs_tests.IMAGES["version-1.bochs"]), NOTHING,
+        None, False),
+    row("disk-size-not-a-sector-multiple", BOCHS, poke(88, "<Q", (1 << 20) - 100), None, False),
+)  # fmt: skip
+
+
+def cloop_base(key: str, image: bytes) -> Base:
+    return Base(key, lambda d: (d / "v.cloop").write_bytes(image), "v.cloop")
+
+
+CLOOP = cloop_base("cloop", cloop_tests.damaged())
+CLOOP_ROWS = table(
+    "cloop", "cloop",
+    row("block-size-odd", CLOOP, poke(128, ">I", 1000),
+        OPENING + "block_size 1000 must be a multiple of 512", True, same_as_qemu=True),
+    row("block-size-zero", CLOOP, poke(128, ">I", 0), OPENING + "block_size cannot be zero",
+        True, same_as_qemu=True),
+    row("block-size-128M", CLOOP, poke(128, ">I", 128 << 20),
+        OPENING + "block_size 134217728 must be 64 MB or less", True, same_as_qemu=True),
+    row("too-many-blocks", CLOOP, poke(132, ">I", 0x20000000),
+        OPENING + "n_blocks 536870912 must be 536870911 or less", True, same_as_qemu=True),
+    row("offsets-size-wraps", CLOOP, poke(132, ">I", 536870911),
+        OPENING + "Could not allocate offsets table", True, same_as_qemu=True),
+    row("too-many-offsets", CLOOP, poke(132, ">I", 0x4000000),
+        OPENING + "image requires too many offsets, try increasing block size", True,
+        same_as_qemu=True),
+    row("offsets-decrease", CLOOP, poke(152, ">Q", 1),
+        OPENING + "offsets not monotonically increasing at index 2, image file is corrupt", True,
+        same_as_qemu=True),
+    row("block-over-128M", CLOOP, poke(152, ">Q", 1 << 30),
+        OPENING + "invalid compressed block size at index 2, image file is corrupt", True,
+        same_as_qemu=True),
+    row("table-cut", CLOOP, Cut(150),
+        OPENING + "offsets not monotonically increasing at index 1, image file is corrupt", True,
+        same_as_qemu=True),
+    row("table-past-EOF", CLOOP, Cut(136), IN_IMAGE + r"the offsets table \(5 entries at offset "
+        r"136\) lies beyond the end of the file \(the image is truncated or corrupt\)", True,
+        fails_at="read"),
+    row("block-cut", CLOOP, Cut(lambda p: file_end(p) - 100),
+        IN_IMAGE + r"compressed block 3 \(guest offset 0x30000\) ends inside its zlib stream "
+        r"\(cut short or corrupt\)", True, fails_at="read"),
+    row("block-is-the-table", CLOOP, poke(136, ">Q", 136),
+        IN_IMAGE + r"host offset 0x88, mapped at guest offset 0x0, is also the offsets table "
+        r"\(a host unit mapped twice: the image is corrupt\)", True, fails_at="read"),
+    row("bomb", cloop_base("cloop-bomb", cloop_tests.damaged(
+        streams=[zlib.compress(bytes(1 << 20))] * 4)), NOTHING,
+        IN_IMAGE + r"compressed block 0 \(guest offset 0x0\) inflates to more than 65536 bytes "
+        r"\(a compression bomb\)", True, fails_at="read"),
+    row("ragged-end", cloop_base("cloop-ragged", cloop_tests.cloop_bytes(
+        pattern(100000, seed=3), 4096)), NOTHING, None, False),
+)  # fmt: skip
+
+
 # --- raw --------------------------------------------------------------------------------------
 
 
@@ -1180,7 +1399,7 @@ RAW_ROWS = table(
 # --- the test body ------------------------------------------------------------------------------
 
 ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS, *VDI_ROWS, *PARALLELS_ROWS,
-        *RAW_ROWS]
+        *DMG_ROWS, *BOCHS_ROWS, *CLOOP_ROWS, *RAW_ROWS]
 
 
 @pytest.fixture(scope="module")

@@ -29,7 +29,7 @@ def test_drivers_are_qemus(qemu_img: str) -> None:
     usage = run_qemu_img("--help").stdout
     listed = usage.split("Supported formats:")[1].split("\n")[0].split()
     assert sorted(listed) == sorted(registry.QEMU_DRIVERS)
-    assert {"qcow", "file", "dmg", "luks"} <= set(LACKING)
+    assert {"qcow", "file", "luks"} <= set(LACKING)
     assert registry.QEMU_CANNOT_CREATE <= registry.QEMU_DRIVERS
 
 
@@ -56,6 +56,22 @@ def test_writing_a_qemu_driver_is_not_supported(name: str, raw: Path) -> None:
             assert (result.rc, result.normalised_stderr()) == (qemu.rc, qemu.normalised_stderr())
         else:
             assert result.stderr == f"instar: {name}: writing this format is not supported yet\n"
+        assert sorted(path.name for path in raw.iterdir()) == ["a.raw"]
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("name", ["bochs", "cloop", "dmg"])
+def test_formats_read_and_never_created_are_refused_as_qemu_refuses(name: str,
+                                                                     raw: Path) -> None:
+    """instar reads them; ``-O`` (with or without ``-o``) is refused in qemu's
+    words before anything is created, as qemu-img refuses it."""
+    assert registry.get(name) is not None and name in registry.QEMU_CANNOT_CREATE
+    for args in (["convert", "-O", name, "a.raw", "o"], ["dd", "-O", name, "if=a.raw", "of=o"],
+                 ["convert", "-O", name, "-o", "help", "a.raw", "o"],
+                 ["convert", "-O", name, "-o", "size=1M", "a.raw", "o"]):
+        ours, qemu = run_instar(*args, cwd=raw), run_qemu_img(*args, cwd=raw)
+        assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
+            qemu.rc, qemu.stdout, qemu.normalised_stderr()), args
         assert sorted(path.name for path in raw.iterdir()) == ["a.raw"]
 
 

@@ -30,7 +30,7 @@ import pytest
 from helpers import pattern, qemu_img_ok, qemu_io, run_instar, run_qemu_img, write_pieces
 from instar.formats.base import Measurement
 from instar.formats.qcow2.measure import prealloc_size
-from instar.formats.qcow2.reader import nonzero_refcounts
+from instar.formats.qcow2.refcounts import nonzero_entries
 from instar.measure import render
 
 pytestmark = pytest.mark.usefixtures("allow_own_directories")
@@ -307,7 +307,7 @@ def test_refcounts_are_counted_as_qemu_reads_them(order: int) -> None:
         else:
             width = bits // 8
             wanted = sum(1 for i in range(limit) if any(block[i * width : (i + 1) * width]))
-        assert nonzero_refcounts(block, order, limit) == wanted
+        assert nonzero_entries(block, order, limit) == wanted
 
 
 # --- the figures are true ---------------------------------------------------------------------

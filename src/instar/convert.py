@@ -29,10 +29,11 @@ from instar.worker import SandboxSettings, run_job
 
 def output_format(name: str) -> Format:
     """The writable format ``name``, with qemu-img convert's message otherwise."""
+    refusal = registry.creation_refusal(name)
+    if refusal is not None:
+        raise UnsupportedError(refusal)
     fmt = registry.get(name)
     if fmt is None:
-        if registry.is_recognised_only(name):
-            raise UnsupportedError(registry.unsupported_message(name, writing=True))
         raise OutputError(f"Unknown file format '{name}'")
     return fmt
 

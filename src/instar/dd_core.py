@@ -122,10 +122,11 @@ def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str
     opener = ImageOpener(broker=broker)
     try:
         image = opener.open(input_path, input_format)
+        refusal = registry.creation_refusal(output_format)
+        if refusal is not None:
+            raise OutputError(refusal)
         out_fmt = registry.get(output_format)
         if out_fmt is None:
-            if registry.is_recognised_only(output_format):
-                raise OutputError(registry.unsupported_message(output_format, writing=True))
             raise OutputError("Unknown file format")
         window = dd_window(image.virtual_size, bs, count, skip)
         broker.check_output(output_path)

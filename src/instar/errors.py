@@ -157,3 +157,10 @@ class ReadError(InstarError):
 
 class WorkerLimitError(InstarError):
     """The sandboxed worker hit one of its limits (memory, CPU, wall clock) or died."""
+
+
+class ChecksNotSupportedError(InstarError):
+    """The format has no structural check (raw, vpc): qemu-img check's exit status 63."""
+
+    def __init__(self, message: str = "This image format does not support checks") -> None:
+        super().__init__(message)

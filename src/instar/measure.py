@@ -86,11 +86,11 @@ class ImageSource:
 
 def output_format(name: str) -> Format:
     """The format to measure for, with qemu-img measure's messages otherwise."""
+    if name in registry.QEMU_CANNOT_CREATE:  # dmg, bochs, cloop: instar reads them too
+        raise UnsupportedError(registry.unsupported_message(name, writing=True))
     fmt = registry.get(name)
     if fmt is not None:
         return fmt
-    if name in registry.QEMU_CANNOT_CREATE:
-        raise UnsupportedError(registry.unsupported_message(name, writing=True))
     if name == "luks":  # qemu measures it, with a secret instar has no way to take
         raise UnsupportedError("luks: measuring this format is not supported")
     if name in registry.QEMU_DRIVERS:

@@ -31,7 +31,16 @@ from typing import Any, NamedTuple
 
 from instar import errors
 from instar.errors import InstarError, WorkerLimitError
-from instar.events import Advance, Event, EventSink, Line, Notice, Progress
+from instar.events import (
+    Advance,
+    Event,
+    EventSink,
+    Line,
+    Mapped,
+    Notice,
+    Progress,
+    map_entry_from_data,
+)
 from instar.files import InputFile
 from instar.formats.base import OutputFile
 from instar.opener import Broker, HostBroker
@@ -151,6 +160,7 @@ _EVENTS: dict[str, tuple[type[Event], tuple[type, ...]]] = {
     "Advance": (Advance, (int, int)),
     "Line": (Line, (str,)),
     "Notice": (Notice, (str,)),
+    "Mapped": (Mapped, (list,)),
 }
 
 
@@ -162,6 +172,8 @@ def event_from_data(data: dict[str, Any]) -> Event:
     cls, types = spec
     if not all(isinstance(value, kind_) for value, kind_ in zip(fields, types, strict=True)):
         raise ProtocolError(f"a malformed {kind} event")
+    if cls is Mapped:
+        return Mapped([map_entry_from_data(entry) for entry in fields[0]])
     return cls(*fields)
 
 

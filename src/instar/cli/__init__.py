@@ -42,7 +42,9 @@ COMMANDS = {
     "convert": "instar.cli.convert",
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
+    "check": "instar.cli.check",
     "inspect": "instar.cli.inspect",
+    "map": "instar.cli.map",
     "measure": "instar.cli.measure",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
@@ -54,6 +56,7 @@ instar version {version} - a safe, qemu-img-compatible disk image toolkit
 usage: instar [standard options] command [command options]
 
 Command syntax:
+  check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
   compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
 filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \
@@ -66,6 +69,8 @@ filename1 filename2
   inspect [-U] [-f claimed] [--output=ofmt] [--allow-backing] [--allow-data-file] \
 [--allow-extents] [--accept codes] [--vmdk-types T1,T2] [--allow-formats F1,F2] \
 [--policy file] [--allow dir] filename
+  map [-U] [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] \
+[--allow dir] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] \
 [--size N | [-f fmt] [-U] [--allow dir] filename]
 

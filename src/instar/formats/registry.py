@@ -23,17 +23,20 @@ _DRIVERS: dict[str, str] = {
     "vhdx": "instar.formats.vhdx",
     "vdi": "instar.formats.vdi",
     "parallels": "instar.formats.parallels",
+    # Read only: qemu-img cannot create these either.
+    "dmg": "instar.formats.dmg",
+    "bochs": "instar.formats.bochs",
+    "cloop": "instar.formats.cloop",
 }
 
 # Formats qemu-img knows, with the magics that identify each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[tuple[int, bytes], ...]] = {
     "qed": ((0, b"QED\x00"),),
     "luks": ((0, b"LUKS\xba\xbe"),),
-    "bochs": ((0, b"Bochs Virtual HD Image"),),
-    "cloop": ((0, b"#!/bin/sh\n#V2.0 Format\n"),),
 }
-# Formats qemu-img probes by the file name's ending, not by content.
-_RECOGNISED_BY_NAME: dict[str, str] = {"dmg": ".dmg"}
+# Formats qemu-img probes by the file name's ending, not by content (none left
+# that instar does not read: dmg is read, and probed by its ``.dmg`` name).
+_RECOGNISED_BY_NAME: dict[str, str] = {}
 
 
 # Every driver qemu-img 7.2 has ("Supported formats" in ``qemu-img --help``).
@@ -58,6 +61,16 @@ def unsupported_message(name: str, writing: bool) -> str:
     if writing and name in QEMU_CANNOT_CREATE:
         return f"Format driver '{name}' does not support image creation"  # as qemu-img
     return f"{name}: {'writing' if writing else 'reading'} this format is not supported yet"
+
+
+def creation_refusal(name: str) -> str | None:
+    """Why ``-O name`` is refused before anything is created (None: instar
+    writes it, or qemu does not know the name): qemu-img's own words for a
+    driver that cannot create images (dmg, bochs, cloop, which instar reads),
+    "not supported yet" for one qemu writes and instar does not."""
+    if name in QEMU_CANNOT_CREATE or is_recognised_only(name):
+        return unsupported_message(name, writing=True)
+    return None
 
 
 def known_names() -> list[str]:

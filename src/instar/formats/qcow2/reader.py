@@ -11,7 +11,7 @@ FormatError.
 
 from __future__ import annotations
 
-import os
+import contextlib
 import sys
 from array import array
 from collections.abc import Callable, Iterator
@@ -31,16 +31,17 @@ from instar.formats.common import (
     metadata_alias_message,
 )
 from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.refcounts import metadata_preallocated, read_reftable
 from instar.image import (
     COMPRESSED,
     DATA,
     MAX_VIRTUAL_SIZE,
     OFFSET_VALID,
-    RECURSE,
     ZERO,
     Driver,
     Image,
     Run,
+    file_runs,
 )
 from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
 
@@ -49,7 +50,7 @@ MAX_REFTABLE_BYTES = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
 # qemu's subcluster types, and what block status says of each.
 _NORMAL, _ZERO_ALLOC, _UNALLOC_ALLOC, _ZERO_PLAIN, _UNALLOC_PLAIN, _COMPRESSED = range(6)
 _FLAGS = (
-    DATA | OFFSET_VALID | RECURSE,  # normal: stored here (block status asks the file too)
+    DATA | OFFSET_VALID,  # normal: stored here
     ZERO | OFFSET_VALID,  # zero, with a cluster allocated
     OFFSET_VALID,  # allocated cluster, unallocated subcluster: the backing file answers
     ZERO,
@@ -116,26 +117,24 @@ class Qcow2Driver(Driver):
         self._checked = HostClaims(len(l1), 1)  # L1 indices whose L2 table was claimed
         self._metadata: list[tuple[int, int, str]] = []  # (start, end, what), for messages
         self._metadata_claimed = False  # done by the first mapping, so info never pays
+        # qemu's guess of metadata preallocation, made by the first mapping too:
+        # then the file says where data clusters hold zeros (`refcounts`).
+        self._recurse = False
         self.corruption: str | None = None  # the aliasing found: every mapping fails
-        self._recurses: bool | None = None  # found preallocated (`status_recurses`)
 
     @property
     def backing(self) -> Image | None:
         return self.backing_image
-
-    def status_recurses(self) -> bool:
-        """qemu's block status looks at the file under data clusters only in an
-        image it finds preallocated (`metadata_preallocated`), decided once."""
-        if self._recurses is None:
-            self._recurses = metadata_preallocated(self.file, self.header)
-        return self._recurses
 
     # --- the mapping function ----------------------------------------------------
 
     def map(self, offset: int, length: int) -> Iterator[Run]:
         if not self._metadata_claimed:
             self._metadata_claimed = True
-            self._checking(self.claim_metadata)
+            reftable = read_reftable(self.file, self.header)
+            self._checking(lambda: self.claim_metadata(reftable))
+            with contextlib.suppress(OSError):  # qemu takes a failed guess for no
+                self._recurse = metadata_preallocated(self.file, self.header, reftable)
         if self.corruption is not None:
             raise FormatError(self.corruption)
         end = offset + length
@@ -149,8 +148,18 @@ class Qcow2Driver(Driver):
                 stop = min(end, self._next_allocated_table(l1_index + 1) * span)
                 yield Run(position, stop, 0, step=span, anchor=l1_index * span)
             else:
-                yield from self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
+                runs = self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
+                yield from self._file_zeros(runs) if self._recurse else runs
             position = stop
+
+    def _file_zeros(self, runs: Iterator[Run]) -> Iterator[Run]:
+        """Data runs cut where the file has holes, which are zeros (qemu's
+        BDRV_BLOCK_RECURSE, for images it takes for metadata-preallocated)."""
+        for run in runs:
+            if run.flags == DATA | OFFSET_VALID:
+                yield from file_runs(self._host, run.host, run.end - run.start, run.start, DATA)
+            else:
+                yield run
 
     def _next_allocated_table(self, index: int) -> int:
         """The first L1 index from ``index`` on with an L2 table (or the L1's
@@ -276,13 +285,13 @@ class Qcow2Driver(Driver):
 
     # --- the aliasing check ---------------------------------------------------------
 
-    def claim_metadata(self) -> None:
+    def claim_metadata(self, reftable: array[int]) -> None:
         """Claim the host clusters of the header, the L1 table, the refcount
-        table and blocks and every L2 table the L1 names: two of them in one
-        cluster, or a data cluster among them later, is corruption (qemu-img
-        check reports it; qemu's overlap check refuses to write there).
-        Done before the first mapping, not at open: info describes a corrupt
-        image as qemu-img info does."""
+        table (``reftable``, as read) and blocks and every L2 table the L1
+        names: two of them in one cluster, or a data cluster among them later,
+        is corruption (qemu-img check reports it; qemu's overlap check refuses
+        to write there). Done before the first mapping, not at open: info
+        describes a corrupt image as qemu-img info does."""
         header, cluster = self.header, self._cluster
         self._claim_metadata(0, cluster, "the image header")
         if header.l1_size:
@@ -291,8 +300,6 @@ class Qcow2Driver(Driver):
         if reftable_bytes and header.refcount_table_offset < self.file.size:
             self._claim_metadata(header.refcount_table_offset, reftable_bytes,
                                  "the refcount table")
-            reftable = _be_u64_array(self.file.pread(header.refcount_table_offset,
-                                                     reftable_bytes).ljust(reftable_bytes, b"\0"))
             index = 0
             while (index := first_other(reftable, index, len(reftable), 0)) < len(reftable):
                 block = reftable[index] & L.REFTABLE_OFFSET_MASK
@@ -526,7 +533,7 @@ def _subcluster_pieces(alloc: int, zero: int, allocated: bool) -> Pieces:
 def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
     """Parse and check the header, then open the data file and backing image it names."""
     header = L.Header.parse(file.pread(0, L.V3_MIN_HEADER_LENGTH + 8))
-    check_header(header, file)
+    check_header(header, file, checking=getattr(resolver, "checking", False))
     extensions = read_extensions(header, file)
     check_features(header, extensions, file)
     l1 = read_l1(header, file)
@@ -547,58 +554,12 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
         driver.backing_image = resolver.open_backing(name, extensions.backing_format, file)
     return driver
 
-def metadata_preallocated(file: InputFile, header: L.Header) -> bool:
-    """qemu's ``qcow2_detect_metadata_preallocation``: the refcounts name at
-    least a tenth more clusters (and two) than the file system allocated, so
-    data clusters may be holes. Counted over the file's clusters, stopping at
-    that threshold; a refcount block that cannot be read makes it false, as
-    qemu's error does. Bounded by the refcount table (8 MiB at most) and the
-    blocks it names."""
-    cluster = header.cluster_size
-    real_clusters = os.fstat(file.fd).st_blocks * 512 // cluster
-    threshold = max(real_clusters * 10 // 9, real_clusters + 2)
-    end_cluster = -(-file.size // cluster)
-    entries = cluster * 8 >> header.refcount_order  # clusters one refcount block counts
-    table_bytes = header.refcount_table_clusters * cluster
-    try:
-        table = _be_u64_array(
-            file.pread(header.refcount_table_offset, table_bytes).ljust(table_bytes, b"\0"))
-        count = index = 0
-        while count < threshold:
-            index = first_other(table, index, len(table), 0)
-            if index >= len(table) or index * entries >= end_cluster:
-                break
-            offset = table[index] & L.REFTABLE_OFFSET_MASK
-            if offset & (cluster - 1):
-                return False  # qemu: "Refblock offset ... unaligned", an error
-            if offset:
-                block = file.pread(offset, cluster).ljust(cluster, b"\0")
-                limit = min(entries, end_cluster - index * entries)
-                count += nonzero_refcounts(block, header.refcount_order, limit)
-            index += 1
-    except OSError:
-        return False
-    return count >= threshold
 
+def check_header(header: L.Header, file: InputFile, checking: bool = False) -> None:
+    """The header's own fields: version, sizes, table offsets (qemu's messages).
 
-def nonzero_refcounts(block: bytes, order: int, limit: int) -> int:
-    """How many of the first ``limit`` refcounts of a refcount block (entries
-    of 2**order bits; below a byte, packed from the low bit) are not zero."""
-    bits = 1 << order
-    if bits >= 8:
-        width = bits // 8
-        zeros = array({1: "B", 2: "H", 4: "I", 8: "Q"}[width], block[: limit * width]).count(0)
-        return limit - zeros
-    value = int.from_bytes(block[: -(-limit * bits // 8)], "little") & ((1 << limit * bits) - 1)
-    folded = value
-    for shift in range(1, bits):
-        folded |= value >> shift
-    lowest = int.from_bytes(bytes([{1: 0xFF, 2: 0x55, 4: 0x11}[bits]]) * len(block), "little")
-    return (folded & lowest).bit_count()
-
-
-def check_header(header: L.Header, file: InputFile) -> None:
-    """The header's own fields: version, sizes, table offsets (qemu's messages)."""
+    Opened for ``check`` (``checking``), the snapshot table is left to the
+    check, which reports what is wrong with it, as qemu does."""
     if header.version == 1:
         raise UnsupportedError("qcow (version 1) images are not supported")
     if header.version not in (2, 3):
@@ -620,9 +581,9 @@ def check_header(header: L.Header, file: InputFile) -> None:
     _check_table(header, header.refcount_table_offset, "reference count table")
     if header.refcount_table_clusters * cluster > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
-    if header.nb_snapshots > L.MAX_SNAPSHOTS:
+    if header.nb_snapshots > L.MAX_SNAPSHOTS and not checking:
         raise FormatError("Too many snapshots")
-    if header.nb_snapshots:
+    if header.nb_snapshots and not checking:
         _check_table(header, header.snapshots_offset, "snapshot table")
     if header.l1_size * 8 > MAX_TABLE_BYTES:
         raise FormatError("Active L1 table too large")

@@ -224,6 +224,15 @@ class SparseExtent:
                 raise
         return table
 
+    @property
+    def grain_directory(self) -> array[int]:
+        return self._gd
+
+    def grain_table(self, index: int) -> array[int]:
+        """Grain table ``index`` as the file holds it, without the aliasing
+        claims of a mapping (``check`` walks every table once)."""
+        return self._read_table(index)
+
     def _read_table(self, index: int) -> array[int]:
         data = self.file.pread_exact(
             self._gd[index] * SECTOR, self._gt_bytes, f"grain table of '{self.file.name}'"
