@@ -4,7 +4,7 @@ Read side: bounded inflate (zlib, raw deflate, zstd), the LRU table cache,
 skipping runs of equal table entries at memory speed, and the map of host
 units an image's mapping has claimed (the aliasing check).
 Write side: the ordered compression pool, the zero-skipping cluster
-sequencer, endian table packing.
+sequencer, endian table packing (and unpacking, for readers).
 """
 
 from __future__ import annotations
@@ -428,6 +428,17 @@ def pack_table(
     if len(data) < size:
         data += bytes([fill]) * (size - len(data))
     return data
+
+
+def unpack_table(data: bytes, width: Literal[4, 8], byteorder: Literal["big", "little"]
+                 ) -> array[int]:
+    """Table bytes as native unsigned ``width``-byte integers: `pack_table` undone
+    (qcow2 and qcow L1/L2 tables are big-endian, QED's little-endian)."""
+    table = array(_TABLE_TYPECODES[width])
+    table.frombytes(data[: len(data) - len(data) % width])
+    if byteorder != sys.byteorder:
+        table.byteswap()
+    return table
 
 
 def unit_spans(offset: int, length: int, unit: int) -> Iterator[tuple[int, int, int, int]]:
