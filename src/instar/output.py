@@ -33,7 +33,14 @@ from collections.abc import Collection, Iterable, Iterator
 from typing import TYPE_CHECKING, NamedTuple
 
 from instar.copy import ZERO_GRANULARITY, copy_image
-from instar.errors import CreationError, InstarError, OutputError, ReadError, WriteError
+from instar.errors import (
+    CreationError,
+    ImageOpenError,
+    InstarError,
+    OutputError,
+    ReadError,
+    WriteError,
+)
 from instar.events import EventSink, Notice
 from instar.files import InputFile
 from instar.formats.base import Format, OutputFile, ParsedOptions, Writer
@@ -409,6 +416,8 @@ def fill_output(
     """
     try:
         writer = spec.format.create(out, spec.virtual_size, spec.options)
+    except ImageOpenError:  # created, but qemu cannot open what it made: its open error
+        raise
     except InstarError as error:  # the driver refused: qemu prefixes its message
         raise CreationError(str(error)) from None
     except (OSError, OverflowError) as error:  # it could not write its first structures

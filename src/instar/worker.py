@@ -225,7 +225,7 @@ class WorkerBroker:
 # chain), the codecs their names are in, zstd for compressed qcow2 clusters.
 _READERS = (
     "instar.formats.raw", "instar.formats.qcow2.reader", "instar.formats.vmdk.reader",
-    "instar.formats.vpc.reader", "instar.formats.vhdx.reader",
+    "instar.formats.vpc.reader", "instar.formats.vhdx.reader", "instar.formats.qed.reader",
 )
 
 

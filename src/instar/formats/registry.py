@@ -21,12 +21,12 @@ _DRIVERS: dict[str, str] = {
     "vmdk": "instar.formats.vmdk",
     "vpc": "instar.formats.vpc",
     "vhdx": "instar.formats.vhdx",
+    "qed": "instar.formats.qed",
 }
 
 # Formats qemu-img knows, with the magics that identify each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[tuple[int, bytes], ...]] = {
     "vdi": ((64, b"\x7f\x10\xda\xbe"),),
-    "qed": ((0, b"QED\x00"),),
     "luks": ((0, b"LUKS\xba\xbe"),),
     "parallels": ((0, b"WithoutFreeSpace"), (0, b"WithouFreSpacExt")),
     "bochs": ((0, b"Bochs Virtual HD Image"),),
