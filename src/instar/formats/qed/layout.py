@@ -93,11 +93,17 @@ def image_size_valid(size: int, cluster_size: int, table_size: int) -> bool:
     return size <= max_image_size(cluster_size, table_size) and size % SECTOR == 0
 
 
+def qemu_length(file_size: int) -> int:
+    """The file's length as qemu's block layer gives it: whole sectors."""
+    return -(-file_size // SECTOR) * SECTOR
+
+
 def table_offset_valid(offset: int, header: Header, file_size: int) -> bool:
     """qemu's check of an L1 or L2 table's offset: its first and last cluster
-    aligned, past the header and before the end of the file (rounded down to
-    a cluster). A table of one cluster never passes: qemu's overflow test
-    takes "last == first" for a wrap-around."""
+    aligned, past the header and before the end of the file (``file_size``
+    as `qemu_length` gives it, rounded down to a cluster). A table of one
+    cluster never passes: qemu's overflow test takes "last == first" for a
+    wrap-around."""
     cluster = header.cluster_size
     end = (offset + (header.table_size - 1) * cluster) & UINT64_MASK
     if end <= offset:
@@ -115,7 +121,8 @@ def cluster_offset_valid(offset: int, header: Header, file_size: int) -> bool:
 
 
 def check_header(header: Header, file_size: int) -> None:
-    """The header's fields, in qemu 7.2's order, with its messages."""
+    """The header's fields, in qemu 7.2's order, with its messages
+    (``file_size`` as `qemu_length` gives it)."""
     if header.magic != MAGIC:
         raise FormatError("Image not in QED format")
     unknown = header.features & ~KNOWN_FEATURES

@@ -9,9 +9,11 @@ check are the shared `ClusterTableDriver`'s.
 qemu 7.2's header checks and messages come first (`layout.check_header`).
 The need-check feature (an image not closed cleanly) changes nothing here:
 qemu checks such an image only when it opens it read-write, and instar only
-reads. Every table and cluster must lie inside the file, as qemu checks them
-(aligned, past the header, before the end of the file rounded down to a
-cluster); tables are read only as far as the disk needs them.
+reads. Every table and cluster must lie where qemu accepts it: aligned, past
+the header, before the end of the file (its length in whole sectors, as
+qemu's block layer sees it, rounded down to a cluster; what lies in the last
+partial sector reads as zeros). The L1 table is read only as far as the disk
+needs it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class QedDriver(ClusterTableDriver):
             table_bytes=entries * 8, byteorder="little",
         )
         self.header = header
+        self._length = L.qemu_length(file.size)
         self.virtual_size = header.image_size
         self.backing_name = backing_name
         self.backing_format = backing_format
@@ -47,16 +50,16 @@ class QedDriver(ClusterTableDriver):
     def read_l2(self, l1_index: int) -> array[int]:
         """An L2 table where qemu accepts one (`layout.table_offset_valid`)."""
         offset = self._l1[l1_index]
-        if not L.table_offset_valid(offset, self.header, self.file.size):
+        if not L.table_offset_valid(offset, self.header, self._length):
             raise FormatError(
                 f"L2 table offset {offset:#x} is invalid (L1 index {l1_index:#x}): unaligned, "
                 "inside the header or beyond the end of the file"
             )
-        return super().read_l2(l1_index)
+        return unpack_table(read_padded(self.file, offset, self._table_bytes), 8, "little")
 
     def checked_host(self, host: int, guest: int) -> int:
         """A data cluster where qemu accepts one (`layout.cluster_offset_valid`)."""
-        if not L.cluster_offset_valid(host, self.header, self.file.size):
+        if not L.cluster_offset_valid(host, self.header, self._length):
             raise FormatError(
                 f"cluster at guest offset {guest:#x} points to {host:#x}: unaligned, "
                 "inside the header or beyond the end of the file"
@@ -73,17 +76,23 @@ def open_qed(file: InputFile, resolver: Resolver) -> QedDriver:
     """Check the header as qemu does, read the L1 entries the disk needs, and
     open the backing file it names through the resolver (the policy applies)."""
     header = L.Header.parse(file.pread(0, L.HEADER.size))
-    L.check_header(header, file.size)
+    L.check_header(header, L.qemu_length(file.size))
     name, fmt = read_backing(header, file)
     # Every valid non-empty image has tables of at most 16 MiB (a larger
     # geometry's largest size wraps round to 0 in qemu's check): the entries
     # read here and each L2 table stay below instar's table limit.
     needed = -(-header.image_size // (header.table_entries * header.cluster_size))
-    data = file.pread_exact(header.l1_table_offset, needed * 8, "L1 table")
+    data = read_padded(file, header.l1_table_offset, needed * 8)
     driver = QedDriver(file, header, unpack_table(data, 8, "little"), name, fmt)
     if name is not None:
         driver.backing_image = resolver.open_backing(name, fmt, file)
     return driver
+
+
+def read_padded(file: InputFile, offset: int, length: int) -> bytes:
+    """A table qemu's checks put inside the file's whole sectors: its end may
+    lie in the last partial sector, which reads as zeros."""
+    return file.pread(offset, length).ljust(length, b"\0")
 
 
 def read_backing(header: L.Header, file: InputFile) -> tuple[str | None, str | None]:

@@ -37,7 +37,8 @@ def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) ->
     if table_size == 1:
         # qemu-img creates it, then fails to open what it created.
         raise ImageOpenError(out.name, "QED table offset is invalid")
-    return QedWriter(out, virtual_size, cluster, table_size)
+    # qemu puts the L1 table at the cluster size as given, before its cut to 32 bits.
+    return QedWriter(out, virtual_size, cluster, table_size, options.number("cluster_size"))
 
 
 def check_options(options: ParsedOptions, virtual_size: int) -> tuple[int, int]:
@@ -69,15 +70,17 @@ def check_options(options: ParsedOptions, virtual_size: int) -> tuple[int, int]:
 class QedWriter:
     """A `Writer` for QED: data in increasing guest offsets, metadata at ``close``."""
 
-    def __init__(self, out: OutputFile, virtual_size: int, cluster: int, table_size: int) -> None:
+    def __init__(self, out: OutputFile, virtual_size: int, cluster: int, table_size: int,
+                 l1_offset: int) -> None:
         self._out = out
         self._size = virtual_size
         self._cluster = cluster
         self._table_size = table_size
+        self._l1_offset = l1_offset
         bits = cluster.bit_length() - 1
         entries = cluster * table_size // 8
         table_bytes = table_size * cluster
-        self._space = Bump(cluster + table_bytes, cluster)  # the header, then the L1 table
+        self._space = Bump(l1_offset + table_bytes, cluster)  # the header, then the L1 table
         self._tables = ClusterTables(
             out.fd, cluster_bits=bits, l1_entries=-(-virtual_size // (entries * cluster)),
             l2_entries=entries, table_bytes=table_bytes, byteorder="little",
@@ -98,10 +101,11 @@ class QedWriter:
     def close(self) -> None:
         cluster = self._cluster
         self._clusters.flush()
-        self._tables.write_l1(cluster, self._table_size * cluster)
+        self._tables.write_l1(self._l1_offset, self._table_size * cluster)
         header = L.Header(
             magic=MAGIC, cluster_size=cluster, table_size=self._table_size, header_size=1,
-            features=0, compat_features=0, autoclear_features=0, l1_table_offset=cluster,
+            features=0, compat_features=0, autoclear_features=0,
+            l1_table_offset=self._l1_offset,
             image_size=self._size, backing_filename_offset=0, backing_filename_size=0,
         ).pack()
         pwrite_all(self._out.fd, header + bytes(cluster - len(header)), 0)
