@@ -1860,9 +1860,10 @@ def cves() -> list[Case]:
             1, extra=1024, l1_size=0x7FFFFFFF, id_size=65535, name_size=65535), "either"),
         case("CVE-2015-5162-refcount-table-of-4-GiB", qcow2_fields(
             refcount_table_clusters=65536), "refuse"),
-        case("CVE-2014-0223-qcow1-L2-of-2^30", qcow1, "refuse", says="not supported"),
-        case("CVE-2014-0223-qcow1-named-qcow", qcow1, "refuse", says="not supported",
-             fmt="qcow"),
+        case("CVE-2014-0223-qcow1-L2-of-2^30", qcow1, "refuse",
+             says="L2 table size must be between 512 and 64k"),
+        case("CVE-2014-0223-qcow1-named-qcow", qcow1, "refuse",
+             says="L2 table size must be between 512 and 64k", fmt="qcow"),
         attack("CVE-2024-4467-data-file-json-qcow2", qcow2_data_file(json_self)),
         attack("CVE-2024-4467-data-file-json-raw-canary", qcow2_data_file(
             lambda p: json_canary.replace("{c}", str(p.canary)))),

@@ -291,12 +291,15 @@ class ImageOpener:
 
 
 def open_error(path: str, error: FormatError | UnsupportedError | OSError) -> ImageOpenError:
-    """qemu's "Could not open 'PATH': REASON" from what a format or the file said."""
+    """qemu's "Could not open 'PATH': REASON" from what a format or the file said
+    (with the format's hint, as qemu prints a driver's hint after its error)."""
     if isinstance(error, OSError):
         return ImageOpenError(path, error.strerror or str(error))
     if isinstance(error, DriverError):  # a driver failing without a message: named twice
         return ImageOpenError(path, f"Could not open '{path}': {error}")
-    return ImageOpenError(path, str(error))
+    opened = ImageOpenError(path, str(error))
+    opened.hint = error.hint
+    return opened
 
 
 def combine_path(base: str, name: str) -> str:
@@ -316,6 +319,7 @@ class ChainResolver:
 
     opener: ImageOpener
     depth: int
+    reads_data = True  # a class attribute, not a field
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         if self.depth + 1 > MAX_CHAIN_DEPTH:
@@ -363,7 +367,10 @@ class AbsentBacking:
 
 @dataclass
 class NoBackingResolver(ChainResolver):
-    """Opens data files and extents as usual, never the backing file."""
+    """Opens data files and extents as usual, never the backing file: info,
+    which reads metadata only."""
+
+    reads_data = False
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         return AbsentBacking()

@@ -226,6 +226,7 @@ class WorkerBroker:
 _READERS = (
     "instar.formats.raw", "instar.formats.qcow2.reader", "instar.formats.vmdk.reader",
     "instar.formats.vpc.reader", "instar.formats.vhdx.reader", "instar.formats.qed.reader",
+    "instar.formats.qcow.reader",
 )
 
 

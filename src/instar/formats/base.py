@@ -24,7 +24,12 @@ class Resolver(Protocol):
 
     The host resolves the name against the allowlist and the chain-depth
     limit, so format code never touches the file system itself.
+    ``reads_data`` is False when the image is opened for its metadata only
+    (qemu's BDRV_O_NO_IO: ``info``): a format that needs a key to read its
+    data (an encrypted qcow) opens anyway, to be described.
     """
+
+    reads_data: bool
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         """Open the backing image ``name`` that ``child`` refers to."""

@@ -22,6 +22,7 @@ _DRIVERS: dict[str, str] = {
     "vpc": "instar.formats.vpc",
     "vhdx": "instar.formats.vhdx",
     "qed": "instar.formats.qed",
+    "qcow": "instar.formats.qcow",
 }
 
 # Formats qemu-img knows, with the magics that identify each (offset, bytes).
