@@ -2,7 +2,8 @@
 
 No image is committed: each is built by its case, either from a base qemu-img
 made (patched here in Python) or written here from the format specification
-(qcow2: qemu's docs/interop/qcow2.txt; QED: qemu's docs/interop/qed_spec.txt;
+(qcow2: qemu's docs/interop/qcow2.txt; qcow: the layout qemu's block/qcow.c
+reads; QED: qemu's docs/interop/qed_spec.txt;
 VMDK: VMware's Virtual Disk Format 5.0; VHD: Microsoft's VHD specification;
 VHDX: MS-VHDX; zstd: RFC 8878).
 
@@ -383,6 +384,129 @@ def qcow2_data_file(name: str | Callable[[Place], str], raw: bool = False,
         return "v.qcow2"
 
     return build
+
+
+# --- qcow (version 1), from the layout qemu reads --------------------------------------------
+
+QCOW_HEADER = struct.Struct(">4sIQIIQBBHIQ")
+QCOW_COMPRESSED = 1 << 63
+
+
+class Qcow:
+    """A qcow (version 1) image: the 48-byte header, the backing file name
+    at 48, the L1 table at 1072 (after room for the longest name), then L2
+    tables and data clusters (cluster-aligned) in the order they are added.
+    ``fields`` overrides header fields by name."""
+
+    def __init__(self, size: int, cluster_bits: int = 12, l2_bits: int = 9) -> None:
+        self.size, self.bits, self.l2_bits = size, cluster_bits, l2_bits
+        self.cluster = 1 << cluster_bits
+        self.per_l2 = 1 << l2_bits
+        shift = cluster_bits + l2_bits
+        self.l1_size = (size + (1 << shift) - 1) >> shift
+        self.l1_offset = QCOW_HEADER.size + 1024
+        # The file holds the L1 table, unless it is absurd (a size of 2^63): then 1 GiB of it.
+        self.l1_end = self.l1_offset + 8 * min(self.l1_size, 1 << 27)
+        self.free = -(-self.l1_end // self.cluster) * self.cluster
+        self.l1: dict[int, int] = {}
+        self.l2: dict[int, dict[int, int]] = {}
+        self.l2_at: dict[int, int] = {}
+        self.blobs: list[tuple[int, bytes]] = []
+        self.backing: bytes | None = None
+        self.fields: dict[str, int] = {}
+
+    def alloc(self, data: bytes = b"", length: int = 0) -> int:
+        offset = self.free
+        self.free += -(-max(length, len(data), 1) // self.cluster) * self.cluster
+        if data:
+            self.blobs.append((offset, data))
+        return offset
+
+    def table(self, index: int) -> int:
+        if index not in self.l2_at:
+            self.l2[index] = {}
+            self.l2_at[index] = self.alloc(length=8 * self.per_l2)
+            self.l1[index] = self.l2_at[index]
+        return self.l2_at[index]
+
+    def entry(self, cluster: int, value: int) -> None:
+        index = cluster // self.per_l2
+        self.table(index)
+        self.l2[index][cluster % self.per_l2] = value
+
+    def data(self, cluster: int, payload: bytes) -> int:
+        host = self.alloc(payload)
+        self.entry(cluster, host)
+        return host
+
+    def compressed_entry(self, host: int, length: int) -> int:
+        assert 0 <= length < self.cluster, "too long for a compressed cluster"
+        return QCOW_COMPRESSED | length << (63 - self.bits) | host
+
+    def compressed(self, cluster: int, stream: bytes) -> int:
+        entry = self.compressed_entry(self.alloc(stream), len(stream))
+        self.entry(cluster, entry)
+        return entry
+
+    def set_backing(self, name: bytes | str) -> None:
+        self.backing = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+
+    def header_bytes(self) -> bytes:
+        values = {
+            "magic": QCOW2_MAGIC, "version": 1,
+            "backing_file_offset": QCOW_HEADER.size if self.backing is not None else 0,
+            "backing_file_size": len(self.backing or b""), "mtime": 0, "size": self.size,
+            "cluster_bits": self.bits, "l2_bits": self.l2_bits, "padding": 0,
+            "crypt_method": 0, "l1_table_offset": self.l1_offset,
+        }  # fmt: skip
+        values.update(self.fields)
+        return QCOW_HEADER.pack(*values.values()) + (self.backing or b"")
+
+    def write(self, path: Path) -> None:
+        pieces = [(0, self.header_bytes())]
+        pieces += [(self.l1_offset + 8 * i, struct.pack(">Q", v)) for i, v in self.l1.items()]
+        for index, entries in self.l2.items():
+            at = self.l2_at[index]
+            pieces += [(at + 8 * i, struct.pack(">Q", v)) for i, v in entries.items()]
+        pieces += self.blobs
+        write_at(path, pieces, max(self.free, self.l1_end))
+
+
+def qcow_file(size: int = MiB, clusters: int = 4, seed: int = 1, **options: int) -> Qcow:
+    """A qcow image of ``size`` with patterned data in its first ``clusters`` clusters."""
+    image = Qcow(size, **options)
+    for cluster in range(clusters):
+        image.data(cluster, pattern(image.cluster, seed=seed + cluster))
+    return image
+
+
+def qcow_build(make: Callable[[Place], Qcow], name: str = "v.qcow") -> Build:
+    def build(place: Place) -> str:
+        make(place).write(place.img / name)
+        return name
+
+    return build
+
+
+def qcow_with(change: Callable[[Qcow, Place], None], name: str = "v.qcow",
+              **options: int) -> Build:
+    """The standard 1 MiB image, changed by ``change`` before it is written."""
+
+    def make(place: Place) -> Qcow:
+        image = qcow_file(**options)
+        change(image, place)
+        return image
+
+    return qcow_build(make, name)
+
+
+def qcow_backed(name: str | Callable[[Place], str], image_name: str = "v.qcow") -> Build:
+    """A qcow image whose backing file is ``name`` (qcow has no backing format: probed)."""
+
+    def change(image: Qcow, place: Place) -> None:
+        image.set_backing(name(place) if callable(name) else name)
+
+    return qcow_with(change, image_name, clusters=1)
 
 
 # --- QED, from the specification ------------------------------------------------------------
@@ -984,10 +1108,11 @@ BASE_BUILDERS: dict[str, Callable[[Path], None]] = {
     "vhd-fixed": lambda d: _qemu_convert(d, "vpc", "v.vhd", "-o", "subformat=fixed"),
     "vhdx": _build_vhdx_base,
     "qed": lambda d: _qemu_convert(d, "qed", "v.qed"),
+    "qcow": lambda d: _qemu_convert(d, "qcow", "v.qcow"),
 }
 BASE_IMAGES = {"qcow2": "v.qcow2", "qcow2-v2": "v.qcow2", "vmdk": "v.vmdk",
                "vmdk-stream": "v.vmdk", "vhd": "v.vhd", "vhd-fixed": "v.vhd", "vhdx": "v.vhdx",
-               "qed": "v.qed"}
+               "qed": "v.qed", "qcow": "v.qcow"}
 
 
 def base(key: str, change: Callable[[Path, Place], None] | None = None) -> Build:
@@ -1089,9 +1214,9 @@ def zstd_rle_frame(content: int, claimed: int | None = None, byte: int = 0x41,
 
 def huge_tables() -> list[Case]:
     """Tables whose sizes would make a reader allocate, read or loop over
-    gigabytes before any data is read: qcow2 L1 and refcount tables, QED
-    L1 and L2 tables of up to a GiB, VMDK grain directories, VHD and VHDX
-    block allocation tables, at instar's limits and past them."""
+    gigabytes before any data is read: qcow2 L1 and refcount tables, qcow
+    L1 tables, QED L1 and L2 tables of up to a GiB, VMDK grain directories,
+    VHD and VHDX block allocation tables, at instar's limits and past them."""
     return [
         case("qcow2-l1-size-2^31", qcow2_fields(l1_size=0x7FFFFFFF), "refuse",
              says="L1 table too large"),
@@ -1113,6 +1238,11 @@ def huge_tables() -> list[Case]:
             blocks=()), "refuse"),
         case("vhdx-metadata-table-of-2047-items", vhdx_with(lambda x, p: x.items.update(
             {uuid.UUID(int=i).bytes_le: b"x" for i in range(1, 2043)})), "either"),
+        # qcow's L1 table at instar's limit (8 TiB of 4 KiB clusters) and past it (9 TiB).
+        case("qcow-L1-of-32-MiB-of-zeros", qcow_build(lambda p: Qcow(8 * TiB)), "either",
+             qemu=False),
+        case("qcow-L1-of-36-MiB", qcow_build(lambda p: Qcow(9 * TiB)), "refuse",
+             says="over instar's limit", qemu=False),
         # The largest tables a non-empty QED can have: 16 MiB each (1 MiB clusters, 16 a table).
         case("qed-L2-tables-of-16-MiB", qed_build(lambda p: qed_file(
             4 * MiB, cluster=MiB, table_size=16)), "read"),
@@ -1174,6 +1304,20 @@ def beyond_eof() -> list[Case]:
         case("vmdk-grain-is-the-descriptor", v_gte(lambda v: 1), "either"),
         case("vmdk-stream-footer-directory-past-EOF", vmdk_build(lambda p: _stream_footer_gd(
             1 << 40)), "refuse"),
+        case("qcow-L1-past-EOF", qcow_with(lambda q, p: q.fields.update(
+            l1_table_offset=1 << 40)), "refuse"),
+        case("qcow-L2-table-past-EOF", qcow_with(lambda q, p: q.l1.__setitem__(0, 1 << 40)),
+             "refuse", info="read"),
+        case("qcow-cluster-past-EOF", qcow_with(lambda q, p: q.entry(1, 1 << 40)), "refuse",
+             info="read"),
+        case("qcow-cluster-is-the-header-and-L1-table", qcow_with(lambda q, p: q.entry(
+            1, q.cluster)), "either"),
+        case("qcow-cluster-is-its-own-L2-table", qcow_with(lambda q, p: q.entry(
+            1, q.l2_at[0])), "either"),
+        case("qcow-compressed-cluster-past-EOF", qcow_with(lambda q, p: q.entry(
+            1, q.compressed_entry(1 << 40, 100))), "refuse", info="read"),
+        case("qcow-compressed-cluster-is-the-header", qcow_with(lambda q, p: q.entry(
+            1, q.compressed_entry(0, 2000))), "refuse", info="read"),
         case("qed-L1-past-EOF", qed_with(lambda q, p: q.fields.update(
             l1_table_offset=1 << 40)), "refuse"),
         case("qed-L2-table-past-EOF", qed_with(lambda q, p: q.l1.__setitem__(0, 1 << 40)),
@@ -1222,6 +1366,25 @@ def aliasing() -> list[Case]:
         image.gd = dict.fromkeys(range(image.gd_entries), image.gd[0])
         return image
 
+    def terabytes_qcow(place: Place) -> Qcow:
+        image = Qcow(4 * TiB)
+        data = image.alloc(pattern(image.cluster, seed=9))
+        table = image.alloc(length=8 * image.per_l2)
+        image.l1 = dict.fromkeys(range(image.l1_size), table)
+        image.l2_at[0] = table
+        image.l2[0] = dict.fromkeys(range(image.per_l2), data)
+        return image
+
+    def compressed_everywhere(place: Place) -> Qcow:
+        image = Qcow(64 * GiB)
+        stream = deflate_bomb(MiB)
+        entry = image.compressed_entry(image.alloc(stream), len(stream))
+        table = image.alloc(length=8 * image.per_l2)
+        image.l1 = dict.fromkeys(range(image.l1_size), table)
+        image.l2_at[0] = table
+        image.l2[0] = dict.fromkeys(range(image.per_l2), entry)
+        return image
+
     def terabytes_qed(place: Place) -> Qed:
         image = Qed(64 * TiB)
         data = image.alloc(pattern(image.cluster, seed=9))
@@ -1245,6 +1408,11 @@ def aliasing() -> list[Case]:
         case("qcow2-4-TiB-from-one-cluster", qcow2_build(terabytes_qcow2), "either"),
         case("qcow2-64-GiB-from-one-compressed-cluster", qcow2_build(
             lambda p: _every_cluster_compressed(64 * GiB)), "either"),
+        case("qcow-two-L2-entries-one-cluster", qcow_with(
+            lambda q, p: q.entry(5, q.l2[0][0])), "either"),
+        case("qcow-4-TiB-from-one-cluster", qcow_build(terabytes_qcow), "either"),
+        case("qcow-64-GiB-from-one-compressed-cluster", qcow_build(compressed_everywhere),
+             "either"),
         case("qed-two-L2-entries-one-cluster", qed_with(lambda q, p: q.entry(5, q.l2[0][0])),
              "either"),
         case("qed-64-TiB-from-one-cluster", qed_build(terabytes_qed), "either"),
@@ -1334,6 +1502,11 @@ def huge_virtual_sizes() -> list[Case]:
             lambda p: Qcow2(EiB, cluster_bits=21)), "either"),
         case("qcow2-8-EiB-with-2-MiB-clusters", qcow2_build(
             lambda p: Qcow2((1 << 63) - 2 * MiB, cluster_bits=21, l1_size=1)), "refuse"),
+        case("qcow-2^63", qcow_build(lambda p: Qcow(1 << 63)), "refuse", says="Image too large"),
+        case("qcow-2^64-1", qcow_build(lambda p: Qcow((1 << 64) - 1)), "refuse",
+             says="Image too large"),
+        case("qcow-2^57-of-64-KiB-clusters", qcow_build(lambda p: qcow_file(
+            1 << 57, cluster_bits=16, l2_bits=13)), "refuse"),
         case("qed-2^63-with-2-MiB-clusters", qed_build(lambda p: Qed(
             1 << 63, cluster=2 * MiB, table_size=8)), "refuse"),
         case("qed-2^64-512", qed_build(lambda p: Qed((1 << 64) - 512)), "refuse"),
@@ -1351,8 +1524,8 @@ def huge_virtual_sizes() -> list[Case]:
 
 def compression_bombs() -> list[Case]:
     """Compressed units that inflate far past the cluster or grain they
-    stand for (zlib and zstd qcow2 clusters, deflate VMDK stream grains),
-    frames claiming exabytes, streams that end early or never."""
+    stand for (zlib and zstd qcow2 clusters, qcow clusters, deflate VMDK
+    stream grains), frames claiming exabytes, streams that end early or never."""
 
     def zlib_cluster(stream: Callable[[], bytes], **options: object) -> Build:
         return qcow2_with(lambda q, p: q.compressed(1, stream()), **options)
@@ -1390,6 +1563,18 @@ def compression_bombs() -> list[Case]:
              "refuse", info="read"),
         case("qcow2-zstd-garbage", zstd_cluster(lambda: b"\x28\xb5\x2f\xfd" + b"\xff" * 5000),
              "refuse", info="read"),
+        # qcow's compressed size field holds less than a cluster: 1 MiB fits in ~1 KiB.
+        case("qcow-cluster-of-1-MiB", qcow_with(lambda q, p: q.compressed(
+            1, deflate_bomb(MiB))), "refuse", info="read"),
+        case("qcow-64-KiB-cluster-of-16-MiB", qcow_with(lambda q, p: q.compressed(
+            1, deflate_bomb()), cluster_bits=16, l2_bits=13), "refuse", info="read"),
+        case("qcow-stream-ends-early", qcow_with(lambda q, p: q.compressed(
+            1, zlib.compress(random.Random(2).randbytes(4 * KiB), wbits=-15)[:2000])),
+             "refuse", info="read"),
+        case("qcow-stream-shorter-than-a-cluster", qcow_with(lambda q, p: q.compressed(
+            1, zlib.compress(b"A" * 100, wbits=-15))), "refuse", info="read"),
+        case("qcow-zlib-header-not-raw-deflate", qcow_with(lambda q, p: q.compressed(
+            1, zlib.compress(b"C" * 4 * KiB))), "refuse", info="read"),
         case("vmdk-stream-grain-of-16-MiB", grain(lambda: deflate_bomb(raw=False)), "refuse",
              info="read"),
         case("vmdk-stream-grain-half-a-grain", grain(lambda: zlib.compress(b"B" * 32 * KiB)),
@@ -1402,7 +1587,7 @@ def chains() -> list[Case]:
     hard link), go 17 deep, or name what is no image file: json: and nbd:
     specifications, /dev/zero, /dev/stdin, /proc/self/environ, /proc/self/mem,
     a FIFO, a UNIX socket, a directory, a symbolic link out of the directory,
-    the canary by ../ and by absolute path; in qcow2 and QED backing files,
+    the canary by ../ and by absolute path; in qcow2, qcow and QED backing files,
     qcow2 data files, VMDK parent hints, VHD and VHDX parent locators."""
 
     def loop_of_two(place: Place) -> str:
@@ -1453,6 +1638,18 @@ def chains() -> list[Case]:
         top.set_backing("mid.qcow2", "qcow2")
         top.write(place.img / "v.qcow2")
         return "v.qcow2"
+
+    def qcow_chain(place: Place) -> str:
+        qed_file(clusters=3, seed=43).write(place.img / "base.qed")
+        middle = qcow_file(clusters=0)
+        middle.data(40, pattern(middle.cluster, seed=44))
+        middle.set_backing("base.qed")
+        middle.write(place.img / "mid.qcow")
+        top = Qcow(MiB, cluster_bits=9, l2_bits=12)  # as qemu makes a backed qcow
+        top.data(3, pattern(top.cluster, seed=45))
+        top.set_backing("mid.qcow")
+        top.write(place.img / "v.qcow")
+        return "v.qcow"
 
     def qed_chain(place: Place) -> str:
         qed_file(clusters=3, seed=40).write(place.img / "base.qed")
@@ -1512,6 +1709,12 @@ def chains() -> list[Case]:
         case("16-deep", chain(16), "read", allow="dir"),
         case("backing-file-in-a-subdirectory", in_subdir, "read", allow="dir"),
         case("qcow2-over-qcow2-over-vhd", mixed, "read", allow="dir"),
+        case("qcow-loop-A-A", qcow_backed("v.qcow"), "refuse", says="deeper than 16",
+             says_without_allow=OUTSIDE, info="read", allow="both", qemu=False),
+        case("qcow-over-qcow-over-qed", qcow_chain, "read", allow="dir"),
+        attack("qcow-backing-canary", qcow_backed("../secret/canary.bin"), OUTSIDE,
+               info="read"),
+        attack("qcow-backing-dev-zero", qcow_backed("/dev/zero"), OUTSIDE, info="read"),
         case("qed-loop-A-A", qed_backed("v.qed"), "refuse", says="deeper than 16",
              says_without_allow=OUTSIDE, info="read", allow="both", qemu=False),
         case("qed-over-qcow2-over-qed", qed_chain, "read", allow="dir"),
@@ -1791,6 +1994,7 @@ def truncated_headers() -> list[Case]:
         ("vhd", [511, 1000]),
         ("vhdx", [8, 64 * KiB + 100, 192 * KiB + 10, MiB]),
         ("qed", [4, 40, 64, 64 * KiB + 100, 5 * 64 * KiB + 10]),
+        ("qcow", [4, 20, 47, 56, 4096 + 100]),
     ]
     cases = [case(f"{key}-at-{size}", truncated(key, size), "either", probes="any")
              for key, sizes in cuts for size in sizes]
