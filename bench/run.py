@@ -19,6 +19,7 @@ import argparse
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,10 +85,13 @@ def make_inputs(directory: Path, size: int) -> dict[str, Path]:
 
 
 def run(argv: list[str]) -> tuple[float, int]:
-    """Run ``argv``; return (wall seconds, peak RSS in KiB) of that process alone."""
+    """Run ``argv`` (its standard output thrown away); return (wall seconds,
+    peak RSS in KiB) of that process alone."""
     start = time.perf_counter()
-    pid = os.spawnvp(os.P_NOWAIT, argv[0], argv)
-    _, status, usage = os.wait4(pid, 0)
+    with open(os.devnull, "wb") as null:
+        process = subprocess.Popen(argv, stdout=null)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(argv)}")
@@ -110,6 +114,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="")
     parser.add_argument("--dir", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--sandbox-cost", action="store_true",
+                        help="only the rows of the sandboxed worker's cost")
     args = parser.parse_args()
     if shutil.which("qemu-img") is None:
         raise SystemExit("qemu-img is required (apt-get install qemu-utils)")
@@ -117,6 +123,9 @@ def main() -> int:
     work = Path(args.dir or tempfile.mkdtemp(prefix="instar-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     inputs = make_inputs(work, size)
+    if args.sandbox_cost:
+        sandbox_cost(inputs, work, args.runs)
+        return 0
     print(f"input: {size >> 20} MiB, half random half zero in 1 MiB stripes; "
           f"{args.runs} runs each, medians; {os.cpu_count()} CPUs")
     print("| case | qemu-img s | instar s | qemu-img MB/s | instar MB/s | speed ratio "
@@ -130,7 +139,10 @@ def main() -> int:
             continue
         out = work / "out.img"
         paths = {name: str(path) for name, path in inputs.items()} | {"out": str(out)}
-        qemu_times, ours_times, qemu_rss, ours_rss = [], [], [], []
+        qemu_times: list[float] = []
+        ours_times: list[float] = []
+        qemu_rss: list[int] = []
+        ours_rss: list[int] = []
         for _ in range(args.runs + 1):  # the first round warms the cache, not counted
             for argv, times, rss in ((["qemu-img", *fill(case.qemu, paths)], qemu_times, qemu_rss),
                                      ([*INSTAR, *fill(case.instar, paths)], ours_times, ours_rss)):

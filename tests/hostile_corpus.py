@@ -3,9 +3,10 @@
 No image is committed: each is built by its case, either from a base qemu-img
 made (patched here in Python) or written here from the format specification
 (qcow2: qemu's docs/interop/qcow2.txt; qcow: the layout qemu's block/qcow.c
-reads; QED: qemu's docs/interop/qed_spec.txt;
-VMDK: VMware's Virtual Disk Format 5.0; VHD: Microsoft's VHD specification;
-VHDX: MS-VHDX; zstd: RFC 8878).
+reads; QED: qemu's docs/interop/qed_spec.txt; VMDK: VMware's Virtual Disk Format
+5.0; VHD: Microsoft's VHD specification; VHDX: MS-VHDX; VDI: VirtualBox's header
+version 1.1; zstd: RFC 8878; dmg, bochs and cloop, which qemu cannot write: their reader
+tests' builders).
 
 A case builds its files in ``img/`` and returns the name of the image the
 commands open. Beside ``img/`` lies ``secret/canary.bin``, a file of a random
@@ -16,6 +17,7 @@ attacks; `CASES` is every case of every class.
 
 from __future__ import annotations
 
+import bz2
 import dataclasses
 import functools
 import os
@@ -32,6 +34,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import test_bochs as bochs_tests
+import test_cloop as cloop_tests
+import test_dmg as dmg_tests
+import test_parallels_reader as parallels_tests
 import test_vhdx_reader as vhdx_tests
 import test_vpc_reader as vpc_tests
 from helpers import pattern, qemu_img_ok, qemu_io
@@ -898,6 +904,80 @@ def vhd_fixed(size: int, data: bytes = b"", name: str = "v.vhd", **footer: objec
     return build
 
 
+# --- VDI, from VirtualBox's layout ----------------------------------------------------------------
+
+VDI_HEADER = struct.Struct("<64sIIIII256sIIIIIIIQIIII16s16s16s16s56x")
+VDI_MAX_BLOCKS = ((1 << 31) - 512) // 4  # qemu's limit: a block map of 2 GiB
+VDI_FREE, VDI_ZERO = 0xFFFFFFFF, 0xFFFFFFFE
+
+
+@dataclass
+class Vdi:
+    """A VDI: the 512-byte header, the block map at 512 (an entry per 1 MiB
+    block: a data block's index, or free or zero), the data blocks after it.
+    ``table``: the map's bytes as given (None: built from ``bmap``; b"": not
+    written, a hole whose every entry is 0)."""
+
+    size: int
+    image_type: int = 1
+    bmap: dict[int, int] = field(default_factory=dict)
+    blocks: list[bytes] = field(default_factory=list)
+    fields: dict[str, int] = field(default_factory=dict)
+    table: bytes | None = None
+    length: int = 0  # the file's size, if more than the blocks need
+
+    @property
+    def entries(self) -> int:
+        return -(-self.size // MiB)
+
+    @property
+    def data_offset(self) -> int:
+        return 512 + -(-4 * self.entries // 512) * 512
+
+    def block(self, index: int, data: bytes) -> None:
+        self.bmap[index] = len(self.blocks)
+        self.blocks.append(data.ljust(MiB, b"\0"))
+
+    def write(self, path: Path) -> None:
+        values = {"offset_bmap": 512, "offset_data": self.data_offset, "blocks": self.entries,
+                  "disk_size": self.size, "block_size": MiB, "sector_size": 512,
+                  "version": 0x00010001, "header_size": 0x190, "signature": 0xBEDA107F}
+        values.update(self.fields)
+        header = VDI_HEADER.pack(
+            b"<<< instar's hostile corpus >>>\n", values["signature"], values["version"],
+            values["header_size"], self.image_type, 0, b"", values["offset_bmap"],
+            values["offset_data"], 0, 0, 0, values["sector_size"], 0, values["disk_size"],
+            values["block_size"], 0, values["blocks"], len(self.blocks), b"\x01" * 16,
+            b"\x02" * 16, bytes(16), bytes(16))
+        pieces = [(0, header)]
+        table = self.table
+        if table is None:
+            entries = array("I", [VDI_FREE]) * self.entries
+            for index, value in self.bmap.items():
+                entries[index] = value
+            if sys.byteorder == "big":
+                entries.byteswap()
+            table = entries.tobytes()
+        if table:
+            pieces.append((values["offset_bmap"], table))
+        pieces += [(values["offset_data"] + n * MiB, data) for n, data in enumerate(self.blocks)]
+        end = max(values["offset_data"] + len(self.blocks) * MiB, 512, self.length)
+        write_at(path, pieces, size=end)
+
+
+def vdi_with(change: Callable[[Vdi], None], size: int = 5 * MiB, name: str = "v.vdi",
+             blocks: tuple[int, ...] = (0, 2, 4)) -> Build:
+    def build(place: Place) -> str:
+        image = Vdi(size)
+        for index in blocks:
+            image.block(index, pattern(MiB, seed=11 + index))
+        change(image)
+        image.write(place.img / name)
+        return name
+
+    return build
+
+
 # --- VHDX, from the specification ---------------------------------------------------------------
 
 
@@ -1076,6 +1156,71 @@ LOG_GUID = b"\x44" * 16
 # --- qemu-made bases ------------------------------------------------------------------------------
 
 
+# --- dmg, bochs, cloop: built by their reader tests' builders ----------------------------------
+
+
+def image_file(name: str, make: Callable[[Place], bytes]) -> Build:
+    """A case whose image is ``make(place)``, written as ``name``."""
+
+    def build(place: Place) -> str:
+        (place.img / name).write_bytes(make(place))
+        return name
+
+    return build
+
+
+Chunk, Dmg = dmg_tests.Chunk, dmg_tests.Dmg
+DMG_TYPES = dmg_tests.TYPES
+
+
+def dmg(image: Callable[[], Dmg], name: str = "v.dmg") -> Build:
+    return image_file(name, lambda place: image().build())
+
+
+def dmg_chunks(*entries: tuple[str, int, int, int, int], sectors: int | None = None,
+               form: str = "plist") -> Build:
+    """A dmg of raw data whose chunk entries are ``entries`` (kind, sector,
+    sectors, offset, length), over a data fork of 64 KiB of pattern."""
+
+    def image() -> Dmg:
+        chunks = [Chunk("raw", pattern(64 * KiB, seed=4))]
+        table = [(0, i, (DMG_TYPES[kind], 0, *rest)) for i, (kind, *rest) in enumerate(entries)]
+        chunks += [Chunk("raw", b"") for _ in entries[1:]]
+        return Dmg([chunks], entries=table, sectors=sectors, form=form)
+
+    return dmg(image)
+
+
+def dmg_one(kind: str, guest: bytes, stored: bytes, sectors: int | None = None) -> Build:
+    """A dmg of one chunk of ``kind`` standing for ``guest`` and holding ``stored``."""
+    return dmg(lambda: Dmg([[Chunk(kind, guest, stored=stored, sectors=sectors)]]))
+
+
+def dmg_plist(before: bytes = b"", after: bytes = b"", pad: int = 0) -> Build:
+    """The standard dmg with ``before`` inserted ahead of its first <dict>,
+    ``after`` ahead of the plist's end, ``pad`` bytes of spaces after that."""
+
+    def image() -> Dmg:
+        return Dmg(dmg_tests.every_kind("zlib"), plist_before=before + after + b" " * pad)
+
+    return dmg(image)
+
+
+def bochs(image: Callable[[], bochs_tests.Bochs], name: str = "v.bochs") -> Build:
+    return image_file(name, lambda place: image().build())
+
+
+def cloop(image: Callable[[], bytes], name: str = "v.cloop") -> Build:
+    return image_file(name, lambda place: image())
+
+
+def cloop_table(block_size: int, offsets: list[int], blocks: int | None = None) -> bytes:
+    """A cloop header and offsets table (no blocks after it)."""
+    count = len(offsets) - 1 if blocks is None else blocks
+    return (cloop_tests.MAGIC.ljust(cloop_tests.HEADER, b"\0")
+            + struct.pack(">II", block_size, count) + struct.pack(f">{len(offsets)}Q", *offsets))
+
+
 def _base_raw(directory: Path, size: int = MiB, seed: int = 1) -> Path:
     raw = directory / "source.raw"
     data = bytearray(pattern(size, seed=seed))
@@ -1107,12 +1252,18 @@ BASE_BUILDERS: dict[str, Callable[[Path], None]] = {
     "vhd": lambda d: _qemu_convert(d, "vpc", "v.vhd", size=5 * MiB),
     "vhd-fixed": lambda d: _qemu_convert(d, "vpc", "v.vhd", "-o", "subformat=fixed"),
     "vhdx": _build_vhdx_base,
+    "vdi": lambda d: _qemu_convert(d, "vdi", "v.vdi", size=3 * MiB),
+    "vdi-static": lambda d: _qemu_convert(d, "vdi", "v.vdi", "-o", "static=on", size=3 * MiB),
+    "dmg": lambda d: (d / "v.dmg").write_bytes(Dmg(dmg_tests.every_kind("zlib")).build()),
+    "bochs": lambda d: (d / "v.bochs").write_bytes(bochs_tests.IMAGES["mixed.bochs"].build()),
+    "cloop": lambda d: (d / "v.cloop").write_bytes(cloop_tests.damaged()),
     "qed": lambda d: _qemu_convert(d, "qed", "v.qed"),
     "qcow": lambda d: _qemu_convert(d, "qcow", "v.qcow"),
 }
 BASE_IMAGES = {"qcow2": "v.qcow2", "qcow2-v2": "v.qcow2", "vmdk": "v.vmdk",
                "vmdk-stream": "v.vmdk", "vhd": "v.vhd", "vhd-fixed": "v.vhd", "vhdx": "v.vhdx",
-               "qed": "v.qed", "qcow": "v.qcow"}
+               "vdi": "v.vdi", "vdi-static": "v.vdi", "dmg": "v.dmg", "bochs": "v.bochs",
+               "cloop": "v.cloop", "qed": "v.qed", "qcow": "v.qcow"}
 
 
 def base(key: str, change: Callable[[Path, Place], None] | None = None) -> Build:
@@ -1341,6 +1492,28 @@ def beyond_eof() -> list[Case]:
         case("vhdx-BAT-entry-is-the-log", vhdx_bat(lambda x: x.log_offset), "refuse"),
         case("vhdx-metadata-item-past-its-region", vhdx_with(lambda x, p: x.items.update(
             {vhdx_layout.PAGE83_DATA: b"\x33" * 16 + bytes(MiB)})), "refuse"),
+        case("dmg-chunk-past-EOF", dmg_chunks(("raw", 0, 128, TiB, 64 * KiB)), "refuse",
+             info="read"),
+        case("dmg-chunk-offset-wraps-2^64", dmg_chunks(
+            ("zlib", 0, 128, (1 << 64) - 100, 64 * KiB)), "refuse", info="read"),
+        case("dmg-chunk-is-the-plist", dmg_chunks(("raw", 0, 2, 64 * KiB, 1024)), "refuse",
+             info="read"),
+        case("dmg-resource-fork-chunk-is-the-fork", dmg_chunks(
+            ("raw", 0, 2, 64 * KiB, 1024), form="rsrc"), "refuse", info="read"),
+        case("bochs-catalog-past-EOF", bochs(lambda: dataclasses.replace(
+            bochs_tests.IMAGES["mixed.bochs"], cut=600)), "refuse", info="read"),
+        case("bochs-extent-at-the-top-of-the-range", bochs(lambda: dataclasses.replace(
+            bochs_tests.IMAGES["mixed.bochs"], entries={0: 0xFFFFFFFE})), "refuse",
+             info="read"),
+        case("bochs-extent-is-the-header", bochs(lambda: bochs_tests.Bochs(
+            64 * KiB, header_size=256, stored=bochs_tests.sectors(0, 8, 3))), "refuse",
+             info="read"),
+        case("cloop-offsets-table-of-1M-past-EOF", cloop(lambda: cloop_table(
+            64 * KiB, [], blocks=1 << 20)), "refuse", info="read"),
+        case("cloop-blocks-at-2^63", cloop(lambda: cloop_table(
+            64 * KiB, [1 << 63, (1 << 63) + 100, (1 << 63) + 200])), "refuse", info="read"),
+        case("cloop-block-is-the-header", cloop(lambda: cloop_tests.damaged(
+            offsets=[0, 1000, 2000, 3000, 4000])), "refuse", info="read"),
     ]
 
 
@@ -1428,7 +1601,24 @@ def aliasing() -> list[Case]:
         case("vmdk-1000-flat-extents-one-file", flat_descriptor(
             ['RW 128 FLAT "x.bin" 0'] * 1000, {"x.bin": pattern(64 * KiB, seed=2)}), "either",
              allow="dir"),
+        case("dmg-1-TiB-from-one-zlib-chunk", dmg(_terabyte_dmg), "refuse", info="read"),
+        case("dmg-two-chunks-one-guest-range", dmg_chunks(
+            ("raw", 0, 128, 0, 64 * KiB), ("raw", 64, 64, 0, 32 * KiB)), "refuse", info="read"),
+        case("bochs-every-extent-one-extent", bochs(lambda: bochs_tests.Bochs(
+            4 * GiB, catalog=0x100000, stored=bochs_tests.sectors(0, 8, 5),
+            entries=dict.fromkeys(range(1, 0x100000), 0))), "refuse", info="read"),
     ]
+
+
+def _terabyte_dmg() -> Dmg:
+    """16384 zlib chunks of 64 MiB, every one naming the same compressed bytes."""
+    count = 1 << 17  # sectors in 64 MiB
+    chunks = [Chunk("zlib", bytes(64 * MiB), stored=zlib.compress(bytes(64 * MiB)))]
+    stored = len(chunks[0].encoded())
+    entries = [(0, i, (DMG_TYPES["zlib"], 0, i * count, count, 0, stored))
+               for i in range(1, 16384)]
+    chunks += [Chunk("zlib", b"", stored=b"") for _ in entries]
+    return Dmg([chunks], entries=entries, sectors=16384 * count)
 
 
 def _stream_footer_gd(sector: int) -> Vmdk:
@@ -1519,6 +1709,18 @@ def huge_virtual_sizes() -> list[Case]:
              fmt="vpc"),
         case("vhdx-2^64-512", vhdx_sized((1 << 64) - 512), "refuse"),
         case("vhdx-64-TiB", vhdx_sized(64 * TiB), "refuse"),
+        case("dmg-2^63-1-sectors", dmg(lambda: Dmg([[Chunk("zero", bytes(512))]],
+                                                   sectors=(1 << 63) - 1)), "refuse"),
+        case("dmg-zero-chunk-of-2^50-sectors", dmg(lambda: Dmg(
+            [[Chunk("zero", bytes(512), sectors=1 << 50)]], sectors=1 << 50)), "either",
+             qemu=False),  # qemu's dmg has no block status: it would read 512 PiB of zeros
+        case("bochs-disk-2^64-512", bochs(lambda: dataclasses.replace(
+            bochs_tests.IMAGES["mixed.bochs"], disk=(1 << 64) - 512, catalog=256)), "refuse"),
+        case("bochs-1M-extents-of-8-MiB", bochs(lambda: bochs_tests.Bochs(
+            8 * TiB, extent=8 * MiB, bitmap=2048, stored=bochs_tests.sectors(0, 8, 6))),
+             "either", qemu=False),  # 8 TiB of zeros through qemu's bochs: hours
+        case("cloop-size-wraps-32-bits", cloop(lambda: cloop_table(
+            64 * MiB, [4104] * 65537)), "read"),  # 65536 blocks of 64 MiB: qemu says size 0
     ]
 
 
@@ -1579,6 +1781,26 @@ def compression_bombs() -> list[Case]:
              info="read"),
         case("vmdk-stream-grain-half-a-grain", grain(lambda: zlib.compress(b"B" * 32 * KiB)),
              "refuse", info="read"),
+        case("dmg-zlib-chunk-of-16-MiB-in-4-KiB", dmg_one(
+            "zlib", bytes(4 * KiB), deflate_bomb(raw=False)), "refuse", info="read"),
+        case("dmg-zlib-64-MiB-chunk-of-128-MiB", dmg_one(
+            "zlib", bytes(0), deflate_bomb(128 * MiB, raw=False), sectors=1 << 17), "refuse",
+             info="read"),
+        case("dmg-zlib-chunk-of-exactly-8-MiB", dmg_one(
+            "zlib", bytes(8 * MiB), deflate_bomb(8 * MiB, raw=False)), "read"),
+        case("dmg-bzip2-chunk-of-16-MiB-in-4-KiB", dmg_one(
+            "bzip2", bytes(4 * KiB), bz2.compress(b"A" * 16 * MiB)), "refuse", info="read"),
+        case("dmg-bzip2-chunk-of-exactly-8-MiB", dmg_one(
+            "bzip2", b"A" * 8 * MiB, bz2.compress(b"A" * 8 * MiB)), "read",
+             qemu=False),  # this machine's qemu lacks its dmg-bz2 module
+        case("dmg-bzip2-garbage", dmg_one("bzip2", bytes(4 * KiB), b"BZh9" + b"\xff" * 5000),
+             "refuse", info="read"),
+        case("dmg-zlib-stream-ends-early", dmg_one("zlib", pattern(64 * KiB), zlib.compress(
+            random.Random(2).randbytes(64 * KiB))[:30000]), "refuse", info="read"),
+        case("cloop-block-of-16-MiB-in-64-KiB", cloop(lambda: cloop_tests.damaged(
+            streams=[deflate_bomb(raw=False)] * 4)), "refuse", info="read"),
+        case("cloop-8-MiB-block-of-zeros", cloop(lambda: cloop_tests.cloop_bytes(
+            bytes(8 * MiB), 8 * MiB)), "read"),
     ]
 
 
@@ -1993,6 +2215,8 @@ def truncated_headers() -> list[Case]:
         ("vmdk", [511, 11264]),
         ("vhd", [511, 1000]),
         ("vhdx", [8, 64 * KiB + 100, 192 * KiB + 10, MiB]),
+        ("bochs", [100, 511, 700]),
+        ("cloop", [60, 130, 140]),
         ("qed", [4, 40, 64, 64 * KiB + 100, 5 * 64 * KiB + 10]),
         ("qcow", [4, 20, 47, 56, 4096 + 100]),
     ]
@@ -2001,6 +2225,12 @@ def truncated_headers() -> list[Case]:
     cases.append(case("vmdk-stream-without-its-footer", then(
         vmdk_build(lambda p: vmdk_file(compressed=True, footer=True)),
         lambda path, place: cut(path, path.stat().st_size - 1536)), "refuse"))
+    # A dmg's header is its trailer, at the end: cut inside it, before it, to nothing.
+    for left in (100, 300, 512, 700):
+        cases.append(case(f"dmg-trailer-cut-{left}-bytes-in", truncated(
+            "dmg", lambda path, left=left: path.read_bytes().rfind(b"koly") + left),
+                          "either", probes="any"))
+    cases.append(case("dmg-cut-to-511-bytes", truncated("dmg", 511), "refuse"))
     return cases
 
 
@@ -2074,8 +2304,298 @@ def cves() -> list[Case]:
     ]
 
 
+def plists() -> list[Case]:
+    """The XML property list of a dmg, which holds its chunk table: nested
+    entities (a billion laughs), external entities naming /etc/passwd and
+    the canary, entity references inside the table, a plist of 16 MiB and one
+    past it, a hundred thousand elements, an element never closed, a NUL in
+    the middle. instar, like qemu, never parses it as XML: it looks for
+    <data> elements only."""
+    laughs = b'<!DOCTYPE plist [<!ENTITY lol "lol">' + b"".join(
+        b'<!ENTITY lol%d "%s">' % (i, (b"&lol%d;" % (i - 1) if i > 1 else b"&lol;") * 10)
+        for i in range(1, 10)) + b"]>\n<string>&lol9;</string>\n"
+
+    def external(place: Place) -> bytes:
+        return (b'<!DOCTYPE plist [<!ENTITY passwd SYSTEM "file:///etc/passwd">'
+                b'<!ENTITY canary SYSTEM "' + str(place.canary).encode() + b'">]>\n'
+                b"<string>&passwd;&canary;</string>\n")
+
+    def with_external(place: Place) -> bytes:
+        return Dmg(dmg_tests.every_kind("zlib"), plist_before=external(place)).build()
+
+    def entity_in_data(place: Place) -> bytes:
+        image = bytearray(Dmg(dmg_tests.every_kind("zlib")).build())
+        at = image.index(b"<data>") + 6
+        image[at : at + 8] = b"&canary;"
+        return bytes(image)
+
+    def many_elements() -> Dmg:
+        return Dmg(dmg_tests.every_kind("zlib"), plist_before=b"<data>AAAA</data>" * 100000)
+
+    def cut_at(text: bytes, size: Callable[[bytes], int]) -> Callable[[Place], bytes]:
+        def make(place: Place) -> bytes:
+            image = Dmg(dmg_tests.every_kind("zlib")).build()
+            at = size(image)
+            return image[:at] + text + image[at + len(text):]
+
+        return make
+
+    return [
+        case("dmg-billion-laughs", dmg_plist(laughs), "read"),
+        case("dmg-external-entities", image_file("v.dmg", with_external), "read"),
+        case("dmg-entity-reference-in-the-table", image_file("v.dmg", entity_in_data), "either"),
+        case("dmg-plist-of-16-MiB", dmg_plist(pad=16 * MiB - 20000), "read"),
+        case("dmg-plist-past-16-MiB", dmg_plist(pad=16 * MiB), "refuse"),
+        case("dmg-100000-data-elements", dmg(many_elements), "read"),
+        case("dmg-data-never-closed", image_file("v.dmg", cut_at(
+            b"</dat>!", lambda image: image.rfind(b"</data>"))), "refuse"),
+        case("dmg-NUL-inside-the-table", image_file("v.dmg", cut_at(
+            b"\0", lambda image: image.index(b"<data>") + 10)), "refuse"),
+    ]
+
+
+def vdi() -> list[Case]:
+    """VDI block maps and headers built to attack the reader: entries past the
+    end of the file and at the top of the range, two entries naming one block,
+    data blocks over the header or the map, a 2 GiB map of zeros behind qemu's
+    largest disk, 1 TiB of alternating free and zero entries, sizes and block
+    counts past qemu's limits, headers and maps cut short. Where the map is
+    wrong, instar refuses when it reads (compare: qemu's "Sector allocation
+    test failed"), and info still describes the image, as qemu-img info does."""
+    def entry(index: int, value: int | Callable[[Vdi], int]) -> Build:
+        return vdi_with(lambda v: v.bmap.__setitem__(
+            index, value(v) if callable(value) else value))
+
+    def fields(**values: int) -> Build:
+        return vdi_with(lambda v: v.fields.update(values))
+
+    def largest_from_one_block(image: Vdi) -> None:
+        image.size = VDI_MAX_BLOCKS * MiB
+        image.table = b""  # a hole: 2^29 entries of 0, every one naming block 0
+
+    def over_the_header(image: Vdi) -> None:
+        image.fields["offset_data"] = 0  # block 0 is the header and the map
+        image.bmap[0] = 0
+        image.length = 4 * MiB
+
+    def alternating(image: Vdi) -> None:
+        image.size = TiB
+        image.table = struct.pack("<II", VDI_FREE, VDI_ZERO) * (image.entries // 2)
+
+    return [
+        case("vdi-entry-past-EOF", entry(1, 0x00FFFFFF), "refuse", info="read"),
+        case("vdi-entry-at-the-top-of-the-range", entry(1, 0xFFFFFFFD), "refuse",
+             info="read"),
+        case("vdi-entry-one-past-the-last-block", entry(1, 3), "refuse",
+             info="read"),
+        case("vdi-two-entries-one-block", entry(3, 0), "refuse", info="read"),
+        case("vdi-block-over-the-header", vdi_with(over_the_header, blocks=()), "refuse",
+             info="read"),
+        case("vdi-block-over-the-block-map", fields(offset_data=512), "refuse",
+             info="read"),
+        case("vdi-512-TiB-from-one-block", vdi_with(largest_from_one_block, blocks=(0,)),
+             "refuse", info="read", qemu=False),  # qemu reads the 2 GiB map
+        case("vdi-1-TiB-of-free-and-zero-entries", vdi_with(alternating, blocks=()), "read",
+             qemu=False),  # qemu takes minutes over its 1M answers
+        case("vdi-block-map-past-EOF", fields(offset_bmap=0xFFFFFE00), "refuse",
+             says="extends beyond the end of the file"),
+        case("vdi-2-GiB-map-not-in-the-file", fields(blocks=VDI_MAX_BLOCKS,
+                                                     disk_size=VDI_MAX_BLOCKS * MiB),
+             "refuse", says="extends beyond the end of the file"),
+        case("vdi-disk-size-2^64-512", fields(disk_size=(1 << 64) - 512), "refuse",
+             says="Unsupported VDI image size"),
+        case("vdi-disk-size-2^63", fields(disk_size=1 << 63), "refuse"),
+        case("vdi-2^32-1-blocks", fields(blocks=0xFFFFFFFF), "refuse", says="too many blocks"),
+        case("vdi-block-size-0", fields(block_size=0), "refuse"),
+        case("vdi-differencing", vdi_with(lambda v: setattr(v, "image_type", 4)), "refuse"),
+        case("vdi-header-at-70", truncated("vdi", 70), "refuse"),
+        case("vdi-header-at-300", truncated("vdi", 300), "refuse"),
+        case("vdi-cut-in-the-block-map", truncated("vdi", 514), "refuse"),
+        case("vdi-cut-in-the-last-block", truncated("vdi", lambda p: p.stat().st_size - 4096),
+             "refuse", info="read"),
+        case("vdi-static-cut-in-a-block", truncated(
+            "vdi-static", lambda p: p.stat().st_size - MiB - 4096), "refuse",
+             info="read"),
+    ]
+
+
+# --- Parallels, from the specification (qemu's docs/interop/parallels.rst) ----------------------
+
+PARALLELS_HEADER = struct.Struct("<16sIIIIIQIIIQ")
+
+
+@dataclass
+class Parallels:
+    """A Parallels image written from the specification: the 64-byte header,
+    the catalog (little-endian 32-bit entries: clusters in version 2, sectors
+    in version 1), clusters from ``data_off``, an optional format extension."""
+
+    size: int  # bytes
+    cluster: int = 64 * KiB
+    version_1: bool = False
+    entries: int | None = None
+    catalog: dict[int, int] = field(default_factory=dict)
+    clusters: list[bytes] = field(default_factory=list)
+    fields: dict[str, int] = field(default_factory=dict)
+    extension: bytes | None = None
+
+    @property
+    def catalog_entries(self) -> int:
+        return -(-self.size // self.cluster) if self.entries is None else self.entries
+
+    @property
+    def data_off(self) -> int:
+        """The first cluster, in bytes: after the catalog (on disk at most 64 MiB of it)."""
+        stored = 64 + 4 * min(self.catalog_entries, 16 * MiB)
+        return -(-stored // self.cluster) * self.cluster
+
+    def unit(self) -> int:
+        return 512 if self.version_1 else self.cluster
+
+    def store(self, index: int, data: bytes) -> int:
+        """Cluster ``index`` holds ``data``; its catalog entry."""
+        host = self.data_off + len(self.clusters) * self.cluster
+        self.clusters.append(data.ljust(self.cluster, b"\0"))
+        self.catalog[index] = host // self.unit()
+        return self.catalog[index]
+
+    def write(self, path: Path) -> None:
+        magic = b"WithoutFreeSpace" if self.version_1 else b"WithouFreSpacExt"
+        end = self.data_off + len(self.clusters) * self.cluster
+        values = {"tracks": self.cluster // 512, "entries": self.catalog_entries,
+                  "sectors": -(-self.size // 512), "data_off": self.data_off // 512,
+                  "ext_off": end // 512 if self.extension else 0}
+        values.update(self.fields)
+        header = PARALLELS_HEADER.pack(magic, 2, 16, 1, values["tracks"], values["entries"],
+                                       values["sectors"], 0, values["data_off"], 0,
+                                       values["ext_off"])
+        table = array("I", bytes(4 * min(self.catalog_entries, 16 * MiB)))
+        for index, entry in self.catalog.items():
+            table[index] = entry
+        if sys.byteorder == "big":
+            table.byteswap()
+        pieces = [(0, header + table.tobytes()), (self.data_off, b"".join(self.clusters))]
+        if self.extension:
+            pieces.append((end, self.extension))
+        write_at(path, pieces)
+
+
+def parallels_build(make: Callable[[Place], Parallels], name: str = "v.parallels") -> Build:
+    def build(place: Place) -> str:
+        make(place).write(place.img / name)
+        return name
+
+    return build
+
+
+def parallels_file(size: int = MiB, clusters: tuple[int, ...] = (0, 3), **options: object
+                   ) -> Parallels:
+    image = Parallels(size, **options)  # type: ignore[arg-type]
+    for index in clusters:
+        image.store(index, pattern(image.cluster, seed=20 + index))
+    return image
+
+
+def parallels_with(change: Callable[[Parallels], None], **options: object) -> Build:
+    def make(place: Place) -> Parallels:
+        image = parallels_file(**options)  # type: ignore[arg-type]
+        change(image)
+        return image
+
+    return parallels_build(make)
+
+
+def parallels() -> list[Case]:
+    """Parallels images: catalog entries past the end of the file or at the
+    top of their range, entries aliasing one cluster (2 TiB from one), huge
+    catalogs (qemu's limit, instar's, a catalog longer than its file), huge
+    and wrapping sizes (qemu's 32-bit catalog index past 2^32 clusters),
+    format extensions that run past their cluster or whose cluster is 2 GiB,
+    and headers cut short."""
+
+    def set_entry(index: int, value: int | Callable[[Parallels], int]) -> Callable[
+            [Parallels], None]:
+        return lambda image: image.catalog.__setitem__(
+            index, value(image) if callable(value) else value)
+
+    def terabytes(image: Parallels) -> None:
+        image.catalog = dict.fromkeys(range(image.catalog_entries), image.catalog[0])
+
+    def extension(features: list[bytes], cluster: int) -> bytes:
+        return parallels_tests.extension_cluster(features, cluster)
+
+    def empty_bitmaps(count: int) -> Callable[[Parallels], None]:
+        """``count`` bitmaps of a disk of size 0 (no table): their data runs
+        past the cluster long before qemu's count of what is left runs out."""
+        features = [parallels_tests.bitmap_feature(bytes([n]) * 16, 0, 1, [])
+                    for n in range(count)]
+
+        def change(image: Parallels) -> None:
+            # No end marker: the features fill the cluster, and run past it.
+            image.extension = parallels_tests.extension_cluster(features, image.cluster, b"")
+
+        return change
+
+    def truncated_at(size: int) -> Build:
+        return then(parallels_build(lambda p: parallels_file()), lambda path, place: cut(
+            path, size))
+
+    # Refused when the data is mapped, and compare says only qemu's words then
+    # ("Sector allocation test failed"): what each says is the conformance table's.
+    return [
+        case("parallels-entry-past-EOF", parallels_with(set_entry(0, 0x00FFFFFF)), "refuse",
+             info="read"),
+        case("parallels-entry-at-the-top-of-the-range", parallels_with(
+            set_entry(0, 0xFFFFFFFF)), "refuse", info="read"),
+        case("parallels-v1-entry-at-the-top-of-the-range", parallels_with(
+            set_entry(0, 0xFFFFFFFF), version_1=True), "refuse", info="read"),
+        case("parallels-entry-is-the-catalog", parallels_with(
+            set_entry(0, 1), version_1=True, entries=200), "refuse",
+             info="read"),
+        case("parallels-two-entries-one-cluster", parallels_with(
+            set_entry(5, lambda image: image.catalog[0])), "refuse", info="read"),
+        case("parallels-2-TiB-from-one-cluster", parallels_with(
+            terabytes, size=2 * TiB, cluster=MiB, clusters=(0,)), "refuse",
+             info="read"),
+        case("parallels-catalog-too-large", parallels_with(
+            lambda image: image.fields.update(entries=0x20000000)), "refuse"),
+        case("parallels-catalog-of-2^29-1-entries-in-4-KiB", parallels_with(
+            lambda image: image.fields.update(entries=0x1FFFFFFF), clusters=()), "either",
+             qemu=False),  # qemu-img fails it with EIO: 4 * entries overflows an int
+        case("parallels-catalog-of-32-MiB-of-zeros", parallels_build(lambda p: Parallels(
+            32 * GiB, cluster=4 * KiB)), "either"),
+        case("parallels-catalog-over-32-MiB", parallels_build(lambda p: Parallels(
+            32 * GiB + 4 * KiB, cluster=4 * KiB)), "refuse", says="over instar's limit"),
+        case("parallels-size-2^63-512", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 54) - 1)), "refuse"),
+        case("parallels-size-2^64-512", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 64) - 1)), "refuse"),
+        case("parallels-v1-size-of-64-bits", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 63) | 2048), version_1=True),
+             "either"),
+        case("parallels-index-wraps-past-2^32-clusters", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 32) + 64), cluster=512,
+            clusters=(0,)), "refuse", info="read", qemu=False),
+        case("parallels-index-wraps-over-nothing", parallels_with(
+            lambda image: image.fields.update(sectors=(1 << 32) + 64), cluster=512,
+            clusters=()), "either", qemu=False),
+        case("parallels-extension-cluster-of-2-GiB", parallels_with(
+            lambda image: image.fields.update(tracks=0x7FFFFFFF // 513, ext_off=8),
+            clusters=()), "refuse", qemu=False),
+        case("parallels-extension-features-past-the-cluster", parallels_with(
+            empty_bitmaps(20), size=0, cluster=512, clusters=()), "refuse",
+             says="past its cluster", qemu=False),  # qemu 7.2 reads past its buffer
+        case("parallels-bitmap-of-512-byte-granules", parallels_with(
+            lambda image: setattr(image, "extension", extension(
+                [parallels_tests.bitmap_feature(b"\x01" * 16, 2048, 1, [1])], image.cluster)),
+            ), "either"),
+        *(case(f"parallels-cut-at-{size}", truncated_at(size), "either", probes="any")
+          for size in (8, 17, 20, 40, 63, 64, 100, 64 * KiB + 100)),
+    ]
+
+
 FAMILIES = [huge_tables, beyond_eof, aliasing, bad_geometry, huge_virtual_sizes,
             compression_bombs, chains, vmdk_descriptor, vhdx_log, polyglots,
-            truncated_headers, cves]
+            truncated_headers, cves, vdi, parallels, plists]
 CASES = [dataclasses.replace(c, family=family.__name__) for family in FAMILIES
          for c in family()]

@@ -1,6 +1,7 @@
 """Corrupted images never crash instar: a one-line error and exit 1, or a clean copy.
 
-Small valid images of every format (made by qemu-img) get bytes of their
+Small valid images of every format (made by qemu-img, or by the reader tests'
+builders for the formats qemu cannot write) get bytes of their
 metadata overwritten at random (fixed seeds, so failures reproduce); `instar
 dd` and `instar info` on each must either succeed or fail with exit 1 and one
 line, never raise (a traceback) and never leave an output file on failure.
@@ -9,10 +10,14 @@ line, never raise (a traceback) and never leave an output file on failure.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import test_bochs as bochs_tests
+import test_cloop as cloop_tests
+import test_dmg as dmg_tests
 from helpers import pattern, qemu_img_ok, qemu_io, require_qemu, run_instar
 
 # (format, qemu-img create/convert options)
@@ -20,8 +25,16 @@ SOURCES = [
     ("qcow2", []), ("qcow2", ["-o", "compat=0.10"]), ("qcow2", ["-c"]),
     ("qcow2", ["-o", "extended_l2=on"]), ("vmdk", []),
     ("vmdk", ["-o", "subformat=streamOptimized"]), ("vpc", []), ("vhdx", []),
+    ("vdi", []), ("vdi", ["-o", "static=on"]),
 ]
 MUTATIONS = 60
+# Formats qemu-img cannot make, built by their reader tests (format, builder).
+BUILT: list[tuple[str, Callable[[], bytes]]] = [
+    ("dmg", lambda: dmg_tests.Dmg(dmg_tests.every_kind("zlib")).build()),
+    ("dmg", lambda: dmg_tests.Dmg(dmg_tests.every_kind("raw"), form="rsrc").build()),
+    ("bochs", lambda: bochs_tests.IMAGES["mixed.bochs"].build()),
+    ("cloop", lambda: cloop_tests.cloop_bytes(pattern(300_000, seed=4), 64 << 10)),
+]
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +49,10 @@ def originals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         qemu_img_ok("convert", "-f", "raw", "-O", fmt, *options, str(raw), str(image))
         if fmt == "qcow2" and not options:
             qemu_io(image, "write -z 64k 64k", fmt)
+        made.append(image)
+    for index, (fmt, build) in enumerate(BUILT, len(SOURCES)):
+        image = directory / f"source{index}.{fmt}"
+        image.write_bytes(build())
         made.append(image)
     return made
 
@@ -58,11 +75,14 @@ def _mutate(data: bytes, rng: random.Random) -> bytes:
     return bytes(buffer)
 
 
-@pytest.mark.parametrize("index", range(len(SOURCES)), ids=lambda i: "-".join(
-    [SOURCES[i][0], *SOURCES[i][1]]))
+NAMES = ["-".join([fmt, *options]) for fmt, options in SOURCES] + [
+    f"{fmt}-built-{i}" for i, (fmt, _) in enumerate(BUILT)]
+
+
+@pytest.mark.parametrize("index", range(len(NAMES)), ids=NAMES.__getitem__)
 def test_mutated_images_fail_cleanly(index: int, originals: list[Path], tmp_path: Path) -> None:
     original = originals[index].read_bytes()
-    fmt = SOURCES[index][0]
+    fmt = originals[index].suffix[1:]
     rng = random.Random(index)
     refused = 0
     for attempt in range(MUTATIONS):

@@ -1,4 +1,4 @@
-"""The hostile corpus: every image of tests/hostile_corpus.py through six commands.
+"""The hostile corpus: every image of tests/hostile_corpus.py through nine commands.
 
 Each image is built by the test (qemu-img bases patched in Python, or written
 from the format specifications) in a directory ``img/`` of its own, beside a
@@ -8,6 +8,8 @@ would set (``--timeout 5 --max-memory 512M``):
 
     dd if=X of=OUT   dd -O qcow2 if=X of=OUT   convert -O raw X OUT
     info X           info --output=json X     compare X X
+    map X            map --output=json X
+    check X
 
 and each run must either succeed with the right output (what qemu-img reads,
 where qemu reads the image; an image's own commands agree where it does not)
@@ -15,9 +17,18 @@ or refuse in exactly one line (``instar: ...``, no traceback, no "internal
 error": an exception the worker did not expect); within 5 s of
 wall clock and 512 MiB of memory (the instar process and its worker); with no
 file left behind on failure (hidden temporary files included) and nothing of
-the canary, of /etc/passwd or of the environment in any output.
+the canary, of /etc/passwd or of the environment in any output. ``check``
+reports what it finds, as qemu-img check does, so its contract is its own
+(`check_check_run`): qemu-img check's exit statuses, a summary where it
+finished, a last line ``instar: ...`` where it could not check.
 
-Attacks on paths run the six commands with ``--allow img`` (the most a user
+map reads no data, only the image's tables: it may map an image whose data
+the other commands refuse (a compressed bomb), so it must map it as qemu-img
+maps it, or refuse in one line; a benign image ("read") it maps exactly as
+qemu-img does (stdout and exit status, the human output's "File contains
+external, encrypted or compressed clusters." included).
+
+Attacks on paths run the nine commands with ``--allow img`` (the most a user
 would allow), and dd again without it: refused both ways.
 """
 
@@ -208,14 +219,14 @@ def leaks(data: bytes, forbidden: list[bytes]) -> list[bytes]:
     return [secret for secret in forbidden if secret in data]
 
 
-# --- the six commands ---------------------------------------------------------------------------
+# --- the nine commands -------------------------------------------------------------------------
 
 
 OUTPUTS = {"dd": "dd.raw", "dd -O qcow2": "dd.qcow2", "convert": "convert.raw"}
 
 
 def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]:
-    """(label, arguments) of the six commands; outputs go to ``out/``."""
+    """(label, arguments) of the nine commands; outputs go to ``out/``."""
     f = ["-f", case.fmt] if case.fmt else []
     a = ["--allow", "img"] if allow else []
     return [
@@ -225,7 +236,24 @@ def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]
         ("info", ["info", *f, *a, image]),
         ("info json", ["info", *f, *a, "--output=json", image]),
         ("compare", ["compare", *f, *a, *(["-F", case.fmt] if case.fmt else []), image, image]),
+        ("map", ["map", *f, *a, image]),
+        ("map json", ["map", *f, *a, "--output=json", image]),
+        ("check", ["check", *f, *a, image]),
     ]
+
+
+MAPS = {"map": [], "map json": ["--output=json"]}
+
+
+def expectation(case: Case, label: str) -> str:
+    """What a command must do with the case's image: info as ``info`` says
+    where given; map refuses attacks on paths and otherwise may map what the
+    others refuse (its output is checked against qemu-img's instead)."""
+    if label.startswith("info") and case.info:
+        return case.info
+    if label in MAPS and case.allow != "both":
+        return "either"
+    return case.expect
 
 
 @dataclass
@@ -241,6 +269,8 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
               forbidden: list[bytes], keep: Path | None, says: str | None) -> list[str]:
     """The contract for one run; ``expect`` is "read", "refuse" or "either";
     a refusal must contain ``says`` (a regex) where given."""
+    if run.label == "check":
+        return check_check_run(run, place, before, forbidden)
     problems = []
     where = run.describe()
     if run.hung:
@@ -296,27 +326,77 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
     return problems
 
 
+CHECK_SUMMARY = re.compile(rb"No errors were found on the image\.\n|errors were found on the image"
+                           rb"|leaked clusters were found on the image")
+
+
+def check_check_run(run: Run, place: Place, before: set[str],
+                    forbidden: list[bytes]) -> list[str]:
+    """check's contract: within the limits, no traceback or internal error, no
+    secret in its output, nothing written; qemu-img check's exit statuses, with
+    its summary on stdout where the check ran to the end (0, 2, 3), a last line
+    ``instar: ...`` where it could not check (1), the format's refusal (63)."""
+    problems = []
+    where = run.describe()
+    if run.hung:
+        problems.append(f"HANG (killed after {WATCHDOG_SECONDS:g} s): {where}")
+    elif run.stalled:
+        problems.append(f"SLOW ({run.seconds:.1f} s): {where}")
+    if run.max_rss > LIMIT_MEMORY:
+        problems.append(f"MEMORY ({run.max_rss >> 20} MiB): {where}")
+    if b"Traceback" in run.stderr or b"internal error" in run.stderr:
+        problems.append(f"TRACEBACK or INTERNAL ERROR: {where}")
+    for stream, data in (("stdout", run.stdout), ("stderr", run.stderr)):
+        for secret in leaks(data, forbidden):
+            problems.append(f"LEAK of {secret[:16]!r} on {stream}: {where}")
+    lines = [line for line in run.stderr.decode("utf-8", "replace").splitlines()
+             if not SANDBOX_WARNING.match(line)]
+    if run.rc in (0, 2, 3):
+        if not CHECK_SUMMARY.search(run.stdout):
+            problems.append(f"NO SUMMARY {run.stdout[:200]!r}: {where}")
+        if run.rc == 0 and lines:
+            problems.append(f"LINES on a clean check: {where}")
+    elif run.rc == 1:
+        stopped = not run.stdout and any(line.startswith("instar: ") for line in lines)
+        errors = CHECK_SUMMARY.search(run.stdout) and lines[-1:] == ["instar: Check failed"]
+        if not (stopped or errors):
+            problems.append(f"NOT A FAILED CHECK: {where}")
+    elif run.rc == 63:
+        if lines != ["instar: This image format does not support checks"]:
+            problems.append(f"NOT qemu's 63: {where}")
+    elif not run.hung:
+        problems.append(f"EXIT {run.rc} (wanted 0, 1, 2, 3 or 63): {where}")
+    if listing(place.root) != before:
+        problems.append(f"FILES changed: {where}")
+    return problems
+
+
 READING = ("dd", "dd -O qcow2", "convert", "compare")  # one read path: one stall stalls all
 
 
+def kind_of(label: str) -> str:
+    """Commands of one kind share a path through the image: one stall stalls all."""
+    return "read" if label in READING else "map" if label in MAPS else "info"
+
+
 def run_case(case: Case, place: Place, image: str) -> Checked:
-    """The six commands (with ``--allow img`` where the case asks), then dd
+    """The nine commands (with ``--allow img`` where the case asks), then dd
     again without it for attacks on paths. Once a command of one kind
-    (reading the data, or info) hangs or runs out of time, the others of its
+    (reading the data, mapping, or info) hangs or runs out of time, the others of its
     kind are not run: each would cost the full limit, and the case fails anyway."""
     problems: list[str] = []
     runs: dict[str, Run] = {}
     kept = place.scratch / "kept"
     kept.mkdir()
     before = listing(place.root)
-    stalled: set[bool] = set()
+    stalled: set[str] = set()
     allow = case.allow in ("dir", "both")
     plan = [(label, args, allow) for label, args in commands(case, image, allow)]
     if case.allow == "both":
         plan += [(label, args, False) for label, args in commands(case, image, allow=False)
                  if label == "dd"]
     for label, args, allowed in plan:
-        kind = label in READING
+        kind = kind_of(label)
         if kind in stalled:
             second = case.allow == "both" and not allowed
             problems.append(f"NOT RUN after a stall: {label}{' (no --allow)' if second else ''}")
@@ -325,10 +405,9 @@ def run_case(case: Case, place: Place, image: str) -> Checked:
         says = case.says
         if allowed or case.allow != "both":
             runs[label] = run
-            expect = case.info if label.startswith("info") and case.info else case.expect
+            expect = expectation(case, label)
         else:
-            expect = case.without_allow or (
-                case.info if label.startswith("info") and case.info else case.expect)
+            expect = case.without_allow or expectation(case, label)
             says = case.says_without_allow or says
         forbidden = corpus.forbidden(neighbour_allowed=allowed)
         problems += check_run(run, expect, case, place, before, forbidden,
@@ -398,6 +477,25 @@ def check_contents(case: Case, place: Place, image: str, checked: Checked) -> li
     human = runs.get("info")
     if human is not None and human.rc == 0 and b"virtual size: " not in human.stdout:
         problems.append(f"info printed no virtual size: {human.stdout[:200]!r}")
+    return problems + check_maps(case, place, image, runs)
+
+
+def check_maps(case: Case, place: Place, image: str, runs: dict[str, Run]) -> list[str]:
+    """What map printed is what qemu-img map prints (stdout, exit status)
+    wherever both mapped the image, and for every benign image."""
+    problems: list[str] = []
+    f = ["-f", case.fmt] if case.fmt else []
+    for label, options in MAPS.items():
+        run = runs.get(label)
+        if run is None or not case.qemu or (run.rc != 0 and case.expect != "read"):
+            continue  # a refusal: checked to be one line above
+        qemu = run_qemu(["map", *f, *options, image], place.root)
+        if qemu is None or (qemu.returncode and not qemu.stdout and case.expect != "read"):
+            continue  # qemu refuses to open what instar reads (as for the other commands)
+        if (qemu.returncode, qemu.stdout) != (run.rc, run.stdout):
+            problems.append(f"{label.upper()} is not qemu-img's: qemu rc={qemu.returncode} "
+                            f"{qemu.stdout[:300]!r} {qemu.stderr[:200]!r}; {run.describe()} "
+                            f"{run.stdout[:300]!r}")
     return problems
 
 

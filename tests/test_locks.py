@@ -19,6 +19,8 @@ COMMANDS = (
     ["convert", "-O", "raw", "{img}", "{out}"],
     ["dd", "if={img}", "of={out}"],
     ["compare", "{img}", "{img}"],
+    ["map", "{img}"],
+    ["map", "--output=json", "{img}"],
 )
 
 

@@ -38,7 +38,7 @@ from instar.formats.options import (
 from instar.formats.vhdx import layout as vhdx_layout
 
 MiB = 1 << 20
-FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx"]
+FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels"]
 # (format, bool option): every bool option instar takes, per its schema (checked below).
 BOOL_OPTIONS = [
     ("qcow2", "extended_l2"),
@@ -47,6 +47,7 @@ BOOL_OPTIONS = [
     ("vmdk", "zeroed_grain"),
     ("vpc", "force_size"),
     ("vhdx", "block_state_zero"),
+    ("vdi", "static"),
 ]
 # Options that make a bool option's effect visible (a zero 1 MiB block in a vhdx).
 EXTRA = {"block_state_zero": ",block_size=1M"}
@@ -83,6 +84,8 @@ def _effect(fmt: str, option: str, path: Path) -> object:
         return struct.unpack_from("<I", data, 8)[0] & 4  # header flags: zeroed-grain GTEs
     if option == "force_size":
         return data[-512 + 28 : -512 + 32]  # footer creator: "qem2" when forced
+    if option == "static":
+        return struct.unpack_from("<I", data, 76)[0]  # image type: 2 static, 1 dynamic
     if option == "block_state_zero":
         start = vhdx_layout.REGION_TABLE_OFFSETS[0]
         table = data[start : start + vhdx_layout.REGION_TABLE_SIZE]
@@ -219,6 +222,8 @@ REFUSALS = [
     ("qcow2", "cluster_size"),
     ("raw", "foo=1"),
     ("vhdx", "noblock_state_zero,block_size=x"),
+    ("vdi", "static=on,cluster_size=1M"),
+    ("vdi", "nostatic=on"),
 ]
 
 

@@ -51,7 +51,7 @@ def run_as_nobody(program: str, *args: str, cwd: Path) -> tuple[int, list[str]]:
     import importlib
 
     from instar.cli import COMMANDS
-    from instar.worker import _prepare_worker
+    from instar.worker_imports import import_extensions
 
     # Import now what the run will: nobody may not read the standard library.
     for module in (*COMMANDS.values(), "instar.cli.sandbox_options", "ctypes.util"):
@@ -64,7 +64,9 @@ def run_as_nobody(program: str, *args: str, cwd: Path) -> tuple[int, list[str]]:
 
     every_format_module = [m.name for m in pkgutil.walk_packages(instar.formats.__path__,
                                                                  "instar.formats.")]
-    _prepare_worker([*every_format_module, "concurrent.futures.thread"])
+    for module in (*every_format_module, "concurrent.futures.thread"):
+        importlib.import_module(module)
+    import_extensions()
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child

@@ -4,9 +4,7 @@ hdiutil, bximage and fuzzer output) through instar and qemu-img side by side.
 For each image: ``info`` (human and JSON), ``convert -O raw`` and ``dd`` of a
 window give what qemu-img gives, probed and with ``-f``; where qemu-img
 refuses the image, instar refuses it too, in one line, with the same exit
-status and nothing written. Formats instar does not read yet are listed in
-NOT_READ_YET: for them the test asserts the refusal is clear, never a copy
-of the image's bytes as raw.
+status and nothing written. instar reads the format of every sample.
 """
 
 from __future__ import annotations
@@ -19,15 +17,11 @@ import pytest
 
 from helpers import run_instar, run_qemu_img, sample_image_names, unpack_sample_image
 
-# Formats qemu reads that instar does not yet: refused by name, not copied as raw.
-NOT_READ_YET = {"empty.bochs": "bochs", "parallels-v1": "parallels",
-                "parallels-v2": "parallels", "parallels-with-bitmap": "parallels",
-                "simple-dmg.dmg": "dmg", "simple-pattern.cloop": "cloop"}
 # A VHDX with a pending log: qemu-img refuses to open it read-only; instar replays
 # the log in memory and reads what qemu reads once ``qemu-img check -r all`` has
 # replayed it into the file (test_pending_log_reads_as_qemu_after_replay).
 PENDING_LOG = "iotest-dirtylog-10G-4M.vhdx"
-COMPARED = sorted(set(sample_image_names()) - set(NOT_READ_YET) - {PENDING_LOG})
+COMPARED = sorted(set(sample_image_names()) - {PENDING_LOG})
 
 
 @pytest.fixture(scope="module")
@@ -105,11 +99,3 @@ def test_dd_window_matches_qemu(samples: Path, name: str, window: list[str],
     assert (i.rc, i.normalised_stderr()) == (q.rc, q.normalised_stderr())
     if q.rc == 0:
         assert ours.read_bytes() == theirs.read_bytes()
-
-
-@pytest.mark.parametrize("name", sorted(NOT_READ_YET))
-def test_formats_not_read_yet_are_refused_by_name(samples: Path, name: str,
-                                                  tmp_path: Path) -> None:
-    result = run_instar("convert", "-O", "raw", str(samples / name), str(tmp_path / "out"))
-    assert result.rc == 1 and not (tmp_path / "out").exists()
-    assert f"{NOT_READ_YET[name]}: reading this format is not supported yet" in result.stderr

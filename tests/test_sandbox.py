@@ -256,3 +256,37 @@ def test_a_running_worker_seen_from_outside(tmp_path: Path) -> None:
 def test_errors_in_the_worker_stay_one_line(tmp_path: Path) -> None:
     with pytest.raises(InstarError, match="internal error in the worker: ZeroDivisionError"):
         in_worker(lambda: 1 // 0)
+
+
+@pytest.mark.parametrize("sonames", ["{'c': 'libc.so.6', 'seccomp': 'libseccomp.so.2'}",
+                                     "{'c': 'libc.so.6', 'seccomp': 'libnothing.so.9'}"])
+def test_seccomp_loads_with_known_sonames_or_the_real_lookup(sonames: str) -> None:
+    """pyseccomp is lent the sonames (fast); with a wrong one it still loads
+    through ctypes.util, and the lent module is never left behind."""
+    code = ("import sys; from instar import sandbox; sandbox._SONAMES = " + sonames + "; "
+            "sc = sandbox._import_pyseccomp(); import ctypes.util; "
+            "print(sc._libseccomp_path, ctypes.util.find_library.__module__)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    path, module = proc.stdout.split()
+    assert "seccomp" in path and module == "ctypes.util"
+
+
+def test_a_worker_stopped_after_its_commit_leaves_no_output(tmp_path: Path) -> None:
+    """The output takes its name when the result comes, not when the worker
+    asks: a timeout between the two leaves nothing, and no existing target
+    is replaced."""
+    target = tmp_path / "out.img"
+    target.write_bytes(b"old contents")
+
+    def job(broker: Broker, events: EventSink) -> None:
+        out = broker.create_output(str(target))
+        pwrite_all(out.fd, b"new", 0)
+        broker.commit_output(False)
+        time.sleep(30)
+
+    with pytest.raises(WorkerLimitError, match=r"took longer than 1 s"):
+        run_job(job, PathPolicy([]), SandboxSettings("require", timeout=1.0), inputs=[],
+                outputs=[str(target)])
+    assert os.listdir(tmp_path) == ["out.img"] and target.read_bytes() == b"old contents"

@@ -24,15 +24,16 @@ from instar.image import Concatenation, Image, Window
 from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image, write_in_place
 from instar.safety import AllowedDirs, PathPolicy
-from instar.worker import SandboxSettings, output_modules, run_job
+from instar.worker import SandboxSettings, run_job
 
 
 def output_format(name: str) -> Format:
     """The writable format ``name``, with qemu-img convert's message otherwise."""
+    refusal = registry.creation_refusal(name)
+    if refusal is not None:
+        raise UnsupportedError(refusal)
     fmt = registry.get(name)
     if fmt is None:
-        if registry.is_recognised_only(name):
-            raise UnsupportedError(registry.unsupported_message(name, writing=True))
         raise OutputError(f"Unknown file format '{name}'")
     return fmt
 
@@ -75,8 +76,7 @@ def convert(
 
     run_job(job, policy, sandbox, events,
             inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path],
-            force_share=force_share,
-            preload=output_modules(output_format_name, create_options.compress))
+            force_share=force_share)
 
 
 def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], output_path: str,

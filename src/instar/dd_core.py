@@ -31,7 +31,7 @@ from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image
 from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import INT64_MAX
-from instar.worker import SandboxSettings, output_modules, run_job
+from instar.worker import SandboxSettings, run_job
 
 DEFAULT_BS = 512
 
@@ -111,9 +111,7 @@ def dd(
 
     start, length, skipped = run_job(job, policy, sandbox, events,
                                      inputs=[input_path], outputs=[output_path],
-                                     force_share=force_share,
-                                     preload=output_modules(output_format,
-                                                            create_options.compress))
+                                     force_share=force_share)
     return DdWindow(int(start), int(length), bool(skipped))
 
 
@@ -124,10 +122,11 @@ def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str
     opener = ImageOpener(broker=broker)
     try:
         image = opener.open(input_path, input_format)
+        refusal = registry.creation_refusal(output_format)
+        if refusal is not None:
+            raise OutputError(refusal)
         out_fmt = registry.get(output_format)
         if out_fmt is None:
-            if registry.is_recognised_only(output_format):
-                raise OutputError(registry.unsupported_message(output_format, writing=True))
             raise OutputError("Unknown file format")
         window = dd_window(image.virtual_size, bs, count, skip)
         broker.check_output(output_path)

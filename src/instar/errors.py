@@ -96,6 +96,11 @@ class UnsupportedError(InstarError):
     """A feature qemu supports that instar does not (yet): refused clearly."""
 
 
+class UnknownFeatureError(UnsupportedError):
+    """An image sets a feature bit no reader knows (qcow2's unknown incompatible
+    features): refused, and reported by ``inspect`` as its own finding."""
+
+
 class PolicyError(InstarError):
     """A path or resource the safety policy does not allow."""
 
@@ -152,3 +157,10 @@ class ReadError(InstarError):
 
 class WorkerLimitError(InstarError):
     """The sandboxed worker hit one of its limits (memory, CPU, wall clock) or died."""
+
+
+class ChecksNotSupportedError(InstarError):
+    """The format has no structural check (raw, vpc): qemu-img check's exit status 63."""
+
+    def __init__(self, message: str = "This image format does not support checks") -> None:
+        super().__init__(message)

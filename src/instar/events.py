@@ -39,7 +39,44 @@ class Notice(NamedTuple):
     text: str
 
 
-Event = Progress | Advance | Line | Notice
+class MapEntry(NamedTuple):
+    """One line of ``qemu-img map`` (qemu's MapEntry): ``length`` bytes from
+    ``start`` answered ``depth`` layers down the chain; ``offset`` and
+    ``filename`` where the bytes lie in a file (None where qemu knows no
+    offset: compressed or unallocated data, zeros without a cluster)."""
+
+    start: int
+    length: int
+    depth: int
+    present: bool
+    zero: bool
+    data: bool
+    offset: int | None
+    filename: str | None
+
+
+class Mapped(NamedTuple):
+    """map's next entries, merged as qemu merges them, in order."""
+
+    entries: list[MapEntry]
+
+
+def map_entry_from_data(data: object) -> MapEntry:
+    """The MapEntry a worker sent (JSON made it a list); ValueError unless
+    every field has its type and no number is negative."""
+    if not isinstance(data, list) or len(data) != len(MapEntry._fields):
+        raise ValueError("a malformed map entry")
+    start, length, depth, present, zero, is_data, offset, filename = data
+    numbers_ok = all(type(n) is int and n >= 0 for n in (start, length, depth))
+    flags_ok = all(type(flag) is bool for flag in (present, zero, is_data))
+    if not (numbers_ok and flags_ok
+            and (offset is None or (type(offset) is int and offset >= 0))
+            and (filename is None or type(filename) is str)):
+        raise ValueError("a malformed map entry")
+    return MapEntry(start, length, depth, present, zero, is_data, offset, filename)
+
+
+Event = Progress | Advance | Line | Notice | Mapped
 EventSink = Callable[[Event], None]
 
 

@@ -67,6 +67,9 @@ class InputFile(ExactReads):
             data = b"".join(parts)
         return data
 
+    def allocated_size(self) -> int:
+        """The bytes the file system allocated for the file (st_blocks * 512)."""
+        return os.fstat(self.fd).st_blocks * 512
 
     def close(self) -> None:
         if self.fd >= 0:

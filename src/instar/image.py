@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
-from instar.errors import FormatError, ImageReadError
+from instar.errors import FormatError, ImageReadError, UnsupportedError
 
 if TYPE_CHECKING:
     from instar.files import ExactReads, InputFile
@@ -276,13 +276,14 @@ class BlockImage:
     def read(self, offset: int, length: int) -> bytes:
         """``length`` bytes at ``offset``: host runs that continue each other
         in one file are read with one pread; a single piece is returned as is.
-        A malformed structure raises `ImageReadError` naming the image."""
+        A malformed structure, or data stored in a way instar cannot decode (a
+        dmg chunk compressed with lzfse), raises `ImageReadError` naming the image."""
         check_range(self, offset, length)
         try:
             return self._read(offset, length)
         except ImageReadError:
             raise  # from a backing image, named already
-        except FormatError as error:
+        except (FormatError, UnsupportedError) as error:
             raise ImageReadError(self.driver.name, str(error)) from None
 
     def _read(self, offset: int, length: int) -> bytes:
@@ -361,7 +362,7 @@ class BlockImage:
             yield from self.driver.map(offset, length)
         except ImageReadError:
             raise
-        except FormatError as error:
+        except (FormatError, UnsupportedError) as error:
             raise ImageReadError(self.driver.name, str(error)) from None
 
     def _extents(self, offset: int, length: int) -> Iterator[Extent]:
@@ -388,14 +389,14 @@ class BlockImage:
 
     # --- block status ----------------------------------------------------------
 
-    def status_runs(self) -> Iterator[Run]:
-        """qemu's answers for this layer alone over the whole image, in order."""
+    def status_runs(self, start: int = 0) -> Iterator[Run]:
+        """qemu's answers for this layer alone from ``start`` to the end, in order."""
         size = self.virtual_size
         if self.driver.generic_status:
-            if size:
+            if start < size:
                 yield Run(0, size, DATA)
             return
-        for run in self._answers(0, size):
+        for run in self._answers(start, max(0, size - start)):
             yield run if not run.flags & COMPRESSED else run._replace(flags=run.flags & ~COMPRESSED)
 
     def close(self) -> None:
@@ -412,20 +413,39 @@ def _pread_padded(file: ExactReads | None, offset: int, length: int) -> bytes:
     return data if len(data) == length else data + bytes(length - len(data))
 
 
-class StatusLayer:
-    """qemu's ``bdrv_block_status_above`` over a chain: a layer's answers and,
-    where it has nothing, its backing layer's. Queries go forward only."""
+class Status(NamedTuple):
+    """qemu's answer for a guest offset, from a walk down a chain (`StatusLayer`)."""
 
-    def __init__(self, image: Image) -> None:
+    flags: int  # DATA, ZERO, OFFSET_VALID, ALLOCATED
+    piece_end: int  # where qemu's answer ends
+    end: int  # where this run of equal answers ends
+    depth: int = 0  # how many layers below the top the answer comes from
+    file: ExactReads | None = None  # with OFFSET_VALID: the file holding the bytes
+    host: int = 0  # with OFFSET_VALID: where the queried offset lies in ``file``
+
+
+class StatusLayer:
+    """qemu's block status down a chain: a layer's answers and, where it has
+    nothing, its backing layer's. Queries go forward only, from ``start``.
+
+    ``above`` picks which of qemu's two walks: ``bdrv_block_status_above``
+    (compare), where zeros past the end of a shorter backing image count as
+    allocated there; or qemu-img map's, which asks each layer on its own
+    (``bdrv_block_status``) and goes down while a layer has nothing, so those
+    zeros are the upper layer's own, not allocated.
+    """
+
+    def __init__(self, image: Image, start: int = 0, *, above: bool = True) -> None:
         self.size = image.virtual_size
+        self._above = above
         self._backing: StatusLayer | None = None
         if isinstance(image, BlockImage):
-            self._runs = image.status_runs()
+            self._runs = image.status_runs(start)
             backing = image.backing
             if backing is not None and not image.driver.generic_status:
-                self._backing = StatusLayer(backing)
+                self._backing = StatusLayer(backing, start, above=above)
         else:
-            self._runs = runs_from_extents(image)
+            self._runs = runs_from_extents(image, start)
         self._run: Run | None = None
 
     def _at(self, offset: int) -> Run:
@@ -436,19 +456,29 @@ class StatusLayer:
     def query(self, offset: int) -> tuple[int, int, int]:
         """(flags with ALLOCATED, end of qemu's answer, end of the run) at
         ``offset``; EOF is the caller's (the answer reaches the image end)."""
+        return self.status(offset)[:3]
+
+    def status(self, offset: int) -> Status:
+        """The answer at ``offset``: flags, where it ends, from how deep, where."""
         run = self._at(offset)
         flags = run.flags & STATUS_FLAGS
         piece_end = run.piece_end(offset)
+        backing = self._backing
         if flags & (DATA | ZERO):
-            return flags | ALLOCATED, piece_end, run.end
-        if self._backing is None:
-            return flags | ZERO, piece_end, run.end
-        if offset >= self._backing.size:
+            flags |= ALLOCATED
+        elif backing is None or (offset >= backing.size and not self._above):
+            flags |= ZERO  # nothing below, or past its end: zeros, not allocated
+        elif offset >= backing.size:
             # Past the end of a shorter backing file: qemu synthesises zeros
             # "allocated" there.
-            return ZERO | ALLOCATED, piece_end, run.end
-        below, below_piece, below_run = self._backing.query(offset)
-        return below, min(piece_end, below_piece), min(run.end, below_run)
+            return Status(ZERO | ALLOCATED, piece_end, run.end)
+        else:
+            below = backing.status(offset)
+            return below._replace(piece_end=min(piece_end, below.piece_end),
+                                  end=min(run.end, below.end), depth=below.depth + 1)
+        if flags & OFFSET_VALID:
+            return Status(flags, piece_end, run.end, 0, run.file, run.host + offset - run.start)
+        return Status(flags, piece_end, run.end)
 
     def piece_start(self, position: int) -> int:
         """Where qemu's answer that holds ``position`` begins (``position``
@@ -460,11 +490,11 @@ class StatusLayer:
         return max(start, self._backing.piece_start(position))
 
 
-def runs_from_extents(image: Image) -> Iterator[Run]:
+def runs_from_extents(image: Image, start: int = 0) -> Iterator[Run]:
     """Block status of an image that is no `BlockImage` (a Window...): raw's,
-    data or zeros, both at a valid offset, in maximal runs."""
+    data or zeros, both at a valid offset, in maximal runs, from ``start``."""
     pending: Run | None = None
-    for extent in image.extents(0, image.virtual_size):
+    for extent in image.extents(start, max(0, image.virtual_size - start)):
         flags = DATA | OFFSET_VALID if extent.kind is ExtentKind.DATA else ZERO | OFFSET_VALID
         if pending is not None and pending.flags == flags:
             pending = pending._replace(end=extent.end)

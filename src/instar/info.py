@@ -15,7 +15,6 @@ modules state their data in QAPI schema order and never think about it.
 from __future__ import annotations
 
 import fcntl
-import os
 import struct
 import time
 from dataclasses import asdict, dataclass, field
@@ -85,7 +84,7 @@ def full_backing_filename(image_filename: str, backing: str) -> str:
 
 def allocated_bytes(file: InputFile) -> int:
     """"disk size": the bytes the file system allocated (st_blocks * 512)."""
-    return os.fstat(file.fd).st_blocks * 512
+    return file.allocated_size()
 
 
 _FS_IOC_FSGETXATTR = 0x801C581F  # _IOR('X', 31, struct fsxattr), 28 bytes
@@ -178,13 +177,8 @@ def collect(
         return infos
 
     infos: list[NodeInfo] = run_job(job, policy, sandbox, host_side=facts,
-                                      inputs=[path], force_share=force_share,
-                                      preload=DESCRIBE_MODULES)
+                                      inputs=[path], force_share=force_share)
     return infos
-
-
-# What describing needs besides the readers (the formats' info modules).
-DESCRIBE_MODULES = ("instar.formats.qcow2.info", "instar.formats.vmdk.info")
 
 
 def _collect_job(broker: Broker, path: str, fmt: str | None, chain: bool) -> list[NodeInfo]:

@@ -218,13 +218,15 @@ class ImageOpener:
         return self.open_node(path, fmt_name).image
 
     def open_node(
-        self, path: str, fmt_name: str | None = None, *, with_backing: bool = True
+        self, path: str, fmt_name: str | None = None, *, with_backing: bool = True,
+        checking: bool = False,
     ) -> OpenedNode:
         """Open ``path`` and say how: the Image, its format and its file.
 
         Without ``with_backing`` the backing file is named but never opened,
         and unallocated parts read as zeros (qemu's BDRV_O_NO_BACKING); data
         files and extents are still opened, as they hold the image itself.
+        ``checking`` opens the image for ``check`` (qemu's BDRV_O_CHECK).
         """
         if not path:
             raise ImageOpenError(path, "The 'file' block driver requires a file name")
@@ -232,7 +234,8 @@ class ImageOpener:
             file = self.broker.open_image_file(path)
         except OSError as error:
             raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-        return self.open_file_node(file, path, fmt_name, with_backing=with_backing, depth=0)
+        return self.open_file_node(file, path, fmt_name, with_backing=with_backing, depth=0,
+                                   checking=checking)
 
     def open_named_node(
         self, name: str, relative_to: str, fmt_name: str | None, *, with_backing: bool
@@ -248,13 +251,14 @@ class ImageOpener:
 
     def open_file_node(
         self, file: InputFile, path: str, fmt_name: str | None, *, with_backing: bool,
-        depth: int,
+        depth: int, checking: bool = False,
     ) -> OpenedNode:
         """The node for an already-open ``file``, named ``path`` in messages."""
         if not (file.is_regular or file.is_block_device):
             raise ImageOpenError(path, f"'file' driver requires '{path}' to be a regular file")
         fmt = self.choose_format(file, path, fmt_name)
-        resolver = ChainResolver(self, depth) if with_backing else NoBackingResolver(self, depth)
+        kind = ChainResolver if with_backing else NoBackingResolver
+        resolver = kind(self, depth, checking)
         try:
             image = BlockImage(fmt.open(file, resolver))
         except ChainDepthError as error:
@@ -298,7 +302,7 @@ def open_error(path: str, error: FormatError | UnsupportedError | OSError) -> Im
     if isinstance(error, DriverError):  # a driver failing without a message: named twice
         return ImageOpenError(path, f"Could not open '{path}': {error}")
     opened = ImageOpenError(path, str(error))
-    opened.hint = error.hint
+    opened.hint = error.hint  # qemu's advice after the message, if the format gave one
     return opened
 
 
@@ -320,6 +324,7 @@ class ChainResolver:
     opener: ImageOpener
     depth: int
     reads_data = True  # a class attribute, not a field
+    checking: bool = False  # opened for check (qemu's BDRV_O_CHECK): the top image only
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         if self.depth + 1 > MAX_CHAIN_DEPTH:

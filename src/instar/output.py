@@ -416,7 +416,7 @@ def fill_output(
     """
     try:
         writer = spec.format.create(out, spec.virtual_size, spec.options)
-    except ImageOpenError:  # created, but qemu cannot open what it made: its open error
+    except ImageOpenError:  # qemu creates such an image, then cannot open it: its words
         raise
     except InstarError as error:  # the driver refused: qemu prefixes its message
         raise CreationError(str(error)) from None

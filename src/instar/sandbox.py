@@ -18,7 +18,9 @@ child, for ``instar --sandbox-status``.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import resource
 import signal
@@ -200,9 +202,42 @@ CLONE_THREAD = 0x00010000
 AT_EMPTY_PATH = 0x1000
 
 
+# The libraries pyseccomp loads, by their Linux sonames.
+_SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
+
+
+def _import_pyseccomp() -> Any:
+    """pyseccomp, imported without `ctypes.util`.
+
+    pyseccomp looks its two libraries up with ``ctypes.util.find_library``,
+    whose import (subprocess, tempfile, shutil...) and two runs of ldconfig
+    were most of a worker's start-up. Their sonames are fixed on Linux, so
+    pyseccomp is lent a ``ctypes.util`` that names them; where that fails (a
+    system with other sonames) the real one is used."""
+    import ctypes
+    import sys
+    import types
+
+    if "ctypes.util" not in sys.modules and "pyseccomp" not in sys.modules:
+        lent = types.ModuleType("ctypes.util")
+        lent.find_library = _SONAMES.get  # type: ignore[attr-defined]
+        sys.modules["ctypes.util"] = ctypes.util = lent  # type: ignore[attr-defined]
+        try:
+            import pyseccomp
+            return pyseccomp
+        except OSError:
+            pass  # not these sonames: the real lookup below
+        finally:
+            del sys.modules["ctypes.util"], ctypes.util  # type: ignore[attr-defined]
+    import pyseccomp
+    return pyseccomp
+
+
+@functools.cache
 def _seccomp_filter() -> Any:
-    """The allow-list, built (libseccomp loaded) while files can still be opened."""
-    import pyseccomp as sc
+    """The allow-list, built (libseccomp loaded) while files can still be opened;
+    built once per process: workers forked later inherit it (`prepare`)."""
+    sc = _import_pyseccomp()
 
     rules = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
     for name in _ALLOWED_SYSCALLS:
@@ -236,6 +271,14 @@ class LayerState(NamedTuple):
     name: str
     on: bool
     detail: str  # what is on ("Landlock ABI 7"), or why it is not
+
+
+def prepare() -> None:
+    """Do in the host, before forking, the part of confinement that does not
+    depend on the job: load libseccomp and build the allow-list. A process
+    that runs many jobs (the Python API) then pays it once, not per worker."""
+    with contextlib.suppress(OSError, ImportError, ValueError):
+        _seccomp_filter()
 
 
 def apply(limits: Limits) -> list[LayerState]:

@@ -24,19 +24,30 @@ import signal
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 from instar import errors
 from instar.errors import InstarError, WorkerLimitError
-from instar.events import Advance, Event, EventSink, Line, Notice, Progress
+from instar.events import (
+    Advance,
+    Event,
+    EventSink,
+    Line,
+    Mapped,
+    Notice,
+    Progress,
+    map_entry_from_data,
+)
 from instar.files import InputFile
 from instar.formats.base import OutputFile
 from instar.opener import Broker, HostBroker
 from instar.safety import PathPolicy
-from instar.sandbox import DEFAULT_TIMEOUT, LayerState, Limits, apply
+from instar.sandbox import DEFAULT_TIMEOUT, LayerState, Limits, apply, prepare
 from instar.signals import TERMINATING, deferred
+from instar.worker_imports import import_extensions, import_from_host, module_reply
 
 Job = Callable[[Broker, EventSink], Any]  # returns plain (JSON) data
 
@@ -149,6 +160,7 @@ _EVENTS: dict[str, tuple[type[Event], tuple[type, ...]]] = {
     "Advance": (Advance, (int, int)),
     "Line": (Line, (str,)),
     "Notice": (Notice, (str,)),
+    "Mapped": (Mapped, (list,)),
 }
 
 
@@ -160,6 +172,8 @@ def event_from_data(data: dict[str, Any]) -> Event:
     cls, types = spec
     if not all(isinstance(value, kind_) for value, kind_ in zip(fields, types, strict=True)):
         raise ProtocolError(f"a malformed {kind} event")
+    if cls is Mapped:
+        return Mapped([map_entry_from_data(entry) for entry in fields[0]])
     return cls(*fields)
 
 
@@ -167,15 +181,28 @@ def event_from_data(data: dict[str, Any]) -> Event:
 
 
 class WorkerBroker:
-    """The broker inside the worker: every file comes from the host."""
+    """The broker inside the worker: every file (and every module imported
+    once confined) comes from the host. One request and its answer at a time:
+    a compression thread's import waits for the job's open."""
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
+        self._turn = threading.RLock()
         self.opened: list[InputFile] = []
 
+    def tell(self, message: dict[str, Any]) -> None:
+        """Send ``message``, which needs no answer (an event, the result)."""
+        with self._turn:
+            self._channel.send(message)
+
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
+        """The host's answer to ``request``, which carries no descriptor."""
+        return self._ask(request)[0]
+
     def _ask(self, request: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
-        self._channel.send(request)
-        reply, fds = self._channel.receive()
+        with self._turn:
+            self._channel.send(request)
+            reply, fds = self._channel.receive()
         if reply is None:
             raise ProtocolError("the host went away")
         if "error" in reply:
@@ -221,49 +248,11 @@ class WorkerBroker:
         self.opened.clear()
 
 
-# What every job may need: the format readers (any format can appear in a
-# chain), the codecs their names are in, zstd for compressed qcow2 clusters.
-_READERS = (
-    "instar.formats.raw", "instar.formats.qcow2.reader", "instar.formats.vmdk.reader",
-    "instar.formats.vpc.reader", "instar.formats.vhdx.reader", "instar.formats.qed.reader",
-    "instar.formats.qcow.reader",
-)
-
-
-def output_modules(format_name: str, compress: bool) -> list[str]:
-    """What a job writing ``format_name`` needs besides the readers."""
-    modules = [] if format_name == "raw" else [f"instar.formats.{format_name}.writer"]
-    if compress or format_name == "vmdk":  # the compression pool's threads
-        modules.append("concurrent.futures.thread")
-    return modules
-
-
-def _prepare_worker(preload: Sequence[str]) -> None:
-    """Import everything the job may need while files can still be opened:
-    once confined, the worker cannot read a module from disk. Only what the
-    job names (``preload``) besides the readers, so a worker starts fast."""
-    import codecs
-    import importlib
-
-    from instar.formats.common import zstd_module
-
-    for name in _READERS:
-        importlib.import_module(name)
-    for name in preload:
-        with contextlib.suppress(ImportError):  # a format instar cannot write: refused later
-            importlib.import_module(name)
-    with contextlib.suppress(ImportError):
-        zstd_module()
-    for encoding in ("utf-16-le", "utf-16-be", "ascii", "latin-1", "unicode_escape"):
-        codecs.lookup(encoding)
-
-
-def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings,
-                 preload: Sequence[str]) -> int:
-    """The worker: confine, run the job, report; returns the exit status."""
+def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings) -> int:
+    """The worker: confine, run the job, report; returns the exit status.
+    Modules the job needs come from the host once the worker is confined."""
     channel = Channel(sock)
     _keep_only(sock.fileno())
-    _prepare_worker(preload)
     states = apply(settings.limits)
     missing = [state for state in states if not state.on]
     if missing and settings.mode == "require":
@@ -273,15 +262,16 @@ def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings,
         return 1
     channel.send({"layers": [[s.name, s.on, s.detail] for s in states]})
     broker = WorkerBroker(channel)
+    import_from_host(broker.ask)
 
     def send_event(event: Event) -> None:
-        channel.send(event_to_data(event))
+        broker.tell(event_to_data(event))
 
     try:
         result = job(broker, send_event)
-        channel.send({"result": result})
+        broker.tell({"result": result})
     except BaseException as error:  # every failure goes to the host as data
-        channel.send({"error": error_to_data(error)})
+        broker.tell({"error": error_to_data(error)})
     finally:
         broker.close()
     return 0
@@ -325,15 +315,14 @@ def run_job(job: Job, policy: PathPolicy, settings: SandboxSettings | None = Non
             events: EventSink | None = None,
             host_side: Callable[[HostBroker, Any], Any] | None = None, *,
             inputs: Sequence[str], outputs: Sequence[str] = (),
-            force_share: bool = False, preload: Sequence[str] = ()) -> Any:
+            force_share: bool = False) -> Any:
     """Run ``job`` in a sandboxed worker (in-process with mode off) and return
     its result; the host serves its requests with a `HostBroker` under
     ``policy``, and removes an output the job did not commit. ``host_side``
     turns the result into the answer while the host's files are still open
     (info's file facts). The job may open only the images in ``inputs`` and
     create only the outputs in ``outputs``, besides what the policy allows;
-    ``force_share`` (-U) reads images a running qemu holds locks on;
-    ``preload`` names the modules the job needs besides the readers."""
+    ``force_share`` (-U) reads images a running qemu holds locks on."""
     settings = settings or current_settings()
     sink = events or (lambda event: None)
     host = HostBroker(policy, frozenset(inputs), frozenset(outputs), force_share)
@@ -341,17 +330,19 @@ def run_job(job: Job, policy: PathPolicy, settings: SandboxSettings | None = Non
         if settings.mode == "off":
             result = job(host, sink)
         else:
-            result = _run_forked(job, host, settings, sink, preload)
+            result = _run_forked(job, host, settings, sink)
         return result if host_side is None else host_side(host, result)
     finally:
         host.close()
 
 
-def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: EventSink,
-                preload: Sequence[str]) -> Any:
+def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings,
+                events: EventSink) -> Any:
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
+    import_extensions()  # once per process: every later worker inherits them
+    prepare()
     parent = os.getpid()
     pid = 0
     host_end: socket.socket | None = None
@@ -366,7 +357,7 @@ def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings, events: E
                 try:
                     _become_worker(parent)
                     host_end.close()
-                    status = _worker_main(worker_end, job, settings, preload)
+                    status = _worker_main(worker_end, job, settings)
                 finally:
                     os._exit(status)
             worker_end.close()
@@ -410,7 +401,11 @@ def report_missing_layers(states: list[LayerState]) -> None:
 
 def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettings,
            events: EventSink) -> Any:
+    """Answer the worker until its result comes. The output it commits takes
+    its name only then: a worker stopped (timeout, limit, death) after asking
+    leaves nothing behind, and the result and the output never disagree."""
     deadline = time.monotonic() + settings.timeout
+    commit: bool | None = None  # the durability the worker's commit asked for
     while True:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -428,6 +423,8 @@ def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettin
             raise _died(pid, settings)
         try:
             if "result" in message:
+                if commit is not None:
+                    host.commit_output(commit)
                 return message["result"]
             if "error" in message:
                 raise error_from_data(message["error"], settings.limits)
@@ -436,6 +433,9 @@ def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettin
             elif "layers" in message:
                 report_missing_layers([LayerState(str(n), bool(o), str(d))
                                        for n, o, d in message["layers"]])
+            elif message.get("request") == "commit_output":
+                commit = bool(message["durable"])
+                channel.send({"done": True})
             elif "request" in message:
                 _answer(channel, host, message)
             else:
@@ -464,9 +464,8 @@ def _answer(channel: Channel, host: HostBroker, message: dict[str, Any]) -> None
         elif request == "check_output":
             host.check_output(str(message["target"]))
             channel.send({"done": True})
-        elif request == "commit_output":
-            host.commit_output(bool(message["durable"]))
-            channel.send({"done": True})
+        elif request == "module":
+            channel.send(module_reply(str(message["name"])))
         else:
             raise ProtocolError(f"an unknown request {request!r}")
     except (InstarError, OSError) as error:

@@ -42,6 +42,9 @@ COMMANDS = {
     "convert": "instar.cli.convert",
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
+    "check": "instar.cli.check",
+    "inspect": "instar.cli.inspect",
+    "map": "instar.cli.map",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -52,15 +55,21 @@ instar version {version} - a safe, qemu-img-compatible disk image toolkit
 usage: instar [standard options] command [command options]
 
 Command syntax:
+  check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
   compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
 filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \
 [-o options] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--allow dir] \
-filename [filename2 [...]] output_filename
-  dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] \
+[--require-safe] filename [filename2 [...]] output_filename
+  dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] [--require-safe] \
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir] \
 [--qemu-version version] filename
+  inspect [-U] [-f claimed] [--output=ofmt] [--allow-backing] [--allow-data-file] \
+[--allow-extents] [--accept codes] [--vmdk-types T1,T2] [--allow-formats F1,F2] \
+[--policy file] [--allow dir] filename
+  map [-U] [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] \
+[--allow dir] filename
 
 Standard options:
   -h, --help       display this help and exit

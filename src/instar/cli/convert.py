@@ -26,7 +26,7 @@ from instar.sizes import INT64_MAX, parse_long
 HELP = """\
 usage: instar convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache]
                       [-O output_fmt] [-o options] [-S sparse_size] [-r rate_limit]
-                      [-m num_coroutines] [-W] [--allow dir]
+                      [-m num_coroutines] [-W] [--allow dir] [--require-safe]
                       filename [filename2 [...]] output_filename
 
 Convert images (concatenated in order) into a new image, as qemu-img convert does.
@@ -47,6 +47,8 @@ Convert images (concatenated in order) into a new image, as qemu-img convert doe
   -q                 quiet: no progress
   -U, --force-share  read inputs a running qemu holds a write lock on
   --allow dir        backing and data files may also come from dir (not in qemu-img)
+  --require-safe     refuse an input that instar inspect calls unsafe, before
+                     writing anything (not in qemu-img)
   -h, --help         show this help
 
 Not supported (refused): --object objectdef, --image-opts, --target-image-opts,
@@ -57,7 +59,8 @@ Not supported (refused): --object objectdef, --image-opts, --target-image-opts,
 SHORT_OPTIONS = "hf:O:co:S:pqnUt:T:m:Wr:B:F:l:C"
 LONG_OPTIONS = {"help": False, "image-opts": False, "target-image-opts": False,
                 "force-share": False, "object": True, "allow": True, "salvage": False,
-                "target-is-zero": False, "bitmaps": False, "skip-broken-bitmaps": False}
+                "target-is-zero": False, "bitmaps": False, "skip-broken-bitmaps": False,
+                "require-safe": False}
 UNSUPPORTED = ("--image-opts", "--target-image-opts", "--object", "-B", "-F", "-l", "-C",
                "--salvage", "--target-is-zero", "--bitmaps", "--skip-broken-bitmaps")
 MAX_SPARSE = 16 << 20
@@ -99,7 +102,7 @@ def run(args: list[str]) -> int:
     sparse = 4096
     progress = quiet = no_create = force_share = False
     allow: list[str] = []
-    wants_help = False
+    wants_help = require_safe = False
     cache, source_cache = "unsafe", "writeback"
     for option, value in parsed.options:
         if option in ("-h", "--help"):
@@ -127,6 +130,8 @@ def run(args: list[str]) -> int:
             no_create = True
         elif option == "--allow":
             allow.append(value)
+        elif option == "--require-safe":
+            require_safe = True
         elif option in ("-U", "--force-share"):
             force_share = True
         elif option == "-t":
@@ -152,6 +157,11 @@ def run(args: list[str]) -> int:
         raise UsageError(f"Invalid source cache option: {source_cache}")
     if cache not in CACHE_MODES:
         raise UsageError(f"Invalid cache option: {cache}")
+    if require_safe:
+        from instar.inspection import require_safe as check_safe
+
+        check_safe(parsed.operands[:-1], input_format, allow=tuple(allow),
+                   force_share=force_share)
     from instar.convert import convert
 
     meter = ProgressMeter() if progress and not quiet else None

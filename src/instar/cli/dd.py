@@ -2,7 +2,8 @@
 
 Order, as qemu-img: options, operands left to right, if/of present, open the
 input, look up the output format, create the output, copy. Extensions beyond
-qemu-img dd (documented in docs/cli.md): ``-o``, ``-c``, ``-p``, ``--allow``.
+qemu-img dd (documented in docs/cli.md): ``-o``, ``-c``, ``-p``, ``--allow``,
+``--require-safe``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from instar.sizes import INT64_MAX
 
 HELP = """\
 usage: instar dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir]
-                 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
+                 [--require-safe] [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
 
 Copy a window of an image into a new image, exactly as qemu-img dd does.
   bs=block_size      bytes per block (1 to 2147483647, default 512; k M G T P E suffixes)
@@ -34,6 +35,8 @@ Copy a window of an image into a new image, exactly as qemu-img dd does.
   -p                 show progress (not in qemu-img dd)
   -U, --force-share  read an input a running qemu holds a write lock on
   --allow dir        backing and data files may also come from dir (not in qemu-img)
+  --require-safe     refuse an input that instar inspect calls unsafe, before
+                     writing anything (not in qemu-img)
   -h, --help         show this help
 
 Not supported (refused): --object objectdef, --image-opts
@@ -41,7 +44,7 @@ Not supported (refused): --object objectdef, --image-opts
 
 SHORT_OPTIONS = "hf:O:Uo:cp"
 LONG_OPTIONS = {"help": False, "image-opts": False, "force-share": False, "object": True,
-                "allow": True}
+                "allow": True, "require-safe": False}
 
 
 @dataclass
@@ -59,6 +62,7 @@ class DdRequest:
     progress: bool = False
     force_share: bool = False
     allow: list[str] = field(default_factory=list)
+    require_safe: bool = False
 
 
 def check_option_list(text: str) -> None:
@@ -106,6 +110,8 @@ def parse_dd_args(args: list[str]) -> DdRequest | None:
             request.progress = True
         elif option == "--allow":
             request.allow.append(value)
+        elif option == "--require-safe":
+            request.require_safe = True
         elif option in ("--image-opts", "--object"):
             raise UnsupportedError(f"{option} is not supported")
         elif option in ("-U", "--force-share"):
@@ -139,6 +145,11 @@ def run(args: list[str]) -> int:
         return 0
     if request.input_path is None or request.output_path is None:
         raise UsageError("Must specify both input and output files")
+    if request.require_safe:
+        from instar.inspection import require_safe
+
+        require_safe([request.input_path], request.input_format, allow=tuple(request.allow),
+                     force_share=request.force_share)
     from instar.dd_core import dd
 
     meter = ProgressMeter() if request.progress else None

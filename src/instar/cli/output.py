@@ -89,6 +89,16 @@ def report_hint(text: str) -> None:
     _write_stderr(text)
 
 
+def report_lines(lines: list[tuple[str, bool]]) -> None:
+    """Lines on stderr at once (a check may print a hundred thousand), each
+    (text, prefixed): with the program's prefix as error_report prints, or as
+    it stands as fprintf prints; control characters escaped (the text may
+    quote an image)."""
+    if lines:
+        _write_stderr("\n".join(f"{PROGRAM}: {escape_controls(text)}" if prefixed
+                                 else escape_controls(text) for text, prefixed in lines))
+
+
 def _detach(stream: Any) -> None:
     """After a failed write to the process's own stdout or stderr, point that
     descriptor at /dev/null: what the stream still buffers then goes nowhere

@@ -16,6 +16,7 @@ from instar.formats.options import OptionSchema as OptionSchema  # re-exported
 from instar.formats.options import ParsedOptions as ParsedOptions  # re-exported
 
 if TYPE_CHECKING:
+    from instar.findings import CheckResult
     from instar.image import Driver, Image
 
 
@@ -23,13 +24,15 @@ class Resolver(Protocol):
     """Host-side services a reader may ask for: files named inside an image.
 
     The host resolves the name against the allowlist and the chain-depth
-    limit, so format code never touches the file system itself.
-    ``reads_data`` is False when the image is opened for its metadata only
-    (qemu's BDRV_O_NO_IO: ``info``): a format that needs a key to read its
-    data (an encrypted qcow) opens anyway, to be described.
+    limit, so format code never touches the file system itself. A resolver
+    may have ``checking`` True (read with ``getattr``, default False): qemu's
+    BDRV_O_CHECK, the image is opened for ``check``, which reports what
+    opening would otherwise refuse (a VHDX BAT entry past the end).
+    A resolver may have ``reads_data`` False (read with ``getattr``, default
+    True): the image is opened for its metadata only (qemu's BDRV_O_NO_IO:
+    ``info``), so a format that needs a key to read its data (an encrypted
+    qcow) opens anyway, to be described.
     """
-
-    reads_data: bool
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         """Open the backing image ``name`` that ``child`` refers to."""
@@ -108,6 +111,10 @@ class Format(Protocol):
 
     def describe(self, driver: Driver) -> FormatDetails:
         """What ``qemu-img info`` shows beyond the size and name of an image."""
+        ...
+
+    def check(self, driver: Driver) -> CheckResult:
+        """What ``qemu-img check`` finds in the layer ``open`` returned."""
         ...
 
 
@@ -191,6 +198,7 @@ class FormatBase:
     reader: str  # (file, resolver) -> Driver
     writer: str  # (out, virtual_size, options) -> Writer
     describer: str | None = None  # (driver) -> FormatDetails; None: nothing to add
+    checker: str | None = None  # (driver) -> CheckResult; None: qemu has no check for it
 
     def probe(self, header: bytes, filename: str) -> int:
         raise NotImplementedError
@@ -213,6 +221,35 @@ class FormatBase:
             return FormatDetails()
         details: FormatDetails = _entry(self.describer)(driver)
         return details
+
+    def check(self, driver: Driver) -> CheckResult:
+        """qemu-img check's structural walk of the layer ``open`` returned
+        (opened with ``Resolver.checking``); ChecksNotSupportedError where
+        qemu's driver has no check."""
+        if self.checker is None:
+            from instar.errors import ChecksNotSupportedError
+
+            raise ChecksNotSupportedError()
+        result: CheckResult = _entry(self.checker)(driver)
+        return result
+
+
+class ReadOnlyFormat(FormatBase):
+    """A format qemu-img reads and cannot create (dmg, bochs, cloop): ``-O``
+    is refused in qemu's words (`registry.creation_refusal`) before any
+    writer would be asked for, and no ``info`` facts beyond size and name
+    (qemu's drivers have no get_info: no cluster size, no dirty flag)."""
+
+    writer = ""
+
+    def __init__(self) -> None:
+        self.create_options = OptionSchema(self.name)
+
+    def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
+        raise AssertionError(f"{self.name} cannot be written: refused before creating")
+
+    def describe(self, driver: Driver) -> FormatDetails:
+        return FormatDetails(dirty=None)
 
 
 SECTOR = 512

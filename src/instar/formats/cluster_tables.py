@@ -152,7 +152,7 @@ class ClusterTableDriver(Driver):
     def map(self, offset: int, length: int) -> Iterator[Run]:
         if not self._metadata_claimed:
             self._metadata_claimed = True
-            self._checking(self.claim_metadata)
+            self.first_mapping()
         if self.corruption is not None:
             raise FormatError(self.corruption)
         end = offset + length
@@ -169,6 +169,11 @@ class ClusterTableDriver(Driver):
             else:
                 yield from self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
             position = stop
+
+    def first_mapping(self) -> None:
+        """What the first mapping does once (info never pays for it): claim
+        the metadata."""
+        self._checking(self.claim_metadata)
 
     def _answers(self, l1_index: int) -> tuple[int, int]:
         """(step, anchor) of qemu's answers over unallocated L2 tables."""

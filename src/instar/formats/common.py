@@ -1,6 +1,6 @@
 """Helpers every format shares, so no format keeps a private copy.
 
-Read side: bounded inflate (zlib, raw deflate, zstd), the LRU table cache,
+Read side: bounded inflate (zlib, raw deflate, zstd, bzip2), the LRU table cache,
 skipping runs of equal table entries at memory speed, and the map of host
 units an image's mapping has claimed (the aliasing check).
 Write side: the ordered compression pool, the zero-skipping cluster
@@ -340,21 +340,23 @@ def metadata_alias_message(host: int, guest: int, what: str) -> str:
     )
 
 
-DEFLATE, ZLIB, ZSTD = "deflate", "zlib", "zstd"
+DEFLATE, ZLIB, ZSTD, BZIP2 = "deflate", "zlib", "zstd", "bzip2"
 
 
 def inflate(data: bytes, limit: int, codec: str, where: str) -> bytes:
     """Decompress one unit, never producing more than ``limit`` bytes.
 
     ``codec``: DEFLATE (raw deflate, any window: qcow2), ZLIB (a zlib stream:
-    VMDK grains) or ZSTD. Returns what the unit decodes to (callers check the
-    length they need); a corrupt stream raises FormatError naming ``where``.
-    A stream that would decode past ``limit`` is refused once one byte past
-    it shows up (a compression bomb: a unit that stands for more than its own
-    size); at most ``limit + 1`` bytes are ever produced. qemu refuses such a
-    zlib stream or zstd frame too, but keeps the first ``limit`` bytes of a
+    VMDK grains, cloop blocks, dmg chunks), ZSTD, or BZIP2 (dmg chunks).
+    Returns what the unit decodes to (callers check the length they need); a
+    corrupt stream raises FormatError naming ``where``. A stream that would
+    decode past ``limit`` is refused once one byte past it shows up (a
+    compression bomb: a unit that stands for more than its own size); at
+    most ``limit + 1`` bytes are ever produced. qemu refuses such a zlib or
+    bzip2 stream or zstd frame too, but keeps the first ``limit`` bytes of a
     raw deflate stream (qcow2's zlib): there instar differs. A zstd frame
-    that ends inside the unit's last byte is damaged, as qemu says.
+    that ends inside the unit's last byte is damaged, as qemu says; a zlib or
+    bzip2 stream must end inside the unit.
     """
     try:
         if codec == ZSTD:
@@ -367,12 +369,21 @@ def inflate(data: bytes, limit: int, codec: str, where: str) -> bytes:
                 # qemu takes a frame only if it ends with the unit.
                 raise FormatError(f"{where} ends inside a zstd frame")
             ended = True  # a frame cut short earlier: callers check the length
+        elif codec == BZIP2:
+            import bz2  # on first use: only dmg has bzip2 units
+
+            unpacker = bz2.BZ2Decompressor()
+            out = unpacker.decompress(data, max_length=limit)
+            more = not unpacker.eof and not unpacker.needs_input and bool(
+                unpacker.decompress(b"", max_length=1)
+            )
+            ended = unpacker.eof
         else:
             inflater = zlib.decompressobj(-15 if codec == DEFLATE else 15)
             out = inflater.decompress(data, limit)
             more = not inflater.eof and bool(inflater.decompress(inflater.unconsumed_tail, 1))
             ended = inflater.eof
-    except (zlib.error, ValueError, EOFError) as error:
+    except (zlib.error, ValueError, EOFError, OSError) as error:  # bz2 says OSError
         raise FormatError(f"{where} does not decompress: {error}") from None
     except Exception as error:  # zstd.ZstdError, which lives in a lazy import
         if type(error).__name__ != "ZstdError":
@@ -380,8 +391,8 @@ def inflate(data: bytes, limit: int, codec: str, where: str) -> bytes:
         raise FormatError(f"{where} does not decompress: {error}") from None
     if more:
         raise FormatError(f"{where} inflates to more than {limit} bytes (a compression bomb)")
-    if codec == ZLIB and not ended:
-        raise FormatError(f"{where} does not inflate to at most {limit} bytes")
+    if codec in (ZLIB, BZIP2) and not ended:
+        raise FormatError(f"{where} ends inside its {codec} stream (cut short or corrupt)")
     return out
 
 

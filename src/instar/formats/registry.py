@@ -1,8 +1,8 @@
 """Format names to format modules, imported lazily, and format probing.
 
 Adding a format is one line in `_DRIVERS` and its own module. Formats qemu
-reads but instar does not (yet) are still recognised by their magic, so a VDI
-is refused clearly instead of being copied as raw bytes; any other driver qemu
+reads but instar does not (yet) are still recognised by their magic, so such an
+image is refused clearly instead of being copied as raw bytes; any other driver qemu
 has is refused as not supported, not as unknown (`unsupported_message`).
 """
 
@@ -21,20 +21,23 @@ _DRIVERS: dict[str, str] = {
     "vmdk": "instar.formats.vmdk",
     "vpc": "instar.formats.vpc",
     "vhdx": "instar.formats.vhdx",
+    "vdi": "instar.formats.vdi",
+    "parallels": "instar.formats.parallels",
     "qed": "instar.formats.qed",
     "qcow": "instar.formats.qcow",
+    # Read only: qemu-img cannot create these either.
+    "dmg": "instar.formats.dmg",
+    "bochs": "instar.formats.bochs",
+    "cloop": "instar.formats.cloop",
 }
 
 # Formats qemu-img knows, with the magics that identify each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[tuple[int, bytes], ...]] = {
-    "vdi": ((64, b"\x7f\x10\xda\xbe"),),
     "luks": ((0, b"LUKS\xba\xbe"),),
-    "parallels": ((0, b"WithoutFreeSpace"), (0, b"WithouFreSpacExt")),
-    "bochs": ((0, b"Bochs Virtual HD Image"),),
-    "cloop": ((0, b"#!/bin/sh\n#V2.0 Format\n"),),
 }
-# Formats qemu-img probes by the file name's ending, not by content.
-_RECOGNISED_BY_NAME: dict[str, str] = {"dmg": ".dmg"}
+# Formats qemu-img probes by the file name's ending, not by content (none left
+# that instar does not read: dmg is read, and probed by its ``.dmg`` name).
+_RECOGNISED_BY_NAME: dict[str, str] = {}
 
 
 # Every driver qemu-img 7.2 has ("Supported formats" in ``qemu-img --help``).
@@ -59,6 +62,16 @@ def unsupported_message(name: str, writing: bool) -> str:
     if writing and name in QEMU_CANNOT_CREATE:
         return f"Format driver '{name}' does not support image creation"  # as qemu-img
     return f"{name}: {'writing' if writing else 'reading'} this format is not supported yet"
+
+
+def creation_refusal(name: str) -> str | None:
+    """Why ``-O name`` is refused before anything is created (None: instar
+    writes it, or qemu does not know the name): qemu-img's own words for a
+    driver that cannot create images (dmg, bochs, cloop, which instar reads),
+    "not supported yet" for one qemu writes and instar does not."""
+    if name in QEMU_CANNOT_CREATE or is_recognised_only(name):
+        return unsupported_message(name, writing=True)
+    return None
 
 
 def known_names() -> list[str]:
@@ -90,26 +103,35 @@ def is_recognised_only(name: str) -> bool:
             or name in QEMU_DRIVERS) and name not in _DRIVERS
 
 
+def probe_name(header: bytes, filename: str) -> str:
+    """The name of the format qemu would pick for ``header``, readable or not:
+    the best score among instar's formats, else one instar only recognises,
+    else raw."""
+    best, best_score = "raw", 0
+    for name in _DRIVERS:
+        fmt = get(name)
+        assert fmt is not None
+        score = fmt.probe(header, filename)
+        if score > best_score:
+            best, best_score = name, score
+    if best != "raw":
+        return best
+    for name in sorted(_RECOGNISED_ONLY.keys() | _RECOGNISED_BY_NAME.keys()):
+        if name not in _DRIVERS and _recognised(name, header, filename):
+            return name
+    return "raw"
+
+
 def probe(header: bytes, filename: str) -> Format:
     """The format qemu would pick for ``header``: the best score wins, raw last.
 
     A header of a format instar cannot read raises UnsupportedError rather than
     silently falling back to raw.
     """
-    best: Format | None = None
-    best_score = 0
-    for name in _DRIVERS:
-        fmt = get(name)
-        assert fmt is not None
-        score = fmt.probe(header, filename)
-        if score > best_score:
-            best, best_score = fmt, score
-    if best is not None and best.name != "raw":
-        return best
-    for name in _RECOGNISED_ONLY.keys() | _RECOGNISED_BY_NAME.keys():
-        if name not in _DRIVERS and _recognised(name, header, filename):
-            raise UnsupportedError(
-                f"Could not open '{filename}': {unsupported_message(name, writing=False)}"
-            )
-    assert best is not None
-    return best
+    name = probe_name(header, filename)
+    fmt = get(name)
+    if fmt is None:
+        raise UnsupportedError(
+            f"Could not open '{filename}': {unsupported_message(name, writing=False)}"
+        )
+    return fmt

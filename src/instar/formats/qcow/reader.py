@@ -19,7 +19,7 @@ from __future__ import annotations
 from array import array
 from collections.abc import Iterator
 
-from instar.errors import FormatError
+from instar.errors import FormatError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
 from instar.formats.cluster_tables import ClusterTableDriver, Region, backing_name, merged_regions
@@ -90,8 +90,8 @@ def open_qcow(file: InputFile, resolver: Resolver) -> QcowDriver:
     header = L.Header.parse(file.pread(0, L.HEADER.size))
     L.check_header(header)
     if header.crypt_method == L.CRYPT_AES:
-        if resolver.reads_data:
-            raise FormatError(KEY_REQUIRED)
+        if getattr(resolver, "reads_data", True):  # instar takes no keys
+            raise UnsupportedError(KEY_REQUIRED)
     elif header.crypt_method != L.CRYPT_NONE:
         raise FormatError("invalid encryption method in qcow header")
     L.check_size(header)

@@ -18,6 +18,7 @@ class Qcow2Format(FormatBase):
     reader = "instar.formats.qcow2.reader:open_image"
     writer = "instar.formats.qcow2.writer:create_writer"
     describer = "instar.formats.qcow2.info:describe"
+    checker = "instar.formats.qcow2.check:check"
     create_options = OptionSchema(
         "qcow2",
         (

@@ -11,6 +11,8 @@ in a 64 MiB directory) before anything is read.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Iterator
+from typing import NamedTuple
 
 from instar.errors import FormatError
 from instar.formats.base import (
@@ -106,38 +108,80 @@ def _c_string(raw: bytes, limit: int) -> str:
 # Snapshots
 
 
+class SnapshotEntry(NamedTuple):
+    """One snapshot table entry as qemu reads it; ``extra`` is its extra data."""
+
+    l1_offset: int
+    l1_size: int
+    id: bytes
+    name: bytes
+    date_sec: int
+    date_nsec: int
+    vm_clock_nsec: int
+    vm_state_size: int
+    extra: bytes
+
+
+class SnapshotTableError(FormatError):
+    """The snapshot table breaks one of qemu's limits; ``hint`` is qemu's advice."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
+
+
+def snapshot_entries(read: Callable[[int, int], bytes], start: int,
+                     count: int) -> Iterator[tuple[int, SnapshotEntry]]:
+    """(offset past it, entry) for each entry of the table at ``start``, as
+    qemu's ``qcow2_do_read_snapshots`` walks it (entries 8-byte aligned, extra
+    data at most 1 KiB, 64 MiB in all); ``read(offset, length)`` reads the file."""
+    offset = table_length = start
+    for index in range(count):
+        offset = (offset + 7) & ~7
+        table_length = (table_length + 7) & ~7
+        (l1_offset, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec,
+         vm_state_size, extra_size) = SNAPSHOT_HEADER.unpack(read(offset, SNAPSHOT_HEADER.size))
+        if extra_size > MAX_SNAPSHOT_EXTRA_DATA:
+            raise SnapshotTableError(
+                f"Too much extra metadata in snapshot table entry {index}",
+                "You can force-remove this extra metadata with qemu-img check -r all")
+        length = extra_size + id_size + name_size
+        rest = read(offset + SNAPSHOT_HEADER.size, length)
+        offset += SNAPSHOT_HEADER.size + length
+        table_length += SNAPSHOT_HEADER.size + length
+        if table_length - start > MAX_SNAPSHOT_TABLE_BYTES:
+            raise SnapshotTableError(
+                "Snapshot table is too big",
+                f"You can force-remove all {count - index} overhanging snapshots with "
+                "qemu-img check -r all")
+        yield offset, SnapshotEntry(
+            l1_offset, l1_size, rest[extra_size : extra_size + id_size],
+            rest[extra_size + id_size :], date_sec, date_nsec, vm_clock_nsec, vm_state_size,
+            rest[:extra_size])
+
+
 def read_snapshots(image: Qcow2Driver) -> list[SnapshotDetails]:
     """The snapshot table, as qemu's ``qcow2_read_snapshots`` reads it."""
     header = image.header
     if header.nb_snapshots > L.MAX_SNAPSHOTS:  # the reader checks this too
         raise FormatError("Too many snapshots")
-    file = image.file
-    start = offset = header.snapshots_offset
+
+    def read(offset: int, length: int) -> bytes:
+        return image.file.pread_exact(offset, length, "snapshot table entry")
+
     snapshots = []
-    for index in range(header.nb_snapshots):
-        offset = (offset + 7) & ~7
-        fixed = file.pread_exact(offset, SNAPSHOT_HEADER.size, "snapshot table entry")
-        (_l1_offset, _l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec,
-         vm_state_size, extra_size) = SNAPSHOT_HEADER.unpack(fixed)
-        if extra_size > MAX_SNAPSHOT_EXTRA_DATA:
-            raise FormatError(f"Too much extra metadata in snapshot table entry {index}")
-        offset += SNAPSHOT_HEADER.size
-        variable = extra_size + id_size + name_size
-        if offset + variable - start > MAX_SNAPSHOT_TABLE_BYTES:
-            raise FormatError("Snapshot table is too big")
-        rest = file.pread_exact(offset, variable, "snapshot table entry")
-        offset += variable
-        extra = rest[:extra_size]
+    for _, entry in snapshot_entries(read, header.snapshots_offset, header.nb_snapshots):
+        extra, vm_state_size = entry.extra, entry.vm_state_size
         if len(extra) >= 8:
             vm_state_size = SNAPSHOT_EXTRA_U64.unpack_from(extra, 0)[0]
         icount = SNAPSHOT_EXTRA_U64.unpack_from(extra, 16)[0] if len(extra) >= 24 else None
         snapshots.append(SnapshotDetails(
-            id=_c_string(rest[extra_size : extra_size + id_size], SNAPSHOT_ID_BYTES),
-            name=_c_string(rest[extra_size + id_size :], SNAPSHOT_NAME_BYTES),
+            id=_c_string(entry.id, SNAPSHOT_ID_BYTES),
+            name=_c_string(entry.name, SNAPSHOT_NAME_BYTES),
             vm_state_size=_int64(vm_state_size),
-            date_sec=date_sec,
-            date_nsec=date_nsec,
-            vm_clock_nsec=vm_clock_nsec,
+            date_sec=entry.date_sec,
+            date_nsec=entry.date_nsec,
+            vm_clock_nsec=entry.vm_clock_nsec,
             icount=None if icount is None or icount == (1 << 64) - 1 else _int64(icount),
         ))
     return snapshots
@@ -148,7 +192,21 @@ def read_snapshots(image: Qcow2Driver) -> list[SnapshotDetails]:
 
 
 def read_bitmaps(image: Qcow2Driver) -> list[QValue]:
-    """Qcow2BitmapInfo for each bitmap of the directory, in directory order.
+    """Qcow2BitmapInfo for each bitmap of the directory, in directory order."""
+    found = bitmap_directory(image)
+    if found is None:
+        return []
+    count, offset, size = found
+    directory = image.file.pread_exact(offset, size, "bitmap directory")
+    bitmaps = list(_bitmap_entries(directory))
+    if len(bitmaps) != count:
+        raise FormatError("Broken bitmap directory")
+    return bitmaps
+
+
+def bitmap_directory(image: Qcow2Driver) -> tuple[int, int, int] | None:
+    """(bitmaps, offset, size) of the bitmap directory, checked as qemu's
+    open checks the bitmaps extension; None without one.
 
     qemu ignores a bitmaps extension whose autoclear bit is clear (a program
     without bitmap support wrote the image), and so does this.
@@ -156,11 +214,11 @@ def read_bitmaps(image: Qcow2Driver) -> list[QValue]:
     header = image.header
     payload = image.extensions.bitmaps_payload
     if not image.extensions.has_bitmaps:
-        return []
+        return None
     if len(payload) != BITMAPS_EXTENSION.size:
         raise FormatError("bitmaps_ext: Invalid extension length")
     if not header.autoclear_features & L.AUTOCLEAR_BITMAPS:
-        return []
+        return None
     count, _reserved, size, offset = BITMAPS_EXTENSION.unpack(payload)
     if count > MAX_BITMAPS:
         raise FormatError(
@@ -176,11 +234,7 @@ def read_bitmaps(image: Qcow2Driver) -> list[QValue]:
             f"bitmaps_ext: bitmap directory size ({size}) exceeds the maximum supported "
             f"size ({MAX_BITMAP_DIRECTORY_BYTES})"
         )
-    directory = image.file.pread_exact(offset, size, "bitmap directory")
-    bitmaps = list(_bitmap_entries(directory))
-    if len(bitmaps) != count:
-        raise FormatError("Broken bitmap directory")
-    return bitmaps
+    return count, offset, size
 
 
 def _bitmap_entries(directory: bytes) -> list[QValue]:

@@ -11,16 +11,18 @@ FormatError.
 
 from __future__ import annotations
 
+import contextlib
 from array import array
 from collections.abc import Iterator
 
-from instar.errors import FormatError, UnsupportedError
+from instar.errors import FormatError, UnknownFeatureError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
 from instar.formats.cluster_tables import ClusterTableDriver, Region, backing_name
 from instar.formats.common import DEFLATE, ZSTD, first_other, inflate, unpack_table
 from instar.formats.qcow2 import layout as L
-from instar.image import COMPRESSED, DATA, MAX_VIRTUAL_SIZE, OFFSET_VALID, ZERO, Run
+from instar.formats.qcow2.refcounts import metadata_preallocated, read_reftable
+from instar.image import COMPRESSED, DATA, MAX_VIRTUAL_SIZE, OFFSET_VALID, ZERO, Run, file_runs
 from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_TABLE_BYTES
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
@@ -75,13 +77,40 @@ class Qcow2Driver(ClusterTableDriver):
         self.virtual_size = header.size // L.SECTOR * L.SECTOR
         whole = self._subclusters
         self._whole = {kind: ((0, whole, kind),) for kind in range(6)}
+        self._reftable = array("Q")  # read by the first mapping
+        # qemu's guess of metadata preallocation, made by the first mapping too:
+        # then the file says where data clusters hold zeros (`refcounts`).
+        self._recurse = False
 
     def table_entries(self, table: array[int]) -> array[int]:
         return table[::2] if self._extended else table
 
     # --- the mapping function ----------------------------------------------------
 
+    def first_mapping(self) -> None:
+        """The refcount table, read once: the metadata claims and qemu's guess
+        of metadata preallocation (a failed guess is a no, as in qemu)."""
+        self._reftable = read_reftable(self.file, self.header)
+        super().first_mapping()
+        with contextlib.suppress(OSError):
+            self._recurse = metadata_preallocated(self.file, self.header, self._reftable)
+
     def _table_runs(
+        self, table: array[int], l1_index: int, position: int, stop: int
+    ) -> Iterator[Run]:
+        runs = self._cluster_runs(table, l1_index, position, stop)
+        return self._file_zeros(runs) if self._recurse else runs
+
+    def _file_zeros(self, runs: Iterator[Run]) -> Iterator[Run]:
+        """Data runs cut where the file has holes, which are zeros (qemu's
+        BDRV_BLOCK_RECURSE, for images it takes for metadata-preallocated)."""
+        for run in runs:
+            if run.flags == DATA | OFFSET_VALID:
+                yield from file_runs(self._host, run.host, run.end - run.start, run.start, DATA)
+            else:
+                yield run
+
+    def _cluster_runs(
         self, table: array[int], l1_index: int, position: int, stop: int
     ) -> Iterator[Run]:
         """The runs of ``[position, stop)``, inside one L2 table's range."""
@@ -169,8 +198,7 @@ class Qcow2Driver(ClusterTableDriver):
         reftable_bytes = header.refcount_table_clusters * cluster
         if reftable_bytes and header.refcount_table_offset < self.file.size:
             yield header.refcount_table_offset, reftable_bytes, "the refcount table"
-            data = self.file.pread(header.refcount_table_offset, reftable_bytes)
-            reftable = unpack_table(data.ljust(reftable_bytes, b"\0"), 8, "big")
+            reftable = self._reftable
             index = 0
             while (index := first_other(reftable, index, len(reftable), 0)) < len(reftable):
                 block = reftable[index] & L.REFTABLE_OFFSET_MASK
@@ -224,7 +252,7 @@ def _subcluster_pieces(alloc: int, zero: int, allocated: bool) -> Pieces:
 def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
     """Parse and check the header, then open the data file and backing image it names."""
     header = L.Header.parse(file.pread(0, L.V3_MIN_HEADER_LENGTH + 8))
-    check_header(header, file)
+    check_header(header, file, checking=getattr(resolver, "checking", False))
     extensions = read_extensions(header, file)
     check_features(header, extensions, file)
     l1 = read_l1(header, file)
@@ -246,8 +274,11 @@ def open_image(file: InputFile, resolver: Resolver) -> Qcow2Driver:
     return driver
 
 
-def check_header(header: L.Header, file: InputFile) -> None:
-    """The header's own fields: version, sizes, table offsets (qemu's messages)."""
+def check_header(header: L.Header, file: InputFile, checking: bool = False) -> None:
+    """The header's own fields: version, sizes, table offsets (qemu's messages).
+
+    Opened for ``check`` (``checking``), the snapshot table is left to the
+    check, which reports what is wrong with it, as qemu does."""
     if header.version not in (2, 3):
         raise FormatError(f"Unsupported qcow2 version {header.version}")
     if not L.MIN_CLUSTER_BITS <= header.cluster_bits <= L.MAX_CLUSTER_BITS:
@@ -267,9 +298,9 @@ def check_header(header: L.Header, file: InputFile) -> None:
     _check_table(header, header.refcount_table_offset, "reference count table")
     if header.refcount_table_clusters * cluster > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
-    if header.nb_snapshots > L.MAX_SNAPSHOTS:
+    if header.nb_snapshots > L.MAX_SNAPSHOTS and not checking:
         raise FormatError("Too many snapshots")
-    if header.nb_snapshots:
+    if header.nb_snapshots and not checking:
         _check_table(header, header.snapshots_offset, "snapshot table")
     if header.l1_size * 8 > MAX_TABLE_BYTES:
         raise FormatError("Active L1 table too large")
@@ -297,7 +328,7 @@ def check_features(header: L.Header, extensions: L.Extensions, file: InputFile) 
     """Feature bits and compression type: refuse what instar does not know."""
     unknown = header.incompatible_features & ~L.INCOMPAT_KNOWN
     if unknown:
-        raise UnsupportedError(
+        raise UnknownFeatureError(
             "Unsupported qcow2 feature(s): " + _describe_features(unknown, extensions)
         )
     if header.compression_type not in L.COMPRESSION_NAMES:

@@ -23,6 +23,7 @@ FILE_SIGNATURE = b"vhdxfile"
 class VhdxFormat(FormatBase):
     name = "vhdx"
     reader = "instar.formats.vhdx.reader:open_vhdx"
+    checker = "instar.formats.vhdx.check:check"
     writer = "instar.formats.vhdx.writer:create"
     create_options = OptionSchema(
         "vhdx",

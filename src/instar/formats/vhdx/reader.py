@@ -87,6 +87,14 @@ def open_vhdx(file: InputFile, resolver: Resolver) -> VhdxDriver:
     header = layout.choose_header(headers[0], headers[1])
     _check_log_location(header, file.size)
     source = replay(file, header)
+    checking = getattr(resolver, "checking", False)
+    if checking and isinstance(source, LogOverlay):
+        # qemu-img check opens read-only and cannot replay; instar's reads
+        # replay in memory, but a check reports the file as it is, as qemu's.
+        refused = FormatError(f"VHDX image file '{file.name}' opened read-only, "
+                              "but contains a log that needs to be replayed")
+        refused.hint = f"To replay the log, run:\nqemu-img check -r all '{file.name}'"
+        raise refused
     regions = _read_region_table(source)
     fixed_regions = [RegionEntry(b"header", 0, layout.HEADER_SECTION_SIZE)]
     if header.log_length:
@@ -103,9 +111,14 @@ def open_vhdx(file: InputFile, resolver: Resolver) -> VhdxDriver:
     )
     differencing = metadata.params.has_parent
     bat = _read_bat(source, bat_region, geometry, differencing)
-    corruption = _check_bat(bat, geometry, differencing, fixed_regions + regions, source.size)
+    # Opened for check, the BAT is the check's to report (qemu skips its BAT
+    # checks at open then); the driver is never asked to map.
+    corruption = None if checking else _check_bat(
+        bat, geometry, differencing, fixed_regions + regions, source.size)
     image = VhdxDriver(source, header, geometry, bat, differencing)
     image.corruption = corruption
+    image.regions = regions
+    image.log_replayed = source is not file
     if differencing:
         assert metadata.parent_locator is not None
         image.parent = _open_parent(metadata.parent_locator, file, resolver)
@@ -483,6 +496,10 @@ class VhdxDriver(Driver):
         self._bitmaps: TableCache[int] = TableCache(self._load_bitmap, _BITMAP_CACHE)
         self.virtual_size = geometry.virtual_size
         self.corruption: str | None = None  # a block mapped twice: reading fails
+        self.regions: list[RegionEntry] = []  # the region table's entries, in table order
+        # The log held writes not yet in place (a crash): instar read them from
+        # the log, qemu refuses such a file read-only (inspect reports it).
+        self.log_replayed = False
 
     @property
     def backing(self) -> Image | None:
@@ -495,6 +512,15 @@ class VhdxDriver(Driver):
     @property
     def block_size(self) -> int:
         return self.geometry.block_size
+
+    @property
+    def bat(self) -> array[int]:
+        """The BAT entries the virtual size needs (what qemu-img check walks)."""
+        return self._bat
+
+    @property
+    def file_size(self) -> int:
+        return self._source.size
 
     # -- mapping virtual ranges to where their bytes are
 

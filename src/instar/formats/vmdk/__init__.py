@@ -22,6 +22,7 @@ class VmdkFormat(FormatBase):
     reader = "instar.formats.vmdk.reader:open_vmdk"
     writer = "instar.formats.vmdk.writer:create_writer"
     describer = "instar.formats.vmdk.info:describe"
+    checker = "instar.formats.vmdk.check:check"
     create_options = OptionSchema(
         "vmdk",
         (

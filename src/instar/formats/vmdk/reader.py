@@ -224,6 +224,15 @@ class SparseExtent:
                 raise
         return table
 
+    @property
+    def grain_directory(self) -> array[int]:
+        return self._gd
+
+    def grain_table(self, index: int) -> array[int]:
+        """Grain table ``index`` as the file holds it, without the aliasing
+        claims of a mapping (``check`` walks every table once)."""
+        return self._read_table(index)
+
     def _read_table(self, index: int) -> array[int]:
         data = self.file.pread_exact(
             self._gd[index] * SECTOR, self._gt_bytes, f"grain table of '{self.file.name}'"
@@ -632,11 +641,11 @@ def _open_monolithic(file: InputFile) -> VmdkDriver:
             )
     header = read_sparse_header(file)
     extent = SparseExtent(file, header)
-    descriptor = _embedded_descriptor(file, SparseHeader.unpack(first))
+    descriptor = embedded_descriptor(file, SparseHeader.unpack(first))
     return VmdkDriver(file.name, [extent], descriptor)
 
 
-def _embedded_descriptor(file: InputFile, header: SparseHeader) -> Descriptor | None:
+def embedded_descriptor(file: InputFile, header: SparseHeader) -> Descriptor | None:
     """The descriptor inside a sparse file, parsed strictly; None if there is none.
 
     A header without a descriptor offset still gets sector 1 looked at: qemu
