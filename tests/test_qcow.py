@@ -4,7 +4,7 @@ Reader: images qemu-img and qemu-io make (converted, compressed with -c,
 written at odd offsets, odd sizes, a 1 TiB sparse disk, an AES-encrypted one,
 backing chains of qcow over qcow, raw and qed) are copied by ``instar dd``
 and ``qemu-img dd`` over the same windows and compared byte for byte, as are
-``convert -O raw``, ``info`` (human, JSON, backing chain), ``compare`` and
+``convert -O raw``, ``info`` (human, JSON, backing chain), ``map``, ``compare`` and
 probing (qcow and qcow2 share a magic: the version decides, as in qemu).
 Writer: ``dd -O qcow`` over the window matrix (with and without ``-c``) and
 ``convert -O qcow`` against the same runs of qemu-img: same status and
@@ -179,6 +179,16 @@ def test_info_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) 
 
 
 @pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("args", [[], ["--output=json"], ["-f", "qcow", "--output=json"]],
+                         ids=lambda a: " ".join(a) or "human")
+@pytest.mark.parametrize("name", NAMES)
+def test_map_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
+    image = corpus[name]
+    ours, qemu = _both(["map", *args, image.name], image.parent)
+    assert ours == qemu
+
+
+@pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("name", NAMES)
 def test_compare_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str) -> None:
     """Against its own contents as raw, strictly against itself and against
@@ -192,6 +202,15 @@ def test_compare_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str
                  ["-f", "qcow", "-F", "raw", image.name, str(raw)]):
         ours, qemu = _both(["compare", *args], image.parent)
         assert ours == qemu, args
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("name", NAMES)
+def test_check_has_none_as_in_qemu(corpus: dict[str, Path], name: str) -> None:
+    """qemu has no check for qcow: "This image format does not support checks", 63."""
+    image = corpus[name]
+    ours, qemu = _both(["check", image.name], image.parent)
+    assert ours == qemu and ours[0] == 63
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -244,7 +263,8 @@ def encrypted(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.mark.parametrize("args", [
     ["info"], ["info", "--output=json"], ["info", "--backing-chain"],
     ["convert", "-O", "raw", "{image}", "out.raw"], ["dd", "if={image}", "of=out.raw"],
-    ["compare", "{image}", "{image}"], ["convert", "-O", "qcow", "{image}", "out.qcow"]],
+    ["compare", "{image}", "{image}"], ["convert", "-O", "qcow", "{image}", "out.qcow"],
+    ["check"]],
     ids=lambda a: " ".join(a))
 def test_encrypted_refused_as_qemu_refuses_it(encrypted: Path, args: list[str]) -> None:
     """An AES-encrypted qcow is described (qemu-img info opens it without a

@@ -5,11 +5,12 @@ clusters, small and large clusters and tables, odd and empty sizes, the
 need-check feature set, backing chains over raw, qcow2 and qed) are copied
 by ``instar dd`` and ``qemu-img dd`` over the same windows and compared byte
 for byte, as are ``convert -O raw``, ``info`` (human, JSON, backing chain),
-``compare`` and probing. Writer: ``dd -O qed`` over the window matrix and
-``convert -O qed`` with qemu's options, against the same runs of qemu-img:
-same status and messages, same virtual size, the same bytes read back, and
-``qemu-img check`` clean. Damaged images are rows of tests/test_conformance.py
-and hostile ones classes of tests/hostile_corpus.py.
+``map``, ``check`` (damaged copies too), ``compare`` and probing. Writer:
+``dd -O qed`` over the window matrix and ``convert -O qed`` with qemu's
+options, against the same runs of qemu-img: same status and messages, same
+virtual size, the same bytes read back, and ``qemu-img check`` clean.
+Damaged images are rows of tests/test_conformance.py and hostile ones
+classes of tests/hostile_corpus.py.
 """
 
 from __future__ import annotations
@@ -164,6 +165,16 @@ def test_info_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) 
 
 
 @pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("args", [[], ["--output=json"], ["-f", "qed", "--output=json"]],
+                         ids=lambda a: " ".join(a) or "human")
+@pytest.mark.parametrize("name", NAMES)
+def test_map_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
+    image = corpus[name]
+    ours, qemu = _both(["map", *args, image.name], image.parent)
+    assert ours == qemu
+
+
+@pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("name", NAMES)
 def test_compare_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str) -> None:
     """Against its own contents as raw (identical), strictly against itself and
@@ -248,6 +259,97 @@ def test_backing_file_needs_its_directory_allowed(corpus: dict[str, Path],
     assert allowed.rc == 0, allowed.stderr
 
 
+# --- check ---------------------------------------------------------------------------------------
+
+
+def _entry_at(path: Path, table: int, index: int) -> int:
+    """Where entry ``index`` of the L1 table (``table`` 0) or of the first L2 table lies."""
+    data = path.read_bytes()
+    l1 = struct.unpack("<Q", data[40:48])[0]
+    if table == 0:
+        return l1 + 8 * index
+    return struct.unpack("<Q", data[l1 : l1 + 8])[0] + 8 * index
+
+
+def _entry(path: Path, table: int, index: int) -> int:
+    at = _entry_at(path, table, index)
+    value: int = struct.unpack("<Q", path.read_bytes()[at : at + 8])[0]
+    return value
+
+
+def _poke(path: Path, at: int, value: int) -> None:
+    with path.open("r+b") as handle:
+        handle.seek(at)
+        handle.write(struct.pack("<Q", value))
+
+
+def _damage(kind: str, path: Path) -> None:
+    """One kind of damage qemu-img check counts, done to a copy of "written"."""
+    first_cluster, first_table = _entry(path, 1, 0), _entry(path, 0, 0)
+    damage = {
+        "two-entries-one-cluster": (1, 5, first_cluster),
+        "cluster-past-eof": (1, 6, 1 << 40),
+        "cluster-unaligned": (1, 7, first_cluster + 512),
+        "cluster-is-the-l1-table": (1, 8, 64 * KIB),
+        "l2-table-past-eof": (0, 3, 1 << 40),
+        "l2-table-named-twice": (0, 1, first_table),
+        "l1-entry-of-1": (0, 2, 1),
+        # The L1 table is checked whole, as qemu does, not only as far as the disk goes.
+        "entry-in-the-l1-table-past-the-disk": (0, 1000, 1 << 40),
+    }
+    if kind == "leaked-clusters":
+        os.truncate(path, path.stat().st_size + 3 * 64 * KIB)
+    else:
+        table, index, value = damage[kind]
+        _poke(path, _entry_at(path, table, index), value)
+
+
+DAMAGE = ["leaked-clusters", "two-entries-one-cluster", "cluster-past-eof", "cluster-unaligned",
+          "cluster-is-the-l1-table", "l2-table-past-eof", "l2-table-named-twice",
+          "l1-entry-of-1", "entry-in-the-l1-table-past-the-disk"]
+CHECK_ARGS = [[], ["--output=json"]]
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("args", CHECK_ARGS, ids=lambda a: " ".join(a) or "human")
+@pytest.mark.parametrize("name", NAMES)
+def test_check_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
+    image = corpus[name]
+    ours, qemu = _both(["check", *args, image.name], image.parent)
+    assert ours == qemu
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("args", CHECK_ARGS, ids=lambda a: " ".join(a) or "human")
+@pytest.mark.parametrize("kind", DAMAGE)
+def test_check_counts_damage_as_qemu(corpus: dict[str, Path], tmp_path: Path, kind: str,
+                                     args: list[str]) -> None:
+    """Corruptions (each bad offset, each second reference) and leaks, as
+    qemu-img check counts them (it prints no line of its own)."""
+    image = tmp_path / "d.qed"
+    shutil.copyfile(corpus["written"], image)
+    _damage(kind, image)
+    ours, qemu = _both(["check", *args, "d.qed"], tmp_path)
+    assert ours == qemu
+    assert ours[0] in (2, 3)
+
+
+@pytest.mark.usefixtures("qemu_img")
+@pytest.mark.parametrize("cluster", ["4k", "64k"])
+def test_check_numbers_clusters_as_qemu(tmp_path: Path, cluster: str) -> None:
+    """Files past C - 1 clusters (16 MiB of 4 KiB clusters), where qemu's
+    cluster numbers drift (it divides by the cluster size less one), with a
+    leak and a cluster named twice: qemu's counts."""
+    image = _create(tmp_path, "big.qed", "64M", "-o", f"cluster_size={cluster}")
+    _write(image, "write -P 0x21 0 24M", "write -P 0x22 40M 1M")
+    os.truncate(image, image.stat().st_size + 8 * KIB)
+    _poke(image, _entry_at(image, 1, 9), _entry(image, 1, 1))
+    for args in CHECK_ARGS:
+        ours, qemu = _both(["check", *args, "big.qed"], tmp_path)
+        assert ours == qemu
+        assert ours[0] == 2
+
+
 # --- the writer -------------------------------------------------------------------------------
 
 
@@ -277,6 +379,7 @@ def test_dd_window_matches_qemu(inputs: Path, tmp_path: Path, name: str,
     assert result.rc == 0
     assert qemu_info(ours)["virtual-size"] == qemu_info(theirs)["virtual-size"]
     check_clean(ours)
+    assert run_instar("check", str(ours)).stdout.startswith("No errors were found on the image.")
     assert qemu_read_raw(ours, tmp_path) == qemu_read_raw(theirs, tmp_path)
 
 

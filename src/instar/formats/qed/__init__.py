@@ -2,8 +2,8 @@
 
 `layout` holds the header and qemu's rules for it, `reader` maps guest
 offsets through the L1 and L2 tables (the shared `ClusterTableDriver`),
-`writer` creates images sequentially. docs/formats/qed.md says what is read,
-written and refused.
+`writer` creates images sequentially, `check` counts what ``qemu-img check``
+counts. docs/formats/qed.md says what is read, written and refused.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ class QedFormat(FormatBase):
     name = "qed"
     reader = "instar.formats.qed.reader:open_qed"
     writer = "instar.formats.qed.writer:create_writer"
+    checker = "instar.formats.qed.check:check"
     create_options = OptionSchema(
         "qed",
         (
