@@ -415,6 +415,7 @@ class Qcow:
         self.l1_end = self.l1_offset + 8 * min(self.l1_size, 1 << 27)
         self.free = -(-self.l1_end // self.cluster) * self.cluster
         self.l1: dict[int, int] = {}
+        self.l1_blob: bytes | None = None  # the whole L1 table at once (millions of entries)
         self.l2: dict[int, dict[int, int]] = {}
         self.l2_at: dict[int, int] = {}
         self.blobs: list[tuple[int, bytes]] = []
@@ -470,6 +471,8 @@ class Qcow:
 
     def write(self, path: Path) -> None:
         pieces = [(0, self.header_bytes())]
+        if self.l1_blob is not None:
+            pieces.append((self.l1_offset, self.l1_blob))
         pieces += [(self.l1_offset + 8 * i, struct.pack(">Q", v)) for i, v in self.l1.items()]
         for index, entries in self.l2.items():
             at = self.l2_at[index]
@@ -1543,7 +1546,7 @@ def aliasing() -> list[Case]:
         image = Qcow(4 * TiB)
         data = image.alloc(pattern(image.cluster, seed=9))
         table = image.alloc(length=8 * image.per_l2)
-        image.l1 = dict.fromkeys(range(image.l1_size), table)
+        image.l1_blob = struct.pack(">Q", table) * image.l1_size  # 2 Mi entries, one bytes
         image.l2_at[0] = table
         image.l2[0] = dict.fromkeys(range(image.per_l2), data)
         return image

@@ -18,8 +18,10 @@ clusters, so a cluster may take its neighbour's number and the file's
 length counts a little more than its clusters. instar numbers them as qemu
 does (`qemu_cluster`): the counts are qemu's, drift and all.
 
-Memory: one bit per cluster number (`HostClaims`, anonymous memory); the L1
-table is read a piece at a time, empty stretches skipped at memory speed.
+Memory and time: one bit per cluster number (`HostClaims`, anonymous
+memory); the L1 table (up to 1 GiB) is read a piece at a time, only where
+the file holds data (holes are empty entries), empty stretches of what is
+read skipped at memory speed.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from instar.findings import CheckResult
 from instar.formats.common import HostClaims, first_other, unpack_table
 from instar.formats.qed import layout as L
 from instar.formats.qed.reader import QedDriver, read_padded
+from instar.image import file_layout
 
 _L1_PIECE = 1 << 16  # L1 entries read at once
 
@@ -47,11 +50,9 @@ def check(driver: QedDriver) -> CheckResult:
     used = HostClaims(clusters, 1)  # one unit per cluster number
     try:
         _mark(used, result, header.l1_table_offset, header.table_size, cluster)
-        entries = header.table_entries
-        for first in range(0, entries, _L1_PIECE):
-            count = min(_L1_PIECE, entries - first)
-            piece = unpack_table(read_padded(driver.file, header.l1_table_offset + first * 8,
-                                             count * 8), 8, "little")
+        for offset in _l1_pieces(driver):
+            count = min(_L1_PIECE, header.table_entries - (offset - header.l1_table_offset) // 8)
+            piece = unpack_table(read_padded(driver.file, offset, count * 8), 8, "little")
             index = 0
             while (index := first_other(piece, index, count, 0)) < count:
                 _check_table(driver, used, result, piece[index], length)
@@ -61,6 +62,22 @@ def check(driver: QedDriver) -> CheckResult:
     finally:
         used.close()
     return result
+
+
+def _l1_pieces(driver: QedDriver) -> list[int]:
+    """Where the pieces of the L1 table that may hold entries begin, in order:
+    the file's holes read as zeros, entries of no table."""
+    header = driver.header
+    start, size = header.l1_table_offset, header.table_entries * 8
+    piece = _L1_PIECE * 8
+    offsets: list[int] = []
+    for offset, length, has_data in file_layout(driver.file, start, size):
+        if has_data:
+            first = start + (offset - start) // piece * piece
+            for at in range(first, offset + length, piece):
+                if not offsets or at > offsets[-1]:
+                    offsets.append(at)
+    return offsets
 
 
 def _mark(used: HostClaims, result: CheckResult, offset: int, count: int, cluster: int) -> bool:
