@@ -136,7 +136,7 @@ class Case:
     commands must do where it differs (info opens no backing file). ``says``:
     a regex each refusal of a "refuse" case must contain. ``allow``: "none";
     "dir" (``--allow img``: a benign image needs its backing files); "both"
-    (an attack on paths: the six commands with ``--allow img``, then dd
+    (an attack on paths: the seven commands with ``--allow img``, then dd
     without it, refused both ways, or as ``without_allow`` says; a refusal
     without it must contain ``says_without_allow`` where given).
     ``qemu``: qemu-img may be run on the image to get the bytes it reads

@@ -26,6 +26,7 @@ import pytest
 import instar
 from instar.api import open_image
 from instar.errors import ImageOpenError, InstarError
+from instar.verdict import Finding, Verdict
 
 
 def _import_every_module() -> None:
@@ -66,6 +67,9 @@ def _sample(name: str, annotation: object, index: int) -> object:
         return True
     if annotation is int:
         return 40 + index
+    if annotation is Verdict:
+        return Verdict(f"{name}.qcow2", "qcow2", ["qcow2"], 1 << 20,
+                       [Finding("backing-file", f"names a backing file \u00e9 {index}")])
     raise AssertionError(f"no sample value for {name}: {annotation!r}; add one to _sample")
 
 

@@ -317,6 +317,20 @@ def test_failure_to_name_the_output(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert listing(tmp_path) == ["in.raw"]
 
 
+def test_failure_to_name_the_output_of_dd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                          ) -> None:
+    """dd words the same failure as qemu-img dd words a creation failure."""
+    source = tmp_path / "in.raw"
+    source.write_bytes(pattern(1 << 20, seed=6))
+    monkeypatch.setattr(os, "link", _failing(os.link, errno.ENOSPC))
+    out = tmp_path / "out.raw"
+    result = run_instar("dd", f"if={source}", f"of={out}")
+    assert (result.rc, result.stderr) == (
+        1, f"instar: {out}: error while creating output image: Could not create '{out}': "
+           f"{ENOSPC}\n")
+    assert listing(tmp_path) == ["in.raw"]
+
+
 # --- standard output ------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 
 from instar.copy import ZERO_GRANULARITY
-from instar.errors import CreationError, OutputError, UnsupportedError
+from instar.errors import CommitError, CreationError, OutputError, UnsupportedError
 from instar.events import EventSink
 from instar.formats import registry
 from instar.formats.base import Format
@@ -74,9 +74,12 @@ def convert(
         _convert_job(broker, send, paths, output_path, input_format, output_format_name,
                      create_options, sparse_size, no_create, durable)
 
-    run_job(job, policy, sandbox, events,
-            inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path],
-            force_share=force_share)
+    try:
+        run_job(job, policy, sandbox, events,
+                inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path],
+                force_share=force_share)
+    except CommitError as error:  # the sandbox host names the output after the job
+        raise _conversion_failed(output_path, output_format_name, error) from None
 
 
 def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], output_path: str,
@@ -101,11 +104,15 @@ def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], outp
             write_image(source, output_path, OutputSpec(fmt, declared, parsed, sparse_size),
                         broker=broker, events=events, durable=durable)
         except CreationError as error:
-            raise CreationError(
-                f"{output_path}: error while converting {fmt.name}: {error}"
-            ) from None
+            raise _conversion_failed(output_path, fmt.name, error) from None
     finally:
         opener.close()
+
+
+def _conversion_failed(output_path: str, format_name: str, error: CreationError
+                       ) -> CreationError:
+    """qemu-img convert's wording of a failure to create the output."""
+    return CreationError(f"{output_path}: error while converting {format_name}: {error}")
 
 
 def _rewrite_existing(

@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from instar.errors import (
+    CommitError,
     CreationError,
     InvalidArgumentError,
     OutputError,
@@ -109,10 +110,18 @@ def dd(
                          output_format, create_options)
         return [window.start, window.length, window.skipped_past_end]
 
-    start, length, skipped = run_job(job, policy, sandbox, events,
-                                     inputs=[input_path], outputs=[output_path],
-                                     force_share=force_share)
+    try:
+        start, length, skipped = run_job(job, policy, sandbox, events,
+                                         inputs=[input_path], outputs=[output_path],
+                                         force_share=force_share)
+    except CommitError as error:  # the sandbox host names the output after the job
+        raise _creation_failed(output_path, error) from None
     return DdWindow(int(start), int(length), bool(skipped))
+
+
+def _creation_failed(output_path: str, error: CreationError) -> CreationError:
+    """qemu-img dd's wording of a failure to create the output."""
+    return CreationError(f"{output_path}: error while creating output image: {error}")
 
 
 def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str, bs: int,
@@ -140,9 +149,7 @@ def _dd_job(broker: Broker, events: EventSink, input_path: str, output_path: str
             write_image(view, output_path, OutputSpec(out_fmt, declared, parsed),
                         broker=broker, events=events, notice=notice)
         except CreationError as error:
-            raise CreationError(
-                f"{output_path}: error while creating output image: {error}"
-            ) from None
+            raise _creation_failed(output_path, error) from None
         except WriteError as error:  # qemu-img dd's words for a failed write or read
             raise WriteError(error.offset, error.reason,
                              f"error while writing to output image file: {error.reason}") from None

@@ -121,6 +121,12 @@ class CreationError(OutputError):
     it cannot hold); callers add qemu's "error while creating/converting" prefix."""
 
 
+class CommitError(CreationError):
+    """The finished output could not take its name. The sandbox host commits
+    after the worker's job has returned, outside the job's own wording of
+    creation errors, so the command adds its prefix around the whole job."""
+
+
 class WriteError(OutputError):
     """The file system failed a write of the output (ENOSPC, EFBIG, EIO...).
 

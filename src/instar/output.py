@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 from instar.copy import ZERO_GRANULARITY, copy_image
 from instar.errors import (
+    CommitError,
     CreationError,
     ImageOpenError,
     InstarError,
@@ -213,8 +214,9 @@ class AtomicOutput:
         except OSError as error:
             raise self._creation_error(error) from None
 
-    def _creation_error(self, error: OSError) -> CreationError:
-        return CreationError(f"Could not create '{self.target}': {error.strerror}")
+    def _creation_error(self, error: OSError, cls: type[CreationError] = CreationError
+                        ) -> CreationError:
+        return cls(f"Could not create '{self.target}': {error.strerror}")
 
     def commit(self, durable: bool = True) -> None:
         """Make the output visible under its name; durable (fsynced) first by default.
@@ -231,7 +233,7 @@ class AtomicOutput:
             with deferred():
                 self._commit(self.file, durable)
         except OSError as error:
-            raise self._creation_error(error) from None
+            raise self._creation_error(error, CommitError) from None
 
     def _commit(self, out: OutputFile, durable: bool) -> None:
         if durable:

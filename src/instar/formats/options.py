@@ -136,6 +136,12 @@ class OptionSchema:
         """The options ``-o help`` lists: those instar implements, sorted as qemu sorts."""
         return tuple(sorted((o for o in self.options if o.supported), key=lambda o: o.name))
 
+    def extended(self, extra: tuple[Option, ...]) -> OptionSchema:
+        """This schema and the options of ``extra`` it lacks, as qemu's
+        ``qemu_opts_append`` adds the protocol's creation options to a format's."""
+        added = tuple(option for option in extra if self.find(option.name) is None)
+        return OptionSchema(self.format_name, self.options + added, self.compress)
+
     def defaults(self) -> ParsedOptions:
         """The options of a command line that gives none."""
         return parse_options(self, CreateOptions())
@@ -175,6 +181,14 @@ class ParsedOptions:
         assert isinstance(value, str)
         return value
 
+    def get(self, name: str) -> OptionValue | None:
+        """Any option's value, implemented or not; None when it has no default
+        and the command line did not set it (how measure reads qemu's options,
+        which instar's writers may not implement)."""
+        if self.schema.find(name) is None:
+            raise KeyError(f"{self.schema.format_name} has no option {name}")
+        return self.values.get(name)
+
     def _value(self, name: str, *types: OptionType) -> OptionValue:
         option = self.schema.find(name)
         if option is None or not option.supported or option.type not in types:
@@ -182,13 +196,15 @@ class ParsedOptions:
         return self.values[name]
 
 
-def parse_options(schema: OptionSchema, given: CreateOptions) -> ParsedOptions:
+def parse_options(schema: OptionSchema, given: CreateOptions, *,
+                  refuse_unsupported: bool = True) -> ParsedOptions:
     """Check ``given`` against ``schema`` as qemu-img does, before anything is created.
 
     In qemu's order: each pair left to right (an unknown key or a malformed
     value is an `OptionError`, printed without the output's name), then ``-c``,
     then options instar refuses (a `CreationError`, which callers prefix as
-    qemu prefixes a driver's refusal).
+    qemu prefixes a driver's refusal), unless ``refuse_unsupported`` is off:
+    measure creates nothing and reads them all (`ParsedOptions.get`).
     """
     values: dict[str, OptionValue] = {
         option.name: option.default
@@ -207,7 +223,7 @@ def parse_options(schema: OptionSchema, given: CreateOptions) -> ParsedOptions:
             order.append(key)
     if given.compress and not schema.compress:
         raise OptionError("Compression not supported for this file format")
-    for key in order:
+    for key in order if refuse_unsupported else ():
         option = schema.find(key)
         if option is not None and not option.supported:
             raise CreationError(f"the {schema.format_name} option '{key}' is not supported yet")

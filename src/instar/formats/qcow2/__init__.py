@@ -19,6 +19,7 @@ class Qcow2Format(FormatBase):
     writer = "instar.formats.qcow2.writer:create_writer"
     describer = "instar.formats.qcow2.info:describe"
     checker = "instar.formats.qcow2.check:check"
+    measurer = "instar.formats.qcow2.measure:measure"
     create_options = OptionSchema(
         "qcow2",
         (
