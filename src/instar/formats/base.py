@@ -29,6 +29,10 @@ class Resolver(Protocol):
     may have ``checking`` True (read with ``getattr``, default False): qemu's
     BDRV_O_CHECK, the image is opened for ``check``, which reports what
     opening would otherwise refuse (a VHDX BAT entry past the end).
+    A resolver may have ``reads_data`` False (read with ``getattr``, default
+    True): the image is opened for its metadata only (qemu's BDRV_O_NO_IO:
+    ``info``), so a format that needs a key to read its data (an encrypted
+    qcow) opens anyway, to be described.
     """
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:

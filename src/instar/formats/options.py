@@ -152,13 +152,16 @@ class ParsedOptions:
     """Checked creation options: a typed value for every option the format implements.
 
     ``given`` names the options the command line set (a writer may treat an
-    explicit default differently, as qemu's vmdk does with ``-c``).
+    explicit default differently, as qemu's vmdk does with ``-c``); ``texts``
+    holds what each said, last occurrence, for a driver that reads the text
+    again as qemu's QAPI visitor does (`qapi_int`).
     """
 
     schema: OptionSchema
     values: Mapping[str, OptionValue]
     given: frozenset[str] = frozenset()
     compress: bool = False
+    texts: Mapping[str, str] = field(default_factory=dict)
 
     def flag(self, name: str) -> bool:
         """A bool option's value."""
@@ -209,11 +212,13 @@ def parse_options(schema: OptionSchema, given: CreateOptions, *,
         if option.supported and option.default is not None
     }
     order: list[str] = []
+    texts: dict[str, str] = {}
     for key, text in given.options:
         option = schema.find(key)
         if option is None:
             raise OptionError(f"Invalid parameter '{key}'")
         values[key] = option.parse(text)
+        texts[key] = text
         if key not in order:
             order.append(key)
     if given.compress and not schema.compress:
@@ -222,7 +227,31 @@ def parse_options(schema: OptionSchema, given: CreateOptions, *,
         option = schema.find(key)
         if option is not None and not option.supported:
             raise CreationError(f"the {schema.format_name} option '{key}' is not supported yet")
-    return ParsedOptions(schema, values, frozenset(order), given.compress)
+    return ParsedOptions(schema, values, frozenset(order), given.compress, texts)
+
+
+def qapi_int(name: str, text: str) -> int:
+    """``text`` as qemu's QAPI visitor reads an option into an 'int' member
+    after the option parser took it (qed's table-size): C strtoll in base 0
+    over the whole text, in signed 64 bits; otherwise qemu's message, which
+    the caller prefixes as a driver's refusal."""
+    body = text.lstrip(_C_SPACE)
+    sign = -1 if body.startswith("-") else 1
+    if body[:1] in ("+", "-"):
+        body = body[1:]
+    if body[:2] in ("0x", "0X"):
+        digits, base = body[2:], 16
+    elif body.startswith("0"):
+        digits, base = body, 8
+    else:
+        digits, base = body, 10
+    allowed = "0123456789abcdefABCDEF" if base == 16 else "0123456789"[:base]
+    if not digits or any(char not in allowed for char in digits):
+        raise CreationError(f"Parameter '{name}' expects integer")
+    value = sign * int(digits, base)
+    if not -(1 << 63) <= value < 1 << 63:
+        raise CreationError(f"Parameter '{name}' expects integer")
+    return value
 
 
 def _parse_bool(name: str, text: str) -> bool:

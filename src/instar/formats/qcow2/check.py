@@ -40,10 +40,10 @@ from typing import NamedTuple, Protocol
 from instar.errors import FormatError
 from instar.files import InputFile, ReadWindow
 from instar.findings import CHECK_ERROR, CORRUPTION, LEAK, NOTE, CheckResult, Finding
-from instar.formats.common import is_progression
+from instar.formats.common import is_progression, unpack_table
 from instar.formats.qcow2 import info as I
 from instar.formats.qcow2 import layout as L
-from instar.formats.qcow2.reader import Qcow2Driver, _be_u64_array
+from instar.formats.qcow2.reader import Qcow2Driver
 from instar.formats.qcow2.refcounts import (
     UNALIGNED,
     Expected,
@@ -210,7 +210,7 @@ class _Walk:
         if not inside:
             return array("Q")
         data = self.file.pread(offset, inside * 8)
-        return _be_u64_array(data + bytes(inside * 8 - len(data)))
+        return unpack_table(data + bytes(inside * 8 - len(data)), 8, "big")
 
     # -- the run
 
@@ -437,7 +437,7 @@ class _Walk:
 
     def _l2_entries(self, offset: int) -> tuple[array[int], array[int] | None]:
         """An L2 table's entries (and subcluster bitmaps, extended L2)."""
-        table = _be_u64_array(self._read(offset, self.cluster))
+        table = unpack_table(self._read(offset, self.cluster), 8, "big")
         if self.extended:
             return table[::2], table[1::2]
         return table, None
@@ -580,7 +580,7 @@ class _Walk:
             raise _Failed(EINVAL)
         for table_offset, table_size in bitmaps:
             self._ref(result, table_offset, table_size * 8)
-            table = _be_u64_array(self._read(table_offset, table_size * 8))
+            table = unpack_table(self._read(table_offset, table_size * 8), 8, "big")
             if any(not self._bitmap_entry_valid(entry) for entry in table):
                 result.corruptions += 1
                 raise _Failed(EINVAL)
