@@ -25,6 +25,7 @@ class QcowFormat(FormatBase):
     name = "qcow"
     reader = "instar.formats.qcow.reader:open_qcow"
     writer = "instar.formats.qcow.writer:create_writer"
+    measurer = "instar.formats.qcow.writer:measure"
     create_options = OptionSchema(
         "qcow",
         (

@@ -20,16 +20,24 @@ import os
 
 from instar.errors import CreationError
 from instar.files import pwrite_all
-from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.cluster_writer import Bump, ClusterTables, raw_deflate
 from instar.formats.common import CompressionPool, UnitSequencer
 from instar.formats.qcow import MAGIC, VERSION
 from instar.formats.qcow import layout as L
 from instar.safety import MAX_TABLE_BYTES
 
+CLUSTER = 1 << L.CLUSTER_BITS
+L2_RANGE = CLUSTER << L.L2_BITS  # the guest bytes one L2 table maps
+
 
 def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) -> QcowWriter:
     """Refuse what qemu cannot create (an empty image), then start writing ``out``."""
+    return QcowWriter(out, virtual_size, l1_entries_for(virtual_size), options.compress)
+
+
+def l1_entries_for(virtual_size: int) -> int:
+    """The L1 table's entries for a new image, or why it cannot be made."""
     if virtual_size == 0:
         raise CreationError("Image size is too small, cannot be zero length")
     entries = L.l1_entries(virtual_size, L.CLUSTER_BITS, L.L2_BITS)
@@ -38,7 +46,22 @@ def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) ->
             f"the L1 table of a qcow image of {virtual_size} bytes would be over instar's "
             f"limit of {MAX_TABLE_BYTES} bytes"
         )
-    return QcowWriter(out, virtual_size, entries, options.compress)
+    return entries
+
+
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """What ``measure -O qcow`` answers (qemu 7.2 has no figures for qcow), by
+    the writer's layout: the header and L1 table, then from the next cluster
+    on each cluster with data and one L2 table per range with data. ``-c``
+    only shrinks the clusters, so the figures hold for it too."""
+    size = -(-(source.virtual_size if source is not None else size) // L.SECTOR) * L.SECTOR
+    tables_end = L.HEADER.size + l1_entries_for(size) * 8
+    first = -(-tables_end // CLUSTER) * CLUSTER
+    fully = first + (-(-size // CLUSTER) + -(-size // L2_RANGE)) * CLUSTER
+    if source is None:
+        return Measurement(tables_end, fully)
+    used = source.data_units(CLUSTER) + source.data_units(L2_RANGE)
+    return Measurement(first + used * CLUSTER if used else tables_end, fully)
 
 
 class QcowWriter:
@@ -48,7 +71,7 @@ class QcowWriter:
                  compress: bool) -> None:
         self._out = out
         self._size = virtual_size
-        cluster = 1 << L.CLUSTER_BITS
+        cluster = CLUSTER
         self._l1_offset = L.HEADER.size  # 8-byte aligned already
         self._l1_bytes = l1_entries * 8
         self._space = Bump(self._l1_offset + self._l1_bytes, cluster)

@@ -25,6 +25,7 @@ class QedFormat(FormatBase):
     reader = "instar.formats.qed.reader:open_qed"
     writer = "instar.formats.qed.writer:create_writer"
     checker = "instar.formats.qed.check:check"
+    measurer = "instar.formats.qed.writer:measure"
     create_options = OptionSchema(
         "qed",
         (

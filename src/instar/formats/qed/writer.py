@@ -21,7 +21,7 @@ import os
 
 from instar.errors import CreationError, ImageOpenError
 from instar.files import pwrite_all
-from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.cluster_writer import ZERO_CHECK_BELOW, Bump, ClusterTables
 from instar.formats.common import UnitSequencer
 from instar.formats.options import qapi_int
@@ -39,6 +39,22 @@ def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) ->
         raise ImageOpenError(out.name, "QED table offset is invalid")
     # qemu puts the L1 table at the cluster size as given, before its cut to 32 bits.
     return QedWriter(out, virtual_size, cluster, table_size, options.number("cluster_size"))
+
+
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """What ``measure -O qed`` answers (qemu 7.2 has no figures for qed), by
+    the writer's layout: the header up to the L1 table, the L1 table, then
+    each cluster with data and one L2 table per range with data."""
+    size = -(-(source.virtual_size if source is not None else size) // L.SECTOR) * L.SECTOR
+    cluster, table_size = check_options(options, size)
+    table_bytes = table_size * cluster
+    first = options.number("cluster_size") + table_bytes  # where the writer's Bump starts
+    l2_range = table_bytes // 8 * cluster  # the guest bytes one L2 table maps
+    fully = first + -(-size // cluster) * cluster + -(-size // l2_range) * table_bytes
+    if source is None:
+        return Measurement(first, fully)
+    used = source.data_units(cluster) * cluster + source.data_units(l2_range) * table_bytes
+    return Measurement(first + used, fully)
 
 
 def check_options(options: ParsedOptions, virtual_size: int) -> tuple[int, int]:
