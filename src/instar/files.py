@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 from instar.errors import FormatError
 
@@ -37,6 +38,34 @@ class ExactReads:
         if len(data) != length:
             raise FormatError(f"{what} at offset {offset} is truncated")
         return data
+
+
+class ReadWindow:
+    """Many small reads of one region served from reads of ``size`` bytes:
+    qcow2's 65,536 snapshot entries are two reads each otherwise.
+
+    ``read(offset, length)`` returns exactly ``length`` bytes or raises one of
+    ``errors``; when a window cannot be read whole (it runs past the end of
+    the file), the piece asked for is read alone, so its error is its own.
+    """
+
+    def __init__(self, read: Callable[[int, int], bytes],
+                 errors: tuple[type[Exception], ...], size: int = 1 << 20) -> None:
+        self._read = read
+        self._errors = errors
+        self._size = size
+        self._start = 0
+        self._data = b""
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        start = offset - self._start
+        if start < 0 or start + length > len(self._data):
+            try:
+                self._data = self._read(offset, max(length, self._size))
+            except self._errors:
+                self._data = self._read(offset, length)
+            self._start, start = offset, 0
+        return self._data[start : start + length]
 
 
 class InputFile(ExactReads):

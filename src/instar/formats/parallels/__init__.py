@@ -29,6 +29,7 @@ class ParallelsFormat(FormatBase):
     name = "parallels"
     reader = "instar.formats.parallels.reader:open_parallels"
     writer = "instar.formats.parallels.writer:create_writer"
+    measurer = "instar.formats.parallels.writer:measure"
     create_options = OptionSchema(
         "parallels",
         (

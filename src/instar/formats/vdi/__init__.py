@@ -26,6 +26,7 @@ class VdiFormat(FormatBase):
     name = "vdi"
     reader = "instar.formats.vdi.reader:open_vdi"
     writer = "instar.formats.vdi.writer:create_writer"
+    measurer = "instar.formats.vdi.writer:measure"
     create_options = OptionSchema(
         "vdi",
         (Option("static", "bool", False, "static (pre-allocated) image: every block mapped"),),
