@@ -23,6 +23,13 @@ class ExactReads:
     def pread(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset``; returns the bytes read (fewer only at
+        the end of the file)."""
+        data = self.pread(offset, len(view))
+        view[: len(data)] = data
+        return len(data)
+
     def pread_exact(self, offset: int, length: int, what: str) -> bytes:
         """Exactly ``length`` bytes, or a FormatError saying which structure is cut off."""
         if offset < 0 or offset + length > self.size:
@@ -75,6 +82,8 @@ class InputFile(ExactReads):
             self.size = os.lseek(fd, 0, os.SEEK_END)
         else:
             self.size = info.st_size
+        # The last (start, end) of data SEEK_DATA/SEEK_HOLE found (`image.file_layout`).
+        self.data_region: tuple[int, int] | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; shorter only at end of file.
@@ -95,6 +104,18 @@ class InputFile(ExactReads):
                 got += len(more)
             data = b"".join(parts)
         return data
+
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        """`pread` into ``view`` without a new buffer (preadv), looping over short reads."""
+        if offset >= 1 << 63:
+            return 0
+        got = 0
+        while got < len(view):
+            count = os.preadv(self.fd, [view[got:]], offset + got)
+            if not count:
+                break
+            got += count
+        return got
 
     def allocated_size(self) -> int:
         """The bytes the file system allocated for the file (st_blocks * 512)."""

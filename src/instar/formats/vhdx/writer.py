@@ -18,7 +18,6 @@ per block, capped by `MAX_TABLE_BYTES`.
 from __future__ import annotations
 
 import os
-import secrets
 from array import array
 from dataclasses import dataclass
 
@@ -214,8 +213,8 @@ class VhdxWriter:
         self._pwrite(layout.FILE_ID_OFFSET, layout.encode_file_identifier(self._creator))
         header = layout.Header(
             sequence_number=1,
-            file_write_guid=secrets.token_bytes(16),
-            data_write_guid=secrets.token_bytes(16),
+            file_write_guid=os.urandom(16),
+            data_write_guid=os.urandom(16),
             log_length=plan.log_length,
             log_offset=plan.log_offset,
         )
@@ -267,7 +266,7 @@ class VhdxWriter:
         return [
             (layout.FILE_PARAMETERS, required, layout.encode_file_parameters(params)),
             (layout.VIRTUAL_DISK_SIZE, disk, layout.U64.pack(geometry.virtual_size)),
-            (layout.PAGE83_DATA, disk, secrets.token_bytes(16)),
+            (layout.PAGE83_DATA, disk, os.urandom(16)),
             (layout.LOGICAL_SECTOR_SIZE, disk, layout.U32.pack(geometry.logical_sector_size)),
             (layout.PHYSICAL_SECTOR_SIZE, disk, layout.U32.pack(PHYSICAL_SECTOR)),
         ]

@@ -21,7 +21,6 @@ written in order.
 from __future__ import annotations
 
 import os
-import secrets
 import zlib
 from array import array
 from dataclasses import dataclass
@@ -139,7 +138,7 @@ def descriptor_for(target: str, capacity: int, opts: VmdkCreateOptions) -> bytes
     name = safe_extent_name(os.path.basename(target))
     return build_descriptor(
         DescriptorSpec(
-            cid=secrets.randbits(32),
+            cid=int.from_bytes(os.urandom(4), "little"),  # random, as qemu's
             create_type=opts.subformat,
             extents=(ExtentLine("RW", capacity, "SPARSE", name, None),),
             hw_version=opts.hw_version,
