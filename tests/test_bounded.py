@@ -352,10 +352,10 @@ def test_vhdx_two_bat_entries_on_one_block(tmp_path: Path) -> None:
 def test_reading_again_is_not_aliasing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables evicted from the cache and loaded again claim nothing twice: the
     same ranges read, walked and compared over and over read as qemu reads them."""
-    from instar.formats.qcow2 import reader as qcow2_reader
+    from instar.formats import cluster_tables
     from instar.formats.vmdk import reader as vmdk_reader
 
-    monkeypatch.setattr(qcow2_reader, "MAX_METADATA_CACHE_BYTES", 1)  # one L2 table cached
+    monkeypatch.setattr(cluster_tables, "MAX_METADATA_CACHE_BYTES", 1)  # one L2 table cached
     monkeypatch.setattr(vmdk_reader, "GT_CACHE_TABLES", 1)
     writes = ["write -P 0x11 0 64k", "write -P 0x22 600M 64k", "write -P 0x33 1200M 64k"]
     images = [make_qcow2(tmp_path / "r.qcow2", "1300M", writes),
