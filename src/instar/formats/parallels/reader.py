@@ -20,14 +20,19 @@ too is two guest clusters on one host cluster, refused where it happens.
 from __future__ import annotations
 
 import itertools
-import sys
 from array import array
 from collections.abc import Iterator
 
 from instar.errors import FormatError
 from instar.files import InputFile
 from instar.formats.base import Resolver
-from instar.formats.common import HostClaims, alias_message, first_other, metadata_alias_message
+from instar.formats.common import (
+    HostClaims,
+    alias_message,
+    first_other,
+    metadata_alias_message,
+    read_le32_table,
+)
 from instar.formats.parallels.extension import Region, check_extension
 from instar.formats.parallels.layout import (
     HEADER_SIZE,
@@ -75,13 +80,7 @@ def _read_catalog(file: InputFile, header: Header, cluster_size: int) -> array[i
         raise FormatError(
             f"catalog of {needed} entries is over instar's limit of {MAX_TABLE_BYTES} bytes"
         )
-    data = file.pread(HEADER_SIZE, stored * 4)
-    catalog = array("I")
-    assert catalog.itemsize == 4
-    catalog.frombytes(data + bytes(-len(data) % 4))
-    if sys.byteorder == "big":
-        catalog.byteswap()
-    return catalog
+    return read_le32_table(file, HEADER_SIZE, stored)
 
 
 class ParallelsDriver(Driver):

@@ -74,6 +74,7 @@ class VdiDriver(Driver):
     def __init__(self, file: InputFile, header: Header, size: int) -> None:
         self.file = file
         self.name = file.name
+        self.header = header
         self.virtual_size = size
         self.block_size = BLOCK_SIZE
         self.static = header.image_type == TYPE_STATIC
