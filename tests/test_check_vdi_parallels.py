@@ -407,3 +407,20 @@ def test_parallels_result_is_data(tmp_path: Path) -> None:
         (CORRUPTION, "image-not-closed"), (LEAK, "leaked-space")]
     assert (result.corruptions, result.leaks, result.allocated_clusters,
             result.total_clusters, result.image_end_offset) == (1, 999, 5, 10, 1001 * MiB)
+
+
+def test_add_each_makes_only_the_lines_it_keeps() -> None:
+    """A run of lines: all counted, only those kept (up to MAX_FINDINGS) made."""
+    from instar.findings import CheckResult
+
+    result, made = CheckResult(), []
+
+    def message(i: int) -> str:
+        made.append(i)
+        return f"line {i}"
+
+    result.add_each(CORRUPTION, "code", MAX_FINDINGS - 2, message)
+    result.add_each(LEAK, "code", 5, message)
+    assert (result.corruptions, result.leaks, result.findings_dropped) == (MAX_FINDINGS - 2, 5, 3)
+    assert len(made) == len(result.findings) == MAX_FINDINGS
+    assert result.findings[-1].kind == LEAK and result.exit_code == 2

@@ -235,13 +235,14 @@ class HostClaims:
     ``max_map_bytes``: still only the pages that hold a claim are backed.
     """
 
-    def __init__(self, size: int, unit: int, max_map_bytes: int = MAX_CLAIM_MAP_BYTES) -> None:
+    def __init__(self, size: int, unit: int, max_map_bytes: int | None = None) -> None:
         if unit <= 0 or unit & (unit - 1):
             raise ValueError(f"claim unit {unit} is not a power of two")
         self.unit = unit
         self._shift = unit.bit_length() - 1
         self.units = max(1, -(-size // unit))
-        self.exact = self.units <= max_map_bytes * 8
+        limit = MAX_CLAIM_MAP_BYTES if max_map_bytes is None else max_map_bytes
+        self.exact = self.units <= limit * 8
         self._cell_bits = 0
         self._counts: memoryview[int] | None = None
         if self.exact:
