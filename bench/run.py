@@ -25,6 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 INSTAR = [sys.executable, "-m", "instar"]
 STRIPE = 1 << 20
@@ -84,9 +85,16 @@ def make_inputs(directory: Path, size: int) -> dict[str, Path]:
     return made
 
 
-def run(argv: list[str]) -> tuple[float, int]:
-    """Run ``argv`` (its standard output thrown away); return (wall seconds,
-    peak RSS in KiB) of that process alone."""
+class Measured(NamedTuple):
+    wall: float  # seconds
+    cpu: float  # user + system seconds of the process and the children it waited for
+    rss: int  # peak resident KiB of the largest of them
+
+
+def run(argv: list[str]) -> Measured:
+    """Run ``argv`` (its standard output thrown away) and measure it. CPU time
+    includes instar's sandboxed worker (a child it waits for), and, unlike wall
+    time, hardly moves when other work shares the machine."""
     start = time.perf_counter()
     with open(os.devnull, "wb") as null:
         process = subprocess.Popen(argv, stdout=null)
@@ -95,7 +103,7 @@ def run(argv: list[str]) -> tuple[float, int]:
     elapsed = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"failed: {' '.join(argv)}")
-    return elapsed, usage.ru_maxrss
+    return Measured(elapsed, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
 def fill(args: list[str], paths: dict[str, str]) -> list[str]:
@@ -147,7 +155,7 @@ def main() -> int:
             for argv, times, rss in ((["qemu-img", *fill(case.qemu, paths)], qemu_times, qemu_rss),
                                      ([*INSTAR, *fill(case.instar, paths)], ours_times, ours_rss)):
                 os.sync()  # start each run with no dirty pages left by the previous one
-                elapsed, peak = run(argv)
+                elapsed, _, peak = run(argv)
                 times.append(elapsed)
                 rss.append(peak)
                 out.unlink(missing_ok=True)
@@ -180,10 +188,10 @@ def sparse_memory(work: Path) -> None:
         out = work / f"sparse-out.{fmt}"
         args = ["convert", "-O", fmt, str(src), str(out)]
         os.sync()
-        qemu_time, qemu_rss = run(["qemu-img", *args])
+        qemu_time, _, qemu_rss = run(["qemu-img", *args])
         out.unlink()
         os.sync()
-        ours_time, ours_rss = run([*INSTAR, *args])
+        ours_time, _, ours_rss = run([*INSTAR, *args])
         out.unlink()
         print(f"| convert 1 TiB sparse raw->{fmt} | {qemu_time:.2f} | {ours_time:.2f} "
               f"| {qemu_rss / 1024:.0f} | {ours_rss / 1024:.0f} |", flush=True)
@@ -193,7 +201,8 @@ def sparse_memory(work: Path) -> None:
 def sandbox_cost(inputs: dict[str, Path], work: Path, runs: int) -> None:
     """What the sandboxed worker costs: each command with the worker (the
     default) and in-process (``--sandbox=off``), alternately, and qemu-img
-    beside them; the worker's cost is the difference of the medians."""
+    beside them; the worker's cost is the difference of the medians, in wall
+    time and in CPU time (which the machine's other load hardly moves)."""
     out = work / "out.img"
     rows = (
         ("info qcow2", ["info", "{qcow2}"]),
@@ -201,22 +210,26 @@ def sandbox_cost(inputs: dict[str, Path], work: Path, runs: int) -> None:
         ("convert qcow2->raw", ["convert", "-O", "raw", "{qcow2}", "{out}"]),
     )
     print(f"\nThe sandboxed worker's cost: medians of {max(runs, 5)} alternating runs")
-    print("| case | qemu-img s | instar --sandbox=off s | instar (worker) s | worker cost ms |")
-    print("|---|---|---|---|---|")
+    print("| case | qemu-img s | instar --sandbox=off s | instar (worker) s | worker cost ms "
+          "| qemu-img CPU s | --sandbox=off CPU s | worker CPU s | worker CPU cost ms |")
+    print("|---|---|---|---|---|---|---|---|---|")
     paths = {name: str(path) for name, path in inputs.items()} | {"out": str(out)}
     for name, args in rows:
-        times: dict[str, list[float]] = {"qemu": [], "off": [], "on": []}
+        times: dict[str, list[Measured]] = {"qemu": [], "off": [], "on": []}
         argvs = {"qemu": ["qemu-img", *fill(args, paths)],
                  "off": [*INSTAR, "--sandbox=off", *fill(args, paths)],
                  "on": [*INSTAR, *fill(args, paths)]}
         for _ in range(max(runs, 5) + 1):
             for key, argv in argvs.items():
                 os.sync()
-                times[key].append(run(argv)[0])
+                times[key].append(run(argv))
                 out.unlink(missing_ok=True)
-        q, off, on = (statistics.median(times[key][1:]) for key in ("qemu", "off", "on"))
-        print(f"| {name} | {q:.3f} | {off:.3f} | {on:.3f} | {(on - off) * 1000:.0f} |",
-              flush=True)
+        q, off, on = (statistics.median(m.wall for m in times[key][1:])
+                      for key in ("qemu", "off", "on"))
+        qc, offc, onc = (statistics.median(m.cpu for m in times[key][1:])
+                         for key in ("qemu", "off", "on"))
+        print(f"| {name} | {q:.3f} | {off:.3f} | {on:.3f} | {(on - off) * 1000:.0f} "
+              f"| {qc:.3f} | {offc:.3f} | {onc:.3f} | {(onc - offc) * 1000:.0f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 No image is committed: each is built by its case, either from a base qemu-img
 made (patched here in Python) or written here from the format specification
-(qcow2: qemu's docs/interop/qcow2.txt; VMDK: VMware's Virtual Disk Format
+(qcow2: qemu's docs/interop/qcow2.txt; qcow: the layout qemu's block/qcow.c
+reads; QED: qemu's docs/interop/qed_spec.txt; VMDK: VMware's Virtual Disk Format
 5.0; VHD: Microsoft's VHD specification; VHDX: MS-VHDX; VDI: VirtualBox's header
 version 1.1; zstd: RFC 8878; dmg, bochs and cloop, which qemu cannot write: their reader
 tests' builders).
@@ -135,7 +136,7 @@ class Case:
     commands must do where it differs (info opens no backing file). ``says``:
     a regex each refusal of a "refuse" case must contain. ``allow``: "none";
     "dir" (``--allow img``: a benign image needs its backing files); "both"
-    (an attack on paths: the six commands with ``--allow img``, then dd
+    (an attack on paths: the seven commands with ``--allow img``, then dd
     without it, refused both ways, or as ``without_allow`` says; a refusal
     without it must contain ``says_without_allow`` where given).
     ``qemu``: qemu-img may be run on the image to get the bytes it reads
@@ -389,6 +390,248 @@ def qcow2_data_file(name: str | Callable[[Place], str], raw: bool = False,
         return "v.qcow2"
 
     return build
+
+
+# --- qcow (version 1), from the layout qemu reads --------------------------------------------
+
+QCOW_HEADER = struct.Struct(">4sIQIIQBBHIQ")
+QCOW_COMPRESSED = 1 << 63
+
+
+class Qcow:
+    """A qcow (version 1) image: the 48-byte header, the backing file name
+    at 48, the L1 table at 1072 (after room for the longest name), then L2
+    tables and data clusters (cluster-aligned) in the order they are added.
+    ``fields`` overrides header fields by name."""
+
+    def __init__(self, size: int, cluster_bits: int = 12, l2_bits: int = 9) -> None:
+        self.size, self.bits, self.l2_bits = size, cluster_bits, l2_bits
+        self.cluster = 1 << cluster_bits
+        self.per_l2 = 1 << l2_bits
+        shift = cluster_bits + l2_bits
+        self.l1_size = (size + (1 << shift) - 1) >> shift
+        self.l1_offset = QCOW_HEADER.size + 1024
+        # The file holds the L1 table, unless it is absurd (a size of 2^63): then 1 GiB of it.
+        self.l1_end = self.l1_offset + 8 * min(self.l1_size, 1 << 27)
+        self.free = -(-self.l1_end // self.cluster) * self.cluster
+        self.l1: dict[int, int] = {}
+        self.l1_blob: bytes | None = None  # the whole L1 table at once (millions of entries)
+        self.l2: dict[int, dict[int, int]] = {}
+        self.l2_at: dict[int, int] = {}
+        self.blobs: list[tuple[int, bytes]] = []
+        self.backing: bytes | None = None
+        self.fields: dict[str, int] = {}
+
+    def alloc(self, data: bytes = b"", length: int = 0) -> int:
+        offset = self.free
+        self.free += -(-max(length, len(data), 1) // self.cluster) * self.cluster
+        if data:
+            self.blobs.append((offset, data))
+        return offset
+
+    def table(self, index: int) -> int:
+        if index not in self.l2_at:
+            self.l2[index] = {}
+            self.l2_at[index] = self.alloc(length=8 * self.per_l2)
+            self.l1[index] = self.l2_at[index]
+        return self.l2_at[index]
+
+    def entry(self, cluster: int, value: int) -> None:
+        index = cluster // self.per_l2
+        self.table(index)
+        self.l2[index][cluster % self.per_l2] = value
+
+    def data(self, cluster: int, payload: bytes) -> int:
+        host = self.alloc(payload)
+        self.entry(cluster, host)
+        return host
+
+    def compressed_entry(self, host: int, length: int) -> int:
+        assert 0 <= length < self.cluster, "too long for a compressed cluster"
+        return QCOW_COMPRESSED | length << (63 - self.bits) | host
+
+    def compressed(self, cluster: int, stream: bytes) -> int:
+        entry = self.compressed_entry(self.alloc(stream), len(stream))
+        self.entry(cluster, entry)
+        return entry
+
+    def set_backing(self, name: bytes | str) -> None:
+        self.backing = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+
+    def header_bytes(self) -> bytes:
+        values = {
+            "magic": QCOW2_MAGIC, "version": 1,
+            "backing_file_offset": QCOW_HEADER.size if self.backing is not None else 0,
+            "backing_file_size": len(self.backing or b""), "mtime": 0, "size": self.size,
+            "cluster_bits": self.bits, "l2_bits": self.l2_bits, "padding": 0,
+            "crypt_method": 0, "l1_table_offset": self.l1_offset,
+        }  # fmt: skip
+        values.update(self.fields)
+        return QCOW_HEADER.pack(*values.values()) + (self.backing or b"")
+
+    def write(self, path: Path) -> None:
+        pieces = [(0, self.header_bytes())]
+        if self.l1_blob is not None:
+            pieces.append((self.l1_offset, self.l1_blob))
+        pieces += [(self.l1_offset + 8 * i, struct.pack(">Q", v)) for i, v in self.l1.items()]
+        for index, entries in self.l2.items():
+            at = self.l2_at[index]
+            pieces += [(at + 8 * i, struct.pack(">Q", v)) for i, v in entries.items()]
+        pieces += self.blobs
+        write_at(path, pieces, max(self.free, self.l1_end))
+
+
+def qcow_file(size: int = MiB, clusters: int = 4, seed: int = 1, **options: int) -> Qcow:
+    """A qcow image of ``size`` with patterned data in its first ``clusters`` clusters."""
+    image = Qcow(size, **options)
+    for cluster in range(clusters):
+        image.data(cluster, pattern(image.cluster, seed=seed + cluster))
+    return image
+
+
+def qcow_build(make: Callable[[Place], Qcow], name: str = "v.qcow") -> Build:
+    def build(place: Place) -> str:
+        make(place).write(place.img / name)
+        return name
+
+    return build
+
+
+def qcow_with(change: Callable[[Qcow, Place], None], name: str = "v.qcow",
+              **options: int) -> Build:
+    """The standard 1 MiB image, changed by ``change`` before it is written."""
+
+    def make(place: Place) -> Qcow:
+        image = qcow_file(**options)
+        change(image, place)
+        return image
+
+    return qcow_build(make, name)
+
+
+def qcow_backed(name: str | Callable[[Place], str], image_name: str = "v.qcow") -> Build:
+    """A qcow image whose backing file is ``name`` (qcow has no backing format: probed)."""
+
+    def change(image: Qcow, place: Place) -> None:
+        image.set_backing(name(place) if callable(name) else name)
+
+    return qcow_with(change, image_name, clusters=1)
+
+
+# --- QED, from the specification ------------------------------------------------------------
+
+QED_MAGIC = b"QED\0"
+QED_HEADER = struct.Struct("<4sIIIQQQQQII")
+QED_BACKING_FILE, QED_BACKING_RAW = 1 << 0, 1 << 2
+
+
+class Qed:
+    """A QED image written from the specification: the header in cluster 0
+    (the backing file name right after it), the L1 table from cluster 1,
+    then L2 tables and data clusters in the order they are added.
+    ``fields`` overrides header fields by name."""
+
+    def __init__(self, size: int, cluster: int = 64 * KiB, table_size: int = 4) -> None:
+        self.size, self.cluster, self.table_size = size, cluster, table_size
+        self.entries = cluster * table_size // 8  # per L1 or L2 table
+        self.table_bytes = cluster * table_size
+        self.l1_offset = cluster
+        self.free = cluster + self.table_bytes
+        self.l1: dict[int, int] = {}
+        self.l2: dict[int, dict[int, int]] = {}
+        self.l2_at: dict[int, int] = {}
+        self.blobs: list[tuple[int, bytes]] = []
+        self.backing: bytes | None = None
+        self.features = 0
+        self.fields: dict[str, int] = {}
+        self.length = 0  # a file length at least this (a sparse tail)
+
+    def alloc(self, data: bytes = b"", length: int = 0) -> int:
+        offset = self.free
+        self.free += -(-max(length, len(data), 1) // self.cluster) * self.cluster
+        if data:
+            self.blobs.append((offset, data))
+        return offset
+
+    def table(self, index: int) -> int:
+        """The L2 table of L1 entry ``index`` (allocated on first use)."""
+        if index not in self.l2_at:
+            self.l2[index] = {}
+            self.l2_at[index] = self.alloc(length=self.table_bytes)
+            self.l1[index] = self.l2_at[index]
+        return self.l2_at[index]
+
+    def entry(self, cluster: int, value: int) -> None:
+        index = cluster // self.entries
+        self.table(index)
+        self.l2[index][cluster % self.entries] = value
+
+    def data(self, cluster: int, payload: bytes) -> int:
+        host = self.alloc(payload)
+        self.entry(cluster, host)
+        return host
+
+    def set_backing(self, name: bytes | str, raw: bool = False) -> None:
+        self.backing = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
+        self.features |= QED_BACKING_FILE | (QED_BACKING_RAW if raw else 0)
+
+    def header_bytes(self) -> bytes:
+        values = {
+            "magic": QED_MAGIC, "cluster_size": self.cluster, "table_size": self.table_size,
+            "header_size": 1, "features": self.features, "compat_features": 0,
+            "autoclear_features": 0, "l1_table_offset": self.l1_offset, "image_size": self.size,
+            "backing_filename_offset": QED_HEADER.size if self.backing else 0,
+            "backing_filename_size": len(self.backing or b""),
+        }  # fmt: skip
+        values.update(self.fields)
+        return QED_HEADER.pack(*values.values()) + (self.backing or b"")
+
+    def write(self, path: Path) -> None:
+        pieces = [(0, self.header_bytes())]
+        pieces += [(self.l1_offset + 8 * i, struct.pack("<Q", v)) for i, v in self.l1.items()]
+        for index, entries in self.l2.items():
+            at = self.l2_at[index]
+            pieces += [(at + 8 * i, struct.pack("<Q", v)) for i, v in entries.items()]
+        pieces += self.blobs
+        write_at(path, pieces, max(self.free, self.length))
+
+
+def qed_file(size: int = MiB, clusters: int = 4, seed: int = 1, **options: int) -> Qed:
+    """A QED image of ``size`` with patterned data in its first ``clusters`` clusters."""
+    image = Qed(size, **options)
+    for cluster in range(clusters):
+        image.data(cluster, pattern(image.cluster, seed=seed + cluster))
+    return image
+
+
+def qed_build(make: Callable[[Place], Qed], name: str = "v.qed") -> Build:
+    def build(place: Place) -> str:
+        make(place).write(place.img / name)
+        return name
+
+    return build
+
+
+def qed_with(change: Callable[[Qed, Place], None], name: str = "v.qed",
+             **options: int) -> Build:
+    """The standard 1 MiB spec image, changed by ``change`` before it is written."""
+
+    def make(place: Place) -> Qed:
+        image = qed_file(**options)
+        change(image, place)
+        return image
+
+    return qed_build(make, name)
+
+
+def qed_backed(name: str | Callable[[Place], str], raw: bool = False,
+               image_name: str = "v.qed") -> Build:
+    """A QED image whose backing file is ``name`` (text, or computed from the place)."""
+
+    def change(image: Qed, place: Place) -> None:
+        image.set_backing(name(place) if callable(name) else name, raw)
+
+    return qed_with(change, image_name, clusters=1)
 
 
 # --- VMDK, from the specification ------------------------------------------------------------
@@ -1017,11 +1260,13 @@ BASE_BUILDERS: dict[str, Callable[[Path], None]] = {
     "dmg": lambda d: (d / "v.dmg").write_bytes(Dmg(dmg_tests.every_kind("zlib")).build()),
     "bochs": lambda d: (d / "v.bochs").write_bytes(bochs_tests.IMAGES["mixed.bochs"].build()),
     "cloop": lambda d: (d / "v.cloop").write_bytes(cloop_tests.damaged()),
+    "qed": lambda d: _qemu_convert(d, "qed", "v.qed"),
+    "qcow": lambda d: _qemu_convert(d, "qcow", "v.qcow"),
 }
 BASE_IMAGES = {"qcow2": "v.qcow2", "qcow2-v2": "v.qcow2", "vmdk": "v.vmdk",
                "vmdk-stream": "v.vmdk", "vhd": "v.vhd", "vhd-fixed": "v.vhd", "vhdx": "v.vhdx",
                "vdi": "v.vdi", "vdi-static": "v.vdi", "dmg": "v.dmg", "bochs": "v.bochs",
-               "cloop": "v.cloop"}
+               "cloop": "v.cloop", "qed": "v.qed", "qcow": "v.qcow"}
 
 
 def base(key: str, change: Callable[[Path, Place], None] | None = None) -> Build:
@@ -1123,9 +1368,9 @@ def zstd_rle_frame(content: int, claimed: int | None = None, byte: int = 0x41,
 
 def huge_tables() -> list[Case]:
     """Tables whose sizes would make a reader allocate, read or loop over
-    gigabytes before any data is read: qcow2 L1 and refcount tables, VMDK
-    grain directories, VHD and VHDX block allocation tables, at instar's
-    limits and past them."""
+    gigabytes before any data is read: qcow2 L1 and refcount tables, qcow
+    L1 tables, QED L1 and L2 tables of up to a GiB, VMDK grain directories,
+    VHD and VHDX block allocation tables, at instar's limits and past them."""
     return [
         case("qcow2-l1-size-2^31", qcow2_fields(l1_size=0x7FFFFFFF), "refuse",
              says="L1 table too large"),
@@ -1147,6 +1392,17 @@ def huge_tables() -> list[Case]:
             blocks=()), "refuse"),
         case("vhdx-metadata-table-of-2047-items", vhdx_with(lambda x, p: x.items.update(
             {uuid.UUID(int=i).bytes_le: b"x" for i in range(1, 2043)})), "either"),
+        # qcow's L1 table at instar's limit (8 TiB of 4 KiB clusters) and past it (9 TiB).
+        case("qcow-L1-of-32-MiB-of-zeros", qcow_build(lambda p: Qcow(8 * TiB)), "either",
+             qemu=False),
+        case("qcow-L1-of-36-MiB", qcow_build(lambda p: Qcow(9 * TiB)), "refuse",
+             says="over instar's limit", qemu=False),
+        # The largest tables a non-empty QED can have: 16 MiB each (1 MiB clusters, 16 a table).
+        case("qed-L2-tables-of-16-MiB", qed_build(lambda p: qed_file(
+            4 * MiB, cluster=MiB, table_size=16)), "read"),
+        # An empty disk whose L1 table is 1 GiB (64 MiB clusters, 16 a table): nothing to read.
+        case("qed-L1-of-1-GiB-for-an-empty-disk", qed_build(lambda p: Qed(
+            0, cluster=64 * MiB, table_size=16)), "read"),
     ]
 
 
@@ -1202,6 +1458,34 @@ def beyond_eof() -> list[Case]:
         case("vmdk-grain-is-the-descriptor", v_gte(lambda v: 1), "either"),
         case("vmdk-stream-footer-directory-past-EOF", vmdk_build(lambda p: _stream_footer_gd(
             1 << 40)), "refuse"),
+        case("qcow-L1-past-EOF", qcow_with(lambda q, p: q.fields.update(
+            l1_table_offset=1 << 40)), "refuse"),
+        case("qcow-L2-table-past-EOF", qcow_with(lambda q, p: q.l1.__setitem__(0, 1 << 40)),
+             "refuse", info="read"),
+        case("qcow-cluster-past-EOF", qcow_with(lambda q, p: q.entry(1, 1 << 40)), "refuse",
+             info="read"),
+        case("qcow-cluster-is-the-header-and-L1-table", qcow_with(lambda q, p: q.entry(
+            1, q.cluster)), "either"),
+        case("qcow-cluster-is-its-own-L2-table", qcow_with(lambda q, p: q.entry(
+            1, q.l2_at[0])), "either"),
+        case("qcow-compressed-cluster-past-EOF", qcow_with(lambda q, p: q.entry(
+            1, q.compressed_entry(1 << 40, 100))), "refuse", info="read"),
+        case("qcow-compressed-cluster-is-the-header", qcow_with(lambda q, p: q.entry(
+            1, q.compressed_entry(0, 2000))), "refuse", info="read"),
+        case("qed-L1-past-EOF", qed_with(lambda q, p: q.fields.update(
+            l1_table_offset=1 << 40)), "refuse"),
+        case("qed-L2-table-past-EOF", qed_with(lambda q, p: q.l1.__setitem__(0, 1 << 40)),
+             "refuse", info="read"),
+        case("qed-cluster-past-EOF", qed_with(lambda q, p: q.entry(1, 1 << 40)), "refuse",
+             info="read"),
+        case("qed-cluster-is-the-L1-table", qed_with(lambda q, p: q.entry(1, q.l1_offset)),
+             "either"),
+        case("qed-cluster-is-its-own-L2-table", qed_with(lambda q, p: q.entry(1, q.l2_at[0])),
+             "either"),
+        case("qed-L2-table-is-the-L1-table", qed_with(lambda q, p: q.l1.__setitem__(
+            0, q.l1_offset)), "either"),
+        case("qed-cluster-in-the-header", qed_with(lambda q, p: q.entry(1, 0x8000)), "refuse",
+             info="read"),
         case("vhd-BAT-entry-is-the-footer-copy", vhd_bat(lambda v: 0), "either"),
         case("vhd-block-crosses-EOF", vhd_bat(lambda v: (v.first_block + 2 * (
             v.block_size + 512)) // 512 - 4), "refuse"),
@@ -1258,6 +1542,34 @@ def aliasing() -> list[Case]:
         image.gd = dict.fromkeys(range(image.gd_entries), image.gd[0])
         return image
 
+    def terabytes_qcow(place: Place) -> Qcow:
+        image = Qcow(4 * TiB)
+        data = image.alloc(pattern(image.cluster, seed=9))
+        table = image.alloc(length=8 * image.per_l2)
+        image.l1_blob = struct.pack(">Q", table) * image.l1_size  # 2 Mi entries, one bytes
+        image.l2_at[0] = table
+        image.l2[0] = dict.fromkeys(range(image.per_l2), data)
+        return image
+
+    def compressed_everywhere(place: Place) -> Qcow:
+        image = Qcow(64 * GiB)
+        stream = deflate_bomb(MiB)
+        entry = image.compressed_entry(image.alloc(stream), len(stream))
+        table = image.alloc(length=8 * image.per_l2)
+        image.l1 = dict.fromkeys(range(image.l1_size), table)
+        image.l2_at[0] = table
+        image.l2[0] = dict.fromkeys(range(image.per_l2), entry)
+        return image
+
+    def terabytes_qed(place: Place) -> Qed:
+        image = Qed(64 * TiB)
+        data = image.alloc(pattern(image.cluster, seed=9))
+        table = image.alloc(length=image.table_bytes)
+        image.l1 = dict.fromkeys(range(image.entries), table)
+        image.l2_at[0] = table
+        image.l2[0] = dict.fromkeys(range(image.entries), data)
+        return image
+
     def terabytes_vhd(image: Vhd, place: Place) -> None:
         image.bat = dict.fromkeys(range(image.entries), image.bat[0])
 
@@ -1272,6 +1584,14 @@ def aliasing() -> list[Case]:
         case("qcow2-4-TiB-from-one-cluster", qcow2_build(terabytes_qcow2), "either"),
         case("qcow2-64-GiB-from-one-compressed-cluster", qcow2_build(
             lambda p: _every_cluster_compressed(64 * GiB)), "either"),
+        case("qcow-two-L2-entries-one-cluster", qcow_with(
+            lambda q, p: q.entry(5, q.l2[0][0])), "either"),
+        case("qcow-4-TiB-from-one-cluster", qcow_build(terabytes_qcow), "either"),
+        case("qcow-64-GiB-from-one-compressed-cluster", qcow_build(compressed_everywhere),
+             "either"),
+        case("qed-two-L2-entries-one-cluster", qed_with(lambda q, p: q.entry(5, q.l2[0][0])),
+             "either"),
+        case("qed-64-TiB-from-one-cluster", qed_build(terabytes_qed), "either"),
         case("vmdk-2-TiB-from-one-grain", vmdk_build(terabytes_vmdk), "either"),
         case("vhd-two-BAT-entries-one-block", vhd_with(
             lambda v, p: v.bat.__setitem__(1, v.bat[0])), "either"),
@@ -1375,6 +1695,15 @@ def huge_virtual_sizes() -> list[Case]:
             lambda p: Qcow2(EiB, cluster_bits=21)), "either"),
         case("qcow2-8-EiB-with-2-MiB-clusters", qcow2_build(
             lambda p: Qcow2((1 << 63) - 2 * MiB, cluster_bits=21, l1_size=1)), "refuse"),
+        case("qcow-2^63", qcow_build(lambda p: Qcow(1 << 63)), "refuse", says="Image too large"),
+        case("qcow-2^64-1", qcow_build(lambda p: Qcow((1 << 64) - 1)), "refuse",
+             says="Image too large"),
+        case("qcow-2^57-of-64-KiB-clusters", qcow_build(lambda p: qcow_file(
+            1 << 57, cluster_bits=16, l2_bits=13)), "refuse"),
+        case("qed-2^63-with-2-MiB-clusters", qed_build(lambda p: Qed(
+            1 << 63, cluster=2 * MiB, table_size=8)), "refuse"),
+        case("qed-2^64-512", qed_build(lambda p: Qed((1 << 64) - 512)), "refuse"),
+        case("qed-64-TiB", qed_build(lambda p: qed_file(64 * TiB)), "either"),
         case("vmdk-capacity-2^54-sectors", vmdk_fields(capacity=1 << 54), "refuse"),
         case("vmdk-1-EiB-of-1-GiB-grains", vmdk_build(
             lambda p: Vmdk(1 << 51, grain=1 << 21)), "either"),
@@ -1400,8 +1729,8 @@ def huge_virtual_sizes() -> list[Case]:
 
 def compression_bombs() -> list[Case]:
     """Compressed units that inflate far past the cluster or grain they
-    stand for (zlib and zstd qcow2 clusters, deflate VMDK stream grains),
-    frames claiming exabytes, streams that end early or never."""
+    stand for (zlib and zstd qcow2 clusters, qcow clusters, deflate VMDK
+    stream grains), frames claiming exabytes, streams that end early or never."""
 
     def zlib_cluster(stream: Callable[[], bytes], **options: object) -> Build:
         return qcow2_with(lambda q, p: q.compressed(1, stream()), **options)
@@ -1439,6 +1768,18 @@ def compression_bombs() -> list[Case]:
              "refuse", info="read"),
         case("qcow2-zstd-garbage", zstd_cluster(lambda: b"\x28\xb5\x2f\xfd" + b"\xff" * 5000),
              "refuse", info="read"),
+        # qcow's compressed size field holds less than a cluster: 1 MiB fits in ~1 KiB.
+        case("qcow-cluster-of-1-MiB", qcow_with(lambda q, p: q.compressed(
+            1, deflate_bomb(MiB))), "refuse", info="read"),
+        case("qcow-64-KiB-cluster-of-16-MiB", qcow_with(lambda q, p: q.compressed(
+            1, deflate_bomb()), cluster_bits=16, l2_bits=13), "refuse", info="read"),
+        case("qcow-stream-ends-early", qcow_with(lambda q, p: q.compressed(
+            1, zlib.compress(random.Random(2).randbytes(4 * KiB), wbits=-15)[:2000])),
+             "refuse", info="read"),
+        case("qcow-stream-shorter-than-a-cluster", qcow_with(lambda q, p: q.compressed(
+            1, zlib.compress(b"A" * 100, wbits=-15))), "refuse", info="read"),
+        case("qcow-zlib-header-not-raw-deflate", qcow_with(lambda q, p: q.compressed(
+            1, zlib.compress(b"C" * 4 * KiB))), "refuse", info="read"),
         case("vmdk-stream-grain-of-16-MiB", grain(lambda: deflate_bomb(raw=False)), "refuse",
              info="read"),
         case("vmdk-stream-grain-half-a-grain", grain(lambda: zlib.compress(b"B" * 32 * KiB)),
@@ -1471,8 +1812,8 @@ def chains() -> list[Case]:
     hard link), go 17 deep, or name what is no image file: json: and nbd:
     specifications, /dev/zero, /dev/stdin, /proc/self/environ, /proc/self/mem,
     a FIFO, a UNIX socket, a directory, a symbolic link out of the directory,
-    the canary by ../ and by absolute path; in qcow2 backing files and data
-    files, VMDK parent hints, VHD and VHDX parent locators."""
+    the canary by ../ and by absolute path; in qcow2, qcow and QED backing files,
+    qcow2 data files, VMDK parent hints, VHD and VHDX parent locators."""
 
     def loop_of_two(place: Place) -> str:
         for name, other in (("a.qcow2", "b.qcow2"), ("b.qcow2", "a.qcow2")):
@@ -1523,6 +1864,30 @@ def chains() -> list[Case]:
         top.write(place.img / "v.qcow2")
         return "v.qcow2"
 
+    def qcow_chain(place: Place) -> str:
+        qed_file(clusters=3, seed=43).write(place.img / "base.qed")
+        middle = qcow_file(clusters=0)
+        middle.data(40, pattern(middle.cluster, seed=44))
+        middle.set_backing("base.qed")
+        middle.write(place.img / "mid.qcow")
+        top = Qcow(MiB, cluster_bits=9, l2_bits=12)  # as qemu makes a backed qcow
+        top.data(3, pattern(top.cluster, seed=45))
+        top.set_backing("mid.qcow")
+        top.write(place.img / "v.qcow")
+        return "v.qcow"
+
+    def qed_chain(place: Place) -> str:
+        qed_file(clusters=3, seed=40).write(place.img / "base.qed")
+        middle = Qcow2(MiB)
+        middle.data(1, pattern(middle.cluster, seed=41))
+        middle.set_backing("base.qed", "qed")
+        middle.write(place.img / "mid.qcow2")
+        top = qed_file(clusters=0)
+        top.data(2, pattern(top.cluster, seed=42))
+        top.set_backing("mid.qcow2")
+        top.write(place.img / "v.qed")
+        return "v.qed"
+
     def vmdk_parent(hint: str | Callable[[Place], str],
                     prepare: Callable[[Place], None] | None = None) -> Build:
         def build(place: Place) -> str:
@@ -1569,6 +1934,19 @@ def chains() -> list[Case]:
         case("16-deep", chain(16), "read", allow="dir"),
         case("backing-file-in-a-subdirectory", in_subdir, "read", allow="dir"),
         case("qcow2-over-qcow2-over-vhd", mixed, "read", allow="dir"),
+        case("qcow-loop-A-A", qcow_backed("v.qcow"), "refuse", says="deeper than 16",
+             says_without_allow=OUTSIDE, info="read", allow="both", qemu=False),
+        case("qcow-over-qcow-over-qed", qcow_chain, "read", allow="dir"),
+        attack("qcow-backing-canary", qcow_backed("../secret/canary.bin"), OUTSIDE,
+               info="read"),
+        attack("qcow-backing-dev-zero", qcow_backed("/dev/zero"), OUTSIDE, info="read"),
+        case("qed-loop-A-A", qed_backed("v.qed"), "refuse", says="deeper than 16",
+             says_without_allow=OUTSIDE, info="read", allow="both", qemu=False),
+        case("qed-over-qcow2-over-qed", qed_chain, "read", allow="dir"),
+        attack("qed-backing-canary", qed_backed("../secret/canary.bin", raw=True), OUTSIDE,
+               info="read"),
+        attack("qed-backing-etc-passwd-probed", qed_backed("/etc/passwd"), OUTSIDE,
+               info="read"),
         attack("json-file-canary", qcow2_backed(json_file), info="read"),
         attack("nbd-tcp", qcow2_backed("nbd:localhost:10809", "raw"), info="read"),
         attack("dev-zero", qcow2_backed("/dev/zero", "raw"), OUTSIDE, info="read"),
@@ -1842,6 +2220,8 @@ def truncated_headers() -> list[Case]:
         ("vhdx", [8, 64 * KiB + 100, 192 * KiB + 10, MiB]),
         ("bochs", [100, 511, 700]),
         ("cloop", [60, 130, 140]),
+        ("qed", [4, 40, 64, 64 * KiB + 100, 5 * 64 * KiB + 10]),
+        ("qcow", [4, 20, 47, 56, 4096 + 100]),
     ]
     cases = [case(f"{key}-at-{size}", truncated(key, size), "either", probes="any")
              for key, sizes in cuts for size in sizes]
@@ -1917,9 +2297,10 @@ def cves() -> list[Case]:
             1, extra=1024, l1_size=0x7FFFFFFF, id_size=65535, name_size=65535), "either"),
         case("CVE-2015-5162-refcount-table-of-4-GiB", qcow2_fields(
             refcount_table_clusters=65536), "refuse"),
-        case("CVE-2014-0223-qcow1-L2-of-2^30", qcow1, "refuse", says="not supported"),
-        case("CVE-2014-0223-qcow1-named-qcow", qcow1, "refuse", says="not supported",
-             fmt="qcow"),
+        case("CVE-2014-0223-qcow1-L2-of-2^30", qcow1, "refuse",
+             says="L2 table size must be between 512 and 64k"),
+        case("CVE-2014-0223-qcow1-named-qcow", qcow1, "refuse",
+             says="L2 table size must be between 512 and 64k", fmt="qcow"),
         attack("CVE-2024-4467-data-file-json-qcow2", qcow2_data_file(json_self)),
         attack("CVE-2024-4467-data-file-json-raw-canary", qcow2_data_file(
             lambda p: json_canary.replace("{c}", str(p.canary)))),

@@ -1366,6 +1366,274 @@ CLOOP_ROWS = table(
 )  # fmt: skip
 
 
+# --- qed --------------------------------------------------------------------------------------
+
+
+def build_qed(directory: Path) -> None:
+    """1 MiB, 64 KiB clusters: data in cluster 0, a zero cluster (1), more
+    data, unallocated clusters, data at the end."""
+    patterned_raw(directory / "v.raw", MiB, [(320 * KiB, 768 * KiB)], seed=8)
+    qemu_img_ok("convert", "-f", "raw", "-O", "qed", "v.raw", "v.qed", cwd=directory)
+    qemu_io(directory / "v.qed", "write -z 64k 64k", "qed")
+    (directory / "v.raw").unlink()
+
+
+def build_qed_child(directory: Path) -> None:
+    """A qed over a qcow2 whose name takes 10 bytes ("base.qcow2")."""
+    patterned_raw(directory / "base.raw", MiB, [], seed=9)
+    qemu_img_ok("convert", "-O", "qcow2", "base.raw", "base.qcow2", cwd=directory)
+    (directory / "base.raw").unlink()
+    qemu_img_ok("create", "-q", "-f", "qed", "-b", "base.qcow2", "-F", "qcow2", "child.qed",
+                cwd=directory)
+    qemu_io(directory / "child.qed", "write -P 0x66 64k 64k", "qed")
+
+
+QED = Base("qed", build_qed, "v.qed")
+QED_CHILD = Base("qed-child", build_qed_child, "child.qed")
+QED_FEATURES, QED_L1 = 16, 40
+
+
+def qed_l1(path: Path) -> int:
+    return field_at(path, QED_L1, "<Q")
+
+
+def qed_l2_entry(index: int) -> Callable[[Path], int]:
+    """Where entry ``index`` of the first L2 table lies."""
+    return lambda path: field_at(path, qed_l1(path), "<Q") + 8 * index
+
+
+def qed_cluster_0(path: Path) -> int:
+    return field_at(path, qed_l2_entry(0)(path), "<Q")
+
+
+QED_WHERE = ": unaligned, inside the header or beyond the end of the file"
+QED_ROWS = table(
+    "qed", "qed",
+    row("bad-magic", QED, poke(0, "4s", b"QEE\0"), OPENING + "Image not in QED format", True,
+        same_as_qemu=True, probes=False),
+    row("unknown-feature", QED, poke(QED_FEATURES, "<Q", 8),
+        OPENING + "Unsupported QED features: 8", True, same_as_qemu=True),
+    row("unknown-features-high", QED, poke(QED_FEATURES, "<Q", 1 << 63 | 0x13),
+        OPENING + "Unsupported QED features: 8000000000000010", True, same_as_qemu=True),
+    row("cluster-size-2k", QED, poke(4, "<I", 2048), OPENING + "QED cluster size is invalid",
+        True, same_as_qemu=True),
+    row("cluster-size-not-a-power-of-two", QED, poke(4, "<I", 3 * 4096),
+        OPENING + "QED cluster size is invalid", True, same_as_qemu=True),
+    row("cluster-size-128M", QED, poke(4, "<I", 128 << 20),
+        OPENING + "QED cluster size is invalid", True, same_as_qemu=True),
+    row("table-size-3", QED, poke(8, "<I", 3), OPENING + "QED table size is invalid", True,
+        same_as_qemu=True),
+    row("table-size-1", QED, poke(8, "<I", 1), OPENING + "QED table offset is invalid", True,
+        same_as_qemu=True),
+    row("image-size-odd", QED, poke(48, "<Q", 1000), OPENING + "QED image size is invalid",
+        True, same_as_qemu=True),
+    row("image-size-past-its-tables", QED, poke(48, "<Q", (1 << 46) + 512),
+        OPENING + "QED image size is invalid", True, same_as_qemu=True),
+    row("image-size-2^64-512", QED, poke(48, "<Q", (1 << 64) - 512),
+        OPENING + "QED image size is invalid", True, same_as_qemu=True),
+    row("l1-past-eof", QED, poke(QED_L1, "<Q", 1 << 40), OPENING + "QED table offset is invalid",
+        True, same_as_qemu=True),
+    row("l1-unaligned", QED, poke(QED_L1, "<Q", 0x10200), OPENING + "QED table offset is invalid",
+        True, same_as_qemu=True),
+    row("l1-in-the-header", QED, poke(QED_L1, "<Q", 0), OPENING + "QED table offset is invalid",
+        True, same_as_qemu=True),
+    row("l1-wraps-round", QED, poke(QED_L1, "<Q", (1 << 64) - 0x10000),
+        OPENING + "QED table offset is invalid", True, same_as_qemu=True),
+    row("truncated-in-the-l1", QED, Cut(0x30000), OPENING + "QED table offset is invalid", True,
+        same_as_qemu=True),
+    # qemu sees the file in whole sectors: the last byte, cut, reads as a zero.
+    row("file-ends-inside-a-sector", QED, Cut(lambda p: file_end(p) - 1), None, False),
+    row("truncated-in-the-header", QED, Cut(40), OPENING + "QED table offset is invalid", True,
+        same_as_qemu=True),
+    # A header of 2^16 clusters of 64 KiB: 4 GiB, past qemu's 32 bits (the L1 table beyond it).
+    row("header-size-too-large", QED, (poke(12, "<I", 1 << 16), poke(QED_L1, "<Q", 1 << 32),
+                                       Cut((1 << 32) + 0x50000)),
+        OPENING + "QED header size is too large", True, same_as_qemu=True),
+    # The flag, but offset and size 0: an empty name, so no backing file.
+    row("backing-flag-without-a-name", QED, poke(QED_FEATURES, "<Q", 1), None, False),
+    row("backing-name-offset-invalid", QED, (poke(QED_FEATURES, "<Q", 1),
+                                             poke(56, "<II", 0x10000 - 4, 8)),
+        OPENING + "QED backing filename offset is invalid", True, same_as_qemu=True),
+    row("backing-name-of-4096-bytes", QED, (poke(QED_FEATURES, "<Q", 1),
+                                            poke(56, "<II", 64, 4096)),
+        OPENING + "Failed to read backing filename", True, same_as_qemu=True),
+    row("backing-name-of-4095-zeros", QED, (poke(QED_FEATURES, "<Q", 1),
+                                            poke(56, "<II", 64, 4095)), None, False),
+    row("missing-backing-file", QED_CHILD, Edit(os.unlink, file="base.qcow2"),
+        OPENING + "Could not open backing file: Could not open 'base.qcow2': "
+        "No such file or directory", True, fails_at="backing", same_as_qemu=True),
+    # The raw-backing flag over a qcow2 base: its bytes, header and all, as qemu reads them.
+    row("backing-format-raw-over-qcow2", QED_CHILD, poke(QED_FEATURES, "<Q", 0b101), None,
+        False),
+    row("need-check", QED, poke(QED_FEATURES, "<Q", 0b10), None, False),
+    row("unknown-compat-and-autoclear-bits", QED, poke(24, "<QQ", 1 << 40, 1 << 50), None,
+        False),
+    row("l2-table-past-eof", QED, poke(qed_l1, "<Q", 1 << 40),
+        IN_IMAGE + "L2 table offset 0x10000000000 is invalid \\(L1 index 0x0\\)" + QED_WHERE,
+        True, fails_at="status"),
+    row("l2-table-unaligned", QED, poke(qed_l1, "<Q", 0x10008),
+        IN_IMAGE + "L2 table offset 0x10008 is invalid \\(L1 index 0x0\\)" + QED_WHERE,
+        True, fails_at="status"),
+    row("l2-table-is-the-l1-table", QED, poke(qed_l1, "<Q", 0x10000),
+        IN_IMAGE + "the L2 table of guest offset 0x0 at host offset 0x10000 overlaps the L1 "
+        "table \\(a host unit mapped twice: the image is corrupt\\)", False, fails_at="status"),
+    row("cluster-past-eof", QED, poke(qed_l2_entry(0), "<Q", 1 << 40),
+        IN_IMAGE + "cluster at guest offset 0x0 points to 0x10000000000" + QED_WHERE, True,
+        fails_at="status"),
+    row("cluster-unaligned", QED, poke(qed_l2_entry(0), "<Q", 0x50200),
+        IN_IMAGE + "cluster at guest offset 0x0 points to 0x50200" + QED_WHERE, True,
+        fails_at="status"),
+    row("cluster-in-the-header", QED, poke(qed_l2_entry(0), "<Q", 0x8000),
+        IN_IMAGE + "cluster at guest offset 0x0 points to 0x8000" + QED_WHERE, True,
+        fails_at="status"),
+    row("cluster-is-the-l1-table", QED, poke(qed_l2_entry(0), "<Q", 0x10000),
+        IN_IMAGE + "host offset 0x10000, mapped at guest offset 0x0, is also the L1 table "
+        "\\(a host unit mapped twice: the image is corrupt\\)", False, fails_at="status"),
+    row("two-entries-one-cluster", QED, poke(qed_l2_entry(3), "<Q", qed_cluster_0),
+        IN_IMAGE + "host offset 0x[0-9a-f]+ is mapped by two guest ranges, at guest offsets "
+        "0x0 and 0x30000 \\(a host unit mapped twice: the image is corrupt\\)", False,
+        fails_at="status"),
+    row("zero-entry", QED, poke(qed_l2_entry(2), "<Q", 1), None, False),
+)  # fmt: skip
+
+
+# --- qcow -------------------------------------------------------------------------------------
+
+
+def build_qcow(directory: Path, *options: str) -> None:
+    """1 MiB in 4 KiB clusters: patterned data, a hole, data at the end;
+    ``-c``: every data cluster compressed (qemu-img then exits 1, silently,
+    with the image written: tests/test_qcow.py)."""
+    patterned_raw(directory / "v.raw", MiB, [(320 * KiB, 768 * KiB)], seed=10)
+    result = run_qemu_img("convert", *options, "-f", "raw", "-O", "qcow", "v.raw", "v.qcow",
+                          cwd=directory)
+    assert result.rc == (1 if options else 0) and result.stderr == "", result.stderr
+    (directory / "v.raw").unlink()
+
+
+def build_qcow_child(directory: Path) -> None:
+    """A qcow over a qcow (qemu makes it with 512-byte clusters)."""
+    patterned_raw(directory / "base.raw", MiB, [], seed=11)
+    qemu_img_ok("convert", "-O", "qcow", "base.raw", "base.qcow", cwd=directory)
+    (directory / "base.raw").unlink()
+    qemu_img_ok("create", "-q", "-f", "qcow", "-b", "base.qcow", "-F", "qcow", "child.qcow",
+                cwd=directory)
+    qemu_io(directory / "child.qcow", "write -P 0x66 64k 4k", "qcow")
+
+
+QCOW = Base("qcow", build_qcow, "v.qcow")
+QCOW_COMPRESSED = Base("qcow-compressed", lambda d: build_qcow(d, "-c"), "v.qcow")
+QCOW_CHILD = Base("qcow-child", build_qcow_child, "child.qcow")
+QCOW_SIZE, QCOW_CLUSTER_BITS, QCOW_L2_BITS, QCOW_CRYPT, QCOW_L1 = 24, 32, 33, 36, 40
+QCOW_COMPRESSED_BIT = 1 << 63
+
+
+def qcow_l2_entry(index: int) -> Callable[[Path], int]:
+    """Where entry ``index`` of the first L2 table lies."""
+    return lambda path: field_at(path, field_at(path, QCOW_L1, ">Q"), ">Q") + 8 * index
+
+
+def qcow_entry_0(path: Path) -> int:
+    return field_at(path, qcow_l2_entry(0)(path), ">Q")
+
+
+def qcow_compressed(host: int | Callable[[Path], int], size: int) -> Callable[[Path], int]:
+    """A compressed L2 entry (4 KiB clusters: the size in bits 51 to 62)."""
+    return lambda path: QCOW_COMPRESSED_BIT | size << 51 | (host(path) if callable(host)
+                                                            else host)
+
+
+def qcow_shortened(path: Path) -> int:
+    """Cluster 0's compressed entry, 10 bytes short of its stream."""
+    entry = qcow_entry_0(path)
+    size = (entry >> 51) & 0xFFF
+    return entry & ~(0xFFF << 51) | (size - 10) << 51
+
+
+QCOW_ROWS = table(
+    "qcow", "qcow",
+    row("bad-magic", QCOW, poke(0, "4s", b"QFI\xfa"), OPENING + "Image not in qcow format", True,
+        same_as_qemu=True, probes=False),
+    # qemu probes version 0 as raw, instar as a qcow2 it refuses (docs/formats/qcow2.md).
+    row("version-0", QCOW, poke(4, ">I", 0),
+        OPENING + "qcow \\(v1\\) does not support qcow version 0", True, same_as_qemu=True,
+        probes=False),
+    row("size-0", QCOW, poke(QCOW_SIZE, ">Q", 0),
+        OPENING + "Image size is too small \\(must be at least 2 bytes\\)", True,
+        same_as_qemu=True),
+    row("size-1", QCOW, poke(QCOW_SIZE, ">Q", 1),
+        OPENING + "Image size is too small \\(must be at least 2 bytes\\)", True,
+        same_as_qemu=True),
+    row("size-2", QCOW, poke(QCOW_SIZE, ">Q", 2), None, False),  # 0 sectors: an empty disk
+    row("size-not-a-sector-multiple", QCOW, poke(QCOW_SIZE, ">Q", MiB - 100), None, False),
+    row("size-2^62", QCOW, poke(QCOW_SIZE, ">Q", 1 << 62), OPENING + "Image too large", True,
+        same_as_qemu=True),
+    row("size-2^64-1", QCOW, poke(QCOW_SIZE, ">Q", (1 << 64) - 1), OPENING + "Image too large",
+        True, same_as_qemu=True),
+    row("cluster-bits-8", QCOW, poke(QCOW_CLUSTER_BITS, "B", 8),
+        OPENING + "Cluster size must be between 512 and 64k", True, same_as_qemu=True),
+    row("cluster-bits-17", QCOW, poke(QCOW_CLUSTER_BITS, "B", 17),
+        OPENING + "Cluster size must be between 512 and 64k", True, same_as_qemu=True),
+    row("l2-bits-5", QCOW, poke(QCOW_L2_BITS, "B", 5),
+        OPENING + "L2 table size must be between 512 and 64k", True, same_as_qemu=True),
+    row("l2-bits-14", QCOW, poke(QCOW_L2_BITS, "B", 14),
+        OPENING + "L2 table size must be between 512 and 64k", True, same_as_qemu=True),
+    row("crypt-method-2", QCOW, poke(QCOW_CRYPT, ">I", 2),
+        OPENING + "invalid encryption method in qcow header", True, same_as_qemu=True),
+    # AES: qemu-img info describes it without a key (as "backing" rows, info works and
+    # compare exits 2); reading needs the key.
+    row("crypt-method-aes", QCOW, poke(QCOW_CRYPT, ">I", 1),
+        OPENING + "Parameter 'encrypt.key-secret' is required for cipher", True,
+        fails_at="backing", same_as_qemu=True),
+    row("l1-past-eof", QCOW, poke(QCOW_L1, ">Q", 1 << 40),
+        OPENING + "L1 table at offset 1099511627776 lies beyond the end of the file", False),
+    row("backing-name-too-long", QCOW, poke(8, ">QI", 48, 1024),
+        OPENING + "Backing file name too long", True, same_as_qemu=True),
+    row("backing-name-past-eof", QCOW, poke(8, ">QI", 1 << 40, 10), None, False),
+    row("backing-name-empty", QCOW, poke(8, ">QI", 48, 0), None, False),
+    row("missing-backing-file", QCOW_CHILD, Edit(os.unlink, file="base.qcow"),
+        OPENING + "Could not open backing file: Could not open 'base.qcow': "
+        "No such file or directory", True, fails_at="backing", same_as_qemu=True),
+    row("l2-table-past-eof", QCOW, poke(lambda p: field_at(p, QCOW_L1, ">Q"), ">Q", 1 << 40),
+        IN_IMAGE + "L2 table at offset 1099511627776 lies beyond the end of the file", False,
+        fails_at="status"),
+    row("l2-table-unaligned", QCOW, poke(lambda p: field_at(p, QCOW_L1, ">Q"), ">Q", 0x1008),
+        IN_IMAGE + "L2 table offset 0x1008 unaligned \\(L1 index 0x0\\)", False,
+        fails_at="status"),
+    row("cluster-past-eof", QCOW, poke(qcow_l2_entry(0), ">Q", 1 << 40),
+        IN_IMAGE + "cluster at guest offset 0x0 points to 0x10000000000, beyond the end of the "
+        "file", False, fails_at="status"),
+    row("cluster-unaligned", QCOW, poke(qcow_l2_entry(0), ">Q", lambda p: qcow_entry_0(p) + 512),
+        IN_IMAGE + "cluster allocation offset 0x[0-9a-f]+ unaligned \\(guest offset 0x0\\)",
+        False, fails_at="status"),
+    row("cluster-is-the-l2-table", QCOW,
+        poke(qcow_l2_entry(1), ">Q", lambda p: field_at(p, field_at(p, QCOW_L1, ">Q"), ">Q")),
+        IN_IMAGE + "host offset 0x[0-9a-f]+, mapped at guest offset 0x1000, is also the L2 table "
+        "of guest offset 0x0 \\(a host unit mapped twice: the image is corrupt\\)", False,
+        fails_at="status"),
+    row("two-entries-one-cluster", QCOW, poke(qcow_l2_entry(3), ">Q", qcow_entry_0),
+        IN_IMAGE + "host offset 0x[0-9a-f]+ is mapped by two guest ranges, at guest offsets "
+        "0x0 and 0x3000 \\(a host unit mapped twice: the image is corrupt\\)", False,
+        fails_at="status"),
+    row("compressed-garbage", QCOW, poke(qcow_l2_entry(0), ">Q",
+                                         qcow_compressed(qcow_entry_0, 100)),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 does not decompress: .*", True,
+        fails_at="read"),
+    row("compressed-past-eof", QCOW, poke(qcow_l2_entry(0), ">Q",
+                                          qcow_compressed(1 << 40, 100)),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 points to 0x10000000000, beyond the "
+        "end of the file", True, fails_at="read"),
+    row("compressed-of-0-bytes", QCOW, poke(qcow_l2_entry(0), ">Q",
+                                            qcow_compressed(qcow_entry_0, 0)),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 decompresses to 0 bytes, not a whole "
+        "cluster", True, fails_at="read"),
+    row("compressed-cut-short", QCOW_COMPRESSED, poke(qcow_l2_entry(0), ">Q", qcow_shortened),
+        IN_IMAGE + "compressed cluster at guest offset 0x0 decompresses to \\d+ bytes, not a "
+        "whole cluster", True, fails_at="read"),
+    row("compressed-read", QCOW_COMPRESSED, NOTHING, None, False),
+)  # fmt: skip
+
+
 # --- raw --------------------------------------------------------------------------------------
 
 
@@ -1389,17 +1657,17 @@ RAW_ROWS = table(
     row("vdi-magic-probed", RAW_VDI, NOTHING,
         r"Could not open 'v\.raw': Unsupported VDI image size \(size is 0x3837363534333231, "
         r"max supported is 0x1fffff8000000\)", True, fmt="", same_as_qemu=True),
-    row("qed-magic-probed",
+    row("qed-magic-probed",  # read as qed now: its features field is garbage
         Base("raw-qed", lambda d: (d / "v.img").write_bytes(b"QED\x00" + pattern(8000)), "v.img"),
-        NOTHING, r"Could not open 'v\.img': qed: reading this format is not supported yet", True,
-        fmt=""),
+        NOTHING, r"Could not open 'v\.img': Unsupported QED features: 131211100f0e0d08", True,
+        fmt="", same_as_qemu=True),
 )  # fmt: skip
 
 
 # --- the test body ------------------------------------------------------------------------------
 
 ROWS = [*QCOW2_ROWS, *VMDK_ROWS, *VPC_ROWS, *VHDX_ROWS, *VDI_ROWS, *PARALLELS_ROWS,
-        *DMG_ROWS, *BOCHS_ROWS, *CLOOP_ROWS, *RAW_ROWS]
+        *DMG_ROWS, *BOCHS_ROWS, *CLOOP_ROWS, *QED_ROWS, *QCOW_ROWS, *RAW_ROWS]
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import pattern, qemu_img_ok, qemu_info, qemu_read_raw, run_instar, run_qemu_img
 
-FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels"]
+FORMATS = ["raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels", "qed", "qcow"]
 SIZE = 16 << 20
 
 
@@ -51,6 +51,6 @@ def test_convert_pair(in_fmt: str, out_fmt: str, sources: dict[str, Path], tmp_p
     assert qemu_read_raw(ours, tmp_path, out_fmt) == qemu_read_raw(theirs, tmp_path, out_fmt)
     compare = run_qemu_img("compare", "-f", "raw", "-F", out_fmt, str(sources["raw"]), str(ours))
     assert compare.rc == 0, compare.stdout + compare.stderr
-    if out_fmt in ("qcow2", "vmdk", "vhdx", "vdi", "parallels"):
+    if out_fmt in ("qcow2", "vmdk", "vhdx", "vdi", "parallels", "qed"):  # qemu checks no qcow
         check = run_qemu_img("check", "-f", out_fmt, str(ours))
         assert check.rc == 0, check.stdout + check.stderr

@@ -25,7 +25,8 @@ SOURCES = [
     ("qcow2", []), ("qcow2", ["-o", "compat=0.10"]), ("qcow2", ["-c"]),
     ("qcow2", ["-o", "extended_l2=on"]), ("vmdk", []),
     ("vmdk", ["-o", "subformat=streamOptimized"]), ("vpc", []), ("vhdx", []),
-    ("vdi", []), ("vdi", ["-o", "static=on"]),
+    ("vdi", []), ("vdi", ["-o", "static=on"]), ("qed", []), ("qed", ["-o", "cluster_size=4k"]),
+    ("qcow", []),
 ]
 MUTATIONS = 60
 # Formats qemu-img cannot make, built by their reader tests (format, builder).
@@ -47,7 +48,7 @@ def originals(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
     for index, (fmt, options) in enumerate(SOURCES):
         image = directory / f"source{index}.{fmt}"
         qemu_img_ok("convert", "-f", "raw", "-O", fmt, *options, str(raw), str(image))
-        if fmt == "qcow2" and not options:
+        if fmt in ("qcow2", "qed") and not options:
             qemu_io(image, "write -z 64k 64k", fmt)
         made.append(image)
     for index, (fmt, build) in enumerate(BUILT, len(SOURCES)):

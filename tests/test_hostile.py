@@ -1,4 +1,4 @@
-"""The hostile corpus: every image of tests/hostile_corpus.py through nine commands.
+"""The hostile corpus: every image of tests/hostile_corpus.py through ten commands.
 
 Each image is built by the test (qemu-img bases patched in Python, or written
 from the format specifications) in a directory ``img/`` of its own, beside a
@@ -9,7 +9,7 @@ would set (``--timeout 5 --max-memory 512M``):
     dd if=X of=OUT   dd -O qcow2 if=X of=OUT   convert -O raw X OUT
     info X           info --output=json X     compare X X
     map X            map --output=json X
-    check X
+    check X          measure -O qcow2 X
 
 and each run must either succeed with the right output (what qemu-img reads,
 where qemu reads the image; an image's own commands agree where it does not)
@@ -26,9 +26,11 @@ map reads no data, only the image's tables: it may map an image whose data
 the other commands refuse (a compressed bomb), so it must map it as qemu-img
 maps it, or refuse in one line; a benign image ("read") it maps exactly as
 qemu-img does (stdout and exit status, the human output's "File contains
-external, encrypted or compressed clusters." included).
+external, encrypted or compressed clusters." included). measure walks the same
+block status and reads no data either: it may measure what the others refuse,
+and must measure every image they read.
 
-Attacks on paths run the nine commands with ``--allow img`` (the most a user
+Attacks on paths run the ten commands with ``--allow img`` (the most a user
 would allow), and dd again without it: refused both ways.
 """
 
@@ -219,14 +221,14 @@ def leaks(data: bytes, forbidden: list[bytes]) -> list[bytes]:
     return [secret for secret in forbidden if secret in data]
 
 
-# --- the nine commands -------------------------------------------------------------------------
+# --- the ten commands --------------------------------------------------------------------------
 
 
 OUTPUTS = {"dd": "dd.raw", "dd -O qcow2": "dd.qcow2", "convert": "convert.raw"}
 
 
 def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]:
-    """(label, arguments) of the nine commands; outputs go to ``out/``."""
+    """(label, arguments) of the ten commands; outputs go to ``out/``."""
     f = ["-f", case.fmt] if case.fmt else []
     a = ["--allow", "img"] if allow else []
     return [
@@ -239,19 +241,24 @@ def commands(case: Case, image: str, allow: bool) -> list[tuple[str, list[str]]]
         ("map", ["map", *f, *a, image]),
         ("map json", ["map", *f, *a, "--output=json", image]),
         ("check", ["check", *f, *a, image]),
+        ("measure", ["measure", *f, *a, "-O", "qcow2", image]),
     ]
 
 
 MAPS = {"map": [], "map json": ["--output=json"]}
+WALKS = ("map", "map json", "measure")  # block status only, no data read
 
 
 def expectation(case: Case, label: str) -> str:
     """What a command must do with the case's image: info as ``info`` says
     where given; map refuses attacks on paths and otherwise may map what the
-    others refuse (its output is checked against qemu-img's instead)."""
+    others refuse (its output is checked against qemu-img's instead); measure
+    may measure what the others refuse, and must measure what they read."""
     if label.startswith("info") and case.info:
         return case.info
     if label in MAPS and case.allow != "both":
+        return "either"
+    if label == "measure" and case.allow != "both" and case.expect == "refuse":
         return "either"
     return case.expect
 
@@ -304,6 +311,10 @@ def check_run(run: Run, expect: str, case: Case, place: Place, before: set[str],
                     output.rename(keep / output.name)
         if run.label == "compare" and run.stdout != b"Images are identical.\n":
             problems.append(f"COMPARE says {run.stdout[:200]!r}: {where}")
+        if run.label == "measure" and not re.fullmatch(
+                rb"required size: \d+\nfully allocated size: \d+\n(bitmaps size: \d+\n)?",
+                run.stdout):
+            problems.append(f"MEASURE says {run.stdout[:200]!r}: {where}")
     else:
         if expect == "read":
             problems.append(f"NOT READ: {where}")
@@ -376,11 +387,11 @@ READING = ("dd", "dd -O qcow2", "convert", "compare")  # one read path: one stal
 
 def kind_of(label: str) -> str:
     """Commands of one kind share a path through the image: one stall stalls all."""
-    return "read" if label in READING else "map" if label in MAPS else "info"
+    return "read" if label in READING else "map" if label in WALKS else "info"
 
 
 def run_case(case: Case, place: Place, image: str) -> Checked:
-    """The nine commands (with ``--allow img`` where the case asks), then dd
+    """The ten commands (with ``--allow img`` where the case asks), then dd
     again without it for attacks on paths. Once a command of one kind
     (reading the data, mapping, or info) hangs or runs out of time, the others of its
     kind are not run: each would cost the full limit, and the case fails anyway."""

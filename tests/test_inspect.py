@@ -35,7 +35,14 @@ from instar.errors import ImageOpenError
 from instar.inspect_stream import HEAD_BYTES, InspectingStream, UnsafeStreamError
 from instar.inspection import inspect
 from instar.sandbox import Limits
-from instar.verdict import CODES, InspectPolicy, Verdict, make_policy, parse_policy
+from instar.verdict import (
+    CODES,
+    DEFAULT_REFUSED_FORMATS,
+    InspectPolicy,
+    Verdict,
+    make_policy,
+    parse_policy,
+)
 from instar.worker import SandboxSettings
 
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "inspect.md"
@@ -337,7 +344,7 @@ def divergences(verdict: Verdict, path: str) -> set[str]:
                 keys.add("vhdx-log")
             elif code == "multiple-formats":
                 keys.add("signatures")
-            elif code == "format-refused" and verdict.format == "luks":
+            elif code == "format-refused" and verdict.format in DEFAULT_REFUSED_FORMATS:
                 keys.add("format-policy")
             elif code in ("format-mismatch", "vmdk-create-type", "external-extent") and \
                     "probe" in keys:
@@ -569,7 +576,7 @@ def test_policy_file() -> None:
                           "vmdk-types = monolithicSparse\nallow-formats = qed\n"
                           "allow-extents = yes\n")
     assert policy == InspectPolicy(frozenset({"backing-file", "data-file", "external-extent"}),
-                                   ("monolithicSparse",), ("luks",))
+                                   ("monolithicSparse",), ("qcow", "luks"))
     for text, says in (("accept = nonsense", "unknown finding code 'nonsense'"),
                        ("colour = red", "unknown key 'colour'"),
                        ("accept", "expected 'key = value'"),

@@ -12,10 +12,10 @@ check what it would refuse when opening), and its format's checker
 - "Check failed" when the walk stopped or met internal errors.
 
 Exit codes: 0 clean, 2 corruptions, 3 leaks only, 1 could not check, 63 the
-format has no check (raw, vpc: "This image format does not support checks").
-Every format instar reads that qemu checks has a check (qcow2, vmdk, vhdx,
-vdi, parallels); one added later without its check would be refused in one
-line, exit 1, never said to have none.
+format has no check (raw, vpc, qcow...: "This image format does not support
+checks"). Every format instar reads that qemu checks has a check (qcow2, qed,
+vmdk, vhdx, vdi, parallels); one added later without its check would be
+refused in one line, exit 1, never said to have none.
 """
 
 from __future__ import annotations

@@ -16,11 +16,11 @@ opened, 3 block status failed, 4 a read failed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from instar.errors import CompareError, ImageReadError, InstarError
 from instar.events import Advance, EventSink, Line, ignore
-from instar.image import ALLOCATED, EOF, ZERO, ExtentKind, Image, StatusLayer
+from instar.image import ALLOCATED, EOF, ZERO, BlockImage, ExtentKind, StatusLayer
 from instar.opener import Broker, ImageOpener
 from instar.safety import AllowedDirs, PathPolicy, allowed_dirs
 from instar.worker import SandboxSettings, run_job
@@ -38,9 +38,10 @@ IDENTICAL, DIFFERENT, OPEN_ERROR, STATUS_ERROR, READ_ERROR = 0, 1, 2, 3, 4
 class Side:
     """One of the two images: how it is named in messages, and its status."""
 
-    image: Image
+    image: BlockImage
     name: str
     layer: StatusLayer
+    buffer: bytearray = field(default_factory=bytearray)  # `read`'s, reused block after block
 
     def query(self, offset: int) -> tuple[int, int, int]:
         try:
@@ -58,11 +59,17 @@ class Side:
     def _status_error(self) -> CompareError:
         return CompareError(f"Sector allocation test failed for {self.name}", STATUS_ERROR)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> bytearray:
+        """``buffer``, its first ``length`` bytes those at ``offset``. One buffer
+        serves every block: a new one per block costs more in page faults than
+        the comparison itself."""
+        if len(self.buffer) < length:
+            self.buffer = bytearray(length)
         try:
-            return self.image.read(offset, length)
+            self.image.readinto(offset, memoryview(self.buffer)[:length])
         except (InstarError, OSError) as error:
             raise self._read_error(offset, error) from None
+        return self.buffer
 
     def data_from(self, offset: int, end: int) -> tuple[int, int]:
         """``[start, stop)``: the first stretch of DATA extents in ``[offset,
@@ -222,13 +229,15 @@ class Comparison:
             position += length
         return None
 
-    def _block_mismatch(self, left: bytes | None, right: bytes | None, length: int) -> int | None:
-        zeros = self._zeros if length == READ_BLOCK else bytes(length)
-        left_bytes = zeros if left is None else left
-        right_bytes = zeros if right is None else right
-        if left_bytes == right_bytes:
+    def _block_mismatch(self, left: bytearray | None, right: bytearray | None,
+                        length: int) -> int | None:
+        """Where the first ``length`` bytes of two buffers (None: zeros) differ.
+        ``startswith`` compares them in place, as one memcmp."""
+        first = self._zeros if left is None else left
+        second = memoryview(self._zeros if right is None else right)[:length]
+        if first.startswith(second):
             return None
-        return first_difference(left_bytes, right_bytes)
+        return first_difference(bytes(first[:length]), bytes(second))
 
     def _tick_chunks(self, position: int, stop: int) -> None:
         """Progress for qemu's chunks of ``[position, stop)``: 2 MiB each,

@@ -150,7 +150,9 @@ def _write_nonzero(writer: Writer, offset: int, data: bytes, granularity: int) -
     if _ZERO_CHUNK.startswith(data):
         writer.write_zeroes(offset, len(data))
         return
-    if len(data) <= granularity:
+    if offset // granularity == (offset + len(data) - 1) // granularity:
+        # Within one piece. Across two, a zero half would make a writer allocate
+        # a unit for zeros, which measure (counting units with data) leaves out.
         writer.write(offset, data)
         return
     run_start = 0  # start of the pending run of pieces of one kind

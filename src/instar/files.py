@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Callable
 
 from instar.errors import FormatError
 
@@ -22,6 +23,13 @@ class ExactReads:
     def pread(self, offset: int, length: int) -> bytes:
         raise NotImplementedError
 
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        """Fill ``view`` from ``offset``; returns the bytes read (fewer only at
+        the end of the file)."""
+        data = self.pread(offset, len(view))
+        view[: len(data)] = data
+        return len(data)
+
     def pread_exact(self, offset: int, length: int, what: str) -> bytes:
         """Exactly ``length`` bytes, or a FormatError saying which structure is cut off."""
         if offset < 0 or offset + length > self.size:
@@ -30,6 +38,34 @@ class ExactReads:
         if len(data) != length:
             raise FormatError(f"{what} at offset {offset} is truncated")
         return data
+
+
+class ReadWindow:
+    """Many small reads of one region served from reads of ``size`` bytes:
+    qcow2's 65,536 snapshot entries are two reads each otherwise.
+
+    ``read(offset, length)`` returns exactly ``length`` bytes or raises one of
+    ``errors``; when a window cannot be read whole (it runs past the end of
+    the file), the piece asked for is read alone, so its error is its own.
+    """
+
+    def __init__(self, read: Callable[[int, int], bytes],
+                 errors: tuple[type[Exception], ...], size: int = 1 << 20) -> None:
+        self._read = read
+        self._errors = errors
+        self._size = size
+        self._start = 0
+        self._data = b""
+
+    def __call__(self, offset: int, length: int) -> bytes:
+        start = offset - self._start
+        if start < 0 or start + length > len(self._data):
+            try:
+                self._data = self._read(offset, max(length, self._size))
+            except self._errors:
+                self._data = self._read(offset, length)
+            self._start, start = offset, 0
+        return self._data[start : start + length]
 
 
 class InputFile(ExactReads):
@@ -46,6 +82,8 @@ class InputFile(ExactReads):
             self.size = os.lseek(fd, 0, os.SEEK_END)
         else:
             self.size = info.st_size
+        # The last (start, end) of data SEEK_DATA/SEEK_HOLE found (`image.file_layout`).
+        self.data_region: tuple[int, int] | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Up to ``length`` bytes at ``offset``; shorter only at end of file.
@@ -66,6 +104,18 @@ class InputFile(ExactReads):
                 got += len(more)
             data = b"".join(parts)
         return data
+
+    def pread_into(self, view: memoryview, offset: int) -> int:
+        """`pread` into ``view`` without a new buffer (preadv), looping over short reads."""
+        if offset >= 1 << 63:
+            return 0
+        got = 0
+        while got < len(view):
+            count = os.preadv(self.fd, [view[got:]], offset + got)
+            if not count:
+                break
+            got += count
+        return got
 
     def allocated_size(self) -> int:
         """The bytes the file system allocated for the file (st_blocks * 512)."""

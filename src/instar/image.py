@@ -287,7 +287,40 @@ class BlockImage:
             raise ImageReadError(self.driver.name, str(error)) from None
 
     def _read(self, offset: int, length: int) -> bytes:
-        parts: list[bytes] = []
+        parts = [piece if isinstance(piece, bytes) else _pread_padded(*piece)
+                 for piece in self._pieces(offset, length)]
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
+
+    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
+        """Fill ``buffer`` with the bytes at ``offset``; returns its length.
+        Stored bytes are read straight into it: a caller that reuses one
+        buffer (compare) does not make the C library map and fault in fresh
+        memory for every block. Errors as `read`'s."""
+        view = memoryview(buffer).cast("B")
+        check_range(self, offset, len(view))
+        at = 0
+        try:
+            for piece in self._pieces(offset, len(view)):
+                if isinstance(piece, bytes):
+                    view[at : at + len(piece)] = piece
+                    at += len(piece)
+                    continue
+                file, host, size = piece
+                got = file.pread_into(view[at : at + size], host)
+                view[at + got : at + size] = bytes(size - got)  # past the end of the file
+                at += size
+        except ImageReadError:
+            raise
+        except (FormatError, UnsupportedError) as error:
+            raise ImageReadError(self.driver.name, str(error)) from None
+        return len(view)
+
+    def _pieces(self, offset: int, length: int) -> Iterator[bytes | tuple[ExactReads, int, int]]:
+        """The bytes at ``offset`` in order: each either given (zeros, decoded
+        units, the backing image's) or (file, host offset, length) still to
+        read, host runs that continue each other in one file joined."""
         file: ExactReads | None = None
         host = size = 0  # a pending run of adjacent host bytes in ``file``
         for run in self.driver.map(offset, length):
@@ -296,30 +329,21 @@ class BlockImage:
                 if size and run.file is file and host + size == run.host:
                     size += count
                     continue
-                if size:
-                    parts.append(_pread_padded(file, host, size))
+                if size and file is not None:
+                    yield file, host, size
                 file, host, size = run.file, run.host, count
                 continue
-            if size:
-                parts.append(_pread_padded(file, host, size))
+            if size and file is not None:
+                yield file, host, size
                 size = 0
             if flags & ZERO:
-                parts.append(bytes(count))
+                yield bytes(count)
             elif flags & DATA:
-                parts.append(self._decoded(run, count))
+                yield self._decoded(run, count)
             else:
-                parts.append(self._read_backing(run.start, count))
-        if size:
-            parts.append(_pread_padded(file, host, size))
-        if len(parts) == 1:
-            return parts[0]
-        return b"".join(parts)
-
-    def readinto(self, offset: int, buffer: bytearray | memoryview) -> int:
-        """Fill ``buffer`` with the bytes at ``offset``; returns its length."""
-        view = memoryview(buffer).cast("B")
-        view[:] = self.read(offset, len(view))
-        return len(view)
+                yield self._read_backing(run.start, count)
+        if size and file is not None:
+            yield file, host, size
 
     def _decoded(self, run: Run, count: int) -> bytes:
         """``count`` bytes of a compressed unit, decoding each unit once in a row."""
@@ -540,23 +564,44 @@ def file_layout(
     file_end = min(end, file.size if data_end < 0 else min(data_end, file.size))
     position = offset
     while position < file_end:
-        data_start = _seek(file.fd, position, os.SEEK_DATA, file_end)
-        if data_start is None:  # the file system cannot say: all data
+        region = _data_region(file, position, file_end)
+        if region is None:  # the file system cannot say: all data
             yield position, file_end - position, True
             position = file_end
             break
-        data_start = min(data_start, file_end)
+        data_start, data_end = region
         if data_start > position:
             yield position, data_start - position, False
         if data_start >= file_end:
             position = file_end
             break
-        hole = _seek(file.fd, data_start, os.SEEK_HOLE, file_end)
-        data_end = file_end if hole is None else min(hole, file_end)
         yield data_start, data_end - data_start, True
         position = data_end
     if position < end:
         yield position, end - position, False
+
+
+def _data_region(file: InputFile, position: int, file_end: int) -> tuple[int, int] | None:
+    """Where the data at or after ``position`` starts and ends (both at most
+    ``file_end``), or None if the file system cannot say.
+
+    The last region found is kept on the file, as qemu's block-status cache
+    keeps it: a copy reads a large data region in chunks, and each SEEK_HOLE
+    can walk the whole rest of the region (tmpfs walks it page by page).
+    """
+    known = file.data_region
+    if known is not None and known[0] <= position < known[1]:
+        return position, min(known[1], file_end)
+    data_start = _seek(file.fd, position, os.SEEK_DATA, file_end)
+    if data_start is None:
+        return None
+    if data_start >= file_end:
+        return file_end, file_end
+    hole = _seek(file.fd, data_start, os.SEEK_HOLE, file_end)
+    if hole is None:
+        return data_start, file_end
+    file.data_region = (data_start, hole)
+    return data_start, min(hole, file_end)
 
 
 def next_data(file: InputFile, offset: int, end: int) -> int | None:

@@ -295,7 +295,8 @@ class ImageOpener:
 
 
 def open_error(path: str, error: FormatError | UnsupportedError | OSError) -> ImageOpenError:
-    """qemu's "Could not open 'PATH': REASON" from what a format or the file said."""
+    """qemu's "Could not open 'PATH': REASON" from what a format or the file said
+    (with the format's hint, as qemu prints a driver's hint after its error)."""
     if isinstance(error, OSError):
         return ImageOpenError(path, error.strerror or str(error))
     if isinstance(error, DriverError):  # a driver failing without a message: named twice
@@ -322,6 +323,7 @@ class ChainResolver:
 
     opener: ImageOpener
     depth: int
+    reads_data = True  # a class attribute, not a field
     checking: bool = False  # opened for check (qemu's BDRV_O_CHECK): the top image only
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
@@ -370,7 +372,10 @@ class AbsentBacking:
 
 @dataclass
 class NoBackingResolver(ChainResolver):
-    """Opens data files and extents as usual, never the backing file."""
+    """Opens data files and extents as usual, never the backing file: info,
+    which reads metadata only."""
+
+    reads_data = False
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         return AbsentBacking()

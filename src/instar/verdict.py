@@ -33,7 +33,7 @@ CODES: dict[str, str] = {
     "unknown-features": "incompatible feature bits no reader knows (qcow2)",
     "corrupt": "the image's structure is corrupt",
     "vhdx-log": "a VHDX log holds writes not yet in place",
-    "format-refused": "a format the policy refuses (qed and luks by default)",
+    "format-refused": "a format the policy refuses (qed, qcow and luks by default)",
     "unsupported": "instar cannot read this image, so it cannot check it",
     "partition-table": "an MBR partition table that is not valid",
     "stream-incomplete": "a stream could not be inspected as the file would be",
@@ -41,7 +41,7 @@ CODES: dict[str, str] = {
 
 # What a policy allows unless told otherwise.
 DEFAULT_VMDK_TYPES = ("monolithicSparse", "streamOptimized")
-DEFAULT_REFUSED_FORMATS = ("qed", "luks")
+DEFAULT_REFUSED_FORMATS = ("qed", "qcow", "luks")
 
 
 class Finding(NamedTuple):

@@ -17,7 +17,6 @@ The host also enforces the wall-clock limit by killing the worker.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import json
 import os
 import signal
@@ -383,6 +382,8 @@ def _become_worker(parent: int) -> None:
     for number in TERMINATING:
         signal.signal(number, signal.SIG_DFL)
     with contextlib.suppress(OSError, AttributeError):
+        import ctypes  # in the worker only: the host never needs it
+
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
     if os.getppid() != parent:  # the host died before the line above

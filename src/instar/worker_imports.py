@@ -20,28 +20,30 @@ from __future__ import annotations
 
 import base64
 import functools
-import importlib.abc
 import importlib.machinery
 import importlib.util
 import marshal
 import os
 import sys
-import sysconfig
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    import importlib.abc
 
 # The compiled modules jobs need, loaded before the fork without their
 # parent packages (whose Python code comes from the host when a job imports
 # them): zlib, bz2 and zstd for compressed data, crc32c for VHDX checksums
 # (its pure-Python fallback would load silently, and slowly, without it), mmap,
 # _md5 for the Parallels format extension's checksum (hashlib would want
-# OpenSSL or every hash module).
+# OpenSSL or every hash module), _random and _sha512 for the random module
+# (tempfile, which inspect_stream uses on the host's side, imports it).
 # Accelerators the standard library falls back from (_heapq, _uuid...) stay
 # out: an ImportError there is expected. tests/test_worker_imports.py imports
 # every module of instar in a confined worker and fails when one is missing.
 EXTENSIONS = ("zlib", "_bz2", "mmap", "fcntl", "backports.zstd._zstd", "_zstd",
-              "google_crc32c._crc32c", "_md5")
+              "google_crc32c._crc32c", "_md5", "_random", "_sha512")
 
 Ask = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -68,6 +70,8 @@ def _code_roots() -> tuple[str, ...]:
     """Where served modules may come from: the standard library, the installed
     packages and instar itself; never the working directory, which ``python -m``
     puts on the import path, so the worker cannot read the user's files."""
+    import sysconfig  # only a host serving a worker needs it
+
     paths = sysconfig.get_paths()
     roots = {paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"],
              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
@@ -102,8 +106,10 @@ def module_reply(name: str) -> dict[str, Any]:
 # --- the worker's side -------------------------------------------------------------------
 
 
-class HostImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds and loads modules by asking the host (`module_reply`)."""
+class HostImporter:
+    """Finds and loads modules by asking the host (`module_reply`): a meta path
+    finder and loader by protocol (importlib.abc's base classes would import
+    importlib.resources, pathlib, tempfile and more at every start)."""
 
     def __init__(self, ask: Ask) -> None:
         self._ask = ask
@@ -122,7 +128,8 @@ class HostImporter(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         if origin is None:  # a namespace package: only its directories
             spec = importlib.machinery.ModuleSpec(fullname, None, is_package=True)
         else:
-            spec = importlib.machinery.ModuleSpec(fullname, self, origin=origin,
+            loader = cast("importlib.abc.Loader", self)  # one by protocol
+            spec = importlib.machinery.ModuleSpec(fullname, loader, origin=origin,
                                                   is_package=package is not None)
             spec.has_location = True
             self._code[fullname] = base64.b64decode(reply["code"])

@@ -45,6 +45,7 @@ COMMANDS = {
     "check": "instar.cli.check",
     "inspect": "instar.cli.inspect",
     "map": "instar.cli.map",
+    "measure": "instar.cli.measure",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -70,6 +71,8 @@ filename1 filename2
 [--policy file] [--allow dir] filename
   map [-U] [-f fmt] [--output=ofmt] [--start-offset=OFFSET] [--max-length=LEN] \
 [--allow dir] filename
+  measure [--output=ofmt] [-O output_fmt] [-o options] \
+[--size N | [-f fmt] [-U] [--allow dir] filename]
 
 Standard options:
   -h, --help       display this help and exit

@@ -8,8 +8,9 @@ knows about dd (the copy engine feeds it a Window like any Image).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
+from instar.errors import UnsupportedError
 from instar.files import InputFile
 from instar.formats.options import CreateOptions as CreateOptions  # re-exported
 from instar.formats.options import OptionSchema as OptionSchema  # re-exported
@@ -28,6 +29,10 @@ class Resolver(Protocol):
     may have ``checking`` True (read with ``getattr``, default False): qemu's
     BDRV_O_CHECK, the image is opened for ``check``, which reports what
     opening would otherwise refuse (a VHDX BAT entry past the end).
+    A resolver may have ``reads_data`` False (read with ``getattr``, default
+    True): the image is opened for its metadata only (qemu's BDRV_O_NO_IO:
+    ``info``), so a format that needs a key to read its data (an encrypted
+    qcow) opens anyway, to be described.
     """
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
@@ -113,6 +118,51 @@ class Format(Protocol):
         """What ``qemu-img check`` finds in the layer ``open`` returned."""
         ...
 
+    def measure(self, options: ParsedOptions, size: int,
+                source: MeasureSource | None) -> Measurement:
+        """What a new image needs (``qemu-img measure``): of ``size`` bytes
+        (the size option), or converted from ``source``."""
+        ...
+
+
+# What ``instar measure`` knows of an image to convert, and what it answers.
+
+
+class PersistentBitmap(NamedTuple):
+    """A persistent dirty bitmap of the image to convert, as qemu sizes its copy."""
+
+    name_length: int  # bytes of its name
+    granularity: int
+
+
+class MeasureSource(Protocol):
+    """The image to convert, as a format's measure function sees it (qemu's ``in_bs``)."""
+
+    @property
+    def virtual_size(self) -> int:
+        """qemu's ``bdrv_getlength``."""
+        ...
+
+    @property
+    def bitmaps(self) -> tuple[PersistentBitmap, ...] | None:
+        """Its persistent bitmaps; None where the image cannot hold any (qemu's
+        ``bdrv_supports_persistent_dirty_bitmap``: a qcow2 v3 image only)."""
+        ...
+
+    def data_units(self, unit: int, start: int = 0, end: int | None = None) -> int:
+        """How many ``unit``-aligned units of ``[start, end)`` hold data, by
+        qemu's block status of the whole chain: a converted image allocates
+        no other unit. ``start`` is a multiple of ``unit``."""
+        ...
+
+
+class Measurement(NamedTuple):
+    """qemu's BlockMeasureInfo: bytes a new image needs, as qemu's int64s."""
+
+    required: int
+    fully_allocated: int
+    bitmaps: int | None = None  # None: qemu leaves "bitmaps" out
+
 
 # What ``instar info`` shows about a format: the `describe` hook.
 #
@@ -195,6 +245,8 @@ class FormatBase:
     writer: str  # (out, virtual_size, options) -> Writer
     describer: str | None = None  # (driver) -> FormatDetails; None: nothing to add
     checker: str | None = None  # (driver) -> CheckResult; None: qemu has no check for it
+    # (options, size, source) -> Measurement; None: qemu's "does not support size measurement"
+    measurer: str | None = None
 
     def probe(self, header: bytes, filename: str) -> int:
         raise NotImplementedError
@@ -228,6 +280,20 @@ class FormatBase:
             raise ChecksNotSupportedError()
         result: CheckResult = _entry(self.checker)(driver)
         return result
+
+    def measure(self, options: ParsedOptions, size: int,
+                source: MeasureSource | None) -> Measurement:
+        """``qemu-img measure``'s figures, from the format's ``measurer``.
+
+        ``options`` were parsed without refusing what the writer does not
+        implement; ``size`` is the size option (``--size``, else ``-o size``,
+        else 0), which qemu reads even when it measures an image."""
+        if self.measurer is None:
+            raise UnsupportedError(
+                f"Block driver '{self.name}' does not support size measurement"
+            )
+        measurement: Measurement = _entry(self.measurer)(options, size, source)
+        return measurement
 
 
 class ReadOnlyFormat(FormatBase):

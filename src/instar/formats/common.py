@@ -4,7 +4,7 @@ Read side: bounded inflate (zlib, raw deflate, zstd, bzip2), the LRU table cache
 skipping runs of equal table entries at memory speed, and the map of host
 units an image's mapping has claimed (the aliasing check).
 Write side: the ordered compression pool, the zero-skipping cluster
-sequencer, endian table packing.
+sequencer, endian table packing (and unpacking, for readers).
 """
 
 from __future__ import annotations
@@ -178,11 +178,7 @@ def read_le32_table(file: ExactReads, offset: int, count: int) -> array[int]:
     """``count`` little-endian 32-bit entries at ``offset`` of ``file``, as
     qemu reads a table: what lies past the end of the file reads as zeros."""
     data = file.pread(offset, 4 * count)
-    table = array("I")
-    table.frombytes(data + bytes(4 * count - len(data)))
-    if sys.byteorder == "big":
-        table.byteswap()
-    return table
+    return unpack_table(data + bytes(4 * count - len(data)), 4, "little")
 
 
 def le32_table_pieces(file: InputFile, offset: int, count: int, chunk: int
@@ -305,6 +301,29 @@ class HostClaims:
         return any(counts[cell] for cell in range(first >> self._cell_bits,
                                                   ((end - 1) >> self._cell_bits) + 1))
 
+    def count(self, offset: int, length: int) -> int:
+        """How many units of ``[offset, offset + length)`` are claimed (coarse:
+        the claims in the cells the range touches): a check's leaks are the
+        units nothing claimed. Counted a chunk at a time, in C."""
+        first = offset >> self._shift
+        end = min(self.units, (offset + length + self.unit - 1) >> self._shift)
+        if first >= end:
+            return 0
+        if not self.exact:
+            counts = self._counts
+            assert counts is not None
+            return sum(counts[first >> self._cell_bits : ((end - 1) >> self._cell_bits) + 1])
+        bitmap = self._map
+        low, high = first >> 3, (end - 1) >> 3  # the bytes holding the range's bits
+        total = 0
+        for start in range(low, high + 1, _COUNT_CHUNK):
+            chunk = bitmap[start : min(high + 1, start + _COUNT_CHUNK)]
+            total += int.from_bytes(chunk, "little").bit_count()
+        total -= (bitmap[low] & ((1 << (first & 7)) - 1)).bit_count()  # before the range
+        if end & 7:
+            total -= (bitmap[high] >> (end & 7)).bit_count()  # after it
+        return total
+
     def _claim_bits(self, first: int, end: int) -> bool:
         bitmap = self._map
         low, low_bit = first >> 3, first & 7
@@ -366,6 +385,9 @@ class HostClaims:
             else:
                 counts[cell] = count
         return True
+
+
+_COUNT_CHUNK = 1 << 20  # bitmap bytes counted at once
 
 
 def _cell_layout(units: int) -> tuple[Literal["B", "H", "I", "Q"], int, int]:
@@ -498,6 +520,17 @@ def pack_table(
     if len(data) < size:
         data += bytes([fill]) * (size - len(data))
     return data
+
+
+def unpack_table(data: bytes, width: Literal[4, 8], byteorder: Literal["big", "little"]
+                 ) -> array[int]:
+    """Table bytes as native unsigned ``width``-byte integers: `pack_table` undone
+    (qcow2 and qcow L1/L2 tables are big-endian, QED's little-endian)."""
+    table = array(_TABLE_TYPECODES[width])
+    table.frombytes(data[: len(data) - len(data) % width])
+    if byteorder != sys.byteorder:
+        table.byteswap()
+    return table
 
 
 def unit_spans(offset: int, length: int, unit: int) -> Iterator[tuple[int, int, int, int]]:

@@ -136,6 +136,12 @@ class OptionSchema:
         """The options ``-o help`` lists: those instar implements, sorted as qemu sorts."""
         return tuple(sorted((o for o in self.options if o.supported), key=lambda o: o.name))
 
+    def extended(self, extra: tuple[Option, ...]) -> OptionSchema:
+        """This schema and the options of ``extra`` it lacks, as qemu's
+        ``qemu_opts_append`` adds the protocol's creation options to a format's."""
+        added = tuple(option for option in extra if self.find(option.name) is None)
+        return OptionSchema(self.format_name, self.options + added, self.compress)
+
     def defaults(self) -> ParsedOptions:
         """The options of a command line that gives none."""
         return parse_options(self, CreateOptions())
@@ -146,13 +152,16 @@ class ParsedOptions:
     """Checked creation options: a typed value for every option the format implements.
 
     ``given`` names the options the command line set (a writer may treat an
-    explicit default differently, as qemu's vmdk does with ``-c``).
+    explicit default differently, as qemu's vmdk does with ``-c``); ``texts``
+    holds what each said, last occurrence, for a driver that reads the text
+    again as qemu's QAPI visitor does (`qapi_int`).
     """
 
     schema: OptionSchema
     values: Mapping[str, OptionValue]
     given: frozenset[str] = frozenset()
     compress: bool = False
+    texts: Mapping[str, str] = field(default_factory=dict)
 
     def flag(self, name: str) -> bool:
         """A bool option's value."""
@@ -172,6 +181,14 @@ class ParsedOptions:
         assert isinstance(value, str)
         return value
 
+    def get(self, name: str) -> OptionValue | None:
+        """Any option's value, implemented or not; None when it has no default
+        and the command line did not set it (how measure reads qemu's options,
+        which instar's writers may not implement)."""
+        if self.schema.find(name) is None:
+            raise KeyError(f"{self.schema.format_name} has no option {name}")
+        return self.values.get(name)
+
     def _value(self, name: str, *types: OptionType) -> OptionValue:
         option = self.schema.find(name)
         if option is None or not option.supported or option.type not in types:
@@ -179,13 +196,15 @@ class ParsedOptions:
         return self.values[name]
 
 
-def parse_options(schema: OptionSchema, given: CreateOptions) -> ParsedOptions:
+def parse_options(schema: OptionSchema, given: CreateOptions, *,
+                  refuse_unsupported: bool = True) -> ParsedOptions:
     """Check ``given`` against ``schema`` as qemu-img does, before anything is created.
 
     In qemu's order: each pair left to right (an unknown key or a malformed
     value is an `OptionError`, printed without the output's name), then ``-c``,
     then options instar refuses (a `CreationError`, which callers prefix as
-    qemu prefixes a driver's refusal).
+    qemu prefixes a driver's refusal), unless ``refuse_unsupported`` is off:
+    measure creates nothing and reads them all (`ParsedOptions.get`).
     """
     values: dict[str, OptionValue] = {
         option.name: option.default
@@ -193,20 +212,46 @@ def parse_options(schema: OptionSchema, given: CreateOptions) -> ParsedOptions:
         if option.supported and option.default is not None
     }
     order: list[str] = []
+    texts: dict[str, str] = {}
     for key, text in given.options:
         option = schema.find(key)
         if option is None:
             raise OptionError(f"Invalid parameter '{key}'")
         values[key] = option.parse(text)
+        texts[key] = text
         if key not in order:
             order.append(key)
     if given.compress and not schema.compress:
         raise OptionError("Compression not supported for this file format")
-    for key in order:
+    for key in order if refuse_unsupported else ():
         option = schema.find(key)
         if option is not None and not option.supported:
             raise CreationError(f"the {schema.format_name} option '{key}' is not supported yet")
-    return ParsedOptions(schema, values, frozenset(order), given.compress)
+    return ParsedOptions(schema, values, frozenset(order), given.compress, texts)
+
+
+def qapi_int(name: str, text: str) -> int:
+    """``text`` as qemu's QAPI visitor reads an option into an 'int' member
+    after the option parser took it (qed's table-size): C strtoll in base 0
+    over the whole text, in signed 64 bits; otherwise qemu's message, which
+    the caller prefixes as a driver's refusal."""
+    body = text.lstrip(_C_SPACE)
+    sign = -1 if body.startswith("-") else 1
+    if body[:1] in ("+", "-"):
+        body = body[1:]
+    if body[:2] in ("0x", "0X"):
+        digits, base = body[2:], 16
+    elif body.startswith("0"):
+        digits, base = body, 8
+    else:
+        digits, base = body, 10
+    allowed = "0123456789abcdefABCDEF" if base == 16 else "0123456789"[:base]
+    if not digits or any(char not in allowed for char in digits):
+        raise CreationError(f"Parameter '{name}' expects integer")
+    value = sign * int(digits, base)
+    if not -(1 << 63) <= value < 1 << 63:
+        raise CreationError(f"Parameter '{name}' expects integer")
+    return value
 
 
 def _parse_bool(name: str, text: str) -> bool:

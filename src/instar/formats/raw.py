@@ -12,7 +12,14 @@ from collections.abc import Iterator
 
 from instar.errors import CreationError
 from instar.files import InputFile, pwrite_all, write_zeros
-from instar.formats.base import FormatBase, OptionSchema, OutputFile, ParsedOptions
+from instar.formats.base import (
+    FormatBase,
+    Measurement,
+    MeasureSource,
+    OptionSchema,
+    OutputFile,
+    ParsedOptions,
+)
 from instar.image import BlockImage, Driver, Run, file_runs
 from instar.sizes import round_up
 
@@ -80,6 +87,14 @@ class RawWriter:
         pass
 
 
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """qemu's ``raw_measure``: a raw file is as long as the disk, holes or not.
+    ``size`` is rounded up to a sector, modulo 2^64 as qemu's arithmetic."""
+    required = source.virtual_size if source is not None else round_up(size, SECTOR)
+    required &= (1 << 64) - 1
+    return Measurement(required, required)
+
+
 class RawFormat(FormatBase):
     """qemu shows no cluster size and no format-specific data for raw; its
     get_info succeeds, so JSON carries "dirty-flag": false (FormatDetails())."""
@@ -88,6 +103,7 @@ class RawFormat(FormatBase):
     create_options = OptionSchema("raw")  # none: qemu's (size, preallocation...) are unknown here
     reader = "instar.formats.raw:open_driver"
     writer = "instar.formats.raw:RawWriter"
+    measurer: str | None = "instar.formats.raw:measure"
 
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort

@@ -23,6 +23,9 @@ _DRIVERS: dict[str, str] = {
     "vhdx": "instar.formats.vhdx",
     "vdi": "instar.formats.vdi",
     "parallels": "instar.formats.parallels",
+    "qed": "instar.formats.qed",
+    "qcow": "instar.formats.qcow",
+    "file": "instar.formats.file",  # the file protocol driver: raw under its own name
     # Read only: qemu-img cannot create these either.
     "dmg": "instar.formats.dmg",
     "bochs": "instar.formats.bochs",
@@ -31,7 +34,6 @@ _DRIVERS: dict[str, str] = {
 
 # Formats qemu-img knows, with the magics that identify each (offset, bytes).
 _RECOGNISED_ONLY: dict[str, tuple[tuple[int, bytes], ...]] = {
-    "qed": ((0, b"QED\x00"),),
     "luks": ((0, b"LUKS\xba\xbe"),),
 }
 # Formats qemu-img probes by the file name's ending, not by content (none left

@@ -30,6 +30,7 @@ class ParallelsFormat(FormatBase):
     reader = "instar.formats.parallels.reader:open_parallels"
     checker = "instar.formats.parallels.check:check"
     writer = "instar.formats.parallels.writer:create_writer"
+    measurer = "instar.formats.parallels.writer:measure"
     create_options = OptionSchema(
         "parallels",
         (

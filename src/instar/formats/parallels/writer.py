@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import os
 from array import array
+from typing import NamedTuple
 
 from instar.errors import CreationError, ImageOpenError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import pack_table, unit_spans
 from instar.formats.parallels.layout import (
     MAX_CREATE_CLUSTER_SIZE,
@@ -36,8 +37,21 @@ from instar.safety import MAX_TABLE_BYTES
 _UINT64 = (1 << 64) - 1
 
 
-def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) -> ParallelsWriter:
-    """A writer for a new image of ``virtual_size`` bytes, refused as qemu-img refuses it.
+class Plan(NamedTuple):
+    """A new image: its disk and cluster sizes and catalog entries."""
+
+    size: int
+    cluster_size: int
+    entries: int
+
+    @property
+    def data_start(self) -> int:
+        """Where the first cluster goes: after the header and catalog, to a cluster."""
+        return new_header(self.size, self.cluster_size, self.entries).data_off * SECTOR
+
+
+def plan(virtual_size: int, options: ParsedOptions, target: str) -> Plan:
+    """The image ``qemu-img create`` would make, refused as it refuses it.
 
     qemu rounds both sizes up to a sector (the cluster size as a 64-bit
     number, which can wrap to 0), then checks the cluster size and the
@@ -51,14 +65,31 @@ def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) ->
         raise CreationError("Image size is too large for this cluster size")
     if cluster_size // SECTOR > MAX_TRACKS:
         # qemu-img creates it, then cannot open what it created.
-        raise ImageOpenError(out.name, "Invalid image: Too big cluster")
+        raise ImageOpenError(target, "Invalid image: Too big cluster")
     entries = -(-size // cluster_size)
     if entries * 4 > MAX_TABLE_BYTES:
         raise CreationError(
             f"a catalog of {entries} entries is over instar's limit of {MAX_TABLE_BYTES} bytes "
             "(choose a larger cluster_size)"
         )
-    return ParallelsWriter(out, size, cluster_size, entries)
+    return Plan(size, cluster_size, entries)
+
+
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """What ``measure -O parallels`` answers (qemu 7.2 has no figures for it),
+    by the writer's layout: header and catalog to a cluster, then each
+    cluster with data. The image that would be refused is named as the
+    output, which measure has none of."""
+    new = plan(source.virtual_size if source is not None else size, options, "<output>")
+    used = source.data_units(new.cluster_size) if source is not None else 0
+    return Measurement(new.data_start + used * new.cluster_size,
+                       new.data_start + new.entries * new.cluster_size)
+
+
+def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) -> ParallelsWriter:
+    """A writer for a new image of ``virtual_size`` bytes, refused as qemu-img refuses it."""
+    new = plan(virtual_size, options, out.name)
+    return ParallelsWriter(out, new.size, new.cluster_size, new.entries)
 
 
 def _round_up(value: int) -> int:

@@ -19,6 +19,7 @@ class Qcow2Format(FormatBase):
     writer = "instar.formats.qcow2.writer:create_writer"
     describer = "instar.formats.qcow2.info:describe"
     checker = "instar.formats.qcow2.check:check"
+    measurer = "instar.formats.qcow2.measure:measure"
     create_options = OptionSchema(
         "qcow2",
         (
@@ -50,13 +51,15 @@ class Qcow2Format(FormatBase):
     )
 
     def probe(self, header: bytes, filename: str) -> int:
-        """The magic alone decides, whatever the version.
+        """The magic decides, whatever the version but 1 (qcow's).
 
-        qemu probes versions 2 and up as qcow2 and the rest as raw; instar
-        claims every version so that opening refuses a version it cannot read
-        ("Unsupported qcow2 version") instead of copying the file as raw bytes.
+        qemu probes versions 2 and up as qcow2, 1 as qcow and 0 as raw; instar
+        claims version 0 too, so that opening refuses it ("Unsupported qcow2
+        version 0") instead of copying the file as raw bytes.
         """
-        return 100 if header[:4] == layout.MAGIC else 0
+        if header[:4] != layout.MAGIC:
+            return 0
+        return 0 if int.from_bytes(header[4:8].ljust(4, b"\0"), "big") == 1 else 100
 
 
 FORMAT = Qcow2Format()

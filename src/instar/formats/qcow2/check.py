@@ -38,12 +38,12 @@ from itertools import compress
 from typing import NamedTuple, Protocol
 
 from instar.errors import FormatError
-from instar.files import InputFile
+from instar.files import InputFile, ReadWindow
 from instar.findings import CHECK_ERROR, CORRUPTION, LEAK, NOTE, CheckResult, Finding
-from instar.formats.common import is_progression
+from instar.formats.common import is_progression, unpack_table
 from instar.formats.qcow2 import info as I
 from instar.formats.qcow2 import layout as L
-from instar.formats.qcow2.reader import Qcow2Driver, _be_u64_array
+from instar.formats.qcow2.reader import Qcow2Driver
 from instar.formats.qcow2.refcounts import (
     UNALIGNED,
     Expected,
@@ -73,7 +73,6 @@ BITMAP_ENTRY_ALL_ONES = 1
 BUDGET_BASE = 64 << 20  # work a check may do besides 4 times the file's size
 L1_ENTRY_WEIGHT = 8  # an L1 entry is walked in Python: it costs 8 times its bytes
 EXACT_WORK_LIMIT = 1 << 19  # L2 entries walked one by one where refcounts overflow
-SNAPSHOT_WINDOW = 1 << 20  # the snapshot table is read this much at a time
 
 # qemu's cluster types (qcow2_get_cluster_type).
 _UNALLOCATED, _ZERO_PLAIN, _ZERO_ALLOC, _NORMAL, _COMPRESSED = range(5)
@@ -169,7 +168,7 @@ class _Walk:
         self.reftable_size = header.refcount_table_clusters << (self.bits - 3)
         self.expected = Expected(self.bits, order, 0)  # nb_clusters set once known
         self.snapshots_size = 0
-        self._snapshot_window: tuple[int, bytes] = (0, b"")
+        self._snapshot_window = ReadWindow(self._read, (_Failed,))
         self._l1_tables: dict[tuple[int, int], _L1Table] = {}
         self.active_indices: array[int] = array("Q")
         self.budget = 4 * self.file_len + BUDGET_BASE
@@ -211,7 +210,7 @@ class _Walk:
         if not inside:
             return array("Q")
         data = self.file.pread(offset, inside * 8)
-        return _be_u64_array(data + bytes(inside * 8 - len(data)))
+        return unpack_table(data + bytes(inside * 8 - len(data)), 8, "big")
 
     # -- the run
 
@@ -274,21 +273,12 @@ class _Walk:
         return snapshots
 
     def _snapshot_read(self, offset: int, length: int) -> bytes:
-        """A piece of the snapshot table, from a window read a megabyte at a
-        time: 65536 entries are 262144 small reads otherwise."""
-        start, window = self._snapshot_window
-        if not start <= offset or offset + length > start + len(window):
-            try:
-                window = self._read(offset, max(length, SNAPSHOT_WINDOW))
-            except _Failed as failed:
-                try:  # qemu reads exactly this much: it may be readable alone
-                    window = self._read(offset, length)
-                except _Failed:
-                    raise _SnapshotError(f"Failed to read snapshot table: {failed.reason}",
-                                         failed.reason) from None
-            start = offset
-            self._snapshot_window = (start, window)
-        return window[offset - start : offset - start + length]
+        """A piece of the snapshot table (read a window at a time)."""
+        try:
+            return self._snapshot_window(offset, length)
+        except _Failed as failed:
+            raise _SnapshotError(f"Failed to read snapshot table: {failed.reason}",
+                                 failed.reason) from None
 
     # -- expected refcounts (qcow2_inc_refcounts_imrt)
 
@@ -447,7 +437,7 @@ class _Walk:
 
     def _l2_entries(self, offset: int) -> tuple[array[int], array[int] | None]:
         """An L2 table's entries (and subcluster bitmaps, extended L2)."""
-        table = _be_u64_array(self._read(offset, self.cluster))
+        table = unpack_table(self._read(offset, self.cluster), 8, "big")
         if self.extended:
             return table[::2], table[1::2]
         return table, None
@@ -590,7 +580,7 @@ class _Walk:
             raise _Failed(EINVAL)
         for table_offset, table_size in bitmaps:
             self._ref(result, table_offset, table_size * 8)
-            table = _be_u64_array(self._read(table_offset, table_size * 8))
+            table = unpack_table(self._read(table_offset, table_size * 8), 8, "big")
             if any(not self._bitmap_entry_valid(entry) for entry in table):
                 result.corruptions += 1
                 raise _Failed(EINVAL)

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from instar.errors import FormatError
+from instar.files import ReadWindow
 from instar.formats.base import (
     ChildFile,
     FormatDetails,
@@ -166,9 +167,10 @@ def read_snapshots(image: Qcow2Driver) -> list[SnapshotDetails]:
     if header.nb_snapshots > L.MAX_SNAPSHOTS:  # the reader checks this too
         raise FormatError("Too many snapshots")
 
-    def read(offset: int, length: int) -> bytes:
+    def read_exact(offset: int, length: int) -> bytes:
         return image.file.pread_exact(offset, length, "snapshot table entry")
 
+    read = ReadWindow(read_exact, (FormatError,))
     snapshots = []
     for _, entry in snapshot_entries(read, header.snapshots_offset, header.nb_snapshots):
         extra, vm_state_size = entry.extra, entry.vm_state_size

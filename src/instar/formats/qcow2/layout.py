@@ -55,7 +55,6 @@ AUTOCLEAR_DATA_FILE_RAW = 1 << 1
 COMPRESSION_ZLIB = 0
 COMPRESSION_ZSTD = 1
 COMPRESSION_NAMES = {COMPRESSION_ZLIB: "zlib", COMPRESSION_ZSTD: "zstd"}
-ZLIB_WBITS = -12  # raw deflate with a 4 KiB window, as qemu writes it
 
 # Header extension types.
 EXT_END = 0x00000000

@@ -12,38 +12,18 @@ FormatError.
 from __future__ import annotations
 
 import contextlib
-import sys
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 from instar.errors import FormatError, UnknownFeatureError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
-from instar.formats.common import (
-    DEFLATE,
-    ZSTD,
-    HostClaims,
-    TableCache,
-    alias_message,
-    first_other,
-    inflate,
-    is_progression,
-    metadata_alias_message,
-)
+from instar.formats.cluster_tables import ClusterTableDriver, Region, backing_name
+from instar.formats.common import DEFLATE, ZSTD, first_other, inflate, unpack_table
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.refcounts import metadata_preallocated, read_reftable
-from instar.image import (
-    COMPRESSED,
-    DATA,
-    MAX_VIRTUAL_SIZE,
-    OFFSET_VALID,
-    ZERO,
-    Driver,
-    Image,
-    Run,
-    file_runs,
-)
-from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_METADATA_CACHE_BYTES, MAX_TABLE_BYTES
+from instar.image import COMPRESSED, DATA, MAX_VIRTUAL_SIZE, OFFSET_VALID, ZERO, Run, file_runs
+from instar.safety import MAX_HEADER_EXTENSION_BYTES, MAX_TABLE_BYTES
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu's QCOW_MAX_REFTABLE_SIZE
 
@@ -63,16 +43,13 @@ _HOSTED = (True, True, True, False, False, False)  # runs must be host-contiguou
 Pieces = tuple[tuple[int, int, int], ...]
 
 
-def _be_u64_array(data: bytes) -> array[int]:
-    """Big-endian u64 table bytes as native integers."""
-    table = array("Q", data)
-    if sys.byteorder == "little":
-        table.byteswap()
-    return table
+class Qcow2Driver(ClusterTableDriver):
+    """A qcow2 image's own layer: L1 in memory, L2 tables through a cache
+    (the shared `ClusterTableDriver`), clusters and subclusters by qemu's types."""
 
-
-class Qcow2Driver(Driver):
-    """A qcow2 image's own layer: L1 in memory, L2 tables through a cache."""
+    L1_OFFSET_MASK = L.L1E_OFFSET_MASK
+    L2_OFFSET_MASK = L.L2E_OFFSET_MASK
+    COMPRESSED_FLAG = L.OFLAG_COMPRESSED
 
     def __init__(
         self,
@@ -83,74 +60,46 @@ class Qcow2Driver(Driver):
         extensions: L.Extensions | None = None,
         backing_name: str | None = None,
     ) -> None:
-        self.file = file
-        self.name = file.name
+        super().__init__(
+            file, l1, cluster_bits=header.cluster_bits,
+            l2_entries=L.l2_entries(header.cluster_bits, header.extended_l2),
+            table_bytes=header.cluster_size, byteorder="big", data_file=data_file,
+        )
         self.header = header
         # What the header says beyond the mapping, for instar info.
         self.extensions = extensions if extensions is not None else L.Extensions()
         self.backing_name = backing_name
-        self.data_file = data_file
-        self.backing_image: Image | None = None
-        self._l1 = l1
-        self._host = data_file if data_file is not None else file
-        self._bits = header.cluster_bits
-        self._cluster = header.cluster_size
         self._extended = header.extended_l2
-        self._l2_entries = L.l2_entries(self._bits, self._extended)
-        self._l2_span = self._l2_entries << self._bits
         self._subclusters = L.SUBCLUSTERS if self._extended else 1
-        self._tables: TableCache[array[int]] = TableCache(
-            self._load_l2, MAX_METADATA_CACHE_BYTES // self._cluster
-        )
+        if data_file is not None:
+            self._allocated_at_zero = L.OFLAG_COPIED  # a data file's cluster 0
         # qemu sees whole sectors: a size that is no multiple of 512 is rounded down.
         self.virtual_size = header.size // L.SECTOR * L.SECTOR
         whole = self._subclusters
         self._whole = {kind: ((0, whole, kind),) for kind in range(6)}
-        # The aliasing check: host clusters claimed by the metadata (at open)
-        # and by each L2 table's entries (when the table is first loaded).
-        self._claims = HostClaims(file.size, self._cluster)
-        self._data_claims = (
-            HostClaims(data_file.size, self._cluster) if data_file is not None else self._claims
-        )
-        self._compressed: HostClaims | None = None  # clusters holding compressed data
-        self._compressed_sectors: HostClaims | None = None  # sectors inside compressed ranges
-        self._checked = HostClaims(len(l1), 1)  # L1 indices whose L2 table was claimed
-        self._metadata: list[tuple[int, int, str]] = []  # (start, end, what), for messages
-        self._metadata_claimed = False  # done by the first mapping, so info never pays
+        self._reftable = array("Q")  # read by the first mapping
         # qemu's guess of metadata preallocation, made by the first mapping too:
         # then the file says where data clusters hold zeros (`refcounts`).
         self._recurse = False
-        self.corruption: str | None = None  # the aliasing found: every mapping fails
 
-    @property
-    def backing(self) -> Image | None:
-        return self.backing_image
+    def table_entries(self, table: array[int]) -> array[int]:
+        return table[::2] if self._extended else table
 
     # --- the mapping function ----------------------------------------------------
 
-    def map(self, offset: int, length: int) -> Iterator[Run]:
-        if not self._metadata_claimed:
-            self._metadata_claimed = True
-            reftable = read_reftable(self.file, self.header)
-            self._checking(lambda: self.claim_metadata(reftable))
-            with contextlib.suppress(OSError):  # qemu takes a failed guess for no
-                self._recurse = metadata_preallocated(self.file, self.header, reftable)
-        if self.corruption is not None:
-            raise FormatError(self.corruption)
-        end = offset + length
-        span = self._l2_span
-        position = offset
-        while position < end:
-            l1_index = position // span
-            stop = min(end, (l1_index + 1) * span)
-            if self._l1[l1_index] & L.L1E_OFFSET_MASK == 0:
-                # qemu answers one L2 table's range at a time: pieces of ``span``.
-                stop = min(end, self._next_allocated_table(l1_index + 1) * span)
-                yield Run(position, stop, 0, step=span, anchor=l1_index * span)
-            else:
-                runs = self._table_runs(self._tables.get(l1_index), l1_index, position, stop)
-                yield from self._file_zeros(runs) if self._recurse else runs
-            position = stop
+    def first_mapping(self) -> None:
+        """The refcount table, read once: the metadata claims and qemu's guess
+        of metadata preallocation (a failed guess is a no, as in qemu)."""
+        self._reftable = read_reftable(self.file, self.header)
+        super().first_mapping()
+        with contextlib.suppress(OSError):
+            self._recurse = metadata_preallocated(self.file, self.header, self._reftable)
+
+    def _table_runs(
+        self, table: array[int], l1_index: int, position: int, stop: int
+    ) -> Iterator[Run]:
+        runs = self._cluster_runs(table, l1_index, position, stop)
+        return self._file_zeros(runs) if self._recurse else runs
 
     def _file_zeros(self, runs: Iterator[Run]) -> Iterator[Run]:
         """Data runs cut where the file has holes, which are zeros (qemu's
@@ -161,40 +110,7 @@ class Qcow2Driver(Driver):
             else:
                 yield run
 
-    def _next_allocated_table(self, index: int) -> int:
-        """The first L1 index from ``index`` on with an L2 table (or the L1's
-        end). Empty stretches are skipped at memory speed (`first_other`):
-        an empty 2 PiB image has 4 million of them."""
-        l1, size = self._l1, len(self._l1)
-        while index < size:
-            index = first_other(l1, index, size, 0)
-            if index == size or l1[index] & L.L1E_OFFSET_MASK:
-                return index
-            index += 1  # flag bits without an offset: no table
-        return size
-
-    def _load_l2(self, l1_index: int) -> array[int]:
-        table = self._read_l2(l1_index)
-        if self._checked.claim(l1_index, 1):  # the first load of this table
-            self._checking(lambda: self._claim_table(table, l1_index))
-        return table
-
-    def _checking(self, claim: Callable[[], None]) -> None:
-        """Run a claim; aliasing it finds stays: every later mapping fails too
-        (a table is claimed once, so a retry would not find it again)."""
-        try:
-            claim()
-        except FormatError as error:
-            self.corruption = str(error)
-            raise
-
-    def _read_l2(self, l1_index: int) -> array[int]:
-        offset = self._l1[l1_index] & L.L1E_OFFSET_MASK
-        if offset & (self._cluster - 1):
-            raise FormatError(f"L2 table offset {offset:#x} unaligned (L1 index {l1_index:#x})")
-        return _be_u64_array(self.file.pread_exact(offset, self._cluster, "L2 table"))
-
-    def _table_runs(
+    def _cluster_runs(
         self, table: array[int], l1_index: int, position: int, stop: int
     ) -> Iterator[Run]:
         """The runs of ``[position, stop)``, inside one L2 table's range."""
@@ -259,233 +175,49 @@ class Qcow2Driver(Driver):
                 return host, self._whole[_ZERO_ALLOC if host else _ZERO_PLAIN]
             if not allocated:
                 return 0, self._whole[_UNALLOC_PLAIN]
-            return self._checked_host(host, start), self._whole[_NORMAL]
+            return self.checked_host(host, start), self._whole[_NORMAL]
         alloc, zero = bitmap & L.SUBCLUSTER_ALLOC_MASK, bitmap >> 32
         if alloc & zero or (not allocated and alloc):
             raise FormatError(
                 f"invalid subcluster bitmap {bitmap:#018x} at guest offset {start:#x}"
             )
         if allocated:
-            host = self._checked_host(host, start)
+            host = self.checked_host(host, start)
         return host, _subcluster_pieces(alloc, zero, allocated)
-
-    def _checked_host(self, host: int, start: int) -> int:
-        """A standard cluster's host offset, checked against alignment and the file."""
-        if host & (self._cluster - 1):
-            raise FormatError(
-                f"cluster allocation offset {host:#x} unaligned (guest offset {start:#x})"
-            )
-        if host >= self._host.size:
-            where = "data file" if self.data_file is not None else "file"
-            raise FormatError(
-                f"cluster at guest offset {start:#x} points to {host:#x}, "
-                f"beyond the end of the {where}"
-            )
-        return host
 
     # --- the aliasing check ---------------------------------------------------------
 
-    def claim_metadata(self, reftable: array[int]) -> None:
-        """Claim the host clusters of the header, the L1 table, the refcount
-        table (``reftable``, as read) and blocks and every L2 table the L1
-        names: two of them in one cluster, or a data cluster among them later,
-        is corruption (qemu-img check reports it; qemu's overlap check refuses
-        to write there). Done before the first mapping, not at open: info
-        describes a corrupt image as qemu-img info does."""
+    def metadata_regions(self) -> Iterator[Region]:
+        """The header, the L1 table, the refcount table and its blocks (qemu's
+        overlap check refuses to write there; qemu-img check reports a data
+        cluster among them)."""
         header, cluster = self.header, self._cluster
-        self._claim_metadata(0, cluster, "the image header")
+        yield 0, cluster, "the image header"
         if header.l1_size:
-            self._claim_metadata(header.l1_table_offset, header.l1_size * 8, "the L1 table")
+            yield header.l1_table_offset, header.l1_size * 8, "the L1 table"
         reftable_bytes = header.refcount_table_clusters * cluster
         if reftable_bytes and header.refcount_table_offset < self.file.size:
-            self._claim_metadata(header.refcount_table_offset, reftable_bytes,
-                                 "the refcount table")
+            yield header.refcount_table_offset, reftable_bytes, "the refcount table"
+            reftable = self._reftable
             index = 0
             while (index := first_other(reftable, index, len(reftable), 0)) < len(reftable):
                 block = reftable[index] & L.REFTABLE_OFFSET_MASK
                 if block and not block & (cluster - 1):
-                    self._claim_metadata(block, cluster, "a refcount block")
+                    yield block, cluster, "a refcount block"
                 index += 1
-        l1, index = self._l1, 0
-        while (index := self._next_allocated_table(index)) < len(l1):
-            offset = l1[index] & L.L1E_OFFSET_MASK
-            if not offset & (cluster - 1):  # an unaligned table fails when it is read
-                guest = index * self._l2_span
-                self._claim_metadata(offset, cluster, f"the L2 table of guest offset {guest:#x}")
-            index += 1
 
-    def _claim_metadata(self, offset: int, length: int, what: str) -> None:
-        if offset >= self.file.size:
-            return  # nothing there to alias; reading it fails on its own
-        if not self._claims.claim(offset, length):
-            end = offset + length
-            other = next(
-                (name for start, stop, name in self._metadata if start < end and offset < stop),
-                "another structure",
-            )
-            raise FormatError(
-                f"{what} at host offset {offset:#x} overlaps {other} "
-                "(a host unit mapped twice: the image is corrupt)"
-            )
-        self._metadata.append((offset, offset + length, what))
-
-    def _claim_table(self, table: array[int], l1_index: int) -> None:
-        """Claim the host clusters one L2 table maps, once per table: runs of
-        consecutive clusters are claimed at once, a table that is one run in
-        one step (the usual layout of a written image)."""
-        entries = table[::2] if self._extended else table
-        count, cluster = len(entries), self._cluster
-        guest_base = l1_index * self._l2_span
-        first = entries[0] if entries else 0
-        start = first & L.L2E_OFFSET_MASK
-        if (
-            start
-            and not first & L.OFLAG_COMPRESSED
-            and not start & (cluster - 1)
-            and is_progression(entries, first, cluster)
-        ):
-            self._claim_data(start, count, guest_base)
-            return
-        data_file = self.data_file
-        file_size = self._host.size
-        compressed: dict[int, int] = {}  # this table's compressed clusters: start -> guest
-        run_host = run_count = run_guest = 0
-        follow, follow_index = -1, -1  # the entry and index that would extend the run
-        for index, entry in enumerate(entries):
-            if not entry:
-                continue
-            if entry == follow and index == follow_index:  # the next cluster of the run
-                run_count += 1
-                follow += cluster
-                follow_index += 1
-                continue
-            guest = guest_base + index * cluster
-            if entry & L.OFLAG_COMPRESSED:
-                if data_file is None:
-                    # One compressed cluster named twice in a table: its sectors
-                    # inside may be none (a small one), so compare starts too.
-                    start = self._compressed_range(entry)[0]
-                    if start in compressed:
-                        raise FormatError(alias_message(start, compressed[start], guest))
-                    compressed[start] = guest
-                    self._claim_compressed(entry, guest)
-                continue
-            host = entry & L.L2E_OFFSET_MASK
-            if not host and not (data_file is not None and entry & L.OFLAG_COPIED):
-                continue  # no host cluster (a zero or unallocated entry with flags)
-            if host & (cluster - 1) or host >= file_size:
-                continue  # reading that cluster reports it
-            if run_count:
-                self._claim_data(run_host, run_count, run_guest)
-            run_host, run_count, run_guest = host, 1, guest
-            follow, follow_index = entry + cluster, index + 1
-        if run_count:
-            self._claim_data(run_host, run_count, run_guest)
-
-    def _claim_data(self, host: int, count: int, guest: int) -> None:
-        """Claim ``count`` data clusters from ``host``, mapped from ``guest`` on."""
-        cluster = self._cluster
-        end = min(host + count * cluster, self._host.size)
-        if end <= host:
-            return
-        compressed = self._compressed
-        clash = compressed is not None and compressed.claimed(host, end - host)
-        if not clash and self._data_claims.claim(host, end - host):
-            return
-        for at in range(host, end, cluster):  # which cluster: the error path only
-            if compressed is not None and compressed.claimed(at, cluster):
-                raise self._alias_error(at, guest + at - host)
-            if not self._data_claims.claim(at, cluster):
-                raise self._alias_error(at, guest + at - host)
-        raise AssertionError("a failed claim without a claimed cluster")  # pragma: no cover
-
-    def _claim_compressed(self, entry: int, guest: int) -> None:
-        """Compressed clusters may share host clusters and even sectors (qemu
-        packs them byte after byte), but not with data clusters or metadata;
-        and the sectors strictly inside one's range (neither its first nor
-        its last, which the previous and next may share) are its alone."""
-        host, size = self._compressed_range(entry)
-        if host >= self.file.size:
-            return  # reading it reports it
-        cluster = self._cluster
-        if self._claims.claimed(host, size):
-            for at in range(host & ~(cluster - 1), host + size, cluster):
-                if self._claims.claimed(at, cluster):
-                    raise self._alias_error(at, guest)
-        if self._compressed is None or self._compressed_sectors is None:
-            self._compressed = HostClaims(self.file.size, cluster)
-            self._compressed_sectors = HostClaims(self.file.size, L.SECTOR)
-        for at in range(host & ~(cluster - 1), host + size, cluster):
-            self._compressed.claim(at, cluster)
-        sectors = self._compressed_sectors
-        inside = (host // L.SECTOR + 1) * L.SECTOR  # the second sector of the range
-        end = host + size - L.SECTOR  # the start of its last sector
-        if inside < end and not sectors.claim(inside, end - inside):
-            for at in range(inside, end, L.SECTOR):
-                if not sectors.claim(at, L.SECTOR):
-                    raise self._compressed_alias_error(at, guest)
-
-    def _compressed_alias_error(self, sector: int, guest: int) -> FormatError:
-        """Which other compressed cluster holds ``sector`` inside its range
-        (every L2 table is read again: the error path only)."""
-        for other, entry in self._every_entry():
-            if other == guest or not entry & L.OFLAG_COMPRESSED:
-                continue
-            start, size = self._compressed_range(entry)
-            if (start // L.SECTOR + 1) * L.SECTOR <= sector < start + size - L.SECTOR:
-                return FormatError(alias_message(sector, guest, other))
-        return FormatError(  # pragma: no cover - a claim always has a claimant
-            f"host offset {sector:#x}, mapped at guest offset {guest:#x}, is mapped twice"
-        )
-
-    def _every_entry(self) -> Iterator[tuple[int, int]]:
-        """(guest offset, L2 entry) of every cluster of every readable L2
-        table, for the alias errors' search for the other claimant."""
-        l1, index = self._l1, 0
-        while (index := self._next_allocated_table(index)) < len(l1):
-            try:
-                table = self._read_l2(index)
-            except FormatError:
-                index += 1
-                continue
-            entries = table[::2] if self._extended else table
-            for position, entry in enumerate(entries):
-                yield index * self._l2_span + position * self._cluster, entry
-            index += 1
-
-    def _compressed_range(self, entry: int) -> tuple[int, int]:
+    def compressed_range(self, entry: int) -> tuple[int, int]:
         """(host offset, bytes at most) of a compressed cluster's data."""
         shift = L.compressed_shift(self._bits)
         host = entry & ((1 << shift) - 1)
         sectors = ((entry >> shift) & ((1 << (self._bits - 8)) - 1)) + 1
         return host, sectors * L.SECTOR - (host & (L.SECTOR - 1))
 
-    def _alias_error(self, host: int, guest: int) -> FormatError:
-        """The message for a host cluster claimed twice: who else maps it.
-        Only on the error path: it may read every L2 table again."""
-        cluster = self._cluster
-        if self._host is self.file:
-            for start, stop, what in self._metadata:
-                if start <= host < stop:
-                    return FormatError(metadata_alias_message(host, guest, what))
-        for other, entry in self._every_entry():
-            if not entry or other == guest:
-                continue
-            if entry & L.OFLAG_COMPRESSED:
-                start, size = self._compressed_range(entry)
-                if self.data_file is None and start < host + cluster and host < start + size:
-                    return FormatError(alias_message(host, guest, other))
-            elif entry & L.L2E_OFFSET_MASK == host:
-                return FormatError(alias_message(host, guest, other))
-        return FormatError(  # pragma: no cover - a claim always has a claimant
-            f"host offset {host:#x}, mapped at guest offset {guest:#x}, is mapped twice"
-        )
-
     def decompress(self, run: Run) -> bytes:
         """One compressed cluster, decompressed to exactly a cluster (bounded)."""
         entry = run.unit
         assert isinstance(entry, int)
-        host, size = self._compressed_range(entry)
+        host, size = self.compressed_range(entry)
         where = f"compressed cluster at guest offset {run.start - run.host:#x}"
         if host >> 56 or host >= self.file.size:
             raise FormatError(f"{where} points to {host:#x}, beyond the end of the file")
@@ -496,19 +228,6 @@ class Qcow2Driver(Driver):
         if len(out) != self._cluster:
             raise FormatError(f"{where} decompresses to {len(out)} bytes, not a whole cluster")
         return out
-
-    def close(self) -> None:
-        if self.data_file is not None:
-            self.data_file.close()
-            self._data_claims.close()
-        self.file.close()
-        self._tables.clear()
-        self._claims.close()
-        self._checked.close()
-        if self._compressed is not None:
-            self._compressed.close()
-        if self._compressed_sectors is not None:
-            self._compressed_sectors.close()
 
 
 def _subcluster_pieces(alloc: int, zero: int, allocated: bool) -> Pieces:
@@ -560,8 +279,6 @@ def check_header(header: L.Header, file: InputFile, checking: bool = False) -> N
 
     Opened for ``check`` (``checking``), the snapshot table is left to the
     check, which reports what is wrong with it, as qemu does."""
-    if header.version == 1:
-        raise UnsupportedError("qcow (version 1) images are not supported")
     if header.version not in (2, 3):
         raise FormatError(f"Unsupported qcow2 version {header.version}")
     if not L.MIN_CLUSTER_BITS <= header.cluster_bits <= L.MAX_CLUSTER_BITS:
@@ -660,11 +377,7 @@ def read_backing_name(header: L.Header, file: InputFile) -> str | None:
         raise FormatError("Invalid backing file offset")
     if size > L.MAX_BACKING_NAME or size > header.cluster_size - offset:
         raise FormatError("Backing file name too long")
-    raw = file.pread_exact(offset, size, "backing file name")
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise FormatError("backing file name is not valid UTF-8") from None
+    return backing_name(file.pread_exact(offset, size, "backing file name"))
 
 
 def read_l1(header: L.Header, file: InputFile) -> array[int]:
@@ -672,4 +385,4 @@ def read_l1(header: L.Header, file: InputFile) -> array[int]:
     needed = L.l1_entries_for(header.size, header.cluster_bits, header.extended_l2)
     if needed == 0:
         return array("Q")
-    return _be_u64_array(file.pread_exact(header.l1_table_offset, needed * 8, "L1 table"))
+    return unpack_table(file.pread_exact(header.l1_table_offset, needed * 8, "L1 table"), 8, "big")

@@ -22,21 +22,19 @@ shrink is stored uncompressed, as qemu does.
 from __future__ import annotations
 
 import os
-import zlib
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UsageError
 from instar.files import pwrite_all
 from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.cluster_writer import ZERO_CHECK_BELOW, ClusterTables, raw_deflate
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import UINT64_MAX
 
 MAX_REFTABLE_BYTES = 8 << 20  # qemu refuses to open images with a larger refcount table
-ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
 
 _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _V3_HINT = "(use version=v3 or greater)"
@@ -273,12 +271,7 @@ def _compressor(compression_type: int, cluster_size: int) -> Callable[[memoryvie
 
         return compress_zstd
 
-    def compress_zlib(data: memoryview) -> bytes | None:
-        engine = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, L.ZLIB_WBITS, 9)
-        out = engine.compress(data) + engine.flush()
-        return out if len(out) < cluster_size else None
-
-    return compress_zlib
+    return raw_deflate(cluster_size)
 
 
 class Qcow2Writer:
@@ -293,22 +286,26 @@ class Qcow2Writer:
         self._size = virtual_size
         self._bits = options.cluster_bits
         self._cluster = 1 << self._bits
-        self._entries = L.l2_entries(self._bits, options.extended_l2)
-        self._stride = 2 if options.extended_l2 else 1  # u64 words per L2 entry
+        entries = L.l2_entries(self._bits, options.extended_l2)
         l1_size = L.l1_entries_for(virtual_size, self._bits, options.extended_l2)
         if l1_size * 8 > MAX_TABLE_BYTES:
             raise OutputError(
                 "The image size is too large for file format 'qcow2' "
                 "(try using a larger cluster size)"
             )
-        self._l1 = array("Q", bytes(8 * l1_size))
         self._refcounts = RefcountTracker(self._fd, self._bits, options.refcount_order)
         self._refcounts.allocate(1)  # the header cluster
         l1_clusters = -(-l1_size * 8 // self._cluster)
+        self._l1_bytes = l1_clusters * self._cluster
         self._l1_offset = self._refcounts.allocate(l1_clusters) if l1_size else 0
-        self._l2_index = -1  # the L1 index of the L2 table being filled
-        self._l2 = array("Q")
-        self._zero_cluster = bytes(self._cluster)
+        bits = self._bits
+        self._tables = ClusterTables(
+            self._fd, cluster_bits=bits, l1_entries=l1_size, l2_entries=entries,
+            table_bytes=self._cluster, byteorder="big",
+            allocate=lambda length: self._refcounts.allocate(length >> bits),
+            entry_flags=L.OFLAG_COPIED, table_flags=L.OFLAG_COPIED,
+            stride=2 if options.extended_l2 else 1, bitmap=L.SUBCLUSTER_ALLOC_MASK,
+        )
         # Clusters smaller than the copy engine's zero granularity may arrive
         # all zero; larger ones arrive already free of zero pieces.
         self._clusters = UnitSequencer(
@@ -338,8 +335,7 @@ class Qcow2Writer:
             self._clusters.flush()
             if self._pool is not None:
                 self._pool.finish()
-            self._flush_l2()
-            self._write_l1()
+            self._tables.write_l1(self._l1_offset, self._l1_bytes)
             table_offset, table_clusters = self._refcounts.finish()
             self._write_header(table_offset, table_clusters)
             if not self._out.in_place:
@@ -359,23 +355,16 @@ class Qcow2Writer:
         if self._pool is not None:
             self._pool.submit(first, data)
             return
-        count = len(data) >> self._bits
-        host = self._refcounts.allocate(count)
-        pwrite_all(self._fd, data, host)
-        for i in range(count):
-            self._set_entry(first + i, (host + (i << self._bits)) | L.OFLAG_COPIED,
-                            L.SUBCLUSTER_ALLOC_MASK)
+        self._tables.store(first, data)
 
     # --- compression ---------------------------------------------------------
 
     def _store_compressed(self, index: int, cluster: memoryview, compressed: bytes | None) -> None:
         """Place guest cluster ``index`` as the pool delivers it, in guest order."""
         if compressed is None:  # it did not shrink: store it as it is
-            host = self._refcounts.allocate(1)
-            pwrite_all(self._fd, cluster, host)
-            self._set_entry(index, host | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
+            self._tables.store(index, cluster)
         else:
-            self._set_entry(index, self._place_compressed(compressed), 0)
+            self._tables.set(index, self._place_compressed(compressed), 0)
 
     def _place_compressed(self, data: bytes) -> int:
         """Write compressed data packed after the previous one; returns its L2 entry.
@@ -405,32 +394,6 @@ class Qcow2Writer:
 
     # --- metadata ------------------------------------------------------------
 
-    def _set_entry(self, index: int, entry: int, bitmap: int) -> None:
-        """Record guest cluster ``index`` in its L2 table, writing out the previous table."""
-        l1_index = index // self._entries
-        if l1_index != self._l2_index:
-            self._flush_l2()
-            self._l2_index = l1_index
-            self._l2 = array("Q", self._zero_cluster)
-        slot = (index - l1_index * self._entries) * self._stride
-        self._l2[slot] = entry
-        if self._stride == 2:
-            self._l2[slot + 1] = bitmap
-
-    def _flush_l2(self) -> None:
-        if self._l2_index < 0:
-            return
-        host = self._refcounts.allocate(1)
-        pwrite_all(self._fd, pack_table(self._l2, 8, "big"), host)
-        self._l1[self._l2_index] = host | L.OFLAG_COPIED
-        self._l2_index, self._l2 = -1, array("Q")
-
-    def _write_l1(self) -> None:
-        if not self._l1:
-            return
-        size = -(-len(self._l1) * 8 // self._cluster) * self._cluster
-        pwrite_all(self._fd, pack_table(self._l1, 8, "big", size=size), self._l1_offset)
-
     def _write_header(self, table_offset: int, table_clusters: int) -> None:
         options = self._options
         v3 = options.version >= 3
@@ -446,7 +409,7 @@ class Qcow2Writer:
             cluster_bits=self._bits,
             size=self._size,
             crypt_method=0,
-            l1_size=len(self._l1),
+            l1_size=len(self._tables.l1),
             l1_table_offset=self._l1_offset,
             refcount_table_offset=table_offset,
             refcount_table_clusters=table_clusters,

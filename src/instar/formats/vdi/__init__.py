@@ -27,6 +27,7 @@ class VdiFormat(FormatBase):
     reader = "instar.formats.vdi.reader:open_vdi"
     checker = "instar.formats.vdi.check:check"
     writer = "instar.formats.vdi.writer:create_writer"
+    measurer = "instar.formats.vdi.writer:measure"
     create_options = OptionSchema(
         "vdi",
         (Option("static", "bool", False, "static (pre-allocated) image: every block mapped"),),

@@ -26,7 +26,7 @@ from array import array
 
 from instar.errors import CreationError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import pack_table, unit_spans
 from instar.formats.vdi.layout import (
     BLOCK_SIZE,
@@ -46,13 +46,37 @@ CHUNK_ENTRIES = 1 << 16  # block map entries written at once (256 KiB)
 _UNALLOCATED_CHUNK = pack_table([UNALLOCATED] * CHUNK_ENTRIES, 4, "little")
 
 
-def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) -> VdiWriter:
-    """A writer for a new VDI of ``virtual_size`` bytes (rounded up to a sector, as qemu)."""
+def disk_size(virtual_size: int) -> int:
+    """The disk of a new VDI asked for ``virtual_size`` bytes: rounded up to a
+    sector, as qemu, and refused past qemu's limit."""
     size = -(-virtual_size // SECTOR) * SECTOR
     if size > DISK_SIZE_MAX:
         raise CreationError(
             f"Unsupported VDI image size (size is {size:#x}, max supported is {DISK_SIZE_MAX:#x})")
-    return VdiWriter(out, size, options.flag("static"))
+    return size
+
+
+def data_offset(blocks: int) -> int:
+    """Where the first block goes: after the header and the block map (qemu's offset_data)."""
+    return BMAP_OFFSET + bmap_bytes(blocks)
+
+
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """What ``measure -O vdi`` answers (qemu 7.2 has no figures for vdi), by the
+    writer's layout: the header and block map, then 1 MiB for each block with
+    data; a static image every block, allocated or not (as qemu counts raw)."""
+    disk = disk_size(source.virtual_size if source is not None else size)
+    blocks = blocks_for(disk)
+    fully = data_offset(blocks) + blocks * BLOCK_SIZE
+    if options.flag("static"):
+        return Measurement(fully, fully)
+    used = source.data_units(BLOCK_SIZE) if source is not None else 0
+    return Measurement(data_offset(blocks) + used * BLOCK_SIZE, fully)
+
+
+def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) -> VdiWriter:
+    """A writer for a new VDI of ``virtual_size`` bytes (rounded up to a sector, as qemu)."""
+    return VdiWriter(out, disk_size(virtual_size), options.flag("static"))
 
 
 class VdiWriter:
@@ -64,7 +88,7 @@ class VdiWriter:
         self._static = static
         self._blocks = blocks_for(size)
         self._bmap_size = bmap_bytes(self._blocks)
-        self._data = BMAP_OFFSET + self._bmap_size  # offset_data, as qemu puts it
+        self._data = data_offset(self._blocks)  # offset_data, as qemu puts it
         self._header = Header(
             disk_size=size,
             image_type=TYPE_STATIC if static else TYPE_DYNAMIC,

@@ -25,6 +25,7 @@ class VhdxFormat(FormatBase):
     reader = "instar.formats.vhdx.reader:open_vhdx"
     checker = "instar.formats.vhdx.check:check"
     writer = "instar.formats.vhdx.writer:create"
+    measurer = "instar.formats.vhdx.writer:measure"
     create_options = OptionSchema(
         "vhdx",
         (

@@ -18,13 +18,12 @@ per block, capped by `MAX_TABLE_BYTES`.
 from __future__ import annotations
 
 import os
-import secrets
 from array import array
 from dataclasses import dataclass
 
 from instar.errors import UsageError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.base import SECTOR, Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import pack_table, unit_spans
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import Geometry, MiB
@@ -95,6 +94,19 @@ class Plan:
     def metadata_end(self) -> int:
         return self.metadata_offset + self.metadata_length
 
+    def allocated_length(self, block: int) -> int:
+        """File bytes payload block ``block`` takes once allocated (whole MiBs)."""
+        return round_up(self.geometry.block_length(block), MiB)
+
+    def file_size(self, allocated: int) -> int:
+        """The file's length with ``allocated`` bytes of payload blocks in it.
+
+        A fixed image holds every block, allocated or not; a dynamic one its
+        metadata, then its blocks from ``data_start`` on."""
+        if self.fixed and self.geometry.virtual_size:
+            return self.data_start + round_up(self.geometry.virtual_size, MiB)
+        return max(self.metadata_end, self.data_start + allocated if allocated else 0)
+
 
 def plan_layout(virtual_size: int, opts: VhdxOptions) -> Plan:
     """The layout qemu-img would write, except for an empty disk.
@@ -156,8 +168,7 @@ class VhdxWriter:
                 self._payload[block] = layout.bat_entry(offset, layout.PAYLOAD_FULLY_PRESENT)
         elif plan.block_state_zero and blocks:
             self._payload = array("Q", [layout.PAYLOAD_ZERO]) * blocks
-        self._next_free = plan.data_start
-        self._data_end = 0  # end of the last block allocated
+        self._next_free = plan.data_start  # where the next block goes
 
     # -- data
 
@@ -182,8 +193,7 @@ class VhdxWriter:
         if entry & layout.STATE_MASK == layout.PAYLOAD_FULLY_PRESENT:
             return int(entry & layout.OFFSET_MASK)
         file_offset = self._next_free
-        self._next_free += round_up(self._geometry.block_length(block), MiB)
-        self._data_end = self._next_free
+        self._next_free += self._plan.allocated_length(block)
         self._payload[block] = layout.bat_entry(file_offset, layout.PAYLOAD_FULLY_PRESENT)
         if self._out.in_place and first_write:
             # Earlier zeros of this block were declared before it existed.
@@ -203,8 +213,8 @@ class VhdxWriter:
         self._pwrite(layout.FILE_ID_OFFSET, layout.encode_file_identifier(self._creator))
         header = layout.Header(
             sequence_number=1,
-            file_write_guid=secrets.token_bytes(16),
-            data_write_guid=secrets.token_bytes(16),
+            file_write_guid=os.urandom(16),
+            data_write_guid=os.urandom(16),
             log_length=plan.log_length,
             log_offset=plan.log_offset,
         )
@@ -256,19 +266,38 @@ class VhdxWriter:
         return [
             (layout.FILE_PARAMETERS, required, layout.encode_file_parameters(params)),
             (layout.VIRTUAL_DISK_SIZE, disk, layout.U64.pack(geometry.virtual_size)),
-            (layout.PAGE83_DATA, disk, secrets.token_bytes(16)),
+            (layout.PAGE83_DATA, disk, os.urandom(16)),
             (layout.LOGICAL_SECTOR_SIZE, disk, layout.U32.pack(geometry.logical_sector_size)),
             (layout.PHYSICAL_SECTOR_SIZE, disk, layout.U32.pack(PHYSICAL_SECTOR)),
         ]
 
     def _file_size(self) -> int:
-        plan = self._plan
-        if plan.fixed and self._geometry.virtual_size:
-            return plan.data_start + round_up(self._geometry.virtual_size, MiB)
-        return max(plan.metadata_end, self._data_end)
+        return self._plan.file_size(self._next_free - self._plan.data_start)
 
     def abort(self) -> None:
         pass
+
+
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """What ``measure -O vhdx`` answers (qemu 7.2 has no figures for vhdx), by
+    the writer's own `Plan`: a dynamic image holds its metadata and each block
+    with data (the last one to whole MiBs), a fixed one every block, allocated
+    or not (as qemu counts raw)."""
+    length = source.virtual_size if source is not None else size
+    plan = plan_layout(round_up(length, SECTOR), check_options(options))
+    block_size = plan.geometry.block_size
+    blocks = plan.geometry.payload_blocks
+    if not blocks:
+        return Measurement(plan.file_size(0), plan.file_size(0))
+    # Every block but the last is whole; the last one may be short.
+    last = (blocks - 1) * block_size
+    fully = plan.file_size(last + plan.allocated_length(blocks - 1))
+    if plan.fixed or source is None:
+        return Measurement(fully if plan.fixed else plan.file_size(0), fully)
+    used = source.data_units(block_size, 0, last) * block_size
+    if source.data_units(block_size, last):
+        used += plan.allocated_length(blocks - 1)
+    return Measurement(plan.file_size(used), fully)
 
 
 def create(out: OutputFile, virtual_size: int, options: ParsedOptions) -> VhdxWriter:

@@ -23,6 +23,7 @@ class VmdkFormat(FormatBase):
     writer = "instar.formats.vmdk.writer:create_writer"
     describer = "instar.formats.vmdk.info:describe"
     checker = "instar.formats.vmdk.check:check"
+    measurer = "instar.formats.vmdk.writer:measure"
     create_options = OptionSchema(
         "vmdk",
         (

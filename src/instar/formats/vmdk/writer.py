@@ -21,14 +21,13 @@ written in order.
 from __future__ import annotations
 
 import os
-import secrets
 import zlib
 from array import array
 from dataclasses import dataclass
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
@@ -71,6 +70,10 @@ GT_COVERS = GRAIN_BYTES * DEFAULT_GTES_PER_GT  # bytes of disk one grain table m
 MAX_VIRTUAL_SIZE = (MAX_TABLE_BYTES // 4) * GT_COVERS
 _WRITE_BUFFER = 1 << 20  # stream output is gathered into writes of about this size
 COMPRESS_LEVEL = zlib.Z_DEFAULT_COMPRESSION  # what qemu's compress() uses
+# zlib's compressBound: no grain deflates to more, however random its bytes.
+MAX_COMPRESSED_GRAIN = (GRAIN_BYTES + (GRAIN_BYTES >> 12) + (GRAIN_BYTES >> 14)
+                        + (GRAIN_BYTES >> 25) + 13)
+NAME_MAX = 255  # the longest file name, for a descriptor measured before its file exists
 
 
 @dataclass(frozen=True)
@@ -129,13 +132,13 @@ def check_size(virtual_size: int) -> None:
         )
 
 
-def descriptor_for(out: OutputFile, capacity: int, opts: VmdkCreateOptions) -> bytes:
-    """The embedded descriptor qemu-img create would write for this image."""
+def descriptor_for(target: str, capacity: int, opts: VmdkCreateOptions) -> bytes:
+    """The embedded descriptor qemu-img create would write for an image named ``target``."""
     heads = 16 if opts.adapter_type == "ide" else 255
-    name = safe_extent_name(os.path.basename(out.name))
+    name = safe_extent_name(os.path.basename(target))
     return build_descriptor(
         DescriptorSpec(
-            cid=secrets.randbits(32),
+            cid=int.from_bytes(os.urandom(4), "little"),  # random, as qemu's
             create_type=opts.subformat,
             extents=(ExtentLine("RW", capacity, "SPARSE", name, None),),
             hw_version=opts.hw_version,
@@ -145,6 +148,47 @@ def descriptor_for(out: OutputFile, capacity: int, opts: VmdkCreateOptions) -> b
             tools_version=opts.tools_version,
         )
     )
+
+
+def stream_overhead(descriptor: bytes) -> int:
+    """Sectors before a stream's first grain: header and descriptor, to a grain."""
+    desc_sectors = max(DEFAULT_DESC_SECTORS, sectors_for(len(descriptor)))
+    return -(-(1 + desc_sectors) // DEFAULT_GRAIN_SECTORS) * DEFAULT_GRAIN_SECTORS
+
+
+def stream_size(overhead: int, grains: int, tables: int, gt_count: int) -> int:
+    """The most a stream file holding ``grains`` grains in ``tables`` grain tables
+    takes: each grain behind its marker at its worst compression, each table
+    behind its marker, then the GD, footer and end-of-stream markers (`StreamWriter`)."""
+    grain_sectors = sectors_for(GRAIN_MARKER.size + MAX_COMPRESSED_GRAIN)
+    table_sectors = 1 + GT_SECTORS
+    tail = 1 + sectors_for(4 * gt_count) + 1 + 1 + 1  # GD marker, GD, footer marker, footer, EOS
+    return (overhead + grains * grain_sectors + tables * table_sectors + tail) * SECTOR
+
+
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """What ``measure -O vmdk`` answers (qemu 7.2 has no figures for vmdk),
+    from the writers' own layouts: monolithicSparse's metadata (`SparseLayout`)
+    and one grain per grain with data; streamOptimized's header, each grain at
+    zlib's worst and each grain table with data (`stream_size`). Fully
+    allocated: every grain (and table) stored."""
+    opts = check_options(options)
+    length = source.virtual_size if source is not None else size
+    virtual_size = -(-length // SECTOR) * SECTOR
+    check_size(virtual_size)
+    capacity = sectors_for(virtual_size)
+    descriptor = descriptor_for("x" * NAME_MAX, capacity, opts)
+    grains = -(-capacity // DEFAULT_GRAIN_SECTORS)
+    used = source.data_units(GRAIN_BYTES) if source is not None else 0
+    if opts.stream:
+        gt_count = gd_entries(capacity, DEFAULT_GRAIN_SECTORS, DEFAULT_GTES_PER_GT)
+        overhead = stream_overhead(descriptor)
+        tables = source.data_units(GT_COVERS) if source is not None else 0
+        return Measurement(stream_size(overhead, used, tables, gt_count),
+                           stream_size(overhead, grains, gt_count, gt_count))
+    layout = SparseLayout.compute(capacity, len(descriptor))
+    return Measurement((layout.overhead + used * DEFAULT_GRAIN_SECTORS) * SECTOR,
+                       (layout.overhead + grains * DEFAULT_GRAIN_SECTORS) * SECTOR)
 
 
 class _FileOut:
@@ -174,7 +218,7 @@ class _GrainWriter:
         self._grains = UnitSequencer(GRAIN_BYTES, virtual_size, self._emit_run)
         self._file = _FileOut(out)
         self._capacity = sectors_for(virtual_size)
-        self._descriptor = descriptor_for(out, self._capacity, opts)
+        self._descriptor = descriptor_for(out.name, self._capacity, opts)
         self._gt_index = 0  # the grain table in memory
         self._gt = array("I", bytes(GT_BYTES))
         self._gt_dirty = False
@@ -344,7 +388,7 @@ class StreamWriter(_GrainWriter):
         super().__init__(out, virtual_size, opts)
         capacity, descriptor = self._capacity, self._descriptor
         desc_sectors = max(DEFAULT_DESC_SECTORS, sectors_for(len(descriptor)))
-        overhead = -(-(1 + desc_sectors) // DEFAULT_GRAIN_SECTORS) * DEFAULT_GRAIN_SECTORS
+        overhead = stream_overhead(descriptor)
         desc_offset, header_desc_sectors = _header_descriptor_fields(capacity, desc_sectors)
         self._header = SparseHeader(
             version=3,

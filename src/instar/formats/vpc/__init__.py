@@ -24,6 +24,7 @@ class VpcFormat(FormatBase):
     name = "vpc"
     reader = "instar.formats.vpc.reader:open_vpc"
     writer = "instar.formats.vpc.writer:create_writer"
+    measurer = "instar.formats.vpc.writer:measure"
     create_options = OptionSchema(
         "vpc",
         (

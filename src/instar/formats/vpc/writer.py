@@ -19,10 +19,11 @@ from __future__ import annotations
 import time
 import uuid
 from array import array
+from typing import NamedTuple
 
 from instar.errors import CreationError, UsageError
 from instar.files import pwrite_all, write_zeros
-from instar.formats.base import OutputFile, ParsedOptions
+from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import pack_table, unit_spans
 from instar.formats.vpc.layout import (
     DEFAULT_BLOCK_SIZE,
@@ -40,16 +41,23 @@ from instar.formats.vpc.layout import (
     SizeChoice,
     bat_entries,
     bitmap_size,
+    declared_size,
     rounded_geometry,
 )
 
 _TABLE_OFFSET = FOOTER_SIZE + DYNAMIC_HEADER_SIZE  # 1536, where qemu puts the BAT
 
 
-def create_writer(
-    out: OutputFile, virtual_size: int, options: ParsedOptions
-) -> DynamicWriter | FixedWriter:
-    """A writer for a new VHD holding ``virtual_size`` bytes (CHS rounded up unless forced)."""
+class VpcPlan(NamedTuple):
+    """A new image as the options make it: its subformat and CHS size."""
+
+    fixed: bool
+    choice: SizeChoice
+    force_size: bool
+
+
+def plan(virtual_size: int, options: ParsedOptions) -> VpcPlan:
+    """Check the options and the size (qemu's messages), before anything is written."""
     subformat = options.text("subformat")
     if subformat not in ("dynamic", "fixed"):
         raise UsageError(f"Parameter 'subformat' does not accept value '{subformat}'")
@@ -57,16 +65,77 @@ def create_writer(
     choice = rounded_geometry(virtual_size, force_size)
     if choice.too_large:
         raise CreationError(TOO_LARGE_MESSAGE)
+    return VpcPlan(subformat == "fixed", choice, force_size)
+
+
+class DynamicLayout(NamedTuple):
+    """A dynamic image's file: footer copy, dynamic header and BAT, then each
+    block (sector bitmap, data) in the order first written, then the footer."""
+
+    entries: int  # BAT entries: blocks of the disk
+    bat_bytes: int
+    block_size: int
+
+    @classmethod
+    def of(cls, choice: SizeChoice, block_size: int = DEFAULT_BLOCK_SIZE) -> DynamicLayout:
+        entries = bat_entries(choice.total_sectors, block_size)
+        return cls(entries, -(-entries * 4 // SECTOR) * SECTOR, block_size)
+
+    @property
+    def data_start(self) -> int:
+        return _TABLE_OFFSET + self.bat_bytes
+
+    @property
+    def block_bytes(self) -> int:
+        """File bytes one allocated block takes, its bitmap included."""
+        return bitmap_size(self.block_size) + self.block_size
+
+    def file_size(self, blocks: int) -> int:
+        """The length of a file with ``blocks`` blocks allocated."""
+        return self.data_start + blocks * self.block_bytes + FOOTER_SIZE
+
+
+def fixed_footer_offset(choice: SizeChoice) -> int:
+    """Where a fixed image's footer goes: after the disk, never at 0.
+
+    A fixed disk of size 0 would be the footer alone, which qemu opens as a
+    (broken) dynamic disk; one zero sector before it keeps it readable."""
+    return max(choice.size, SECTOR)
+
+
+def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
+    """What ``measure -O vpc`` answers (qemu 7.2 has no figures for vpc).
+
+    The disk gets the size convert would give it; a fixed image is as long as
+    its disk plus the footer, allocated or not (as qemu counts raw); a dynamic
+    one holds its metadata and each block with data, by `DynamicLayout`, the
+    writer's own layout."""
+    length = source.virtual_size if source is not None else size
+    new = plan(declared_size(length, options.flag("force_size")), options)
+    if new.fixed:
+        whole = fixed_footer_offset(new.choice) + FOOTER_SIZE
+        return Measurement(whole, whole)
+    layout = DynamicLayout.of(new.choice)
+    used = source.data_units(layout.block_size) if source is not None else 0
+    return Measurement(layout.file_size(used), layout.file_size(layout.entries))
+
+
+def create_writer(
+    out: OutputFile, virtual_size: int, options: ParsedOptions
+) -> DynamicWriter | FixedWriter:
+    """A writer for a new VHD holding ``virtual_size`` bytes (CHS rounded up unless forced)."""
+    new = plan(virtual_size, options)
+    choice = new.choice
     footer = Footer(
-        disk_type=DISK_FIXED if subformat == "fixed" else DISK_DYNAMIC,
+        disk_type=DISK_FIXED if new.fixed else DISK_DYNAMIC,
         current_size=choice.size,
         geometry=choice.geometry,
-        data_offset=NO_OFFSET if subformat == "fixed" else FOOTER_SIZE,
+        data_offset=NO_OFFSET if new.fixed else FOOTER_SIZE,
         timestamp=int(time.time()) - TIMESTAMP_BASE,
-        creator_app=b"qem2" if force_size else b"qemu",
+        creator_app=b"qem2" if new.force_size else b"qemu",
         uuid=uuid.uuid4().bytes,
     )
-    if subformat == "fixed":
+    if new.fixed:
         return FixedWriter(out, choice, footer)
     return DynamicWriter(out, choice, footer)
 
@@ -103,14 +172,15 @@ class DynamicWriter:
     def __init__(self, out: OutputFile, choice: SizeChoice, footer: Footer) -> None:
         self._out = out
         self._footer = footer
-        self._block_size = DEFAULT_BLOCK_SIZE
+        layout = DynamicLayout.of(choice)
+        self._block_size = layout.block_size
         self._bitmap_size = bitmap_size(self._block_size)
+        self._block_bytes = layout.block_bytes
         self._sectors_per_block = self._block_size // SECTOR
-        entries = bat_entries(choice.total_sectors, self._block_size)
-        self._bat = array("I", [UNALLOCATED]) * entries
+        self._bat = array("I", [UNALLOCATED]) * layout.entries
         assert self._bat.itemsize == 4
-        self._bat_bytes = -(-entries * 4 // SECTOR) * SECTOR
-        self._next_free = _TABLE_OFFSET + self._bat_bytes  # where the next block goes
+        self._bat_bytes = layout.bat_bytes
+        self._next_free = layout.data_start  # where the next block goes
         self._block = -1  # index of the block being written, -1 before the first
         self._block_offset = 0  # its file offset (bitmap first)
         self._bits = 0  # its bitmap; bit (sectors_per_block - 1 - i) is sector i
@@ -135,7 +205,7 @@ class DynamicWriter:
         self._block = index
         self._block_offset = self._next_free
         self._bat[index] = self._block_offset // SECTOR
-        self._next_free += self._bitmap_size + self._block_size
+        self._next_free += self._block_bytes
         self._bits = 0
         if self._out.in_place:  # old device contents must not show through
             write_zeros(self._out.fd, self._block_offset, self._bitmap_size + self._block_size)

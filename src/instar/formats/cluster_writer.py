@@ -1,0 +1,131 @@
+"""Writing cluster-table images sequentially (qcow2, qcow, QED): the table side.
+
+Data arrives in guest order (`UnitSequencer` hands on whole, non-zero
+clusters); each run of clusters is written where the format allocates it and
+recorded in the L2 table of its range. Only the L1 table and the one L2 table
+being filled are in memory: an L2 table is written into space allocated
+right after the data it maps, as soon as the copy moves past its range, and
+the L1 table at the end. Clusters never written stay unallocated (entry 0)
+and read as zeros. The formats differ only in parameters: byte order, the
+size of a table, flags on entries, and how host space is allocated (qcow2
+counts references; qcow and QED simply grow the file, `Bump`).
+"""
+
+from __future__ import annotations
+
+import zlib
+from array import array
+from collections.abc import Callable
+from typing import Literal
+
+from instar.files import pwrite_all
+from instar.formats.common import pack_table
+
+ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
+RAW_DEFLATE_WBITS = -12  # raw deflate with a 4 KiB window: qcow2's zlib and qcow's
+
+
+class Bump:
+    """Host space handed out upwards from ``start``, each piece aligned:
+    a new image that keeps no reference counts (qcow, QED)."""
+
+    def __init__(self, start: int, cluster: int) -> None:
+        self.end = start  # the end of what is allocated: the file's length
+        self._cluster = cluster
+
+    def allocate(self, length: int, align: int = 0) -> int:
+        """``length`` bytes at the next multiple of ``align`` (default: a cluster)."""
+        align = align or self._cluster
+        start = -(-self.end // align) * align
+        self.end = start + length
+        return start
+
+
+class ClusterTables:
+    """The L1 table and the L2 table being filled of an image written in guest order.
+
+    ``allocate(length)`` returns where ``length`` new bytes go (whole
+    clusters). Data entries get ``entry_flags`` (qcow2's COPIED) and, with
+    ``stride`` 2 (qcow2's extended L2 entries), ``bitmap`` after them; L1
+    entries get ``table_flags``.
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        *,
+        cluster_bits: int,
+        l1_entries: int,
+        l2_entries: int,
+        table_bytes: int,
+        byteorder: Literal["big", "little"],
+        allocate: Callable[[int], int],
+        entry_flags: int = 0,
+        table_flags: int = 0,
+        stride: int = 1,
+        bitmap: int = 0,
+    ) -> None:
+        self.l1 = array("Q", bytes(8 * l1_entries))
+        self._fd = fd
+        self._bits = cluster_bits
+        self._entries = l2_entries
+        self._table_bytes = table_bytes
+        self._byteorder: Literal["big", "little"] = byteorder
+        self._allocate = allocate
+        self._entry_flags = entry_flags
+        self._table_flags = table_flags
+        self._stride = stride
+        self._bitmap = bitmap
+        self._empty = bytes(8 * l2_entries * stride)
+        self._index = -1  # the L1 index of the L2 table being filled
+        self._table = array("Q")
+
+    def store(self, first: int, data: memoryview) -> None:
+        """Allocate and write the whole guest clusters ``data`` from ``first`` on."""
+        count = len(data) >> self._bits
+        host = self._allocate(len(data))
+        pwrite_all(self._fd, data, host)
+        flags, bitmap = self._entry_flags, self._bitmap
+        for i in range(count):
+            self.set(first + i, (host + (i << self._bits)) | flags, bitmap)
+
+    def set(self, index: int, entry: int, bitmap: int = 0) -> None:
+        """Record guest cluster ``index`` in its L2 table, writing out the previous table."""
+        l1_index = index // self._entries
+        if l1_index != self._index:
+            self.flush()
+            self._index = l1_index
+            self._table = array("Q", self._empty)
+        slot = (index - l1_index * self._entries) * self._stride
+        self._table[slot] = entry
+        if self._stride == 2:
+            self._table[slot + 1] = bitmap
+
+    def flush(self) -> None:
+        """Write the L2 table being filled, if any, and point the L1 table at it."""
+        if self._index < 0:
+            return
+        host = self._allocate(self._table_bytes)
+        data = pack_table(self._table, 8, self._byteorder, size=self._table_bytes)
+        pwrite_all(self._fd, data, host)
+        self.l1[self._index] = host | self._table_flags
+        self._index, self._table = -1, array("Q")
+
+    def write_l1(self, offset: int, size: int) -> None:
+        """Write the last L2 table, then the L1 table at ``offset``, padded
+        with zeros to ``size`` bytes."""
+        self.flush()
+        if size:
+            pwrite_all(self._fd, pack_table(self.l1, 8, self._byteorder, size=size), offset)
+
+
+def raw_deflate(cluster_size: int) -> Callable[[memoryview], bytes | None]:
+    """A function compressing one cluster as qemu's qcow2 and qcow do (raw
+    deflate, 4 KiB window); None when the result would not be smaller."""
+
+    def compress(data: memoryview) -> bytes | None:
+        engine = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, RAW_DEFLATE_WBITS, 9)
+        out = engine.compress(data) + engine.flush()
+        return out if len(out) < cluster_size else None
+
+    return compress
