@@ -420,6 +420,31 @@ def test_host_claims_against_a_set() -> None:
         claims.close()
 
 
+def test_host_claims_one_by_one_against_a_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``claim_each`` says, unit by unit in order, whether each is new, as a
+    reference set does; a larger ``max_map_bytes`` keeps a map exact past
+    the usual bound; a coarse map cannot claim one by one."""
+    monkeypatch.setattr(common, "MAX_CLAIM_MAP_BYTES", 64)
+    rng = random.Random(5)
+    claims, claimed = HostClaims(5000, 1, max_map_bytes=1000), set()
+    assert claims.exact
+    for _ in range(50):
+        units = [rng.randrange(5000) for _ in range(rng.randint(0, 200))]
+        expected = bytearray()
+        for unit in units:
+            expected.append(unit not in claimed)
+            claimed.add(unit)
+        assert claims.claim_each(units) == expected
+        run = rng.randrange(4990)
+        fresh = not claimed & set(range(run, run + 10))
+        assert claims.claim(run, 10) == fresh
+        if fresh:
+            claimed |= set(range(run, run + 10))
+    claims.close()
+    with pytest.raises(ValueError):
+        HostClaims(5000, 1).claim_each([1])
+
+
 def test_host_claims_coarse_bound_what_a_file_maps(monkeypatch: pytest.MonkeyPatch) -> None:
     """Past the map's memory bound, claims are counted per cell of 2^k units: a
     claim is refused exactly when its cell would hold more units than it has."""
