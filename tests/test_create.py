@@ -194,11 +194,14 @@ ERRORS = [
     ("qcow2", ("-b", "nope", "-F", "raw")),
     ("qcow2", ("-b", "b.raw", "-F", "qcow2")),
     ("qcow2", ("-b", "b.raw", "-F", "foo")),
+    ("qcow2", ("-u", "-b", "a" * 1100, "-F", "raw"), "1M"),
+    ("qcow2", ("-u", "-b", "a" * 1000, "-F", "raw", "-o", "cluster_size=512"), "1M"),
+    ("qcow2", ("-u", "-b", "b.raw", "-F", "raw", "-o", "cluster_size=512"), "1M"),
 ]
 
 
-@pytest.mark.parametrize("case", ERRORS, ids=[" ".join(case[1]) + " " + " ".join(case[2:])
-                                               + f" ({case[0]})" for case in ERRORS])
+@pytest.mark.parametrize("case", ERRORS, ids=[(" ".join(case[1]) + " " + " ".join(case[2:])
+                                               )[:60] + f" ({case[0]})" for case in ERRORS])
 def test_errors_are_qemus(tmp_path: Path, case: tuple[Any, ...],
                           monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))
@@ -209,6 +212,20 @@ def test_errors_are_qemus(tmp_path: Path, case: tuple[Any, ...],
     _same_output(qemu, ours, "q.img", "i.img")
     if qemu.rc == 0:
         _same_image(tmp_path / "q.img", tmp_path / "i.img", fmt)
+
+
+@pytest.mark.parametrize(("fmt", "mode"), [("qcow2", "metadata"), ("qcow2", "falloc"),
+                                           ("qcow2", "full"), ("raw", "falloc"), ("raw", "full")])
+def test_preallocation_is_refused_after_the_formatting_line(tmp_path: Path, fmt: str,
+                                                             mode: str) -> None:
+    """qemu preallocates; no writer of instar does yet: the same line, then a refusal."""
+    args = ("create", "-f", fmt, "-o", f"preallocation={mode}")
+    qemu = run_qemu_img(*args, "q.img", "1M", cwd=tmp_path)
+    ours = run_instar(*args, "i.img", "1M", cwd=tmp_path)
+    assert qemu.rc == 0 and ours.rc == 1
+    assert ours.stdout.replace("i.img", "q.img") == qemu.stdout
+    assert ours.stderr == f"instar: i.img: preallocation={mode} is not supported yet\n"
+    assert not (tmp_path / "i.img").exists()
 
 
 def test_missing_file_name_is_qemus(tmp_path: Path) -> None:

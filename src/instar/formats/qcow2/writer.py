@@ -54,6 +54,20 @@ class Qcow2Options:
     backing: BackingReference | None = None
 
 
+def _check_backing(backing: BackingReference, version: int, cluster_size: int) -> None:
+    """qemu's refusals of a backing file name: over 1023 bytes, or not fitting
+    in the header cluster after the header and the backing format extension."""
+    name = backing.name.encode("utf-8", "surrogateescape")
+    header = L.V3_HEADER_LENGTH if version >= 3 else L.V2_HEADER_LENGTH
+    needed = (header + len(L.pack_extension(L.EXT_BACKING_FORMAT, backing.format.encode()))
+              + 8 + len(name))
+    reason = ("Invalid argument" if len(name) > 1023
+              else "No space left on device" if needed > cluster_size else None)
+    if reason is not None:
+        raise UsageError(f"Could not assign backing file '{backing.name}' with format "
+                         f"'{backing.format}': {reason}")
+
+
 def check_options(options: ParsedOptions) -> Qcow2Options:
     """What the parsed ``-o`` options mean for a new image; qemu's driver messages
     for combinations it refuses, before any writing."""
@@ -103,8 +117,8 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
     if refcount_bits < 1:  # -2**63 passes the test above as 2**63
         raise UsageError("Reference count entry width too large; may not exceed 64 bits")
     backing = options.backing
-    if backing is not None and len(backing.name.encode("utf-8", "surrogateescape")) > 1023:
-        raise UsageError("Backing file name too long")
+    if backing is not None:
+        _check_backing(backing, version, cluster_size)
     return Qcow2Options(
         backing=backing,
         cluster_bits=cluster_bits,
@@ -421,8 +435,7 @@ class Qcow2Writer:
         extensions += bytes(8)  # the end of the header extensions
         length = L.V3_HEADER_LENGTH if v3 else L.V2_HEADER_LENGTH
         name_offset = length + len(extensions)
-        if name_offset + len(name) > self._cluster:
-            raise OutputError("Backing file name does not fit in the header cluster")
+        assert name_offset + len(name) <= self._cluster  # _check_backing made sure
         header = L.Header(
             version=options.version,
             backing_file_offset=name_offset if name else 0,
