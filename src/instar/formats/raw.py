@@ -103,7 +103,7 @@ class RawFormat(FormatBase):
     create_options = OptionSchema("raw")  # none: qemu's (size, preallocation...) are unknown here
     reader = "instar.formats.raw:open_driver"
     writer = "instar.formats.raw:RawWriter"
-    measurer = "instar.formats.raw:measure"
+    measurer: str | None = "instar.formats.raw:measure"
 
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort

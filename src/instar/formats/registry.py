@@ -25,6 +25,7 @@ _DRIVERS: dict[str, str] = {
     "parallels": "instar.formats.parallels",
     "qed": "instar.formats.qed",
     "qcow": "instar.formats.qcow",
+    "file": "instar.formats.file",  # the file protocol driver: raw under its own name
     # Read only: qemu-img cannot create these either.
     "dmg": "instar.formats.dmg",
     "bochs": "instar.formats.bochs",
