@@ -17,10 +17,10 @@ from helpers import Result, qemu_img_ok, run_instar, run_qemu_img
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
 
-FORMATS = ("raw", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels", "qed", "qcow")
+FORMATS = ("raw", "file", "qcow2", "vmdk", "vpc", "vhdx", "vdi", "parallels", "qed", "qcow")
 SIZES = ("0", "512", "1000", "1048577", "1G", "64G")
 # Formats qemu-img check has no check for (exit 63 for both images).
-UNCHECKED = ("raw", "vpc", "qcow")
+UNCHECKED = ("raw", "file", "vpc", "qcow")
 # What differs between two images created alike: names, allocation, random ids.
 _VOLATILE = ("filename", "actual-size", "cid", "dirty-flag")
 
@@ -119,6 +119,7 @@ OPTIONS = [
     ("qcow2", "extended_l2=on"), ("qcow2", "lazy_refcounts=on,refcount_bits=1"),
     ("qcow2", "refcount_bits=64,compression_type=zstd"), ("qcow2", "compat=1.1,cluster_size=4k"),
     ("qcow2", "preallocation=off"), ("raw", "preallocation=off"),
+    ("file", "preallocation=off"), ("file", "size=2M"),
     ("vmdk", "adapter_type=lsilogic,hwversion=6"), ("vmdk", "compat6=on"),
     ("vmdk", "subformat=streamOptimized"), ("vmdk", "zeroed_grain=on,toolsversion=10240"),
     ("vpc", "subformat=fixed"), ("vpc", "force_size=on"), ("vpc", "subformat=dynamic"),

@@ -50,6 +50,7 @@ _SIZE: QemuOption = ("size", "size", None)
 _BACKING: tuple[QemuOption, ...] = (("backing_file", "str", None), ("backing_fmt", "str", None))
 QEMU_OPTIONS: Mapping[str, tuple[QemuOption, ...]] = {
     "raw": (_SIZE, *_FILE),
+    "file": (_SIZE, *_FILE),
     "qcow2": (
         ("encryption", "bool", None), ("encrypt.format", "str", None),
         ("encrypt.key-secret", "str", None), ("encrypt.cipher-alg", "str", None),

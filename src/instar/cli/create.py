@@ -25,7 +25,7 @@ usage: instar create [-q] [-f fmt] [-o options] [-b backing_file [-F backing_fmt
                      [--allow dir] filename [size]
 
 Create a new image that holds no data, as qemu-img create does.
-  -f fmt             format of the new image: raw (default), qcow2, vmdk, vpc, vhdx,
+  -f fmt             format of the new image: raw (default), file, qcow2, vmdk, vpc, vhdx,
                      vdi, parallels, qed or qcow
   -o options         creation options (key=value,...); '-o help' lists the format's
   -b backing_file    the image's backing file (qcow2), named relative to the new image
