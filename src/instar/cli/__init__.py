@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 COMMANDS = {
     "dd": "instar.cli.dd",
     "convert": "instar.cli.convert",
+    "create": "instar.cli.create",
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
     "check": "instar.cli.check",
@@ -62,6 +63,8 @@ filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \
 [-o options] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--allow dir] \
 [--require-safe] filename [filename2 [...]] output_filename
+  create [-q] [-f fmt] [-o options] [-b backing_file [-F backing_fmt]] [-u] [--allow dir] \
+filename [size]
   dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] [--require-safe] \
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir] \

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from instar.errors import CreationError, OptionError
 from instar.sizes import UINT64_MAX, SizeStatus, parse_size
@@ -109,13 +109,22 @@ def refused(name: str, type: OptionType) -> Option:
     return Option(name, type, None, supported=False)
 
 
+class BackingReference(NamedTuple):
+    """The backing file a new image names: the name as given and its format."""
+
+    name: str
+    format: str
+
+
 @dataclass(frozen=True)
 class OptionSchema:
-    """Every creation option of one format, and whether it takes ``-c``."""
+    """Every creation option of one format, whether it takes ``-c``, and
+    whether its writer can record a backing file (``backing``)."""
 
     format_name: str
     options: tuple[Option, ...] = ()
     compress: bool = False
+    backing: bool = False
 
     def __post_init__(self) -> None:
         names = [option.name for option in self.options]
@@ -140,7 +149,7 @@ class OptionSchema:
         """This schema and the options of ``extra`` it lacks, as qemu's
         ``qemu_opts_append`` adds the protocol's creation options to a format's."""
         added = tuple(option for option in extra if self.find(option.name) is None)
-        return OptionSchema(self.format_name, self.options + added, self.compress)
+        return OptionSchema(self.format_name, self.options + added, self.compress, self.backing)
 
     def defaults(self) -> ParsedOptions:
         """The options of a command line that gives none."""
@@ -154,7 +163,9 @@ class ParsedOptions:
     ``given`` names the options the command line set (a writer may treat an
     explicit default differently, as qemu's vmdk does with ``-c``); ``texts``
     holds what each said, last occurrence, for a driver that reads the text
-    again as qemu's QAPI visitor does (`qapi_int`).
+    again as qemu's QAPI visitor does (`qapi_int`). ``backing`` is the
+    backing file a new empty image names (``instar create -b``, only for a
+    schema with ``backing``); never set by ``-o``, so convert cannot set it.
     """
 
     schema: OptionSchema
@@ -162,6 +173,7 @@ class ParsedOptions:
     given: frozenset[str] = frozenset()
     compress: bool = False
     texts: Mapping[str, str] = field(default_factory=dict)
+    backing: BackingReference | None = None
 
     def flag(self, name: str) -> bool:
         """A bool option's value."""
