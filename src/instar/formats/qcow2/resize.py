@@ -1,0 +1,314 @@
+"""qcow2 resize: qemu 7.2's ``qcow2_co_truncate`` for what instar supports.
+
+Growing writes the new size into the header; when the active L1 table is too
+small for it, a new one (the old entries, zeros after) is written into free
+clusters past the end of the file, claimed in the refcounts first (with new
+refcount blocks where none covers them), then the header is switched to it,
+then the old table's clusters are freed: a crash at any point leaves the old
+image or the new one, at worst with leaked clusters.
+
+Shrinking (``--shrink``) drops the clusters past the new end as qemu's full
+discard does: their L2 entries and the L1 entries past the new table size are
+cleared first, then the header's size, then the refcounts of what they held
+are lowered, then the file's tail past the last cluster in use is cut.
+
+Refused (one line, nothing written): images with persistent bitmaps, an
+external data file, the dirty or corrupt bit, shrinking with internal
+snapshots, preallocation other than off, a refcount table that would have to
+grow, and refcounts that do not match what is being freed.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+
+from instar.errors import FormatError, ResizeError, UnsupportedError
+from instar.formats.common import unpack_table
+from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.reader import MAX_REFTABLE_BYTES, Qcow2Driver
+from instar.formats.qcow2.refcounts import read_reftable
+from instar.mutate import ImageUpdate
+from instar.safety import MAX_TABLE_BYTES
+
+_SIZE_OFFSET = 24  # header: size (8), crypt_method (4), l1_size (4), l1_table_offset (8)
+_SIZE_AND_L1 = struct.Struct(">QIIQ")
+QCOW_MAX_L1_ENTRIES = (32 << 20) // 8  # qemu's QCOW_MAX_L1_SIZE
+
+
+class Refcounts:
+    """The refcounts on disk and the changes to make to them, block by block.
+
+    Blocks are read on demand (each checked to lie in the file); changed and
+    new blocks are kept whole and written by `changed_blocks`."""
+
+    def __init__(self, driver: Qcow2Driver) -> None:
+        header = driver.header
+        self.file = driver.file
+        self.cluster = header.cluster_size
+        self.order = header.refcount_order
+        self.width = 1 << self.order
+        self.per_block = self.cluster * 8 // self.width
+        self.table = read_reftable(self.file, header)
+        self.table_offset = header.refcount_table_offset
+        self.blocks: dict[int, bytearray] = {}
+        self.changed: set[int] = set()
+        self.new: dict[int, int] = {}  # block index -> its new cluster offset
+        for index, entry in enumerate(self.table):
+            offset = entry & L.REFTABLE_OFFSET_MASK
+            if offset and (offset % self.cluster or offset + self.cluster > self.file.size):
+                raise FormatError(f"qcow2 refcount block {index} lies outside the image")
+
+    def _block(self, index: int) -> bytearray | None:
+        if index not in self.blocks:
+            if index >= len(self.table):
+                return None
+            offset = self.table[index] & L.REFTABLE_OFFSET_MASK
+            if not offset:
+                return None
+            self.blocks[index] = bytearray(self.file.pread(offset, self.cluster))
+        return self.blocks[index]
+
+    def get(self, cluster: int) -> int:
+        block = self._block(cluster // self.per_block)
+        return 0 if block is None else self._value(block, cluster % self.per_block)
+
+    def _value(self, block: bytearray, index: int) -> int:
+        if self.width >= 8:
+            size = self.width // 8
+            return int.from_bytes(block[index * size : (index + 1) * size], "big")
+        bit = index * self.width
+        return (block[bit // 8] >> (bit % 8)) & ((1 << self.width) - 1)
+
+    def set(self, cluster: int, value: int) -> None:
+        """Set a refcount; the block must exist (see `cover`)."""
+        index = cluster // self.per_block
+        block = self._block(index)
+        assert block is not None, "cover the cluster first"
+        within = cluster % self.per_block
+        if self.width >= 8:
+            size = self.width // 8
+            block[within * size : (within + 1) * size] = value.to_bytes(size, "big")
+        else:
+            bit = within * self.width
+            mask = ((1 << self.width) - 1) << (bit % 8)
+            block[bit // 8] = (block[bit // 8] & ~mask) | (value << (bit % 8))
+        self.changed.add(index)
+
+    def add(self, first: int, count: int, delta: int) -> None:
+        """Add ``delta`` to ``count`` clusters from ``first``; refuses a
+        refcount that would drop below 0 or pass the width's maximum."""
+        ceiling = (1 << self.width) - 1
+        for cluster in range(first, first + count):
+            value = self.get(cluster) + delta
+            if not 0 <= value <= ceiling:
+                raise FormatError(f"qcow2 refcount of cluster {cluster:#x} does not match "
+                                  "the image's tables; run 'qemu-img check -r all' first")
+            self.set(cluster, value)
+
+    def allocate_at_end(self, count: int) -> int:
+        """``count`` free clusters past the end of the file and of every cluster
+        in use, claimed (refcount 1), with refcount blocks for them and for
+        themselves; returns the first one's offset."""
+        first = -(-self.file.size // self.cluster)
+        while any(self.get(c) for c in range(first, first + count)):
+            first += 1  # a refcount past the end of the file: never reuse it
+        end = first + count
+        # Missing refcount blocks go right after, each claimed too.
+        while True:
+            missing = [index for index in range(first // self.per_block,
+                                                (end - 1) // self.per_block + 1)
+                       if self._block(index) is None]
+            if not missing:
+                break
+            for index in missing:
+                if index >= len(self.table):
+                    raise UnsupportedError(
+                        "resizing this qcow2 image needs a larger refcount table, "
+                        "which instar does not write yet")
+                self.new[index] = end * self.cluster
+                self.blocks[index] = bytearray(self.cluster)
+                self.changed.add(index)
+                end += 1
+        for cluster in range(first, end):
+            self.set(cluster, 1)
+        return first * self.cluster
+
+    def write_blocks(self, update: ImageUpdate) -> None:
+        """Write every changed block where it lives (new ones at their place)."""
+        for index in sorted(self.changed):
+            offset = self.new.get(index) or self.table[index] & L.REFTABLE_OFFSET_MASK
+            update.write(offset, bytes(self.blocks[index]))
+        self.changed.clear()
+
+    def write_table_entries(self, update: ImageUpdate) -> None:
+        """Point the refcount table at the new blocks."""
+        for index, offset in sorted(self.new.items()):
+            update.write(self.table_offset + 8 * index, offset.to_bytes(8, "big"))
+            self.table[index] = offset
+        self.new.clear()
+
+    def last_in_use(self) -> int:
+        """The last cluster whose refcount is not 0 (-1 if none)."""
+        for index in range(len(self.table) - 1, -1, -1):
+            block = self._block(index)
+            if block is None or not any(block):
+                continue
+            for within in range(self.per_block - 1, -1, -1):
+                if self._value(block, within):
+                    return index * self.per_block + within
+        return -1
+
+
+def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> None:
+    """qemu's refusals in its order, then instar's own."""
+    header = driver.header
+    if new_size % L.SECTOR:
+        raise ResizeError("The new size must be a multiple of 512")
+    if header.nb_snapshots and header.version < 3:
+        raise ResizeError("Can't resize a v2 image which has snapshots")
+    if header.incompatible_features & L.INCOMPAT_CORRUPT:
+        raise ResizeError("qcow2: Image is corrupt; cannot be opened read/write")
+    if driver.extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        raise UnsupportedError("resizing a qcow2 image with persistent bitmaps is not "
+                               "supported yet")
+    if header.incompatible_features & L.INCOMPAT_DATA_FILE:
+        raise UnsupportedError("resizing a qcow2 image with an external data file is not "
+                               "supported yet")
+    if header.incompatible_features & L.INCOMPAT_DIRTY:
+        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
+                               "repair it before resizing yet: run 'qemu-img check -r all'")
+    if preallocation != "off":
+        raise UnsupportedError(f"preallocation={preallocation} is not supported yet for "
+                               "qcow2 resize")
+    if new_size < driver.virtual_size and header.nb_snapshots:
+        raise UnsupportedError("shrinking a qcow2 image with internal snapshots is not "
+                               "supported yet")
+    if header.refcount_table_clusters * header.cluster_size > MAX_REFTABLE_BYTES:
+        raise FormatError("Reference count table too large")
+    end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
+    if end > driver.file.size:
+        raise FormatError("qcow2 refcount table lies outside the image")
+
+
+def _read_l1(driver: Qcow2Driver) -> array[int]:
+    """The whole active L1 table, which must lie in the file."""
+    header = driver.header
+    if not header.l1_size:
+        return array("Q")
+    if header.l1_table_offset + header.l1_size * 8 > driver.file.size:
+        raise FormatError("qcow2 L1 table lies outside the image")
+    data = driver.file.pread_exact(header.l1_table_offset, header.l1_size * 8, "L1 table")
+    return unpack_table(data, 8, "big")
+
+
+def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
+                 preallocation: str) -> None:
+    """Give the image the virtual size ``new_size`` (checked by the caller to
+    be positive and within qemu's bounds)."""
+    _check_supported(driver, new_size, preallocation)
+    header = driver.header
+    l1 = _read_l1(driver)
+    refcounts = Refcounts(driver)
+    new_l1_size = L.l1_entries_for(new_size, header.cluster_bits, header.extended_l2)
+    if new_size < driver.virtual_size:
+        _shrink(driver, update, refcounts, l1, new_size, new_l1_size)
+        return
+    if new_l1_size > QCOW_MAX_L1_ENTRIES or new_l1_size * 8 > MAX_TABLE_BYTES:
+        raise ResizeError("Failed to grow the L1 table: File too large")
+    if new_l1_size <= header.l1_size:
+        update.phase("header")
+        update.write(_SIZE_OFFSET, new_size.to_bytes(8, "big"))
+        return
+    _grow_l1(driver, update, refcounts, l1, new_size, new_l1_size)
+
+
+def _grow_l1(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts,
+             l1: array[int], new_size: int, new_l1_size: int) -> None:
+    header = driver.header
+    cluster = header.cluster_size
+    old_clusters = -(-header.l1_size * 8 // cluster)
+    old_first = header.l1_table_offset // cluster
+    for index in range(old_first, old_first + old_clusters):  # what is freed must be in use
+        if refcounts.get(index) == 0:
+            raise FormatError("qcow2 refcount of the L1 table is 0; run "
+                              "'qemu-img check -r all' first")
+    table = array("Q", l1)
+    table.extend([0] * (new_l1_size - len(table)))
+    if sys.byteorder == "little":
+        table.byteswap()
+    data = table.tobytes()
+    offset = refcounts.allocate_at_end(-(-len(data) // cluster))
+    # 1. data: the claims and the new table, where nothing points yet.
+    update.phase("data")
+    refcounts.write_blocks(update)
+    update.write(offset, data)
+    # 2. pointers: the refcount table to any new refcount block.
+    update.phase("pointers")
+    refcounts.write_table_entries(update)
+    # 3. header: size and the new table in one write of one sector.
+    update.phase("header")
+    update.write(_SIZE_OFFSET, _SIZE_AND_L1.pack(new_size, header.crypt_method, new_l1_size,
+                                                 offset))
+    # 4. release: the old table's clusters.
+    if header.l1_size:
+        update.phase("release")
+        refcounts.add(old_first, old_clusters, -1)
+        refcounts.write_blocks(update)
+
+
+def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: array[int],
+            new_size: int, new_l1_size: int) -> None:
+    header = driver.header
+    cluster, bits = header.cluster_size, header.cluster_bits
+    entries = L.l2_entries(header.cluster_bits, header.extended_l2)
+    entry_bytes = 16 if header.extended_l2 else 8
+    first_dropped = -(-new_size // cluster)  # qemu keeps the cluster the size ends in
+    shift = L.compressed_shift(bits)
+    freed: list[tuple[int, int]] = []  # (first cluster, count) to lower by one
+    table_writes: list[tuple[int, bytes]] = []
+    l1_writes: list[tuple[int, bytes]] = []
+    for l1_index in range(first_dropped // entries, len(l1)):
+        l2_offset = l1[l1_index] & L.L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        if l2_offset % cluster or l2_offset + cluster > driver.file.size:
+            raise FormatError(f"qcow2 L2 table {l1_index} lies outside the image")
+        if refcounts.get(l2_offset // cluster) != 1:
+            raise FormatError("qcow2 L2 table is shared or unclaimed; run "
+                              "'qemu-img check -r all' first")
+        table = bytearray(driver.file.pread(l2_offset, cluster))
+        start = max(0, first_dropped - l1_index * entries)
+        for slot in range(start, entries):
+            position = slot * entry_bytes
+            entry = int.from_bytes(table[position : position + 8], "big")
+            if entry & L.OFLAG_COMPRESSED:
+                host = entry & ((1 << shift) - 1)
+                sectors = ((entry >> shift) & ((1 << (62 - shift)) - 1)) + 1
+                size = sectors * L.SECTOR - (host & (L.SECTOR - 1))
+                freed.append((host // cluster, (host + size - 1) // cluster - host // cluster + 1))
+            elif entry & L.L2E_OFFSET_MASK:
+                freed.append(((entry & L.L2E_OFFSET_MASK) // cluster, 1))
+            table[position : position + entry_bytes] = bytes(entry_bytes)
+        if l1_index >= new_l1_size:
+            freed.append((l2_offset // cluster, 1))
+            l1_writes.append((header.l1_table_offset + 8 * l1_index, bytes(8)))
+        else:
+            table_writes.append((l2_offset, bytes(table)))
+    for first, count in freed:
+        refcounts.add(first, count, -1)  # refuses before anything is written
+    # 1. pointers: the L2 entries and L1 entries past the new end cleared.
+    update.phase("pointers")
+    for offset, data in table_writes + l1_writes:
+        update.write(offset, data)
+    # 2. header: the new size.
+    update.phase("header")
+    update.write(_SIZE_OFFSET, new_size.to_bytes(8, "big"))
+    # 3. release: the refcounts of what was dropped, then the file's unused tail.
+    update.phase("release")
+    refcounts.write_blocks(update)
+    end = (refcounts.last_in_use() + 1) * cluster
+    if end < driver.file.size:
+        update.flush()
+        update.truncate(end)
