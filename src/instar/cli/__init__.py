@@ -77,8 +77,8 @@ filename [size]
 [--allow dir] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] \
 [--size N | [-f fmt] [-U] [--allow dir] filename]
-  resize [-f fmt] [-q] [--shrink] [--preallocation=prealloc] [--allow dir] \
-filename [+ | -]size
+  resize [-f fmt] [-q] [--shrink] [--preallocation=mode] [--allow dir] \
+filename [+|-]size
 
 Standard options:
   -h, --help       display this help and exit

@@ -1,0 +1,370 @@
+"""``instar resize`` against ``qemu-img resize`` (7.2): copies of one image,
+the same command line on each, then the same stdout, exit status and stderr
+(modulo the file name), the same ``qemu-img info`` (modulo names and sizes on
+disk), a clean ``qemu-img check`` and ``qemu-img compare`` of the two results
+equal. Then what instar refuses where qemu resizes (nothing changed on disk),
+hostile images, and a crash at every write of a qcow2 L1 table's growth."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from helpers import (
+    Result,
+    pattern,
+    qemu_img_ok,
+    qemu_io,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+)
+from instar import mutate
+from instar.errors import StoppedUpdate
+from instar.resize import resize
+from instar.worker import SandboxSettings
+
+pytestmark = pytest.mark.usefixtures("qemu_img")
+
+_VOLATILE = ("filename", "actual-size", "dirty-flag", "full-backing-filename")
+# qemu-img check's exit status for formats it has no check for.
+UNCHECKED = ("raw", "file")
+
+
+def _normalised(info: Any) -> Any:
+    if isinstance(info, dict):
+        return {key: _normalised(value) for key, value in info.items() if key not in _VOLATILE}
+    if isinstance(info, list):
+        return [_normalised(item) for item in info]
+    return info
+
+
+def _info(path: Path, fmt: str) -> Any:
+    result = run_qemu_img("info", "--output=json", "-f", fmt, str(path))
+    assert result.rc == 0, result.stderr
+    return _normalised(json.loads(result.stdout))
+
+
+def _stderr(result: Result, name: str) -> str:
+    return result.normalised_stderr().replace(name, "FILE")
+
+
+def _same_output(qemu: Result, ours: Result) -> None:
+    assert ours.rc == qemu.rc, (qemu.stderr, ours.stderr)
+    assert ours.stdout == qemu.stdout
+    assert _stderr(ours, "i.") == _stderr(qemu, "q.")
+
+
+Maker = Callable[[Path], None]
+
+
+def _copies(tmp_path: Path, fmt: str, make: Maker) -> tuple[Path, Path]:
+    """The image ``make`` writes, as q.FMT (for qemu-img) and i.FMT (for instar)."""
+    qemu_path, our_path = tmp_path / f"q.{fmt}", tmp_path / f"i.{fmt}"
+    make(qemu_path)
+    shutil.copyfile(qemu_path, our_path)
+    return qemu_path, our_path
+
+
+def _compare(tmp_path: Path, fmt: str, make: Maker, *args: str, probe: bool = False
+             ) -> tuple[Result, Result]:
+    """``resize [-f fmt] ARGS[:-1] FILE ARGS[-1]`` by both programs on copies of one image."""
+    qemu_path, our_path = _copies(tmp_path, fmt, make)
+    before = our_path.read_bytes()
+    given = () if probe else ("-f", fmt)
+    *options, size = args
+    qemu = run_qemu_img("resize", *given, *options, qemu_path.name, size, cwd=tmp_path)
+    ours = run_instar("resize", *given, *options, our_path.name, size, cwd=tmp_path)
+    _same_output(qemu, ours)
+    if qemu.rc:
+        assert our_path.read_bytes() == before, "a refused resize changed the image"
+        return qemu, ours
+    assert _info(our_path, fmt) == _info(qemu_path, fmt)
+    checked = run_qemu_img("check", "-f", fmt, str(our_path))
+    assert checked.rc == (63 if fmt in UNCHECKED else 0), checked.stdout + checked.stderr
+    compared = run_qemu_img("compare", "-f", fmt, "-F", fmt, str(qemu_path), str(our_path))
+    assert compared.rc == 0, compared.stdout + compared.stderr
+    return qemu, ours
+
+
+def _raw(size: int = 1 << 20) -> Maker:
+    def make(path: Path) -> None:
+        path.write_bytes(pattern(size))
+    return make
+
+
+def _qcow2(size: str = "1M", options: str = "", data: tuple[str, ...] = ("0 64k",),
+           backing: str | None = None, snapshot: bool = False) -> Maker:
+    def make(path: Path) -> None:
+        args = ["create", "-q", "-f", "qcow2"]
+        if options:
+            args += ["-o", options]
+        if backing is not None:
+            base = path.parent / backing
+            if not base.exists():
+                qemu_img_ok("create", "-q", "-f", "qcow2", str(base), size)
+                qemu_io(base, "write -P 0x33 0 1M", "qcow2")
+            args += ["-b", backing, "-F", "qcow2"]
+        qemu_img_ok(*args, str(path), size)
+        for seed, span in enumerate(data):
+            qemu_io(path, f"write -P {0x40 + seed} {span}", "qcow2")
+        if snapshot:
+            qemu_img_ok("snapshot", "-c", "s1", str(path))
+    return make
+
+
+def _qed(path: Path) -> None:
+    qemu_img_ok("create", "-q", "-f", "qed", str(path), "1M")
+    qemu_io(path, "write -P 0x11 0 64k", "qed")
+
+
+# --- raw -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ("+1M",), ("3M",), ("1048576",), ("1.5M",), ("+0",), ("+512",), ("1049000",),
+    ("-512",), ("512k",), ("--shrink", "512k"), ("--shrink", "-1k"), ("--shrink", "1000"),
+    ("--shrink", "1"), ("0",), ("-1M",), ("--shrink", "-2M"), ("1x",), ("+1x",), ("",),
+    ("+",), ("18446744073709551615",), ("18446744073709551616",), ("9223372036854775807",),
+    ("+9223372036854775807",), ("-q", "2M"), ("-q", "-q", "2M"), ("--", "2M"),
+    ("--preallocation=falloc", "3M"), ("--preallocation=full", "3M"),
+    ("--preallocation=off", "3M"), ("--preallocation=metadata", "3M"),
+    ("--preallocation=bogus", "3M"), ("--preallocation=full", "512k"),
+    ("--shrink", "--preallocation=falloc", "512k"), ("-U", "2M"), ("--bogus", "2M"),
+])
+def test_raw(tmp_path: Path, args: tuple[str, ...]) -> None:
+    _compare(tmp_path, "raw", _raw(), *args)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "file"])
+def test_raw_odd_length(tmp_path: Path, fmt: str) -> None:
+    """A raw file of 1001 bytes is 1024 to qemu: growing to 1024 is no shrink."""
+    _compare(tmp_path, fmt, _raw(1001), "1024")
+    _compare(tmp_path, fmt, _raw(1001), "+1000")
+
+
+def test_raw_probed(tmp_path: Path) -> None:
+    """Probed as raw: qemu's three-line warning, then the resize."""
+    qemu, _ = _compare(tmp_path, "raw", _raw(), "+1M", probe=True)
+    assert "probing guessed raw" in qemu.stderr
+
+
+def test_preallocation_allocates(tmp_path: Path) -> None:
+    for mode in ("falloc", "full"):
+        path = tmp_path / f"{mode}.raw"
+        path.write_bytes(b"")
+        assert run_instar("resize", "-f", "raw", f"--preallocation={mode}", str(path),
+                          "4M").rc == 0
+        assert path.stat().st_blocks * 512 >= 4 << 20
+        assert path.read_bytes() == bytes(4 << 20)
+
+
+def test_usage(tmp_path: Path) -> None:
+    path = tmp_path / "x.raw"
+    path.write_bytes(bytes(512))
+    for args in ((), ("x.raw",), ("-f", "raw", "x.raw"), ("x.raw", "1M", "2M"),
+                 ("-f", "raw", "nonexistent", "1M"), ("-f", "raw", "nonexistent", "1x"),
+                 ("-f", "bogus", "x.raw", "1M"), ("-f", "qcow2", "x.raw", "1M"),
+                 ("-f", "raw", "", "1M")):
+        qemu = run_qemu_img("resize", *args, cwd=tmp_path)
+        ours = run_instar("resize", *args, cwd=tmp_path)
+        assert ours.rc == qemu.rc == 1, args
+        assert ours.normalised_stderr() == qemu.normalised_stderr(), args
+
+
+# --- formats qemu does not resize ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", ["vmdk", "vpc", "vhdx", "vdi", "parallels", "qcow"])
+@pytest.mark.parametrize("args", [("+1M",), ("--shrink", "512k"), ("512k",)])
+@pytest.mark.parametrize("probe", [False, True])
+def test_refused_formats(tmp_path: Path, fmt: str, args: tuple[str, ...], probe: bool) -> None:
+    def make(path: Path) -> None:
+        qemu_img_ok("create", "-q", "-f", fmt, str(path), "1M")
+    _compare(tmp_path, fmt, make, *args, probe=probe)
+
+
+# --- qed -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ("+1M",), ("1G",), ("1000000",), ("100T",), ("--shrink", "512k"), ("512k",),
+    ("--preallocation=full", "4M"), ("--preallocation=metadata", "4M"),
+])
+def test_qed(tmp_path: Path, args: tuple[str, ...]) -> None:
+    _compare(tmp_path, "qed", _qed, *args)
+
+
+# --- qcow2 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("args", [
+    ("+1G",), ("10G",), ("2M",), ("1048576",), ("1000000",), ("--shrink", "1000000"),
+    ("+1",), ("--shrink", "512k"), ("--shrink", "66048"), ("--shrink", "-1000k"),
+    ("--shrink", "512"), ("--preallocation=bogus", "2M"),
+    ("--preallocation=full", "512k"), ("-q", "4G"), ("100P",), ("9223372036854775296",),
+])
+def test_qcow2(tmp_path: Path, args: tuple[str, ...]) -> None:
+    _compare(tmp_path, "qcow2", _qcow2(data=("0 64k", "512k 300k", "960k 64k")), *args)
+
+
+@pytest.mark.parametrize("options", [
+    "cluster_size=512", "cluster_size=512,refcount_bits=1", "cluster_size=512,refcount_bits=64",
+    "cluster_size=1024,compat=0.10", "cluster_size=16k,extended_l2=on", "compat=0.10",
+])
+@pytest.mark.parametrize("args", [("100M",), ("+3M",), ("--shrink", "300k"),
+                                  ("--shrink", "1k")])
+def test_qcow2_small_clusters(tmp_path: Path, options: str, args: tuple[str, ...]) -> None:
+    """Small clusters: the L1 table grows (and new refcount blocks appear)."""
+    _compare(tmp_path, "qcow2", _qcow2(options=options, data=("0 200k", "700k 100k")), *args)
+
+
+def test_qcow2_compressed_shrink(tmp_path: Path) -> None:
+    def make(path: Path) -> None:
+        source = path.parent / "source.raw"
+        source.write_bytes(pattern(1 << 20)[:600 << 10] + bytes(424 << 10))
+        qemu_img_ok("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", "cluster_size=4k",
+                    str(source), str(path))
+    _compare(tmp_path, "qcow2", make, "--shrink", "300k")
+
+
+@pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("args", [("+1M",), ("100M",), ("--shrink", "512k")])
+def test_qcow2_backing(tmp_path: Path, args: tuple[str, ...]) -> None:
+    _compare(tmp_path, "qcow2", _qcow2(options="cluster_size=4k", backing="base.qcow2",
+                                       data=("64k 64k",)), *args)
+
+
+def test_qcow2_backing_refused_by_policy(tmp_path: Path) -> None:
+    """Without --allow, the backing file is refused before anything is written."""
+    _, path = _copies(tmp_path, "qcow2", _qcow2(backing="base.qcow2"))
+    before = path.read_bytes()
+    result = run_instar("resize", str(path), "+1M")
+    assert result.rc == 1 and "allowed directories" in result.stderr
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize("args", [("2M",), ("--shrink", "512k")])
+def test_qcow2_v2_snapshots(tmp_path: Path, args: tuple[str, ...]) -> None:
+    _compare(tmp_path, "qcow2", _qcow2(options="compat=0.10", snapshot=True), *args)
+
+
+@pytest.mark.parametrize("options", ["", "cluster_size=512"])
+def test_qcow2_v3_snapshots_grow(tmp_path: Path, options: str) -> None:
+    _compare(tmp_path, "qcow2", _qcow2(options=options, snapshot=True), "100M")
+
+
+# --- what instar refuses where qemu resizes -----------------------------------------------
+
+
+def _refused(path: Path, *args: str, words: str) -> None:
+    before = path.read_bytes()
+    result = run_instar("resize", *args[:-1], str(path), args[-1])
+    assert result.rc == 1 and result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and words in result.stderr, result.stderr
+    assert path.read_bytes() == before
+
+
+def test_refused_where_qemu_resizes(tmp_path: Path) -> None:
+    image = tmp_path / "a.qcow2"
+    _qcow2(snapshot=True)(image)
+    _refused(image, "--shrink", "512k", words="internal snapshots")
+    image.unlink()
+    _qcow2()(image)
+    _refused(image, "--preallocation=full", "4M", words="preallocation=full")
+    _refused(image, "--preallocation=metadata", "4M", words="preallocation=metadata")
+    qemu_img_ok("bitmap", "--add", str(image), "b0")
+    _refused(image, "4M", words="persistent bitmaps")
+
+
+# --- hostile images --------------------------------------------------------------------------
+
+
+def _patched(tmp_path: Path, offset: int, value: bytes, options: str = "") -> Path:
+    path = tmp_path / "h.qcow2"
+    _qcow2(options=options)(path)
+    with path.open("r+b") as file:
+        file.seek(offset)
+        file.write(value)
+    return path
+
+
+@pytest.mark.parametrize("offset,value,words", [
+    (40, (1 << 40).to_bytes(8, "big"), "L1 table"),  # L1 past the end of the file
+    (48, (1 << 40).to_bytes(8, "big"), "refcount table"),  # reftable past the end
+    (4, (7).to_bytes(4, "big"), "version"),
+    (20, (30).to_bytes(4, "big"), "cluster size"),
+])
+def test_hostile_refused(tmp_path: Path, offset: int, value: bytes, words: str) -> None:
+    """A damaged header is refused in one line before a byte is written."""
+    path = _patched(tmp_path, offset, value)
+    _refused(path, "-f", "qcow2", "100G", words="")
+    result = run_instar("resize", "-f", "qcow2", str(path), "100G")
+    assert words.lower() in result.stderr.lower(), result.stderr
+
+
+def test_hostile_refblock_outside(tmp_path: Path) -> None:
+    """A refcount table entry naming a block past the end of the file."""
+    path = tmp_path / "h.qcow2"
+    _qcow2(options="cluster_size=512")(path)
+    header = path.read_bytes()[:72]
+    reftable = int.from_bytes(header[48:56], "big")
+    with path.open("r+b") as file:
+        file.seek(reftable + 8)
+        file.write((1 << 30).to_bytes(8, "big"))
+    _refused(path, "100M", words="refcount block")
+
+
+# --- crash safety ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("options,new,changes", [
+    ("cluster_size=512", 400 << 20, 6),  # new refcount blocks: every phase writes
+    ("cluster_size=512,refcount_bits=1", 100 << 20, 4),
+])
+def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              options: str, new: int, changes: int) -> None:
+    """qcow2 grown from 1M with 512-byte clusters (its L1 table grows):
+    stopped after each k-th change, the image is clean or only leaks, and
+    reads as the old or the new size with the same data."""
+    original = tmp_path / "o.qcow2"
+    _qcow2(options=options, data=("0 200k", "700k 100k"))(original)
+    reference = tmp_path / "reference.raw"
+    reference.write_bytes(qemu_read_raw(original, tmp_path, "qcow2"))
+    old = 1 << 20
+    sizes_seen = set()
+    k = 0
+    while True:
+        image = tmp_path / f"k{k}.qcow2"
+        shutil.copyfile(original, image)
+        monkeypatch.setattr(mutate, "stop_after", k)
+        try:
+            resize(str(image), new, fmt="qcow2", quiet=True, sandbox=SandboxSettings(mode="off"))
+            finished = True
+        except StoppedUpdate:
+            finished = False
+        monkeypatch.setattr(mutate, "stop_after", None)
+        checked = run_qemu_img("check", "--output=json", "-f", "qcow2", str(image))
+        report = json.loads(checked.stdout)
+        assert checked.rc in (0, 3), (k, checked.stdout, checked.stderr)
+        assert not report.get("corruptions") and not report.get("check-errors"), (k, report)
+        size = json.loads(qemu_img_ok("info", "--output=json", "-f", "qcow2",
+                                      str(image)))["virtual-size"]
+        assert size in (old, new), k
+        sizes_seen.add(size)
+        # The same data, and zeros past the old end (compare's default).
+        compared = run_qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image),
+                                str(reference))
+        assert compared.rc == 0, (k, compared.stdout)
+        image.unlink()
+        if finished:
+            assert checked.rc == 0 and size == new
+            break
+        k += 1
+        assert k < 100
+    assert sizes_seen == {old, new} and k == changes, (sizes_seen, k)
