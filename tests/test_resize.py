@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,7 @@ from helpers import (
     pattern,
     qemu_img_ok,
     qemu_io,
+    qemu_io_path,
     qemu_read_raw,
     run_instar,
     run_qemu_img,
@@ -421,3 +424,26 @@ def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) 
     for token in corpus.forbidden(neighbour_allowed=False):
         assert token not in run.stdout + run.stderr
     assert _files(place.root, target) == others, "a file other than the image changed"
+
+
+@pytest.mark.parametrize("read_only", [False, True])
+def test_locked_by_a_running_qemu(tmp_path: Path, read_only: bool) -> None:
+    """An image qemu-io holds open (reading or writing) is refused as qemu-img refuses it."""
+    path = tmp_path / "l.qcow2"
+    _qcow2()(path)
+    holder = subprocess.Popen([qemu_io_path(), *(["-r"] if read_only else []), str(path)],
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):  # until qemu-io holds its locks (the size stays 1M)
+            qemu = run_qemu_img("resize", str(path), "1M")
+            if qemu.rc:
+                break
+            time.sleep(0.05)
+        assert qemu.rc == 1 and "lock" in qemu.stderr
+        before = path.read_bytes()
+        ours = run_instar("resize", str(path), "2M")
+        assert ours.rc == 1 and ours.normalised_stderr() == qemu.normalised_stderr()
+        assert path.read_bytes() == before
+    finally:
+        holder.communicate(b"quit\n", timeout=30)

@@ -13,7 +13,7 @@ All writes go through `instar.mutate.ImageUpdate`, in its crash-safe order.
 
 from __future__ import annotations
 
-from instar.errors import FormatError, ImageOpenError, ResizeError
+from instar.errors import FormatError, ImageOpenError, ResizeError, UnsupportedError
 from instar.events import EventSink, Line, Notice
 from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener
@@ -100,6 +100,8 @@ def _resize_job(broker: Broker, send: EventSink, path: str, size: int, relative:
         update = ImageUpdate(file.fd, path)
         driver = node.image.driver
         if fmt.name in ("raw", "file"):
+            if not file.is_regular:
+                raise UnsupportedError("resizing a block device is not supported")
             _resize_raw(update, file.size, total, preallocation)
         elif fmt.name == "qcow2":
             from instar.formats.qcow2.resize import resize_qcow2
