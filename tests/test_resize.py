@@ -260,9 +260,20 @@ def test_qcow2_v2_snapshots(tmp_path: Path, args: tuple[str, ...]) -> None:
     _compare(tmp_path, "qcow2", _qcow2(options="compat=0.10", snapshot=True), *args)
 
 
-@pytest.mark.parametrize("options", ["", "cluster_size=512"])
-def test_qcow2_v3_snapshots_grow(tmp_path: Path, options: str) -> None:
-    _compare(tmp_path, "qcow2", _qcow2(options=options, snapshot=True), "100M")
+@pytest.mark.parametrize("options", ["", "cluster_size=512", "cluster_size=4k,refcount_bits=2"])
+@pytest.mark.parametrize("args", [("100M",), ("--shrink", "300k"), ("--shrink", "710k"),
+                                  ("--shrink", "1k")])
+def test_qcow2_v3_snapshots(tmp_path: Path, options: str, args: tuple[str, ...]) -> None:
+    """Shrinking copies the L2 tables the snapshot shares; the snapshot keeps its data."""
+    def make(path: Path) -> None:
+        _qcow2(options=options, data=("0 200k", "700k 100k"), snapshot=True)(path)
+        qemu_io(path, "write -P 0x77 100k 200k", "qcow2")  # the active image diverges
+    _compare(tmp_path, "qcow2", make, *args)
+    for name in ("q", "i"):  # the snapshot reads the same in both
+        snapshot = tmp_path / f"{name}.snap.raw"
+        qemu_img_ok("convert", "-f", "qcow2", "-l", "s1", "-O", "raw",
+                    str(tmp_path / f"{name}.qcow2"), str(snapshot))
+    assert (tmp_path / "q.snap.raw").read_bytes() == (tmp_path / "i.snap.raw").read_bytes()
 
 
 # --- what instar refuses where qemu resizes -----------------------------------------------
@@ -278,9 +289,6 @@ def _refused(path: Path, *args: str, words: str) -> None:
 
 def test_refused_where_qemu_resizes(tmp_path: Path) -> None:
     image = tmp_path / "a.qcow2"
-    _qcow2(snapshot=True)(image)
-    _refused(image, "--shrink", "512k", words="internal snapshots")
-    image.unlink()
     _qcow2()(image)
     _refused(image, "--preallocation=full", "4M", words="preallocation=full")
     _refused(image, "--preallocation=metadata", "4M", words="preallocation=metadata")
@@ -329,20 +337,21 @@ def test_hostile_refblock_outside(tmp_path: Path) -> None:
 # --- crash safety ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options,new,changes", [
-    ("cluster_size=512", 400 << 20, 6),  # new refcount blocks: every phase writes
-    ("cluster_size=512,refcount_bits=1", 100 << 20, 4),
-])
-def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              options: str, new: int, changes: int) -> None:
-    """qcow2 grown from 1M with 512-byte clusters (its L1 table grows):
-    stopped after each k-th change, the image is clean or only leaks, and
-    reads as the old or the new size with the same data."""
-    original = tmp_path / "o.qcow2"
-    _qcow2(options=options, data=("0 200k", "700k 100k"))(original)
+def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, original: Path,
+                          new: int, shrink: bool) -> int:
+    """Resize copies of ``original`` to ``new``, stopped after k changes for
+    every k until one finishes: each result clean or only leaking, of the old
+    or the new size, reading as the original up to the smaller size (and
+    zeros after it when growing), its snapshots (if any) as they were. Returns how many changes
+    the whole resize makes."""
     reference = tmp_path / "reference.raw"
-    reference.write_bytes(qemu_read_raw(original, tmp_path, "qcow2"))
-    old = 1 << 20
+    expected = qemu_read_raw(original, tmp_path, "qcow2")
+    reference.write_bytes(expected)
+    old = len(expected)
+    snapshots = json.loads(qemu_img_ok("info", "--output=json", str(original))).get(
+        "snapshots", [])
+    if snapshots:
+        qemu_img_ok("convert", "-l", "s1", "-O", "raw", str(original), str(tmp_path / "s1.raw"))
     sizes_seen = set()
     k = 0
     while True:
@@ -350,7 +359,8 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         shutil.copyfile(original, image)
         monkeypatch.setattr(mutate, "stop_after", k)
         try:
-            resize(str(image), new, fmt="qcow2", quiet=True, sandbox=SandboxSettings(mode="off"))
+            resize(str(image), new, fmt="qcow2", quiet=True, shrink=shrink,
+                   sandbox=SandboxSettings(mode="off"))
             finished = True
         except StoppedUpdate:
             finished = False
@@ -363,17 +373,49 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                       str(image)))["virtual-size"]
         assert size in (old, new), k
         sizes_seen.add(size)
-        # The same data, and zeros past the old end (compare's default).
-        compared = run_qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image),
-                                str(reference))
-        assert compared.rc == 0, (k, compared.stdout)
+        if new > old:  # the same data, zeros past it (compare's default)
+            compared = run_qemu_img("compare", "-f", "qcow2", "-F", "raw", str(image),
+                                    str(reference))
+            assert compared.rc == 0, (k, compared.stdout)
+        else:  # the same data up to the new end (past it: dropped, or not yet)
+            assert qemu_read_raw(image, tmp_path, "qcow2")[:new] == expected[:new], k
+        if snapshots:
+            kept = tmp_path / "kept.raw"
+            qemu_img_ok("convert", "-l", "s1", "-O", "raw", str(image), str(kept))
+            # qemu-img reads a snapshot at the image's current size
+            data = kept.read_bytes()
+            assert data == (tmp_path / "s1.raw").read_bytes()[:size], k
+            kept.unlink()
         image.unlink()
         if finished:
             assert checked.rc == 0 and size == new
             break
         k += 1
         assert k < 100
-    assert sizes_seen == {old, new} and k == changes, (sizes_seen, k)
+    assert sizes_seen == {old, new}, (sizes_seen, k)
+    return k
+
+
+@pytest.mark.parametrize("options,new,changes", [
+    ("cluster_size=512", 400 << 20, 6),  # new refcount blocks: every phase writes
+    ("cluster_size=512,refcount_bits=1", 100 << 20, 4),
+])
+def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                              options: str, new: int, changes: int) -> None:
+    """qcow2 grown from 1M with 512-byte clusters (its L1 table grows)."""
+    original = tmp_path / "o.qcow2"
+    _qcow2(options=options, data=("0 200k", "700k 100k"))(original)
+    assert _stop_at_every_change(tmp_path, monkeypatch, original, new, False) == changes
+
+
+@pytest.mark.parametrize("new", [710 << 10, 300 << 10])
+def test_crash_while_shrinking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               new: int) -> None:
+    """qcow2 with a snapshot shrunk: shared L2 tables copied, refcounts lowered."""
+    original = tmp_path / "o.qcow2"
+    _qcow2(options="cluster_size=512", data=("0 200k", "700k 100k"), snapshot=True)(original)
+    qemu_io(original, "write -P 0x77 100k 200k", "qcow2")
+    assert _stop_at_every_change(tmp_path, monkeypatch, original, new, True) >= 4
 
 
 # --- the hostile corpus ------------------------------------------------------------------------

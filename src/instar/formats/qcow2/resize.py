@@ -12,10 +12,13 @@ discard does: their L2 entries and the L1 entries past the new table size are
 cleared first, then the header's size, then the refcounts of what they held
 are lowered, then the file's tail past the last cluster in use is cut.
 
+An L2 table shared with an internal snapshot is copied first (the copy is
+written and claimed before the L1 table points at it), as qemu copies it.
+
 Refused (one line, nothing written): images with persistent bitmaps, an
-external data file, the dirty or corrupt bit, shrinking with internal
-snapshots, preallocation other than off, a refcount table that would have to
-grow, and refcounts that do not match what is being freed.
+external data file, the dirty or corrupt bit, preallocation other than off,
+a refcount table that would have to grow, and refcounts that do not match
+what is being freed.
 """
 
 from __future__ import annotations
@@ -182,9 +185,6 @@ def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> 
     if preallocation != "off":
         raise UnsupportedError(f"preallocation={preallocation} is not supported yet for "
                                "qcow2 resize")
-    if new_size < driver.virtual_size and header.nb_snapshots:
-        raise UnsupportedError("shrinking a qcow2 image with internal snapshots is not "
-                               "supported yet")
     if header.refcount_table_clusters * header.cluster_size > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
     end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
@@ -258,55 +258,89 @@ def _grow_l1(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts,
         refcounts.write_blocks(update)
 
 
+def _dropped_clusters(entry: int, cluster: int, shift: int) -> tuple[int, int] | None:
+    """(first cluster, count) an L2 entry holds a reference to, or None."""
+    if entry & L.OFLAG_COMPRESSED:
+        host = entry & ((1 << shift) - 1)
+        sectors = ((entry >> shift) & ((1 << (62 - shift)) - 1)) + 1
+        size = sectors * L.SECTOR - (host & (L.SECTOR - 1))
+        return host // cluster, (host + size - 1) // cluster - host // cluster + 1
+    if entry & L.L2E_OFFSET_MASK:
+        return (entry & L.L2E_OFFSET_MASK) // cluster, 1
+    return None
+
+
 def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: array[int],
             new_size: int, new_l1_size: int) -> None:
+    """Drop what lies past ``new_size``. An L2 table the active L1 shares
+    with a snapshot (refcount above 1) is copied, as qemu copies it before
+    changing it: the copy, cleared past the end, takes its place."""
     header = driver.header
     cluster, bits = header.cluster_size, header.cluster_bits
     entries = L.l2_entries(header.cluster_bits, header.extended_l2)
     entry_bytes = 16 if header.extended_l2 else 8
     first_dropped = -(-new_size // cluster)  # qemu keeps the cluster the size ends in
     shift = L.compressed_shift(bits)
-    freed: list[tuple[int, int]] = []  # (first cluster, count) to lower by one
-    table_writes: list[tuple[int, bytes]] = []
-    l1_writes: list[tuple[int, bytes]] = []
+    lowered: dict[int, int] = {}  # cluster -> how much its refcount goes down
+    in_place: list[tuple[int, bytes]] = []  # tables changed where they are
+    copies: list[tuple[int, bytes]] = []  # (L1 index, the shared table's new copy)
+    cleared: list[int] = []  # L1 entries past the new table size
+
+    def lower(first: int, count: int) -> None:
+        for number in range(first, first + count):
+            lowered[number] = lowered.get(number, 0) + 1
+
     for l1_index in range(first_dropped // entries, len(l1)):
         l2_offset = l1[l1_index] & L.L1E_OFFSET_MASK
         if not l2_offset:
             continue
         if l2_offset % cluster or l2_offset + cluster > driver.file.size:
             raise FormatError(f"qcow2 L2 table {l1_index} lies outside the image")
-        if refcounts.get(l2_offset // cluster) != 1:
-            raise FormatError("qcow2 L2 table is shared or unclaimed; run "
-                              "'qemu-img check -r all' first")
         table = bytearray(driver.file.pread(l2_offset, cluster))
         start = max(0, first_dropped - l1_index * entries)
         for slot in range(start, entries):
             position = slot * entry_bytes
-            entry = int.from_bytes(table[position : position + 8], "big")
-            if entry & L.OFLAG_COMPRESSED:
-                host = entry & ((1 << shift) - 1)
-                sectors = ((entry >> shift) & ((1 << (62 - shift)) - 1)) + 1
-                size = sectors * L.SECTOR - (host & (L.SECTOR - 1))
-                freed.append((host // cluster, (host + size - 1) // cluster - host // cluster + 1))
-            elif entry & L.L2E_OFFSET_MASK:
-                freed.append(((entry & L.L2E_OFFSET_MASK) // cluster, 1))
+            held = _dropped_clusters(int.from_bytes(table[position : position + 8], "big"),
+                                     cluster, shift)
+            if held is not None:
+                lower(*held)
             table[position : position + entry_bytes] = bytes(entry_bytes)
         if l1_index >= new_l1_size:
-            freed.append((l2_offset // cluster, 1))
-            l1_writes.append((header.l1_table_offset + 8 * l1_index, bytes(8)))
+            lower(l2_offset // cluster, 1)
+            cleared.append(l1_index)
+        elif refcounts.get(l2_offset // cluster) > 1:
+            lower(l2_offset // cluster, 1)
+            copies.append((l1_index, bytes(table)))
         else:
-            table_writes.append((l2_offset, bytes(table)))
-    for first, count in freed:
-        refcounts.add(first, count, -1)  # refuses before anything is written
-    # 1. pointers: the L2 entries and L1 entries past the new end cleared.
-    update.phase("pointers")
-    for offset, data in table_writes + l1_writes:
+            in_place.append((l2_offset, bytes(table)))
+    for number, count in lowered.items():  # refused before anything is written
+        if refcounts.get(number) < count:
+            raise FormatError(f"qcow2 refcount of cluster {number:#x} does not match the "
+                              "image's tables; run 'qemu-img check -r all' first")
+    # 1. data: the copies of shared tables, claimed, where nothing points yet.
+    placed = [(index, refcounts.allocate_at_end(1), data) for index, data in copies]
+    update.phase("data")
+    refcounts.write_blocks(update)
+    for _, offset, data in placed:
         update.write(offset, data)
-    # 2. header: the new size.
+    # 2. pointers: L2 entries past the new end cleared, the L1 pointed at the
+    # copies (which only it uses: COPIED) and cleared past the new table size.
+    update.phase("pointers")
+    refcounts.write_table_entries(update)
+    for offset, data in in_place:
+        update.write(offset, data)
+    for index, offset, _ in placed:
+        entry = offset | L.OFLAG_COPIED
+        update.write(header.l1_table_offset + 8 * index, entry.to_bytes(8, "big"))
+    for index in cleared:
+        update.write(header.l1_table_offset + 8 * index, bytes(8))
+    # 3. header: the new size.
     update.phase("header")
     update.write(_SIZE_OFFSET, new_size.to_bytes(8, "big"))
-    # 3. release: the refcounts of what was dropped, then the file's unused tail.
+    # 4. release: the refcounts of what was dropped, then the file's unused tail.
     update.phase("release")
+    for number, count in sorted(lowered.items()):
+        refcounts.add(number, 1, -count)
     refcounts.write_blocks(update)
     end = (refcounts.last_in_use() + 1) * cluster
     if end < driver.file.size:
