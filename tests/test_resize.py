@@ -230,6 +230,29 @@ def test_qcow2_small_clusters(tmp_path: Path, options: str, args: tuple[str, ...
     _compare(tmp_path, "qcow2", _qcow2(options=options, data=("0 200k", "700k 100k")), *args)
 
 
+def _near_reftable_end(path: Path) -> None:
+    """512-byte clusters with 64-bit refcounts: the one-cluster refcount table
+    covers 2 MiB of file, and the data leaves less than 100 KiB of it free,
+    so an L1 table for 400M (100 KiB) needs a larger refcount table."""
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=512,refcount_bits=64",
+                str(path), "8M")
+    qemu_io(path, "write -P 5 0 1888k", "qcow2")
+    header = path.read_bytes()[:72]
+    assert int.from_bytes(header[56:60], "big") == 1 and path.stat().st_size > 1900 << 10
+
+
+def _reftable(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[48:56], "big")
+
+
+@pytest.mark.parametrize("args", [("400M",), ("+1G",), ("4G",)])
+def test_qcow2_refcount_table_grows(tmp_path: Path, args: tuple[str, ...]) -> None:
+    _compare(tmp_path, "qcow2", _near_reftable_end, *args)
+    original = tmp_path / "o.qcow2"
+    _near_reftable_end(original)
+    assert _reftable(tmp_path / "i.qcow2") != _reftable(original)
+
+
 def test_qcow2_compressed_shrink(tmp_path: Path) -> None:
     def make(path: Path) -> None:
         source = path.parent / "source.raw"
@@ -406,6 +429,14 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     original = tmp_path / "o.qcow2"
     _qcow2(options=options, data=("0 200k", "700k 100k"))(original)
     assert _stop_at_every_change(tmp_path, monkeypatch, original, new, False) == changes
+
+
+def test_crash_while_the_refcount_table_grows(tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """The L1 table and the refcount table both grow: one header write switches both."""
+    original = tmp_path / "o.qcow2"
+    _near_reftable_end(original)
+    assert _stop_at_every_change(tmp_path, monkeypatch, original, 400 << 20, False) >= 8
 
 
 @pytest.mark.parametrize("new", [710 << 10, 300 << 10])

@@ -3,7 +3,8 @@
 Growing writes the new size into the header; when the active L1 table is too
 small for it, a new one (the old entries, zeros after) is written into free
 clusters past the end of the file, claimed in the refcounts first (with new
-refcount blocks where none covers them), then the header is switched to it,
+refcount blocks where none covers them, and a larger refcount table when the
+old one cannot name them), then the header is switched to both in one write,
 then the old table's clusters are freed: a crash at any point leaves the old
 image or the new one, at worst with leaked clusters.
 
@@ -17,8 +18,7 @@ written and claimed before the L1 table points at it), as qemu copies it.
 
 Refused (one line, nothing written): images with persistent bitmaps, an
 external data file, the dirty or corrupt bit, preallocation other than off,
-a refcount table that would have to grow, and refcounts that do not match
-what is being freed.
+and refcounts that do not match what is being freed.
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ from instar.formats.qcow2.refcounts import read_reftable
 from instar.mutate import ImageUpdate
 from instar.safety import MAX_TABLE_BYTES
 
-_SIZE_OFFSET = 24  # header: size (8), crypt_method (4), l1_size (4), l1_table_offset (8)
-_SIZE_AND_L1 = struct.Struct(">QIIQ")
+_SIZE_OFFSET = 24  # header: size (8), crypt_method (4), l1_size (4), l1_table_offset (8),
+_HEADER_FIELDS = struct.Struct(">QIIQQI")  # ... refcount_table_offset (8), clusters (4)
 QCOW_MAX_L1_ENTRIES = (32 << 20) // 8  # qemu's QCOW_MAX_L1_SIZE
 
 
@@ -58,6 +58,8 @@ class Refcounts:
         self.blocks: dict[int, bytearray] = {}
         self.changed: set[int] = set()
         self.new: dict[int, int] = {}  # block index -> its new cluster offset
+        self.table_clusters = header.refcount_table_clusters
+        self.new_table: tuple[int, int] | None = None  # (offset, clusters) of a larger one
         for index, entry in enumerate(self.table):
             offset = entry & L.REFTABLE_OFFSET_MASK
             if offset and (offset % self.cluster or offset + self.cluster > self.file.size):
@@ -110,30 +112,39 @@ class Refcounts:
                                   "the image's tables; run 'qemu-img check -r all' first")
             self.set(cluster, value)
 
+    def capacity(self) -> int:
+        """Refcount blocks the refcount table (the new one, if any) can name."""
+        if self.new_table is not None:
+            return self.new_table[1] * self.cluster // 8
+        return len(self.table)
+
     def allocate_at_end(self, count: int) -> int:
         """``count`` free clusters past the end of the file and of every cluster
         in use, claimed (refcount 1), with refcount blocks for them and for
-        themselves; returns the first one's offset."""
+        themselves, and a larger refcount table after them if the table cannot
+        name those blocks; returns the first one's offset."""
         first = -(-self.file.size // self.cluster)
         while any(self.get(c) for c in range(first, first + count)):
             first += 1  # a refcount past the end of the file: never reuse it
         end = first + count
-        # Missing refcount blocks go right after, each claimed too.
         while True:
-            missing = [index for index in range(first // self.per_block,
-                                                (end - 1) // self.per_block + 1)
+            top = (end - 1) // self.per_block
+            missing = [index for index in range(first // self.per_block, top + 1)
                        if self._block(index) is None]
-            if not missing:
+            if not missing and top < self.capacity():
                 break
-            for index in missing:
-                if index >= len(self.table):
-                    raise UnsupportedError(
-                        "resizing this qcow2 image needs a larger refcount table, "
-                        "which instar does not write yet")
+            for index in missing:  # each new block goes right after
                 self.new[index] = end * self.cluster
                 self.blocks[index] = bytearray(self.cluster)
                 self.changed.add(index)
                 end += 1
+            top = (end - 1) // self.per_block
+            if top >= self.capacity():  # a new table, with room for its own blocks
+                clusters = 2 * -(-(top + 2) * 8 // self.cluster)
+                if clusters * self.cluster > MAX_REFTABLE_BYTES:
+                    raise ResizeError("Failed to grow the L1 table: File too large")
+                self.new_table = (end * self.cluster, clusters)
+                end += clusters
         for cluster in range(first, end):
             self.set(cluster, 1)
         return first * self.cluster
@@ -145,16 +156,40 @@ class Refcounts:
             update.write(offset, bytes(self.blocks[index]))
         self.changed.clear()
 
+    def write_new_table(self, update: ImageUpdate) -> None:
+        """The new refcount table, if one is needed: the old entries and the
+        new blocks' (nothing points at it until the header does)."""
+        if self.new_table is None:
+            return
+        offset, clusters = self.new_table
+        entries = array("Q", self.table)
+        entries.extend([0] * (clusters * self.cluster // 8 - len(entries)))
+        for index, block in self.new.items():
+            entries[index] = block
+        if sys.byteorder == "little":
+            entries.byteswap()
+        update.write(offset, entries.tobytes())
+
     def write_table_entries(self, update: ImageUpdate) -> None:
-        """Point the refcount table at the new blocks."""
-        for index, offset in sorted(self.new.items()):
-            update.write(self.table_offset + 8 * index, offset.to_bytes(8, "big"))
-            self.table[index] = offset
-        self.new.clear()
+        """Point the refcount table at the new blocks (a new table has them)."""
+        if self.new_table is None:
+            for index, offset in sorted(self.new.items()):
+                update.write(self.table_offset + 8 * index, offset.to_bytes(8, "big"))
+
+    def release_old_table(self) -> None:
+        """Free the old refcount table's clusters once the header names the new one."""
+        if self.new_table is not None:
+            self.add(self.table_offset // self.cluster, self.table_clusters, -1)
+
+    def table_fields(self) -> tuple[int, int]:
+        """The header's refcount table offset and clusters, after the update."""
+        if self.new_table is not None:
+            return self.new_table
+        return self.table_offset, self.table_clusters
 
     def last_in_use(self) -> int:
         """The last cluster whose refcount is not 0 (-1 if none)."""
-        for index in range(len(self.table) - 1, -1, -1):
+        for index in range(max(len(self.table), max(self.new, default=-1) + 1) - 1, -1, -1):
             block = self._block(index)
             if block is None or not any(block):
                 continue
@@ -240,22 +275,32 @@ def _grow_l1(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts,
         table.byteswap()
     data = table.tobytes()
     offset = refcounts.allocate_at_end(-(-len(data) // cluster))
-    # 1. data: the claims and the new table, where nothing points yet.
+    # 1. data: the claims and the new tables, where nothing points yet.
     update.phase("data")
     refcounts.write_blocks(update)
+    refcounts.write_new_table(update)
     update.write(offset, data)
     # 2. pointers: the refcount table to any new refcount block.
     update.phase("pointers")
     refcounts.write_table_entries(update)
-    # 3. header: size and the new table in one write of one sector.
+    # 3. header: size and the new tables in one write of one sector.
     update.phase("header")
-    update.write(_SIZE_OFFSET, _SIZE_AND_L1.pack(new_size, header.crypt_method, new_l1_size,
-                                                 offset))
-    # 4. release: the old table's clusters.
+    _write_header(update, header, refcounts, new_size, new_l1_size, offset)
+    # 4. release: the old tables' clusters.
+    update.phase("release")
     if header.l1_size:
-        update.phase("release")
         refcounts.add(old_first, old_clusters, -1)
-        refcounts.write_blocks(update)
+    refcounts.release_old_table()
+    refcounts.write_blocks(update)
+
+
+def _write_header(update: ImageUpdate, header: L.Header, refcounts: Refcounts, size: int,
+                  l1_size: int, l1_offset: int) -> None:
+    """The header's size, L1 table and refcount table fields: one write of
+    36 bytes inside the first sector, so a crash leaves all old or all new."""
+    table_offset, table_clusters = refcounts.table_fields()
+    update.write(_SIZE_OFFSET, _HEADER_FIELDS.pack(size, header.crypt_method, l1_size,
+                                                   l1_offset, table_offset, table_clusters))
 
 
 def _dropped_clusters(entry: int, cluster: int, shift: int) -> tuple[int, int] | None:
@@ -321,6 +366,7 @@ def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: 
     placed = [(index, refcounts.allocate_at_end(1), data) for index, data in copies]
     update.phase("data")
     refcounts.write_blocks(update)
+    refcounts.write_new_table(update)
     for _, offset, data in placed:
         update.write(offset, data)
     # 2. pointers: L2 entries past the new end cleared, the L1 pointed at the
@@ -334,13 +380,14 @@ def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: 
         update.write(header.l1_table_offset + 8 * index, entry.to_bytes(8, "big"))
     for index in cleared:
         update.write(header.l1_table_offset + 8 * index, bytes(8))
-    # 3. header: the new size.
+    # 3. header: the new size (and refcount table, if it grew).
     update.phase("header")
-    update.write(_SIZE_OFFSET, new_size.to_bytes(8, "big"))
+    _write_header(update, header, refcounts, new_size, header.l1_size, header.l1_table_offset)
     # 4. release: the refcounts of what was dropped, then the file's unused tail.
     update.phase("release")
     for number, count in sorted(lowered.items()):
         refcounts.add(number, 1, -count)
+    refcounts.release_old_table()
     refcounts.write_blocks(update)
     end = (refcounts.last_in_use() + 1) * cluster
     if end < driver.file.size:
