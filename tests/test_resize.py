@@ -269,6 +269,28 @@ def test_qcow2_backing(tmp_path: Path, args: tuple[str, ...]) -> None:
                                        data=("64k 64k",)), *args)
 
 
+def _over_longer_backing(fmt: str, options: str) -> Maker:
+    """A 1M image over a 4M backing file full of data."""
+    def make(path: Path) -> None:
+        base = path.parent / "long.qcow2"
+        if not base.exists():
+            qemu_img_ok("create", "-q", "-f", "qcow2", str(base), "4M")
+            qemu_io(base, "write -P 0x33 0 4M", "qcow2")
+        qemu_img_ok("create", "-q", "-f", fmt, "-o", options, "-b", "long.qcow2", "-F", "qcow2",
+                    str(path), "1M")
+        qemu_io(path, "write -P 0x44 0 300k", fmt)
+    return make
+
+
+@pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("fmt,options", [("qcow2", "compat=0.10"), ("qed", "cluster_size=64k")])
+@pytest.mark.parametrize("args", [("3M",), ("+512",), ("--shrink", "512k")])
+def test_longer_backing(tmp_path: Path, fmt: str, options: str, args: tuple[str, ...]) -> None:
+    """Growing over a longer backing file: qemu must zero-fill the new part,
+    which v2 qcow2 and qed cannot (qemu's messages); shrinking is as usual."""
+    _compare(tmp_path, fmt, _over_longer_backing(fmt, options), *args)
+
+
 def test_qcow2_backing_refused_by_policy(tmp_path: Path) -> None:
     """Without --allow, the backing file is refused before anything is written."""
     _, path = _copies(tmp_path, "qcow2", _qcow2(backing="base.qcow2"))
@@ -317,6 +339,9 @@ def test_refused_where_qemu_resizes(tmp_path: Path) -> None:
     _refused(image, "--preallocation=metadata", "4M", words="preallocation=metadata")
     qemu_img_ok("bitmap", "--add", str(image), "b0")
     _refused(image, "4M", words="persistent bitmaps")
+    image.unlink()
+    _over_longer_backing("qcow2", "compat=1.1")(image)
+    _refused(image, "--allow", str(tmp_path), "3M", words="longer backing file")
 
 
 # --- hostile images --------------------------------------------------------------------------

@@ -99,6 +99,10 @@ def _resize_job(broker: Broker, send: EventSink, path: str, size: int, relative:
             raise ResizeError(f"offset({total}) exceeds maximum({MAX_LENGTH})")
         update = ImageUpdate(file.fd, path)
         driver = node.image.driver
+        # qemu's block layer: growing over a longer backing file must read zeros
+        # in the new part, not the backing file's data (BDRV_REQ_ZERO_WRITE).
+        backing = node.image.backing
+        zero_fill = total > current and backing is not None and backing.virtual_size > current
         if fmt.name in ("raw", "file"):
             if not file.is_regular:
                 raise UnsupportedError("resizing a block device is not supported")
@@ -106,10 +110,13 @@ def _resize_job(broker: Broker, send: EventSink, path: str, size: int, relative:
         elif fmt.name == "qcow2":
             from instar.formats.qcow2.resize import resize_qcow2
 
-            resize_qcow2(driver, update, total, preallocation)  # type: ignore[arg-type]
+            resize_qcow2(driver, update, total, preallocation,  # type: ignore[arg-type]
+                         zero_fill)
         elif fmt.name == "qed":
             from instar.formats.qed.resize import resize_qed
 
+            if zero_fill:
+                raise ResizeError("Block driver does not support requested flags")
             resize_qed(driver, update, total, preallocation)  # type: ignore[arg-type]
         else:
             raise ResizeError("Image format driver does not support resize")

@@ -239,10 +239,16 @@ def _read_l1(driver: Qcow2Driver) -> array[int]:
 
 
 def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
-                 preallocation: str) -> None:
+                 preallocation: str, zero_fill: bool = False) -> None:
     """Give the image the virtual size ``new_size`` (checked by the caller to
-    be positive and within qemu's bounds)."""
+    be positive and within qemu's bounds). ``zero_fill``: the part added must
+    read as zeros, not as the (longer) backing file."""
     _check_supported(driver, new_size, preallocation)
+    if zero_fill:
+        if driver.header.version < 3:
+            raise ResizeError("Failed to zero out new clusters: Operation not supported")
+        raise UnsupportedError("growing a qcow2 image over a longer backing file (qemu "
+                               "writes zero clusters there) is not supported yet")
     header = driver.header
     l1 = _read_l1(driver)
     refcounts = Refcounts(driver)
