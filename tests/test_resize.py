@@ -269,26 +269,49 @@ def test_qcow2_backing(tmp_path: Path, args: tuple[str, ...]) -> None:
                                        data=("64k 64k",)), *args)
 
 
-def _over_longer_backing(fmt: str, options: str) -> Maker:
-    """A 1M image over a 4M backing file full of data."""
+def _over_longer_backing(fmt: str, options: str, size: str = "1M",
+                         data: tuple[str, ...] = ("0 300k",)) -> Maker:
+    """An image of ``size`` over a 4M backing file full of data."""
     def make(path: Path) -> None:
         base = path.parent / "long.qcow2"
         if not base.exists():
             qemu_img_ok("create", "-q", "-f", "qcow2", str(base), "4M")
             qemu_io(base, "write -P 0x33 0 4M", "qcow2")
         qemu_img_ok("create", "-q", "-f", fmt, "-o", options, "-b", "long.qcow2", "-F", "qcow2",
-                    str(path), "1M")
-        qemu_io(path, "write -P 0x44 0 300k", fmt)
+                    str(path), size)
+        for span in data:
+            qemu_io(path, f"write -P 0x44 {span}", fmt)
     return make
 
 
 @pytest.mark.usefixtures("allow_own_directories")
-@pytest.mark.parametrize("fmt,options", [("qcow2", "compat=0.10"), ("qed", "cluster_size=64k")])
-@pytest.mark.parametrize("args", [("3M",), ("+512",), ("--shrink", "512k")])
+@pytest.mark.parametrize("fmt,options", [
+    ("qcow2", "compat=0.10"), ("qed", "cluster_size=64k"), ("qcow2", "compat=1.1"),
+    ("qcow2", "cluster_size=4k"), ("qcow2", "cluster_size=16k,extended_l2=on"),
+    ("qcow2", "cluster_size=512,refcount_bits=1"),
+])
+@pytest.mark.parametrize("args", [("3M",), ("+512",), ("4M",), ("100M",), ("--shrink", "512k")])
 def test_longer_backing(tmp_path: Path, fmt: str, options: str, args: tuple[str, ...]) -> None:
-    """Growing over a longer backing file: qemu must zero-fill the new part,
-    which v2 qcow2 and qed cannot (qemu's messages); shrinking is as usual."""
+    """Growing over a longer backing file: the new part reads as zeros (qemu
+    writes zero clusters), which v2 qcow2 and qed cannot do (qemu's messages)."""
     _compare(tmp_path, fmt, _over_longer_backing(fmt, options), *args)
+
+
+@pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("options", ["compat=1.1", "cluster_size=16k,extended_l2=on"])
+@pytest.mark.parametrize("args", [("3M",), ("+512",), ("1000k",)])
+def test_longer_backing_unaligned(tmp_path: Path, options: str, args: tuple[str, ...]) -> None:
+    """An old size inside a cluster the image holds: zeros written after it."""
+    make = _over_longer_backing("qcow2", options, size="999k", data=("0 300k", "960k 39k"))
+    _compare(tmp_path, "qcow2", make, *args)
+
+
+def test_longer_backing_unaligned_unheld(tmp_path: Path) -> None:
+    """The old end inside a cluster only the backing file holds: qemu copies
+    it up to write the zeros; instar refuses, nothing written."""
+    image = tmp_path / "a.qcow2"
+    _over_longer_backing("qcow2", "compat=1.1", size="999k")(image)
+    _refused(image, "--allow", str(tmp_path), "3M", words="does not hold")
 
 
 def test_qcow2_backing_refused_by_policy(tmp_path: Path) -> None:
@@ -339,9 +362,7 @@ def test_refused_where_qemu_resizes(tmp_path: Path) -> None:
     _refused(image, "--preallocation=metadata", "4M", words="preallocation=metadata")
     qemu_img_ok("bitmap", "--add", str(image), "b0")
     _refused(image, "4M", words="persistent bitmaps")
-    image.unlink()
-    _over_longer_backing("qcow2", "compat=1.1")(image)
-    _refused(image, "--allow", str(tmp_path), "3M", words="longer backing file")
+
 
 
 # --- hostile images --------------------------------------------------------------------------
@@ -386,7 +407,7 @@ def test_hostile_refblock_outside(tmp_path: Path) -> None:
 
 
 def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, original: Path,
-                          new: int, shrink: bool) -> int:
+                          new: int, shrink: bool, allow: tuple[str, ...] = ()) -> int:
     """Resize copies of ``original`` to ``new``, stopped after k changes for
     every k until one finishes: each result clean or only leaking, of the old
     or the new size, reading as the original up to the smaller size (and
@@ -407,7 +428,7 @@ def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origi
         shutil.copyfile(original, image)
         monkeypatch.setattr(mutate, "stop_after", k)
         try:
-            resize(str(image), new, fmt="qcow2", quiet=True, shrink=shrink,
+            resize(str(image), new, fmt="qcow2", quiet=True, shrink=shrink, allow=allow,
                    sandbox=SandboxSettings(mode="off"))
             finished = True
         except StoppedUpdate:
@@ -462,6 +483,21 @@ def test_crash_while_the_refcount_table_grows(tmp_path: Path,
     original = tmp_path / "o.qcow2"
     _near_reftable_end(original)
     assert _stop_at_every_change(tmp_path, monkeypatch, original, 400 << 20, False) >= 8
+
+
+@pytest.mark.parametrize("options,size,data,changes", [
+    ("cluster_size=4k", "1M", ("0 300k",), 6),  # a new L2 table, the L1 grows
+    ("cluster_size=4k", "999k", ("0 300k", "960k 39k"), 7),  # zeros after the old end
+    ("cluster_size=16k,extended_l2=on", "999k", ("0 300k", "960k 39k"), 2),  # in place
+])
+def test_crash_while_zero_filling(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                  options: str, size: str, data: tuple[str, ...],
+                                  changes: int) -> None:
+    """Grown over a longer backing file: the new part is zeros once the size is new."""
+    original = tmp_path / "o.qcow2"
+    _over_longer_backing("qcow2", options, size=size, data=data)(original)
+    assert _stop_at_every_change(tmp_path, monkeypatch, original, 4 << 20, False,
+                                 allow=(str(tmp_path),)) == changes
 
 
 @pytest.mark.parametrize("new", [710 << 10, 300 << 10])

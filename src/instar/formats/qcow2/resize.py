@@ -244,11 +244,8 @@ def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
     be positive and within qemu's bounds). ``zero_fill``: the part added must
     read as zeros, not as the (longer) backing file."""
     _check_supported(driver, new_size, preallocation)
-    if zero_fill:
-        if driver.header.version < 3:
-            raise ResizeError("Failed to zero out new clusters: Operation not supported")
-        raise UnsupportedError("growing a qcow2 image over a longer backing file (qemu "
-                               "writes zero clusters there) is not supported yet")
+    if zero_fill and driver.header.version < 3:
+        raise ResizeError("Failed to zero out new clusters: Operation not supported")
     header = driver.header
     l1 = _read_l1(driver)
     refcounts = Refcounts(driver)
@@ -258,43 +255,165 @@ def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
         return
     if new_l1_size > QCOW_MAX_L1_ENTRIES or new_l1_size * 8 > MAX_TABLE_BYTES:
         raise ResizeError("Failed to grow the L1 table: File too large")
-    if new_l1_size <= header.l1_size:
-        update.phase("header")
-        update.write(_SIZE_OFFSET, new_size.to_bytes(8, "big"))
-        return
-    _grow_l1(driver, update, refcounts, l1, new_size, new_l1_size)
+    _grow(driver, update, refcounts, l1, new_size, new_l1_size, zero_fill)
 
 
-def _grow_l1(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts,
-             l1: array[int], new_size: int, new_l1_size: int) -> None:
+class ZeroFill:
+    """qemu's zero-fill of the part an image grows by (over a longer backing
+    file): the clusters from the old size's next (sub)cluster on become zero
+    clusters, in new L2 tables where the L1 names none; the rest of a partial
+    last (sub)cluster gets explicit zeros, where the image holds it itself.
+    Anything already mapped there (past the old end) is refused."""
+
+    def __init__(self, driver: Qcow2Driver, refcounts: Refcounts, l1: array[int],
+                 old: int, new: int) -> None:
+        header = driver.header
+        self.cluster = cluster = header.cluster_size
+        self.extended = header.extended_l2
+        self.entry_bytes = 16 if self.extended else 8
+        self.entries = L.l2_entries(header.cluster_bits, self.extended)
+        sub = cluster // (L.SUBCLUSTERS if self.extended else 1)
+        zero_start = -(-old // sub) * sub
+        self.first, self.end = zero_start, new
+        self.head: tuple[int, int] | None = None
+        self.new_tables: list[int] = []  # L1 indexes that get a new table
+        self.in_place: list[tuple[int, bytes]] = []
+        if zero_start > old:
+            self._head(driver, l1, old, min(zero_start, new) - old)
+        if zero_start >= new:
+            return
+        first_cluster, end_cluster = zero_start // cluster, -(-new // cluster)
+        for index in range(first_cluster // self.entries, (end_cluster - 1) // self.entries + 1):
+            offset = l1[index] & L.L1E_OFFSET_MASK if index < len(l1) else 0
+            if not offset:
+                self.new_tables.append(index)
+                continue
+            if offset % cluster or offset + cluster > driver.file.size:
+                raise FormatError(f"qcow2 L2 table {index} lies outside the image")
+            if refcounts.get(offset // cluster) != 1:
+                raise UnsupportedError("growing a qcow2 image whose last L2 table is shared "
+                                       "with a snapshot over a longer backing file is not "
+                                       "supported yet")
+            table = bytearray(driver.file.pread(offset, cluster))
+            self._zero(table, index, check=True)
+            self.in_place.append((offset, bytes(table)))
+
+    def _head(self, driver: Qcow2Driver, l1: array[int], old: int, length: int) -> None:
+        """Explicit zeros after the old end inside its (sub)cluster, which must
+        be a data cluster of this image."""
+        cluster = self.cluster
+        index, slot = divmod(old // cluster, self.entries)
+        l2 = l1[index] & L.L1E_OFFSET_MASK if index < len(l1) else 0
+        entry = bitmap = 0
+        if l2 and not l2 % cluster and l2 + cluster <= driver.file.size:
+            raw = driver.file.pread(l2 + slot * self.entry_bytes, self.entry_bytes)
+            entry = int.from_bytes(raw[:8], "big")
+            bitmap = int.from_bytes(raw[8:16], "big") if self.extended else 0
+        host = entry & L.L2E_OFFSET_MASK
+        if self.extended:
+            bit = (old % cluster) // (cluster // L.SUBCLUSTERS)
+            stored = bool(bitmap >> bit & 1) and host and not entry & L.OFLAG_COMPRESSED
+            zeros = bool(bitmap >> (32 + bit) & 1)
+        else:
+            stored = bool(host) and not entry & (L.OFLAG_COMPRESSED | L.OFLAG_ZERO)
+            zeros = bool(entry & L.OFLAG_ZERO)
+        if zeros:
+            return  # reads as zeros already
+        if not stored or not entry & L.OFLAG_COPIED or host + cluster > driver.file.size:
+            raise UnsupportedError("growing a qcow2 image over a longer backing file from a "
+                                   "size inside a cluster it does not hold is not supported yet")
+        self.head = (host + old % cluster, length)
+
+    def _zero(self, table: bytearray, index: int, check: bool) -> None:
+        """Mark the clusters (and subclusters) of the range in L2 table ``index`` as zeros."""
+        cluster, size = self.cluster, self.entries * self.cluster
+        start = max(self.first, index * size)
+        stop = min(-(-self.end // cluster) * cluster, (index + 1) * size)
+        position = start
+        while position < stop:
+            slot = (position - index * size) // cluster
+            at = slot * self.entry_bytes
+            entry = int.from_bytes(table[at : at + 8], "big")
+            if self.extended:
+                bitmap = int.from_bytes(table[at + 8 : at + 16], "big")
+                first_sub = (position % cluster) // (cluster // L.SUBCLUSTERS)
+                mask = ((1 << L.SUBCLUSTERS) - 1) >> first_sub << first_sub
+                if check and (bitmap & mask or (not first_sub and entry)):
+                    raise FormatError("qcow2 image maps data past its end")
+                bitmap = (bitmap & ~mask) | (mask << 32)
+                table[at + 8 : at + 16] = bitmap.to_bytes(8, "big")
+            else:
+                if check and entry:
+                    raise FormatError("qcow2 image maps data past its end")
+                table[at : at + 8] = L.OFLAG_ZERO.to_bytes(8, "big")
+            position = (position // cluster + 1) * cluster
+
+    def new_table(self, index: int) -> bytes:
+        table = bytearray(self.cluster)
+        self._zero(table, index, check=False)
+        return bytes(table)
+
+
+def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: array[int],
+          new_size: int, new_l1_size: int, zero_fill: bool) -> None:
+    """Grow: new L1 table if needed, zero clusters if asked, then the header."""
     header = driver.header
     cluster = header.cluster_size
+    grows = new_l1_size > header.l1_size
     old_clusters = -(-header.l1_size * 8 // cluster)
     old_first = header.l1_table_offset // cluster
-    for index in range(old_first, old_first + old_clusters):  # what is freed must be in use
-        if refcounts.get(index) == 0:
-            raise FormatError("qcow2 refcount of the L1 table is 0; run "
-                              "'qemu-img check -r all' first")
+    if grows:
+        for index in range(old_first, old_first + old_clusters):  # freed later: in use now
+            if refcounts.get(index) == 0:
+                raise FormatError("qcow2 refcount of the L1 table is 0; run "
+                                  "'qemu-img check -r all' first")
     table = array("Q", l1)
-    table.extend([0] * (new_l1_size - len(table)))
-    if sys.byteorder == "little":
-        table.byteswap()
-    data = table.tobytes()
-    offset = refcounts.allocate_at_end(-(-len(data) // cluster))
+    table.extend([0] * (max(new_l1_size, header.l1_size) - len(table)))
+    fill = ZeroFill(driver, refcounts, table, driver.virtual_size, new_size) \
+        if zero_fill else None
+    placed: list[tuple[int, int]] = []  # (L1 index, new L2 table offset)
+    if fill is not None and fill.new_tables:
+        base = refcounts.allocate_at_end(len(fill.new_tables))
+        for number, index in enumerate(fill.new_tables):
+            placed.append((index, base + number * cluster))
+            table[index] = (base + number * cluster) | L.OFLAG_COPIED
+    l1_size, l1_offset = header.l1_size, header.l1_table_offset
+    data = b""
+    if grows:
+        l1_size = new_l1_size
+        packed = array("Q", table)
+        if sys.byteorder == "little":
+            packed.byteswap()
+        data = packed.tobytes()
+        l1_offset = refcounts.allocate_at_end(-(-len(data) // cluster))
     # 1. data: the claims and the new tables, where nothing points yet.
     update.phase("data")
     refcounts.write_blocks(update)
     refcounts.write_new_table(update)
-    update.write(offset, data)
-    # 2. pointers: the refcount table to any new refcount block.
+    if fill is not None:
+        for index, offset in placed:
+            update.write(offset, fill.new_table(index))
+        if fill.head is not None:
+            update.zeros(*fill.head)
+    if grows:
+        update.write(l1_offset, data)
+    # 2. pointers: the refcount table to new blocks, L2 and L1 entries past the
+    # old end (nothing reads them before the header's new size).
     update.phase("pointers")
     refcounts.write_table_entries(update)
+    if fill is not None:
+        for offset, content in fill.in_place:
+            update.write(offset, content)
+        if not grows:
+            for index, offset in placed:
+                entry = offset | L.OFLAG_COPIED
+                update.write(l1_offset + 8 * index, entry.to_bytes(8, "big"))
     # 3. header: size and the new tables in one write of one sector.
     update.phase("header")
-    _write_header(update, header, refcounts, new_size, new_l1_size, offset)
+    _write_header(update, header, refcounts, new_size, l1_size, l1_offset)
     # 4. release: the old tables' clusters.
     update.phase("release")
-    if header.l1_size:
+    if grows and header.l1_size:
         refcounts.add(old_first, old_clusters, -1)
     refcounts.release_old_table()
     refcounts.write_blocks(update)
