@@ -253,6 +253,15 @@ def test_qcow2_refcount_table_grows(tmp_path: Path, args: tuple[str, ...]) -> No
     assert _reftable(tmp_path / "i.qcow2") != _reftable(original)
 
 
+@pytest.mark.parametrize("fmt", ["qcow2", "qed"])
+@pytest.mark.parametrize("args", [("1G",), ("+0",), ("+512",)])
+def test_empty_image(tmp_path: Path, fmt: str, args: tuple[str, ...]) -> None:
+    """An image of size 0 (a qcow2 one has no L1 table at all)."""
+    def make(path: Path) -> None:
+        qemu_img_ok("create", "-q", "-f", fmt, str(path), "0")
+    _compare(tmp_path, fmt, make, *args)
+
+
 def test_qcow2_compressed_shrink(tmp_path: Path) -> None:
     def make(path: Path) -> None:
         source = path.parent / "source.raw"
