@@ -8,6 +8,7 @@ hostile images, and a crash at every write of a qcow2 L1 table's growth."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -30,6 +31,7 @@ from helpers import (
 )
 from instar import mutate
 from instar.errors import StoppedUpdate
+from instar.locks import write_conflict
 from instar.resize import resize
 from instar.worker import SandboxSettings
 from test_hostile import SANDBOX_WARNING
@@ -412,6 +414,31 @@ def test_hostile_refblock_outside(tmp_path: Path) -> None:
     _refused(path, "100M", words="refcount block")
 
 
+def test_hostile_refcounts_past_the_end(tmp_path: Path) -> None:
+    """A refcount block (2 MiB clusters, 1-bit refcounts) claiming its 16M
+    clusters, far past the end of the file: the free space past them is found
+    in one pass (not cluster by cluster). Writing there (32 TiB in) fails in
+    one line with nothing changed where the file system cannot hold it."""
+    path = tmp_path / "big.qcow2"
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=2M,refcount_bits=1",
+                str(path), "1M")
+    with path.open("r+b") as file:
+        reftable = int.from_bytes(path.read_bytes()[48:56], "big")
+        file.seek(reftable)
+        block = int.from_bytes(file.read(8), "big")
+        file.seek(block)
+        file.write(b"\xff" * (2 << 20))
+    before = path.read_bytes()
+    started = time.monotonic()
+    result = run_instar("resize", str(path), "1T")
+    assert time.monotonic() - started < 5
+    if result.rc:
+        assert result.stderr.count("\n") == 1 and "File too large" in result.stderr
+        assert path.read_bytes() == before
+    else:
+        assert result.stdout == "Image resized.\n" and path.stat().st_size > 32 << 40
+
+
 # --- crash safety ----------------------------------------------------------------------------
 
 
@@ -578,11 +605,15 @@ def test_locked_by_a_running_qemu(tmp_path: Path, read_only: bool) -> None:
                               stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL)
     try:
-        for _ in range(100):  # until qemu-io holds its locks (the size stays 1M)
-            qemu = run_qemu_img("resize", str(path), "1M")
-            if qemu.rc:
-                break
-            time.sleep(0.05)
+        fd = os.open(path, os.O_RDONLY)
+        try:  # until qemu-io holds its locks (asking takes none, unlike qemu-img)
+            for _ in range(600):
+                if write_conflict(fd) is not None or holder.poll() is not None:
+                    break
+                time.sleep(0.05)
+        finally:
+            os.close(fd)
+        qemu = run_qemu_img("resize", str(path), "1M")
         assert qemu.rc == 1 and "lock" in qemu.stderr
         before = path.read_bytes()
         ours = run_instar("resize", str(path), "2M")

@@ -56,6 +56,7 @@ class Refcounts:
         self.table = read_reftable(self.file, header)
         self.table_offset = header.refcount_table_offset
         self.blocks: dict[int, bytearray] = {}
+        self._by_offset: dict[int, bytearray] = {}
         self.changed: set[int] = set()
         self.new: dict[int, int] = {}  # block index -> its new cluster offset
         self.table_clusters = header.refcount_table_clusters
@@ -67,13 +68,24 @@ class Refcounts:
 
     def _block(self, index: int) -> bytearray | None:
         if index not in self.blocks:
-            if index >= len(self.table):
-                return None
-            offset = self.table[index] & L.REFTABLE_OFFSET_MASK
+            offset = self._offset(index)
             if not offset:
                 return None
-            self.blocks[index] = bytearray(self.file.pread(offset, self.cluster))
+            if offset not in self._by_offset:  # blocks named twice are one block
+                self._by_offset[offset] = bytearray(self.file.pread(offset, self.cluster))
+            self.blocks[index] = self._by_offset[offset]
         return self.blocks[index]
+
+    def _offset(self, index: int) -> int:
+        return self.table[index] & L.REFTABLE_OFFSET_MASK if index < len(self.table) else 0
+
+    def _peek(self, index: int) -> bytes | bytearray | None:
+        """Block ``index`` as it stands, without keeping it (a scan reads each
+        block of the file at most once, and keeps none of them)."""
+        if index in self.blocks:
+            return self.blocks[index]
+        offset = self._offset(index)
+        return self.file.pread(offset, self.cluster) if offset else None
 
     def get(self, cluster: int) -> int:
         block = self._block(cluster // self.per_block)
@@ -123,9 +135,9 @@ class Refcounts:
         in use, claimed (refcount 1), with refcount blocks for them and for
         themselves, and a larger refcount table after them if the table cannot
         name those blocks; returns the first one's offset."""
-        first = -(-self.file.size // self.cluster)
-        while any(self.get(c) for c in range(first, first + count)):
-            first += 1  # a refcount past the end of the file: never reuse it
+        # Past the file and past every cluster with a refcount (one the file
+        # does not hold yet is never reused).
+        first = max(-(-self.file.size // self.cluster), self.last_in_use() + 1)
         end = first + count
         while True:
             top = (end - 1) // self.per_block
@@ -188,13 +200,24 @@ class Refcounts:
         return self.table_offset, self.table_clusters
 
     def last_in_use(self) -> int:
-        """The last cluster whose refcount is not 0 (-1 if none)."""
+        """The last cluster whose refcount is not 0 (-1 if none). Each distinct
+        block is read once, from the last one back, until one is in use."""
+        seen: set[int] = set()
         for index in range(max(len(self.table), max(self.new, default=-1) + 1) - 1, -1, -1):
-            block = self._block(index)
-            if block is None or not any(block):
+            offset = self.new.get(index) or self._offset(index)
+            if not offset or (offset in seen and index not in self.blocks):
                 continue
-            for within in range(self.per_block - 1, -1, -1):
-                if self._value(block, within):
+            seen.add(offset)
+            block = self._peek(index)
+            if block is None:
+                continue
+            used = len(bytes(block).rstrip(b"\0"))
+            if not used:
+                continue
+            if self.width >= 8:
+                return index * self.per_block + (used - 1) // (self.width // 8)
+            for within in range(min(self.per_block, used * 8 // self.width) - 1, -1, -1):
+                if self._value(bytearray(block), within):
                     return index * self.per_block + within
         return -1
 
