@@ -47,6 +47,7 @@ COMMANDS = {
     "inspect": "instar.cli.inspect",
     "map": "instar.cli.map",
     "measure": "instar.cli.measure",
+    "snapshot": "instar.cli.snapshot",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -76,6 +77,7 @@ filename [size]
 [--allow dir] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] \
 [--size N | [-f fmt] [-U] [--allow dir] filename]
+  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [--allow dir] filename
 
 Standard options:
   -h, --help       display this help and exit
