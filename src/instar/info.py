@@ -308,6 +308,8 @@ def render_json(infos: list[NodeInfo], *, chain: bool,
 
 def _c_width(text: str, width: int, left: bool) -> str:
     """printf's ``%-Ns`` / ``%Ns``: padding counts bytes, as C does."""
+    if text.isascii():  # one byte a character: str's own padding counts the same
+        return f"{text:<{width}}" if left else f"{text:>{width}}"
     pad = " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
     return text + pad if left else pad + text
 
@@ -335,10 +337,10 @@ def _snapshot_row(snap: SnapshotDetails) -> str:
     millis = (snap.vm_clock_nsec // 1_000_000) % 1000
     clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{millis:03d}"
     icount = "" if snap.icount is None else str(snap.icount)
+    # The last four columns are ASCII (digits, a size's unit, "(null)").
     return (
         _c_width(shown(snap.id), 9, True) + " " + _c_width(shown(snap.name), 16, True) + " "
-        + _c_width(size_to_str(snap.vm_state_size), 8, False)
-        + _c_width(date, 20, False) + _c_width(clock, 13, False) + _c_width(icount, 11, False)
+        + f"{size_to_str(snap.vm_state_size):>8}{date:>20}{clock:>13}{icount:>11}"
     )
 
 
