@@ -230,6 +230,9 @@ def sandbox_cost(inputs: dict[str, Path], work: Path, runs: int) -> None:
                          for key in ("qemu", "off", "on"))
         print(f"| {name} | {q:.3f} | {off:.3f} | {on:.3f} | {(on - off) * 1000:.0f} "
               f"| {qc:.3f} | {offc:.3f} | {onc:.3f} | {(onc - offc) * 1000:.0f} |", flush=True)
+    print("\nWhere it goes (bench/sandbox_parts.py, a fresh interpreter):", flush=True)
+    subprocess.run([sys.executable, str(Path(__file__).with_name("sandbox_parts.py"))],
+                   check=True)
 
 
 if __name__ == "__main__":

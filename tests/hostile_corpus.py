@@ -2510,7 +2510,8 @@ def parallels_with(change: Callable[[Parallels], None], **options: object) -> Bu
 def parallels() -> list[Case]:
     """Parallels images: catalog entries past the end of the file or at the
     top of their range, entries aliasing one cluster (2 TiB from one), huge
-    catalogs (qemu's limit, instar's, a catalog longer than its file), huge
+    catalogs (qemu's limit, instar's, a catalog longer than its file, one of
+    2 GiB of holes that check walks), huge
     and wrapping sizes (qemu's 32-bit catalog index past 2^32 clusters),
     format extensions that run past their cluster or whose cluster is 2 GiB,
     and headers cut short."""
@@ -2542,6 +2543,14 @@ def parallels() -> list[Case]:
         return then(parallels_build(lambda p: parallels_file()), lambda path, place: cut(
             path, size))
 
+    def catalog_in_holes(path: Path, place: Place) -> None:
+        """2 GiB of catalog, holes but for its first entries and one near its
+        end (a cluster past the end of the file, for check to report)."""
+        cut(path, 2 * GiB)
+        with path.open("r+b") as handle:
+            handle.seek(2 * GiB - 4096)
+            handle.write(struct.pack("<I", 0x00FFFFFF))
+
     # Refused when the data is mapped, and compare says only qemu's words then
     # ("Sector allocation test failed"): what each says is the conformance table's.
     return [
@@ -2564,6 +2573,9 @@ def parallels() -> list[Case]:
         case("parallels-catalog-of-2^29-1-entries-in-4-KiB", parallels_with(
             lambda image: image.fields.update(entries=0x1FFFFFFF), clusters=()), "either",
              qemu=False),  # qemu-img fails it with EIO: 4 * entries overflows an int
+        case("parallels-catalog-of-2-GiB-of-holes", then(parallels_with(
+            lambda image: image.fields.update(entries=0x1FFFFFFF)), catalog_in_holes),
+             "either", qemu=False),  # qemu-img fails it with EIO, as the one of 4 KiB
         case("parallels-catalog-of-32-MiB-of-zeros", parallels_build(lambda p: Parallels(
             32 * GiB, cluster=4 * KiB)), "either"),
         case("parallels-catalog-over-32-MiB", parallels_build(lambda p: Parallels(

@@ -352,10 +352,10 @@ def test_vhdx_two_bat_entries_on_one_block(tmp_path: Path) -> None:
 def test_reading_again_is_not_aliasing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tables evicted from the cache and loaded again claim nothing twice: the
     same ranges read, walked and compared over and over read as qemu reads them."""
-    from instar.formats.qcow2 import reader as qcow2_reader
+    from instar.formats import cluster_tables
     from instar.formats.vmdk import reader as vmdk_reader
 
-    monkeypatch.setattr(qcow2_reader, "MAX_METADATA_CACHE_BYTES", 1)  # one L2 table cached
+    monkeypatch.setattr(cluster_tables, "MAX_METADATA_CACHE_BYTES", 1)  # one L2 table cached
     monkeypatch.setattr(vmdk_reader, "GT_CACHE_TABLES", 1)
     writes = ["write -P 0x11 0 64k", "write -P 0x22 600M 64k", "write -P 0x33 1200M 64k"]
     images = [make_qcow2(tmp_path / "r.qcow2", "1300M", writes),
@@ -418,6 +418,31 @@ def test_host_claims_against_a_set() -> None:
                 claimed |= units
             assert claims.claimed(first * unit, count * unit) == bool(units & claimed)
         claims.close()
+
+
+def test_host_claims_one_by_one_against_a_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``claim_each`` says, unit by unit in order, whether each is new, as a
+    reference set does; a larger ``max_map_bytes`` keeps a map exact past
+    the usual bound; a coarse map cannot claim one by one."""
+    monkeypatch.setattr(common, "MAX_CLAIM_MAP_BYTES", 64)
+    rng = random.Random(5)
+    claims, claimed = HostClaims(5000, 1, max_map_bytes=1000), set()
+    assert claims.exact
+    for _ in range(50):
+        units = [rng.randrange(5000) for _ in range(rng.randint(0, 200))]
+        expected = bytearray()
+        for unit in units:
+            expected.append(unit not in claimed)
+            claimed.add(unit)
+        assert claims.claim_each(units) == expected
+        run = rng.randrange(4990)
+        fresh = not claimed & set(range(run, run + 10))
+        assert claims.claim(run, 10) == fresh
+        if fresh:
+            claimed |= set(range(run, run + 10))
+    claims.close()
+    with pytest.raises(ValueError):
+        HostClaims(5000, 1).claim_each([1])
 
 
 def test_host_claims_coarse_bound_what_a_file_maps(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -12,9 +12,10 @@ check what it would refuse when opening), and its format's checker
 - "Check failed" when the walk stopped or met internal errors.
 
 Exit codes: 0 clean, 2 corruptions, 3 leaks only, 1 could not check, 63 the
-format has no check (raw, vpc: "This image format does not support checks").
-A format qemu checks and instar reads without a check of its own yet (vdi,
-parallels) is refused in one line, exit 1.
+format has no check (raw, vpc, qcow...: "This image format does not support
+checks"). Every format instar reads that qemu checks has a check (qcow2, qed,
+vmdk, vhdx, vdi, parallels); one added later without its check would be
+refused in one line, exit 1, never said to have none.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ def check_image(
 
 
 # qemu 7.2's drivers with a check (bdrv_co_check): a format among them that
-# instar reads but cannot check yet is refused as such, never said to have none.
+# instar reads but cannot check (none today) is refused as such, never said to
+# have none.
 QEMU_CHECKED = frozenset({"qcow2", "qed", "vdi", "vhdx", "vmdk", "parallels"})
 
 

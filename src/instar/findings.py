@@ -12,6 +12,7 @@ Kept light (a NamedTuple and a plain class): checkers run in the worker.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 # What a finding counted as, in qemu's BdrvCheckResult.
@@ -98,6 +99,22 @@ class CheckResult:
         room = max(0, MAX_FINDINGS - len(self.findings))
         self.findings.extend(findings[:room])
         self.findings_dropped += max(0, len(findings) - room)
+
+    def add_each(self, kind: str, code: str, count: int, message: Callable[[int], str],
+                 prefixed: bool = False) -> None:
+        """``count`` lines of one kind, the i-th saying ``message(i)`` (qemu
+        prints one per entry of a run of map entries): all counted, but only
+        made and kept up to MAX_FINDINGS, so a run of millions costs nothing
+        per line past the limit."""
+        if kind == CORRUPTION:
+            self.corruptions += count
+        elif kind == LEAK:
+            self.leaks += count
+        elif kind == CHECK_ERROR:
+            self.check_errors += count
+        kept = min(count, max(0, MAX_FINDINGS - len(self.findings)))
+        self.findings.extend(Finding(kind, code, message(i), prefixed) for i in range(kept))
+        self.findings_dropped += count - kept
 
     def fail(self, reason: str) -> None:
         """The check stops here (qemu returns -errno): "Check failed: REASON"."""

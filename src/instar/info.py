@@ -329,6 +329,13 @@ def _snapshot_header() -> str:
     return left + "".join(_c_width(text, width, False) for text, width in right)
 
 
+def snapshot_list(snapshots: list[SnapshotDetails], indentation: str = "") -> str:
+    """qemu's ``dump_snapshots``: the "Snapshot list:" table of info, and all
+    that ``snapshot -l`` prints."""
+    lines = ["Snapshot list:", _snapshot_header(), *map(_snapshot_row, snapshots)]
+    return "".join(f"{indentation}{line}\n" for line in lines)
+
+
 def _snapshot_row(snap: SnapshotDetails) -> str:
     try:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.date_sec))
@@ -390,8 +397,7 @@ def _human_node(info: NodeInfo, indentation: int, protocol: bool,
         if details.backing_format:
             out.append(f"{ind}backing file format: {shown(details.backing_format)}\n")
     if details.snapshots:
-        out.append(f"{ind}Snapshot list:\n{ind}{_snapshot_header()}\n")
-        out.extend(f"{ind}{_snapshot_row(snap)}\n" for snap in details.snapshots)
+        out.append(snapshot_list(details.snapshots, ind))
     if details.specific_type is not None:
         data: dict[str, QValue] = details.specific if details.specific is not None else {}
         # 8.0 leaves out an empty section; 7.2 prints the header regardless.

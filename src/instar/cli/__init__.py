@@ -40,12 +40,14 @@ if TYPE_CHECKING:
 COMMANDS = {
     "dd": "instar.cli.dd",
     "convert": "instar.cli.convert",
+    "create": "instar.cli.create",
     "info": "instar.cli.info",
     "compare": "instar.cli.compare",
     "check": "instar.cli.check",
     "inspect": "instar.cli.inspect",
     "map": "instar.cli.map",
     "measure": "instar.cli.measure",
+    "snapshot": "instar.cli.snapshot",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -62,6 +64,8 @@ filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \
 [-o options] [-S sparse_size] [-r rate_limit] [-m num_coroutines] [-W] [--allow dir] \
 [--require-safe] filename [filename2 [...]] output_filename
+  create [-q] [-f fmt] [-o options] [-b backing_file [-F backing_fmt]] [-u] [--allow dir] \
+filename [size]
   dd [-U] [-f fmt] [-O output_fmt] [-o options] [-c] [-p] [--allow dir] [--require-safe] \
 [bs=block_size] [count=blocks] [skip=blocks] if=input of=output
   info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir] \
@@ -73,6 +77,7 @@ filename1 filename2
 [--allow dir] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] \
 [--size N | [-f fmt] [-U] [--allow dir] filename]
+  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [--allow dir] filename
 
 Standard options:
   -h, --help       display this help and exit

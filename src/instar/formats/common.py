@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from instar.errors import FormatError
+from instar.files import ExactReads, InputFile
+from instar.image import file_layout
 from instar.safety import MAX_CLAIM_MAP_BYTES
 
 if TYPE_CHECKING:
@@ -172,6 +174,36 @@ def _weights(width: int, count: int) -> tuple[int, int]:
     return ones, ramp
 
 
+def read_le32_table(file: ExactReads, offset: int, count: int) -> array[int]:
+    """``count`` little-endian 32-bit entries at ``offset`` of ``file``, as
+    qemu reads a table: what lies past the end of the file reads as zeros."""
+    data = file.pread(offset, 4 * count)
+    return unpack_table(data + bytes(4 * count - len(data)), 4, "little")
+
+
+def le32_table_pieces(file: InputFile, offset: int, count: int, chunk: int
+                      ) -> Iterator[tuple[int, int, array[int] | None]]:
+    """The ``count`` entries of a table of little-endian 32-bit entries at
+    ``offset``, as qemu reads them, in pieces: (first index, length, entries),
+    ``entries`` None for a stretch of zeros (a hole in the file, or past its
+    end), never read; the entries the file holds at most ``chunk`` at a time.
+    A table of gigabytes of holes costs a few lseeks."""
+    position = 0  # the first entry not yet given
+    for start, length, has_data in file_layout(file, offset, 4 * count):
+        if not has_data:
+            continue
+        first = max(position, (start - offset) // 4)
+        end = min(count, -(-(start + length - offset) // 4))
+        if first > position:
+            yield position, first - position, None
+        for at in range(first, end, chunk):
+            size = min(chunk, end - at)
+            yield at, size, read_le32_table(file, offset + 4 * at, size)
+        position = max(position, end)
+    if position < count:
+        yield position, count - position, None
+
+
 # --- the aliasing check ---------------------------------------------------------------------
 
 
@@ -194,16 +226,19 @@ class HostClaims:
     2^k units, each with a count of the units claimed in it, so a claim is
     refused only when its cell would hold more units than it has. That no
     longer catches every alias, but still bounds what an image maps by the
-    size of its file, region by region.
+    size of its file, region by region. A caller that must stay exact (a
+    check counting every block named twice) passes a larger
+    ``max_map_bytes``: still only the pages that hold a claim are backed.
     """
 
-    def __init__(self, size: int, unit: int) -> None:
+    def __init__(self, size: int, unit: int, max_map_bytes: int | None = None) -> None:
         if unit <= 0 or unit & (unit - 1):
             raise ValueError(f"claim unit {unit} is not a power of two")
         self.unit = unit
         self._shift = unit.bit_length() - 1
         self.units = max(1, -(-size // unit))
-        self.exact = self.units <= MAX_CLAIM_MAP_BYTES * 8
+        limit = MAX_CLAIM_MAP_BYTES if max_map_bytes is None else max_map_bytes
+        self.exact = self.units <= limit * 8
         self._cell_bits = 0
         self._counts: memoryview[int] | None = None
         if self.exact:
@@ -233,6 +268,26 @@ class HostClaims:
         if self.exact:
             return self._claim_bits(first, end)
         return self._claim_cells(first, end)
+
+    def claim_each(self, units: Iterable[int]) -> bytearray:
+        """Claim the units of index ``units`` one by one, in order (an exact
+        map only): a 1 for each newly claimed, a 0 for each claimed before
+        (by an earlier claim, or earlier in ``units``). For a check that
+        reports every unit named twice: one short Python step a unit."""
+        if not self.exact:
+            raise ValueError("claim_each needs an exact claim map")
+        bitmap = self._map
+        flags = bytearray()
+        append = flags.append
+        for unit in units:
+            byte, bit = unit >> 3, 1 << (unit & 7)
+            value = bitmap[byte]
+            if value & bit:
+                append(0)
+            else:
+                bitmap[byte] = value | bit
+                append(1)
+        return flags
 
     def claimed(self, offset: int, length: int) -> bool:
         """Whether any unit of ``[offset, offset + length)`` is claimed (or,

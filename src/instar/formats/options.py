@@ -111,26 +111,35 @@ def refused(name: str, type: OptionType) -> Option:
     return Option(name, type, None, supported=False)
 
 
+class BackingReference(NamedTuple):
+    """The backing file a new image names: the name as given and its format."""
+
+    name: str
+    format: str
+
+
 class _SchemaFields(NamedTuple):
     format_name: str
     options: tuple[Option, ...] = ()
     compress: bool = False
+    backing: bool = False
 
 
 class OptionSchema(_SchemaFields):
-    """Every creation option of one format, and whether it takes ``-c``."""
+    """Every creation option of one format, whether it takes ``-c``, and
+    whether its writer can record a backing file (``backing``)."""
 
     __slots__ = ()
 
     def __new__(cls, format_name: str, options: tuple[Option, ...] = (),
-                compress: bool = False) -> OptionSchema:
+                compress: bool = False, backing: bool = False) -> OptionSchema:
         names = [option.name for option in options]
         if len(set(names)) != len(names):
             raise ValueError(f"{format_name}: an option is listed twice")
         for option in options:
             if option.supported and option.default is None:
                 raise ValueError(f"{format_name}: option {option.name} has no default")
-        return super().__new__(cls, format_name, options, compress)
+        return super().__new__(cls, format_name, options, compress, backing)
 
     def find(self, name: str) -> Option | None:
         """The option called ``name`` (qemu's spelling, exactly), or None."""
@@ -147,7 +156,7 @@ class OptionSchema(_SchemaFields):
         """This schema and the options of ``extra`` it lacks, as qemu's
         ``qemu_opts_append`` adds the protocol's creation options to a format's."""
         added = tuple(option for option in extra if self.find(option.name) is None)
-        return OptionSchema(self.format_name, self.options + added, self.compress)
+        return OptionSchema(self.format_name, self.options + added, self.compress, self.backing)
 
     def defaults(self) -> ParsedOptions:
         """The options of a command line that gives none."""
@@ -160,7 +169,9 @@ class ParsedOptions(NamedTuple):
     ``given`` names the options the command line set (a writer may treat an
     explicit default differently, as qemu's vmdk does with ``-c``); ``texts``
     holds what each said, last occurrence, for a driver that reads the text
-    again as qemu's QAPI visitor does (`qapi_int`).
+    again as qemu's QAPI visitor does (`qapi_int`). ``backing`` is the
+    backing file a new empty image names (``instar create -b``, only for a
+    schema with ``backing``); never set by ``-o``, so convert cannot set it.
     """
 
     schema: OptionSchema
@@ -168,6 +179,7 @@ class ParsedOptions(NamedTuple):
     given: frozenset[str] = frozenset()
     compress: bool = False
     texts: Mapping[str, str] = {}  # never changed: read only, as all of ParsedOptions
+    backing: BackingReference | None = None
 
     def flag(self, name: str) -> bool:
         """A bool option's value."""

@@ -28,6 +28,7 @@ _VERSION_FIELD = VERSION.to_bytes(4, "little")
 class ParallelsFormat(FormatBase):
     name = "parallels"
     reader = "instar.formats.parallels.reader:open_parallels"
+    checker = "instar.formats.parallels.check:check"
     writer = "instar.formats.parallels.writer:create_writer"
     measurer = "instar.formats.parallels.writer:measure"
     create_options = OptionSchema(

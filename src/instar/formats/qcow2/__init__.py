@@ -48,6 +48,7 @@ class Qcow2Format(FormatBase):
             refused("size", "size"),
         ),
         compress=True,
+        backing=True,
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -30,6 +30,7 @@ from instar.files import pwrite_all
 from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.cluster_writer import ZERO_CHECK_BELOW, ClusterTables, raw_deflate
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
+from instar.formats.options import BackingReference
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import UINT64_MAX
@@ -49,6 +50,21 @@ class Qcow2Options(NamedTuple):
     extended_l2: bool
     compression_type: int
     lazy_refcounts: bool
+    backing: BackingReference | None = None
+
+
+def _check_backing(backing: BackingReference, version: int, cluster_size: int) -> None:
+    """qemu's refusals of a backing file name: over 1023 bytes, or not fitting
+    in the header cluster after the header and the backing format extension."""
+    name = backing.name.encode("utf-8", "surrogateescape")
+    header = L.V3_HEADER_LENGTH if version >= 3 else L.V2_HEADER_LENGTH
+    needed = (header + len(L.pack_extension(L.EXT_BACKING_FORMAT, backing.format.encode()))
+              + 8 + len(name))
+    reason = ("Invalid argument" if len(name) > 1023
+              else "No space left on device" if needed > cluster_size else None)
+    if reason is not None:
+        raise UsageError(f"Could not assign backing file '{backing.name}' with format "
+                         f"'{backing.format}': {reason}")
 
 
 def check_options(options: ParsedOptions) -> Qcow2Options:
@@ -99,7 +115,11 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
         )
     if refcount_bits < 1:  # -2**63 passes the test above as 2**63
         raise UsageError("Reference count entry width too large; may not exceed 64 bits")
+    backing = options.backing
+    if backing is not None:
+        _check_backing(backing, version, cluster_size)
     return Qcow2Options(
+        backing=backing,
         cluster_bits=cluster_bits,
         version=version,
         refcount_order=refcount_bits.bit_length() - 1,
@@ -401,10 +421,24 @@ class Qcow2Writer:
             incompatible |= L.INCOMPAT_EXTENDED_L2
         if options.compression_type != L.COMPRESSION_ZLIB:
             incompatible |= L.INCOMPAT_COMPRESSION
+        backing = options.backing
+        name = b"" if backing is None else backing.name.encode("utf-8", "surrogateescape")
+        extensions = b""
+        if backing is not None:  # qemu's order: the backing format first
+            extensions += L.pack_extension(L.EXT_BACKING_FORMAT, backing.format.encode())
+        if v3:
+            table = L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
+            fixed = L.V3_HEADER_LENGTH + len(extensions) + 8 + len(name)
+            if fixed + len(table) <= self._cluster:
+                extensions += table
+        extensions += bytes(8)  # the end of the header extensions
+        length = L.V3_HEADER_LENGTH if v3 else L.V2_HEADER_LENGTH
+        name_offset = length + len(extensions)
+        assert name_offset + len(name) <= self._cluster  # _check_backing made sure
         header = L.Header(
             version=options.version,
-            backing_file_offset=0,
-            backing_file_size=0,
+            backing_file_offset=name_offset if name else 0,
+            backing_file_size=len(name),
             cluster_bits=self._bits,
             size=self._size,
             crypt_method=0,
@@ -417,15 +451,10 @@ class Qcow2Writer:
             incompatible_features=incompatible,
             compatible_features=L.COMPAT_LAZY_REFCOUNTS if options.lazy_refcounts else 0,
             refcount_order=options.refcount_order,
-            header_length=L.V3_HEADER_LENGTH if v3 else L.V2_HEADER_LENGTH,
+            header_length=length,
             compression_type=options.compression_type,
         )
-        data = header.pack()
-        if v3:
-            table = L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
-            if len(data) + len(table) + 8 <= self._cluster:
-                data += table
-        data += bytes(8)  # the end of the header extensions
+        data = header.pack() + extensions + name
         pwrite_all(self._fd, data + bytes(self._cluster - len(data)), 0)
 
 

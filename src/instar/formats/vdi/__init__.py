@@ -25,6 +25,7 @@ HEADER_SIZE = 512  # what qemu reads of the header; qemu's probe wants that much
 class VdiFormat(FormatBase):
     name = "vdi"
     reader = "instar.formats.vdi.reader:open_vdi"
+    checker = "instar.formats.vdi.check:check"
     writer = "instar.formats.vdi.writer:create_writer"
     measurer = "instar.formats.vdi.writer:measure"
     create_options = OptionSchema(

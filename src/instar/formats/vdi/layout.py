@@ -107,13 +107,14 @@ class Header(NamedTuple):
         )  # fmt: skip
 
 
-def checked_disk_size(header: Header) -> int:
+def checked_disk_size(header: Header, strict: bool = True) -> int:
     """The virtual size of the image ``header`` describes, or FormatError.
 
     qemu 7.2's checks first, in its order and words (the size limit comes
     before the signature: ``-f vdi`` on another file may say either); a disk
     size that is no multiple of a sector is rounded up, as qemu does, before
-    it is compared with the blocks. Then instar's own: the header must be a
+    it is compared with the blocks. Then, if ``strict`` (always, but for
+    ``check``, which reads no data), instar's own: the header must be a
     version 1.1 header (VirtualBox's check; qemu reads any header size), and
     the image dynamic or static (qemu reads undo and differencing images as
     dynamic, without their parent).
@@ -148,6 +149,8 @@ def checked_disk_size(header: Header) -> int:
     if header.blocks_in_image > BLOCKS_MAX:
         raise FormatError(
             f"{unsupported} (too many blocks {header.blocks_in_image}, max is {BLOCKS_MAX})")
+    if not strict:
+        return size
     # instar's own checks.
     if header.header_size < HEADER_SIZE_1_1:
         raise FormatError(
