@@ -14,7 +14,6 @@ from typing import NamedTuple
 from instar.errors import FormatError
 from instar.events import EventSink
 from instar.formats.base import SnapshotDetails
-from instar.info import SNAPSHOT_FIELDS
 from instar.opener import Broker, ImageOpener, open_error
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
@@ -39,8 +38,7 @@ def list_snapshots(path: str, *, allow: AllowedDirs = (), sandbox: SandboxSettin
                 details = node.format.describe(node.image.driver)
             except (FormatError, OSError) as error:
                 raise open_error(node.path, error) from None
-            return [node.format.name, [[getattr(snap, name) for name in SNAPSHOT_FIELDS]
-                                       for snap in details.snapshots]]
+            return [node.format.name, list(details.snapshots)]  # each a JSON array
         finally:
             opener.close()
 

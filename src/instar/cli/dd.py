@@ -9,13 +9,13 @@ qemu-img dd (documented in docs/cli.md): ``-o``, ``-c``, ``-p``, ``--allow``,
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import convert_number
 from instar.cli.progress import ProgressMeter, show_events
 from instar.errors import UnsupportedError, UsageError
 from instar.formats.base import CreateOptions
+from instar.record import Record
 from instar.sizes import INT64_MAX
 
 HELP = """\
@@ -47,22 +47,39 @@ LONG_OPTIONS = {"help": False, "image-opts": False, "force-share": False, "objec
                 "allow": True, "require-safe": False}
 
 
-@dataclass
-class DdRequest:
+class DdRequest(Record):
     """A dd command line, parsed."""
 
-    input_path: str | None = None
-    output_path: str | None = None
-    bs: int = 512
-    count: int | None = None
-    skip: int | None = None
-    input_format: str | None = None
-    output_format: str = "raw"
-    options: CreateOptions = field(default_factory=CreateOptions)
-    progress: bool = False
-    force_share: bool = False
-    allow: list[str] = field(default_factory=list)
-    require_safe: bool = False
+    __slots__ = ("allow", "bs", "count", "force_share", "input_format", "input_path",
+                 "options", "output_format", "output_path", "progress", "require_safe", "skip")
+
+    def __init__(
+        self,
+        input_path: str | None = None,
+        output_path: str | None = None,
+        bs: int = 512,
+        count: int | None = None,
+        skip: int | None = None,
+        input_format: str | None = None,
+        output_format: str = "raw",
+        options: CreateOptions | None = None,
+        progress: bool = False,
+        force_share: bool = False,
+        allow: list[str] | None = None,
+        require_safe: bool = False,
+    ) -> None:
+        self.input_path = input_path
+        self.output_path = output_path
+        self.bs = bs
+        self.count = count
+        self.skip = skip
+        self.input_format = input_format
+        self.output_format = output_format
+        self.options = CreateOptions() if options is None else options
+        self.progress = progress
+        self.force_share = force_share
+        self.allow: list[str] = [] if allow is None else allow
+        self.require_safe = require_safe
 
 
 def check_option_list(text: str) -> None:
