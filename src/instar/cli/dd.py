@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import convert_number
 from instar.cli.progress import ProgressMeter, show_events
-from instar.errors import UnsupportedError, UsageError
+from instar.errors import UsageError
 from instar.formats.base import CreateOptions
 from instar.record import Record
 from instar.sizes import INT64_MAX
@@ -111,10 +112,13 @@ def parse_dd_args(args: list[str]) -> DdRequest | None:
     """Parse a dd command line; None means help was printed."""
     parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
     request = DdRequest()
+    access = AccessOptions(request.allow)
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return None
+        if access.take(option, value):
+            continue
         if option == "-f":
             request.input_format = value
         elif option == "-O":
@@ -125,14 +129,9 @@ def parse_dd_args(args: list[str]) -> DdRequest | None:
             request.options.compress = True
         elif option == "-p":
             request.progress = True
-        elif option == "--allow":
-            request.allow.append(value)
         elif option == "--require-safe":
             request.require_safe = True
-        elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"{option} is not supported")
-        elif option in ("-U", "--force-share"):
-            request.force_share = True
+    request.force_share = access.force_share
     for operand in parsed.operands:
         _apply_operand(request, operand)
     return request

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.info import write_stdout
 from instar.cli.output import escape_controls
@@ -48,22 +49,17 @@ RAW_PROBED = (
 def run(args: list[str]) -> int:
     parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
     action: str | None = None
-    allow: list[str] = []
-    force_share = False
-    for option, _value in parsed.options:
+    access = AccessOptions()
+    for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option in ACTIONS:
             if action is not None:
                 raise GetoptError("Cannot mix '-l', '-a', '-c', '-d'")
             action = option
-        elif option == "--allow":
-            allow.append(_value)
-        elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"{option} is not supported")
-        elif option in ("-U", "--force-share"):
-            force_share = True
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")
     if action not in (None, "-l"):
@@ -73,7 +69,7 @@ def run(args: list[str]) -> int:
     from instar.snapshot import list_snapshots
 
     filename = parsed.operands[0]
-    listing = list_snapshots(filename, allow=tuple(allow), force_share=force_share)
+    listing = list_snapshots(filename, allow=access.allowed, force_share=access.force_share)
     if action is None and listing.format == "raw":
         # qemu opens the image for writing when no action is given, and warns
         # as it does for any probed raw image opened so.
