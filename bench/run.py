@@ -1,7 +1,7 @@
 """Benchmarks: instar against qemu-img (and cp) on the same inputs, in the same run.
 
     python bench/run.py [--size-mib MIB [MIB ...]] [--runs N] [--where tmpfs|disk|both]
-                        [--only SUBSTRING] [--markdown FILE] [--sandbox-cost]
+                        [--only SUBSTRING ...] [--markdown FILE] [--sandbox-cost]
 
 The input is a raw image half random and half zero in alternating 1 MiB stripes
 (zeros written, not holes), and its copies in each format, made by qemu-img
@@ -102,6 +102,8 @@ def rows(size: int) -> list[Row]:
     ]
     for fmt in WRITE_FORMATS:
         if fmt != "raw":
+            table.append(same(f"dd {fmt}->raw bs=4M", "dd", "-f", fmt, "bs=4M", "-O", "raw",
+                              f"if={image(fmt)}", "of={out}"))
             table.append(same(f"convert {fmt}->raw", "convert", "-f", fmt, "-O", "raw",
                               image(fmt), "{out}"))
         table.append(same(f"info {fmt}", "info", image(fmt)))
@@ -312,7 +314,8 @@ def writable(fmt: str) -> bool:
 
 def comparison(inputs: Inputs, out: Path, args: argparse.Namespace) -> Iterator[str]:
     """The table's lines, each yielded as soon as its row is measured."""
-    selected = [row for row in rows(inputs.size) if args.only in row.name]
+    selected = [row for row in rows(inputs.size)
+                if any(part in row.name for part in args.only or [""])]
     last_use = {name: index for index, row in enumerate(selected) for name in placeholders(row)}
     yield HEADER
     for index, row in enumerate(selected):
@@ -437,7 +440,8 @@ def main() -> int:
     parser.add_argument("--where", choices=("tmpfs", "disk", "both"), default="tmpfs",
                         help="tmpfs: /dev/shm or another tmpfs; disk: /var/tmp or /tmp, "
                         "whichever is not a tmpfs (default tmpfs)")
-    parser.add_argument("--only", default="", help="only the rows whose name has SUBSTRING")
+    parser.add_argument("--only", action="append", metavar="SUBSTRING",
+                        help="only the rows whose name has SUBSTRING (may be repeated)")
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--timeout", type=float, default=900,
                         help="seconds a run may take, where the row sets no limit (default 900)")
