@@ -442,7 +442,7 @@ class Qcow2Writer:
             cluster_bits=self._bits,
             size=self._size,
             crypt_method=0,
-            l1_size=len(self._tables.l1),
+            l1_size=self._tables.l1_entries,
             l1_table_offset=self._l1_offset,
             refcount_table_offset=table_offset,
             refcount_table_clusters=table_clusters,

@@ -158,7 +158,7 @@ class VhdxWriter:
         self._geometry = plan.geometry
         self._creator = creator
         blocks = plan.geometry.payload_blocks
-        self._payload = array("Q", bytes(8 * blocks))  # BAT entries of payload blocks
+        self._payload = array("Q", bytes(8)) * blocks  # BAT entries of payload blocks
         if plan.fixed:
             size = plan.geometry.block_size
             for block in range(blocks):
@@ -246,7 +246,7 @@ class VhdxWriter:
         """The BAT with a (not present) sector bitmap entry after every chunk."""
         geometry = self._geometry
         total = geometry.bat_entries(differencing=False)
-        bat = array("Q", bytes(8 * total))
+        bat = array("Q", bytes(8)) * total
         ratio = geometry.chunk_ratio
         for start in range(0, len(self._payload), ratio):
             chunk = self._payload[start : start + ratio]
