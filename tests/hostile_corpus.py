@@ -1056,9 +1056,8 @@ class Vhdx:
         table, items = L.encode_metadata([(k, f, v) for k, (f, v) in values.items()])
         base = L.Header(1, b"\x11" * 16, self.data_write_guid, self.log_guid, 0, 1,
                         self.log_length, self.log_offset)
-        first = dataclasses.replace(base, **self.headers[0])  # type: ignore[arg-type]
-        second = dataclasses.replace(base, **{"sequence_number": 2,
-                                              **self.headers[1]})  # type: ignore[arg-type]
+        first = base._replace(**self.headers[0])
+        second = base._replace(**{"sequence_number": 2, **self.headers[1]})
         regions = L.encode_region_table([
             L.RegionEntry(L.BAT_REGION, self.bat_offset, self.bat_region_length),
             L.RegionEntry(L.METADATA_REGION, self.metadata_offset, MiB)])

@@ -5,7 +5,6 @@ Damaged images are rows of tests/test_conformance.py."""
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
 import shutil
@@ -322,7 +321,7 @@ def make_child(
         pieces = [
             (0, layout.encode_file_identifier("instar tests")),
             (layout.HEADER_OFFSETS[0], header.encode()),
-            (layout.HEADER_OFFSETS[1], dataclasses.replace(header, sequence_number=2).encode()),
+            (layout.HEADER_OFFSETS[1], header._replace(sequence_number=2).encode()),
             (layout.REGION_TABLE_OFFSETS[0], regions),
             (layout.REGION_TABLE_OFFSETS[1], regions),
             (bat_offset, struct.pack(f"<{entries}Q", *bat)),
@@ -511,7 +510,7 @@ def _set_log_guid(image: Path, log_guid: bytes) -> None:
             header = layout.decode_header(file.read(layout.HEADER_SIZE))
             assert header is not None
             file.seek(offset)
-            file.write(dataclasses.replace(header, log_guid=log_guid).encode())
+            file.write(header._replace(log_guid=log_guid).encode())
 
 
 def dirty_image(corpus: Path, tmp_path: Path, corrupt_crc: bool = False) -> tuple[Path, bytes]:
@@ -670,8 +669,8 @@ def test_header_with_higher_sequence_wins(corpus: Path, tmp_path: Path) -> None:
             header = layout.decode_header(file.read(layout.HEADER_SIZE))
             assert header is not None
             headers.append(header)
-        marked = dataclasses.replace(
-            headers[0], sequence_number=1 << 40, data_write_guid=b"\x01" * 16
+        marked = headers[0]._replace(
+            sequence_number=1 << 40, data_write_guid=b"\x01" * 16
         )
         file.seek(layout.HEADER_OFFSETS[0])
         file.write(marked.encode())

@@ -16,12 +16,11 @@ opened, 3 block status failed, 4 a read failed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from instar.errors import CompareError, ImageReadError, InstarError
 from instar.events import Advance, EventSink, Line, ignore
 from instar.image import ALLOCATED, EOF, ZERO, BlockImage, ExtentKind, StatusLayer
 from instar.opener import Broker, ImageOpener
+from instar.record import Record
 from instar.safety import AllowedDirs, PathPolicy, allowed_dirs
 from instar.worker import SandboxSettings, run_job
 
@@ -34,14 +33,22 @@ IDENTICAL, DIFFERENT, OPEN_ERROR, STATUS_ERROR, READ_ERROR = 0, 1, 2, 3, 4
 
 
 
-@dataclass
-class Side:
+class Side(Record):
     """One of the two images: how it is named in messages, and its status."""
 
-    image: BlockImage
-    name: str
-    layer: StatusLayer
-    buffer: bytearray = field(default_factory=bytearray)  # `read`'s, reused block after block
+    __slots__ = ("buffer", "image", "layer", "name")
+
+    def __init__(
+        self,
+        image: BlockImage,
+        name: str,
+        layer: StatusLayer,
+        buffer: bytearray | None = None,  # `read`'s, reused block after block
+    ) -> None:
+        self.image = image
+        self.name = name
+        self.layer = layer
+        self.buffer: bytearray = bytearray() if buffer is None else buffer
 
     def query(self, offset: int) -> tuple[int, int, int]:
         try:

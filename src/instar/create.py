@@ -15,7 +15,6 @@ unless ``-u``, then the "Formatting" line, then the driver.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterator, Mapping
 
 from instar.errors import CreationError, InstarError, OptionError, UnsupportedError
@@ -281,7 +280,7 @@ def _create_job(broker: Broker, send: EventSink, request: CreateRequest, quiet: 
         send(Line(formatting_line(path, fmt.name, parsed, size, backing)))
     _check_preallocation(path, fmt.name, parsed)
     try:
-        parsed = dataclasses.replace(parsed, backing=backing)
+        parsed = parsed._replace(backing=backing)
         declared = fmt.declared_size(size, parsed)
         write_image(EmptyImage(declared), path, OutputSpec(fmt, declared, parsed),
                     broker=broker, durable=False)

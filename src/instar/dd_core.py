@@ -9,7 +9,7 @@ from the start of the input, not from ``skip``); `dd` is Window + copy engine.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from instar.errors import (
     CommitError,
@@ -37,8 +37,7 @@ from instar.worker import SandboxSettings, run_job
 DEFAULT_BS = 512
 
 
-@dataclass(frozen=True)
-class DdWindow:
+class DdWindow(NamedTuple):
     """The bytes dd copies: ``[start, start + length)`` of the input."""
 
     start: int

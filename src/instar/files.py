@@ -32,12 +32,25 @@ class ExactReads:
 
     def pread_exact(self, offset: int, length: int, what: str) -> bytes:
         """Exactly ``length`` bytes, or a FormatError saying which structure is cut off."""
+        self._check_within(offset, length, what)
+        data = self.pread(offset, length)
+        self._check_complete(len(data), length, offset, what)
+        return data
+
+    def pread_exact_into(self, view: memoryview, offset: int, what: str) -> None:
+        """Fill ``view`` exactly, as `pread_exact` reads (a large table without
+        a second copy of it in memory)."""
+        self._check_within(offset, len(view), what)
+        self._check_complete(self.pread_into(view, offset), len(view), offset, what)
+
+    def _check_within(self, offset: int, length: int, what: str) -> None:
         if offset < 0 or offset + length > self.size:
             raise FormatError(f"{what} at offset {offset} lies beyond the end of the file")
-        data = self.pread(offset, length)
-        if len(data) != length:
+
+    @staticmethod
+    def _check_complete(got: int, length: int, offset: int, what: str) -> None:
+        if got != length:
             raise FormatError(f"{what} at offset {offset} is truncated")
-        return data
 
 
 class ReadWindow:

@@ -13,7 +13,6 @@ import enum
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from instar.errors import FormatError, ImageReadError, UnsupportedError
@@ -28,8 +27,7 @@ class ExtentKind(enum.Enum):
     UNALLOCATED = "unallocated"  # nothing stored here; reads as zeros
 
 
-@dataclass(frozen=True)
-class Extent:
+class Extent(NamedTuple):
     offset: int
     length: int
     kind: ExtentKind

@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import struct
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from instar.cli.output import escape_controls as shown
@@ -32,6 +31,7 @@ from instar.formats.base import (
 )
 from instar.opener import Broker, HostBroker, ImageOpener, OpenedNode, open_error
 from instar.qobject import dump_human, to_json
+from instar.record import Record
 from instar.safety import MAX_CHAIN_DEPTH, AllowedDirs, PathPolicy
 from instar.sizes import round_up, size_to_str
 from instar.worker import SandboxSettings, run_job
@@ -44,8 +44,7 @@ SECTOR = 512
 # What is known about one node (an image, or in the 8.0 form a file under it)
 
 
-@dataclass
-class NodeInfo:
+class NodeInfo(Record):
     """qemu's BlockNodeInfo for one node, plus its children (8.0+ form).
 
     ``files`` are the node's own file ("file") and the files its driver uses,
@@ -53,14 +52,28 @@ class NodeInfo:
     ``children`` (`add_file_facts`), since facts about files are the host's.
     """
 
-    filename: str
-    format: str
-    virtual_size: int
-    actual_size: int | None
-    details: FormatDetails
-    full_backing_filename: str | None = None
-    children: list[tuple[str, NodeInfo]] = field(default_factory=list)
-    files: list[ChildFile] = field(default_factory=list)
+    __slots__ = ("actual_size", "children", "details", "filename", "files", "format",
+                 "full_backing_filename", "virtual_size")
+
+    def __init__(
+        self,
+        filename: str,
+        format: str,
+        virtual_size: int,
+        actual_size: int | None,
+        details: FormatDetails,
+        full_backing_filename: str | None = None,
+        children: list[tuple[str, NodeInfo]] | None = None,
+        files: list[ChildFile] | None = None,
+    ) -> None:
+        self.filename = filename
+        self.format = format
+        self.virtual_size = virtual_size
+        self.actual_size = actual_size
+        self.details = details
+        self.full_backing_filename = full_backing_filename
+        self.children: list[tuple[str, NodeInfo]] = [] if children is None else children
+        self.files: list[ChildFile] = [] if files is None else files
 
 
 def path_has_protocol(path: str) -> bool:
@@ -209,19 +222,16 @@ def _collect_job(broker: Broker, path: str, fmt: str | None, chain: bool) -> lis
 
 
 def node_to_data(node: NodeInfo) -> dict[str, Any]:
-    """What the worker answers for ``node`` (`node_from_data` reads it). Not
-    `dataclasses.asdict`, whose deep copy took seconds over qcow2's 65,536
-    snapshots; a snapshot travels as the list of its fields."""
-    details = vars(node.details) | {
-        "snapshots": [[getattr(snap, name) for name in _SNAPSHOT_FIELDS]
-                      for snap in node.details.snapshots],
-        "children": [vars(child).copy() for child in node.details.children],
+    """What the worker answers for ``node`` (`node_from_data` reads it). No
+    deep copy (``dataclasses.asdict``'s took seconds over qcow2's 65,536
+    snapshots); a snapshot travels as the list of its fields (a NamedTuple is
+    a JSON array)."""
+    details = node.details.as_dict() | {
+        "snapshots": list(node.details.snapshots),
+        "children": [child._asdict() for child in node.details.children],
     }
-    return vars(node) | {"details": details, "children": [],
-                         "files": [vars(child).copy() for child in node.files]}
-
-
-_SNAPSHOT_FIELDS = tuple(SnapshotDetails.__dataclass_fields__)
+    return node.as_dict() | {"details": details, "children": [],
+                             "files": [child._asdict() for child in node.files]}
 
 
 def node_from_data(data: dict[str, Any]) -> NodeInfo:
@@ -308,6 +318,8 @@ def render_json(infos: list[NodeInfo], *, chain: bool,
 
 def _c_width(text: str, width: int, left: bool) -> str:
     """printf's ``%-Ns`` / ``%Ns``: padding counts bytes, as C does."""
+    if text.isascii():  # one byte a character: str's own padding counts the same
+        return f"{text:<{width}}" if left else f"{text:>{width}}"
     pad = " " * max(0, width - len(text.encode("utf-8", "surrogateescape")))
     return text + pad if left else pad + text
 
@@ -319,6 +331,13 @@ def _snapshot_header() -> str:
     return left + "".join(_c_width(text, width, False) for text, width in right)
 
 
+def snapshot_list(snapshots: list[SnapshotDetails], indentation: str = "") -> str:
+    """qemu's ``dump_snapshots``: the "Snapshot list:" table of info, and all
+    that ``snapshot -l`` prints."""
+    lines = ["Snapshot list:", _snapshot_header(), *map(_snapshot_row, snapshots)]
+    return "".join(f"{indentation}{line}\n" for line in lines)
+
+
 def _snapshot_row(snap: SnapshotDetails) -> str:
     try:
         date = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(snap.date_sec))
@@ -328,10 +347,10 @@ def _snapshot_row(snap: SnapshotDetails) -> str:
     millis = (snap.vm_clock_nsec // 1_000_000) % 1000
     clock = f"{secs // 3600:02d}:{(secs // 60) % 60:02d}:{secs % 60:02d}.{millis:03d}"
     icount = "" if snap.icount is None else str(snap.icount)
+    # The last four columns are ASCII (digits, a size's unit, "(null)").
     return (
         _c_width(shown(snap.id), 9, True) + " " + _c_width(shown(snap.name), 16, True) + " "
-        + _c_width(size_to_str(snap.vm_state_size), 8, False)
-        + _c_width(date, 20, False) + _c_width(clock, 13, False) + _c_width(icount, 11, False)
+        + f"{size_to_str(snap.vm_state_size):>8}{date:>20}{clock:>13}{icount:>11}"
     )
 
 
@@ -380,8 +399,7 @@ def _human_node(info: NodeInfo, indentation: int, protocol: bool,
         if details.backing_format:
             out.append(f"{ind}backing file format: {shown(details.backing_format)}\n")
     if details.snapshots:
-        out.append(f"{ind}Snapshot list:\n{ind}{_snapshot_header()}\n")
-        out.extend(f"{ind}{_snapshot_row(snap)}\n" for snap in details.snapshots)
+        out.append(snapshot_list(details.snapshots, ind))
     if details.specific_type is not None:
         data: dict[str, QValue] = details.specific if details.specific is not None else {}
         # 8.0 leaves out an empty section; 7.2 prints the header regardless.

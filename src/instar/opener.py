@@ -23,8 +23,7 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from instar.errors import (
     ChainDepthError,
@@ -38,6 +37,7 @@ from instar.files import InputFile
 from instar.formats import registry
 from instar.formats.base import Format, OutputFile
 from instar.image import BlockImage, Extent, Image
+from instar.record import Record
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
 
 if TYPE_CHECKING:
@@ -87,20 +87,24 @@ class Broker(Protocol):
         ...
 
 
-@dataclass
-class HostBroker:
+class HostBroker(Record):
     """Opens files on the host side: only the images and outputs the user
     named (``inputs``, ``outputs``; None: any, for in-process use), and files
     images name once the policy allows them. Remembers each file opened, so
-    an output that is an input is refused."""
+    an output that is an input is refused. ``force_share`` (-U): read images
+    a running qemu holds locks on."""
 
-    policy: PathPolicy
-    inputs: frozenset[str] | None = None
-    outputs: frozenset[str] | None = None
-    force_share: bool = False  # -U: read images a running qemu holds locks on
-    opened: list[InputFile] = field(default_factory=list)
-    _output: AtomicOutput | None = None
-    _in_place: list[int] = field(default_factory=list)
+    __slots__ = ("_in_place", "_output", "force_share", "inputs", "opened", "outputs", "policy")
+
+    def __init__(self, policy: PathPolicy, inputs: frozenset[str] | None = None,
+                 outputs: frozenset[str] | None = None, force_share: bool = False) -> None:
+        self.policy = policy
+        self.inputs = inputs
+        self.outputs = outputs
+        self.force_share = force_share
+        self.opened: list[InputFile] = []
+        self._output: AtomicOutput | None = None
+        self._in_place: list[int] = []
 
     def open_image_file(self, path: str) -> InputFile:
         if self.inputs is not None and path not in self.inputs:
@@ -188,7 +192,7 @@ class HostBroker:
 
 def open_input_file(path: str, resolved: str | None = None, *,
                     writable: bool = False) -> InputFile:
-    """Open ``path`` read-only: the one place a path becomes an `InputFile`.
+    """Open ``path`` (read-only): the one place a path becomes an `InputFile`.
 
     What is opened is the resolved path (the one the policy checked, when it
     checked one), never through a symbolic link that could have been swapped
@@ -206,8 +210,7 @@ def open_input_file(path: str, resolved: str | None = None, *,
         raise
 
 
-@dataclass(frozen=True)
-class OpenedNode:
+class OpenedNode(NamedTuple):
     """One image as opened: its reader, the format chosen and its own file."""
 
     path: str
@@ -339,14 +342,19 @@ def combine_path(base: str, name: str) -> str:
     return base[: base.rfind("/") + 1] + name
 
 
-@dataclass
-class ChainResolver:
-    """The `Resolver` given to format code for one image in a chain."""
+class ChainResolver(Record):
+    """The `Resolver` given to format code for one image in a chain.
 
-    opener: ImageOpener
-    depth: int
+    ``checking``: opened for check (qemu's BDRV_O_CHECK), the top image only.
+    """
+
+    __slots__ = ("checking", "depth", "opener")
     reads_data = True  # a class attribute, not a field
-    checking: bool = False  # opened for check (qemu's BDRV_O_CHECK): the top image only
+
+    def __init__(self, opener: ImageOpener, depth: int, checking: bool = False) -> None:
+        self.opener = opener
+        self.depth = depth
+        self.checking = checking
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:
         if self.depth + 1 > MAX_CHAIN_DEPTH:
@@ -392,11 +400,11 @@ class AbsentBacking:
         pass
 
 
-@dataclass
 class NoBackingResolver(ChainResolver):
     """Opens data files and extents as usual, never the backing file: info,
     which reads metadata only."""
 
+    __slots__ = ()
     reads_data = False
 
     def open_backing(self, name: str, fmt: str | None, child: InputFile) -> Image:

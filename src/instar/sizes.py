@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from typing import NamedTuple
 
 UINT64_MAX = (1 << 64) - 1
 INT64_MAX = (1 << 63) - 1
@@ -28,8 +28,7 @@ class SizeStatus(enum.Enum):
     RANGE = "range"
 
 
-@dataclass(frozen=True)
-class ParsedSize:
+class ParsedSize(NamedTuple):
     status: SizeStatus
     value: int = 0
     hex_with_suffix: bool = False  # qemu warns that this form is deprecated

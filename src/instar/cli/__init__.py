@@ -48,6 +48,7 @@ COMMANDS = {
     "map": "instar.cli.map",
     "measure": "instar.cli.measure",
     "resize": "instar.cli.resize",
+    "snapshot": "instar.cli.snapshot",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -79,6 +80,7 @@ filename [size]
 [--size N | [-f fmt] [-U] [--allow dir] filename]
   resize [-f fmt] [-q] [--shrink] [--preallocation=mode] [--allow dir] \
 filename [+|-]size
+  snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [--allow dir] filename
 
 Standard options:
   -h, --help       display this help and exit

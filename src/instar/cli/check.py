@@ -12,6 +12,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.output import report_error, report_lines
 from instar.errors import ChecksNotSupportedError, UnsupportedError, UsageError
@@ -50,12 +51,14 @@ def run(args: list[str]) -> int:
     fmt: str | None = None
     output: str | None = None
     cache = "writeback"
-    quiet = force_share = False
-    allow: list[str] = []
+    quiet = False
+    access = AccessOptions()
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option in ("-f", "--format"):
             fmt = value
         elif option in ("-r", "--repair"):
@@ -70,12 +73,6 @@ def run(args: list[str]) -> int:
             cache = value
         elif option == "-q":
             quiet = True
-        elif option in ("-U", "--force-share"):
-            force_share = True
-        elif option == "--allow":
-            allow.append(value)
-        elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"{option} is not supported")
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")
     if output not in (None, "human", "json"):
@@ -85,7 +82,8 @@ def run(args: list[str]) -> int:
     from instar.check import check_image
 
     try:
-        result = check_image(parsed.operands[0], fmt, allow=tuple(allow), force_share=force_share)
+        result = check_image(parsed.operands[0], fmt, allow=access.allowed,
+                             force_share=access.force_share)
     except ChecksNotSupportedError as error:
         report_error(str(error))
         return NOT_SUPPORTED

@@ -13,9 +13,9 @@ from __future__ import annotations
 import struct
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.output import report_error
-from instar.errors import UnsupportedError
 
 HELP = """\
 usage: instar compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir]
@@ -81,12 +81,13 @@ def run(args: list[str]) -> int:
     fmt_b: str | None = None
     strict = quiet = progress = False
     cache = "writeback"
-    allow: list[str] = []
-    force_share = False
+    access = AccessOptions()
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option == "-f":
             fmt_a = value
         elif option == "-F":
@@ -99,25 +100,19 @@ def run(args: list[str]) -> int:
             progress = True
         elif option == "-T":
             cache = value
-        elif option == "--allow":
-            allow.append(value)
-        elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"{option} is not supported")
-        elif option in ("-U", "--force-share"):
-            force_share = True
     if len(parsed.operands) != 2:
         raise GetoptError("Expecting two image file names")
     meter = QemuProgress() if progress and not quiet else None
     try:
-        return _compare(parsed.operands, fmt_a, fmt_b, strict, quiet, cache, allow, meter,
-                        force_share)
+        return _compare(parsed.operands, fmt_a, fmt_b, strict, quiet, cache, access.allowed, meter,
+                        access.force_share)
     finally:
         if meter is not None:
             meter.end()
 
 
 def _compare(operands: list[str], fmt_a: str | None, fmt_b: str | None, strict: bool,
-             quiet: bool, cache: str, allow: list[str], meter: QemuProgress | None,
+             quiet: bool, cache: str, allow: tuple[str, ...], meter: QemuProgress | None,
              force_share: bool) -> int:
     from instar.compare import OPEN_ERROR, CompareError, compare
 
@@ -137,7 +132,7 @@ def _compare(operands: list[str], fmt_a: str | None, fmt_b: str | None, strict: 
 
     try:
         return compare(operands[0], operands[1], fmt_a=fmt_a, fmt_b=fmt_b, strict=strict,
-                       allow=tuple(allow), events=show, progress=meter is not None,
+                       allow=allow, events=show, progress=meter is not None,
                        force_share=force_share)
     except CompareError as error:
         report_error(str(error))

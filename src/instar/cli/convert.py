@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.dd import check_option_list, parse_creation_options
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import NumberError, convert_number
@@ -100,14 +101,16 @@ def run(args: list[str]) -> int:
     out_format = "raw"
     options = CreateOptions()
     sparse = 4096
-    progress = quiet = no_create = force_share = False
-    allow: list[str] = []
+    progress = quiet = no_create = False
+    access = AccessOptions()
     wants_help = require_safe = False
     cache, source_cache = "unsafe", "writeback"
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option == "-f":
             input_format = value
         elif option == "-O":
@@ -128,12 +131,8 @@ def run(args: list[str]) -> int:
             quiet = True
         elif option == "-n":
             no_create = True
-        elif option == "--allow":
-            allow.append(value)
         elif option == "--require-safe":
             require_safe = True
-        elif option in ("-U", "--force-share"):
-            force_share = True
         elif option == "-t":
             cache = value
         elif option == "-T":
@@ -160,8 +159,8 @@ def run(args: list[str]) -> int:
     if require_safe:
         from instar.inspection import require_safe as check_safe
 
-        check_safe(parsed.operands[:-1], input_format, allow=tuple(allow),
-                   force_share=force_share)
+        check_safe(parsed.operands[:-1], input_format, allow=access.allowed,
+                   force_share=access.force_share)
     from instar.convert import convert
 
     meter = ProgressMeter() if progress and not quiet else None
@@ -173,9 +172,9 @@ def run(args: list[str]) -> int:
         options=options,
         sparse_size=sparse,
         no_create=no_create,
-        allow=tuple(allow),
+        allow=access.allowed,
         events=show_events(meter),
-        force_share=force_share,
+        force_share=access.force_share,
         durable=cache != "unsafe",
     )
     if meter is not None:

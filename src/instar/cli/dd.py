@@ -9,13 +9,14 @@ qemu-img dd (documented in docs/cli.md): ``-o``, ``-c``, ``-p``, ``--allow``,
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass, field
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import convert_number
 from instar.cli.progress import ProgressMeter, show_events
-from instar.errors import UnsupportedError, UsageError
+from instar.errors import UsageError
 from instar.formats.base import CreateOptions
+from instar.record import Record
 from instar.sizes import INT64_MAX
 
 HELP = """\
@@ -47,22 +48,39 @@ LONG_OPTIONS = {"help": False, "image-opts": False, "force-share": False, "objec
                 "allow": True, "require-safe": False}
 
 
-@dataclass
-class DdRequest:
+class DdRequest(Record):
     """A dd command line, parsed."""
 
-    input_path: str | None = None
-    output_path: str | None = None
-    bs: int = 512
-    count: int | None = None
-    skip: int | None = None
-    input_format: str | None = None
-    output_format: str = "raw"
-    options: CreateOptions = field(default_factory=CreateOptions)
-    progress: bool = False
-    force_share: bool = False
-    allow: list[str] = field(default_factory=list)
-    require_safe: bool = False
+    __slots__ = ("allow", "bs", "count", "force_share", "input_format", "input_path",
+                 "options", "output_format", "output_path", "progress", "require_safe", "skip")
+
+    def __init__(
+        self,
+        input_path: str | None = None,
+        output_path: str | None = None,
+        bs: int = 512,
+        count: int | None = None,
+        skip: int | None = None,
+        input_format: str | None = None,
+        output_format: str = "raw",
+        options: CreateOptions | None = None,
+        progress: bool = False,
+        force_share: bool = False,
+        allow: list[str] | None = None,
+        require_safe: bool = False,
+    ) -> None:
+        self.input_path = input_path
+        self.output_path = output_path
+        self.bs = bs
+        self.count = count
+        self.skip = skip
+        self.input_format = input_format
+        self.output_format = output_format
+        self.options = CreateOptions() if options is None else options
+        self.progress = progress
+        self.force_share = force_share
+        self.allow: list[str] = [] if allow is None else allow
+        self.require_safe = require_safe
 
 
 def check_option_list(text: str) -> None:
@@ -94,10 +112,13 @@ def parse_dd_args(args: list[str]) -> DdRequest | None:
     """Parse a dd command line; None means help was printed."""
     parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
     request = DdRequest()
+    access = AccessOptions(request.allow)
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return None
+        if access.take(option, value):
+            continue
         if option == "-f":
             request.input_format = value
         elif option == "-O":
@@ -108,14 +129,9 @@ def parse_dd_args(args: list[str]) -> DdRequest | None:
             request.options.compress = True
         elif option == "-p":
             request.progress = True
-        elif option == "--allow":
-            request.allow.append(value)
         elif option == "--require-safe":
             request.require_safe = True
-        elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"{option} is not supported")
-        elif option in ("-U", "--force-share"):
-            request.force_share = True
+    request.force_share = access.force_share
     for operand in parsed.operands:
         _apply_operand(request, operand)
     return request

@@ -7,9 +7,8 @@ next word, and long options may be abbreviated when unambiguous.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from instar.errors import UsageError
+from instar.record import Record
 
 
 class GetoptError(UsageError):
@@ -18,10 +17,15 @@ class GetoptError(UsageError):
     hint: str | None = "Try 'instar --help' for more information"
 
 
-@dataclass
-class Parsed:
-    options: list[tuple[str, str]] = field(default_factory=list)  # ("-f", "raw"), ("--help", "")
-    operands: list[str] = field(default_factory=list)
+class Parsed(Record):
+    """The options in order, as ("-f", "raw") or ("--help", ""), and the operands."""
+
+    __slots__ = ("operands", "options")
+
+    def __init__(self, options: list[tuple[str, str]] | None = None,
+                 operands: list[str] | None = None) -> None:
+        self.options: list[tuple[str, str]] = [] if options is None else options
+        self.operands: list[str] = [] if operands is None else operands
 
 
 def gnu_getopt(args: list[str], short: str, long: dict[str, bool]) -> Parsed:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
-from instar.errors import UnsupportedError, UsageError
+from instar.errors import UsageError
 
 HELP = """\
 usage: instar info [-U] [-f fmt] [--output=ofmt] [--backing-chain] [--allow dir]
@@ -61,13 +62,14 @@ def run(args: list[str]) -> int:
     fmt: str | None = None
     output = "human"
     chain = False
-    allow: list[str] = []
-    force_share = False
     version = (7, 2)
+    access = AccessOptions()
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option in ("-f", "--format"):
             fmt = value
         elif option == "--output":
@@ -76,18 +78,12 @@ def run(args: list[str]) -> int:
             output = value
         elif option == "--backing-chain":
             chain = True
-        elif option == "--allow":
-            allow.append(value)
         elif option == "--qemu-version":
             version = parse_qemu_version(value)
-        elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"{option} is not supported")
-        elif option in ("-U", "--force-share"):
-            force_share = True
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")
     from instar.info import info
 
     write_stdout(info(parsed.operands[0], fmt, output=output, chain=chain,
-                      allow=tuple(allow), qemu_version=version, force_share=force_share))
+                      allow=access.allowed, qemu_version=version, force_share=access.force_share))
     return 0

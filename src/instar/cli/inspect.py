@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
-from instar.errors import InvalidArgumentError, UnsupportedError, UsageError
+from instar.errors import InvalidArgumentError, UsageError
 
 HELP = """\
 usage: instar inspect [-U] [-f claimed] [--output=ofmt] [--allow-backing]
@@ -65,12 +66,13 @@ def run(args: list[str]) -> int:
     vmdk_types: list[str] | None = None
     allow_formats: list[str] = []
     policy_file: str | None = None
-    allow: list[str] = []
-    force_share = False
+    access = AccessOptions()
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option in ("-f", "--format"):
             claimed = value
         elif option == "--output":
@@ -87,12 +89,6 @@ def run(args: list[str]) -> int:
             allow_formats += _list(value)
         elif option == "--policy":
             policy_file = value
-        elif option == "--allow":
-            allow.append(value)
-        elif option in ("-U", "--force-share"):
-            force_share = True
-        elif option in ("--object", "--image-opts"):
-            raise UnsupportedError(f"{option} is not supported")
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")
     base = load_policy(policy_file) if policy_file is not None else InspectPolicy()
@@ -104,7 +100,7 @@ def run(args: list[str]) -> int:
     from instar.cli.info import write_stdout
     from instar.inspection import inspect
 
-    verdict = inspect(parsed.operands[0], claimed, policy=policy, allow=tuple(allow),
-                      force_share=force_share)
+    verdict = inspect(parsed.operands[0], claimed, policy=policy, allow=access.allowed,
+                      force_share=access.force_share)
     write_stdout(verdict.render_json() if output == "json" else verdict.render_human())
     return verdict.exit_code

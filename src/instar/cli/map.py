@@ -14,11 +14,12 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.info import write_stdout
 from instar.cli.numbers import convert_number
 from instar.cli.output import escape_controls, report_error
-from instar.errors import UnsupportedError, UsageError
+from instar.errors import UsageError
 from instar.sizes import INT64_MAX
 
 if TYPE_CHECKING:
@@ -52,12 +53,13 @@ def run(args: list[str]) -> int:
     output: str | None = None
     start = 0
     max_length: int | None = None
-    allow: list[str] = []
-    force_share = False
+    access = AccessOptions()
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option in ("-f", "--format"):
             fmt = value
         elif option == "--output":
@@ -66,12 +68,6 @@ def run(args: list[str]) -> int:
             start = convert_number("start offset", value, 0, INT64_MAX)
         elif option in ("-l", "--max-length"):
             max_length = convert_number("max length", value, 0, INT64_MAX)
-        elif option == "--allow":
-            allow.append(value)
-        elif option in ("--image-opts", "--object"):
-            raise UnsupportedError(f"{option} is not supported")
-        elif option in ("-U", "--force-share"):
-            force_share = True
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting one image file name")
     if output not in (None, "human", "json"):
@@ -80,8 +76,8 @@ def run(args: list[str]) -> int:
     from instar.map import map_image
 
     final = map_image(parsed.operands[0], fmt, start=start, max_length=max_length,
-                      human=printer.human, allow=tuple(allow), events=printer.show,
-                      force_share=force_share)
+                      human=printer.human, allow=access.allowed, events=printer.show,
+                      force_share=access.force_share)
     return printer.finish(final)
 
 

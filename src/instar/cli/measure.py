@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.dd import check_option_list, parse_creation_options
 from instar.cli.getopt import gnu_getopt
 from instar.cli.numbers import convert_number
@@ -57,12 +58,13 @@ def run(args: list[str]) -> int:
     options = CreateOptions()
     output = "human"
     size: int | None = None
-    allow: list[str] = []
-    force_share = False
+    access = AccessOptions()
     for option, value in parsed.options:
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
+        if access.take(option, value):
+            continue
         if option == "-f":
             fmt = value
         elif option == "-O":
@@ -76,12 +78,8 @@ def run(args: list[str]) -> int:
             output = value
         elif option == "--size":
             size = convert_number("image size", value, 0, INT64_MAX)
-        elif option in ("--object", "-l", "--image-opts"):
+        elif option == "-l":
             raise UnsupportedError(f"{option} is not supported")
-        elif option in ("-U", "--force-share"):
-            force_share = True
-        elif option == "--allow":
-            allow.append(value)
     operands = parsed.operands
     if len(operands) > 1:
         raise UsageError("At most one filename argument is allowed.")
@@ -96,7 +94,7 @@ def run(args: list[str]) -> int:
 
     try:
         result = measure(filename, size=size, fmt=fmt, output_format_name=out_format,
-                         options=options, allow=tuple(allow), force_share=force_share)
+                         options=options, allow=access.allowed, force_share=access.force_share)
     except OptionError as error:  # a bad -o: qemu adds which format it was for
         report_error(str(error))
         if error.hint:

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.output import report_error, report_hint, report_warning
-from instar.errors import ResizeError, UnsupportedError
+from instar.errors import ResizeError
 from instar.events import Event, Line, Notice
 
 HELP = """\
@@ -65,8 +66,10 @@ def run(args: list[str]) -> int:
     fmt: str | None = None
     quiet = shrink = False
     preallocation = "off"
-    allow: list[str] = []
+    access = AccessOptions()
     for option, value in parsed.options:
+        if access.take(option, value):
+            continue
         if option in ("-h", "--help"):
             sys.stdout.write(HELP)
             return 0
@@ -80,10 +83,6 @@ def run(args: list[str]) -> int:
             if value not in _MODES:
                 raise ResizeError(f"Invalid preallocation mode '{value}'")
             preallocation = value
-        elif option == "--allow":
-            allow.append(value)
-        elif option in ("--object", "--image-opts"):
-            raise UnsupportedError(f"{option} is not supported")
     if len(parsed.operands) != 1:
         raise GetoptError("Expecting image file name and size")
     relative = {"+": 1, "-": -1}.get(size_text[:1], 0)
@@ -94,7 +93,7 @@ def run(args: list[str]) -> int:
 
     try:
         resize(parsed.operands[0], size, relative=relative, fmt=fmt, shrink=shrink,
-               preallocation=preallocation, quiet=quiet, allow=tuple(allow), events=_show)
+               preallocation=preallocation, quiet=quiet, allow=access.allowed, events=_show)
     except ResizeError as error:
         if error.warning is None:
             raise

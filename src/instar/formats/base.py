@@ -7,7 +7,6 @@ knows about dd (the copy engine feeds it a Window like any Image).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 from instar.errors import UnsupportedError
@@ -15,6 +14,7 @@ from instar.files import InputFile
 from instar.formats.options import CreateOptions as CreateOptions  # re-exported
 from instar.formats.options import OptionSchema as OptionSchema  # re-exported
 from instar.formats.options import ParsedOptions as ParsedOptions  # re-exported
+from instar.record import Record
 
 if TYPE_CHECKING:
     from instar.findings import CheckResult
@@ -47,15 +47,20 @@ class Resolver(Protocol):
         ...
 
 
-@dataclass
-class OutputFile:
-    """An open output, created by the host side (a temporary file or a device)."""
+class OutputFile(Record):
+    """An open output, created by the host side (a temporary file or a device).
 
-    fd: int
-    name: str  # the target the user named, for messages
-    # Written over existing content (a block device, or convert -n): zeros must be
-    # written, and the file keeps its size.
-    in_place: bool = False
+    ``name`` is the target the user named, for messages; ``in_place``: written
+    over existing content (a block device, or convert -n), so zeros must be
+    written, and the file keeps its size.
+    """
+
+    __slots__ = ("fd", "in_place", "name")
+
+    def __init__(self, fd: int, name: str, in_place: bool = False) -> None:
+        self.fd = fd
+        self.name = name
+        self.in_place = in_place
 
 
 class Writer(Protocol):
@@ -178,8 +183,7 @@ class Measurement(NamedTuple):
 QValue = bool | int | str | list["QValue"] | dict[str, "QValue"]
 
 
-@dataclass(frozen=True)
-class SnapshotDetails:
+class SnapshotDetails(NamedTuple):
     """One internal snapshot, as qemu's SnapshotInfo."""
 
     id: str
@@ -191,8 +195,7 @@ class SnapshotDetails:
     icount: int | None = None  # None: the snapshot records no icount
 
 
-@dataclass(frozen=True)
-class ChildFile:
+class ChildFile(NamedTuple):
     """A file an image uses besides its own (qcow2 data file, VMDK extent).
 
     ``name`` is qemu's child name ("data-file", "extents.0"...); qemu 8.0+
@@ -212,8 +215,7 @@ class ChildFile:
         return cls(name, file.identity, counts_in_disk_size)
 
 
-@dataclass
-class FormatDetails:
+class FormatDetails(Record):
     """What ``qemu-img info`` shows beyond the size and name of an image.
 
     ``dirty`` None means the driver has no get_info (qemu then omits
@@ -222,15 +224,30 @@ class FormatDetails:
     listed in the order qemu opens them.
     """
 
-    cluster_size: int | None = None
-    encrypted: bool = False
-    dirty: bool | None = False
-    backing_filename: str | None = None
-    backing_format: str | None = None
-    snapshots: list[SnapshotDetails] = field(default_factory=list)
-    specific_type: str | None = None
-    specific: dict[str, QValue] | None = None
-    children: list[ChildFile] = field(default_factory=list)
+    __slots__ = ("backing_filename", "backing_format", "children", "cluster_size", "dirty",
+                 "encrypted", "snapshots", "specific", "specific_type")
+
+    def __init__(
+        self,
+        cluster_size: int | None = None,
+        encrypted: bool = False,
+        dirty: bool | None = False,
+        backing_filename: str | None = None,
+        backing_format: str | None = None,
+        snapshots: list[SnapshotDetails] | None = None,
+        specific_type: str | None = None,
+        specific: dict[str, QValue] | None = None,
+        children: list[ChildFile] | None = None,
+    ) -> None:
+        self.cluster_size = cluster_size
+        self.encrypted = encrypted
+        self.dirty = dirty
+        self.backing_filename = backing_filename
+        self.backing_format = backing_format
+        self.snapshots: list[SnapshotDetails] = [] if snapshots is None else snapshots
+        self.specific_type = specific_type
+        self.specific = specific
+        self.children: list[ChildFile] = [] if children is None else children
 
 
 class FormatBase:

@@ -21,6 +21,7 @@ from typing import Literal
 from instar.files import pwrite_all
 from instar.formats.common import pack_table
 
+L1_PIECE_ENTRIES = 1 << 16  # L1 entries packed and written at a time (512 KiB)
 ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
 RAW_DEFLATE_WBITS = -12  # raw deflate with a 4 KiB window: qcow2's zlib and qcow's
 
@@ -65,7 +66,10 @@ class ClusterTables:
         stride: int = 1,
         bitmap: int = 0,
     ) -> None:
-        self.l1 = array("Q", bytes(8 * l1_entries))
+        self.l1_entries = l1_entries
+        # Only the entries set: an image's L1 table is mostly zeros (32 MiB
+        # of them for 2 PiB of qcow2), and is written a piece at a time.
+        self._l1: dict[int, int] = {}
         self._fd = fd
         self._bits = cluster_bits
         self._entries = l2_entries
@@ -108,15 +112,24 @@ class ClusterTables:
         host = self._allocate(self._table_bytes)
         data = pack_table(self._table, 8, self._byteorder, size=self._table_bytes)
         pwrite_all(self._fd, data, host)
-        self.l1[self._index] = host | self._table_flags
+        self._l1[self._index] = host | self._table_flags
         self._index, self._table = -1, array("Q")
 
     def write_l1(self, offset: int, size: int) -> None:
         """Write the last L2 table, then the L1 table at ``offset``, padded
-        with zeros to ``size`` bytes."""
+        with zeros to ``size`` bytes (a multiple of 8), a piece at a time."""
         self.flush()
-        if size:
-            pwrite_all(self._fd, pack_table(self.l1, 8, self._byteorder, size=size), offset)
+        total = size // 8
+        pointers = sorted(self._l1.items())  # set in guest order already: cheap
+        next_pointer = 0
+        for first in range(0, total, L1_PIECE_ENTRIES):
+            count = min(L1_PIECE_ENTRIES, total - first)
+            piece = array("Q", bytes(8)) * count
+            while next_pointer < len(pointers) and pointers[next_pointer][0] < first + count:
+                index, entry = pointers[next_pointer]
+                piece[index - first] = entry
+                next_pointer += 1
+            pwrite_all(self._fd, pack_table(piece, 8, self._byteorder), offset + first * 8)
 
 
 def raw_deflate(cluster_size: int) -> Callable[[memoryview], bytes | None]:

@@ -17,10 +17,10 @@ does what qemu's generic option parser does, with its messages.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 from instar.errors import CreationError, OptionError
+from instar.record import Record
 from instar.sizes import UINT64_MAX, SizeStatus, parse_size
 
 OptionType = Literal["str", "size", "num", "bool"]
@@ -38,19 +38,22 @@ _SIZE_HINT = (
 )
 
 
-@dataclass
-class CreateOptions:
+class CreateOptions(Record):
     """Creation options as the command line gives them, not yet checked.
 
     ``options`` keeps every ``-o`` pair in order, repeats included: qemu checks
     each occurrence, and the last one wins.
     """
 
-    options: list[tuple[str, str]] = field(default_factory=list)
-    compress: bool = False
+    __slots__ = ("compress", "options")
+
+    def __init__(self, options: list[tuple[str, str]] | None = None,
+                 compress: bool = False) -> None:
+        self.options: list[tuple[str, str]] = [] if options is None else options
+        self.compress = compress
 
 
-# What the Python API takes as ``options=``: the dataclass, or ``-o``'s pairs.
+# What the Python API takes as ``options=``: CreateOptions, or ``-o``'s pairs.
 OptionsArgument = CreateOptions | Mapping[str, str] | None
 
 
@@ -73,8 +76,7 @@ def as_create_options(options: OptionsArgument) -> CreateOptions:
     return CreateOptions(options=pairs)
 
 
-@dataclass(frozen=True)
-class Option:
+class Option(NamedTuple):
     """One creation option: qemu's name and type, the default, the ``-o help`` text.
 
     ``supported`` False marks an option qemu takes and instar refuses ("not
@@ -116,23 +118,28 @@ class BackingReference(NamedTuple):
     format: str
 
 
-@dataclass(frozen=True)
-class OptionSchema:
-    """Every creation option of one format, whether it takes ``-c``, and
-    whether its writer can record a backing file (``backing``)."""
-
+class _SchemaFields(NamedTuple):
     format_name: str
     options: tuple[Option, ...] = ()
     compress: bool = False
     backing: bool = False
 
-    def __post_init__(self) -> None:
-        names = [option.name for option in self.options]
+
+class OptionSchema(_SchemaFields):
+    """Every creation option of one format, whether it takes ``-c``, and
+    whether its writer can record a backing file (``backing``)."""
+
+    __slots__ = ()
+
+    def __new__(cls, format_name: str, options: tuple[Option, ...] = (),
+                compress: bool = False, backing: bool = False) -> OptionSchema:
+        names = [option.name for option in options]
         if len(set(names)) != len(names):
-            raise ValueError(f"{self.format_name}: an option is listed twice")
-        for option in self.options:
+            raise ValueError(f"{format_name}: an option is listed twice")
+        for option in options:
             if option.supported and option.default is None:
-                raise ValueError(f"{self.format_name}: option {option.name} has no default")
+                raise ValueError(f"{format_name}: option {option.name} has no default")
+        return super().__new__(cls, format_name, options, compress, backing)
 
     def find(self, name: str) -> Option | None:
         """The option called ``name`` (qemu's spelling, exactly), or None."""
@@ -156,8 +163,7 @@ class OptionSchema:
         return parse_options(self, CreateOptions())
 
 
-@dataclass(frozen=True)
-class ParsedOptions:
+class ParsedOptions(NamedTuple):
     """Checked creation options: a typed value for every option the format implements.
 
     ``given`` names the options the command line set (a writer may treat an
@@ -172,7 +178,7 @@ class ParsedOptions:
     values: Mapping[str, OptionValue]
     given: frozenset[str] = frozenset()
     compress: bool = False
-    texts: Mapping[str, str] = field(default_factory=dict)
+    texts: Mapping[str, str] = {}  # never changed: read only, as all of ParsedOptions
     backing: BackingReference | None = None
 
     def flag(self, name: str) -> bool:

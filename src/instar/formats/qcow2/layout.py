@@ -1,6 +1,6 @@
 """qcow2 on-disk structures and constants (qemu docs/interop/qcow2.txt).
 
-Only layout lives here: the header and its extensions as dataclasses that
+Only layout lives here: the header and its extensions as records that
 parse and pack themselves, the feature bits, and the masks of L1/L2 entries.
 The reader and the writer share it, so both agree on every field. All
 numbers in qcow2 are big-endian.
@@ -9,10 +9,10 @@ numbers in qcow2 are big-endian.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
 
 from instar.errors import FormatError
 from instar.formats.common import zstd_module as zstd_module  # the writer's name for it
+from instar.record import Record
 
 MAGIC = b"QFI\xfb"
 SECTOR = 512
@@ -89,28 +89,54 @@ SUBCLUSTER_ALLOC_MASK = 0xFFFF_FFFF  # low half of the extended L2 bitmap
 REFTABLE_OFFSET_MASK = 0xFFFF_FFFF_FFFF_FE00
 
 
-@dataclass
-class Header:
+class Header(Record):
     """The qcow2 header, versions 2 and 3 (version 2 fills in the fixed values)."""
 
-    version: int
-    backing_file_offset: int
-    backing_file_size: int
-    cluster_bits: int
-    size: int
-    crypt_method: int
-    l1_size: int
-    l1_table_offset: int
-    refcount_table_offset: int
-    refcount_table_clusters: int
-    nb_snapshots: int
-    snapshots_offset: int
-    incompatible_features: int = 0
-    compatible_features: int = 0
-    autoclear_features: int = 0
-    refcount_order: int = 4
-    header_length: int = V2_HEADER_LENGTH
-    compression_type: int = COMPRESSION_ZLIB
+    __slots__ = ("autoclear_features", "backing_file_offset", "backing_file_size", "cluster_bits",
+                 "compatible_features", "compression_type", "crypt_method", "header_length",
+                 "incompatible_features", "l1_size", "l1_table_offset", "nb_snapshots",
+                 "refcount_order", "refcount_table_clusters", "refcount_table_offset", "size",
+                 "snapshots_offset", "version")
+
+    def __init__(
+        self,
+        version: int,
+        backing_file_offset: int,
+        backing_file_size: int,
+        cluster_bits: int,
+        size: int,
+        crypt_method: int,
+        l1_size: int,
+        l1_table_offset: int,
+        refcount_table_offset: int,
+        refcount_table_clusters: int,
+        nb_snapshots: int,
+        snapshots_offset: int,
+        incompatible_features: int = 0,
+        compatible_features: int = 0,
+        autoclear_features: int = 0,
+        refcount_order: int = 4,
+        header_length: int = V2_HEADER_LENGTH,
+        compression_type: int = COMPRESSION_ZLIB,
+    ) -> None:
+        self.version = version
+        self.backing_file_offset = backing_file_offset
+        self.backing_file_size = backing_file_size
+        self.cluster_bits = cluster_bits
+        self.size = size
+        self.crypt_method = crypt_method
+        self.l1_size = l1_size
+        self.l1_table_offset = l1_table_offset
+        self.refcount_table_offset = refcount_table_offset
+        self.refcount_table_clusters = refcount_table_clusters
+        self.nb_snapshots = nb_snapshots
+        self.snapshots_offset = snapshots_offset
+        self.incompatible_features = incompatible_features
+        self.compatible_features = compatible_features
+        self.autoclear_features = autoclear_features
+        self.refcount_order = refcount_order
+        self.header_length = header_length
+        self.compression_type = compression_type
 
     @property
     def cluster_size(self) -> int:
@@ -166,16 +192,31 @@ class Header:
         return data.ljust(self.header_length, b"\0")
 
 
-@dataclass
-class Extensions:
-    """The header extensions instar understands; unknown ones are skipped."""
+class Extensions(Record):
+    """The header extensions instar understands; unknown ones are skipped.
 
-    backing_format: str | None = None
-    data_file: str | None = None
-    feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
-    has_bitmaps: bool = False
-    bitmaps_payload: bytes = b""  # the bitmaps extension, decoded by instar info
-    has_crypto: bool = False
+    ``bitmaps_payload`` is the bitmaps extension, decoded by instar info.
+    """
+
+    __slots__ = ("backing_format", "bitmaps_payload", "data_file", "feature_names",
+                 "has_bitmaps", "has_crypto")
+
+    def __init__(
+        self,
+        backing_format: str | None = None,
+        data_file: str | None = None,
+        feature_names: dict[tuple[int, int], str] | None = None,
+        has_bitmaps: bool = False,
+        bitmaps_payload: bytes = b"",
+        has_crypto: bool = False,
+    ) -> None:
+        self.backing_format = backing_format
+        self.data_file = data_file
+        self.feature_names: dict[tuple[int, int], str] = (
+            {} if feature_names is None else feature_names)
+        self.has_bitmaps = has_bitmaps
+        self.bitmaps_payload = bitmaps_payload
+        self.has_crypto = has_crypto
 
 
 def parse_extensions(data: bytes) -> Extensions:

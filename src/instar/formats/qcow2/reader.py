@@ -19,7 +19,7 @@ from instar.errors import FormatError, UnknownFeatureError, UnsupportedError
 from instar.files import InputFile
 from instar.formats.base import Resolver
 from instar.formats.cluster_tables import ClusterTableDriver, Region, backing_name
-from instar.formats.common import DEFLATE, ZSTD, first_other, inflate, unpack_table
+from instar.formats.common import DEFLATE, ZSTD, first_other, inflate, read_table
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.refcounts import metadata_preallocated, read_reftable
 from instar.image import COMPRESSED, DATA, MAX_VIRTUAL_SIZE, OFFSET_VALID, ZERO, Run, file_runs
@@ -385,4 +385,4 @@ def read_l1(header: L.Header, file: InputFile) -> array[int]:
     needed = L.l1_entries_for(header.size, header.cluster_bits, header.extended_l2)
     if needed == 0:
         return array("Q")
-    return unpack_table(file.pread_exact(header.l1_table_offset, needed * 8, "L1 table"), 8, "big")
+    return read_table(file, header.l1_table_offset, needed, 8, "big", "L1 table")

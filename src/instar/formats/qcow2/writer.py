@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from instar.errors import OutputError, UsageError
 from instar.files import pwrite_all
@@ -41,8 +41,7 @@ _COMPAT = {"0.10": 2, "v2": 2, "1.1": 3, "v3": 3}
 _V3_HINT = "(use version=v3 or greater)"
 
 
-@dataclass(frozen=True)
-class Qcow2Options:
+class Qcow2Options(NamedTuple):
     """Creation options as the writer uses them (the defaults are the schema's)."""
 
     cluster_bits: int
@@ -443,7 +442,7 @@ class Qcow2Writer:
             cluster_bits=self._bits,
             size=self._size,
             crypt_method=0,
-            l1_size=len(self._tables.l1),
+            l1_size=self._tables.l1_entries,
             l1_table_offset=self._l1_offset,
             refcount_table_offset=table_offset,
             refcount_table_clusters=table_clusters,

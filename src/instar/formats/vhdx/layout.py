@@ -1,7 +1,7 @@
 """VHDX on-disk structures (MS-VHDX 1.0): encoding, decoding and arithmetic.
 
 Nothing here does I/O. Decoders take bytes already read and either return a
-dataclass or raise `FormatError` naming the structure; encoders return bytes
+NamedTuple or raise `FormatError` naming the structure; encoders return bytes
 with their CRC-32C filled in. All multi-byte fields are little-endian, GUIDs
 are Microsoft GUIDs (the ``bytes_le`` form of a `uuid.UUID`).
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 import uuid
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import google_crc32c
 
@@ -150,8 +150,7 @@ def encode_file_identifier(creator: str) -> bytes:
 # ------------------------------------------------------------------------ headers
 
 
-@dataclass(frozen=True)
-class Header:
+class Header(NamedTuple):
     sequence_number: int
     file_write_guid: bytes
     data_write_guid: bytes
@@ -215,8 +214,7 @@ def choose_header(first: Header | None, second: Header | None) -> Header:
 # ------------------------------------------------------------------ region table
 
 
-@dataclass(frozen=True)
-class RegionEntry:
+class RegionEntry(NamedTuple):
     guid: bytes
     file_offset: int
     length: int
@@ -265,8 +263,7 @@ def decode_region_table(buffer: bytes) -> list[RegionEntry]:
 # ---------------------------------------------------------------------- metadata
 
 
-@dataclass(frozen=True)
-class MetadataEntry:
+class MetadataEntry(NamedTuple):
     item_id: bytes
     offset: int  # from the start of the metadata region
     length: int
@@ -326,8 +323,7 @@ def decode_metadata_table(buffer: bytes, region_length: int) -> list[MetadataEnt
     return entries
 
 
-@dataclass(frozen=True)
-class FileParameters:
+class FileParameters(NamedTuple):
     block_size: int
     leave_blocks_allocated: bool
     has_parent: bool
@@ -351,10 +347,9 @@ def decode_file_parameters(value: bytes) -> FileParameters:
     )
 
 
-@dataclass(frozen=True)
-class ParentLocator:
+class ParentLocator(NamedTuple):
     locator_type: bytes
-    entries: dict[str, str] = field(default_factory=dict)
+    entries: dict[str, str]
 
 
 def encode_parent_locator(entries: dict[str, str]) -> bytes:
@@ -403,8 +398,7 @@ def _utf16(item: bytes, offset: int, length: int, what: str) -> str:
 # ---------------------------------------------------------------- BAT arithmetic
 
 
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(NamedTuple):
     """Block arithmetic for one image: how virtual offsets map to BAT entries."""
 
     virtual_size: int

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from instar.errors import FormatError, UnsupportedError
 from instar.files import ExactReads, InputFile
@@ -40,8 +40,7 @@ MAX_LOG_WRITES = 65536  # descriptors replayed (a real log holds a few hundred)
 MAX_FILE_BYTES = (1 << 63) - 1  # file offsets are signed 64-bit
 
 
-@dataclass(frozen=True)
-class Write:
+class Write(NamedTuple):
     """One logged write: ``data`` at ``offset``, or ``length`` zeros when data is None."""
 
     offset: int
@@ -49,8 +48,7 @@ class Write:
     data: bytes | None
 
 
-@dataclass(frozen=True)
-class LogEntry:
+class LogEntry(NamedTuple):
     position: int  # byte offset of the entry in the log
     length: int
     sequence: int

@@ -19,7 +19,7 @@ import sys
 import uuid
 from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from instar.errors import DriverError, FormatError, UnsupportedError
 from instar.files import InputFile
@@ -61,8 +61,7 @@ _BITMAP_CACHE = 64  # sector bitmaps of payload blocks kept decoded
 _FILE, _ZEROS, _NOTHING, _PARENT = range(4)
 
 
-@dataclass(frozen=True)
-class Metadata:
+class Metadata(NamedTuple):
     """What the metadata region says about the virtual disk."""
 
     params: layout.FileParameters

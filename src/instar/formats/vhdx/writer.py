@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 from array import array
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from instar.errors import UsageError
 from instar.files import pwrite_all, write_zeros
@@ -35,8 +35,7 @@ _UINT32_MAX = (1 << 32) - 1
 PHYSICAL_SECTOR = 512  # what qemu-img writes (Hyper-V itself uses 4096)
 
 
-@dataclass(frozen=True)
-class VhdxOptions:
+class VhdxOptions(NamedTuple):
     """Creation options after qemu's silent rounding (sizes up to whole MiB)."""
 
     block_size: int | None  # None: chosen by virtual size
@@ -75,8 +74,7 @@ def default_block_size(virtual_size: int) -> int:
     return 8 * MiB
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """Where every structure of a new image goes."""
 
     geometry: Geometry
@@ -160,7 +158,7 @@ class VhdxWriter:
         self._geometry = plan.geometry
         self._creator = creator
         blocks = plan.geometry.payload_blocks
-        self._payload = array("Q", bytes(8 * blocks))  # BAT entries of payload blocks
+        self._payload = array("Q", bytes(8)) * blocks  # BAT entries of payload blocks
         if plan.fixed:
             size = plan.geometry.block_size
             for block in range(blocks):
@@ -248,7 +246,7 @@ class VhdxWriter:
         """The BAT with a (not present) sector bitmap entry after every chunk."""
         geometry = self._geometry
         total = geometry.bat_entries(differencing=False)
-        bat = array("Q", bytes(8 * total))
+        bat = array("Q", bytes(8)) * total
         ratio = geometry.chunk_ratio
         for start in range(0, len(self._payload), ratio):
             chunk = self._payload[start : start + ratio]

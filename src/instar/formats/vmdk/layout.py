@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 import struct
-from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 from instar.errors import FormatError
 
@@ -25,6 +25,7 @@ from instar.errors import FormatError
 from instar.formats.vmdk import COWD_MAGIC as COWD_MAGIC
 from instar.formats.vmdk import MAGIC as MAGIC
 from instar.formats.vmdk import SECTOR as SECTOR
+from instar.record import Record
 
 SESPARSE_MAGIC = b"\xbe\xba\xfe\xca\x00\x00\x00\x00"  # 0xcafebabe little-endian
 
@@ -67,8 +68,7 @@ GRAIN_MARKER = struct.Struct("<QI")
 _METADATA_MARKER = struct.Struct("<QII")
 
 
-@dataclass(frozen=True)
-class SparseHeader:
+class SparseHeader(NamedTuple):
     """The 512-byte header of a hosted sparse extent (also its stream footer)."""
 
     version: int
@@ -112,7 +112,7 @@ class SparseHeader:
         return raw.ljust(SECTOR, b"\0")
 
     def with_gd_offset(self, gd_offset: int) -> SparseHeader:
-        return replace(self, gd_offset=gd_offset)
+        return self._replace(gd_offset=gd_offset)
 
     @property
     def compressed(self) -> bool:
@@ -158,8 +158,7 @@ _QUOTED = re.compile(r'"([^"]*)"')
 _HEX32 = re.compile(r"[0-9a-fA-F]{1,8}")
 
 
-@dataclass(frozen=True)
-class ExtentLine:
+class ExtentLine(NamedTuple):
     """One extent of a descriptor: ``ACCESS SECTORS TYPE "NAME" [OFFSET]``."""
 
     access: str
@@ -169,12 +168,18 @@ class ExtentLine:
     offset: int | None  # sectors into the file (FLAT only)
 
 
-@dataclass
-class Descriptor:
+class Descriptor(Record):
     """A parsed descriptor: ``key=value`` fields (quotes removed) and extent lines."""
 
-    fields: dict[str, str] = field(default_factory=dict)
-    extents: list[ExtentLine] = field(default_factory=list)
+    __slots__ = ("extents", "fields")
+
+    def __init__(
+        self,
+        fields: dict[str, str] | None = None,
+        extents: list[ExtentLine] | None = None,
+    ) -> None:
+        self.fields: dict[str, str] = {} if fields is None else fields
+        self.extents: list[ExtentLine] = [] if extents is None else extents
 
     @property
     def create_type(self) -> str | None:
@@ -245,8 +250,7 @@ def _shorten(text: str, limit: int = 60) -> str:
     return clean if len(clean) <= limit else clean[:limit] + "..."
 
 
-@dataclass(frozen=True)
-class DescriptorSpec:
+class DescriptorSpec(NamedTuple):
     """What instar writes into a new descriptor (qemu-img create's template)."""
 
     cid: int

@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import zlib
 from array import array
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
@@ -76,8 +76,7 @@ MAX_COMPRESSED_GRAIN = (GRAIN_BYTES + (GRAIN_BYTES >> 12) + (GRAIN_BYTES >> 14)
 NAME_MAX = 255  # the longest file name, for a descriptor measured before its file exists
 
 
-@dataclass(frozen=True)
-class VmdkCreateOptions:
+class VmdkCreateOptions(NamedTuple):
     """Validated ``-o`` options (and ``-c``) for a new VMDK."""
 
     subformat: str
@@ -234,8 +233,7 @@ class _GrainWriter:
         raise NotImplementedError
 
 
-@dataclass(frozen=True)
-class SparseLayout:
+class SparseLayout(NamedTuple):
     """Where each structure of a qemu-style monolithicSparse file goes (in sectors)."""
 
     capacity: int

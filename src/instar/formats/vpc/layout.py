@@ -1,6 +1,6 @@
 """VHD ("vpc") on-disk structures: footer, dynamic disk header, checksums, CHS geometry.
 
-Everything here is pure: bytes in, dataclasses out (and back). The reader and
+Everything here is pure: bytes in, records and NamedTuples out (and back). The reader and
 the writer share it, so what one writes the other parses with the same code.
 
 All integers are big-endian. A dynamic or differencing image is
@@ -15,11 +15,12 @@ image is the raw disk followed by the footer.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from instar.formats.vpc import (
     FOOTER_COOKIE as FOOTER_COOKIE,  # re-exported: defined there for probing
 )
+from instar.record import Record
 
 SECTOR = 512
 FOOTER_SIZE = 512
@@ -80,8 +81,7 @@ def _checksum_without(data: bytes, at: int) -> int:
     return checksum(data[:at] + bytes(4) + data[at + 4 :])
 
 
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(NamedTuple):
     """Cylinders, heads and sectors per track, as the footer stores them."""
 
     cylinders: int
@@ -124,8 +124,7 @@ def chs_geometry(total_sectors: int) -> Geometry:
     return Geometry(cylinders_times_heads // heads, heads, sectors)
 
 
-@dataclass(frozen=True)
-class SizeChoice:
+class SizeChoice(NamedTuple):
     """What a new image declares: its geometry and its size in sectors."""
 
     geometry: Geometry
@@ -169,25 +168,46 @@ def declared_size(length: int, force_size: bool = False) -> int:
     return rounded_geometry(length, force_size).size
 
 
-@dataclass
-class Footer:
+class Footer(Record):
     """The hard disk footer (at the end of every image, copied at 0 in dynamic ones)."""
 
-    disk_type: int
-    current_size: int
-    geometry: Geometry
-    data_offset: int = NO_OFFSET
-    original_size: int | None = None  # None: same as current_size
-    features: int = FEATURES_RESERVED
-    version: int = FORMAT_VERSION
-    timestamp: int = 0
-    creator_app: bytes = b"qemu"
-    creator_version: int = 0x00050003
-    creator_os: bytes = b"Wi2k"
-    uuid: bytes = bytes(16)
-    saved_state: int = 0
-    cookie: bytes = FOOTER_COOKIE
-    checksum: int = 0  # as stored (parse) or computed (pack)
+    __slots__ = ("checksum", "cookie", "creator_app", "creator_os", "creator_version",
+                 "current_size", "data_offset", "disk_type", "features", "geometry",
+                 "original_size", "saved_state", "timestamp", "uuid", "version")
+
+    def __init__(
+        self,
+        disk_type: int,
+        current_size: int,
+        geometry: Geometry,
+        data_offset: int = NO_OFFSET,
+        original_size: int | None = None,  # None: same as current_size
+        features: int = FEATURES_RESERVED,
+        version: int = FORMAT_VERSION,
+        timestamp: int = 0,
+        creator_app: bytes = b"qemu",
+        creator_version: int = 0x00050003,
+        creator_os: bytes = b"Wi2k",
+        uuid: bytes = bytes(16),
+        saved_state: int = 0,
+        cookie: bytes = FOOTER_COOKIE,
+        checksum: int = 0,  # as stored (parse) or computed (pack)
+    ) -> None:
+        self.disk_type = disk_type
+        self.current_size = current_size
+        self.geometry = geometry
+        self.data_offset = data_offset
+        self.original_size = original_size
+        self.features = features
+        self.version = version
+        self.timestamp = timestamp
+        self.creator_app = creator_app
+        self.creator_version = creator_version
+        self.creator_os = creator_os
+        self.uuid = uuid
+        self.saved_state = saved_state
+        self.cookie = cookie
+        self.checksum = checksum
 
     def pack(self) -> bytes:
         """The 512 footer bytes, checksum computed."""
@@ -234,8 +254,7 @@ class Footer:
         return self.geometry.total_sectors * SECTOR
 
 
-@dataclass(frozen=True)
-class ParentLocator:
+class ParentLocator(NamedTuple):
     """One of the eight parent locator entries of a differencing disk."""
 
     platform: bytes
@@ -251,21 +270,38 @@ class ParentLocator:
 _NO_LOCATORS = tuple(ParentLocator(bytes(4), 0, 0, 0) for _ in range(LOCATOR_COUNT))
 
 
-@dataclass
-class DynamicHeader:
+class DynamicHeader(Record):
     """The dynamic disk header of dynamic and differencing images."""
 
-    table_offset: int
-    max_table_entries: int
-    block_size: int = DEFAULT_BLOCK_SIZE
-    data_offset: int = NO_OFFSET
-    version: int = DYNAMIC_HEADER_VERSION
-    parent_uuid: bytes = bytes(16)
-    parent_timestamp: int = 0
-    parent_name: bytes = bytes(512)  # UTF-16 big-endian, NUL padded
-    locators: tuple[ParentLocator, ...] = field(default=_NO_LOCATORS)
-    cookie: bytes = DYNAMIC_COOKIE
-    checksum: int = 0
+    __slots__ = ("block_size", "checksum", "cookie", "data_offset", "locators",
+                 "max_table_entries", "parent_name", "parent_timestamp", "parent_uuid",
+                 "table_offset", "version")
+
+    def __init__(
+        self,
+        table_offset: int,
+        max_table_entries: int,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        data_offset: int = NO_OFFSET,
+        version: int = DYNAMIC_HEADER_VERSION,
+        parent_uuid: bytes = bytes(16),
+        parent_timestamp: int = 0,
+        parent_name: bytes = bytes(512),  # UTF-16 big-endian, NUL padded
+        locators: tuple[ParentLocator, ...] = _NO_LOCATORS,
+        cookie: bytes = DYNAMIC_COOKIE,
+        checksum: int = 0,
+    ) -> None:
+        self.table_offset = table_offset
+        self.max_table_entries = max_table_entries
+        self.block_size = block_size
+        self.data_offset = data_offset
+        self.version = version
+        self.parent_uuid = parent_uuid
+        self.parent_timestamp = parent_timestamp
+        self.parent_name = parent_name
+        self.locators = locators
+        self.cookie = cookie
+        self.checksum = checksum
 
     def pack(self) -> bytes:
         """The 1024 header bytes, checksum computed."""

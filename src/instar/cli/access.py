@@ -1,0 +1,36 @@
+"""The options by which every image command is told what it may read.
+
+``--allow DIR`` (repeatable: a directory whose files an image may name),
+``-U``/``--force-share`` (read an image a running qemu holds a write lock
+on), and qemu's ``--object`` and ``--image-opts``, which instar does not take
+and refuses in one line. Each command's option loop hands every option to
+`AccessOptions.take` first, so the options keep their order.
+"""
+
+from __future__ import annotations
+
+from instar.errors import UnsupportedError
+
+
+class AccessOptions:
+    """What a command line said about access, as its options are read."""
+
+    def __init__(self, allow: list[str] | None = None) -> None:
+        self.allow: list[str] = [] if allow is None else allow  # appended to in place
+        self.force_share = False
+
+    def take(self, option: str, value: str) -> bool:
+        """Record ``option`` if it is one of these (True); False for any other."""
+        if option == "--allow":
+            self.allow.append(value)
+        elif option in ("-U", "--force-share"):
+            self.force_share = True
+        elif option in ("--image-opts", "--object"):
+            raise UnsupportedError(f"{option} is not supported")
+        else:
+            return False
+        return True
+
+    @property
+    def allowed(self) -> tuple[str, ...]:
+        return tuple(self.allow)
