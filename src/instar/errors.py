@@ -109,6 +109,22 @@ class OutputError(InstarError):
     """The output image could not be created or written."""
 
 
+class ResizeError(InstarError):
+    """resize refused or failed, in qemu-img's words. ``warning`` is a warning
+    qemu-img prints after the error ("Shrinking an image will delete...")."""
+
+    warning: str | None = None
+
+
+class UpdateError(ResizeError):
+    """A change to an image in place failed (the system's reason)."""
+
+
+class StoppedUpdate(ResizeError):
+    """An update stopped on purpose after `instar.mutate.stop_after` changes
+    (the tests' crash hook)."""
+
+
 class OptionError(UsageError):
     """A creation option the format does not take, or -c where it cannot compress.
 

@@ -40,3 +40,13 @@ def read_conflict(fd: int) -> str | None:
         if _held(fd, byte):
             return message
     return None
+
+
+def write_conflict(fd: int) -> str | None:
+    """qemu's message if a lock forbids changing the file open as ``fd``
+    (resize): anyone else holding a permission on it, or not sharing writes or
+    resizes with others, is a running qemu that would see the change happen."""
+    if any(_held(fd, PERM_BASE + n) for n in range(5)) or \
+            _held(fd, SHARED_BASE + 1) or _held(fd, SHARED_BASE + 3):
+        return 'Failed to get "write" lock'
+    return read_conflict(fd)

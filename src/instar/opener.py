@@ -64,6 +64,11 @@ class Broker(Protocol):
         """Refuse ``target`` if it is (any spelling of) one of the inputs."""
         ...
 
+    def open_image_for_update(self, path: str) -> InputFile:
+        """The image the user named to change in place (resize), open for
+        reading and writing (raises OSError)."""
+        ...
+
     def create_output(self, target: str) -> OutputFile:
         """A new output that appears at ``target`` only once committed (or a
         block device, written in place)."""
@@ -119,6 +124,20 @@ class HostBroker(Record):
                 raise error
         return file
 
+    def open_image_for_update(self, path: str) -> InputFile:
+        if self.outputs is not None and path not in self.outputs:
+            raise PolicyError(f"'{path}' was not named as the image to change")
+        file = open_input_file(path, writable=True)
+        self.opened.append(file)
+        from instar.locks import write_conflict
+
+        conflict = write_conflict(file.fd)
+        if conflict is not None:
+            error = ImageOpenError(path, conflict)
+            error.hint = f"Is another process using the image [{path}]?"
+            raise error
+        return file
+
     def _check_target(self, target: str) -> None:
         if self.outputs is not None and target not in self.outputs:
             raise PolicyError(f"'{target}' was not named as the output")
@@ -171,16 +190,19 @@ class HostBroker(Record):
         self.opened.clear()
 
 
-def open_input_file(path: str, resolved: str | None = None) -> InputFile:
-    """Open ``path`` read-only: the one place a path becomes an `InputFile`.
+def open_input_file(path: str, resolved: str | None = None, *,
+                    writable: bool = False) -> InputFile:
+    """Open ``path`` (read-only): the one place a path becomes an `InputFile`.
 
     What is opened is the resolved path (the one the policy checked, when it
     checked one), never through a symbolic link that could have been swapped
     in since, and never blocking: a FIFO opens at once and is then refused by
     its type, where a plain open would wait for a writer forever.
+    ``writable`` opens it for reading and writing (an image changed in place).
     """
     real = resolved if resolved is not None else os.path.realpath(path)
-    fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    mode = os.O_RDWR if writable else os.O_RDONLY
+    fd = os.open(real, mode | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         return InputFile(fd, path)
     except BaseException:

@@ -231,6 +231,9 @@ class WorkerBroker:
         reply, fds = self._ask({"request": "create_output", "target": target})
         return OutputFile(fds[0], target, in_place=bool(reply["in_place"]))
 
+    def open_image_for_update(self, path: str) -> InputFile:
+        return self._file({"request": "open_image_for_update", "path": path})
+
     def open_output_in_place(self, target: str) -> OutputFile:
         _reply, fds = self._ask({"request": "open_output_in_place", "target": target})
         return OutputFile(fds[0], target, in_place=True)
@@ -451,6 +454,9 @@ def _answer(channel: Channel, host: HostBroker, message: dict[str, Any]) -> None
     try:
         if request == "open_image_file":
             file = host.open_image_file(str(message["path"]))
+            channel.send({"name": file.name}, [file.fd])
+        elif request == "open_image_for_update":
+            file = host.open_image_for_update(str(message["path"]))
             channel.send({"name": file.name}, [file.fd])
         elif request == "open_named_file":
             file = host.open_named_file(str(message["name"]), str(message["relative_to"]),

@@ -47,6 +47,7 @@ COMMANDS = {
     "inspect": "instar.cli.inspect",
     "map": "instar.cli.map",
     "measure": "instar.cli.measure",
+    "resize": "instar.cli.resize",
     "snapshot": "instar.cli.snapshot",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
@@ -77,6 +78,8 @@ filename [size]
 [--allow dir] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] \
 [--size N | [-f fmt] [-U] [--allow dir] filename]
+  resize [-f fmt] [-q] [--shrink] [--preallocation=mode] [--allow dir] \
+filename [+|-]size
   snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [--allow dir] filename
 
 Standard options:

@@ -303,6 +303,11 @@ def _parse_num(name: str, text: str) -> int:
     return -value if negative else value
 
 
+def parse_size_option(name: str, text: str) -> int:
+    """A size as qemu parses an option of type size (qemu-img resize's size)."""
+    return _parse_size(name, text)
+
+
 def _parse_size(name: str, text: str) -> int:
     """qemu_strtosz; a syntax error is followed by qemu's two unprefixed lines
     about suffixes."""

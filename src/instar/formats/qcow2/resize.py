@@ -1,0 +1,543 @@
+"""qcow2 resize: qemu 7.2's ``qcow2_co_truncate`` for what instar supports.
+
+Growing writes the new size into the header; when the active L1 table is too
+small for it, a new one (the old entries, zeros after) is written into free
+clusters past the end of the file, claimed in the refcounts first (with new
+refcount blocks where none covers them, and a larger refcount table when the
+old one cannot name them), then the header is switched to both in one write,
+then the old table's clusters are freed: a crash at any point leaves the old
+image or the new one, at worst with leaked clusters.
+
+Shrinking (``--shrink``) drops the clusters past the new end as qemu's full
+discard does: their L2 entries and the L1 entries past the new table size are
+cleared first, then the header's size, then the refcounts of what they held
+are lowered, then the file's tail past the last cluster in use is cut.
+
+An L2 table shared with an internal snapshot is copied first (the copy is
+written and claimed before the L1 table points at it), as qemu copies it.
+
+Refused (one line, nothing written): images with persistent bitmaps, an
+external data file, the dirty or corrupt bit, preallocation other than off,
+and refcounts that do not match what is being freed.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+
+from instar.errors import FormatError, ResizeError, UnsupportedError
+from instar.formats.common import unpack_table
+from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.reader import MAX_REFTABLE_BYTES, Qcow2Driver
+from instar.formats.qcow2.refcounts import read_reftable
+from instar.mutate import ImageUpdate
+from instar.safety import MAX_TABLE_BYTES
+
+_SIZE_OFFSET = 24  # header: size (8), crypt_method (4), l1_size (4), l1_table_offset (8),
+_HEADER_FIELDS = struct.Struct(">QIIQQI")  # ... refcount_table_offset (8), clusters (4)
+QCOW_MAX_L1_ENTRIES = (32 << 20) // 8  # qemu's QCOW_MAX_L1_SIZE
+
+
+class Refcounts:
+    """The refcounts on disk and the changes to make to them, block by block.
+
+    Blocks are read on demand (each checked to lie in the file); changed and
+    new blocks are kept whole and written by `changed_blocks`."""
+
+    def __init__(self, driver: Qcow2Driver) -> None:
+        header = driver.header
+        self.file = driver.file
+        self.cluster = header.cluster_size
+        self.order = header.refcount_order
+        self.width = 1 << self.order
+        self.per_block = self.cluster * 8 // self.width
+        self.table = read_reftable(self.file, header)
+        self.table_offset = header.refcount_table_offset
+        self.blocks: dict[int, bytearray] = {}
+        self._by_offset: dict[int, bytearray] = {}
+        self.changed: set[int] = set()
+        self.new: dict[int, int] = {}  # block index -> its new cluster offset
+        self.table_clusters = header.refcount_table_clusters
+        self.new_table: tuple[int, int] | None = None  # (offset, clusters) of a larger one
+        for index, entry in enumerate(self.table):
+            offset = entry & L.REFTABLE_OFFSET_MASK
+            if offset and (offset % self.cluster or offset + self.cluster > self.file.size):
+                raise FormatError(f"qcow2 refcount block {index} lies outside the image")
+
+    def _block(self, index: int) -> bytearray | None:
+        if index not in self.blocks:
+            offset = self._offset(index)
+            if not offset:
+                return None
+            if offset not in self._by_offset:  # blocks named twice are one block
+                self._by_offset[offset] = bytearray(self.file.pread(offset, self.cluster))
+            self.blocks[index] = self._by_offset[offset]
+        return self.blocks[index]
+
+    def _offset(self, index: int) -> int:
+        return self.table[index] & L.REFTABLE_OFFSET_MASK if index < len(self.table) else 0
+
+    def _peek(self, index: int) -> bytes | bytearray | None:
+        """Block ``index`` as it stands, without keeping it (a scan reads each
+        block of the file at most once, and keeps none of them)."""
+        if index in self.blocks:
+            return self.blocks[index]
+        offset = self._offset(index)
+        return self.file.pread(offset, self.cluster) if offset else None
+
+    def get(self, cluster: int) -> int:
+        block = self._block(cluster // self.per_block)
+        return 0 if block is None else self._value(block, cluster % self.per_block)
+
+    def _value(self, block: bytearray, index: int) -> int:
+        if self.width >= 8:
+            size = self.width // 8
+            return int.from_bytes(block[index * size : (index + 1) * size], "big")
+        bit = index * self.width
+        return (block[bit // 8] >> (bit % 8)) & ((1 << self.width) - 1)
+
+    def set(self, cluster: int, value: int) -> None:
+        """Set a refcount; the block must exist (see `cover`)."""
+        index = cluster // self.per_block
+        block = self._block(index)
+        assert block is not None, "cover the cluster first"
+        within = cluster % self.per_block
+        if self.width >= 8:
+            size = self.width // 8
+            block[within * size : (within + 1) * size] = value.to_bytes(size, "big")
+        else:
+            bit = within * self.width
+            mask = ((1 << self.width) - 1) << (bit % 8)
+            block[bit // 8] = (block[bit // 8] & ~mask) | (value << (bit % 8))
+        self.changed.add(index)
+
+    def add(self, first: int, count: int, delta: int) -> None:
+        """Add ``delta`` to ``count`` clusters from ``first``; refuses a
+        refcount that would drop below 0 or pass the width's maximum."""
+        ceiling = (1 << self.width) - 1
+        for cluster in range(first, first + count):
+            value = self.get(cluster) + delta
+            if not 0 <= value <= ceiling:
+                raise FormatError(f"qcow2 refcount of cluster {cluster:#x} does not match "
+                                  "the image's tables; run 'qemu-img check -r all' first")
+            self.set(cluster, value)
+
+    def capacity(self) -> int:
+        """Refcount blocks the refcount table (the new one, if any) can name."""
+        if self.new_table is not None:
+            return self.new_table[1] * self.cluster // 8
+        return len(self.table)
+
+    def allocate_at_end(self, count: int) -> int:
+        """``count`` free clusters past the end of the file and of every cluster
+        in use, claimed (refcount 1), with refcount blocks for them and for
+        themselves, and a larger refcount table after them if the table cannot
+        name those blocks; returns the first one's offset."""
+        # Past the file and past every cluster with a refcount (one the file
+        # does not hold yet is never reused).
+        first = max(-(-self.file.size // self.cluster), self.last_in_use() + 1)
+        end = first + count
+        while True:
+            top = (end - 1) // self.per_block
+            missing = [index for index in range(first // self.per_block, top + 1)
+                       if self._block(index) is None]
+            if not missing and top < self.capacity():
+                break
+            for index in missing:  # each new block goes right after
+                self.new[index] = end * self.cluster
+                self.blocks[index] = bytearray(self.cluster)
+                self.changed.add(index)
+                end += 1
+            top = (end - 1) // self.per_block
+            if top >= self.capacity():  # a new table, with room for its own blocks
+                clusters = 2 * -(-(top + 2) * 8 // self.cluster)
+                if clusters * self.cluster > MAX_REFTABLE_BYTES:
+                    raise ResizeError("Failed to grow the L1 table: File too large")
+                self.new_table = (end * self.cluster, clusters)
+                end += clusters
+        for cluster in range(first, end):
+            self.set(cluster, 1)
+        return first * self.cluster
+
+    def write_blocks(self, update: ImageUpdate) -> None:
+        """Write every changed block where it lives (new ones at their place)."""
+        for index in sorted(self.changed):
+            offset = self.new.get(index) or self.table[index] & L.REFTABLE_OFFSET_MASK
+            update.write(offset, bytes(self.blocks[index]))
+        self.changed.clear()
+
+    def write_new_table(self, update: ImageUpdate) -> None:
+        """The new refcount table, if one is needed: the old entries and the
+        new blocks' (nothing points at it until the header does)."""
+        if self.new_table is None:
+            return
+        offset, clusters = self.new_table
+        entries = array("Q", self.table)
+        entries.extend([0] * (clusters * self.cluster // 8 - len(entries)))
+        for index, block in self.new.items():
+            entries[index] = block
+        if sys.byteorder == "little":
+            entries.byteswap()
+        update.write(offset, entries.tobytes())
+
+    def write_table_entries(self, update: ImageUpdate) -> None:
+        """Point the refcount table at the new blocks (a new table has them)."""
+        if self.new_table is None:
+            for index, offset in sorted(self.new.items()):
+                update.write(self.table_offset + 8 * index, offset.to_bytes(8, "big"))
+
+    def release_old_table(self) -> None:
+        """Free the old refcount table's clusters once the header names the new one."""
+        if self.new_table is not None:
+            self.add(self.table_offset // self.cluster, self.table_clusters, -1)
+
+    def table_fields(self) -> tuple[int, int]:
+        """The header's refcount table offset and clusters, after the update."""
+        if self.new_table is not None:
+            return self.new_table
+        return self.table_offset, self.table_clusters
+
+    def last_in_use(self) -> int:
+        """The last cluster whose refcount is not 0 (-1 if none). Each distinct
+        block is read once, from the last one back, until one is in use."""
+        seen: set[int] = set()
+        for index in range(max(len(self.table), max(self.new, default=-1) + 1) - 1, -1, -1):
+            offset = self.new.get(index) or self._offset(index)
+            if not offset or (offset in seen and index not in self.blocks):
+                continue
+            seen.add(offset)
+            block = self._peek(index)
+            if block is None:
+                continue
+            used = len(bytes(block).rstrip(b"\0"))
+            if not used:
+                continue
+            if self.width >= 8:
+                return index * self.per_block + (used - 1) // (self.width // 8)
+            for within in range(min(self.per_block, used * 8 // self.width) - 1, -1, -1):
+                if self._value(bytearray(block), within):
+                    return index * self.per_block + within
+        return -1
+
+
+def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> None:
+    """qemu's refusals in its order, then instar's own."""
+    header = driver.header
+    if new_size % L.SECTOR:
+        raise ResizeError("The new size must be a multiple of 512")
+    if header.nb_snapshots and header.version < 3:
+        raise ResizeError("Can't resize a v2 image which has snapshots")
+    if header.incompatible_features & L.INCOMPAT_CORRUPT:
+        raise ResizeError("qcow2: Image is corrupt; cannot be opened read/write")
+    if driver.extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        raise UnsupportedError("resizing a qcow2 image with persistent bitmaps is not "
+                               "supported yet")
+    if header.incompatible_features & L.INCOMPAT_DATA_FILE:
+        raise UnsupportedError("resizing a qcow2 image with an external data file is not "
+                               "supported yet")
+    if header.incompatible_features & L.INCOMPAT_DIRTY:
+        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
+                               "repair it before resizing yet: run 'qemu-img check -r all'")
+    if preallocation != "off":
+        raise UnsupportedError(f"preallocation={preallocation} is not supported yet for "
+                               "qcow2 resize")
+    if header.refcount_table_clusters * header.cluster_size > MAX_REFTABLE_BYTES:
+        raise FormatError("Reference count table too large")
+    end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
+    if end > driver.file.size:
+        raise FormatError("qcow2 refcount table lies outside the image")
+
+
+def _read_l1(driver: Qcow2Driver) -> array[int]:
+    """The whole active L1 table, which must lie in the file."""
+    header = driver.header
+    if not header.l1_size:
+        return array("Q")
+    if header.l1_table_offset + header.l1_size * 8 > driver.file.size:
+        raise FormatError("qcow2 L1 table lies outside the image")
+    data = driver.file.pread_exact(header.l1_table_offset, header.l1_size * 8, "L1 table")
+    return unpack_table(data, 8, "big")
+
+
+def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
+                 preallocation: str, zero_fill: bool = False) -> None:
+    """Give the image the virtual size ``new_size`` (checked by the caller to
+    be positive and within qemu's bounds). ``zero_fill``: the part added must
+    read as zeros, not as the (longer) backing file."""
+    _check_supported(driver, new_size, preallocation)
+    if zero_fill and driver.header.version < 3:
+        raise ResizeError("Failed to zero out new clusters: Operation not supported")
+    header = driver.header
+    l1 = _read_l1(driver)
+    refcounts = Refcounts(driver)
+    new_l1_size = L.l1_entries_for(new_size, header.cluster_bits, header.extended_l2)
+    if new_size < driver.virtual_size:
+        _shrink(driver, update, refcounts, l1, new_size, new_l1_size)
+        return
+    if new_l1_size > QCOW_MAX_L1_ENTRIES or new_l1_size * 8 > MAX_TABLE_BYTES:
+        raise ResizeError("Failed to grow the L1 table: File too large")
+    _grow(driver, update, refcounts, l1, new_size, new_l1_size, zero_fill)
+
+
+class ZeroFill:
+    """qemu's zero-fill of the part an image grows by (over a longer backing
+    file): the clusters from the old size's next (sub)cluster on become zero
+    clusters, in new L2 tables where the L1 names none; the rest of a partial
+    last (sub)cluster gets explicit zeros, where the image holds it itself.
+    Anything already mapped there (past the old end) is refused."""
+
+    def __init__(self, driver: Qcow2Driver, refcounts: Refcounts, l1: array[int],
+                 old: int, new: int) -> None:
+        header = driver.header
+        self.cluster = cluster = header.cluster_size
+        self.extended = header.extended_l2
+        self.entry_bytes = 16 if self.extended else 8
+        self.entries = L.l2_entries(header.cluster_bits, self.extended)
+        sub = cluster // (L.SUBCLUSTERS if self.extended else 1)
+        zero_start = -(-old // sub) * sub
+        self.first, self.end = zero_start, new
+        self.head: tuple[int, int] | None = None
+        self.new_tables: list[int] = []  # L1 indexes that get a new table
+        self.in_place: list[tuple[int, bytes]] = []
+        if zero_start > old:
+            self._head(driver, l1, old, min(zero_start, new) - old)
+        if zero_start >= new:
+            return
+        first_cluster, end_cluster = zero_start // cluster, -(-new // cluster)
+        for index in range(first_cluster // self.entries, (end_cluster - 1) // self.entries + 1):
+            offset = l1[index] & L.L1E_OFFSET_MASK if index < len(l1) else 0
+            if not offset:
+                self.new_tables.append(index)
+                continue
+            if offset % cluster or offset + cluster > driver.file.size:
+                raise FormatError(f"qcow2 L2 table {index} lies outside the image")
+            if refcounts.get(offset // cluster) != 1:
+                raise UnsupportedError("growing a qcow2 image whose last L2 table is shared "
+                                       "with a snapshot over a longer backing file is not "
+                                       "supported yet")
+            table = bytearray(driver.file.pread(offset, cluster))
+            self._zero(table, index, check=True)
+            self.in_place.append((offset, bytes(table)))
+
+    def _head(self, driver: Qcow2Driver, l1: array[int], old: int, length: int) -> None:
+        """Explicit zeros after the old end inside its (sub)cluster, which must
+        be a data cluster of this image."""
+        cluster = self.cluster
+        index, slot = divmod(old // cluster, self.entries)
+        l2 = l1[index] & L.L1E_OFFSET_MASK if index < len(l1) else 0
+        entry = bitmap = 0
+        if l2 and not l2 % cluster and l2 + cluster <= driver.file.size:
+            raw = driver.file.pread(l2 + slot * self.entry_bytes, self.entry_bytes)
+            entry = int.from_bytes(raw[:8], "big")
+            bitmap = int.from_bytes(raw[8:16], "big") if self.extended else 0
+        host = entry & L.L2E_OFFSET_MASK
+        if self.extended:
+            bit = (old % cluster) // (cluster // L.SUBCLUSTERS)
+            stored = bool(bitmap >> bit & 1) and host and not entry & L.OFLAG_COMPRESSED
+            zeros = bool(bitmap >> (32 + bit) & 1)
+        else:
+            stored = bool(host) and not entry & (L.OFLAG_COMPRESSED | L.OFLAG_ZERO)
+            zeros = bool(entry & L.OFLAG_ZERO)
+        if zeros:
+            return  # reads as zeros already
+        if not stored or not entry & L.OFLAG_COPIED or host + cluster > driver.file.size:
+            raise UnsupportedError("growing a qcow2 image over a longer backing file from a "
+                                   "size inside a cluster it does not hold is not supported yet")
+        self.head = (host + old % cluster, length)
+
+    def _zero(self, table: bytearray, index: int, check: bool) -> None:
+        """Mark the clusters (and subclusters) of the range in L2 table ``index`` as zeros."""
+        cluster, size = self.cluster, self.entries * self.cluster
+        start = max(self.first, index * size)
+        stop = min(-(-self.end // cluster) * cluster, (index + 1) * size)
+        position = start
+        while position < stop:
+            slot = (position - index * size) // cluster
+            at = slot * self.entry_bytes
+            entry = int.from_bytes(table[at : at + 8], "big")
+            if self.extended:
+                bitmap = int.from_bytes(table[at + 8 : at + 16], "big")
+                first_sub = (position % cluster) // (cluster // L.SUBCLUSTERS)
+                mask = ((1 << L.SUBCLUSTERS) - 1) >> first_sub << first_sub
+                if check and (bitmap & mask or (not first_sub and entry)):
+                    raise FormatError("qcow2 image maps data past its end")
+                bitmap = (bitmap & ~mask) | (mask << 32)
+                table[at + 8 : at + 16] = bitmap.to_bytes(8, "big")
+            else:
+                if check and entry:
+                    raise FormatError("qcow2 image maps data past its end")
+                table[at : at + 8] = L.OFLAG_ZERO.to_bytes(8, "big")
+            position = (position // cluster + 1) * cluster
+
+    def new_table(self, index: int) -> bytes:
+        table = bytearray(self.cluster)
+        self._zero(table, index, check=False)
+        return bytes(table)
+
+
+def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: array[int],
+          new_size: int, new_l1_size: int, zero_fill: bool) -> None:
+    """Grow: new L1 table if needed, zero clusters if asked, then the header."""
+    header = driver.header
+    cluster = header.cluster_size
+    grows = new_l1_size > header.l1_size
+    old_clusters = -(-header.l1_size * 8 // cluster)
+    old_first = header.l1_table_offset // cluster
+    if grows:
+        for index in range(old_first, old_first + old_clusters):  # freed later: in use now
+            if refcounts.get(index) == 0:
+                raise FormatError("qcow2 refcount of the L1 table is 0; run "
+                                  "'qemu-img check -r all' first")
+    table = array("Q", l1)
+    table.extend([0] * (max(new_l1_size, header.l1_size) - len(table)))
+    fill = ZeroFill(driver, refcounts, table, driver.virtual_size, new_size) \
+        if zero_fill else None
+    placed: list[tuple[int, int]] = []  # (L1 index, new L2 table offset)
+    if fill is not None and fill.new_tables:
+        base = refcounts.allocate_at_end(len(fill.new_tables))
+        for number, index in enumerate(fill.new_tables):
+            placed.append((index, base + number * cluster))
+            table[index] = (base + number * cluster) | L.OFLAG_COPIED
+    l1_size, l1_offset = header.l1_size, header.l1_table_offset
+    data = b""
+    if grows:
+        l1_size = new_l1_size
+        packed = array("Q", table)
+        if sys.byteorder == "little":
+            packed.byteswap()
+        data = packed.tobytes()
+        l1_offset = refcounts.allocate_at_end(-(-len(data) // cluster))
+    # 1. data: the claims and the new tables, where nothing points yet.
+    update.phase("data")
+    refcounts.write_blocks(update)
+    refcounts.write_new_table(update)
+    if fill is not None:
+        for index, offset in placed:
+            update.write(offset, fill.new_table(index))
+        if fill.head is not None:
+            update.zeros(*fill.head)
+    if grows:
+        update.write(l1_offset, data)
+    # 2. pointers: the refcount table to new blocks, L2 and L1 entries past the
+    # old end (nothing reads them before the header's new size).
+    update.phase("pointers")
+    refcounts.write_table_entries(update)
+    if fill is not None:
+        for offset, content in fill.in_place:
+            update.write(offset, content)
+        if not grows:
+            for index, offset in placed:
+                entry = offset | L.OFLAG_COPIED
+                update.write(l1_offset + 8 * index, entry.to_bytes(8, "big"))
+    # 3. header: size and the new tables in one write of one sector.
+    update.phase("header")
+    _write_header(update, header, refcounts, new_size, l1_size, l1_offset)
+    # 4. release: the old tables' clusters.
+    update.phase("release")
+    if grows and header.l1_size:
+        refcounts.add(old_first, old_clusters, -1)
+    refcounts.release_old_table()
+    refcounts.write_blocks(update)
+
+
+def _write_header(update: ImageUpdate, header: L.Header, refcounts: Refcounts, size: int,
+                  l1_size: int, l1_offset: int) -> None:
+    """The header's size, L1 table and refcount table fields: one write of
+    36 bytes inside the first sector, so a crash leaves all old or all new."""
+    table_offset, table_clusters = refcounts.table_fields()
+    update.write(_SIZE_OFFSET, _HEADER_FIELDS.pack(size, header.crypt_method, l1_size,
+                                                   l1_offset, table_offset, table_clusters))
+
+
+def _dropped_clusters(entry: int, cluster: int, shift: int) -> tuple[int, int] | None:
+    """(first cluster, count) an L2 entry holds a reference to, or None."""
+    if entry & L.OFLAG_COMPRESSED:
+        host = entry & ((1 << shift) - 1)
+        sectors = ((entry >> shift) & ((1 << (62 - shift)) - 1)) + 1
+        size = sectors * L.SECTOR - (host & (L.SECTOR - 1))
+        return host // cluster, (host + size - 1) // cluster - host // cluster + 1
+    if entry & L.L2E_OFFSET_MASK:
+        return (entry & L.L2E_OFFSET_MASK) // cluster, 1
+    return None
+
+
+def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: array[int],
+            new_size: int, new_l1_size: int) -> None:
+    """Drop what lies past ``new_size``. An L2 table the active L1 shares
+    with a snapshot (refcount above 1) is copied, as qemu copies it before
+    changing it: the copy, cleared past the end, takes its place."""
+    header = driver.header
+    cluster, bits = header.cluster_size, header.cluster_bits
+    entries = L.l2_entries(header.cluster_bits, header.extended_l2)
+    entry_bytes = 16 if header.extended_l2 else 8
+    first_dropped = -(-new_size // cluster)  # qemu keeps the cluster the size ends in
+    shift = L.compressed_shift(bits)
+    lowered: dict[int, int] = {}  # cluster -> how much its refcount goes down
+    in_place: list[tuple[int, bytes]] = []  # tables changed where they are
+    copies: list[tuple[int, bytes]] = []  # (L1 index, the shared table's new copy)
+    cleared: list[int] = []  # L1 entries past the new table size
+
+    def lower(first: int, count: int) -> None:
+        for number in range(first, first + count):
+            lowered[number] = lowered.get(number, 0) + 1
+
+    for l1_index in range(first_dropped // entries, len(l1)):
+        l2_offset = l1[l1_index] & L.L1E_OFFSET_MASK
+        if not l2_offset:
+            continue
+        if l2_offset % cluster or l2_offset + cluster > driver.file.size:
+            raise FormatError(f"qcow2 L2 table {l1_index} lies outside the image")
+        table = bytearray(driver.file.pread(l2_offset, cluster))
+        start = max(0, first_dropped - l1_index * entries)
+        for slot in range(start, entries):
+            position = slot * entry_bytes
+            held = _dropped_clusters(int.from_bytes(table[position : position + 8], "big"),
+                                     cluster, shift)
+            if held is not None:
+                lower(*held)
+            table[position : position + entry_bytes] = bytes(entry_bytes)
+        if l1_index >= new_l1_size:
+            lower(l2_offset // cluster, 1)
+            cleared.append(l1_index)
+        elif refcounts.get(l2_offset // cluster) > 1:
+            lower(l2_offset // cluster, 1)
+            copies.append((l1_index, bytes(table)))
+        else:
+            in_place.append((l2_offset, bytes(table)))
+    for number, count in lowered.items():  # refused before anything is written
+        if refcounts.get(number) < count:
+            raise FormatError(f"qcow2 refcount of cluster {number:#x} does not match the "
+                              "image's tables; run 'qemu-img check -r all' first")
+    # 1. data: the copies of shared tables, claimed, where nothing points yet.
+    placed = [(index, refcounts.allocate_at_end(1), data) for index, data in copies]
+    update.phase("data")
+    refcounts.write_blocks(update)
+    refcounts.write_new_table(update)
+    for _, offset, data in placed:
+        update.write(offset, data)
+    # 2. pointers: L2 entries past the new end cleared, the L1 pointed at the
+    # copies (which only it uses: COPIED) and cleared past the new table size.
+    update.phase("pointers")
+    refcounts.write_table_entries(update)
+    for offset, data in in_place:
+        update.write(offset, data)
+    for index, offset, _ in placed:
+        entry = offset | L.OFLAG_COPIED
+        update.write(header.l1_table_offset + 8 * index, entry.to_bytes(8, "big"))
+    for index in cleared:
+        update.write(header.l1_table_offset + 8 * index, bytes(8))
+    # 3. header: the new size (and refcount table, if it grew).
+    update.phase("header")
+    _write_header(update, header, refcounts, new_size, header.l1_size, header.l1_table_offset)
+    # 4. release: the refcounts of what was dropped, then the file's unused tail.
+    update.phase("release")
+    for number, count in sorted(lowered.items()):
+        refcounts.add(number, 1, -count)
+    refcounts.release_old_table()
+    refcounts.write_blocks(update)
+    end = (refcounts.last_in_use() + 1) * cluster
+    if end < driver.file.size:
+        update.flush()
+        update.truncate(end)

@@ -1,0 +1,103 @@
+"""Changing an existing image in place, in a crash-safe order.
+
+Every change instar makes to an image it did not create goes through one
+`ImageUpdate`, so the order of the writes is in one place and can be tested:
+
+1. ``data``: new clusters and tables, written where nothing points yet, with
+   the refcounts that claim them (a crash here leaves leaked clusters at most);
+2. ``pointers``: the tables that point at them (a crash here leaves the old
+   structure, or the new one, each complete);
+3. ``header``: the header's own fields last (the size, the table offsets);
+4. ``release``: what the old structure held is freed only after that (a crash
+   here leaks it, it never frees something still in use).
+
+Between phases the file is flushed (fsync), so the kernel cannot reorder a
+later phase before an earlier one. Writes within a phase may land in any
+order, so a phase never holds two writes that depend on each other.
+
+`stop_after` is the tests' hook: set to k, the k-th change is made and the
+next one raises `StoppedUpdate` instead, as if the machine had stopped there.
+"""
+
+from __future__ import annotations
+
+import os
+
+from instar.errors import StoppedUpdate, UpdateError
+from instar.files import pwrite_all, write_zeros
+
+PHASES = ("data", "pointers", "header", "release")
+
+# The tests' hook: after this many changes (writes, truncations, allocations)
+# the next raises StoppedUpdate. None in normal use.
+stop_after: int | None = None
+
+
+class ImageUpdate:
+    """The writes of one update of the file open read-write as ``fd``, made
+    phase by phase (`PHASES`), each phase flushed before the next begins."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd = fd
+        self.name = name
+        self.changes = 0  # made so far (the hook counts them)
+        self._phase = 0
+
+    def phase(self, name: str) -> None:
+        """Start phase ``name``: flush what the phases before it wrote. Phases
+        only move forward; one may be skipped."""
+        index = PHASES.index(name)
+        if index < self._phase:
+            raise AssertionError(f"phase {name} after {PHASES[self._phase]}")
+        if index > self._phase:
+            self.flush()
+            self._phase = index
+
+    def _change(self) -> None:
+        if stop_after is not None and self.changes >= stop_after:
+            raise StoppedUpdate(f"stopped after {self.changes} changes")
+        self.changes += 1
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Write ``data`` at ``offset``."""
+        self._change()
+        try:
+            pwrite_all(self.fd, data, offset)
+        except OSError as error:
+            raise UpdateError(f"Could not write to '{self.name}': {error.strerror}") from None
+
+    def zeros(self, offset: int, length: int) -> None:
+        """Explicit zeros over ``[offset, offset + length)`` (preallocation=full)."""
+        self._change()
+        try:
+            write_zeros(self.fd, offset, length)
+        except OSError as error:
+            raise UpdateError(f"Could not write zeros for preallocation: "
+                              f"{error.strerror}") from None
+
+    def allocate(self, offset: int, length: int) -> None:
+        """Reserve ``[offset, offset + length)`` on the file system (posix_fallocate)."""
+        self._change()
+        try:
+            os.posix_fallocate(self.fd, offset, length)
+        except OSError as error:
+            raise UpdateError(f"Could not preallocate new data: {error.strerror}") from None
+
+    def truncate(self, size: int) -> None:
+        """Give the file the length ``size``."""
+        self._change()
+        try:
+            os.ftruncate(self.fd, size)
+        except OSError as error:
+            raise UpdateError(f"Failed to resize '{self.name}': {error.strerror}") from None
+
+    def flush(self) -> None:
+        """Everything written so far reaches the disk before anything after."""
+        try:
+            os.fsync(self.fd)
+        except OSError as error:
+            raise UpdateError(f"Could not flush '{self.name}': {error.strerror}") from None
+
+    def finish(self) -> None:
+        """The last flush: the update is complete on disk."""
+        self.flush()
