@@ -28,7 +28,7 @@ import sys
 from array import array
 
 from instar.errors import FormatError, ResizeError, UnsupportedError
-from instar.formats.common import unpack_table
+from instar.formats.common import read_table
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import MAX_REFTABLE_BYTES, Qcow2Driver
 from instar.formats.qcow2.refcounts import read_reftable
@@ -257,8 +257,7 @@ def _read_l1(driver: Qcow2Driver) -> array[int]:
         return array("Q")
     if header.l1_table_offset + header.l1_size * 8 > driver.file.size:
         raise FormatError("qcow2 L1 table lies outside the image")
-    data = driver.file.pread_exact(header.l1_table_offset, header.l1_size * 8, "L1 table")
-    return unpack_table(data, 8, "big")
+    return read_table(driver.file, header.l1_table_offset, header.l1_size, 8, "big", "L1 table")
 
 
 def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
