@@ -253,21 +253,9 @@ def qapi_int(name: str, text: str) -> int:
     after the option parser took it (qed's table-size): C strtoll in base 0
     over the whole text, in signed 64 bits; otherwise qemu's message, which
     the caller prefixes as a driver's refusal."""
-    body = text.lstrip(_C_SPACE)
-    sign = -1 if body.startswith("-") else 1
-    if body[:1] in ("+", "-"):
-        body = body[1:]
-    if body[:2] in ("0x", "0X"):
-        digits, base = body[2:], 16
-    elif body.startswith("0"):
-        digits, base = body, 8
-    else:
-        digits, base = body, 10
-    allowed = "0123456789abcdefABCDEF" if base == 16 else "0123456789"[:base]
-    if not digits or any(char not in allowed for char in digits):
-        raise CreationError(f"Parameter '{name}' expects integer")
-    value = sign * int(digits, base)
-    if not -(1 << 63) <= value < 1 << 63:
+    parsed = _c_integer(text)
+    value = 0 if parsed is None else -parsed[1] if parsed[0] else parsed[1]
+    if parsed is None or not -(1 << 63) <= value < 1 << 63:
         raise CreationError(f"Parameter '{name}' expects integer")
     return value
 
@@ -281,14 +269,27 @@ def _parse_bool(name: str, text: str) -> bool:
 
 
 def _parse_num(name: str, text: str) -> int:
-    """C strtoull, base 0, over the whole text: white space, a sign, then decimal,
-    ``0x`` hex or ``0`` octal digits. A ``-`` is kept as a sign (strtoull would
-    wrap the value modulo 2**64; qemu's drivers read the text back signed)."""
+    """C strtoull, base 0, over the whole text. A ``-`` is kept as a sign
+    (strtoull would wrap the value modulo 2**64; qemu's drivers read the text
+    back signed)."""
+    parsed = _c_integer(text)
+    if parsed is None:
+        raise OptionError(f"Parameter '{name}' expects a number")
+    negative, value = parsed
+    if value > UINT64_MAX:
+        raise OptionError(f"Value '{text}' is too large for parameter '{name}'")
+    return -value if negative else value
+
+
+def _c_integer(text: str) -> tuple[bool, int] | None:
+    """C's base-0 integer text over the whole of ``text`` (strtoll, strtoull):
+    white space, a sign, then decimal, ``0x`` hex or ``0`` octal digits, as
+    (negative, magnitude); None when it is not one."""
     body = text.lstrip(_C_SPACE)
     negative = body.startswith("-")
     if body[:1] in ("+", "-"):
         body = body[1:]
-    if body[:2] in ("0x", "0X") and len(body) > 2:
+    if body[:2] in ("0x", "0X"):
         digits, base = body[2:], 16
     elif body.startswith("0"):
         digits, base = body, 8
@@ -296,11 +297,8 @@ def _parse_num(name: str, text: str) -> int:
         digits, base = body, 10
     allowed = "0123456789abcdefABCDEF" if base == 16 else "0123456789"[:base]
     if not digits or any(char not in allowed for char in digits):
-        raise OptionError(f"Parameter '{name}' expects a number")
-    value = int(digits, base)
-    if value > UINT64_MAX:
-        raise OptionError(f"Value '{text}' is too large for parameter '{name}'")
-    return -value if negative else value
+        return None
+    return negative, int(digits, base)
 
 
 def parse_size_option(name: str, text: str) -> int:
