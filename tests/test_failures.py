@@ -453,6 +453,20 @@ def large_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+def _time_after_meter(source: Path, target: Path, fmt: str) -> float:
+    """Seconds a convert of ``source`` runs after its meter's first bytes."""
+    proc = subprocess.Popen(command("instar", "convert", "-p", "-O", fmt, str(source),
+                                    str(target)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
+    assert proc.stdout is not None
+    proc.stdout.read(4)
+    started = time.monotonic()
+    proc.communicate(timeout=300)
+    assert proc.returncode == 0
+    target.unlink()
+    return time.monotonic() - started
+
+
 def test_signals_at_random_moments(large_source: Path, tmp_path: Path) -> None:
     """SIGINT or SIGTERM at a random moment of a convert, 20 times. Each run
     dies by the signal (as qemu-img does) or, if the signal came after the
@@ -463,6 +477,11 @@ def test_signals_at_random_moments(large_source: Path, tmp_path: Path) -> None:
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = out_dir / "target.img"
+    # How long each convert runs after its meter starts, on this machine: the
+    # signals are sent within that span, so most of them interrupt the copy
+    # however fast the machine is.
+    span = {fmt: _time_after_meter(large_source, out_dir / f"span.{fmt}", fmt)
+            for fmt in ("raw", "qcow2")}
     interrupted = 0
     for attempt in range(20):
         context = f"seed {seed}, attempt {attempt}"
@@ -478,7 +497,7 @@ def test_signals_at_random_moments(large_source: Path, tmp_path: Path) -> None:
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
         assert proc.stdout is not None
         proc.stdout.read(4)  # the meter's first bytes: instar's handlers are in place
-        time.sleep(rng.uniform(0, 0.8))
+        time.sleep(rng.uniform(0, 0.7 * span[fmt]))
         proc.send_signal(number)
         _, stderr = proc.communicate(timeout=300)
         assert stderr == b"", f"{context}: {stderr.decode(errors='replace')}"
@@ -508,8 +527,7 @@ def test_worker_dies_with_a_killed_host(large_source: Path, tmp_path: Path) -> N
     proc = subprocess.Popen(command("instar", "convert", "-p", str(large_source), str(target)),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=environment())
     assert proc.stdout is not None
-    proc.stdout.read(4)
-    time.sleep(0.2)
+    proc.stdout.read(4)  # the copy has started; 256 MiB take longer than the kill
     proc.kill()
     proc.communicate(timeout=60)
     deadline = time.monotonic() + 10
