@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Literal
 
 from instar.files import pwrite_all
-from instar.formats.common import pack_table
+from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 
 L1_PIECE_ENTRIES = 1 << 16  # L1 entries packed and written at a time (512 KiB)
 ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large
@@ -130,6 +130,66 @@ class ClusterTables:
                 piece[index - first] = entry
                 next_pointer += 1
             pwrite_all(self._fd, pack_table(piece, 8, self._byteorder), offset + first * 8)
+
+
+class ClusterImageWriter:
+    """The `Writer` side qcow2 and qcow share: whole guest clusters from a
+    `UnitSequencer` go to a compression pool (``-c``) or straight into the
+    `ClusterTables`; ``close`` finishes the data and the L1 table, then lets
+    the format write the rest (`_finish`: its header). A subclass sets the
+    attributes below in its ``__init__`` (its sequencer and pool call `_store`
+    and `_store_compressed`) and says where compressed data goes
+    (`_place_compressed`)."""
+
+    _clusters: UnitSequencer
+    _pool: CompressionPool[bytes | None] | None
+    _tables: ClusterTables
+    _l1_offset: int
+    _l1_bytes: int
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._clusters.write(offset, data)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        """Nothing to store: unallocated clusters read as zeros, on a device too."""
+        self._clusters.write_zeroes(offset, length)
+
+    def close(self) -> None:
+        try:
+            self._clusters.flush()
+            if self._pool is not None:
+                self._pool.finish()
+            self._tables.write_l1(self._l1_offset, self._l1_bytes)
+            self._finish()
+        finally:
+            if self._pool is not None:  # the threads end here, whatever happened
+                self._pool.close()
+
+    def abort(self) -> None:
+        if self._pool is not None:
+            self._pool.close()
+
+    def _store(self, first: int, data: memoryview) -> None:
+        """Whole guest clusters from ``first`` on: to the pool, or stored as they are."""
+        if self._pool is not None:
+            self._pool.submit(first, data)
+        else:
+            self._tables.store(first, data)
+
+    def _store_compressed(self, index: int, cluster: memoryview, compressed: bytes | None) -> None:
+        """Place guest cluster ``index`` as the pool delivers it, in guest order."""
+        if compressed is None:  # it did not shrink: store it as it is
+            self._tables.store(index, cluster)
+        else:
+            self._tables.set(index, self._place_compressed(compressed))
+
+    def _place_compressed(self, data: bytes) -> int:
+        """Write one cluster's compressed ``data``; returns its L2 entry."""
+        raise NotImplementedError
+
+    def _finish(self) -> None:
+        """After the data and the L1 table: the header, the file's length."""
+        raise NotImplementedError
 
 
 def raw_deflate(cluster_size: int) -> Callable[[memoryview], bytes | None]:

@@ -21,7 +21,7 @@ import os
 from instar.errors import CreationError
 from instar.files import pwrite_all
 from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
-from instar.formats.cluster_writer import Bump, ClusterTables, raw_deflate
+from instar.formats.cluster_writer import Bump, ClusterImageWriter, ClusterTables, raw_deflate
 from instar.formats.common import CompressionPool, UnitSequencer
 from instar.formats.qcow import MAGIC, VERSION
 from instar.formats.qcow import layout as L
@@ -64,7 +64,7 @@ def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> 
     return Measurement(first + used * CLUSTER if used else tables_end, fully)
 
 
-class QcowWriter:
+class QcowWriter(ClusterImageWriter):
     """A `Writer` for qcow: data in increasing guest offsets, metadata at ``close``."""
 
     def __init__(self, out: OutputFile, virtual_size: int, l1_entries: int,
@@ -80,52 +80,23 @@ class QcowWriter:
             table_bytes=8 << L.L2_BITS, byteorder="big", allocate=self._space.allocate,
         )
         self._clusters = UnitSequencer(cluster, virtual_size, self._store)
-        self._pool: CompressionPool[bytes | None] | None = None
+        self._pool = None
         if compress:
             self._pool = CompressionPool(cluster, lambda: raw_deflate(cluster),
                                          self._store_compressed, name="qcow-compress")
 
-    def write(self, offset: int, data: bytes) -> None:
-        self._clusters.write(offset, data)
+    def _finish(self) -> None:
+        header = L.Header(
+            magic=MAGIC, version=VERSION, backing_file_offset=0, backing_file_size=0,
+            mtime=0, size=self._size, cluster_bits=L.CLUSTER_BITS, l2_bits=L.L2_BITS,
+            padding=0, crypt_method=L.CRYPT_NONE, l1_table_offset=self._l1_offset,
+        )
+        pwrite_all(self._out.fd, header.pack(), 0)
+        if not self._out.in_place:
+            os.ftruncate(self._out.fd, self._space.end)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Nothing to store: unallocated clusters read as zeros, on a device too."""
-        self._clusters.write_zeroes(offset, length)
-
-    def close(self) -> None:
-        try:
-            self._clusters.flush()
-            if self._pool is not None:
-                self._pool.finish()
-            self._tables.write_l1(self._l1_offset, self._l1_bytes)
-            header = L.Header(
-                magic=MAGIC, version=VERSION, backing_file_offset=0, backing_file_size=0,
-                mtime=0, size=self._size, cluster_bits=L.CLUSTER_BITS, l2_bits=L.L2_BITS,
-                padding=0, crypt_method=L.CRYPT_NONE, l1_table_offset=self._l1_offset,
-            )
-            pwrite_all(self._out.fd, header.pack(), 0)
-            if not self._out.in_place:
-                os.ftruncate(self._out.fd, self._space.end)
-        finally:
-            if self._pool is not None:  # the threads end here, whatever happened
-                self._pool.close()
-
-    def abort(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-
-    def _store(self, first: int, data: memoryview) -> None:
-        """Whole guest clusters from ``first`` on: to the pool, or stored as they are."""
-        if self._pool is not None:
-            self._pool.submit(first, data)
-        else:
-            self._tables.store(first, data)
-
-    def _store_compressed(self, index: int, cluster: memoryview, compressed: bytes | None) -> None:
-        """Place guest cluster ``index`` as the pool delivers it, in guest order."""
-        if compressed is None:  # it did not shrink: store it as it is
-            self._tables.store(index, cluster)
-            return
-        host = self._space.allocate(len(compressed), L.SECTOR)
-        pwrite_all(self._out.fd, compressed, host)
-        self._tables.set(index, L.compressed_entry(host, len(compressed), L.CLUSTER_BITS))
+    def _place_compressed(self, data: bytes) -> int:
+        """Sector-aligned after the previous piece, as qemu places it."""
+        host = self._space.allocate(len(data), L.SECTOR)
+        pwrite_all(self._out.fd, data, host)
+        return L.compressed_entry(host, len(data), L.CLUSTER_BITS)

@@ -28,7 +28,12 @@ from typing import NamedTuple
 from instar.errors import OutputError, UsageError
 from instar.files import pwrite_all
 from instar.formats.base import OutputFile, ParsedOptions
-from instar.formats.cluster_writer import ZERO_CHECK_BELOW, ClusterTables, raw_deflate
+from instar.formats.cluster_writer import (
+    ZERO_CHECK_BELOW,
+    ClusterImageWriter,
+    ClusterTables,
+    raw_deflate,
+)
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.options import BackingReference
 from instar.formats.qcow2 import layout as L
@@ -293,7 +298,7 @@ def _compressor(compression_type: int, cluster_size: int) -> Callable[[memoryvie
     return raw_deflate(cluster_size)
 
 
-class Qcow2Writer:
+class Qcow2Writer(ClusterImageWriter):
     """A `Writer` for qcow2: data in increasing guest offsets, metadata at ``close``."""
 
     def __init__(
@@ -328,11 +333,11 @@ class Qcow2Writer:
         # Clusters smaller than the copy engine's zero granularity may arrive
         # all zero; larger ones arrive already free of zero pieces.
         self._clusters = UnitSequencer(
-            self._cluster, virtual_size, self._store_clusters,
+            self._cluster, virtual_size, self._store,
             check_whole=self._cluster < ZERO_CHECK_BELOW,
         )
         self._free_byte = 0  # where the next compressed cluster may start (0: nowhere)
-        self._pool: CompressionPool[bytes | None] | None = None
+        self._pool = None
         if compress:
             compression_type, cluster = options.compression_type, self._cluster
             self._pool = CompressionPool(
@@ -340,50 +345,14 @@ class Qcow2Writer:
                 name="qcow2-compress",
             )
 
-    # --- the Writer protocol -------------------------------------------------
-
-    def write(self, offset: int, data: bytes) -> None:
-        self._clusters.write(offset, data)
-
-    def write_zeroes(self, offset: int, length: int) -> None:
-        """Nothing to store: unallocated clusters read as zeros, on a device too."""
-        self._clusters.write_zeroes(offset, length)
-
-    def close(self) -> None:
-        try:
-            self._clusters.flush()
-            if self._pool is not None:
-                self._pool.finish()
-            self._tables.write_l1(self._l1_offset, self._l1_bytes)
-            table_offset, table_clusters = self._refcounts.finish()
-            self._write_header(table_offset, table_clusters)
-            if not self._out.in_place:
-                os.ftruncate(self._fd, self._refcounts.next * self._cluster)
-        finally:
-            if self._pool is not None:  # the threads end here, whatever happened
-                self._pool.close()
-
-    def abort(self) -> None:
-        if self._pool is not None:
-            self._pool.close()
-
-    # --- data ----------------------------------------------------------------
-
-    def _store_clusters(self, first: int, data: memoryview) -> None:
-        """Allocate and write the whole guest clusters ``data`` from ``first`` on."""
-        if self._pool is not None:
-            self._pool.submit(first, data)
-            return
-        self._tables.store(first, data)
+    def _finish(self) -> None:
+        """The refcount structures, then the header; the file ends with the last cluster."""
+        table_offset, table_clusters = self._refcounts.finish()
+        self._write_header(table_offset, table_clusters)
+        if not self._out.in_place:
+            os.ftruncate(self._fd, self._refcounts.next * self._cluster)
 
     # --- compression ---------------------------------------------------------
-
-    def _store_compressed(self, index: int, cluster: memoryview, compressed: bytes | None) -> None:
-        """Place guest cluster ``index`` as the pool delivers it, in guest order."""
-        if compressed is None:  # it did not shrink: store it as it is
-            self._tables.store(index, cluster)
-        else:
-            self._tables.set(index, self._place_compressed(compressed), 0)
 
     def _place_compressed(self, data: bytes) -> int:
         """Write compressed data packed after the previous one; returns its L2 entry.
