@@ -1,0 +1,102 @@
+"""``instar rebase``: qemu-img rebase's arguments, output, messages and exit codes.
+
+    instar rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u]
+                  [-b backing_file] [-F backing_fmt] [--allow dir] FILE
+
+As qemu-img 7.2: the options, then exactly one file name, then ``-b`` unless
+``-u`` (``-u`` without ``-b`` removes the backing file, as ``-b ""`` does),
+then the two cache modes, then the rebase itself (`instar.rebase`). ``-p``
+draws qemu's progress meter unless ``-q``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from instar.cli.access import AccessOptions
+from instar.cli.check import CACHE_MODES
+from instar.cli.getopt import GetoptError, gnu_getopt
+from instar.cli.progress import ProgressMeter, show_events
+from instar.errors import InstarError
+
+HELP = """\
+usage: instar rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u]
+                     -b backing_file [-F backing_fmt] [--allow dir] filename
+
+Change the backing file of an image, as qemu-img rebase does.
+  -b backing_file      the new backing file ("" for none), relative to the image's
+                       directory unless absolute
+  -F backing_fmt       its format (needed with a backing file)
+  -u                   unsafe: change the name in the header only; without -u the
+                       image gets a copy of every part the old backing file read
+                       differently from the new one, so it reads the same after
+  -f fmt               the image's format (probed when not given)
+  -t cache, -T cache   cache modes: checked, no effect
+  -p                   show progress
+  -q                   quiet
+  -U, --force-share    read a new backing file a running qemu holds a write lock on
+  --allow dir          the old and new backing files may come from dir (not in qemu-img)
+  -h, --help           show this help
+
+qcow2 and qed images can be rebased (qemu refuses the other formats); safe mode
+copies data into qcow2 only (qed: -u, or when nothing needs copying).
+Not supported (refused): --object objectdef, --image-opts
+"""
+
+SHORT_OPTIONS = ":hf:F:b:upt:T:qU"
+LONG_OPTIONS = {"help": False, "object": True, "image-opts": False, "force-share": False,
+                "allow": True}
+
+
+def run(args: list[str]) -> int:
+    parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
+    fmt: str | None = None
+    backing_fmt: str | None = None
+    backing: str | None = None
+    unsafe = progress = quiet = False
+    cache = source_cache = "writeback"
+    access = AccessOptions()
+    for option, value in parsed.options:
+        if option in ("-h", "--help"):
+            sys.stdout.write(HELP)
+            return 0
+        if access.take(option, value):
+            continue
+        if option == "-f":
+            fmt = value
+        elif option == "-F":
+            backing_fmt = value
+        elif option == "-b":
+            backing = value
+        elif option == "-u":
+            unsafe = True
+        elif option == "-p":
+            progress = True
+        elif option == "-t":
+            cache = value
+        elif option == "-T":
+            source_cache = value
+        elif option == "-q":
+            quiet = True
+    if len(parsed.operands) != 1:
+        raise GetoptError("Expecting one image file name")
+    if not unsafe and backing is None:
+        raise GetoptError("Must specify backing file (-b) or use unsafe mode (-u)")
+    meter = ProgressMeter(step=2.0) if progress and not quiet else None
+    try:
+        if cache not in CACHE_MODES:
+            raise InstarError(f"Invalid cache option: {cache}")
+        if source_cache not in CACHE_MODES:
+            raise InstarError(f"Invalid source cache option: {source_cache}")
+        from instar.rebase import rebase
+
+        rebase(parsed.operands[0], backing, fmt=fmt, backing_fmt=backing_fmt, unsafe=unsafe,
+               allow=access.allowed, force_share=access.force_share,
+               events=show_events(meter))
+    except BaseException:
+        if meter is not None:
+            meter.end()
+        raise
+    if meter is not None:
+        meter.finish()
+    return 0

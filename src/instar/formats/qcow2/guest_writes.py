@@ -1,0 +1,168 @@
+"""Guest data written into an existing qcow2 image, in place and crash safe.
+
+`GuestWriter` gives whole guest clusters that the image does not hold yet
+(their L2 entry is 0: the backing file answers there) new content: a data
+cluster of this image, or, for version 3, a zero cluster (no data). ``rebase``
+uses it to copy in what the old backing file provided; ``commit`` is meant to
+use it too, to write an overlay's clusters into its backing image (it will
+need overwriting clusters the image holds, which this does not do yet).
+
+The order, through one `ImageUpdate` (see `instar.mutate`):
+
+1. ``data``: each cluster's bytes, as they come (`write`), past the end of
+   the file and of every cluster in use, where nothing points; then (in
+   `finish`) the new L2 tables, the refcount blocks claiming all of it, and a
+   larger refcount table if one is needed. A crash here leaves the image as
+   it was (at worst with leaked clusters).
+2. ``pointers``: the refcount table entries for new blocks, the L2 tables
+   changed in place, then the L1 entries for new or copied L2 tables. Each
+   L2 entry is set with the COPIED flag (refcount exactly 1). A crash here
+   leaves each cluster either unallocated (old content through the backing
+   file) or written (the same content here).
+3. ``header``: the caller's (the refcount table's place, if it moved, with
+   whatever else the caller changes there).
+4. ``release`` (`release`): an L2 table that was shared with an internal
+   snapshot, and so copied before it changed, loses the active L1's
+   reference; an old refcount table is freed.
+
+Refused (one line, before anything is written): extended L2 entries, an
+external data file, the dirty or corrupt bit (the caller checks those of
+the open), refcounts that do not match.
+"""
+
+from __future__ import annotations
+
+from array import array
+
+from instar.errors import FormatError, UnsupportedError
+from instar.formats.common import read_table
+from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.allocation import Refcounts
+from instar.formats.qcow2.reader import Qcow2Driver
+from instar.mutate import ImageUpdate
+
+
+def check_writable(driver: Qcow2Driver, what: str) -> None:
+    """Refuse, before any write, an image whose guest data instar cannot
+    change in place yet; ``what`` names the command in the message."""
+    header = driver.header
+    if header.extended_l2:
+        raise UnsupportedError(f"{what} of a qcow2 image with extended L2 entries "
+                               "is not supported yet")
+    if header.incompatible_features & L.INCOMPAT_DATA_FILE:
+        raise UnsupportedError(f"{what} of a qcow2 image with an external data file "
+                               "is not supported yet")
+    end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
+    if end > driver.file.size:
+        raise FormatError("qcow2 refcount table lies outside the image")
+
+
+class GuestWriter:
+    """Whole guest clusters written into ``driver``'s image through ``update``."""
+
+    def __init__(self, driver: Qcow2Driver, update: ImageUpdate, what: str) -> None:
+        check_writable(driver, what)
+        header = driver.header
+        self.driver = driver
+        self.update = update
+        self.cluster = header.cluster_size
+        self.entries = L.l2_entries(header.cluster_bits, False)
+        self.zero_clusters = header.version >= 3
+        self.refcounts = Refcounts(driver)
+        if header.l1_size and header.l1_table_offset + header.l1_size * 8 > driver.file.size:
+            raise FormatError("qcow2 L1 table lies outside the image")
+        self.l1: array[int] = (read_table(driver.file, header.l1_table_offset, header.l1_size,
+                                          8, "big", "L1 table")
+                               if header.l1_size else array("Q"))
+        # Data goes from here on, claimed in `finish` (allocate_at_end picks this place).
+        self._first = max(-(-driver.file.size // self.cluster),
+                          self.refcounts.last_in_use() + 1)
+        self._written = 0
+        self._entries: dict[int, dict[int, int]] = {}  # L1 index -> {slot: L2 entry}
+        self._shared: list[int] = []  # L2 tables copied: their reference is dropped last
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._entries)
+
+    def write(self, guest_cluster: int, data: bytes | None) -> None:
+        """Give guest cluster ``guest_cluster`` (one the image does not hold)
+        the bytes ``data`` (a whole cluster), or zeros when None."""
+        index, slot = divmod(guest_cluster, self.entries)
+        if index >= len(self.l1):
+            raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
+        self.update.phase("data")
+        if data is None and self.zero_clusters:
+            entry = L.OFLAG_ZERO
+        else:
+            host = (self._first + self._written) * self.cluster
+            self.update.write(host, bytes(self.cluster) if data is None else data)
+            self._written += 1
+            entry = host | L.OFLAG_COPIED
+        self._entries.setdefault(index, {})[slot] = entry
+
+    def _table(self, index: int) -> tuple[int, bytearray]:
+        """L2 table ``index``'s offset (0: none) and its entries with the new ones."""
+        offset = self.l1[index] & L.L1E_OFFSET_MASK
+        if not offset:
+            table = bytearray(self.cluster)
+        else:
+            if offset % self.cluster or offset + self.cluster > self.driver.file.size:
+                raise FormatError(f"qcow2 L2 table {index} lies outside the image")
+            table = bytearray(self.driver.file.pread(offset, self.cluster))
+        for slot, entry in self._entries[index].items():
+            table[slot * 8 : slot * 8 + 8] = entry.to_bytes(8, "big")
+        return offset, table
+
+    def finish(self) -> None:
+        """Claim what `write` wrote, write the tables and point at them (phases
+        data and pointers); the caller writes its header next."""
+        if not self._entries:
+            return
+        cluster = self.cluster
+        in_place: list[tuple[int, bytes]] = []
+        placed: list[tuple[int, bytes]] = []  # (L1 index, table) for new places
+        for index in sorted(self._entries):
+            offset, table = self._table(index)
+            if offset:
+                count = self.refcounts.get(offset // cluster)
+                if count == 0:
+                    raise FormatError(f"qcow2 refcount of L2 table {index} is 0; run "
+                                      "'qemu-img check -r all' first")
+                if count == 1:
+                    in_place.append((offset, bytes(table)))
+                    continue
+                self._shared.append(offset // cluster)
+            placed.append((index, bytes(table)))
+        first = self.refcounts.allocate_at_end(self._written + len(placed))
+        if first != self._first * cluster:
+            raise AssertionError("allocation moved under the guest writer")
+        tables = first + self._written * cluster
+        update = self.update
+        update.phase("data")
+        for number, (_, content) in enumerate(placed):
+            update.write(tables + number * cluster, content)
+        self.refcounts.write_blocks(update)
+        self.refcounts.write_new_table(update)
+        update.phase("pointers")
+        self.refcounts.write_table_entries(update)
+        for offset, content in in_place:
+            update.write(offset, content)
+        l1_offset = self.driver.header.l1_table_offset
+        for number, (index, _) in enumerate(placed):
+            entry = (tables + number * cluster) | L.OFLAG_COPIED
+            update.write(l1_offset + 8 * index, entry.to_bytes(8, "big"))
+
+    def refcount_table(self) -> tuple[int, int] | None:
+        """The refcount table's (offset, clusters) for the header, if it moved."""
+        return self.refcounts.new_table
+
+    def release(self) -> None:
+        """After the header: drop the references the active L1 no longer holds."""
+        if not self._entries:
+            return
+        self.update.phase("release")
+        for number in self._shared:
+            self.refcounts.add(number, 1, -1)
+        self.refcounts.release_old_table()
+        self.refcounts.write_blocks(self.update)
