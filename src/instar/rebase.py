@@ -28,8 +28,14 @@ from __future__ import annotations
 import errno
 from typing import TYPE_CHECKING
 
-from instar.errors import FormatError, ImageOpenError, InstarError, UnsupportedError
-from instar.events import EventSink, Notice, Progress
+from instar.errors import (
+    FormatError,
+    ImageOpenError,
+    RebaseError,
+    StoppedUpdate,
+    UnsupportedError,
+)
+from instar.events import Advance, EventSink, Notice
 from instar.formats import registry
 from instar.image import DATA, ZERO, Image, Window
 from instar.mutate import ImageUpdate
@@ -41,11 +47,7 @@ from instar.worker import SandboxSettings, run_job
 if TYPE_CHECKING:
     from instar.formats.qcow2.guest_writes import GuestWriter
 
-CHUNK = 1 << 20  # bytes compared at a time (whole clusters)
-
-
-class RebaseError(InstarError):
-    """rebase refused or failed, in qemu-img's words."""
+IO_BUF_SIZE = 2 << 20  # qemu-img's step: bytes compared at a time, at most
 
 
 def rebase(
@@ -62,7 +64,7 @@ def rebase(
 ) -> None:
     """Make ``backing`` (None or "": none) of format ``backing_fmt`` the backing
     file of ``path``, as ``qemu-img rebase [-u] [-f fmt] -b backing [-F fmt]``.
-    ``events`` gets `Progress` as the copy goes and qemu's warning for a
+    ``events`` gets an `Advance` per step of qemu's meter and its warning for a
     probed raw image as a `Notice`."""
     policy = PathPolicy.from_allow(allow)
 
@@ -128,7 +130,8 @@ def _open_new_backing(opener: ImageOpener, node: OpenedNode, backing: str,
     try:
         new = opener.open_named_node(backing, node.path, backing_fmt, with_backing=True)
     except ImageOpenError as error:
-        raise RebaseError(f"Could not open new backing file '{backing}': {error}") from None
+        raise RebaseError(f"Could not open new backing file '{backing}': {error.reason}") \
+            from None
     if new.file.identity == node.file.identity:
         raise RebaseError(f"Could not open new backing file '{backing}': Could not open "
                           f"'{new.path}': the image cannot be its own backing file")
@@ -200,41 +203,82 @@ def _check_qcow2(node: OpenedNode) -> None:
 
 def _copy(node: OpenedNode, new_backing: Image | None, update: ImageUpdate,
           send: EventSink) -> GuestWriter | None:
-    """Safe mode's copy: every cluster the image does not hold whose old and
-    new backing content differ gets the old content (zeros past the old
-    backing file's end). Returns the writer (None when nothing was written)."""
+    """Safe mode's copy, in qemu's steps: from each offset, up to 2 MiB of
+    what the image's own layer answers alike; where it holds nothing, cut at
+    the old and the new backing file's ends, every cluster whose old and new
+    backing content differ gets the old content (zeros past the old backing
+    file's end: a zero cluster where the format has them). Each such step is
+    one `Advance` of qemu's meter. Returns the writer (None: nothing written)."""
     image = node.image
     size = image.virtual_size
+    old_size = image.backing.virtual_size if image.backing is not None else 0
+    new_size = new_backing.virtual_size if new_backing is not None else 0
     old = Window(image.backing, 0, size) if image.backing is not None else None
     new = Window(new_backing, 0, size) if new_backing is not None else None
-    old_size = image.backing.virtual_size if image.backing is not None else 0
+    writers: list[GuestWriter] = []  # made when the first cluster needs one
+    try:
+        _scan(node, old, new, old_size, new_size, update, send, writers)
+        if writers:
+            writers[0].finish()
+    except StoppedUpdate:
+        raise  # the tests' crash: nothing is tidied up after it
+    except BaseException:
+        if writers:
+            writers[0].abandon()
+        raise
+    return writers[0] if writers else None
+
+
+def _scan(node: OpenedNode, old: Window | None, new: Window | None, old_size: int,
+          new_size: int, update: ImageUpdate, send: EventSink,
+          writers: list[GuestWriter]) -> None:
+    """The steps of `_copy`: compare, and write what differs."""
+    image = node.image
+    size = image.virtual_size
+    steps = size // min(size, IO_BUF_SIZE) if size else 0
     unit = _unit(node)
-    writer: GuestWriter | None = None
-    send(Progress(0, size))
-    for run in image.status_runs():
+    last = -1  # the last cluster written (a step may end inside a cluster)
+    runs = image.status_runs()
+    run = next(runs, None)
+    offset = 0
+    while offset < size:
+        while run is not None and run.end <= offset:
+            run = next(runs, None)
+        if run is None:
+            raise FormatError("the image's map ends before its size")
+        length = min(IO_BUF_SIZE, size - offset, run.piece_end(offset) - offset)
         if run.flags & (DATA | ZERO):
+            offset += length
             continue
-        start = run.start // unit * unit
-        while start < run.end:
-            stop = min(start + max(CHUNK // unit, 1) * unit, -(-run.end // unit) * unit)
-            end = min(stop, size)
-            old_data = old.read(start, end - start) if old is not None else bytes(end - start)
-            new_data = new.read(start, end - start) if new is not None else bytes(end - start)
-            if old_data != new_data:
-                for at in range(start, end, unit):
-                    piece = slice(at - start, min(at + unit, end) - start)
-                    if old_data[piece] == new_data[piece]:
-                        continue
-                    if writer is None:
-                        writer = _writer(node, update)
-                    content = None if at >= old_size else old_data[piece].ljust(unit, b"\0")
-                    writer.write(at // unit, content)
-            send(Progress(end, size))
-            start = stop
-    if writer is not None:
-        writer.finish()
-    send(Progress(size, size))
-    return writer
+        if offset < old_size:
+            length = min(length, old_size - offset)
+        if new is not None and offset < new_size:
+            length = min(length, new_size - offset)
+        end = offset + length
+        old_data = old.read(offset, length) if old is not None else bytes(length)
+        new_data = new.read(offset, length) if new is not None else bytes(length)
+        if old_data != new_data:
+            for at in range(offset // unit * unit, end, unit):
+                start, stop = max(at, offset), min(at + unit, end)
+                if at // unit == last or old_data[start - offset : stop - offset] == \
+                        new_data[start - offset : stop - offset]:
+                    continue
+                if not writers:
+                    writers.append(_writer(node, update))
+                writers[0].write(at // unit, _cluster(old, at, unit, size, old_size))
+                last = at // unit
+        send(Advance(1, steps))
+        offset = end
+
+
+def _cluster(old: Window | None, at: int, unit: int, size: int, old_size: int) -> bytes | None:
+    """What the image reads in the cluster at ``at`` now (through the old
+    backing file; zeros past the image's end): None where that is all zeros
+    because the old backing file ends before it (qemu writes zeros there)."""
+    if at >= old_size or old is None:
+        return None
+    inside = min(unit, size - at)
+    return old.read(at, inside).ljust(unit, b"\0")
 
 
 def _unit(node: OpenedNode) -> int:

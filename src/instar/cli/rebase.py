@@ -15,9 +15,10 @@ import sys
 
 from instar.cli.access import AccessOptions
 from instar.cli.check import CACHE_MODES
+from instar.cli.compare import QemuProgress, _f32
 from instar.cli.getopt import GetoptError, gnu_getopt
-from instar.cli.progress import ProgressMeter, show_events
 from instar.errors import InstarError
+from instar.events import Advance, Event, EventSink, Notice
 
 HELP = """\
 usage: instar rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u]
@@ -46,6 +47,21 @@ Not supported (refused): --object objectdef, --image-opts
 SHORT_OPTIONS = ":hf:F:b:upt:T:qU"
 LONG_OPTIONS = {"help": False, "object": True, "image-opts": False, "force-share": False,
                 "allow": True}
+
+
+def _shower(meter: QemuProgress | None) -> EventSink:
+    """Progress on ``meter`` (with -p), qemu's warnings as they are on stderr."""
+
+    def show(event: Event) -> None:
+        if isinstance(event, Advance):
+            if meter is not None:  # qemu: 100 / (size / MIN(size, 2 MiB)), a C float
+                meter.add(_f32(100.0 / _f32(float(event.total))))
+        elif isinstance(event, Notice):
+            sys.stdout.flush()
+            sys.stderr.write(event.text + "\n")
+            sys.stderr.flush()
+
+    return show
 
 
 def run(args: list[str]) -> int:
@@ -82,7 +98,9 @@ def run(args: list[str]) -> int:
         raise GetoptError("Expecting one image file name")
     if not unsafe and backing is None:
         raise GetoptError("Must specify backing file (-b) or use unsafe mode (-u)")
-    meter = ProgressMeter(step=2.0) if progress and not quiet else None
+    meter = QemuProgress() if progress and not quiet else None
+    if meter is not None:
+        meter.add(0.0)
     try:
         if cache not in CACHE_MODES:
             raise InstarError(f"Invalid cache option: {cache}")
@@ -92,11 +110,10 @@ def run(args: list[str]) -> int:
 
         rebase(parsed.operands[0], backing, fmt=fmt, backing_fmt=backing_fmt, unsafe=unsafe,
                allow=access.allowed, force_share=access.force_share,
-               events=show_events(meter))
-    except BaseException:
+               events=_shower(meter))
+    finally:
         if meter is not None:
+            if sys.exc_info()[0] is None:
+                meter.add(100.0)
             meter.end()
-        raise
-    if meter is not None:
-        meter.finish()
     return 0

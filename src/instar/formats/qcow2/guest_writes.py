@@ -80,6 +80,7 @@ class GuestWriter:
         self._written = 0
         self._entries: dict[int, dict[int, int]] = {}  # L1 index -> {slot: L2 entry}
         self._shared: list[int] = []  # L2 tables copied: their reference is dropped last
+        self._pointed = False  # the pointers phase has begun
 
     @property
     def changed(self) -> bool:
@@ -87,10 +88,14 @@ class GuestWriter:
 
     def write(self, guest_cluster: int, data: bytes | None) -> None:
         """Give guest cluster ``guest_cluster`` (one the image does not hold)
-        the bytes ``data`` (a whole cluster), or zeros when None."""
+        the bytes ``data`` (a whole cluster), or zeros when None. The L2 table
+        it goes into is checked first, so a damaged one is refused before
+        anything is written for it."""
         index, slot = divmod(guest_cluster, self.entries)
         if index >= len(self.l1):
             raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
+        if index not in self._entries:
+            self._check_table(index)
         self.update.phase("data")
         if data is None and self.zero_clusters:
             entry = L.OFLAG_ZERO
@@ -101,15 +106,29 @@ class GuestWriter:
             entry = host | L.OFLAG_COPIED
         self._entries.setdefault(index, {})[slot] = entry
 
-    def _table(self, index: int) -> tuple[int, bytearray]:
-        """L2 table ``index``'s offset (0: none) and its entries with the new ones."""
+    def _check_table(self, index: int) -> None:
+        """L2 table ``index`` (if any) lies in the file and is in use."""
         offset = self.l1[index] & L.L1E_OFFSET_MASK
         if not offset:
-            table = bytearray(self.cluster)
-        else:
-            if offset % self.cluster or offset + self.cluster > self.driver.file.size:
-                raise FormatError(f"qcow2 L2 table {index} lies outside the image")
-            table = bytearray(self.driver.file.pread(offset, self.cluster))
+            return
+        if offset % self.cluster or offset + self.cluster > self.driver.file.size:
+            raise FormatError(f"qcow2 L2 table {index} lies outside the image")
+        if self.refcounts.get(offset // self.cluster) == 0:
+            raise FormatError(f"qcow2 refcount of L2 table {index} is 0; run "
+                              "'qemu-img check -r all' first")
+
+    def abandon(self) -> None:
+        """After a failure before `finish` pointed at anything: the file cut
+        back to its old length (nothing refers to what was written past it)."""
+        if self._written and not self._pointed:
+            self.update.truncate(self.driver.file.size)
+            self._written = 0
+
+    def _table(self, index: int) -> tuple[int, bytearray]:
+        """L2 table ``index``'s offset (0: none) and its entries with the new ones."""
+        offset = self.l1[index] & L.L1E_OFFSET_MASK  # checked by `write`
+        table = bytearray(self.driver.file.pread(offset, self.cluster) if offset
+                          else self.cluster)
         for slot, entry in self._entries[index].items():
             table[slot * 8 : slot * 8 + 8] = entry.to_bytes(8, "big")
         return offset, table
@@ -125,11 +144,7 @@ class GuestWriter:
         for index in sorted(self._entries):
             offset, table = self._table(index)
             if offset:
-                count = self.refcounts.get(offset // cluster)
-                if count == 0:
-                    raise FormatError(f"qcow2 refcount of L2 table {index} is 0; run "
-                                      "'qemu-img check -r all' first")
-                if count == 1:
+                if self.refcounts.get(offset // cluster) == 1:
                     in_place.append((offset, bytes(table)))
                     continue
                 self._shared.append(offset // cluster)
@@ -145,6 +160,7 @@ class GuestWriter:
         self.refcounts.write_blocks(update)
         self.refcounts.write_new_table(update)
         update.phase("pointers")
+        self._pointed = True
         self.refcounts.write_table_entries(update)
         for offset, content in in_place:
             update.write(offset, content)

@@ -5,7 +5,8 @@ backing file name, its format): it rebuilds the whole first cluster from what
 it knows and writes it in one write. instar does the same, so the bytes match
 qemu's: the header (version 2: 72 bytes; version 3: 112, plus any fields past
 112 the image had, kept as they were), then the extensions in qemu's order
-(backing format, external data file, the feature name table for version 3,
+(backing format, external data file, the feature name table for version 3
+with clusters larger than 4 KiB,
 unknown extensions in the order the image had them), the end marker, and the
 backing file name, unterminated; zeros to the end of the cluster.
 
@@ -22,6 +23,8 @@ from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Driver, read_backing_name
 from instar.safety import MAX_HEADER_EXTENSION_BYTES
 
+# qemu leaves the feature name table (392 bytes) out of clusters this small.
+_NO_FEATURE_TABLE_AT = 4096
 _QEMU_V3_HEADER = 112  # sizeof(QCowHeader): the compression type byte, padded
 # Extensions qemu regenerates from its own state (the rest it keeps as they were).
 _KNOWN = (L.EXT_BACKING_FORMAT, L.EXT_FEATURE_TABLE, L.EXT_BITMAPS, L.EXT_CRYPTO,
@@ -72,7 +75,7 @@ def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | 
         body += L.pack_extension(L.EXT_BACKING_FORMAT, backing_format.encode())
     if driver.extensions.data_file is not None:
         body += L.pack_extension(L.EXT_DATA_FILE, driver.extensions.data_file.encode())
-    if header.version >= 3:
+    if header.version >= 3 and cluster > _NO_FEATURE_TABLE_AT:
         body += L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
     for kind, payload in extensions:
         if kind not in _KNOWN:
