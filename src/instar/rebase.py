@@ -101,6 +101,8 @@ def _rebase_job(broker: Broker, send: EventSink, path: str, backing: str | None,
         node = opener.open_file_node(file, path, fmt.name, with_backing=not unsafe, depth=0)
         if fmt_name is None and fmt.name == "raw":
             send(Notice(_raw_probe_warning(path)))
+        if fmt.name == "qcow2":
+            _check_qcow2(node)
         if backing_fmt is not None and registry.get(backing_fmt) is None \
                 and not registry.is_recognised_only(backing_fmt):
             raise RebaseError(f"Invalid format name: '{backing_fmt}'")
@@ -132,9 +134,11 @@ def _open_new_backing(opener: ImageOpener, node: OpenedNode, backing: str,
     except ImageOpenError as error:
         raise RebaseError(f"Could not open new backing file '{backing}': {error.reason}") \
             from None
-    if new.file.identity == node.file.identity:
-        raise RebaseError(f"Could not open new backing file '{backing}': Could not open "
-                          f"'{new.path}': the image cannot be its own backing file")
+    if new.file.identity == node.file.identity:  # qemu: its own write lock is in the way
+        refusal = RebaseError(f"Could not open new backing file '{backing}': Failed to get "
+                              'shared "write" lock')
+        refusal.hint = f"Is another process using the image [{new.path}]?"
+        raise refusal
     return new.image
 
 
@@ -150,7 +154,6 @@ class _Header:
             if target is not None and target_fmt is None:
                 raise OSError(errno.EINVAL, "Invalid argument")  # qemu's require flag
             if self.format == "qcow2":
-                _check_qcow2(node)
                 self.data = self._qcow2(None)
             elif self.format == "qed":
                 from instar.formats.qed.backing import backing_header
@@ -186,13 +189,14 @@ class _Header:
 
 
 def _check_qcow2(node: OpenedNode) -> None:
-    """qemu's refusals to open a qcow2 image read-write, and instar's own."""
+    """qemu's refusal to open a qcow2 image read-write, and instar's own
+    (what it cannot rewrite faithfully yet)."""
     from instar.formats.qcow2 import layout as L
 
     header = node.image.driver.header  # type: ignore[attr-defined]
     extensions = node.image.driver.extensions  # type: ignore[attr-defined]
     if header.incompatible_features & L.INCOMPAT_CORRUPT:
-        raise RebaseError("qcow2: Image is corrupt; cannot be opened read/write")
+        raise ImageOpenError(node.path, "qcow2: Image is corrupt; cannot be opened read/write")
     if extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
         raise UnsupportedError("rebasing a qcow2 image with persistent bitmaps is not "
                                "supported yet")
