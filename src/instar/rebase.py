@@ -48,6 +48,9 @@ if TYPE_CHECKING:
     from instar.formats.qcow2.guest_writes import GuestWriter
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's step: bytes compared at a time, at most
+# Steps past both backing files' ends counted one by one for qemu's meter;
+# the rest (a huge image over short backing files) are counted at once.
+_COUNTED_TAIL = 1 << 14
 
 
 def rebase(
@@ -242,6 +245,8 @@ def _scan(node: OpenedNode, old: Window | None, new: Window | None, old_size: in
     steps = size // min(size, IO_BUF_SIZE) if size else 0
     unit = _unit(node)
     last = -1  # the last cluster written (a step may end inside a cluster)
+    limit = max(old_size, new_size)  # nothing differs past both backing files
+    counted = 0  # steps past ``limit``
     runs = image.status_runs()
     run = next(runs, None)
     offset = 0
@@ -252,6 +257,14 @@ def _scan(node: OpenedNode, old: Window | None, new: Window | None, old_size: in
             raise FormatError("the image's map ends before its size")
         length = min(IO_BUF_SIZE, size - offset, run.piece_end(offset) - offset)
         if run.flags & (DATA | ZERO):
+            offset += length
+            continue
+        if offset >= limit:  # both backing files read zeros from here on
+            counted += 1
+            if counted > _COUNTED_TAIL:  # qemu's remaining steps, at once
+                send(Advance(-(-(size - offset) // IO_BUF_SIZE), steps))
+                return
+            send(Advance(1, steps))
             offset += length
             continue
         if offset < old_size:

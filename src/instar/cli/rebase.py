@@ -45,6 +45,7 @@ Not supported (refused): --object objectdef, --image-opts
 """
 
 SHORT_OPTIONS = ":hf:F:b:upt:T:qU"
+_ONE_BY_ONE = 1 << 14  # steps of the meter added one by one, as qemu adds them
 LONG_OPTIONS = {"help": False, "object": True, "image-opts": False, "force-share": False,
                 "allow": True}
 
@@ -55,7 +56,12 @@ def _shower(meter: QemuProgress | None) -> EventSink:
     def show(event: Event) -> None:
         if isinstance(event, Advance):
             if meter is not None:  # qemu: 100 / (size / MIN(size, 2 MiB)), a C float
-                meter.add(_f32(100.0 / _f32(float(event.total))))
+                share = _f32(100.0 / _f32(float(event.total)))
+                if event.length <= _ONE_BY_ONE:
+                    for _ in range(event.length):
+                        meter.add(share)
+                else:
+                    meter.add(min(100.0, event.length * share))
         elif isinstance(event, Notice):
             sys.stdout.flush()
             sys.stderr.write(event.text + "\n")
