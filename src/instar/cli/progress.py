@@ -44,10 +44,6 @@ class ProgressMeter:
         """The final 100% line and a newline, as qemu-img ends its meter."""
         self._draw("    (100.00/100%)\r\n")
 
-    def end(self) -> None:
-        """The newline alone: qemu-img's end of a meter after a failure."""
-        self._draw("\n")
-
 
 def show_events(meter: ProgressMeter | None) -> EventSink:
     """The CLI's sink for a copy's events: progress on ``meter`` (when -p),
