@@ -234,14 +234,26 @@ def test_qed(tmp_path: Path, args: tuple[str, ...]) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
-def test_qed_copy_not_supported(tmp_path: Path) -> None:
-    """Safe mode over a qed image that needs data copied: refused, file unchanged."""
-    _build(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
-                      ("create", "-f", "qed", "-b", "base.raw", "-F", "raw", "ov.qed", "1M")])
-    before = (tmp_path / "ov.qed").read_bytes()
-    ours = run_instar("rebase", "-b", "nb.raw", "-F", "raw", "ov.qed", cwd=tmp_path)
-    assert ours.rc == 1 and ours.stderr.count("\n") == 1 and "not supported yet" in ours.stderr
-    assert (tmp_path / "ov.qed").read_bytes() == before
+@pytest.mark.parametrize("options", ["cluster_size=4k", "", "cluster_size=16k,table_size=2"])
+@pytest.mark.parametrize("args", [
+    ("-b", "nb.raw", "-F", "raw"),
+    ("-b", ""),
+    ("-b", "short.raw", "-F", "raw"),
+    ("-b", "long.raw", "-F", "raw"),
+    ("-p", "-b", "nb.qcow2", "-F", "qcow2"),
+])
+def test_safe_qed(tmp_path: Path, options: str, args: tuple[str, ...]) -> None:
+    """Safe mode copies into QED as into qcow2 (its own L1 and L2 tables)."""
+    steps: list[Step] = [
+        *_raw("base.raw", "1M", "write -P 1 0 512k", "write -P 2 640k 100k"),
+        *_raw("nb.raw", "1M", "write -P 1 0 256k", "write -P 3 700k 4k"),
+        *_raw("short.raw", "300k", "write -P 1 0 300k"),
+        *_raw("long.raw", "3M", "write -P 1 0 3M"),
+        *_qcow2("nb.qcow2", "1M", "nb.raw", writes=("write -P 9 900k 10k",)),
+        ("create", "-f", "qed", "-o", options or "cluster_size=64k", "-b", "base.raw", "-F",
+         "raw", "ov.qed", "2M"),
+        *(("io", "qed", "ov.qed", w) for w in _WRITES)]
+    _parity(tmp_path, steps, "ov.qed", *args, fmt="qed")
 
 
 # --- safe mode -------------------------------------------------------------------------------
@@ -442,31 +454,39 @@ def test_corrupt_bit(tmp_path: Path, args: tuple[str, ...]) -> None:
 # --- crash safety ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("options,new,minimum", [
-    ("cluster_size=4k", "nb.raw", 4),
-    ("cluster_size=512", "nb.raw", 6),  # new refcount blocks and table
-    ("cluster_size=4k", "", 4),
+@pytest.mark.parametrize("fmt,options,new,minimum", [
+    ("qcow2", "cluster_size=4k", "nb.raw", 4),
+    ("qcow2", "cluster_size=512", "nb.raw", 6),  # new refcount blocks and table
+    ("qcow2", "cluster_size=4k", "", 4),
+    ("qed", "cluster_size=4k", "nb.raw", 4),
+    ("qed", "cluster_size=4k", "", 4),
 ])
-def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, options: str,
-                              new: str, minimum: int) -> None:
+def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fmt: str,
+                              options: str, new: str, minimum: int) -> None:
     """Safe mode stopped after k changes for every k until it finishes: every
     result reads as the image did (through the old or the new backing file),
-    qemu-img check finds nothing worse than leaks, and the header names the
-    old backing file or the new one."""
-    _build(tmp_path, [*_raw("base.raw", "1M", "write -P 1 200k 16k", "write -P 4 600k 1k"),
-                      *_raw("nb.raw", "1M", "write -P 1 200k 8k", "write -P 6 500k 4k"),
-                      *_qcow2("o.qcow2", "1M", "base.raw", options=options,
-                              writes=("write -P 2 0 4k", "write -P 3 600k 8k",
-                                      "write -P 5 204k 1k")),
-                      ("snapshot", "-c", "s1", "o.qcow2")])
-    original = tmp_path / "o.qcow2"
-    expected = qemu_read_raw(original, tmp_path, "qcow2")
-    qemu_img_ok("convert", "-l", "s1", "-O", "raw", str(original), str(tmp_path / "s1.raw"))
-    snapshot = (tmp_path / "s1.raw").read_bytes()
+    qemu-img check finds nothing worse than leaks, the header names the old
+    backing file or the new one, and a snapshot reads as it did while the
+    header names the old one (a snapshot reads through the image's backing file)."""
+    steps: list[Step] = [
+        *_raw("base.raw", "1M", "write -P 1 200k 16k", "write -P 4 600k 1k"),
+        *_raw("nb.raw", "1M", "write -P 1 200k 8k", "write -P 6 500k 4k"),
+        ("create", "-f", fmt, "-o", options, "-b", "base.raw", "-F", "raw", "o." + fmt, "1M"),
+        *(("io", fmt, "o." + fmt, w)
+          for w in ("write -P 2 0 4k", "write -P 3 600k 8k", "write -P 5 204k 1k"))]
+    if fmt == "qcow2":
+        steps.append(("snapshot", "-c", "s1", "o.qcow2"))
+    _build(tmp_path, steps)
+    original = tmp_path / f"o.{fmt}"
+    expected = qemu_read_raw(original, tmp_path, fmt)
+    snapshot = b""
+    if fmt == "qcow2":
+        qemu_img_ok("convert", "-l", "s1", "-O", "raw", str(original), str(tmp_path / "s1.raw"))
+        snapshot = (tmp_path / "s1.raw").read_bytes()
     seen: set[str | None] = set()
     k = 0
     while True:
-        image = tmp_path / "k.qcow2"
+        image = tmp_path / f"k.{fmt}"
         shutil.copyfile(original, image)
         monkeypatch.setattr(mutate, "stop_after", k)
         try:
@@ -476,19 +496,20 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, o
         except StoppedUpdate:
             finished = False
         monkeypatch.setattr(mutate, "stop_after", None)
-        checked = run_qemu_img("check", "--output=json", "-f", "qcow2", str(image))
+        checked = run_qemu_img("check", "--output=json", "-f", fmt, str(image))
         report = json.loads(checked.stdout)
         assert checked.rc in (0, 3), (k, checked.stdout, checked.stderr)
         assert not report.get("corruptions") and not report.get("check-errors"), (k, report)
-        assert qemu_read_raw(image, tmp_path, "qcow2") == expected, k
+        assert qemu_read_raw(image, tmp_path, fmt) == expected, k
         backing = json.loads(qemu_img_ok("info", "--output=json", str(image))).get(
             "backing-filename")
-        if backing == "base.raw":  # (a snapshot reads through the image's backing file)
+        assert backing in ("base.raw", new or None), k
+        seen.add(backing)
+        if backing == "base.raw" and snapshot:
             qemu_img_ok("convert", "-l", "s1", "-O", "raw", str(image),
                         str(tmp_path / "s1.raw"))
             assert (tmp_path / "s1.raw").read_bytes() == snapshot, k
-        assert backing in ("base.raw", new or None), k
-        seen.add(backing)
+        image.unlink()
         if finished:
             assert checked.rc == 0 and backing == (new or None)
             break

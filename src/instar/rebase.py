@@ -45,7 +45,10 @@ from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
 
 if TYPE_CHECKING:
-    from instar.formats.qcow2.guest_writes import GuestWriter
+    from instar.formats.qcow2.guest_writes import GuestWriter as Qcow2Writer
+    from instar.formats.qed.guest_writes import GuestWriter as QedWriter
+
+    GuestWriter = Qcow2Writer | QedWriter
 
 IO_BUF_SIZE = 2 << 20  # qemu-img's step: bytes compared at a time, at most
 # Steps past both backing files' ends counted one by one for qemu's meter;
@@ -308,9 +311,14 @@ def _unit(node: OpenedNode) -> int:
 
 def _writer(node: OpenedNode, update: ImageUpdate) -> GuestWriter:
     """The format's in-place guest writer, made when the first cluster needs one."""
+    driver = node.image.driver
+    if node.format.name == "qed":
+        from instar.formats.qed.guest_writes import GuestWriter as QedWriter
+
+        return QedWriter(driver, update, "rebase")  # type: ignore[arg-type]
     if node.format.name != "qcow2":
         raise UnsupportedError(f"rebase in safe mode of a {node.format.name} image whose "
                                "data must be copied is not supported yet")
-    from instar.formats.qcow2.guest_writes import GuestWriter
+    from instar.formats.qcow2.guest_writes import GuestWriter as Qcow2Writer
 
-    return GuestWriter(node.image.driver, update, "rebase")  # type: ignore[arg-type]
+    return Qcow2Writer(driver, update, "rebase")  # type: ignore[arg-type]

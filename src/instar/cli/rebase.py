@@ -39,8 +39,7 @@ Change the backing file of an image, as qemu-img rebase does.
   --allow dir          the old and new backing files may come from dir (not in qemu-img)
   -h, --help           show this help
 
-qcow2 and qed images can be rebased (qemu refuses the other formats); safe mode
-copies data into qcow2 only (qed: -u, or when nothing needs copying).
+qcow2 and qed images can be rebased (qemu refuses the other formats).
 Not supported (refused): --object objectdef, --image-opts
 """
 
