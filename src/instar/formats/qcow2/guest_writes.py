@@ -39,7 +39,7 @@ from instar.formats.common import read_table
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.allocation import Refcounts
 from instar.formats.qcow2.reader import Qcow2Driver
-from instar.mutate import ImageUpdate
+from instar.mutate import ImageUpdate, SequentialWrites
 
 
 def check_writable(driver: Qcow2Driver, what: str) -> None:
@@ -78,6 +78,7 @@ class GuestWriter:
         self._first = max(-(-driver.file.size // self.cluster),
                           self.refcounts.last_in_use() + 1)
         self._written = 0
+        self._data = SequentialWrites(update)  # the clusters, appended in order
         self._entries: dict[int, dict[int, int]] = {}  # L1 index -> {slot: L2 entry}
         self._shared: list[int] = []  # L2 tables copied: their reference is dropped last
         self._pointed = False  # the pointers phase has begun
@@ -101,7 +102,7 @@ class GuestWriter:
             entry = L.OFLAG_ZERO
         else:
             host = (self._first + self._written) * self.cluster
-            self.update.write(host, bytes(self.cluster) if data is None else data)
+            self._data.write(host, bytes(self.cluster) if data is None else data)
             self._written += 1
             entry = host | L.OFLAG_COPIED
         self._entries.setdefault(index, {})[slot] = entry
@@ -120,6 +121,7 @@ class GuestWriter:
     def abandon(self) -> None:
         """After a failure before `finish` pointed at anything: the file cut
         back to its old length (nothing refers to what was written past it)."""
+        self._data = SequentialWrites(self.update)  # what waits is dropped
         if self._written and not self._pointed:
             self.update.truncate(self.driver.file.size)
             self._written = 0
@@ -136,6 +138,7 @@ class GuestWriter:
     def finish(self) -> None:
         """Claim what `write` wrote, write the tables and point at them (phases
         data and pointers); the caller writes its header next."""
+        self._data.flush()
         if not self._entries:
             return
         cluster = self.cluster

@@ -26,7 +26,7 @@ from instar.errors import FormatError, UnsupportedError
 from instar.formats.common import unpack_table
 from instar.formats.qed import layout as L
 from instar.formats.qed.reader import QedDriver, read_padded
-from instar.mutate import ImageUpdate
+from instar.mutate import ImageUpdate, SequentialWrites
 
 
 class GuestWriter:
@@ -50,6 +50,7 @@ class GuestWriter:
         # Data from the first whole cluster past the end of the file on.
         self._first = -(-self.length // self.cluster)
         self._written = 0
+        self._data = SequentialWrites(update)  # the clusters, appended in order
         self._entries: dict[int, dict[int, int]] = {}  # L1 index -> {slot: L2 entry}
         self._pointed = False
 
@@ -74,12 +75,13 @@ class GuestWriter:
             entry = L.ZERO_CLUSTER
         else:
             entry = (self._first + self._written) * self.cluster
-            self.update.write(entry, data)
+            self._data.write(entry, data)
             self._written += 1
         self._entries.setdefault(index, {})[slot] = entry
 
     def finish(self) -> None:
         """The new L2 tables, then the pointers (phases data and pointers)."""
+        self._data.flush()
         if not self._entries:
             return
         update = self.update
@@ -107,6 +109,7 @@ class GuestWriter:
     def abandon(self) -> None:
         """After a failure before `finish` pointed at anything: the file cut
         back to its old length."""
+        self._data = SequentialWrites(self.update)  # what waits is dropped
         if self._written and not self._pointed:
             self.update.truncate(self.driver.file.size)
             self._written = 0
