@@ -361,13 +361,36 @@ def test_backing_refused_by_policy(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
-@pytest.mark.parametrize("options,words", [("extended_l2=on", "extended L2")])
-def test_copy_refused(tmp_path: Path, options: str, words: str) -> None:
+@pytest.mark.parametrize("options", ["extended_l2=on", "extended_l2=on,cluster_size=16k"])
+@pytest.mark.parametrize("args", [
+    ("-b", "nb.raw", "-F", "raw"),
+    ("-b", ""),
+    ("-b", "short.raw", "-F", "raw"),
+    ("-b", "long.raw", "-F", "raw"),
+])
+def test_safe_extended_l2(tmp_path: Path, options: str, args: tuple[str, ...]) -> None:
+    """Extended L2 entries: subclusters copied into new clusters, zero bits
+    where the old backing file has ended (the image's own clusters whole)."""
+    steps = [*_raw("base.raw", "1M", "write -P 1 0 512k", "write -P 2 640k 100k"),
+             *_raw("nb.raw", "1M", "write -P 1 0 256k", "write -P 3 700k 4k"),
+             *_raw("short.raw", "300k", "write -P 1 0 300k"),
+             *_raw("long.raw", "3M", "write -P 1 0 3M"),
+             *_qcow2("ov.qcow2", "2M", "base.raw", options=options,
+                     writes=("write -P 7 0 64k", "write -z 384k 64k"))]
+    _parity(tmp_path, steps, "ov.qcow2", *args)
+
+
+@pytest.mark.usefixtures("allow_own_directories")
+def test_copy_refused_partly_allocated(tmp_path: Path) -> None:
+    """Extended L2 entries: a cluster the image allocated, with subclusters
+    the backing file answers that must be copied: not supported yet, refused,
+    the file unchanged."""
     _build(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
-                      *_qcow2("ov.qcow2", "1M", "base.raw", options=options)])
+                      *_qcow2("ov.qcow2", "1M", "base.raw", options="extended_l2=on",
+                              writes=("write -P 2 0 2k",))])
     before = (tmp_path / "ov.qcow2").read_bytes()
     ours = run_instar("rebase", "-b", "nb.raw", "-F", "raw", "ov.qcow2", cwd=tmp_path)
-    assert ours.rc == 1 and ours.stderr.count("\n") == 1 and words in ours.stderr
+    assert ours.rc == 1 and ours.stderr.count("\n") == 1 and "not supported yet" in ours.stderr
     assert (tmp_path / "ov.qcow2").read_bytes() == before
 
 
@@ -458,6 +481,7 @@ def test_corrupt_bit(tmp_path: Path, args: tuple[str, ...]) -> None:
     ("qcow2", "cluster_size=4k", "nb.raw", 4),
     ("qcow2", "cluster_size=512", "nb.raw", 6),  # new refcount blocks and table
     ("qcow2", "cluster_size=4k", "", 4),
+    ("qcow2", "extended_l2=on,cluster_size=16k", "nb.raw", 4),
     ("qed", "cluster_size=4k", "nb.raw", 3),
     ("qed", "cluster_size=4k", "", 3),
 ])

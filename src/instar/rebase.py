@@ -302,10 +302,12 @@ def _cluster(old: Window | None, at: int, unit: int, size: int, old_size: int) -
 
 
 def _unit(node: OpenedNode) -> int:
-    """The granularity the image allocates in (its cluster)."""
-    driver = node.image.driver
-    header = getattr(driver, "header", None)
+    """The granularity the image allocates in: its cluster, or its subcluster
+    with qcow2's extended L2 entries."""
+    header = getattr(node.image.driver, "header", None)
     size = getattr(header, "cluster_size", 0)
+    if getattr(header, "extended_l2", False):
+        size //= 32
     return size if isinstance(size, int) and size > 0 else 65536
 
 

@@ -2,7 +2,10 @@
 
 `GuestWriter` gives whole guest clusters that the image does not hold yet
 (their L2 entry is 0: the backing file answers there) new content: a data
-cluster of this image, or, for version 3, a zero cluster (no data). ``rebase``
+cluster of this image, or, for version 3, a zero cluster (no data). With
+extended L2 entries it works by subclusters: each written into a cluster it
+appends (the allocation bit set), or made a zero subcluster; a subcluster of
+a cluster the image has allocated already is refused (not supported yet). ``rebase``
 uses it to copy in what the old backing file provided; ``commit`` is meant to
 use it too, to write an overlay's clusters into its backing image (it will
 need overwriting clusters the image holds, which this does not do yet).
@@ -25,13 +28,13 @@ The order, through one `ImageUpdate` (see `instar.mutate`):
    snapshot, and so copied before it changed, loses the active L1's
    reference; an old refcount table is freed.
 
-Refused (one line, before anything is written): extended L2 entries, an
-external data file, the dirty or corrupt bit (the caller checks those of
+Refused (one line, before anything is written): an external data file, the dirty or corrupt bit (the caller checks those of
 the open), refcounts that do not match.
 """
 
 from __future__ import annotations
 
+import os
 from array import array
 
 from instar.errors import FormatError, UnsupportedError
@@ -46,9 +49,6 @@ def check_writable(driver: Qcow2Driver, what: str) -> None:
     """Refuse, before any write, an image whose guest data instar cannot
     change in place yet; ``what`` names the command in the message."""
     header = driver.header
-    if header.extended_l2:
-        raise UnsupportedError(f"{what} of a qcow2 image with extended L2 entries "
-                               "is not supported yet")
     if header.incompatible_features & L.INCOMPAT_DATA_FILE:
         raise UnsupportedError(f"{what} of a qcow2 image with an external data file "
                                "is not supported yet")
@@ -58,7 +58,8 @@ def check_writable(driver: Qcow2Driver, what: str) -> None:
 
 
 class GuestWriter:
-    """Whole guest clusters written into ``driver``'s image through ``update``."""
+    """Guest units written into ``driver``'s image through ``update``: whole
+    clusters, or with extended L2 entries, subclusters (``unit`` bytes each)."""
 
     def __init__(self, driver: Qcow2Driver, update: ImageUpdate, what: str) -> None:
         check_writable(driver, what)
@@ -66,7 +67,10 @@ class GuestWriter:
         self.driver = driver
         self.update = update
         self.cluster = header.cluster_size
-        self.entries = L.l2_entries(header.cluster_bits, False)
+        self.extended = header.extended_l2
+        self.entries = L.l2_entries(header.cluster_bits, self.extended)
+        self.entry_bytes = 16 if self.extended else 8
+        self.unit = self.cluster // (L.SUBCLUSTERS if self.extended else 1)
         self.zero_clusters = header.version >= 3
         self.refcounts = Refcounts(driver)
         if header.l1_size and header.l1_table_offset + header.l1_size * 8 > driver.file.size:
@@ -79,33 +83,72 @@ class GuestWriter:
                           self.refcounts.last_in_use() + 1)
         self._written = 0
         self._data = SequentialWrites(update)  # the clusters, appended in order
-        self._entries: dict[int, dict[int, int]] = {}  # L1 index -> {slot: L2 entry}
+        self._entries: dict[int, dict[int, bytes]] = {}  # L1 index -> {slot: L2 entry}
         self._shared: list[int] = []  # L2 tables copied: their reference is dropped last
         self._pointed = False  # the pointers phase has begun
+        self._fresh: set[int] = set()  # clusters appended for subclusters
 
     @property
     def changed(self) -> bool:
         return bool(self._entries)
 
-    def write(self, guest_cluster: int, data: bytes | None) -> None:
-        """Give guest cluster ``guest_cluster`` (one the image does not hold)
-        the bytes ``data`` (a whole cluster), or zeros when None. The L2 table
-        it goes into is checked first, so a damaged one is refused before
-        anything is written for it."""
+    def write(self, guest_unit: int, data: bytes | None) -> None:
+        """Give guest unit ``guest_unit`` (a cluster, or a subcluster with
+        extended L2 entries, that the image does not hold) the bytes ``data``
+        (a whole unit), or zeros when None. The L2 table it goes into is
+        checked first, so a damaged one is refused before anything is written
+        for it."""
+        guest_cluster, sub = divmod(guest_unit, L.SUBCLUSTERS) if self.extended \
+            else (guest_unit, 0)
         index, slot = divmod(guest_cluster, self.entries)
         if index >= len(self.l1):
             raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
         if index not in self._entries:
             self._check_table(index)
         self.update.phase("data")
-        if data is None and self.zero_clusters:
-            entry = L.OFLAG_ZERO
+        slots = self._entries.setdefault(index, {})
+        if self.extended:
+            slots[slot] = self._subcluster(index, slot, sub, data, slots.get(slot))
+        elif data is None and self.zero_clusters:
+            slots[slot] = L.OFLAG_ZERO.to_bytes(8, "big")
         else:
-            host = (self._first + self._written) * self.cluster
+            host = self._append()
             self._data.write(host, bytes(self.cluster) if data is None else data)
-            self._written += 1
-            entry = host | L.OFLAG_COPIED
-        self._entries.setdefault(index, {})[slot] = entry
+            slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
+
+    def _append(self) -> int:
+        """The host offset of one more data cluster past the end."""
+        host = (self._first + self._written) * self.cluster
+        self._written += 1
+        return host
+
+    def _subcluster(self, index: int, slot: int, sub: int, data: bytes | None,
+                    current: bytes | None) -> bytes:
+        """The extended L2 entry after subcluster ``sub`` of the cluster at
+        ``slot`` gets ``data`` (None: the zero bit): in a data cluster appended
+        for it (a cluster the image has allocated already is refused: not
+        supported yet)."""
+        if current is None:
+            offset = self.l1[index] & L.L1E_OFFSET_MASK
+            current = (self.driver.file.pread(offset + slot * 16, 16) if offset
+                       else bytes(16))
+        entry, bitmap = int.from_bytes(current[:8], "big"), int.from_bytes(current[8:], "big")
+        if data is None:
+            bitmap = (bitmap & ~(1 << sub)) | (1 << (32 + sub))
+        else:
+            host = entry & L.L2E_OFFSET_MASK
+            if entry & L.OFLAG_COMPRESSED or (host and host not in self._fresh):
+                # A cluster already allocated: its other subclusters hold data.
+                # Writing into it safely needs proof that nothing else uses it.
+                raise UnsupportedError("writing into a partly allocated qcow2 cluster "
+                                       "(extended L2 entries) is not supported yet")
+            if not host:
+                host = self._append()
+                self._fresh.add(host)
+                entry = host | L.OFLAG_COPIED
+            self._data.write(host + sub * self.unit, data)
+            bitmap = (bitmap | (1 << sub)) & ~(1 << (32 + sub))
+        return entry.to_bytes(8, "big") + bitmap.to_bytes(8, "big")
 
     def _check_table(self, index: int) -> None:
         """L2 table ``index`` (if any) lies in the file and is in use."""
@@ -131,8 +174,9 @@ class GuestWriter:
         offset = self.l1[index] & L.L1E_OFFSET_MASK  # checked by `write`
         table = bytearray(self.driver.file.pread(offset, self.cluster) if offset
                           else self.cluster)
+        size = self.entry_bytes
         for slot, entry in self._entries[index].items():
-            table[slot * 8 : slot * 8 + 8] = entry.to_bytes(8, "big")
+            table[slot * size : (slot + 1) * size] = entry
         return offset, table
 
     def finish(self) -> None:
@@ -142,6 +186,9 @@ class GuestWriter:
         if not self._entries:
             return
         cluster = self.cluster
+        end = (self._first + self._written) * cluster
+        if self._written and os.fstat(self.update.fd).st_size < end:
+            self.update.truncate(end)  # a new cluster's last subclusters not written
         in_place: list[tuple[int, bytes]] = []
         placed: list[tuple[int, bytes]] = []  # (L1 index, table) for new places
         for index in sorted(self._entries):
