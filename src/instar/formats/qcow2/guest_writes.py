@@ -28,8 +28,9 @@ The order, through one `ImageUpdate` (see `instar.mutate`):
    snapshot, and so copied before it changed, loses the active L1's
    reference; an old refcount table is freed.
 
-Refused (one line, before anything is written): an external data file, the dirty or corrupt bit (the caller checks those of
-the open), refcounts that do not match.
+Refused (one line, before anything is written): an external data file, the
+dirty or corrupt bit (the caller checks those of the open), refcounts that do
+not match.
 """
 
 from __future__ import annotations
