@@ -129,6 +129,10 @@ class RebaseError(InstarError):
     """rebase refused or failed, in qemu-img's words."""
 
 
+class ImageCommitError(InstarError):
+    """commit (of an overlay into its backing file) refused or failed, in qemu-img's words."""
+
+
 class OptionError(UsageError):
     """A creation option the format does not take, or -c where it cannot compress.
 

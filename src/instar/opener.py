@@ -69,6 +69,12 @@ class Broker(Protocol):
         reading and writing (raises OSError)."""
         ...
 
+    def open_named_for_update(self, name: str, relative_to: str, role: str) -> InputFile:
+        """The file an image names (``name`` relative to ``relative_to``),
+        open for reading and writing once the policy allows it: commit's base
+        (raises PolicyError, OSError)."""
+        ...
+
     def create_output(self, target: str) -> OutputFile:
         """A new output that appears at ``target`` only once committed (or a
         block device, written in place)."""
@@ -150,6 +156,24 @@ class HostBroker(Record):
         file = self._open(path, resolved)
         if not (file.is_regular or file.is_block_device):
             raise OSError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular file")
+        return file
+
+    def open_named_for_update(self, name: str, relative_to: str, role: str) -> InputFile:
+        if "\0" in name or not name:
+            raise FormatError(f"{role} name is not a valid path")
+        path = combine_path(relative_to, name)
+        resolved = self.policy.check(path, role)
+        file = open_input_file(path, resolved, writable=True)
+        self.opened.append(file)
+        if not file.is_regular:
+            raise OSError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular file")
+        from instar.locks import write_conflict
+
+        conflict = write_conflict(file.fd)
+        if conflict is not None:
+            error = ImageOpenError(path, conflict)
+            error.hint = f"Is another process using the image [{path}]?"
+            raise error
         return file
 
     def check_output(self, target: str) -> None:

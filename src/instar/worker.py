@@ -227,6 +227,10 @@ class WorkerBroker:
         return self._file({"request": "open_named_file", "name": name,
                            "relative_to": relative_to, "role": role})
 
+    def open_named_for_update(self, name: str, relative_to: str, role: str) -> InputFile:
+        return self._file({"request": "open_named_for_update", "name": name,
+                           "relative_to": relative_to, "role": role})
+
     def create_output(self, target: str) -> OutputFile:
         reply, fds = self._ask({"request": "create_output", "target": target})
         return OutputFile(fds[0], target, in_place=bool(reply["in_place"]))
@@ -461,6 +465,11 @@ def _answer(channel: Channel, host: HostBroker, message: dict[str, Any]) -> None
         elif request == "open_named_file":
             file = host.open_named_file(str(message["name"]), str(message["relative_to"]),
                                         str(message["role"]))
+            channel.send({"name": file.name}, [file.fd])
+        elif request == "open_named_for_update":
+            file = host.open_named_for_update(str(message["name"]),
+                                              str(message["relative_to"]),
+                                              str(message["role"]))
             channel.send({"name": file.name}, [file.fd])
         elif request == "create_output":
             out = host.create_output(str(message["target"]))

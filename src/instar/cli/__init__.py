@@ -50,6 +50,7 @@ COMMANDS = {
     "resize": "instar.cli.resize",
     "snapshot": "instar.cli.snapshot",
     "rebase": "instar.cli.rebase",
+    "commit": "instar.cli.commit",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -61,6 +62,8 @@ usage: instar [standard options] command [command options]
 
 Command syntax:
   check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
+  commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] [--allow dir] \
+filename
   compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
 filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \

@@ -6,9 +6,11 @@ cluster of this image, or, for version 3, a zero cluster (no data). With
 extended L2 entries it works by subclusters: each written into a cluster it
 appends (the allocation bit set), or made a zero subcluster; a subcluster of
 a cluster the image has allocated already is refused (not supported yet). ``rebase``
-uses it to copy in what the old backing file provided; ``commit`` is meant to
-use it too, to write an overlay's clusters into its backing image (it will
-need overwriting clusters the image holds, which this does not do yet).
+uses it to copy in what the old backing file provided; ``commit`` writes an
+overlay's clusters into its base with `overwrite`, which also takes clusters
+the image holds: rewritten in place when only that entry references them
+(a crash leaves each cluster old or new), replaced by a new cluster when a
+snapshot shares them (the old reference dropped in the ``release`` phase).
 
 The order, through one `ImageUpdate` (see `instar.mutate`):
 
@@ -88,6 +90,8 @@ class GuestWriter:
         self._shared: list[int] = []  # L2 tables copied: their reference is dropped last
         self._pointed = False  # the pointers phase has begun
         self._fresh: set[int] = set()  # clusters appended for subclusters
+        self._in_place = SequentialWrites(update)  # `overwrite`'s clusters rewritten
+        self._dropped: list[int] = []  # shared clusters `overwrite` replaced
 
     @property
     def changed(self) -> bool:
@@ -115,6 +119,54 @@ class GuestWriter:
         else:
             host = self._append()
             self._data.write(host, bytes(self.cluster) if data is None else data)
+            slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
+
+    def overwrite(self, guest_unit: int, data: bytes | None) -> None:
+        """Like `write`, for a unit the image may hold already (commit's base):
+        a data cluster only this entry references is rewritten in place (None:
+        it keeps its place with the zero flag, or gets zeros before version 3);
+        one shared with a snapshot is replaced by a new cluster and its
+        reference dropped at `release`. A compressed cluster, or an allocated
+        one with extended L2 entries, is refused (not supported yet)."""
+        guest_cluster = guest_unit // L.SUBCLUSTERS if self.extended else guest_unit
+        index, slot = divmod(guest_cluster, self.entries)
+        if index >= len(self.l1):
+            raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
+        if index not in self._entries:
+            self._check_table(index)
+        if slot in self._entries.get(index, {}):
+            raise AssertionError("a guest unit overwritten twice")
+        table = self.l1[index] & L.L1E_OFFSET_MASK
+        raw = (self.driver.file.pread(table + slot * self.entry_bytes, 8) if table
+               else bytes(8))
+        entry = int.from_bytes(raw, "big")
+        host = entry & L.L2E_OFFSET_MASK
+        if entry & L.OFLAG_COMPRESSED:
+            raise UnsupportedError("writing over a compressed qcow2 cluster is not "
+                                   "supported yet")
+        if not host:
+            self.write(guest_unit, data)
+            return
+        if self.extended:
+            raise UnsupportedError("writing into a partly allocated qcow2 cluster "
+                                   "(extended L2 entries) is not supported yet")
+        if host % self.cluster or host + self.cluster > self.driver.file.size:
+            raise FormatError(f"qcow2 data cluster at {host:#x} lies outside the image")
+        references = self.refcounts.get(host // self.cluster)
+        if references == 0:
+            raise FormatError(f"qcow2 refcount of data cluster {host:#x} is 0; run "
+                              "'qemu-img check -r all' first")
+        if references > 1:
+            self.write(guest_unit, data)
+            self._dropped.append(host // self.cluster)
+            return
+        self.update.phase("data")
+        slots = self._entries.setdefault(index, {})
+        if data is None and self.zero_clusters:
+            slots[slot] = (host | L.OFLAG_COPIED | L.OFLAG_ZERO).to_bytes(8, "big")
+            return
+        self._in_place.write(host, bytes(self.cluster) if data is None else data)
+        if entry != host | L.OFLAG_COPIED:
             slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
 
     def _append(self) -> int:
@@ -166,6 +218,7 @@ class GuestWriter:
         """After a failure before `finish` pointed at anything: the file cut
         back to its old length (nothing refers to what was written past it)."""
         self._data = SequentialWrites(self.update)  # what waits is dropped
+        self._in_place = SequentialWrites(self.update)
         if self._written and not self._pointed:
             self.update.truncate(self.driver.file.size)
             self._written = 0
@@ -184,6 +237,7 @@ class GuestWriter:
         """Claim what `write` wrote, write the tables and point at them (phases
         data and pointers); the caller writes its header next."""
         self._data.flush()
+        self._in_place.flush()
         if not self._entries:
             return
         cluster = self.cluster
@@ -229,7 +283,7 @@ class GuestWriter:
         if not self._entries:
             return
         self.update.phase("release")
-        for number in self._shared:
+        for number in self._shared + self._dropped:
             self.refcounts.add(number, 1, -1)
         self.refcounts.release_old_table()
         self.refcounts.write_blocks(self.update)

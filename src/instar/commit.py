@@ -1,0 +1,281 @@
+"""commit as qemu-img 7.2 does it: an overlay's data written into its backing file.
+
+qemu-img's order (``img_commit``): the image opened read-write with its
+chain, refused without a backing file ("Image does not have a backing
+file"), the base found (``-b``: an image of the chain below the top one,
+named relative to the image above it and compared as the file it names, or
+the top image's backing file), then qemu's commit job: the base grown to the
+image's size if it is smaller, and every range that the top image or an
+image between it and the base allocates (data, or zeros) written into the
+base as the top image reads it. Then, unless ``-d`` or ``-b`` (which implies
+``-d``), the top image is emptied (`instar.formats.qcow2.make_empty`).
+
+The base is a file an image names: it is opened for writing through the
+broker, so the policy applies (its directory must be allowed). Its writes go
+through one `instar.mutate.ImageUpdate` (raw: ``pwrite``; qcow2: the in-place
+`instar.formats.qcow2.guest_writes.GuestWriter`), the top image's emptying
+through another, after the base is complete on disk. Everything instar
+cannot do (another base format, an overlay it cannot empty as qemu does) is
+refused before the first write.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING
+
+from instar.errors import (
+    FormatError,
+    ImageCommitError,
+    ImageOpenError,
+    InstarError,
+    UnsupportedError,
+)
+from instar.events import EventSink, Line, Notice
+from instar.image import DATA, ZERO, Image
+from instar.mutate import ImageUpdate
+from instar.opener import Broker, ImageOpener, OpenedNode
+from instar.resize import _raw_probe_warning
+from instar.safety import AllowedDirs, PathPolicy
+from instar.worker import SandboxSettings, run_job
+
+if TYPE_CHECKING:
+    from instar.files import InputFile
+    from instar.formats.qcow2.reader import Qcow2Driver
+
+STEP = 2 << 20  # bytes read from the chain at a time, at most
+
+
+def commit(
+    path: str,
+    *,
+    fmt: str | None = None,
+    base: str | None = None,
+    drop: bool = False,
+    quiet: bool = False,
+    allow: AllowedDirs = (),
+    events: EventSink | None = None,
+    sandbox: SandboxSettings | None = None,
+) -> None:
+    """Commit ``path`` into its backing file (or ``base``, further down its
+    chain), as ``qemu-img commit [-f fmt] [-b base] [-d] path``; ``events``
+    gets "Image committed." as a `Line` unless ``quiet``."""
+    policy = PathPolicy.from_allow(allow)
+
+    def job(broker: Broker, send: EventSink) -> None:
+        _commit_job(broker, send, path, fmt, base, drop)
+        if not quiet:
+            send(Line("Image committed."))
+
+    run_job(job, policy, sandbox, events, inputs=[path], outputs=[path])
+
+
+def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None,
+                base_name: str | None, drop: bool) -> None:
+    """commit itself, reaching files only through ``broker`` (it may run in a worker)."""
+    if not path:
+        raise ImageOpenError(path, "The 'file' block driver requires a file name")
+    try:
+        file = broker.open_image_for_update(path)
+    except OSError as error:
+        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+    opener = ImageOpener(broker=broker)
+    try:
+        fmt = opener.choose_format(file, path, fmt_name)
+        top = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
+        if fmt_name is None and fmt.name == "raw":
+            send(Notice(_raw_probe_warning(path)))
+        chain = _chain(opener, top)
+        if len(chain) < 2:
+            raise ImageCommitError("Image does not have a backing file")
+        if fmt.name == "qcow2":
+            _check_qcow2(top)
+        if base_name is None:
+            depth = 1
+        else:
+            depth = _find_base(broker, chain, base_name)
+            drop = True  # qemu: whether to empty the top image is unclear then
+        base = chain[depth]
+        if not drop:
+            if fmt.name != "qcow2":
+                raise UnsupportedError(f"emptying a {fmt.name} image after a commit is not "
+                                       "supported yet; use -d to keep its data")
+            from instar.formats.qcow2.make_empty import check_emptiable
+
+            check_emptiable(top.image.driver)  # type: ignore[arg-type]
+        if base.format.name not in ("raw", "qcow2"):
+            raise UnsupportedError(f"committing into a {base.format.name} image is not "
+                                   "supported yet")
+        target = _open_base(opener, base)
+        _write_base(opener, chain[:depth], base, target)
+        if not drop:
+            from instar.formats.qcow2.make_empty import make_empty
+
+            update = ImageUpdate(file.fd, path)
+            make_empty(top.image.driver, update)  # type: ignore[arg-type]
+            update.finish()
+    except FormatError as error:
+        raise ImageCommitError(str(error)) from None
+    finally:
+        opener.close()
+
+
+def _chain(opener: ImageOpener, top: OpenedNode) -> list[OpenedNode]:
+    """The top image's chain as opened, from the top down."""
+    chain = [top]
+    while True:
+        below = chain[-1].image.backing
+        node = next((n for n in opener.nodes if n.image is below), None)
+        if node is None:
+            return chain
+        chain.append(node)
+
+
+def _check_qcow2(node: OpenedNode) -> None:
+    """qemu's refusal to open a corrupt qcow2 image read-write."""
+    from instar.formats.qcow2 import layout as L
+
+    header = node.image.driver.header  # type: ignore[attr-defined]
+    if header.incompatible_features & L.INCOMPAT_CORRUPT:
+        raise ImageOpenError(node.path, "qcow2: Image is corrupt; cannot be opened read/write")
+
+
+def _find_base(broker: Broker, chain: list[OpenedNode], name: str) -> int:
+    """The index in ``chain`` of the image ``-b name`` names: at each level,
+    ``name`` relative to the image above is opened and compared, as a file,
+    with that image's backing file (qemu compares canonical paths)."""
+    for depth in range(1, len(chain)):
+        above, below = chain[depth - 1], chain[depth]
+        if not name or "\0" in name:
+            continue
+        try:
+            candidate = broker.open_named_file(name, above.path, "base image")
+        except (InstarError, OSError):
+            continue
+        same = candidate.identity == below.file.identity
+        if same:
+            return depth
+    raise ImageCommitError(f"Did not find '{name}' in the backing chain of '{chain[0].path}'")
+
+
+def _open_base(opener: ImageOpener, base: OpenedNode) -> InputFile:
+    """The base opened again, for writing, through the broker's policy; it
+    must be the file the chain read."""
+    try:
+        target = opener.broker.open_named_for_update(base.path, "", "backing file")
+    except OSError as error:
+        raise ImageOpenError(base.path, f"Could not open '{base.path}': "
+                                        f"{error.strerror}") from None
+    if target.identity != base.file.identity:
+        raise ImageCommitError(f"'{base.path}' changed while it was opened")
+    return target
+
+
+def _allocated(layers: list[OpenedNode], size: int) -> list[tuple[int, int]]:
+    """The ranges below ``size`` that any of ``layers`` allocates (data or
+    zeros), merged and in order."""
+    ranges: list[tuple[int, int]] = []
+    for layer in layers:
+        for run in layer.image.status_runs():
+            if run.start >= size:
+                break
+            if run.flags & (DATA | ZERO):
+                ranges.append((run.start, min(run.end, size)))
+    ranges.sort()
+    merged: list[tuple[int, int]] = []
+    for start, end in ranges:
+        if merged and start <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], end))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def _write_base(opener: ImageOpener, above: list[OpenedNode], base: OpenedNode,
+                target: InputFile) -> None:
+    """Every range ``above`` allocates, as the top image reads it, into the base."""
+    top = above[0].image
+    size = top.virtual_size
+    ranges = _allocated(above, size)
+    update = ImageUpdate(target.fd, base.path)
+    if base.format.name == "raw":
+        _write_raw(top, ranges, size, target, update)
+    else:
+        _write_qcow2(opener, top, base, ranges, size, target, update)
+    update.finish()
+
+
+def _write_raw(top: Image, ranges: list[tuple[int, int]], size: int, target: InputFile,
+               update: ImageUpdate) -> None:
+    """A raw base: grown to ``size`` if shorter, then the ranges written over."""
+    if not target.is_regular:
+        raise UnsupportedError("committing into a block device is not supported yet")
+    update.phase("data")
+    if target.size < size:
+        update.truncate(size)
+    for start, end in ranges:
+        for offset in range(start, end, STEP):
+            length = min(STEP, end - offset)
+            update.write(offset, top.read(offset, length))
+
+
+def _write_qcow2(opener: ImageOpener, top: Image, base: OpenedNode,
+                 ranges: list[tuple[int, int]], size: int, target: InputFile,
+                 update: ImageUpdate) -> None:
+    """A qcow2 base: grown to ``size`` if smaller (a resize of its own,
+    complete before the data), then each base cluster a range touches
+    rewritten with what the top image reads there (its part past the top
+    image's end as the base reads it), through the GuestWriter."""
+    from instar.formats.qcow2 import layout as L
+    from instar.formats.qcow2.guest_writes import GuestWriter, check_writable
+    from instar.formats.qcow2.reader import Qcow2Driver
+
+    driver = _qcow2_driver(opener, base, target)
+    _check_qcow2(base)
+    check_writable(driver, "commit into the base")
+    if driver.extensions.has_bitmaps or driver.header.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        raise UnsupportedError("committing into a qcow2 image with persistent bitmaps is "
+                               "not supported yet")
+    if driver.header.incompatible_features & L.INCOMPAT_DIRTY:
+        raise UnsupportedError("the base is a dirty qcow2 image (lazy refcounts); instar "
+                               "does not repair it before a commit yet: run 'qemu-img "
+                               "check -r all'")
+    old_size = driver.header.size
+    if old_size < size:
+        from instar.formats.qcow2.resize import resize_qcow2
+
+        backing = base.image.backing
+        zero_fill = backing is not None and backing.virtual_size > old_size
+        grow = ImageUpdate(target.fd, base.path)
+        resize_qcow2(driver, grow, size, "off", zero_fill)
+        grow.finish()
+        target.size = os.fstat(target.fd).st_size
+        driver = _qcow2_driver(opener, base, target)
+    assert isinstance(driver, Qcow2Driver)
+    base_size = driver.header.size
+    writer = GuestWriter(driver, update, "commit")
+    unit = writer.unit
+    zeros = bytes(unit)
+    done = -1  # the last unit written (two ranges may share one)
+    for start, end in ranges:
+        for number in range(max(start // unit, done + 1), -(-end // unit)):
+            at = number * unit
+            data = top.read(at, min(unit, size - at))
+            if at + unit > size and base_size > size:
+                data += base.image.read(size, min(at + unit, base_size) - size)
+            data = data.ljust(unit, b"\0")
+            writer.overwrite(number, None if data == zeros else data)
+            done = number
+    writer.finish()
+    table = writer.refcount_table()
+    if table is not None:
+        update.phase("header")
+        update.write(48, table[0].to_bytes(8, "big") + table[1].to_bytes(4, "big"))
+    writer.release()
+
+
+def _qcow2_driver(opener: ImageOpener, base: OpenedNode, target: InputFile) -> Qcow2Driver:
+    """The base's qcow2 tables as they are on disk now, read from ``target``."""
+    node = opener.open_file_node(target, base.path, "qcow2", with_backing=False, depth=0)
+    return node.image.driver  # type: ignore[return-value]
+
