@@ -15,11 +15,15 @@ from typing import Any
 
 import pytest
 
+import hostile_corpus as corpus
 from helpers import Result, qemu_img_ok, qemu_io, qemu_read_raw, run_instar, run_qemu_img
 from instar import mutate
 from instar.commit import commit
 from instar.errors import StoppedUpdate
 from instar.worker import SandboxSettings
+from test_hostile import SANDBOX_WARNING
+from test_hostile import run_instar as run_confined
+from test_rebase import _PROBE_WARNING, _files
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
 
@@ -399,3 +403,41 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
             break
         k += 1
     assert k >= 4
+
+
+# --- the hostile corpus -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
+    return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))
+
+
+@pytest.mark.parametrize("mode", [(), ("-d",)])
+@pytest.mark.parametrize("case", [pytest.param(case, id=f"{case.family}-{case.name}")
+                                  for case in corpus.CASES])
+def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path,
+                        mode: tuple[str, ...]) -> None:
+    """Every image of the hostile corpus committed by a confined instar:
+    committed or refused in one line, within the limits; refused, nothing
+    changed; committed, nothing changed outside the allowed directory."""
+    place = corpus.Place.make(tmp_path, bases)
+    image = "img/" + case.build(place)
+    allowed = (place.root / "img").resolve()
+    before = _files(place.root, Path("/nonexistent"))
+    allow = ["--allow", "img"] if case.allow in ("dir", "both") else []
+    run = run_confined("commit", ["commit", *allow, *mode, image], place)
+    assert not run.stalled and run.rc in (0, 1), run.describe()
+    lines = [line for line in run.stderr.decode(errors="replace").splitlines()
+             if not SANDBOX_WARNING.match(line) and not line.startswith(_PROBE_WARNING)]
+    after = _files(place.root, Path("/nonexistent"))
+    if run.rc == 0:
+        assert run.stdout == b"Image committed.\n" and not lines, run.describe()
+        changed = {path for path in before if after.get(path) != before[path]}
+        assert all(path.resolve().is_relative_to(allowed) for path in changed), changed
+    else:
+        assert len(lines) == 1 and lines[0].startswith("instar: "), run.describe()
+        assert "internal error" not in lines[0], run.describe()
+        assert after == before, "a refused commit changed a file"
+    for token in corpus.forbidden(neighbour_allowed=False):
+        assert token not in run.stdout + run.stderr
