@@ -226,6 +226,16 @@ def test_empty_overlay_grown_base(tmp_path: Path) -> None:
     _parity(tmp_path, steps)
 
 
+@pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("args", [(), ("-d",)])
+def test_qed_overlay(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """qemu cannot empty a QED image: committed, it is left as it was."""
+    steps = [*BASE_QCOW2, ("create", "-f", "qed", "-b", "base.qcow2", "-F", "qcow2", "ov.qed"),
+             ("io", "qed", "ov.qed", "write -P 3 64k 200k"),
+             ("io", "qed", "ov.qed", "write -z 1M 64k")]
+    _parity(tmp_path, steps, *args, top="ov.qed")
+
+
 # --- qemu's refusals and usage ----------------------------------------------------------------
 
 
@@ -235,7 +245,8 @@ def test_empty_overlay_grown_base(tmp_path: Path) -> None:
     ("base.qcow2",), ("-f", "raw", "ov.qcow2"), ("-f", "foo", "ov.qcow2"),
     ("-f", "vmdk", "ov.qcow2"), ("missing.qcow2",), (), ("ov.qcow2", "base.qcow2"),
     ("-r", "x", "ov.qcow2"), ("-r", "-5", "ov.qcow2"), ("-t", "bad", "ov.qcow2"),
-    ("-x", "ov.qcow2"), ("-b",), ("", ),
+    ("-x", "ov.qcow2"), ("-b",), ("", ), ("-p", "base.qcow2"), ("-p", "-b", "x", "ov.qcow2"),
+    ("-p", "missing.qcow2"), ("-p", "-t", "bad", "ov.qcow2"), ("-p", "-q", "base.qcow2"),
 ])
 def test_refusals(tmp_path: Path, args: tuple[str, ...]) -> None:
     qdir, idir = tmp_path / "q", tmp_path / "i"
@@ -244,6 +255,8 @@ def test_refusals(tmp_path: Path, args: tuple[str, ...]) -> None:
     before = {p.name: p.read_bytes() for p in idir.iterdir()}
     qemu = run_qemu_img("commit", *args, cwd=qdir)
     ours = run_instar("commit", *args, cwd=idir)
+    qemu = Result(qemu.rc, _meter(qemu.stdout), qemu.stderr)
+    ours = Result(ours.rc, _meter(ours.stdout), ours.stderr)
     _same(qemu, ours)
     assert qemu.rc != 0
     assert {p.name: p.read_bytes() for p in idir.iterdir()} == before
@@ -286,11 +299,11 @@ def test_not_supported_yet(tmp_path: Path) -> None:
                               options="compat=0.10"),
                       *_qcow2("sn.qcow2", None, "write -P 2 0 64k", backing="b2.qcow2"),
                       ("snapshot", "-c", "s", "sn.qcow2"),
-                      ("create", "-f", "qed", "-b", "b2.qcow2", "-F", "qcow2", "o.qed")])
+                      ("create", "-f", "qcow", "-b", "b2.qcow2", "-F", "qcow2", "o.qcow")])
     _refused(tmp_path, "ov.qcow2", words="vmdk image is not supported yet")
     _refused(tmp_path, "v2.qcow2", words="not supported yet")
     _refused(tmp_path, "sn.qcow2", words="not supported yet")
-    _refused(tmp_path, "o.qed", words="not supported yet")
+    _refused(tmp_path, "o.qcow", words="not supported yet")
     result = run_instar("commit", "-d", "v2.qcow2", cwd=tmp_path)  # kept: fine
     assert result.rc == 0 and result.stdout == "Image committed.\n"
 

@@ -8,7 +8,9 @@ the top image's backing file), then qemu's commit job: the base grown to the
 image's size if it is smaller, and every range that the top image or an
 image between it and the base allocates (data, or zeros) written into the
 base as the top image reads it. Then, unless ``-d`` or ``-b`` (which implies
-``-d``), the top image is emptied (`instar.formats.qcow2.make_empty`).
+``-d``), the top image is emptied (`instar.formats.qcow2.make_empty`) if its
+format can be (qcow2; qcow is refused as not supported yet); qemu leaves an
+image of another format (qed, vmdk) as it is.
 
 The base is a file an image names: it is opened for writing through the
 broker, so the policy applies (its directory must be allowed). Its writes go
@@ -31,7 +33,7 @@ from instar.errors import (
     InstarError,
     UnsupportedError,
 )
-from instar.events import EventSink, Line, Notice
+from instar.events import Advance, EventSink, Line, Notice
 from instar.image import DATA, ZERO, Image
 from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener, OpenedNode
@@ -44,6 +46,9 @@ if TYPE_CHECKING:
     from instar.formats.qcow2.reader import Qcow2Driver
 
 STEP = 2 << 20  # bytes read from the chain at a time, at most
+# The formats qemu 7.2 empties after a commit (bdrv_make_empty); it leaves the
+# others as they are.
+EMPTIED = ("qcow2", "qcow")
 
 
 def commit(
@@ -59,7 +64,9 @@ def commit(
 ) -> None:
     """Commit ``path`` into its backing file (or ``base``, further down its
     chain), as ``qemu-img commit [-f fmt] [-b base] [-d] path``; ``events``
-    gets "Image committed." as a `Line` unless ``quiet``."""
+    gets "Image committed." as a `Line` unless ``quiet``, an `Advance` of 0
+    where qemu's meter is drawn at 0 (the image open, the job started) and
+    qemu's warning for a probed raw image as a `Notice`."""
     policy = PathPolicy.from_allow(allow)
 
     def job(broker: Broker, send: EventSink) -> None:
@@ -85,6 +92,7 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
         top = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
         if fmt_name is None and fmt.name == "raw":
             send(Notice(_raw_probe_warning(path)))
+        send(Advance(0, 1))  # qemu's meter starts once the image is open
         chain = _chain(opener, top)
         if len(chain) < 2:
             raise ImageCommitError("Image does not have a backing file")
@@ -96,6 +104,8 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             depth = _find_base(broker, chain, base_name)
             drop = True  # qemu: whether to empty the top image is unclear then
         base = chain[depth]
+        if fmt.name not in EMPTIED:
+            drop = True  # qemu: the format cannot be emptied (ENOTSUP), which it ignores
         if not drop:
             if fmt.name != "qcow2":
                 raise UnsupportedError(f"emptying a {fmt.name} image after a commit is not "
@@ -107,6 +117,7 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             raise UnsupportedError(f"committing into a {base.format.name} image is not "
                                    "supported yet")
         target = _open_base(opener, base)
+        send(Advance(0, 1))  # and is drawn again when its job starts
         _write_base(opener, chain[:depth], base, target)
         if not drop:
             from instar.formats.qcow2.make_empty import make_empty

@@ -6,7 +6,8 @@
 As qemu-img 7.2: the options (a bad ``-r`` refused as it is read), then
 exactly one file name, then the cache mode, then the commit itself
 (`instar.commit`), then "Image committed." unless ``-q``. ``-p`` draws
-qemu's meter (0 when the job starts, 100 when it ends); ``-r`` is checked and
+qemu's meter (0 once the image is open, 0 when the job starts, 100 when it
+ends); ``-r`` is checked and
 otherwise ignored (instar does not slow the copy down).
 """
 
@@ -20,7 +21,7 @@ from instar.cli.compare import QemuProgress
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.numbers import convert_number
 from instar.errors import InstarError
-from instar.events import Event, Line, Notice
+from instar.events import Advance, Event, Line, Notice
 
 HELP = """\
 usage: instar commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p]
@@ -81,31 +82,32 @@ def run(args: list[str]) -> int:
         raise GetoptError("Expecting one image file name")
     if cache not in CACHE_MODES:
         raise InstarError(f"Invalid cache option: {cache}")
-    meter = QemuProgress() if progress and not quiet else None
+    meters: list[QemuProgress] = []  # drawn once the image is open, as qemu's
     committed: list[str] = []
 
     def show(event: Event) -> None:
-        if isinstance(event, Line):
+        if isinstance(event, Advance):
+            if progress and not quiet:
+                if not meters:
+                    meters.append(QemuProgress())
+                meters[0].add(0.0)
+        elif isinstance(event, Line):
             committed.append(event.text)  # after the meter's last line
         elif isinstance(event, Notice):
             sys.stdout.flush()
             sys.stderr.write(event.text + "\n")
             sys.stderr.flush()
 
-    if meter is not None:
-        meter.add(0.0)
     try:
         from instar.commit import commit
 
-        if meter is not None:
-            meter.add(0.0)
         commit(parsed.operands[0], fmt=fmt, base=base, drop=drop, quiet=quiet,
                allow=access.allowed, events=show)
     finally:
-        if meter is not None:
+        if meters:
             if sys.exc_info()[0] is None:
-                meter.add(100.0)
-            meter.end()
+                meters[0].add(100.0)
+            meters[0].end()
     for line in committed:
         print(line)
     return 0
