@@ -124,6 +124,9 @@ def _parity(tmp_path: Path, steps: list[Step], *args: str, top: str = "ov.qcow2"
             checked = run_qemu_img("check", "-f", fmt, name, cwd=idir)
             assert checked.rc == 0, (name, checked.stdout)
             assert "No errors were found" in checked.stdout
+    if ours.rc == 0 and top.endswith(".qcow2") and not {"-d", "-b"} & set(args):
+        # emptied: the same bytes as qemu's make_empty leaves
+        assert (qdir / top).read_bytes() == (idir / top).read_bytes()
     if not any(name.endswith(".raw") for name in names):
         # (qemu punches holes for zeros in a raw base, instar writes zeros:
         # the map there says data where qemu's says zero; docs/cli.md)
