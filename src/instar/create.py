@@ -84,10 +84,7 @@ QEMU_OPTIONS: Mapping[str, tuple[QemuOption, ...]] = {
     ),
 }
 # Options create itself reads (not the writer): qemu's generic ones.
-_CREATE_LEVEL = ("size", "backing_file", "backing_fmt", "preallocation")
-# The preallocation modes qemu takes: qcow2's own option, else the file protocol's.
-_PREALLOCATION = {"qcow2": ("off", "metadata", "falloc", "full")}
-_FILE_PREALLOCATION = ("off", "falloc", "full")
+_CREATE_LEVEL = ("size", "backing_file", "backing_fmt")
 
 
 class EmptyImage:
@@ -109,7 +106,7 @@ class EmptyImage:
 
 def create_schema(fmt: Format) -> tuple[Option, ...]:
     """The options qemu knows for ``fmt`` that its writer's schema lacks, as
-    refused options (create reads size, backing and preallocation itself)."""
+    refused options (create reads size and backing itself)."""
     return tuple(refused(name, kind) for name, kind, _ in QEMU_OPTIONS[fmt.name])
 
 
@@ -278,7 +275,6 @@ def _create_job(broker: Broker, send: EventSink, request: CreateRequest, quiet: 
     fmt, parsed = request.fmt, request.parsed
     if not quiet:
         send(Line(formatting_line(path, fmt.name, parsed, size, backing)))
-    _check_preallocation(path, fmt.name, parsed)
     try:
         parsed = parsed._replace(backing=backing)
         declared = fmt.declared_size(size, parsed)
@@ -287,18 +283,3 @@ def _create_job(broker: Broker, send: EventSink, request: CreateRequest, quiet: 
     except CreationError as error:
         raise _failed(path, error) from None
 
-
-def _check_preallocation(path: str, fmt_name: str, parsed: ParsedOptions) -> None:
-    """``preallocation``: qemu's messages for a mode it does not know; instar
-    writes no preallocated image yet, so only ``off`` (the default) is taken."""
-    if "preallocation" not in parsed.given:
-        return
-    mode = parsed.texts["preallocation"]
-    modes = _PREALLOCATION.get(fmt_name, _FILE_PREALLOCATION)
-    if mode not in modes:
-        if fmt_name in _PREALLOCATION:
-            raise CreationError(
-                f"{path}: Parameter 'preallocation' does not accept value '{mode}'")
-        raise CreationError(f"{path}: invalid parameter value: {mode}")
-    if mode != "off":
-        raise CreationError(f"{path}: preallocation={mode} is not supported yet")

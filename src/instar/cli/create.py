@@ -57,7 +57,8 @@ def _print_option_help(format_name: str, filename: str | None) -> int:
     from instar.formats.options import Option
 
     fmt = output_format(format_name)
-    listed = [*fmt.create_options.listed(), Option("size", "size", 0, "Virtual disk size")]
+    listed = [*fmt.create_options.listed(protocol=filename is not None),
+              Option("size", "size", 0, "Virtual disk size")]
     if fmt.create_options.backing:
         listed += [Option("backing_file", "str", "", "File name of a base image"),
                    Option("backing_fmt", "str", "", "Image format of the base image")]

@@ -36,6 +36,7 @@ from instar.formats.cluster_writer import (
 )
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.options import BackingReference
+from instar.formats.preallocation import qcow2_mode, reserve
 from instar.formats.qcow2 import layout as L
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import UINT64_MAX
@@ -56,6 +57,7 @@ class Qcow2Options(NamedTuple):
     compression_type: int
     lazy_refcounts: bool
     backing: BackingReference | None = None
+    preallocation: str = "off"
 
 
 def _check_backing(backing: BackingReference, version: int, cluster_size: int) -> None:
@@ -83,6 +85,7 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
     if compat not in _COMPAT:
         raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     version = _COMPAT[compat]
+    preallocation = qcow2_mode(options)  # QAPI's order: after the version
     # qemu's driver reads the number back as a signed 64-bit integer.
     if not -(1 << 63) <= refcount_bits < 1 << 63:
         raise UsageError("Parameter 'refcount-bits' expects integer")
@@ -105,6 +108,9 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
         raise UsageError(
             f"Lazy refcounts only supported with compatibility level 1.1 and above {_V3_HINT}"
         )
+    if options.backing is not None and preallocation != "off" and not extended_l2:
+        raise UsageError("Backing file and preallocation can only be used at the same time "
+                         "if extended_l2 is on")
     as_u64 = refcount_bits & UINT64_MAX  # qemu's power-of-two test takes it unsigned
     if refcount_bits > 64 or not as_u64 or as_u64 & (as_u64 - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
@@ -131,6 +137,7 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
         extended_l2=extended_l2,
         compression_type=L.COMPRESSION_ZSTD if compression == "zstd" else L.COMPRESSION_ZLIB,
         lazy_refcounts=lazy_refcounts,
+        preallocation=preallocation,
     )
 
 
@@ -323,12 +330,21 @@ class Qcow2Writer(ClusterImageWriter):
         self._l1_bytes = l1_clusters * self._cluster
         self._l1_offset = self._refcounts.allocate(l1_clusters) if l1_size else 0
         bits = self._bits
+        # Preallocated: every L2 table right after the L1 table, then every
+        # data cluster in guest order (`_preallocate_to`), so the data is one
+        # run in the file as in qemu's image.
+        self._prealloc = options.preallocation
+        self._next_cluster = 0  # the first guest cluster not yet allocated
+        table_base = 0
+        if self._prealloc != "off" and l1_size:
+            table_base = self._refcounts.allocate(l1_size)
         self._tables = ClusterTables(
             self._fd, cluster_bits=bits, l1_entries=l1_size, l2_entries=entries,
             table_bytes=self._cluster, byteorder="big",
             allocate=lambda length: self._refcounts.allocate(length >> bits),
             entry_flags=L.OFLAG_COPIED, table_flags=L.OFLAG_COPIED,
             stride=2 if options.extended_l2 else 1, bitmap=L.SUBCLUSTER_ALLOC_MASK,
+            table_base=table_base,
         )
         # Clusters smaller than the copy engine's zero granularity may arrive
         # all zero; larger ones arrive already free of zero pieces.
@@ -344,6 +360,31 @@ class Qcow2Writer(ClusterImageWriter):
                 cluster, lambda: _compressor(compression_type, cluster), self._store_compressed,
                 name="qcow2-compress",
             )
+
+    # --- preallocation -------------------------------------------------------
+
+    def _store(self, first: int, data: memoryview) -> None:
+        if self._prealloc != "off":  # the clusters before these: allocated, no data
+            self._preallocate_to(first)
+            self._next_cluster = first + (len(data) >> self._bits)
+        super()._store(first, data)
+
+    def close(self) -> None:
+        if self._prealloc != "off":
+            self._clusters.flush()
+            self._preallocate_to(-(-self._size // self._cluster))
+        super().close()
+
+    def _preallocate_to(self, end: int) -> None:
+        """Allocate the guest clusters from the next one up to ``end``,
+        filled as the mode says (`preallocation.reserve`), read as zeros."""
+        count = end - self._next_cluster
+        if count <= 0:
+            return
+        host = self._refcounts.allocate(count)
+        reserve(self._fd, host, count << self._bits, self._prealloc)
+        self._tables.map_run(self._next_cluster, host, count)
+        self._next_cluster = end
 
     def _finish(self) -> None:
         """The refcount structures, then the header; the file ends with the last cluster."""

@@ -29,6 +29,7 @@ from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
+from instar.formats.preallocation import file_mode
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
     DEFAULT_DESC_SECTORS,
@@ -113,6 +114,7 @@ def check_options(options: ParsedOptions) -> VmdkCreateOptions:
         if hw_version != "undefined":
             raise UsageError("compat6 cannot be enabled with hwversion set")
         hw_version = "6"
+    file_mode(options)  # qemu then creates the file: its mode checked, then rewritten
     return VmdkCreateOptions(
         subformat=subformat,
         adapter_type=adapter,
