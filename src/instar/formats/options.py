@@ -115,10 +115,12 @@ def refused(name: str, type: OptionType) -> Option:
 
 
 class BackingReference(NamedTuple):
-    """The backing file a new image names: the name as given and its format."""
+    """The backing file a new image names: the name as given and its format;
+    for a vmdk, the backing file's CID (its descriptor's parentCID)."""
 
     name: str
     format: str
+    cid: int | None = None
 
 
 class _SchemaFields(NamedTuple):

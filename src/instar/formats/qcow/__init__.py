@@ -40,6 +40,7 @@ class QcowFormat(FormatBase):
             refused("size", "size"),
         ),
         compress=True,
+        backing=True,
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -39,6 +39,7 @@ class QedFormat(FormatBase):
             refused("backing_fmt", "str"),
             refused("size", "size"),
         ),
+        backing=True,
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -40,6 +40,7 @@ class VmdkFormat(FormatBase):
             FILE_OPTION,
         ),
         compress=True,  # streamOptimized only: the writer checks the subformat
+        backing=True,  # a vmdk parent only (create checks it and reads its CID)
     )
     checks_preallocation = True  # after the subformat, adapter and hwversion, as qemu
 
