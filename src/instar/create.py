@@ -279,6 +279,9 @@ def _vmdk_parent(broker: Broker, request: CreateRequest) -> BackingReference:
     assert backing is not None
     if backing.format != "vmdk":
         raise CreationError(f"{request.path}: backing_file must be a vmdk image")
+    if any(char in backing.name for char in '"\n\r\0'):  # it would break the descriptor
+        raise UnsupportedError(f"{request.path}: a vmdk backing file name with a quote, a "
+                               "line break or a NUL is not supported")
     facts = _open_backing(broker, request, None, with_backing=False, hint=None)
     if facts.format != "vmdk":
         raise CreationError(

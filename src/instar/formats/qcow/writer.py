@@ -1,8 +1,9 @@
 """Writing qcow (version 1) images sequentially, as the copy engine feeds them.
 
-The layout qemu-img create starts from: the 48-byte header, the L1 table
-right after it, then, as the data arrives in guest order, 4 KiB data
-clusters (cluster-aligned) with each L2 table (512 entries, one cluster)
+The layout qemu-img create starts from: the 48-byte header, a backing
+file's name (``create -b``; then qemu's 512-byte clusters and 4096-entry L2
+tables), the L1 table at the next multiple of 8, then, as the data arrives
+in guest order, 4 KiB data clusters (cluster-aligned) with each L2 table (512 entries, one cluster)
 right after the data of its range (the shared `ClusterTables`). Zero data is
 never stored: unallocated clusters read as zeros. With ``-c`` every cluster
 is compressed on a small thread pool (raw deflate, as qemu's) and written

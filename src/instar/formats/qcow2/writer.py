@@ -14,7 +14,9 @@ the writer holds only what is still changing (bounded memory):
 - one refcount table entry per refcount block (at most 8 MiB, qemu's limit).
 
 Zero data is never allocated: it reads back as zeros from unallocated
-clusters. With ``-c`` every cluster is compressed on a small thread pool
+clusters. With ``preallocation`` every cluster is allocated at the start
+instead, where `preallocated.PreallocatedLayout` puts it, and data goes
+straight there. With ``-c`` every cluster is compressed on a small thread pool
 (zlib and zstd release the GIL) and written in order; a cluster that does not
 shrink is stored uncompressed, as qemu does.
 """

@@ -1,6 +1,7 @@
 """Writing QED images sequentially, as the copy engine feeds them.
 
-The layout qemu-img starts from: the header cluster, then the L1 table
+The layout qemu-img starts from: the header cluster (a backing file's name,
+``create -b``, right after the 64-byte header), then the L1 table
 (``table_size`` clusters). Data clusters follow in guest order, each L2 table
 written right after the data it maps (the shared `ClusterTables`); the file
 ends with the last of them, so ``qemu-img check`` finds every cluster in use
