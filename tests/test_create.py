@@ -168,6 +168,14 @@ ERRORS = [
     ("qcow2", ("-o", "cluster_size=3k"), "1M"),
     ("qcow2", ("-o", "cluster_size=x"), "1M"),
     ("qcow2", ("-o", "preallocation=foo"), "1M"),
+    ("qcow2", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=metadata")),
+    ("qcow2", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=falloc,extended_l2=on")),
+    ("qcow2", ("-u", "-b", "b.raw", "-F", "raw", "-o", "preallocation=full,extended_l2=on"),
+     "2M"),
+    ("qed", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=metadata")),
+    ("qcow", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=full")),
+    ("vmdk", ("-o", "preallocation=bad,subformat=bad"), "1M"),
+    ("vmdk", ("-o", "preallocation=metadata,adapter_type=lsilogic"), "1M"),
     ("raw", ("-o", "preallocation=foo"), "1M"),
     ("vpc", ("-o", "preallocation=foo"), "1M"),
     ("qcow2", ("-o", "size=1M"), "1M"),
@@ -386,6 +394,24 @@ def test_backing_file_reads_through(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert compared.rc == 0, compared.stdout
     if size is None:  # the overlay reads as its backing file
         assert run_qemu_img("compare", str(base), str(i)).rc == 0
+
+
+@pytest.mark.parametrize(("fmt", "name", "message"), [
+    ("qed", "b" * 65500, "a backing file name that does not fit in the QED header cluster "
+     "is not supported"),
+    ("qcow", "b" * 1024, "a qcow backing file name over 1023 bytes is not supported"),
+    ("vmdk", 'a"b.vmdk', "a vmdk backing file name with a quote, a line break or a NUL is "
+     "not supported"),
+])
+def test_backing_names_qemu_cannot_reopen_are_refused(tmp_path: Path, fmt: str, name: str,
+                                                      message: str) -> None:
+    """Names qemu writes into an image it then cannot open (or whose
+    descriptor they break): one line after the Formatting line, no file."""
+    ours = run_instar("create", "-f", fmt, "-u", "-b", name, "-F", fmt, "x", "1M",
+                      cwd=tmp_path)
+    assert ours.rc == 1 and ours.stdout.startswith("Formatting 'x'")
+    assert ours.stderr == f"instar: x: {message}\n"
+    assert not (tmp_path / "x").exists()
 
 
 def test_backing_file_with_u_is_qemus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
