@@ -20,12 +20,13 @@ refused in one line, exit 1, never said to have none.
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from typing import Any, NamedTuple
 
-from instar.errors import UnsupportedError
-from instar.events import EventSink
+from instar.errors import ChecksNotSupportedError, ImageOpenError, UnsupportedError
+from instar.events import EventSink, Notice
 from instar.findings import CheckResult
-from instar.opener import Broker, ImageOpener
+from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
 
@@ -71,6 +72,115 @@ def _check_job(broker: Broker, path: str, fmt: str | None) -> CheckResult:
         return result
     finally:
         opener.close()
+
+
+# ---------------------------------------------------------------------------
+# check -r leaks|all
+
+
+class Repaired(NamedTuple):
+    """What ``check -r`` found and fixed (``first``), and, when it fixed
+    something, qemu-img's second check of the fixed image (``second``, its
+    *_fixed counters the first's)."""
+
+    first: CheckResult
+    second: CheckResult | None
+
+
+REPAIR_MODES = ("leaks", "all")
+# Formats whose check qemu 7.2 runs read-write but instar does not repair yet:
+# checked, and refused when the check finds something qemu would change.
+_REPAIR_NOT_YET = frozenset({"qed", "parallels", "vhdx"})
+
+
+def repair_image(
+    path: str,
+    mode: str,
+    fmt: str | None = None,
+    *,
+    allow: AllowedDirs = (),
+    events: EventSink | None = None,
+    sandbox: SandboxSettings | None = None,
+) -> Repaired:
+    """``qemu-img check -r mode``: the image ``path`` opened read-write in the
+    sandboxed worker, checked and repaired as qemu 7.2 repairs it (qcow2;
+    see `formats/qcow2/repair.py`), then checked again if anything was fixed.
+    Raises ChecksNotSupportedError where qemu has no repairing check (vdi,
+    vmdk, raw...), UnsupportedError where instar does not repair yet (nothing
+    written). ``events`` gets qemu's warning for a probed raw image."""
+    if mode not in REPAIR_MODES:
+        raise UnsupportedError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
+                               f"{mode}")
+    policy = PathPolicy.from_allow(allow)
+
+    def job(broker: Broker, send: EventSink) -> dict[str, Any]:
+        first, second = _repair_job(broker, send, path, fmt, mode)
+        return {"first": first.to_data(),
+                "second": None if second is None else second.to_data()}
+
+    data = run_job(job, policy, sandbox, events, inputs=[path], outputs=[path])
+    second = data["second"]
+    return Repaired(CheckResult.from_data(data["first"]),
+                    None if second is None else CheckResult.from_data(second))
+
+
+def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
+                mode: str) -> tuple[CheckResult, CheckResult | None]:
+    if not path:
+        raise ImageOpenError(path, "The 'file' block driver requires a file name")
+    try:
+        file = broker.open_image_for_update(path)
+    except OSError as error:
+        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+    opener = ImageOpener(broker=broker)
+
+    def reopen() -> OpenedNode:
+        if file.is_regular:
+            file.size = os.fstat(file.fd).st_size
+        return opener.open_file_node(file, path, name, with_backing=True, depth=0,
+                                     checking=True)
+
+    try:
+        node = opener.open_file_node(file, path, fmt, with_backing=True, depth=0,
+                                     checking=True)
+        name = node.format.name
+        if fmt is None and name == "raw":
+            from instar.resize import _raw_probe_warning
+
+            send(Notice(_raw_probe_warning(path)))
+        if name == "qcow2":
+            from instar.formats.qcow2.repair import repair
+
+            first = repair(node.image.driver, file.fd, mode,  # type: ignore[arg-type]
+                           lambda: reopen().image.driver)  # type: ignore[arg-type,return-value]
+        elif name in _REPAIR_NOT_YET:
+            first = node.format.check(node.image.driver)
+            if first.corruptions or first.leaks or first.check_errors or _dirty(node):
+                raise UnsupportedError(f"check -r: repairing {name} images is not supported "
+                                       "yet (qemu-img can)")
+        else:  # qemu's vdi and vmdk checks refuse to fix: "does not support checks"
+            raise ChecksNotSupportedError()
+        first.filename, first.format = path, name
+        if first.failure is not None or not (first.corruptions_fixed or first.leaks_fixed):
+            return first, None
+        again = reopen()
+        second = again.format.check(again.image.driver)
+        second.filename, second.format = path, name
+        second.corruptions_fixed = first.corruptions_fixed
+        second.leaks_fixed = first.leaks_fixed
+        return first, second
+    finally:
+        opener.close()
+
+
+def _dirty(node: OpenedNode) -> bool:
+    """A qed image marked "needs check": qemu's check -r clears the mark."""
+    if node.format.name != "qed":
+        return False
+    from instar.formats.qed import layout as qed_layout
+
+    header = getattr(node.image.driver, "header", None)
+    return bool(header is not None and header.features & qed_layout.FEATURE_NEED_CHECK)
 
 
 # ---------------------------------------------------------------------------
