@@ -163,6 +163,15 @@ def dirty_lazy_refcounts(path: Path) -> None:
     image.set_refcount(_append_cluster(image), 1)
 
 
+def version_2(path: Path) -> None:
+    """compat=0.10: a leak and a cluster with refcount 0 (rebuilt)."""
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(path), "10M")
+    qemu_io(path, "write -P 1 0 1M", "qcow2")
+    image = Qcow2(path)
+    image.set_refcount(_data_cluster(image), 0)
+    image.set_refcount(_append_cluster(image), 1)
+
+
 def dirty_clean(path: Path) -> None:
     make_qcow2(path.parent, path.name)
     Qcow2(path).put(72, ">Q", L.INCOMPAT_DIRTY)
@@ -183,7 +192,7 @@ DAMAGED: list[Make] = [
     oflag_copied_l2, oflag_copied_l1, oflag_and_leak, refcount_block_missing,
     refcount_block_named_twice, many_refcount_blocks_rebuilt,
     one_bit_refcounts_rebuilt, wide_refcounts, extended_l2_oflag, snapshot_refcount_too_low,
-    dirty_lazy_refcounts, dirty_clean, corrupt_bit_and_leak,
+    dirty_lazy_refcounts, dirty_clean, corrupt_bit_and_leak, version_2,
 ]
 
 
