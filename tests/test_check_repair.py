@@ -281,20 +281,77 @@ def test_other_formats_clean(tmp_path: Path, fmt: str, mode: str) -> None:
     assert ours.read_bytes() == before
 
 
-def test_other_formats_damaged_refused(tmp_path: Path) -> None:
-    """A damaged qed (a leaked cluster) qemu would repair: refused, unchanged."""
-    path = tmp_path / "d.qed"
+def _qed(path: Path, need_check: bool = False, leak: bool = True) -> None:
     qemu_img_ok("create", "-q", "-f", "qed", str(path), "10M")
     qemu_io(path, "write -P 1 0 1M", "qed")
     with path.open("r+b") as file:
-        file.seek(0, 2)
-        file.write(b"\1" * (64 << 10))
-    assert run_qemu_img("check", str(path)).rc == 3
+        if leak:
+            file.seek(0, 2)
+            file.write(b"\1" * (64 << 10))
+        if need_check:
+            file.seek(16)
+            file.write(struct.pack("<Q", 2))  # QED_F_NEED_CHECK
+
+
+@pytest.mark.parametrize("need_check", [False, True])
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+def test_qed_like_qemu(tmp_path: Path, need_check: bool, mode: str) -> None:
+    """qemu repairs no qed leak (the read-only check's report) and clears
+    the "need check" mark: the same output, the same bytes."""
+    theirs, ours = tmp_path / "q.qed", tmp_path / "i.qed"
+    _qed(theirs, need_check)
+    shutil.copyfile(theirs, ours)
+    result = run_instar("check", "-r", mode, ours.name, cwd=tmp_path)
+    expected = run_qemu_img("check", "-r", mode, theirs.name, cwd=tmp_path)
+    assert (result.rc, result.stdout, result.normalised_stderr()) == (
+        expected.rc, expected.stdout, expected.normalised_stderr())
+    assert result.rc == 3 and ours.read_bytes() == theirs.read_bytes()
+
+
+def _refused_unchanged(path: Path, words: str) -> None:
     before = path.read_bytes()
-    result = run_instar("check", "-r", "leaks", str(path))
-    assert result.rc == 1 and result.stdout == ""
-    assert result.stderr.count("\n") == 1 and "not supported yet" in result.stderr
-    assert path.read_bytes() == before
+    for mode in ("leaks", "all"):
+        result = run_instar("check", "-r", mode, path.name, cwd=path.parent)
+        assert (result.rc, result.stdout) == (1, ""), result.stderr
+        assert result.stderr.count("\n") == 1 and words in result.stderr, result.stderr
+        assert path.read_bytes() == before
+
+
+def test_qed_corruption_refused(tmp_path: Path) -> None:
+    """qemu zeroes a qed L2 entry past the end of the file: not supported yet."""
+    path = tmp_path / "c.qed"
+    _qed(path, leak=False)
+    l1 = struct.unpack("<Q", path.read_bytes()[40:48])[0]
+    l2 = struct.unpack("<Q", path.read_bytes()[l1:l1 + 8])[0]
+    with path.open("r+b") as file:
+        file.seek(l2 + 8)
+        file.write(struct.pack("<Q", 1 << 40))
+    assert run_qemu_img("check", str(path)).rc == 2
+    _refused_unchanged(path, "not supported yet")
+
+
+def test_parallels_damage_refused(tmp_path: Path) -> None:
+    """An image not closed correctly: qemu repairs it; not supported yet."""
+    path = tmp_path / "p.parallels"
+    qemu_img_ok("create", "-q", "-f", "parallels", str(path), "10M")
+    qemu_io(path, "write -P 1 0 1M", "parallels")
+    with path.open("r+b") as file:
+        file.seek(44)  # the header's inuse field
+        file.write(struct.pack("<I", 0x746F6E59))
+    assert run_qemu_img("check", str(path)).rc == 2
+    _refused_unchanged(path, "not supported yet")
+
+
+def test_vhdx_pending_log_refused(tmp_path: Path) -> None:
+    """qemu-img check -r all replays a pending log: not supported yet."""
+    from test_check import _pattern_file
+    from test_vhdx_reader import dirty_image
+
+    qemu_img_ok("convert", "-q", "-f", "raw", "-O", "vhdx", "-o", "block_size=1M",
+                *_pattern_file(tmp_path, 3 * MiB), str(tmp_path / "bs1.vhdx"))
+    image, _ = dirty_image(tmp_path, tmp_path)
+    shutil.move(image, tmp_path / "log.vhdx")
+    _refused_unchanged(tmp_path / "log.vhdx", "replaying a VHDX log is not supported yet")
 
 
 # --- refused before anything is written -------------------------------------------------------

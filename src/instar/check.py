@@ -90,7 +90,8 @@ class Repaired(NamedTuple):
 REPAIR_MODES = ("leaks", "all")
 # Formats whose check qemu 7.2 runs read-write but instar does not repair yet:
 # checked, and refused when the check finds something qemu would change.
-_REPAIR_NOT_YET = frozenset({"qed", "parallels", "vhdx"})
+_REPAIR_NOT_YET = frozenset({"parallels", "vhdx"})
+_VHDX_LOG = "contains a log that needs to be replayed"  # the vhdx reader's read-only refusal
 
 
 def repair_image(
@@ -141,8 +142,14 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
                                      checking=True)
 
     try:
-        node = opener.open_file_node(file, path, fmt, with_backing=True, depth=0,
-                                     checking=True)
+        try:
+            node = opener.open_file_node(file, path, fmt, with_backing=True, depth=0,
+                                         checking=True)
+        except ImageOpenError as error:
+            if _VHDX_LOG in str(error):  # qemu replays it, opening read-write
+                raise UnsupportedError("check -r: replaying a VHDX log is not supported "
+                                       "yet (qemu-img check -r all replays it)") from None
+            raise
         name = node.format.name
         if fmt is None and name == "raw":
             from instar.resize import _raw_probe_warning
@@ -153,9 +160,14 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
 
             first = repair(node.image.driver, file.fd, mode,  # type: ignore[arg-type]
                            lambda: reopen().image.driver)  # type: ignore[arg-type,return-value]
+        elif name == "qed":
+            from instar.formats.qed.repair import repair as repair_qed
+
+            first = node.format.check(node.image.driver)
+            repair_qed(node.image.driver, first, file.fd)  # type: ignore[arg-type]
         elif name in _REPAIR_NOT_YET:
             first = node.format.check(node.image.driver)
-            if first.corruptions or first.leaks or first.check_errors or _dirty(node):
+            if first.corruptions or first.leaks or first.check_errors:
                 raise UnsupportedError(f"check -r: repairing {name} images is not supported "
                                        "yet (qemu-img can)")
         else:  # qemu's vdi and vmdk checks refuse to fix: "does not support checks"
@@ -171,16 +183,6 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
         return first, second
     finally:
         opener.close()
-
-
-def _dirty(node: OpenedNode) -> bool:
-    """A qed image marked "needs check": qemu's check -r clears the mark."""
-    if node.format.name != "qed":
-        return False
-    from instar.formats.qed import layout as qed_layout
-
-    header = getattr(node.image.driver, "header", None)
-    return bool(header is not None and header.features & qed_layout.FEATURE_NEED_CHECK)
 
 
 # ---------------------------------------------------------------------------
