@@ -330,14 +330,42 @@ def test_qed_corruption_refused(tmp_path: Path) -> None:
     _refused_unchanged(path, "not supported yet")
 
 
-def test_parallels_damage_refused(tmp_path: Path) -> None:
-    """An image not closed correctly: qemu repairs it; not supported yet."""
-    path = tmp_path / "p.parallels"
+def _parallels(path: Path, inuse: bool = False, tail: int = 0, outside: bool = False) -> None:
     qemu_img_ok("create", "-q", "-f", "parallels", str(path), "10M")
     qemu_io(path, "write -P 1 0 1M", "parallels")
+    qemu_io(path, "write -P 2 3M 1M", "parallels")
     with path.open("r+b") as file:
-        file.seek(44)  # the header's inuse field
-        file.write(struct.pack("<I", 0x746F6E59))
+        if inuse:
+            file.seek(44)  # the header's inuse field
+            file.write(struct.pack("<I", 0x746F6E59))
+        if outside:
+            file.seek(64 + 4 * 5)  # catalog entry 5, far past the end
+            file.write(struct.pack("<I", 100000))
+        file.seek(0, 2)
+        file.write(b"\1" * tail)
+
+
+@pytest.mark.parametrize("damage", [{"inuse": True}, {"tail": 3 << 19},
+                                    {"inuse": True, "tail": 1000}, {}],
+                         ids=["inuse", "leak", "inuse-and-leak", "clean"])
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+def test_parallels_like_qemu(tmp_path: Path, damage: dict[str, int], mode: str) -> None:
+    """The "inuse" mark and the leaked end: the same output, the same bytes."""
+    theirs, ours = tmp_path / "q.parallels", tmp_path / "i.parallels"
+    _parallels(theirs, **damage)
+    shutil.copyfile(theirs, ours)
+    result = run_instar("check", "-r", mode, ours.name, cwd=tmp_path)
+    expected = run_qemu_img("check", "-r", mode, theirs.name, cwd=tmp_path)
+    assert (result.rc, result.stdout, result.normalised_stderr()) == (
+        expected.rc, expected.stdout, expected.normalised_stderr())
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+def test_parallels_entry_outside_refused(tmp_path: Path) -> None:
+    """A catalog entry past the end of the file: qemu zeroes it and grows the
+    file to where it pointed; not supported yet."""
+    path = tmp_path / "p.parallels"
+    _parallels(path, outside=True)
     assert run_qemu_img("check", str(path)).rc == 2
     _refused_unchanged(path, "not supported yet")
 

@@ -21,6 +21,7 @@ refused in one line, exit 1, never said to have none.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from instar.errors import ChecksNotSupportedError, ImageOpenError, UnsupportedError
@@ -90,7 +91,7 @@ class Repaired(NamedTuple):
 REPAIR_MODES = ("leaks", "all")
 # Formats whose check qemu 7.2 runs read-write but instar does not repair yet:
 # checked, and refused when the check finds something qemu would change.
-_REPAIR_NOT_YET = frozenset({"parallels", "vhdx"})
+_REPAIR_NOT_YET = frozenset({"vhdx"})
 _VHDX_LOG = "contains a log that needs to be replayed"  # the vhdx reader's read-only refusal
 
 
@@ -134,6 +135,7 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
     except OSError as error:
         raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
     opener = ImageOpener(broker=broker)
+    close: Callable[[], None] = lambda: None  # noqa: E731 - what closing the image does
 
     def reopen() -> OpenedNode:
         if file.is_regular:
@@ -165,6 +167,12 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
 
             first = node.format.check(node.image.driver)
             repair_qed(node.image.driver, first, file.fd)  # type: ignore[arg-type]
+        elif name == "parallels":
+            from instar.formats.parallels.repair import repair as repair_parallels
+
+            first = node.format.check(node.image.driver)
+            close = repair_parallels(node.image.driver, first,  # type: ignore[arg-type]
+                                     file.fd, mode, file.is_regular)
         elif name in _REPAIR_NOT_YET:
             first = node.format.check(node.image.driver)
             if first.corruptions or first.leaks or first.check_errors:
@@ -173,13 +181,14 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
         else:  # qemu's vdi and vmdk checks refuse to fix: "does not support checks"
             raise ChecksNotSupportedError()
         first.filename, first.format = path, name
-        if first.failure is not None or not (first.corruptions_fixed or first.leaks_fixed):
-            return first, None
-        again = reopen()
-        second = again.format.check(again.image.driver)
-        second.filename, second.format = path, name
-        second.corruptions_fixed = first.corruptions_fixed
-        second.leaks_fixed = first.leaks_fixed
+        second = None
+        if first.failure is None and (first.corruptions_fixed or first.leaks_fixed):
+            again = reopen()
+            second = again.format.check(again.image.driver)
+            second.filename, second.format = path, name
+            second.corruptions_fixed = first.corruptions_fixed
+            second.leaks_fixed = first.leaks_fixed
+        close()
         return first, second
     finally:
         opener.close()
