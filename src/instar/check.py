@@ -92,6 +92,8 @@ REPAIR_MODES = ("leaks", "all")
 # Formats whose check qemu 7.2 runs read-write but instar does not repair yet:
 # checked, and refused when the check finds something qemu would change.
 _REPAIR_NOT_YET = frozenset({"vhdx"})
+# qemu's read-only formats: opening them for writing fails.
+_READ_ONLY = frozenset({"dmg", "bochs", "cloop"})
 _VHDX_LOG = "contains a log that needs to be replayed"  # the vhdx reader's read-only refusal
 
 
@@ -153,6 +155,8 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
                                        "yet (qemu-img check -r all replays it)") from None
             raise
         name = node.format.name
+        if name in _READ_ONLY:
+            raise ImageOpenError(path, "Image is read-only")
         if fmt is None and name == "raw":
             from instar.resize import _raw_probe_warning
 

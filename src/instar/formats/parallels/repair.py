@@ -12,7 +12,11 @@ repairs:
   image``): "Repairing ...", the file cut to the end of the last cluster,
   the clusters counted as leaks fixed, with either mode.
 
-A catalog entry past the end of the file (qemu zeroes it with ``all``, and,
+An image with a format extension (dirty bitmaps) is refused: qemu ignores
+the extension when it opens read-write, counts its cluster as leaked space
+and cuts it off, leaving a header that names a cluster past the end of the
+file (qemu-img then refuses to open the image). A catalog entry past the
+end of the file (qemu zeroes it with ``all``, and,
 with either mode, its close grows the file to where the entry pointed) is
 refused before anything is written, as is a leak on a block device.
 """
@@ -35,6 +39,11 @@ def repair(driver: ParallelsDriver, result: CheckResult, fd: int, mode: str,
     turning the lines it repairs into "Repairing" ones; returns what closing
     the image does (after the second check)."""
     codes = {finding.code for finding in result.findings}
+    if driver.header.ext_off:
+        raise UnsupportedError(
+            "check -r of a parallels image with a format extension is refused: qemu-img 7.2 "
+            "ignores the extension when it opens for writing and cuts it off as leaked "
+            "space, leaving an image it cannot open")
     if "cluster-outside-image" in codes:
         raise UnsupportedError("check -r: repairing a parallels catalog entry past the end "
                                "of the file is not supported yet")
