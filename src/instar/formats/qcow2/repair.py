@@ -62,6 +62,7 @@ _NOT_YET = {
     "snapshot-table-invalid": "a broken snapshot table",
     "snapshot-table-unreadable": "a broken snapshot table",
     "io-error": "an unreadable table",
+    "l2-table-unaligned": "an unaligned L2 table",
 }
 
 
