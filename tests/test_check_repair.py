@@ -545,6 +545,33 @@ def test_stop_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     raise AssertionError("the repair never finished")
 
 
+def test_parallels_stop_at_every_write(tmp_path: Path,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The inuse mark and the leaked end: stopped after each write, the image
+    reads the same and qemu-img finds at most what it found before."""
+    original = tmp_path / "o.parallels"
+    _parallels(original, inuse=True, tail=3 << 19)
+    for k in range(10):
+        image = tmp_path / f"k{k}.parallels"
+        shutil.copyfile(original, image)
+        monkeypatch.setattr(mutate, "stop_after", k)
+        try:
+            repair_image(str(image), "all", "parallels", sandbox=SandboxSettings(mode="off"))
+            finished = True
+        except StoppedUpdate:
+            finished = False
+        monkeypatch.setattr(mutate, "stop_after", None)
+        checked = run_qemu_img("check", "-f", "parallels", str(image))
+        assert checked.rc in (0, 2, 3), (k, checked.stdout, checked.stderr)
+        compared = run_qemu_img("compare", "-f", "parallels", "-F", "parallels", str(image),
+                                str(original))
+        assert compared.rc == 0, (k, compared.stdout, compared.stderr)
+        if finished:
+            assert checked.rc == 0 and k == 2
+            return
+    raise AssertionError("the repair never finished")
+
+
 # --- hostile images ---------------------------------------------------------------------------
 
 
