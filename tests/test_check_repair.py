@@ -125,6 +125,12 @@ def refcount_entry_reserved_bits(image: Qcow2) -> None:
     image.put(table, ">Q", image.u64(table) | 1)
 
 
+@_image()
+def refcount_block_past_the_end(image: Qcow2) -> None:
+    """-r all grows the file to hold it (4 GiB, sparse), then rebuilds."""
+    image.put(image.header.refcount_table_offset, ">Q", 1 << 32)
+
+
 @_image(options="cluster_size=512", writes=("write -P 1 0 300k", "write -P 2 2M 200k"))
 def many_refcount_blocks_rebuilt(image: Qcow2) -> None:
     """512-byte clusters: refcount blocks of 256 clusters, a table that grows."""
@@ -220,7 +226,7 @@ def clean(path: Path) -> None:
 DAMAGED: list[Make] = [
     clean, leaked_cluster, leaks_and_refcount_too_high, refcount_zero, refcount_zero_and_leak,
     oflag_copied_l2, oflag_copied_l1, oflag_and_leak, refcount_block_missing,
-    refcount_block_named_twice, many_refcount_blocks_rebuilt,
+    refcount_block_named_twice, refcount_block_past_the_end, many_refcount_blocks_rebuilt,
     one_bit_refcounts_rebuilt, wide_refcounts, extended_l2_oflag, snapshot_refcount_too_low,
     dirty_lazy_refcounts, dirty_clean, corrupt_bit_and_leak, version_2, bitmaps_and_leak,
 ]
@@ -461,8 +467,8 @@ def refcount_block_unaligned(image: Qcow2) -> None:
 
 
 @_image()
-def refcount_block_past_the_end(image: Qcow2) -> None:
-    image.put(image.header.refcount_table_offset, ">Q", 1 << 40)
+def refcount_block_past_16_tib(image: Qcow2) -> None:
+    image.put(image.header.refcount_table_offset, ">Q", 1 << 45)
 
 
 @_image()
@@ -483,9 +489,9 @@ def l2_table_is_the_l1_table(image: Qcow2) -> None:
     image.put(image.l1_slot(0), ">Q", image.header.l1_table_offset | L.OFLAG_COPIED)
 
 
-@pytest.mark.parametrize("make", [refcount_block_unaligned, refcount_block_past_the_end,
-                                  refcount_entry_reserved_bits, l2_table_is_the_l1_table,
-                                  preallocated_unaligned, refcount_overflow],
+@pytest.mark.parametrize("make", [refcount_block_unaligned, refcount_entry_reserved_bits,
+                                  l2_table_is_the_l1_table, preallocated_unaligned,
+                                  refcount_overflow],
                          ids=lambda make: make.__name__)
 def test_not_supported_yet(tmp_path: Path, make: Make) -> None:
     """What qemu repairs in ways instar does not yet: one line, exit 1, the
@@ -494,6 +500,19 @@ def test_not_supported_yet(tmp_path: Path, make: Make) -> None:
     make(path)
     before = path.read_bytes()
     for mode in ("leaks", "all"):
+        result = run_instar("check", "-r", mode, path.name, cwd=tmp_path)
+        assert (result.rc, result.stdout) == (1, ""), result.stderr
+        assert result.stderr.count("\n") == 1 and "not supported yet" in result.stderr
+        assert path.read_bytes() == before
+
+
+def test_refcount_block_past_16_tib_refused(tmp_path: Path) -> None:
+    """-r all would grow the file past 16 TiB: refused, unchanged (-r leaks
+    fails as qemu's does, needing a rebuild, nothing written)."""
+    path = tmp_path / "i.qcow2"
+    refcount_block_past_16_tib(path)
+    before = path.read_bytes()
+    for mode in ("all",):
         result = run_instar("check", "-r", mode, path.name, cwd=tmp_path)
         assert (result.rc, result.stdout) == (1, ""), result.stderr
         assert result.stderr.count("\n") == 1 and "not supported yet" in result.stderr
@@ -510,7 +529,8 @@ def _check_json(path: Path) -> tuple[int, dict[str, int]]:
 
 @pytest.mark.parametrize("make", [leaks_and_refcount_too_high, refcount_zero_and_leak,
                                   oflag_and_leak, many_refcount_blocks_rebuilt,
-                                  snapshot_refcount_too_low, corrupt_bit_and_leak],
+                                  snapshot_refcount_too_low, corrupt_bit_and_leak,
+                                  refcount_block_past_the_end],
                          ids=lambda make: make.__name__)
 def test_stop_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                              make: Make) -> None:

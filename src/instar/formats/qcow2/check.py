@@ -124,6 +124,9 @@ class Repairer(Protocol):
     def fix_entry(self, offset: int, value: int) -> None:
         """Write the L1 or L2 entry at file offset ``offset`` as ``value``."""
 
+    def grow(self, size: int) -> None:
+        """Make the file ``size`` bytes long (a refcount block past its end)."""
+
 
 class _Restart(Exception):
     """An expected refcount reached the maximum: walk again in qemu's order."""
@@ -220,6 +223,7 @@ class _Walk:
         self.active_l1: array[int] = array("Q")
         self.signaled = False  # qcow2_signal_corruption printed (only once)
         self.rebuild = False  # qemu's "rebuild": the refcount structure needs rebuilding
+        self.repair: Repairer | None = None  # check -r: what repairs, as the walk goes
         self.oflag_repair = False  # check_oflag_copied repairs what it finds
         self.fix_entry: Callable[[int, int], None] | None = None
 
@@ -264,6 +268,7 @@ class _Walk:
     def run(self, repair: Repairer | None = None) -> CheckResult:
         """The check; with ``repair``, qemu's ``check -r``: what it may fix is
         fixed through ``repair`` as the walk finds it."""
+        self.repair = repair
         result = CheckResult()
         try:
             snapshots = self._snapshot_table(result)
@@ -750,8 +755,19 @@ class _Walk:
                            "table entry corrupted")
                 self.rebuild = True
             elif offset >> self.bits >= self.expected.clusters:
-                result.add(CORRUPTION, "refcount-block-outside-image",
-                           f"ERROR refcount block {index} is outside image")
+                if self.repair is not None and self.repair.fix & FIX_ERRORS:
+                    # qemu grows the file to hold the block (zeros), then counts it
+                    result.add(REPAIRED, "refcount-block-outside-image",
+                               f"Repairing refcount block {index} is outside image")
+                    result.corruptions_fixed += 1
+                    self.repair.grow(offset + self.cluster)
+                    self.file_len = offset + self.cluster
+                    self.expected.clusters = max(self.expected.clusters,
+                                                 -(-self.file_len // self.cluster))
+                    self._ref(result, offset, self.cluster)
+                else:
+                    result.add(CORRUPTION, "refcount-block-outside-image",
+                               f"ERROR refcount block {index} is outside image")
             else:
                 self._ref(result, offset, self.cluster)
                 value = self.expected.get(offset >> self.bits)

@@ -22,10 +22,14 @@ Every write goes through `mutate.ImageUpdate`: claims and new structures
 first, then pointers, then the header, then what is freed; a crash at any
 point leaves an image qemu reads, with at worst leaked clusters.
 
-What qemu repairs in ways instar does not yet (unaligned or missing refcount
-blocks past the end of the file, unaligned preallocated clusters, snapshot
-table repairs, refcount overflows, unreadable refcount blocks) is refused
-before anything is written: `unsupported`.
+- a refcount block past the end of the file: ``all`` grows the file to
+  hold it (zeros: its refcounts are 0, so a rebuild follows), as qemu does
+  (refused past 16 TiB).
+
+What qemu repairs in ways instar does not yet (unaligned refcount blocks,
+unaligned preallocated clusters, snapshot table repairs, refcount
+overflows, unreadable refcount blocks) is refused before anything is
+written: `unsupported`.
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ _REFTABLE_OFFSET = 48
 _NOT_YET = {
     "refcount-block-unaligned": "an unaligned refcount block",
     "refcount-table-reserved-bits": "reserved bits in the refcount table",
-    "refcount-block-outside-image": "a refcount block past the end of the file",
     "refcount-unreadable": "an unreadable refcount block",
     "corrupt": "an unaligned refcount block",
     "preallocated-cluster-unaligned": "an unaligned preallocated cluster",
@@ -90,7 +93,8 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
     except _Restart:  # pragma: no cover - check() handles it itself
         raise UnsupportedError("check -r: refcount overflow repairs are not supported yet") \
             from None
-    what = unsupported(preview) or _l2_over_metadata(driver, preview)
+    what = (unsupported(preview) or _l2_over_metadata(driver, preview)
+            or _grown_too_far(driver, preview, mode))
     if what is not None:
         raise UnsupportedError(f"check -r: repairing a qcow2 image with {what} is not "
                                "supported yet")
@@ -113,6 +117,27 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
         writer.update.write(_INCOMPAT_OFFSET, bits.to_bytes(8, "big"))
     writer.update.finish()
     return result
+
+
+# The longest file a repair grows to hold a refcount block past its end (qemu
+# grows it whatever the length; most file systems refuse past 16 TiB).
+MAX_GROWN_FILE = 1 << 44
+
+
+def _grown_too_far(driver: Qcow2Driver, preview: CheckResult, mode: str) -> str | None:
+    """A refcount block past the end of the file that ``all`` would grow the
+    file to hold, past `MAX_GROWN_FILE`."""
+    if mode != "all" or not any(finding.code == "refcount-block-outside-image"
+                                for finding in preview.findings):
+        return None
+    header = driver.header
+    cluster = header.cluster_size
+    reftable = driver.file.pread(header.refcount_table_offset,
+                                 header.refcount_table_clusters * cluster)
+    for (entry,) in struct.iter_unpack(">Q", reftable[: len(reftable) // 8 * 8]):
+        if (entry & L.REFTABLE_OFFSET_MASK) + cluster > MAX_GROWN_FILE:
+            return "a refcount block past 16 TiB"
+    return None
 
 
 def _l2_over_metadata(driver: Qcow2Driver, preview: CheckResult) -> str | None:
@@ -194,6 +219,10 @@ class _Fixer:
     def fix_entry(self, offset: int, value: int) -> None:
         self.writer.phase("pointers")
         self.writer.update.write(offset, value.to_bytes(8, "big"))
+
+    def grow(self, size: int) -> None:
+        self.writer.phase("data")
+        self.writer.update.truncate(size)
 
     def rebuild(self, walk: _Walk) -> _Walk:
         table, offset, clusters = _Rebuild(walk.expected, walk.bits).run()
