@@ -131,6 +131,18 @@ def refcount_block_past_the_end(image: Qcow2) -> None:
     image.put(image.header.refcount_table_offset, ">Q", 1 << 32)
 
 
+@_image(options="cluster_size=512", writes=("write -P 1 0 1M",))
+def small_clusters_block_past_the_end(image: Qcow2) -> None:
+    """512-byte clusters, a refcount block 4 GiB in: 8M clusters to cover."""
+    image.put(image.header.refcount_table_offset + 24, ">Q", (1 << 32) + 512 * 7)
+
+
+@_image(options="cluster_size=512", writes=("write -P 1 0 1M",))
+def small_clusters_block_far_past_the_end(image: Qcow2) -> None:
+    """8 TiB in: the rebuilt refcount table would pass qemu's 8 MiB."""
+    image.put(image.header.refcount_table_offset + 24, ">Q", (1 << 43) + 512 * 7)
+
+
 @_image(options="cluster_size=512", writes=("write -P 1 0 300k", "write -P 2 2M 200k"))
 def many_refcount_blocks_rebuilt(image: Qcow2) -> None:
     """512-byte clusters: refcount blocks of 256 clusters, a table that grows."""
@@ -226,7 +238,8 @@ def clean(path: Path) -> None:
 DAMAGED: list[Make] = [
     clean, leaked_cluster, leaks_and_refcount_too_high, refcount_zero, refcount_zero_and_leak,
     oflag_copied_l2, oflag_copied_l1, oflag_and_leak, refcount_block_missing,
-    refcount_block_named_twice, refcount_block_past_the_end, many_refcount_blocks_rebuilt,
+    refcount_block_named_twice, refcount_block_past_the_end, small_clusters_block_past_the_end,
+    many_refcount_blocks_rebuilt,
     one_bit_refcounts_rebuilt, wide_refcounts, extended_l2_oflag, snapshot_refcount_too_low,
     dirty_lazy_refcounts, dirty_clean, corrupt_bit_and_leak, version_2, bitmaps_and_leak,
 ]
@@ -506,11 +519,15 @@ def test_not_supported_yet(tmp_path: Path, make: Make) -> None:
         assert path.read_bytes() == before
 
 
-def test_refcount_block_past_16_tib_refused(tmp_path: Path) -> None:
-    """-r all would grow the file past 16 TiB: refused, unchanged (-r leaks
-    fails as qemu's does, needing a rebuild, nothing written)."""
+@pytest.mark.parametrize("make", [refcount_block_past_16_tib,
+                                  small_clusters_block_far_past_the_end],
+                         ids=lambda make: make.__name__)
+def test_refcount_block_too_far_refused(tmp_path: Path, make: Make) -> None:
+    """-r all would grow the file past 16 TiB, or need a refcount table
+    larger than qemu opens: refused, unchanged (-r leaks fails as qemu's
+    does, needing a rebuild, nothing written)."""
     path = tmp_path / "i.qcow2"
-    refcount_block_past_16_tib(path)
+    make(path)
     before = path.read_bytes()
     for mode in ("all",):
         result = run_instar("check", "-r", mode, path.name, cwd=tmp_path)

@@ -37,6 +37,7 @@ from __future__ import annotations
 import struct
 import sys
 from array import array
+from bisect import bisect_right
 from collections.abc import Callable
 
 from instar.errors import UnsupportedError
@@ -132,11 +133,15 @@ def _grown_too_far(driver: Qcow2Driver, preview: CheckResult, mode: str) -> str 
         return None
     header = driver.header
     cluster = header.cluster_size
+    per_block = cluster * 8 >> header.refcount_order
     reftable = driver.file.pread(header.refcount_table_offset,
                                  header.refcount_table_clusters * cluster)
     for (entry,) in struct.iter_unpack(">Q", reftable[: len(reftable) // 8 * 8]):
-        if (entry & L.REFTABLE_OFFSET_MASK) + cluster > MAX_GROWN_FILE:
+        end = (entry & L.REFTABLE_OFFSET_MASK) + cluster
+        if end > MAX_GROWN_FILE:
             return "a refcount block past 16 TiB"
+        if -(-end // cluster) // per_block * 8 >= MAX_REFTABLE_BYTES:
+            return "a refcount block past what a refcount table can cover"
     return None
 
 
@@ -270,6 +275,7 @@ class _Rebuild:
         self.cluster = 1 << cluster_bits
         self.bits = cluster_bits
         self.table: list[int] = []  # refcount block offsets, by block index
+        self._keys: list[int] = []  # the blocks of ``expected``, sorted
 
     def run(self) -> tuple[list[int], int, int]:
         """(the table's entries, its offset, its clusters)."""
@@ -302,9 +308,12 @@ class _Rebuild:
         return end
 
     def _next_used(self, cluster: int, end: int) -> int:
-        """The first cluster in ``[cluster, end)`` with a refcount, or ``end``."""
+        """The first cluster in ``[cluster, end)`` with a refcount, or ``end``
+        (blocks nothing claimed are skipped at once, however many)."""
         imrt = self.imrt
         size = imrt.block_size
+        if len(self._keys) != len(imrt.blocks):
+            self._keys = sorted(imrt.blocks)
         while cluster < end:
             block, within = divmod(cluster, size)
             counts = imrt.blocks.get(block)
@@ -313,7 +322,10 @@ class _Rebuild:
                 skipped = len(raw) - len(raw.lstrip(b"\0"))
                 if skipped < len(raw):
                     return min(end, cluster + skipped // counts.itemsize)
-            cluster = (block + 1) * size
+            following = bisect_right(self._keys, block)
+            if following == len(self._keys):
+                return end
+            cluster = self._keys[following] * size
         return end
 
     def _alloc(self, count: int, first_free: int) -> tuple[int, int]:
@@ -355,6 +367,9 @@ class _Rebuild:
                 end = max(end, block + 1)
                 if len(self.table) <= index:
                     wanted = -(-(index + 1) // entries_per_cluster) * entries_per_cluster
+                    if wanted * 8 > MAX_REFTABLE_BYTES:
+                        raise UnsupportedError("check -r: the rebuilt refcount table would "
+                                               "be too large")
                     self.table.extend([0] * (wanted - len(self.table)))
                     grown = True
                 self.table[index] = block * self.cluster
