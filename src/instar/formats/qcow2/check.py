@@ -11,6 +11,11 @@ active L1 and L2 entry against the on-disk refcount, and reports the image
 end offset. Every line it prints while
 doing so is a `Finding`, with the same text, in the same order.
 
+With a `Repairer` (``check -r``, `formats/qcow2/repair.py`), the walk is
+qemu's with its repair mode: it fixes leaks and refcounts in the comparison,
+has the refcount structure rebuilt where qemu rebuilds it, and fixes
+OFLAG_COPIED, through the repairer, in qemu's order.
+
 Bounded by the file, whatever the header claims:
 
 - expected refcounts are kept per refcount block, only where something is
@@ -318,7 +323,7 @@ class _Walk:
             if repair.fix & FIX_LEAKS:
                 saved = _counters(result)
                 _set_counters(result, dict.fromkeys(saved, 0))
-                highest = walk._compare(result, repair)
+                highest = walk._compare(result, repair, FIX_LEAKS)
                 repair.refcounts_done()
                 walk.reload_refcounts()
                 if walk.rebuild:
@@ -804,13 +809,15 @@ class _Walk:
 
     # -- compare_refcounts
 
-    def _compare(self, result: CheckResult, repair: Repairer | None = None) -> int:
+    def _compare(self, result: CheckResult, repair: Repairer | None = None,
+                 fix: int | None = None) -> int:
         """Report every cluster whose refcount on disk is not the expected
         one (fixing it through ``repair`` where its mode allows: a leak with
         FIX_LEAKS, a refcount too low but not 0 with FIX_ERRORS; a used
         cluster whose refcount is 0 needs a rebuild); returns the highest
-        cluster either says is in use."""
-        fix = repair.fix if repair is not None else 0
+        cluster either says is in use. ``fix``: the mode, if not ``repair``'s."""
+        if fix is None:
+            fix = repair.fix if repair is not None else 0
         highest = 0
         size = self.rb_size
         nb = self.expected.clusters
