@@ -147,6 +147,12 @@ def both(args: list[str], cwd: Path) -> tuple[tuple[int, str, str], tuple[int, s
             (qemu.rc, qemu.stdout, qemu.normalised_stderr()))
 
 
+def assert_same(args: list[str], cwd: Path) -> None:
+    """instar and qemu-img give the same status, stdout and stderr for ``args``."""
+    ours, qemu = both(args, cwd)
+    assert ours == qemu, args
+
+
 @contextlib.contextmanager
 def open_image(path: Path, fmt: str | None = None, allow_own_directory: bool = True
                ) -> Iterator[Image]:
