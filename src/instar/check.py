@@ -16,6 +16,11 @@ format has no check (raw, vpc, qcow...: "This image format does not support
 checks"). Every format instar reads that qemu checks has a check (qcow2, qed,
 vmdk, vhdx, vdi, parallels); one added later without its check would be
 refused in one line, exit 1, never said to have none.
+
+``check -r leaks|all`` (`repair_image`) opens the image read-write in the
+worker, as resize does, and repairs what qemu-img 7.2 repairs (qcow2 on the
+check's walk, parallels, qed), then checks it again; what instar does not
+repair yet is refused in one line before anything is written.
 """
 
 from __future__ import annotations
