@@ -50,6 +50,8 @@ if TYPE_CHECKING:
 
     GuestWriter = Qcow2Writer | QedWriter
 
+# Formats qemu 7.2 opens read-only only: "Could not open 'F': Image is read-only".
+READ_ONLY_FORMATS = ("bochs", "cloop", "dmg")
 IO_BUF_SIZE = 2 << 20  # qemu-img's step: bytes compared at a time, at most
 # Steps past both backing files' ends counted one by one for qemu's meter;
 # the rest (a huge image over short backing files) are counted at once.
@@ -104,6 +106,8 @@ def _rebase_job(broker: Broker, send: EventSink, path: str, backing: str | None,
     opener = ImageOpener(broker=broker)
     try:
         fmt = opener.choose_format(file, path, fmt_name)
+        if fmt.name in READ_ONLY_FORMATS:  # qemu's drivers refuse before they parse
+            raise ImageOpenError(path, "Image is read-only")
         node = opener.open_file_node(file, path, fmt.name, with_backing=not unsafe, depth=0)
         if fmt_name is None and fmt.name == "raw":
             send(Notice(_raw_probe_warning(path)))

@@ -61,7 +61,8 @@ instar version {version} - a safe, qemu-img-compatible disk image toolkit
 usage: instar [standard options] command [command options]
 
 Command syntax:
-  check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
+  check [-U] [-q] [-f fmt] [-r leaks|all] [--output=ofmt] [-T src_cache] [--allow dir] \
+filename
   commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] [--allow dir] \
 filename
   compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
