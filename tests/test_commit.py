@@ -374,7 +374,8 @@ def _clusters(data: bytes, size: int) -> list[bytes]:
 @pytest.mark.parametrize("base,grow", [("qcow2", False), ("qcow2", True), ("raw", True)])
 def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: str,
                               grow: bool) -> None:
-    """commit stopped after k changes (in each update) for every k until it
+    """commit stopped after k changes (counted across its updates: the base's
+    growth, its data, the overlay's emptying) for every k until it
     finishes: the overlay reads as it did; the base reads, cluster by
     cluster, as before or as committed; qemu-img check finds leaks at most."""
     name = f"base.{base}"
@@ -393,14 +394,22 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
     while True:
         shutil.rmtree(work, ignore_errors=True)
         shutil.copytree(origin, work)
-        monkeypatch.setattr(mutate, "stop_after", k)
+        made = [0]  # changes so far, counted across the updates (base, then overlay)
+
+        def change(update: mutate.ImageUpdate, limit: int = k, made: list[int] = made) -> None:
+            if made[0] >= limit:
+                raise StoppedUpdate(f"stopped after {limit} changes")
+            made[0] += 1
+            update.changes += 1
+
+        monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
         try:
             commit(str(work / "ov.qcow2"), allow=(str(work),),
                    sandbox=SandboxSettings(mode="off"))
             finished = True
         except StoppedUpdate:
             finished = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+        monkeypatch.undo()
         for image, fmt in ((work / "ov.qcow2", "qcow2"), (work / name, base)):
             if fmt == "qcow2":
                 checked = run_qemu_img("check", "--output=json", "-f", fmt, str(image))
@@ -416,9 +425,10 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
             assert cluster in (was, new[at : at + 4096]), (k, at)
         if finished:
             assert now == new
+            assert (work / "ov.qcow2").stat().st_size == 4 * 4096  # emptied
             break
         k += 1
-    assert k >= 4
+    assert k >= 8
 
 
 # --- the hostile corpus -----------------------------------------------------------------------
