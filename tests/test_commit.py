@@ -222,6 +222,19 @@ def test_base_with_snapshot(tmp_path: Path) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("options", ["cluster_size=64k", "cluster_size=4k"])
+def test_compressed_base(tmp_path: Path, options: str) -> None:
+    """The base's compressed clusters the commit writes over get new places;
+    the clusters their bytes shared are freed only when nothing else uses them."""
+    steps = [*_raw("src.raw", "1M", "write -P 1 0 1M"),
+             ("convert", "-c", "-f", "raw", "-O", "qcow2", "-o", options, "src.raw",
+              "base.qcow2"),
+             *_qcow2("ov.qcow2", None, "write -P 2 100k 300k", "write -z 600k 64k",
+                     "write -P 3 1000k 3k", backing="base.qcow2")]
+    _parity(tmp_path, steps)
+
+
+@pytest.mark.usefixtures("allow_own_directories")
 def test_empty_overlay_grown_base(tmp_path: Path) -> None:
     """A big sparse overlay (the base grows, its refcount structures with it)."""
     steps = [*_qcow2("base.qcow2", "1M", "write -P 1 0 64k", options="cluster_size=512"),

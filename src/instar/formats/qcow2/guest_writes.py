@@ -125,9 +125,9 @@ class GuestWriter:
         """Like `write`, for a unit the image may hold already (commit's base):
         a data cluster only this entry references is rewritten in place (None:
         it keeps its place with the zero flag, or gets zeros before version 3);
-        one shared with a snapshot is replaced by a new cluster and its
-        reference dropped at `release`. A compressed cluster, or an allocated
-        one with extended L2 entries, is refused (not supported yet)."""
+        one shared with a snapshot, or a compressed one, is replaced by a new
+        cluster and its references dropped at `release`. An allocated cluster
+        with extended L2 entries is refused (not supported yet)."""
         guest_cluster = guest_unit // L.SUBCLUSTERS if self.extended else guest_unit
         index, slot = divmod(guest_cluster, self.entries)
         if index >= len(self.l1):
@@ -142,8 +142,19 @@ class GuestWriter:
         entry = int.from_bytes(raw, "big")
         host = entry & L.L2E_OFFSET_MASK
         if entry & L.OFLAG_COMPRESSED:
-            raise UnsupportedError("writing over a compressed qcow2 cluster is not "
-                                   "supported yet")
+            if self.extended:
+                raise UnsupportedError("writing into a partly allocated qcow2 cluster "
+                                       "(extended L2 entries) is not supported yet")
+            start, length = self.driver.compressed_range(entry)
+            if start + length > self.driver.file.size:
+                raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside "
+                                  "the image")
+            # A new cluster; the reference the entry held on each cluster its
+            # compressed bytes touch is dropped at `release`.
+            self.write(guest_unit, data)
+            first, last = start // self.cluster, (start + length - 1) // self.cluster
+            self._dropped.extend(range(first, last + 1))
+            return
         if not host:
             self.write(guest_unit, data)
             return
