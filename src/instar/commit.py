@@ -34,7 +34,7 @@ from instar.errors import (
     UnsupportedError,
 )
 from instar.events import Advance, EventSink, Line, Notice
-from instar.image import DATA, ZERO, Image
+from instar.image import DATA, ZERO, ExtentKind, Image
 from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.resize import _raw_probe_warning
@@ -275,7 +275,10 @@ def _write_qcow2(opener: ImageOpener, top: Image, base: OpenedNode,
             if at + unit > size and base_size > size:
                 data += base.image.read(size, min(at + unit, base_size) - size)
             data = data.ljust(unit, b"\0")
-            writer.overwrite(number, None if data == zeros else data)
+            if data == zeros and not _holds_data(top, at, min(unit, size - at)):
+                writer.overwrite(number, None)  # qemu writes zeros there: a zero cluster
+            else:
+                writer.overwrite(number, data)  # stored bytes (zeros too) are copied
             done = number
     writer.finish()
     table = writer.refcount_table()
@@ -283,6 +286,11 @@ def _write_qcow2(opener: ImageOpener, top: Image, base: OpenedNode,
         update.phase("header")
         update.write(48, table[0].to_bytes(8, "big") + table[1].to_bytes(4, "big"))
     writer.release()
+
+
+def _holds_data(image: Image, offset: int, length: int) -> bool:
+    """Whether the chain stores bytes (DATA, even if zeros) anywhere in the range."""
+    return any(extent.kind is ExtentKind.DATA for extent in image.extents(offset, length))
 
 
 def _qcow2_driver(opener: ImageOpener, base: OpenedNode, target: InputFile) -> Qcow2Driver:

@@ -6,8 +6,9 @@ external data file "completely": the header stays in cluster 0, the refcount
 table (one cluster) in cluster 1 holds one refcount block, in cluster 2, the
 L1 table (zeroed) follows in cluster 3, and the file ends right after it;
 only those clusters have a refcount (1). Every other image qemu empties by
-discarding each cluster, which instar does not do yet (refused before the
-commit writes anything).
+discarding each cluster: instar does that for images without snapshots
+(version 2: every L2 entry set to 0, then the references dropped), and
+refuses the others before the commit writes anything.
 
 qemu rewrites those clusters in an order that a crash can leave broken.
 instar reaches the same image in place, for an image already laid out that
@@ -23,10 +24,24 @@ through one `ImageUpdate`, each step leaving at worst leaked clusters:
 
 from __future__ import annotations
 
-from instar.errors import UnsupportedError
+from array import array
+
+from instar.errors import FormatError, UnsupportedError
+from instar.formats.common import read_table
 from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.allocation import Refcounts
 from instar.formats.qcow2.reader import Qcow2Driver
 from instar.mutate import ImageUpdate
+
+
+def _completely(driver: Qcow2Driver) -> bool:
+    """Whether qemu rebuilds the image completely empty (else it discards)."""
+    header = driver.header
+    return (header.version >= 3 and not header.nb_snapshots
+            and not driver.extensions.has_bitmaps and not header.crypt_method
+            and not header.incompatible_features & L.INCOMPAT_DATA_FILE
+            and 3 + _l1_clusters(driver)
+            <= header.cluster_size * 8 // (1 << header.refcount_order))
 
 
 def check_emptiable(driver: Qcow2Driver) -> None:
@@ -34,18 +49,16 @@ def check_emptiable(driver: Qcow2Driver) -> None:
     as qemu does."""
     header = driver.header
     cluster = header.cluster_size
-    qemu_empties_completely = (
-        header.version >= 3 and not header.nb_snapshots
-        and not driver.extensions.has_bitmaps and not header.crypt_method
-        and not header.incompatible_features & L.INCOMPAT_DATA_FILE
-        and 3 + _l1_clusters(driver) <= cluster * 8 // (1 << header.refcount_order))
-    if not qemu_empties_completely:
-        raise UnsupportedError("emptying this qcow2 image after the commit (version 2, "
-                               "snapshots, bitmaps, encryption or a data file) is not "
-                               "supported yet; use -d to keep its data")
     if header.incompatible_features & L.INCOMPAT_DIRTY:
         raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
                                "repair it before a commit yet: run 'qemu-img check -r all'")
+    if not _completely(driver):
+        if (header.nb_snapshots or driver.extensions.has_bitmaps or header.crypt_method
+                or header.incompatible_features & L.INCOMPAT_DATA_FILE):
+            raise UnsupportedError("emptying a qcow2 image with snapshots, bitmaps, "
+                                   "encryption or a data file after the commit is not "
+                                   "supported yet; use -d to keep its data")
+        return  # discarded cluster by cluster (version 2)
     first_block = driver.file.pread(header.refcount_table_offset, 8)
     if (header.refcount_table_offset != cluster or header.refcount_table_clusters != 1
             or int.from_bytes(first_block, "big") & L.REFTABLE_OFFSET_MASK != 2 * cluster
@@ -62,6 +75,9 @@ def _l1_clusters(driver: Qcow2Driver) -> int:
 def make_empty(driver: Qcow2Driver, update: ImageUpdate) -> None:
     """Empty the image (checked by `check_emptiable`) as the module says."""
     check_emptiable(driver)
+    if not _completely(driver):
+        _discard_all(driver, update)
+        return
     header = driver.header
     cluster = header.cluster_size
     l1_clusters = _l1_clusters(driver)
@@ -86,3 +102,42 @@ def make_empty(driver: Qcow2Driver, update: ImageUpdate) -> None:
     update.write(2 * cluster, bytes(block))
     update.flush()
     update.truncate(used * cluster)
+
+
+def _discard_all(driver: Qcow2Driver, update: ImageUpdate) -> None:
+    """qemu's other way (a full discard of the whole disk, for an image
+    without snapshots here): every L2 entry set to 0 and the references of the
+    clusters they named dropped; the L2 tables and the file's length stay.
+    Every reference is counted before anything is written, so an image whose
+    refcounts do not match its tables is refused untouched."""
+    header = driver.header
+    cluster = header.cluster_size
+    refcounts = Refcounts(driver)
+    l1 = (read_table(driver.file, header.l1_table_offset, header.l1_size, 8, "big",
+                     "L1 table") if header.l1_size else array("Q"))
+    tables: list[int] = []
+    for index, l1_entry in enumerate(l1):
+        offset = l1_entry & L.L1E_OFFSET_MASK
+        if not offset:
+            continue
+        if offset % cluster or offset + cluster > driver.file.size:
+            raise FormatError(f"qcow2 L2 table {index} lies outside the image")
+        if refcounts.get(offset // cluster) != 1:
+            raise FormatError(f"qcow2 refcount of L2 table {index} is not 1; run "
+                              "'qemu-img check -r all' first")
+        entries = read_table(driver.file, offset, cluster // 8, 8, "big", "L2 table")
+        if not any(entries):
+            continue
+        tables.append(offset)
+        for entry in entries:
+            if entry & L.OFLAG_COMPRESSED:
+                start, length = driver.compressed_range(entry)
+                first, last = start // cluster, (start + length - 1) // cluster
+                refcounts.add(first, last - first + 1, -1)
+            elif entry & L.L2E_OFFSET_MASK:
+                refcounts.add((entry & L.L2E_OFFSET_MASK) // cluster, 1, -1)
+    update.phase("pointers")
+    for offset in tables:
+        update.write(offset, bytes(cluster))
+    update.phase("release")
+    refcounts.write_blocks(update)
