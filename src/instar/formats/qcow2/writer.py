@@ -403,13 +403,21 @@ class Qcow2Writer(ClusterImageWriter):
 
     # --- the external data file ---------------------------------------------
 
+    def _data_unit(self) -> int:
+        """What qemu allocates in a data file at once: a subcluster with
+        extended L2 entries, else a cluster."""
+        return self._cluster // L.SUBCLUSTERS if self._options.extended_l2 else self._cluster
+
     def _size_data_file(self, data: OutputFile, mode: str) -> None:
-        """A new data file is as long as the disk, as qemu creates it: sparse,
-        or filled as ``falloc`` and ``full`` ask."""
+        """A new data file is as long as the disk, as qemu creates it; when
+        preallocated, to the end of the last allocation unit, and filled as
+        ``falloc`` and ``full`` ask."""
         if data.in_place:
             return
-        os.ftruncate(data.fd, self._size)
-        reserve(data.fd, 0, self._size, mode)
+        unit = self._data_unit()
+        length = self._size if mode == "off" else -(-self._size // unit) * unit
+        os.ftruncate(data.fd, length)
+        reserve(data.fd, 0, length, mode)
 
     def _store(self, first: int, data: memoryview) -> None:
         """With a data file, guest clusters go to their own offset in it, whole
@@ -424,12 +432,13 @@ class Qcow2Writer(ClusterImageWriter):
             self._tables.set(first + i, cluster | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
 
     def _data_written(self, end: int) -> None:
-        """Data written into the disk's last, partial cluster: qemu's write
-        fills that cluster of the data file to its end, past the disk's end."""
-        last = self._size & ~(self._cluster - 1)
+        """Data written into the disk's last, partial allocation unit: qemu's
+        write fills that unit of the data file to its end, past the disk's end."""
+        unit = self._data_unit()
+        last = self._size // unit * unit
         assert self._data is not None
         if end > last and not self._data.in_place:
-            aligned = last + self._cluster
+            aligned = last + unit
             if os.fstat(self._data.fd).st_size < aligned:
                 os.ftruncate(self._data.fd, aligned)
 
