@@ -278,3 +278,29 @@ def test_data_file_must_be_named_as_an_output(tmp_path: Path) -> None:
     finally:
         broker.close()
     assert _files(tmp_path) == {}
+
+
+@pytest.mark.parametrize("spelling", ["on", "yes", "true", "y", "off", "no", "false", "n",
+                                      "", "ON", "1", "maybe"])
+def test_data_file_raw_spellings_are_qemus(tmp_path: Path, spelling: str) -> None:
+    theirs, ours, qemu, _ = _run_both(
+        tmp_path, "create", "-f", "qcow2", "-o", f"data_file=d.raw,data_file_raw={spelling}",
+        "x.qcow2", "64k")
+    assert _files(ours).keys() == _files(theirs).keys()
+    if qemu.rc == 0:
+        infos = [json.loads(qemu_img_ok("info", "--output=json", "x.qcow2", cwd=d))
+                 for d in (theirs, ours)]
+        assert (infos[0]["format-specific"]["data"]["data-file-raw"]
+                == infos[1]["format-specific"]["data"]["data-file-raw"])
+
+
+def test_dd_takes_the_data_file_as_convert_does(tmp_path: Path) -> None:
+    """qemu-img dd takes no -o; instar's dd writes what convert writes."""
+    _source(tmp_path)
+    for command, image in (("convert", "c.qcow2"), ("dd", "d.qcow2")):
+        args = ["-O", "qcow2", "-o", f"data_file={image}.raw"]
+        files = ["s.raw", image] if command == "convert" else ["if=s.raw", f"of={image}"]
+        result = run_instar(command, *args, *files, cwd=tmp_path)
+        assert result.rc == 0, result.stderr
+    qemu_img_ok("compare", "c.qcow2", "d.qcow2", cwd=tmp_path)
+    assert (tmp_path / "c.qcow2.raw").read_bytes() == (tmp_path / "d.qcow2.raw").read_bytes()

@@ -86,15 +86,16 @@ def convert(
     try:
         run_job(job, policy, sandbox, events,
                 inputs=[*paths, *([output_path] if no_create else [])],
-                outputs=[output_path, *_data_files(output_format_name, create_options)],
+                outputs=[output_path, *data_file_targets(output_format_name, create_options)],
                 force_share=force_share)
     except CommitError as error:  # the sandbox host names the output after the job
         raise _conversion_failed(output_path, output_format_name, error) from None
 
 
-def _data_files(format_name: str, options: CreateOptions) -> list[str]:
+def data_file_targets(format_name: str, options: CreateOptions) -> list[str]:
     """The external data file ``-o data_file`` names (qcow2): a second output
-    the job may create. Options qemu would refuse name none (the job refuses them)."""
+    the job may create (convert, dd). Options qemu would refuse name none (the
+    job refuses them)."""
     try:
         name = data_file_name(parse_options(output_format(format_name).create_options, options))
     except InstarError:
