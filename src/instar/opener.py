@@ -195,9 +195,9 @@ class HostBroker(Record):
                 output.commit(durable)
                 done.append(self._outputs.pop(0))
         except BaseException:
-            for output in done:
+            for output in done:  # where it was written (through a symbolic link)
                 with contextlib.suppress(OSError):
-                    os.unlink(output.target)
+                    os.unlink(os.path.realpath(output.target))
             raise
 
     def close(self) -> None:
