@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from helpers import qemu_img_ok, run_qemu_img
+from helpers import qemu_img_ok, run_instar, run_qemu_img
 from test_resize import _compare, _qcow2, _stop_at_every_change
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
@@ -93,3 +93,15 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, m
     _qcow2(size=size, options=options, data=("0 200k",))(original)
     assert _stop_at_every_change(tmp_path, monkeypatch, original, new, False,
                                  preallocation=mode) >= 3
+
+
+def test_refused_in_a_table_shared_with_a_snapshot(tmp_path: Path) -> None:
+    """qemu copies the shared L2 table first; instar refuses, changing nothing."""
+    image = tmp_path / "s.qcow2"
+    _qcow2(data=("0 4k",), snapshot=True)(image)
+    before = image.read_bytes()
+    result = run_instar("resize", "--preallocation=metadata", str(image), "3M")
+    assert result.rc == 1 and result.stdout == ""
+    assert result.stderr == ("instar: preallocating in a qcow2 L2 table shared with a "
+                             "snapshot is not supported yet\n")
+    assert image.read_bytes() == before
