@@ -176,7 +176,9 @@ def test_bool_spellings_parse_to_their_value() -> None:
 def test_bool_options_listed_are_the_schemas() -> None:
     found = [(fmt, o.name) for fmt in FORMATS for o in _format(fmt).create_options.listed()
              if o.type == "bool"]
-    assert sorted(found) == sorted(BOOL_OPTIONS)
+    # data_file_raw needs a data file beside the image: its spellings are
+    # tested in test_create_data_file.py.
+    assert sorted(found) == sorted([*BOOL_OPTIONS, ("qcow2", "data_file_raw")])
 
 
 # --- vpc force_size: the size CHS rounding changes ---------------------------------------------
@@ -364,7 +366,7 @@ def test_values_are_typed() -> None:
     with pytest.raises(KeyError):
         parsed.flag("cluster_size")  # a size, not a bool
     with pytest.raises(KeyError):
-        parsed.text("data_file")  # refused: never a value
+        parsed.text("encrypt.format")  # refused: never a value
     with pytest.raises(KeyError):
         parsed.text("nonsense")
 
@@ -380,10 +382,11 @@ def test_unknown_key_and_compression_refused() -> None:
 
 def test_refused_option_is_a_creation_error_after_the_checks() -> None:
     schema = _format("qcow2").create_options
-    with pytest.raises(CreationError, match=r"^the qcow2 option 'data_file' is not supported yet$"):
-        parse_options(schema, CreateOptions([("data_file", "d"), ("lazy_refcounts", "on")]))
+    with pytest.raises(CreationError,
+                       match=r"^the qcow2 option 'encrypt.format' is not supported yet$"):
+        parse_options(schema, CreateOptions([("encrypt.format", "d"), ("lazy_refcounts", "on")]))
     with pytest.raises(OptionError, match="lazy_refcounts"):
-        parse_options(schema, CreateOptions([("data_file", "d"), ("lazy_refcounts", "x")]))
+        parse_options(schema, CreateOptions([("encrypt.format", "d"), ("lazy_refcounts", "x")]))
 
 
 def test_schema_refuses_duplicates_and_missing_defaults() -> None:

@@ -368,9 +368,15 @@ def _refused(path: Path, *args: str, words: str) -> None:
 
 def test_refused_where_qemu_resizes(tmp_path: Path) -> None:
     image = tmp_path / "a.qcow2"
-    _qcow2()(image)
+    _qcow2(options="cluster_size=16k,extended_l2=on")(image)
     _refused(image, "--preallocation=full", "4M", words="preallocation=full")
     _refused(image, "--preallocation=metadata", "4M", words="preallocation=metadata")
+    image.unlink()
+    _qcow2(backing="b.qcow2")(image)
+    _refused(image, "--allow", str(tmp_path), "--preallocation=falloc", "4M",
+             words="preallocation=falloc")
+    image.unlink()
+    _qcow2()(image)
     qemu_img_ok("bitmap", "--add", str(image), "b0")
     _refused(image, "4M", words="persistent bitmaps")
 
@@ -443,7 +449,8 @@ def test_hostile_refcounts_past_the_end(tmp_path: Path) -> None:
 
 
 def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, original: Path,
-                          new: int, shrink: bool, allow: tuple[str, ...] = ()) -> int:
+                          new: int, shrink: bool, allow: tuple[str, ...] = (),
+                          preallocation: str = "off") -> int:
     """Resize copies of ``original`` to ``new``, stopped after k changes for
     every k until one finishes: each result clean or only leaking, of the old
     or the new size, reading as the original up to the smaller size (and
@@ -465,7 +472,7 @@ def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origi
         monkeypatch.setattr(mutate, "stop_after", k)
         try:
             resize(str(image), new, fmt="qcow2", quiet=True, shrink=shrink, allow=allow,
-                   sandbox=SandboxSettings(mode="off"))
+                   preallocation=preallocation, sandbox=SandboxSettings(mode="off"))
             finished = True
         except StoppedUpdate:
             finished = False

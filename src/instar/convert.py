@@ -10,7 +10,14 @@ import os
 from collections.abc import Sequence
 
 from instar.copy import ZERO_GRANULARITY
-from instar.errors import CommitError, CreationError, OptionError, OutputError, UnsupportedError
+from instar.errors import (
+    CommitError,
+    CreationError,
+    InstarError,
+    OptionError,
+    OutputError,
+    UnsupportedError,
+)
 from instar.events import EventSink
 from instar.formats import registry
 from instar.formats.base import Format
@@ -18,6 +25,7 @@ from instar.formats.options import (
     CreateOptions,
     OptionsArgument,
     as_create_options,
+    data_file_name,
     parse_options,
 )
 from instar.formats.preallocation import given_mode
@@ -77,10 +85,22 @@ def convert(
 
     try:
         run_job(job, policy, sandbox, events,
-                inputs=[*paths, *([output_path] if no_create else [])], outputs=[output_path],
+                inputs=[*paths, *([output_path] if no_create else [])],
+                outputs=[output_path, *data_file_targets(output_format_name, create_options)],
                 force_share=force_share)
     except CommitError as error:  # the sandbox host names the output after the job
         raise _conversion_failed(output_path, output_format_name, error) from None
+
+
+def data_file_targets(format_name: str, options: CreateOptions) -> list[str]:
+    """The external data file ``-o data_file`` names (qcow2): a second output
+    the job may create (convert, dd). Options qemu would refuse name none (the
+    job refuses them)."""
+    try:
+        name = data_file_name(parse_options(output_format(format_name).create_options, options))
+    except InstarError:
+        return []
+    return [] if name is None else [name]
 
 
 def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], output_path: str,
@@ -115,7 +135,9 @@ def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], outp
 def _conversion_failed(output_path: str, format_name: str, error: CreationError
                        ) -> CreationError:
     """qemu-img convert's wording of a failure to create the output."""
-    return CreationError(f"{output_path}: error while converting {format_name}: {error}")
+    failure = CreationError(f"{output_path}: error while converting {format_name}: {error}")
+    failure.hint = error.hint
+    return failure
 
 
 def _rewrite_existing(

@@ -29,6 +29,7 @@ from instar.formats.options import (
     OptionType,
     ParsedOptions,
     as_create_options,
+    data_file_name,
     parse_options,
     refused,
 )
@@ -237,7 +238,14 @@ def create(
     def job(broker: Broker, send: EventSink) -> None:
         _create_job(broker, send, request, quiet)
 
-    run_job(job, policy, sandbox, events, inputs=[], outputs=[path])
+    run_job(job, policy, sandbox, events, inputs=[], outputs=[path, *data_files(request.parsed)])
+
+
+def data_files(parsed: ParsedOptions) -> list[str]:
+    """The second output a qcow2 image with ``-o data_file`` creates, named
+    on the command line, so the job may create it."""
+    name = data_file_name(parsed)
+    return [] if name is None else [name]
 
 
 class BackingFacts(NamedTuple):

@@ -104,6 +104,10 @@ def dd(
     create_options = as_create_options(options)
     policy = PathPolicy.from_allow(allow)
 
+    from instar.convert import data_file_targets
+
+    outputs = [output_path, *data_file_targets(output_format, create_options)]
+
     def job(broker: Broker, send: EventSink) -> list[int | bool]:
         window = _dd_job(broker, send, input_path, output_path, bs, count, skip, input_format,
                          output_format, create_options)
@@ -111,7 +115,7 @@ def dd(
 
     try:
         start, length, skipped = run_job(job, policy, sandbox, events,
-                                         inputs=[input_path], outputs=[output_path],
+                                         inputs=[input_path], outputs=outputs,
                                          force_share=force_share)
     except CommitError as error:  # the sandbox host names the output after the job
         raise _creation_failed(output_path, error) from None

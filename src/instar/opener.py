@@ -20,6 +20,7 @@ backing file unopened, as qemu-img info does (BDRV_O_NO_BACKING).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Iterator
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from instar.errors import (
     ChainDepthError,
+    CreationError,
     DriverError,
     FormatError,
     ImageOpenError,
@@ -85,7 +87,8 @@ class Broker(Protocol):
         ...
 
     def commit_output(self, durable: bool) -> None:
-        """Give the output created last its name (after an fsync if ``durable``)."""
+        """Give the outputs created so far their names, in the order they were
+        created (after an fsync if ``durable``)."""
         ...
 
     def close(self) -> None:
@@ -100,7 +103,7 @@ class HostBroker(Record):
     an output that is an input is refused. ``force_share`` (-U): read images
     a running qemu holds locks on."""
 
-    __slots__ = ("_in_place", "_output", "force_share", "inputs", "opened", "outputs", "policy")
+    __slots__ = ("_in_place", "_outputs", "force_share", "inputs", "opened", "outputs", "policy")
 
     def __init__(self, policy: PathPolicy, inputs: frozenset[str] | None = None,
                  outputs: frozenset[str] | None = None, force_share: bool = False) -> None:
@@ -109,7 +112,7 @@ class HostBroker(Record):
         self.outputs = outputs
         self.force_share = force_share
         self.opened: list[InputFile] = []
-        self._output: AtomicOutput | None = None
+        self._outputs: list[AtomicOutput] = []  # created, not yet committed
         self._in_place: list[int] = []
 
     def open_image_file(self, path: str) -> InputFile:
@@ -186,8 +189,15 @@ class HostBroker(Record):
 
         self._check_target(target)
         # A file the job reads (convert -n's old image) is replaced, never rewritten.
-        self._output = AtomicOutput(target, [file.identity for file in self.opened])
-        return self._output.create()
+        if any(os.path.realpath(target) == os.path.realpath(pending.target)
+               for pending in self._outputs):  # qemu cannot lock one file twice
+            error = CreationError('Failed to get shared "resize" lock')
+            error.hint = f"Is another process using the image [{target}]?"
+            raise error
+        output = AtomicOutput(target, [file.identity for file in self.opened])
+        out = output.create()
+        self._outputs.append(output)
+        return out
 
     def open_output_in_place(self, target: str) -> OutputFile:
         from instar.output import open_in_place
@@ -198,14 +208,26 @@ class HostBroker(Record):
         return out
 
     def commit_output(self, durable: bool) -> None:
-        assert self._output is not None
-        self._output.commit(durable)
-        self._output = None
+        """Commit every output in order (a qcow2 image's data file before the
+        image naming it); if one fails, the ones committed before it are
+        removed again, so a job leaves all its outputs or none."""
+        assert self._outputs
+        done: list[AtomicOutput] = []
+        try:
+            while self._outputs:
+                output = self._outputs[0]
+                output.commit(durable)
+                done.append(self._outputs.pop(0))
+        except BaseException:
+            for output in done:  # where it was written (through a symbolic link)
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.realpath(output.target))
+            raise
 
     def close(self) -> None:
-        if self._output is not None:
-            self._output.abort()
-            self._output = None
+        for output in self._outputs:
+            output.abort()
+        self._outputs.clear()
         for fd in self._in_place:
             os.close(fd)
         self._in_place.clear()

@@ -459,13 +459,36 @@ def write_image(
         if not target and spec.format.name == "vmdk":
             raise CreationError("No filename provided")  # qemu's vmdk checks before creating
         out_file = broker.create_output(target)
+        spec = _with_data_file(spec, target, broker)
         fill_output(image, out_file, spec, events=events, notice=notice)
         if durable:
             _sync(out_file, spec.virtual_size)
+            if spec.options.data_file is not None:
+                _sync(spec.options.data_file, spec.virtual_size)
         broker.commit_output(durable)
     finally:
         if own:
             broker.close()
+
+
+def _with_data_file(spec: OutputSpec, target: str, broker: Broker) -> OutputSpec:
+    """The spec with its external data file (qcow2's ``-o data_file``) created,
+    after the image as qemu creates them, through the broker: the name as
+    given (relative to the working directory, as qemu creates it), appearing
+    only when the image does (the broker refuses the image's own name)."""
+    from instar.formats.options import data_file_name
+
+    name = data_file_name(spec.options)
+    if name is None:
+        return spec
+    try:
+        broker.check_output(name)
+    except OutputError:  # a file the job reads: qemu holds it, and cannot lock it to write
+        error = CreationError('Failed to get "write" lock')
+        error.hint = f"Is another process using the image [{name}]?"
+        raise error from None
+    data = broker.create_output(name)
+    return spec._replace(options=spec.options._replace(data_file=data))
 
 
 def open_in_place(target: str) -> OutputFile:

@@ -87,7 +87,7 @@ def _resize_job(broker: Broker, send: EventSink, path: str, size: int, relative:
         total = _int64(size if not relative else current + relative * size)
         if total <= 0:
             raise ResizeError("New image size must be positive")
-        if total < current and preallocation != "off":
+        if total <= current and preallocation != "off":
             raise ResizeError("Preallocation can only be used for growing images")
         if total < current and not shrink:
             refusal = ResizeError("Use the --shrink option to perform a shrink operation.")

@@ -28,7 +28,8 @@ Change the virtual size of an image in place, as qemu-img resize does.
   -q                   quiet: no "Image resized." line
   --shrink             allow the image to become smaller (data past the new end is lost)
   --preallocation=mode off (default), falloc or full for the part a raw image grows by;
-                       metadata is refused for raw, as qemu does; qcow2 takes off only
+                       metadata is refused for raw, as qemu does; qcow2 takes metadata,
+                       falloc and full too (not with a backing file or extended L2)
   --allow dir          the image's backing file may come from dir (not in qemu-img)
   -h, --help           show this help
 

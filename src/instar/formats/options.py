@@ -17,11 +17,14 @@ does what qemu's generic option parser does, with its messages.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Literal, NamedTuple
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from instar.errors import CreationError, OptionError
 from instar.record import Record
 from instar.sizes import UINT64_MAX, SizeStatus, parse_size
+
+if TYPE_CHECKING:
+    from instar.formats.base import OutputFile
 
 OptionType = Literal["str", "size", "num", "bool"]
 OptionValue = str | int | bool
@@ -109,6 +112,15 @@ class Option(NamedTuple):
         return text
 
 
+def data_file_name(options: ParsedOptions) -> str | None:
+    """The external data file ``-o data_file`` names, for a format that
+    implements the option (qcow2), else None."""
+    option = options.schema.find("data_file")
+    if option is None or not option.supported or "data_file" not in options.given:
+        return None
+    return options.texts.get("data_file", "")
+
+
 def refused(name: str, type: OptionType) -> Option:
     """An option qemu takes that instar does not implement (yet)."""
     return Option(name, type, None, supported=False)
@@ -180,6 +192,8 @@ class ParsedOptions(NamedTuple):
     again as qemu's QAPI visitor does (`qapi_int`). ``backing`` is the
     backing file a new empty image names (``instar create -b``, only for a
     schema with ``backing``); never set by ``-o``, so convert cannot set it.
+    ``data_file`` is the open external data file (qcow2's ``-o data_file``),
+    created beside the image by `output.write_image` before the writer starts.
     """
 
     schema: OptionSchema
@@ -188,6 +202,7 @@ class ParsedOptions(NamedTuple):
     compress: bool = False
     texts: Mapping[str, str] = {}  # never changed: read only, as all of ParsedOptions
     backing: BackingReference | None = None
+    data_file: OutputFile | None = None
 
     def flag(self, name: str) -> bool:
         """A bool option's value."""

@@ -27,6 +27,9 @@ class Qcow2Format(FormatBase):
             Option("cluster_size", "size", 65536,
                    "cluster size, a power of two from 512 to 2M (64k)"),
             Option("compat", "str", "1.1", "0.10 (version 2) or 1.1 (version 3, the default)"),
+            Option("data_file", "str", "", "File name of an external data file"),
+            Option("data_file_raw", "bool", False,
+                   "The external data file must stay valid as a raw image"),
             Option("compression_type", "str", "zlib", "zlib (default) or zstd, for -c"),
             Option("extended_l2", "bool", False, "subclusters: 32 per cluster of 16k or more"),
             Option("lazy_refcounts", "bool", False, "set the lazy refcounts flag"),
@@ -35,8 +38,6 @@ class Qcow2Format(FormatBase):
             # qemu-img's other qcow2 options, with qemu's types.
             refused("backing_file", "str"),
             refused("backing_fmt", "str"),
-            refused("data_file", "str"),
-            refused("data_file_raw", "bool"),
             refused("encrypt.cipher-alg", "str"),
             refused("encrypt.cipher-mode", "str"),
             refused("encrypt.format", "str"),

@@ -163,10 +163,19 @@ class Refcounts:
         update.write(offset, entries.tobytes())
 
     def write_table_entries(self, update: ImageUpdate) -> None:
-        """Point the refcount table at the new blocks (a new table has them)."""
+        """Point the refcount table at the new blocks (a new table has them).
+        Consecutive entries go in one write: new blocks count each other, so
+        a crash between two of their entries would leave a block in use that
+        no refcount counts."""
         if self.new_table is None:
+            runs: list[tuple[int, bytearray]] = []
             for index, offset in sorted(self.new.items()):
-                update.write(self.table_offset + 8 * index, offset.to_bytes(8, "big"))
+                if runs and runs[-1][0] + len(runs[-1][1]) // 8 == index:
+                    runs[-1][1].extend(offset.to_bytes(8, "big"))
+                else:
+                    runs.append((index, bytearray(offset.to_bytes(8, "big"))))
+            for index, entries in runs:
+                update.write(self.table_offset + 8 * index, bytes(entries))
 
     def release_old_table(self) -> None:
         """Free the old refcount table's clusters once the header names the new one."""

@@ -14,6 +14,10 @@ qemu-img 7.2 lays out the data (``qemu-img map`` runs):
 - ``falloc`` and ``full``: every L2 table first, then all data clusters in
   one run, as qemu's preallocating truncate places the data.
 
+With an external data file (``data_file``) the data is not in the image
+file: guest cluster ``c`` is at cluster ``c`` of the data file, and the
+image file holds only the L2 tables, one after another.
+
 qemu also puts its refcount table and block before the L1 table; instar's
 come after the data (`RefcountTracker`), so host offsets differ from qemu's
 by a few clusters while the runs, their kinds and the file's length agree.
@@ -25,18 +29,20 @@ from __future__ import annotations
 class PreallocatedLayout:
     """Host cluster indexes of the tables and data of a preallocated image."""
 
-    def __init__(self, mode: str, base: int, guest_clusters: int, l2_entries: int) -> None:
+    def __init__(self, mode: str, base: int, guest_clusters: int, l2_entries: int,
+                 external: bool = False) -> None:
         self.mode = mode
+        self.external = external
         self.base = base
         self.guest_clusters = guest_clusters
         self.entries = l2_entries
         self.tables = -(-guest_clusters // l2_entries)
-        self.interleaved = mode == "metadata"
+        self.interleaved = mode == "metadata" and not external
 
     @property
     def total(self) -> int:
-        """Clusters the tables and data take, from ``base`` on."""
-        return self.tables + self.guest_clusters
+        """Clusters the tables and data take in the image file, from ``base`` on."""
+        return self.tables + (0 if self.external else self.guest_clusters)
 
     def table(self, index: int) -> int:
         """The host cluster of L2 table ``index``."""
@@ -45,7 +51,10 @@ class PreallocatedLayout:
         return self.base + index
 
     def data(self, cluster: int) -> int:
-        """The host cluster of guest cluster ``cluster``."""
+        """The host cluster of guest cluster ``cluster`` (in the data file
+        when external)."""
+        if self.external:
+            return cluster
         if self.interleaved:
             index, within = divmod(cluster, self.entries)
             return self.table(index) + 1 + within
@@ -58,5 +67,5 @@ class PreallocatedLayout:
     def filled(self) -> tuple[int, int]:
         """(first host cluster, count) of the data of a ``falloc`` or ``full``
         image: one run, which the mode fills when the image is created."""
-        assert not self.interleaved
+        assert not self.interleaved and not self.external
         return self.data(0), self.guest_clusters

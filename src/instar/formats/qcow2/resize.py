@@ -13,16 +13,27 @@ discard does: their L2 entries and the L1 entries past the new table size are
 cleared first, then the header's size, then the refcounts of what they held
 are lowered, then the file's tail past the last cluster in use is cut.
 
+Growing with ``--preallocation`` (`GrowPreallocation`) maps every cluster
+from the one the old size ends in to the new end, as qemu's truncate does:
+``metadata`` puts each new L2 table before the data clusters it maps (qemu's
+``preallocate_co``), writes zeros over the part of a newly mapped cluster
+before the old end (qemu's copy-on-write of it) and extends the file over the
+rest; ``falloc`` and ``full`` place the data in one run first, then the new
+L2 tables, and reserve it or write it with zeros. The data, tables and
+claims are written before any table points at them, as for the L1 table.
+
 An L2 table shared with an internal snapshot is copied first (the copy is
 written and claimed before the L1 table points at it), as qemu copies it.
 
 Refused (one line, nothing written): images with persistent bitmaps, an
-external data file, the dirty or corrupt bit, preallocation other than off,
-and refcounts that do not match what is being freed.
+external data file, the dirty or corrupt bit, preallocation with a backing
+file, extended L2 entries or a compressed or zero cluster where the old size
+ends, and refcounts that do not match what is being freed.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 import sys
 from array import array
@@ -58,9 +69,10 @@ def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> 
     if header.incompatible_features & L.INCOMPAT_DIRTY:
         raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
                                "repair it before resizing yet: run 'qemu-img check -r all'")
-    if preallocation != "off":
+    if preallocation != "off" and (header.backing_file_offset or header.extended_l2):
+        what = "a backing file" if header.backing_file_offset else "extended L2 entries"
         raise UnsupportedError(f"preallocation={preallocation} is not supported yet for "
-                               "qcow2 resize")
+                               f"resizing a qcow2 image with {what}")
     if header.refcount_table_clusters * header.cluster_size > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
     end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
@@ -95,7 +107,136 @@ def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
         return
     if new_l1_size > QCOW_MAX_L1_ENTRIES or new_l1_size * 8 > MAX_TABLE_BYTES:
         raise ResizeError("Failed to grow the L1 table: File too large")
-    _grow(driver, update, refcounts, l1, new_size, new_l1_size, zero_fill)
+    _grow(driver, update, refcounts, l1, new_size, new_l1_size, zero_fill, preallocation)
+
+
+class GrowPreallocation:
+    """Every cluster from the one holding the old end (unless the image holds
+    it already) to the new end mapped to a new data cluster, as qemu 7.2's
+    preallocating truncate maps them (see the module docstring)."""
+
+    def __init__(self, driver: Qcow2Driver, refcounts: Refcounts, l1: array[int],
+                 old: int, new: int, mode: str, extra: int) -> None:
+        """``extra`` clusters (a new L1 table) are claimed after the rest, in
+        the same allocation (`extra_offset`): one call to the allocator, so
+        its refcount table moves at most once."""
+        header = driver.header
+        self.mode = mode
+        self.extra_offset = 0
+        self.cluster = cluster = header.cluster_size
+        entries = L.l2_entries(header.cluster_bits, False)
+        first, end = old // cluster, -(-new // cluster)
+        self.head: tuple[int, int] | None = None  # (host offset, length) of zeros
+        self.new_tables: list[tuple[int, int]] = []  # (L1 index, offset), contents later
+        self.in_place: list[tuple[int, bytes]] = []  # existing L2 tables, changed
+        self.data_runs: list[tuple[int, int]] = []  # (host offset, clusters)
+        self.mapping: dict[int, int] = {}  # guest cluster -> host offset
+        if first >= end:
+            self._claim(refcounts, 0, extra)
+            return
+        tables: dict[int, bytearray | None] = {}
+        for index in range(first // entries, (end - 1) // entries + 1):
+            offset = l1[index] & L.L1E_OFFSET_MASK if index < len(l1) else 0
+            if not offset:
+                tables[index] = None
+                continue
+            if offset % cluster or offset + cluster > driver.file.size:
+                raise FormatError(f"qcow2 L2 table {index} lies outside the image")
+            if refcounts.get(offset // cluster) != 1:
+                raise UnsupportedError("preallocating in a qcow2 L2 table shared with a "
+                                       "snapshot is not supported yet")
+            tables[index] = bytearray(driver.file.pread(offset, cluster))
+        start = first
+        table = tables[first // entries]
+        head_entry = 0 if table is None else int.from_bytes(
+            table[(first % entries) * 8 : (first % entries) * 8 + 8], "big")
+        if old % cluster and head_entry:
+            stored = head_entry & L.L2E_OFFSET_MASK and not head_entry & (
+                L.OFLAG_COMPRESSED | L.OFLAG_ZERO)
+            if not stored or not head_entry & L.OFLAG_COPIED:
+                raise UnsupportedError("preallocating after a qcow2 image's end inside a "
+                                       "compressed, zero or shared cluster is not supported yet")
+            start = first + 1  # held already: qemu leaves it as it is
+        for guest in range(start, end):
+            table = tables[guest // entries]
+            at = (guest % entries) * 8
+            if table is not None and int.from_bytes(table[at : at + 8], "big"):
+                raise FormatError("qcow2 image maps data past its end")
+        if start >= end:
+            self._claim(refcounts, 0, extra)
+            return
+        self._place(refcounts, tables, start, end, entries, extra)
+        if old % cluster and start == first:  # qemu's copy-on-write of the head: zeros
+            self.head = (self.mapping[first], old % cluster)
+        for index, content in tables.items():
+            if content is None:
+                continue
+            self._fill(content, index, entries)
+            offset = l1[index] & L.L1E_OFFSET_MASK
+            self.in_place.append((offset, bytes(content)))
+
+    def _claim(self, refcounts: Refcounts, count: int, extra: int) -> int:
+        """Claim ``count`` clusters and the extra ones after them; the first's offset."""
+        if not count + extra:
+            return 0
+        base = refcounts.allocate_at_end(count + extra)
+        if extra:
+            self.extra_offset = base + count * self.cluster
+        return base
+
+    def _place(self, refcounts: Refcounts, tables: dict[int, bytearray | None],
+               start: int, end: int, entries: int, extra: int) -> None:
+        """Claim the new tables and data clusters in qemu's order, in one run."""
+        cluster = self.cluster
+        new = sorted(index for index, table in tables.items() if table is None)
+        at = self._claim(refcounts, len(new) + end - start, extra)
+        if self.mode == "metadata":  # each new table, then the data it maps
+            for index in sorted(tables):
+                if tables[index] is None:
+                    self.new_tables.append((index, at))
+                    at += cluster
+                low, high = max(start, index * entries), min(end, (index + 1) * entries)
+                self.data_runs.append((at, high - low))
+                for number in range(high - low):
+                    self.mapping[low + number] = at + number * cluster
+                at += (high - low) * cluster
+            return
+        self.data_runs.append((at, end - start))  # the data in one run, then tables
+        for number in range(end - start):
+            self.mapping[start + number] = at + number * cluster
+        at += (end - start) * cluster
+        for index in new:
+            self.new_tables.append((index, at))
+            at += cluster
+
+    def _fill(self, table: bytearray, index: int, entries: int) -> None:
+        for guest, host in self.mapping.items():
+            if guest // entries == index:
+                at = (guest % entries) * 8
+                table[at : at + 8] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
+
+    def table(self, index: int) -> bytes:
+        """The content of new L2 table ``index``."""
+        table = bytearray(self.cluster)
+        self._fill(table, index, len(table) // 8)
+        return bytes(table)
+
+    def write_data(self, update: ImageUpdate) -> None:
+        """The new tables, the head's zeros, the data space as the mode asks."""
+        for index, offset in self.new_tables:
+            update.write(offset, self.table(index))
+        for base, count in self.data_runs:
+            length = count * self.cluster
+            if self.mode == "full":
+                update.zeros(base, length)
+            elif self.mode == "falloc":
+                update.allocate(base, length)
+        if self.head is not None:
+            update.zeros(*self.head)
+        if self.mode == "metadata" and self.data_runs:
+            end = max(base + count * self.cluster for base, count in self.data_runs)
+            if os.fstat(update.fd).st_size < end:
+                update.truncate(end)
 
 
 class ZeroFill:
@@ -195,7 +336,7 @@ class ZeroFill:
 
 
 def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: array[int],
-          new_size: int, new_l1_size: int, zero_fill: bool) -> None:
+          new_size: int, new_l1_size: int, zero_fill: bool, preallocation: str = "off") -> None:
     """Grow: new L1 table if needed, zero clusters if asked, then the header."""
     header = driver.header
     cluster = header.cluster_size
@@ -212,6 +353,13 @@ def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: ar
     fill = ZeroFill(driver, refcounts, table, driver.virtual_size, new_size) \
         if zero_fill else None
     placed: list[tuple[int, int]] = []  # (L1 index, new L2 table offset)
+    l1_clusters = -(-new_l1_size * 8 // cluster) if grows else 0
+    prealloc = GrowPreallocation(driver, refcounts, table, driver.virtual_size, new_size,
+                                 preallocation, l1_clusters) if preallocation != "off" else None
+    if prealloc is not None:
+        for index, offset in prealloc.new_tables:
+            placed.append((index, offset))
+            table[index] = offset | L.OFLAG_COPIED
     if fill is not None and fill.new_tables:
         base = refcounts.allocate_at_end(len(fill.new_tables))
         for number, index in enumerate(fill.new_tables):
@@ -225,7 +373,8 @@ def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: ar
         if sys.byteorder == "little":
             packed.byteswap()
         data = packed.tobytes()
-        l1_offset = refcounts.allocate_at_end(-(-len(data) // cluster))
+        l1_offset = prealloc.extra_offset if prealloc is not None else \
+            refcounts.allocate_at_end(-(-len(data) // cluster))
     # 1. data: the claims and the new tables, where nothing points yet.
     update.phase("data")
     refcounts.write_blocks(update)
@@ -235,19 +384,21 @@ def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: ar
             update.write(offset, fill.new_table(index))
         if fill.head is not None:
             update.zeros(*fill.head)
+    if prealloc is not None:
+        prealloc.write_data(update)
     if grows:
         update.write(l1_offset, data)
     # 2. pointers: the refcount table to new blocks, L2 and L1 entries past the
     # old end (nothing reads them before the header's new size).
     update.phase("pointers")
     refcounts.write_table_entries(update)
-    if fill is not None:
-        for offset, content in fill.in_place:
-            update.write(offset, content)
-        if not grows:
-            for index, offset in placed:
-                entry = offset | L.OFLAG_COPIED
-                update.write(l1_offset + 8 * index, entry.to_bytes(8, "big"))
+    for offset, content in [*(fill.in_place if fill else ()),
+                            *(prealloc.in_place if prealloc else ())]:
+        update.write(offset, content)
+    if not grows:
+        for index, offset in placed:
+            entry = offset | L.OFLAG_COPIED
+            update.write(l1_offset + 8 * index, entry.to_bytes(8, "big"))
     # 3. header: size and the new tables in one write of one sector.
     update.phase("header")
     _write_header(update, header, refcounts, new_size, l1_size, l1_offset)

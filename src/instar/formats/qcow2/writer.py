@@ -23,6 +23,7 @@ shrink is stored uncompressed, as qemu does.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from typing import NamedTuple
@@ -37,7 +38,7 @@ from instar.formats.cluster_writer import (
     raw_deflate,
 )
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
-from instar.formats.options import BackingReference
+from instar.formats.options import BackingReference, data_file_name
 from instar.formats.preallocation import qcow2_mode, reserve
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.preallocated import PreallocatedLayout
@@ -61,20 +62,32 @@ class Qcow2Options(NamedTuple):
     lazy_refcounts: bool
     backing: BackingReference | None = None
     preallocation: str = "off"
+    data_file: OutputFile | None = None  # the external data file, open
+    data_file_name: str = ""  # its name as the header extension records it
+    data_file_raw: bool = False
 
 
-def _check_backing(backing: BackingReference, version: int, cluster_size: int) -> None:
+def _check_backing(backing: BackingReference, version: int, cluster_size: int,
+                   data_file: str | None) -> None:
     """qemu's refusals of a backing file name: over 1023 bytes, or not fitting
-    in the header cluster after the header and the backing format extension."""
+    in the header cluster after the header and the backing format (and data
+    file) extensions."""
     name = backing.name.encode("utf-8", "surrogateescape")
     header = L.V3_HEADER_LENGTH if version >= 3 else L.V2_HEADER_LENGTH
     needed = (header + len(L.pack_extension(L.EXT_BACKING_FORMAT, backing.format.encode()))
-              + 8 + len(name))
+              + len(_data_file_extension(data_file)) + 8 + len(name))
     reason = ("Invalid argument" if len(name) > 1023
               else "No space left on device" if needed > cluster_size else None)
     if reason is not None:
         raise UsageError(f"Could not assign backing file '{backing.name}' with format "
                          f"'{backing.format}': {reason}")
+
+
+def _data_file_extension(name: str | None) -> bytes:
+    """The header extension naming the external data file (none without one)."""
+    if name is None:
+        return b""
+    return L.pack_extension(L.EXT_DATA_FILE, name.encode("utf-8", "surrogateescape"))
 
 
 def check_options(options: ParsedOptions) -> Qcow2Options:
@@ -124,6 +137,21 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
             "Different refcount widths than 16 bits require compatibility level 1.1 or above "
             f"{_V3_HINT}"
         )
+    data_file = data_file_name(options)
+    data_file_raw = options.flag("data_file_raw")
+    if data_file_raw and data_file is None:
+        raise UsageError("data-file-raw requires data-file")
+    if data_file_raw and options.backing is not None:
+        raise UsageError("Backing file and data-file-raw cannot be used at the same time")
+    if data_file_raw and preallocation == "off":  # every cluster mapped where it is
+        preallocation = "metadata"
+    if data_file is not None and version < 3:
+        raise UsageError(
+            f"External data files are only supported with compatibility level 1.1 and above "
+            f"{_V3_HINT}"
+        )
+    if data_file is not None and options.data_file is None:  # a caller that cannot create it
+        raise UsageError("the qcow2 option 'data_file' is not supported here")
     if compression == "zstd" and version < 3:
         raise UsageError(
             "Non-zlib compression type is only supported with compatibility level 1.1 and "
@@ -133,8 +161,14 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
         raise UsageError("Reference count entry width too large; may not exceed 64 bits")
     backing = options.backing
     if backing is not None:
-        _check_backing(backing, version, cluster_size)
+        _check_backing(backing, version, cluster_size, data_file)
+    header = (L.V3_HEADER_LENGTH + len(_data_file_extension(data_file)) + 8)
+    if header > cluster_size:  # qemu has no answer: its header update fails
+        raise UsageError("The external data file name does not fit in the image header")
     return Qcow2Options(
+        data_file=options.data_file,
+        data_file_name=data_file or "",
+        data_file_raw=data_file_raw,
         backing=backing,
         cluster_bits=cluster_bits,
         version=version,
@@ -329,6 +363,9 @@ class Qcow2Writer(ClusterImageWriter):
                 "The image size is too large for file format 'qcow2' "
                 "(try using a larger cluster size)"
             )
+        self._data = options.data_file  # the external data file, or None
+        if self._data is not None:
+            self._size_data_file(self._data, options.preallocation)
         self._refcounts = RefcountTracker(self._fd, self._bits, options.refcount_order)
         self._refcounts.allocate(1)  # the header cluster
         l1_clusters = -(-l1_size * 8 // self._cluster)
@@ -364,6 +401,47 @@ class Qcow2Writer(ClusterImageWriter):
                 name="qcow2-compress",
             )
 
+    # --- the external data file ---------------------------------------------
+
+    def _data_unit(self) -> int:
+        """What qemu allocates in a data file at once: a subcluster with
+        extended L2 entries, else a cluster."""
+        return self._cluster // L.SUBCLUSTERS if self._options.extended_l2 else self._cluster
+
+    def _size_data_file(self, data: OutputFile, mode: str) -> None:
+        """A new data file is as long as the disk, as qemu creates it; when
+        preallocated, to the end of the last allocation unit, and filled as
+        ``falloc`` and ``full`` ask."""
+        if data.in_place:
+            return
+        unit = self._data_unit()
+        length = self._size if mode == "off" else -(-self._size // unit) * unit
+        os.ftruncate(data.fd, length)
+        reserve(data.fd, 0, length, mode)
+
+    def _store(self, first: int, data: memoryview) -> None:
+        """With a data file, guest clusters go to their own offset in it, whole
+        (qemu's copy-on-write fills the last one past the disk's end too)."""
+        if self._data is None:
+            super()._store(first, data)
+            return
+        host = first << self._bits
+        pwrite_all(self._data.fd, data, host)
+        for i in range(len(data) >> self._bits):
+            cluster = host + (i << self._bits)
+            self._tables.set(first + i, cluster | L.OFLAG_COPIED, L.SUBCLUSTER_ALLOC_MASK)
+
+    def _data_written(self, end: int) -> None:
+        """Data written into the disk's last, partial allocation unit: qemu's
+        write fills that unit of the data file to its end, past the disk's end."""
+        unit = self._data_unit()
+        last = self._size // unit * unit
+        assert self._data is not None
+        if end > last and not self._data.in_place:
+            aligned = last + unit
+            if os.fstat(self._data.fd).st_size < aligned:
+                os.ftruncate(self._data.fd, aligned)
+
     # --- preallocation -------------------------------------------------------
 
     def _table_at(self, index: int) -> int:
@@ -374,19 +452,23 @@ class Qcow2Writer(ClusterImageWriter):
         """Allocate every table and data cluster (`PreallocatedLayout`) and fill
         the data as the mode says; guest data then goes straight to its place."""
         layout = PreallocatedLayout(self._prealloc, self._refcounts.next, guest_clusters,
-                                    entries)
+                                    entries, external=self._data is not None)
         if layout.total:
             self._refcounts.allocate(layout.total)
-        if not layout.interleaved:
+        if not layout.interleaved and not layout.external:  # (a data file is sized already)
             first, count = layout.filled()
             reserve(self._fd, first << self._bits, count << self._bits, self._prealloc)
         self._layout = layout
 
     def write(self, offset: int, data: bytes) -> None:
+        if self._pool is not None and self._data is not None:  # qemu cannot, at its first write
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         if self._layout is None:
             super().write(offset, data)
         else:
             self._place(offset, len(data), memoryview(data))
+        if self._data is not None:
+            self._data_written(offset + len(data))
 
     def write_zeroes(self, offset: int, length: int) -> None:
         if self._layout is None:
@@ -404,6 +486,7 @@ class Qcow2Writer(ClusterImageWriter):
         place, a table's range at a time (its data is contiguous in the file)."""
         assert self._layout is not None
         bits, end = self._bits, offset + length
+        fd = self._fd if self._data is None else self._data.fd
         range_bytes = self._layout.entries << bits
         position = offset
         while position < end:
@@ -412,9 +495,9 @@ class Qcow2Writer(ClusterImageWriter):
             stop = min(end, (index + 1) * range_bytes)
             host = (self._layout.data(position >> bits) << bits) + (position & (self._cluster - 1))
             if data is None:
-                write_zeros(self._fd, host, stop - position)
+                write_zeros(fd, host, stop - position)
             else:
-                pwrite_all(self._fd, data[position - offset : stop - offset], host)
+                pwrite_all(fd, data[position - offset : stop - offset], host)
                 if self._options.extended_l2:
                     self._mark_subclusters(position, stop)
             position = stop
@@ -485,11 +568,15 @@ class Qcow2Writer(ClusterImageWriter):
             incompatible |= L.INCOMPAT_EXTENDED_L2
         if options.compression_type != L.COMPRESSION_ZLIB:
             incompatible |= L.INCOMPAT_COMPRESSION
+        if self._data is not None:
+            incompatible |= L.INCOMPAT_DATA_FILE
         backing = options.backing
         name = b"" if backing is None else backing.name.encode("utf-8", "surrogateescape")
         extensions = b""
         if backing is not None:  # qemu's order: the backing format first
             extensions += L.pack_extension(L.EXT_BACKING_FORMAT, backing.format.encode())
+        if self._data is not None:
+            extensions += _data_file_extension(options.data_file_name)
         if v3:
             table = L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
             fixed = L.V3_HEADER_LENGTH + len(extensions) + 8 + len(name)
@@ -514,6 +601,7 @@ class Qcow2Writer(ClusterImageWriter):
             snapshots_offset=0,
             incompatible_features=incompatible,
             compatible_features=L.COMPAT_LAZY_REFCOUNTS if options.lazy_refcounts else 0,
+            autoclear_features=L.AUTOCLEAR_DATA_FILE_RAW if options.data_file_raw else 0,
             refcount_order=options.refcount_order,
             header_length=length,
             compression_type=options.compression_type,
