@@ -104,6 +104,8 @@ def _change_job(broker: Broker, send: EventSink, path: str, action: str, name: s
         node = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
         if fmt.name == "raw":
             send(Notice(_raw_probe_warning(path)))
+            if action == "-a":  # qemu's goto falls back to the file, opened again
+                send(Notice(_raw_probe_warning(path)))
         if fmt.name != "qcow2":
             raise SnapshotError(prefix + NO_SNAPSHOTS[action])
         from instar.formats.qcow2 import layout as L

@@ -38,8 +38,8 @@ qemu-img snapshot does (only qcow2 images have them).
   --allow dir               backing files may also come from dir (not in qemu-img)
   -h, --help                show this help
 
-a snapshot is named by its ID or its tag (-a looks for an ID first, -d for a tag
-first, as qemu-img does).
+-a takes a snapshot's ID or its tag (an ID first); -d takes its tag only, as
+qemu-img does.
 Not supported (refused): --object objectdef, --image-opts
 """
 

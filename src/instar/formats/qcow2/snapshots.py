@@ -45,6 +45,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Iterator, Sequence
+from itertools import compress
 
 from instar.errors import FormatError, SnapshotError, UnsupportedError
 from instar.files import ReadWindow
@@ -165,7 +166,8 @@ def _strtoul(text: bytes) -> int:
     digits = len(text) - len(text.lstrip(b"0123456789"))
     if not digits:
         return 0
-    value = min(int(text[:digits]), (1 << 64) - 1)
+    number = text[:digits].lstrip(b"0")  # no int() of 65535 digits
+    value = min(int(number or b"0"), (1 << 64) - 1) if len(number) <= 20 else (1 << 64) - 1
     return (-value) % (1 << 64) if negative else value
 
 
@@ -179,17 +181,12 @@ def find_for_goto(snapshots: Sequence[Snapshot], name: bytes) -> int:
 
 
 def find_for_delete(snapshots: Sequence[Snapshot], name: bytes) -> int:
-    """qemu-img's delete: ``bdrv_snapshot_find`` (a name first, then an id, as
-    the listing truncates them) gives an id and a name; the entry with both is
-    deleted. -1: not found (snapshot not found); -2: the second search fails."""
-    found: Snapshot | None = None
-    for field, limit in (("name", SNAPSHOT_NAME_BYTES), ("id", SNAPSHOT_ID_BYTES)):
-        for snapshot in snapshots:
-            if getattr(snapshot, field)[:limit] == name:
-                found = snapshot
-                break
-        if found is not None:
-            break
+    """qemu-img's delete: ``bdrv_snapshot_find`` looks for the tag only (as
+    the listing cuts it, to 255 bytes), then the entry with that one's id and
+    tag is deleted. -1: no such tag ("snapshot not found"); -2: the second
+    search fails (a tag longer than the listing keeps)."""
+    found = next((snapshot for snapshot in snapshots
+                  if snapshot.name[:SNAPSHOT_NAME_BYTES] == name), None)
     if found is None:
         return -1
     wanted = (found.id[:SNAPSHOT_ID_BYTES], found.name[:SNAPSHOT_NAME_BYTES])
@@ -223,8 +220,8 @@ class _Walk:
         """The L2 tables ``l1`` names, each with how many entries name it;
         every one a whole cluster inside the file."""
         tables: dict[int, int] = {}
-        for index, entry in enumerate(l1):
-            offset = entry & L.L1E_OFFSET_MASK
+        for index in _nonzero(l1):
+            offset = l1[index] & L.L1E_OFFSET_MASK
             if not offset:
                 continue
             if offset % self.cluster or offset + self.cluster > self.file.size:
@@ -243,7 +240,7 @@ class _Walk:
         step = 2 if self.extended else 1
         for offset, times in self.l2_tables(l1).items():
             table = self.read_l2(offset)
-            for slot in range(0, len(table), step):
+            for slot in _nonzero(table, step):
                 held = L.held_clusters(table[slot], self.cluster, self.shift)
                 if held is not None:
                     _add(refcounts, held[0], held[1], addend * times)
@@ -258,7 +255,7 @@ class _Walk:
         for offset in self.l2_tables(l1):
             table = self.read_l2(offset)
             changed = False
-            for slot in range(0, len(table), step):
+            for slot in _nonzero(table, step):
                 entry = table[slot]
                 wanted = entry & ~L.OFLAG_COPIED
                 if (not entry & L.OFLAG_COMPRESSED and entry & L.L2E_OFFSET_MASK
@@ -272,11 +269,12 @@ class _Walk:
 
     def copied_l1(self, l1: Sequence[int], refcounts: Refcounts) -> array[int]:
         """``l1`` with COPIED set exactly where its L2 table's refcount is 1."""
-        result = array("Q")
-        for entry in l1:
+        result = array("Q", l1)
+        for index in _nonzero(l1):
+            entry = l1[index]
             offset = entry & L.L1E_OFFSET_MASK
             copied = bool(offset) and refcounts.get(offset // self.cluster) == 1
-            result.append((entry & ~L.OFLAG_COPIED) | (L.OFLAG_COPIED if copied else 0))
+            result[index] = (entry & ~L.OFLAG_COPIED) | (L.OFLAG_COPIED if copied else 0)
         return result
 
     def read_l1(self, offset: int, size: int, what: str) -> array[int]:
@@ -291,6 +289,12 @@ class _Walk:
         if offset + size * 8 > self.file.size:
             raise FormatError(f"qcow2 {what.lower()} lies outside the image")
         return read_table(self.file, offset, size, 8, "big", what)
+
+
+def _nonzero(table: Sequence[int], step: int = 1) -> Iterator[int]:
+    """The indices (every ``step``-th) of the entries that are not 0, found at C speed."""
+    indices = range(0, len(table), step)
+    return compress(indices, table[::step] if step > 1 else table)
 
 
 def _add(refcounts: Refcounts, first: int, count: int, delta: int) -> None:
@@ -338,6 +342,24 @@ def _check_supported(driver: Qcow2Driver) -> None:
     end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
     if end > driver.file.size:
         raise FormatError("qcow2 refcount table lies outside the image")
+    _check_consistent(driver)
+
+
+def _check_consistent(driver: Qcow2Driver) -> None:
+    """Refuse an image ``qemu-img check`` finds corrupt: changing refcounts
+    that already disagree with the tables could free a cluster still in use.
+    Leaks are fine, and so is a COPIED flag that disagrees (every change here
+    sets the flags of the tables it touches again)."""
+    from instar.findings import CORRUPTION
+    from instar.formats.qcow2.check import check
+
+    result = check(driver)
+    harmless = sum(1 for finding in result.findings if finding.kind == CORRUPTION
+                   and finding.code.startswith("oflag-copied-"))
+    if result.check_errors or result.failure or (
+            result.corruptions and (result.findings_dropped or result.corruptions > harmless)):
+        raise FormatError("qemu-img check finds the image corrupt; repair it with "
+                          "'qemu-img check -r all' first")
 
 
 def _has_data_file(driver: Qcow2Driver) -> bool:
