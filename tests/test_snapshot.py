@@ -611,3 +611,18 @@ def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) 
     for token in corpus.forbidden(neighbour_allowed=False):
         assert token not in run.stdout + run.stderr
     assert _files(place.root, target) == others, "a file other than the image changed"
+
+
+def test_a_v2_image_cannot_take_another_size_back(tmp_path: Path) -> None:
+    """qemu cannot resize a v2 image with snapshots: applying one whose disk
+    size differs fails with qemu's two lines (the entry's size edited here,
+    as qemu-img never makes such an image)."""
+    pair = Pair(tmp_path, "img.qcow2")
+    _made(pair, "compat=0.10", "8M", ("write -P 1 0 64k",))
+    qemu_img_ok("snapshot", "-c", "s", pair.name, cwd=pair.qemu_dir)
+    entry = _header(pair.qemu)[-1]
+    _poke(pair.qemu, entry + 40 + 8, struct.pack(">Q", 4 << 20))  # disk_size
+    pair.copy()
+    before = pair.ours.read_bytes()
+    assert pair.both("-a", "s").stderr.count("\n") == 2
+    assert pair.ours.read_bytes() == before
