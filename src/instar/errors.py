@@ -198,3 +198,7 @@ class SnapshotError(InstarError):
     def __init__(self, message: str, number: int = 0) -> None:
         super().__init__(message)
         self.errno = number
+
+
+class AmendError(FormatError):
+    """amend refused in qemu's words; ``hint`` is qemu's advice line."""

@@ -49,6 +49,7 @@ COMMANDS = {
     "measure": "instar.cli.measure",
     "resize": "instar.cli.resize",
     "snapshot": "instar.cli.snapshot",
+    "amend": "instar.cli.amend",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",

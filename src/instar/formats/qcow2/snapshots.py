@@ -204,7 +204,7 @@ def _errno_error(number: int) -> SnapshotError:
 # --- the refcount walk -----------------------------------------------------------------------
 
 
-class _Walk:
+class TableWalk:
     """The tables of one qcow2 image and the walks over them."""
 
     def __init__(self, driver: Qcow2Driver) -> None:
@@ -389,7 +389,7 @@ def create(driver: Qcow2Driver, update: ImageUpdate, name: bytes, date_sec: int,
     if _has_data_file(driver):
         raise _errno_error(errno.ENOTSUP)
     _check_supported(driver)
-    walk = _Walk(driver)
+    walk = TableWalk(driver)
     snapshots, table_length = read_snapshot_table(driver)
     l1 = read_active_l1(driver)
     refcounts = Refcounts(driver)
@@ -442,7 +442,7 @@ def delete(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
         raise SnapshotError("Can't find the snapshot", errno.ENOENT)
     _check_supported(driver)
     header = driver.header
-    walk = _Walk(driver)
+    walk = TableWalk(driver)
     snapshot = snapshots[index]
     try:
         l1 = walk.read_l1(snapshot.l1_offset, snapshot.l1_size, "Snapshot L1 table")
@@ -500,7 +500,7 @@ def goto(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
         raise SnapshotError("Failed to load snapshot: No such file or directory",
                             errno.ENOENT)
     header = driver.header
-    walk = _Walk(driver)
+    walk = TableWalk(driver)
     snapshot = snapshots[index]
     try:
         target = walk.read_l1(snapshot.l1_offset, snapshot.l1_size, "Snapshot L1 table")

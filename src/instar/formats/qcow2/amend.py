@@ -1,0 +1,271 @@
+"""qcow2 amend: qemu 7.2's ``qcow2_amend_options`` for what instar supports.
+
+Supported: ``lazy_refcounts`` on and off, ``compat`` 0.10 <-> 1.1 where no
+cluster needs converting, ``size`` (the resize code, shrinking allowed as
+amend allows it), and the options whose value is already the image's
+(``refcount_bits``, ``data_file_raw=off``, the same backing file). qemu's
+refusals come in qemu's order (the option loop, then upgrade, refcount
+width, backing file, lazy refcounts, size, downgrade) and every check is
+made before the first write; where qemu fails part way it has already
+rewritten the header, instar has written nothing.
+
+Changing the version rewrites the header as qemu's ``qcow2_update_header``
+lays it out (the header, the backing format, data file and encryption
+extensions, the feature name table for version 3, the bitmaps extension,
+the extensions instar does not know, the end marker, the backing file name),
+in one write of the first cluster, as qemu writes it. The lazy refcounts bit
+alone is one write of the 8-byte compatible features field.
+
+Not supported yet (one line, nothing written): other refcount widths,
+encryption options, a downgrade with zero clusters (qemu expands them), zstd
+compression, persistent bitmaps or a dirty image, and ``size`` with a
+version change in the same command.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from instar.errors import AmendError, FormatError, UnsupportedError
+from instar.formats.options import Option, OptionSchema, ParsedOptions
+from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.reader import Qcow2Driver
+from instar.mutate import ImageUpdate
+from instar.safety import MAX_HEADER_EXTENSION_BYTES
+
+_COMPATIBLE_FIELD = 80  # header: incompatible (72), compatible (80), autoclear (88)
+
+# qemu 7.2's qcow2 amend options, with its types and help texts (-o help).
+AMEND_OPTIONS = OptionSchema("qcow2", (
+    Option("backing_file", "str", "", "File name of a base image"),
+    Option("backing_fmt", "str", "", "Image format of the base image"),
+    Option("compat", "str", "", "Compatibility level (v2 [0.10] or v3 [1.1])"),
+    Option("data_file", "str", "", "File name of an external data file"),
+    Option("data_file_raw", "bool", False,
+           "The external data file must stay valid as a raw image"),
+    Option("encrypt.iter-time", "num", 0, "Time to spend in PBKDF in milliseconds"),
+    Option("encrypt.keyslot", "num", 0, "Select a single keyslot to modify explicitly"),
+    Option("encrypt.new-secret", "str", "",
+           "New secret to set in the matching keyslots. Empty string to erase"),
+    Option("encrypt.old-secret", "str", "", "Select all keyslots that match this password"),
+    Option("encrypt.state", "str", "",
+           "Select new state of affected keyslots (active/inactive)"),
+    Option("lazy_refcounts", "bool", False, "Postpone refcount updates"),
+    Option("refcount_bits", "num", 0, "Width of a reference count entry in bits"),
+    Option("size", "size", 0, "Virtual disk size"),
+))
+
+
+def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions,
+                backing_name: str | None) -> int | None:
+    """Amend the image's header as ``options`` asks; returns the new size
+    when ``size`` asks for a resize (the caller resizes), else None."""
+    header = driver.header
+    given = options.given
+    texts = options.texts
+    old_version = new_version = header.version
+    lazy = bool(header.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
+    wanted_lazy = lazy
+    data_file_raw = bool(header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
+    refcount_bits = 1 << header.refcount_order
+    new_size = 0
+    # qemu's option loop, in its option list's order.
+    if "size" in given:
+        new_size = options.number("size")
+    if "compat" in given:
+        compat = texts["compat"]
+        if compat in ("0.10", "v2"):
+            new_version = 2
+        elif compat in ("1.1", "v3"):
+            new_version = 3
+        else:
+            raise AmendError(f"Unknown compatibility level {compat}")
+    if "data_file" in given and not header.incompatible_features & L.INCOMPAT_DATA_FILE:
+        raise AmendError("data-file can only be set for images that use an external "
+                         "data file")
+    if "data_file_raw" in given:
+        wanted_raw = options.flag("data_file_raw")
+        if wanted_raw and not data_file_raw:
+            raise AmendError("data-file-raw cannot be set on existing images")
+        if wanted_raw != data_file_raw:
+            raise UnsupportedError("amend -o data_file_raw=off is not supported yet")
+    if "data_file" in given:
+        raise UnsupportedError("amend -o data_file is not supported yet")
+    if "lazy_refcounts" in given:
+        wanted_lazy = options.flag("lazy_refcounts")
+    if "refcount_bits" in given:
+        refcount_bits = options.number("refcount_bits")
+        if not 0 < refcount_bits <= 64 or refcount_bits & (refcount_bits - 1):
+            raise AmendError("Refcount width must be a power of two and may not exceed 64 "
+                             "bits")
+    if any(name.startswith("encrypt.") for name in given):
+        if not header.crypt_method:
+            raise AmendError("Can't amend encryption options - encryption not present")
+        raise UnsupportedError("amending encryption options is not supported yet")
+    _check_supported(driver)
+    # After the loop, in qemu's order.
+    if refcount_bits != 1 << header.refcount_order:
+        if new_version < 3 and refcount_bits != 16:
+            raise AmendError("Refcount widths other than 16 bits require compatibility "
+                             "level 1.1 or above (use compat=1.1 or greater)")
+        raise UnsupportedError("changing the refcount width is not supported yet")
+    if "backing_file" in given or "backing_fmt" in given:
+        file = texts.get("backing_file") if "backing_file" in given else None
+        fmt = texts.get("backing_fmt") if "backing_fmt" in given else None
+        if file != backing_name or fmt != (driver.extensions.backing_format
+                                           if backing_name else None):
+            error = AmendError("Cannot amend the backing file")
+            error.hint = "You can use 'qemu-img rebase' instead."
+            raise error
+    if wanted_lazy and not lazy and new_version < 3:
+        raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and "
+                         "above (use compat=1.1 or greater)")
+    if new_size and new_version != old_version:
+        raise UnsupportedError("amend -o size with compat in one command is not supported "
+                               "yet")
+    if new_version < old_version:
+        _check_downgrade(driver)
+        wanted_lazy = False  # qemu clears every compatible feature
+    if new_version == old_version:
+        if wanted_lazy != lazy:
+            features = header.compatible_features ^ L.COMPAT_LAZY_REFCOUNTS
+            update.phase("header")
+            update.write(_COMPATIBLE_FIELD, features.to_bytes(8, "big"))
+    else:
+        if new_version > old_version:
+            _check_upgrade(driver)
+        cluster0 = _new_first_cluster(driver, new_version, wanted_lazy, backing_name)
+        update.phase("header")
+        update.write(0, cluster0)
+    return new_size or None
+
+
+def _check_supported(driver: Qcow2Driver) -> None:
+    header = driver.header
+    if driver.extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        raise UnsupportedError("amending a qcow2 image with persistent bitmaps is not "
+                               "supported yet")
+    if header.incompatible_features & L.INCOMPAT_DIRTY:
+        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
+                               "repair it before amending yet: run 'qemu-img check -r all'")
+    if header.crypt_method:
+        raise UnsupportedError("amending an encrypted qcow2 image is not supported yet")
+
+
+def _check_upgrade(driver: Qcow2Driver) -> None:
+    """qemu rewrites a v2 snapshot table whose entries lack the extra data v3
+    needs: not done here yet."""
+    from instar.formats.qcow2.snapshots import read_snapshot_table
+
+    snapshots, _ = read_snapshot_table(driver)
+    if any(snapshot.extra_size < 16 for snapshot in snapshots):
+        raise UnsupportedError("upgrading a qcow2 image whose snapshots lack their v3 "
+                               "extra data is not supported yet")
+
+
+def _check_downgrade(driver: Qcow2Driver) -> None:
+    """qemu's ``qcow2_downgrade`` refusals, then instar's."""
+    header = driver.header
+    if header.refcount_order != 4:
+        raise AmendError("compat=0.10 requires refcount_bits=16")
+    if header.incompatible_features & L.INCOMPAT_DATA_FILE:
+        raise AmendError("Cannot downgrade an image with a data file")
+    if header.incompatible_features & L.INCOMPAT_COMPRESSION:
+        raise UnsupportedError("downgrading a qcow2 image with zstd compression is not "
+                               "supported yet")
+    features = header.incompatible_features & ~L.INCOMPAT_DIRTY
+    if features:
+        raise AmendError(f"Cannot downgrade an image with incompatible features "
+                         f"{features:#x} set")
+    if _has_zero_clusters(driver):
+        raise UnsupportedError("downgrading a qcow2 image with zero clusters (qemu expands "
+                               "them) is not supported yet")
+
+
+def _has_zero_clusters(driver: Qcow2Driver) -> bool:
+    """Whether an L2 table of the image or of a snapshot has an entry with the
+    zero flag (which version 2 does not have)."""
+    from instar.formats.qcow2.resize import read_active_l1
+    from instar.formats.qcow2.snapshots import TableWalk, read_snapshot_table
+
+    walk = TableWalk(driver)
+    tables = [read_active_l1(driver)]
+    for snapshot in read_snapshot_table(driver)[0]:
+        tables.append(walk.read_l1(snapshot.l1_offset, snapshot.l1_size, "Snapshot L1 table"))
+    seen: set[int] = set()
+    for l1 in tables:
+        for offset in walk.l2_tables(l1):
+            if offset in seen:
+                continue
+            seen.add(offset)
+            for entry in walk.read_l2(offset):
+                if entry & L.OFLAG_ZERO and not entry & L.OFLAG_COMPRESSED:
+                    return True
+    return False
+
+
+def _raw_extensions(driver: Qcow2Driver) -> Iterator[tuple[int, bytes]]:
+    """Every header extension in file order, as (type, payload)."""
+    header = driver.header
+    start = header.header_length if header.version >= 3 else L.V2_HEADER_LENGTH
+    end = min(header.backing_file_offset or header.cluster_size, header.cluster_size,
+              start + MAX_HEADER_EXTENSION_BYTES)
+    data = driver.file.pread(start, max(0, end - start))
+    position = 0
+    while position + L.EXT_HEADER.size <= len(data):
+        ext_type, length = L.EXT_HEADER.unpack_from(data, position)
+        position += L.EXT_HEADER.size
+        if ext_type == L.EXT_END:
+            return
+        yield ext_type, data[position : position + length]
+        position += (length + 7) & ~7
+
+
+def _new_first_cluster(driver: Qcow2Driver, version: int, lazy: bool,
+                       backing_name: str | None) -> bytes:
+    """The first cluster as qemu's ``qcow2_update_header`` writes it for ``version``."""
+    old = driver.header
+    cluster = old.cluster_size
+    header = L.Header(version, 0, 0, old.cluster_bits, old.size, old.crypt_method, old.l1_size,
+                      old.l1_table_offset, old.refcount_table_offset,
+                      old.refcount_table_clusters, old.nb_snapshots, old.snapshots_offset)
+    if version >= 3:
+        header.incompatible_features = old.incompatible_features if old.version >= 3 else 0
+        header.compatible_features = (old.compatible_features & ~L.COMPAT_LAZY_REFCOUNTS
+                                      if old.version >= 3 else 0)
+        if lazy:
+            header.compatible_features |= L.COMPAT_LAZY_REFCOUNTS
+        header.autoclear_features = old.autoclear_features if old.version >= 3 else 0
+        header.refcount_order = old.refcount_order
+        header.header_length = L.V3_HEADER_LENGTH
+        header.compression_type = old.compression_type
+    known = {L.EXT_BACKING_FORMAT, L.EXT_DATA_FILE, L.EXT_CRYPTO, L.EXT_FEATURE_TABLE,
+             L.EXT_BITMAPS}
+    found = list(_raw_extensions(driver))
+    payloads = {ext_type: payload for ext_type, payload in found if ext_type in known}
+    extensions = b""
+    if backing_name and L.EXT_BACKING_FORMAT in payloads:
+        extensions += L.pack_extension(L.EXT_BACKING_FORMAT, payloads[L.EXT_BACKING_FORMAT])
+    for ext_type in (L.EXT_DATA_FILE, L.EXT_CRYPTO):
+        if ext_type in payloads:
+            extensions += L.pack_extension(ext_type, payloads[ext_type])
+    if version >= 3:
+        extensions += L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
+    if L.EXT_BITMAPS in payloads and version >= 3:
+        extensions += L.pack_extension(L.EXT_BITMAPS, payloads[L.EXT_BITMAPS])
+    for ext_type, payload in found:
+        if ext_type not in known:
+            extensions += L.pack_extension(ext_type, payload)
+    extensions += L.EXT_HEADER.pack(L.EXT_END, 0)
+    body = header.pack() + extensions
+    name = b""
+    if backing_name:
+        name = driver.file.pread_exact(old.backing_file_offset, old.backing_file_size,
+                                       "backing file name")
+        header.backing_file_offset, header.backing_file_size = len(body), len(name)
+        body = header.pack() + extensions
+    content = body + name
+    if len(content) > cluster:
+        raise FormatError("qcow2 header extensions do not fit the first cluster")
+    return content.ljust(cluster, b"\0")
+
