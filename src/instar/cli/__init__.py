@@ -60,6 +60,7 @@ instar version {version} - a safe, qemu-img-compatible disk image toolkit
 usage: instar [standard options] command [command options]
 
 Command syntax:
+  amend [-f fmt] [-q] [-p] [-t cache] [--force] [--allow dir] -o options filename
   check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
   compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
 filename1 filename2
