@@ -13,6 +13,13 @@ import pytest
 from helpers import qemu_img_path, qemu_io_path
 
 
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """A corpus_parity.ReadParity subclass runs each test once per image it names."""
+    names = getattr(metafunc.cls, "corpus_names", None)
+    if names is not None and "name" in metafunc.fixturenames:
+        metafunc.parametrize("name", names)
+
+
 @pytest.fixture
 def qemu_img() -> str:
     """Path of the reference qemu-img; fails (CI) or skips (by hand) when missing."""

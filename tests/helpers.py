@@ -14,12 +14,16 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from instar.cli import main as instar_main
 from instar.formats.base import CreateOptions, Format, ParsedOptions
 from instar.formats.options import parse_options
+from instar.image import Image
+from instar.opener import ImageOpener
+from instar.safety import PathPolicy
 
 QEMU_IMG = shutil.which("qemu-img")
 QEMU_IO = shutil.which("qemu-io")
@@ -132,6 +136,33 @@ def qemu_io(
         cwd=cwd,
     )
     assert proc.returncode == 0 and "error" not in proc.stdout.lower(), proc.stdout + proc.stderr
+
+
+def both(args: list[str], cwd: Path) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
+    """instar's and qemu-img's (status, stdout, stderr after the program name)
+    for the same arguments in the same directory."""
+    ours = run_instar(*args, cwd=cwd)
+    qemu = run_qemu_img(*args, cwd=cwd)
+    return ((ours.rc, ours.stdout, ours.normalised_stderr()),
+            (qemu.rc, qemu.stdout, qemu.normalised_stderr()))
+
+
+def assert_same(args: list[str], cwd: Path) -> None:
+    """instar and qemu-img give the same status, stdout and stderr for ``args``."""
+    ours, qemu = both(args, cwd)
+    assert ours == qemu, args
+
+
+@contextlib.contextmanager
+def open_image(path: Path, fmt: str | None = None, allow_own_directory: bool = True
+               ) -> Iterator[Image]:
+    """``path`` opened with instar's host-side opener (its own directory allowed
+    unless told otherwise), everything closed after."""
+    opener = ImageOpener(PathPolicy([os.path.dirname(str(path))] if allow_own_directory else []))
+    try:
+        yield opener.open(str(path), fmt)
+    finally:
+        opener.close()
 
 
 def qemu_info(image: str | Path, fmt: str | None = None) -> dict[str, object]:

@@ -33,6 +33,7 @@ from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, TypeVar
 
 import test_bochs as bochs_tests
 import test_cloop as cloop_tests
@@ -392,30 +393,21 @@ def qcow2_data_file(name: str | Callable[[Place], str], raw: bool = False,
     return build
 
 
-# --- qcow (version 1), from the layout qemu reads --------------------------------------------
-
-QCOW_HEADER = struct.Struct(">4sIQIIQBBHIQ")
-QCOW_COMPRESSED = 1 << 63
+# --- qcow (version 1) and QED: two-level cluster tables ------------------------------------
 
 
-class Qcow:
-    """A qcow (version 1) image: the 48-byte header, the backing file name
-    at 48, the L1 table at 1072 (after room for the longest name), then L2
-    tables and data clusters (cluster-aligned) in the order they are added.
-    ``fields`` overrides header fields by name."""
+class TwoLevelImage:
+    """What qcow (version 1) and QED images share: an L1 table of L2 tables
+    of cluster offsets (entries of ``ENTRY``), written from dicts, with L2
+    tables and data clusters placed from ``free`` on in the order they are
+    added. Subclasses lay out the header. ``fields`` overrides header fields."""
 
-    def __init__(self, size: int, cluster_bits: int = 12, l2_bits: int = 9) -> None:
-        self.size, self.bits, self.l2_bits = size, cluster_bits, l2_bits
-        self.cluster = 1 << cluster_bits
-        self.per_l2 = 1 << l2_bits
-        shift = cluster_bits + l2_bits
-        self.l1_size = (size + (1 << shift) - 1) >> shift
-        self.l1_offset = QCOW_HEADER.size + 1024
-        # The file holds the L1 table, unless it is absurd (a size of 2^63): then 1 GiB of it.
-        self.l1_end = self.l1_offset + 8 * min(self.l1_size, 1 << 27)
-        self.free = -(-self.l1_end // self.cluster) * self.cluster
+    ENTRY: ClassVar[str]  # struct format of one table entry
+
+    def __init__(self, size: int, cluster: int, per_l2: int, l1_offset: int, free: int) -> None:
+        self.size, self.cluster, self.per_l2 = size, cluster, per_l2
+        self.l1_offset, self.free = l1_offset, free
         self.l1: dict[int, int] = {}
-        self.l1_blob: bytes | None = None  # the whole L1 table at once (millions of entries)
         self.l2: dict[int, dict[int, int]] = {}
         self.l2_at: dict[int, int] = {}
         self.blobs: list[tuple[int, bytes]] = []
@@ -430,6 +422,7 @@ class Qcow:
         return offset
 
     def table(self, index: int) -> int:
+        """The L2 table of L1 entry ``index`` (allocated on first use)."""
         if index not in self.l2_at:
             self.l2[index] = {}
             self.l2_at[index] = self.alloc(length=8 * self.per_l2)
@@ -445,6 +438,82 @@ class Qcow:
         host = self.alloc(payload)
         self.entry(cluster, host)
         return host
+
+    def header_bytes(self) -> bytes:
+        raise NotImplementedError
+
+    def write(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def pieces(self) -> list[tuple[int, bytes]]:
+        """The header, the tables' entries and the data, each at its offset."""
+        pieces = [(0, self.header_bytes())]
+        pieces += [(self.l1_offset + 8 * i, struct.pack(self.ENTRY, v))
+                   for i, v in self.l1.items()]
+        for index, entries in self.l2.items():
+            at = self.l2_at[index]
+            pieces += [(at + 8 * i, struct.pack(self.ENTRY, v)) for i, v in entries.items()]
+        return pieces + self.blobs
+
+
+Layered = TypeVar("Layered", bound=TwoLevelImage)
+
+
+def two_level_file(kind: Callable[..., Layered], size: int = MiB, clusters: int = 4,
+                   seed: int = 1, **options: int) -> Layered:
+    """An image of ``kind`` of ``size`` with patterned data in its first ``clusters`` clusters."""
+    image = kind(size, **options)
+    for cluster in range(clusters):
+        image.data(cluster, pattern(image.cluster, seed=seed + cluster))
+    return image
+
+
+def two_level_with(kind: Callable[..., Layered], change: Callable[[Layered, Place], None],
+                   name: str, **options: int) -> Build:
+    """The standard 1 MiB image of ``kind``, changed by ``change`` before it is written."""
+
+    def make(place: Place) -> Layered:
+        image = two_level_file(kind, **options)
+        change(image, place)
+        return image
+
+    return two_level_build(make, name)
+
+
+def two_level_build(make: Callable[[Place], TwoLevelImage], name: str) -> Build:
+    """The image ``make`` gives, written as ``name`` in the place's image directory."""
+
+    def build(place: Place) -> str:
+        make(place).write(place.img / name)
+        return name
+
+    return build
+
+
+# qcow (version 1), from the layout qemu reads.
+
+QCOW_HEADER = struct.Struct(">4sIQIIQBBHIQ")
+QCOW_COMPRESSED = 1 << 63
+
+
+class Qcow(TwoLevelImage):
+    """A qcow (version 1) image: the 48-byte header, the backing file name
+    at 48, the L1 table at 1072 (after room for the longest name), then L2
+    tables and data clusters (cluster-aligned)."""
+
+    ENTRY = ">Q"
+
+    def __init__(self, size: int, cluster_bits: int = 12, l2_bits: int = 9) -> None:
+        self.bits, self.l2_bits = cluster_bits, l2_bits
+        shift = cluster_bits + l2_bits
+        self.l1_size = (size + (1 << shift) - 1) >> shift
+        l1_offset = QCOW_HEADER.size + 1024
+        # The file holds the L1 table, unless it is absurd (a size of 2^63): then 1 GiB of it.
+        self.l1_end = l1_offset + 8 * min(self.l1_size, 1 << 27)
+        cluster = 1 << cluster_bits
+        super().__init__(size, cluster, 1 << l2_bits, l1_offset,
+                         -(-self.l1_end // cluster) * cluster)
+        self.l1_blob: bytes | None = None  # the whole L1 table at once (millions of entries)
 
     def compressed_entry(self, host: int, length: int) -> int:
         assert 0 <= length < self.cluster, "too long for a compressed cluster"
@@ -470,43 +539,25 @@ class Qcow:
         return QCOW_HEADER.pack(*values.values()) + (self.backing or b"")
 
     def write(self, path: Path) -> None:
-        pieces = [(0, self.header_bytes())]
-        if self.l1_blob is not None:
-            pieces.append((self.l1_offset, self.l1_blob))
-        pieces += [(self.l1_offset + 8 * i, struct.pack(">Q", v)) for i, v in self.l1.items()]
-        for index, entries in self.l2.items():
-            at = self.l2_at[index]
-            pieces += [(at + 8 * i, struct.pack(">Q", v)) for i, v in entries.items()]
-        pieces += self.blobs
+        pieces = self.pieces()
+        if self.l1_blob is not None:  # under the entries set one by one
+            pieces.insert(1, (self.l1_offset, self.l1_blob))
         write_at(path, pieces, max(self.free, self.l1_end))
 
 
 def qcow_file(size: int = MiB, clusters: int = 4, seed: int = 1, **options: int) -> Qcow:
     """A qcow image of ``size`` with patterned data in its first ``clusters`` clusters."""
-    image = Qcow(size, **options)
-    for cluster in range(clusters):
-        image.data(cluster, pattern(image.cluster, seed=seed + cluster))
-    return image
+    return two_level_file(Qcow, size, clusters, seed, **options)
 
 
 def qcow_build(make: Callable[[Place], Qcow], name: str = "v.qcow") -> Build:
-    def build(place: Place) -> str:
-        make(place).write(place.img / name)
-        return name
-
-    return build
+    return two_level_build(make, name)
 
 
 def qcow_with(change: Callable[[Qcow, Place], None], name: str = "v.qcow",
               **options: int) -> Build:
     """The standard 1 MiB image, changed by ``change`` before it is written."""
-
-    def make(place: Place) -> Qcow:
-        image = qcow_file(**options)
-        change(image, place)
-        return image
-
-    return qcow_build(make, name)
+    return two_level_with(Qcow, change, name, **options)
 
 
 def qcow_backed(name: str | Callable[[Place], str], image_name: str = "v.qcow") -> Build:
@@ -518,58 +569,27 @@ def qcow_backed(name: str | Callable[[Place], str], image_name: str = "v.qcow") 
     return qcow_with(change, image_name, clusters=1)
 
 
-# --- QED, from the specification ------------------------------------------------------------
+# QED, from the specification.
 
 QED_MAGIC = b"QED\0"
 QED_HEADER = struct.Struct("<4sIIIQQQQQII")
 QED_BACKING_FILE, QED_BACKING_RAW = 1 << 0, 1 << 2
 
 
-class Qed:
+class Qed(TwoLevelImage):
     """A QED image written from the specification: the header in cluster 0
     (the backing file name right after it), the L1 table from cluster 1,
-    then L2 tables and data clusters in the order they are added.
-    ``fields`` overrides header fields by name."""
+    then L2 tables and data clusters."""
+
+    ENTRY = "<Q"
 
     def __init__(self, size: int, cluster: int = 64 * KiB, table_size: int = 4) -> None:
-        self.size, self.cluster, self.table_size = size, cluster, table_size
+        self.table_size = table_size
         self.entries = cluster * table_size // 8  # per L1 or L2 table
         self.table_bytes = cluster * table_size
-        self.l1_offset = cluster
-        self.free = cluster + self.table_bytes
-        self.l1: dict[int, int] = {}
-        self.l2: dict[int, dict[int, int]] = {}
-        self.l2_at: dict[int, int] = {}
-        self.blobs: list[tuple[int, bytes]] = []
-        self.backing: bytes | None = None
+        super().__init__(size, cluster, self.entries, cluster, cluster + self.table_bytes)
         self.features = 0
-        self.fields: dict[str, int] = {}
         self.length = 0  # a file length at least this (a sparse tail)
-
-    def alloc(self, data: bytes = b"", length: int = 0) -> int:
-        offset = self.free
-        self.free += -(-max(length, len(data), 1) // self.cluster) * self.cluster
-        if data:
-            self.blobs.append((offset, data))
-        return offset
-
-    def table(self, index: int) -> int:
-        """The L2 table of L1 entry ``index`` (allocated on first use)."""
-        if index not in self.l2_at:
-            self.l2[index] = {}
-            self.l2_at[index] = self.alloc(length=self.table_bytes)
-            self.l1[index] = self.l2_at[index]
-        return self.l2_at[index]
-
-    def entry(self, cluster: int, value: int) -> None:
-        index = cluster // self.entries
-        self.table(index)
-        self.l2[index][cluster % self.entries] = value
-
-    def data(self, cluster: int, payload: bytes) -> int:
-        host = self.alloc(payload)
-        self.entry(cluster, host)
-        return host
 
     def set_backing(self, name: bytes | str, raw: bool = False) -> None:
         self.backing = name.encode("utf-8", "surrogateescape") if isinstance(name, str) else name
@@ -587,41 +607,22 @@ class Qed:
         return QED_HEADER.pack(*values.values()) + (self.backing or b"")
 
     def write(self, path: Path) -> None:
-        pieces = [(0, self.header_bytes())]
-        pieces += [(self.l1_offset + 8 * i, struct.pack("<Q", v)) for i, v in self.l1.items()]
-        for index, entries in self.l2.items():
-            at = self.l2_at[index]
-            pieces += [(at + 8 * i, struct.pack("<Q", v)) for i, v in entries.items()]
-        pieces += self.blobs
-        write_at(path, pieces, max(self.free, self.length))
+        write_at(path, self.pieces(), max(self.free, self.length))
 
 
 def qed_file(size: int = MiB, clusters: int = 4, seed: int = 1, **options: int) -> Qed:
     """A QED image of ``size`` with patterned data in its first ``clusters`` clusters."""
-    image = Qed(size, **options)
-    for cluster in range(clusters):
-        image.data(cluster, pattern(image.cluster, seed=seed + cluster))
-    return image
+    return two_level_file(Qed, size, clusters, seed, **options)
 
 
 def qed_build(make: Callable[[Place], Qed], name: str = "v.qed") -> Build:
-    def build(place: Place) -> str:
-        make(place).write(place.img / name)
-        return name
-
-    return build
+    return two_level_build(make, name)
 
 
 def qed_with(change: Callable[[Qed, Place], None], name: str = "v.qed",
              **options: int) -> Build:
     """The standard 1 MiB spec image, changed by ``change`` before it is written."""
-
-    def make(place: Place) -> Qed:
-        image = qed_file(**options)
-        change(image, place)
-        return image
-
-    return qed_build(make, name)
+    return two_level_with(Qed, change, name, **options)
 
 
 def qed_backed(name: str | Callable[[Place], str], raw: bool = False,

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import READ_WINDOWS, pattern, qemu_img_ok, run_instar, run_qemu_img
+from helpers import READ_WINDOWS, assert_same, pattern, qemu_img_ok, run_instar, run_qemu_img
 
 KiB = 1 << 10
 SECTOR = 512
@@ -129,18 +129,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def same(args: list[str], cwd: Path) -> None:
-    ours, theirs = run_instar(*args, cwd=cwd), run_qemu_img(*args, cwd=cwd)
-    assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
-        theirs.rc, theirs.stdout, theirs.normalised_stderr()), args
-
-
 @pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_info_matches_qemu(images: Path, name: str) -> None:
     for f in ([], ["-f", "bochs"]):
         for output in ("human", "json"):
-            same(["info", *f, f"--output={output}", name], images)
+            assert_same(["info", *f, f"--output={output}", name], images)
     assert '"format": "bochs"' in run_instar("info", "--output=json", name, cwd=images).stdout
 
 
@@ -213,7 +207,7 @@ def test_header_checks_are_qemus(name: str, tmp_path: Path) -> None:
     with ``-f bochs``); what it opens, instar describes alike."""
     (tmp_path / "x.bochs").write_bytes(HEADER_CASES[name])
     for f in ([], ["-f", "bochs"]):
-        same(["info", *f, "x.bochs"], tmp_path)
+        assert_same(["info", *f, "x.bochs"], tmp_path)
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -237,4 +231,4 @@ def test_bad_catalogs_are_refused_where_qemu_reads(name: str, image: bytes, says
     ours = run_instar("convert", "-O", "raw", "x.bochs", "i.raw", cwd=tmp_path)
     assert ours.rc == 1 and says in ours.stderr and ours.stderr.count("\n") == 1, ours.stderr
     assert not (tmp_path / "i.raw").exists()
-    same(["info", "x.bochs"], tmp_path)
+    assert_same(["info", "x.bochs"], tmp_path)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import READ_WINDOWS, pattern, qemu_img_ok, run_instar, run_qemu_img
+from helpers import READ_WINDOWS, assert_same, pattern, qemu_img_ok, run_instar, run_qemu_img
 
 MAGIC = b"#!/bin/sh\n#V2.0 Format\nmodprobe cloop file=$0 && mount -r -t iso9660 /dev/cloop $1\n"
 HEADER = 128
@@ -62,18 +62,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def same(args: list[str], cwd: Path) -> None:
-    ours, theirs = run_instar(*args, cwd=cwd), run_qemu_img(*args, cwd=cwd)
-    assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
-        theirs.rc, theirs.stdout, theirs.normalised_stderr()), args
-
-
 @pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_info_matches_qemu(images: Path, name: str) -> None:
     for f in ([], ["-f", "cloop"]):
         for output in ("human", "json"):
-            same(["info", *f, f"--output={output}", name], images)
+            assert_same(["info", *f, f"--output={output}", name], images)
     info = run_instar("info", "--output=json", name, cwd=images)
     assert '"format": "cloop"' in info.stdout
 
@@ -168,4 +162,4 @@ def test_bad_blocks_are_refused_as_qemu_refuses_them(name: str, image: bytes, sa
     ours = run_instar("convert", "-O", "raw", "x.cloop", "i.raw", cwd=tmp_path)
     assert ours.rc == 1 and says in ours.stderr and ours.stderr.count("\n") == 1
     assert not (tmp_path / "i.raw").exists()
-    same(["info", "x.cloop"], tmp_path)
+    assert_same(["info", "x.cloop"], tmp_path)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import READ_WINDOWS, pattern, qemu_img_ok, run_instar, run_qemu_img
+from helpers import READ_WINDOWS, assert_same, pattern, qemu_img_ok, run_instar, run_qemu_img
 
 KiB = 1 << 10
 SECTOR = 512
@@ -187,18 +187,12 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return directory
 
 
-def same(args: list[str], cwd: Path) -> None:
-    ours, theirs = run_instar(*args, cwd=cwd), run_qemu_img(*args, cwd=cwd)
-    assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
-        theirs.rc, theirs.stdout, theirs.normalised_stderr()), args
-
-
 @pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("name", sorted(IMAGES))
 def test_info_matches_qemu(images: Path, name: str) -> None:
     for f in ([], ["-f", "dmg"]):
         for output in ("human", "json"):
-            same(["info", *f, f"--output={output}", name], images)
+            assert_same(["info", *f, f"--output={output}", name], images)
     assert '"format": "dmg"' in run_instar("info", "--output=json", name, cwd=images).stdout
 
 
@@ -233,8 +227,8 @@ def test_probed_by_the_name_only(images: Path, tmp_path: Path) -> None:
     for name in ("disk.img", "disk.DMG", "disk.dmg.bak", ".dmg", "x.dmg"):
         (tmp_path / name).write_bytes(image)
         for f in ([], ["-f", "dmg"]):
-            same(["info", "--output=json", *f, name], tmp_path)
-            same(["dd", *f, f"if={name}", "of=/dev/null", "count=1"], tmp_path)
+            assert_same(["info", "--output=json", *f, name], tmp_path)
+            assert_same(["dd", *f, f"if={name}", "of=/dev/null", "count=1"], tmp_path)
 
 
 def zlib_twin(kind: str) -> Dmg:

@@ -13,20 +13,19 @@ tests/hostile_corpus.py.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from helpers import (
     READ_WINDOWS,
+    open_image,
     pattern,
     qemu_img_ok,
     qemu_info,
@@ -38,9 +37,7 @@ from helpers import (
 from instar.formats import registry
 from instar.formats.parallels.extension import DIRTY_BITMAP, EXTENSION_MAGIC
 from instar.formats.parallels.layout import INUSE_MAGIC, MAGIC_V1, Header
-from instar.image import ExtentKind, Image
-from instar.opener import ImageOpener
-from instar.safety import PathPolicy
+from instar.image import ExtentKind
 
 KiB = 1 << 10
 MiB = 1 << 20
@@ -247,7 +244,7 @@ def test_probe_and_size_match_qemu(corpus: dict[str, Path], name: str) -> None:
     path = corpus[name]
     header = path.read_bytes()[: registry.PROBE_SIZE]
     assert registry.probe(header, str(path)).name == "parallels" == qemu_info(path)["format"]
-    with _open(path) as image:
+    with open_image(path, "parallels", allow_own_directory=False) as image:
         assert image.virtual_size == qemu_info(path)["virtual-size"]
 
 
@@ -265,15 +262,6 @@ def test_compare_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str
         _same(["compare", *strict, *map(str, pair)], tmp_path)
 
 
-@contextlib.contextmanager
-def _open(path: Path) -> Iterator[Image]:
-    opener = ImageOpener(PathPolicy([]))
-    try:
-        yield opener.open(str(path), "parallels")
-    finally:
-        opener.close()
-
-
 @pytest.mark.parametrize("name", ["dynamic", "clusters-4k", "sparse", "version-1"])
 def test_extents_match_qemu_map_without_reading(
     corpus: dict[str, Path], name: str, monkeypatch: pytest.MonkeyPatch
@@ -282,7 +270,7 @@ def test_extents_match_qemu_map_without_reading(
     path = corpus[name]
     mapped = json.loads(qemu_img_ok("map", "--output=json", "-f", "parallels", str(path)))
     qemu_data = [(e["start"], e["length"]) for e in mapped if e["data"] and not e["zero"]]
-    with _open(path) as image:
+    with open_image(path, "parallels", allow_own_directory=False) as image:
 
         def forbidden(*args: object) -> bytes:
             raise AssertionError("extents() read from the file")

@@ -15,20 +15,20 @@ tests/test_conformance.py and hostile ones classes of tests/hostile_corpus.py.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from corpus_parity import ReadParity
 from helpers import (
     DD_INPUTS,
     DD_WINDOWS,
-    READ_WINDOWS,
+    both,
     build_dd_inputs,
+    open_image,
     pattern,
     qemu_img_ok,
     qemu_info,
@@ -40,9 +40,6 @@ from helpers import (
 from instar.formats import registry
 from instar.formats.qcow import FORMAT
 from instar.formats.qcow import layout as L
-from instar.image import Image
-from instar.opener import ImageOpener
-from instar.safety import PathPolicy
 
 # These images name files beside them: instar may open files in their directories.
 pytestmark = pytest.mark.usefixtures("allow_own_directories")
@@ -133,75 +130,9 @@ NAMES = ["converted", "compressed", "written", "odd", "untouched", "over-qcow", 
          "over-raw", "over-qed"]
 
 
-def _both(args: list[str], cwd: Path) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
-    ours = run_instar(*args, cwd=cwd)
-    qemu = run_qemu_img(*args, cwd=cwd)
-    return ((ours.rc, ours.stdout, ours.normalised_stderr()),
-            (qemu.rc, qemu.stdout, qemu.normalised_stderr()))
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("window", READ_WINDOWS, ids=lambda w: " ".join(w) or "whole")
-@pytest.mark.parametrize("name", NAMES)
-def test_dd_to_raw_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str,
-                                window: list[str]) -> None:
-    image = corpus[name]
-    ours, theirs = tmp_path / "i.raw", tmp_path / "q.raw"
-    result = run_instar("dd", *window, f"if={image.name}", f"of={ours}", cwd=image.parent)
-    assert result.rc == 0, result.stderr
-    qemu_img_ok("dd", *window, f"if={image.name}", f"of={theirs}", cwd=image.parent)
-    assert ours.read_bytes() == theirs.read_bytes()
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("name", NAMES)
-def test_convert_to_raw_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str) -> None:
-    image = corpus[name]
-    ours, theirs = tmp_path / "i.raw", tmp_path / "q.raw"
-    assert run_instar("convert", "-f", "qcow", "-O", "raw", image.name, str(ours),
-                      cwd=image.parent).rc == 0
-    qemu_img_ok("convert", "-f", "qcow", "-O", "raw", image.name, str(theirs), cwd=image.parent)
-    assert ours.read_bytes() == theirs.read_bytes()
-
-
-INFO_ARGS = [[], ["--output=json"], ["--backing-chain"], ["--output=json", "--backing-chain"],
-             ["-f", "qcow"]]
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("args", INFO_ARGS, ids=lambda a: " ".join(a) or "human")
-@pytest.mark.parametrize("name", NAMES)
-def test_info_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
-    image = corpus[name]
-    ours, qemu = _both(["info", *args, image.name], image.parent)
-    assert ours == qemu
-    assert ours[0] == 0 and ("file format: qcow\n" in ours[1] or '"format": "qcow"' in ours[1])
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("args", [[], ["--output=json"], ["-f", "qcow", "--output=json"]],
-                         ids=lambda a: " ".join(a) or "human")
-@pytest.mark.parametrize("name", NAMES)
-def test_map_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
-    image = corpus[name]
-    ours, qemu = _both(["map", *args, image.name], image.parent)
-    assert ours == qemu
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("name", NAMES)
-def test_compare_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str) -> None:
-    """Against its own contents as raw, strictly against itself and against
-    the raw copy, and against another image."""
-    image = corpus[name]
-    raw = tmp_path / "copy.raw"
-    qemu_img_ok("convert", "-O", "raw", image.name, str(raw), cwd=image.parent)
-    other = corpus["written" if name != "written" else "converted"]
-    for args in ([image.name, str(raw)], ["-s", image.name, image.name],
-                 ["-s", image.name, str(raw)], [image.name, str(other)],
-                 ["-f", "qcow", "-F", "raw", image.name, str(raw)]):
-        ours, qemu = _both(["compare", *args], image.parent)
-        assert ours == qemu, args
+class TestQcowReadParity(ReadParity):
+    fmt = "qcow"
+    corpus_names = NAMES
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -209,18 +140,8 @@ def test_compare_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str
 def test_check_has_none_as_in_qemu(corpus: dict[str, Path], name: str) -> None:
     """qemu has no check for qcow: "This image format does not support checks", 63."""
     image = corpus[name]
-    ours, qemu = _both(["check", image.name], image.parent)
+    ours, qemu = both(["check", image.name], image.parent)
     assert ours == qemu and ours[0] == 63
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("name", NAMES)
-def test_probe_matches_qemu(corpus: dict[str, Path], name: str) -> None:
-    image = corpus[name]
-    header = image.read_bytes()[: registry.PROBE_SIZE]
-    assert registry.probe(header, str(image)).name == "qcow" == qemu_info(image)["format"]
-    with _open(image) as opened:
-        assert opened.virtual_size == qemu_info(image)["virtual-size"]
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -246,7 +167,7 @@ def test_wrong_format_named_like_qemu(corpus: dict[str, Path], name: str, fmt: s
         if not (directory / image).exists():
             qemu_img_ok("create", "-q", "-f", "qcow2", "-o", f"compat={compat}", image, "1M",
                         cwd=directory)
-    ours, qemu = _both(["info", "-f", fmt, name], directory)
+    ours, qemu = both(["info", "-f", fmt, name], directory)
     assert ours == qemu
     assert ours[0] == 1
 
@@ -272,7 +193,7 @@ def test_encrypted_refused_as_qemu_refuses_it(encrypted: Path, args: list[str]) 
     words = [arg.replace("{image}", encrypted.name) for arg in args]
     if "{image}" not in " ".join(args):
         words.append(encrypted.name)
-    ours, qemu = _both(words, encrypted.parent)
+    ours, qemu = both(words, encrypted.parent)
     assert ours == qemu
     if args[0] != "info":
         assert ours[0] in (1, 2) and "encrypt.key-secret' is required for cipher" in ours[2]
@@ -283,19 +204,10 @@ def test_encrypted_refused_as_qemu_refuses_it(encrypted: Path, args: list[str]) 
         assert "encrypted" in ours[1]
 
 
-@contextlib.contextmanager
-def _open(path: Path, fmt: str | None = None) -> Iterator[Image]:
-    opener = ImageOpener(PathPolicy([os.path.dirname(str(path))]))
-    try:
-        yield opener.open(str(path), fmt)
-    finally:
-        opener.close()
-
-
 def test_extents_read_only_metadata(corpus: dict[str, Path],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Extents come from the tables: no cluster is read, compressed ones neither."""
-    with _open(corpus["compressed"]) as image:
+    with open_image(corpus["compressed"]) as image:
         list(image.extents(0, image.virtual_size))  # tables loaded, the metadata claimed
         reads: list[tuple[int, int]] = []
         real = os.pread
@@ -428,7 +340,7 @@ def test_convert_from_qcow(corpus: dict[str, Path], tmp_path: Path, name: str,
 @pytest.mark.usefixtures("qemu_img")
 def test_empty_input_fails_as_qemu(tmp_path: Path) -> None:
     (tmp_path / "empty.raw").write_bytes(b"")
-    ours, qemu = _both(["convert", "-O", "qcow", "empty.raw", "out.qcow"], tmp_path)
+    ours, qemu = both(["convert", "-O", "qcow", "empty.raw", "out.qcow"], tmp_path)
     assert ours[0] == qemu[0] == 1 and ours[2] == qemu[2]
     assert ours[2] == ("PROG: out.qcow: error while converting qcow: Image size is too small, "
                        "cannot be zero length\n")
@@ -442,7 +354,7 @@ def test_empty_input_fails_as_qemu(tmp_path: Path) -> None:
 @pytest.mark.parametrize("option", ["cluster_size=4k", "table_size=4", "compat=1.1"])
 def test_unknown_options_like_qemu(inputs: Path, tmp_path: Path, option: str) -> None:
     args = ["convert", "-O", "qcow", "-o", option, str(inputs / "pattern.raw"), "o.qcow"]
-    ours, qemu = _both(args, tmp_path)
+    ours, qemu = both(args, tmp_path)
     assert ours == qemu and ours[0] == 1
 
 

@@ -15,21 +15,21 @@ classes of tests/hostile_corpus.py.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from corpus_parity import ReadParity
 from helpers import (
     DD_INPUTS,
     DD_WINDOWS,
-    READ_WINDOWS,
     assert_option_refused_like_qemu,
+    both,
     build_dd_inputs,
+    open_image,
     pattern,
     qemu_img_ok,
     qemu_info,
@@ -38,12 +38,8 @@ from helpers import (
     run_instar,
     run_qemu_img,
 )
-from instar.formats import registry
 from instar.formats.qed import FORMAT
 from instar.formats.qed import layout as L
-from instar.image import Image
-from instar.opener import ImageOpener
-from instar.safety import PathPolicy
 
 # These images name files beside them: instar may open files in their directories.
 pytestmark = pytest.mark.usefixtures("allow_own_directories")
@@ -119,85 +115,9 @@ NAMES = ["converted", "written", "small", "large", "odd", "empty", "need-check",
          "over-qcow2", "over-qed"]
 
 
-def _both(args: list[str], cwd: Path) -> tuple[tuple[int, str, str], tuple[int, str, str]]:
-    ours = run_instar(*args, cwd=cwd)
-    qemu = run_qemu_img(*args, cwd=cwd)
-    return ((ours.rc, ours.stdout, ours.normalised_stderr()),
-            (qemu.rc, qemu.stdout, qemu.normalised_stderr()))
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("window", READ_WINDOWS, ids=lambda w: " ".join(w) or "whole")
-@pytest.mark.parametrize("name", NAMES)
-def test_dd_to_raw_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str,
-                                window: list[str]) -> None:
-    image = corpus[name]
-    ours, theirs = tmp_path / "i.raw", tmp_path / "q.raw"
-    result = run_instar("dd", *window, f"if={image.name}", f"of={ours}", cwd=image.parent)
-    assert result.rc == 0, result.stderr
-    qemu_img_ok("dd", *window, f"if={image.name}", f"of={theirs}", cwd=image.parent)
-    assert ours.read_bytes() == theirs.read_bytes()
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("name", NAMES)
-def test_convert_to_raw_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str) -> None:
-    image = corpus[name]
-    ours, theirs = tmp_path / "i.raw", tmp_path / "q.raw"
-    assert run_instar("convert", "-f", "qed", "-O", "raw", image.name, str(ours),
-                      cwd=image.parent).rc == 0
-    qemu_img_ok("convert", "-f", "qed", "-O", "raw", image.name, str(theirs), cwd=image.parent)
-    assert ours.read_bytes() == theirs.read_bytes()
-
-
-INFO_ARGS = [[], ["--output=json"], ["--backing-chain"], ["--output=json", "--backing-chain"],
-             ["-f", "qed"]]
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("args", INFO_ARGS, ids=lambda a: " ".join(a) or "human")
-@pytest.mark.parametrize("name", NAMES)
-def test_info_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
-    image = corpus[name]
-    ours, qemu = _both(["info", *args, image.name], image.parent)
-    assert ours == qemu
-    assert ours[0] == 0 and ("file format: qed" in ours[1] or "\"format\": \"qed\"" in ours[1])
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("args", [[], ["--output=json"], ["-f", "qed", "--output=json"]],
-                         ids=lambda a: " ".join(a) or "human")
-@pytest.mark.parametrize("name", NAMES)
-def test_map_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
-    image = corpus[name]
-    ours, qemu = _both(["map", *args, image.name], image.parent)
-    assert ours == qemu
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("name", NAMES)
-def test_compare_matches_qemu(corpus: dict[str, Path], tmp_path: Path, name: str) -> None:
-    """Against its own contents as raw (identical), strictly against itself and
-    against the raw copy (where block status differs), and against another image."""
-    image = corpus[name]
-    raw = tmp_path / "copy.raw"
-    qemu_img_ok("convert", "-O", "raw", image.name, str(raw), cwd=image.parent)
-    other = corpus["written" if name != "written" else "converted"]
-    for args in ([image.name, str(raw)], ["-s", image.name, image.name],
-                 ["-s", image.name, str(raw)], [image.name, str(other)],
-                 ["-f", "qed", "-F", "raw", image.name, str(raw)]):
-        ours, qemu = _both(["compare", *args], image.parent)
-        assert ours == qemu, args
-
-
-@pytest.mark.usefixtures("qemu_img")
-@pytest.mark.parametrize("name", NAMES)
-def test_probe_matches_qemu(corpus: dict[str, Path], name: str) -> None:
-    image = corpus[name]
-    header = image.read_bytes()[: registry.PROBE_SIZE]
-    assert registry.probe(header, str(image)).name == "qed" == qemu_info(image)["format"]
-    with _open(image) as opened:
-        assert opened.virtual_size == qemu_info(image)["virtual-size"]
+class TestQedReadParity(ReadParity):
+    fmt = "qed"
+    corpus_names = NAMES
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -208,24 +128,15 @@ def test_wrong_format_named_like_qemu(corpus: dict[str, Path], name: str, fmt: s
     """-f naming the wrong driver: each driver's own refusal, as qemu words it."""
     directory = corpus["converted"].parent
     image = corpus[name].name if name in corpus else name
-    ours, qemu = _both(["info", "-f", fmt, image], directory)
+    ours, qemu = both(["info", "-f", fmt, image], directory)
     assert ours == qemu
     assert ours[0] == 1
-
-
-@contextlib.contextmanager
-def _open(path: Path, fmt: str | None = None) -> Iterator[Image]:
-    opener = ImageOpener(PathPolicy([os.path.dirname(str(path))]))
-    try:
-        yield opener.open(str(path), fmt)
-    finally:
-        opener.close()
 
 
 def test_extents_read_only_metadata(corpus: dict[str, Path],
                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """Extents come from the tables: no data cluster is read, zero clusters are ZERO."""
-    with _open(corpus["written"]) as image:
+    with open_image(corpus["written"]) as image:
         list(image.extents(0, image.virtual_size))  # tables loaded, the metadata claimed
         reads: list[tuple[int, int]] = []
         real = os.pread
@@ -315,7 +226,7 @@ CHECK_ARGS = [[], ["--output=json"]]
 @pytest.mark.parametrize("name", NAMES)
 def test_check_matches_qemu(corpus: dict[str, Path], name: str, args: list[str]) -> None:
     image = corpus[name]
-    ours, qemu = _both(["check", *args, image.name], image.parent)
+    ours, qemu = both(["check", *args, image.name], image.parent)
     assert ours == qemu
 
 
@@ -329,7 +240,7 @@ def test_check_counts_damage_as_qemu(corpus: dict[str, Path], tmp_path: Path, ki
     image = tmp_path / "d.qed"
     shutil.copyfile(corpus["written"], image)
     _damage(kind, image)
-    ours, qemu = _both(["check", *args, "d.qed"], tmp_path)
+    ours, qemu = both(["check", *args, "d.qed"], tmp_path)
     assert ours == qemu
     assert ours[0] in (2, 3)
 
@@ -345,7 +256,7 @@ def test_check_numbers_clusters_as_qemu(tmp_path: Path, cluster: str) -> None:
     os.truncate(image, image.stat().st_size + 8 * KIB)
     _poke(image, _entry_at(image, 1, 9), _entry(image, 1, 1))
     for args in CHECK_ARGS:
-        ours, qemu = _both(["check", *args, "big.qed"], tmp_path)
+        ours, qemu = both(["check", *args, "big.qed"], tmp_path)
         assert ours == qemu
         assert ours[0] == 2
 

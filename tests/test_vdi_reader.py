@@ -13,12 +13,10 @@ tests/test_conformance.py.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -26,6 +24,7 @@ import pytest
 from helpers import (
     READ_WINDOWS,
     Result,
+    open_image,
     pattern,
     qemu_img_ok,
     qemu_img_path,
@@ -36,9 +35,7 @@ from helpers import (
 )
 from instar.formats import registry
 from instar.formats.vdi.layout import BLOCK_SIZE, DISCARDED, UNALLOCATED, Header, bmap_bytes
-from instar.image import Extent, ExtentKind, Image
-from instar.opener import ImageOpener
-from instar.safety import PathPolicy
+from instar.image import Extent, ExtentKind
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -191,18 +188,8 @@ def test_probe_and_size_match_qemu(qemu_img: str, corpus: dict[str, Path], name:
     path = corpus[name]
     header = path.read_bytes()[: registry.PROBE_SIZE]
     assert registry.probe(header, str(path)).name == "vdi" == qemu_info(path)["format"]
-    with _open(path) as image:
+    with open_image(path) as image:
         assert image.virtual_size == qemu_info(path, "vdi")["virtual-size"]
-
-
-@contextlib.contextmanager
-def _open(path: Path, fmt: str | None = None) -> Iterator[Image]:
-    """Open an image with instar's host-side opener, closing everything after."""
-    opener = ImageOpener(PathPolicy([os.path.dirname(str(path))]))
-    try:
-        yield opener.open(str(path), fmt)
-    finally:
-        opener.close()
 
 
 @pytest.mark.parametrize("options", [[], ["--output=json"], ["-f", "vdi", "--output", "json"],
@@ -238,7 +225,7 @@ def test_extents_match_qemu_map_without_reading_data(
         reads.append((offset, length))
         return real_pread(fd, length, offset)
 
-    with _open(path, "vdi") as image:
+    with open_image(path, "vdi") as image:
         monkeypatch.setattr(os, "pread", recorded)
         extents = list(image.extents(0, image.virtual_size))
         monkeypatch.undo()
@@ -324,7 +311,7 @@ def test_paged_windows_match_qemu(
 def test_paged_extents_and_compare(qemu_img: str, paged: Path, tmp_path: Path) -> None:
     mapped = json.loads(qemu_img_ok("map", "--output=json", str(paged)))
     qemu_data = _merge([(e["start"], e["length"]) for e in mapped if e["data"]])
-    with _open(paged) as image:
+    with open_image(paged) as image:
         extents = list(image.extents(0, image.virtual_size))
     assert [(e.offset, e.length) for e in extents if e.kind is ExtentKind.DATA] == qemu_data
     copy = tmp_path / "copy.vdi"
@@ -346,7 +333,7 @@ def test_block_map_larger_than_one_table(qemu_img: str, tmp_path: Path) -> None:
     result = run_instar("dd", "bs=1M", f"skip={blocks - 2}", f"if={path}", f"of={out}")
     assert result.rc == 0, result.stderr
     assert out.read_bytes() == bytes(2 * MIB)
-    with _open(path) as image:
+    with open_image(path) as image:
         assert image.virtual_size == qemu_info(path)["virtual-size"] == blocks * MIB
         assert list(image.extents(0, image.virtual_size)) == [
             Extent(0, blocks * MIB, ExtentKind.ZERO)]

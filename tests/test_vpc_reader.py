@@ -9,16 +9,24 @@ Damaged images (and children with bad parents) are rows of tests/test_conformanc
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from helpers import READ_WINDOWS, pattern, qemu_img_ok, qemu_info, qemu_io, run_instar, run_qemu_img
+from helpers import (
+    READ_WINDOWS,
+    open_image,
+    pattern,
+    qemu_img_ok,
+    qemu_info,
+    qemu_io,
+    run_instar,
+    run_qemu_img,
+)
 from instar.formats import registry
 from instar.formats.vpc.layout import (
     DISK_DIFFERENCING,
@@ -30,9 +38,7 @@ from instar.formats.vpc.layout import (
     declared_size,
 )
 from instar.formats.vpc.reader import bitmap_runs
-from instar.image import ExtentKind, Image
-from instar.opener import ImageOpener
-from instar.safety import PathPolicy
+from instar.image import ExtentKind
 
 # These images name files beside them: instar may open files in their directories.
 pytestmark = pytest.mark.usefixtures("allow_own_directories")
@@ -133,18 +139,8 @@ def test_probe_and_size_match_qemu(qemu_img: str, corpus: dict[str, Path], name:
     header = path.read_bytes()[: registry.PROBE_SIZE]
     expected = "raw" if name in FIXED else "vpc"
     assert registry.probe(header, str(path)).name == expected == qemu_info(path)["format"]
-    with _open(path, "vpc") as image:
+    with open_image(path, "vpc") as image:
         assert image.virtual_size == qemu_info(path, "vpc")["virtual-size"]
-
-
-@contextlib.contextmanager
-def _open(path: Path, fmt: str | None = None) -> Iterator[Image]:
-    """Open an image with instar's host-side opener, closing everything after."""
-    opener = ImageOpener(PathPolicy([os.path.dirname(str(path))]))
-    try:
-        yield opener.open(str(path), fmt)
-    finally:
-        opener.close()
 
 
 @pytest.mark.parametrize("name", ["dynamic", "converted", "odd"])
@@ -155,7 +151,7 @@ def test_extents_match_qemu_map_without_reading(
     path = corpus[name]
     mapped = json.loads(qemu_img_ok("map", "--output=json", "-f", "vpc", str(path)))
     qemu_data = [(e["start"], e["length"]) for e in mapped if e["data"]]
-    with _open(path, "vpc") as image:
+    with open_image(path, "vpc") as image:
 
         def forbidden(*args: object) -> bytes:
             raise AssertionError("extents() read from the file")
@@ -227,7 +223,7 @@ def test_size_rule_by_creator(qemu_img: str, tmp_path: Path, creator: bytes) -> 
         footer.current_size = 7 * MIB
 
     _rewrite_footer(path, change)
-    with _open(path) as image:
+    with open_image(path) as image:
         assert image.virtual_size == qemu_info(path)["virtual-size"]
     chs = declared_size(7 * MIB)  # what qemu created: its C*H*S
     assert chs != 7 * MIB
@@ -352,7 +348,7 @@ def test_differencing_reads_through_parent(
     child = tmp_path / "child.vhd"
     make_child(child, base, blocks, locators, parent_name="base.vhd" if locator == "name" else "")
     expected = expect(parent_data)
-    with _open(child) as image:
+    with open_image(child) as image:
         assert image.virtual_size == len(parent_data)
         assert image.read(0, image.virtual_size) == expected
         assert image.read(4000, 5000) == expected[4000:9000]
@@ -381,7 +377,7 @@ def test_pyvhdi_agrees_on_differencing(family: tuple[Path, bytes], tmp_path: Pat
     finally:
         child_file.close()
         parent_file.close()
-    with _open(child) as image:
+    with open_image(child) as image:
         assert image.read(0, image.virtual_size) == theirs == expect(parent_data)
 
 
@@ -397,7 +393,7 @@ def test_differencing_chain_of_two(family: tuple[Path, bytes], tmp_path: Path) -
     )
     expected = bytearray(expect(parent_data))
     expected[BLOCK : 2 * BLOCK] = top_data
-    with _open(top) as image:
+    with open_image(top) as image:
         assert image.read(0, image.virtual_size) == bytes(expected)
 
 
@@ -444,7 +440,7 @@ def test_differencing_extents_fall_through(qemu_img: str, tmp_path: Path) -> Non
     make_child(
         child, base, {2: (_bitmap([(0, 1)]), b"\x77" * BLOCK)}, [(b"W2ru", _utf16le("base.vhd"))]
     )
-    with _open(child) as image:
+    with open_image(child) as image:
         size = image.virtual_size
         kinds = [(e.offset, e.length, e.kind) for e in image.extents(0, size)]
         data = image.read(0, size)

@@ -16,16 +16,23 @@ format has no check (raw, vpc, qcow...: "This image format does not support
 checks"). Every format instar reads that qemu checks has a check (qcow2, qed,
 vmdk, vhdx, vdi, parallels); one added later without its check would be
 refused in one line, exit 1, never said to have none.
+
+``check -r leaks|all`` (`repair_image`) opens the image read-write in the
+worker, as resize does, and repairs what qemu-img 7.2 repairs (qcow2 on the
+check's walk, parallels, qed), then checks it again; what instar does not
+repair yet is refused in one line before anything is written.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
-from instar.errors import UnsupportedError
-from instar.events import EventSink
+from instar.errors import ChecksNotSupportedError, ImageOpenError, UnsupportedError
+from instar.events import EventSink, Notice
 from instar.findings import CheckResult
-from instar.opener import Broker, ImageOpener
+from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
 
@@ -69,6 +76,129 @@ def _check_job(broker: Broker, path: str, fmt: str | None) -> CheckResult:
         result.filename = path
         result.format = node.format.name
         return result
+    finally:
+        opener.close()
+
+
+# ---------------------------------------------------------------------------
+# check -r leaks|all
+
+
+class Repaired(NamedTuple):
+    """What ``check -r`` found and fixed (``first``), and, when it fixed
+    something, qemu-img's second check of the fixed image (``second``, its
+    *_fixed counters the first's)."""
+
+    first: CheckResult
+    second: CheckResult | None
+
+
+REPAIR_MODES = ("leaks", "all")
+# Formats whose check qemu 7.2 runs read-write but instar does not repair yet:
+# checked, and refused when the check finds something qemu would change.
+_REPAIR_NOT_YET = frozenset({"vhdx"})
+# qemu's read-only formats: opening them for writing fails.
+_READ_ONLY = frozenset({"dmg", "bochs", "cloop"})
+_VHDX_LOG = "contains a log that needs to be replayed"  # the vhdx reader's read-only refusal
+
+
+def repair_image(
+    path: str,
+    mode: str,
+    fmt: str | None = None,
+    *,
+    allow: AllowedDirs = (),
+    events: EventSink | None = None,
+    sandbox: SandboxSettings | None = None,
+) -> Repaired:
+    """``qemu-img check -r mode``: the image ``path`` opened read-write in the
+    sandboxed worker, checked and repaired as qemu 7.2 repairs it (qcow2;
+    see `formats/qcow2/repair.py`), then checked again if anything was fixed.
+    Raises ChecksNotSupportedError where qemu has no repairing check (vdi,
+    vmdk, raw...), UnsupportedError where instar does not repair yet (nothing
+    written). ``events`` gets qemu's warning for a probed raw image."""
+    if mode not in REPAIR_MODES:
+        raise UnsupportedError(f"Unknown option value for -r (expecting 'leaks' or 'all'): "
+                               f"{mode}")
+    policy = PathPolicy.from_allow(allow)
+
+    def job(broker: Broker, send: EventSink) -> dict[str, Any]:
+        first, second = _repair_job(broker, send, path, fmt, mode)
+        return {"first": first.to_data(),
+                "second": None if second is None else second.to_data()}
+
+    data = run_job(job, policy, sandbox, events, inputs=[path], outputs=[path])
+    second = data["second"]
+    return Repaired(CheckResult.from_data(data["first"]),
+                    None if second is None else CheckResult.from_data(second))
+
+
+def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
+                mode: str) -> tuple[CheckResult, CheckResult | None]:
+    if not path:
+        raise ImageOpenError(path, "The 'file' block driver requires a file name")
+    try:
+        file = broker.open_image_for_update(path)
+    except OSError as error:
+        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+    opener = ImageOpener(broker=broker)
+    close: Callable[[], None] = lambda: None  # noqa: E731 - what closing the image does
+
+    def reopen() -> OpenedNode:
+        if file.is_regular:
+            file.size = os.fstat(file.fd).st_size
+        return opener.open_file_node(file, path, name, with_backing=True, depth=0,
+                                     checking=True)
+
+    try:
+        try:
+            node = opener.open_file_node(file, path, fmt, with_backing=True, depth=0,
+                                         checking=True)
+        except ImageOpenError as error:
+            if _VHDX_LOG in str(error):  # qemu replays it, opening read-write
+                raise UnsupportedError("check -r: replaying a VHDX log is not supported "
+                                       "yet (qemu-img check -r all replays it)") from None
+            raise
+        name = node.format.name
+        if name in _READ_ONLY:
+            raise ImageOpenError(path, "Image is read-only")
+        if fmt is None and name == "raw":
+            from instar.resize import _raw_probe_warning
+
+            send(Notice(_raw_probe_warning(path)))
+        if name == "qcow2":
+            from instar.formats.qcow2.repair import repair
+
+            first = repair(node.image.driver, file.fd, mode,  # type: ignore[arg-type]
+                           lambda: reopen().image.driver)  # type: ignore[arg-type,return-value]
+        elif name == "qed":
+            from instar.formats.qed.repair import repair as repair_qed
+
+            first = node.format.check(node.image.driver)
+            repair_qed(node.image.driver, first, file.fd)  # type: ignore[arg-type]
+        elif name == "parallels":
+            from instar.formats.parallels.repair import repair as repair_parallels
+
+            first = node.format.check(node.image.driver)
+            close = repair_parallels(node.image.driver, first,  # type: ignore[arg-type]
+                                     file.fd, mode, file.is_regular)
+        elif name in _REPAIR_NOT_YET:
+            first = node.format.check(node.image.driver)
+            if first.corruptions or first.leaks or first.check_errors:
+                raise UnsupportedError(f"check -r: repairing {name} images is not supported "
+                                       "yet (qemu-img can)")
+        else:  # qemu's vdi and vmdk checks refuse to fix: "does not support checks"
+            raise ChecksNotSupportedError()
+        first.filename, first.format = path, name
+        second = None
+        if first.failure is None and (first.corruptions_fixed or first.leaks_fixed):
+            again = reopen()
+            second = again.format.check(again.image.driver)
+            second.filename, second.format = path, name
+            second.corruptions_fixed = first.corruptions_fixed
+            second.leaks_fixed = first.leaks_fixed
+        close()
+        return first, second
     finally:
         opener.close()
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from instar.errors import CompareError, ImageReadError, InstarError
 from instar.events import Advance, EventSink, Line, ignore
+from instar.files import AlignedBuffer
 from instar.image import ALLOCATED, EOF, ZERO, BlockImage, ExtentKind, StatusLayer
 from instar.opener import Broker, ImageOpener
 from instar.record import Record
@@ -43,12 +44,11 @@ class Side(Record):
         image: BlockImage,
         name: str,
         layer: StatusLayer,
-        buffer: bytearray | None = None,  # `read`'s, reused block after block
     ) -> None:
         self.image = image
         self.name = name
         self.layer = layer
-        self.buffer: bytearray = bytearray() if buffer is None else buffer
+        self.buffer = AlignedBuffer(0)  # `read`'s, reused block after block
 
     def query(self, offset: int) -> tuple[int, int, int]:
         try:
@@ -66,14 +66,14 @@ class Side(Record):
     def _status_error(self) -> CompareError:
         return CompareError(f"Sector allocation test failed for {self.name}", STATUS_ERROR)
 
-    def read(self, offset: int, length: int) -> bytearray:
+    def read(self, offset: int, length: int) -> AlignedBuffer:
         """``buffer``, its first ``length`` bytes those at ``offset``. One buffer
         serves every block: a new one per block costs more in page faults than
         the comparison itself."""
-        if len(self.buffer) < length:
-            self.buffer = bytearray(length)
+        if self.buffer.size < length:
+            self.buffer = AlignedBuffer(length)
         try:
-            self.image.readinto(offset, memoryview(self.buffer)[:length])
+            self.image.readinto(offset, self.buffer.view[:length])
         except (InstarError, OSError) as error:
             raise self._read_error(offset, error) from None
         return self.buffer
@@ -236,15 +236,15 @@ class Comparison:
             position += length
         return None
 
-    def _block_mismatch(self, left: bytearray | None, right: bytearray | None,
+    def _block_mismatch(self, left: AlignedBuffer | None, right: AlignedBuffer | None,
                         length: int) -> int | None:
         """Where the first ``length`` bytes of two buffers (None: zeros) differ.
         ``startswith`` compares them in place, as one memcmp."""
-        first = self._zeros if left is None else left
-        second = memoryview(self._zeros if right is None else right)[:length]
-        if first.startswith(second):
+        first, start = (self._zeros, 0) if left is None else (left.array, left.start)
+        second = memoryview(self._zeros)[:length] if right is None else right.view[:length]
+        if first.startswith(second, start):
             return None
-        return first_difference(bytes(first[:length]), bytes(second))
+        return first_difference(bytes(first[start : start + length]), bytes(second))
 
     def _tick_chunks(self, position: int, stop: int) -> None:
         """Progress for qemu's chunks of ``[position, stop)``: 2 MiB each,

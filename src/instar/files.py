@@ -141,6 +141,30 @@ class InputFile(ExactReads):
 
 
 _ZEROS = bytes(4 << 20)
+PAGE = 4096  # the alignment of `AlignedBuffer`
+
+
+class AlignedBuffer:
+    """A reusable read buffer whose bytes start on a page boundary.
+
+    Why: the kernel copies file data into a buffer that starts a few bytes
+    past a page boundary (glibc puts a large allocation 16 bytes past one)
+    about three times slower than into an aligned one: 140 against 48 ms of
+    system time per 256 MiB from the page cache on this project's machines.
+    ``array[start : start + size]`` is the aligned part; ``array`` stays a
+    bytearray so ``array.startswith(other, start)`` compares in place."""
+
+    __slots__ = ("array", "size", "start", "view")
+
+    def __init__(self, size: int) -> None:
+        import ctypes  # loaded anyway where a worker confines itself
+
+        self.array = bytearray(size + PAGE)
+        address = ctypes.addressof((ctypes.c_char * len(self.array)).from_buffer(self.array))
+        self.start = -address % PAGE
+        self.size = size
+        self.view = memoryview(self.array)[self.start : self.start + size]
+
 
 
 def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:

@@ -20,6 +20,7 @@ CORRUPTION = "corruption"
 LEAK = "leak"
 CHECK_ERROR = "check-error"  # qemu's "internal errors": the check could not look
 NOTE = "note"  # a line that counts nothing (a hint, the second line of a message)
+REPAIRED = "repaired"  # ``check -r``: "Repairing ...", counted in the *_fixed counters
 
 # At most this many lines are kept: qemu prints one per cluster whose refcount
 # is wrong, and a file of millions of clusters with a zeroed refcount table

@@ -41,6 +41,7 @@ from instar.events import (
     map_entry_from_data,
 )
 from instar.files import InputFile
+from instar.formats import registry
 from instar.formats.base import OutputFile
 from instar.opener import Broker, HostBroker
 from instar.safety import PathPolicy
@@ -344,6 +345,7 @@ def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings,
         with contextlib.suppress(Exception):
             stream.flush()
     import_extensions()  # once per process: every later worker inherits them
+    registry.import_all()  # every job probes (and create names its format)
     prepare()
     parent = os.getpid()
     pid = 0

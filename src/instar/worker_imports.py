@@ -3,7 +3,10 @@
 A confined worker cannot open a file, so it cannot import a module from disk.
 Importing every reader before confinement, in case the image needs it, made
 every command pay for all formats (tens of milliseconds); instead the worker
-imports what the job turns out to need, and the host reads the module for it:
+imports what the job turns out to need, and the host reads the module for it.
+(The formats' small packages, with their probes, are the exception: every job
+probes, so the host imports them before the fork, which costs less than
+serving them one request at a time.)
 
 - host side, `module_reply`: finds the module on the host's own import path
   (never a path the worker names, so the worker can only get code the host
@@ -69,12 +72,15 @@ def _find(name: str) -> importlib.machinery.ModuleSpec | None:
 def _code_roots() -> tuple[str, ...]:
     """Where served modules may come from: the standard library, the installed
     packages and instar itself; never the working directory, which ``python -m``
-    puts on the import path, so the worker cannot read the user's files."""
-    import sysconfig  # only a host serving a worker needs it
+    puts on the import path, so the worker cannot read the user's files.
+    (From ``os`` and ``site``, which every start loads: ``sysconfig`` would
+    cost a few milliseconds per command.)"""
+    import site
 
-    paths = sysconfig.get_paths()
-    roots = {paths["stdlib"], paths["platstdlib"], paths["purelib"], paths["platlib"],
+    roots = {os.path.dirname(os.__file__), *site.getsitepackages(),
              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    if site.ENABLE_USER_SITE:
+        roots.add(site.getusersitepackages())
     return tuple(os.path.join(os.path.realpath(root), "") for root in roots)
 
 

@@ -61,7 +61,8 @@ usage: instar [standard options] command [command options]
 
 Command syntax:
   amend [-f fmt] [-q] [-p] [-t cache] [--force] [--allow dir] -o options filename
-  check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
+  check [-U] [-q] [-f fmt] [-r leaks|all] [--output=ofmt] [-T src_cache] [--allow dir] \
+filename
   compare [-U] [-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [--allow dir] \
 filename1 filename2
   convert [-U] [-c] [-p] [-q] [-n] [-f fmt] [-t cache] [-T src_cache] [-O output_fmt] \

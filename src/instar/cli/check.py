@@ -1,10 +1,13 @@
 """``instar check``: qemu-img check's options, output, messages and exit codes.
 
-    instar check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] FILE
+    instar check [-U] [-q] [-f fmt] [-r leaks|all] [--output=ofmt] [-T src_cache]
+                 [--allow dir] FILE
 
 Exit 0 clean, 2 corruptions, 3 leaked clusters only, 1 the check could not
-be done (or a bad command line), 63 the format has no check. Repairing
-(``-r leaks|all``) is refused: instar never writes to an image it reads.
+be done (or a bad command line), 63 the format has no check. ``-r`` repairs
+as qemu-img 7.2 does (qcow2; `instar.check.repair_image`): qemu's lines,
+"The following inconsistencies were found and repaired", then the second
+check of the fixed image.
 """
 
 from __future__ import annotations
@@ -15,13 +18,15 @@ from typing import TYPE_CHECKING
 from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.output import report_error, report_lines
-from instar.errors import ChecksNotSupportedError, UnsupportedError, UsageError
+from instar.errors import ChecksNotSupportedError, ImageOpenError, UsageError
+from instar.events import Event, Notice
 
 if TYPE_CHECKING:
     from instar.findings import CheckResult
 
 HELP = """\
-usage: instar check [-U] [-q] [-f fmt] [--output=ofmt] [-T src_cache] [--allow dir] filename
+usage: instar check [-U] [-q] [-f fmt] [-r leaks|all] [--output=ofmt] [-T src_cache]
+                    [--allow dir] filename
 
 Check an image for consistency, as qemu-img check does: the same lines, summary and
 exit status.
@@ -31,7 +36,8 @@ exit status.
   -T src_cache           cache mode of the image: checked, no effect
   -U, --force-share      read an image a running qemu holds a write lock on
   --allow dir            backing files may also come from dir (not in qemu-img)
-  -r, --repair leaks|all refused: instar never writes to an image it reads
+  -r, --repair leaks|all repair leaked clusters, or all that qemu-img repairs (qcow2;
+                         the image is changed in place, then checked again)
   -h, --help             show this help
 Exit status: 0 no errors, 2 corruptions, 3 leaked clusters only, 1 the check could not
 be done, 63 the format has no check.
@@ -52,6 +58,7 @@ def run(args: list[str]) -> int:
     output: str | None = None
     cache = "writeback"
     quiet = False
+    repair: str | None = None
     access = AccessOptions()
     for option, value in parsed.options:
         if option in ("-h", "--help"):
@@ -65,8 +72,7 @@ def run(args: list[str]) -> int:
             if value not in ("leaks", "all"):
                 raise GetoptError(
                     f"Unknown option value for -r (expecting 'leaks' or 'all'): {value}")
-            raise UnsupportedError(
-                f"-r {value} is not supported: instar check reports, it never repairs an image")
+            repair = value
         elif option == "--output":
             output = value
         elif option == "-T":
@@ -79,6 +85,8 @@ def run(args: list[str]) -> int:
         raise UsageError("--output must be used with human or json as argument.")
     if cache not in CACHE_MODES:
         raise UsageError(f"Invalid source cache option: {cache}")
+    if repair is not None:
+        return _repair(parsed.operands[0], fmt, repair, output == "json", quiet, access)
     from instar.check import check_image
 
     try:
@@ -107,3 +115,37 @@ def show(result: CheckResult, json: bool, quiet: bool) -> int:
     if result.check_errors:
         report_error("Check failed")
     return result.exit_code
+
+
+def _show_notice(event: Event) -> None:
+    if isinstance(event, Notice):
+        sys.stdout.flush()
+        sys.stderr.write(event.text + "\n")
+        sys.stderr.flush()
+
+
+def _repair(path: str, fmt: str | None, mode: str, json: bool, quiet: bool,
+            access: AccessOptions) -> int:
+    """``check -r``: the first check's lines, qemu-img's "repaired" block and
+    the second check's result when something was fixed, else the first's."""
+    from instar.check import repair_image
+    from instar.cli.info import write_stdout
+
+    if access.force_share:
+        raise ImageOpenError(path, "force-share=on can only be used with read-only "
+                             "images")
+    try:
+        repaired = repair_image(path, mode, fmt, allow=access.allowed, events=_show_notice)
+    except ChecksNotSupportedError as error:
+        report_error(str(error))
+        return NOT_SUPPORTED
+    first, second = repaired
+    if second is None:
+        return show(first, json, quiet)
+    report_lines([(finding.message, finding.prefixed) for finding in first.findings])
+    if not quiet and not json:
+        write_stdout("The following inconsistencies were found and repaired:\n\n"
+                     f"    {first.leaks_fixed} leaked clusters\n"
+                     f"    {first.corruptions_fixed} corruptions\n\n"
+                     "Double checking the fixed image now...\n")
+    return show(second, json, quiet)

@@ -98,6 +98,14 @@ def get(name: str) -> Format | None:
     return fmt
 
 
+def import_all() -> None:
+    """Import every format's package (its probe and options, not its reader):
+    the host does it before it forks a worker whose job will probe, so the
+    worker inherits them instead of asking for each one."""
+    for name in _DRIVERS:
+        get(name)
+
+
 def is_recognised_only(name: str) -> bool:
     """True for a format qemu has and instar does not (yet)."""
     return (name in _RECOGNISED_ONLY or name in _RECOGNISED_BY_NAME

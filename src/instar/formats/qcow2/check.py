@@ -11,6 +11,11 @@ active L1 and L2 entry against the on-disk refcount, and reports the image
 end offset. Every line it prints while
 doing so is a `Finding`, with the same text, in the same order.
 
+With a `Repairer` (``check -r``, `formats/qcow2/repair.py`), the walk is
+qemu's with its repair mode: it fixes leaks and refcounts in the comparison,
+has the refcount structure rebuilt where qemu rebuilds it, and fixes
+OFLAG_COPIED, through the repairer, in qemu's order.
+
 Bounded by the file, whatever the header claims:
 
 - expected refcounts are kept per refcount block, only where something is
@@ -33,13 +38,21 @@ from __future__ import annotations
 
 import operator
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from itertools import compress
 from typing import NamedTuple, Protocol
 
 from instar.errors import FormatError
 from instar.files import InputFile, ReadWindow
-from instar.findings import CHECK_ERROR, CORRUPTION, LEAK, NOTE, CheckResult, Finding
+from instar.findings import (
+    CHECK_ERROR,
+    CORRUPTION,
+    LEAK,
+    NOTE,
+    REPAIRED,
+    CheckResult,
+    Finding,
+)
 from instar.formats.common import is_progression, unpack_table
 from instar.formats.qcow2 import info as I
 from instar.formats.qcow2 import layout as L
@@ -82,6 +95,10 @@ EINVAL = "Invalid argument"
 EFBIG = "File too large"
 ENOMEM = "Cannot allocate memory"
 
+# qemu's BdrvCheckMode bits: what ``check -r`` may repair.
+FIX_LEAKS = 1
+FIX_ERRORS = 2
+
 
 def check(driver: Qcow2Driver) -> CheckResult:
     """qemu-img check's findings for an open qcow2 image (read only)."""
@@ -89,6 +106,31 @@ def check(driver: Qcow2Driver) -> CheckResult:
         return _Walk(driver, exact=False).run()
     except _Restart:
         return _Walk(driver, exact=True).run()
+
+
+class Repairer(Protocol):
+    """What ``check -r`` changes, as the walk finds it (`formats/qcow2/repair.py`).
+
+    ``fix`` holds FIX_LEAKS and/or FIX_ERRORS."""
+
+    fix: int
+
+    def set_refcount(self, cluster: int, value: int) -> None:
+        """The refcount on disk of ``cluster`` becomes ``value`` (at `refcounts_done`)."""
+
+    def refcounts_done(self) -> None:
+        """Write the refcounts set so far (the walk reads them back next)."""
+
+    def rebuild(self, walk: _Walk) -> _Walk:
+        """A new refcount structure from ``walk``'s expected refcounts, written
+        and switched to; returns a walk of the image reopened with it."""
+        ...
+
+    def fix_entry(self, offset: int, value: int) -> None:
+        """Write the L1 or L2 entry at file offset ``offset`` as ``value``."""
+
+    def grow(self, size: int) -> None:
+        """Make the file ``size`` bytes long (a refcount block past its end)."""
 
 
 class _Restart(Exception):
@@ -110,11 +152,12 @@ class _Sink(Protocol):
 class _L2Stats:
     """What walking one L2 table adds: its lines, corruptions and cluster counts."""
 
-    __slots__ = ("allocated", "compressed", "corruptions", "findings", "fragmented")
+    __slots__ = ("allocated", "compressed", "corruptions", "findings", "fixed", "fragmented")
 
     def __init__(self) -> None:
         self.findings: list[Finding] = []
         self.corruptions = self.allocated = self.fragmented = self.compressed = 0
+        self.fixed = 0  # OFLAG_COPIED entries repaired
 
     def add(self, kind: str, code: str, message: str, prefixed: bool = False) -> None:
         if kind == CORRUPTION:
@@ -131,6 +174,15 @@ class _L1Table(NamedTuple):
     indices: array[int]
     entries: array[int]
     failure: str | None  # reading it fails (after its own reference is counted)
+
+
+def _counters(result: CheckResult) -> dict[str, int]:
+    return {name: getattr(result, name) for name in CheckResult.COUNTERS}
+
+
+def _set_counters(result: CheckResult, counters: dict[str, int]) -> None:
+    for name, value in counters.items():
+        setattr(result, name, value)
 
 
 def _c_hex(value: int) -> str:
@@ -175,6 +227,10 @@ class _Walk:
         self.on_disk = OnDisk(array("Q"), 0, self.bits, order, self._read, _Failed)
         self.active_l1: array[int] = array("Q")
         self.signaled = False  # qcow2_signal_corruption printed (only once)
+        self.rebuild = False  # qemu's "rebuild": the refcount structure needs rebuilding
+        self.repair: Repairer | None = None  # check -r: what repairs, as the walk goes
+        self.oflag_repair = False  # check_oflag_copied repairs what it finds
+        self.fix_entry: Callable[[int, int], None] | None = None
 
     # -- reading as qemu reads: zeros past the end, EIO past qemu's limit
 
@@ -214,7 +270,10 @@ class _Walk:
 
     # -- the run
 
-    def run(self) -> CheckResult:
+    def run(self, repair: Repairer | None = None) -> CheckResult:
+        """The check; with ``repair``, qemu's ``check -r``: what it may fix is
+        fixed through ``repair`` as the walk finds it."""
+        self.repair = repair
         result = CheckResult()
         try:
             snapshots = self._snapshot_table(result)
@@ -230,13 +289,68 @@ class _Walk:
         result.total_clusters = -(-self.driver.virtual_size // self.cluster)
         try:
             self._calculate(result, snapshots)
-            highest = self._compare(result)
-            self._oflag_copied(result)
+            walk = self
+            if repair is None:
+                highest = self._compare(result)
+            else:
+                highest, walk = self._compare_and_fix(result, snapshots, repair)
+            walk._oflag_copied(result, repair)
         except _Failed as failed:
             result.fail(failed.reason)
             return result
         result.image_end_offset = (highest + 1) * self.cluster
         return result
+
+    def _compare_and_fix(self, result: CheckResult, snapshots: list[I.SnapshotEntry],
+                         repair: Repairer) -> tuple[int, _Walk]:
+        """qcow2_check_refcounts with ``fix``: compare; then rebuild the
+        refcount structure (FIX_ERRORS, where a refcount on disk is 0 but
+        the cluster is used, or a refcount block is broken), or compare again
+        fixing what the mode allows. Returns the highest cluster in use and
+        the walk of the image as it now is."""
+        before = _counters(result)
+        highest = self._compare(result)
+        if self.rebuild and repair.fix & FIX_ERRORS:
+            old = _counters(result)
+            result.add(NOTE, "rebuild", "Rebuilding refcount structure")
+            walk = repair.rebuild(self)
+            result.corruptions = result.leaks = 0
+            walk.snapshots_size = self.snapshots_size
+            walk.expected.clusters = max(self.expected.clusters,
+                                         -(-walk.file_len // walk.cluster))
+            walk._calculate(result, snapshots)
+            fresh = 0
+            if repair.fix & FIX_LEAKS:
+                saved = _counters(result)
+                _set_counters(result, dict.fromkeys(saved, 0))
+                highest = walk._compare(result, repair, FIX_LEAKS)
+                repair.refcounts_done()
+                walk.reload_refcounts()
+                if walk.rebuild:
+                    result.add(NOTE, "rebuild-failed",
+                               "ERROR rebuilt refcount structure is still broken")
+                fresh = result.leaks
+                _set_counters(result, saved)
+            if result.corruptions < old["corruptions"]:
+                result.corruptions_fixed += old["corruptions"] - result.corruptions
+            if result.leaks < old["leaks"]:
+                result.leaks_fixed += old["leaks"] - result.leaks
+            result.leaks += fresh
+            return highest, walk
+        if self.rebuild:
+            result.add(CHECK_ERROR, "rebuild-needed", "ERROR need to rebuild refcount structures")
+            raise _Failed(EIO)
+        if result.leaks or result.corruptions:
+            _set_counters(result, before)
+            highest = self._compare(result, repair)
+            repair.refcounts_done()
+            self.reload_refcounts()
+        return highest, self
+
+    def reload_refcounts(self) -> None:
+        """Forget the refcount blocks read so far (they were just changed)."""
+        self.on_disk = OnDisk(self.on_disk.table, self.on_disk.table_size, self.bits,
+                              self.order, self._read, _Failed)
 
     # -- the snapshot table (qcow2_check_read_snapshot_table)
 
@@ -639,19 +753,33 @@ class _Walk:
             if entry & REFT_RESERVED_MASK:
                 result.add(CORRUPTION, "refcount-table-reserved-bits",
                            f"ERROR refcount table entry {index} has reserved bits set")
+                self.rebuild = True
             elif offset & (self.cluster - 1):
                 result.add(CORRUPTION, "refcount-block-unaligned",
                            f"ERROR refcount block {index} is not cluster aligned; refcount "
                            "table entry corrupted")
+                self.rebuild = True
             elif offset >> self.bits >= self.expected.clusters:
-                result.add(CORRUPTION, "refcount-block-outside-image",
-                           f"ERROR refcount block {index} is outside image")
+                if self.repair is not None and self.repair.fix & FIX_ERRORS:
+                    # qemu grows the file to hold the block (zeros), then counts it
+                    result.add(REPAIRED, "refcount-block-outside-image",
+                               f"Repairing refcount block {index} is outside image")
+                    result.corruptions_fixed += 1
+                    self.repair.grow(offset + self.cluster)
+                    self.file_len = offset + self.cluster
+                    self.expected.clusters = max(self.expected.clusters,
+                                                 -(-self.file_len // self.cluster))
+                    self._ref(result, offset, self.cluster)
+                else:
+                    result.add(CORRUPTION, "refcount-block-outside-image",
+                               f"ERROR refcount block {index} is outside image")
             else:
                 self._ref(result, offset, self.cluster)
                 value = self.expected.get(offset >> self.bits)
                 if value != 1:
                     result.add(CORRUPTION, "refcount-block-refcount",
                                f"ERROR refcount block {index} refcount={value}")
+                    self.rebuild = True
 
     # -- the refcounts on disk (qcow2_get_refcount)
 
@@ -681,9 +809,15 @@ class _Walk:
 
     # -- compare_refcounts
 
-    def _compare(self, result: CheckResult) -> int:
+    def _compare(self, result: CheckResult, repair: Repairer | None = None,
+                 fix: int | None = None) -> int:
         """Report every cluster whose refcount on disk is not the expected
-        one; returns the highest cluster either says is in use."""
+        one (fixing it through ``repair`` where its mode allows: a leak with
+        FIX_LEAKS, a refcount too low but not 0 with FIX_ERRORS; a used
+        cluster whose refcount is 0 needs a rebuild); returns the highest
+        cluster either says is in use. ``fix``: the mode, if not ``repair``'s."""
+        if fix is None:
+            fix = repair.fix if repair is not None else 0
         highest = 0
         size = self.rb_size
         nb = self.expected.clusters
@@ -710,6 +844,20 @@ class _Walk:
             for position in differences(found, wanted):
                 stored, counted = found[position], wanted[position]
                 cluster = low + position
+                if stored == 0:
+                    self.rebuild = True
+                elif repair is not None and (fix & FIX_LEAKS if stored > counted
+                                             else fix & FIX_ERRORS):
+                    result.add(REPAIRED, "leaked-cluster" if stored > counted
+                               else "refcount-mismatch",
+                               f"Repairing cluster {cluster} refcount={stored} "
+                               f"reference={counted}")
+                    repair.set_refcount(cluster, counted)
+                    if stored > counted:
+                        result.leaks_fixed += 1
+                    else:
+                        result.corruptions_fixed += 1
+                    continue
                 if stored < counted:
                     result.add(CORRUPTION, "refcount-mismatch",
                                f"ERROR cluster {cluster} refcount={stored} reference={counted}")
@@ -720,9 +868,16 @@ class _Walk:
 
     # -- check_oflag_copied
 
-    def _oflag_copied(self, result: CheckResult) -> None:
+    def _oflag_copied(self, result: CheckResult, repair: Repairer | None = None) -> None:
         """check_oflag_copied; an L2 table named by several L1 entries is
-        looked at once (its lines are the same each time)."""
+        looked at once (its lines are the same each time) unless repairing.
+        With ``repair``: FIX_ERRORS always repairs, FIX_LEAKS only when
+        nothing else is wrong (qemu's rule)."""
+        if repair is not None:
+            self.fix_entry = repair.fix_entry
+            self.oflag_repair = bool(repair.fix & FIX_ERRORS) or (
+                bool(repair.fix & FIX_LEAKS)
+                and not (result.check_errors or result.corruptions or result.leaks))
         tables: dict[int, _L2Stats] = {}
         for index, entry in zip(self.active_indices, self.active_l1, strict=True):
             offset = entry & L.L1E_OFFSET_MASK
@@ -732,16 +887,23 @@ class _Walk:
             if stored is None:
                 continue
             if (stored == 1) != bool(entry & L.OFLAG_COPIED):
-                result.add(CORRUPTION, "oflag-copied-l2",
-                           f"ERROR OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={entry:x} "
+                message = (f"OFLAG_COPIED L2 cluster: l1_index={index} l1_entry={entry:x} "
                            f"refcount={stored}")
-            stats = tables.get(offset)
+                if self.oflag_repair and self.fix_entry is not None:
+                    result.add(REPAIRED, "oflag-copied-l2", f"Repairing {message}")
+                    fixed = entry ^ L.OFLAG_COPIED
+                    self.fix_entry(self.header.l1_table_offset + 8 * index, fixed)
+                    result.corruptions_fixed += 1
+                else:
+                    result.add(CORRUPTION, "oflag-copied-l2", f"ERROR {message}")
+            stats = None if self.oflag_repair else tables.get(offset)
             if stats is None:
                 signaled = self.signaled
                 stats = self._oflag_table(result, offset)
                 if signaled == self.signaled:  # qemu's "Image is corrupt" line: only once
                     tables[offset] = stats
             result.extend(stats.findings, corruptions=stats.corruptions)
+            result.corruptions_fixed += stats.fixed
 
     def _oflag_table(self, result: CheckResult, offset: int) -> _L2Stats:
         stats = _L2Stats()
@@ -758,14 +920,16 @@ class _Walk:
             run = self._plain_run(entries, position, entry)
             if run == 1 or not (entry & L.OFLAG_COPIED and self._all_one(entry, run)):
                 for number in range(run):
-                    self._oflag_data(stats, entry + number * self.cluster)
+                    self._oflag_data(stats, entry + number * self.cluster,
+                                     offset + (position + number) * (16 if self.extended else 8))
             skip_to = position + run
             if skip_to == len(entries):
                 break
         return stats
 
-    def _oflag_data(self, sink: _Sink, entry: int) -> None:
-        """An active L2 entry's OFLAG_COPIED against its cluster's refcount on disk."""
+    def _oflag_data(self, sink: _L2Stats, entry: int, where: int) -> None:
+        """An active L2 entry (at file offset ``where``) its OFLAG_COPIED against
+        its cluster's refcount on disk."""
         if self._cluster_type(entry) not in (_NORMAL, _ZERO_ALLOC):
             return
         if self.data_file:
@@ -773,9 +937,13 @@ class _Walk:
         else:
             stored = self._on_disk(sink, (entry & L.L2E_OFFSET_MASK) >> self.bits)
         if stored is not None and (stored == 1) != bool(entry & L.OFLAG_COPIED):
-            sink.add(CORRUPTION, "oflag-copied-data",
-                       f"ERROR OFLAG_COPIED data cluster: l2_entry={entry:x} "
-                       f"refcount={stored}")
+            message = f"OFLAG_COPIED data cluster: l2_entry={entry:x} refcount={stored}"
+            if self.oflag_repair and self.fix_entry is not None:
+                sink.add(REPAIRED, "oflag-copied-data", f"Repairing {message}")
+                self.fix_entry(where, entry ^ L.OFLAG_COPIED)
+                sink.fixed += 1
+            else:
+                sink.add(CORRUPTION, "oflag-copied-data", f"ERROR {message}")
 
     def _all_one(self, entry: int, run: int) -> bool:
         """Whether the ``run`` clusters from ``entry``'s all have refcount 1 on

@@ -90,6 +90,18 @@ class Expected:
             cluster = stop
         return overflowed
 
+    def claim(self, cluster: int) -> None:
+        """Give a free ``cluster`` the refcount 1 (``check -r``'s rebuild
+        allocating in this table), growing ``clusters`` to cover it."""
+        self.clusters = max(self.clusters, cluster + 1)
+        block, within = divmod(cluster, self.block_size)
+        counts = self.blocks.get(block)
+        if counts is None:
+            counts = self.blocks[block] = self._zeros[:0]
+        if len(counts) <= within:
+            counts.extend(self._zeros[: within + 1 - len(counts)])
+        counts[within] = 1
+
     def get(self, cluster: int) -> int:
         counts = self.blocks.get(cluster >> self.block_bits)
         within = cluster & (self.block_size - 1)
@@ -154,6 +166,23 @@ def decode(data: bytes, order: int) -> array[int]:
         data = _split(data, width)
         width //= 2
     return array("B", data)
+
+
+def encode(values: array[int], order: int) -> bytes:
+    """Refcount entries as a refcount block holds them (`decode`'s inverse)."""
+    if order >= 3:
+        out = array(typecode(order), values)
+        if order > 3 and sys.byteorder == "little":
+            out.byteswap()
+        return out.tobytes()
+    data = bytes(values)
+    width = 1 << order
+    while width < 8:  # two fields of ``width`` bits make one of twice the width
+        low, high = data[0::2], data[1::2]
+        joined = (int.from_bytes(high, "big") << width) | int.from_bytes(low, "big")
+        data = joined.to_bytes(len(low), "big")
+        width *= 2
+    return data
 
 
 def _split(values: bytes, width: int) -> bytes:

@@ -1,0 +1,377 @@
+"""qcow2 ``check -r leaks|all``: qemu 7.2's repairs, on the check's own walk.
+
+The check (`formats/qcow2/check.py`) finds what is wrong; this module makes
+the changes it asks for (`Repairer`), in qemu's order and with its rules:
+
+- refcounts: a leak (refcount on disk above what the metadata uses) is set
+  to the right value with ``leaks`` or ``all``; a refcount too low, but not 0,
+  with ``all``. Through `allocation.Refcounts`, each changed block written once.
+- a used cluster whose refcount is 0, or a broken refcount block (reserved
+  bits in its table entry, a refcount other than 1): ``all`` rebuilds the
+  whole refcount structure from the expected refcounts as qemu's
+  ``rebuild_refcount_structure`` does (the same first-fit placement, so the
+  same clusters and the same "Image end offset"): new refcount blocks and a
+  new table written where nothing is in use, then the header switched to
+  them in one write, then the old structure (now leaked) freed; ``leaks``
+  stops with qemu's "ERROR need to rebuild refcount structures".
+- OFLAG_COPIED on active L1 and L2 entries, set to what the refcount says.
+- the header's dirty bit is cleared (qemu clears it when it closes an image
+  it opened read-write), the corrupt bit when nothing is left corrupt.
+
+Every write goes through `mutate.ImageUpdate`: claims and new structures
+first, then pointers, then the header, then what is freed; a crash at any
+point leaves an image qemu reads, with at worst leaked clusters.
+
+- a refcount block past the end of the file: ``all`` grows the file to
+  hold it (zeros: its refcounts are 0, so a rebuild follows), as qemu does
+  (refused past 16 TiB).
+
+What qemu repairs in ways instar does not yet (unaligned refcount blocks,
+unaligned preallocated clusters, snapshot table repairs, refcount
+overflows, unreadable refcount blocks) is refused before anything is
+written: `unsupported`.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from array import array
+from bisect import bisect_right
+from collections.abc import Callable
+
+from instar.errors import UnsupportedError
+from instar.findings import CheckResult
+from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.allocation import Refcounts
+from instar.formats.qcow2.check import FIX_ERRORS, FIX_LEAKS, _Restart, _Walk, check
+from instar.formats.qcow2.reader import MAX_REFTABLE_BYTES, Qcow2Driver
+from instar.formats.qcow2.refcounts import Expected, encode
+from instar.mutate import PHASES, ImageUpdate
+
+MODES = {"leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
+_INCOMPAT_OFFSET = 72  # the header's incompatible feature bits (version 3)
+_REFTABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
+_REFTABLE_OFFSET = 48
+
+# Findings whose repair instar does not make yet (qemu does): refused.
+_NOT_YET = {
+    "refcount-block-unaligned": "an unaligned refcount block",
+    "refcount-table-reserved-bits": "reserved bits in the refcount table",
+    "refcount-unreadable": "an unreadable refcount block",
+    "corrupt": "an unaligned refcount block",
+    "preallocated-cluster-unaligned": "an unaligned preallocated cluster",
+    "refcount-overflow": "refcounts past the refcount width",
+    "snapshot-entry-incomplete": "an incomplete snapshot table entry",
+    "snapshot-table-invalid": "a broken snapshot table",
+    "snapshot-table-unreadable": "a broken snapshot table",
+    "io-error": "an unreadable table",
+    "l2-table-unaligned": "an unaligned L2 table",
+}
+
+
+def unsupported(result: CheckResult) -> str | None:
+    """What in a read-only check's findings instar cannot repair yet, or None."""
+    for finding in result.findings:
+        what = _NOT_YET.get(finding.code)
+        if what is not None:
+            return what
+    return None
+
+
+def repair(driver: Qcow2Driver, fd: int, mode: str,
+           reopen: Callable[[], Qcow2Driver]) -> CheckResult:
+    """``check -r mode`` of the image ``driver`` read, open read-write as ``fd``;
+    ``reopen`` opens it again (after its refcount structure changed). Returns
+    the first check's result (with its *_fixed counters); refuses in one line,
+    nothing written, what is not supported yet."""
+    header = driver.header
+    if driver.data_file is not None:
+        raise UnsupportedError("check -r of a qcow2 image with an external data file is not "
+                               "supported yet")
+    try:
+        preview = check(driver)
+    except _Restart:  # pragma: no cover - check() handles it itself
+        raise UnsupportedError("check -r: refcount overflow repairs are not supported yet") \
+            from None
+    what = (unsupported(preview) or _l2_over_metadata(driver, preview)
+            or _grown_too_far(driver, preview, mode))
+    if what is not None:
+        raise UnsupportedError(f"check -r: repairing a qcow2 image with {what} is not "
+                               "supported yet")
+    writer = _Writer(fd, driver.file.name)
+    if preview.failure is not None or not (
+            preview.leaks or preview.corruptions or preview.check_errors):
+        result = preview  # qemu finds the same, and changes nothing but the bits
+    else:
+        fixer = _Fixer(driver, writer, MODES[mode], reopen)
+        try:
+            result = _Walk(driver, exact=False).run(fixer)
+        except _Restart:
+            raise UnsupportedError("check -r: refcount overflow repairs are not supported "
+                                   "yet") from None
+    bits = header.incompatible_features & ~L.INCOMPAT_DIRTY
+    if result.failure is None and not (result.check_errors or result.corruptions):
+        bits &= ~L.INCOMPAT_CORRUPT
+    if header.version >= 3 and bits != header.incompatible_features:
+        writer.phase("header")
+        writer.update.write(_INCOMPAT_OFFSET, bits.to_bytes(8, "big"))
+    writer.update.finish()
+    return result
+
+
+# The longest file a repair grows to hold a refcount block past its end (qemu
+# grows it whatever the length; most file systems refuse past 16 TiB).
+MAX_GROWN_FILE = 1 << 44
+
+
+def _grown_too_far(driver: Qcow2Driver, preview: CheckResult, mode: str) -> str | None:
+    """A refcount block past the end of the file that ``all`` would grow the
+    file to hold, past `MAX_GROWN_FILE`."""
+    if mode != "all" or not any(finding.code == "refcount-block-outside-image"
+                                for finding in preview.findings):
+        return None
+    header = driver.header
+    cluster = header.cluster_size
+    per_block = cluster * 8 >> header.refcount_order
+    reftable = driver.file.pread(header.refcount_table_offset,
+                                 header.refcount_table_clusters * cluster)
+    for (entry,) in struct.iter_unpack(">Q", reftable[: len(reftable) // 8 * 8]):
+        end = (entry & L.REFTABLE_OFFSET_MASK) + cluster
+        if end > MAX_GROWN_FILE:
+            return "a refcount block past 16 TiB"
+        if -(-end // cluster) // per_block * 8 >= MAX_REFTABLE_BYTES:
+            return "a refcount block past what a refcount table can cover"
+    return None
+
+
+def _l2_over_metadata(driver: Qcow2Driver, preview: CheckResult) -> str | None:
+    """An active L2 table whose OFLAG_COPIED repair would write over the
+    header, the L1 table, the refcount table or a refcount block (qemu's
+    overlap check stops such a write half way through its repair; instar
+    refuses before writing anything)."""
+    if not (preview.corruptions or preview.leaks):
+        return None
+    header = driver.header
+    bits = header.cluster_bits
+    used: set[int] = {0}
+
+    def span(offset: int, length: int) -> None:
+        if length > 0:
+            used.update(range(offset >> bits, ((offset + length - 1) >> bits) + 1))
+
+    span(header.l1_table_offset, header.l1_size * 8)
+    span(header.refcount_table_offset, header.refcount_table_clusters << bits)
+    span(header.snapshots_offset, header.nb_snapshots * L.SNAPSHOT_HEADER_SIZE)
+    file = driver.file
+    reftable = file.pread(header.refcount_table_offset, header.refcount_table_clusters << bits)
+    for (entry,) in struct.iter_unpack(">Q", reftable[: len(reftable) // 8 * 8]):
+        if entry & L.REFTABLE_OFFSET_MASK:
+            used.add((entry & L.REFTABLE_OFFSET_MASK) >> bits)
+    l1 = file.pread(header.l1_table_offset, header.l1_size * 8)
+    for (entry,) in struct.iter_unpack(">Q", l1[: len(l1) // 8 * 8]):
+        if (entry & L.L1E_OFFSET_MASK) >> bits in used and entry & L.L1E_OFFSET_MASK:
+            return "an L2 table over other metadata"
+    return None
+
+
+class _Writer:
+    """One `ImageUpdate` at a time: a repair that must go back to an earlier
+    phase (pointers after the rebuild's release) finishes the update and
+    starts another, which carries on the count of changes (the crash hook)."""
+
+    def __init__(self, fd: int, name: str) -> None:
+        self.fd, self.name = fd, name
+        self.update = ImageUpdate(fd, name)
+        self._phase = -1
+
+    def phase(self, name: str) -> None:
+        index = PHASES.index(name)
+        if index < self._phase:
+            changes = self.update.changes
+            self.update.finish()
+            self.update = ImageUpdate(self.fd, self.name)
+            self.update.changes = changes
+        self._phase = index
+        self.update.phase(name)
+
+
+class _Fixer:
+    """The `Repairer` the check's walk calls."""
+
+    def __init__(self, driver: Qcow2Driver, writer: _Writer, fix: int,
+                 reopen: Callable[[], Qcow2Driver]) -> None:
+        self.fix = fix
+        self.driver = driver
+        self.writer = writer
+        self.reopen = reopen
+        self.rebuilt = False
+        self._refcounts: Refcounts | None = None
+
+    def set_refcount(self, cluster: int, value: int) -> None:
+        if self._refcounts is None:
+            self._refcounts = Refcounts(self.driver)
+        self._refcounts.set(cluster, value)
+
+    def refcounts_done(self) -> None:
+        if self._refcounts is None or not self._refcounts.changed:
+            return
+        # After a rebuild, what is fixed is the old structure, now unused: freed last.
+        self.writer.phase("release" if self.rebuilt else "data")
+        self._refcounts.write_blocks(self.writer.update)
+        self.writer.update.flush()
+
+    def fix_entry(self, offset: int, value: int) -> None:
+        self.writer.phase("pointers")
+        self.writer.update.write(offset, value.to_bytes(8, "big"))
+
+    def grow(self, size: int) -> None:
+        self.writer.phase("data")
+        self.writer.update.truncate(size)
+
+    def rebuild(self, walk: _Walk) -> _Walk:
+        table, offset, clusters = _Rebuild(walk.expected, walk.bits).run()
+        update = self.writer
+        update.phase("data")
+        rb_size = walk.expected.block_size
+        for index, block in enumerate(table):
+            if block:
+                update.update.write(block, encode(walk.expected.values(index, rb_size),
+                                                  walk.order))
+        entries = array("Q", table)
+        if sys.byteorder == "little":
+            entries.byteswap()
+        update.update.write(offset, entries.tobytes())
+        update.phase("header")
+        update.update.write(_REFTABLE_OFFSET, _REFTABLE_FIELDS.pack(offset, clusters))
+        update.update.flush()
+        self.driver = self.reopen()
+        self._refcounts = None
+        self.rebuilt = True
+        return _Walk(self.driver, exact=False)
+
+
+def _first_zero(counts: array[int], start: int) -> int:
+    """The index of the first 0 in ``counts`` from ``start`` on, or -1 (a
+    search of its bytes: C speed however many entries are in use)."""
+    width = counts.itemsize
+    raw = counts.tobytes()
+    position = start * width
+    zero = bytes(width)
+    while (position := raw.find(zero, position)) >= 0:
+        if position % width == 0:
+            return position // width
+        position += 1
+    return -1
+
+
+class _Rebuild:
+    """qemu's rebuild_refcount_structure, in memory: where each new refcount
+    block and the new refcount table go (first fit in the expected
+    refcounts, which claim them), computed before anything is written."""
+
+    def __init__(self, expected: Expected, cluster_bits: int) -> None:
+        self.imrt = expected
+        self.cluster = 1 << cluster_bits
+        self.bits = cluster_bits
+        self.table: list[int] = []  # refcount block offsets, by block index
+        self._keys: list[int] = []  # the blocks of ``expected``, sorted
+
+    def run(self) -> tuple[list[int], int, int]:
+        """(the table's entries, its offset, its clusters)."""
+        self._write_refblocks(0, self.imrt.clusters)
+        while True:
+            clusters = -(-len(self.table) * 8 // self.cluster)
+            if len(self.table) * 8 > MAX_REFTABLE_BYTES:
+                raise UnsupportedError("check -r: the rebuilt refcount table would be too "
+                                       "large")
+            first, _ = self._alloc(clusters, 0)
+            if not self._write_refblocks(first, first + clusters):
+                return self.table, first * self.cluster, clusters
+
+    def _free(self, cluster: int) -> bool:
+        return not self.imrt.get(cluster)
+
+    def _next_free(self, cluster: int, end: int) -> int:
+        """The first free cluster in ``[cluster, end)``, or ``end``."""
+        imrt = self.imrt
+        size = imrt.block_size
+        while cluster < end:
+            block, within = divmod(cluster, size)
+            counts = imrt.blocks.get(block)
+            if counts is None or within >= len(counts):
+                return cluster
+            found = _first_zero(counts, within)
+            if found >= 0:
+                return min(end, block * size + found)
+            cluster = block * size + len(counts)
+        return end
+
+    def _next_used(self, cluster: int, end: int) -> int:
+        """The first cluster in ``[cluster, end)`` with a refcount, or ``end``
+        (blocks nothing claimed are skipped at once, however many)."""
+        imrt = self.imrt
+        size = imrt.block_size
+        if len(self._keys) != len(imrt.blocks):
+            self._keys = sorted(imrt.blocks)
+        while cluster < end:
+            block, within = divmod(cluster, size)
+            counts = imrt.blocks.get(block)
+            if counts is not None and within < len(counts):
+                raw = counts[within:].tobytes()
+                skipped = len(raw) - len(raw.lstrip(b"\0"))
+                if skipped < len(raw):
+                    return min(end, cluster + skipped // counts.itemsize)
+            following = bisect_right(self._keys, block)
+            if following == len(self._keys):
+                return end
+            cluster = self._keys[following] * size
+        return end
+
+    def _alloc(self, count: int, first_free: int) -> tuple[int, int]:
+        """alloc_clusters_imrt: ``count`` free clusters in a row from
+        ``first_free`` on (the table grows past its end if need be), claimed;
+        returns the first one and the first gap seen."""
+        cluster, run, gap_seen = first_free, 0, False
+        while cluster < self.imrt.clusters and run < count:
+            if self._free(cluster):
+                if not gap_seen:
+                    first_free, gap_seen = cluster, True
+                run += 1
+                cluster += 1
+            else:
+                run = 0
+                cluster = self._next_free(cluster, self.imrt.clusters)
+        if run < count:
+            self.imrt.clusters = cluster + count - run
+        cluster -= run
+        for index in range(count):
+            self.imrt.claim(cluster + index)
+        return cluster, first_free
+
+    def _write_refblocks(self, first: int, end: int) -> bool:
+        """rebuild_refcounts_write_refblocks: a refcount block for every
+        block of ``[first, end)`` with a cluster in use; True if the table
+        had to grow."""
+        size = self.imrt.block_size
+        entries_per_cluster = self.cluster // 8
+        grown = False
+        first_free = 0
+        cluster = first
+        while (cluster := self._next_used(cluster, end)) < end:
+            index = cluster // size
+            start = index * size
+            if not (index < len(self.table) and self.table[index]):
+                first_free = max(first_free, start)
+                block, first_free = self._alloc(1, first_free)
+                end = max(end, block + 1)
+                if len(self.table) <= index:
+                    wanted = -(-(index + 1) // entries_per_cluster) * entries_per_cluster
+                    if wanted * 8 > MAX_REFTABLE_BYTES:
+                        raise UnsupportedError("check -r: the rebuilt refcount table would "
+                                               "be too large")
+                    self.table.extend([0] * (wanted - len(self.table)))
+                    grown = True
+                self.table[index] = block * self.cluster
+            cluster = start + size
+        return grown
