@@ -36,7 +36,8 @@ Change a qcow2 image's options in place, as qemu-img amend does.
   -h, --help       show this help
 
 Not supported yet (refused): changing refcount_bits, data_file, encryption
-options, compat=0.10 for images with zero clusters or zstd compression.
+options; compat=0.10 for images with zstd compression, or with a backing file
+and zero clusters.
 Not supported (refused): --object objectdef, --image-opts
 """
 

@@ -16,10 +16,14 @@ the extensions instar does not know, the end marker, the backing file name),
 in one write of the first cluster, as qemu writes it. The lazy refcounts bit
 alone is one write of the 8-byte compatible features field.
 
+A downgrade expands zero clusters first, as qemu does, for an image without
+a backing file (`ZeroExpansion`).
+
 Not supported yet (one line, nothing written): other refcount widths,
-encryption options, a downgrade with zero clusters (qemu expands them), zstd
-compression, persistent bitmaps or a dirty image, and ``size`` with a
-version change in the same command.
+encryption options, a downgrade of an image with a backing file and zero
+clusters (qemu allocates clusters for them), zstd compression, persistent
+bitmaps or a dirty image, and ``size`` with a version change in the same
+command.
 """
 
 from __future__ import annotations
@@ -123,8 +127,10 @@ def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions
     if new_size and new_version != old_version:
         raise UnsupportedError("amend -o size with compat in one command is not supported "
                                "yet")
+    zeros: ZeroExpansion | None = None
     if new_version < old_version:
         _check_downgrade(driver)
+        zeros = ZeroExpansion(driver, has_backing=backing_name is not None)
         wanted_lazy = False  # qemu clears every compatible feature
     if new_version == old_version:
         if wanted_lazy != lazy:
@@ -135,6 +141,8 @@ def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions
         if new_version > old_version:
             _check_upgrade(driver)
         cluster0 = _new_first_cluster(driver, new_version, wanted_lazy, backing_name)
+        if zeros is not None:
+            zeros.write(update)
         update.phase("header")
         update.write(0, cluster0)
     return new_size or None
@@ -177,31 +185,68 @@ def _check_downgrade(driver: Qcow2Driver) -> None:
     if features:
         raise AmendError(f"Cannot downgrade an image with incompatible features "
                          f"{features:#x} set")
-    if _has_zero_clusters(driver):
-        raise UnsupportedError("downgrading a qcow2 image with zero clusters (qemu expands "
-                               "them) is not supported yet")
 
 
-def _has_zero_clusters(driver: Qcow2Driver) -> bool:
-    """Whether an L2 table of the image or of a snapshot has an entry with the
-    zero flag (which version 2 does not have)."""
-    from instar.formats.qcow2.resize import read_active_l1
-    from instar.formats.qcow2.snapshots import TableWalk, read_snapshot_table
+class ZeroExpansion:
+    """qemu's ``qcow2_expand_zero_clusters`` for an image without a backing
+    file: version 2 has no zero flag, so a zero cluster without a host
+    cluster becomes unallocated (it reads zeros all the same), and one with a
+    host cluster gets explicit zeros there and loses the flag. Every L2 table
+    of the image and of its snapshots is looked at, each once. Tables are
+    read again when written, so only their offsets are kept."""
 
-    walk = TableWalk(driver)
-    tables = [read_active_l1(driver)]
-    for snapshot in read_snapshot_table(driver)[0]:
-        tables.append(walk.read_l1(snapshot.l1_offset, snapshot.l1_size, "Snapshot L1 table"))
-    seen: set[int] = set()
-    for l1 in tables:
-        for offset in walk.l2_tables(l1):
-            if offset in seen:
-                continue
-            seen.add(offset)
-            for entry in walk.read_l2(offset):
-                if entry & L.OFLAG_ZERO and not entry & L.OFLAG_COMPRESSED:
-                    return True
-    return False
+    def __init__(self, driver: Qcow2Driver, has_backing: bool) -> None:
+        from instar.formats.qcow2.resize import read_active_l1
+        from instar.formats.qcow2.snapshots import TableWalk, read_snapshot_table
+
+        self.walk = walk = TableWalk(driver)
+        self.cluster = driver.header.cluster_size
+        self.size = driver.file.size
+        l1_tables = [read_active_l1(driver)]
+        for snapshot in read_snapshot_table(driver)[0]:
+            l1_tables.append(walk.read_l1(snapshot.l1_offset, snapshot.l1_size,
+                                          "Snapshot L1 table"))
+        self.tables: list[int] = []  # the L2 tables with zero clusters, in order
+        seen: set[int] = set()
+        for l1 in l1_tables:
+            for offset in walk.l2_tables(l1):
+                if offset in seen:
+                    continue
+                seen.add(offset)
+                found = list(self._zeros(offset))
+                if found and has_backing and any(not host for _, host in found):
+                    raise UnsupportedError("downgrading a qcow2 image with a backing file "
+                                           "and zero clusters (qemu allocates them) is not "
+                                           "supported yet")
+                if found:
+                    self.tables.append(offset)
+
+    def _zeros(self, offset: int) -> Iterator[tuple[int, int]]:
+        """(slot, host cluster or 0) of each zero cluster of the L2 table at ``offset``."""
+        table = self.walk.read_l2(offset)
+        for slot, entry in enumerate(table):
+            if entry & L.OFLAG_ZERO and not entry & L.OFLAG_COMPRESSED:
+                host = entry & L.L2E_OFFSET_MASK
+                if host and (host % self.cluster or host + self.cluster > self.size):
+                    raise FormatError(f"qcow2 zero cluster {host:#x} lies outside the image")
+                yield slot, host
+
+    def write(self, update: ImageUpdate) -> None:
+        """Zeros into the host clusters first, then the tables without the flag
+        (a crash between leaves zero clusters that read zeros either way)."""
+        from instar.formats.qcow2.snapshots import pack_entries
+
+        update.phase("data")
+        for offset in self.tables:
+            for _, host in self._zeros(offset):
+                if host:
+                    update.zeros(host, self.cluster)
+        update.phase("pointers")
+        for offset in self.tables:
+            table = self.walk.read_l2(offset)
+            for slot, host in self._zeros(offset):
+                table[slot] = (table[slot] & ~L.OFLAG_ZERO) if host else 0
+            update.write(offset, pack_entries(table))
 
 
 def _raw_extensions(driver: Qcow2Driver) -> Iterator[tuple[int, bytes]]:

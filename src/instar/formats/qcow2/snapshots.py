@@ -265,7 +265,7 @@ class TableWalk:
                     table[slot] = wanted
                     changed = True
             if changed:
-                yield offset, _pack(table)
+                yield offset, pack_entries(table)
 
     def copied_l1(self, l1: Sequence[int], refcounts: Refcounts) -> array[int]:
         """``l1`` with COPIED set exactly where its L2 table's refcount is 1."""
@@ -309,7 +309,8 @@ def _add(refcounts: Refcounts, first: int, count: int, delta: int) -> None:
         refcounts.set(cluster, value + delta)
 
 
-def _pack(entries: array[int]) -> bytes:
+def pack_entries(entries: array[int]) -> bytes:
+    """A table of 64-bit entries as the file holds them (big-endian)."""
     packed = array("Q", entries)
     if sys.byteorder == "little":
         packed.byteswap()
@@ -407,7 +408,7 @@ def create(driver: Qcow2Driver, update: ImageUpdate, name: bytes, date_sec: int,
     refcounts.write_blocks(update)
     refcounts.write_new_table(update)
     if l1:
-        update.write(l1_offset, _pack(l1))
+        update.write(l1_offset, pack_entries(l1))
     update.write(table_offset, table)
     # 2. pointers: what the active tables share is no longer theirs alone.
     update.phase("pointers")
@@ -416,7 +417,7 @@ def create(driver: Qcow2Driver, update: ImageUpdate, name: bytes, date_sec: int,
         update.write(offset, content)
     active = walk.copied_l1(l1, refcounts)
     if active != l1:
-        update.write(header.l1_table_offset, _pack(active))
+        update.write(header.l1_table_offset, pack_entries(active))
     # 3. header: the new table.
     update.phase("header")
     _write_table_fields(update, refcounts, len(snapshots) + 1, table_offset)
@@ -484,7 +485,7 @@ def delete(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
         update.write(offset, content)
     copied = walk.copied_l1(active, refcounts)
     if copied != active:
-        update.write(header.l1_table_offset, _pack(copied))
+        update.write(header.l1_table_offset, pack_entries(copied))
     update.flush()
     refcounts.write_blocks(update)
 
@@ -541,7 +542,7 @@ def goto(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
     refcounts.write_blocks(update)
     refcounts.write_new_table(update)
     if l1_size:
-        update.write(l1_offset, _pack(new_l1))
+        update.write(l1_offset, pack_entries(new_l1))
     for offset, content in walk.copied_tables(target, final):
         update.write(offset, content)
     update.phase("pointers")
