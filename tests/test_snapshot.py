@@ -352,6 +352,24 @@ def test_corrupt_images_are_not_opened_for_writing(tmp_path: Path) -> None:
     assert pair.ours.read_bytes() == before
 
 
+def test_persistent_bitmaps_are_left_as_they_are(tmp_path: Path) -> None:
+    pair = Pair(tmp_path, "img.qcow2")
+    qemu_img_ok("create", "-q", "-f", "qcow2", pair.name, "8M", cwd=pair.qemu_dir)
+    qemu_img_ok("bitmap", "--add", pair.name, "bm0", cwd=pair.qemu_dir)
+    qemu_io(pair.qemu, "write -P 1 0 128k", "qcow2")
+    pair.copy()
+    for step in (("-c", "s"), ("write -P 2 64k 64k",), ("-a", "s"), ("-a", "nope"),
+                 ("-c", "t"), ("-d", "s")):
+        if step[0].startswith("write"):
+            pair.io(step[0])
+        else:  # -a: qemu's "Device has active dirty bitmaps"
+            assert pair.both(*step).rc == (step[0] == "-a")
+        pair.assert_same()
+        infos = [json.loads(qemu_img_ok("info", "--output=json", str(image)))
+                 for image in (pair.qemu, pair.ours)]
+        assert infos[0]["format-specific"] == infos[1]["format-specific"]
+
+
 def test_snapshot_ids_follow_qemu(tmp_path: Path) -> None:
     """The next id is one more than the largest, as qemu's strtoul reads the ids."""
     pair = Pair(tmp_path, "img.qcow2")

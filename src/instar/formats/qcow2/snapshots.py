@@ -328,12 +328,16 @@ def _free(refcounts: Refcounts, offset: int, length: int) -> None:
         _add(refcounts, first, (offset + length - 1) // refcounts.cluster - first + 1, -1)
 
 
+def _has_bitmaps(driver: Qcow2Driver) -> bool:
+    return bool(driver.extensions.has_bitmaps
+                or driver.header.autoclear_features & L.AUTOCLEAR_BITMAPS)
+
+
 def _check_supported(driver: Qcow2Driver) -> None:
-    """instar's refusals, before anything is read or written."""
+    """instar's refusals, before anything is read or written. Persistent
+    bitmaps are left as they are (qemu's snapshot commands do not change
+    them either; the consistency check counts their clusters)."""
     header = driver.header
-    if driver.extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
-        raise UnsupportedError("changing the snapshots of a qcow2 image with persistent "
-                               "bitmaps is not supported yet")
     if header.incompatible_features & L.INCOMPAT_DIRTY:
         raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
                                "repair it before changing snapshots yet: run "
@@ -493,6 +497,10 @@ def delete(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
 def goto(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
     """qemu's ``qcow2_snapshot_goto``: the active image becomes the snapshot's
     (its L1 table, its disk size), the old active image's references dropped."""
+    from instar.formats.qcow2.info import bitmap_directory
+
+    if bitmap_directory(driver) is not None:  # qemu's block layer, before the driver
+        raise SnapshotError("Device has active dirty bitmaps", errno.EBUSY)
     if _has_data_file(driver):
         raise SnapshotError("Failed to load snapshot: Operation not supported", errno.ENOTSUP)
     snapshots, _ = read_snapshot_table(driver)
@@ -516,6 +524,9 @@ def goto(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
             raise refusal
         if snapshot.disk_size % L.SECTOR or not 0 < snapshot.disk_size <= 1 << 62:
             raise FormatError("qcow2 snapshot has an invalid disk size")
+        if _has_bitmaps(driver):  # bitmaps qemu does not load (autoclear bit clear)
+            raise UnsupportedError("applying a snapshot of another size to a qcow2 image "
+                                   "with persistent bitmaps is not supported yet")
         size = snapshot.disk_size
     _check_supported(driver)
     _separate(header, snapshot)
