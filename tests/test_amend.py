@@ -14,7 +14,16 @@ from typing import Any
 import pytest
 
 import hostile_corpus as corpus
-from helpers import Result, qemu_img_ok, qemu_io, qemu_read_raw, run_instar, run_qemu_img
+from helpers import (
+    Result,
+    qemu_img_ok,
+    qemu_io,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+    sample_image_names,
+    unpack_sample_image,
+)
 from test_hostile import SANDBOX_WARNING
 from test_hostile import run_instar as run_confined
 from test_snapshot import _PROBE_WARNING, _files
@@ -303,3 +312,13 @@ def test_crash_at_every_write(option: str, tmp_path: Path,
             break
     else:
         raise AssertionError("never finished")
+
+
+@pytest.mark.parametrize("name", sample_image_names())
+def test_qemu_sample_images(name: str, tmp_path: Path) -> None:
+    """qemu's own sample images: refused (or amended) as qemu does, in its words."""
+    pair = Pair(tmp_path, "img")
+    shutil.copyfile(unpack_sample_image(name, tmp_path), pair.qemu_dir / "img")
+    shutil.copyfile(pair.qemu_dir / "img", pair.our_dir / "img")
+    for args in (["-o", "size=1M"], ["-o", "help"], ["-o", "compat=1.1"]):
+        pair.both(*args, "img")

@@ -11,12 +11,13 @@ Every write goes through `instar.mutate.ImageUpdate`.
 from __future__ import annotations
 
 from instar.errors import ImageOpenError, OptionError
-from instar.events import EventSink, Notice
+from instar.events import EventSink
 from instar.formats.options import CreateOptions, ParsedOptions, parse_options
 from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
+from instar.writable import opened_for_writing
 
 
 def amend(path: str, options: list[tuple[str, str]], *, fmt: str | None = None,
@@ -59,7 +60,6 @@ def _parse(given: list[tuple[str, str]]) -> ParsedOptions:
 
 def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[str, str]],
                fmt_name: str | None, help_only: bool) -> str:
-    from instar.resize import _raw_probe_warning
 
     if not path:
         raise ImageOpenError(path, "The 'file' block driver requires a file name")
@@ -71,8 +71,8 @@ def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[s
     try:
         fmt = opener.choose_format(file, path, fmt_name)
         node = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
-        if fmt_name is None and fmt.name == "raw":
-            send(Notice(_raw_probe_warning(path)))
+        for notice in opened_for_writing(node, path, probed=fmt_name is None):
+            send(notice)
         if help_only:
             return fmt.name
         if fmt.name != "qcow2":

@@ -18,11 +18,12 @@ import os
 from typing import NamedTuple
 
 from instar.errors import FormatError, ImageOpenError, SnapshotError
-from instar.events import EventSink, Notice
+from instar.events import EventSink
 from instar.formats.base import SnapshotDetails
 from instar.opener import Broker, ImageOpener, open_error
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
+from instar.writable import opened_for_writing
 
 
 class Listing(NamedTuple):
@@ -89,7 +90,6 @@ def _change_job(broker: Broker, send: EventSink, path: str, action: str, name: s
                 now_ns: int) -> None:
     """The change itself, reaching files only through ``broker`` (it may run in a worker)."""
     from instar.mutate import ImageUpdate
-    from instar.resize import _raw_probe_warning
 
     if not path:
         raise ImageOpenError(path, "The 'file' block driver requires a file name")
@@ -102,10 +102,11 @@ def _change_job(broker: Broker, send: EventSink, path: str, action: str, name: s
     try:
         fmt = opener.choose_format(file, path, None)
         node = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
-        if fmt.name == "raw":
-            send(Notice(_raw_probe_warning(path)))
-            if action == "-a":  # qemu's goto falls back to the file, opened again
-                send(Notice(_raw_probe_warning(path)))
+        notices = opened_for_writing(node, path, probed=True)
+        if action == "-a" and fmt.name != "qcow2":  # qemu's goto falls back to the
+            notices += notices  # file: the image is opened again, warnings and all
+        for notice in notices:
+            send(notice)
         if fmt.name != "qcow2":
             raise SnapshotError(prefix + NO_SNAPSHOTS[action])
         from instar.formats.qcow2 import layout as L
