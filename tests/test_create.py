@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Result, qemu_img_ok, run_instar, run_qemu_img
+from helpers import Result, qemu_img_ok, qemu_io, run_instar, run_qemu_img
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
 
@@ -168,6 +168,14 @@ ERRORS = [
     ("qcow2", ("-o", "cluster_size=3k"), "1M"),
     ("qcow2", ("-o", "cluster_size=x"), "1M"),
     ("qcow2", ("-o", "preallocation=foo"), "1M"),
+    ("qcow2", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=metadata")),
+    ("qcow2", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=falloc,extended_l2=on")),
+    ("qcow2", ("-u", "-b", "b.raw", "-F", "raw", "-o", "preallocation=full,extended_l2=on"),
+     "2M"),
+    ("qed", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=metadata")),
+    ("qcow", ("-b", "b.raw", "-F", "raw", "-o", "preallocation=full")),
+    ("vmdk", ("-o", "preallocation=bad,subformat=bad"), "1M"),
+    ("vmdk", ("-o", "preallocation=metadata,adapter_type=lsilogic"), "1M"),
     ("raw", ("-o", "preallocation=foo"), "1M"),
     ("vpc", ("-o", "preallocation=foo"), "1M"),
     ("qcow2", ("-o", "size=1M"), "1M"),
@@ -215,18 +223,95 @@ def test_errors_are_qemus(tmp_path: Path, case: tuple[Any, ...],
         _same_image(tmp_path / "q.img", tmp_path / "i.img", fmt)
 
 
-@pytest.mark.parametrize(("fmt", "mode"), [("qcow2", "metadata"), ("qcow2", "falloc"),
-                                           ("qcow2", "full"), ("raw", "falloc"), ("raw", "full")])
-def test_preallocation_is_refused_after_the_formatting_line(tmp_path: Path, fmt: str,
-                                                             mode: str) -> None:
-    """qemu preallocates; no writer of instar does yet: the same line, then a refusal."""
-    args = ("create", "-f", fmt, "-o", f"preallocation={mode}")
-    qemu = run_qemu_img(*args, "q.img", "1M", cwd=tmp_path)
-    ours = run_instar(*args, "i.img", "1M", cwd=tmp_path)
-    assert qemu.rc == 0 and ours.rc == 1
-    assert ours.stdout.replace("i.img", "q.img") == qemu.stdout
-    assert ours.stderr == f"instar: i.img: preallocation={mode} is not supported yet\n"
-    assert not (tmp_path / "i.img").exists()
+# --- preallocation ---------------------------------------------------------------------------
+
+PREALLOCATION_MODES = ("metadata", "falloc", "full", "bad")
+
+
+def _map(path: Path) -> list[dict[str, Any]]:
+    """qemu-img map's runs without host offsets (instar's layout puts the
+    data elsewhere in the file, docs/cli.md), each run's kind and extent kept."""
+    runs = json.loads(qemu_img_ok("map", "--output=json", str(path)))
+    return [{key: value for key, value in run.items() if key != "offset"} for run in runs]
+
+
+def _allocated(path: Path) -> int:
+    return os.stat(path).st_blocks * 512
+
+
+@pytest.mark.parametrize("mode", PREALLOCATION_MODES)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_preallocation_is_qemus(tmp_path: Path, fmt: str, mode: str) -> None:
+    """Every format and mode: the same Formatting line, refusal or image (info,
+    check, compare); raw and qcow2 also the same map runs and file length, and
+    the same order of magnitude of allocated space."""
+    qemu, _ = _compare_create(tmp_path, fmt, "-o", f"preallocation={mode}", size="64M")
+    if qemu.rc:
+        assert not (tmp_path / f"i.{fmt}").exists()
+        return
+    q, i = tmp_path / f"q.{fmt}", tmp_path / f"i.{fmt}"
+    if fmt in ("qcow2", "raw", "file"):
+        assert i.stat().st_size == q.stat().st_size
+        assert _allocated(q) // 2 <= _allocated(i) <= _allocated(q) * 2 + (1 << 20)
+        if not (fmt != "qcow2" and mode == "falloc"):  # raw's first block: below
+            assert _map(i) == _map(q)
+
+
+def test_raw_falloc_reserves_the_file(tmp_path: Path) -> None:
+    """qemu writes the first 4 KiB of a new raw file (its alignment probe), so
+    its map starts with 4 KiB of data; instar writes nothing (docs/cli.md):
+    both files are fully reserved and read as zeros."""
+    _compare_create(tmp_path, "raw", "-o", "preallocation=falloc", size="64M")
+    for name in ("q.raw", "i.raw"):
+        assert _allocated(tmp_path / name) >= 64 << 20
+
+
+@pytest.mark.parametrize("options", ["extended_l2=on", "cluster_size=4k",
+                                     "refcount_bits=1,compat=1.1", "compat=0.10"])
+@pytest.mark.parametrize("mode", ["metadata", "falloc"])
+def test_qcow2_preallocation_with_options(tmp_path: Path, options: str, mode: str) -> None:
+    _compare_create(tmp_path, "qcow2", "-o", f"{options},preallocation={mode}", size="9M")
+    assert _map(tmp_path / "i.qcow2") == _map(tmp_path / "q.qcow2")
+
+
+@pytest.mark.parametrize("mode", ["metadata", "falloc"])
+def test_qcow2_preallocation_over_several_tables(tmp_path: Path, mode: str) -> None:
+    """Over one L2 table's range (512 MiB): metadata puts each table before the
+    data it maps (a run per table), falloc all tables first (one run), as qemu."""
+    _compare_create(tmp_path, "qcow2", "-o", f"preallocation={mode}", size="1G")
+    assert _map(tmp_path / "i.qcow2") == _map(tmp_path / "q.qcow2")
+    assert len(_map(tmp_path / "i.qcow2")) == (2 if mode == "metadata" else 1)
+    assert (tmp_path / "i.qcow2").stat().st_size == (tmp_path / "q.qcow2").stat().st_size
+
+
+@pytest.mark.parametrize(("fmt", "options"), [
+    ("raw", "preallocation=falloc"), ("raw", "preallocation=full"),
+    ("qcow2", "preallocation=metadata"), ("qcow2", "preallocation=falloc"),
+    ("qcow2", "preallocation=full"), ("qcow2", "preallocation=bad"),
+    ("vmdk", "preallocation=full"), ("vmdk", "preallocation=metadata"),
+    ("vpc", "preallocation=bad"), ("qcow2", "preallocation=metadata,extended_l2=on"),
+])
+@pytest.mark.parametrize("compress", [(), ("-c",)])
+def test_convert_preallocation_is_qemus(tmp_path: Path, fmt: str, options: str,
+                                        compress: tuple[str, ...]) -> None:
+    """convert -o preallocation: the same output or refusal (with -c, qemu's
+    "Compression and preallocation" first), the same guest data, and for qcow2
+    the same map runs (data written, the rest preallocated)."""
+    source = tmp_path / "src.raw"
+    qemu_img_ok("create", "-q", "-f", "raw", str(source), "9M")
+    qemu_io(source, "write -P 0xab 64k 1M", "raw")
+    qemu_io(source, "write -P 0xcd 5M 4k", "raw")
+    args = ("convert", *compress, "-O", fmt, "-o", options, "src.raw")
+    qemu = run_qemu_img(*args, f"q.{fmt}", cwd=tmp_path)
+    ours = run_instar(*args, f"i.{fmt}", cwd=tmp_path)
+    _same_output(qemu, ours, f"q.{fmt}", f"i.{fmt}")
+    if qemu.rc:
+        return
+    compared = run_qemu_img("compare", str(tmp_path / f"q.{fmt}"), str(tmp_path / f"i.{fmt}"))
+    assert compared.rc == 0, compared.stdout
+    if fmt == "qcow2":
+        assert _map(tmp_path / "i.qcow2") == _map(tmp_path / "q.qcow2")
+        assert run_qemu_img("check", str(tmp_path / "i.qcow2")).rc == 0
 
 
 def test_missing_file_name_is_qemus(tmp_path: Path) -> None:
@@ -282,15 +367,93 @@ def test_backing_outside_allowed_directories_is_refused(tmp_path: Path,
     assert allowed.rc == 0, allowed.stderr
 
 
-@pytest.mark.parametrize("fmt", ["qed", "qcow", "vmdk"])
-def test_backing_not_written_yet_is_refused(tmp_path: Path, fmt: str) -> None:
-    """qemu writes these; instar's writers cannot record a backing file yet."""
-    ours = run_instar("create", "-f", fmt, "-u", "-b", "b.raw", "-F", "raw", "x", "1M",
+BACKINGS = [("qed", "raw"), ("qed", "qcow2"), ("qcow", "raw"), ("qcow", "qcow2"),
+            ("vmdk", "vmdk"), ("qcow2", "qcow2")]
+
+
+@pytest.mark.parametrize("size", [None, "3M", "9M"])
+@pytest.mark.parametrize(("fmt", "backing_fmt"), BACKINGS)
+def test_backing_file_reads_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    fmt: str, backing_fmt: str, size: str | None) -> None:
+    """-b/-F for every format qemu gives a backing file: the same output and
+    image (info, check, compare), and the overlay reads its backing file's
+    data as qemu's overlay does (data written into the backing file first)."""
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))
+    base = tmp_path / f"base.{backing_fmt}"
+    qemu_img_ok("create", "-q", "-f", backing_fmt, str(base), "5M")
+    qemu_io(base, "write -P 0x5a 0 64k", backing_fmt)
+    qemu_io(base, "write -P 0xa5 4M 1M", backing_fmt)
+    _compare_create(tmp_path, fmt, "-b", base.name, "-F", backing_fmt, size=size)
+    q, i = tmp_path / f"q.{fmt}", tmp_path / f"i.{fmt}"
+    info = json.loads(qemu_img_ok("info", "--output=json", str(i)))
+    assert info["backing-filename"] == base.name
+    assert info["virtual-size"] == (5 << 20 if size is None else int(size[:-1]) << 20)
+    mapped = json.loads(qemu_img_ok("map", "--output=json", str(i)))
+    assert any(run["depth"] == 1 and run["data"] for run in mapped)
+    compared = run_qemu_img("compare", str(q), str(i))
+    assert compared.rc == 0, compared.stdout
+    if size is None:  # the overlay reads as its backing file
+        assert run_qemu_img("compare", str(base), str(i)).rc == 0
+
+
+@pytest.mark.parametrize(("fmt", "name", "message"), [
+    ("qed", "b" * 65500, "a backing file name that does not fit in the QED header cluster "
+     "is not supported"),
+    ("qcow", "b" * 1024, "a qcow backing file name over 1023 bytes is not supported"),
+    ("vmdk", 'a"b.vmdk', "a vmdk backing file name with a quote, a line break or a NUL is "
+     "not supported"),
+])
+def test_backing_names_qemu_cannot_reopen_are_refused(tmp_path: Path, fmt: str, name: str,
+                                                      message: str) -> None:
+    """Names qemu writes into an image it then cannot open (or whose
+    descriptor they break): one line after the Formatting line, no file."""
+    ours = run_instar("create", "-f", fmt, "-u", "-b", name, "-F", fmt, "x", "1M",
                       cwd=tmp_path)
-    assert (ours.rc, ours.stdout) == (1, "")
-    assert ours.stderr == (f"instar: x: creating a {fmt} image with a backing file is "
-                           "not supported yet\n")
+    assert ours.rc == 1 and ours.stdout.startswith("Formatting 'x'")
+    assert ours.stderr == f"instar: x: {message}\n"
     assert not (tmp_path / "x").exists()
+
+
+def test_backing_file_with_u_is_qemus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """-u: qed and qcow do not open the backing file (no --allow needed);
+    qemu's vmdk driver opens it anyway for its CID (a missing one fails after
+    the Formatting line), so instar's needs the directory allowed."""
+    monkeypatch.delenv("INSTAR_ALLOW", raising=False)
+    qemu_img_ok("create", "-q", "-f", "raw", str(tmp_path / "b.raw"), "3M")
+    for fmt in ("qed", "qcow"):
+        _compare_create(tmp_path, fmt, "-u", "-b", "b.raw", "-F", "raw", size="2M")
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))
+    _compare_create(tmp_path, "vmdk", "-u", "-b", "none.vmdk", "-F", "vmdk", size="2M")
+
+
+VMDK_BACKING_ERRORS = [
+    (("-b", "b.raw", "-F", "raw"), None), (("-u", "-b", "b.raw", "-F", "vmdk"), "5M"),
+    (("-b", "b.raw", "-F", "vmdk"), None), (("-b", "b.vmdk"), None),
+    (("-o", "adapter_type=bad", "-b", "b.raw", "-F", "raw"), None),
+    (("-u", "-b", "b.vmdk", "-F", "vmdk"), "5M"),
+    (("-o", "subformat=streamOptimized", "-b", "b.vmdk", "-F", "vmdk"), None),
+    (("-o", "zeroed_grain=on", "-b", "b.vmdk", "-F", "vmdk"), "9M"),
+]
+
+
+@pytest.mark.parametrize(("args", "size"), VMDK_BACKING_ERRORS,
+                         ids=[" ".join(args) for args, _ in VMDK_BACKING_ERRORS])
+def test_vmdk_backing_is_qemus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                               args: tuple[str, ...], size: str | None) -> None:
+    """A vmdk names only a vmdk parent, with its CID as parentCID and the name
+    as given as parentFileNameHint (the descriptors equal but for the CID)."""
+    monkeypatch.setenv("INSTAR_ALLOW", str(tmp_path))
+    qemu_img_ok("create", "-q", "-f", "raw", str(tmp_path / "b.raw"), "5M")
+    qemu_img_ok("create", "-q", "-f", "vmdk", str(tmp_path / "b.vmdk"), "5M")
+    qemu, _ = _compare_create(tmp_path, "vmdk", *args, size=size)
+    if qemu.rc == 0 and "subformat=streamOptimized" not in args:
+        def descriptor(path: Path) -> list[str]:
+            text = path.read_bytes()[0x200:0x200 + 0x2800].split(b"\0")[0].decode()
+            return [line for line in text.splitlines() if not line.startswith("CID=")]
+        ours, theirs = descriptor(tmp_path / "i.vmdk"), descriptor(tmp_path / "q.vmdk")
+        assert [line.replace("i.vmdk", "F") for line in ours] == [
+            line.replace("q.vmdk", "F") for line in theirs]
+        assert any(line.startswith("parentFileNameHint=") for line in ours)
 
 
 # --- -o help -----------------------------------------------------------------------------------

@@ -306,9 +306,13 @@ def test_compression_refused_after_option_errors_like_qemu(source: Path, tmp_pat
 
 # --- -o help is the schema ---------------------------------------------------------------------
 
-def _qemu_option_types(fmt: str) -> dict[str, str]:
-    """name -> type of every option ``qemu-img convert -O fmt -o help`` lists."""
-    lines = run_qemu_img("convert", "-O", fmt, "-o", "help").stdout.splitlines()[1:]
+def _qemu_option_types(fmt: str, protocol: bool = False) -> dict[str, str]:
+    """name -> type of every option ``qemu-img convert -O fmt -o help`` lists;
+    with ``protocol``, as ``create -o help`` lists them for a file name (the
+    file protocol's options too)."""
+    args = ("create", "-f", fmt, "-o", "help", "x.img") if protocol else (
+        "convert", "-O", fmt, "-o", "help")
+    lines = run_qemu_img(*args).stdout.splitlines()[1:]
     found = (re.match(r"  (\S+)=<([^>]+)>", line) for line in lines)
     return {match.group(1): match.group(2) for match in found if match}
 
@@ -321,7 +325,7 @@ def test_help_lists_exactly_the_schema(fmt: str) -> None:
     lines = result.stdout.splitlines()
     assert lines[0] == f"Supported {fmt} options:"
     names = [line.split("=")[0].strip() for line in lines[1:]]
-    assert names == sorted(o.name for o in schema.options if o.supported)
+    assert names == sorted(o.name for o in schema.options if o.supported and not o.protocol)
     assert lines[1:] == [option.help_line() for option in schema.listed()]
 
 
@@ -330,9 +334,11 @@ def test_help_lists_exactly_the_schema(fmt: str) -> None:
 def test_schema_names_and_types_are_qemus(fmt: str) -> None:
     """Every option in a schema (refused ones too) is a qemu-img option of the same type."""
     qemu = _qemu_option_types(fmt)
+    with_protocol = _qemu_option_types(fmt, protocol=True)
     for option in _format(fmt).create_options.options:
         kind = "bool (on/off)" if option.type == "bool" else option.type
-        assert qemu.get(option.name) == kind, option.name
+        assert (with_protocol if option.protocol else qemu).get(option.name) == kind, option.name
+        assert option.protocol == (option.name not in qemu), option.name
 
 
 # --- the schema machinery ----------------------------------------------------------------------
@@ -358,7 +364,7 @@ def test_values_are_typed() -> None:
     with pytest.raises(KeyError):
         parsed.flag("cluster_size")  # a size, not a bool
     with pytest.raises(KeyError):
-        parsed.text("preallocation")  # refused: never a value
+        parsed.text("data_file")  # refused: never a value
     with pytest.raises(KeyError):
         parsed.text("nonsense")
 

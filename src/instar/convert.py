@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 
 from instar.copy import ZERO_GRANULARITY
-from instar.errors import CommitError, CreationError, OutputError, UnsupportedError
+from instar.errors import CommitError, CreationError, OptionError, OutputError, UnsupportedError
 from instar.events import EventSink
 from instar.formats import registry
 from instar.formats.base import Format
@@ -20,6 +20,7 @@ from instar.formats.options import (
     as_create_options,
     parse_options,
 )
+from instar.formats.preallocation import given_mode
 from instar.image import Concatenation, Image, Window
 from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image, write_in_place
@@ -94,6 +95,8 @@ def _convert_job(broker: Broker, events: EventSink, input_paths: list[str], outp
         broker.check_output(output_path)
         try:
             parsed = parse_options(fmt.create_options, options)
+            if parsed.compress and given_mode(parsed) not in (None, "off"):
+                raise OptionError("Compression and preallocation not supported at the same time")
             declared = fmt.declared_size(source.virtual_size, parsed)
             if no_create and fmt.name == "raw":
                 out = broker.open_output_in_place(output_path)

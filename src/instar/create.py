@@ -16,6 +16,7 @@ unless ``-u``, then the "Formatting" line, then the driver.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
+from typing import NamedTuple
 
 from instar.errors import CreationError, InstarError, OptionError, UnsupportedError
 from instar.events import EventSink, Line
@@ -84,10 +85,7 @@ QEMU_OPTIONS: Mapping[str, tuple[QemuOption, ...]] = {
     ),
 }
 # Options create itself reads (not the writer): qemu's generic ones.
-_CREATE_LEVEL = ("size", "backing_file", "backing_fmt", "preallocation")
-# The preallocation modes qemu takes: qcow2's own option, else the file protocol's.
-_PREALLOCATION = {"qcow2": ("off", "metadata", "falloc", "full")}
-_FILE_PREALLOCATION = ("off", "falloc", "full")
+_CREATE_LEVEL = ("size", "backing_file", "backing_fmt")
 
 
 class EmptyImage:
@@ -109,7 +107,7 @@ class EmptyImage:
 
 def create_schema(fmt: Format) -> tuple[Option, ...]:
     """The options qemu knows for ``fmt`` that its writer's schema lacks, as
-    refused options (create reads size, backing and preallocation itself)."""
+    refused options (create reads size and backing itself)."""
     return tuple(refused(name, kind) for name, kind, _ in QEMU_OPTIONS[fmt.name])
 
 
@@ -242,29 +240,60 @@ def create(
     run_job(job, policy, sandbox, events, inputs=[], outputs=[path])
 
 
-def _open_backing(broker: Broker, request: CreateRequest) -> tuple[str, int]:
-    """The backing file's format and virtual size, opened as qemu-img create
-    opens it: relative to the new image, as ``-F`` says (probed without)."""
+class BackingFacts(NamedTuple):
+    """What create learns from opening the backing file."""
+
+    format: str
+    virtual_size: int
+    cid: int | None  # a vmdk's content id (its descriptor's CID), else None
+
+
+def _open_backing(broker: Broker, request: CreateRequest, fmt_name: str | None = None,
+                  with_backing: bool = True, hint: str | None = "Could not open backing image."
+                  ) -> BackingFacts:
+    """The backing file opened as qemu-img create opens it: relative to the
+    new image, through the opener and the policy, as ``fmt_name`` says
+    (probed without); its format, virtual size and (vmdk) CID. A failure is
+    worded as qemu's, with ``hint`` after it."""
     assert request.backing is not None
     opener = ImageOpener(broker=broker)
     try:
-        node = opener.open_named_node(request.backing.name, request.path,
-                                      request.backing.format or None, with_backing=True)
-        return node.format.name, node.image.virtual_size
+        node = opener.open_named_node(request.backing.name, request.path, fmt_name,
+                                      with_backing=with_backing)
+        cid = getattr(node.image.driver, "cid", None) if node.format.name == "vmdk" else None
+        return BackingFacts(node.format.name, node.image.virtual_size, cid)
     except InstarError as error:
         reason = getattr(error, "reason", None)
         failure = CreationError(f"{request.path}: {reason or error}")
-        failure.hint = "Could not open backing image."
+        failure.hint = hint
         raise failure from None
     finally:
         opener.close()
+
+
+def _vmdk_parent(broker: Broker, request: CreateRequest) -> BackingReference:
+    """qemu's vmdk driver names only a vmdk parent, and opens it itself (also
+    with ``-u``: probed, without its own backing) for the CID the new
+    descriptor's parentCID records."""
+    backing = request.backing
+    assert backing is not None
+    if backing.format != "vmdk":
+        raise CreationError(f"{request.path}: backing_file must be a vmdk image")
+    if any(char in backing.name for char in '"\n\r\0'):  # it would break the descriptor
+        raise UnsupportedError(f"{request.path}: a vmdk backing file name with a quote, a "
+                               "line break or a NUL is not supported")
+    facts = _open_backing(broker, request, None, with_backing=False, hint=None)
+    if facts.format != "vmdk":
+        raise CreationError(
+            f"{request.path}: Invalid backing file format: {facts.format}. Must be vmdk")
+    return backing._replace(cid=facts.cid)
 
 
 def _create_job(broker: Broker, send: EventSink, request: CreateRequest, quiet: bool) -> None:
     """create itself, reaching files only through ``broker`` (it may run in a worker)."""
     path, backing, size = request.path, request.backing, request.size
     if backing is not None and request.open_backing:
-        detected, backing_size = _open_backing(broker, request)
+        detected, backing_size, _ = _open_backing(broker, request, backing.format or None)
         if not backing.format:
             failure = CreationError(f"{path}: Backing file specified without backing format")
             failure.hint = f"Detected format of {detected}."
@@ -278,7 +307,8 @@ def _create_job(broker: Broker, send: EventSink, request: CreateRequest, quiet: 
     fmt, parsed = request.fmt, request.parsed
     if not quiet:
         send(Line(formatting_line(path, fmt.name, parsed, size, backing)))
-    _check_preallocation(path, fmt.name, parsed)
+    if backing is not None and fmt.name == "vmdk":
+        backing = _vmdk_parent(broker, request)
     try:
         parsed = parsed._replace(backing=backing)
         declared = fmt.declared_size(size, parsed)
@@ -287,18 +317,3 @@ def _create_job(broker: Broker, send: EventSink, request: CreateRequest, quiet: 
     except CreationError as error:
         raise _failed(path, error) from None
 
-
-def _check_preallocation(path: str, fmt_name: str, parsed: ParsedOptions) -> None:
-    """``preallocation``: qemu's messages for a mode it does not know; instar
-    writes no preallocated image yet, so only ``off`` (the default) is taken."""
-    if "preallocation" not in parsed.given:
-        return
-    mode = parsed.texts["preallocation"]
-    modes = _PREALLOCATION.get(fmt_name, _FILE_PREALLOCATION)
-    if mode not in modes:
-        if fmt_name in _PREALLOCATION:
-            raise CreationError(
-                f"{path}: Parameter 'preallocation' does not accept value '{mode}'")
-        raise CreationError(f"{path}: invalid parameter value: {mode}")
-    if mode != "off":
-        raise CreationError(f"{path}: preallocation={mode} is not supported yet")

@@ -125,6 +125,10 @@ class StoppedUpdate(ResizeError):
     (the tests' crash hook)."""
 
 
+class RebaseError(InstarError):
+    """rebase refused or failed, in qemu-img's words."""
+
+
 class OptionError(UsageError):
     """A creation option the format does not take, or -c where it cannot compress.
 

@@ -101,3 +101,33 @@ class ImageUpdate:
     def finish(self) -> None:
         """The last flush: the update is complete on disk."""
         self.flush()
+
+
+class SequentialWrites:
+    """Writes that continue each other (clusters appended one after another)
+    gathered into fewer, larger writes of ``update``: at most ``limit`` bytes
+    wait; `flush` writes what waits (before the next phase, or a failure's
+    clean-up)."""
+
+    def __init__(self, update: ImageUpdate, limit: int = 2 << 20) -> None:
+        self.update = update
+        self.limit = limit
+        self._start = 0
+        self._pieces: list[bytes] = []
+        self._size = 0
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self._pieces and offset != self._start + self._size:
+            self.flush()
+        if not self._pieces:
+            self._start = offset
+        self._pieces.append(data)
+        self._size += len(data)
+        if self._size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._pieces:
+            data = b"".join(self._pieces)
+            self._pieces, self._size = [], 0
+            self.update.write(self._start, data)

@@ -50,6 +50,7 @@ COMMANDS = {
     "resize": "instar.cli.resize",
     "snapshot": "instar.cli.snapshot",
     "amend": "instar.cli.amend",
+    "rebase": "instar.cli.rebase",
 }
 # qemu-img 7.2's commands: one instar lacks is refused as such, not as a typo.
 QEMU_COMMANDS = ("amend", "bench", "bitmap", "check", "commit", "compare", "convert", "create",
@@ -81,6 +82,8 @@ filename [size]
 [--allow dir] filename
   measure [--output=ofmt] [-O output_fmt] [-o options] \
 [--size N | [-f fmt] [-U] [--allow dir] filename]
+  rebase [-U] [-q] [-f fmt] [-t cache] [-T src_cache] [-p] [-u] -b backing_file \
+[-F backing_fmt] [--allow dir] filename
   resize [-f fmt] [-q] [--shrink] [--preallocation=mode] [--allow dir] \
 filename [+|-]size
   snapshot [-U] [-q] [-l | -a snapshot | -c snapshot | -d snapshot] [--allow dir] filename

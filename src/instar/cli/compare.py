@@ -61,7 +61,10 @@ class QemuProgress:
 
     def update(self, done: int, base: int) -> None:
         """qemu_progress_print(((float) done / base) * 100, 100)."""
-        delta = 0.0 if done == 0 else _f32(_f32(_f32(float(done)) / _f32(float(base))) * 100)
+        self.add(0.0 if done == 0 else _f32(_f32(_f32(float(done)) / _f32(float(base))) * 100))
+
+    def add(self, delta: float) -> None:
+        """qemu_progress_print(delta, 100): ``delta`` percent more (a C float)."""
         current = _f32(self.current + _f32(_f32(delta / 100) * 100))
         current = min(current, 100.0)
         self.current = current

@@ -28,9 +28,10 @@ Create a new image that holds no data, as qemu-img create does.
   -f fmt             format of the new image: raw (default), file, qcow2, vmdk, vpc, vhdx,
                      vdi, parallels, qed or qcow
   -o options         creation options (key=value,...); '-o help' lists the format's
-  -b backing_file    the image's backing file (qcow2), named relative to the new image
+  -b backing_file    the backing file (qcow2, qed, qcow, vmdk), relative to the new image
   -F backing_fmt     the backing file's format (required with -b)
-  -u                 do not open the backing file (a size must then be given)
+  -u                 do not open the backing file (a size must then be given; a vmdk's
+                     is still opened for its CID, as qemu's vmdk driver does)
   -q                 quiet: no "Formatting" line
   --allow dir        the backing file may come from dir (not in qemu-img)
   -h, --help         show this help
@@ -57,7 +58,8 @@ def _print_option_help(format_name: str, filename: str | None) -> int:
     from instar.formats.options import Option
 
     fmt = output_format(format_name)
-    listed = [*fmt.create_options.listed(), Option("size", "size", 0, "Virtual disk size")]
+    listed = [*fmt.create_options.listed(protocol=filename is not None),
+              Option("size", "size", 0, "Virtual disk size")]
     if fmt.create_options.backing:
         listed += [Option("backing_file", "str", "", "File name of a base image"),
                    Option("backing_fmt", "str", "", "Image format of the base image")]

@@ -264,6 +264,9 @@ class FormatBase:
     checker: str | None = None  # (driver) -> CheckResult; None: qemu has no check for it
     # (options, size, source) -> Measurement; None: qemu's "does not support size measurement"
     measurer: str | None = None
+    # The writer checks (and does) ``preallocation`` itself, in its driver's
+    # order; otherwise `create` checks the file protocol's mode first.
+    checks_preallocation = False
 
     def probe(self, header: bytes, filename: str) -> int:
         raise NotImplementedError
@@ -276,6 +279,13 @@ class FormatBase:
         return -(-length // SECTOR) * SECTOR
 
     def create(self, out: OutputFile, virtual_size: int, options: ParsedOptions) -> Writer:
+        if not self.checks_preallocation:
+            # qemu's driver first creates the file through the file protocol,
+            # which refuses a mode it does not know; the driver then rewrites
+            # the file, so a mode it takes leaves the image as ``off`` would.
+            from instar.formats.preallocation import file_mode
+
+            file_mode(options)
         writer: Writer = _entry(self.writer)(out, virtual_size, options)
         return writer
 

@@ -48,7 +48,10 @@ class ClusterTables:
     ``allocate(length)`` returns where ``length`` new bytes go (whole
     clusters). Data entries get ``entry_flags`` (qcow2's COPIED) and, with
     ``stride`` 2 (qcow2's extended L2 entries), ``bitmap`` after them; L1
-    entries get ``table_flags``.
+    entries get ``table_flags``. ``table_at`` places every L2 table in advance,
+    table ``i`` at ``table_at(i)`` (a preallocated qcow2, whose tables all
+    exist): then nothing is allocated for tables and the L1 table is
+    computed, not kept.
     """
 
     def __init__(
@@ -65,6 +68,7 @@ class ClusterTables:
         table_flags: int = 0,
         stride: int = 1,
         bitmap: int = 0,
+        table_at: Callable[[int], int] | None = None,
     ) -> None:
         self.l1_entries = l1_entries
         # Only the entries set: an image's L1 table is mostly zeros (32 MiB
@@ -80,6 +84,7 @@ class ClusterTables:
         self._table_flags = table_flags
         self._stride = stride
         self._bitmap = bitmap
+        self._table_at = table_at
         self._empty = bytes(8 * l2_entries * stride)
         self._index = -1  # the L1 index of the L2 table being filled
         self._table = array("Q")
@@ -95,24 +100,51 @@ class ClusterTables:
 
     def set(self, index: int, entry: int, bitmap: int = 0) -> None:
         """Record guest cluster ``index`` in its L2 table, writing out the previous table."""
+        slot = self._slot(index) * self._stride
+        self._table[slot] = entry
+        if self._stride == 2:
+            self._table[slot + 1] = bitmap
+
+    def map_run(self, first: int, host: int, count: int) -> None:
+        """Point ``count`` guest clusters from ``first`` at the host clusters
+        from ``host`` on, without writing them (preallocation: the space is
+        the caller's to fill). Extended entries get an empty bitmap, as
+        qemu's preallocation leaves them: every subcluster unallocated."""
+        step = 1 << self._bits
+        while count:
+            slot = self._slot(first)
+            n = min(count, self._entries - slot)
+            start = host | self._entry_flags
+            entries = array("Q", range(start, start + n * step, step))
+            stride = self._stride
+            self._table[slot * stride : (slot + n) * stride : stride] = entries
+            first, host, count = first + n, host + n * step, count - n
+
+    def add_bitmap(self, index: int, bits: int) -> None:
+        """Set ``bits`` in guest cluster ``index``'s extended L2 bitmap."""
+        self._table[self._slot(index) * 2 + 1] |= bits
+
+    def _slot(self, index: int) -> int:
+        """Guest cluster ``index``'s place in the table being filled, which
+        becomes its L2 table (the previous one written out)."""
         l1_index = index // self._entries
         if l1_index != self._index:
             self.flush()
             self._index = l1_index
             self._table = array("Q", self._empty)
-        slot = (index - l1_index * self._entries) * self._stride
-        self._table[slot] = entry
-        if self._stride == 2:
-            self._table[slot + 1] = bitmap
+        return index - l1_index * self._entries
 
     def flush(self) -> None:
         """Write the L2 table being filled, if any, and point the L1 table at it."""
         if self._index < 0:
             return
-        host = self._allocate(self._table_bytes)
+        if self._table_at is not None:
+            host = self._table_at(self._index)
+        else:
+            host = self._allocate(self._table_bytes)
+            self._l1[self._index] = host | self._table_flags
         data = pack_table(self._table, 8, self._byteorder, size=self._table_bytes)
         pwrite_all(self._fd, data, host)
-        self._l1[self._index] = host | self._table_flags
         self._index, self._table = -1, array("Q")
 
     def write_l1(self, offset: int, size: int) -> None:
@@ -125,6 +157,10 @@ class ClusterTables:
         for first in range(0, total, L1_PIECE_ENTRIES):
             count = min(L1_PIECE_ENTRIES, total - first)
             piece = array("Q", bytes(8)) * count
+            if self._table_at is not None:  # every table, placed in advance
+                table_at, flags = self._table_at, self._table_flags
+                for i in range(first, min(first + count, self.l1_entries)):
+                    piece[i - first] = table_at(i) | flags
             while next_pointer < len(pointers) and pointers[next_pointer][0] < first + count:
                 index, entry = pointers[next_pointer]
                 piece[index - first] = entry

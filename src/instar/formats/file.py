@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from instar.formats.base import OptionSchema
 from instar.formats.options import refused
+from instar.formats.preallocation import FILE_OWN_OPTION
 from instar.formats.raw import RawFormat
 
 
@@ -22,7 +23,7 @@ class FileFormat(RawFormat):
         (
             refused("extent_size_hint", "size"),
             refused("nocow", "bool"),
-            refused("preallocation", "str"),
+            FILE_OWN_OPTION,
             refused("size", "size"),
         ),
     )

@@ -81,7 +81,9 @@ class Option(NamedTuple):
 
     ``supported`` False marks an option qemu takes and instar refuses ("not
     supported yet"): its value is still checked first, as qemu would check it,
-    and it is not listed by ``-o help``.
+    and it is not listed by ``-o help``. ``protocol`` marks an option of qemu's
+    file protocol that the format takes through it (``preallocation``): qemu's
+    ``-o help`` lists it only when a file name says which protocol.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Option(NamedTuple):
     default: OptionValue | None
     help: str = ""
     supported: bool = True
+    protocol: bool = False
 
     def help_line(self) -> str:
         """The option as ``qemu-img convert -o help`` lays it out."""
@@ -112,10 +115,12 @@ def refused(name: str, type: OptionType) -> Option:
 
 
 class BackingReference(NamedTuple):
-    """The backing file a new image names: the name as given and its format."""
+    """The backing file a new image names: the name as given and its format;
+    for a vmdk, the backing file's CID (its descriptor's parentCID)."""
 
     name: str
     format: str
+    cid: int | None = None
 
 
 class _SchemaFields(NamedTuple):
@@ -148,9 +153,12 @@ class OptionSchema(_SchemaFields):
                 return option
         return None
 
-    def listed(self) -> tuple[Option, ...]:
-        """The options ``-o help`` lists: those instar implements, sorted as qemu sorts."""
-        return tuple(sorted((o for o in self.options if o.supported), key=lambda o: o.name))
+    def listed(self, protocol: bool = False) -> tuple[Option, ...]:
+        """The options ``-o help`` lists: those instar implements, sorted as
+        qemu sorts; the file protocol's only with ``protocol`` (a file name given)."""
+        return tuple(sorted((o for o in self.options
+                             if o.supported and (protocol or not o.protocol)),
+                            key=lambda o: o.name))
 
     def extended(self, extra: tuple[Option, ...]) -> OptionSchema:
         """This schema and the options of ``extra`` it lacks, as qemu's

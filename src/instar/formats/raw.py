@@ -20,6 +20,7 @@ from instar.formats.base import (
     OutputFile,
     ParsedOptions,
 )
+from instar.formats.preallocation import FILE_OPTION, file_mode, reserve
 from instar.image import BlockImage, Driver, Run, file_runs
 from instar.sizes import round_up
 
@@ -58,13 +59,16 @@ class RawWriter:
     A new file is given its full size first, as qemu's raw driver does when it
     creates the image, so a size the file system (or ``ulimit -f``) cannot
     hold is a creation error before anything is copied: qemu's "Could not
-    resize file: File too large".
+    resize file: File too large". With ``preallocation`` (the file
+    protocol's) the whole file is then reserved (``falloc``) or written with
+    zeros (``full``) before any data, as qemu's file driver creates it.
     """
 
     def __init__(self, out: OutputFile, virtual_size: int,
                  options: ParsedOptions | None = None) -> None:
         self._out = out
         self._size = virtual_size
+        mode = file_mode(options) if options is not None else "off"
         if not out.in_place:
             try:
                 os.ftruncate(out.fd, virtual_size)
@@ -72,6 +76,7 @@ class RawWriter:
                 raise CreationError(f"Could not resize file: {os.strerror(errno.EFBIG)}") from None
             except OSError as error:
                 raise CreationError(f"Could not resize file: {error.strerror}") from None
+            reserve(out.fd, 0, virtual_size, mode)
 
     def write(self, offset: int, data: bytes) -> None:
         pwrite_all(self._out.fd, data, offset)
@@ -100,10 +105,12 @@ class RawFormat(FormatBase):
     get_info succeeds, so JSON carries "dirty-flag": false (FormatDetails())."""
 
     name = "raw"
-    create_options = OptionSchema("raw")  # none: qemu's (size, preallocation...) are unknown here
+    # The file protocol's preallocation; qemu's other protocol options are refused by create.
+    create_options = OptionSchema("raw", (FILE_OPTION,))
     reader = "instar.formats.raw:open_driver"
     writer = "instar.formats.raw:RawWriter"
     measurer: str | None = "instar.formats.raw:measure"
+    checks_preallocation = True
 
     def probe(self, header: bytes, filename: str) -> int:
         return 1  # anything is raw, as the last resort

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import Option
+from instar.formats.preallocation import FILE_OPTION
 
 if TYPE_CHECKING:
     from instar.image import Driver
@@ -37,6 +38,7 @@ class ParallelsFormat(FormatBase):
             Option("cluster_size", "size", 1 << 20,
                    "cluster size, rounded up to 512 bytes (1M)"),
             Option("size", "size", 0, "ignored: the size is the input's, as in qemu-img"),
+            FILE_OPTION,
         ),
     )
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import refused
+from instar.formats.preallocation import FILE_OPTION
 
 if TYPE_CHECKING:
     from instar.image import Driver
@@ -29,7 +30,8 @@ class QcowFormat(FormatBase):
     create_options = OptionSchema(
         "qcow",
         (
-            # qemu-img's qcow options, with qemu's types: none taken yet.
+            FILE_OPTION,
+            # qemu-img's other qcow options, with qemu's types.
             refused("backing_file", "str"),
             refused("backing_fmt", "str"),
             refused("encrypt.format", "str"),
@@ -38,6 +40,7 @@ class QcowFormat(FormatBase):
             refused("size", "size"),
         ),
         compress=True,
+        backing=True,
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from instar.formats.base import FormatBase, OptionSchema
 from instar.formats.options import Option, refused
+from instar.formats.preallocation import QCOW2_OPTION
 from instar.formats.qcow2 import layout
 
 
@@ -30,6 +31,7 @@ class Qcow2Format(FormatBase):
             Option("extended_l2", "bool", False, "subclusters: 32 per cluster of 16k or more"),
             Option("lazy_refcounts", "bool", False, "set the lazy refcounts flag"),
             Option("refcount_bits", "num", 16, "refcount width: 1, 2, 4, ... 64 (16)"),
+            QCOW2_OPTION,
             # qemu-img's other qcow2 options, with qemu's types.
             refused("backing_file", "str"),
             refused("backing_fmt", "str"),
@@ -44,12 +46,12 @@ class Qcow2Format(FormatBase):
             refused("encrypt.ivgen-hash-alg", "str"),
             refused("encrypt.key-secret", "str"),
             refused("encryption", "bool"),
-            refused("preallocation", "str"),
             refused("size", "size"),
         ),
         compress=True,
         backing=True,
     )
+    checks_preallocation = True  # qcow2's own option
 
     def probe(self, header: bytes, filename: str) -> int:
         """The magic decides, whatever the version but 1 (qcow's).

@@ -9,6 +9,7 @@ numbers in qcow2 are big-endian.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 
 from instar.errors import FormatError
 from instar.formats.common import zstd_module as zstd_module  # the writer's name for it
@@ -228,6 +229,17 @@ def parse_extensions(data: bytes) -> Extensions:
     """
     found = Extensions()
     seen: set[int] = set()
+    for ext_type, payload in extension_records(data):
+        if ext_type in seen and ext_type != EXT_FEATURE_TABLE:
+            raise FormatError(f"qcow2 header extension {ext_type:#010x} appears twice")
+        seen.add(ext_type)
+        _apply_extension(found, ext_type, payload)
+    return found
+
+
+def extension_records(data: bytes) -> Iterator[tuple[int, bytes]]:
+    """The extensions in the area ``data`` as (type, payload), in file order,
+    up to the end marker (or the end of the area)."""
     position = 0
     while position + EXT_HEADER.size <= len(data):
         ext_type, length = EXT_HEADER.unpack_from(data, position)
@@ -236,13 +248,8 @@ def parse_extensions(data: bytes) -> Extensions:
             break
         if length > len(data) - position:
             raise FormatError(f"qcow2 header extension {ext_type:#010x} is too large")
-        payload = data[position : position + length]
+        yield ext_type, data[position : position + length]
         position += (length + 7) & ~7
-        if ext_type in seen and ext_type != EXT_FEATURE_TABLE:
-            raise FormatError(f"qcow2 header extension {ext_type:#010x} appears twice")
-        seen.add(ext_type)
-        _apply_extension(found, ext_type, payload)
-    return found
 
 
 def _apply_extension(found: Extensions, ext_type: int, payload: bytes) -> None:

@@ -14,7 +14,9 @@ the writer holds only what is still changing (bounded memory):
 - one refcount table entry per refcount block (at most 8 MiB, qemu's limit).
 
 Zero data is never allocated: it reads back as zeros from unallocated
-clusters. With ``-c`` every cluster is compressed on a small thread pool
+clusters. With ``preallocation`` every cluster is allocated at the start
+instead, where `preallocated.PreallocatedLayout` puts it, and data goes
+straight there. With ``-c`` every cluster is compressed on a small thread pool
 (zlib and zstd release the GIL) and written in order; a cluster that does not
 shrink is stored uncompressed, as qemu does.
 """
@@ -26,7 +28,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from instar.errors import OutputError, UsageError
-from instar.files import pwrite_all
+from instar.files import pwrite_all, write_zeros
 from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.cluster_writer import (
     ZERO_CHECK_BELOW,
@@ -36,7 +38,9 @@ from instar.formats.cluster_writer import (
 )
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
 from instar.formats.options import BackingReference
+from instar.formats.preallocation import qcow2_mode, reserve
 from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.preallocated import PreallocatedLayout
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import UINT64_MAX
 
@@ -56,6 +60,7 @@ class Qcow2Options(NamedTuple):
     compression_type: int
     lazy_refcounts: bool
     backing: BackingReference | None = None
+    preallocation: str = "off"
 
 
 def _check_backing(backing: BackingReference, version: int, cluster_size: int) -> None:
@@ -83,6 +88,9 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
     if compat not in _COMPAT:
         raise UsageError(f"Parameter 'version' does not accept value '{compat}'")
     version = _COMPAT[compat]
+    preallocation = qcow2_mode(options)  # QAPI's order: after the version
+    if options.compress and preallocation != "off":  # convert refuses it first
+        raise UsageError("Compression and preallocation not supported at the same time")
     # qemu's driver reads the number back as a signed 64-bit integer.
     if not -(1 << 63) <= refcount_bits < 1 << 63:
         raise UsageError("Parameter 'refcount-bits' expects integer")
@@ -105,6 +113,9 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
         raise UsageError(
             f"Lazy refcounts only supported with compatibility level 1.1 and above {_V3_HINT}"
         )
+    if options.backing is not None and preallocation != "off" and not extended_l2:
+        raise UsageError("Backing file and preallocation can only be used at the same time "
+                         "if extended_l2 is on")
     as_u64 = refcount_bits & UINT64_MAX  # qemu's power-of-two test takes it unsigned
     if refcount_bits > 64 or not as_u64 or as_u64 & (as_u64 - 1):
         raise UsageError("Refcount width must be a power of two and may not exceed 64 bits")
@@ -131,6 +142,7 @@ def check_options(options: ParsedOptions) -> Qcow2Options:
         extended_l2=extended_l2,
         compression_type=L.COMPRESSION_ZSTD if compression == "zstd" else L.COMPRESSION_ZLIB,
         lazy_refcounts=lazy_refcounts,
+        preallocation=preallocation,
     )
 
 
@@ -323,12 +335,19 @@ class Qcow2Writer(ClusterImageWriter):
         self._l1_bytes = l1_clusters * self._cluster
         self._l1_offset = self._refcounts.allocate(l1_clusters) if l1_size else 0
         bits = self._bits
+        # Preallocated: every cluster placed now (`PreallocatedLayout`).
+        self._prealloc = options.preallocation
+        self._layout: PreallocatedLayout | None = None
+        self._range = -1  # the last L2 table range a preallocated image filled
+        if self._prealloc != "off":
+            self._start_preallocated(-(-virtual_size // self._cluster), entries)
         self._tables = ClusterTables(
             self._fd, cluster_bits=bits, l1_entries=l1_size, l2_entries=entries,
             table_bytes=self._cluster, byteorder="big",
             allocate=lambda length: self._refcounts.allocate(length >> bits),
             entry_flags=L.OFLAG_COPIED, table_flags=L.OFLAG_COPIED,
             stride=2 if options.extended_l2 else 1, bitmap=L.SUBCLUSTER_ALLOC_MASK,
+            table_at=None if self._layout is None else self._table_at,
         )
         # Clusters smaller than the copy engine's zero granularity may arrive
         # all zero; larger ones arrive already free of zero pieces.
@@ -344,6 +363,82 @@ class Qcow2Writer(ClusterImageWriter):
                 cluster, lambda: _compressor(compression_type, cluster), self._store_compressed,
                 name="qcow2-compress",
             )
+
+    # --- preallocation -------------------------------------------------------
+
+    def _table_at(self, index: int) -> int:
+        assert self._layout is not None
+        return self._layout.table(index) << self._bits
+
+    def _start_preallocated(self, guest_clusters: int, entries: int) -> None:
+        """Allocate every table and data cluster (`PreallocatedLayout`) and fill
+        the data as the mode says; guest data then goes straight to its place."""
+        layout = PreallocatedLayout(self._prealloc, self._refcounts.next, guest_clusters,
+                                    entries)
+        if layout.total:
+            self._refcounts.allocate(layout.total)
+        if not layout.interleaved:
+            first, count = layout.filled()
+            reserve(self._fd, first << self._bits, count << self._bits, self._prealloc)
+        self._layout = layout
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self._layout is None:
+            super().write(offset, data)
+        else:
+            self._place(offset, len(data), memoryview(data))
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        if self._layout is None:
+            super().write_zeroes(offset, length)
+        elif self._out.in_place:  # a device keeps old bytes where a new file has holes
+            self._place(offset, length, None)
+
+    def close(self) -> None:
+        if self._layout is not None:
+            self._enter_range(self._layout.tables - 1)  # every table, written or not
+        super().close()
+
+    def _place(self, offset: int, length: int, data: memoryview | None) -> None:
+        """Guest bytes (or zeros, ``data`` None) written at their preallocated
+        place, a table's range at a time (its data is contiguous in the file)."""
+        assert self._layout is not None
+        bits, end = self._bits, offset + length
+        range_bytes = self._layout.entries << bits
+        position = offset
+        while position < end:
+            index = position // range_bytes
+            self._enter_range(index)
+            stop = min(end, (index + 1) * range_bytes)
+            host = (self._layout.data(position >> bits) << bits) + (position & (self._cluster - 1))
+            if data is None:
+                write_zeros(self._fd, host, stop - position)
+            else:
+                pwrite_all(self._fd, data[position - offset : stop - offset], host)
+                if self._options.extended_l2:
+                    self._mark_subclusters(position, stop)
+            position = stop
+
+    def _enter_range(self, index: int) -> None:
+        """Fill the L2 tables up to ``index`` (each written out as the next
+        one starts): every entry points at its preallocated cluster."""
+        layout = self._layout
+        assert layout is not None
+        while self._range < index:
+            self._range += 1
+            first = self._range * layout.entries
+            self._tables.map_run(first, layout.data(first) << self._bits,
+                                 layout.range_clusters(self._range))
+
+    def _mark_subclusters(self, start: int, end: int) -> None:
+        """Extended L2: the subclusters data was written to are allocated;
+        the others stay unallocated, as qemu's preallocation leaves them."""
+        size = self._cluster // L.SUBCLUSTERS
+        for cluster in range(start >> self._bits, -(-end >> self._bits)):
+            base = cluster << self._bits
+            first = (max(start, base) - base) // size
+            last = -(-(min(end, base + self._cluster) - base) // size)
+            self._tables.add_bitmap(cluster, ((1 << (last - first)) - 1) << first)
 
     def _finish(self) -> None:
         """The refcount structures, then the header; the file ends with the last cluster."""

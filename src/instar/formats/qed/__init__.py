@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import Option, refused
+from instar.formats.preallocation import FILE_OPTION
 
 if TYPE_CHECKING:
     from instar.image import Driver
@@ -32,11 +33,13 @@ class QedFormat(FormatBase):
             Option("cluster_size", "size", 64 << 10,
                    "cluster size, a power of two from 4k to 64M (64k)"),
             Option("table_size", "size", 4, "clusters per L1 or L2 table: 1, 2, 4, 8 or 16 (4)"),
+            FILE_OPTION,
             # qemu-img's other qed options, with qemu's types.
             refused("backing_file", "str"),
             refused("backing_fmt", "str"),
             refused("size", "size"),
         ),
+        backing=True,
     )
 
     def probe(self, header: bytes, filename: str) -> int:

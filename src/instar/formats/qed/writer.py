@@ -1,6 +1,7 @@
 """Writing QED images sequentially, as the copy engine feeds them.
 
-The layout qemu-img starts from: the header cluster, then the L1 table
+The layout qemu-img starts from: the header cluster (a backing file's name,
+``create -b``, right after the 64-byte header), then the L1 table
 (``table_size`` clusters). Data clusters follow in guest order, each L2 table
 written right after the data it maps (the shared `ClusterTables`); the file
 ends with the last of them, so ``qemu-img check`` finds every cluster in use
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 import os
 
-from instar.errors import CreationError, ImageOpenError
+from instar.errors import CreationError, ImageOpenError, UnsupportedError
 from instar.files import pwrite_all
 from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.cluster_writer import ZERO_CHECK_BELOW, Bump, ClusterTables
 from instar.formats.common import UnitSequencer
-from instar.formats.options import qapi_int
+from instar.formats.options import BackingReference, qapi_int
 from instar.formats.qed import MAGIC
 from instar.formats.qed import layout as L
 
@@ -37,8 +38,17 @@ def create_writer(out: OutputFile, virtual_size: int, options: ParsedOptions) ->
     if table_size == 1:
         # qemu-img creates it, then fails to open what it created.
         raise ImageOpenError(out.name, "QED table offset is invalid")
+    backing = options.backing
+    if backing is not None and L.HEADER.size + len(_name(backing)) > cluster:
+        raise UnsupportedError("a backing file name that does not fit in the QED header "
+                               "cluster is not supported")
     # qemu puts the L1 table at the cluster size as given, before its cut to 32 bits.
-    return QedWriter(out, virtual_size, cluster, table_size, options.number("cluster_size"))
+    return QedWriter(out, virtual_size, cluster, table_size, options.number("cluster_size"),
+                     backing)
+
+
+def _name(backing: BackingReference) -> bytes:
+    return backing.name.encode("utf-8", "surrogateescape")
 
 
 def measure(options: ParsedOptions, size: int, source: MeasureSource | None) -> Measurement:
@@ -87,8 +97,9 @@ class QedWriter:
     """A `Writer` for QED: data in increasing guest offsets, metadata at ``close``."""
 
     def __init__(self, out: OutputFile, virtual_size: int, cluster: int, table_size: int,
-                 l1_offset: int) -> None:
+                 l1_offset: int, backing: BackingReference | None = None) -> None:
         self._out = out
+        self._backing = backing
         self._size = virtual_size
         self._cluster = cluster
         self._table_size = table_size
@@ -118,12 +129,18 @@ class QedWriter:
         cluster = self._cluster
         self._clusters.flush()
         self._tables.write_l1(self._l1_offset, self._table_size * cluster)
+        name, features = b"", 0
+        if self._backing is not None:  # the name right after the header, as qemu's
+            name, features = _name(self._backing), L.FEATURE_BACKING_FILE
+            if self._backing.format == "raw":
+                features |= L.FEATURE_BACKING_FORMAT_NO_PROBE
         header = L.Header(
             magic=MAGIC, cluster_size=cluster, table_size=self._table_size, header_size=1,
-            features=0, compat_features=0, autoclear_features=0,
-            l1_table_offset=self._l1_offset,
-            image_size=self._size, backing_filename_offset=0, backing_filename_size=0,
-        ).pack()
+            features=features, compat_features=0, autoclear_features=0,
+            l1_table_offset=self._l1_offset, image_size=self._size,
+            backing_filename_offset=L.HEADER.size if name else 0,
+            backing_filename_size=len(name),
+        ).pack() + name
         pwrite_all(self._out.fd, header + bytes(cluster - len(header)), 0)
         if not self._out.in_place:
             os.ftruncate(self._out.fd, self._space.end)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import Option
+from instar.formats.preallocation import FILE_OPTION
 
 if TYPE_CHECKING:
     from instar.image import Driver
@@ -30,7 +31,8 @@ class VdiFormat(FormatBase):
     measurer = "instar.formats.vdi.writer:measure"
     create_options = OptionSchema(
         "vdi",
-        (Option("static", "bool", False, "static (pre-allocated) image: every block mapped"),),
+        (Option("static", "bool", False, "static (pre-allocated) image: every block mapped"),
+         FILE_OPTION),
     )
 
     def probe(self, header: bytes, filename: str) -> int:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import Option
+from instar.formats.preallocation import FILE_OPTION
 
 if TYPE_CHECKING:
     from instar.image import Driver
@@ -33,6 +34,7 @@ class VhdxFormat(FormatBase):
             Option("block_state_zero", "bool", True, "mark zero blocks ZERO (default on)"),
             Option("log_size", "size", 1 << 20, "log size, at least 1M (1M)"),
             Option("subformat", "str", "dynamic", "dynamic (default) or fixed"),
+            FILE_OPTION,
         ),
     )
 

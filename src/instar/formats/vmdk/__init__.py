@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from instar.formats.base import FormatBase, OptionSchema
 from instar.formats.options import Option
+from instar.formats.preallocation import FILE_OPTION
 
 # Here, not in layout, so that probing does not import the whole layout module.
 SECTOR = 512
@@ -36,9 +37,12 @@ class VmdkFormat(FormatBase):
             Option("toolsversion", "str", "2147483647",
                    "the VMware tools version in the descriptor"),
             Option("zeroed_grain", "bool", False, "mark zero grains instead of leaving holes"),
+            FILE_OPTION,
         ),
         compress=True,  # streamOptimized only: the writer checks the subformat
+        backing=True,  # a vmdk parent only (create checks it and reads its CID)
     )
+    checks_preallocation = True  # after the subformat, adapter and hwversion, as qemu
 
     def probe(self, header: bytes, filename: str) -> int:
         """qemu's vmdk_probe: a sparse magic, or a text descriptor's ``version=`` line."""

@@ -274,9 +274,10 @@ def build_descriptor(spec: DescriptorSpec) -> bytes:
         f"parentCID={spec.parent_cid:x}",
         f'createType="{spec.create_type}"',
     ]
-    if spec.parent_hint is not None:
-        lines.append(f'parentFileNameHint="{spec.parent_hint}"')
-    lines += ["", "# Extent description"]
+    # qemu's template has one line here: the parent's name hint, or nothing.
+    hint = spec.parent_hint
+    lines.append("" if hint is None else f'parentFileNameHint="{hint}"')
+    lines.append("# Extent description")
     for extent in spec.extents:
         text = f'{extent.access} {extent.sectors} {extent.kind} "{extent.name}"'
         lines.append(text if extent.offset is None else f"{text} {extent.offset}")

@@ -29,6 +29,7 @@ from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
+from instar.formats.preallocation import file_mode
 from instar.formats.vmdk.layout import (
     COMPRESSION_DEFLATE,
     DEFAULT_DESC_SECTORS,
@@ -84,6 +85,8 @@ class VmdkCreateOptions(NamedTuple):
     hw_version: str
     tools_version: str
     zeroed_grain: bool
+    parent_cid: int = 0xFFFFFFFF  # qemu's "no parent"
+    parent_hint: str | None = None  # the backing file's name, as given
 
     @property
     def stream(self) -> bool:
@@ -113,12 +116,16 @@ def check_options(options: ParsedOptions) -> VmdkCreateOptions:
         if hw_version != "undefined":
             raise UsageError("compat6 cannot be enabled with hwversion set")
         hw_version = "6"
+    file_mode(options)  # qemu then creates the file: its mode checked, then rewritten
+    backing = options.backing  # a vmdk whose CID create read (`create._vmdk_parent`)
     return VmdkCreateOptions(
         subformat=subformat,
         adapter_type=adapter,
         hw_version="4" if hw_version == "undefined" else hw_version,
         tools_version=options.text("toolsversion"),
         zeroed_grain=options.flag("zeroed_grain"),
+        parent_cid=0xFFFFFFFF if backing is None else backing.cid or 0,
+        parent_hint=None if backing is None else backing.name,
     )
 
 
@@ -145,6 +152,8 @@ def descriptor_for(target: str, capacity: int, opts: VmdkCreateOptions) -> bytes
             heads=heads,
             adapter_type=opts.adapter_type,
             tools_version=opts.tools_version,
+            parent_cid=opts.parent_cid,
+            parent_hint=opts.parent_hint,
         )
     )
 

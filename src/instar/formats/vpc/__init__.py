@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema, ParsedOptions
 from instar.formats.options import Option
+from instar.formats.preallocation import FILE_OPTION
 
 # Here, not in layout, so that probing does not import the whole layout module.
 FOOTER_COOKIE = b"conectix"
@@ -30,6 +31,7 @@ class VpcFormat(FormatBase):
         (
             Option("force_size", "bool", False, "keep the exact size, not the CHS-rounded one"),
             Option("subformat", "str", "dynamic", "dynamic (default) or fixed"),
+            FILE_OPTION,
         ),
     )
 

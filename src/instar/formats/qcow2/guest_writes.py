@@ -1,0 +1,235 @@
+"""Guest data written into an existing qcow2 image, in place and crash safe.
+
+`GuestWriter` gives whole guest clusters that the image does not hold yet
+(their L2 entry is 0: the backing file answers there) new content: a data
+cluster of this image, or, for version 3, a zero cluster (no data). With
+extended L2 entries it works by subclusters: each written into a cluster it
+appends (the allocation bit set), or made a zero subcluster; a subcluster of
+a cluster the image has allocated already is refused (not supported yet). ``rebase``
+uses it to copy in what the old backing file provided; ``commit`` is meant to
+use it too, to write an overlay's clusters into its backing image (it will
+need overwriting clusters the image holds, which this does not do yet).
+
+The order, through one `ImageUpdate` (see `instar.mutate`):
+
+1. ``data``: each cluster's bytes, as they come (`write`), past the end of
+   the file and of every cluster in use, where nothing points; then (in
+   `finish`) the new L2 tables, the refcount blocks claiming all of it, and a
+   larger refcount table if one is needed. A crash here leaves the image as
+   it was (at worst with leaked clusters).
+2. ``pointers``: the refcount table entries for new blocks, the L2 tables
+   changed in place, then the L1 entries for new or copied L2 tables. Each
+   L2 entry is set with the COPIED flag (refcount exactly 1). A crash here
+   leaves each cluster either unallocated (old content through the backing
+   file) or written (the same content here).
+3. ``header``: the caller's (the refcount table's place, if it moved, with
+   whatever else the caller changes there).
+4. ``release`` (`release`): an L2 table that was shared with an internal
+   snapshot, and so copied before it changed, loses the active L1's
+   reference; an old refcount table is freed.
+
+Refused (one line, before anything is written): an external data file, the
+dirty or corrupt bit (the caller checks those of the open), refcounts that do
+not match.
+"""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+from instar.errors import FormatError, UnsupportedError
+from instar.formats.common import read_table
+from instar.formats.qcow2 import layout as L
+from instar.formats.qcow2.allocation import Refcounts
+from instar.formats.qcow2.reader import Qcow2Driver
+from instar.mutate import ImageUpdate, SequentialWrites
+
+
+def check_writable(driver: Qcow2Driver, what: str) -> None:
+    """Refuse, before any write, an image whose guest data instar cannot
+    change in place yet; ``what`` names the command in the message."""
+    header = driver.header
+    if header.incompatible_features & L.INCOMPAT_DATA_FILE:
+        raise UnsupportedError(f"{what} of a qcow2 image with an external data file "
+                               "is not supported yet")
+    end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
+    if end > driver.file.size:
+        raise FormatError("qcow2 refcount table lies outside the image")
+
+
+class GuestWriter:
+    """Guest units written into ``driver``'s image through ``update``: whole
+    clusters, or with extended L2 entries, subclusters (``unit`` bytes each)."""
+
+    def __init__(self, driver: Qcow2Driver, update: ImageUpdate, what: str) -> None:
+        check_writable(driver, what)
+        header = driver.header
+        self.driver = driver
+        self.update = update
+        self.cluster = header.cluster_size
+        self.extended = header.extended_l2
+        self.entries = L.l2_entries(header.cluster_bits, self.extended)
+        self.entry_bytes = 16 if self.extended else 8
+        self.unit = self.cluster // (L.SUBCLUSTERS if self.extended else 1)
+        self.zero_clusters = header.version >= 3
+        self.refcounts = Refcounts(driver)
+        if header.l1_size and header.l1_table_offset + header.l1_size * 8 > driver.file.size:
+            raise FormatError("qcow2 L1 table lies outside the image")
+        self.l1: array[int] = (read_table(driver.file, header.l1_table_offset, header.l1_size,
+                                          8, "big", "L1 table")
+                               if header.l1_size else array("Q"))
+        # Data goes from here on, claimed in `finish` (allocate_at_end picks this place).
+        self._first = max(-(-driver.file.size // self.cluster),
+                          self.refcounts.last_in_use() + 1)
+        self._written = 0
+        self._data = SequentialWrites(update)  # the clusters, appended in order
+        self._entries: dict[int, dict[int, bytes]] = {}  # L1 index -> {slot: L2 entry}
+        self._shared: list[int] = []  # L2 tables copied: their reference is dropped last
+        self._pointed = False  # the pointers phase has begun
+        self._fresh: set[int] = set()  # clusters appended for subclusters
+
+    @property
+    def changed(self) -> bool:
+        return bool(self._entries)
+
+    def write(self, guest_unit: int, data: bytes | None) -> None:
+        """Give guest unit ``guest_unit`` (a cluster, or a subcluster with
+        extended L2 entries, that the image does not hold) the bytes ``data``
+        (a whole unit), or zeros when None. The L2 table it goes into is
+        checked first, so a damaged one is refused before anything is written
+        for it."""
+        guest_cluster, sub = divmod(guest_unit, L.SUBCLUSTERS) if self.extended \
+            else (guest_unit, 0)
+        index, slot = divmod(guest_cluster, self.entries)
+        if index >= len(self.l1):
+            raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
+        if index not in self._entries:
+            self._check_table(index)
+        self.update.phase("data")
+        slots = self._entries.setdefault(index, {})
+        if self.extended:
+            slots[slot] = self._subcluster(index, slot, sub, data, slots.get(slot))
+        elif data is None and self.zero_clusters:
+            slots[slot] = L.OFLAG_ZERO.to_bytes(8, "big")
+        else:
+            host = self._append()
+            self._data.write(host, bytes(self.cluster) if data is None else data)
+            slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
+
+    def _append(self) -> int:
+        """The host offset of one more data cluster past the end."""
+        host = (self._first + self._written) * self.cluster
+        self._written += 1
+        return host
+
+    def _subcluster(self, index: int, slot: int, sub: int, data: bytes | None,
+                    current: bytes | None) -> bytes:
+        """The extended L2 entry after subcluster ``sub`` of the cluster at
+        ``slot`` gets ``data`` (None: the zero bit): in a data cluster appended
+        for it (a cluster the image has allocated already is refused: not
+        supported yet)."""
+        if current is None:
+            offset = self.l1[index] & L.L1E_OFFSET_MASK
+            current = (self.driver.file.pread(offset + slot * 16, 16) if offset
+                       else bytes(16))
+        entry, bitmap = int.from_bytes(current[:8], "big"), int.from_bytes(current[8:], "big")
+        if data is None:
+            bitmap = (bitmap & ~(1 << sub)) | (1 << (32 + sub))
+        else:
+            host = entry & L.L2E_OFFSET_MASK
+            if entry & L.OFLAG_COMPRESSED or (host and host not in self._fresh):
+                # A cluster already allocated: its other subclusters hold data.
+                # Writing into it safely needs proof that nothing else uses it.
+                raise UnsupportedError("writing into a partly allocated qcow2 cluster "
+                                       "(extended L2 entries) is not supported yet")
+            if not host:
+                host = self._append()
+                self._fresh.add(host)
+                entry = host | L.OFLAG_COPIED
+            self._data.write(host + sub * self.unit, data)
+            bitmap = (bitmap | (1 << sub)) & ~(1 << (32 + sub))
+        return entry.to_bytes(8, "big") + bitmap.to_bytes(8, "big")
+
+    def _check_table(self, index: int) -> None:
+        """L2 table ``index`` (if any) lies in the file and is in use."""
+        offset = self.l1[index] & L.L1E_OFFSET_MASK
+        if not offset:
+            return
+        if offset % self.cluster or offset + self.cluster > self.driver.file.size:
+            raise FormatError(f"qcow2 L2 table {index} lies outside the image")
+        if self.refcounts.get(offset // self.cluster) == 0:
+            raise FormatError(f"qcow2 refcount of L2 table {index} is 0; run "
+                              "'qemu-img check -r all' first")
+
+    def abandon(self) -> None:
+        """After a failure before `finish` pointed at anything: the file cut
+        back to its old length (nothing refers to what was written past it)."""
+        self._data = SequentialWrites(self.update)  # what waits is dropped
+        if self._written and not self._pointed:
+            self.update.truncate(self.driver.file.size)
+            self._written = 0
+
+    def _table(self, index: int) -> tuple[int, bytearray]:
+        """L2 table ``index``'s offset (0: none) and its entries with the new ones."""
+        offset = self.l1[index] & L.L1E_OFFSET_MASK  # checked by `write`
+        table = bytearray(self.driver.file.pread(offset, self.cluster) if offset
+                          else self.cluster)
+        size = self.entry_bytes
+        for slot, entry in self._entries[index].items():
+            table[slot * size : (slot + 1) * size] = entry
+        return offset, table
+
+    def finish(self) -> None:
+        """Claim what `write` wrote, write the tables and point at them (phases
+        data and pointers); the caller writes its header next."""
+        self._data.flush()
+        if not self._entries:
+            return
+        cluster = self.cluster
+        end = (self._first + self._written) * cluster
+        if self._written and os.fstat(self.update.fd).st_size < end:
+            self.update.truncate(end)  # a new cluster's last subclusters not written
+        in_place: list[tuple[int, bytes]] = []
+        placed: list[tuple[int, bytes]] = []  # (L1 index, table) for new places
+        for index in sorted(self._entries):
+            offset, table = self._table(index)
+            if offset:
+                if self.refcounts.get(offset // cluster) == 1:
+                    in_place.append((offset, bytes(table)))
+                    continue
+                self._shared.append(offset // cluster)
+            placed.append((index, bytes(table)))
+        first = self.refcounts.allocate_at_end(self._written + len(placed))
+        if first != self._first * cluster:
+            raise AssertionError("allocation moved under the guest writer")
+        tables = first + self._written * cluster
+        update = self.update
+        update.phase("data")
+        for number, (_, content) in enumerate(placed):
+            update.write(tables + number * cluster, content)
+        self.refcounts.write_blocks(update)
+        self.refcounts.write_new_table(update)
+        update.phase("pointers")
+        self._pointed = True
+        self.refcounts.write_table_entries(update)
+        for offset, content in in_place:
+            update.write(offset, content)
+        l1_offset = self.driver.header.l1_table_offset
+        for number, (index, _) in enumerate(placed):
+            entry = (tables + number * cluster) | L.OFLAG_COPIED
+            update.write(l1_offset + 8 * index, entry.to_bytes(8, "big"))
+
+    def refcount_table(self) -> tuple[int, int] | None:
+        """The refcount table's (offset, clusters) for the header, if it moved."""
+        return self.refcounts.new_table
+
+    def release(self) -> None:
+        """After the header: drop the references the active L1 no longer holds."""
+        if not self._entries:
+            return
+        self.update.phase("release")
+        for number in self._shared:
+            self.refcounts.add(number, 1, -1)
+        self.refcounts.release_old_table()
+        self.refcounts.write_blocks(self.update)
