@@ -322,3 +322,26 @@ def test_qemu_sample_images(name: str, tmp_path: Path) -> None:
     shutil.copyfile(pair.qemu_dir / "img", pair.our_dir / "img")
     for args in (["-o", "size=1M"], ["-o", "help"], ["-o", "compat=1.1"]):
         pair.both(*args, "img")
+
+
+@pytest.mark.parametrize("create", ["compat=0.10", "compat=0.10,cluster_size=512",
+                                    "compat=0.10,cluster_size=2M", "compat=1.1,cluster_size=4k",
+                                    "compat=1.1,lazy_refcounts=on"])
+@pytest.mark.parametrize("target", ["compat=1.1", "compat=0.10", "compat=1.1,lazy_refcounts=on"])
+def test_first_cluster_is_qemus_byte_for_byte(create: str, target: str,
+                                              tmp_path: Path) -> None:
+    """Over a backing file (its name and format extension move with the
+    header): the whole first cluster as qemu-img writes it."""
+    pair = Pair(tmp_path)
+    qemu_img_ok("create", "-q", "-f", "qcow2", "base.qcow2", "8M", cwd=pair.qemu_dir)
+    pair.make("-f", "qcow2", "-o", create, "-b", "base.qcow2", "-F", "qcow2", pair.name)
+    assert pair.both("-o", target, pair.name).rc == 0
+    cluster = qemu_info_cluster(pair.qemu_dir / pair.name)
+    ours = (pair.our_dir / pair.name).read_bytes()
+    assert ours[:cluster] == (pair.qemu_dir / pair.name).read_bytes()[:cluster]
+    pair.assert_same()
+
+
+def qemu_info_cluster(image: Path) -> int:
+    size: int = json.loads(qemu_img_ok("info", "--output=json", str(image)))["cluster-size"]
+    return size

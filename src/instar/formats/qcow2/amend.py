@@ -10,10 +10,8 @@ made before the first write; where qemu fails part way it has already
 rewritten the header, instar has written nothing.
 
 Changing the version rewrites the header as qemu's ``qcow2_update_header``
-lays it out (the header, the backing format, data file and encryption
-extensions, the feature name table for version 3, the bitmaps extension,
-the extensions instar does not know, the end marker, the backing file name),
-in one write of the first cluster, as qemu writes it. The lazy refcounts bit
+lays it out (`header_update`, which rebase shares), in one write, as qemu
+writes it. The lazy refcounts bit
 alone is one write of the 8-byte compatible features field.
 
 A downgrade expands zero clusters first, as qemu does, for an image without
@@ -35,7 +33,6 @@ from instar.formats.options import Option, OptionSchema, ParsedOptions
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Driver
 from instar.mutate import ImageUpdate
-from instar.safety import MAX_HEADER_EXTENSION_BYTES
 
 _COMPATIBLE_FIELD = 80  # header: incompatible (72), compatible (80), autoclear (88)
 
@@ -140,11 +137,11 @@ def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions
     else:
         if new_version > old_version:
             _check_upgrade(driver)
-        cluster0 = _new_first_cluster(driver, new_version, wanted_lazy, backing_name)
+        area = _header_area(driver, new_version, wanted_lazy, backing_name)
         if zeros is not None:
             zeros.write(update)
         update.phase("header")
-        update.write(0, cluster0)
+        update.write(0, area)
     return new_size or None
 
 
@@ -249,68 +246,17 @@ class ZeroExpansion:
             update.write(offset, pack_entries(table))
 
 
-def _raw_extensions(driver: Qcow2Driver) -> Iterator[tuple[int, bytes]]:
-    """Every header extension in file order, as (type, payload)."""
-    header = driver.header
-    start = header.header_length if header.version >= 3 else L.V2_HEADER_LENGTH
-    end = min(header.backing_file_offset or header.cluster_size, header.cluster_size,
-              start + MAX_HEADER_EXTENSION_BYTES)
-    data = driver.file.pread(start, max(0, end - start))
-    position = 0
-    while position + L.EXT_HEADER.size <= len(data):
-        ext_type, length = L.EXT_HEADER.unpack_from(data, position)
-        position += L.EXT_HEADER.size
-        if ext_type == L.EXT_END:
-            return
-        yield ext_type, data[position : position + length]
-        position += (length + 7) & ~7
+def _header_area(driver: Qcow2Driver, version: int, lazy: bool,
+                 backing_name: str | None) -> bytes:
+    """The first cluster's header area as qemu's ``qcow2_update_header``
+    writes it for ``version`` (`header_update`), zero-padded over what the
+    old header used, for one write."""
+    from instar.formats.qcow2.header_update import header_area, header_bytes_in_use
 
-
-def _new_first_cluster(driver: Qcow2Driver, version: int, lazy: bool,
-                       backing_name: str | None) -> bytes:
-    """The first cluster as qemu's ``qcow2_update_header`` writes it for ``version``."""
-    old = driver.header
-    cluster = old.cluster_size
-    header = L.Header(version, 0, 0, old.cluster_bits, old.size, old.crypt_method, old.l1_size,
-                      old.l1_table_offset, old.refcount_table_offset,
-                      old.refcount_table_clusters, old.nb_snapshots, old.snapshots_offset)
-    if version >= 3:
-        header.incompatible_features = old.incompatible_features if old.version >= 3 else 0
-        header.compatible_features = (old.compatible_features & ~L.COMPAT_LAZY_REFCOUNTS
-                                      if old.version >= 3 else 0)
-        if lazy:
-            header.compatible_features |= L.COMPAT_LAZY_REFCOUNTS
-        header.autoclear_features = old.autoclear_features if old.version >= 3 else 0
-        header.refcount_order = old.refcount_order
-        header.header_length = L.V3_HEADER_LENGTH
-        header.compression_type = old.compression_type
-    known = {L.EXT_BACKING_FORMAT, L.EXT_DATA_FILE, L.EXT_CRYPTO, L.EXT_FEATURE_TABLE,
-             L.EXT_BITMAPS}
-    found = list(_raw_extensions(driver))
-    payloads = {ext_type: payload for ext_type, payload in found if ext_type in known}
-    extensions = b""
-    if backing_name and L.EXT_BACKING_FORMAT in payloads:
-        extensions += L.pack_extension(L.EXT_BACKING_FORMAT, payloads[L.EXT_BACKING_FORMAT])
-    for ext_type in (L.EXT_DATA_FILE, L.EXT_CRYPTO):
-        if ext_type in payloads:
-            extensions += L.pack_extension(ext_type, payloads[ext_type])
-    if version >= 3:
-        extensions += L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
-    if L.EXT_BITMAPS in payloads and version >= 3:
-        extensions += L.pack_extension(L.EXT_BITMAPS, payloads[L.EXT_BITMAPS])
-    for ext_type, payload in found:
-        if ext_type not in known:
-            extensions += L.pack_extension(ext_type, payload)
-    extensions += L.EXT_HEADER.pack(L.EXT_END, 0)
-    body = header.pack() + extensions
-    name = b""
-    if backing_name:
-        name = driver.file.pread_exact(old.backing_file_offset, old.backing_file_size,
-                                       "backing file name")
-        header.backing_file_offset, header.backing_file_size = len(body), len(name)
-        body = header.pack() + extensions
-    content = body + name
-    if len(content) > cluster:
-        raise FormatError("qcow2 header extensions do not fit the first cluster")
-    return content.ljust(cluster, b"\0")
-
+    backing_format = driver.extensions.backing_format if backing_name is not None else None
+    try:
+        area = header_area(driver, backing_name, backing_format, version=version,
+                           compatible=L.COMPAT_LAZY_REFCOUNTS if lazy else 0)
+    except OSError as error:
+        raise FormatError(f"Failed to update the image header: {error.strerror}") from None
+    return area.ljust(header_bytes_in_use(driver), b"\0")
