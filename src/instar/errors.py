@@ -194,3 +194,19 @@ class ChecksNotSupportedError(InstarError):
 
     def __init__(self, message: str = "This image format does not support checks") -> None:
         super().__init__(message)
+
+
+class SnapshotError(InstarError):
+    """snapshot -c/-a/-d refused or failed in qemu's words; the command puts
+    qemu-img's "Could not create snapshot 'NAME': " before it. ``before`` is a
+    line qemu prints ahead of that one (a refusal from the step that failed)."""
+
+    before: str | None = None
+
+    def __init__(self, message: str, number: int = 0) -> None:
+        super().__init__(message)
+        self.errno = number
+
+
+class AmendError(FormatError):
+    """amend refused in qemu's words; ``hint`` is qemu's advice line."""

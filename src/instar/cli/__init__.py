@@ -49,6 +49,7 @@ COMMANDS = {
     "measure": "instar.cli.measure",
     "resize": "instar.cli.resize",
     "snapshot": "instar.cli.snapshot",
+    "amend": "instar.cli.amend",
     "rebase": "instar.cli.rebase",
     "commit": "instar.cli.commit",
 }
@@ -61,6 +62,7 @@ instar version {version} - a safe, qemu-img-compatible disk image toolkit
 usage: instar [standard options] command [command options]
 
 Command syntax:
+  amend [-f fmt] [-q] [-p] [-t cache] [--force] [--allow dir] -o options filename
   check [-U] [-q] [-f fmt] [-r leaks|all] [--output=ofmt] [-T src_cache] [--allow dir] \
 filename
   commit [-q] [-f fmt] [-t cache] [-b base] [-r rate_limit] [-d] [-p] [--allow dir] \

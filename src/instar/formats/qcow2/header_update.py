@@ -10,8 +10,8 @@ with clusters larger than 4 KiB,
 unknown extensions in the order the image had them), the end marker, and the
 backing file name, unterminated; zeros to the end of the cluster.
 
-Used by ``rebase`` (the backing file changes); ``amend`` can use it for the
-same fields. Extensions instar cannot rewrite faithfully (persistent bitmaps,
+Used by ``rebase`` (the backing file changes) and ``amend`` (the version and
+the lazy refcounts bit change). Extensions instar cannot rewrite faithfully (persistent bitmaps,
 encryption) are refused by the caller before this is called.
 """
 
@@ -42,14 +42,20 @@ def extension_list(driver: Qcow2Driver) -> list[tuple[int, bytes]]:
 
 
 def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | None,
-                   refcount_table: tuple[int, int] | None = None) -> bytes:
+                   refcount_table: tuple[int, int] | None = None, *,
+                   version: int | None = None, compatible: int | None = None) -> bytes:
     """The header area qemu writes for this image (the rest of the first
     cluster is zeros in qemu's write) with the backing file
     ``backing`` (None: none) of format ``backing_format``; ``refcount_table``
     (offset, clusters) where the table moved. Raises OSError with qemu's
     errno where qemu's ``qcow2_change_backing_file`` fails: EINVAL for a name
     longer than 1023 bytes or a backing file under a raw external data file,
-    ENOSPC when the header does not fit in the first cluster."""
+    ENOSPC when the header does not fit in the first cluster.
+
+    ``version`` (amend's compat) other than the image's: the header of that
+    version, as qemu's upgrade and downgrade write it (every feature bit
+    cleared but ``compatible``, 16-bit refcounts, zlib); ``compatible``
+    replaces the compatible feature bits (amend's lazy_refcounts)."""
     header, file = driver.header, driver.file
     cluster = header.cluster_size
     raw_data_file = header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW and \
@@ -59,23 +65,30 @@ def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | 
     table_offset, table_clusters = refcount_table or (header.refcount_table_offset,
                                                       header.refcount_table_clusters)
     extra = b""  # header fields past qemu's, kept (version 3)
-    if header.version >= 3 and header.header_length > _QEMU_V3_HEADER:
+    same = version is None or version == header.version
+    if same and header.version >= 3 and header.header_length > _QEMU_V3_HEADER:
         extra = file.pread(_QEMU_V3_HEADER, header.header_length - _QEMU_V3_HEADER)
         extra = extra.ljust(header.header_length - _QEMU_V3_HEADER, b"\0")
     autoclear = header.autoclear_features & (L.AUTOCLEAR_BITMAPS | L.AUTOCLEAR_DATA_FILE_RAW)
+    features = (header.incompatible_features, header.compatible_features, autoclear,
+                header.refcount_order, header.compression_type)
+    if not same:  # qemu's upgrade and downgrade: no feature left to carry over
+        features = (0, 0, 0, 4, L.COMPRESSION_ZLIB)
+    if compatible is not None:
+        features = (features[0], compatible, *features[2:])
     new = L.Header(
-        header.version, 0, 0, header.cluster_bits, header.size // L.SECTOR * L.SECTOR,
-        header.crypt_method, header.l1_size, header.l1_table_offset, table_offset,
-        table_clusters, header.nb_snapshots, header.snapshots_offset,
-        header.incompatible_features, header.compatible_features, autoclear,
-        header.refcount_order, _QEMU_V3_HEADER + len(extra), header.compression_type)
+        header.version if version is None else version, 0, 0, header.cluster_bits,
+        header.size // L.SECTOR * L.SECTOR, header.crypt_method, header.l1_size,
+        header.l1_table_offset, table_offset, table_clusters, header.nb_snapshots,
+        header.snapshots_offset, features[0], features[1], features[2], features[3],
+        _QEMU_V3_HEADER + len(extra), features[4])
     body = bytearray(new.pack() + extra)
     extensions = extension_list(driver)
     if backing_format is not None:
         body += L.pack_extension(L.EXT_BACKING_FORMAT, backing_format.encode())
     if driver.extensions.data_file is not None:
         body += L.pack_extension(L.EXT_DATA_FILE, driver.extensions.data_file.encode())
-    if header.version >= 3 and cluster > _NO_FEATURE_TABLE_AT:
+    if new.version >= 3 and cluster > _NO_FEATURE_TABLE_AT:
         body += L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
     for kind, payload in extensions:
         if kind not in _KNOWN:

@@ -305,3 +305,19 @@ def l1_entries_for(size: int, cluster_bits: int, extended_l2: bool) -> int:
     """L1 entries needed to map ``size`` bytes."""
     span = (1 << cluster_bits) * l2_entries(cluster_bits, extended_l2)
     return -(-size // span)
+
+
+def held_clusters(entry: int, cluster: int, shift: int) -> tuple[int, int] | None:
+    """(first cluster, count) an L2 entry holds a reference to, or None: a
+    compressed entry's byte range (it may span clusters), or the host cluster
+    of a standard entry (a zero cluster that keeps its allocation included).
+    ``shift`` is `compressed_shift` of the cluster bits. Resize, snapshot and
+    the refcount walks share it."""
+    if entry & OFLAG_COMPRESSED:
+        host = entry & ((1 << shift) - 1)
+        sectors = ((entry >> shift) & ((1 << (62 - shift)) - 1)) + 1
+        size = sectors * SECTOR - (host & (SECTOR - 1))
+        return host // cluster, (host + size - 1) // cluster - host // cluster + 1
+    if entry & L2E_OFFSET_MASK:
+        return (entry & L2E_OFFSET_MASK) // cluster, 1
+    return None

@@ -80,7 +80,7 @@ def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> 
         raise FormatError("qcow2 refcount table lies outside the image")
 
 
-def _read_l1(driver: Qcow2Driver) -> array[int]:
+def read_active_l1(driver: Qcow2Driver) -> array[int]:
     """The whole active L1 table, which must lie in the file."""
     header = driver.header
     if not header.l1_size:
@@ -99,7 +99,7 @@ def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
     if zero_fill and driver.header.version < 3:
         raise ResizeError("Failed to zero out new clusters: Operation not supported")
     header = driver.header
-    l1 = _read_l1(driver)
+    l1 = read_active_l1(driver)
     refcounts = Refcounts(driver)
     new_l1_size = L.l1_entries_for(new_size, header.cluster_bits, header.extended_l2)
     if new_size < driver.virtual_size:
@@ -401,7 +401,7 @@ def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: ar
             update.write(l1_offset + 8 * index, entry.to_bytes(8, "big"))
     # 3. header: size and the new tables in one write of one sector.
     update.phase("header")
-    _write_header(update, header, refcounts, new_size, l1_size, l1_offset)
+    write_sizes(update, header, refcounts, new_size, l1_size, l1_offset)
     # 4. release: the old tables' clusters.
     update.phase("release")
     if grows and header.l1_size:
@@ -410,25 +410,13 @@ def _grow(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: ar
     refcounts.write_blocks(update)
 
 
-def _write_header(update: ImageUpdate, header: L.Header, refcounts: Refcounts, size: int,
+def write_sizes(update: ImageUpdate, header: L.Header, refcounts: Refcounts, size: int,
                   l1_size: int, l1_offset: int) -> None:
     """The header's size, L1 table and refcount table fields: one write of
     36 bytes inside the first sector, so a crash leaves all old or all new."""
     table_offset, table_clusters = refcounts.table_fields()
     update.write(_SIZE_OFFSET, _HEADER_FIELDS.pack(size, header.crypt_method, l1_size,
                                                    l1_offset, table_offset, table_clusters))
-
-
-def _dropped_clusters(entry: int, cluster: int, shift: int) -> tuple[int, int] | None:
-    """(first cluster, count) an L2 entry holds a reference to, or None."""
-    if entry & L.OFLAG_COMPRESSED:
-        host = entry & ((1 << shift) - 1)
-        sectors = ((entry >> shift) & ((1 << (62 - shift)) - 1)) + 1
-        size = sectors * L.SECTOR - (host & (L.SECTOR - 1))
-        return host // cluster, (host + size - 1) // cluster - host // cluster + 1
-    if entry & L.L2E_OFFSET_MASK:
-        return (entry & L.L2E_OFFSET_MASK) // cluster, 1
-    return None
 
 
 def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: array[int],
@@ -461,7 +449,7 @@ def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: 
         start = max(0, first_dropped - l1_index * entries)
         for slot in range(start, entries):
             position = slot * entry_bytes
-            held = _dropped_clusters(int.from_bytes(table[position : position + 8], "big"),
+            held = L.held_clusters(int.from_bytes(table[position : position + 8], "big"),
                                      cluster, shift)
             if held is not None:
                 lower(*held)
@@ -498,7 +486,7 @@ def _shrink(driver: Qcow2Driver, update: ImageUpdate, refcounts: Refcounts, l1: 
         update.write(header.l1_table_offset + 8 * index, bytes(8))
     # 3. header: the new size (and refcount table, if it grew).
     update.phase("header")
-    _write_header(update, header, refcounts, new_size, header.l1_size, header.l1_table_offset)
+    write_sizes(update, header, refcounts, new_size, header.l1_size, header.l1_table_offset)
     # 4. release: the refcounts of what was dropped, then the file's unused tail.
     update.phase("release")
     for number, count in sorted(lowered.items()):

@@ -1,0 +1,101 @@
+"""amend as qemu-img 7.2 does it: a qcow2 image's options changed in place.
+
+qemu-img's order (``img_amend``): the image opened read-write (probed unless
+``-f`` names it), with its backing chain; ``-o help`` answers once the format
+is known; a format without option amendment is refused; the options are
+parsed against the format's amend options (one that only creation takes
+gets qemu's hint); then the format amends (`instar.formats.qcow2.amend`).
+Every write goes through `instar.mutate.ImageUpdate`.
+"""
+
+from __future__ import annotations
+
+from instar.errors import ImageOpenError, OptionError
+from instar.events import EventSink
+from instar.formats.options import CreateOptions, ParsedOptions, parse_options
+from instar.mutate import ImageUpdate
+from instar.opener import Broker, ImageOpener
+from instar.safety import AllowedDirs, PathPolicy
+from instar.worker import SandboxSettings, run_job
+from instar.writable import opened_for_writing
+
+
+def amend(path: str, options: list[tuple[str, str]], *, fmt: str | None = None,
+          help_only: bool = False, allow: AllowedDirs = (),
+          events: EventSink | None = None,
+          sandbox: SandboxSettings | None = None) -> str:
+    """``qemu-img amend [-f fmt] -o OPTIONS path`` with ``options`` as ``-o``'s
+    (key, value) pairs, in order. Returns the image's format; with
+    ``help_only`` nothing is changed (the caller prints that format's amend
+    options). ``events`` gets qemu's warning for a probed raw image."""
+    policy = PathPolicy.from_allow(allow)
+
+    def job(broker: Broker, send: EventSink) -> str:
+        return _amend_job(broker, send, path, options, fmt, help_only)
+
+    return str(run_job(job, policy, sandbox, events, inputs=[path], outputs=[path]))
+
+
+def no_amendment(format_name: str) -> OptionError:
+    return OptionError(f"Format driver '{format_name}' does not support option amendment")
+
+
+def _parse(given: list[tuple[str, str]]) -> ParsedOptions:
+    """The amend options, or qemu's error (with its hint when the creation
+    options would have taken them)."""
+    from instar.formats.qcow2 import Qcow2Format
+    from instar.formats.qcow2.amend import AMEND_OPTIONS
+
+    try:
+        return parse_options(AMEND_OPTIONS, CreateOptions(given), refuse_unsupported=False)
+    except OptionError as error:
+        try:
+            parse_options(Qcow2Format.create_options, CreateOptions(given),
+                          refuse_unsupported=False)
+        except OptionError:
+            raise error from None
+        error.hint = "This option is only supported for image creation"
+        raise
+
+
+def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[str, str]],
+               fmt_name: str | None, help_only: bool) -> str:
+
+    if not path:
+        raise ImageOpenError(path, "The 'file' block driver requires a file name")
+    try:
+        file = broker.open_image_for_update(path)
+    except OSError as error:
+        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+    opener = ImageOpener(broker=broker)
+    try:
+        fmt = opener.choose_format(file, path, fmt_name)
+        node = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
+        for notice in opened_for_writing(node, path, probed=fmt_name is None):
+            send(notice)
+        if help_only:
+            return fmt.name
+        if fmt.name != "qcow2":
+            raise no_amendment(fmt.name)
+        from instar.formats.qcow2 import layout as L
+        from instar.formats.qcow2.amend import amend_qcow2
+        from instar.formats.qcow2.reader import Qcow2Driver
+        from instar.formats.qcow2.resize import resize_qcow2
+
+        driver = node.image.driver
+        assert isinstance(driver, Qcow2Driver)
+        if driver.header.incompatible_features & L.INCOMPAT_CORRUPT:
+            raise ImageOpenError(path, "qcow2: Image is corrupt; cannot be opened read/write")
+        parsed = _parse(options)
+        update = ImageUpdate(file.fd, path)
+        new_size = amend_qcow2(driver, update, parsed, driver.backing_name)
+        if new_size is not None:
+            backing = node.image.backing
+            current = node.image.virtual_size
+            zero_fill = (new_size > current and backing is not None
+                         and backing.virtual_size > current)
+            resize_qcow2(driver, ImageUpdate(file.fd, path), new_size, "off", zero_fill)
+        update.finish()
+        return fmt.name
+    finally:
+        opener.close()

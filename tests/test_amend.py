@@ -1,0 +1,347 @@
+"""``instar amend`` against ``qemu-img amend`` (7.2): copies of one image in
+two directories, the same command line on each (qemu-img in one, instar in
+the other), then the same stdout, exit status and stderr, the same
+``qemu-img info`` (but sizes on disk), both clean for ``qemu-img check`` and
+equal for ``qemu-img compare``. Refusals leave instar's copy unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import hostile_corpus as corpus
+from helpers import (
+    Result,
+    qemu_img_ok,
+    qemu_io,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+    sample_image_names,
+    unpack_sample_image,
+)
+from test_hostile import SANDBOX_WARNING
+from test_hostile import run_instar as run_confined
+from test_snapshot import _PROBE_WARNING, _files
+
+pytestmark = pytest.mark.usefixtures("allow_own_directories")
+
+_VOLATILE = ("actual-size", "dirty-flag")
+
+
+def _normalised(info: Any) -> Any:
+    if isinstance(info, dict):
+        return {key: _normalised(value) for key, value in info.items() if key not in _VOLATILE}
+    if isinstance(info, list):
+        return [_normalised(item) for item in info]
+    return info
+
+
+class Pair:
+    """The same image as q/IMG (amended by qemu-img) and i/IMG (by instar)."""
+
+    def __init__(self, root: Path, name: str = "img.qcow2") -> None:
+        self.name = name
+        self.qemu_dir, self.our_dir = root / "q", root / "i"
+        for directory in (self.qemu_dir, self.our_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+
+    def make(self, *create: str, writes: tuple[str, ...] = (), snapshot: bool = False) -> None:
+        qemu_img_ok("create", "-q", *create, cwd=self.qemu_dir)
+        for command in writes:
+            qemu_io(self.qemu_dir / self.name, command, cwd=self.qemu_dir)
+        if snapshot:
+            qemu_img_ok("snapshot", "-c", "s", self.name, cwd=self.qemu_dir)
+        for item in self.qemu_dir.iterdir():
+            shutil.copyfile(item, self.our_dir / item.name)
+
+    def both(self, *args: str) -> Result:
+        image = self.our_dir / self.name
+        before = image.read_bytes() if image.exists() else None
+        qemu = run_qemu_img("amend", *args, cwd=self.qemu_dir)
+        ours = run_instar("amend", *args, cwd=self.our_dir)
+        assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
+            qemu.rc, qemu.stdout, qemu.normalised_stderr()), args
+        if ours.rc and before is not None:
+            assert image.read_bytes() == before, "a refusal changed it"
+        return qemu
+
+    def assert_same(self, qemu_clean: bool = True) -> None:
+        """The same info, both clean (``qemu_clean`` False: instar's only), the same data."""
+        infos = [_normalised(json.loads(qemu_img_ok("info", "--output=json", self.name,
+                                                    cwd=d)))
+                 for d in (self.qemu_dir, self.our_dir)]
+        assert infos[0] == infos[1]
+        for directory in (self.qemu_dir, self.our_dir)[0 if qemu_clean else 1 :]:
+            checked = run_qemu_img("check", self.name, cwd=directory)
+            assert checked.rc == 0 and "No errors were found" in checked.stdout, checked
+        compared = run_qemu_img("compare", str(self.qemu_dir / self.name),
+                                str(self.our_dir / self.name))
+        assert compared.rc == 0, compared.stdout
+
+
+_DATA = ("write -P 1 0 64k", "write -P 2 3M 200k")
+
+
+@pytest.mark.parametrize("create,steps", [
+    (("-o", "compat=1.1"), [["lazy_refcounts=on"], ["lazy_refcounts=off"],
+                            ["lazy_refcounts=off"], ["compat=0.10"], ["compat=1.1"],
+                            ["compat=v2"], ["compat=v3,lazy_refcounts=on"]]),
+    (("-o", "compat=0.10"), [["compat=1.1"], ["lazy_refcounts=on"], ["compat=0.10"],
+                             ["lazy_refcounts=off"]]),
+    (("-o", "compat=1.1,lazy_refcounts=on"), [["compat=0.10"]]),
+    (("-o", "compat=1.1"), [["size=16M"], ["size=2M"], ["size=0"], ["size=8M",
+                                                                    "lazy_refcounts=on"]]),
+    (("-o", "compat=1.1,cluster_size=4k"), [["size=1G"], ["size=3M"]]),
+    (("-o", "compat=1.1"), [["refcount_bits=16"], ["data_file_raw=off"], ["compat=1.1"]]),
+], ids=["v3", "v2", "lazy-v3-down", "size", "size-4k", "unchanged"])
+def test_amend_like_qemu(create: tuple[str, ...], steps: list[list[str]],
+                         tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", *create, pair.name, "8M", writes=_DATA)
+    for step in steps:
+        args = [arg for option in step for arg in ("-o", option)]
+        assert pair.both(*args, pair.name).rc == 0
+        pair.assert_same()
+
+
+def test_with_snapshots_and_a_backing_file(tmp_path: Path) -> None:
+    """The header rewritten around the backing format extension and name; snapshots kept."""
+    pair = Pair(tmp_path, "top.qcow2")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "base.qcow2", "8M", cwd=pair.qemu_dir)
+    qemu_io(pair.qemu_dir / "base.qcow2", "write -P 1 0 1M")
+    pair.make("-f", "qcow2", "-o", "compat=0.10", "-b", "base.qcow2", "-F", "qcow2",
+              pair.name, writes=("write -P 2 64k 64k",), snapshot=True)
+    for step, status in (("compat=1.1", 0), ("lazy_refcounts=on", 0), ("compat=0.10", 0),
+                         ("compat=1.1", 0), ("backing_file=base.qcow2", 1),
+                         ("backing_file=base.qcow2,backing_fmt=qcow2", 0), ("size=16M", 0)):
+        assert pair.both("-o", step, pair.name).rc == status, step
+        pair.assert_same()
+
+
+@pytest.mark.parametrize("args", [
+    ["-o", "compat=foo"], ["-o", "compat=v2", "-o", "lazy_refcounts=on"],
+    ["-o", "cluster_size=4k"], ["-o", "lazy_refcounts=maybe"],
+    ["-o", "lazy_refcounts=on,cluster_size=4k"], ["-o", "bogus=1"],
+    ["-o", "encrypt.keyslot=1"], ["-o", "refcount_bits=3"], ["-o", "backing_file=x"],
+    ["-o", "backing_fmt=qcow2"], ["-o", "size=1000"], ["-o", "size=-1"],
+    ["-o", "data_file=g.raw"], ["-o", "data_file_raw=on"], ["-o", ""], ["-o", "help"],
+    ["-q", "-o", "help"], ["-t", "bad", "-o", "size=8M"], ["-t", "none", "-o", "size=8M"],
+    ["-U", "-o", "size=8M"], ["-f", "raw", "-o", "size=8M"], ["-o", "extended_l2=on"],
+    ["-o", "preallocation=full"], ["-o", "compression_type=zstd"], [],
+    ["-p", "-q", "-o", "lazy_refcounts=on"], ["--force", "-o", "compat=1.1"],
+], ids=" ".join)
+def test_options_and_refusals_like_qemu(args: list[str], tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", pair.name, "8M", writes=_DATA)
+    pair.both(*args, pair.name)
+    pair.assert_same()
+
+
+@pytest.mark.parametrize("args", [
+    ["-f", "qcow2", "-o", "help"], ["-f", "raw", "-o", "help"], ["-f", "bogus", "-o", "help"],
+    ["-o", "help"], ["-o", "size=8M"], ["-o", "size=8M", "missing.qcow2"],
+    ["-o", "size=8M", "a.qcow2", "b.qcow2"],
+], ids=" ".join)
+def test_command_line_without_an_image(args: list[str], tmp_path: Path) -> None:
+    Pair(tmp_path).both(*args)
+
+
+@pytest.mark.parametrize("fmt", ["raw", "vmdk", "vpc", "vhdx", "vdi", "qed", "parallels"])
+def test_formats_without_amendment(fmt: str, tmp_path: Path) -> None:
+    pair = Pair(tmp_path, f"img.{fmt}")
+    pair.make("-f", fmt, pair.name, "1M")
+    for args in (["-o", "size=2M"], ["-o", "help"], ["-f", fmt, "-o", "help"]):
+        assert pair.both(*args, pair.name).rc == 1
+
+
+@pytest.mark.parametrize("create,option", [
+    ("refcount_bits=64", "compat=0.10"), ("extended_l2=on", "compat=0.10"),
+    ("data_file=d.raw", "compat=0.10"), ("compat=0.10", "refcount_bits=64"),
+    ("compat=0.10", "lazy_refcounts=on"),
+])
+def test_downgrade_refusals_like_qemu(create: str, option: str, tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", "-o", create, pair.name, "8M")
+    assert pair.both("-o", option, pair.name).rc == 1
+
+
+@pytest.mark.parametrize("options", ["cluster_size=64k", "cluster_size=512"])
+def test_downgrade_expands_zero_clusters(options: str, tmp_path: Path) -> None:
+    """Zero clusters, with and without a host cluster, in the image and in a
+    snapshot: unallocated or zeroed, as qemu makes them; the data the same."""
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", "-o", options, pair.name, "8M",
+              writes=("write -P 1 0 128k", "write -z 64k 64k", "write -z 1M 64k",
+                      "write -z -u 2M 64k"), snapshot=True)
+    for directory in (pair.qemu_dir, pair.our_dir):
+        qemu_io(directory / pair.name, "write -z 0 64k")
+        qemu_io(directory / pair.name, "write -P 9 3M 64k")
+        qemu_io(directory / pair.name, "write -z 3M 64k")
+    assert pair.both("-o", "compat=0.10", pair.name).rc == 0
+    # qemu 7.2 leaves OFLAG_COPIED on the zeroed clusters the snapshot shares
+    # (refcount 2): "ERROR OFLAG_COPIED data cluster"; instar's image is clean.
+    assert run_qemu_img("check", pair.name, cwd=pair.qemu_dir).rc == 2
+    pair.assert_same(qemu_clean=False)
+    for directory in (pair.qemu_dir, pair.our_dir):
+        qemu_img_ok("convert", "-l", "s", "-O", "raw", pair.name, "s.raw", cwd=directory)
+    assert (pair.qemu_dir / "s.raw").read_bytes() == (pair.our_dir / "s.raw").read_bytes()
+
+
+def test_a_v2_image_with_snapshots_keeps_its_size(tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", "-o", "compat=0.10", pair.name, "8M", snapshot=True)
+    assert pair.both("-o", "size=16M", pair.name).rc == 1
+
+
+@pytest.mark.parametrize("create,writes,option,refusal", [
+    ("compression_type=zstd", (), "compat=0.10", "zstd"),
+    ("compat=1.1,backing_file=base.qcow2,backing_fmt=qcow2", ("write -z 0 64k",),
+     "compat=0.10", "zero clusters"),
+    ("compat=1.1", (), "refcount_bits=64", "refcount width"),
+    ("compat=0.10", (), "compat=1.1,size=16M", "size with compat"),
+])
+def test_not_supported_yet(create: str, writes: tuple[str, ...], option: str, refusal: str,
+                           tmp_path: Path) -> None:
+    """What qemu does and instar does not yet: one line, the image unchanged,
+    and qemu-img does it (so the refusal is instar's own)."""
+    pair = Pair(tmp_path)
+    qemu_img_ok("create", "-q", "-f", "qcow2", "base.qcow2", "8M", cwd=pair.qemu_dir)
+    pair.make("-f", "qcow2", "-o", create, pair.name, "8M", writes=writes)
+    image = pair.our_dir / pair.name
+    before = image.read_bytes()
+    ours = run_instar("amend", "-o", option, pair.name, cwd=pair.our_dir)
+    assert ours.rc == 1 and ours.stderr.count("\n") == 1 and refusal in ours.stderr
+    assert "not supported yet" in ours.stderr
+    assert image.read_bytes() == before
+    assert run_qemu_img("amend", "-o", option, pair.name, cwd=pair.qemu_dir).rc == 0
+
+
+@pytest.fixture(scope="module")
+def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
+    return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, id=f"{case.family}-{case.name}")
+                                  for case in corpus.CASES])
+def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) -> None:
+    """Every image of the hostile corpus downgraded by a confined instar (the
+    header rewritten, every table walked for zero clusters): done, or refused
+    in one line, within the limits; no other file changes, a refused image is
+    unchanged."""
+    place = corpus.Place.make(tmp_path, bases)
+    image = "img/" + case.build(place)
+    target = (place.root / image).resolve()
+    others = _files(place.root, target)
+    before = target.read_bytes() if target.is_file() else None
+    allow = ["--allow", "img"] if case.allow in ("dir", "both") else []
+    run = run_confined("amend", ["amend", *allow, "-o", "compat=0.10", image], place)
+    assert not run.stalled and run.rc in (0, 1), run.describe()
+    lines = [line for line in run.stderr.decode(errors="replace").splitlines()
+             if not SANDBOX_WARNING.match(line) and not line.startswith(_PROBE_WARNING)]
+    if run.rc == 0:
+        assert run.stdout == b"" and not lines, run.describe()
+    else:
+        assert lines and lines[0].startswith("instar: "), run.describe()
+        assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Try ")), lines
+        assert "internal error" not in lines[0], run.describe()
+        if target.is_file():
+            assert target.read_bytes() == before, "a refused amend changed the image"
+    for token in corpus.forbidden(neighbour_allowed=False):
+        assert token not in run.stdout + run.stderr
+    assert _files(place.root, target) == others, "a file other than the image changed"
+
+
+# --- crash safety ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("option", ["compat=0.10", "lazy_refcounts=on", "size=3M"])
+def test_crash_at_every_write(option: str, tmp_path: Path,
+                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stopped after k changes for every k: the image is the old one or the
+    new one (qemu-img info, check, the data), never a mix. A shrink is
+    resize's: data past the new end may be dropped before the size changes
+    (qemu's order too), so only the data up to the new end is compared."""
+    from instar import mutate
+    from instar.amend import amend
+    from instar.errors import StoppedUpdate
+    from instar.worker import SandboxSettings
+
+    original = tmp_path / "o.qcow2"
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "cluster_size=4k", str(original), "8M")
+    for command in ("write -P 1 0 128k", "write -z 64k 64k", "write -z 1M 64k",
+                    "write -P 2 5M 100k"):
+        qemu_io(original, command)
+    key, _, value = option.partition("=")
+
+    def state(image: Path) -> tuple[Any, Any]:
+        checked = run_qemu_img("check", str(image))
+        assert checked.rc in (0, 3), checked  # a shrink stopped before its release leaks
+        info = _normalised(json.loads(qemu_img_ok("info", "--output=json", str(image))))
+        del info["filename"]
+        data = qemu_read_raw(image, tmp_path, "qcow2")
+        if key == "size":
+            return info["virtual-size"], data[: 3 << 20]
+        return info, data
+
+    finished = tmp_path / "new.qcow2"
+    shutil.copyfile(original, finished)
+    amend(str(finished), [(key, value)], sandbox=SandboxSettings(mode="off"))
+    old, new = state(original), state(finished)
+    assert old != new
+    for k in range(100):
+        image = tmp_path / f"k{k}.qcow2"
+        shutil.copyfile(original, image)
+        monkeypatch.setattr(mutate, "stop_after", k)
+        try:
+            amend(str(image), [(key, value)], sandbox=SandboxSettings(mode="off"))
+            done = True
+        except StoppedUpdate:
+            done = False
+        monkeypatch.setattr(mutate, "stop_after", None)
+        now = state(image)
+        assert now in (old, new) and (now == new or not done), k
+        if key == "size":
+            assert now[1] == old[1], k
+        image.unlink()
+        if done:
+            break
+    else:
+        raise AssertionError("never finished")
+
+
+@pytest.mark.parametrize("name", sample_image_names())
+def test_qemu_sample_images(name: str, tmp_path: Path) -> None:
+    """qemu's own sample images: refused (or amended) as qemu does, in its words."""
+    pair = Pair(tmp_path, "img")
+    shutil.copyfile(unpack_sample_image(name, tmp_path), pair.qemu_dir / "img")
+    shutil.copyfile(pair.qemu_dir / "img", pair.our_dir / "img")
+    for args in (["-o", "size=1M"], ["-o", "help"], ["-o", "compat=1.1"]):
+        pair.both(*args, "img")
+
+
+@pytest.mark.parametrize("create", ["compat=0.10", "compat=0.10,cluster_size=512",
+                                    "compat=0.10,cluster_size=2M", "compat=1.1,cluster_size=4k",
+                                    "compat=1.1,lazy_refcounts=on"])
+@pytest.mark.parametrize("target", ["compat=1.1", "compat=0.10", "compat=1.1,lazy_refcounts=on"])
+def test_first_cluster_is_qemus_byte_for_byte(create: str, target: str,
+                                              tmp_path: Path) -> None:
+    """Over a backing file (its name and format extension move with the
+    header): the whole first cluster as qemu-img writes it."""
+    pair = Pair(tmp_path)
+    qemu_img_ok("create", "-q", "-f", "qcow2", "base.qcow2", "8M", cwd=pair.qemu_dir)
+    pair.make("-f", "qcow2", "-o", create, "-b", "base.qcow2", "-F", "qcow2", pair.name)
+    assert pair.both("-o", target, pair.name).rc == 0
+    cluster = qemu_info_cluster(pair.qemu_dir / pair.name)
+    ours = (pair.our_dir / pair.name).read_bytes()
+    assert ours[:cluster] == (pair.qemu_dir / pair.name).read_bytes()[:cluster]
+    pair.assert_same()
+
+
+def qemu_info_cluster(image: Path) -> int:
+    size: int = json.loads(qemu_img_ok("info", "--output=json", str(image)))["cluster-size"]
+    return size
