@@ -27,12 +27,16 @@ command.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from instar.errors import AmendError, FormatError, UnsupportedError
 from instar.formats.options import Option, OptionSchema, ParsedOptions
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Driver
 from instar.mutate import ImageUpdate
+
+if TYPE_CHECKING:
+    from instar.formats.qcow2.refcount_order import RefcountOrderChange
 
 _COMPATIBLE_FIELD = 80  # header: incompatible (72), compatible (80), autoclear (88)
 
@@ -104,12 +108,17 @@ def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions
             raise AmendError("Can't amend encryption options - encryption not present")
         raise UnsupportedError("amending encryption options is not supported yet")
     _check_supported(driver)
+    order_change: RefcountOrderChange | None = None
     # After the loop, in qemu's order.
     if refcount_bits != 1 << header.refcount_order:
         if new_version < 3 and refcount_bits != 16:
             raise AmendError("Refcount widths other than 16 bits require compatibility "
                              "level 1.1 or above (use compat=1.1 or greater)")
-        raise UnsupportedError("changing the refcount width is not supported yet")
+        from instar.formats.qcow2.refcount_order import RefcountOrderChange
+
+        # qemu changes the width here, before the checks below; planned (and
+        # its refusals made) here, written once they pass.
+        order_change = RefcountOrderChange(driver, refcount_bits.bit_length() - 1)
     if "backing_file" in given or "backing_fmt" in given:
         file = texts.get("backing_file") if "backing_file" in given else None
         fmt = texts.get("backing_fmt") if "backing_fmt" in given else None
@@ -124,6 +133,12 @@ def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions
     if new_size and new_version != old_version:
         raise UnsupportedError("amend -o size with compat in one command is not supported "
                                "yet")
+    if order_change is not None:
+        if new_version != old_version or wanted_lazy != lazy or new_size:
+            raise UnsupportedError("amend -o refcount_bits with compat, lazy_refcounts or "
+                                   "size in one command is not supported yet")
+        order_change.write(update)
+        return None
     zeros: ZeroExpansion | None = None
     if new_version < old_version:
         _check_downgrade(driver)

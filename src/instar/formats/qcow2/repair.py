@@ -230,18 +230,10 @@ class _Fixer:
         self.writer.update.truncate(size)
 
     def rebuild(self, walk: _Walk) -> _Walk:
-        table, offset, clusters = _Rebuild(walk.expected, walk.bits).run()
+        table, offset, clusters = plan_rebuild(walk.expected, walk.bits)
         update = self.writer
         update.phase("data")
-        rb_size = walk.expected.block_size
-        for index, block in enumerate(table):
-            if block:
-                update.update.write(block, encode(walk.expected.values(index, rb_size),
-                                                  walk.order))
-        entries = array("Q", table)
-        if sys.byteorder == "little":
-            entries.byteswap()
-        update.update.write(offset, entries.tobytes())
+        write_rebuilt(update.update, walk.expected, table, offset)
         update.phase("header")
         update.update.write(_REFTABLE_OFFSET, _REFTABLE_FIELDS.pack(offset, clusters))
         update.update.flush()
@@ -249,6 +241,31 @@ class _Fixer:
         self._refcounts = None
         self.rebuilt = True
         return _Walk(self.driver, exact=False)
+
+
+def plan_rebuild(expected: Expected, cluster_bits: int) -> tuple[list[int], int, int]:
+    """Where qemu's rebuild puts a refcount structure holding ``expected``
+    (at ``expected``'s width, which need not be the image's: amend's
+    refcount_bits change uses it too): (the table's entries, its offset, its
+    clusters). The new blocks and table are claimed in ``expected``; they go
+    only where ``expected`` has 0, so writing them first is crash safe."""
+    return _Rebuild(expected, cluster_bits).run()
+
+
+def write_rebuilt(update: ImageUpdate, expected: Expected, table: list[int],
+                  offset: int, blocks: set[int] | None = None) -> None:
+    """The refcount blocks `plan_rebuild` placed (only ``blocks``' indexes if
+    given), encoded at ``expected``'s width, and, unless ``blocks`` is given,
+    the table at ``offset``."""
+    size = expected.block_size
+    for index, block in enumerate(table):
+        if block and (blocks is None or index in blocks):
+            update.write(block, encode(expected.values(index, size), expected.order))
+    if blocks is None:
+        entries = array("Q", table)
+        if sys.byteorder == "little":
+            entries.byteswap()
+        update.write(offset, entries.tobytes())
 
 
 def _first_zero(counts: array[int], start: int) -> int:
