@@ -202,7 +202,8 @@ def test_a_v2_image_with_snapshots_keeps_its_size(tmp_path: Path) -> None:
     ("compression_type=zstd", (), "compat=0.10", "zstd"),
     ("compat=1.1,backing_file=base.qcow2,backing_fmt=qcow2", ("write -z 0 64k",),
      "compat=0.10", "zero clusters"),
-    ("compat=1.1", (), "refcount_bits=64", "refcount width"),
+    ("compat=0.10", (), "compat=1.1,refcount_bits=64", "refcount_bits with"),
+    ("compat=1.1", (), "refcount_bits=64,lazy_refcounts=on", "refcount_bits with"),
     ("compat=0.10", (), "compat=1.1,size=16M", "size with compat"),
 ])
 def test_not_supported_yet(create: str, writes: tuple[str, ...], option: str, refusal: str,
@@ -221,6 +222,64 @@ def test_not_supported_yet(create: str, writes: tuple[str, ...], option: str, re
     assert run_qemu_img("amend", "-o", option, pair.name, cwd=pair.qemu_dir).rc == 0
 
 
+@pytest.mark.parametrize("create", ["cluster_size=64k", "cluster_size=512"])
+@pytest.mark.parametrize("widths", [["1", "16"], ["64", "2"], ["64"], ["2", "32", "8", "16"]],
+                         ids="-".join)
+def test_refcount_bits_like_qemu(create: str, widths: list[str], tmp_path: Path) -> None:
+    """The refcount width changed (16 -> 1 -> 16, 16 -> 64 -> 2, ...) on an
+    image with data and a snapshot sharing some of it: the same info
+    (refcount-bits among it), both clean, the same data."""
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", "-o", create, pair.name, "8M",
+              writes=("write -P 1 0 1M", "write -P 2 5M 100k"), snapshot=True)
+    for directory in (pair.qemu_dir, pair.our_dir):
+        qemu_io(directory / pair.name, "write -P 3 64k 64k")
+    for width in widths:
+        qemu = pair.both("-o", f"refcount_bits={width}", pair.name)
+        if width == "1":  # the snapshot's clusters have refcount 2
+            assert qemu.rc == 1 and "Cannot decrease refcount entry width" in qemu.stderr
+            # qemu leaves the new refcount blocks it allocated leaked; instar wrote nothing
+            pair.assert_same(qemu_clean=False)
+            continue
+        assert qemu.rc == 0, qemu
+        pair.assert_same()
+        info = json.loads(qemu_img_ok("info", "--output=json", pair.name, cwd=pair.our_dir))
+        assert info["format-specific"]["data"]["refcount-bits"] == int(width)
+
+
+@pytest.mark.parametrize("create", ["cluster_size=64k", "cluster_size=512,compat=1.1"])
+@pytest.mark.parametrize("widths", [["1", "16"], ["64", "2"]], ids="-".join)
+def test_refcount_bits_without_snapshots(create: str, widths: list[str],
+                                         tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", "-o", create, pair.name, "8M", writes=_DATA)
+    for width in widths:
+        assert pair.both("-o", f"refcount_bits={width}", pair.name).rc == 0
+        pair.assert_same()
+
+
+@pytest.mark.parametrize("create,option", [
+    ("compat=1.1", "refcount_bits=128"), ("compat=1.1", "refcount_bits=0"),
+    ("compat=1.1", "refcount_bits=12"), ("compat=0.10", "refcount_bits=8"),
+    ("compat=0.10", "refcount_bits=16"), ("compat=1.1", "refcount_bits=x"),
+    ("compat=1.1", "refcount_bits=64,backing_file=b.qcow2"),
+])
+def test_refcount_bits_refusals_like_qemu(create: str, option: str, tmp_path: Path) -> None:
+    pair = Pair(tmp_path)
+    pair.make("-f", "qcow2", "-o", create, pair.name, "8M", writes=_DATA)
+    qemu = pair.both("-o", option, pair.name)
+    if "backing_file" in option:
+        # qemu has changed the width when it refuses the backing file; instar,
+        # refusing before its first write, leaves the image as it was.
+        assert qemu.rc == 1
+        widths = [json.loads(qemu_img_ok("info", "--output=json", pair.name, cwd=d))
+                  ["format-specific"]["data"]["refcount-bits"]
+                  for d in (pair.qemu_dir, pair.our_dir)]
+        assert widths == [64, 16]
+        return
+    pair.assert_same()
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
     return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))
@@ -228,9 +287,12 @@ def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
 
 @pytest.mark.parametrize("case", [pytest.param(case, id=f"{case.family}-{case.name}")
                                   for case in corpus.CASES])
-def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) -> None:
-    """Every image of the hostile corpus downgraded by a confined instar (the
-    header rewritten, every table walked for zero clusters): done, or refused
+@pytest.mark.parametrize("option", ["compat=0.10", "refcount_bits=1"])
+def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, option: str,
+                        tmp_path: Path) -> None:
+    """Every image of the hostile corpus downgraded (the header rewritten,
+    every table walked for zero clusters) or given 1-bit refcounts (every
+    refcount block read) by a confined instar: done, or refused
     in one line, within the limits; no other file changes, a refused image is
     unchanged."""
     place = corpus.Place.make(tmp_path, bases)
@@ -239,7 +301,7 @@ def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) 
     others = _files(place.root, target)
     before = target.read_bytes() if target.is_file() else None
     allow = ["--allow", "img"] if case.allow in ("dir", "both") else []
-    run = run_confined("amend", ["amend", *allow, "-o", "compat=0.10", image], place)
+    run = run_confined("amend", ["amend", *allow, "-o", option, image], place)
     assert not run.stalled and run.rc in (0, 1), run.describe()
     lines = [line for line in run.stderr.decode(errors="replace").splitlines()
              if not SANDBOX_WARNING.match(line) and not line.startswith(_PROBE_WARNING)]
@@ -259,7 +321,8 @@ def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) 
 # --- crash safety ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("option", ["compat=0.10", "lazy_refcounts=on", "size=3M"])
+@pytest.mark.parametrize("option", ["compat=0.10", "lazy_refcounts=on", "size=3M",
+                                    "refcount_bits=1", "refcount_bits=64"])
 def test_crash_at_every_write(option: str, tmp_path: Path,
                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Stopped after k changes for every k: the image is the old one or the

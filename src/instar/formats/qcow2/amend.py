@@ -2,8 +2,9 @@
 
 Supported: ``lazy_refcounts`` on and off, ``compat`` 0.10 <-> 1.1 where no
 cluster needs converting, ``size`` (the resize code, shrinking allowed as
-amend allows it), and the options whose value is already the image's
-(``refcount_bits``, ``data_file_raw=off``, the same backing file). qemu's
+amend allows it), ``refcount_bits`` (`refcount_order`, alone in a command),
+and the options whose value is already the image's (``data_file_raw=off``,
+the same backing file). qemu's
 refusals come in qemu's order (the option loop, then upgrade, refcount
 width, backing file, lazy refcounts, size, downgrade) and every check is
 made before the first write; where qemu fails part way it has already
@@ -17,8 +18,8 @@ alone is one write of the 8-byte compatible features field.
 A downgrade expands zero clusters first, as qemu does, for an image without
 a backing file (`ZeroExpansion`).
 
-Not supported yet (one line, nothing written): other refcount widths,
-encryption options, a downgrade of an image with a backing file and zero
+Not supported yet (one line, nothing written): ``refcount_bits`` with
+another change in the same command, encryption options, a downgrade of an image with a backing file and zero
 clusters (qemu allocates clusters for them), zstd compression, persistent
 bitmaps or a dirty image, and ``size`` with a version change in the same
 command.
