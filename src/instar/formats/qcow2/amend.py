@@ -19,8 +19,9 @@ A downgrade expands zero clusters first, as qemu does, for an image without
 a backing file (`ZeroExpansion`).
 
 Not supported yet (one line, nothing written): ``refcount_bits`` with
-another change in the same command, encryption options, a downgrade of an image with a backing file and zero
-clusters (qemu allocates clusters for them), zstd compression, persistent
+another change in the same command, encryption options, a downgrade of an
+image with a backing file and zero clusters (qemu allocates clusters for
+them), zstd compression, persistent
 bitmaps or a dirty image, and ``size`` with a version change in the same
 command.
 """
