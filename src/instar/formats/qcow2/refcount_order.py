@@ -119,7 +119,7 @@ class RefcountOrderChange:
         update.write(_FIELDS_START, self.header_fields)
         update.phase("release")
         released: set[int] = set()
-        for offset in self.old_structure:
+        for offset in dict.fromkeys(self.old_structure):  # each cluster freed once
             cluster = offset // self.cluster
             value = expected.get(cluster)
             if value:
