@@ -287,15 +287,19 @@ def unpack_sample_image(name: str, directory: Path) -> Path:
     return target
 
 
-def make_dirty_qcow2(path: Path, kind: str, size: str = "4M") -> None:
+def make_dirty_qcow2(path: Path, kind: str, size: str = "4M",
+                     backing: str | None = None) -> None:
     """A qcow2 image with lazy refcounts whose dirty bit is set, as a crash
     leaves it: ``killed`` (qemu-io killed after its writes: the data's
     refcounts are 0, a repair rebuilds the refcount structure), ``leak`` (a
     cluster past the data counted once but used by nothing) or ``low`` (a
-    cluster shared with a snapshot counted once instead of twice)."""
+    cluster shared with a snapshot counted once instead of twice); over the
+    qcow2 image ``backing`` (named relative to it) if given."""
     import struct
 
-    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", str(path), size)
+    over = ["-b", backing, "-F", "qcow2"] if backing else []
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", *over, path.name,
+                size, cwd=path.parent)
     writes = ["write -P 0x41 0 1M", "write -P 0x42 2M 512k"]
     if kind == "killed":
         args = [qemu_io_path(), "-f", "qcow2"]
