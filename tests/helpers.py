@@ -285,3 +285,44 @@ def unpack_sample_image(name: str, directory: Path) -> Path:
                 out.write(piece)
         out.truncate()
     return target
+
+
+def make_dirty_qcow2(path: Path, kind: str, size: str = "4M",
+                     backing: str | None = None) -> None:
+    """A qcow2 image with lazy refcounts whose dirty bit is set, as a crash
+    leaves it: ``killed`` (qemu-io killed after its writes: the data's
+    refcounts are 0, a repair rebuilds the refcount structure), ``leak`` (a
+    cluster past the data counted once but used by nothing) or ``low`` (a
+    cluster shared with a snapshot counted once instead of twice); over the
+    qcow2 image ``backing`` (named relative to it) if given."""
+    import struct
+
+    over = ["-b", backing, "-F", "qcow2"] if backing else []
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-o", "lazy_refcounts=on", *over, path.name,
+                size, cwd=path.parent)
+    writes = ["write -P 0x41 0 1M", "write -P 0x42 2M 512k"]
+    if kind == "killed":
+        args = [qemu_io_path(), "-f", "qcow2"]
+        for command in [*writes, "sigraise 9"]:
+            args += ["-c", command]
+        subprocess.run([*args, str(path)], capture_output=True, check=False)
+        return
+    for command in writes:
+        qemu_io(path, command, "qcow2")
+    if kind == "low":
+        qemu_img_ok("snapshot", "-c", "s1", str(path))
+    data = bytearray(path.read_bytes())
+    cluster = 1 << struct.unpack_from(">I", data, 20)[0]
+    reftable = struct.unpack_from(">Q", data, 48)[0]
+    refblock = struct.unpack_from(">Q", data, reftable)[0]
+    if kind == "leak":
+        index = len(data) // cluster
+        data += bytes(cluster)
+        struct.pack_into(">H", data, refblock + 2 * index, 1)
+    else:  # the first data cluster: the L2 table's first entry
+        l1 = struct.unpack_from(">Q", data, 40)[0]
+        l2 = struct.unpack_from(">Q", data, l1)[0] & 0x00FFFFFFFFFFFE00
+        first = (struct.unpack_from(">Q", data, l2)[0] & 0x00FFFFFFFFFFFE00) // cluster
+        struct.pack_into(">H", data, refblock + 2 * first, 1)
+    data[79] |= 1  # the dirty bit (incompatible features, the last byte)
+    path.write_bytes(bytes(data))

@@ -16,6 +16,7 @@ import pytest
 import hostile_corpus as corpus
 from helpers import (
     Result,
+    make_dirty_qcow2,
     qemu_img_ok,
     qemu_io,
     qemu_read_raw,
@@ -408,3 +409,17 @@ def test_first_cluster_is_qemus_byte_for_byte(create: str, target: str,
 def qemu_info_cluster(image: Path) -> int:
     size: int = json.loads(qemu_img_ok("info", "--output=json", str(image)))["cluster-size"]
     return size
+
+
+@pytest.mark.parametrize("kind", ["killed", "leak", "low"])
+@pytest.mark.parametrize("option", ["compat=0.10", "lazy_refcounts=off", "size=16M",
+                                    "compat=1.1"])
+def test_dirty_images_are_repaired_first(kind: str, option: str, tmp_path: Path) -> None:
+    """A dirty qcow2 image (lazy refcounts, not closed cleanly) is repaired
+    by the read-write open, its check's lines on stderr, then amended."""
+    pair = Pair(tmp_path)
+    make_dirty_qcow2(pair.qemu_dir / pair.name, kind)
+    shutil.copyfile(pair.qemu_dir / pair.name, pair.our_dir / pair.name)
+    qemu = pair.both("-o", option, pair.name)
+    assert qemu.rc == 0 and "cluster" in qemu.stderr
+    pair.assert_same()

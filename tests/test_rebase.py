@@ -19,6 +19,7 @@ import pytest
 import hostile_corpus as corpus
 from helpers import (
     Result,
+    make_dirty_qcow2,
     qemu_img_ok,
     qemu_io,
     qemu_read_raw,
@@ -48,6 +49,8 @@ def _build(directory: Path, steps: list[Step]) -> None:
             qemu_img_ok("create", "-q", *step[1:], cwd=directory)
         elif step[0] == "io":
             qemu_io(directory / step[2], step[3], step[1], cwd=directory)
+        elif step[0] == "dirty":  # ("dirty", kind, file, backing or "")
+            make_dirty_qcow2(directory / step[2], step[1], backing=step[3] or None)
         elif step[0] == "mkdir":
             (directory / step[1]).mkdir()
         else:
@@ -617,3 +620,18 @@ def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path,
     for token in corpus.forbidden(neighbour_allowed=False):
         assert token not in run.stdout + run.stderr
     assert _files(place.root, target) == others, "a file other than the image changed"
+
+
+@pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("kind", ["killed", "leak", "low"])
+@pytest.mark.parametrize("args", [("-b", "new.qcow2", "-F", "qcow2"),
+                                  ("-u", "-b", "new.qcow2", "-F", "qcow2"), ("-b", ""),
+                                  ("-u", "-b", "")])
+def test_dirty_image_repaired_first(tmp_path: Path, kind: str, args: tuple[str, ...]) -> None:
+    """A dirty qcow2 image (lazy refcounts, not closed cleanly) is repaired
+    by the read-write open, its check's lines on stderr, then rebased."""
+    steps = [*_qcow2("old.qcow2", "4M", writes=("write -P 3 0 4M",)),
+             *_qcow2("new.qcow2", "4M", writes=("write -P 4 1M 2M",)),
+             ("dirty", kind, "img.qcow2", "old.qcow2")]
+    qemu, _, _ = _parity(tmp_path, steps, "img.qcow2", *args)
+    assert qemu.rc == 0 and "cluster" in qemu.stderr

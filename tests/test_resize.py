@@ -21,6 +21,7 @@ import pytest
 import hostile_corpus as corpus
 from helpers import (
     Result,
+    make_dirty_qcow2,
     pattern,
     qemu_img_ok,
     qemu_io,
@@ -28,6 +29,7 @@ from helpers import (
     qemu_read_raw,
     run_instar,
     run_qemu_img,
+    unpack_sample_image,
 )
 from instar import mutate
 from instar.errors import StoppedUpdate
@@ -79,9 +81,10 @@ def _copies(tmp_path: Path, fmt: str, make: Maker) -> tuple[Path, Path]:
     return qemu_path, our_path
 
 
-def _compare(tmp_path: Path, fmt: str, make: Maker, *args: str, probe: bool = False
-             ) -> tuple[Result, Result]:
-    """``resize [-f fmt] ARGS[:-1] FILE ARGS[-1]`` by both programs on copies of one image."""
+def _compare(tmp_path: Path, fmt: str, make: Maker, *args: str, probe: bool = False,
+             repaired: bool = False) -> tuple[Result, Result]:
+    """``resize [-f fmt] ARGS[:-1] FILE ARGS[-1]`` by both programs on copies of one image
+    (``repaired``: a dirty image, repaired by the open even when the resize is refused)."""
     qemu_path, our_path = _copies(tmp_path, fmt, make)
     before = our_path.read_bytes()
     given = () if probe else ("-f", fmt)
@@ -89,7 +92,7 @@ def _compare(tmp_path: Path, fmt: str, make: Maker, *args: str, probe: bool = Fa
     qemu = run_qemu_img("resize", *given, *options, qemu_path.name, size, cwd=tmp_path)
     ours = run_instar("resize", *given, *options, our_path.name, size, cwd=tmp_path)
     _same_output(qemu, ours)
-    if qemu.rc:
+    if qemu.rc and not repaired:
         assert our_path.read_bytes() == before, "a refused resize changed the image"
         return qemu, ours
     assert _info(our_path, fmt) == _info(qemu_path, fmt)
@@ -628,3 +631,98 @@ def test_locked_by_a_running_qemu(tmp_path: Path, read_only: bool) -> None:
         assert path.read_bytes() == before
     finally:
         holder.communicate(b"quit\n", timeout=30)
+
+
+# --- dirty images (lazy refcounts, not closed cleanly) ----------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["killed", "leak", "low"])
+@pytest.mark.parametrize("args", [("8M",), ("+1G",), ("--shrink", "3M"), ("1M",), ("-1",)])
+def test_dirty_qcow2_repaired_first(tmp_path: Path, kind: str, args: tuple[str, ...]) -> None:
+    """qemu's read-write open repairs a dirty image (its check's lines on
+    stderr) before resizing it; a refusal after the open leaves it repaired."""
+    def make(path: Path) -> None:
+        make_dirty_qcow2(path, kind)
+    qemu, _ = _compare(tmp_path, "qcow2", make, *args, repaired=True)
+    assert "cluster" in qemu.stderr  # the repair's lines were printed, and matched
+
+
+@pytest.mark.parametrize("name", ["empty.bochs", "simple-dmg.dmg", "simple-pattern.cloop"])
+@pytest.mark.parametrize("probe", [False, True])
+def test_read_only_formats(tmp_path: Path, name: str, probe: bool) -> None:
+    """qemu's read-only drivers fail the read-write open: "Image is read-only"."""
+    path = unpack_sample_image(name, tmp_path)
+    before = path.read_bytes()
+    given = () if probe else ("-f", name.rsplit(".", 1)[1])
+    qemu = run_qemu_img("resize", *given, path.name, "+1M", cwd=tmp_path)
+    ours = run_instar("resize", *given, path.name, "+1M", cwd=tmp_path)
+    assert qemu.rc == 1 and "Image is read-only" in qemu.stderr
+    _same_output(qemu, ours)
+    assert path.read_bytes() == before
+
+
+def _count_every_change(monkeypatch: pytest.MonkeyPatch) -> Callable[[int | None], None]:
+    """`mutate.stop_after` counted over all the updates of one command (the
+    repair's, then the resize's), not per update."""
+    made = [0]
+
+    def change(self: mutate.ImageUpdate) -> None:
+        if mutate.stop_after is not None and made[0] >= mutate.stop_after:
+            raise StoppedUpdate(f"stopped after {made[0]} changes")
+        made[0] += 1
+        self.changes += 1
+
+    def reset(value: int | None) -> None:
+        made[0] = 0
+        monkeypatch.setattr(mutate, "stop_after", value)
+
+    monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
+    return reset
+
+
+@pytest.mark.parametrize("kind", ["killed", "leak", "low"])
+def test_dirty_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    kind: str) -> None:
+    """Stopped after k changes (the repair's and the resize's, counted
+    together) for every k: the image reads as before, of the old or the new
+    size; still dirty, qemu's repair makes it clean; else it is clean or only
+    leaks. The last run is the whole resize: clean, the new size."""
+    original = tmp_path / "original.qcow2"
+    make_dirty_qcow2(original, kind)
+    expected = qemu_read_raw(original, tmp_path, "qcow2")
+    old, new = len(expected), 8 << 20
+    reset = _count_every_change(monkeypatch)
+    sizes_seen = set()
+    k = 0
+    while True:
+        image = tmp_path / f"k{k}.qcow2"
+        shutil.copyfile(original, image)
+        reset(k)
+        try:
+            resize(str(image), new, fmt="qcow2", quiet=True,
+                   sandbox=SandboxSettings(mode="off"))
+            finished = True
+        except StoppedUpdate:
+            finished = False
+        reset(None)
+        info = json.loads(qemu_img_ok("info", "--output=json", "-f", "qcow2", str(image)))
+        size = info["virtual-size"]
+        assert size in (old, new), k
+        sizes_seen.add(size)
+        if info["dirty-flag"]:
+            assert size == old, k
+            repaired = run_qemu_img("check", "-r", "all", "-f", "qcow2", str(image))
+            assert repaired.rc == 0, (k, repaired.stdout, repaired.stderr)
+        checked = run_qemu_img("check", "--output=json", "-f", "qcow2", str(image))
+        report = json.loads(checked.stdout)
+        assert checked.rc in (0, 3), (k, checked.stdout, checked.stderr)
+        assert not report.get("corruptions") and not report.get("check-errors"), (k, report)
+        assert qemu_read_raw(image, tmp_path, "qcow2")[:old] == expected, k
+        image.unlink()
+        if finished:
+            assert checked.rc == 0 and size == new
+            break
+        k += 1
+        assert k < 200
+    assert sizes_seen == {old, new}, (sizes_seen, k)
+    assert k > 2

@@ -24,6 +24,7 @@ import pytest
 import hostile_corpus as corpus
 from helpers import (
     Result,
+    make_dirty_qcow2,
     pattern,
     qemu_img_ok,
     qemu_io,
@@ -663,3 +664,22 @@ def test_qemu_sample_images(name: str, tmp_path: Path) -> None:
         before = pair.ours.read_bytes()
         if pair.both(action, "x").rc:
             assert pair.ours.read_bytes() == before
+
+
+@pytest.mark.parametrize("kind", ["killed", "leak", "low"])
+def test_dirty_images_are_repaired_first(kind: str, tmp_path: Path) -> None:
+    """A dirty qcow2 image (lazy refcounts, not closed cleanly) is repaired
+    by the read-write open, its check's lines on stderr, then changed; a
+    listing opens it read-only and leaves it dirty."""
+    pair = Pair(tmp_path, "img.qcow2")
+    make_dirty_qcow2(pair.qemu, kind)
+    pair.copy()
+    assert "cluster" not in pair.both("-l").stderr
+    assert "cluster" in pair.both("-c", "new").stderr
+    pair.assert_same()
+    for steps in ([("-a", "missing")], [("-d", "missing")], [("-a", "new"), ("-d", "new")]):
+        make_dirty_qcow2(pair.qemu, kind)
+        pair.copy()
+        for step in steps:
+            pair.both(*step)
+        pair.assert_same()

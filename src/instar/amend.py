@@ -17,7 +17,7 @@ from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-from instar.writable import opened_for_writing
+from instar.writable import opened_for_writing, repair_if_dirty
 
 
 def amend(path: str, options: list[tuple[str, str]], *, fmt: str | None = None,
@@ -73,6 +73,7 @@ def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[s
         node = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
         for notice in opened_for_writing(node, path, probed=fmt_name is None):
             send(notice)
+        node = repair_if_dirty(opener, file, path, node, send)
         if help_only:
             return fmt.name
         if fmt.name != "qcow2":

@@ -40,6 +40,7 @@ from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.resize import _raw_probe_warning
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
+from instar.writable import repair_if_dirty
 
 if TYPE_CHECKING:
     from instar.files import InputFile
@@ -92,6 +93,7 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
         top = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
         if fmt_name is None and fmt.name == "raw":
             send(Notice(_raw_probe_warning(path)))
+        top = repair_if_dirty(opener, file, path, top, send)
         send(Advance(0, 1))  # qemu's meter starts once the image is open
         chain = _chain(opener, top)
         if len(chain) < 2:

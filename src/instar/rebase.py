@@ -43,6 +43,7 @@ from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.resize import _raw_probe_warning
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
+from instar.writable import repair_if_dirty
 
 if TYPE_CHECKING:
     from instar.formats.qcow2.guest_writes import GuestWriter as Qcow2Writer
@@ -113,6 +114,7 @@ def _rebase_job(broker: Broker, send: EventSink, path: str, backing: str | None,
             send(Notice(_raw_probe_warning(path)))
         if fmt.name == "qcow2":
             _check_qcow2(node)
+            node = repair_if_dirty(opener, file, path, node, send, with_backing=not unsafe)
         if backing_fmt is not None and registry.get(backing_fmt) is None \
                 and not registry.is_recognised_only(backing_fmt):
             raise RebaseError(f"Invalid format name: '{backing_fmt}'")
@@ -210,9 +212,6 @@ def _check_qcow2(node: OpenedNode) -> None:
     if extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
         raise UnsupportedError("rebasing a qcow2 image with persistent bitmaps is not "
                                "supported yet")
-    if header.incompatible_features & L.INCOMPAT_DIRTY:
-        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
-                               "repair it before a rebase yet: run 'qemu-img check -r all'")
 
 
 def _copy(node: OpenedNode, new_backing: Image | None, update: ImageUpdate,

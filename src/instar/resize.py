@@ -14,11 +14,12 @@ All writes go through `instar.mutate.ImageUpdate`, in its crash-safe order.
 from __future__ import annotations
 
 from instar.errors import FormatError, ImageOpenError, ResizeError, UnsupportedError
-from instar.events import EventSink, Line, Notice
+from instar.events import EventSink, Line
 from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
+from instar.writable import opened_for_writing, refuse_read_only, repair_if_dirty
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 # qemu's BDRV_MAX_LENGTH: the largest length the block layer takes.
@@ -80,9 +81,11 @@ def _resize_job(broker: Broker, send: EventSink, path: str, size: int, relative:
     opener = ImageOpener(broker=broker)
     try:
         fmt = opener.choose_format(file, path, fmt_name)
+        refuse_read_only(fmt.name, path)
         node = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)
-        if fmt_name is None and fmt.name == "raw":
-            send(Notice(_raw_probe_warning(path)))
+        for notice in opened_for_writing(node, path, probed=fmt_name is None):
+            send(notice)
+        node = repair_if_dirty(opener, file, path, node, send)
         current = node.image.virtual_size
         total = _int64(size if not relative else current + relative * size)
         if total <= 0:

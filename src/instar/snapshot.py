@@ -23,7 +23,7 @@ from instar.formats.base import SnapshotDetails
 from instar.opener import Broker, ImageOpener, open_error
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-from instar.writable import opened_for_writing
+from instar.writable import opened_for_writing, repair_if_dirty
 
 
 class Listing(NamedTuple):
@@ -107,6 +107,7 @@ def _change_job(broker: Broker, send: EventSink, path: str, action: str, name: s
             notices += notices  # file: the image is opened again, warnings and all
         for notice in notices:
             send(notice)
+        node = repair_if_dirty(opener, file, path, node, send)
         if fmt.name != "qcow2":
             raise SnapshotError(prefix + NO_SNAPSHOTS[action])
         from instar.formats.qcow2 import layout as L

@@ -21,8 +21,8 @@ a backing file (`ZeroExpansion`).
 Not supported yet (one line, nothing written): ``refcount_bits`` with
 another change in the same command, encryption options, a downgrade of an
 image with a backing file and zero clusters (qemu allocates clusters for
-them), zstd compression, persistent
-bitmaps or a dirty image, and ``size`` with a version change in the same
+them), zstd compression, persistent bitmaps, and ``size`` with a version
+change in the same
 command.
 """
 
@@ -167,9 +167,6 @@ def _check_supported(driver: Qcow2Driver) -> None:
     if driver.extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
         raise UnsupportedError("amending a qcow2 image with persistent bitmaps is not "
                                "supported yet")
-    if header.incompatible_features & L.INCOMPAT_DIRTY:
-        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
-                               "repair it before amending yet: run 'qemu-img check -r all'")
     if header.crypt_method:
         raise UnsupportedError("amending an encrypted qcow2 image is not supported yet")
 

@@ -49,9 +49,6 @@ def check_emptiable(driver: Qcow2Driver) -> None:
     as qemu does."""
     header = driver.header
     cluster = header.cluster_size
-    if header.incompatible_features & L.INCOMPAT_DIRTY:
-        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
-                               "repair it before a commit yet: run 'qemu-img check -r all'")
     if not _completely(driver):
         if (header.nb_snapshots or driver.extensions.has_bitmaps or header.crypt_method
                 or header.incompatible_features & L.INCOMPAT_DATA_FILE):

@@ -26,7 +26,8 @@ An L2 table shared with an internal snapshot is copied first (the copy is
 written and claimed before the L1 table points at it), as qemu copies it.
 
 Refused (one line, nothing written): images with persistent bitmaps, an
-external data file, the dirty or corrupt bit, preallocation with a backing
+external data file, the corrupt bit (a dirty image is repaired when it
+is opened: `writable.repair_if_dirty`), preallocation with a backing
 file, extended L2 entries or a compressed or zero cluster where the old size
 ends, and refcounts that do not match what is being freed.
 """
@@ -66,9 +67,6 @@ def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> 
     if header.incompatible_features & L.INCOMPAT_DATA_FILE:
         raise UnsupportedError("resizing a qcow2 image with an external data file is not "
                                "supported yet")
-    if header.incompatible_features & L.INCOMPAT_DIRTY:
-        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
-                               "repair it before resizing yet: run 'qemu-img check -r all'")
     if preallocation != "off" and (header.backing_file_offset or header.extended_l2):
         what = "a backing file" if header.backing_file_offset else "extended L2 entries"
         raise UnsupportedError(f"preallocation={preallocation} is not supported yet for "

@@ -338,10 +338,6 @@ def _check_supported(driver: Qcow2Driver) -> None:
     bitmaps are left as they are (qemu's snapshot commands do not change
     them either; the consistency check counts their clusters)."""
     header = driver.header
-    if header.incompatible_features & L.INCOMPAT_DIRTY:
-        raise UnsupportedError("the qcow2 image is dirty (lazy refcounts); instar does not "
-                               "repair it before changing snapshots yet: run "
-                               "'qemu-img check -r all'")
     if header.refcount_table_clusters * header.cluster_size > MAX_REFTABLE_BYTES:
         raise FormatError("Reference count table too large")
     end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
