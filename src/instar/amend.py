@@ -14,10 +14,10 @@ from instar.errors import ImageOpenError, OptionError
 from instar.events import EventSink
 from instar.formats.options import CreateOptions, ParsedOptions, parse_options
 from instar.mutate import ImageUpdate
-from instar.opener import Broker, ImageOpener
+from instar.opener import Broker
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-from instar.writable import opened_for_writing, repair_if_dirty
+from instar.writable import open_for_update, opened_for_writing, repair_if_dirty
 
 
 def amend(path: str, options: list[tuple[str, str]], *, fmt: str | None = None,
@@ -61,13 +61,7 @@ def _parse(given: list[tuple[str, str]]) -> ParsedOptions:
 def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[str, str]],
                fmt_name: str | None, help_only: bool) -> str:
 
-    if not path:
-        raise ImageOpenError(path, "The 'file' block driver requires a file name")
-    try:
-        file = broker.open_image_for_update(path)
-    except OSError as error:
-        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-    opener = ImageOpener(broker=broker)
+    file, opener = open_for_update(broker, path)
     try:
         fmt = opener.choose_format(file, path, fmt_name)
         node = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)

@@ -35,6 +35,7 @@ from instar.findings import CheckResult
 from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
+from instar.writable import open_for_update, refuse_read_only
 
 
 def check_image(
@@ -97,8 +98,6 @@ REPAIR_MODES = ("leaks", "all")
 # Formats whose check qemu 7.2 runs read-write but instar does not repair yet:
 # checked, and refused when the check finds something qemu would change.
 _REPAIR_NOT_YET = frozenset({"vhdx"})
-# qemu's read-only formats: opening them for writing fails.
-_READ_ONLY = frozenset({"dmg", "bochs", "cloop"})
 _VHDX_LOG = "contains a log that needs to be replayed"  # the vhdx reader's read-only refusal
 
 
@@ -135,13 +134,7 @@ def repair_image(
 
 def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
                 mode: str) -> tuple[CheckResult, CheckResult | None]:
-    if not path:
-        raise ImageOpenError(path, "The 'file' block driver requires a file name")
-    try:
-        file = broker.open_image_for_update(path)
-    except OSError as error:
-        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-    opener = ImageOpener(broker=broker)
+    file, opener = open_for_update(broker, path)
     close: Callable[[], None] = lambda: None  # noqa: E731 - what closing the image does
 
     def reopen() -> OpenedNode:
@@ -160,8 +153,7 @@ def _repair_job(broker: Broker, send: EventSink, path: str, fmt: str | None,
                                        "yet (qemu-img check -r all replays it)") from None
             raise
         name = node.format.name
-        if name in _READ_ONLY:
-            raise ImageOpenError(path, "Image is read-only")
+        refuse_read_only(name, path)
         if fmt is None and name == "raw":
             from instar.resize import _raw_probe_warning
 

@@ -40,7 +40,7 @@ from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.resize import _raw_probe_warning
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-from instar.writable import repair_if_dirty
+from instar.writable import open_for_update, repair_if_dirty
 
 if TYPE_CHECKING:
     from instar.files import InputFile
@@ -81,13 +81,7 @@ def commit(
 def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None,
                 base_name: str | None, drop: bool) -> None:
     """commit itself, reaching files only through ``broker`` (it may run in a worker)."""
-    if not path:
-        raise ImageOpenError(path, "The 'file' block driver requires a file name")
-    try:
-        file = broker.open_image_for_update(path)
-    except OSError as error:
-        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-    opener = ImageOpener(broker=broker)
+    file, opener = open_for_update(broker, path)
     try:
         fmt = opener.choose_format(file, path, fmt_name)
         top = opener.open_file_node(file, path, fmt.name, with_backing=True, depth=0)

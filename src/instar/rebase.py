@@ -43,7 +43,7 @@ from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.resize import _raw_probe_warning
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-from instar.writable import repair_if_dirty
+from instar.writable import open_for_update, repair_if_dirty
 
 if TYPE_CHECKING:
     from instar.formats.qcow2.guest_writes import GuestWriter as Qcow2Writer
@@ -98,13 +98,7 @@ def _change_error(backing: str | None, backing_fmt: str | None, error: OSError) 
 def _rebase_job(broker: Broker, send: EventSink, path: str, backing: str | None,
                 fmt_name: str | None, backing_fmt: str | None, unsafe: bool) -> None:
     """rebase itself, reaching files only through ``broker`` (it may run in a worker)."""
-    if not path:
-        raise ImageOpenError(path, "The 'file' block driver requires a file name")
-    try:
-        file = broker.open_image_for_update(path)
-    except OSError as error:
-        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-    opener = ImageOpener(broker=broker)
+    file, opener = open_for_update(broker, path)
     try:
         fmt = opener.choose_format(file, path, fmt_name)
         if fmt.name in READ_ONLY_FORMATS:  # qemu's drivers refuse before they parse

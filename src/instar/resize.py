@@ -13,13 +13,13 @@ All writes go through `instar.mutate.ImageUpdate`, in its crash-safe order.
 
 from __future__ import annotations
 
-from instar.errors import FormatError, ImageOpenError, ResizeError, UnsupportedError
+from instar.errors import FormatError, ResizeError, UnsupportedError
 from instar.events import EventSink, Line
 from instar.mutate import ImageUpdate
-from instar.opener import Broker, ImageOpener
+from instar.opener import Broker
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-from instar.writable import opened_for_writing, refuse_read_only, repair_if_dirty
+from instar.writable import open_for_update, opened_for_writing, refuse_read_only, repair_if_dirty
 
 PREALLOCATION_MODES = ("off", "metadata", "falloc", "full")
 # qemu's BDRV_MAX_LENGTH: the largest length the block layer takes.
@@ -72,13 +72,7 @@ def _raw_probe_warning(name: str) -> str:
 def _resize_job(broker: Broker, send: EventSink, path: str, size: int, relative: int,
                 fmt_name: str | None, shrink: bool, preallocation: str) -> None:
     """resize itself, reaching files only through ``broker`` (it may run in a worker)."""
-    if not path:
-        raise ImageOpenError(path, "The 'file' block driver requires a file name")
-    try:
-        file = broker.open_image_for_update(path)
-    except OSError as error:
-        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-    opener = ImageOpener(broker=broker)
+    file, opener = open_for_update(broker, path)
     try:
         fmt = opener.choose_format(file, path, fmt_name)
         refuse_read_only(fmt.name, path)

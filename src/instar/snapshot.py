@@ -23,7 +23,7 @@ from instar.formats.base import SnapshotDetails
 from instar.opener import Broker, ImageOpener, open_error
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
-from instar.writable import opened_for_writing, repair_if_dirty
+from instar.writable import open_for_update, opened_for_writing, repair_if_dirty
 
 
 class Listing(NamedTuple):
@@ -91,13 +91,7 @@ def _change_job(broker: Broker, send: EventSink, path: str, action: str, name: s
     """The change itself, reaching files only through ``broker`` (it may run in a worker)."""
     from instar.mutate import ImageUpdate
 
-    if not path:
-        raise ImageOpenError(path, "The 'file' block driver requires a file name")
-    try:
-        file = broker.open_image_for_update(path)
-    except OSError as error:
-        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
-    opener = ImageOpener(broker=broker)
+    file, opener = open_for_update(broker, path)
     prefix = ACTION_PREFIX[action].format(name)
     try:
         fmt = opener.choose_format(file, path, None)

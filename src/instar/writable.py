@@ -13,13 +13,26 @@ from typing import TYPE_CHECKING
 
 from instar.errors import ImageOpenError, UnsupportedError
 from instar.events import EventSink, Notice
-from instar.opener import ImageOpener, OpenedNode
+from instar.opener import Broker, ImageOpener, OpenedNode
 
 if TYPE_CHECKING:
     from instar.files import InputFile
     from instar.findings import CheckResult
 
 READ_ONLY = frozenset({"dmg", "bochs", "cloop"})  # qemu's drivers that refuse read-write
+
+
+def open_for_update(broker: Broker, path: str) -> tuple[InputFile, ImageOpener]:
+    """The image the user named to change, open read-write through ``broker``,
+    and an opener for it and its chain: qemu's words for no file name and for
+    a file that cannot be opened. The caller closes the opener."""
+    if not path:
+        raise ImageOpenError(path, "The 'file' block driver requires a file name")
+    try:
+        file = broker.open_image_for_update(path)
+    except OSError as error:
+        raise ImageOpenError(path, f"Could not open '{path}': {error.strerror}") from None
+    return file, ImageOpener(broker=broker)
 
 
 def refuse_read_only(name: str, path: str) -> None:
