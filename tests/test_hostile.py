@@ -56,6 +56,7 @@ import pytest
 import hostile_corpus as corpus
 from helpers import QEMU_IMG, require_qemu
 from hostile_corpus import Case, Place
+from spawner import Spawner
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 LIMIT_SECONDS = 5.0
@@ -104,39 +105,41 @@ def environment() -> dict[str, str]:
 ENV = environment()
 
 
+_SPAWNER = Spawner()
+
+
 def run_instar(label: str, args: list[str], place: Place) -> Run:
     """``python -m instar --timeout 5 --max-memory 512M ARGS`` in the case's
     directory, with its wall clock and its maximum resident size (wait4
     reports the larger of the process and the children it waited for: the
-    worker). Its output is captured outside the case's directory."""
+    worker). Started by a small spawner process (tests/spawner.py), so the
+    peak is instar's own, not this test process's size. Its output is
+    captured outside the case's directory."""
     command = [sys.executable, "-m", "instar", "--timeout", "5", "--max-memory", "512M", *args]
     out_path, err_path = place.scratch / "stdout", place.scratch / "stderr"
-    with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        started = time.monotonic()
-        process = subprocess.Popen(command, cwd=place.root, stdin=subprocess.DEVNULL, stdout=out,
-                                   stderr=err, env=ENV, start_new_session=True)
-        hung = threading.Event()
+    started = time.monotonic()
+    pid = _SPAWNER.start(command, str(place.root), ENV, str(out_path), str(err_path))
+    hung = threading.Event()
 
-        def kill() -> None:
-            hung.set()
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
+    def kill() -> None:
+        hung.set()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
 
-        watchdog = threading.Timer(WATCHDOG_SECONDS, kill)
-        watchdog.start()
-        try:
-            _, status, usage = os.wait4(process.pid, 0)
-        finally:
-            watchdog.cancel()
-        seconds = time.monotonic() - started
-        process.returncode = os.waitstatus_to_exitcode(status)
-        with contextlib.suppress(ProcessLookupError):  # a worker left behind
-            os.killpg(process.pid, signal.SIGKILL)
+    watchdog = threading.Timer(WATCHDOG_SECONDS, kill)
+    watchdog.start()
+    try:
+        ended = _SPAWNER.wait()
+    finally:
+        watchdog.cancel()
+    seconds = time.monotonic() - started
+    with contextlib.suppress(ProcessLookupError):  # a worker left behind
+        os.killpg(pid, signal.SIGKILL)
     stdout, stderr = out_path.read_bytes(), err_path.read_bytes()
     out_path.unlink()
     err_path.unlink()
-    return Run(label, args, process.returncode, stdout, stderr, seconds,
-               usage.ru_maxrss * 1024, usage.ru_utime + usage.ru_stime, hung.is_set())
+    return Run(label, args, os.waitstatus_to_exitcode(ended.status), stdout, stderr, seconds,
+               ended.max_rss, ended.cpu_seconds, hung.is_set())
 
 
 def run_qemu(args: list[str], cwd: Path) -> subprocess.CompletedProcess[bytes] | None:
