@@ -26,6 +26,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from instar import signals
+from instar.cli.access import HelpRequested
 from instar.cli.output import (
     GuardedStdout,
     protect_standard_descriptors,
@@ -176,6 +177,9 @@ def _main(args: list[str]) -> int:
     previous = configure(settings)  # every job of this command runs so
     try:
         status: int = module.run(args[1:])
+    except HelpRequested:
+        sys.stdout.write(module.HELP)
+        return 0
     except InstarError as error:
         # Only instar's own usage messages span lines; image-derived text never may.
         report_error(str(error), multiline=isinstance(error, UsageError))

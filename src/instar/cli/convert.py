@@ -13,8 +13,6 @@ qemu-img checks them): ``-T`` (source cache mode), ``-m`` (coroutines), ``-r``
 
 from __future__ import annotations
 
-import sys
-
 from instar.cli.access import AccessOptions
 from instar.cli.dd import check_option_list, parse_creation_options
 from instar.cli.getopt import gnu_getopt
@@ -105,12 +103,7 @@ def run(args: list[str]) -> int:
     access = AccessOptions()
     wants_help = require_safe = False
     cache, source_cache = "unsafe", "writeback"
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
-        if access.take(option, value):
-            continue
+    for option, value in access.command_options(parsed):
         if option == "-f":
             input_format = value
         elif option == "-O":

@@ -64,12 +64,7 @@ def run(args: list[str]) -> int:
     chain = False
     version = (7, 2)
     access = AccessOptions()
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
-        if access.take(option, value):
-            continue
+    for option, value in access.command_options(parsed):
         if option in ("-f", "--format"):
             fmt = value
         elif option == "--output":

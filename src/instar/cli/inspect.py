@@ -11,8 +11,6 @@ finding codes and the policy file.
 
 from __future__ import annotations
 
-import sys
-
 from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.errors import InvalidArgumentError, UsageError
@@ -67,12 +65,7 @@ def run(args: list[str]) -> int:
     allow_formats: list[str] = []
     policy_file: str | None = None
     access = AccessOptions()
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
-        if access.take(option, value):
-            continue
+    for option, value in access.command_options(parsed):
         if option in ("-f", "--format"):
             claimed = value
         elif option == "--output":

@@ -11,7 +11,6 @@ a VHDX), as qemu-img's does.
 
 from __future__ import annotations
 
-import sys
 from typing import TYPE_CHECKING
 
 from instar.cli.access import AccessOptions
@@ -54,12 +53,7 @@ def run(args: list[str]) -> int:
     start = 0
     max_length: int | None = None
     access = AccessOptions()
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
-        if access.take(option, value):
-            continue
+    for option, value in access.command_options(parsed):
         if option in ("-f", "--format"):
             fmt = value
         elif option == "--output":

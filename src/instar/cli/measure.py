@@ -59,12 +59,7 @@ def run(args: list[str]) -> int:
     output = "human"
     size: int | None = None
     access = AccessOptions()
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
-        if access.take(option, value):
-            continue
+    for option, value in access.command_options(parsed):
         if option == "-f":
             fmt = value
         elif option == "-O":

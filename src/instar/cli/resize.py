@@ -68,12 +68,7 @@ def run(args: list[str]) -> int:
     quiet = shrink = False
     preallocation = "off"
     access = AccessOptions()
-    for option, value in parsed.options:
-        if access.take(option, value):
-            continue
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
+    for option, value in access.command_options(parsed):
         if option == "-f":
             fmt = value
         elif option == "-q":

@@ -60,12 +60,7 @@ def run(args: list[str]) -> int:
     action: str | None = None
     name = ""
     access = AccessOptions()
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
-        if access.take(option, value):
-            continue
+    for option, value in access.command_options(parsed):
         if option in ACTIONS:
             if action is not None:
                 raise GetoptError("Cannot mix '-l', '-a', '-c', '-d'")
