@@ -342,7 +342,7 @@ def test_not_supported_yet(tmp_path: Path) -> None:
                       *_qcow2("sn.qcow2", None, "write -P 2 0 64k", backing="b2.qcow2"),
                       ("snapshot", "-c", "s", "sn.qcow2"),
                       ("create", "-f", "qcow", "-b", "b2.qcow2", "-F", "qcow2", "o.qcow")])
-    _refused(tmp_path, "ov.qcow2", words="vmdk image is not supported yet")
+    _refused(tmp_path, "ov.qcow2", words="vmdk image in place is not supported yet")
     _refused(tmp_path, "sn.qcow2", words="not supported yet")
     _refused(tmp_path, "o.qcow", words="not supported yet")
     result = run_instar("commit", "-d", "sn.qcow2", cwd=tmp_path)  # kept: fine

@@ -44,7 +44,9 @@ from instar.writable import open_for_update, repair_if_dirty
 
 if TYPE_CHECKING:
     from instar.files import InputFile
+    from instar.formats.base import GuestUpdater
     from instar.formats.qcow2.reader import Qcow2Driver
+    from instar.image import Driver
 
 STEP = 2 << 20  # bytes read from the chain at a time, at most
 # The formats qemu 7.2 empties after a commit (bdrv_make_empty); it leaves the
@@ -109,9 +111,6 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             from instar.formats.qcow2.make_empty import check_emptiable
 
             check_emptiable(top.image.driver)  # type: ignore[arg-type]
-        if base.format.name not in ("raw", "qcow2"):
-            raise UnsupportedError(f"committing into a {base.format.name} image is not "
-                                   "supported yet")
         target = _open_base(opener, base)
         send(Advance(0, 1))  # and is drawn again when its job starts
         _write_base(opener, chain[:depth], base, target)
@@ -208,7 +207,22 @@ def _write_base(opener: ImageOpener, above: list[OpenedNode], base: OpenedNode,
     if base.format.name == "raw":
         _write_raw(top, ranges, size, target, update)
     else:
-        _write_qcow2(opener, top, base, ranges, size, target, update)
+        if base.format.name == "qcow2":
+            _prepare_qcow2(opener, base, size, target)
+        elif base.image.virtual_size < size:
+            # qemu's job cannot grow the base of this format (no truncate)
+            raise ImageCommitError("Block job failed: Operation not supported")
+        driver = _base_driver(opener, base, target)
+        writer = base.format.open_updater(driver, update, "commit into the base")
+        base_size = driver.virtual_size
+        try:
+            _write_units(top, base, ranges, size, base_size, writer)
+        except BaseException:
+            writer.abandon()
+            raise
+        writer.finish()
+        writer.write_header()
+        writer.release()
     update.finish()
 
 
@@ -226,18 +240,14 @@ def _write_raw(top: Image, ranges: list[tuple[int, int]], size: int, target: Inp
             update.write(offset, top.read(offset, length))
 
 
-def _write_qcow2(opener: ImageOpener, top: Image, base: OpenedNode,
-                 ranges: list[tuple[int, int]], size: int, target: InputFile,
-                 update: ImageUpdate) -> None:
-    """A qcow2 base: grown to ``size`` if smaller (a resize of its own,
-    complete before the data), then each base cluster a range touches
-    rewritten with what the top image reads there (its part past the top
-    image's end as the base reads it), through the GuestWriter."""
+def _prepare_qcow2(opener: ImageOpener, base: OpenedNode, size: int,
+                   target: InputFile) -> None:
+    """qemu's refusals for a qcow2 base, then the base grown to ``size`` if
+    smaller (a resize of its own, complete on disk before the data)."""
     from instar.formats.qcow2 import layout as L
-    from instar.formats.qcow2.guest_writes import GuestWriter, check_writable
-    from instar.formats.qcow2.reader import Qcow2Driver
+    from instar.formats.qcow2.guest_writes import check_writable
 
-    driver = _qcow2_driver(opener, base, target)
+    driver: Qcow2Driver = _base_driver(opener, base, target)  # type: ignore[assignment]
     _check_qcow2(base)
     check_writable(driver, "commit into the base")
     if driver.extensions.has_bitmaps or driver.header.autoclear_features & L.AUTOCLEAR_BITMAPS:
@@ -257,10 +267,12 @@ def _write_qcow2(opener: ImageOpener, top: Image, base: OpenedNode,
         resize_qcow2(driver, grow, size, "off", zero_fill)
         grow.finish()
         target.size = os.fstat(target.fd).st_size
-        driver = _qcow2_driver(opener, base, target)
-    assert isinstance(driver, Qcow2Driver)
-    base_size = driver.header.size
-    writer = GuestWriter(driver, update, "commit")
+
+
+def _write_units(top: Image, base: OpenedNode, ranges: list[tuple[int, int]], size: int,
+                 base_size: int, writer: GuestUpdater) -> None:
+    """Each base unit a range touches rewritten with what the top image
+    reads there (its part past the top image's end as the base reads it)."""
     unit = writer.unit
     zeros = bytes(unit)
     done = -1  # the last unit written (two ranges may share one)
@@ -272,16 +284,10 @@ def _write_qcow2(opener: ImageOpener, top: Image, base: OpenedNode,
                 data += base.image.read(size, min(at + unit, base_size) - size)
             data = data.ljust(unit, b"\0")
             if data == zeros and not _holds_data(top, at, min(unit, size - at)):
-                writer.overwrite(number, None)  # qemu writes zeros there: a zero cluster
+                writer.overwrite(number, None)  # qemu writes zeros there
             else:
                 writer.overwrite(number, data)  # stored bytes (zeros too) are copied
             done = number
-    writer.finish()
-    table = writer.refcount_table()
-    if table is not None:
-        update.phase("header")
-        update.write(48, table[0].to_bytes(8, "big") + table[1].to_bytes(4, "big"))
-    writer.release()
 
 
 def _holds_data(image: Image, offset: int, length: int) -> bool:
@@ -289,8 +295,9 @@ def _holds_data(image: Image, offset: int, length: int) -> bool:
     return any(extent.kind is ExtentKind.DATA for extent in image.extents(offset, length))
 
 
-def _qcow2_driver(opener: ImageOpener, base: OpenedNode, target: InputFile) -> Qcow2Driver:
-    """The base's qcow2 tables as they are on disk now, read from ``target``."""
-    node = opener.open_file_node(target, base.path, "qcow2", with_backing=False, depth=0)
-    return node.image.driver  # type: ignore[return-value]
+def _base_driver(opener: ImageOpener, base: OpenedNode, target: InputFile) -> Driver:
+    """The base's layer as it is on disk now, read from ``target``."""
+    node = opener.open_file_node(target, base.path, base.format.name, with_backing=False,
+                                 depth=0)
+    return node.image.driver
 

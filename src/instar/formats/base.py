@@ -19,6 +19,7 @@ from instar.record import Record
 if TYPE_CHECKING:
     from instar.findings import CheckResult
     from instar.image import Driver, Image
+    from instar.mutate import ImageUpdate
 
 
 class Resolver(Protocol):
@@ -80,6 +81,33 @@ class Writer(Protocol):
     def abort(self) -> None: ...
 
 
+class GuestUpdater(Protocol):
+    """Guest data written into an existing image in place, in a crash-safe
+    order (``commit`` writes its base through one): whole units of ``unit``
+    bytes, through the `instar.mutate.ImageUpdate` it was made with.
+
+    ``overwrite`` gives guest unit ``number`` the bytes ``data`` (a whole
+    unit), or zeros when None, stored as the format stores zeros (a zero
+    cluster, or zero bytes); units the image holds already are rewritten.
+    ``finish`` writes what the units need (new tables, then the pointers);
+    ``write_header`` the header fields they changed (phase header);
+    ``release`` frees what the old structure held, after the caller's header
+    writes; ``abandon`` gives up after a failure before ``finish``.
+    """
+
+    unit: int
+
+    def overwrite(self, number: int, data: bytes | None) -> None: ...
+
+    def finish(self) -> None: ...
+
+    def write_header(self) -> None: ...
+
+    def release(self) -> None: ...
+
+    def abandon(self) -> None: ...
+
+
 class Format(Protocol):
     """One image format: probing, reading, sizing and creating."""
 
@@ -117,6 +145,10 @@ class Format(Protocol):
 
     def describe(self, driver: Driver) -> FormatDetails:
         """What ``qemu-img info`` shows beyond the size and name of an image."""
+        ...
+
+    def open_updater(self, driver: Driver, update: ImageUpdate, what: str) -> GuestUpdater:
+        """The in-place writer of ``driver``'s image (see `GuestUpdater`)."""
         ...
 
     def check(self, driver: Driver) -> CheckResult:
@@ -264,6 +296,9 @@ class FormatBase:
     checker: str | None = None  # (driver) -> CheckResult; None: qemu has no check for it
     # (options, size, source) -> Measurement; None: qemu's "does not support size measurement"
     measurer: str | None = None
+    # (driver, update, what) -> GuestUpdater; None: instar does not change
+    # this format's guest data in place (yet)
+    updater: str | None = None
     # The writer checks (and does) ``preallocation`` itself, in its driver's
     # order; otherwise `create` checks the file protocol's mode first.
     checks_preallocation = False
@@ -296,6 +331,15 @@ class FormatBase:
             return FormatDetails()
         details: FormatDetails = _entry(self.describer)(driver)
         return details
+
+    def open_updater(self, driver: Driver, update: ImageUpdate, what: str) -> GuestUpdater:
+        """The in-place writer of ``driver``'s image, its writes made through
+        ``update``; ``what`` names the command in refusals."""
+        if self.updater is None:
+            raise UnsupportedError(f"{what}: writing into a {self.name} image in place is "
+                                   "not supported yet")
+        updater: GuestUpdater = _entry(self.updater)(driver, update, what)
+        return updater
 
     def check(self, driver: Driver) -> CheckResult:
         """qemu-img check's structural walk of the layer ``open`` returned

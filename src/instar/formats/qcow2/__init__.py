@@ -17,6 +17,7 @@ from instar.formats.qcow2 import layout
 class Qcow2Format(FormatBase):
     name = "qcow2"
     reader = "instar.formats.qcow2.reader:open_image"
+    updater = "instar.formats.qcow2.guest_writes:GuestWriter"
     writer = "instar.formats.qcow2.writer:create_writer"
     describer = "instar.formats.qcow2.info:describe"
     checker = "instar.formats.qcow2.check:check"

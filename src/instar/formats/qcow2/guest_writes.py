@@ -289,6 +289,13 @@ class GuestWriter:
         """The refcount table's (offset, clusters) for the header, if it moved."""
         return self.refcounts.new_table
 
+    def write_header(self) -> None:
+        """The refcount table's place in the header, if it moved (phase header)."""
+        table = self.refcounts.new_table
+        if table is not None:
+            self.update.phase("header")
+            self.update.write(48, table[0].to_bytes(8, "big") + table[1].to_bytes(4, "big"))
+
     def release(self) -> None:
         """After the header: drop the references the active L1 no longer holds."""
         if not self._entries:
