@@ -27,7 +27,9 @@ from helpers import Result, qemu_img_ok, qemu_io, qemu_read_raw, run_instar, run
 from instar import mutate
 from instar.commit import commit
 from instar.errors import StoppedUpdate
+from instar.formats.vhdx import guest_writes as vhdx_writes
 from instar.formats.vhdx import layout
+from instar.formats.vpc import guest_writes as vpc_writes
 from instar.worker import SandboxSettings
 from test_vhdx_reader import make_child, make_log_entry
 
@@ -103,11 +105,22 @@ def _independent_reads(image: Path, fmt: str, expected: bytes) -> None:
         assert disk.read(len(expected)) == expected
 
 
+def _in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks written in 512 KiB parts (the writers' path for blocks over 2 MiB)."""
+    monkeypatch.setattr(vpc_writes, "MAX_UNIT", 512 << 10)
+    monkeypatch.setattr(vhdx_writes, "MAX_UNIT", 512 << 10)
+
+
 @pytest.mark.usefixtures("allow_own_directories")
-@pytest.mark.parametrize("args", [(), ("-d",)])
-@pytest.mark.parametrize("kind", list(BASES))
-def test_parity(tmp_path: Path, kind: str, args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("kind,args,parts", [(kind, (), False) for kind in BASES]
+                         + [("vpc-dynamic", ("-d",), False), ("vhdx-dynamic", ("-d",), False),
+                            ("vpc-dynamic", (), True), ("vhdx-dynamic", (), True)])
+def test_parity(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str,
+                args: tuple[str, ...], parts: bool) -> None:
+    """``parts``: blocks written in 512 KiB parts, as blocks over 2 MiB are."""
     fmt = BASES[kind][0]
+    if parts:
+        _in_parts(monkeypatch)
     writes = TOP_WRITES + (("write -P 5 8M 1k",) if fmt == "vpc" else ())  # the CHS tail
     qbase = _chain(tmp_path / "q", kind, top_writes=writes)
     ibase = _chain(tmp_path / "i", kind, top_writes=writes)  # a copy would fill the holes
@@ -166,13 +179,17 @@ def test_vhdx_headers_renewed(tmp_path: Path) -> None:
 # --- crash safety -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["vpc-dynamic", "vpc-fixed", "vhdx-dynamic", "vhdx-fixed"])
+@pytest.mark.parametrize("kind,parts", [("vpc-dynamic", False), ("vpc-fixed", False),
+                                        ("vhdx-dynamic", False), ("vhdx-fixed", False),
+                                        ("vpc-dynamic", True)])
 def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                              kind: str) -> None:
+                              kind: str, parts: bool) -> None:
     """commit stopped after k changes for every k until it finishes: the
     base reads, unit by unit, as before or as committed (VHDX: qemu-img check
     clean); the overlay reads as it did."""
     fmt, _, unit = BASES[kind]
+    if parts:
+        unit = 512 << 10
     origin = tmp_path / "origin"
     base = _chain(origin, kind, size="4M",
                   top_writes=("write -P 3 1536k 1M", "write -z 3M 64k"),
@@ -194,6 +211,8 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             update.changes += 1
 
         monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
+        if parts:
+            _in_parts(monkeypatch)
         try:
             commit(str(work / "top.qcow2"), allow=(str(work),),
                    sandbox=SandboxSettings(mode="off"))

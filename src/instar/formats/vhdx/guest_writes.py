@@ -1,8 +1,9 @@
 """Guest data written into an existing VHDX image in place, crash safe.
 
 ``commit`` writes its base through `GuestWriter` (the format's ``updater``),
-a whole payload block at a time: the granularity qemu's commit job copies
-in (qemu reports the block size as the cluster size, fixed images too).
+a whole payload block at a time (2 MiB parts of larger blocks, so that memory
+stays bounded): the granularity qemu's commit job copies in (qemu reports the
+block size as the cluster size, fixed images too).
 
 The order, through one `ImageUpdate` (see `instar.mutate`):
 
@@ -14,9 +15,10 @@ The order, through one `ImageUpdate` (see `instar.mutate`):
    on its first write (and again around each BAT change it logs).
 1. ``data``: a block in the FULLY_PRESENT state is rewritten in place; any
    other block gets a new one, where qemu puts it: at the end of the file
-   rounded up to 1 MiB, the file then grown by the block size. A crash here
+   rounded up to 1 MiB, the file then grown by the block size (its parts
+   not written are a hole: zeros, as the block read before). A crash here
    leaves every block old (nothing points at a new block), or, rewritten in
-   place, new.
+   place, a unit at a time new.
 2. ``pointers``: the new blocks' BAT entries (FULLY_PRESENT, at their
    offset), in place, in runs of neighbours.
 
@@ -42,6 +44,10 @@ from instar.formats.vhdx.layout import MiB
 from instar.formats.vhdx.reader import VhdxDriver
 from instar.image import Driver
 from instar.mutate import ImageUpdate
+
+# A larger block is written in parts of this size, so that memory stays bounded
+# (blocks may be 256 MiB); a new block's parts not written read as zeros (a hole).
+MAX_UNIT = 2 * MiB
 
 
 def new_guid() -> bytes:
@@ -69,7 +75,8 @@ class GuestWriter:
         self.update = update
         self.file = driver.source
         self.geometry = driver.geometry
-        self.unit = driver.block_size
+        self.unit = min(driver.block_size, MAX_UNIT)
+        self.parts = driver.block_size // self.unit  # units a block
         self.file_size = self.file.size
         self.end = self.file_size  # where the next new block goes, rounded up to 1 MiB
         bat = next(r for r in driver.regions if r.guid == layout.BAT_REGION)
@@ -95,23 +102,26 @@ class GuestWriter:
         self._headers_written = True
 
     def overwrite(self, number: int, data: bytes | None) -> None:
-        if number in self._written or number >= self.geometry.payload_blocks:
-            raise AssertionError("a block past the disk, or written twice")
+        block, part = divmod(number, self.parts)
+        if number in self._written or block >= self.geometry.payload_blocks:
+            raise AssertionError("a unit past the disk, or written twice")
         if not self._headers_written:
             self._write_headers()
         self._written.add(number)
-        index = self.geometry.payload_index(number)
+        index = self.geometry.payload_index(block)
         entry = self.driver.bat[index]
-        length = self.geometry.block_length(number)
+        within = part * self.unit
+        length = min(self.unit, self.geometry.block_length(block) - within)
         content = bytes(length) if data is None else data[:length]
         if entry & layout.STATE_MASK == layout.PAYLOAD_FULLY_PRESENT:
             # In the file, clear of the metadata and of every other block: the reader checked.
-            self.update.write(entry & layout.OFFSET_MASK, content)
+            self.update.write((entry & layout.OFFSET_MASK) + within, content)
             return
-        host = -(-self.end // MiB) * MiB
-        self.end = host + self.unit
-        self.update.write(host, content)
-        self._new[index] = layout.bat_entry(host, layout.PAYLOAD_FULLY_PRESENT)
+        if index not in self._new:
+            host = -(-self.end // MiB) * MiB
+            self.end = host + self.geometry.block_size
+            self._new[index] = layout.bat_entry(host, layout.PAYLOAD_FULLY_PRESENT)
+        self.update.write((self._new[index] & layout.OFFSET_MASK) + within, content)
 
     def finish(self) -> None:
         """The file grown to its last new block's end, then the BAT entries."""

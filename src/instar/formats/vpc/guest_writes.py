@@ -1,19 +1,21 @@
 """Guest data written into an existing VHD (qemu's "vpc") in place, crash safe.
 
 ``commit`` writes its base through `guest_writer` (the format's ``updater``),
-whole units at a time: a dynamic disk's blocks, or 64 KiB of a fixed disk's
-data (the granularity qemu's commit job copies in: the block size of a
-dynamic disk, which qemu reports as its cluster size, else 64 KiB).
+whole units at a time: a dynamic disk's blocks (2 MiB parts of larger ones),
+or 64 KiB of a fixed disk's data (the granularity qemu's commit job copies in:
+the block size of a dynamic disk, which qemu reports as its cluster size, else
+64 KiB).
 
 A dynamic disk, through one `ImageUpdate` (see `instar.mutate`):
 
 1. ``data``: a block the BAT does not map is appended where qemu puts it
    (after the BAT and every block any entry names: qemu's
-   ``free_data_block_offset``), its sector bitmap all ones then its data, in
-   one write; the footer copy that ends the file is first written after the
-   new block, so the file always ends in a footer. A block the BAT maps is
-   rewritten in place, in one write. A crash here leaves every block old
-   (the BAT unchanged) or, for a rewritten block, new.
+   ``free_data_block_offset``), its sector bitmap all ones then its data (in
+   one write, unless the block is larger than a unit); the footer copy that
+   ends the file is first written after the new block, so the file always
+   ends in a footer. A block the BAT maps is
+   rewritten in place, a unit a write. A crash here leaves every block old
+   (the BAT unchanged) or, for a rewritten unit, new.
 2. ``pointers``: the new blocks' BAT entries, then the sector bitmaps of the
    rewritten blocks set to all ones where they were not (qemu sets the whole
    bitmap of every block it writes; it reads no bitmap itself).
@@ -46,6 +48,9 @@ from instar.image import Driver
 from instar.mutate import ImageUpdate, SequentialWrites
 
 FIXED_UNIT = 64 << 10  # qemu's default dirty-bitmap granularity, for a disk without clusters
+# A larger block is written in parts of this size, so that memory stays bounded
+# (blocks may be 256 MiB); a new block's parts not written read as zeros (a hole).
+MAX_UNIT = 2 << 20
 
 
 def guest_writer(driver: Driver, update: ImageUpdate, what: str) -> GuestUpdater:
@@ -100,7 +105,8 @@ class DynamicWriter:
         file = driver.file
         self.driver = driver
         self.update = update
-        self.unit = driver.block_size
+        self.unit = min(driver.block_size, MAX_UNIT)
+        self.parts = driver.block_size // self.unit  # units a block
         self.bitmap = bitmap_size(driver.block_size)
         self.span = self.bitmap + driver.block_size
         self.footer = file.pread_exact(0, FOOTER_SIZE, "VHD footer")  # the reader checked it
@@ -116,6 +122,8 @@ class DynamicWriter:
                      if self.file_size - FOOTER_SIZE >= self.free else b"")
         self._new: dict[int, int] = {}  # block -> its new BAT entry
         self._rewritten: list[int] = []  # blocks whose bitmap must become all ones
+        self._bitmaps: set[int] = set()  # blocks rewritten in place (host offsets)
+        self._written: set[int] = set()  # units
 
     def _first_free(self, header: DynamicHeader) -> int:
         """Where qemu appends a block: past the BAT (all ``max_table_entries``
@@ -136,23 +144,37 @@ class DynamicWriter:
         return free
 
     def overwrite(self, number: int, data: bytes | None) -> None:
+        block, part = divmod(number, self.parts)
         bat = self.driver.bat
-        if number >= len(bat) or number in self._new:
-            raise AssertionError("a block past the disk, or written twice")
+        if block >= len(bat) or number in self._written:
+            raise AssertionError("a unit past the disk, or written twice")
+        self._written.add(number)
         self.update.phase("data")
         content = bytes(self.unit) if data is None else data
-        entry = bat[number]
+        entry = bat[block]
         if entry == UNALLOCATED:
-            host = self.free
-            self.free += self.span
-            self.update.write(self.free, self.footer)  # the file keeps ending in a footer
-            self.update.write(host, b"\xff" * self.bitmap + content)
-            self._new[number] = host // SECTOR
+            host = self._new.get(block, UNALLOCATED) * SECTOR
+            if block not in self._new:
+                host = self.free
+                self.free += self.span
+                self.update.write(self.free, self.footer)  # the file keeps ending in a footer
+                self._new[block] = host // SECTOR
+                if self.parts > 1:
+                    self.update.write(host, b"\xff" * self.bitmap)
+                    stale = min(self.file_size, self.free) - (host + self.bitmap)
+                    if stale > 0:  # old bytes past the footer: the parts not written read zeros
+                        self.update.zeros(host + self.bitmap, stale)
+                else:  # the bitmap and the block in one write
+                    self.update.write(host, b"\xff" * self.bitmap + content)
+                    return
+            self.update.write(host + self.bitmap + part * self.unit, content)
             return
         host = entry * SECTOR  # inside the file, apart from the others: the reader checked
-        self.update.write(host + self.bitmap, content)
-        if self.driver.file.pread(host, self.bitmap) != b"\xff" * self.bitmap:
-            self._rewritten.append(host)
+        self.update.write(host + self.bitmap + part * self.unit, content)
+        if host not in self._bitmaps:
+            self._bitmaps.add(host)
+            if self.driver.file.pread(host, self.bitmap) != b"\xff" * self.bitmap:
+                self._rewritten.append(host)
 
     def finish(self) -> None:
         """The new blocks' BAT entries (in runs of neighbours), then the
