@@ -337,3 +337,27 @@ def test_vhdx_differencing_refused(tmp_path: Path) -> None:
     qemu_img_ok("rebase", "-u", "-b", "child.vhdx", "-F", "vhdx", "top.qcow2", cwd=directory)
     line = _refused(directory, qemu_refuses=True)
     assert "differencing VHDX image is not supported yet" in line
+
+
+@pytest.mark.usefixtures("allow_own_directories")
+def test_vpc_spare_bat_entry_past_eof_refused(tmp_path: Path) -> None:
+    """A BAT entry past the ones the disk needs names a block past the end of
+    the file: qemu refuses the disk (its free offset counts every entry);
+    instar reads the disk, and refuses to write into it."""
+    from instar.formats.vpc.layout import checksum
+
+    directory = tmp_path / "chain"
+    base = _chain(directory, "vpc-dynamic")
+    data = base.read_bytes()
+    at = int.from_bytes(data[16:24], "big")  # the dynamic header
+    header = bytearray(data[at : at + 1024])
+    count = int.from_bytes(header[28:32], "big")
+    header[28:32] = (count + 1).to_bytes(4, "big")
+    header[36:40] = bytes(4)
+    header[36:40] = checksum(bytes(header)).to_bytes(4, "big")
+    _patch(base, at, bytes(header))
+    _patch(base, _vpc_bat(base) + 4 * count, (1 << 20).to_bytes(4, "big"))
+    assert run_qemu_img("info", "-f", "vpc", str(base)).rc == 1
+    assert run_instar("info", "-f", "vpc", str(base)).rc == 0
+    line = _refused(directory, qemu_refuses=True)
+    assert "after the end of the file" in line

@@ -51,6 +51,7 @@ FIXED_UNIT = 64 << 10  # qemu's default dirty-bitmap granularity, for a disk wit
 # A larger block is written in parts of this size, so that memory stays bounded
 # (blocks may be 256 MiB); a new block's parts not written read as zeros (a hole).
 MAX_UNIT = 2 << 20
+CHUNK = 1 << 20  # BAT bytes read at once
 
 
 def guest_writer(driver: Driver, update: ImageUpdate, what: str) -> GuestUpdater:
@@ -129,15 +130,19 @@ class DynamicWriter:
         """Where qemu appends a block: past the BAT (all ``max_table_entries``
         of it) and past every block any entry names; a block past the end of
         the file is refused, as qemu refuses the disk."""
-        count = header.max_table_entries  # bounded by the reader
-        raw = self.driver.file.pread(self.table, count * 4).ljust(count * 4, b"\0")
-        entries = array("I", raw)
-        if sys.byteorder == "little":
-            entries.byteswap()
+        count = header.max_table_entries  # qemu reads them all: entries past the file are 0
         free = -(-(self.table + count * 4) // SECTOR) * SECTOR
-        for entry in entries:
-            if entry != UNALLOCATED:
-                free = max(free, entry * SECTOR + self.span)
+        end = min(self.table + count * 4, self.file_size)
+        for at in range(self.table, end, CHUNK):  # a piece at a time: memory stays bounded
+            raw = self.driver.file.pread(at, min(CHUNK, end - at))
+            entries = array("I", raw[: len(raw) // 4 * 4])
+            if sys.byteorder == "little":
+                entries.byteswap()
+            ends = [entry for entry in entries if entry != UNALLOCATED]
+            if ends:
+                free = max(free, max(ends) * SECTOR + self.span)
+        if count and self.table + count * 4 > self.file_size:
+            free = max(free, self.span)  # qemu reads zeros there: blocks at sector 0
         if free > self.file_size:
             raise FormatError("a block allocation table entry points after the end of the "
                               "file; the image has been truncated")
