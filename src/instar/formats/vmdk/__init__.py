@@ -25,6 +25,7 @@ class VmdkFormat(FormatBase):
     describer = "instar.formats.vmdk.info:describe"
     checker = "instar.formats.vmdk.check:check"
     measurer = "instar.formats.vmdk.writer:measure"
+    updater = "instar.formats.vmdk.guest_writes:VmdkWriter"
     create_options = OptionSchema(
         "vmdk",
         (
