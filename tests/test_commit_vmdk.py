@@ -221,6 +221,16 @@ def test_two_extents_one_file(tmp_path: Path) -> None:
     _refused(tmp_path, "top.qcow2", words="naming one file")
 
 
+@pytest.mark.usefixtures("allow_own_directories")
+def test_descriptor_without_parent_cid(tmp_path: Path) -> None:
+    """qemu cannot write the new CID without a parentCID line (it fails after
+    the data is written): refused before."""
+    _build(tmp_path, "monolithicFlat", BASE_WRITES, TOP_WRITES)
+    descriptor = tmp_path / "base.vmdk"
+    descriptor.write_text(descriptor.read_text().replace("parentCID=ffffffff\n", ""))
+    _refused(tmp_path, "top.qcow2", words="no CID line before its parentCID line")
+
+
 def test_extent_outside_allowed(tmp_path: Path) -> None:
     """The extent lies in a directory the policy does not allow: refused,
     nothing written (the base's own directory is allowed)."""
