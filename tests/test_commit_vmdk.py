@@ -115,6 +115,26 @@ def test_parity(tmp_path: Path, subformat: str, options: str) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("subformat", ["monolithicSparse", "twoGbMaxExtentFlat"])
+def test_three_images_with_b(tmp_path: Path, subformat: str) -> None:
+    """``-b base.vmdk`` under two qcow2 images: both written into the base."""
+    qdir, idir = tmp_path / "q", tmp_path / "i"
+    _build(qdir, subformat, BASE_WRITES, ("write -P 5 32k 64k", "write -z 1M 64k"))
+    (qdir / "top.qcow2").rename(qdir / "mid.qcow2")
+    qemu_img_ok("create", "-q", "-f", "qcow2", "-b", "mid.qcow2", "-F", "qcow2", "top.qcow2",
+                cwd=qdir)
+    qemu_io(qdir / "top.qcow2", "write -P 6 100k 200k", "qcow2")
+    expected = qemu_read_raw(qdir / "top.qcow2", tmp_path, "qcow2")
+    shutil.copytree(qdir, idir)
+    _same(run_qemu_img("commit", "-b", "base.vmdk", "top.qcow2", cwd=qdir),
+          run_instar("commit", "-b", "base.vmdk", "top.qcow2", cwd=idir))
+    assert qemu_read_raw(idir / "base.vmdk", tmp_path, "vmdk") == expected
+    assert qemu_read_raw(qdir / "base.vmdk", tmp_path, "vmdk") == expected
+    for name in ("top.qcow2", "mid.qcow2"):  # kept (-b implies -d)
+        assert (idir / name).read_bytes() == (qdir / name).read_bytes()
+
+
+@pytest.mark.usefixtures("allow_own_directories")
 def test_nothing_to_commit_keeps_the_cid(tmp_path: Path) -> None:
     """No unit written: qemu leaves the descriptor as it is, so does instar."""
     qdir, idir = tmp_path / "q", tmp_path / "i"
