@@ -333,14 +333,13 @@ def _refused(directory: Path, *args: str, words: str) -> None:
 
 @pytest.mark.usefixtures("allow_own_directories")
 def test_not_supported_yet(tmp_path: Path) -> None:
-    _build(tmp_path, [("create", "-f", "vmdk", "base.vmdk", "1M"),
-                      *_qcow2("ov.qcow2", None, "write -P 2 0 64k", backing="base.vmdk",
-                              backing_fmt="vmdk"),
+    _build(tmp_path, [*_qcow2("base.qcow2", "1M"), ("bitmap", "--add", "base.qcow2", "bm"),
+                      *_qcow2("ov.qcow2", None, "write -P 2 0 64k", backing="base.qcow2"),
                       *_qcow2("b2.qcow2", "1M", "write -P 1 0 64k"),
                       *_qcow2("sn.qcow2", None, "write -P 2 0 64k", backing="b2.qcow2"),
                       ("snapshot", "-c", "s", "sn.qcow2"),
                       ("create", "-f", "qcow", "-b", "b2.qcow2", "-F", "qcow2", "o.qcow")])
-    _refused(tmp_path, "ov.qcow2", words="vmdk image in place is not supported yet")
+    _refused(tmp_path, "ov.qcow2", words="persistent bitmaps is not supported yet")
     _refused(tmp_path, "sn.qcow2", words="not supported yet")
     _refused(tmp_path, "o.qcow", words="not supported yet")
     result = run_instar("commit", "-d", "sn.qcow2", cwd=tmp_path)  # kept: fine
