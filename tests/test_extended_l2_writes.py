@@ -121,9 +121,9 @@ def test_rebase(tmp_path: Path, options: str) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
-@pytest.mark.parametrize("args", [[], ["-d"]])
-@pytest.mark.parametrize("options", ["extended_l2=on,cluster_size=64k",
-                                     "extended_l2=on,cluster_size=32k"])
+@pytest.mark.parametrize("options,args", [("extended_l2=on,cluster_size=64k", []),
+                                          ("extended_l2=on,cluster_size=64k", ["-d"]),
+                                          ("extended_l2=on,cluster_size=32k", [])])
 def test_commit(tmp_path: Path, options: str, args: list[str]) -> None:
     _parity(tmp_path, _commit_chain(options), ["commit", *args, "ov.qcow2"], "ov.qcow2",
             exact=False)

@@ -62,10 +62,6 @@ def check_emptiable(driver: Qcow2Driver) -> None:
     header = driver.header
     cluster = header.cluster_size
     if not _completely(driver):
-        if (driver.extensions.has_bitmaps
-                or header.autoclear_features & L.AUTOCLEAR_BITMAPS):
-            raise UnsupportedError("emptying a qcow2 image with persistent bitmaps after "
-                                   "the commit is not supported yet; use -d to keep its data")
         _plan_discard(driver)  # refuses what it cannot discard, writes nothing
         return
     first_block = driver.file.pread(header.refcount_table_offset, 8)
@@ -85,10 +81,10 @@ def make_empty(driver: Qcow2Driver, update: ImageUpdate,
                data_update: ImageUpdate | None = None) -> None:
     """Empty the image (checked by `check_emptiable`) as the module says;
     ``data_update`` writes its external data file, if it has one."""
-    check_emptiable(driver)
     if not _completely(driver):
         _discard_all(driver, update, data_update)
         return
+    check_emptiable(driver)
     header = driver.header
     cluster = header.cluster_size
     l1_clusters = _l1_clusters(driver)
@@ -203,6 +199,9 @@ def _plan_discard(driver: Qcow2Driver) -> _Plan:
     qemu-img check finds wrong (reusing a cluster relies on them)."""
     header = driver.header
     cluster = header.cluster_size
+    if driver.extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
+        raise UnsupportedError("emptying a qcow2 image with persistent bitmaps after the "
+                               "commit is not supported yet; use -d to keep its data")
     result = check(driver)
     if result.failure or result.corruptions or result.check_errors:
         raise FormatError("qcow2 image has errors; run 'qemu-img check -r all' first")
