@@ -180,16 +180,13 @@ class GuestWriter:
             slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
 
     def _overwrite_subclusters(self, guest_cluster: int, data: bytes | None) -> None:
-        """`overwrite` with extended L2 entries: each subcluster through
-        `write` (in place in a cluster only this entry references); a zero
-        cluster as qemu's unmap leaves it: no cluster, every subcluster zero
-        (the one it had freed at `release`)."""
-        if data is not None:
-            size = self.sub_unit
-            for sub in range(L.SUBCLUSTERS):
-                self.write(guest_cluster * L.SUBCLUSTERS + sub,
-                           data[sub * size : (sub + 1) * size])
-            return
+        """`overwrite` with extended L2 entries, a whole cluster (``data``):
+        each subcluster through `write` in place in a cluster only this entry
+        references; a new cluster, all of it allocated, for one a snapshot
+        shares or a compressed one (as qemu's copy on write with nothing left
+        to copy); for None, a zero cluster as qemu's unmap leaves it: no
+        cluster, every subcluster zero. A cluster replaced or unmapped loses
+        this entry's reference at `release`."""
         index, slot = divmod(guest_cluster, self.entries)
         if index >= len(self.l1):
             raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
@@ -200,14 +197,34 @@ class GuestWriter:
         entry = int.from_bytes(raw, "big")
         host = entry & L.L2E_OFFSET_MASK
         if entry & L.OFLAG_COMPRESSED:
-            raise UnsupportedError("writing into a compressed qcow2 cluster (extended "
-                                   "L2 entries) is not supported yet")
-        if host:
-            self._references(host, partly=True)
-            self._dropped.append(host // self.cluster)
+            start, length = self.driver.compressed_range(entry)
+            if start + length > self.driver.file.size:
+                raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside "
+                                  "the image")
+            held = list(range(start // self.cluster, (start + length - 1) // self.cluster + 1))
+        elif host:
+            shared = self._references(host, partly=True) > 1
+            if data is not None and not shared:
+                size = self.sub_unit
+                for sub in range(L.SUBCLUSTERS):
+                    self.write(guest_cluster * L.SUBCLUSTERS + sub,
+                               data[sub * size : (sub + 1) * size])
+                return
+            held = [host // self.cluster]
+        else:
+            held = []
         self.update.phase("data")
-        zeros = L.SUBCLUSTER_ALLOC_MASK << 32  # every zero bit, no allocation bit
-        self._entries.setdefault(index, {})[slot] = bytes(8) + zeros.to_bytes(8, "big")
+        if data is None:
+            bitmap = L.SUBCLUSTER_ALLOC_MASK << 32  # every zero bit, no allocation bit
+            new = 0
+        else:
+            new = self._append()
+            self._data.write(new, data)
+            bitmap = L.SUBCLUSTER_ALLOC_MASK
+            new |= L.OFLAG_COPIED
+        self._dropped.extend(held)
+        self._entries.setdefault(index, {})[slot] = (new.to_bytes(8, "big")
+                                                    + bitmap.to_bytes(8, "big"))
 
     def _references(self, host: int, partly: bool = False) -> int:
         """The refcount of the data cluster at ``host``, which must lie in the

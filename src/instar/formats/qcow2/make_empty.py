@@ -168,6 +168,10 @@ class _Allocator:
                                        "larger refcount table, which is not supported yet; "
                                        "use -d to keep its data")
             block = self._next_free()
+            if block in self.freed:  # (a refcount table with holes) written too early
+                raise UnsupportedError("emptying this qcow2 image after the commit needs a "
+                                       "refcount block in a freed cluster, which is not "
+                                       "supported yet; use -d to keep its data")
             if block // refcounts.per_block != index:
                 self._claim(block)  # counted by the block of its own region
                 refcounts.add_block(index, block * refcounts.cluster)
