@@ -29,9 +29,7 @@ from instar import mutate
 from instar.commit import commit
 from instar.errors import StoppedUpdate
 from instar.worker import SandboxSettings
-from test_hostile import SANDBOX_WARNING
-from test_hostile import run_instar as run_confined
-from test_rebase import _PROBE_WARNING, _files
+from mutation_sweep import check_run, corpus_params
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
 
@@ -476,39 +474,14 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
 # --- the hostile corpus -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
-    return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))
-
-
-@pytest.mark.parametrize("mode", [(), ("-d",)])
-@pytest.mark.parametrize("case", [pytest.param(case, id=f"{case.family}-{case.name}")
-                                  for case in corpus.CASES])
-def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path,
-                        mode: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("case,mode", corpus_params([(), ("-d",)]))
+def test_hostile_corpus(case: corpus.Case, mode: tuple[str, ...], hostile_bases: corpus.Bases,
+                        tmp_path: Path) -> None:
     """Every image of the hostile corpus committed by a confined instar:
-    committed or refused in one line, within the limits; refused, nothing
-    changed; committed, nothing changed outside the allowed directory."""
-    place = corpus.Place.make(tmp_path, bases)
-    image = "img/" + case.build(place)
-    allowed = (place.root / "img").resolve()
-    before = _files(place.root, Path("/nonexistent"))
-    allow = ["--allow", "img"] if case.allow in ("dir", "both") else []
-    run = run_confined("commit", ["commit", *allow, *mode, image], place)
-    assert not run.stalled and run.rc in (0, 1), run.describe()
-    lines = [line for line in run.stderr.decode(errors="replace").splitlines()
-             if not SANDBOX_WARNING.match(line) and not line.startswith(_PROBE_WARNING)]
-    after = _files(place.root, Path("/nonexistent"))
-    if run.rc == 0:
-        assert run.stdout == b"Image committed.\n" and not lines, run.describe()
-        changed = {path for path in before if after.get(path) != before[path]}
-        assert all(path.resolve().is_relative_to(allowed) for path in changed), changed
-    else:
-        assert len(lines) == 1 and lines[0].startswith("instar: "), run.describe()
-        assert "internal error" not in lines[0], run.describe()
-        assert after == before, "a refused commit changed a file"
-    for token in corpus.forbidden(neighbour_allowed=False):
-        assert token not in run.stdout + run.stderr
+    committed or refused in one line; committed, nothing changed outside the
+    allowed directory (`mutation_sweep`)."""
+    check_run("commit", lambda image: [*mode, image], case, hostile_bases, tmp_path,
+              success=b"Image committed.\n", may_change="allowed")
 
 
 @pytest.mark.usefixtures("allow_own_directories")
