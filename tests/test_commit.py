@@ -337,7 +337,7 @@ def test_not_supported_yet(tmp_path: Path) -> None:
                       *_qcow2("ov.qcow2", None, "write -P 2 0 64k", backing="base.qcow2"),
                       *_qcow2("b2.qcow2", "1M", "write -P 1 0 64k"),
                       *_qcow2("sn.qcow2", None, "write -P 2 0 64k", backing="b2.qcow2"),
-                      ("snapshot", "-c", "s", "sn.qcow2"),
+                      ("bitmap", "--add", "sn.qcow2", "b"),
                       ("create", "-f", "qcow", "-b", "b2.qcow2", "-F", "qcow2", "o.qcow")])
     _refused(tmp_path, "ov.qcow2", words="persistent bitmaps is not supported yet")
     _refused(tmp_path, "sn.qcow2", words="not supported yet")

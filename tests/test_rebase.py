@@ -418,7 +418,7 @@ def test_copy_refused_partly_allocated(tmp_path: Path) -> None:
     the file unchanged."""
     _build(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
                       *_qcow2("ov.qcow2", "1M", "base.raw", options="extended_l2=on",
-                              writes=("write -P 2 0 2k",))])
+                              writes=("write -P 2 0 2k",)), ("snapshot", "-c", "s", "ov.qcow2")])
     before = (tmp_path / "ov.qcow2").read_bytes()
     ours = run_instar("rebase", "-b", "nb.raw", "-F", "raw", "ov.qcow2", cwd=tmp_path)
     assert ours.rc == 1 and ours.stderr.count("\n") == 1 and "not supported yet" in ours.stderr

@@ -102,6 +102,7 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             depth = _find_base(broker, chain, base_name)
             drop = True  # qemu: whether to empty the top image is unclear then
         base = chain[depth]
+        data: InputFile | None = None  # the top image's data file, to empty too
         if fmt.name not in EMPTIED:
             drop = True  # qemu: the format cannot be emptied (ENOTSUP), which it ignores
         if not drop:
@@ -111,6 +112,7 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             from instar.formats.qcow2.make_empty import check_emptiable
 
             check_emptiable(top.image.driver)  # type: ignore[arg-type]
+            data = _open_data_file(opener, top)
         target = _open_base(opener, base)
         send(Advance(0, 1))  # and is drawn again when its job starts
         _write_base(opener, chain[:depth], base, target)
@@ -118,7 +120,8 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             from instar.formats.qcow2.make_empty import make_empty
 
             update = ImageUpdate(file.fd, path)
-            make_empty(top.image.driver, update)  # type: ignore[arg-type]
+            data_update = None if data is None else ImageUpdate(data.fd, data.name)
+            make_empty(top.image.driver, update, data_update)  # type: ignore[arg-type]
             update.finish()
     except FormatError as error:
         raise ImageCommitError(str(error)) from None
@@ -174,6 +177,23 @@ def _open_base(opener: ImageOpener, base: OpenedNode) -> InputFile:
                                         f"{error.strerror}") from None
     if target.identity != base.file.identity:
         raise ImageCommitError(f"'{base.path}' changed while it was opened")
+    return target
+
+
+def _open_data_file(opener: ImageOpener, node: OpenedNode) -> InputFile | None:
+    """The top image's external data file (if any) opened again for writing,
+    through the broker's policy: emptying the image discards its clusters."""
+    driver = node.image.driver
+    if getattr(driver, "data_file", None) is None:
+        return None
+    name = driver.extensions.data_file  # type: ignore[attr-defined]
+    try:
+        target = opener.broker.open_named_for_update(name, node.path, "data file")
+    except OSError as error:
+        raise ImageOpenError(node.path, f"Could not open data file '{name}': "
+                                        f"{error.strerror}") from None
+    if target.identity != driver.data_file.identity:  # type: ignore[attr-defined]
+        raise ImageCommitError(f"'{name}' changed while it was opened")
     return target
 
 
