@@ -124,7 +124,8 @@ class GuestWriter:
     def overwrite(self, guest_unit: int, data: bytes | None) -> None:
         """Like `write`, for a unit the image may hold already (commit's base):
         a data cluster only this entry references is rewritten in place (None:
-        it keeps its place with the zero flag, or gets zeros before version 3);
+        a zero cluster, the cluster's reference dropped at `release`, or zeros
+        written in place before version 3);
         one shared with a snapshot, or a compressed one, is replaced by a new
         cluster and its references dropped at `release`. An allocated cluster
         with extended L2 entries is refused (not supported yet)."""
@@ -174,7 +175,9 @@ class GuestWriter:
         self.update.phase("data")
         slots = self._entries.setdefault(index, {})
         if data is None and self.zero_clusters:
-            slots[slot] = (host | L.OFLAG_COPIED | L.OFLAG_ZERO).to_bytes(8, "big")
+            # qemu's commit writes zeros with BDRV_REQ_MAY_UNMAP: the cluster is freed
+            slots[slot] = L.OFLAG_ZERO.to_bytes(8, "big")
+            self._dropped.append(host // self.cluster)
             return
         self._in_place.write(host, bytes(self.cluster) if data is None else data)
         if entry != host | L.OFLAG_COPIED:
