@@ -106,7 +106,7 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
         base = chain[depth]
         if base.format.name == "parallels":
             # qemu reopens the base read-write, which its parallels driver
-            # cannot do; its node name counts qemu's nodes (docs/cli.md)
+            # cannot do; qemu's node name varies from run to run (docs/cli.md)
             raise ImageCommitError(PARALLELS_REFUSAL)
         if fmt.name not in EMPTIED:
             drop = True  # qemu: the format cannot be emptied (ENOTSUP), which it ignores
