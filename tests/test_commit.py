@@ -133,7 +133,8 @@ def _parity(tmp_path: Path, steps: list[Step], *args: str, top: str = "ov.qcow2"
             checked = run_qemu_img("check", "-f", fmt, name, cwd=idir)
             assert checked.rc == 0, (name, checked.stdout)
             assert "No errors were found" in checked.stdout
-    if same_bytes and ours.rc == 0 and top.endswith(".qcow2") and not {"-d", "-b"} & set(args):
+    if same_bytes and ours.rc == 0 and top.endswith((".qcow2", ".qcow")) and \
+            not {"-d", "-b"} & set(args):
         # emptied: the same bytes as qemu's make_empty leaves
         assert (qdir / top).read_bytes() == (idir / top).read_bytes()
     if not any(name.endswith(".raw") for name in names):
@@ -332,16 +333,25 @@ def _refused(directory: Path, *args: str, words: str) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("args", [(), ("-d",), ("-q",)])
+def test_qcow_top_emptied(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """A qcow (version 1) top image is emptied as qemu empties it: its L1
+    table zeroed and the file cut after it, byte for byte qemu's."""
+    _parity(tmp_path, [*BASE_QCOW2,
+                       ("create", "-f", "qcow", "-b", "base.qcow2", "-F", "qcow2", "ov.qcow"),
+                       *(("io", "qcow", "ov.qcow", write) for write in OV_WRITES)],
+            *args, top="ov.qcow")
+
+
+@pytest.mark.usefixtures("allow_own_directories")
 def test_not_supported_yet(tmp_path: Path) -> None:
     _build(tmp_path, [*_qcow2("base.qcow2", "1M"), ("bitmap", "--add", "base.qcow2", "bm"),
                       *_qcow2("ov.qcow2", None, "write -P 2 0 64k", backing="base.qcow2"),
                       *_qcow2("b2.qcow2", "1M", "write -P 1 0 64k"),
                       *_qcow2("sn.qcow2", None, "write -P 2 0 64k", backing="b2.qcow2"),
-                      ("bitmap", "--add", "sn.qcow2", "b"),
-                      ("create", "-f", "qcow", "-b", "b2.qcow2", "-F", "qcow2", "o.qcow")])
+                      ("bitmap", "--add", "sn.qcow2", "b")])
     _refused(tmp_path, "ov.qcow2", words="persistent bitmaps is not supported yet")
     _refused(tmp_path, "sn.qcow2", words="not supported yet")
-    _refused(tmp_path, "o.qcow", words="not supported yet")
     result = run_instar("commit", "-d", "sn.qcow2", cwd=tmp_path)  # kept: fine
     assert result.rc == 0 and result.stdout == "Image committed.\n"
 
@@ -407,23 +417,31 @@ def _clusters(data: bytes, size: int) -> list[bytes]:
 
 
 @pytest.mark.parametrize("base,grow,version", [("qcow2", False, "1.1"), ("qcow2", True, "1.1"),
-                                               ("raw", True, "1.1"), ("qcow2", False, "0.10")])
+                                               ("raw", True, "1.1"), ("qcow2", False, "0.10"),
+                                               ("raw", False, "qcow")])
 def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, base: str,
                               grow: bool, version: str) -> None:
     """commit stopped after k changes (counted across its updates: the base's
     growth, its data, the overlay's emptying) for every k until it
     finishes: the overlay reads as it did; the base reads, cluster by
-    cluster, as before or as committed; qemu-img check finds leaks at most."""
+    cluster, as before or as committed; qemu-img check finds leaks at most.
+    ``version``: the overlay's qcow2 compat, or "qcow" for a qcow overlay."""
     name = f"base.{base}"
     steps = (_qcow2(name, "1M", "write -P 1 0 1M", options="cluster_size=4k")
              if base == "qcow2" else _raw(name, "1M", "write -P 1 0 1M"))
-    steps += _qcow2("ov.qcow2", "2M" if grow else None, "write -P 2 4k 8k",
-                    "write -z 100k 4k", "write -P 3 900k 20k",
-                    "write -P 4 1500k 4k" if grow else "write -P 4 1000k 4k",
-                    backing=name, backing_fmt=base, options=f"cluster_size=4k,compat={version}")
+    writes = ("write -P 2 4k 8k", "write -z 100k 4k", "write -P 3 900k 20k",
+              "write -P 4 1500k 4k" if grow else "write -P 4 1000k 4k")
+    top = "ov.qcow" if version == "qcow" else "ov.qcow2"
+    top_fmt = _fmt(top)
+    if version == "qcow":
+        steps += [("create", "-f", "qcow", "-b", name, "-F", base, top),
+                  *(("io", "qcow", top, write) for write in writes)]
+    else:
+        steps += _qcow2(top, "2M" if grow else None, *writes, backing=name, backing_fmt=base,
+                        options=f"cluster_size=4k,compat={version}")
     origin = tmp_path / "origin"
     _build(origin, steps)
-    expected = qemu_read_raw(origin / "ov.qcow2", tmp_path, "qcow2")
+    expected = qemu_read_raw(origin / top, tmp_path, top_fmt)
     old = qemu_read_raw(origin / name, tmp_path, base)
     work = tmp_path / "work"
     k = 0
@@ -440,19 +458,18 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
 
         monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
         try:
-            commit(str(work / "ov.qcow2"), allow=(str(work),),
-                   sandbox=SandboxSettings(mode="off"))
+            commit(str(work / top), allow=(str(work),), sandbox=SandboxSettings(mode="off"))
             finished = True
         except StoppedUpdate:
             finished = False
         monkeypatch.undo()
-        for image, fmt in ((work / "ov.qcow2", "qcow2"), (work / name, base)):
+        for image, fmt in ((work / top, top_fmt), (work / name, base)):
             if fmt == "qcow2":
                 checked = run_qemu_img("check", "--output=json", "-f", fmt, str(image))
                 report = json.loads(checked.stdout)
                 assert checked.rc in (0, 3), (k, image, checked.stdout, checked.stderr)
                 assert not report.get("corruptions") and not report.get("check-errors"), k
-        assert qemu_read_raw(work / "ov.qcow2", tmp_path, "qcow2") == expected, k
+        assert qemu_read_raw(work / top, tmp_path, top_fmt) == expected, k
         now = qemu_read_raw(work / name, tmp_path, base)
         new = expected + old[len(expected):]
         for number, cluster in enumerate(_clusters(now, 4096)):
@@ -462,9 +479,14 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
         if finished:
             assert now == new
             if version == "1.1":
-                assert (work / "ov.qcow2").stat().st_size == 4 * 4096  # emptied
-            assert "depth\": 0" not in qemu_img_ok("map", "--output=json",
-                                                    str(work / "ov.qcow2"))
+                assert (work / top).stat().st_size == 4 * 4096  # emptied
+            if version == "qcow":  # emptied: cut after its L1 table
+                header = (origin / top).read_bytes()[:48]
+                size, shift = int.from_bytes(header[24:32], "big"), header[32] + header[33]
+                l1_end = int.from_bytes(header[40:48], "big") + 8 * -(-size >> shift)
+                assert (work / top).stat().st_size == l1_end
+            assert "depth\": 0" not in qemu_img_ok("map", "--output=json", "-f", top_fmt,
+                                                    str(work / top))
             break
         k += 1
     assert k >= 6

@@ -9,7 +9,7 @@ image's size if it is smaller, and every range that the top image or an
 image between it and the base allocates (data, or zeros) written into the
 base as the top image reads it. Then, unless ``-d`` or ``-b`` (which implies
 ``-d``), the top image is emptied (`instar.formats.qcow2.make_empty`) if its
-format can be (qcow2; qcow is refused as not supported yet); qemu leaves an
+format can be (qcow2, qcow: `EMPTIED`); qemu leaves an
 image of another format (qed, vmdk) as it is.
 
 The base is a file an image names: it is opened for writing through the
@@ -23,6 +23,7 @@ refused before the first write.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import TYPE_CHECKING
 
@@ -49,9 +50,12 @@ if TYPE_CHECKING:
     from instar.image import Driver
 
 STEP = 2 << 20  # bytes read from the chain at a time, at most
-# The formats qemu 7.2 empties after a commit (bdrv_make_empty); it leaves the
-# others as they are.
-EMPTIED = ("qcow2", "qcow")
+# The formats qemu 7.2 empties after a commit (bdrv_make_empty), and the
+# module that does it as qemu does (``check_emptiable(driver)`` refuses before
+# anything is written, ``make_empty(driver, update, data_update)``); qemu
+# leaves the others as they are.
+EMPTIED = {"qcow2": "instar.formats.qcow2.make_empty",
+           "qcow": "instar.formats.qcow.make_empty"}
 PARALLELS_REFUSAL = ("Block format 'parallels' used by node '#block315' does not support "
                      "reopening files")
 
@@ -112,22 +116,16 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
         if fmt.name not in EMPTIED:
             drop = True  # qemu: the format cannot be emptied (ENOTSUP), which it ignores
         if not drop:
-            if fmt.name != "qcow2":
-                raise UnsupportedError(f"emptying a {fmt.name} image after a commit is not "
-                                       "supported yet; use -d to keep its data")
-            from instar.formats.qcow2.make_empty import check_emptiable
-
-            check_emptiable(top.image.driver)  # type: ignore[arg-type]
+            emptier = importlib.import_module(EMPTIED[fmt.name])
+            emptier.check_emptiable(top.image.driver)
             data = _open_data_file(opener, top)
         target = _open_base(opener, base)
         send(Advance(0, 1))  # and is drawn again when its job starts
         _write_base(opener, chain[:depth], base, target)
         if not drop:
-            from instar.formats.qcow2.make_empty import make_empty
-
             update = ImageUpdate(file.fd, path)
             data_update = None if data is None else ImageUpdate(data.fd, data.name)
-            make_empty(top.image.driver, update, data_update)  # type: ignore[arg-type]
+            emptier.make_empty(top.image.driver, update, data_update)
             update.finish()
     except FormatError as error:
         raise ImageCommitError(str(error)) from None
