@@ -181,6 +181,10 @@ def _open_base(opener: ImageOpener, base: OpenedNode) -> InputFile:
                                         f"{error.strerror}") from None
     if target.identity != base.file.identity:
         raise ImageCommitError(f"'{base.path}' changed while it was opened")
+    if not target.is_regular and base.format.name != "raw":
+        # its writer appends to the file, which a device cannot grow
+        raise UnsupportedError(f"committing into a {base.format.name} image on a block "
+                               "device is not supported yet")
     return target
 
 
@@ -255,9 +259,11 @@ def _write_base(opener: ImageOpener, above: list[OpenedNode], base: OpenedNode,
 
 def _write_raw(top: Image, ranges: list[tuple[int, int]], size: int, target: InputFile,
                update: ImageUpdate) -> None:
-    """A raw base: grown to ``size`` if shorter, then the ranges written over."""
-    if not target.is_regular:
-        raise UnsupportedError("committing into a block device is not supported yet")
+    """A raw base: grown to ``size`` if shorter, then the ranges written over.
+    A block device cannot grow: shorter than ``size``, it gets qemu's failure
+    (its job's truncate fails with EINVAL) before anything is written."""
+    if target.size < size and not target.is_regular:
+        raise ImageCommitError("Block job failed: Invalid argument")
     update.phase("data")
     if target.size < size:
         update.truncate(size)

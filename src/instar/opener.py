@@ -168,7 +168,7 @@ class HostBroker(Record):
         resolved = self.policy.check(path, role)
         file = open_input_file(path, resolved, writable=True)
         self.opened.append(file)
-        if not file.is_regular:
+        if not (file.is_regular or file.is_block_device):
             raise OSError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular file")
         from instar.locks import write_conflict
 
@@ -426,13 +426,19 @@ class ChainResolver(Record):
 
     def open_file_for_update(self, name: str, child: InputFile, what: str) -> InputFile:
         """Like `open_file`, open for reading and writing (through the
-        broker's policy): a VMDK base's extents, written by commit."""
+        broker's policy): a VMDK base's extents, written by commit. A block
+        device is refused: a sparse extent grows, and which extents can be
+        written in place on one is not worked out yet."""
+        path = combine_path(child.name, name)
         try:
-            return self.opener.broker.open_named_for_update(name, child.name, what)
+            file = self.opener.broker.open_named_for_update(name, child.name, what)
         except OSError as error:
-            path = combine_path(child.name, name)
             raise FormatError(f"Could not open {what} '{path}' for writing: "
                               f"{error.strerror}") from None
+        if not file.is_regular:
+            raise UnsupportedError(f"writing into a {what} on a block device ('{path}') is "
+                                   "not supported yet")
+        return file
 
 
 class AbsentBacking:
