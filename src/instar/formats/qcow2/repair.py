@@ -40,11 +40,12 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable
 
-from instar.errors import UnsupportedError
+from instar.errors import FormatError, UnsupportedError
 from instar.findings import CheckResult
+from instar.formats.qcow2 import info as I
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.allocation import Refcounts
-from instar.formats.qcow2.check import FIX_ERRORS, FIX_LEAKS, _Restart, _Walk, check
+from instar.formats.qcow2.check import FIX_ERRORS, FIX_LEAKS, _Restart, _Walk
 from instar.formats.qcow2.reader import MAX_REFTABLE_BYTES, Qcow2Driver
 from instar.formats.qcow2.refcounts import Expected, encode
 from instar.mutate import PHASES, ImageUpdate
@@ -60,8 +61,6 @@ _NOT_YET = {
     "refcount-table-reserved-bits": "reserved bits in the refcount table",
     "refcount-unreadable": "an unreadable refcount block",
     "corrupt": "an unaligned refcount block",
-    "preallocated-cluster-unaligned": "an unaligned preallocated cluster",
-    "refcount-overflow": "refcounts past the refcount width",
     "snapshot-entry-incomplete": "an incomplete snapshot table entry",
     "snapshot-table-invalid": "a broken snapshot table",
     "snapshot-table-unreadable": "a broken snapshot table",
@@ -86,15 +85,15 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
     the first check's result (with its *_fixed counters); refuses in one line,
     nothing written, what is not supported yet."""
     header = driver.header
-    if driver.data_file is not None:
-        raise UnsupportedError("check -r of a qcow2 image with an external data file is not "
-                               "supported yet")
+    exact = False  # walked entry by entry, in qemu's order (refcounts reach the maximum)
+    walk = _Walk(driver, exact=False)
     try:
-        preview = check(driver)
-    except _Restart:  # pragma: no cover - check() handles it itself
-        raise UnsupportedError("check -r: refcount overflow repairs are not supported yet") \
-            from None
-    what = (unsupported(preview) or _l2_over_metadata(driver, preview)
+        preview = walk.run()
+    except _Restart:
+        exact = True
+        walk = _Walk(driver, exact=True)
+        preview = walk.run()
+    what = (unsupported(preview) or _tables_over_metadata(walk, preview, mode)
             or _grown_too_far(driver, preview, mode))
     if what is not None:
         raise UnsupportedError(f"check -r: repairing a qcow2 image with {what} is not "
@@ -104,12 +103,8 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
             preview.leaks or preview.corruptions or preview.check_errors):
         result = preview  # qemu finds the same, and changes nothing but the bits
     else:
-        fixer = _Fixer(driver, writer, MODES[mode], reopen)
-        try:
-            result = _Walk(driver, exact=False).run(fixer)
-        except _Restart:
-            raise UnsupportedError("check -r: refcount overflow repairs are not supported "
-                                   "yet") from None
+        fixer = _Fixer(driver, writer, MODES[mode], reopen, exact)
+        result = _Walk(driver, exact=exact).run(fixer)
     bits = header.incompatible_features & ~L.INCOMPAT_DIRTY
     if result.failure is None and not (result.check_errors or result.corruptions):
         bits &= ~L.INCOMPAT_CORRUPT
@@ -145,34 +140,67 @@ def _grown_too_far(driver: Qcow2Driver, preview: CheckResult, mode: str) -> str 
     return None
 
 
-def _l2_over_metadata(driver: Qcow2Driver, preview: CheckResult) -> str | None:
-    """An active L2 table whose OFLAG_COPIED repair would write over the
-    header, the L1 table, the refcount table or a refcount block (qemu's
-    overlap check stops such a write half way through its repair; instar
-    refuses before writing anything)."""
+def _tables_over_metadata(walk: _Walk, preview: CheckResult, mode: str) -> str | None:
+    """An active L1 or L2 table that an OFLAG_COPIED repair would write while
+    it lies over other metadata: the header, the refcount table or a refcount
+    block, the snapshot table, a snapshot's L1 table, the bitmap directory,
+    or (the L1 table) an active L2 table and (an L2 table) the active L1
+    table. qemu's overlap check stops such a write half way through its
+    repair, some of it written; instar refuses before writing anything.
+    Spans are compared as sorted cluster intervals: bounded by the tables the
+    check's walk read, whatever their number."""
     if not (preview.corruptions or preview.leaks):
-        return None
+        return None  # nothing to repair: nothing written but the header's bits
+    driver = walk.driver
     header = driver.header
     bits = header.cluster_bits
-    used: set[int] = {0}
+    common: list[tuple[int, int]] = [(0, 1)]
 
-    def span(offset: int, length: int) -> None:
-        if length > 0:
-            used.update(range(offset >> bits, ((offset + length - 1) >> bits) + 1))
+    def span(offset: int, length: int) -> tuple[int, int]:
+        return offset >> bits, ((offset + max(length, 1) - 1) >> bits) + 1
 
-    span(header.l1_table_offset, header.l1_size * 8)
-    span(header.refcount_table_offset, header.refcount_table_clusters << bits)
-    span(header.snapshots_offset, header.nb_snapshots * L.SNAPSHOT_HEADER_SIZE)
-    file = driver.file
-    reftable = file.pread(header.refcount_table_offset, header.refcount_table_clusters << bits)
-    for (entry,) in struct.iter_unpack(">Q", reftable[: len(reftable) // 8 * 8]):
-        if entry & L.REFTABLE_OFFSET_MASK:
-            used.add((entry & L.REFTABLE_OFFSET_MASK) >> bits)
-    l1 = file.pread(header.l1_table_offset, header.l1_size * 8)
-    for (entry,) in struct.iter_unpack(">Q", l1[: len(l1) // 8 * 8]):
-        if (entry & L.L1E_OFFSET_MASK) >> bits in used and entry & L.L1E_OFFSET_MASK:
-            return "an L2 table over other metadata"
+    common.append(span(header.refcount_table_offset, header.refcount_table_clusters << bits))
+    if header.nb_snapshots:
+        common.append(span(header.snapshots_offset, max(walk.snapshots_size, 1)))
+    common.extend(span(entry & L.REFTABLE_OFFSET_MASK, 1) for entry in walk.on_disk.table
+                  if entry & L.REFTABLE_OFFSET_MASK)
+    try:
+        bitmaps = I.bitmap_directory(driver)
+    except FormatError:
+        bitmaps = None
+    if bitmaps is not None:
+        common.append(span(bitmaps[1], bitmaps[2]))
+    active = span(header.l1_table_offset, header.l1_size * 8) if header.l1_size else None
+    common.extend(span(offset, size * 8) for offset, size in walk.snapshot_l1s if size)
+    named = set(walk.active_l1)
+    if mode == "all" and any(finding.code == "preallocated-cluster-unaligned"
+                             for finding in preview.findings):
+        named.update(walk.snapshot_l2_entries())  # their entries are fixed too
+    l2 = [span(entry & L.L1E_OFFSET_MASK, 1 << bits) for entry in named
+          if entry & L.L1E_OFFSET_MASK]
+    if active is not None and _overlaps([active], common + l2):
+        return "an L1 table over other metadata"
+    if _overlaps(l2, common + ([active] if active is not None else [])):
+        return "an L2 table over other metadata"
     return None
+
+
+def _overlaps(tables: list[tuple[int, int]], others: list[tuple[int, int]]) -> bool:
+    """Whether a ``[start, end)`` of ``tables`` meets one of ``others``."""
+    if not tables or not others:
+        return False
+    merged: list[list[int]] = []
+    for start, end in sorted(others):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts = [start for start, _ in merged]
+    for start, end in tables:
+        index = bisect_right(starts, end - 1) - 1
+        if index >= 0 and merged[index][1] > start:
+            return True
+    return False
 
 
 class _Writer:
@@ -200,8 +228,9 @@ class _Fixer:
     """The `Repairer` the check's walk calls."""
 
     def __init__(self, driver: Qcow2Driver, writer: _Writer, fix: int,
-                 reopen: Callable[[], Qcow2Driver]) -> None:
+                 reopen: Callable[[], Qcow2Driver], exact: bool) -> None:
         self.fix = fix
+        self.exact = exact
         self.driver = driver
         self.writer = writer
         self.reopen = reopen
@@ -240,7 +269,7 @@ class _Fixer:
         self.driver = self.reopen()
         self._refcounts = None
         self.rebuilt = True
-        return _Walk(self.driver, exact=False)
+        return _Walk(self.driver, exact=self.exact)
 
 
 def plan_rebuild(expected: Expected, cluster_bits: int) -> tuple[list[int], int, int]:
