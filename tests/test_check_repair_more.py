@@ -354,6 +354,59 @@ def test_unaligned_l2_table_refused(tmp_path: Path) -> None:
         assert (ours / NAME).read_bytes() == before
 
 
+# --- the refcount table: where qemu's repair marks the image corrupt and fails -----------------
+
+
+@_made(writes=("write -P 1 0 1M",))
+def refcount_entry_reserved_bits(image: Qcow2) -> None:
+    table = image.header.refcount_table_offset
+    image.put(table, ">Q", image.u64(table) | 1)
+
+
+@_made(writes=("write -P 1 0 1M",))
+def refcount_block_unaligned(image: Qcow2) -> None:
+    table = image.header.refcount_table_offset
+    image.put(table, ">Q", image.u64(table) + 512)
+
+
+def _marked_corrupt(directory: Path) -> bool:
+    return bool(Qcow2(directory / NAME).u64(72) & L.INCOMPAT_CORRUPT)
+
+
+def test_reserved_bits_leaks_like_qemu(tmp_path: Path) -> None:
+    """Reserved bits in a refcount table entry, -r leaks: qemu stops before
+    writing anything ("ERROR need to rebuild refcount structures"), and so
+    does instar, with the same lines; both files unchanged."""
+    ours, theirs = _copies(tmp_path, refcount_entry_reserved_bits)
+    before = (ours / NAME).read_bytes()
+    expected = run_qemu_img("check", "-r", "leaks", NAME, cwd=theirs)
+    assert expected.rc == 1 and "need to rebuild" in expected.stderr
+    assert _outputs(run_instar("check", "-r", "leaks", NAME, cwd=ours)) == _outputs(expected)
+    assert (ours / NAME).read_bytes() == before == (theirs / NAME).read_bytes()
+
+
+@pytest.mark.parametrize(("make", "modes"), [(refcount_entry_reserved_bits, ("all",)),
+                                             (refcount_block_unaligned, ("leaks", "all"))],
+                         ids=["reserved_bits", "unaligned_block"])
+def test_qemu_marks_corrupt_refused(tmp_path: Path, make: Make, modes: tuple[str, ...]) -> None:
+    """qemu's repair fails ("Check failed") and leaves the image marked
+    corrupt (its rebuild's first write is stopped by its overlap check, or the
+    unaligned block is a fatal corruption event): instar refuses in one line,
+    the file unchanged."""
+    ours, theirs = _copies(tmp_path, make)
+    before = (ours / NAME).read_bytes()
+    for mode in modes:
+        shutil.rmtree(theirs)
+        shutil.copytree(ours, theirs)
+        qemu = run_qemu_img("check", "-r", mode, NAME, cwd=theirs)
+        assert qemu.rc == 1 and "Marking image as corrupt" in qemu.stderr
+        assert _marked_corrupt(theirs)
+        result = run_instar("check", "-r", mode, NAME, cwd=ours)
+        assert (result.rc, result.stdout) == (1, ""), result.stderr
+        assert result.stderr.count("\n") == 1 and "not supported yet" in result.stderr
+        assert (ours / NAME).read_bytes() == before
+
+
 # --- a stop at every write --------------------------------------------------------------------
 
 
