@@ -238,6 +238,7 @@ class _Walk:
         self.on_disk = OnDisk(array("Q"), 0, self.bits, order, self._read, _Failed)
         self.active_l1: array[int] = array("Q")
         self.snapshot_l1s: list[tuple[int, int]] = []  # (offset, entries) of those walked
+        self.snapshot_corruptions = 0  # qemu counts them apart from the refcount check's
         self.signaled = False  # qcow2_signal_corruption printed (only once)
         self.rebuild = False  # qemu's "rebuild": the refcount structure needs rebuilding
         self.repair: Repairer | None = None  # check -r: what repairs, as the walk goes
@@ -401,10 +402,18 @@ class _Walk:
                 result.add(NOTE, "hint", error.hint)
             raise _Failed(reason) from None
         if self.header.version >= 3:
+            fixing = self.repair is not None and bool(self.repair.fix & FIX_ERRORS)
             for index, snapshot in enumerate(snapshots):
-                if len(snapshot.extra) < SNAPSHOT_EXTRA_MINIMUM:
+                if len(snapshot.extra) >= SNAPSHOT_EXTRA_MINIMUM:
+                    continue
+                if fixing:  # the table is written anew after the refcounts (`repair.py`)
+                    result.add(REPAIRED, "snapshot-entry-incomplete",
+                               f"Repairing snapshot table entry {index} is incomplete")
+                    result.corruptions_fixed += 1
+                else:
                     result.add(CORRUPTION, "snapshot-entry-incomplete",
                                f"ERROR snapshot table entry {index} is incomplete")
+                    self.snapshot_corruptions += 1
         return snapshots
 
     def _snapshot_read(self, offset: int, length: int) -> bytes:
@@ -913,7 +922,8 @@ class _Walk:
             self.fix_entry = repair.fix_entry
             self.oflag_repair = bool(repair.fix & FIX_ERRORS) or (
                 bool(repair.fix & FIX_LEAKS)
-                and not (result.check_errors or result.corruptions or result.leaks))
+                and not (result.check_errors or result.leaks
+                         or result.corruptions > self.snapshot_corruptions))
         tables: dict[int, _L2Stats] = {}
         for index, entry in zip(self.active_indices, self.active_l1, strict=True):
             offset = entry & L.L1E_OFFSET_MASK

@@ -40,7 +40,7 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable
 
-from instar.errors import FormatError, UnsupportedError
+from instar.errors import FormatError, SnapshotError, UnsupportedError
 from instar.findings import CheckResult
 from instar.formats.qcow2 import info as I
 from instar.formats.qcow2 import layout as L
@@ -48,19 +48,21 @@ from instar.formats.qcow2.allocation import Refcounts
 from instar.formats.qcow2.check import FIX_ERRORS, FIX_LEAKS, _Restart, _Walk
 from instar.formats.qcow2.reader import MAX_REFTABLE_BYTES, Qcow2Driver
 from instar.formats.qcow2.refcounts import Expected, encode
+from instar.formats.qcow2.snapshots import pack_table, read_snapshot_table
 from instar.mutate import PHASES, ImageUpdate
 
 MODES = {"leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 _INCOMPAT_OFFSET = 72  # the header's incompatible feature bits (version 3)
 _REFTABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
 _REFTABLE_OFFSET = 48
+_SNAPSHOT_FIELDS = struct.Struct(">IQ")  # nb_snapshots, snapshots_offset
+_SNAPSHOT_FIELDS_OFFSET = 60
 
 # Findings whose repair instar does not make yet (qemu does): refused.
 _NOT_YET = {
     "refcount-block-unaligned": "an unaligned refcount block",
     "refcount-unreadable": "an unreadable refcount block",
     "corrupt": "an unaligned refcount block",
-    "snapshot-entry-incomplete": "an incomplete snapshot table entry",
     "snapshot-table-invalid": "a broken snapshot table",
     "snapshot-table-unreadable": "a broken snapshot table",
     "io-error": "an unreadable table",
@@ -103,8 +105,11 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
         exact = True
         walk = _Walk(driver, exact=True)
         preview = walk.run()
+    rewrite = mode == "all" and preview.failure is None and any(
+        finding.code == "snapshot-entry-incomplete" for finding in preview.findings)
     what = (unsupported(preview, mode) or _tables_over_metadata(walk, preview, mode)
-            or _grown_too_far(driver, preview, mode))
+            or _grown_too_far(driver, preview, mode)
+            or (_snapshot_rewrite_unsupported(walk) if rewrite else None))
     if what is not None:
         raise UnsupportedError(f"check -r: repairing a qcow2 image with {what} is not "
                                "supported yet")
@@ -115,6 +120,8 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
     else:
         fixer = _Fixer(driver, writer, MODES[mode], reopen, exact)
         result = _Walk(driver, exact=exact).run(fixer)
+        if rewrite and result.failure is None:
+            _rewrite_snapshot_table(fixer.driver, writer)
     bits = header.incompatible_features & ~L.INCOMPAT_DIRTY
     if result.failure is None and not (result.check_errors or result.corruptions):
         bits &= ~L.INCOMPAT_CORRUPT
@@ -123,6 +130,53 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
         writer.update.write(_INCOMPAT_OFFSET, bits.to_bytes(8, "big"))
     writer.update.finish()
     return result
+
+
+def _snapshot_rewrite_unsupported(walk: _Walk) -> str | None:
+    """Why the snapshot table rewrite (an incomplete entry) is not made yet:
+    with a refcount rebuild (qemu allocates in the rebuilt structure), or
+    where the new table could land in clusters no refcount block covers
+    (qemu would allocate a refcount block first)."""
+    if walk.rebuild:
+        return "an incomplete snapshot table entry and a broken refcount structure"
+    driver = walk.driver
+    try:
+        table = pack_table(read_snapshot_table(driver)[0])
+    except (FormatError, SnapshotError):
+        return "a snapshot table that cannot be written back"
+    cluster = driver.header.cluster_size
+    end = -(-driver.file.size // cluster) + -(-len(table) // cluster)
+    if not Refcounts(driver).covers(0, end):
+        return "an incomplete snapshot table entry (a new refcount block needed)"
+    return None
+
+
+def _rewrite_snapshot_table(driver: Qcow2Driver, writer: _Writer) -> None:
+    """qemu's ``qcow2_write_snapshots`` (check -r all, after the refcounts):
+    the table as read (incomplete entries completed: disk size, no icount),
+    written to the first free clusters, the header switched to it, the old
+    table freed."""
+    header = driver.header
+    snapshots, length = read_snapshot_table(driver)
+    table = pack_table(snapshots)
+    cluster = header.cluster_size
+    refcounts = Refcounts(driver)
+    count = -(-len(table) // cluster)
+    first = refcounts.first_free_run(count)
+    if not refcounts.covers(first, count):  # pragma: no cover - checked before writing
+        raise UnsupportedError("check -r: the new snapshot table needs a new refcount block")
+    refcounts.add(first, count, +1)
+    writer.phase("data")
+    refcounts.write_blocks(writer.update)
+    writer.update.write(first * cluster, table)
+    writer.phase("header")
+    writer.update.write(_SNAPSHOT_FIELDS_OFFSET,
+                        _SNAPSHOT_FIELDS.pack(len(snapshots), first * cluster))
+    writer.phase("release")
+    if length:
+        start = header.snapshots_offset // cluster
+        refcounts.add(start, (header.snapshots_offset + length - 1) // cluster - start + 1, -1)
+        refcounts.write_blocks(writer.update)
 
 
 # The longest file a repair grows to hold a refcount block past its end (qemu
