@@ -224,10 +224,68 @@ def preallocated_unaligned_overflow(image: Qcow2) -> None:
     _second_l1_entry(image)
 
 
+# --- incomplete snapshot table entries ---------------------------------------------------------
+
+
+def _cut_extra(image: Qcow2, which: int) -> None:
+    """Rewrite the snapshot table with entry ``which``'s extra data cut to 8
+    bytes (as a writer that knew only the VM state size wrote it): qemu's
+    "snapshot table entry N is incomplete"."""
+    header = Qcow2(image.path).header
+    raw = image.read(header.snapshots_offset, 1 << 16)
+    table, position = b"", 0
+    for index in range(header.nb_snapshots):
+        position += -position % 8
+        fields = list(struct.unpack_from(">QIHHIIQII", raw, position))
+        id_size, name_size, extra_size = fields[2], fields[3], fields[8]
+        body = position + 40
+        extra = raw[body : body + extra_size]
+        strings = raw[body + extra_size : body + extra_size + id_size + name_size]
+        if index == which:
+            extra = extra[:8]
+        fields[8] = len(extra)
+        table += bytes(-len(table) % 8) + struct.pack(">QIHHIIQII", *fields) + extra + strings
+        position = body + extra_size + id_size + name_size
+    with open(image.path, "r+b") as file:
+        file.seek(header.snapshots_offset)
+        file.write(table + bytes(max(0, position - len(table))))
+
+
+@_made(writes=("write -P 1 0 1M",), snapshot=True)
+def snapshot_incomplete(image: Qcow2) -> None:
+    _cut_extra(image, 0)
+
+
+@_made(writes=("write -P 1 0 1M",), snapshot=True)
+def snapshot_incomplete_and_leak(image: Qcow2) -> None:
+    """qemu frees the leak first, then puts the new table in the first free cluster."""
+    _cut_extra(image, 0)
+    _refcount(image, _append_cluster(image), 1)
+
+
+@_made(writes=("write -P 1 0 1M",), snapshot=True)
+def snapshot_incomplete_oflag(image: Qcow2) -> None:
+    """-r leaks repairs OFLAG_COPIED: qemu counts the entry's corruption apart."""
+    _cut_extra(image, 0)
+    slot = image.l1_slot(0)
+    image.put(slot, ">Q", image.u64(slot) ^ L.OFLAG_COPIED)
+
+
+def two_snapshots_second_incomplete(directory: Path) -> None:
+    qemu_img_ok("create", "-q", "-f", "qcow2", NAME, "10M", cwd=directory)
+    qemu_io(NAME, "write -P 1 0 1M", "qcow2", cwd=directory)
+    qemu_img_ok("snapshot", "-c", "first", NAME, cwd=directory)
+    qemu_io(NAME, "write -P 2 64k 64k", "qcow2", cwd=directory)
+    qemu_img_ok("snapshot", "-c", "second", NAME, cwd=directory)
+    _cut_extra(Qcow2(directory / NAME), 1)
+
+
 REPAIRED = [data_file_leak, data_file_l2_refcount_zero, data_file_raw_oflag_and_leak,
             data_file_snapshot_and_leak, overflow_rebuilt, overflow_oflag, overflow_with_snapshot,
             preallocated_unaligned_and_leak, preallocated_unaligned_shared,
-            preallocated_unaligned_extended, preallocated_unaligned_overflow]
+            preallocated_unaligned_extended, preallocated_unaligned_overflow,
+            snapshot_incomplete, snapshot_incomplete_and_leak, snapshot_incomplete_oflag,
+            two_snapshots_second_incomplete]
 
 
 # --- parity -----------------------------------------------------------------------------------
@@ -428,7 +486,7 @@ def _reads_as_before(directory: Path, original: tuple[int, bytes, str],
 
 @pytest.mark.parametrize("make", [data_file_snapshot_and_leak, data_file_l2_refcount_zero,
                                   overflow_rebuilt, preallocated_unaligned_and_leak,
-                                  preallocated_unaligned_shared],
+                                  preallocated_unaligned_shared, snapshot_incomplete_and_leak],
                          ids=lambda make: make.__name__)
 def test_stop_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                              make: Make) -> None:

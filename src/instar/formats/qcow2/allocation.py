@@ -211,14 +211,23 @@ class Refcounts:
         return -1
 
     def _free_flags(self, block: bytes | bytearray) -> bytes:
-        """One byte per entry of ``block``: 0 where the refcount is 0."""
+        """One byte per entry of ``block``: 0 where the refcount is 0 (whole-
+        block operations at C speed, whatever the width)."""
+        raw = bytes(block)
         if self.width >= 8:
             size = self.width // 8
-            return bytes(any(block[at : at + size]) for at in range(0, len(block), size)) \
-                if size > 1 else bytes(block)
+            ored = 0
+            for byte in range(size):  # an entry's bytes or'ed together
+                ored |= int.from_bytes(raw[byte::size], "big")
+            return ored.to_bytes(len(raw) // size, "big")
+        per_byte = 8 // self.width
         mask = (1 << self.width) - 1
-        return bytes((block[bit // 8] >> (bit % 8)) & mask
-                     for bit in range(0, len(block) * 8, self.width))
+        flags = bytearray(len(raw) * per_byte)
+        for entry in range(per_byte):  # entry j of each byte: bits j*width and up
+            shift = entry * self.width
+            flags[entry::per_byte] = raw.translate(bytes((value >> shift) & mask
+                                                         for value in range(256)))
+        return bytes(flags)
 
     def first_free_run(self, count: int) -> int:
         """qemu's ``alloc_clusters_noref`` from cluster 0 (its first allocation
