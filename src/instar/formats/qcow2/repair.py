@@ -25,11 +25,20 @@ point leaves an image qemu reads, with at worst leaked clusters.
 - a refcount block past the end of the file: ``all`` grows the file to
   hold it (zeros: its refcounts are 0, so a rebuild follows), as qemu does
   (refused past 16 TiB).
+- an unaligned preallocated cluster: ``all`` makes it a zero cluster (the
+  walk writes the entry through `_Fixer.fix_entry`).
+- an incomplete snapshot table entry: ``all`` writes the table anew after
+  the refcounts (`_rewrite_snapshot_table`, qemu's first free clusters).
+- refcounts past the refcount width: the repair walks in qemu's order
+  (``exact``), as the read-only check does; images with a data file are
+  repaired as others (nothing written to the data file).
 
-What qemu repairs in ways instar does not yet (unaligned refcount blocks,
-unaligned preallocated clusters, snapshot table repairs, refcount
-overflows, unreadable refcount blocks) is refused before anything is
-written: `unsupported`.
+Refused before anything is written: what qemu repairs in ways instar does
+not yet, and what qemu's own repair makes worse (an unaligned L2 table: it
+frees the guest's data; an unaligned or unreadable refcount block, reserved
+bits with ``all``: it marks the image corrupt and fails; a table it would
+write lying over other metadata: its overlap check stops it half way):
+`unsupported`, `_tables_over_metadata`.
 """
 
 from __future__ import annotations
