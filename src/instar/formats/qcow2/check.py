@@ -239,6 +239,7 @@ class _Walk:
         self.active_l1: array[int] = array("Q")
         self.snapshot_l1s: list[tuple[int, int]] = []  # (offset, entries) of those walked
         self.snapshot_corruptions = 0  # qemu counts them apart from the refcount check's
+        self.drop_extra = False  # read the snapshot table as check -r all does
         self.signaled = False  # qcow2_signal_corruption printed (only once)
         self.rebuild = False  # qemu's "rebuild": the refcount structure needs rebuilding
         self.repair: Repairer | None = None  # check -r: what repairs, as the walk goes
@@ -390,8 +391,18 @@ class _Walk:
                            "overhanging snapshots with qemu-img check -r all")
             raise _Failed(reason)
         snapshots: list[I.SnapshotEntry] = []
+
+        def dropped(index: int, size: int) -> None:  # check -r all: cut, written anew
+            result.add(REPAIRED, "snapshot-extra-dropped",
+                       f"Discarding too much extra metadata in snapshot table entry {index} "
+                       f"({size} > {I.MAX_SNAPSHOT_EXTRA_DATA})")
+            result.corruptions_fixed += 1
+
+        fixing = self.drop_extra or (self.repair is not None
+                                     and bool(self.repair.fix & FIX_ERRORS))
         try:
-            for end, entry in I.snapshot_entries(self._snapshot_read, start, count):
+            for end, entry in I.snapshot_entries(self._snapshot_read, start, count,
+                                                 dropped if fixing else None):
                 snapshots.append(entry)
                 self.snapshots_size = end - start  # up to the last entry's end, for its refcount
         except (_SnapshotError, I.SnapshotTableError) as error:
@@ -402,7 +413,6 @@ class _Walk:
                 result.add(NOTE, "hint", error.hint)
             raise _Failed(reason) from None
         if self.header.version >= 3:
-            fixing = self.repair is not None and bool(self.repair.fix & FIX_ERRORS)
             for index, snapshot in enumerate(snapshots):
                 if len(snapshot.extra) >= SNAPSHOT_EXTRA_MINIMUM:
                     continue
