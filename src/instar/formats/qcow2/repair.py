@@ -27,8 +27,9 @@ point leaves an image qemu reads, with at worst leaked clusters.
   (refused past 16 TiB).
 - an unaligned preallocated cluster: ``all`` makes it a zero cluster (the
   walk writes the entry through `_Fixer.fix_entry`).
-- an incomplete snapshot table entry: ``all`` writes the table anew after
-  the refcounts (`_rewrite_snapshot_table`, qemu's first free clusters).
+- an incomplete snapshot table entry, or one with over 1 KiB of extra
+  data (the check's walk cuts it): ``all`` writes the table anew after the
+  refcounts (`_rewrite_snapshot_table`, qemu's first free clusters).
 - refcounts past the refcount width: the repair walks in qemu's order
   (``exact``), as the read-only check does; images with a data file are
   repaired as others (nothing written to the data file).
