@@ -520,6 +520,24 @@ def test_snapshot_count_too_large(tmp_path: Path) -> None:
     assert (ours / NAME).read_bytes() == before
 
 
+@_made(writes=("write -P 1 0 1M",), snapshot=True)
+def snapshot_l1_unreadable_and_leak(image: Qcow2) -> None:
+    """A snapshot L1 table past qemu's I/O limit: its check fails ("I/O error in
+    check_refcounts_l1") before comparing refcounts, so nothing is repaired."""
+    image.put(Qcow2(image.path).header.snapshots_offset, ">Q", 0x7FFF_FFFF_C000_0000)
+    _refcount(image, _append_cluster(image), 1)
+
+
+@pytest.mark.parametrize("mode", ["leaks", "all"])
+def test_failing_check_like_qemu(tmp_path: Path, mode: str) -> None:
+    ours, theirs = _copies(tmp_path, snapshot_l1_unreadable_and_leak)
+    before = (ours / NAME).read_bytes()
+    expected = run_qemu_img("check", "-r", mode, NAME, cwd=theirs)
+    assert expected.rc == 1 and "Check failed" in expected.stderr
+    assert _outputs(run_instar("check", "-r", mode, NAME, cwd=ours)) == _outputs(expected)
+    assert (ours / NAME).read_bytes() == before == (theirs / NAME).read_bytes()
+
+
 # --- a stop at every write --------------------------------------------------------------------
 
 
