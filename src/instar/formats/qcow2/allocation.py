@@ -210,6 +210,20 @@ class Refcounts:
                     return index * self.per_block + within
         return -1
 
+    def has_block(self, index: int) -> bool:
+        """Whether refcount block ``index`` exists (on disk, or new)."""
+        return index in self.new or self._block(index) is not None
+
+    def add_block(self, index: int, offset: int) -> None:
+        """A new, empty refcount block ``index`` at ``offset`` (a free cluster
+        the caller chose), named by the table entry `write_table_entries`
+        writes; the table must have room for it."""
+        if index >= self.capacity():
+            raise AssertionError("the refcount table has no room for the block")
+        self.new[index] = offset
+        self.blocks[index] = bytearray(self.cluster)
+        self.changed.add(index)
+
     def _free_flags(self, block: bytes | bytearray) -> bytes:
         """One byte per entry of ``block``: 0 where the refcount is 0 (whole-
         block operations at C speed, whatever the width)."""
