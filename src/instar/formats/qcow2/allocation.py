@@ -223,3 +223,57 @@ class Refcounts:
         self.new[index] = offset
         self.blocks[index] = bytearray(self.cluster)
         self.changed.add(index)
+
+    def _free_flags(self, block: bytes | bytearray) -> bytes:
+        """One byte per entry of ``block``: 0 where the refcount is 0 (whole-
+        block operations at C speed, whatever the width)."""
+        raw = bytes(block)
+        if self.width >= 8:
+            size = self.width // 8
+            ored = 0
+            for byte in range(size):  # an entry's bytes or'ed together
+                ored |= int.from_bytes(raw[byte::size], "big")
+            return ored.to_bytes(len(raw) // size, "big")
+        per_byte = 8 // self.width
+        mask = (1 << self.width) - 1
+        flags = bytearray(len(raw) * per_byte)
+        for entry in range(per_byte):  # entry j of each byte: bits j*width and up
+            shift = entry * self.width
+            flags[entry::per_byte] = raw.translate(bytes((value >> shift) & mask
+                                                         for value in range(256)))
+        return bytes(flags)
+
+    def first_free_run(self, count: int) -> int:
+        """qemu's ``alloc_clusters_noref`` from cluster 0 (its first allocation
+        since the image was opened): the first of the first ``count``
+        clusters in a row whose refcount is 0 (past the refcount table's
+        blocks, every cluster is free). Used by ``check -r`` (snapshot table
+        rewrite); each block is read once, a block of refcounts at a time."""
+        start, pending = 0, 0  # a run of free clusters reaching the last block's end
+        index = 0
+        while True:
+            block = self._peek(index) if index < len(self.table) else None
+            flags = bytes(self.per_block) if block is None else self._free_flags(block)
+            base = index * self.per_block
+            if pending:
+                lead = len(flags) - len(flags.lstrip(b"\0"))
+                if pending + lead >= count:
+                    return start
+                pending = pending + lead if lead == len(flags) else 0
+                if pending:
+                    index += 1
+                    continue
+            found = flags.find(bytes(count)) if count <= len(flags) else -1
+            if found >= 0:
+                return base + found
+            tail = len(flags) - len(flags.rstrip(b"\0"))
+            if tail:
+                start, pending = base + len(flags) - tail, tail
+            index += 1
+
+    def covers(self, first: int, count: int) -> bool:
+        """Whether existing refcount blocks hold the refcounts of ``count``
+        clusters from ``first`` (so setting them allocates nothing)."""
+        return all(self._block(index) is not None
+                   for index in range(first // self.per_block,
+                                      (first + count - 1) // self.per_block + 1))

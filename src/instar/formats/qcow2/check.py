@@ -152,12 +152,23 @@ class _Sink(Protocol):
 class _L2Stats:
     """What walking one L2 table adds: its lines, corruptions and cluster counts."""
 
-    __slots__ = ("allocated", "compressed", "corruptions", "findings", "fixed", "fragmented")
+    __slots__ = ("allocated", "compressed", "corruptions", "entries_fixed", "findings", "fixed",
+                 "fragmented")
 
     def __init__(self) -> None:
         self.findings: list[Finding] = []
         self.corruptions = self.allocated = self.fragmented = self.compressed = 0
         self.fixed = 0  # OFLAG_COPIED entries repaired
+        self.entries_fixed = 0  # unaligned preallocated clusters made zero clusters
+
+    def after_fixes(self) -> _L2Stats:
+        """The table as a later visit finds it, once its entries were fixed
+        (qemu's walk reads it again: the fixed entries are zero clusters)."""
+        later = _L2Stats()
+        later.findings = [finding for finding in self.findings if finding.kind != REPAIRED]
+        later.corruptions, later.allocated = self.corruptions, self.allocated
+        later.fragmented, later.compressed = self.fragmented, self.compressed
+        return later
 
     def add(self, kind: str, code: str, message: str, prefixed: bool = False) -> None:
         if kind == CORRUPTION:
@@ -226,6 +237,9 @@ class _Walk:
         self.budget = 4 * self.file_len + BUDGET_BASE
         self.on_disk = OnDisk(array("Q"), 0, self.bits, order, self._read, _Failed)
         self.active_l1: array[int] = array("Q")
+        self.snapshot_l1s: list[tuple[int, int]] = []  # (offset, entries) of those walked
+        self.snapshot_corruptions = 0  # qemu counts them apart from the refcount check's
+        self.drop_extra = False  # read the snapshot table as check -r all does
         self.signaled = False  # qcow2_signal_corruption printed (only once)
         self.rebuild = False  # qemu's "rebuild": the refcount structure needs rebuilding
         self.repair: Repairer | None = None  # check -r: what repairs, as the walk goes
@@ -347,6 +361,15 @@ class _Walk:
             self.reload_refcounts()
         return highest, self
 
+    def snapshot_l2_entries(self) -> set[int]:
+        """The L1 entries (L2 tables) of the snapshots' L1 tables walked."""
+        named: set[int] = set()
+        snapshots = set(self.snapshot_l1s)
+        for table in self._l1_tables.values():
+            if (table.offset, table.size) in snapshots:
+                named.update(table.entries)
+        return named
+
     def reload_refcounts(self) -> None:
         """Forget the refcount blocks read so far (they were just changed)."""
         self.on_disk = OnDisk(self.on_disk.table, self.on_disk.table_size, self.bits,
@@ -368,8 +391,18 @@ class _Walk:
                            "overhanging snapshots with qemu-img check -r all")
             raise _Failed(reason)
         snapshots: list[I.SnapshotEntry] = []
+
+        def dropped(index: int, size: int) -> None:  # check -r all: cut, written anew
+            result.add(REPAIRED, "snapshot-extra-dropped",
+                       f"Discarding too much extra metadata in snapshot table entry {index} "
+                       f"({size} > {I.MAX_SNAPSHOT_EXTRA_DATA})")
+            result.corruptions_fixed += 1
+
+        fixing = self.drop_extra or (self.repair is not None
+                                     and bool(self.repair.fix & FIX_ERRORS))
         try:
-            for end, entry in I.snapshot_entries(self._snapshot_read, start, count):
+            for end, entry in I.snapshot_entries(self._snapshot_read, start, count,
+                                                 dropped if fixing else None):
                 snapshots.append(entry)
                 self.snapshots_size = end - start  # up to the last entry's end, for its refcount
         except (_SnapshotError, I.SnapshotTableError) as error:
@@ -381,9 +414,16 @@ class _Walk:
             raise _Failed(reason) from None
         if self.header.version >= 3:
             for index, snapshot in enumerate(snapshots):
-                if len(snapshot.extra) < SNAPSHOT_EXTRA_MINIMUM:
+                if len(snapshot.extra) >= SNAPSHOT_EXTRA_MINIMUM:
+                    continue
+                if fixing:  # the table is written anew after the refcounts (`repair.py`)
+                    result.add(REPAIRED, "snapshot-entry-incomplete",
+                               f"Repairing snapshot table entry {index} is incomplete")
+                    result.corruptions_fixed += 1
+                else:
                     result.add(CORRUPTION, "snapshot-entry-incomplete",
                                f"ERROR snapshot table entry {index} is incomplete")
+                    self.snapshot_corruptions += 1
         return snapshots
 
     def _snapshot_read(self, offset: int, length: int) -> bytes:
@@ -456,6 +496,7 @@ class _Walk:
                     f"{where} l1_size={_c_hex(snapshot.l1_size)}: L1 table is too large; "
                     "snapshot table entry corrupted"))
             else:
+                self.snapshot_l1s.append((snapshot.l1_offset, snapshot.l1_size))
                 steps.append(self._l1_table(snapshot.l1_offset, snapshot.l1_size, active=False))
         if self.exact:
             self._exact_work(steps)
@@ -542,6 +583,9 @@ class _Walk:
             if stats is None:
                 stats = self._l2_table(offset, 1)
             result.extend(stats.findings, corruptions=stats.corruptions)
+            if stats.entries_fixed:
+                result.corruptions_fixed += stats.entries_fixed
+                tables[offset] = stats.after_fixes()
             if table.active:
                 result.allocated_clusters += stats.allocated
                 result.fragmented_clusters += stats.fragmented
@@ -635,6 +679,17 @@ class _Walk:
                         stats.add(CORRUPTION, "data-cluster-unaligned",
                                   f"ERROR offset={host:x}: Data cluster is not properly "
                                   "aligned; L2 entry corrupted.")
+                    elif self.repair is not None and self.repair.fix & FIX_ERRORS:
+                        # qemu makes it a zero cluster (extended L2: its entry 0, the
+                        # bitmap kept) and counts no reference to it
+                        stats.add(REPAIRED, "preallocated-cluster-unaligned",
+                                  f"Repairing offset={host:x}: Preallocated cluster is not "
+                                  "properly aligned; L2 entry corrupted.")
+                        stats.entries_fixed += 1
+                        self.repair.fix_entry(offset + index * (16 if bitmaps is not None
+                                                                else 8),
+                                              0 if bitmaps is not None else L.OFLAG_ZERO)
+                        continue
                     else:
                         stats.add(CORRUPTION, "preallocated-cluster-unaligned",
                                   f"ERROR offset={host:x}: Preallocated cluster is not "
@@ -877,7 +932,8 @@ class _Walk:
             self.fix_entry = repair.fix_entry
             self.oflag_repair = bool(repair.fix & FIX_ERRORS) or (
                 bool(repair.fix & FIX_LEAKS)
-                and not (result.check_errors or result.corruptions or result.leaks))
+                and not (result.check_errors or result.leaks
+                         or result.corruptions > self.snapshot_corruptions))
         tables: dict[int, _L2Stats] = {}
         for index, entry in zip(self.active_indices, self.active_l1, strict=True):
             offset = entry & L.L1E_OFFSET_MASK

@@ -131,26 +131,39 @@ class SnapshotTableError(FormatError):
         self.hint = hint
 
 
-def snapshot_entries(read: Callable[[int, int], bytes], start: int,
-                     count: int) -> Iterator[tuple[int, SnapshotEntry]]:
+INT_MAX = (1 << 31) - 1  # qemu's limit on how far the entries reach (skipped extra data too)
+
+
+def snapshot_entries(read: Callable[[int, int], bytes], start: int, count: int,
+                     dropped: Callable[[int, int], None] | None = None,
+                     ) -> Iterator[tuple[int, SnapshotEntry]]:
     """(offset past it, entry) for each entry of the table at ``start``, as
     qemu's ``qcow2_do_read_snapshots`` walks it (entries 8-byte aligned, extra
-    data at most 1 KiB, 64 MiB in all); ``read(offset, length)`` reads the file."""
+    data at most 1 KiB, 64 MiB in all); ``read(offset, length)`` reads the file.
+    With ``dropped`` (``check -r all``), extra data over 1 KiB is cut to 1 KiB
+    (``dropped(index, its size)`` told) and skipped over, as qemu's repair does."""
     offset = table_length = start
     for index in range(count):
         offset = (offset + 7) & ~7
         table_length = (table_length + 7) & ~7
         (l1_offset, l1_size, id_size, name_size, date_sec, date_nsec, vm_clock_nsec,
          vm_state_size, extra_size) = SNAPSHOT_HEADER.unpack(read(offset, SNAPSHOT_HEADER.size))
+        skipped = 0
         if extra_size > MAX_SNAPSHOT_EXTRA_DATA:
-            raise SnapshotTableError(
-                f"Too much extra metadata in snapshot table entry {index}",
-                "You can force-remove this extra metadata with qemu-img check -r all")
+            if dropped is None:
+                raise SnapshotTableError(
+                    f"Too much extra metadata in snapshot table entry {index}",
+                    "You can force-remove this extra metadata with qemu-img check -r all")
+            dropped(index, extra_size)
+            skipped = extra_size - MAX_SNAPSHOT_EXTRA_DATA
+            extra_size = MAX_SNAPSHOT_EXTRA_DATA
+        rest = read(offset + SNAPSHOT_HEADER.size, extra_size)
+        if id_size or name_size:
+            rest += read(offset + SNAPSHOT_HEADER.size + extra_size + skipped, id_size + name_size)
         length = extra_size + id_size + name_size
-        rest = read(offset + SNAPSHOT_HEADER.size, length)
-        offset += SNAPSHOT_HEADER.size + length
+        offset += SNAPSHOT_HEADER.size + length + skipped
         table_length += SNAPSHOT_HEADER.size + length
-        if table_length - start > MAX_SNAPSHOT_TABLE_BYTES:
+        if table_length - start > MAX_SNAPSHOT_TABLE_BYTES or offset - start > INT_MAX:
             raise SnapshotTableError(
                 "Snapshot table is too big",
                 f"You can force-remove all {count - index} overhanging snapshots with "

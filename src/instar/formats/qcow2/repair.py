@@ -25,11 +25,21 @@ point leaves an image qemu reads, with at worst leaked clusters.
 - a refcount block past the end of the file: ``all`` grows the file to
   hold it (zeros: its refcounts are 0, so a rebuild follows), as qemu does
   (refused past 16 TiB).
+- an unaligned preallocated cluster: ``all`` makes it a zero cluster (the
+  walk writes the entry through `_Fixer.fix_entry`).
+- an incomplete snapshot table entry, or one with over 1 KiB of extra
+  data (the check's walk cuts it): ``all`` writes the table anew after the
+  refcounts (`_rewrite_snapshot_table`, qemu's first free clusters).
+- refcounts past the refcount width: the repair walks in qemu's order
+  (``exact``), as the read-only check does; images with a data file are
+  repaired as others (nothing written to the data file).
 
-What qemu repairs in ways instar does not yet (unaligned refcount blocks,
-unaligned preallocated clusters, snapshot table repairs, refcount
-overflows, unreadable refcount blocks) is refused before anything is
-written: `unsupported`.
+Refused before anything is written: what qemu repairs in ways instar does
+not yet, and what qemu's own repair makes worse (an unaligned L2 table: it
+frees the guest's data; an unaligned or unreadable refcount block, reserved
+bits with ``all``: it marks the image corrupt and fails; a table it would
+write lying over other metadata: its overlap check stops it half way):
+`unsupported`, `_tables_over_metadata`.
 """
 
 from __future__ import annotations
@@ -40,40 +50,52 @@ from array import array
 from bisect import bisect_right
 from collections.abc import Callable
 
-from instar.errors import UnsupportedError
+from instar.errors import FormatError, SnapshotError, UnsupportedError
 from instar.findings import CheckResult
+from instar.formats.qcow2 import info as I
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.allocation import Refcounts
-from instar.formats.qcow2.check import FIX_ERRORS, FIX_LEAKS, _Restart, _Walk, check
+from instar.formats.qcow2.check import FIX_ERRORS, FIX_LEAKS, _Restart, _Walk
 from instar.formats.qcow2.reader import MAX_REFTABLE_BYTES, Qcow2Driver
 from instar.formats.qcow2.refcounts import Expected, encode
+from instar.formats.qcow2.snapshots import pack_table, read_snapshot_table
 from instar.mutate import PHASES, ImageUpdate
 
 MODES = {"leaks": FIX_LEAKS, "all": FIX_LEAKS | FIX_ERRORS}
 _INCOMPAT_OFFSET = 72  # the header's incompatible feature bits (version 3)
 _REFTABLE_FIELDS = struct.Struct(">QI")  # refcount_table_offset, refcount_table_clusters
 _REFTABLE_OFFSET = 48
+_SNAPSHOT_FIELDS = struct.Struct(">IQ")  # nb_snapshots, snapshots_offset
+_SNAPSHOT_FIELDS_OFFSET = 60
 
 # Findings whose repair instar does not make yet (qemu does): refused.
 _NOT_YET = {
     "refcount-block-unaligned": "an unaligned refcount block",
-    "refcount-table-reserved-bits": "reserved bits in the refcount table",
     "refcount-unreadable": "an unreadable refcount block",
     "corrupt": "an unaligned refcount block",
-    "preallocated-cluster-unaligned": "an unaligned preallocated cluster",
-    "refcount-overflow": "refcounts past the refcount width",
-    "snapshot-entry-incomplete": "an incomplete snapshot table entry",
-    "snapshot-table-invalid": "a broken snapshot table",
-    "snapshot-table-unreadable": "a broken snapshot table",
-    "io-error": "an unreadable table",
     "l2-table-unaligned": "an unaligned L2 table",
 }
 
 
-def unsupported(result: CheckResult) -> str | None:
-    """What in a read-only check's findings instar cannot repair yet, or None."""
+# Findings whose repair qemu's ``-r all`` fails on, having marked the image
+# corrupt (its rebuild's writes are stopped by its overlap check): refused with
+# ``all``; with ``leaks`` qemu stops before writing ("need to rebuild"), as instar.
+_NOT_YET_ALL = {
+    "refcount-table-reserved-bits": "reserved bits in the refcount table",
+    # qemu's -r all drops overhanging entries (the table over 64 MiB, over
+    # 65536 of them); with leaks it fails reading the table, writing nothing
+    "snapshot-table-invalid": "a broken snapshot table",
+    "snapshot-table-unreadable": "a broken snapshot table",
+}
+
+
+def unsupported(result: CheckResult, mode: str = "all") -> str | None:
+    """What in a read-only check's findings instar cannot repair yet with
+    ``mode``, or None."""
     for finding in result.findings:
         what = _NOT_YET.get(finding.code)
+        if what is None and mode == "all":
+            what = _NOT_YET_ALL.get(finding.code)
         if what is not None:
             return what
     return None
@@ -86,30 +108,39 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
     the first check's result (with its *_fixed counters); refuses in one line,
     nothing written, what is not supported yet."""
     header = driver.header
-    if driver.data_file is not None:
-        raise UnsupportedError("check -r of a qcow2 image with an external data file is not "
-                               "supported yet")
+    exact = False  # walked entry by entry, in qemu's order (refcounts reach the maximum)
+    walk = _Walk(driver, exact=False)
+    walk.drop_extra = mode == "all"
     try:
-        preview = check(driver)
-    except _Restart:  # pragma: no cover - check() handles it itself
-        raise UnsupportedError("check -r: refcount overflow repairs are not supported yet") \
-            from None
-    what = (unsupported(preview) or _l2_over_metadata(driver, preview)
-            or _grown_too_far(driver, preview, mode))
+        preview = walk.run()
+    except _Restart:
+        exact = True
+        walk = _Walk(driver, exact=True)
+        walk.drop_extra = mode == "all"
+        preview = walk.run()
+    rewrite = mode == "all" and preview.failure is None and any(
+        finding.code in _REWRITTEN for finding in preview.findings)
+    if preview.failure is not None and mode == "all" and any(
+            finding.code == "preallocated-cluster-unaligned" for finding in preview.findings):
+        # qemu makes the zero clusters on its way, then fails: not followed yet
+        raise UnsupportedError("check -r: repairing a qcow2 image with an unaligned "
+                               "preallocated cluster and a check that fails is not "
+                               "supported yet")
+    what = (unsupported(preview, mode) or _tables_over_metadata(walk, preview, mode)
+            or _grown_too_far(driver, preview, mode)
+            or (_snapshot_rewrite_unsupported(walk) if rewrite else None))
     if what is not None:
         raise UnsupportedError(f"check -r: repairing a qcow2 image with {what} is not "
                                "supported yet")
     writer = _Writer(fd, driver.file.name)
     if preview.failure is not None or not (
-            preview.leaks or preview.corruptions or preview.check_errors):
+            rewrite or preview.leaks or preview.corruptions or preview.check_errors):
         result = preview  # qemu finds the same, and changes nothing but the bits
     else:
-        fixer = _Fixer(driver, writer, MODES[mode], reopen)
-        try:
-            result = _Walk(driver, exact=False).run(fixer)
-        except _Restart:
-            raise UnsupportedError("check -r: refcount overflow repairs are not supported "
-                                   "yet") from None
+        fixer = _Fixer(driver, writer, MODES[mode], reopen, exact)
+        result = _Walk(driver, exact=exact).run(fixer)
+        if rewrite and result.failure is None:
+            _rewrite_snapshot_table(fixer.driver, writer)
     bits = header.incompatible_features & ~L.INCOMPAT_DIRTY
     if result.failure is None and not (result.check_errors or result.corruptions):
         bits &= ~L.INCOMPAT_CORRUPT
@@ -118,6 +149,61 @@ def repair(driver: Qcow2Driver, fd: int, mode: str,
         writer.update.write(_INCOMPAT_OFFSET, bits.to_bytes(8, "big"))
     writer.update.finish()
     return result
+
+
+# Findings for which ``-r all`` writes the snapshot table anew.
+_REWRITTEN = frozenset({"snapshot-entry-incomplete", "snapshot-extra-dropped"})
+
+
+def _ignore(index: int, size: int) -> None:
+    """Extra data cut (the check's walk reported it)."""
+
+
+def _snapshot_rewrite_unsupported(walk: _Walk) -> str | None:
+    """Why the snapshot table rewrite (an incomplete entry) is not made yet:
+    with a refcount rebuild (qemu allocates in the rebuilt structure), or
+    where the new table could land in clusters no refcount block covers
+    (qemu would allocate a refcount block first)."""
+    if walk.rebuild:
+        return "an incomplete snapshot table entry and a broken refcount structure"
+    driver = walk.driver
+    try:
+        table = pack_table(read_snapshot_table(driver, _ignore)[0])
+    except (FormatError, SnapshotError):
+        return "a snapshot table that cannot be written back"
+    cluster = driver.header.cluster_size
+    end = -(-driver.file.size // cluster) + -(-len(table) // cluster)
+    if not Refcounts(driver).covers(0, end):
+        return "an incomplete snapshot table entry (a new refcount block needed)"
+    return None
+
+
+def _rewrite_snapshot_table(driver: Qcow2Driver, writer: _Writer) -> None:
+    """qemu's ``qcow2_write_snapshots`` (check -r all, after the refcounts):
+    the table as read (incomplete entries completed: disk size, no icount),
+    written to the first free clusters, the header switched to it, the old
+    table freed."""
+    header = driver.header
+    snapshots, length = read_snapshot_table(driver, _ignore)
+    table = pack_table(snapshots)
+    cluster = header.cluster_size
+    refcounts = Refcounts(driver)
+    count = -(-len(table) // cluster)
+    first = refcounts.first_free_run(count)
+    if not refcounts.covers(first, count):  # pragma: no cover - checked before writing
+        raise UnsupportedError("check -r: the new snapshot table needs a new refcount block")
+    refcounts.add(first, count, +1)
+    writer.phase("data")
+    refcounts.write_blocks(writer.update)
+    writer.update.write(first * cluster, table)
+    writer.phase("header")
+    writer.update.write(_SNAPSHOT_FIELDS_OFFSET,
+                        _SNAPSHOT_FIELDS.pack(len(snapshots), first * cluster))
+    writer.phase("release")
+    if length:
+        start = header.snapshots_offset // cluster
+        refcounts.add(start, (header.snapshots_offset + length - 1) // cluster - start + 1, -1)
+        refcounts.write_blocks(writer.update)
 
 
 # The longest file a repair grows to hold a refcount block past its end (qemu
@@ -145,34 +231,67 @@ def _grown_too_far(driver: Qcow2Driver, preview: CheckResult, mode: str) -> str 
     return None
 
 
-def _l2_over_metadata(driver: Qcow2Driver, preview: CheckResult) -> str | None:
-    """An active L2 table whose OFLAG_COPIED repair would write over the
-    header, the L1 table, the refcount table or a refcount block (qemu's
-    overlap check stops such a write half way through its repair; instar
-    refuses before writing anything)."""
+def _tables_over_metadata(walk: _Walk, preview: CheckResult, mode: str) -> str | None:
+    """An active L1 or L2 table that an OFLAG_COPIED repair would write while
+    it lies over other metadata: the header, the refcount table or a refcount
+    block, the snapshot table, a snapshot's L1 table, the bitmap directory,
+    or (the L1 table) an active L2 table and (an L2 table) the active L1
+    table. qemu's overlap check stops such a write half way through its
+    repair, some of it written; instar refuses before writing anything.
+    Spans are compared as sorted cluster intervals: bounded by the tables the
+    check's walk read, whatever their number."""
     if not (preview.corruptions or preview.leaks):
-        return None
+        return None  # nothing to repair: nothing written but the header's bits
+    driver = walk.driver
     header = driver.header
     bits = header.cluster_bits
-    used: set[int] = {0}
+    common: list[tuple[int, int]] = [(0, 1)]
 
-    def span(offset: int, length: int) -> None:
-        if length > 0:
-            used.update(range(offset >> bits, ((offset + length - 1) >> bits) + 1))
+    def span(offset: int, length: int) -> tuple[int, int]:
+        return offset >> bits, ((offset + max(length, 1) - 1) >> bits) + 1
 
-    span(header.l1_table_offset, header.l1_size * 8)
-    span(header.refcount_table_offset, header.refcount_table_clusters << bits)
-    span(header.snapshots_offset, header.nb_snapshots * L.SNAPSHOT_HEADER_SIZE)
-    file = driver.file
-    reftable = file.pread(header.refcount_table_offset, header.refcount_table_clusters << bits)
-    for (entry,) in struct.iter_unpack(">Q", reftable[: len(reftable) // 8 * 8]):
-        if entry & L.REFTABLE_OFFSET_MASK:
-            used.add((entry & L.REFTABLE_OFFSET_MASK) >> bits)
-    l1 = file.pread(header.l1_table_offset, header.l1_size * 8)
-    for (entry,) in struct.iter_unpack(">Q", l1[: len(l1) // 8 * 8]):
-        if (entry & L.L1E_OFFSET_MASK) >> bits in used and entry & L.L1E_OFFSET_MASK:
-            return "an L2 table over other metadata"
+    common.append(span(header.refcount_table_offset, header.refcount_table_clusters << bits))
+    if header.nb_snapshots:
+        common.append(span(header.snapshots_offset, max(walk.snapshots_size, 1)))
+    common.extend(span(entry & L.REFTABLE_OFFSET_MASK, 1) for entry in walk.on_disk.table
+                  if entry & L.REFTABLE_OFFSET_MASK)
+    try:
+        bitmaps = I.bitmap_directory(driver)
+    except FormatError:
+        bitmaps = None
+    if bitmaps is not None:
+        common.append(span(bitmaps[1], bitmaps[2]))
+    active = span(header.l1_table_offset, header.l1_size * 8) if header.l1_size else None
+    common.extend(span(offset, size * 8) for offset, size in walk.snapshot_l1s if size)
+    named = set(walk.active_l1)
+    if mode == "all" and any(finding.code == "preallocated-cluster-unaligned"
+                             for finding in preview.findings):
+        named.update(walk.snapshot_l2_entries())  # their entries are fixed too
+    l2 = [span(entry & L.L1E_OFFSET_MASK, 1 << bits) for entry in named
+          if entry & L.L1E_OFFSET_MASK]
+    if active is not None and _overlaps([active], common + l2):
+        return "an L1 table over other metadata"
+    if _overlaps(l2, common + ([active] if active is not None else [])):
+        return "an L2 table over other metadata"
     return None
+
+
+def _overlaps(tables: list[tuple[int, int]], others: list[tuple[int, int]]) -> bool:
+    """Whether a ``[start, end)`` of ``tables`` meets one of ``others``."""
+    if not tables or not others:
+        return False
+    merged: list[list[int]] = []
+    for start, end in sorted(others):
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    starts = [start for start, _ in merged]
+    for start, end in tables:
+        index = bisect_right(starts, end - 1) - 1
+        if index >= 0 and merged[index][1] > start:
+            return True
+    return False
 
 
 class _Writer:
@@ -200,8 +319,9 @@ class _Fixer:
     """The `Repairer` the check's walk calls."""
 
     def __init__(self, driver: Qcow2Driver, writer: _Writer, fix: int,
-                 reopen: Callable[[], Qcow2Driver]) -> None:
+                 reopen: Callable[[], Qcow2Driver], exact: bool) -> None:
         self.fix = fix
+        self.exact = exact
         self.driver = driver
         self.writer = writer
         self.reopen = reopen
@@ -240,7 +360,7 @@ class _Fixer:
         self.driver = self.reopen()
         self._refcounts = None
         self.rebuilt = True
-        return _Walk(self.driver, exact=False)
+        return _Walk(self.driver, exact=self.exact)
 
 
 def plan_rebuild(expected: Expected, cluster_bits: int) -> tuple[list[int], int, int]:

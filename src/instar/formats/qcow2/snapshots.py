@@ -44,7 +44,7 @@ import os
 import struct
 import sys
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import compress
 
 from instar.errors import FormatError, SnapshotError, UnsupportedError
@@ -96,9 +96,11 @@ class Snapshot:
         self.unknown_extra = unknown_extra  # extra data past what qemu knows, kept
 
 
-def read_snapshot_table(driver: Qcow2Driver) -> tuple[list[Snapshot], int]:
+def read_snapshot_table(driver: Qcow2Driver, dropped: Callable[[int, int], None] | None = None,
+                        ) -> tuple[list[Snapshot], int]:
     """The snapshot table as qemu's ``qcow2_read_snapshots`` reads it, and its
-    length in the file (up to the last entry's end)."""
+    length in the file (up to the last entry's end); ``dropped``: extra data
+    over 1 KiB is cut, as ``check -r all`` does (`info.snapshot_entries`)."""
     header = driver.header
     if header.nb_snapshots > L.MAX_SNAPSHOTS:
         raise FormatError("Too many snapshots")
@@ -112,7 +114,7 @@ def read_snapshot_table(driver: Qcow2Driver) -> tuple[list[Snapshot], int]:
     snapshots = []
     end = header.snapshots_offset
     for entry_end, entry in snapshot_entries(read, header.snapshots_offset,
-                                             header.nb_snapshots):
+                                             header.nb_snapshots, dropped):
         end = entry_end
         extra = entry.extra
         vm_state_size = entry.vm_state_size
