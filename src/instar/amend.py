@@ -97,7 +97,10 @@ def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[s
 
         def next_step() -> tuple[Qcow2Driver, ImageUpdate]:
             """The image read again after a step, and the next step's update
-            (its changes counted on from the last, for `mutate.stop_after`)."""
+            (its changes counted on from the last, for `mutate.stop_after`).
+            A step after a new data file name is never needed (a data file
+            refuses size and downgrade), so the new one is not opened, as
+            qemu does not open it."""
             update.finish()
             if file.is_regular:
                 file.size = os.fstat(file.fd).st_size
@@ -108,13 +111,18 @@ def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[s
             following.changes = update.changes
             return again, following
 
+        written = False
         if plan.header_changes():
             plan.write_header(driver, update)
-            driver, update = next_step()
+            written = True
         if plan.new_size:
+            if written:
+                driver, update = next_step()
             resize_qcow2(driver, update, plan.new_size, "off", zero_fill)
-            driver, update = next_step()
+            written = True
         if plan.downgrade:
+            if written:
+                driver, update = next_step()
             downgrade(driver, update, plan.new_version, driver.backing_name,
                       None if plan.new_size else plan.zeros)
         update.finish()

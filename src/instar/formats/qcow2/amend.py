@@ -195,7 +195,7 @@ def plan_amend(driver: Qcow2Driver, options: ParsedOptions, backing_name: str | 
         check_resize(driver, plan.new_size, "off", zero_fill,
                      version=max(plan.old_version, plan.new_version))
     if plan.downgrade:
-        _check_downgrade(driver, order)
+        _check_downgrade(driver, order, plan.new_size or driver.virtual_size)
         if plan.new_size and zero_fill and backing_name is not None:
             raise UnsupportedError("downgrading a qcow2 image with a backing file and "
                                    "zero clusters (qemu allocates them) is not supported "
@@ -237,14 +237,20 @@ def _check_upgrade(driver: Qcow2Driver) -> None:
                                "extra data is not supported yet")
 
 
-def _check_downgrade(driver: Qcow2Driver, refcount_order: int) -> None:
-    """qemu's ``qcow2_downgrade`` refusals (``refcount_order``: the width
-    by then), then instar's."""
+def _check_downgrade(driver: Qcow2Driver, refcount_order: int, size: int) -> None:
+    """qemu's ``qcow2_downgrade`` refusals (``refcount_order``, ``size``: the
+    width and the virtual size by then), then instar's."""
+    from instar.formats.qcow2.snapshots import read_snapshot_table
+
     header = driver.header
     if refcount_order != 4:
         raise AmendError("compat=0.10 requires refcount_bits=16")
     if header.incompatible_features & L.INCOMPAT_DATA_FILE:
         raise AmendError("Cannot downgrade an image with a data file")
+    # A v2 snapshot has neither its own size nor a 64-bit VM state size.
+    for snapshot in read_snapshot_table(driver)[0]:
+        if snapshot.vm_state_size > 0xFFFF_FFFF or snapshot.disk_size != size:
+            raise AmendError("Internal snapshots prevent downgrade of image")
     if header.incompatible_features & L.INCOMPAT_COMPRESSION:
         raise UnsupportedError("downgrading a qcow2 image with zstd compression is not "
                                "supported yet")

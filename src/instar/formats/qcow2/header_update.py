@@ -77,8 +77,8 @@ def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | 
     if same and header.version >= 3 and header.header_length > _QEMU_V3_HEADER:
         extra = file.pread(_QEMU_V3_HEADER, header.header_length - _QEMU_V3_HEADER)
         extra = extra.ljust(header.header_length - _QEMU_V3_HEADER, b"\0")
-    autoclear = header.autoclear_features & (L.AUTOCLEAR_BITMAPS | L.AUTOCLEAR_DATA_FILE_RAW)
-    features = (header.incompatible_features, header.compatible_features, autoclear,
+    kept = header.autoclear_features & (L.AUTOCLEAR_BITMAPS | L.AUTOCLEAR_DATA_FILE_RAW)
+    features = (header.incompatible_features, header.compatible_features, kept,
                 header.refcount_order, header.compression_type)
     if not same:  # qemu's upgrade and downgrade: no feature left to carry over
         features = (0, 0, 0, 4, L.COMPRESSION_ZLIB)
