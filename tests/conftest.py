@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import hostile_corpus as corpus
 from helpers import qemu_img_path, qemu_io_path
 
 
@@ -57,3 +58,9 @@ def allow_own_directories(request: pytest.FixtureRequest, tmp_path: Path,
         if name in request.fixturenames:
             dirs += _directories(request.getfixturevalue(name))
     monkeypatch.setenv("INSTAR_ALLOW", ":".join(str(d) for d in dirs))
+
+
+@pytest.fixture(scope="session")
+def hostile_bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
+    """The hostile corpus's qemu-img-made base images, built once per test process."""
+    return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))

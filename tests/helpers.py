@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from instar.cli import main as instar_main
 from instar.formats.base import CreateOptions, Format, ParsedOptions
 from instar.formats.options import parse_options
@@ -326,3 +328,35 @@ def make_dirty_qcow2(path: Path, kind: str, size: str = "4M",
         struct.pack_into(">H", data, refblock + 2 * first, 1)
     data[79] |= 1  # the dirty bit (incompatible features, the last byte)
     path.write_bytes(bytes(data))
+
+
+def build_images(directory: Path, steps: list[tuple[str, ...]]) -> None:
+    """Images built by qemu: each step ("create", args...) runs ``qemu-img
+    create -q args``, ("io", fmt, file, command) runs qemu-io, any other tuple
+    runs qemu-img with those arguments; all in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for step in steps:
+        if step[0] == "create":
+            qemu_img_ok("create", "-q", *step[1:], cwd=directory)
+        elif step[0] == "io":
+            qemu_io(directory / step[2], step[3], step[1], cwd=directory)
+        else:
+            qemu_img_ok(*step, cwd=directory)
+
+
+def stop_after_changes(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
+    """Make every `instar.mutate.ImageUpdate` stop (raise StoppedUpdate)
+    once ``limit`` changes were made, counted across all the updates of one
+    command (commit changes its base, then its top image)."""
+    from instar import mutate
+    from instar.errors import StoppedUpdate
+
+    made = [0]
+
+    def change(update: mutate.ImageUpdate) -> None:
+        if made[0] >= limit:
+            raise StoppedUpdate(f"stopped after {limit} changes")
+        made[0] += 1
+        update.changes += 1
+
+    monkeypatch.setattr(mutate.ImageUpdate, "_change", change)

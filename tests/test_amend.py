@@ -25,9 +25,7 @@ from helpers import (
     sample_image_names,
     unpack_sample_image,
 )
-from test_hostile import SANDBOX_WARNING
-from test_hostile import run_instar as run_confined
-from test_snapshot import _PROBE_WARNING, _files
+from mutation_sweep import check_run, corpus_params
 
 pytestmark = pytest.mark.usefixtures("allow_own_directories")
 
@@ -278,42 +276,20 @@ def test_refcount_bits_refusals_like_qemu(create: str, option: str, tmp_path: Pa
     pair.assert_same()
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
-    return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))
+# Families of formats qemu cannot amend are refused after the open test_hostile covers.
+_OTHER_FORMATS = ("parallels", "vdi", "vmdk_descriptor", "vhdx_log", "plists")
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, id=f"{case.family}-{case.name}")
-                                  for case in corpus.CASES])
-@pytest.mark.parametrize("option", ["compat=0.10", "refcount_bits=1"])
-def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, option: str,
+@pytest.mark.parametrize("case,option", corpus_params(["compat=0.10", "refcount_bits=1"],
+                                                      skip_families=_OTHER_FORMATS))
+def test_hostile_corpus(case: corpus.Case, option: str, hostile_bases: corpus.Bases,
                         tmp_path: Path) -> None:
     """Every image of the hostile corpus downgraded (the header rewritten,
     every table walked for zero clusters) or given 1-bit refcounts (every
-    refcount block read) by a confined instar: done, or refused
-    in one line, within the limits; no other file changes, a refused image is
-    unchanged."""
-    place = corpus.Place.make(tmp_path, bases)
-    image = "img/" + case.build(place)
-    target = (place.root / image).resolve()
-    others = _files(place.root, target)
-    before = target.read_bytes() if target.is_file() else None
-    allow = ["--allow", "img"] if case.allow in ("dir", "both") else []
-    run = run_confined("amend", ["amend", *allow, "-o", option, image], place)
-    assert not run.stalled and run.rc in (0, 1), run.describe()
-    lines = [line for line in run.stderr.decode(errors="replace").splitlines()
-             if not SANDBOX_WARNING.match(line) and not line.startswith(_PROBE_WARNING)]
-    if run.rc == 0:
-        assert run.stdout == b"" and not lines, run.describe()
-    else:
-        assert lines and lines[0].startswith("instar: "), run.describe()
-        assert len(lines) == 1 or (len(lines) == 2 and lines[1].startswith("Try ")), lines
-        assert "internal error" not in lines[0], run.describe()
-        if target.is_file():
-            assert target.read_bytes() == before, "a refused amend changed the image"
-    for token in corpus.forbidden(neighbour_allowed=False):
-        assert token not in run.stdout + run.stderr
-    assert _files(place.root, target) == others, "a file other than the image changed"
+    refcount block read) by a confined instar: done, or refused in one line
+    (`mutation_sweep`)."""
+    check_run("amend", lambda image: ["-o", option, image], case, hostile_bases, tmp_path,
+              try_line=True)
 
 
 # --- crash safety ----------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import hostile_corpus as corpus
+from confined import run_instar as run_confined
 from helpers import (
     Result,
     qemu_img_ok,
@@ -38,7 +39,6 @@ from instar.errors import StoppedUpdate
 from instar.formats.qcow2 import layout as L
 from instar.worker import SandboxSettings
 from test_check import Qcow2, _append_cluster, make_qcow2
-from test_hostile import run_instar as run_confined
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
 
@@ -617,16 +617,11 @@ QCOW2_CASES = [case for case in corpus.CASES
                and case.fmt in (None, "qcow2")]
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
-    return corpus.Bases(tmp_path_factory.mktemp("repair-bases"))
-
-
 @pytest.mark.parametrize("case", QCOW2_CASES, ids=lambda case: case.name)
-def test_hostile(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) -> None:
+def test_hostile(case: corpus.Case, hostile_bases: corpus.Bases, tmp_path: Path) -> None:
     """The hostile qcow2 images: ``check -r all`` bounded (5 s, 512 MiB), never a
     traceback; refused in one line with the file unchanged, or repaired."""
-    place = corpus.Place.make(tmp_path, bases)
+    place = corpus.Place.make(tmp_path, hostile_bases)
     path = place.img / case.build(place)
     before = path.read_bytes()
     args = ["check", "-r", "all", "img/" + path.name]

@@ -36,8 +36,7 @@ from instar.errors import StoppedUpdate
 from instar.locks import write_conflict
 from instar.resize import resize
 from instar.worker import SandboxSettings
-from test_hostile import SANDBOX_WARNING
-from test_hostile import run_instar as run_confined
+from mutation_sweep import check_run, corpus_params
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
 
@@ -558,52 +557,17 @@ def test_crash_while_shrinking(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 
 # --- the hostile corpus ------------------------------------------------------------------------
 
-_PROBE_WARNING = ("WARNING: Image format was not specified for ",
-                  "         Automatically detecting the format is dangerous",
-                  "         Specify the 'raw' format explicitly")
-
-
 # Families of formats qemu cannot resize are refused after the open test_hostile covers.
 _OTHER_FORMATS = ("parallels", "vdi", "vmdk_descriptor", "vhdx_log", "plists")
 
 
-@pytest.fixture(scope="module")
-def bases(tmp_path_factory: pytest.TempPathFactory) -> corpus.Bases:
-    return corpus.Bases(tmp_path_factory.mktemp("hostile-bases"))
-
-
-def _files(root: Path, skip: Path) -> dict[Path, bytes]:
-    return {path: path.read_bytes() for path in root.rglob("*")
-            if path.is_file() and not path.is_symlink() and path.resolve() != skip}
-
-
-@pytest.mark.parametrize("case", [pytest.param(case, id=f"{case.family}-{case.name}")
-                                  for case in corpus.CASES
-                                  if case.family not in _OTHER_FORMATS])
-def test_hostile_corpus(case: corpus.Case, bases: corpus.Bases, tmp_path: Path) -> None:
+@pytest.mark.parametrize("case,mode", corpus_params(skip_families=_OTHER_FORMATS))
+def test_hostile_corpus(case: corpus.Case, mode: None, hostile_bases: corpus.Bases,
+                        tmp_path: Path) -> None:
     """Every image of the hostile corpus, resized by 1M by a confined instar:
-    resized ("Image resized.") or refused in one line, within the limits;
-    no file but the image named changes, and a refused image is unchanged."""
-    place = corpus.Place.make(tmp_path, bases)
-    image = "img/" + case.build(place)
-    target = (place.root / image).resolve()
-    others = _files(place.root, target)
-    before = target.read_bytes() if target.is_file() else None
-    allow = ["--allow", "img"] if case.allow in ("dir", "both") else []
-    run = run_confined("resize", ["resize", *allow, image, "+1M"], place)
-    assert not run.stalled and run.rc in (0, 1), run.describe()
-    lines = [line for line in run.stderr.decode(errors="replace").splitlines()
-             if not SANDBOX_WARNING.match(line) and not line.startswith(_PROBE_WARNING)]
-    if run.rc == 0:
-        assert run.stdout == b"Image resized.\n" and not lines, run.describe()
-    else:
-        assert len(lines) == 1 and lines[0].startswith("instar: "), run.describe()
-        assert "internal error" not in lines[0], run.describe()
-        if target.is_file():
-            assert target.read_bytes() == before, "a refused resize changed the image"
-    for token in corpus.forbidden(neighbour_allowed=False):
-        assert token not in run.stdout + run.stderr
-    assert _files(place.root, target) == others, "a file other than the image changed"
+    resized ("Image resized.") or refused in one line (`mutation_sweep`)."""
+    check_run("resize", lambda image: [image, "+1M"], case, hostile_bases, tmp_path,
+              success=b"Image resized.\n")
 
 
 @pytest.mark.parametrize("read_only", [False, True])

@@ -34,7 +34,7 @@ from instar.errors import (
     UnsupportedError,
 )
 from instar.events import Advance, EventSink, Line, Notice
-from instar.image import DATA, ZERO, ExtentKind, Image
+from instar.image import DATA, ZERO, Image
 from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.resize import _raw_probe_warning
@@ -52,6 +52,8 @@ STEP = 2 << 20  # bytes read from the chain at a time, at most
 # The formats qemu 7.2 empties after a commit (bdrv_make_empty); it leaves the
 # others as they are.
 EMPTIED = ("qcow2", "qcow")
+PARALLELS_REFUSAL = ("Block format 'parallels' used by node '#block315' does not support "
+                     "reopening files")
 
 
 def commit(
@@ -102,6 +104,11 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             depth = _find_base(broker, chain, base_name)
             drop = True  # qemu: whether to empty the top image is unclear then
         base = chain[depth]
+        data: InputFile | None = None  # the top image's data file, to empty too
+        if base.format.name == "parallels":
+            # qemu reopens the base read-write, which its parallels driver
+            # cannot do; qemu's node name varies from run to run (docs/cli.md)
+            raise ImageCommitError(PARALLELS_REFUSAL)
         if fmt.name not in EMPTIED:
             drop = True  # qemu: the format cannot be emptied (ENOTSUP), which it ignores
         if not drop:
@@ -111,6 +118,7 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             from instar.formats.qcow2.make_empty import check_emptiable
 
             check_emptiable(top.image.driver)  # type: ignore[arg-type]
+            data = _open_data_file(opener, top)
         target = _open_base(opener, base)
         send(Advance(0, 1))  # and is drawn again when its job starts
         _write_base(opener, chain[:depth], base, target)
@@ -118,7 +126,8 @@ def _commit_job(broker: Broker, send: EventSink, path: str, fmt_name: str | None
             from instar.formats.qcow2.make_empty import make_empty
 
             update = ImageUpdate(file.fd, path)
-            make_empty(top.image.driver, update)  # type: ignore[arg-type]
+            data_update = None if data is None else ImageUpdate(data.fd, data.name)
+            make_empty(top.image.driver, update, data_update)  # type: ignore[arg-type]
             update.finish()
     except FormatError as error:
         raise ImageCommitError(str(error)) from None
@@ -177,6 +186,23 @@ def _open_base(opener: ImageOpener, base: OpenedNode) -> InputFile:
     return target
 
 
+def _open_data_file(opener: ImageOpener, node: OpenedNode) -> InputFile | None:
+    """The top image's external data file (if any) opened again for writing,
+    through the broker's policy: emptying the image discards its clusters."""
+    driver = node.image.driver
+    if getattr(driver, "data_file", None) is None:
+        return None
+    name = driver.extensions.data_file  # type: ignore[attr-defined]
+    try:
+        target = opener.broker.open_named_for_update(name, node.path, "data file")
+    except OSError as error:
+        raise ImageOpenError(node.path, f"Could not open data file '{name}': "
+                                        f"{error.strerror}") from None
+    if target.identity != driver.data_file.identity:  # type: ignore[attr-defined]
+        raise ImageCommitError(f"'{name}' changed while it was opened")
+    return target
+
+
 def _allocated(layers: list[OpenedNode], size: int) -> list[tuple[int, int]]:
     """The ranges below ``size`` that any of ``layers`` allocates (data or
     zeros), merged and in order."""
@@ -209,14 +235,17 @@ def _write_base(opener: ImageOpener, above: list[OpenedNode], base: OpenedNode,
     else:
         if base.format.name == "qcow2":
             _prepare_qcow2(opener, base, size, target)
+        elif base.format.name == "qed" and base.image.virtual_size < size:
+            _grow_qed(opener, base, size, target)
         elif base.image.virtual_size < size:
             # qemu's job cannot grow the base of this format (no truncate)
             raise ImageCommitError("Block job failed: Operation not supported")
         driver = _base_driver(opener, base, target)
         writer = base.format.open_updater(driver, update, "commit into the base")
         base_size = driver.virtual_size
+        cluster = base.format.describe(driver).cluster_size
         try:
-            _write_units(top, base, ranges, size, base_size, writer)
+            _write_units(top, base, ranges, size, base_size, writer, cluster)
         except BaseException:
             writer.abandon()
             raise
@@ -269,30 +298,46 @@ def _prepare_qcow2(opener: ImageOpener, base: OpenedNode, size: int,
         target.size = os.fstat(target.fd).st_size
 
 
+def _grow_qed(opener: ImageOpener, base: OpenedNode, size: int, target: InputFile) -> None:
+    """qemu grows a QED base smaller than the top image (its header's size,
+    a resize of its own, complete on disk before the data)."""
+    from instar.formats.qed.reader import QedDriver
+    from instar.formats.qed.resize import resize_qed
+
+    driver = _base_driver(opener, base, target)
+    assert isinstance(driver, QedDriver)
+    for _ in driver.map(0, driver.virtual_size):  # a damaged base refused before the growth
+        pass
+    grow = ImageUpdate(target.fd, base.path)
+    resize_qed(driver, grow, size, "off")
+    grow.finish()
+
+
 def _write_units(top: Image, base: OpenedNode, ranges: list[tuple[int, int]], size: int,
-                 base_size: int, writer: GuestUpdater) -> None:
+                 base_size: int, writer: GuestUpdater, cluster: int | None) -> None:
     """Each base unit a range touches rewritten with what the top image
-    reads there (its part past the top image's end as the base reads it)."""
+    reads there (its part past the top image's end as the base reads it);
+    as zeros where qemu's job writes zeros (`instar.commit_zeros`: the base's
+    clusters are ``cluster`` bytes), else as data, zeros or not."""
+    from instar.commit_zeros import zero_regions
+
     unit = writer.unit
-    zeros = bytes(unit)
+    zeros = zero_regions(top, ranges, size, cluster)
+    region = 0
     done = -1  # the last unit written (two ranges may share one)
     for start, end in ranges:
         for number in range(max(start // unit, done + 1), -(-end // unit)):
             at = number * unit
-            data = top.read(at, min(unit, size - at))
-            if at + unit > size and base_size > size:
-                data += base.image.read(size, min(at + unit, base_size) - size)
-            data = data.ljust(unit, b"\0")
-            if data == zeros and not _holds_data(top, at, min(unit, size - at)):
+            while region < len(zeros) and zeros[region][1] <= at:
+                region += 1
+            if region < len(zeros) and zeros[region][0] <= at and at + unit <= zeros[region][1]:
                 writer.overwrite(number, None)  # qemu writes zeros there
             else:
-                writer.overwrite(number, data)  # stored bytes (zeros too) are copied
+                data = top.read(at, min(unit, size - at))
+                if at + unit > size and base_size > size:
+                    data += base.image.read(size, min(at + unit, base_size) - size)
+                writer.overwrite(number, data.ljust(unit, b"\0"))  # copied, zeros too
             done = number
-
-
-def _holds_data(image: Image, offset: int, length: int) -> bool:
-    """Whether the chain stores bytes (DATA, even if zeros) anywhere in the range."""
-    return any(extent.kind is ExtentKind.DATA for extent in image.extents(offset, length))
 
 
 def _base_driver(opener: ImageOpener, base: OpenedNode, target: InputFile) -> Driver:

@@ -48,7 +48,7 @@ class Side(Record):
         self.image = image
         self.name = name
         self.layer = layer
-        self.buffer = AlignedBuffer(0)  # `read`'s, reused block after block
+        self.buffer: AlignedBuffer | None = None  # `read`'s, reused block after block
 
     def query(self, offset: int) -> tuple[int, int, int]:
         try:
@@ -70,13 +70,14 @@ class Side(Record):
         """``buffer``, its first ``length`` bytes those at ``offset``. One buffer
         serves every block: a new one per block costs more in page faults than
         the comparison itself."""
-        if self.buffer.size < length:
-            self.buffer = AlignedBuffer(length)
+        buffer = self.buffer
+        if buffer is None or buffer.size < length:
+            buffer = self.buffer = AlignedBuffer(length)  # made on the first read
         try:
-            self.image.readinto(offset, self.buffer.view[:length])
+            self.image.readinto(offset, buffer.view[:length])
         except (InstarError, OSError) as error:
             raise self._read_error(offset, error) from None
-        return self.buffer
+        return buffer
 
     def data_from(self, offset: int, end: int) -> tuple[int, int]:
         """``[start, stop)``: the first stretch of DATA extents in ``[offset,

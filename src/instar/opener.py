@@ -424,6 +424,16 @@ class ChainResolver(Record):
             path = combine_path(child.name, name)
             raise FormatError(f"Could not open {what} '{path}': {error.strerror}") from None
 
+    def open_file_for_update(self, name: str, child: InputFile, what: str) -> InputFile:
+        """Like `open_file`, open for reading and writing (through the
+        broker's policy): a VMDK base's extents, written by commit."""
+        try:
+            return self.opener.broker.open_named_for_update(name, child.name, what)
+        except OSError as error:
+            path = combine_path(child.name, name)
+            raise FormatError(f"Could not open {what} '{path}' for writing: "
+                              f"{error.strerror}") from None
+
 
 class AbsentBacking:
     """Stands in for a backing file left unopened: an image of no bytes.

@@ -42,7 +42,8 @@ empty the image (its backing file now reads the same).
                        dir (not in qemu-img)
   -h, --help           show this help
 
-The base may be a raw or qcow2 image; a qcow2 image is emptied as qemu does.
+The base may be raw, qcow2, vmdk, vpc or vhdx (docs/cli.md lists what is refused);
+a qcow2 image is emptied as qemu does.
 Not supported (refused): --object objectdef, --image-opts
 """
 

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.dd import check_option_list, parse_creation_options
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.numbers import convert_number
-from instar.errors import UnsupportedError
 from instar.events import Event, Line
 from instar.formats.base import CreateOptions
 from instar.sizes import INT64_MAX
@@ -86,11 +86,8 @@ def run(args: list[str]) -> int:
     backing_fmt: str | None = None
     open_backing = True
     quiet = False
-    allow: list[str] = []
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
+    access = AccessOptions()
+    for option, value in access.command_options(parsed):
         if option == "-f":
             fmt = value
         elif option == "-o":
@@ -104,10 +101,6 @@ def run(args: list[str]) -> int:
             open_backing = False
         elif option == "-q":
             quiet = True
-        elif option == "--allow":
-            allow.append(value)
-        elif option == "--object":
-            raise UnsupportedError(f"{option} is not supported")
     operands = parsed.operands
     filename = operands[0] if operands else None
     if option_text and _wants_help(",".join(option_text)):
@@ -123,5 +116,5 @@ def run(args: list[str]) -> int:
 
     create(filename, fmt, size, options=options, backing_file=backing_file,
            backing_fmt=backing_fmt, open_backing=open_backing, quiet=quiet,
-           allow=tuple(allow), events=_show)
+           allow=access.allowed, events=_show)
     return 0

@@ -27,6 +27,7 @@ class QcowFormat(FormatBase):
     reader = "instar.formats.qcow.reader:open_qcow"
     writer = "instar.formats.qcow.writer:create_writer"
     measurer = "instar.formats.qcow.writer:measure"
+    updater = "instar.formats.qcow.guest_writes:GuestWriter"
     create_options = OptionSchema(
         "qcow",
         (

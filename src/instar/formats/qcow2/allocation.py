@@ -209,3 +209,17 @@ class Refcounts:
                 if self._value(bytearray(block), within):
                     return index * self.per_block + within
         return -1
+
+    def has_block(self, index: int) -> bool:
+        """Whether refcount block ``index`` exists (on disk, or new)."""
+        return index in self.new or self._block(index) is not None
+
+    def add_block(self, index: int, offset: int) -> None:
+        """A new, empty refcount block ``index`` at ``offset`` (a free cluster
+        the caller chose), named by the table entry `write_table_entries`
+        writes; the table must have room for it."""
+        if index >= self.capacity():
+            raise AssertionError("the refcount table has no room for the block")
+        self.new[index] = offset
+        self.blocks[index] = bytearray(self.cluster)
+        self.changed.add(index)

@@ -4,8 +4,9 @@
 (their L2 entry is 0: the backing file answers there) new content: a data
 cluster of this image, or, for version 3, a zero cluster (no data). With
 extended L2 entries it works by subclusters: each written into a cluster it
-appends (the allocation bit set), or made a zero subcluster; a subcluster of
-a cluster the image has allocated already is refused (not supported yet). ``rebase``
+appends, or in place into the cluster the image has allocated already (as
+qemu does; refused when a snapshot shares it or it is compressed: not
+supported yet), the allocation bit set; or made a zero subcluster. ``rebase``
 uses it to copy in what the old backing file provided; ``commit`` writes an
 overlay's clusters into its base with `overwrite`, which also takes clusters
 the image holds: rewritten in place when only that entry references them
@@ -73,7 +74,10 @@ class GuestWriter:
         self.extended = header.extended_l2
         self.entries = L.l2_entries(header.cluster_bits, self.extended)
         self.entry_bytes = 16 if self.extended else 8
-        self.unit = self.cluster // (L.SUBCLUSTERS if self.extended else 1)
+        # write's unit: a subcluster with extended L2 entries (rebase copies by those)
+        self.sub_unit = self.cluster // (L.SUBCLUSTERS if self.extended else 1)
+        # overwrite's (commit's) unit: a cluster, qemu's mirror granularity
+        self.unit = self.cluster
         self.zero_clusters = header.version >= 3
         self.refcounts = Refcounts(driver)
         if header.l1_size and header.l1_table_offset + header.l1_size * 8 > driver.file.size:
@@ -124,11 +128,15 @@ class GuestWriter:
     def overwrite(self, guest_unit: int, data: bytes | None) -> None:
         """Like `write`, for a unit the image may hold already (commit's base):
         a data cluster only this entry references is rewritten in place (None:
-        it keeps its place with the zero flag, or gets zeros before version 3);
+        a zero cluster and this one freed, as qemu's commit unmaps it, or zeros
+        written before version 3);
         one shared with a snapshot, or a compressed one, is replaced by a new
         cluster and its references dropped at `release`. An allocated cluster
-        with extended L2 entries is refused (not supported yet)."""
-        guest_cluster = guest_unit // L.SUBCLUSTERS if self.extended else guest_unit
+        with extended L2 entries goes through `write` (in place, or appended)."""
+        if self.extended:
+            self._overwrite_subclusters(guest_unit, data)
+            return
+        guest_cluster = guest_unit
         index, slot = divmod(guest_cluster, self.entries)
         if index >= len(self.l1):
             raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
@@ -142,9 +150,6 @@ class GuestWriter:
         entry = int.from_bytes(raw, "big")
         host = entry & L.L2E_OFFSET_MASK
         if entry & L.OFLAG_COMPRESSED:
-            if self.extended:
-                raise UnsupportedError("writing into a partly allocated qcow2 cluster "
-                                       "(extended L2 entries) is not supported yet")
             start, length = self.driver.compressed_range(entry)
             if start + length > self.driver.file.size:
                 raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside "
@@ -158,15 +163,7 @@ class GuestWriter:
         if not host:
             self.write(guest_unit, data)
             return
-        if self.extended:
-            raise UnsupportedError("writing into a partly allocated qcow2 cluster "
-                                   "(extended L2 entries) is not supported yet")
-        if host % self.cluster or host + self.cluster > self.driver.file.size:
-            raise FormatError(f"qcow2 data cluster at {host:#x} lies outside the image")
-        references = self.refcounts.get(host // self.cluster)
-        if references == 0:
-            raise FormatError(f"qcow2 refcount of data cluster {host:#x} is 0; run "
-                              "'qemu-img check -r all' first")
+        references = self._references(host)
         if references > 1:
             self.write(guest_unit, data)
             self._dropped.append(host // self.cluster)
@@ -174,11 +171,73 @@ class GuestWriter:
         self.update.phase("data")
         slots = self._entries.setdefault(index, {})
         if data is None and self.zero_clusters:
-            slots[slot] = (host | L.OFLAG_COPIED | L.OFLAG_ZERO).to_bytes(8, "big")
+            # qemu's commit writes zeros with unmap: a zero cluster, this one freed
+            slots[slot] = L.OFLAG_ZERO.to_bytes(8, "big")
+            self._dropped.append(host // self.cluster)
             return
         self._in_place.write(host, bytes(self.cluster) if data is None else data)
         if entry != host | L.OFLAG_COPIED:
             slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
+
+    def _overwrite_subclusters(self, guest_cluster: int, data: bytes | None) -> None:
+        """`overwrite` with extended L2 entries, a whole cluster (``data``):
+        each subcluster through `write` in place in a cluster only this entry
+        references; a new cluster, all of it allocated, for one a snapshot
+        shares or a compressed one (as qemu's copy on write with nothing left
+        to copy); for None, a zero cluster as qemu's unmap leaves it: no
+        cluster, every subcluster zero. A cluster replaced or unmapped loses
+        this entry's reference at `release`."""
+        index, slot = divmod(guest_cluster, self.entries)
+        if index >= len(self.l1):
+            raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
+        if index not in self._entries:
+            self._check_table(index)
+        table = self.l1[index] & L.L1E_OFFSET_MASK
+        raw = self.driver.file.pread(table + slot * 16, 8) if table else bytes(8)
+        entry = int.from_bytes(raw, "big")
+        host = entry & L.L2E_OFFSET_MASK
+        if entry & L.OFLAG_COMPRESSED:
+            start, length = self.driver.compressed_range(entry)
+            if start + length > self.driver.file.size:
+                raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside "
+                                  "the image")
+            held = list(range(start // self.cluster, (start + length - 1) // self.cluster + 1))
+        elif host:
+            shared = self._references(host, partly=True) > 1
+            if data is not None and not shared:
+                size = self.sub_unit
+                for sub in range(L.SUBCLUSTERS):
+                    self.write(guest_cluster * L.SUBCLUSTERS + sub,
+                               data[sub * size : (sub + 1) * size])
+                return
+            held = [host // self.cluster]
+        else:
+            held = []
+        self.update.phase("data")
+        if data is None:
+            bitmap = L.SUBCLUSTER_ALLOC_MASK << 32  # every zero bit, no allocation bit
+            new = 0
+        else:
+            new = self._append()
+            self._data.write(new, data)
+            bitmap = L.SUBCLUSTER_ALLOC_MASK
+            new |= L.OFLAG_COPIED
+        self._dropped.extend(held)
+        self._entries.setdefault(index, {})[slot] = (new.to_bytes(8, "big")
+                                                    + bitmap.to_bytes(8, "big"))
+
+    def _references(self, host: int, partly: bool = False) -> int:
+        """The refcount of the data cluster at ``host``, which must lie in the
+        file (``partly``: begin in it; qemu does not write a cluster's last
+        subclusters until they are written) and be in use."""
+        end = host + (1 if partly else self.cluster)
+        if host % self.cluster or end > self.driver.file.size:
+            raise FormatError(f"qcow2 data cluster at {host:#x} lies outside the image")
+        references = self.refcounts.get(host // self.cluster)
+        if references == 0:
+            raise FormatError(f"qcow2 refcount of data cluster {host:#x} is 0; run "
+                              "'qemu-img check -r all' first")
+        return references
 
     def _append(self) -> int:
         """The host offset of one more data cluster past the end."""
@@ -190,8 +249,9 @@ class GuestWriter:
                     current: bytes | None) -> bytes:
         """The extended L2 entry after subcluster ``sub`` of the cluster at
         ``slot`` gets ``data`` (None: the zero bit): in a data cluster appended
-        for it (a cluster the image has allocated already is refused: not
-        supported yet)."""
+        for it, or, as qemu does, in place in the cluster the image has
+        allocated already when only this entry references it (one a snapshot
+        shares, or a compressed one, is refused: not supported yet)."""
         if current is None:
             offset = self.l1[index] & L.L1E_OFFSET_MASK
             current = (self.driver.file.pread(offset + slot * 16, 16) if offset
@@ -201,16 +261,23 @@ class GuestWriter:
             bitmap = (bitmap & ~(1 << sub)) | (1 << (32 + sub))
         else:
             host = entry & L.L2E_OFFSET_MASK
-            if entry & L.OFLAG_COMPRESSED or (host and host not in self._fresh):
-                # A cluster already allocated: its other subclusters hold data.
-                # Writing into it safely needs proof that nothing else uses it.
-                raise UnsupportedError("writing into a partly allocated qcow2 cluster "
-                                       "(extended L2 entries) is not supported yet")
+            if entry & L.OFLAG_COMPRESSED:
+                raise UnsupportedError("writing into a compressed qcow2 cluster (extended "
+                                       "L2 entries) is not supported yet")
             if not host:
                 host = self._append()
                 self._fresh.add(host)
                 entry = host | L.OFLAG_COPIED
-            self._data.write(host + sub * self.unit, data)
+            if host in self._fresh:
+                self._data.write(host + sub * self.sub_unit, data)
+            else:
+                # Allocated already: its other subclusters hold data; written
+                # in place (a crash leaves this subcluster old or new: the bitmap
+                # names it only in the pointers phase, or named it already).
+                if self._references(host, partly=True) > 1:
+                    raise UnsupportedError("writing into a qcow2 cluster a snapshot shares "
+                                           "(extended L2 entries) is not supported yet")
+                self._in_place.write(host + sub * self.sub_unit, data)
             bitmap = (bitmap | (1 << sub)) & ~(1 << (32 + sub))
         return entry.to_bytes(8, "big") + bitmap.to_bytes(8, "big")
 

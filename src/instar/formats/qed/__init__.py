@@ -27,6 +27,7 @@ class QedFormat(FormatBase):
     writer = "instar.formats.qed.writer:create_writer"
     checker = "instar.formats.qed.check:check"
     measurer = "instar.formats.qed.writer:measure"
+    updater = "instar.formats.qed.guest_writes:GuestWriter"
     create_options = OptionSchema(
         "qed",
         (

@@ -29,6 +29,7 @@ class VdiFormat(FormatBase):
     checker = "instar.formats.vdi.check:check"
     writer = "instar.formats.vdi.writer:create_writer"
     measurer = "instar.formats.vdi.writer:measure"
+    updater = "instar.formats.vdi.guest_writes:GuestWriter"
     create_options = OptionSchema(
         "vdi",
         (Option("static", "bool", False, "static (pre-allocated) image: every block mapped"),

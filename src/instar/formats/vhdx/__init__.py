@@ -27,6 +27,7 @@ class VhdxFormat(FormatBase):
     checker = "instar.formats.vhdx.check:check"
     writer = "instar.formats.vhdx.writer:create"
     measurer = "instar.formats.vhdx.writer:measure"
+    updater = "instar.formats.vhdx.guest_writes:GuestWriter"
     create_options = OptionSchema(
         "vhdx",
         (

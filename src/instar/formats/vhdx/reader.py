@@ -505,6 +505,11 @@ class VhdxDriver(Driver):
         return self.parent
 
     @property
+    def source(self) -> InputFile | LogOverlay:
+        """The file, or with a replayed log, the view of it with the log applied."""
+        return self._source
+
+    @property
     def data_write_guid(self) -> bytes:
         return self.header.data_write_guid
 

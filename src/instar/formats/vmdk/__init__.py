@@ -2,7 +2,8 @@
 
 Reads monolithicSparse (header versions 1-3), streamOptimized, monolithicFlat,
 twoGbMaxExtentSparse/Flat and parent chains; writes monolithicSparse (qemu-img
-create's default layout) and streamOptimized. See docs/formats/vmdk.md.
+create's default layout) and streamOptimized; writes guest data into every one
+of those in place (commit's base: `guest_writes`). See docs/formats/vmdk.md.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class VmdkFormat(FormatBase):
     describer = "instar.formats.vmdk.info:describe"
     checker = "instar.formats.vmdk.check:check"
     measurer = "instar.formats.vmdk.writer:measure"
+    updater = "instar.formats.vmdk.guest_writes:VmdkWriter"
     create_options = OptionSchema(
         "vmdk",
         (

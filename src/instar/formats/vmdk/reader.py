@@ -89,7 +89,7 @@ REFUSED_CREATE_TYPES = (
 )
 
 
-def _u32_table(data: bytes) -> array[int]:
+def u32_table(data: bytes) -> array[int]:
     table = array("I")
     table.frombytes(data)
     if sys.byteorder != "little":  # pragma: no cover - big-endian hosts
@@ -200,7 +200,7 @@ class SparseExtent:
         data = self.file.pread_exact(
             self.header.gd_offset * SECTOR, entries * 4, f"grain directory of '{self.file.name}'"
         )
-        gd = _u32_table(data)
+        gd = u32_table(data)
         step = self._gt_bytes // SECTOR if self._gt_bytes % SECTOR == 0 else 0
         # Tables laid end to end (qemu's layout): the last is the highest,
         # found without a Python object per entry.
@@ -237,7 +237,7 @@ class SparseExtent:
         data = self.file.pread_exact(
             self._gd[index] * SECTOR, self._gt_bytes, f"grain table of '{self.file.name}'"
         )
-        return _u32_table(data)
+        return u32_table(data)
 
     # -- empty grain tables, skipped at memory speed
 
@@ -568,6 +568,11 @@ class VmdkDriver(Driver):
         self.cid = descriptor.cid("CID") if descriptor is not None else None
         self.parent: Image | None = None
         self._parent_problem: str | None = None
+        # The descriptor file and its resolver (None: a monolithic file),
+        # kept for the in-place writer, which opens the extents again for
+        # writing through the same resolver (`instar.formats.vmdk.guest_writes`).
+        self.descriptor_file: InputFile | None = None
+        self.resolver: Resolver | None = None
 
     @property
     def backing(self) -> Image | None:
@@ -711,7 +716,9 @@ def _open_descriptor_file(file: InputFile, resolver: Resolver) -> VmdkDriver:
         for extent in extents:
             extent.close()
         raise
-    return VmdkDriver(file.name, extents, descriptor)
+    driver = VmdkDriver(file.name, extents, descriptor)
+    driver.descriptor_file, driver.resolver = file, resolver
+    return driver
 
 
 def _check_extent_sizes(lines: list[ExtentLine]) -> None:

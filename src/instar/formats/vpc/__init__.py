@@ -26,6 +26,7 @@ class VpcFormat(FormatBase):
     reader = "instar.formats.vpc.reader:open_vpc"
     writer = "instar.formats.vpc.writer:create_writer"
     measurer = "instar.formats.vpc.writer:measure"
+    updater = "instar.formats.vpc.guest_writes:guest_writer"
     create_options = OptionSchema(
         "vpc",
         (

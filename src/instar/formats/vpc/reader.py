@@ -326,6 +326,11 @@ class DynamicVpcDriver(Driver):
     def backing(self) -> Image | None:
         return self.parent
 
+    @property
+    def bat(self) -> array[int]:
+        """The BAT entries that cover the disk (block numbers in sectors)."""
+        return self._bat
+
     def map(self, offset: int, length: int) -> Iterator[Run]:
         if self.corruption is not None:
             raise FormatError(self.corruption)
