@@ -201,9 +201,6 @@ def test_a_v2_image_with_snapshots_keeps_its_size(tmp_path: Path) -> None:
     ("compression_type=zstd", (), "compat=0.10", "zstd"),
     ("compat=1.1,backing_file=base.qcow2,backing_fmt=qcow2", ("write -z 0 64k",),
      "compat=0.10", "zero clusters"),
-    ("compat=0.10", (), "compat=1.1,refcount_bits=64", "refcount_bits with"),
-    ("compat=1.1", (), "refcount_bits=64,lazy_refcounts=on", "refcount_bits with"),
-    ("compat=0.10", (), "compat=1.1,size=16M", "size with compat"),
 ])
 def test_not_supported_yet(create: str, writes: tuple[str, ...], option: str, refusal: str,
                            tmp_path: Path) -> None:

@@ -4,11 +4,16 @@ qemu-img's order (``img_amend``): the image opened read-write (probed unless
 ``-f`` names it), with its backing chain; ``-o help`` answers once the format
 is known; a format without option amendment is refused; the options are
 parsed against the format's amend options (one that only creation takes
-gets qemu's hint); then the format amends (`instar.formats.qcow2.amend`).
-Every write goes through `instar.mutate.ImageUpdate`.
+gets qemu's hint); then the format checks everything and plans
+(`instar.formats.qcow2.amend.plan_amend`) and the steps are written in
+qemu's order: the header changes, the size (the resize code), a downgrade,
+the image read again between two. Every write goes through
+`instar.mutate.ImageUpdate`.
 """
 
 from __future__ import annotations
+
+import os
 
 from instar.errors import ImageOpenError, OptionError
 from instar.events import EventSink
@@ -49,9 +54,9 @@ def _parse(given: list[tuple[str, str]]) -> ParsedOptions:
     try:
         return parse_options(AMEND_OPTIONS, CreateOptions(given), refuse_unsupported=False)
     except OptionError as error:
-        try:
-            parse_options(Qcow2Format.create_options, CreateOptions(given),
-                          refuse_unsupported=False)
+        try:  # qemu-img appends the creation options to the amend options
+            parse_options(AMEND_OPTIONS.extended(Qcow2Format.create_options.options),
+                          CreateOptions(given), refuse_unsupported=False)
         except OptionError:
             raise error from None
         error.hint = "This option is only supported for image creation"
@@ -73,7 +78,7 @@ def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[s
         if fmt.name != "qcow2":
             raise no_amendment(fmt.name)
         from instar.formats.qcow2 import layout as L
-        from instar.formats.qcow2.amend import amend_qcow2
+        from instar.formats.qcow2.amend import downgrade, plan_amend
         from instar.formats.qcow2.reader import Qcow2Driver
         from instar.formats.qcow2.resize import resize_qcow2
 
@@ -82,14 +87,44 @@ def _amend_job(broker: Broker, send: EventSink, path: str, options: list[tuple[s
         if driver.header.incompatible_features & L.INCOMPAT_CORRUPT:
             raise ImageOpenError(path, "qcow2: Image is corrupt; cannot be opened read/write")
         parsed = _parse(options)
+        backing = node.image.backing
+        current = node.image.virtual_size
+        new_size = parsed.number("size") if "size" in parsed.given else 0
+        zero_fill = (new_size > current and backing is not None
+                     and backing.virtual_size > current)
+        plan = plan_amend(driver, parsed, driver.backing_name, zero_fill)
         update = ImageUpdate(file.fd, path)
-        new_size = amend_qcow2(driver, update, parsed, driver.backing_name)
-        if new_size is not None:
-            backing = node.image.backing
-            current = node.image.virtual_size
-            zero_fill = (new_size > current and backing is not None
-                         and backing.virtual_size > current)
-            resize_qcow2(driver, ImageUpdate(file.fd, path), new_size, "off", zero_fill)
+
+        def next_step() -> tuple[Qcow2Driver, ImageUpdate]:
+            """The image read again after a step, and the next step's update
+            (its changes counted on from the last, for `mutate.stop_after`).
+            A step after a new data file name is never needed (a data file
+            refuses size and downgrade), so the new one is not opened, as
+            qemu does not open it."""
+            update.finish()
+            if file.is_regular:
+                file.size = os.fstat(file.fd).st_size
+            again = opener.open_file_node(file, path, "qcow2", with_backing=True,
+                                          depth=0).image.driver
+            assert isinstance(again, Qcow2Driver)
+            following = ImageUpdate(file.fd, path)
+            following.changes = update.changes
+            return again, following
+
+        written = False
+        if plan.header_changes():
+            plan.write_header(driver, update)
+            written = True
+        if plan.new_size:
+            if written:
+                driver, update = next_step()
+            resize_qcow2(driver, update, plan.new_size, "off", zero_fill)
+            written = True
+        if plan.downgrade:
+            if written:
+                driver, update = next_step()
+            downgrade(driver, update, plan.new_version, driver.backing_name,
+                      None if plan.new_size else plan.zeros)
         update.finish()
         return fmt.name
     finally:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import sys
 
+from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.output import report_error
 from instar.errors import UnsupportedError, UsageError
@@ -25,8 +26,8 @@ usage: instar amend [-f fmt] [-q] [-p] [-t cache] [--force] [--allow dir]
 
 Change a qcow2 image's options in place, as qemu-img amend does.
   -o options       what to change (-o help lists them): lazy_refcounts, compat
-                   (0.10 or 1.1), size; refcount_bits, data_file_raw and the backing
-                   file only to the values they have
+                   (0.10 or 1.1), size, refcount_bits, data_file (an image that has
+                   one), data_file_raw=off; the backing file only to what it is
   -f fmt           the image's format (probed when not given)
   -q               quiet
   -p               progress (accepted; nothing to show)
@@ -35,9 +36,9 @@ Change a qcow2 image's options in place, as qemu-img amend does.
   --allow dir      the image's backing file may come from dir (not in qemu-img)
   -h, --help       show this help
 
-Not supported yet (refused): changing refcount_bits, data_file, encryption
-options; compat=0.10 for images with zstd compression, or with a backing file
-and zero clusters.
+Not supported yet (refused): encrypted images (and so their encryption
+options); compat=0.10 for images with zstd compression, or with a backing file
+and zero clusters; size for an image with an external data file.
 Not supported (refused): --object objectdef, --image-opts
 """
 
@@ -79,11 +80,8 @@ def run(args: list[str]) -> int:
     fmt: str | None = None
     texts: list[str] = []
     cache: str | None = None
-    allow: list[str] = []
-    for option, value in parsed.options:
-        if option in ("-h", "--help"):
-            sys.stdout.write(HELP)
-            return 0
+    access = AccessOptions()
+    for option, value in access.command_options(parsed):
         if option == "-o":
             from instar.cli.dd import check_option_list
 
@@ -93,10 +91,6 @@ def run(args: list[str]) -> int:
             fmt = value
         elif option == "-t":
             cache = value
-        elif option == "--allow":
-            allow.append(value)
-        elif option in ("--object", "--image-opts"):
-            raise UnsupportedError(f"{option} is not supported")
     if not texts:
         raise GetoptError("Must specify options (-o)")
     joined = ",".join(texts)
@@ -115,7 +109,7 @@ def run(args: list[str]) -> int:
         for text in texts:
             parse_creation_options(text, pairs)
     found = amend(parsed.operands[0], pairs, fmt=fmt, help_only=wants_help,
-                  allow=tuple(allow), events=_show)
+                  allow=access.allowed, events=_show)
     if wants_help:
         return _print_help(found)
     return 0

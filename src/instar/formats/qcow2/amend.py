@@ -2,28 +2,30 @@
 
 Supported: ``lazy_refcounts`` on and off, ``compat`` 0.10 <-> 1.1 where no
 cluster needs converting, ``size`` (the resize code, shrinking allowed as
-amend allows it), ``refcount_bits`` (`refcount_order`, alone in a command),
-and the options whose value is already the image's (``data_file_raw=off``,
-the same backing file). qemu's
-refusals come in qemu's order (the option loop, then upgrade, refcount
-width, backing file, lazy refcounts, size, downgrade) and every check is
-made before the first write; where qemu fails part way it has already
-rewritten the header, instar has written nothing.
+amend allows it), ``refcount_bits`` (`refcount_order`), ``data_file`` (a new
+name for an image that has an external data file; empty: no name, as qemu),
+``data_file_raw=off`` (the bit cleared), the same backing file, and any of
+them together in one command. qemu's refusals come in qemu's order (the
+option loop: encryption, compat, data file, raw bit, refcount width; then
+upgrade, refcount width, backing file, lazy refcounts, size, downgrade) and
+every check is made before the first write (`plan_amend`); where qemu fails
+part way it has already written its first changes, instar has written
+nothing.
 
-Changing the version rewrites the header as qemu's ``qcow2_update_header``
-lays it out (`header_update`, which rebase shares), in one write, as qemu
-writes it. The lazy refcounts bit
-alone is one write of the 8-byte compatible features field.
+The steps are written in qemu's order, each crash-safe by itself (a crash
+between two leaves the image with the first made): the header changes
+(`AmendPlan.write_header`: an upgrade, the refcount width, the data file
+name, the raw bit, the lazy refcounts bit, which qemu makes one after
+another, in one header write laid out as qemu's last ``qcow2_update_header``
+lays it out, `header_update`, which rebase shares), then the size (the
+caller, with the resize code), then a downgrade (`downgrade`), which expands
+zero clusters first, as qemu does, for an image without a backing file
+(`ZeroExpansion`).
 
-A downgrade expands zero clusters first, as qemu does, for an image without
-a backing file (`ZeroExpansion`).
-
-Not supported yet (one line, nothing written): ``refcount_bits`` with
-another change in the same command, encryption options, a downgrade of an
-image with a backing file and zero clusters (qemu allocates clusters for
-them), zstd compression, persistent bitmaps, and ``size`` with a version
-change in the same
-command.
+Not supported yet (one line, nothing written): encryption (instar opens no
+encrypted image), a downgrade of an image with a backing file and zero
+clusters (qemu allocates clusters for them), zstd compression, persistent
+bitmaps, ``size`` on an image with an external data file.
 """
 
 from __future__ import annotations
@@ -63,64 +65,116 @@ AMEND_OPTIONS = OptionSchema("qcow2", (
 ))
 
 
-def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions,
-                backing_name: str | None) -> int | None:
-    """Amend the image's header as ``options`` asks; returns the new size
-    when ``size`` asks for a resize (the caller resizes), else None."""
+class AmendPlan:
+    """One amend command's changes, every refusal made before the first write
+    (`plan_amend`), then written in qemu's order, each step crash-safe on its
+    own (`write_header`, the caller's resize, `downgrade`)."""
+
+    def __init__(self, driver: Qcow2Driver, backing_name: str | None) -> None:
+        header = driver.header
+        self.backing_name = backing_name
+        self.old_version = self.new_version = header.version
+        self.old_lazy = bool(header.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
+        self.lazy = self.old_lazy
+        self.old_autoclear = self.autoclear = header.autoclear_features & (
+            L.AUTOCLEAR_BITMAPS | L.AUTOCLEAR_DATA_FILE_RAW)
+        self.data_file: bytes | None = None  # a new name (b"": none)
+        self.order_change: RefcountOrderChange | None = None
+        self.new_size = 0  # 0: unchanged
+        self.zeros: ZeroExpansion | None = None  # a downgrade's, planned
+
+    @property
+    def downgrade(self) -> bool:
+        return self.new_version < self.old_version
+
+    def header_changes(self) -> bool:
+        """Whether `write_header` has anything to write."""
+        return (self.new_version > self.old_version or self.lazy != self.old_lazy
+                or self.autoclear != self.old_autoclear or self.data_file is not None
+                or self.order_change is not None)
+
+    def write_header(self, driver: Qcow2Driver, update: ImageUpdate) -> None:
+        """An upgrade, the refcount width, the data file and its raw bit and
+        the lazy refcounts bit, which qemu changes one after another (each
+        followed by ``qcow2_update_header``), in one header write: the new
+        refcount structure first, then the header as qemu's last update of it
+        lays it out, then the old refcount structure freed."""
+        header = driver.header
+        change = self.order_change
+        upgrade = self.new_version > self.old_version
+        compatible = L.COMPAT_LAZY_REFCOUNTS if self.lazy else 0
+        if not upgrade:
+            compatible |= header.compatible_features & ~L.COMPAT_LAZY_REFCOUNTS
+        area = _header_area(
+            driver, self.new_version if upgrade else header.version, self.backing_name,
+            compatible=compatible, autoclear=self.autoclear, data_file=self.data_file,
+            refcount_table=(change.table_offset, change.table_clusters) if change else None,
+            refcount_order=change.order if change else None)
+        if change is not None:
+            change.write_structure(update)
+        update.phase("header")
+        update.write(0, area)
+        if change is not None:
+            change.release(update)
+
+
+def plan_amend(driver: Qcow2Driver, options: ParsedOptions, backing_name: str | None,
+               zero_fill: bool) -> AmendPlan:
+    """qemu 7.2's ``qcow2_amend_options`` checks, in its order, all made here
+    (qemu makes the later ones after its first changes are written).
+    ``zero_fill``: a growing ``size`` must zero what the backing file would
+    show through."""
     header = driver.header
     given = options.given
     texts = options.texts
-    old_version = new_version = header.version
-    lazy = bool(header.compatible_features & L.COMPAT_LAZY_REFCOUNTS)
-    wanted_lazy = lazy
-    data_file_raw = bool(header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW)
+    plan = AmendPlan(driver, backing_name)
     refcount_bits = 1 << header.refcount_order
-    new_size = 0
     # qemu's option loop, in its option list's order.
+    if any(name.startswith("encrypt.") for name in given):
+        if not header.crypt_method:
+            raise AmendError("Can't amend encryption options - encryption not present")
+        raise UnsupportedError("amending encryption options is not supported yet")
     if "size" in given:
-        new_size = options.number("size")
+        plan.new_size = options.number("size")
     if "compat" in given:
         compat = texts["compat"]
         if compat in ("0.10", "v2"):
-            new_version = 2
+            plan.new_version = 2
         elif compat in ("1.1", "v3"):
-            new_version = 3
+            plan.new_version = 3
         else:
             raise AmendError(f"Unknown compatibility level {compat}")
-    if "data_file" in given and not header.incompatible_features & L.INCOMPAT_DATA_FILE:
-        raise AmendError("data-file can only be set for images that use an external "
-                         "data file")
-    if "data_file_raw" in given:
-        wanted_raw = options.flag("data_file_raw")
-        if wanted_raw and not data_file_raw:
-            raise AmendError("data-file-raw cannot be set on existing images")
-        if wanted_raw != data_file_raw:
-            raise UnsupportedError("amend -o data_file_raw=off is not supported yet")
     if "data_file" in given:
-        raise UnsupportedError("amend -o data_file is not supported yet")
+        if not header.incompatible_features & L.INCOMPAT_DATA_FILE:
+            raise AmendError("data-file can only be set for images that use an external "
+                             "data file")
+        plan.data_file = texts["data_file"].encode("utf-8", "surrogateescape")
+    if "data_file_raw" in given:
+        if options.flag("data_file_raw"):
+            if not plan.old_autoclear & L.AUTOCLEAR_DATA_FILE_RAW:
+                raise AmendError("data-file-raw cannot be set on existing images")
+        else:
+            plan.autoclear &= ~L.AUTOCLEAR_DATA_FILE_RAW
     if "lazy_refcounts" in given:
-        wanted_lazy = options.flag("lazy_refcounts")
+        plan.lazy = options.flag("lazy_refcounts")
     if "refcount_bits" in given:
         refcount_bits = options.number("refcount_bits")
         if not 0 < refcount_bits <= 64 or refcount_bits & (refcount_bits - 1):
             raise AmendError("Refcount width must be a power of two and may not exceed 64 "
                              "bits")
-    if any(name.startswith("encrypt.") for name in given):
-        if not header.crypt_method:
-            raise AmendError("Can't amend encryption options - encryption not present")
-        raise UnsupportedError("amending encryption options is not supported yet")
     _check_supported(driver)
-    order_change: RefcountOrderChange | None = None
-    # After the loop, in qemu's order.
-    if refcount_bits != 1 << header.refcount_order:
-        if new_version < 3 and refcount_bits != 16:
+    # After the loop, in qemu's order: upgrade, refcount width, header,
+    # backing file, lazy refcounts, size, downgrade.
+    if plan.new_version > plan.old_version:
+        _check_upgrade(driver)
+    order = refcount_bits.bit_length() - 1
+    if order != header.refcount_order:
+        if plan.new_version < 3 and refcount_bits != 16:
             raise AmendError("Refcount widths other than 16 bits require compatibility "
                              "level 1.1 or above (use compat=1.1 or greater)")
         from instar.formats.qcow2.refcount_order import RefcountOrderChange
 
-        # qemu changes the width here, before the checks below; planned (and
-        # its refusals made) here, written once they pass.
-        order_change = RefcountOrderChange(driver, refcount_bits.bit_length() - 1)
+        plan.order_change = RefcountOrderChange(driver, order)
     if "backing_file" in given or "backing_fmt" in given:
         file = texts.get("backing_file") if "backing_file" in given else None
         fmt = texts.get("backing_fmt") if "backing_fmt" in given else None
@@ -129,37 +183,38 @@ def amend_qcow2(driver: Qcow2Driver, update: ImageUpdate, options: ParsedOptions
             error = AmendError("Cannot amend the backing file")
             error.hint = "You can use 'qemu-img rebase' instead."
             raise error
-    if wanted_lazy and not lazy and new_version < 3:
+    if plan.lazy and not plan.old_lazy and plan.new_version < 3:
         raise AmendError("Lazy refcounts only supported with compatibility level 1.1 and "
                          "above (use compat=1.1 or greater)")
-    if new_size and new_version != old_version:
-        raise UnsupportedError("amend -o size with compat in one command is not supported "
-                               "yet")
-    if order_change is not None:
-        if new_version != old_version or wanted_lazy != lazy or new_size:
-            raise UnsupportedError("amend -o refcount_bits with compat, lazy_refcounts or "
-                                   "size in one command is not supported yet")
-        order_change.write(update)
-        return None
-    zeros: ZeroExpansion | None = None
-    if new_version < old_version:
-        _check_downgrade(driver)
+    if plan.header_changes():
+        _header_area(driver, max(plan.old_version, plan.new_version), backing_name,
+                     data_file=plan.data_file)  # qemu's header update failing
+    if plan.new_size:
+        from instar.formats.qcow2.resize import check_resize
+
+        check_resize(driver, plan.new_size, "off", zero_fill,
+                     version=max(plan.old_version, plan.new_version))
+    if plan.downgrade:
+        _check_downgrade(driver, order, plan.new_size or driver.virtual_size)
+        if plan.new_size and zero_fill and backing_name is not None:
+            raise UnsupportedError("downgrading a qcow2 image with a backing file and "
+                                   "zero clusters (qemu allocates them) is not supported "
+                                   "yet")
+        plan.zeros = ZeroExpansion(driver, has_backing=backing_name is not None)
+    return plan
+
+
+def downgrade(driver: Qcow2Driver, update: ImageUpdate, version: int,
+              backing_name: str | None, zeros: ZeroExpansion | None = None) -> None:
+    """qemu's ``qcow2_downgrade`` (checked by `plan_amend`): zero clusters
+    expanded (``zeros``: as planned, when no step before changed the tables),
+    then the header of ``version``, every feature cleared."""
+    if zeros is None:
         zeros = ZeroExpansion(driver, has_backing=backing_name is not None)
-        wanted_lazy = False  # qemu clears every compatible feature
-    if new_version == old_version:
-        if wanted_lazy != lazy:
-            features = header.compatible_features ^ L.COMPAT_LAZY_REFCOUNTS
-            update.phase("header")
-            update.write(_COMPATIBLE_FIELD, features.to_bytes(8, "big"))
-    else:
-        if new_version > old_version:
-            _check_upgrade(driver)
-        area = _header_area(driver, new_version, wanted_lazy, backing_name)
-        if zeros is not None:
-            zeros.write(update)
-        update.phase("header")
-        update.write(0, area)
-    return new_size or None
+    area = _header_area(driver, version, backing_name, compatible=0)
+    zeros.write(update)
+    update.phase("header")
+    update.write(0, area)
 
 
 def _check_supported(driver: Qcow2Driver) -> None:
@@ -182,13 +237,20 @@ def _check_upgrade(driver: Qcow2Driver) -> None:
                                "extra data is not supported yet")
 
 
-def _check_downgrade(driver: Qcow2Driver) -> None:
-    """qemu's ``qcow2_downgrade`` refusals, then instar's."""
+def _check_downgrade(driver: Qcow2Driver, refcount_order: int, size: int) -> None:
+    """qemu's ``qcow2_downgrade`` refusals (``refcount_order``, ``size``: the
+    width and the virtual size by then), then instar's."""
+    from instar.formats.qcow2.snapshots import read_snapshot_table
+
     header = driver.header
-    if header.refcount_order != 4:
+    if refcount_order != 4:
         raise AmendError("compat=0.10 requires refcount_bits=16")
     if header.incompatible_features & L.INCOMPAT_DATA_FILE:
         raise AmendError("Cannot downgrade an image with a data file")
+    # A v2 snapshot has neither its own size nor a 64-bit VM state size.
+    for snapshot in read_snapshot_table(driver)[0]:
+        if snapshot.vm_state_size > 0xFFFF_FFFF or snapshot.disk_size != size:
+            raise AmendError("Internal snapshots prevent downgrade of image")
     if header.incompatible_features & L.INCOMPAT_COMPRESSION:
         raise UnsupportedError("downgrading a qcow2 image with zstd compression is not "
                                "supported yet")
@@ -260,17 +322,21 @@ class ZeroExpansion:
             update.write(offset, pack_entries(table))
 
 
-def _header_area(driver: Qcow2Driver, version: int, lazy: bool,
-                 backing_name: str | None) -> bytes:
+def _header_area(driver: Qcow2Driver, version: int, backing_name: str | None, *,
+                 compatible: int | None = None, autoclear: int | None = None,
+                 data_file: bytes | None = None, refcount_table: tuple[int, int] | None = None,
+                 refcount_order: int | None = None) -> bytes:
     """The first cluster's header area as qemu's ``qcow2_update_header``
-    writes it for ``version`` (`header_update`), zero-padded over what the
-    old header used, for one write."""
+    writes it for ``version`` and the other fields given (`header_update`),
+    zero-padded over what the old header used, for one write; qemu's
+    message where it does not fit."""
     from instar.formats.qcow2.header_update import header_area, header_bytes_in_use
 
     backing_format = driver.extensions.backing_format if backing_name is not None else None
     try:
-        area = header_area(driver, backing_name, backing_format, version=version,
-                           compatible=L.COMPAT_LAZY_REFCOUNTS if lazy else 0)
+        area = header_area(driver, backing_name, backing_format, refcount_table,
+                           version=version, compatible=compatible, autoclear=autoclear,
+                           data_file=data_file, refcount_order=refcount_order)
     except OSError as error:
         raise FormatError(f"Failed to update the image header: {error.strerror}") from None
     return area.ljust(header_bytes_in_use(driver), b"\0")

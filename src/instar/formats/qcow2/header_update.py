@@ -10,8 +10,9 @@ with clusters larger than 4 KiB,
 unknown extensions in the order the image had them), the end marker, and the
 backing file name, unterminated; zeros to the end of the cluster.
 
-Used by ``rebase`` (the backing file changes) and ``amend`` (the version and
-the lazy refcounts bit change). Extensions instar cannot rewrite faithfully (persistent bitmaps,
+Used by ``rebase`` (the backing file changes) and ``amend`` (the version, the
+lazy refcounts bit, the refcount width, the data file's name and its raw bit
+change). Extensions instar cannot rewrite faithfully (persistent bitmaps,
 encryption) are refused by the caller before this is called.
 """
 
@@ -42,8 +43,10 @@ def extension_list(driver: Qcow2Driver) -> list[tuple[int, bytes]]:
 
 
 def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | None,
-                   refcount_table: tuple[int, int] | None = None, *,
-                   version: int | None = None, compatible: int | None = None) -> bytes:
+                refcount_table: tuple[int, int] | None = None, *,
+                version: int | None = None, compatible: int | None = None,
+                refcount_order: int | None = None, data_file: bytes | None = None,
+                autoclear: int | None = None) -> bytes:
     """The header area qemu writes for this image (the rest of the first
     cluster is zeros in qemu's write) with the backing file
     ``backing`` (None: none) of format ``backing_format``; ``refcount_table``
@@ -55,7 +58,12 @@ def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | 
     ``version`` (amend's compat) other than the image's: the header of that
     version, as qemu's upgrade and downgrade write it (every feature bit
     cleared but ``compatible``, 16-bit refcounts, zlib); ``compatible``
-    replaces the compatible feature bits (amend's lazy_refcounts)."""
+    replaces the compatible feature bits (amend's lazy_refcounts),
+    ``refcount_order`` the refcount width (amend's refcount_bits, with the new
+    table as ``refcount_table``), ``autoclear`` the autoclear bits (amend's
+    data_file_raw=off); ``data_file`` names the external data file instead of
+    the image's name for it, and ``b""`` leaves the extension out (amend's
+    data_file, whose empty value qemu takes as no name)."""
     header, file = driver.header, driver.file
     cluster = header.cluster_size
     raw_data_file = header.autoclear_features & L.AUTOCLEAR_DATA_FILE_RAW and \
@@ -69,13 +77,17 @@ def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | 
     if same and header.version >= 3 and header.header_length > _QEMU_V3_HEADER:
         extra = file.pread(_QEMU_V3_HEADER, header.header_length - _QEMU_V3_HEADER)
         extra = extra.ljust(header.header_length - _QEMU_V3_HEADER, b"\0")
-    autoclear = header.autoclear_features & (L.AUTOCLEAR_BITMAPS | L.AUTOCLEAR_DATA_FILE_RAW)
-    features = (header.incompatible_features, header.compatible_features, autoclear,
+    kept = header.autoclear_features & (L.AUTOCLEAR_BITMAPS | L.AUTOCLEAR_DATA_FILE_RAW)
+    features = (header.incompatible_features, header.compatible_features, kept,
                 header.refcount_order, header.compression_type)
     if not same:  # qemu's upgrade and downgrade: no feature left to carry over
         features = (0, 0, 0, 4, L.COMPRESSION_ZLIB)
     if compatible is not None:
         features = (features[0], compatible, *features[2:])
+    if autoclear is not None:
+        features = (*features[:2], autoclear, *features[3:])
+    if refcount_order is not None:
+        features = (*features[:3], refcount_order, features[4])
     new = L.Header(
         header.version if version is None else version, 0, 0, header.cluster_bits,
         header.size // L.SECTOR * L.SECTOR, header.crypt_method, header.l1_size,
@@ -86,8 +98,10 @@ def header_area(driver: Qcow2Driver, backing: str | None, backing_format: str | 
     extensions = extension_list(driver)
     if backing_format is not None:
         body += L.pack_extension(L.EXT_BACKING_FORMAT, backing_format.encode())
-    if driver.extensions.data_file is not None:
-        body += L.pack_extension(L.EXT_DATA_FILE, driver.extensions.data_file.encode())
+    if data_file is None and driver.extensions.data_file is not None:
+        data_file = driver.extensions.data_file.encode()
+    if data_file:
+        body += L.pack_extension(L.EXT_DATA_FILE, data_file)
     if new.version >= 3 and cluster > _NO_FEATURE_TABLE_AT:
         body += L.pack_extension(L.EXT_FEATURE_TABLE, L.feature_table())
     for kind, payload in extensions:

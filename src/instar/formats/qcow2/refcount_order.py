@@ -6,9 +6,11 @@ Every refcount on disk is read (`refcounts.decode`) into an `Expected` of
 the new width; the new refcount blocks and table are placed where that has
 0 (`repair.plan_rebuild`, qemu's first fit: in clusters nothing uses, so the
 old structure stays valid while they are written) and count themselves.
-Then, through `ImageUpdate`: the new blocks and table ("data"), the header's
-refcount table fields and refcount_order in one write ("header"), and last
-the old table and blocks freed in the new structure ("release"). A crash
+Then, through `ImageUpdate`: the new blocks and table ("data",
+`write_structure`); the caller's header write naming the new table and
+order (amend writes the whole header as qemu's ``qcow2_update_header`` does,
+with whatever else the command changes); last the old table and blocks freed
+in the new structure ("release", `release`). A crash
 leaves the old image or the new one, with at most the old structure leaked.
 
 Everything is computed before the first write: a refcount the new width
@@ -20,7 +22,6 @@ refused as not supported.
 
 from __future__ import annotations
 
-import struct
 from array import array
 
 from instar.errors import AmendError, FormatError, UnsupportedError
@@ -28,11 +29,6 @@ from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Driver
 from instar.formats.qcow2.refcounts import Expected, decode, read_reftable
 from instar.mutate import ImageUpdate
-
-_FIELDS_START = 48  # refcount_table_offset ... refcount_order, one write
-_FIELDS_END = 100
-_TABLE_FIELDS = struct.Struct(">QI")  # at 48: refcount_table_offset, refcount_table_clusters
-_ORDER_FIELD = 96
 
 
 class RefcountOrderChange:
@@ -65,7 +61,6 @@ class RefcountOrderChange:
             self._carry(decoded[offset], index * old_per_block, file_clusters)
         self.table, self.table_offset, self.table_clusters = plan_rebuild(
             expected, header.cluster_bits)
-        self.header_fields = self._header_fields(driver)
 
     def _carry(self, values: array[int], first: int, file_clusters: int) -> None:
         """The refcounts of one old block, from cluster ``first`` on, into
@@ -100,23 +95,19 @@ class RefcountOrderChange:
             counts[within : within + span] = array(expected.typecode, part)
             start += span
 
-    def _header_fields(self, driver: Qcow2Driver) -> bytes:
-        """Header bytes 48..100 with the new table and order, the rest as they are."""
-        fields = bytearray(driver.file.pread(_FIELDS_START, _FIELDS_END - _FIELDS_START))
-        if len(fields) != _FIELDS_END - _FIELDS_START:
-            raise FormatError("qcow2 header is truncated")
-        _TABLE_FIELDS.pack_into(fields, 0, self.table_offset, self.table_clusters)
-        struct.pack_into(">I", fields, _ORDER_FIELD - _FIELDS_START, self.order)
-        return bytes(fields)
+    def write_structure(self, update: ImageUpdate) -> None:
+        """The new blocks and table, where nothing points yet ("data")."""
+        from instar.formats.qcow2.repair import write_rebuilt
 
-    def write(self, update: ImageUpdate) -> None:
+        update.phase("data")
+        write_rebuilt(update, self.expected, self.table, self.table_offset)
+
+    def release(self, update: ImageUpdate) -> None:
+        """Once the header names the new table: the old structure's clusters
+        freed in the new one ("release")."""
         from instar.formats.qcow2.repair import write_rebuilt
 
         expected = self.expected
-        update.phase("data")
-        write_rebuilt(update, expected, self.table, self.table_offset)
-        update.phase("header")
-        update.write(_FIELDS_START, self.header_fields)
         update.phase("release")
         released: set[int] = set()
         for offset in dict.fromkeys(self.old_structure):  # each cluster freed once

@@ -52,12 +52,16 @@ _HEADER_FIELDS = struct.Struct(">QIIQQI")  # ... refcount_table_offset (8), clus
 QCOW_MAX_L1_ENTRIES = (32 << 20) // 8  # qemu's QCOW_MAX_L1_SIZE
 
 
-def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> None:
-    """qemu's refusals in its order, then instar's own."""
+def check_resize(driver: Qcow2Driver, new_size: int, preallocation: str,
+                 zero_fill: bool = False, version: int | None = None) -> None:
+    """qemu's refusals in its order, then instar's own, before anything is
+    written; ``version``: the image's by the time it is resized (amend
+    upgrades first), when that is not its version now."""
     header = driver.header
+    version = header.version if version is None else version
     if new_size % L.SECTOR:
         raise ResizeError("The new size must be a multiple of 512")
-    if header.nb_snapshots and header.version < 3:
+    if header.nb_snapshots and version < 3:
         raise ResizeError("Can't resize a v2 image which has snapshots")
     if header.incompatible_features & L.INCOMPAT_CORRUPT:
         raise ResizeError("qcow2: Image is corrupt; cannot be opened read/write")
@@ -76,6 +80,12 @@ def _check_supported(driver: Qcow2Driver, new_size: int, preallocation: str) -> 
     end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
     if end > driver.file.size:
         raise FormatError("qcow2 refcount table lies outside the image")
+    if zero_fill and version < 3:
+        raise ResizeError("Failed to zero out new clusters: Operation not supported")
+    new_l1_size = L.l1_entries_for(new_size, header.cluster_bits, header.extended_l2)
+    if new_size >= driver.virtual_size and (new_l1_size > QCOW_MAX_L1_ENTRIES
+                                            or new_l1_size * 8 > MAX_TABLE_BYTES):
+        raise ResizeError("Failed to grow the L1 table: File too large")
 
 
 def read_active_l1(driver: Qcow2Driver) -> array[int]:
@@ -93,9 +103,7 @@ def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
     """Give the image the virtual size ``new_size`` (checked by the caller to
     be positive and within qemu's bounds). ``zero_fill``: the part added must
     read as zeros, not as the (longer) backing file."""
-    _check_supported(driver, new_size, preallocation)
-    if zero_fill and driver.header.version < 3:
-        raise ResizeError("Failed to zero out new clusters: Operation not supported")
+    check_resize(driver, new_size, preallocation, zero_fill)
     header = driver.header
     l1 = read_active_l1(driver)
     refcounts = Refcounts(driver)
@@ -103,8 +111,6 @@ def resize_qcow2(driver: Qcow2Driver, update: ImageUpdate, new_size: int,
     if new_size < driver.virtual_size:
         _shrink(driver, update, refcounts, l1, new_size, new_l1_size)
         return
-    if new_l1_size > QCOW_MAX_L1_ENTRIES or new_l1_size * 8 > MAX_TABLE_BYTES:
-        raise ResizeError("Failed to grow the L1 table: File too large")
     _grow(driver, update, refcounts, l1, new_size, new_l1_size, zero_fill, preallocation)
 
 
