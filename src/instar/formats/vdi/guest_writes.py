@@ -23,9 +23,7 @@ past the highest block any entry names and past the header's count.
 
 from __future__ import annotations
 
-from array import array
-
-from instar.formats.common import le32_table_pieces, pack_table
+from instar.formats.common import le32_table_pieces
 from instar.formats.vdi.layout import BLOCK_SIZE, DISCARDED, blocks_for
 from instar.formats.vdi.reader import VdiDriver
 from instar.mutate import ImageUpdate, SequentialWrites
@@ -92,13 +90,10 @@ class GuestWriter:
         update.phase("pointers")
         self._pointed = True
         bmap = self.driver.header.offset_bmap
-        numbers = sorted(self._entries)
-        start = 0
-        for at in range(1, len(numbers) + 1):  # runs of neighbouring entries, one write each
-            if at == len(numbers) or numbers[at] != numbers[at - 1] + 1:
-                run = array("I", (self._entries[n] for n in numbers[start:at]))
-                update.write(bmap + 4 * numbers[start], pack_table(run, 4, "little"))
-                start = at
+        entries = SequentialWrites(update)  # neighbours in one write
+        for number in sorted(self._entries):
+            entries.write(bmap + 4 * number, self._entries[number].to_bytes(4, "little"))
+        entries.flush()
 
     def abandon(self) -> None:
         """After a failure before `finish`: the file cut back to its old length."""

@@ -43,7 +43,7 @@ from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import MiB
 from instar.formats.vhdx.reader import VhdxDriver
 from instar.image import Driver
-from instar.mutate import ImageUpdate
+from instar.mutate import ImageUpdate, SequentialWrites
 
 # A larger block is written in parts of this size, so that memory stays bounded
 # (blocks may be 256 MiB); a new block's parts not written read as zeros (a hole).
@@ -128,14 +128,10 @@ class GuestWriter:
         if os.fstat(self.update.fd).st_size < self.end:
             self.update.truncate(self.end)  # a last block shorter than the block size
         self.update.phase("pointers")
-        indexes = sorted(self._new)
-        start = 0
-        for at in range(1, len(indexes) + 1):
-            if at == len(indexes) or indexes[at] != indexes[at - 1] + 1:
-                run = indexes[start:at]
-                data = b"".join(self._new[i].to_bytes(8, "little") for i in run)
-                self.update.write(self.bat_offset + 8 * run[0], data)
-                start = at
+        entries = SequentialWrites(self.update)  # neighbours in one write
+        for index in sorted(self._new):
+            entries.write(self.bat_offset + 8 * index, self._new[index].to_bytes(8, "little"))
+        entries.flush()
 
     def write_header(self) -> None:
         """Nothing: the headers were written before the data."""

@@ -185,14 +185,10 @@ class DynamicWriter:
         if not self._new and not self._rewritten:
             return
         self.update.phase("pointers")
-        numbers = sorted(self._new)
-        start = 0
-        for at in range(1, len(numbers) + 1):
-            if at == len(numbers) or numbers[at] != numbers[at - 1] + 1:
-                run = numbers[start:at]
-                data = b"".join(self._new[n].to_bytes(4, "big") for n in run)
-                self.update.write(self.table + 4 * run[0], data)
-                start = at
+        entries = SequentialWrites(self.update)  # neighbours in one write
+        for number in sorted(self._new):
+            entries.write(self.table + 4 * number, self._new[number].to_bytes(4, "big"))
+        entries.flush()
         for host in self._rewritten:
             self.update.write(host, b"\xff" * self.bitmap)
 
