@@ -136,29 +136,16 @@ class GuestWriter:
         if self.extended:
             self._overwrite_subclusters(guest_unit, data)
             return
-        guest_cluster = guest_unit
-        index, slot = divmod(guest_cluster, self.entries)
-        if index >= len(self.l1):
-            raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
-        if index not in self._entries:
-            self._check_table(index)
+        index, slot, entry = self._active_entry(guest_unit)
         if slot in self._entries.get(index, {}):
             raise AssertionError("a guest unit overwritten twice")
-        table = self.l1[index] & L.L1E_OFFSET_MASK
-        raw = (self.driver.file.pread(table + slot * self.entry_bytes, 8) if table
-               else bytes(8))
-        entry = int.from_bytes(raw, "big")
         host = entry & L.L2E_OFFSET_MASK
         if entry & L.OFLAG_COMPRESSED:
-            start, length = self.driver.compressed_range(entry)
-            if start + length > self.driver.file.size:
-                raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside "
-                                  "the image")
             # A new cluster; the reference the entry held on each cluster its
             # compressed bytes touch is dropped at `release`.
+            held = self._compressed_clusters(entry)
             self.write(guest_unit, data)
-            first, last = start // self.cluster, (start + length - 1) // self.cluster
-            self._dropped.extend(range(first, last + 1))
+            self._dropped.extend(held)
             return
         if not host:
             self.write(guest_unit, data)
@@ -187,21 +174,10 @@ class GuestWriter:
         to copy); for None, a zero cluster as qemu's unmap leaves it: no
         cluster, every subcluster zero. A cluster replaced or unmapped loses
         this entry's reference at `release`."""
-        index, slot = divmod(guest_cluster, self.entries)
-        if index >= len(self.l1):
-            raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
-        if index not in self._entries:
-            self._check_table(index)
-        table = self.l1[index] & L.L1E_OFFSET_MASK
-        raw = self.driver.file.pread(table + slot * 16, 8) if table else bytes(8)
-        entry = int.from_bytes(raw, "big")
+        index, slot, entry = self._active_entry(guest_cluster)
         host = entry & L.L2E_OFFSET_MASK
         if entry & L.OFLAG_COMPRESSED:
-            start, length = self.driver.compressed_range(entry)
-            if start + length > self.driver.file.size:
-                raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside "
-                                  "the image")
-            held = list(range(start // self.cluster, (start + length - 1) // self.cluster + 1))
+            held = self._compressed_clusters(entry)
         elif host:
             shared = self._references(host, partly=True) > 1
             if data is not None and not shared:
@@ -225,6 +201,26 @@ class GuestWriter:
         self._dropped.extend(held)
         self._entries.setdefault(index, {})[slot] = (new.to_bytes(8, "big")
                                                     + bitmap.to_bytes(8, "big"))
+
+    def _active_entry(self, guest_cluster: int) -> tuple[int, int, int]:
+        """(L1 index, L2 slot, the L2 entry's first 8 bytes) of ``guest_cluster``,
+        its L2 table checked the first time it is named."""
+        index, slot = divmod(guest_cluster, self.entries)
+        if index >= len(self.l1):
+            raise FormatError(f"qcow2 guest cluster {guest_cluster} lies past the L1 table")
+        if index not in self._entries:
+            self._check_table(index)
+        table = self.l1[index] & L.L1E_OFFSET_MASK
+        raw = (self.driver.file.pread(table + slot * self.entry_bytes, 8) if table
+               else bytes(8))
+        return index, slot, int.from_bytes(raw, "big")
+
+    def _compressed_clusters(self, entry: int) -> list[int]:
+        """The clusters a compressed entry's bytes touch, which must lie in the file."""
+        start, length = self.driver.compressed_range(entry)
+        if start + length > self.driver.file.size:
+            raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside the image")
+        return list(range(start // self.cluster, (start + length - 1) // self.cluster + 1))
 
     def _references(self, host: int, partly: bool = False) -> int:
         """The refcount of the data cluster at ``host``, which must lie in the
