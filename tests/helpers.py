@@ -14,7 +14,7 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -332,14 +332,20 @@ def make_dirty_qcow2(path: Path, kind: str, size: str = "4M",
 
 def build_images(directory: Path, steps: list[tuple[str, ...]]) -> None:
     """Images built by qemu: each step ("create", args...) runs ``qemu-img
-    create -q args``, ("io", fmt, file, command) runs qemu-io, any other tuple
-    runs qemu-img with those arguments; all in ``directory``."""
+    create -q args``, ("io", fmt, file, command) runs qemu-io, ("dirty", kind,
+    file, backing or "") makes a dirty qcow2 (`make_dirty_qcow2`), ("mkdir",
+    name) a directory, any other tuple runs qemu-img with those arguments; all
+    in ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     for step in steps:
         if step[0] == "create":
             qemu_img_ok("create", "-q", *step[1:], cwd=directory)
         elif step[0] == "io":
             qemu_io(directory / step[2], step[3], step[1], cwd=directory)
+        elif step[0] == "dirty":
+            make_dirty_qcow2(directory / step[2], step[1], backing=step[3] or None)
+        elif step[0] == "mkdir":
+            (directory / step[1]).mkdir()
         else:
             qemu_img_ok(*step, cwd=directory)
 
@@ -360,3 +366,47 @@ def stop_after_changes(monkeypatch: pytest.MonkeyPatch, limit: int) -> None:
         update.changes += 1
 
     monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
+
+
+def stopped_runs(monkeypatch: pytest.MonkeyPatch, origin: Path, work: Path,
+                 command: Callable[[], object], most: int = 100,
+                 across: bool = True) -> Iterator[tuple[int, bool]]:
+    """Run ``command`` as if the machine stopped after k changes, for k = 0,
+    1, ... until a run finishes: each run on a fresh copy of ``origin`` (a
+    file or a directory) at ``work``; yields ``(k, finished)`` after each run,
+    for the caller to inspect ``work``. ``across`` counts changes across all
+    the updates of the command (`stop_after_changes`), else each update
+    counts its own (`instar.mutate.stop_after`). Fails if no run of the
+    first ``most`` finishes."""
+    from instar import mutate
+    from instar.errors import StoppedUpdate
+
+    for k in range(most):
+        if origin.is_dir():
+            shutil.rmtree(work, ignore_errors=True)
+            shutil.copytree(origin, work)
+        else:
+            shutil.copyfile(origin, work)
+        with monkeypatch.context() as patch:
+            if across:
+                stop_after_changes(patch, k)
+            else:
+                patch.setattr(mutate, "stop_after", k)
+            try:
+                command()
+                finished = True
+            except StoppedUpdate:
+                finished = False
+        yield k, finished
+        if finished:
+            return
+    raise AssertionError(f"never finished in {most} runs")
+
+
+def assert_units_old_or_new(now: bytes, old: bytes, new: bytes, unit: int,
+                            *where: object) -> None:
+    """Each ``unit`` bytes of ``now`` (an image read after a stopped update)
+    equal those of ``old`` (before) or of ``new`` (as finished): never a mix
+    within a unit. ``where`` (k, names) goes into the failure message."""
+    for at in range(0, len(now), unit):
+        assert now[at : at + unit] in (old[at : at + unit], new[at : at + unit]), (*where, at)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from helpers import qemu_img_ok, qemu_io, run_instar, run_qemu_img
+from helpers import qemu_img_ok, qemu_io, run_instar, run_qemu_img, stopped_runs
 from test_amend import Pair
 
 pytestmark = pytest.mark.usefixtures("allow_own_directories")
@@ -317,9 +317,7 @@ def test_crash_at_every_write(create: str, steps: list[list[tuple[str, str]]],
     for every k: the image is the one before, or the one after some first
     steps (each step is crash-safe; qemu makes them one after another too),
     never a mix; only leaks to repair."""
-    from instar import mutate
     from instar.amend import amend
-    from instar.errors import StoppedUpdate
     from instar.worker import SandboxSettings
 
     off = SandboxSettings(mode="off")
@@ -343,23 +341,13 @@ def test_crash_at_every_write(create: str, steps: list[list[tuple[str, str]]],
     amend(str(finished), everything, sandbox=off, allow=allow)
     assert _state(finished) == states[-1] != states[0]
     assert finished.read_bytes() == stepped.read_bytes()
-    for k in range(200):
-        image = tmp_path / f"k{k}.qcow2"
-        shutil.copyfile(original, image)
-        monkeypatch.setattr(mutate, "stop_after", k)
-        try:
-            amend(str(image), everything, sandbox=off, allow=allow)
-            done = True
-        except StoppedUpdate:
-            done = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+    image = tmp_path / "k.qcow2"
+    for k, done in stopped_runs(monkeypatch, original, image,
+                                lambda: amend(str(image), everything, sandbox=off, allow=allow),
+                                most=200, across=False):
         now = _state(image)
         assert now in states and (now == states[-1] or not done), k
         image.unlink()
-        if done:
-            break
-    else:
-        raise AssertionError("never finished")
 
 
 # --- the command line ------------------------------------------------------------------------

@@ -31,11 +31,10 @@ from helpers import (
     run_instar,
     run_qemu_img,
     sample_image_names,
+    stopped_runs,
     unpack_sample_image,
 )
-from instar import mutate
 from instar.check import repair_image
-from instar.errors import StoppedUpdate
 from instar.formats.qcow2 import layout as L
 from instar.worker import SandboxSettings
 from test_check import Qcow2, _append_cluster, make_qcow2
@@ -556,16 +555,11 @@ def test_stop_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     original = tmp_path / "o.qcow2"
     make(original)
     _, found = _check_json(original)
-    for k in range(200):
-        image = tmp_path / f"k{k}.qcow2"
-        shutil.copyfile(original, image)
-        monkeypatch.setattr(mutate, "stop_after", k)
-        try:
-            repair_image(str(image), "all", "qcow2", sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+    image = tmp_path / "k.qcow2"
+    for k, finished in stopped_runs(
+            monkeypatch, original, image,
+            lambda: repair_image(str(image), "all", "qcow2", sandbox=SandboxSettings(mode="off")),
+            most=200, across=False):
         rc, report = _check_json(image)
         assert rc in (0, 2, 3), (k, report)
         assert not report.get("check-errors"), (k, report)
@@ -577,8 +571,6 @@ def test_stop_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         if finished:
             assert rc == 0, (k, report)
             assert k > 0
-            return
-    raise AssertionError("the repair never finished")
 
 
 def test_parallels_stop_at_every_write(tmp_path: Path,
@@ -587,16 +579,12 @@ def test_parallels_stop_at_every_write(tmp_path: Path,
     reads the same and qemu-img finds at most what it found before."""
     original = tmp_path / "o.parallels"
     _parallels(original, inuse=True, tail=3 << 19)
-    for k in range(10):
-        image = tmp_path / f"k{k}.parallels"
-        shutil.copyfile(original, image)
-        monkeypatch.setattr(mutate, "stop_after", k)
-        try:
-            repair_image(str(image), "all", "parallels", sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+    image = tmp_path / "k.parallels"
+    for k, finished in stopped_runs(
+            monkeypatch, original, image,
+            lambda: repair_image(str(image), "all", "parallels",
+                                 sandbox=SandboxSettings(mode="off")),
+            most=10, across=False):
         checked = run_qemu_img("check", "-f", "parallels", str(image))
         assert checked.rc in (0, 2, 3), (k, checked.stdout, checked.stderr)
         compared = run_qemu_img("compare", "-f", "parallels", "-F", "parallels", str(image),
@@ -604,8 +592,6 @@ def test_parallels_stop_at_every_write(tmp_path: Path,
         assert compared.rc == 0, (k, compared.stdout, compared.stderr)
         if finished:
             assert checked.rc == 0 and k == 2
-            return
-    raise AssertionError("the repair never finished")
 
 
 # --- hostile images ---------------------------------------------------------------------------

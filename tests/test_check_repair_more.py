@@ -25,10 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Result, qemu_img_ok, qemu_io, run_instar, run_qemu_img
-from instar import mutate
+from helpers import Result, qemu_img_ok, qemu_io, run_instar, run_qemu_img, stopped_runs
 from instar.check import repair_image
-from instar.errors import StoppedUpdate
 from instar.formats.qcow2 import layout as L
 from instar.worker import SandboxSettings
 from test_check import Qcow2, _append_cluster
@@ -572,18 +570,14 @@ def test_stop_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     checked, found = _check_json(original)  # 1: qemu cannot read the snapshot table
     run_qemu_img("check", "-r", "all", NAME, cwd=theirs)
     before, after = _guest(original), _guest(theirs)
-    for k in range(100):
-        directory = tmp_path / f"k{k}"
-        shutil.copytree(original, directory)
-        monkeypatch.chdir(directory)
-        monkeypatch.setattr(mutate, "stop_after", k)
-        try:
-            repair_image(NAME, "all", "qcow2", allow=(str(directory),),
-                         sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+    directory = tmp_path / "k"
+
+    def run() -> None:
+        monkeypatch.chdir(directory)  # the copy made for this run
+        repair_image(NAME, "all", "qcow2", allow=(str(directory),),
+                     sandbox=SandboxSettings(mode="off"))
+
+    for k, finished in stopped_runs(monkeypatch, original, directory, run, across=False):
         rc, report = _check_json(directory)
         assert rc in (0, 2, 3, checked), (k, report)
         assert not report.get("check-errors"), (k, report)
@@ -592,6 +586,3 @@ def test_stop_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         if finished:
             assert k > 0
             assert _check_json(directory) == _check_json(theirs)
-            return
-        shutil.rmtree(directory)
-    raise AssertionError("the repair never finished")

@@ -18,16 +18,15 @@ import pytest
 import hostile_corpus as corpus
 from helpers import (
     Result,
-    make_dirty_qcow2,
+    assert_units_old_or_new,
+    build_images,
     qemu_img_ok,
-    qemu_io,
     qemu_read_raw,
     run_instar,
     run_qemu_img,
+    stopped_runs,
 )
-from instar import mutate
 from instar.commit import commit
-from instar.errors import StoppedUpdate
 from instar.worker import SandboxSettings
 from mutation_sweep import check_run, corpus_params
 
@@ -35,19 +34,6 @@ pytestmark = pytest.mark.usefixtures("qemu_img")
 
 Step = tuple[str, ...]  # ("create", args...), ("io", fmt, file, command) or qemu-img args
 _VOLATILE = ("filename", "actual-size", "dirty-flag", "full-backing-filename")
-
-
-def _build(directory: Path, steps: list[Step]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        if step[0] == "create":
-            qemu_img_ok("create", "-q", *step[1:], cwd=directory)
-        elif step[0] == "io":
-            qemu_io(directory / step[2], step[3], step[1], cwd=directory)
-        elif step[0] == "dirty":  # ("dirty", kind, file, backing or "")
-            make_dirty_qcow2(directory / step[2], step[1], backing=step[3] or None)
-        else:
-            qemu_img_ok(*step, cwd=directory)
 
 
 def _raw(name: str, size: str, *writes: str) -> list[Step]:
@@ -112,7 +98,7 @@ def _parity(tmp_path: Path, steps: list[Step], *args: str, top: str = "ov.qcow2"
             same_bytes: bool = True) -> Result:
     """Build the chain, commit it with each program, compare everything."""
     qdir, idir = tmp_path / "q", tmp_path / "i"
-    _build(qdir, steps)
+    build_images(qdir, steps)
     shutil.copytree(qdir, idir)
     names = sorted(path.name for path in qdir.iterdir())
     qemu = run_qemu_img("commit", *args, top, cwd=qdir)
@@ -293,7 +279,7 @@ def test_qed_overlay(tmp_path: Path, args: tuple[str, ...]) -> None:
 ])
 def test_refusals(tmp_path: Path, args: tuple[str, ...]) -> None:
     qdir, idir = tmp_path / "q", tmp_path / "i"
-    _build(qdir, [*BASE_QCOW2, *_qcow2("ov.qcow2", None, *OV_WRITES, backing="base.qcow2")])
+    build_images(qdir, [*BASE_QCOW2, *_qcow2("ov.qcow2", None, *OV_WRITES, backing="base.qcow2")])
     shutil.copytree(qdir, idir)
     before = {p.name: p.read_bytes() for p in idir.iterdir()}
     qemu = run_qemu_img("commit", *args, cwd=qdir)
@@ -316,7 +302,7 @@ def test_progress(tmp_path: Path, args: tuple[str, ...]) -> None:
 @pytest.mark.usefixtures("allow_own_directories")
 def test_raw_probed_overlay(tmp_path: Path) -> None:
     qdir, idir = tmp_path / "q", tmp_path / "i"
-    _build(qdir, _raw("a.img", "1M"))
+    build_images(qdir, _raw("a.img", "1M"))
     shutil.copytree(qdir, idir)
     _same(run_qemu_img("commit", "a.img", cwd=qdir), run_instar("commit", "a.img", cwd=idir))
 
@@ -345,7 +331,7 @@ def test_qcow_top_emptied(tmp_path: Path, args: tuple[str, ...]) -> None:
 
 @pytest.mark.usefixtures("allow_own_directories")
 def test_not_supported_yet(tmp_path: Path) -> None:
-    _build(tmp_path, [*_qcow2("base.qcow2", "1M"), ("bitmap", "--add", "base.qcow2", "bm"),
+    build_images(tmp_path, [*_qcow2("base.qcow2", "1M"), ("bitmap", "--add", "base.qcow2", "bm"),
                       *_qcow2("ov.qcow2", None, "write -P 2 0 64k", backing="base.qcow2"),
                       *_qcow2("b2.qcow2", "1M", "write -P 1 0 64k"),
                       *_qcow2("sn.qcow2", None, "write -P 2 0 64k", backing="b2.qcow2"),
@@ -358,8 +344,8 @@ def test_not_supported_yet(tmp_path: Path) -> None:
 
 def test_policy_refusal(tmp_path: Path) -> None:
     """The base's directory is not allowed: nothing is written anywhere."""
-    _build(tmp_path / "b", BASE_QCOW2)
-    _build(tmp_path / "o", _qcow2("ov.qcow2", None, "write -P 2 0 64k",
+    build_images(tmp_path / "b", BASE_QCOW2)
+    build_images(tmp_path / "o", _qcow2("ov.qcow2", None, "write -P 2 0 64k",
                                   backing="../b/base.qcow2"))
     before = (tmp_path / "b" / "base.qcow2").read_bytes()
     _refused(tmp_path / "o", "ov.qcow2", words="outside the allowed directories")
@@ -391,7 +377,7 @@ def _patch(path: Path, offset: int, value: bytes) -> None:
     ("base.qcow2", 0x30000, (0x7FFF0000 | 1 << 63).to_bytes(8, "big")),  # L2 outside
 ])
 def test_hostile_refused(tmp_path: Path, victim: str, offset: int, value: bytes) -> None:
-    _build(tmp_path, [*BASE_QCOW2, *_qcow2("ov.qcow2", None, *OV_WRITES,
+    build_images(tmp_path, [*BASE_QCOW2, *_qcow2("ov.qcow2", None, *OV_WRITES,
                                            backing="base.qcow2")])
     _patch(tmp_path / victim, offset, value)
     _refused(tmp_path, "-f", "qcow2", "ov.qcow2", words="")
@@ -400,7 +386,7 @@ def test_hostile_refused(tmp_path: Path, victim: str, offset: int, value: bytes)
 @pytest.mark.usefixtures("allow_own_directories")
 def test_hostile_data_cluster_outside(tmp_path: Path) -> None:
     """The base's L2 entry names a data cluster past the end of its file."""
-    _build(tmp_path, [*BASE_QCOW2, *_qcow2("ov.qcow2", None, *OV_WRITES,
+    build_images(tmp_path, [*BASE_QCOW2, *_qcow2("ov.qcow2", None, *OV_WRITES,
                                            backing="base.qcow2")])
     base = tmp_path / "base.qcow2"
     l1 = int.from_bytes(base.read_bytes()[40:48], "big")
@@ -410,10 +396,6 @@ def test_hostile_data_cluster_outside(tmp_path: Path) -> None:
 
 
 # --- crash safety -----------------------------------------------------------------------------
-
-
-def _clusters(data: bytes, size: int) -> list[bytes]:
-    return [data[at : at + size] for at in range(0, len(data), size)]
 
 
 @pytest.mark.parametrize("base,grow,version", [("qcow2", False, "1.1"), ("qcow2", True, "1.1"),
@@ -440,29 +422,13 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
         steps += _qcow2(top, "2M" if grow else None, *writes, backing=name, backing_fmt=base,
                         options=f"cluster_size=4k,compat={version}")
     origin = tmp_path / "origin"
-    _build(origin, steps)
+    build_images(origin, steps)
     expected = qemu_read_raw(origin / top, tmp_path, top_fmt)
     old = qemu_read_raw(origin / name, tmp_path, base)
     work = tmp_path / "work"
-    k = 0
-    while True:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(origin, work)
-        made = [0]  # changes so far, counted across the updates (base, then overlay)
-
-        def change(update: mutate.ImageUpdate, limit: int = k, made: list[int] = made) -> None:
-            if made[0] >= limit:
-                raise StoppedUpdate(f"stopped after {limit} changes")
-            made[0] += 1
-            update.changes += 1
-
-        monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
-        try:
-            commit(str(work / top), allow=(str(work),), sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.undo()
+    for k, finished in stopped_runs(  # changes counted across the updates (base, then overlay)
+            monkeypatch, origin, work, lambda: commit(str(work / top), allow=(str(work),),
+                                                      sandbox=SandboxSettings(mode="off"))):
         for image, fmt in ((work / top, top_fmt), (work / name, base)):
             if fmt == "qcow2":
                 checked = run_qemu_img("check", "--output=json", "-f", fmt, str(image))
@@ -472,10 +438,7 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
         assert qemu_read_raw(work / top, tmp_path, top_fmt) == expected, k
         now = qemu_read_raw(work / name, tmp_path, base)
         new = expected + old[len(expected):]
-        for number, cluster in enumerate(_clusters(now, 4096)):
-            at = number * 4096
-            was = old[at : at + 4096].ljust(len(cluster), b"\0")
-            assert cluster in (was, new[at : at + 4096]), (k, at)
+        assert_units_old_or_new(now, old.ljust(len(now), b"\0"), new, 4096, k)
         if finished:
             assert now == new
             if version == "1.1":
@@ -487,8 +450,6 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
                 assert (work / top).stat().st_size == l1_end
             assert "depth\": 0" not in qemu_img_ok("map", "--output=json", "-f", top_fmt,
                                                     str(work / top))
-            break
-        k += 1
     assert k >= 6
 
 
@@ -521,7 +482,7 @@ def test_dirty_overlay_emptying_not_supported_yet(tmp_path: Path) -> None:
     moved) cannot be emptied after the commit yet: refused in one line after
     the repair (qemu's open makes it too), the overlay clean and unchanged
     in what it reads, the base unchanged."""
-    _build(tmp_path, [*BASE_QCOW2, ("dirty", "killed", "ov.qcow2", "base.qcow2")])
+    build_images(tmp_path, [*BASE_QCOW2, ("dirty", "killed", "ov.qcow2", "base.qcow2")])
     reads = qemu_read_raw(tmp_path / "ov.qcow2", tmp_path, "qcow2")
     base = (tmp_path / "base.qcow2").read_bytes()
     ours = run_instar("commit", "ov.qcow2", cwd=tmp_path)

@@ -18,10 +18,17 @@ from typing import Any
 
 import pytest
 
-from helpers import Result, qemu_img_ok, qemu_io, qemu_read_raw, run_instar, run_qemu_img
-from instar import mutate
+from helpers import (
+    Result,
+    assert_units_old_or_new,
+    qemu_img_ok,
+    qemu_io,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+    stopped_runs,
+)
 from instar.commit import commit
-from instar.errors import StoppedUpdate
 from instar.worker import SandboxSettings
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
@@ -194,10 +201,6 @@ def test_parallels_refused(tmp_path: Path, args: tuple[str, ...]) -> None:
 # --- crash safety -----------------------------------------------------------------------------
 
 
-def _units(data: bytes, size: int) -> list[bytes]:
-    return [data[at : at + size] for at in range(0, len(data), size)]
-
-
 _MISMATCH = re.compile(r"^ERROR: allocated blocks mismatch, is (\d+), should be (\d+)$")
 
 
@@ -249,37 +252,16 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, b
     old = qemu_read_raw(origin / name, tmp_path, fmt)
     new = expected + old[len(expected):]
     work = tmp_path / "work"
-    k = 0
-    while True:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(origin, work)
-        made = [0]
-
-        def change(update: mutate.ImageUpdate, limit: int = k, made: list[int] = made) -> None:
-            if made[0] >= limit:
-                raise StoppedUpdate(f"stopped after {limit} changes")
-            made[0] += 1
-            update.changes += 1
-
-        monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
-        try:
-            commit(str(work / "ov.qcow2"), allow=(str(work),),
-                   sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.undo()
+    for k, finished in stopped_runs(
+            monkeypatch, origin, work,
+            lambda: commit(str(work / "ov.qcow2"), allow=(str(work),),
+                           sandbox=SandboxSettings(mode="off"))):
         assert qemu_read_raw(work / "ov.qcow2", tmp_path, "qcow2") == expected, k
         now = qemu_read_raw(work / name, tmp_path, fmt)
-        for number, piece in enumerate(_units(now, unit)):
-            at = number * unit
-            was = old[at : at + unit].ljust(len(piece), b"\0")
-            assert piece in (was, new[at : at + unit]), (k, at)
+        assert_units_old_or_new(now, old.ljust(len(now), b"\0"), new, unit, k)
         _check_after_crash(work / name, fmt)
         if finished:
             assert now == new
-            break
-        k += 1
     assert k >= 4
 
 

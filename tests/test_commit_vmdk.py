@@ -19,10 +19,17 @@ from typing import Any
 
 import pytest
 
-from helpers import Result, qemu_img_ok, qemu_io, qemu_read_raw, run_instar, run_qemu_img
-from instar import mutate
+from helpers import (
+    Result,
+    assert_units_old_or_new,
+    qemu_img_ok,
+    qemu_io,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+    stopped_runs,
+)
 from instar.commit import commit
-from instar.errors import StoppedUpdate
 from instar.worker import SandboxSettings
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
@@ -283,35 +290,15 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     expected = qemu_read_raw(origin / "top.qcow2", tmp_path, "qcow2")
     old = qemu_read_raw(origin / "base.vmdk", tmp_path, "vmdk")
     work = tmp_path / "work"
-    k = 0
-    while True:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(origin, work)
-        made = [0]
-
-        def change(update: mutate.ImageUpdate, limit: int = k, made: list[int] = made) -> None:
-            if made[0] >= limit:
-                raise StoppedUpdate(f"stopped after {limit} changes")
-            made[0] += 1
-            update.changes += 1
-
-        monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
-        try:
-            commit(str(work / "top.qcow2"), allow=(str(work),),
-                   sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.undo()
+    for k, finished in stopped_runs(
+            monkeypatch, origin, work,
+            lambda: commit(str(work / "top.qcow2"), allow=(str(work),),
+                           sandbox=SandboxSettings(mode="off"))):
         checked = run_qemu_img("check", "-f", "vmdk", str(work / "base.vmdk"))
         assert checked.rc == 0, (k, checked.stdout, checked.stderr)
         now = qemu_read_raw(work / "base.vmdk", tmp_path, "vmdk")
         assert qemu_read_raw(work / "top.qcow2", tmp_path, "qcow2") == expected, k
-        for at in range(0, len(now), GRAIN):
-            assert now[at : at + GRAIN] in (old[at : at + GRAIN], expected[at : at + GRAIN]), \
-                (k, at)
+        assert_units_old_or_new(now, old, expected, GRAIN, k)
         if finished:
             assert now == expected
-            break
-        k += 1
     assert k >= 4

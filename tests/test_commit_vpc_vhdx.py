@@ -23,10 +23,17 @@ from typing import Any
 
 import pytest
 
-from helpers import Result, qemu_img_ok, qemu_io, qemu_read_raw, run_instar, run_qemu_img
-from instar import mutate
+from helpers import (
+    Result,
+    assert_units_old_or_new,
+    qemu_img_ok,
+    qemu_io,
+    qemu_read_raw,
+    run_instar,
+    run_qemu_img,
+    stopped_runs,
+)
 from instar.commit import commit
-from instar.errors import StoppedUpdate
 from instar.formats.vhdx import guest_writes as vhdx_writes
 from instar.formats.vhdx import layout
 from instar.formats.vpc import guest_writes as vpc_writes
@@ -198,40 +205,21 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     old = qemu_read_raw(base, tmp_path, fmt)
     new = expected + old[len(expected):]
     work = tmp_path / "work"
-    k = 0
-    while True:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(origin, work)
-        made = [0]
-
-        def change(update: mutate.ImageUpdate, limit: int = k, made: list[int] = made) -> None:
-            if made[0] >= limit:
-                raise StoppedUpdate(f"stopped after {limit} changes")
-            made[0] += 1
-            update.changes += 1
-
-        monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
-        if parts:
-            _in_parts(monkeypatch)
-        try:
-            commit(str(work / "top.qcow2"), allow=(str(work),),
-                   sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.undo()
+    if parts:
+        _in_parts(monkeypatch)
+    for k, finished in stopped_runs(
+            monkeypatch, origin, work,
+            lambda: commit(str(work / "top.qcow2"), allow=(str(work),),
+                           sandbox=SandboxSettings(mode="off"))):
         assert qemu_read_raw(work / "top.qcow2", tmp_path, "qcow2") == expected, k
         now = qemu_read_raw(work / base.name, tmp_path, fmt)
         assert len(now) == len(old), k
-        for at in range(0, len(now), unit):
-            assert now[at : at + unit] in (old[at : at + unit], new[at : at + unit]), (k, at)
+        assert_units_old_or_new(now, old, new, unit, k)
         if fmt == "vhdx":
             checked = run_qemu_img("check", "-f", fmt, str(work / base.name))
             assert checked.rc == 0, (k, checked.stdout, checked.stderr)
         if finished:
             assert now == new
-            break
-        k += 1
     assert k >= 3
 
 

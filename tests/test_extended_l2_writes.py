@@ -21,15 +21,15 @@ from typing import Any
 import pytest
 
 from helpers import (
+    assert_units_old_or_new,
     build_images,
     qemu_img_ok,
     qemu_read_raw,
     run_instar,
     run_qemu_img,
-    stop_after_changes,
+    stopped_runs,
 )
 from instar.commit import commit
-from instar.errors import StoppedUpdate
 from instar.rebase import rebase
 from instar.worker import SandboxSettings
 
@@ -166,10 +166,6 @@ def test_snapshot_shared_cluster_not_supported_yet(tmp_path: Path) -> None:
 # --- crash safety -----------------------------------------------------------------------------
 
 
-def _units(data: bytes, size: int) -> list[bytes]:
-    return [data[at : at + size] for at in range(0, len(data), size)]
-
-
 def _assert_clean(image: Path, k: int) -> None:
     checked = run_qemu_img("check", "--output=json", str(image))
     report = json.loads(checked.stdout)
@@ -185,27 +181,16 @@ def test_rebase_crash_at_every_change(tmp_path: Path, monkeypatch: pytest.Monkey
     build_images(origin, _rebase_chain("extended_l2=on,cluster_size=16k"))
     expected = qemu_read_raw(origin / "top.qcow2", tmp_path, "qcow2")
     work = tmp_path / "work"
-    k = 0
-    while True:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(origin, work)
-        stop_after_changes(monkeypatch, k)
-        try:
-            rebase(str(work / "top.qcow2"), "new.qcow2", backing_fmt="qcow2",
-                   allow=(str(work),), sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.undo()
+    for k, finished in stopped_runs(
+            monkeypatch, origin, work,
+            lambda: rebase(str(work / "top.qcow2"), "new.qcow2", backing_fmt="qcow2",
+                           allow=(str(work),), sandbox=SandboxSettings(mode="off"))):
         _assert_clean(work / "top.qcow2", k)
         assert qemu_read_raw(work / "top.qcow2", tmp_path, "qcow2") == expected, k
         if finished:
             backing = json.loads(qemu_img_ok("info", "--output=json",
                                              str(work / "top.qcow2")))["backing-filename"]
             assert backing == "new.qcow2"
-            break
-        k += 1
-        assert k < 100
     assert k >= 4
 
 
@@ -230,29 +215,16 @@ def test_commit_crash_at_every_change(tmp_path: Path, monkeypatch: pytest.Monkey
 
     kept = snapshot_reads(origin) if snapshot else b""
     work = tmp_path / "work"
-    k = 0
-    while True:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(origin, work)
-        stop_after_changes(monkeypatch, k)
-        try:
-            commit(str(work / "ov.qcow2"), allow=(str(work),),
-                   sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.undo()
+    for k, finished in stopped_runs(
+            monkeypatch, origin, work,
+            lambda: commit(str(work / "ov.qcow2"), allow=(str(work),),
+                           sandbox=SandboxSettings(mode="off"))):
         for name in ("ov.qcow2", "base.qcow2"):
             _assert_clean(work / name, k)
         assert qemu_read_raw(work / "ov.qcow2", tmp_path, "qcow2") == expected, k
         now = qemu_read_raw(work / "base.qcow2", tmp_path, "qcow2")
         assert not snapshot or snapshot_reads(work) == kept, k
-        for number, unit in enumerate(_units(now, 1024)):
-            at = number * 1024
-            assert unit in (old[at : at + 1024], expected[at : at + 1024]), (k, at)
+        assert_units_old_or_new(now, old, expected, 1024, k)
         if finished:
             assert now == expected
-            break
-        k += 1
-        assert k < 100
     assert k >= 4

@@ -22,14 +22,14 @@ from pathlib import Path
 import pytest
 
 from helpers import (
+    assert_units_old_or_new,
     build_images,
     qemu_img_ok,
     run_instar,
     run_qemu_img,
-    stop_after_changes,
+    stopped_runs,
 )
 from instar.commit import commit
-from instar.errors import StoppedUpdate
 from instar.worker import SandboxSettings
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
@@ -214,18 +214,10 @@ def test_crash_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
     committed = {name: _read(done, "ov.qcow2", name) for name in snapshots}
     old = _read(origin, "base.qcow2")
     work = tmp_path / "work"
-    k = 0
-    while True:
-        shutil.rmtree(work, ignore_errors=True)
-        shutil.copytree(origin, work)
-        stop_after_changes(monkeypatch, k)
-        try:
-            commit(str(work / "ov.qcow2"), allow=(str(work),),
-                   sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.undo()
+    for k, finished in stopped_runs(
+            monkeypatch, origin, work,
+            lambda: commit(str(work / "ov.qcow2"), allow=(str(work),),
+                           sandbox=SandboxSettings(mode="off")), most=200):
         for name in ("ov.qcow2", "base.qcow2"):
             checked = run_qemu_img("check", "--output=json", name, cwd=work)
             report = json.loads(checked.stdout)
@@ -233,13 +225,10 @@ def test_crash_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
             assert not report.get("corruptions") and not report.get("check-errors"), (k, name)
         assert _read(work, "ov.qcow2") == expected, k
         for name, data in snapshots.items():
-            now = _read(work, "ov.qcow2", name)
-            for at in range(0, len(now), 4096):
-                assert now[at : at + 4096] in (data[at : at + 4096],
-                                               committed[name][at : at + 4096]), (k, name, at)
+            assert_units_old_or_new(_read(work, "ov.qcow2", name), data, committed[name], 4096,
+                                    k, name)
         base = _read(work, "base.qcow2")
-        for at in range(0, len(base), 4096):  # each base cluster old or committed
-            assert base[at : at + 4096] in (old[at : at + 4096], expected[at : at + 4096]), k
+        assert_units_old_or_new(base, old, expected, 4096, k)  # each base cluster
         if finished:
             assert base == expected
             assert all(_read(work, "ov.qcow2", name) == committed[name] for name in snapshots)
@@ -247,7 +236,4 @@ def test_crash_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                     cwd=work)
             checked = run_qemu_img("check", "ov.qcow2", cwd=work)
             assert checked.rc == 0, checked.stdout
-            break
-        k += 1
-        assert k < 200
     assert k >= 5

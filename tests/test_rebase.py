@@ -19,17 +19,15 @@ import pytest
 import hostile_corpus as corpus
 from helpers import (
     Result,
-    make_dirty_qcow2,
+    build_images,
     qemu_img_ok,
-    qemu_io,
     qemu_read_raw,
     run_instar,
     run_qemu_img,
     sample_image_names,
+    stopped_runs,
     unpack_sample_image,
 )
-from instar import mutate
-from instar.errors import StoppedUpdate
 from instar.rebase import rebase
 from instar.worker import SandboxSettings
 from mutation_sweep import check_run, corpus_params
@@ -39,21 +37,6 @@ pytestmark = pytest.mark.usefixtures("qemu_img")
 # A setup step: ("create", args of qemu-img create...) or ("io", fmt, file, command).
 Step = tuple[str, ...]
 MiB = 1 << 20
-
-
-def _build(directory: Path, steps: list[Step]) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    for step in steps:
-        if step[0] == "create":
-            qemu_img_ok("create", "-q", *step[1:], cwd=directory)
-        elif step[0] == "io":
-            qemu_io(directory / step[2], step[3], step[1], cwd=directory)
-        elif step[0] == "dirty":  # ("dirty", kind, file, backing or "")
-            make_dirty_qcow2(directory / step[2], step[1], backing=step[3] or None)
-        elif step[0] == "mkdir":
-            (directory / step[1]).mkdir()
-        else:
-            qemu_img_ok(*step, cwd=directory)
 
 
 def _raw(name: str, size: str, *writes: str) -> list[Step]:
@@ -115,7 +98,7 @@ def _parity(tmp_path: Path, steps: list[Step], image: str, *args: str,
     """Build ``steps`` twice, rebase ``image`` with ``args`` by each program,
     compare their answers and, when they rebased, the two images."""
     qdir, idir = tmp_path / "q", tmp_path / "i"
-    _build(qdir, steps)
+    build_images(qdir, steps)
     shutil.copytree(qdir, idir)
     before = qemu_read_raw(qdir / image, tmp_path, fmt) if fmt in ("qcow2", "qed") else b""
     qemu = run_qemu_img("rebase", *args, image, cwd=qdir)
@@ -199,7 +182,7 @@ def test_refusals(tmp_path: Path, args: tuple[str, ...]) -> None:
     refuses before it copies. Both images read as before.)"""
     steps = [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
              *_qcow2("ov.qcow2", "1M", "base.raw", options="cluster_size=512")]
-    _build(tmp_path / "original", steps)
+    build_images(tmp_path / "original", steps)
     qemu, qpath, ipath = _parity(tmp_path, steps, "ov.qcow2", *args)
     assert qemu.rc == 1
     assert ipath.read_bytes() == (tmp_path / "original" / "ov.qcow2").read_bytes()
@@ -371,7 +354,7 @@ def test_safe_refcount_table_grows(tmp_path: Path) -> None:
 
 def test_backing_refused_by_policy(tmp_path: Path) -> None:
     """Without --allow, neither the old nor the new backing file is opened."""
-    _build(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
+    build_images(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
                       *_qcow2("ov.qcow2", "1M", "base.raw")])
     before = (tmp_path / "ov.qcow2").read_bytes()
     ours = run_instar("rebase", "-b", "nb.raw", "-F", "raw", "ov.qcow2", cwd=tmp_path)
@@ -416,7 +399,7 @@ def test_copy_refused_partly_allocated(tmp_path: Path) -> None:
     """Extended L2 entries: a cluster the image allocated, with subclusters
     the backing file answers that must be copied: not supported yet, refused,
     the file unchanged."""
-    _build(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
+    build_images(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
                       *_qcow2("ov.qcow2", "1M", "base.raw", options="extended_l2=on",
                               writes=("write -P 2 0 2k",)), ("snapshot", "-c", "s", "ov.qcow2")])
     before = (tmp_path / "ov.qcow2").read_bytes()
@@ -448,7 +431,7 @@ def test_hostile_refused(tmp_path: Path, offset: int, value: bytes,
     steps = [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
              *_qcow2("ov.qcow2", "1M", "base.raw")]
     for where in ("q", "i"):
-        _build(tmp_path / where, steps)
+        build_images(tmp_path / where, steps)
         with (tmp_path / where / "ov.qcow2").open("r+b") as file:
             file.seek(offset)
             file.write(value)
@@ -465,7 +448,7 @@ def test_hostile_refused(tmp_path: Path, offset: int, value: bytes,
 @pytest.mark.usefixtures("allow_own_directories")
 def test_hostile_l2_refcount_zero(tmp_path: Path) -> None:
     """An L2 table whose refcount is 0 is refused before the copy is claimed."""
-    _build(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
+    build_images(tmp_path, [*_raw("base.raw", "1M", "write -P 1 0 1M"), *_raw("nb.raw", "1M"),
                       *_qcow2("ov.qcow2", "1M", "base.raw", writes=("write -P 2 0 4k",))])
     path = tmp_path / "ov.qcow2"
     data = bytearray(path.read_bytes())
@@ -495,7 +478,7 @@ def test_corrupt_bit(tmp_path: Path, args: tuple[str, ...]) -> None:
     """qemu opens no image with the corrupt bit for writing."""
     qdir, idir = tmp_path / "q", tmp_path / "i"
     for where in (qdir, idir):
-        _build(where, [*_raw("nb.raw", "1M"), *_qcow2("ov.qcow2", "1M")])
+        build_images(where, [*_raw("nb.raw", "1M"), *_qcow2("ov.qcow2", "1M")])
         with (where / "ov.qcow2").open("r+b") as file:
             file.seek(72)
             file.write((2).to_bytes(8, "big"))
@@ -531,7 +514,7 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, f
           for w in ("write -P 2 0 4k", "write -P 3 600k 8k", "write -P 5 204k 1k"))]
     if fmt == "qcow2":
         steps.append(("snapshot", "-c", "s1", "o.qcow2"))
-    _build(tmp_path, steps)
+    build_images(tmp_path, steps)
     original = tmp_path / f"o.{fmt}"
     expected = qemu_read_raw(original, tmp_path, fmt)
     snapshot = b""
@@ -539,18 +522,12 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, f
         qemu_img_ok("convert", "-l", "s1", "-O", "raw", str(original), str(tmp_path / "s1.raw"))
         snapshot = (tmp_path / "s1.raw").read_bytes()
     seen: set[str | None] = set()
-    k = 0
-    while True:
-        image = tmp_path / f"k.{fmt}"
-        shutil.copyfile(original, image)
-        monkeypatch.setattr(mutate, "stop_after", k)
-        try:
-            rebase(str(image), new, backing_fmt="raw" if new else None,
-                   allow=(str(tmp_path),), sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+    image = tmp_path / f"k.{fmt}"
+    for k, finished in stopped_runs(
+            monkeypatch, original, image,
+            lambda: rebase(str(image), new, backing_fmt="raw" if new else None,
+                           allow=(str(tmp_path),), sandbox=SandboxSettings(mode="off")),
+            across=False):
         checked = run_qemu_img("check", "--output=json", "-f", fmt, str(image))
         report = json.loads(checked.stdout)
         assert checked.rc in (0, 3), (k, checked.stdout, checked.stderr)
@@ -567,9 +544,6 @@ def test_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, f
         image.unlink()
         if finished:
             assert checked.rc == 0 and backing == (new or None)
-            break
-        k += 1
-        assert k < 100
     assert k >= minimum and seen == {"base.raw", new or None}
 
 

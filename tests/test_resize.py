@@ -29,10 +29,9 @@ from helpers import (
     qemu_read_raw,
     run_instar,
     run_qemu_img,
+    stopped_runs,
     unpack_sample_image,
 )
-from instar import mutate
-from instar.errors import StoppedUpdate
 from instar.locks import write_conflict
 from instar.resize import resize
 from instar.worker import SandboxSettings
@@ -467,18 +466,12 @@ def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origi
     if snapshots:
         qemu_img_ok("convert", "-l", "s1", "-O", "raw", str(original), str(tmp_path / "s1.raw"))
     sizes_seen = set()
-    k = 0
-    while True:
-        image = tmp_path / f"k{k}.qcow2"
-        shutil.copyfile(original, image)
-        monkeypatch.setattr(mutate, "stop_after", k)
-        try:
-            resize(str(image), new, fmt="qcow2", quiet=True, shrink=shrink, allow=allow,
-                   preallocation=preallocation, sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+    image = tmp_path / "k.qcow2"
+    for k, finished in stopped_runs(
+            monkeypatch, original, image,
+            lambda: resize(str(image), new, fmt="qcow2", quiet=True, shrink=shrink, allow=allow,
+                           preallocation=preallocation, sandbox=SandboxSettings(mode="off")),
+            across=False):
         checked = run_qemu_img("check", "--output=json", "-f", "qcow2", str(image))
         report = json.loads(checked.stdout)
         assert checked.rc in (0, 3), (k, checked.stdout, checked.stderr)
@@ -503,9 +496,6 @@ def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origi
         image.unlink()
         if finished:
             assert checked.rc == 0 and size == new
-            break
-        k += 1
-        assert k < 100
     assert sizes_seen == {old, new}, (sizes_seen, k)
     return k
 
@@ -625,25 +615,6 @@ def test_read_only_formats(tmp_path: Path, name: str, probe: bool) -> None:
     assert path.read_bytes() == before
 
 
-def _count_every_change(monkeypatch: pytest.MonkeyPatch) -> Callable[[int | None], None]:
-    """`mutate.stop_after` counted over all the updates of one command (the
-    repair's, then the resize's), not per update."""
-    made = [0]
-
-    def change(self: mutate.ImageUpdate) -> None:
-        if mutate.stop_after is not None and made[0] >= mutate.stop_after:
-            raise StoppedUpdate(f"stopped after {made[0]} changes")
-        made[0] += 1
-        self.changes += 1
-
-    def reset(value: int | None) -> None:
-        made[0] = 0
-        monkeypatch.setattr(mutate, "stop_after", value)
-
-    monkeypatch.setattr(mutate.ImageUpdate, "_change", change)
-    return reset
-
-
 @pytest.mark.parametrize("kind", ["killed", "leak", "low"])
 def test_dirty_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                     kind: str) -> None:
@@ -655,20 +626,12 @@ def test_dirty_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     make_dirty_qcow2(original, kind)
     expected = qemu_read_raw(original, tmp_path, "qcow2")
     old, new = len(expected), 8 << 20
-    reset = _count_every_change(monkeypatch)
     sizes_seen = set()
-    k = 0
-    while True:
-        image = tmp_path / f"k{k}.qcow2"
-        shutil.copyfile(original, image)
-        reset(k)
-        try:
-            resize(str(image), new, fmt="qcow2", quiet=True,
-                   sandbox=SandboxSettings(mode="off"))
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        reset(None)
+    image = tmp_path / "k.qcow2"
+    for k, finished in stopped_runs(
+            monkeypatch, original, image,
+            lambda: resize(str(image), new, fmt="qcow2", quiet=True,
+                           sandbox=SandboxSettings(mode="off")), most=200):
         info = json.loads(qemu_img_ok("info", "--output=json", "-f", "qcow2", str(image)))
         size = info["virtual-size"]
         assert size in (old, new), k
@@ -685,8 +648,5 @@ def test_dirty_crash_at_every_write(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         image.unlink()
         if finished:
             assert checked.rc == 0 and size == new
-            break
-        k += 1
-        assert k < 200
     assert sizes_seen == {old, new}, (sizes_seen, k)
     assert k > 2

@@ -32,6 +32,7 @@ from helpers import (
     run_instar,
     run_qemu_img,
     sample_image_names,
+    stopped_runs,
     unpack_sample_image,
 )
 from mutation_sweep import check_run, corpus_params
@@ -427,8 +428,6 @@ def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origi
     """``snapshot ACTION NAME`` on copies of ``original``, stopped after k
     changes for every k until one finishes: each result the old image or the
     new one, leaking at most. Returns how many changes the whole command makes."""
-    from instar import mutate
-    from instar.errors import StoppedUpdate
     from instar.snapshot import change_snapshots
     from instar.worker import SandboxSettings
 
@@ -441,17 +440,9 @@ def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origi
     old, new = _state(original), _state(finished_image)
     assert old != new
     seen = set()
-    k = 0
-    while True:
-        image = tmp_path / f"k{k}.qcow2"
-        shutil.copyfile(original, image)
-        monkeypatch.setattr(mutate, "stop_after", k)
-        try:
-            change(image)
-            finished = True
-        except StoppedUpdate:
-            finished = False
-        monkeypatch.setattr(mutate, "stop_after", None)
+    image = tmp_path / "k.qcow2"
+    for k, finished in stopped_runs(monkeypatch, original, image, lambda: change(image),
+                                    across=False):
         _clean_or_leaking(image, k)
         state = _state(image)
         assert state in (old, new), k
@@ -461,9 +452,6 @@ def _stop_at_every_change(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, origi
             assert state == new
             checked = run_qemu_img("check", "-f", "qcow2", str(finished_image))
             assert checked.rc == 0 and "No errors were found" in checked.stdout
-            break
-        k += 1
-        assert k < 100
     assert seen == {False, True}
     return k
 
