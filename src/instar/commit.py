@@ -8,17 +8,16 @@ the top image's backing file), then qemu's commit job: the base grown to the
 image's size if it is smaller, and every range that the top image or an
 image between it and the base allocates (data, or zeros) written into the
 base as the top image reads it. Then, unless ``-d`` or ``-b`` (which implies
-``-d``), the top image is emptied (`instar.formats.qcow2.make_empty`) if its
-format can be (qcow2, qcow: `EMPTIED`); qemu leaves an
-image of another format (qed, vmdk) as it is.
+``-d``), the top image is emptied if its format can be (qcow2, qcow: `EMPTIED`);
+qemu leaves an image of another format (qed, vmdk) as it is.
 
 The base is a file an image names: it is opened for writing through the
 broker, so the policy applies (its directory must be allowed). Its writes go
-through one `instar.mutate.ImageUpdate` (raw: ``pwrite``; qcow2: the in-place
-`instar.formats.qcow2.guest_writes.GuestWriter`), the top image's emptying
+through one `instar.mutate.ImageUpdate` (raw: ``pwrite``; every other
+format: its `instar.formats.base.GuestUpdater`), the top image's emptying
 through another, after the base is complete on disk. Everything instar
-cannot do (another base format, an overlay it cannot empty as qemu does) is
-refused before the first write.
+cannot do (a base it cannot write in place, an overlay it cannot empty as
+qemu does) is refused before the first write.
 """
 
 from __future__ import annotations
