@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -410,3 +411,14 @@ def assert_units_old_or_new(now: bytes, old: bytes, new: bytes, unit: int,
     within a unit. ``where`` (k, names) goes into the failure message."""
     for at in range(0, len(now), unit):
         assert now[at : at + unit] in (old[at : at + unit], new[at : at + unit]), (*where, at)
+
+
+def without_keys(info: Any, keys: tuple[str, ...]) -> Any:
+    """``info`` (qemu-img info's JSON) with every ``keys`` entry removed at
+    any depth: what differs between two runs (names, sizes on disk)."""
+    if isinstance(info, dict):
+        return {key: without_keys(value, keys) for key, value in info.items()
+                if key not in keys}
+    if isinstance(info, list):
+        return [without_keys(item, keys) for item in info]
+    return info

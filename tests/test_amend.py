@@ -25,6 +25,7 @@ from helpers import (
     sample_image_names,
     stopped_runs,
     unpack_sample_image,
+    without_keys,
 )
 from mutation_sweep import check_run, corpus_params
 
@@ -34,11 +35,7 @@ _VOLATILE = ("actual-size", "dirty-flag")
 
 
 def _normalised(info: Any) -> Any:
-    if isinstance(info, dict):
-        return {key: _normalised(value) for key, value in info.items() if key not in _VOLATILE}
-    if isinstance(info, list):
-        return [_normalised(item) for item in info]
-    return info
+    return without_keys(info, _VOLATILE)
 
 
 class Pair:

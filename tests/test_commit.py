@@ -25,6 +25,7 @@ from helpers import (
     run_instar,
     run_qemu_img,
     stopped_runs,
+    without_keys,
 )
 from instar.commit import commit
 from instar.worker import SandboxSettings
@@ -54,11 +55,7 @@ def _qcow2(name: str, size: str | None, *writes: str, backing: str | None = None
 
 
 def _normalised(info: Any) -> Any:
-    if isinstance(info, dict):
-        return {key: _normalised(value) for key, value in info.items() if key not in _VOLATILE}
-    if isinstance(info, list):
-        return [_normalised(item) for item in info]
-    return info
+    return without_keys(info, _VOLATILE)
 
 
 def _fmt(name: str) -> str:

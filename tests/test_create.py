@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from helpers import Result, qemu_img_ok, qemu_io, run_instar, run_qemu_img
+from helpers import Result, qemu_img_ok, qemu_io, run_instar, run_qemu_img, without_keys
 
 pytestmark = pytest.mark.usefixtures("qemu_img")
 
@@ -26,12 +26,7 @@ _VOLATILE = ("filename", "actual-size", "cid", "dirty-flag")
 
 
 def _normalised_info(info: Any) -> Any:
-    if isinstance(info, dict):
-        return {key: _normalised_info(value) for key, value in info.items()
-                if key not in _VOLATILE}
-    if isinstance(info, list):
-        return [_normalised_info(item) for item in info]
-    return info
+    return without_keys(info, _VOLATILE)
 
 
 def _info(path: Path) -> Any:

@@ -27,6 +27,7 @@ from helpers import (
     sample_image_names,
     stopped_runs,
     unpack_sample_image,
+    without_keys,
 )
 from instar.rebase import rebase
 from instar.worker import SandboxSettings
@@ -57,11 +58,7 @@ _VOLATILE = ("filename", "actual-size", "dirty-flag", "full-backing-filename")
 
 
 def _normalised(info: Any) -> Any:
-    if isinstance(info, dict):
-        return {key: _normalised(value) for key, value in info.items() if key not in _VOLATILE}
-    if isinstance(info, list):
-        return [_normalised(item) for item in info]
-    return info
+    return without_keys(info, _VOLATILE)
 
 
 def _info(path: Path) -> Any:
