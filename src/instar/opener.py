@@ -120,13 +120,18 @@ class HostBroker(Record):
             raise PolicyError(f"'{path}' was not named on the command line")
         return self._open(path)
 
-    def _open(self, path: str, resolved: str | None = None) -> InputFile:
-        file = open_input_file(path, resolved)
+    def _open(self, path: str, resolved: str | None = None, *,
+              writable: bool = False) -> InputFile:
+        """``path`` opened (for reading, or reading and writing), kept for
+        closing, and refused with qemu's message where a running qemu's lock
+        conflicts: a write lock with reading (unless ``force_share``), any
+        lock with writing."""
+        file = open_input_file(path, resolved, writable=writable)
         self.opened.append(file)
-        if not self.force_share:
-            from instar.locks import read_conflict
+        if writable or not self.force_share:
+            from instar.locks import read_conflict, write_conflict
 
-            conflict = read_conflict(file.fd)
+            conflict = (write_conflict if writable else read_conflict)(file.fd)
             if conflict is not None:
                 error = ImageOpenError(path, conflict)
                 error.hint = f"Is another process using the image [{path}]?"
@@ -136,47 +141,29 @@ class HostBroker(Record):
     def open_image_for_update(self, path: str) -> InputFile:
         if self.outputs is not None and path not in self.outputs:
             raise PolicyError(f"'{path}' was not named as the image to change")
-        file = open_input_file(path, writable=True)
-        self.opened.append(file)
-        from instar.locks import write_conflict
-
-        conflict = write_conflict(file.fd)
-        if conflict is not None:
-            error = ImageOpenError(path, conflict)
-            error.hint = f"Is another process using the image [{path}]?"
-            raise error
-        return file
+        return self._open(path, writable=True)
 
     def _check_target(self, target: str) -> None:
         if self.outputs is not None and target not in self.outputs:
             raise PolicyError(f"'{target}' was not named as the output")
 
     def open_named_file(self, name: str, relative_to: str, role: str) -> InputFile:
-        if "\0" in name or not name:
-            raise FormatError(f"{role} name is not a valid path")
-        path = combine_path(relative_to, name)
-        resolved = self.policy.check(path, role)
-        file = self._open(path, resolved)
-        if not (file.is_regular or file.is_block_device):
-            raise OSError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular file")
-        return file
+        return self._open_named(name, relative_to, role, writable=False)
 
     def open_named_for_update(self, name: str, relative_to: str, role: str) -> InputFile:
+        return self._open_named(name, relative_to, role, writable=True)
+
+    def _open_named(self, name: str, relative_to: str, role: str, *,
+                    writable: bool) -> InputFile:
+        """A file an image names, relative to ``relative_to``, opened on the
+        path the policy checked; a regular file or a block device only."""
         if "\0" in name or not name:
             raise FormatError(f"{role} name is not a valid path")
         path = combine_path(relative_to, name)
         resolved = self.policy.check(path, role)
-        file = open_input_file(path, resolved, writable=True)
-        self.opened.append(file)
+        file = self._open(path, resolved, writable=writable)
         if not (file.is_regular or file.is_block_device):
             raise OSError(errno.EINVAL, f"'file' driver requires '{path}' to be a regular file")
-        from instar.locks import write_conflict
-
-        conflict = write_conflict(file.fd)
-        if conflict is not None:
-            error = ImageOpenError(path, conflict)
-            error.hint = f"Is another process using the image [{path}]?"
-            raise error
         return file
 
     def check_output(self, target: str) -> None:
