@@ -37,7 +37,8 @@ they cross process boundaries intact.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+
+from instar.runtime_types import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -71,6 +72,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from instar.api import OpenedImage, open_image
     from instar.check import check_image
     from instar.dd_core import DdWindow, dd, dd_window

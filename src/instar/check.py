@@ -27,15 +27,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from typing import Any, NamedTuple
 
 from instar.errors import ChecksNotSupportedError, ImageOpenError, UnsupportedError
 from instar.events import EventSink, Notice
 from instar.findings import CheckResult
 from instar.opener import Broker, ImageOpener, OpenedNode
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
 from instar.writable import open_for_update, refuse_read_only
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def check_image(

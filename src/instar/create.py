@@ -16,7 +16,6 @@ unless ``-u``, then the "Formatting" line, then the driver.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping
-from typing import NamedTuple
 
 from instar.errors import CreationError, InstarError, OptionError, UnsupportedError
 from instar.events import EventSink, Line
@@ -26,7 +25,6 @@ from instar.formats.options import (
     CreateOptions,
     Option,
     OptionsArgument,
-    OptionType,
     ParsedOptions,
     as_create_options,
     data_file_name,
@@ -36,14 +34,19 @@ from instar.formats.options import (
 from instar.image import Extent, ExtentKind
 from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
 from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import UINT64_MAX
 from instar.worker import SandboxSettings, run_job
 
+if TYPE_CHECKING:
+    from instar.formats.options import OptionType
+
+    QemuOption = tuple[str, OptionType, str | None]
+
 # (name, qemu's type, the default qemu prints or None) in the order qemu-img 7.2
 # prints them on its "Formatting" line: the format's creation options, then the
 # file protocol's it lacks (measured with every option given, tests/test_create.py).
-QemuOption = tuple[str, OptionType, str | None]
 _FILE: tuple[QemuOption, ...] = (
     ("nocow", "bool", None), ("preallocation", "str", None), ("extent_size_hint", "size", None),
 )

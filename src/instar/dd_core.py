@@ -9,7 +9,6 @@ from the start of the input, not from ``skip``); `dd` is Window + copy engine.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 from instar.errors import (
     CommitError,
@@ -30,6 +29,7 @@ from instar.formats.options import (
 from instar.image import Window
 from instar.opener import Broker, ImageOpener
 from instar.output import OutputSpec, write_image
+from instar.runtime_types import NamedTuple
 from instar.safety import AllowedDirs, PathPolicy
 from instar.sizes import INT64_MAX
 from instar.worker import SandboxSettings, run_job

@@ -24,9 +24,9 @@ to every reader, not a polyglot.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple, Protocol
 
 from instar.formats import registry
+from instar.runtime_types import NamedTuple, Protocol
 
 PROBE_SIZE = registry.PROBE_SIZE
 ISO_OFFSET = 32 << 10  # the first volume descriptor (sector 16 of 2 KiB)

@@ -11,7 +11,10 @@ another process; so do multiprocessing pools in callers' code), whatever its
 
 from __future__ import annotations
 
-from typing import Any
+from instar.runtime_types import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 def _rebuild(cls: type[InstarError], args: tuple[Any, ...]) -> InstarError:

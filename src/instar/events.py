@@ -9,7 +9,8 @@ show them (the CLI draws qemu's meters and prints qemu's lines).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+
+from instar.runtime_types import NamedTuple
 
 
 class Progress(NamedTuple):

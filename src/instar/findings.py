@@ -13,7 +13,11 @@ Kept light (a NamedTuple and a plain class): checkers run in the worker.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # What a finding counted as, in qemu's BdrvCheckResult.
 CORRUPTION = "corruption"

@@ -13,9 +13,9 @@ import enum
 import errno
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from instar.errors import FormatError, ImageReadError, UnsupportedError
+from instar.runtime_types import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from instar.files import ExactReads, InputFile

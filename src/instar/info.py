@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import struct
 import time
-from typing import Any
 
 from instar.cli.output import escape_controls as shown
 from instar.errors import FormatError, InstarError
@@ -32,9 +31,13 @@ from instar.formats.base import (
 from instar.opener import Broker, HostBroker, ImageOpener, OpenedNode, open_error
 from instar.qobject import dump_human, to_json
 from instar.record import Record
+from instar.runtime_types import TYPE_CHECKING
 from instar.safety import MAX_CHAIN_DEPTH, AllowedDirs, PathPolicy
 from instar.sizes import round_up, size_to_str
 from instar.worker import SandboxSettings, run_job
+
+if TYPE_CHECKING:
+    from typing import Any
 
 QEMU_7_2 = (7, 2)
 QEMU_8_0 = (8, 0)

@@ -35,14 +35,15 @@ import collections
 import os
 import shutil
 import tempfile
-from typing import IO, TYPE_CHECKING, Any, cast
 
 from instar.errors import InstarError
 from instar.files import ExactReads
+from instar.runtime_types import TYPE_CHECKING, cast
 from instar.verdict import InspectPolicy, Verdict
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
+    from typing import IO, Any
 
     from instar.events import EventSink
     from instar.files import InputFile

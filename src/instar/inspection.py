@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, cast
 
 from instar.detect import Readable, claim_fits, detect, mbr_problems, normal_name
 from instar.errors import (
@@ -45,9 +44,12 @@ from instar.errors import (
 from instar.formats import registry
 from instar.image import COMPRESSED, BlockImage, Driver, Image
 from instar.opener import AbsentBacking, combine_path
+from instar.runtime_types import TYPE_CHECKING, cast
 from instar.verdict import Finding, InspectPolicy, Verdict
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from instar.events import EventSink
     from instar.files import InputFile
     from instar.formats.base import Format

@@ -16,8 +16,6 @@ no worker.
 
 from __future__ import annotations
 
-from typing import Any
-
 from instar.errors import FormatError, InstarError, OutputError, UnsupportedError
 from instar.events import EventSink
 from instar.formats import registry
@@ -32,8 +30,12 @@ from instar.formats.options import (
 from instar.image import DATA, ZERO, Image, StatusLayer
 from instar.opener import Broker, ImageOpener, OpenedNode, open_error
 from instar.qobject import to_json
+from instar.runtime_types import TYPE_CHECKING
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # The file protocol's creation options, which qemu-img measure accepts for any
 # format (qemu_opts_append of bdrv_file's list); they change no figure.

@@ -20,11 +20,9 @@ backing file unopened, as qemu-img info does (BDRV_O_NO_BACKING).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 from instar.errors import (
     ChainDepthError,
@@ -40,6 +38,7 @@ from instar.formats import registry
 from instar.formats.base import Format, OutputFile
 from instar.image import BlockImage, Extent, Image
 from instar.record import Record
+from instar.runtime_types import TYPE_CHECKING, NamedTuple, Protocol
 from instar.safety import MAX_CHAIN_DEPTH, PathPolicy
 
 if TYPE_CHECKING:
@@ -207,8 +206,10 @@ class HostBroker(Record):
                 done.append(self._outputs.pop(0))
         except BaseException:
             for output in done:  # where it was written (through a symbolic link)
-                with contextlib.suppress(OSError):
+                try:
                     os.unlink(os.path.realpath(output.target))
+                except OSError:
+                    pass
             raise
 
     def close(self) -> None:

@@ -30,7 +30,6 @@ import errno
 import os
 import stat
 from collections.abc import Collection, Iterable, Iterator
-from typing import TYPE_CHECKING, NamedTuple
 
 from instar.copy import ZERO_GRANULARITY, copy_image
 from instar.errors import (
@@ -46,6 +45,7 @@ from instar.events import EventSink, Notice
 from instar.files import InputFile
 from instar.formats.base import Format, OutputFile, ParsedOptions, Writer
 from instar.image import Extent, Image
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
 from instar.signals import deferred
 
 if TYPE_CHECKING:

@@ -12,7 +12,7 @@ Kept free of heavy imports: ``instar info`` should start fast.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from instar.formats.base import QValue

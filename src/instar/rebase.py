@@ -26,7 +26,6 @@ their tables first, the header last.
 from __future__ import annotations
 
 import errno
-from typing import TYPE_CHECKING
 
 from instar.errors import (
     FormatError,
@@ -41,6 +40,7 @@ from instar.image import DATA, ZERO, Image, Window
 from instar.mutate import ImageUpdate
 from instar.opener import Broker, ImageOpener, OpenedNode
 from instar.resize import _raw_probe_warning
+from instar.runtime_types import TYPE_CHECKING
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
 from instar.writable import open_for_update, repair_if_dirty

@@ -11,7 +11,10 @@ of the same class (and so no hash), a repr naming the fields, and
 
 from __future__ import annotations
 
-from typing import Any
+from instar.runtime_types import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Any
 
 
 class Record:

@@ -18,14 +18,16 @@ child, for ``instar --sandbox-status``.
 
 from __future__ import annotations
 
-import contextlib
 import errno
-import functools
 import os
 import resource
-import signal
 from collections.abc import Callable
-from typing import Any, NamedTuple
+
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
+from instar.signals import system_signals
+
+if TYPE_CHECKING:
+    from typing import Any
 
 LAYERS = ("rlimits", "no_new_privs", "namespaces", "landlock", "seccomp")
 
@@ -89,7 +91,7 @@ def _apply_rlimits(limits: Limits) -> str:
     # The soft limit sends SIGXCPU (the host reports it); the hard one kills.
     _lower(resource.RLIMIT_CPU, limits.cpu, limits.cpu + 1)
     # Writing past the file size limit fails with EFBIG instead of killing.
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    system_signals.signal(system_signals.SIGXFSZ, system_signals.SIG_IGN)
     _lower(resource.RLIMIT_FSIZE, limits.file_size, limits.file_size)
     _lower(resource.RLIMIT_NOFILE, limits.open_files, limits.open_files)
     size = "none" if limits.file_size == 0 else (
@@ -233,10 +235,14 @@ def _import_pyseccomp() -> Any:
     return pyseccomp
 
 
-@functools.cache
+_FILTER: list[Any] = []  # the allow-list, once built
+
+
 def _seccomp_filter() -> Any:
     """The allow-list, built (libseccomp loaded) while files can still be opened;
     built once per process: workers forked later inherit it (`prepare`)."""
+    if _FILTER:
+        return _FILTER[0]
     sc = _import_pyseccomp()
 
     rules = sc.SyscallFilter(sc.ERRNO(errno.EPERM))
@@ -254,6 +260,7 @@ def _seccomp_filter() -> Any:
                    sc.Arg(3, sc.MASKED_EQ, AT_EMPTY_PATH, AT_EMPTY_PATH))
     # Reading limits is fine; prlimit64 may not set any (new_limit NULL).
     rules.add_rule(sc.ALLOW, "prlimit64", sc.Arg(2, sc.EQ, 0))
+    _FILTER.append(rules)
     return rules
 
 
@@ -277,8 +284,10 @@ def prepare() -> None:
     """Do in the host, before forking, the part of confinement that does not
     depend on the job: load libseccomp and build the allow-list. A process
     that runs many jobs (the Python API) then pays it once, not per worker."""
-    with contextlib.suppress(OSError, ImportError, ValueError):
+    try:
         _seccomp_filter()
+    except (OSError, ImportError, ValueError):
+        pass  # apply() reports the layer as off
 
 
 def apply(limits: Limits) -> list[LayerState]:

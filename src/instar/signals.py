@@ -18,18 +18,35 @@ KeyboardInterrupt simply comes after the step.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
-from collections.abc import Callable, Iterator
-from types import FrameType
-from typing import Any
+
+from instar.runtime_types import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import signal as system_signals
+else:
+    # The signal module without its enums: making them costs more at start-up
+    # than anything else here. Handlers and constants are plain ints.
+    import _signal as system_signals
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+    from types import FrameType, TracebackType
+    from typing import Any
+
+    Handler = Callable[[int, FrameType | None], Any] | int | None
 
 # The signals that end instar as they end qemu-img (their default action terminates).
-TERMINATING = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+TERMINATING = (system_signals.SIGINT, system_signals.SIGTERM, system_signals.SIGHUP)
 
-Handler = Callable[[int, FrameType | None], Any] | int | signal.Handlers | None
+
+def signal_name(signum: int) -> str:
+    """``SIGKILL`` for 9: the name the signal module's enum would give."""
+    names: dict[str, object] = vars(system_signals)
+    for name, value in names.items():
+        if value == signum and name.startswith("SIG") and not name.startswith(("SIG_", "SIGRT")):
+            return name
+    return f"signal {signum}"
 
 
 class Terminated(BaseException):
@@ -37,7 +54,7 @@ class Terminated(BaseException):
     ``finally`` runs. A BaseException, so ``except Exception`` cannot swallow it."""
 
     def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
+        super().__init__(signal_name(signum))
         self.signum = signum
 
 
@@ -57,21 +74,31 @@ def install() -> dict[int, Handler]:
     """Make SIGINT, SIGTERM and SIGHUP raise `Terminated`; returns the handlers
     they had, for `restore`. A signal that was ignored when instar started
     (``nohup``, a background job of a non-interactive shell) stays ignored,
-    as it does for qemu-img. Main thread only (as `signal.signal`)."""
+    as it does for qemu-img. Outside the main thread it installs nothing."""
     previous: dict[int, Handler] = {}
-    for number in TERMINATING:
-        handler = signal.getsignal(number)
-        if handler is signal.SIG_IGN or handler is None:  # None: set outside Python
-            continue
-        previous[number] = handler
-        signal.signal(number, _terminate)
+    _replace_handlers(_terminate, previous)
     return previous
+
+
+def _replace_handlers(handler: Handler, previous: dict[int, Handler]) -> None:
+    """Give each terminating signal that is not ignored ``handler``, noting
+    each handler replaced in ``previous`` as it goes. Outside the main thread
+    (where Python cannot set a handler) it changes nothing."""
+    for number in TERMINATING:
+        current = system_signals.getsignal(number)
+        if current == system_signals.SIG_IGN or current is None:  # None: set outside Python
+            continue
+        try:
+            system_signals.signal(number, handler)
+        except ValueError:  # not the main thread
+            break
+        previous[number] = current
 
 
 def restore(previous: dict[int, Handler]) -> None:
     """Put back the handlers `install` replaced."""
     for number, handler in previous.items():
-        signal.signal(number, handler)
+        system_signals.signal(number, handler)
 
 
 def received() -> int | None:
@@ -83,48 +110,52 @@ def received() -> int | None:
 def die(signum: int) -> None:
     """End the process by ``signum`` with its default action (after cleanup),
     so the parent sees what qemu-img's parent sees. Never returns."""
-    signal.signal(signum, signal.SIG_DFL)
-    with contextlib.suppress(OSError):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    system_signals.signal(signum, system_signals.SIG_DFL)
+    try:
+        system_signals.pthread_sigmask(system_signals.SIG_UNBLOCK, {signum})
+    except OSError:
+        pass
     os.kill(os.getpid(), signum)
     os._exit(128 + signum)  # only if the signal somehow did not end us
 
 
-@contextlib.contextmanager
-def deferred() -> Iterator[None]:
+class deferred:
     """Hold terminating signals for the duration of the block, then deliver
     any that came to the handler that was installed.
 
     Only the main thread can change handlers; elsewhere the block runs as it
     is (the signal is then handled in the main thread anyway).
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pending: list[int] = []
-    holding = [True]
-    previous: dict[int, Handler] = {}
 
-    def hold(signum: int, frame: FrameType | None) -> None:
-        if holding:
-            pending.append(signum)
+    def __init__(self) -> None:
+        self._pending: list[int] = []
+        self._holding = True
+        self._previous: dict[int, Handler] = {}
+
+    def __enter__(self) -> None:
+        try:
+            _replace_handlers(self._hold, self._previous)
+        except BaseException:  # a signal came while they were being replaced
+            self.__exit__(None, None, None)
+            raise
+
+    def _hold(self, signum: int, frame: FrameType | None) -> None:
+        if self._holding:
+            self._pending.append(signum)
             return
         # The block is over but this handler was not replaced yet (another
         # signal's handler raised while they were being put back): act as the
         # one it stood in for.
-        signal.signal(signum, previous[signum])
-        signal.raise_signal(signum)
+        system_signals.signal(signum, self._previous[signum])
+        system_signals.raise_signal(signum)
 
-    try:
-        for number in TERMINATING:
-            handler = signal.getsignal(number)
-            if handler is signal.SIG_IGN or handler is None:  # None: set outside Python
-                continue
-            previous[number] = handler
-            signal.signal(number, hold)
-        yield
-    finally:
-        holding.clear()
-        restore(previous)
-        for held in dict.fromkeys(pending):
-            signal.raise_signal(held)
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self._holding = False
+        restore(self._previous)
+        for held in dict.fromkeys(self._pending):
+            system_signals.raise_signal(held)
+
+
+__all__ = ["TERMINATING", "Terminated", "deferred", "die", "install", "received", "restore",
+           "signal_name", "system_signals"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import enum
 import math
-from typing import NamedTuple
+
+from instar.runtime_types import NamedTuple
 
 UINT64_MAX = (1 << 64) - 1
 INT64_MAX = (1 << 63) - 1

@@ -15,12 +15,12 @@ snapshot 'NAME': ..." and so on.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 from instar.errors import FormatError, ImageOpenError, SnapshotError
 from instar.events import EventSink
 from instar.formats.base import SnapshotDetails
 from instar.opener import Broker, ImageOpener, open_error
+from instar.runtime_types import NamedTuple
 from instar.safety import AllowedDirs, PathPolicy
 from instar.worker import SandboxSettings, run_job
 from instar.writable import open_for_update, opened_for_writing, repair_if_dirty

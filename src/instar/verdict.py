@@ -18,7 +18,10 @@ light: the worker imports this module.
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
+
+if TYPE_CHECKING:
+    from typing import Any
 
 # Every finding code and what it means. A code never changes meaning; new
 # ones may be added.

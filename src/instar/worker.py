@@ -16,17 +16,14 @@ The host also enforces the wall-clock limit by killing the worker.
 
 from __future__ import annotations
 
-import contextlib
+import _socket
+import _thread
 import json
 import os
-import signal
-import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
 
 from instar import errors
 from instar.errors import InstarError, WorkerLimitError
@@ -44,12 +41,16 @@ from instar.files import InputFile
 from instar.formats import registry
 from instar.formats.base import OutputFile
 from instar.opener import Broker, HostBroker
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
 from instar.safety import PathPolicy
 from instar.sandbox import DEFAULT_TIMEOUT, LayerState, Limits, apply, prepare
-from instar.signals import TERMINATING, deferred
+from instar.signals import TERMINATING, deferred, signal_name, system_signals
 from instar.worker_imports import import_extensions, import_from_host, module_reply
 
-Job = Callable[[Broker, EventSink], Any]  # returns plain (JSON) data
+if TYPE_CHECKING:
+    from typing import Any
+
+    Job = Callable[[Broker, EventSink], Any]  # returns plain (JSON) data
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20  # no message from a worker may be larger
@@ -70,23 +71,26 @@ class SandboxSettings(NamedTuple):
 class Channel:
     """Length-prefixed JSON frames over a stream socket, with descriptors."""
 
-    def __init__(self, sock: socket.socket) -> None:
+    def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
         body = json.dumps(message, separators=(",", ":")).encode()
         frame = _HEADER.pack(len(body)) + body
-        if fds:
-            sent = socket.send_fds(self.sock, [frame[:1]], fds)
+        if fds:  # they travel with the frame's first byte
+            rights = struct.pack(f"{len(fds)}i", *fds)
+            sent = self.sock.sendmsg([frame[:1]],
+                                     [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             frame = frame[sent:]
         self.sock.sendall(frame)
 
     def receive(self) -> tuple[dict[str, Any] | None, list[int]]:
         """The next message and the descriptors that came with it; (None, [])
         at the end of the stream."""
-        first, fds, _flags, _address = socket.recv_fds(self.sock, 1, 16)
+        first, ancillary, _flags, _address = self.sock.recvmsg(1, _RIGHTS_SPACE)
+        fds = _received_fds(ancillary)
         if not first:
-            return None, list(fds)
+            return None, fds
         header = first + self._exactly(_HEADER.size - 1)
         (length,) = _HEADER.unpack(header)
         if length > MAX_FRAME:
@@ -105,6 +109,21 @@ class Channel:
             parts.append(chunk)
             got += len(chunk)
         return b"".join(parts)
+
+
+_FD = struct.Struct("i")
+_MAX_FDS = 16  # descriptors one message may carry
+_RIGHTS_SPACE = _socket.CMSG_SPACE(_MAX_FDS * _FD.size)
+
+
+def _received_fds(ancillary: list[tuple[int, int, bytes]]) -> list[int]:
+    """The descriptors in a message's ancillary data (SCM_RIGHTS)."""
+    fds: list[int] = []
+    for level, kind, data in ancillary:
+        if level == _socket.SOL_SOCKET and kind == _socket.SCM_RIGHTS:
+            usable = len(data) - len(data) % _FD.size
+            fds += [fd for (fd,) in _FD.iter_unpack(data[:usable])]
+    return fds
 
 
 class ProtocolError(Exception):
@@ -187,7 +206,7 @@ class WorkerBroker:
 
     def __init__(self, channel: Channel) -> None:
         self._channel = channel
-        self._turn = threading.RLock()
+        self._turn = _thread.RLock()
         self.opened: list[InputFile] = []
 
     def tell(self, message: dict[str, Any]) -> None:
@@ -255,7 +274,7 @@ class WorkerBroker:
         self.opened.clear()
 
 
-def _worker_main(sock: socket.socket, job: Job, settings: SandboxSettings) -> int:
+def _worker_main(sock: _socket.socket, job: Job, settings: SandboxSettings) -> int:
     """The worker: confine, run the job, report; returns the exit status.
     Modules the job needs come from the host once the worker is confined."""
     channel = Channel(sock)
@@ -346,19 +365,21 @@ def run_job(job: Job, policy: PathPolicy, settings: SandboxSettings | None = Non
 def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings,
                 events: EventSink) -> Any:
     for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
+        try:
             stream.flush()
+        except Exception:  # a stream that cannot flush loses nothing of ours
+            pass
     import_extensions()  # once per process: every later worker inherits them
     registry.import_all()  # every job probes (and create names its format)
     prepare()
     parent = os.getpid()
     pid = 0
-    host_end: socket.socket | None = None
+    host_end: _socket.socket | None = None
     try:
         # From the fork until the host is inside this try, a terminating signal
         # waits: the worker is always known here, so always killed below.
         with deferred():
-            host_end, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            host_end, worker_end = _socket.socketpair(_socket.AF_UNIX, _socket.SOCK_STREAM)
             pid = os.fork()
             if pid == 0:  # pragma: no cover - the worker, measured by its own tests
                 status = 1
@@ -375,10 +396,11 @@ def _run_forked(job: Job, host: HostBroker, settings: SandboxSettings,
             if host_end is not None:
                 host_end.close()
             if pid > 0:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-                with contextlib.suppress(ChildProcessError):
+                _kill(pid)
+                try:
                     os.waitpid(pid, 0)
+                except ChildProcessError:
+                    pass
 
 
 _PR_SET_PDEATHSIG = 1
@@ -389,12 +411,14 @@ def _become_worker(parent: int) -> None:
     (the host, which gets them too, does the cleanup), and it dies with the
     host: the kernel kills it if the host ends without killing it first."""
     for number in TERMINATING:
-        signal.signal(number, signal.SIG_DFL)
-    with contextlib.suppress(OSError, AttributeError):
+        system_signals.signal(number, system_signals.SIG_DFL)
+    try:
         import ctypes  # in the worker only: the host never needs it
 
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        libc.prctl(_PR_SET_PDEATHSIG, system_signals.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
     if os.getppid() != parent:  # the host died before the line above
         os._exit(1)
 
@@ -404,9 +428,11 @@ def report_missing_layers(states: list[LayerState]) -> None:
     A closed or full stderr loses the warning, never the job."""
     for state in states:
         if not state.on and sys.stderr is not None:
-            with contextlib.suppress(OSError):
+            try:
                 sys.stderr.write(f"instar: warning: sandbox layer {state.name} is off: "
                                  f"{state.detail}\n")
+            except OSError:
+                pass
 
 
 def _serve(channel: Channel, pid: int, host: HostBroker, settings: SandboxSettings,
@@ -490,9 +516,15 @@ def _answer(channel: Channel, host: HostBroker, message: dict[str, Any]) -> None
         channel.send({"error": error_to_data(error)})
 
 
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, system_signals.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
 def _timed_out(pid: int, settings: SandboxSettings) -> WorkerLimitError:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGKILL)
+    _kill(pid)
     return WorkerLimitError(
         f"the worker took longer than {settings.timeout:g} s and was stopped (--timeout)"
     )
@@ -503,16 +535,16 @@ def _died(pid: int, settings: SandboxSettings) -> WorkerLimitError:
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status):
         number = os.WTERMSIG(status)
-        if number in (signal.SIGXCPU, signal.SIGKILL):
+        if number in (system_signals.SIGXCPU, system_signals.SIGKILL):
             return WorkerLimitError(
                 f"the worker used more than {settings.limits.cpu} s of CPU and was "
                 "stopped (--max-cpu)"
             )
-        return WorkerLimitError(f"the worker died ({signal.Signals(number).name})")
+        return WorkerLimitError(f"the worker died ({signal_name(number)})")
     return WorkerLimitError(f"the worker ended without an answer (status {os.WEXITSTATUS(status)})")
 
 
 __all__ = [
-    "Channel", "Job", "SandboxSettings", "WorkerBroker", "WorkerLimitError", "configure",
+    "Channel", "SandboxSettings", "WorkerBroker", "WorkerLimitError", "configure",
     "current_settings", "run_job",
 ]

@@ -21,19 +21,21 @@ may need before it forks the worker (`EXTENSIONS`).
 
 from __future__ import annotations
 
-import base64
-import functools
+import binascii
 import importlib.machinery
-import importlib.util
 import marshal
 import os
 import sys
 from collections.abc import Callable, Sequence
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, cast
+
+from instar.runtime_types import TYPE_CHECKING, cast
 
 if TYPE_CHECKING:
     import importlib.abc
+    from typing import Any
+
+    Ask = Callable[[dict[str, Any]], dict[str, Any]]
 
 # The compiled modules jobs need, loaded before the fork without their
 # parent packages (whose Python code comes from the host when a job imports
@@ -48,7 +50,6 @@ if TYPE_CHECKING:
 EXTENSIONS = ("zlib", "_bz2", "mmap", "fcntl", "backports.zstd._zstd", "_zstd",
               "google_crc32c._crc32c", "_md5", "_random", "_sha512")
 
-Ask = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 # --- the host's side ---------------------------------------------------------------------
@@ -59,8 +60,9 @@ def _find(name: str) -> importlib.machinery.ModuleSpec | None:
     its parents (a package's children are looked up in its own directories)."""
     parent, _, _ = name.rpartition(".")
     if not parent:
-        return importlib.util.find_spec(name) if name not in sys.modules else sys.modules[
-            name].__spec__
+        if name in sys.modules:
+            return sys.modules[name].__spec__
+        return importlib.machinery.PathFinder.find_spec(name)  # only files are served
     parent_spec = sys.modules[parent].__spec__ if parent in sys.modules else _find(parent)
     if parent_spec is None or parent_spec.submodule_search_locations is None:
         return None
@@ -68,20 +70,25 @@ def _find(name: str) -> importlib.machinery.ModuleSpec | None:
         name, list(parent_spec.submodule_search_locations))
 
 
-@functools.cache
+_CODE_ROOTS: list[tuple[str, ...]] = []  # found once per process
+
+
 def _code_roots() -> tuple[str, ...]:
     """Where served modules may come from: the standard library, the installed
     packages and instar itself; never the working directory, which ``python -m``
     puts on the import path, so the worker cannot read the user's files.
     (From ``os`` and ``site``, which every start loads: ``sysconfig`` would
     cost a few milliseconds per command.)"""
+    if _CODE_ROOTS:
+        return _CODE_ROOTS[0]
     import site
 
     roots = {os.path.dirname(os.__file__), *site.getsitepackages(),
              os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
     if site.ENABLE_USER_SITE:
         roots.add(site.getusersitepackages())
-    return tuple(os.path.join(os.path.realpath(root), "") for root in roots)
+    _CODE_ROOTS.append(tuple(os.path.join(os.path.realpath(root), "") for root in roots))
+    return _CODE_ROOTS[0]
 
 
 def _servable(spec: importlib.machinery.ModuleSpec) -> bool:
@@ -106,7 +113,7 @@ def module_reply(name: str) -> dict[str, Any]:
     code = loader.get_code(name)
     return {"found": True, "origin": spec.origin,
             "package": None if locations is None else list(locations),
-            "code": base64.b64encode(marshal.dumps(code)).decode("ascii")}
+            "code": binascii.b2a_base64(marshal.dumps(code), newline=False).decode("ascii")}
 
 
 # --- the worker's side -------------------------------------------------------------------
@@ -138,7 +145,7 @@ class HostImporter:
             spec = importlib.machinery.ModuleSpec(fullname, loader, origin=origin,
                                                   is_package=package is not None)
             spec.has_location = True
-            self._code[fullname] = base64.b64decode(reply["code"])
+            self._code[fullname] = binascii.a2b_base64(reply["code"])
         if package is not None:
             spec.submodule_search_locations = package
         return spec
@@ -157,11 +164,15 @@ def import_extensions() -> None:
         if name in sys.modules:
             continue
         spec = _find(name)
-        if spec is None or not isinstance(spec.loader, importlib.machinery.ExtensionFileLoader):
+        loader = None if spec is None else spec.loader
+        if spec is None or not isinstance(loader, importlib.machinery.ExtensionFileLoader):
             continue
-        module = importlib.util.module_from_spec(spec)
+        # What importlib.util.module_from_spec does for an extension (importing
+        # importlib.util would cost more than loading them all).
+        module = loader.create_module(spec)
+        module.__spec__, module.__loader__ = spec, loader
         sys.modules[name] = module
-        spec.loader.exec_module(module)
+        loader.exec_module(module)
 
 
 def import_from_host(ask: Ask) -> None:

@@ -9,11 +9,11 @@ first, as qemu's qcow2 open does (`repair_if_dirty`)."""
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 from instar.errors import ImageOpenError, UnsupportedError
 from instar.events import EventSink, Notice
 from instar.opener import Broker, ImageOpener, OpenedNode
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from instar.files import InputFile

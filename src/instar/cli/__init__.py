@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-import threading
-from typing import TYPE_CHECKING
 
 from instar import signals
 from instar.cli.access import HelpRequested
@@ -34,6 +32,7 @@ from instar.cli.output import (
     report_hint,
 )
 from instar.errors import InstarError, UsageError
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from instar.worker import SandboxSettings
@@ -119,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers: dict[int, signals.Handler] = {}
     status = 1
     try:
-        if threading.current_thread() is threading.main_thread():
-            handlers = signals.install()
+        handlers = signals.install()  # none outside the main thread
         sys.stdout = stdout  # duck-typed: write, flush, buffer; the rest is delegated
         status = _main(args)
         stdout.flush()

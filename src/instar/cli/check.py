@@ -13,13 +13,13 @@ check of the fixed image.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.output import report_error, report_lines
 from instar.errors import ChecksNotSupportedError, ImageOpenError, UsageError
 from instar.events import Event, Notice
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from instar.findings import CheckResult

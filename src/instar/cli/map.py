@@ -11,14 +11,13 @@ a VHDX), as qemu-img's does.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from instar.cli.access import AccessOptions
 from instar.cli.getopt import GetoptError, gnu_getopt
 from instar.cli.info import write_stdout
 from instar.cli.numbers import convert_number
 from instar.cli.output import escape_controls, report_error
 from instar.errors import UsageError
+from instar.runtime_types import TYPE_CHECKING
 from instar.sizes import INT64_MAX
 
 if TYPE_CHECKING:

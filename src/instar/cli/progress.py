@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, TextIO
 
 from instar.cli.output import report_error
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from typing import TextIO
+
     from instar.events import Event, EventSink
 
 

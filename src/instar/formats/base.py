@@ -7,16 +7,17 @@ knows about dd (the copy engine feeds it a Window like any Image).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
-
 from instar.errors import UnsupportedError
 from instar.files import InputFile
 from instar.formats.options import CreateOptions as CreateOptions  # re-exported
 from instar.formats.options import OptionSchema as OptionSchema  # re-exported
 from instar.formats.options import ParsedOptions as ParsedOptions  # re-exported
 from instar.record import Record
+from instar.runtime_types import TYPE_CHECKING, NamedTuple, Protocol
 
 if TYPE_CHECKING:
+    from typing import Any
+
     from instar.findings import CheckResult
     from instar.image import Driver, Image
     from instar.mutate import ImageUpdate

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 from array import array
 from collections.abc import Callable, Iterator
-from typing import Literal
 
 from instar.errors import FormatError
 from instar.files import InputFile
@@ -39,7 +38,11 @@ from instar.formats.common import (
     unpack_table,
 )
 from instar.image import COMPRESSED, DATA, OFFSET_VALID, ZERO, Driver, Image, Run
+from instar.runtime_types import TYPE_CHECKING
 from instar.safety import MAX_METADATA_CACHE_BYTES
+
+if TYPE_CHECKING:
+    from typing import Literal
 
 SECTOR = 512
 Region = tuple[int, int, str]  # (host offset, bytes, what it is: for messages)

@@ -16,10 +16,13 @@ from __future__ import annotations
 import zlib
 from array import array
 from collections.abc import Callable
-from typing import Literal
 
 from instar.files import pwrite_all
 from instar.formats.common import CompressionPool, UnitSequencer, pack_table
+from instar.runtime_types import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Literal
 
 L1_PIECE_ENTRIES = 1 << 16  # L1 entries packed and written at a time (512 KiB)
 ZERO_CHECK_BELOW = 64 << 10  # the copy engine already skips zero pieces this large

@@ -23,11 +23,14 @@ reused, as qemu never reuses it either.
 from __future__ import annotations
 
 from array import array
-from typing import Literal
 
 from instar.errors import FormatError
 from instar.formats.cluster_tables import ClusterTableDriver
 from instar.mutate import ImageUpdate, SequentialWrites
+from instar.runtime_types import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing import Literal
 
 
 class ClusterTableWriter:

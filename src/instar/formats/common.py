@@ -16,15 +16,16 @@ import zlib
 from array import array
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from instar.errors import FormatError
 from instar.files import ExactReads, InputFile
 from instar.image import file_layout
+from instar.runtime_types import TYPE_CHECKING, Generic, TypeVar
 from instar.safety import MAX_CLAIM_MAP_BYTES
 
 if TYPE_CHECKING:
     from concurrent.futures import Future
+    from typing import Any, Literal
 
 # ---------------------------------------------------------------------------
 # Read side

@@ -17,16 +17,18 @@ does what qemu's generic option parser does, with its messages.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Literal, NamedTuple
 
 from instar.errors import CreationError, OptionError
 from instar.record import Record
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
 from instar.sizes import UINT64_MAX, SizeStatus, parse_size
 
 if TYPE_CHECKING:
+    from typing import Literal
+
     from instar.formats.base import OutputFile
 
-OptionType = Literal["str", "size", "num", "bool"]
+    OptionType = Literal["str", "size", "num", "bool"]
 OptionValue = str | int | bool
 
 # The spellings qemu-img 7.2 takes for a bool option (measured: case matters, no

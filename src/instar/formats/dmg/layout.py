@@ -21,10 +21,10 @@ import re
 import struct
 from array import array
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from instar.errors import DriverError, FormatError
 from instar.files import InputFile
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 
 SECTOR = 512

@@ -9,11 +9,10 @@ images as ``qemu-img create -f parallels`` lays them out. The modules:
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import Option
 from instar.formats.preallocation import FILE_OPTION
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from instar.image import Driver

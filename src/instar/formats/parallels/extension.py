@@ -23,12 +23,12 @@ least 512 bytes (qemu aborts), an extension cluster larger than instar reads.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from instar.errors import FormatError
 from instar.files import InputFile
 from instar.formats.parallels.layout import SECTOR
 from instar.image import MAX_VIRTUAL_SIZE
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 
 EXTENSION_MAGIC = 0xAB234CEF23DCEA87

@@ -15,11 +15,11 @@ names the format extension cluster (dirty bitmaps), `extension.py`.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from instar.formats.parallels import MAGIC_V1 as MAGIC_V1  # re-exported: defined there
 from instar.formats.parallels import MAGIC_V2 as MAGIC_V2  # for probing
 from instar.formats.parallels import VERSION as VERSION
+from instar.runtime_types import NamedTuple
 
 SECTOR = 512
 HEADER_SIZE = 64

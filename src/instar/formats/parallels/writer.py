@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import NamedTuple
 
 from instar.errors import CreationError, ImageOpenError
 from instar.files import pwrite_all, write_zeros
@@ -32,6 +31,7 @@ from instar.formats.parallels.layout import (
     catalog_end,
     new_header,
 )
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 
 _UINT64 = (1 << 64) - 1

@@ -12,10 +12,10 @@ writer share what is here.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from instar.errors import FormatError
 from instar.formats.qcow import MAGIC, VERSION
+from instar.runtime_types import NamedTuple
 
 HEADER = struct.Struct(">4sIQIIQBBHIQ")  # 48 bytes
 SECTOR = 512

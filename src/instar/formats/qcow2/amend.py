@@ -31,13 +31,13 @@ bitmaps, ``size`` on an image with an external data file.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
 
 from instar.errors import AmendError, FormatError, UnsupportedError
 from instar.formats.options import Option, OptionSchema, ParsedOptions
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Driver
 from instar.mutate import ImageUpdate
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from instar.formats.qcow2.refcount_order import RefcountOrderChange

@@ -40,7 +40,6 @@ import operator
 from array import array
 from collections.abc import Callable, Iterator
 from itertools import compress
-from typing import NamedTuple, Protocol
 
 from instar.errors import FormatError
 from instar.files import InputFile, ReadWindow
@@ -66,6 +65,7 @@ from instar.formats.qcow2.refcounts import (
     fitted,
     last_nonzero,
 )
+from instar.runtime_types import NamedTuple, Protocol
 
 INT_MAX = (1 << 31) - 1
 INT64_MAX = (1 << 63) - 1

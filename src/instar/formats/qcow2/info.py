@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Iterator
-from typing import NamedTuple
 
 from instar.errors import FormatError
 from instar.files import ReadWindow
@@ -24,6 +23,7 @@ from instar.formats.base import (
 )
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.reader import Qcow2Driver
+from instar.runtime_types import NamedTuple
 
 # qemu's limits (block/qcow2.h).
 MAX_SNAPSHOT_EXTRA_DATA = 1024

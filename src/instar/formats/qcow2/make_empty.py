@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import NamedTuple
 
 from instar.errors import FormatError, UnsupportedError
 from instar.formats.common import read_table
@@ -44,6 +43,7 @@ from instar.formats.qcow2.allocation import Refcounts
 from instar.formats.qcow2.check import check
 from instar.formats.qcow2.reader import Qcow2Driver
 from instar.mutate import ImageUpdate
+from instar.runtime_types import NamedTuple
 
 
 def _completely(driver: Qcow2Driver) -> bool:

@@ -11,7 +11,6 @@ FormatError.
 
 from __future__ import annotations
 
-import contextlib
 from array import array
 from collections.abc import Iterator
 
@@ -92,8 +91,10 @@ class Qcow2Driver(ClusterTableDriver):
         of metadata preallocation (a failed guess is a no, as in qemu)."""
         self._reftable = read_reftable(self.file, self.header)
         super().first_mapping()
-        with contextlib.suppress(OSError):
+        try:
             self._recurse = metadata_preallocated(self.file, self.header, self._reftable)
+        except OSError:
+            pass  # qemu's guess failed: not preallocated
 
     def _table_runs(
         self, table: array[int], l1_index: int, position: int, stop: int

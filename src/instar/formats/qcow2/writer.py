@@ -26,7 +26,6 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable
-from typing import NamedTuple
 
 from instar.errors import OutputError, UsageError
 from instar.files import pwrite_all, write_zeros
@@ -42,6 +41,7 @@ from instar.formats.options import BackingReference, data_file_name
 from instar.formats.preallocation import qcow2_mode, reserve
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.preallocated import PreallocatedLayout
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import UINT64_MAX
 

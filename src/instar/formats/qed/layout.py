@@ -11,10 +11,10 @@ what one writes the other accepts.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from instar.errors import FormatError
 from instar.formats.qed import MAGIC
+from instar.runtime_types import NamedTuple
 
 HEADER = struct.Struct("<4sIIIQQQQQII")  # 64 bytes
 FEATURE_BACKING_FILE = 1 << 0

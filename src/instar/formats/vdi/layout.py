@@ -16,10 +16,10 @@ from __future__ import annotations
 
 import os
 import struct
-from typing import NamedTuple
 
 from instar.errors import FormatError
 from instar.formats.vdi import HEADER_SIZE, SIGNATURE, SIGNATURE_AT
+from instar.runtime_types import NamedTuple
 
 SECTOR = 512
 BLOCK_SIZE = 1 << 20  # the only block size qemu reads or writes

@@ -8,11 +8,10 @@ log in memory, never touching the file).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema
 from instar.formats.options import Option
 from instar.formats.preallocation import FILE_OPTION
+from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from instar.image import Driver

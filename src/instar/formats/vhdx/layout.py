@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import struct
 import uuid
-from typing import NamedTuple
 
 import google_crc32c
 
@@ -28,6 +27,7 @@ from instar.errors import FormatError
 from instar.formats.vhdx import (
     FILE_SIGNATURE as FILE_SIGNATURE,  # re-exported: defined there for probing
 )
+from instar.runtime_types import NamedTuple
 
 KiB = 1 << 10
 MiB = 1 << 20

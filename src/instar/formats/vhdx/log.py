@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import bisect
 import struct
-from typing import NamedTuple
 
 from instar.errors import FormatError, UnsupportedError
 from instar.files import ExactReads, InputFile
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import MiB
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 
 SECTOR = 4096

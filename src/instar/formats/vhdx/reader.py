@@ -19,7 +19,6 @@ import sys
 import uuid
 from array import array
 from collections.abc import Iterator
-from typing import NamedTuple
 
 from instar.errors import DriverError, FormatError, UnsupportedError
 from instar.files import InputFile
@@ -34,6 +33,7 @@ from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import Geometry, MiB, RegionEntry
 from instar.formats.vhdx.log import LogOverlay, replay
 from instar.image import DATA, OFFSET_VALID, ZERO, BlockImage, Driver, Image, Run
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 
 Source = InputFile | LogOverlay

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 from array import array
-from typing import NamedTuple
 
 from instar.errors import UsageError
 from instar.files import pwrite_all, write_zeros
@@ -27,6 +26,7 @@ from instar.formats.base import SECTOR, Measurement, MeasureSource, OutputFile, 
 from instar.formats.common import pack_table, unit_spans
 from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import Geometry, MiB
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 from instar.sizes import round_up
 

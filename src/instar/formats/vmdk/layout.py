@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 import struct
-from typing import NamedTuple
 
 from instar.errors import FormatError
 
@@ -26,6 +25,7 @@ from instar.formats.vmdk import COWD_MAGIC as COWD_MAGIC
 from instar.formats.vmdk import MAGIC as MAGIC
 from instar.formats.vmdk import SECTOR as SECTOR
 from instar.record import Record
+from instar.runtime_types import NamedTuple
 
 SESPARSE_MAGIC = b"\xbe\xba\xfe\xca\x00\x00\x00\x00"  # 0xcafebabe little-endian
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import os
 import zlib
 from array import array
-from typing import NamedTuple
 
 from instar.errors import OutputError, UnsupportedError, UsageError
 from instar.files import pwrite_all, write_zeros
@@ -57,6 +56,7 @@ from instar.formats.vmdk.layout import (
     safe_extent_name,
     sectors_for,
 )
+from instar.runtime_types import NamedTuple
 from instar.safety import MAX_TABLE_BYTES
 
 SUBFORMATS_WRITTEN = ("monolithicSparse", "streamOptimized")

@@ -8,11 +8,10 @@ stays cheap.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from instar.formats.base import FormatBase, FormatDetails, OptionSchema, ParsedOptions
 from instar.formats.options import Option
 from instar.formats.preallocation import FILE_OPTION
+from instar.runtime_types import TYPE_CHECKING
 
 # Here, not in layout, so that probing does not import the whole layout module.
 FOOTER_COOKIE = b"conectix"

@@ -15,12 +15,12 @@ image is the raw disk followed by the footer.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
 
 from instar.formats.vpc import (
     FOOTER_COOKIE as FOOTER_COOKIE,  # re-exported: defined there for probing
 )
 from instar.record import Record
+from instar.runtime_types import NamedTuple
 
 SECTOR = 512
 FOOTER_SIZE = 512

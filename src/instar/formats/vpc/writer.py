@@ -19,7 +19,6 @@ from __future__ import annotations
 import time
 import uuid
 from array import array
-from typing import NamedTuple
 
 from instar.errors import CreationError, UsageError
 from instar.files import pwrite_all, write_zeros
@@ -44,6 +43,7 @@ from instar.formats.vpc.layout import (
     declared_size,
     rounded_geometry,
 )
+from instar.runtime_types import NamedTuple
 
 _TABLE_OFFSET = FOOTER_SIZE + DYNAMIC_HEADER_SIZE  # 1536, where qemu puts the BAT
 

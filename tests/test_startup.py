@@ -1,0 +1,126 @@
+"""Start-up: what a command imports, and the stand-ins that keep it small.
+
+Every instar command is a new Python process, so the modules it imports are
+part of every row of the benchmark (docs/performance.md). These tests pin the
+expensive standard-library modules out of the paths that never need them,
+and check that the cheap stand-ins behave like what they replace.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import re
+import subprocess
+import sys
+import typing
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from helpers import qemu_img_ok
+from instar.cli.output import _is_progress
+from instar.runtime_types import Generic, NamedTuple, Protocol, TypeVar, cast
+
+# Loaded by typing, signal's and socket's enums, contextlib and importlib.util:
+# together more than half of what instar's own start-up cost before.
+EXPENSIVE = ("typing", "enum", "socket", "signal", "selectors", "contextlib", "base64",
+             "importlib.util", "threading", "re", "dataclasses", "inspect")
+
+
+def _imported_by(args: list[str], skip: tuple[str, ...] = ()) -> set[str]:
+    """The modules of EXPENSIVE that ``instar ARGS`` (the CLI, in a new
+    process) imports, but for ``skip``."""
+    program = (
+        "import sys\n"
+        "from instar.cli import main\n"
+        f"status = main({args!r})\n"
+        "names = sorted(sys.modules)\n"
+        "print(' '.join(names))\n"
+        "sys.stdout.flush()\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, check=True)
+    modules = set(done.stdout.strip().splitlines()[-1].split())
+    return {name for name in EXPENSIVE if name in modules and name not in skip}
+
+
+def test_version_imports_nothing_expensive() -> None:
+    assert _imported_by(["--version"], skip=("re", "enum")) == set()
+
+
+def test_info_imports_nothing_expensive(tmp_path: typing.Any) -> None:
+    image = tmp_path / "a.qcow2"
+    qemu_img_ok("create", "-q", "-f", "qcow2", str(image), "1G")
+    # json (the worker's channel) still loads re and enum; pyseccomp, which
+    # builds the worker's allow-list in the host, loads typing and contextlib.
+    assert _imported_by(["--sandbox=off", "info", str(image)], skip=("re", "enum")) == set()
+    assert _imported_by(["info", str(image)],
+                        skip=("re", "enum", "typing", "contextlib")) == set()
+
+
+_PROGRESS = re.compile(r" *\(\d+\.\d+/100%\)\r\n?|\n")
+
+
+@given(st.text(alphabet=" (0123456789./%)\r\n٣x", max_size=16))
+def test_is_progress_is_the_meter_pattern(text: str) -> None:
+    assert _is_progress(text) == bool(_PROGRESS.fullmatch(text))
+
+
+@given(st.integers(0, 4), st.integers(0, 100), st.integers(0, 99),
+       st.sampled_from(["\r", "\r\n", "\n", ""]), st.sampled_from([".", "", ".."]))
+def test_is_progress_on_meter_lines(spaces: int, whole: int, fraction: int, end: str,
+                                    dot: str) -> None:
+    text = f"{' ' * spaces}({whole}{dot}{fraction:02d}/100%){end}"
+    assert _is_progress(text) == bool(_PROGRESS.fullmatch(text))
+
+
+class Point(NamedTuple):
+    """A point."""
+
+    x: int
+    y: int = 7
+
+    @property
+    def total(self) -> int:
+        return self.x + self.y
+
+    def moved(self, by: int) -> Point:
+        return self._replace(x=self.x + by)
+
+
+class TypingPoint(typing.NamedTuple):
+    """A point."""
+
+    x: int
+    y: int = 7
+
+
+def test_named_tuple_stand_in_behaves_as_typings() -> None:
+    point = Point(1)
+    assert point == (1, 7) == TypingPoint(1)
+    assert repr(point) == "Point(x=1, y=7)" and repr(TypingPoint(1)) == "TypingPoint(x=1, y=7)"
+    assert Point._fields == TypingPoint._fields == ("x", "y")
+    assert Point._field_defaults == TypingPoint._field_defaults == {"y": 7}
+    assert point.total == 8 and point.moved(2) == Point(3, 7)
+    assert Point.__doc__ == "A point." and Point.__module__ == __name__
+    assert Point.__qualname__ == "Point"
+    x, y = point
+    assert (x, y) == (1, 7) and isinstance(point, tuple)
+    assert pickle.loads(pickle.dumps(point)) == point
+    assert json.dumps(point) == "[1, 7]"
+
+
+def test_other_stand_ins() -> None:
+    value = TypeVar("value")
+
+    class Box(Generic[value]):
+        def __init__(self, item: value) -> None:
+            self.item = item
+
+    class Sized(Protocol):
+        def size(self) -> int: ...
+
+    assert Box[int](3).item == 3
+    assert cast("int", "x") == "x"
+    assert Sized.__mro__[-1] is object
