@@ -52,11 +52,42 @@ def test_version_imports_nothing_expensive() -> None:
 def test_info_imports_nothing_expensive(tmp_path: typing.Any) -> None:
     image = tmp_path / "a.qcow2"
     qemu_img_ok("create", "-q", "-f", "qcow2", str(image), "1G")
-    # json (the worker's channel) still loads re and enum; pyseccomp, which
-    # builds the worker's allow-list in the host, loads typing and contextlib.
+    # json (the worker's channel) still loads re and enum.
     assert _imported_by(["--sandbox=off", "info", str(image)], skip=("re", "enum")) == set()
-    assert _imported_by(["info", str(image)],
-                        skip=("re", "enum", "typing", "contextlib")) == set()
+    assert _imported_by(["info", str(image)], skip=("re", "enum")) == set()
+
+
+def _run_python(program: str) -> str:
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          timeout=60, check=True)
+    return done.stdout
+
+
+def test_pyseccomp_is_lent_typing_only_while_it_loads() -> None:
+    """The allow-list is built with pyseccomp imported against a lent typing;
+    afterwards ``import typing`` is the real one, and nothing lent is left."""
+    out = _run_python(
+        "import sys\n"
+        "from instar import sandbox\n"
+        "rules = sandbox._seccomp_filter()\n"
+        "print('typing' in sys.modules, 'ctypes.util' in sys.modules)\n"
+        "import typing\n"
+        "print(hasattr(typing, 'get_type_hints'), type(rules).__name__)\n"
+    )
+    assert out.split() == ["False", "False", "True", "SyscallFilter"]
+
+
+def test_pyseccomp_with_typing_loaded_already() -> None:
+    """A caller that has typing (most programs using the API) keeps it: only
+    ctypes.util is lent, and the allow-list is the same."""
+    out = _run_python(
+        "import typing, sys\n"
+        "from instar import sandbox\n"
+        "rules = sandbox._seccomp_filter()\n"
+        "import pyseccomp\n"
+        "print(pyseccomp.Union is typing.Union, 'ctypes.util' in sys.modules)\n"
+    )
+    assert out.split() == ["True", "False"]
 
 
 _PROGRESS = re.compile(r" *\(\d+\.\d+/100%\)\r\n?|\n")

@@ -204,35 +204,67 @@ CLONE_THREAD = 0x00010000
 AT_EMPTY_PATH = 0x1000
 
 
+def _import_pyseccomp() -> Any:
+    """pyseccomp, imported without `ctypes.util` and without `typing`.
+
+    pyseccomp looks its two libraries up with ``ctypes.util.find_library``,
+    whose import (subprocess, tempfile, shutil...) and two runs of ldconfig
+    were most of a worker's start-up, and imports typing (with re and enum)
+    for its annotations: together more than instar's own start-up. The
+    sonames are fixed on Linux, and its annotations and casts need nothing
+    but names, so pyseccomp is lent a ``ctypes.util`` that names the
+    libraries and a ``typing`` with what it takes from it (`_lent_modules`);
+    where that fails (other sonames, another pyseccomp) the real ones are used."""
+    import ctypes
+    import sys
+    import weakref  # pyseccomp's, loaded before anything is lent
+
+    del weakref
+    lent = {name: module for name, module in _lent_modules().items()
+            if name not in sys.modules}  # what is loaded already costs nothing more
+    if "pyseccomp" not in sys.modules and lent:
+        sys.modules.update(lent)
+        if "ctypes.util" in lent:
+            ctypes.util = lent["ctypes.util"]  # type: ignore[attr-defined]
+        try:
+            import pyseccomp
+            return pyseccomp
+        except Exception:  # other sonames, another pyseccomp: the real modules below
+            pass
+        finally:
+            for name in lent:
+                del sys.modules[name]
+            if "ctypes.util" in lent:
+                del ctypes.util  # type: ignore[attr-defined]
+    import pyseccomp
+    return pyseccomp
+
+
 # The libraries pyseccomp loads, by their Linux sonames.
 _SONAMES = {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}
 
 
-def _import_pyseccomp() -> Any:
-    """pyseccomp, imported without `ctypes.util`.
+class _Subscriptable:
+    """``Union[int, str]`` and the like, as pyseccomp's annotations spell them."""
 
-    pyseccomp looks its two libraries up with ``ctypes.util.find_library``,
-    whose import (subprocess, tempfile, shutil...) and two runs of ldconfig
-    were most of a worker's start-up. Their sonames are fixed on Linux, so
-    pyseccomp is lent a ``ctypes.util`` that names them; where that fails (a
-    system with other sonames) the real one is used."""
-    import ctypes
-    import sys
+    def __class_getitem__(cls, _parameters: object) -> type[_Subscriptable]:
+        return cls
+
+
+def _lent_modules() -> dict[str, Any]:
+    """The ``ctypes.util`` and ``typing`` pyseccomp is lent while it is imported."""
     import types
+    from collections.abc import Collection, Iterable
 
-    if "ctypes.util" not in sys.modules and "pyseccomp" not in sys.modules:
-        lent = types.ModuleType("ctypes.util")
-        lent.find_library = _SONAMES.get  # type: ignore[attr-defined]
-        sys.modules["ctypes.util"] = ctypes.util = lent  # type: ignore[attr-defined]
-        try:
-            import pyseccomp
-            return pyseccomp
-        except OSError:
-            pass  # not these sonames: the real lookup below
-        finally:
-            del sys.modules["ctypes.util"], ctypes.util  # type: ignore[attr-defined]
-    import pyseccomp
-    return pyseccomp
+    util = types.ModuleType("ctypes.util")
+    util.find_library = _SONAMES.get  # type: ignore[attr-defined]
+    typing = types.ModuleType("typing")
+    names = {"Any": object, "Union": _Subscriptable, "Collection": Collection,
+             "Iterable": Iterable, "cast": lambda _kind, value: value,
+             "overload": lambda function: function}
+    for name, value in names.items():
+        setattr(typing, name, value)
+    return {"ctypes.util": util, "typing": typing}
 
 
 _FILTER: list[Any] = []  # the allow-list, once built
