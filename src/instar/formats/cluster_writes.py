@@ -27,7 +27,7 @@ from typing import Literal
 
 from instar.errors import FormatError
 from instar.formats.cluster_tables import ClusterTableDriver
-from instar.mutate import ImageUpdate, SequentialWrites
+from instar.mutate import ImageUpdate, UnitWrites
 
 
 class ClusterTableWriter:
@@ -52,12 +52,9 @@ class ClusterTableWriter:
         self.l1_offset = l1_offset
         self.l1 = l1
         # New clusters from the first whole cluster past the end of the file on.
-        self._first = -(-driver.file.size // cluster)
-        self._written = 0
-        self._data = SequentialWrites(update)  # the new clusters, appended in order
-        self._in_place = SequentialWrites(update)  # `overwrite`'s clusters rewritten
+        self._units = UnitWrites(update, unit=cluster, first=-(-driver.file.size // cluster),
+                                 size=driver.file.size)
         self._entries: dict[int, dict[int, int]] = {}  # L1 index -> {slot: L2 entry}
-        self._pointed = False
         self._verified = False
         self._last_table: tuple[int, bytes] = (0, b"")  # `overwrite` reads one at a time
 
@@ -100,9 +97,8 @@ class ClusterTableWriter:
         if data is None and self.ZERO_ENTRY is not None:
             entry = self.ZERO_ENTRY
         else:
-            entry = (self._first + self._written) * self.cluster
-            self._data.write(entry, bytes(self.cluster) if data is None else data)
-            self._written += 1
+            content = bytes(self.cluster) if data is None else data
+            entry = self._units.host(self._units.append(content))
         self._entries.setdefault(index, {})[slot] = entry
 
     def overwrite(self, guest_cluster: int, data: bytes | None) -> None:
@@ -132,12 +128,11 @@ class ClusterTableWriter:
                 self.write(guest_cluster, data)
         else:
             self.update.phase("data")
-            self._in_place.write(entry, bytes(self.cluster) if data is None else data)
+            self._units.rewrite(entry, bytes(self.cluster) if data is None else data)
 
     def finish(self) -> None:
         """The new L2 tables, then the pointers (phases data and pointers)."""
-        self._data.flush()
-        self._in_place.flush()
+        self._units.flush()
         if not self._entries:
             return
         update = self.update
@@ -149,13 +144,13 @@ class ClusterTableWriter:
             for slot, entry in self._entries[index].items():
                 table[slot * 8 : slot * 8 + 8] = entry.to_bytes(8, self.BYTEORDER)
             (in_place if offset else placed).append((offset or index, bytes(table)))
-        tables = (self._first + self._written) * self.cluster
+        tables = self._units.host(self._units.next_number)
         room = -(-self.table_bytes // self.cluster) * self.cluster  # whole clusters each
         update.phase("data")
         for number, (_, content) in enumerate(placed):
             update.write(tables + number * room, content)
         update.phase("pointers")
-        self._pointed = True
+        self._units.pointing()
         for offset, content in in_place:
             update.write(offset, content)
         for number, (index, _) in enumerate(placed):
@@ -165,11 +160,7 @@ class ClusterTableWriter:
     def abandon(self) -> None:
         """After a failure before `finish` pointed at anything: the file cut
         back to its old length."""
-        self._data = SequentialWrites(self.update)  # what waits is dropped
-        self._in_place = SequentialWrites(self.update)
-        if self._written and not self._pointed:
-            self.update.truncate(self.driver.file.size)
-            self._written = 0
+        self._units.abandon()
 
     def refcount_table(self) -> tuple[int, int] | None:
         return None  # no refcounts
