@@ -173,13 +173,7 @@ def _find_base(broker: Broker, chain: list[OpenedNode], name: str) -> int:
 def _open_base(opener: ImageOpener, base: OpenedNode) -> InputFile:
     """The base opened again, for writing, through the broker's policy; it
     must be the file the chain read."""
-    try:
-        target = opener.broker.open_named_for_update(base.path, "", "backing file")
-    except OSError as error:
-        raise ImageOpenError(base.path, f"Could not open '{base.path}': "
-                                        f"{error.strerror}") from None
-    if target.identity != base.file.identity:
-        raise ImageCommitError(f"'{base.path}' changed while it was opened")
+    target = _reopen_for_update(opener, base, base.path, base.file, what="backing file")
     if not target.is_regular and base.format.name != "raw":
         # its writer appends to the file, which a device cannot grow
         raise UnsupportedError(f"committing into a {base.format.name} image on a block "
@@ -194,12 +188,22 @@ def _open_data_file(opener: ImageOpener, node: OpenedNode) -> InputFile | None:
     if getattr(driver, "data_file", None) is None:
         return None
     name = driver.extensions.data_file  # type: ignore[attr-defined]
+    return _reopen_for_update(opener, node, name, driver.data_file,  # type: ignore[attr-defined]
+                              what="data file", relative_to=node.path, label="data file ")
+
+
+def _reopen_for_update(opener: ImageOpener, node: OpenedNode, name: str, read: InputFile, *,
+                       what: str, relative_to: str = "", label: str = "") -> InputFile:
+    """``name`` (relative to ``relative_to``; ``what`` it is, in the broker's
+    refusals) opened again for writing through the broker's policy: it must
+    still be ``read``, the file ``node``'s chain read. ``label`` goes before
+    the name in qemu's "Could not open" message."""
     try:
-        target = opener.broker.open_named_for_update(name, node.path, "data file")
+        target = opener.broker.open_named_for_update(name, relative_to, what)
     except OSError as error:
-        raise ImageOpenError(node.path, f"Could not open data file '{name}': "
+        raise ImageOpenError(node.path, f"Could not open {label}'{name}': "
                                         f"{error.strerror}") from None
-    if target.identity != driver.data_file.identity:  # type: ignore[attr-defined]
+    if target.identity != read.identity:
         raise ImageCommitError(f"'{name}' changed while it was opened")
     return target
 

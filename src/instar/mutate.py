@@ -131,3 +131,74 @@ class SequentialWrites:
             data = b"".join(self._pieces)
             self._pieces, self._size = [], 0
             self.update.write(self._start, data)
+
+
+class UnitWrites:
+    """The data phase of an in-place guest write, shared by the formats'
+    updaters: new units (clusters, blocks) appended one after another past
+    every unit in use, from unit number ``first`` on (unit ``n`` lies at
+    ``origin + n * unit``), and units the image holds rewritten where they
+    are. Nothing names an appended unit until the caller's pointers phase
+    (`pointing`), so until then `abandon` can cut the file back to ``size``,
+    its length before the update."""
+
+    def __init__(self, update: ImageUpdate, *, unit: int, first: int, size: int,
+                 origin: int = 0) -> None:
+        self.update = update
+        self.unit = unit
+        self.first = first
+        self.size = size
+        self.origin = origin
+        self.count = 0  # units appended (or reserved) so far
+        self._appended = SequentialWrites(update)
+        self._in_place = SequentialWrites(update)
+        self._pointed = False
+
+    def host(self, number: int) -> int:
+        """The host offset of unit ``number``."""
+        return self.origin + number * self.unit
+
+    @property
+    def next_number(self) -> int:
+        """The number the next appended unit gets (past all appended so far)."""
+        return self.first + self.count
+
+    def reserve(self) -> int:
+        """The number of one more appended unit, its bytes to come through
+        `write_appended` (in pieces, or not all of them)."""
+        number = self.next_number
+        self.count += 1
+        return number
+
+    def append(self, data: bytes) -> int:
+        """``data`` (a whole unit) as the next appended unit: its number."""
+        number = self.reserve()
+        self._appended.write(self.host(number), data)
+        return number
+
+    def write_appended(self, offset: int, data: bytes) -> None:
+        """``data`` at ``offset``, inside a unit `reserve` gave."""
+        self._appended.write(offset, data)
+
+    def rewrite(self, offset: int, data: bytes) -> None:
+        """``data`` at ``offset``, in a unit the image holds already."""
+        self._in_place.write(offset, data)
+
+    def flush(self) -> None:
+        """What waits written, before the caller's tables and pointers."""
+        self._appended.flush()
+        self._in_place.flush()
+
+    def pointing(self) -> None:
+        """The pointers phase has begun: an entry may name an appended unit,
+        which must stay from now on."""
+        self._pointed = True
+
+    def abandon(self) -> None:
+        """After a failure: what waits dropped, and the appended units cut
+        off again unless something may point at them already."""
+        self._appended = SequentialWrites(self.update)
+        self._in_place = SequentialWrites(self.update)
+        if self.count and not self._pointed:
+            self.update.truncate(self.size)
+            self.count = 0

@@ -26,7 +26,7 @@ from array import array
 
 from instar.errors import FormatError
 from instar.formats.cluster_tables import ClusterTableDriver
-from instar.mutate import ImageUpdate, SequentialWrites
+from instar.mutate import ImageUpdate, UnitWrites
 from instar.runtime_types import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -55,12 +55,9 @@ class ClusterTableWriter:
         self.l1_offset = l1_offset
         self.l1 = l1
         # New clusters from the first whole cluster past the end of the file on.
-        self._first = -(-driver.file.size // cluster)
-        self._written = 0
-        self._data = SequentialWrites(update)  # the new clusters, appended in order
-        self._in_place = SequentialWrites(update)  # `overwrite`'s clusters rewritten
+        self._units = UnitWrites(update, unit=cluster, first=-(-driver.file.size // cluster),
+                                 size=driver.file.size)
         self._entries: dict[int, dict[int, int]] = {}  # L1 index -> {slot: L2 entry}
-        self._pointed = False
         self._verified = False
         self._last_table: tuple[int, bytes] = (0, b"")  # `overwrite` reads one at a time
 
@@ -103,9 +100,8 @@ class ClusterTableWriter:
         if data is None and self.ZERO_ENTRY is not None:
             entry = self.ZERO_ENTRY
         else:
-            entry = (self._first + self._written) * self.cluster
-            self._data.write(entry, bytes(self.cluster) if data is None else data)
-            self._written += 1
+            content = bytes(self.cluster) if data is None else data
+            entry = self._units.host(self._units.append(content))
         self._entries.setdefault(index, {})[slot] = entry
 
     def overwrite(self, guest_cluster: int, data: bytes | None) -> None:
@@ -135,12 +131,11 @@ class ClusterTableWriter:
                 self.write(guest_cluster, data)
         else:
             self.update.phase("data")
-            self._in_place.write(entry, bytes(self.cluster) if data is None else data)
+            self._units.rewrite(entry, bytes(self.cluster) if data is None else data)
 
     def finish(self) -> None:
         """The new L2 tables, then the pointers (phases data and pointers)."""
-        self._data.flush()
-        self._in_place.flush()
+        self._units.flush()
         if not self._entries:
             return
         update = self.update
@@ -152,13 +147,13 @@ class ClusterTableWriter:
             for slot, entry in self._entries[index].items():
                 table[slot * 8 : slot * 8 + 8] = entry.to_bytes(8, self.BYTEORDER)
             (in_place if offset else placed).append((offset or index, bytes(table)))
-        tables = (self._first + self._written) * self.cluster
+        tables = self._units.host(self._units.next_number)
         room = -(-self.table_bytes // self.cluster) * self.cluster  # whole clusters each
         update.phase("data")
         for number, (_, content) in enumerate(placed):
             update.write(tables + number * room, content)
         update.phase("pointers")
-        self._pointed = True
+        self._units.pointing()
         for offset, content in in_place:
             update.write(offset, content)
         for number, (index, _) in enumerate(placed):
@@ -168,11 +163,7 @@ class ClusterTableWriter:
     def abandon(self) -> None:
         """After a failure before `finish` pointed at anything: the file cut
         back to its old length."""
-        self._data = SequentialWrites(self.update)  # what waits is dropped
-        self._in_place = SequentialWrites(self.update)
-        if self._written and not self._pointed:
-            self.update.truncate(self.driver.file.size)
-            self._written = 0
+        self._units.abandon()
 
     def refcount_table(self) -> tuple[int, int] | None:
         return None  # no refcounts

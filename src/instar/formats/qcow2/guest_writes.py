@@ -46,7 +46,7 @@ from instar.formats.common import read_table
 from instar.formats.qcow2 import layout as L
 from instar.formats.qcow2.allocation import Refcounts
 from instar.formats.qcow2.reader import Qcow2Driver
-from instar.mutate import ImageUpdate, SequentialWrites
+from instar.mutate import ImageUpdate, UnitWrites
 
 
 def check_writable(driver: Qcow2Driver, what: str) -> None:
@@ -86,15 +86,13 @@ class GuestWriter:
                                           8, "big", "L1 table")
                                if header.l1_size else array("Q"))
         # Data goes from here on, claimed in `finish` (allocate_at_end picks this place).
-        self._first = max(-(-driver.file.size // self.cluster),
-                          self.refcounts.last_in_use() + 1)
-        self._written = 0
-        self._data = SequentialWrites(update)  # the clusters, appended in order
+        self._units = UnitWrites(update, unit=self.cluster,
+                                 first=max(-(-driver.file.size // self.cluster),
+                                           self.refcounts.last_in_use() + 1),
+                                 size=driver.file.size)
         self._entries: dict[int, dict[int, bytes]] = {}  # L1 index -> {slot: L2 entry}
         self._shared: list[int] = []  # L2 tables copied: their reference is dropped last
-        self._pointed = False  # the pointers phase has begun
         self._fresh: set[int] = set()  # clusters appended for subclusters
-        self._in_place = SequentialWrites(update)  # `overwrite`'s clusters rewritten
         self._dropped: list[int] = []  # shared clusters `overwrite` replaced
 
     @property
@@ -121,8 +119,8 @@ class GuestWriter:
         elif data is None and self.zero_clusters:
             slots[slot] = L.OFLAG_ZERO.to_bytes(8, "big")
         else:
-            host = self._append()
-            self._data.write(host, bytes(self.cluster) if data is None else data)
+            content = bytes(self.cluster) if data is None else data
+            host = self._units.host(self._units.append(content))
             slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
 
     def overwrite(self, guest_unit: int, data: bytes | None) -> None:
@@ -162,7 +160,7 @@ class GuestWriter:
             slots[slot] = L.OFLAG_ZERO.to_bytes(8, "big")
             self._dropped.append(host // self.cluster)
             return
-        self._in_place.write(host, bytes(self.cluster) if data is None else data)
+        self._units.rewrite(host, bytes(self.cluster) if data is None else data)
         if entry != host | L.OFLAG_COPIED:
             slots[slot] = (host | L.OFLAG_COPIED).to_bytes(8, "big")
 
@@ -194,8 +192,7 @@ class GuestWriter:
             bitmap = L.SUBCLUSTER_ALLOC_MASK << 32  # every zero bit, no allocation bit
             new = 0
         else:
-            new = self._append()
-            self._data.write(new, data)
+            new = self._units.host(self._units.append(data))
             bitmap = L.SUBCLUSTER_ALLOC_MASK
             new |= L.OFLAG_COPIED
         self._dropped.extend(held)
@@ -235,12 +232,6 @@ class GuestWriter:
                               "'qemu-img check -r all' first")
         return references
 
-    def _append(self) -> int:
-        """The host offset of one more data cluster past the end."""
-        host = (self._first + self._written) * self.cluster
-        self._written += 1
-        return host
-
     def _subcluster(self, index: int, slot: int, sub: int, data: bytes | None,
                     current: bytes | None) -> bytes:
         """The extended L2 entry after subcluster ``sub`` of the cluster at
@@ -261,11 +252,11 @@ class GuestWriter:
                 raise UnsupportedError("writing into a compressed qcow2 cluster (extended "
                                        "L2 entries) is not supported yet")
             if not host:
-                host = self._append()
+                host = self._units.host(self._units.reserve())  # its subclusters to come
                 self._fresh.add(host)
                 entry = host | L.OFLAG_COPIED
             if host in self._fresh:
-                self._data.write(host + sub * self.sub_unit, data)
+                self._units.write_appended(host + sub * self.sub_unit, data)
             else:
                 # Allocated already: its other subclusters hold data; written
                 # in place (a crash leaves this subcluster old or new: the bitmap
@@ -273,7 +264,7 @@ class GuestWriter:
                 if self._references(host, partly=True) > 1:
                     raise UnsupportedError("writing into a qcow2 cluster a snapshot shares "
                                            "(extended L2 entries) is not supported yet")
-                self._in_place.write(host + sub * self.sub_unit, data)
+                self._units.rewrite(host + sub * self.sub_unit, data)
             bitmap = (bitmap | (1 << sub)) & ~(1 << (32 + sub))
         return entry.to_bytes(8, "big") + bitmap.to_bytes(8, "big")
 
@@ -291,11 +282,7 @@ class GuestWriter:
     def abandon(self) -> None:
         """After a failure before `finish` pointed at anything: the file cut
         back to its old length (nothing refers to what was written past it)."""
-        self._data = SequentialWrites(self.update)  # what waits is dropped
-        self._in_place = SequentialWrites(self.update)
-        if self._written and not self._pointed:
-            self.update.truncate(self.driver.file.size)
-            self._written = 0
+        self._units.abandon()
 
     def _table(self, index: int) -> tuple[int, bytearray]:
         """L2 table ``index``'s offset (0: none) and its entries with the new ones."""
@@ -310,13 +297,13 @@ class GuestWriter:
     def finish(self) -> None:
         """Claim what `write` wrote, write the tables and point at them (phases
         data and pointers); the caller writes its header next."""
-        self._data.flush()
-        self._in_place.flush()
+        self._units.flush()
         if not self._entries:
             return
         cluster = self.cluster
-        end = (self._first + self._written) * cluster
-        if self._written and os.fstat(self.update.fd).st_size < end:
+        appended = self._units.count
+        end = self._units.host(self._units.next_number)
+        if appended and os.fstat(self.update.fd).st_size < end:
             self.update.truncate(end)  # a new cluster's last subclusters not written
         in_place: list[tuple[int, bytes]] = []
         placed: list[tuple[int, bytes]] = []  # (L1 index, table) for new places
@@ -328,10 +315,10 @@ class GuestWriter:
                     continue
                 self._shared.append(offset // cluster)
             placed.append((index, bytes(table)))
-        first = self.refcounts.allocate_at_end(self._written + len(placed))
-        if first != self._first * cluster:
+        first = self.refcounts.allocate_at_end(appended + len(placed))
+        if first != self._units.host(self._units.first):
             raise AssertionError("allocation moved under the guest writer")
-        tables = first + self._written * cluster
+        tables = first + appended * cluster
         update = self.update
         update.phase("data")
         for number, (_, content) in enumerate(placed):
@@ -339,7 +326,7 @@ class GuestWriter:
         self.refcounts.write_blocks(update)
         self.refcounts.write_new_table(update)
         update.phase("pointers")
-        self._pointed = True
+        self._units.pointing()
         self.refcounts.write_table_entries(update)
         for offset, content in in_place:
             update.write(offset, content)

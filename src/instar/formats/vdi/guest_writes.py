@@ -26,7 +26,7 @@ from __future__ import annotations
 from instar.formats.common import le32_table_pieces
 from instar.formats.vdi.layout import BLOCK_SIZE, DISCARDED, blocks_for
 from instar.formats.vdi.reader import VdiDriver
-from instar.mutate import ImageUpdate, SequentialWrites
+from instar.mutate import ImageUpdate, SequentialWrites, UnitWrites
 
 _COUNT_AT = 0x184  # the header's blocks_allocated field (after blocks_in_image at 0x180)
 _READ_ENTRIES = 1 << 20
@@ -50,15 +50,9 @@ class GuestWriter:
             if chunk is not None:
                 highest = max(highest, max((v for v in chunk if v < DISCARDED), default=-1))
         self.count = header.blocks_allocated
-        self._first = max(self.count, highest + 1)  # the first new block's number
-        self._written = 0
-        self._data = SequentialWrites(update)  # the new blocks, appended in order
-        self._in_place = SequentialWrites(update)
+        self._units = UnitWrites(update, unit=BLOCK_SIZE, first=max(self.count, highest + 1),
+                                 size=driver.file.size, origin=header.offset_data)
         self._entries: dict[int, int] = {}  # guest block -> its new entry
-        self._pointed = False
-
-    def _host(self, block: int) -> int:
-        return self.driver.header.offset_data + block * BLOCK_SIZE
 
     def overwrite(self, number: int, data: bytes | None) -> None:
         """Give guest block ``number`` the bytes ``data`` (zeros when None):
@@ -71,24 +65,20 @@ class GuestWriter:
         content = bytes(BLOCK_SIZE) if data is None else data
         self.update.phase("data")
         if entry < DISCARDED:  # checked: inside the file, named once
-            self._in_place.write(self._host(entry), content)
+            self._units.rewrite(self._units.host(entry), content)
             return
-        block = self._first + self._written
-        self._data.write(self._host(block), content)
-        self._written += 1
-        self._entries[number] = block
+        self._entries[number] = self._units.append(content)
 
     def finish(self) -> None:
         """The header's count (phase data), then the block map's entries (pointers)."""
-        self._data.flush()
-        self._in_place.flush()
+        self._units.flush()
         if not self._entries:
             return
         update = self.update
-        count = self._first + self._written  # qemu's count + new blocks, for a sound image
+        count = self._units.next_number  # qemu's count + new blocks, for a sound image
         update.write(_COUNT_AT, count.to_bytes(4, "little"))
         update.phase("pointers")
-        self._pointed = True
+        self._units.pointing()
         bmap = self.driver.header.offset_bmap
         entries = SequentialWrites(update)  # neighbours in one write
         for number in sorted(self._entries):
@@ -97,11 +87,7 @@ class GuestWriter:
 
     def abandon(self) -> None:
         """After a failure before `finish`: the file cut back to its old length."""
-        self._data = SequentialWrites(self.update)
-        self._in_place = SequentialWrites(self.update)
-        if self._written and not self._pointed:
-            self.update.truncate(self.driver.file.size)
-            self._written = 0
+        self._units.abandon()
 
     def write_header(self) -> None:
         """Nothing more: the count went with the data."""
