@@ -63,7 +63,7 @@ class Mapped(NamedTuple):
 
 
 def map_entry_from_data(data: object) -> MapEntry:
-    """The MapEntry a worker sent (JSON made it a list); ValueError unless
+    """The MapEntry a worker sent (as a list: it crossed as plain data); ValueError unless
     every field has its type and no number is negative."""
     if not isinstance(data, list) or len(data) != len(MapEntry._fields):
         raise ValueError("a malformed map entry")

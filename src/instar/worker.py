@@ -8,9 +8,10 @@ socket; the host checks each request against the policy (`HostBroker`),
 opens the file itself and passes the descriptor (SCM_RIGHTS). No image data
 crosses the socket: the worker reads and writes the descriptors it holds.
 
-Everything the worker sends is JSON, never pickle: the host treats the
-worker as compromised-until-proven-otherwise and only decodes plain data
-(events, requests, a result, an error by class name from instar.errors).
+Everything the worker sends is plain data (`instar.wire`), never pickle:
+the host treats the worker as compromised-until-proven-otherwise and only
+decodes plain data (events, requests, a result, an error by class name from
+instar.errors).
 The host also enforces the wall-clock limit by killing the worker.
 """
 
@@ -18,14 +19,13 @@ from __future__ import annotations
 
 import _socket
 import _thread
-import json
 import os
 import struct
 import sys
 import time
 from collections.abc import Callable, Sequence
 
-from instar import errors
+from instar import errors, wire
 from instar.errors import InstarError, WorkerLimitError
 from instar.events import (
     Advance,
@@ -50,7 +50,7 @@ from instar.worker_imports import import_extensions, import_from_host, module_re
 if TYPE_CHECKING:
     from typing import Any
 
-    Job = Callable[[Broker, EventSink], Any]  # returns plain (JSON) data
+    Job = Callable[[Broker, EventSink], Any]  # returns plain data (instar.wire)
 
 _HEADER = struct.Struct(">I")
 MAX_FRAME = 64 << 20  # no message from a worker may be larger
@@ -69,13 +69,14 @@ class SandboxSettings(NamedTuple):
 
 
 class Channel:
-    """Length-prefixed JSON frames over a stream socket, with descriptors."""
+    """Length-prefixed frames of plain data (`instar.wire`) over a stream
+    socket, with descriptors."""
 
     def __init__(self, sock: _socket.socket) -> None:
         self.sock = sock
 
     def send(self, message: dict[str, Any], fds: list[int] | None = None) -> None:
-        body = json.dumps(message, separators=(",", ":")).encode()
+        body = wire.encode(message)
         frame = _HEADER.pack(len(body)) + body
         if fds:  # they travel with the frame's first byte
             rights = struct.pack(f"{len(fds)}i", *fds)
@@ -95,9 +96,9 @@ class Channel:
         (length,) = _HEADER.unpack(header)
         if length > MAX_FRAME:
             raise ProtocolError(f"a message of {length} bytes")
-        message = json.loads(self._exactly(length))
+        message = wire.decode(self._exactly(length))
         if not isinstance(message, dict):
-            raise ProtocolError("a message that is not an object")
+            raise ProtocolError("a message that is not a dict")
         return message, list(fds)
 
     def _exactly(self, length: int) -> bytes:

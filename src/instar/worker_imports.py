@@ -21,7 +21,6 @@ may need before it forks the worker (`EXTENSIONS`).
 
 from __future__ import annotations
 
-import binascii
 import importlib.machinery
 import marshal
 import os
@@ -43,12 +42,13 @@ if TYPE_CHECKING:
 # (its pure-Python fallback would load silently, and slowly, without it), mmap,
 # _md5 for the Parallels format extension's checksum (hashlib would want
 # OpenSSL or every hash module), _random and _sha512 for the random module
-# (tempfile, which inspect_stream uses on the host's side, imports it).
+# (tempfile, which inspect_stream uses on the host's side, imports it),
+# binascii for DMG's base64 property lists.
 # Accelerators the standard library falls back from (_heapq, _uuid...) stay
 # out: an ImportError there is expected. tests/test_worker_imports.py imports
 # every module of instar in a confined worker and fails when one is missing.
 EXTENSIONS = ("zlib", "_bz2", "mmap", "fcntl", "backports.zstd._zstd", "_zstd",
-              "google_crc32c._crc32c", "_md5", "_random", "_sha512")
+              "google_crc32c._crc32c", "_md5", "_random", "_sha512", "binascii")
 
 
 
@@ -106,14 +106,14 @@ def module_reply(name: str) -> dict[str, Any]:
         return {"found": False}
     loader, locations = spec.loader, spec.submodule_search_locations
     if spec.origin is None and locations is not None:  # a namespace package: no code
-        return {"found": True, "origin": None, "package": list(locations), "code": ""}
+        return {"found": True, "origin": None, "package": list(locations), "code": b""}
     if not isinstance(loader, importlib.machinery.SourceFileLoader | \
                       importlib.machinery.SourcelessFileLoader):
         return {"found": True, "origin": spec.origin}  # compiled: not loadable in a worker
     code = loader.get_code(name)
     return {"found": True, "origin": spec.origin,
             "package": None if locations is None else list(locations),
-            "code": binascii.b2a_base64(marshal.dumps(code), newline=False).decode("ascii")}
+            "code": marshal.dumps(code)}
 
 
 # --- the worker's side -------------------------------------------------------------------
@@ -145,7 +145,7 @@ class HostImporter:
             spec = importlib.machinery.ModuleSpec(fullname, loader, origin=origin,
                                                   is_package=package is not None)
             spec.has_location = True
-            self._code[fullname] = binascii.a2b_base64(reply["code"])
+            self._code[fullname] = reply["code"]
         if package is not None:
             spec.submodule_search_locations = package
         return spec
