@@ -9,19 +9,18 @@ function (a `Driver`), and this module does the rest once for all of them.
 
 from __future__ import annotations
 
-import enum
 import errno
 import os
 from collections.abc import Iterator
 
 from instar.errors import FormatError, ImageReadError, UnsupportedError
-from instar.runtime_types import TYPE_CHECKING, NamedTuple, Protocol
+from instar.runtime_types import TYPE_CHECKING, Enum, NamedTuple, Protocol
 
 if TYPE_CHECKING:
     from instar.files import ExactReads, InputFile
 
 
-class ExtentKind(enum.Enum):
+class ExtentKind(Enum):
     DATA = "data"  # bytes are stored (may still be zero)
     ZERO = "zero"  # reads as zeros, known without reading
     UNALLOCATED = "unallocated"  # nothing stored here; reads as zeros

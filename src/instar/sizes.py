@@ -9,10 +9,9 @@ word errors and the hex-suffix warning exactly as qemu-img does.
 
 from __future__ import annotations
 
-import enum
 import math
 
-from instar.runtime_types import NamedTuple
+from instar.runtime_types import Enum, NamedTuple
 
 UINT64_MAX = (1 << 64) - 1
 INT64_MAX = (1 << 63) - 1
@@ -23,7 +22,7 @@ _HEX_DIGITS = "0123456789abcdefABCDEF"
 _SMALLEST_NORMAL_DOUBLE = 2.2250738585072014e-308
 
 
-class SizeStatus(enum.Enum):
+class SizeStatus(Enum):
     OK = "ok"
     SYNTAX = "syntax"
     RANGE = "range"
