@@ -15,6 +15,7 @@ import subprocess
 import sys
 import typing
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -155,3 +156,70 @@ def test_other_stand_ins() -> None:
     assert Box[int](3).item == 3
     assert cast("int", "x") == "x"
     assert Sized.__mro__[-1] is object
+
+
+# The VMDK descriptor grammar instar used to match with these (vmdk/layout.py
+# now scans it by hand, so that reading a VMDK does not import re).
+_EXTENT_LINE = re.compile(r'(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)\s+"([^"]*)"(?:\s+(\d+))?')
+_KEY_VALUE = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*)")
+_QUOTED = re.compile(r'"([^"]*)"')
+_HEX32 = re.compile(r"[0-9a-fA-F]{1,8}")
+
+_DESCRIPTOR_CHARS = st.sampled_from(
+    list('RWDONLYACSEFPxyz_.=" \t\x0b\u00a0\u2003') + list("0123456789٣") + ["RW", "RDONLY",
+    "NOACCESS", "FLAT", "SPARSE", ' "a b.vmdk" ', "CID", "=", " 12 "])
+DESCRIPTOR_LINES = st.lists(_DESCRIPTOR_CHARS, max_size=12).map("".join).map(str.strip)
+
+
+@given(DESCRIPTOR_LINES)
+def test_extent_lines_are_scanned_as_the_pattern_matched(line: str) -> None:
+    from instar.formats.vmdk.layout import ExtentLine, _parse_extent_line
+
+    match = _EXTENT_LINE.fullmatch(line)
+    expected = None if match is None else ExtentLine(
+        match[1], int(match[2]), match[3], match[4],
+        None if match[5] is None else int(match[5]))
+    assert _parse_extent_line(line) == expected
+
+
+@given(DESCRIPTOR_LINES)
+def test_fields_are_scanned_as_the_pattern_matched(line: str) -> None:
+    from instar.formats.vmdk.layout import _is_hex32, _parse_field, _unquoted
+
+    match = _KEY_VALUE.fullmatch(line)
+    pair = _parse_field(line)
+    assert (pair is None) == (match is None)
+    if match is not None and pair is not None:
+        assert pair[0] == match[1] and pair[1].strip() == match[2].strip()
+    value = line.strip()
+    quoted = _QUOTED.fullmatch(value)
+    assert _unquoted(value) == (None if quoted is None else quoted[1])
+    assert _is_hex32(value) == bool(_HEX32.fullmatch(value))
+
+
+@pytest.mark.parametrize("line", [
+    'RW 2048 FLAT "a.img" 0', 'RDONLY 1\tSPARSE  "x y.vmdk"', "NOACCESS 5 ZERO \"\"",
+    'RW 2048 FLAT "a.img"0', 'RW2048 FLAT "a"', 'RW 20x48 FLAT "a"', 'RW 1 FLAT "a" 1 2',
+    'RW 1 FLAT "a', "RW 1 FLAT a", 'RWX 1 FLAT "a"', 'RW 1 FL4T "a"', 'RW ٣ FLAT "a" ٣',
+])
+def test_extent_line_examples(line: str) -> None:
+    from instar.formats.vmdk.layout import _parse_extent_line
+
+    match = _EXTENT_LINE.fullmatch(line)
+    parsed = _parse_extent_line(line)
+    assert (parsed is None) == (match is None)
+    if match is not None and parsed is not None:
+        assert (parsed.access, parsed.sectors, parsed.kind, parsed.name) == (
+            match[1], int(match[2]), match[3], match[4])
+
+
+def test_guid_text_is_uuids() -> None:
+    import os
+    import uuid
+
+    from instar.formats.vhdx.layout import _guid, guid_text
+
+    for _ in range(200):
+        raw = os.urandom(16)
+        assert guid_text(raw) == str(uuid.UUID(bytes_le=raw))
+        assert _guid(guid_text(raw).upper()) == raw

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import sys
-import uuid
 from array import array
 from collections.abc import Iterator
 
@@ -33,8 +32,11 @@ from instar.formats.vhdx import layout
 from instar.formats.vhdx.layout import Geometry, MiB, RegionEntry
 from instar.formats.vhdx.log import LogOverlay, replay
 from instar.image import DATA, OFFSET_VALID, ZERO, BlockImage, Driver, Image, Run
-from instar.runtime_types import NamedTuple
+from instar.runtime_types import TYPE_CHECKING, NamedTuple
 from instar.safety import MAX_TABLE_BYTES
+
+if TYPE_CHECKING:
+    import uuid
 
 Source = InputFile | LogOverlay
 
@@ -432,6 +434,8 @@ def _open_parent(locator: layout.ParentLocator, file: InputFile, resolver: Resol
 
 
 def _parse_guid(text: str, key: str) -> uuid.UUID:
+    import uuid  # only for a differencing image: its import is not cheap
+
     try:
         return uuid.UUID(text.strip().strip("{}"))
     except ValueError:
@@ -455,6 +459,8 @@ def _check_linkage(parent: Image, linkages: list[uuid.UUID], name: str) -> None:
     if not isinstance(driver, VhdxDriver):
         parent.close()
         raise FormatError(f"parent '{name}' is not a VHDX image")
+    import uuid
+
     found = uuid.UUID(bytes_le=driver.data_write_guid)
     if found not in linkages:
         parent.close()

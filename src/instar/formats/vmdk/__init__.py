@@ -18,6 +18,32 @@ MAGIC = b"KDMV"  # hosted sparse extent ("VMDK4")
 COWD_MAGIC = b"COWD"  # ESX VMFS sparse ("VMDK3"), refused
 
 
+def looks_like_descriptor(header: bytes) -> bool:
+    """qemu's text probe: comments and blank lines, then ``version=1|2|3``."""
+    position, end = 0, len(header)
+    while position < end:
+        char = header[position : position + 1]
+        if char == b"#":
+            newline = header.find(b"\n", position)
+            if newline < 0:
+                return False
+            position = newline + 1
+            continue
+        if char == b" ":
+            while position < end and header[position : position + 1] == b" ":
+                position += 1
+            if header[position : position + 1] == b"\r":
+                position += 1
+            if position >= end or header[position : position + 1] != b"\n":
+                return False
+            position += 1
+            continue
+        rest = header[position:]
+        return any(
+            rest.startswith(f"version={v}{eol}".encode()) for v in "123" for eol in ("\n", "\r\n")
+        )
+    return False
+
 
 class VmdkFormat(FormatBase):
     name = "vmdk"
@@ -54,8 +80,6 @@ class VmdkFormat(FormatBase):
             return 100
         if header[:1] not in (b"#", b" ", b"v"):
             return 0  # a descriptor starts with a comment, a blank line or version=
-        from instar.formats.vmdk.layout import looks_like_descriptor
-
         return 100 if looks_like_descriptor(header) else 0
 
 

@@ -15,7 +15,6 @@ header holding the real GD offset) and an end-of-stream marker.
 
 from __future__ import annotations
 
-import re
 import struct
 
 from instar.errors import FormatError
@@ -24,6 +23,7 @@ from instar.errors import FormatError
 from instar.formats.vmdk import COWD_MAGIC as COWD_MAGIC
 from instar.formats.vmdk import MAGIC as MAGIC
 from instar.formats.vmdk import SECTOR as SECTOR
+from instar.formats.vmdk import looks_like_descriptor as looks_like_descriptor
 from instar.record import Record
 from instar.runtime_types import NamedTuple
 
@@ -152,10 +152,89 @@ def sectors_for(length: int) -> int:
 # The text descriptor
 
 EXTENT_ACCESS = ("RW", "RDONLY", "NOACCESS")
-_EXTENT_LINE = re.compile(r'(RW|RDONLY|NOACCESS)\s+(\d+)\s+([A-Za-z]+)\s+"([^"]*)"(?:\s+(\d+))?')
-_KEY_VALUE = re.compile(r"([A-Za-z_][A-Za-z0-9_.]*)\s*=\s*(.*)")
-_QUOTED = re.compile(r'"([^"]*)"')
-_HEX32 = re.compile(r"[0-9a-fA-F]{1,8}")
+
+# The descriptor's grammar is scanned by hand, not with regular expressions:
+# importing re (and enum with it) would cost every job that reads a VMDK more
+# than reading it does. "Space" is what str.isspace() says (re's \s); digits
+# are what str.isdecimal() says (re's \d), as int() reads them.
+_ASCII_LETTERS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
+_KEY_FIRST = _ASCII_LETTERS | {"_"}
+_KEY_REST = _KEY_FIRST | frozenset("0123456789.")
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+
+
+def _skip(line: str, position: int, wanted: frozenset[str] | None = None) -> int:
+    """The end of the run of characters from ``position`` that are in
+    ``wanted`` (None: spaces)."""
+    end = len(line)
+    while position < end and (line[position].isspace() if wanted is None
+                              else line[position] in wanted):
+        position += 1
+    return position
+
+
+def _digits_end(line: str, position: int) -> int:
+    end = len(line)
+    while position < end and line[position].isdecimal():
+        position += 1
+    return position
+
+
+def _parse_extent_line(line: str) -> ExtentLine | None:
+    """``ACCESS SECTORS TYPE "NAME" [OFFSET]`` (spaces between), or None."""
+    access = next((word for word in EXTENT_ACCESS if line.startswith(word)), None)
+    if access is None:
+        return None
+    fields: list[str] = []
+    position = len(access)
+    for wanted in ("digits", "letters"):
+        start = _skip(line, position)
+        if start == position:
+            return None  # no space before the field
+        position = (_digits_end(line, start) if wanted == "digits"
+                    else _skip(line, start, _ASCII_LETTERS))
+        if position == start:
+            return None
+        fields.append(line[start:position])
+    start = _skip(line, position)
+    if start == position or not line.startswith('"', start):
+        return None
+    close = line.find('"', start + 1)
+    if close < 0:
+        return None
+    name, position = line[start + 1:close], close + 1
+    offset = None
+    if position < len(line):
+        start = _skip(line, position)
+        position = _digits_end(line, start)
+        if start == close + 1 or position == start or position != len(line):
+            return None
+        offset = int(line[start:position])
+    return ExtentLine(access, int(fields[0]), fields[1], name, offset)
+
+
+def _parse_field(line: str) -> tuple[str, str] | None:
+    """``KEY = VALUE`` (spaces optional around ``=``), or None; the value
+    keeps everything after the spaces that follow ``=``."""
+    if not line or line[0] not in _KEY_FIRST:
+        return None
+    key_end = _skip(line, 1, _KEY_REST)
+    equals = _skip(line, key_end)
+    if not line.startswith("=", equals):
+        return None
+    return line[:key_end], line[equals + 1:]
+
+
+def _unquoted(value: str) -> str | None:
+    """The text inside ``"..."`` when that is the whole value (no quote
+    inside), else None."""
+    if len(value) >= 2 and value[0] == value[-1] == '"' and '"' not in value[1:-1]:
+        return value[1:-1]
+    return None
+
+
+def _is_hex32(value: str) -> bool:
+    return 1 <= len(value) <= 8 and all(char in _HEX_DIGITS for char in value)
 
 
 class ExtentLine(NamedTuple):
@@ -194,7 +273,7 @@ class Descriptor(Record):
         value = self.fields.get(key)
         if value is None:
             return None
-        if not _HEX32.fullmatch(value):
+        if not _is_hex32(value):
             raise FormatError(f"descriptor {key} '{_shorten(value)}' is not a 32-bit hex number")
         return int(value, 16)
 
@@ -222,19 +301,17 @@ def parse_descriptor(text: str) -> Descriptor:
         line = raw_line.strip()
         if not line or line.startswith("#"):
             continue
-        extent = _EXTENT_LINE.fullmatch(line)
+        extent = _parse_extent_line(line)
         if extent is not None:
-            access, sectors, kind, name, offset = extent.groups()
-            start = None if offset is None else int(offset)
-            descriptor.extents.append(ExtentLine(access, int(sectors), kind, name, start))
+            descriptor.extents.append(extent)
             continue
-        pair = _KEY_VALUE.fullmatch(line)
+        pair = _parse_field(line)
         if pair is None:
             raise FormatError(f"invalid line {number} in VMDK descriptor: '{_shorten(line)}'")
-        key, value = pair.group(1), pair.group(2).strip()
-        quoted = _QUOTED.fullmatch(value)
+        key, value = pair[0], pair[1].strip()
+        quoted = _unquoted(value)
         if quoted is not None:
-            value = quoted.group(1)
+            value = quoted
         elif '"' in value:
             raise FormatError(f"invalid value on line {number} in VMDK descriptor")
         if key in descriptor.fields:
@@ -299,30 +376,3 @@ def build_descriptor(spec: DescriptorSpec) -> bytes:
 def safe_extent_name(name: str) -> str:
     """An extent file name that cannot break the descriptor's quoting or lines."""
     return "".join("_" if c in '"\n\r\0' else c for c in name)
-
-
-def looks_like_descriptor(header: bytes) -> bool:
-    """qemu's text probe: comments and blank lines, then ``version=1|2|3``."""
-    position, end = 0, len(header)
-    while position < end:
-        char = header[position : position + 1]
-        if char == b"#":
-            newline = header.find(b"\n", position)
-            if newline < 0:
-                return False
-            position = newline + 1
-            continue
-        if char == b" ":
-            while position < end and header[position : position + 1] == b" ":
-                position += 1
-            if header[position : position + 1] == b"\r":
-                position += 1
-            if position >= end or header[position : position + 1] != b"\n":
-                return False
-            position += 1
-            continue
-        rest = header[position:]
-        return any(
-            rest.startswith(f"version={v}{eol}".encode()) for v in "123" for eol in ("\n", "\r\n")
-        )
-    return False

@@ -23,7 +23,6 @@ import itertools
 import sys
 from array import array
 from collections.abc import Iterator
-from urllib.parse import unquote
 
 from instar.errors import DriverError, FormatError
 from instar.files import InputFile
@@ -252,6 +251,8 @@ def _locator_path(file: InputFile, locator: ParentLocator) -> str:
         url = _decode(data, "utf-8", "MacX parent locator")
         for prefix in ("file://localhost/", "file:///"):
             if url.startswith(prefix):
+                from urllib.parse import unquote  # a differencing image's only
+
                 return unquote("/" + url[len(prefix) :])
         return ""
     return _from_windows(_decode(data, "utf-16-le", "parent locator"))
