@@ -174,5 +174,7 @@ def _write_nonzero(writer: Writer, offset: int, data: bytes, granularity: int) -
 def _flush(writer: Writer, offset: int, data: bytes, start: int, end: int, zero: bool) -> None:
     if zero:
         writer.write_zeroes(offset + start, end - start)
-    else:
-        writer.write(offset + start, data[start:end])
+    elif start == 0 and end == len(data):
+        writer.write(offset, data)
+    else:  # a view, not a slice: a slice would copy the run (0.1 s per GiB of them)
+        writer.write(offset + start, memoryview(data)[start:end])

@@ -331,7 +331,7 @@ class _ReportingWriter:
         self._writer = writer
         self._end = end
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         try:
             self._writer.write(offset, data)
         except (OSError, OverflowError) as error:

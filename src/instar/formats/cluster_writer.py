@@ -186,7 +186,7 @@ class ClusterImageWriter:
     _l1_offset: int
     _l1_bytes: int
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         self._clusters.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:

@@ -596,7 +596,7 @@ class UnitSequencer:
             raise ValueError(f"write at {offset} goes back before {self._position}")
         if end > self._size:
             raise ValueError(f"write [{offset}, {end}) outside the image")
-        if not isinstance(data, bytes | bytearray):
+        if self._check_whole and not isinstance(data, bytes | bytearray):
             data = bytes(data)  # zero tests use bytes.startswith
         view = memoryview(data)
         unit = self._unit
@@ -641,7 +641,8 @@ class UnitSequencer:
         self._pending_index = index
 
     def _emit_whole(
-        self, first: int, data: bytes | bytearray, view: memoryview, start: int, count: int
+        self, first: int, data: bytes | bytearray | memoryview, view: memoryview, start: int,
+        count: int,
     ) -> None:
         """Hand on ``count`` whole units from ``data[start:]`` in runs between zero units.
 
@@ -652,6 +653,7 @@ class UnitSequencer:
         if not self._check_whole:
             self._emit(first, view[start : start + count * unit])
             return
+        assert not isinstance(data, memoryview)  # write made it bytes to test the units
         zero = self._zero
         run_start = -1
         for i in range(count):

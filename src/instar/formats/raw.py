@@ -78,7 +78,7 @@ class RawWriter:
                 raise CreationError(f"Could not resize file: {error.strerror}") from None
             reserve(out.fd, 0, virtual_size, mode)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         pwrite_all(self._out.fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:

@@ -108,7 +108,7 @@ class ParallelsWriter:
         assert self._catalog.itemsize == 4
         self._next_free = self._header.data_off * SECTOR  # where the next cluster goes
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         for index, within, start, step in unit_spans(offset, len(data), self._cluster):
             host = self._host(index)

@@ -460,7 +460,7 @@ class Qcow2Writer(ClusterImageWriter):
             reserve(self._fd, first << self._bits, count << self._bits, self._prealloc)
         self._layout = layout
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         if self._pool is not None and self._data is not None:  # qemu cannot, at its first write
             raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
         if self._layout is None:

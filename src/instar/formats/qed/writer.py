@@ -118,7 +118,7 @@ class QedWriter:
         self._clusters = UnitSequencer(cluster, virtual_size, self._tables.store,
                                        check_whole=cluster < ZERO_CHECK_BELOW)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         self._clusters.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:

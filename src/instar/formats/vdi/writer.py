@@ -118,7 +118,7 @@ class VdiWriter:
 
     # -- data --
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         if self._static:
             pwrite_all(self._fd, data, self._data + offset)
             return

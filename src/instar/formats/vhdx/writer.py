@@ -170,7 +170,7 @@ class VhdxWriter:
 
     # -- data
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         for block, within, start, step in unit_spans(offset, len(data), self._geometry.block_size):
             self._pwrite(self._block_offset(block, within) + within, view[start : start + step])

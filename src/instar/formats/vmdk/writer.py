@@ -231,7 +231,7 @@ class _GrainWriter:
         self._gt = array("I", bytes(GT_BYTES))
         self._gt_dirty = False
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         self._grains.write(offset, data)
 
     def write_zeroes(self, offset: int, length: int) -> None:

@@ -150,7 +150,7 @@ class FixedWriter:
         # a (broken) dynamic disk; one zero sector before it keeps it readable.
         self._footer_offset = max(choice.size, SECTOR)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         pwrite_all(self._out.fd, data, offset)
 
     def write_zeroes(self, offset: int, length: int) -> None:
@@ -185,7 +185,7 @@ class DynamicWriter:
         self._block_offset = 0  # its file offset (bitmap first)
         self._bits = 0  # its bitmap; bit (sectors_per_block - 1 - i) is sector i
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: bytes | memoryview) -> None:
         view = memoryview(data)
         for index, within, start, step in unit_spans(offset, len(data), self._block_size):
             if index != self._block:
