@@ -79,7 +79,7 @@ class Channel:
         body = wire.encode(message)
         frame = _HEADER.pack(len(body)) + body
         if fds:  # they travel with the frame's first byte
-            rights = struct.pack(f"{len(fds)}i", *fds)
+            rights = b"".join(_FD.pack(fd) for fd in fds)
             sent = self.sock.sendmsg([frame[:1]],
                                      [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
             frame = frame[sent:]
@@ -99,7 +99,7 @@ class Channel:
         message = wire.decode(self._exactly(length))
         if not isinstance(message, dict):
             raise ProtocolError("a message that is not a dict")
-        return message, list(fds)
+        return message, fds
 
     def _exactly(self, length: int) -> bytes:
         parts, got = [], 0
