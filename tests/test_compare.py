@@ -278,7 +278,7 @@ def _qemu_compare(args: list[str], cwd: Path) -> Result:
     return Result(proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
-def _same_as_qemu(args: list[str], cwd: Path) -> None:
+def compare_same_as_qemu(args: list[str], cwd: Path) -> None:
     qemu = _qemu_compare(args, cwd)
     ours = run_instar("compare", *args, cwd=cwd)
     assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
@@ -290,7 +290,7 @@ def _same_as_qemu(args: list[str], cwd: Path) -> None:
 @pytest.mark.parametrize("options", OPTIONS, ids=lambda o: " ".join(o) or "plain")
 @pytest.mark.parametrize("pair", PAIRS, ids=lambda p: f"{p[0]}~{p[1]}")
 def test_compare_matches_qemu(pair: tuple[str, str], options: list[str], images: Path) -> None:
-    _same_as_qemu([*options, *pair], images)
+    compare_same_as_qemu([*options, *pair], images)
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -298,7 +298,7 @@ def test_compare_matches_qemu(pair: tuple[str, str], options: list[str], images:
 @pytest.mark.parametrize("pair", CROSS_PAIRS, ids=lambda p: f"{p[0]}~{p[1]}")
 def test_compare_across_formats(pair: tuple[str, str], options: list[str],
                                 images: Path) -> None:
-    _same_as_qemu([*options, *pair], images)
+    compare_same_as_qemu([*options, *pair], images)
 
 
 def _format_of(name: str) -> str:
@@ -309,7 +309,7 @@ def _format_of(name: str) -> str:
 @pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("pair", CROSS_PAIRS[::3], ids=lambda p: f"{p[0]}~{p[1]}")
 def test_compare_with_formats_given(pair: tuple[str, str], images: Path) -> None:
-    _same_as_qemu(["-f", _format_of(pair[0]), "-F", _format_of(pair[1]), *pair], images)
+    compare_same_as_qemu(["-f", _format_of(pair[0]), "-F", _format_of(pair[1]), *pair], images)
 
 
 @pytest.mark.usefixtures("qemu_img")
@@ -317,8 +317,8 @@ def test_compare_with_formats_given(pair: tuple[str, str], images: Path) -> None
 @pytest.mark.parametrize("other", ["half-hole.raw", "split.vmdk", "c512.qcow2"])
 def test_compare_fixed_vhd_as_vpc(other: str, options: list[str], images: Path) -> None:
     """A fixed VHD probes as raw; read as vpc it is its data without the footer."""
-    _same_as_qemu([*options, "-f", "vpc", "fixed.vhd", other], images)
-    _same_as_qemu([*options, "fixed.vhd", other], images)
+    compare_same_as_qemu([*options, "-f", "vpc", "fixed.vhd", other], images)
+    compare_same_as_qemu([*options, "fixed.vhd", other], images)
 
 
 ERROR_ROWS: list[list[str]] = [
@@ -345,7 +345,7 @@ ERROR_ROWS: list[list[str]] = [
 @pytest.mark.usefixtures("qemu_img")
 @pytest.mark.parametrize("args", ERROR_ROWS, ids=lambda a: " ".join(a) or "<none>")
 def test_compare_errors_match_qemu(args: list[str], images: Path) -> None:
-    _same_as_qemu(args, images)
+    compare_same_as_qemu(args, images)
 
 
 @pytest.mark.usefixtures("qemu_img")

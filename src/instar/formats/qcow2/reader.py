@@ -119,10 +119,14 @@ class Qcow2Driver(ClusterTableDriver):
         Neighbouring clusters of one kind (and, for stored data, contiguous in
         the file) are one run. The run being extended is kept in plain
         variables, not a Run rebuilt per cluster: this loop is most of the
-        CPU a qcow2 read costs in Python."""
+        CPU a qcow2 read costs in Python. Without subclusters, the entries
+        that merely continue the run are skipped without being classified
+        (`_same_kind_until`)."""
         bits, cluster = self._bits, self._cluster
         piece = cluster >> (self._subclusters.bit_length() - 1)
         base = l1_index * self._l2_entries
+        whole_clusters = not self._extended
+        last = ((stop - 1) >> bits) - base + 1  # the entries the range needs
         pending_kind = -1  # none
         pending_start = pending_end = pending_at = 0
         while position < stop:
@@ -154,8 +158,27 @@ class Qcow2Driver(ClusterTableDriver):
                     yield self._run(pending_kind, pending_start, pending_end, pending_at)
                     pending_kind = -1
             position = cluster_start + cluster
+            if whole_clusters and pending_kind >= 0 and position < stop:
+                following = self._same_kind_until(table, (position >> bits) - base, last,
+                                                  _HOSTED[pending_kind])
+                position = (base + following) << bits
+                pending_end = min(stop, position)
         if pending_kind >= 0:
             yield self._run(pending_kind, pending_start, pending_end, pending_at)
+
+    def _same_kind_until(self, table: array[int], index: int, last: int, hosted: bool) -> int:
+        """The first entry from ``index`` (before ``last``) that does not
+        continue the run the entry before it ends, without subclusters: an
+        entry equal to that one (a kind with no host offset) or to it plus one
+        cluster (the next cluster in the file, inside it) has the same type and
+        extends the run. Any other entry is left to `_cluster_pieces`."""
+        if not hosted:
+            return first_other(table, index, last, table[index - 1])
+        cluster, mask, host_size = self._cluster, L.L2E_OFFSET_MASK, self._host.size
+        expected = table[index - 1] + cluster
+        while index < last and table[index] == expected and expected & mask < host_size:
+            index, expected = index + 1, expected + cluster
+        return index
 
     def _run(self, kind: int, start: int, end: int, at: int) -> Run:
         """The Run of ``[start, end)`` of ``kind`` (not compressed), its bytes
