@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import pattern, qemu_img_ok, qemu_io, require_qemu, run_instar, run_qemu_img
+from helpers import both, pattern, qemu_img_ok, qemu_io, require_qemu, run_instar, run_qemu_img
 from instar.safety import MAX_CHAIN_DEPTH
 
 # These images name files beside them: instar may open files in their directories.
@@ -124,3 +124,33 @@ def test_chain_deeper_than_the_limit_is_one_message(tmp_path: Path) -> None:
         result = run_instar(command, *args, cwd=tmp_path)
         assert (result.rc, result.stdout, result.stderr) == (status, "", f"instar: {message}\n")
     assert not (tmp_path / "out.raw").exists()
+
+
+@pytest.mark.parametrize("broken", ["raw-as-qcow2", "truncated-qed", "missing"])
+def test_a_backing_file_that_fails_is_reported_as_qemu_does(broken: str,
+                                                            tmp_path: Path) -> None:
+    """A backing file whose format refuses it is "Could not open backing file:
+    REASON", once per level, without its name (qemu names a file only where its
+    file layer fails to open it: a missing file)."""
+    require_qemu()
+    if broken == "raw-as-qcow2":
+        (tmp_path / "base").write_bytes(bytes(1 << 20))
+        base_fmt = "qcow2"
+    else:
+        qemu_img_ok("create", "-q", "-f", "qed", "base", "1M", cwd=tmp_path)
+        base_fmt = "qed"
+    below = ("base", base_fmt)
+    for name, fmt in (("mid.qcow2", "qcow2"), ("mid.qed", "qed"), ("top.qcow2", "qcow2")):
+        qemu_img_ok("create", "-q", "-f", fmt, "-b", below[0], "-F", below[1], "-u", name, "1M",
+                    cwd=tmp_path)
+        below = (name, fmt)
+    if broken == "truncated-qed":
+        os.truncate(tmp_path / "base", 100)
+    elif broken == "missing":
+        (tmp_path / "base").unlink()
+    for args in (["map", "mid.qcow2"], ["map", "top.qcow2"], ["check", "top.qcow2"],
+                 ["info", "--backing-chain", "top.qcow2"], ["measure", "top.qcow2"],
+                 ["compare", "top.qcow2", "mid.qed"]):
+        ours, theirs = both(args, tmp_path)
+        assert ours == theirs, args
+        assert theirs[0] != 0

@@ -395,14 +395,15 @@ class ChainResolver(Record):
             raise ChainDepthError(f"backing chain is deeper than {MAX_CHAIN_DEPTH} images")
         path = combine_path(child.name, name)
         try:
-            try:
-                file = self.opener.broker.open_named_file(name, child.name, "backing file")
-            except OSError as error:  # qemu names a backing file once (no protocol layer)
-                raise ImageOpenError(path, error.strerror or str(error)) from None
+            file = self.opener.broker.open_named_file(name, child.name, "backing file")
+        except OSError as error:  # qemu's file layer names the file it cannot open
+            raise FormatError(f"Could not open backing file: Could not open '{path}': "
+                              f"{error.strerror or error}") from None
+        try:
             node = self.opener.open_file_node(file, path, fmt, with_backing=True,
                                               depth=self.depth + 1)
-        except ImageOpenError as error:
-            raise FormatError(f"Could not open backing file: {error}") from None
+        except ImageOpenError as error:  # a format's reason: qemu names no file before it
+            raise FormatError(f"Could not open backing file: {error.reason}") from None
         return node.image
 
     def open_file(self, name: str, child: InputFile, what: str) -> InputFile:
