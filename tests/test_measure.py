@@ -254,6 +254,23 @@ def test_qemu_refuses_what_instar_measures() -> None:
         assert run_instar("measure", "--size", "1G", "-O", fmt).rc == 0
 
 
+BAD_OPTIONS = [["-x", "--size", "1G"], ["-Ux"], ["--foo=bar"], ["--o"], ["--o=json"],
+               ["--force-share=1"], ["--help=1"], ["--si"], ["--out"], ["-l"], ["-O"],
+               ["--size", "1M", "--object"], ["-x", "--output=xml"]]
+
+
+@pytest.mark.parametrize("args", BAD_OPTIONS, ids=" ".join)
+def test_bad_options_are_getopts_then_help(args: list[str], tmp_path: Path) -> None:
+    """qemu-img measure leaves a bad option to glibc's getopt ("measure: invalid
+    option -- 'x'") and then prints its help, exit 0 (every other command says
+    "unrecognized option", exit 1); instar prints its own help there, as for -h."""
+    qemu = run_qemu_img("measure", *args, cwd=tmp_path)
+    ours = run_instar("measure", *args, cwd=tmp_path)
+    assert (ours.rc, ours.stderr) == (qemu.rc, qemu.stderr) == (0, qemu.stderr)
+    assert qemu.stderr.startswith("measure: ") and qemu.stdout
+    assert ours.stdout == run_instar("measure", "--help").stdout
+
+
 def test_refused_options_are_named() -> None:
     for args in (["--object", "secret,id=s,data=x"], ["-l", "snap"], ["--image-opts"]):
         result = run_instar("measure", *args, "x.qcow2")

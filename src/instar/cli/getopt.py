@@ -12,9 +12,22 @@ from instar.record import Record
 
 
 class GetoptError(UsageError):
-    """A bad option: qemu-img adds a hint line after the message."""
+    """A bad command line: qemu-img adds a hint line after the message."""
 
     hint: str | None = "Try 'instar --help' for more information"
+
+
+class BadOptionError(GetoptError):
+    """An option getopt does not take, in qemu-img's words.
+
+    ``glibc_message`` is what glibc's getopt prints itself (after "COMMAND: ")
+    for the same option, where a qemu-img command lets getopt complain
+    (measure: then its help, exit 0).
+    """
+
+    def __init__(self, message: str, glibc_message: str) -> None:
+        super().__init__(message)
+        self.glibc_message = glibc_message
 
 
 class Parsed(Record):
@@ -52,17 +65,23 @@ def gnu_getopt(args: list[str], short: str, long: dict[str, bool]) -> Parsed:
 def _long_option(arg: str, args: list[str], i: int, long: dict[str, bool], parsed: Parsed) -> int:
     name, has_value, value = arg[2:].partition("=")
     matches = [n for n in long if n == name] or [n for n in long if n.startswith(name)]
-    if len(matches) != 1:
-        raise GetoptError(f"unrecognized option '{arg}'")
+    if not matches:
+        raise BadOptionError(f"unrecognized option '{arg}'", f"unrecognized option '{arg}'")
+    if len(matches) > 1:
+        possibilities = " ".join(f"'--{match}'" for match in matches)
+        raise BadOptionError(f"unrecognized option '{arg}'",
+                          f"option '{arg}' is ambiguous; possibilities: {possibilities}")
     full = matches[0]
     if long[full]:
         if not has_value:
             if i >= len(args):
-                raise GetoptError(f"missing argument for option '{arg}'")
+                raise BadOptionError(f"missing argument for option '{arg}'",
+                                  f"option '--{full}' requires an argument")
             value = args[i]
             i += 1
     elif has_value:
-        raise GetoptError(f"unrecognized option '{arg}'")
+        raise BadOptionError(f"unrecognized option '{arg}'",
+                          f"option '--{full}' doesn't allow an argument")
     parsed.options.append((f"--{full}", value))
     return i
 
@@ -73,14 +92,15 @@ def _short_options(
     for position in range(1, len(arg)):
         char = arg[position]
         if char not in takes_argument:
-            raise GetoptError(f"unrecognized option '{arg}'")
+            raise BadOptionError(f"unrecognized option '{arg}'", f"invalid option -- '{char}'")
         if not takes_argument[char]:
             parsed.options.append((f"-{char}", ""))
             continue
         value = arg[position + 1 :]
         if not value:
             if i >= len(args):
-                raise GetoptError(f"missing argument for option '{arg}'")
+                raise BadOptionError(f"missing argument for option '{arg}'",
+                                  f"option requires an argument -- '{char}'")
             value = args[i]
             i += 1
         parsed.options.append((f"-{char}", value))

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import sys
 
-from instar.cli.access import AccessOptions
+from instar.cli.access import AccessOptions, HelpRequested
 from instar.cli.dd import check_option_list, parse_creation_options
-from instar.cli.getopt import gnu_getopt
+from instar.cli.getopt import BadOptionError, gnu_getopt
 from instar.cli.numbers import convert_number
-from instar.cli.output import report_error, report_hint
+from instar.cli.output import report_error, report_hint, report_plain
 from instar.errors import OptionError, UnsupportedError, UsageError
 from instar.formats.base import CreateOptions
 from instar.sizes import INT64_MAX
@@ -52,7 +52,11 @@ LONG_OPTIONS = {"help": False, "image-opts": False, "object": True, "output": Tr
 
 
 def run(args: list[str]) -> int:
-    parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
+    try:
+        parsed = gnu_getopt(args, SHORT_OPTIONS, LONG_OPTIONS)
+    except BadOptionError as error:  # qemu-img measure lets getopt complain, then helps
+        report_plain(f"measure: {error.glibc_message}")
+        raise HelpRequested from None
     fmt: str | None = None
     out_format = "raw"
     options = CreateOptions()

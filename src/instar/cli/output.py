@@ -87,6 +87,12 @@ def report_warning(message: str) -> None:
     _write_stderr(f"{PROGRAM}: warning: {printable(message)}")
 
 
+def report_plain(text: str) -> None:
+    """A line on stderr without the program prefix, control characters escaped
+    (glibc's getopt messages, which quote the command line)."""
+    _write_stderr(printable(text))
+
+
 def report_hint(text: str) -> None:
     """A line after an error without the program prefix ("Try 'instar --help'...")."""
     _write_stderr(text)
