@@ -245,6 +245,15 @@ def test_compressed_base(tmp_path: Path, options: str) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
+def test_compressed_cluster_at_end_of_file(tmp_path: Path) -> None:
+    """A compressed cluster the base's file ends inside (qemu does not write the
+    tail of its last sector) is committed over as qemu does, not refused."""
+    steps = [*_qcow2("base.qcow2", "64k", "write -c -P 103 0 64k"),
+             *_qcow2("ov.qcow2", None, "write -P 5 0 512", backing="base.qcow2")]
+    _parity(tmp_path, steps)
+
+
+@pytest.mark.usefixtures("allow_own_directories")
 def test_empty_overlay_grown_base(tmp_path: Path) -> None:
     """A big sparse overlay (the base grows, its refcount structures with it)."""
     steps = [*_qcow2("base.qcow2", "1M", "write -P 1 0 64k", options="cluster_size=512"),
