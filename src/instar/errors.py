@@ -148,6 +148,13 @@ class CreationError(OutputError):
     it cannot hold); callers add qemu's "error while creating/converting" prefix."""
 
 
+class TooLargeError(CreationError):
+    """The format cannot hold the image's size and says so in its own words (qemu's
+    driver fails with EFBIG): convert shows the words, qemu-img create replaces
+    them, as it replaces every EFBIG failure, with "The image size is too large
+    for file format 'FMT'"."""
+
+
 class CommitError(CreationError):
     """The finished output could not take its name. The sandbox host commits
     after the worker's job has returned, outside the job's own wording of
