@@ -114,9 +114,17 @@ class OutputError(InstarError):
 
 class ResizeError(InstarError):
     """resize refused or failed, in qemu-img's words. ``warning`` is a warning
-    qemu-img prints after the error ("Shrinking an image will delete...")."""
+    qemu-img prints after the error ("Shrinking an image will delete...").
+    ``errno`` is what qemu's truncate returns with the words, where qemu has
+    one: commit's job, which grows a base, reports only that."""
 
     warning: str | None = None
+    errno: int = 0
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        if errno:
+            self.errno = errno
 
 
 class UpdateError(ResizeError):
