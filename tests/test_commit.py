@@ -245,6 +245,35 @@ def test_compressed_base(tmp_path: Path, options: str) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
+def test_compressed_cluster_at_end_of_file(tmp_path: Path) -> None:
+    """A compressed cluster the base's file ends inside (qemu does not write the
+    tail of its last sector) is committed over as qemu does, not refused."""
+    steps = [*_qcow2("base.qcow2", "64k", "write -c -P 103 0 64k"),
+             *_qcow2("ov.qcow2", None, "write -P 5 0 512", backing="base.qcow2")]
+    _parity(tmp_path, steps)
+
+
+@pytest.mark.usefixtures("allow_own_directories")
+@pytest.mark.parametrize("chain", [
+    [*_raw("base.raw", "2M"),
+     *_qcow2("mid.qcow2", "64k", backing="base.raw", backing_fmt="raw", options="compat=0.10")],
+    [*_qcow2("mid.qcow2", "64k", options="compat=0.10"), ("snapshot", "-c", "s", "mid.qcow2")],
+    [*_raw("base.raw", "2M"),
+     ("create", "-f", "qed", "-b", "base.raw", "-F", "raw", "mid.qed", "64k")],
+], ids=["v2-over-longer-backing", "v2-with-snapshot", "qed-over-longer-backing"])
+def test_base_that_cannot_grow(tmp_path: Path, chain: list[Step]) -> None:
+    """A base smaller than the top image that qemu's job fails to grow: the job
+    says only the errno ("Block job failed: Operation not supported"), and the
+    qed base over a longer backing file is refused as qemu's block layer refuses
+    it, not grown."""
+    mid = str(chain[-1][-2]) if chain[-1][0] == "create" else "mid.qcow2"
+    steps = [*chain, *_qcow2("ov.qcow2", "2M", "write -P 1 1M 4k", backing=mid,
+                             backing_fmt=_fmt(mid))]
+    ours = _parity(tmp_path, steps)
+    assert (ours.rc, ours.stderr) == (1, "instar: Block job failed: Operation not supported\n")
+
+
+@pytest.mark.usefixtures("allow_own_directories")
 def test_empty_overlay_grown_base(tmp_path: Path) -> None:
     """A big sparse overlay (the base grows, its refcount structures with it)."""
     steps = [*_qcow2("base.qcow2", "1M", "write -P 1 0 64k", options="cluster_size=512"),

@@ -176,3 +176,17 @@ def test_no_create_into_smaller_structured_target(source: Path, tmp_path: Path,
     ours = run_instar("convert", "-n", "-O", "qcow2", str(source), str(tmp_path / "ours.qcow2"))
     qemu = run_qemu_img("convert", "-n", "-O", "qcow2", str(source), str(tmp_path / "qemu.qcow2"))
     assert (ours.rc, ours.normalised_stderr()) == (qemu.rc, qemu.normalised_stderr())
+
+
+@pytest.mark.parametrize("fmt", ["qcow2", "vpc"])
+def test_size_refused_by_the_format(tmp_path: Path, fmt: str) -> None:
+    """A size the format cannot hold: convert shows the driver's own words
+    (create replaces them, tests/test_create.py)."""
+    qemu_img_ok("create", "-q", "-f", "raw", str(tmp_path / "huge.raw"), "2041G")
+    args = ["convert", "-O", fmt, "-o", "cluster_size=512" if fmt == "qcow2" else "force_size=on",
+            "huge.raw", "out"]
+    qemu = run_qemu_img(*args, cwd=tmp_path)
+    ours = run_instar(*args, cwd=tmp_path)
+    assert (ours.rc, ours.stdout, ours.normalised_stderr()) == (
+        qemu.rc, qemu.stdout, qemu.normalised_stderr())
+    assert qemu.rc == 1

@@ -178,6 +178,10 @@ ERRORS = [
     ("qcow2", ("-o", "compat=0.10,lazy_refcounts=on"), "1M"),
     ("qcow2", (), "1Q"),
     ("qcow2", (), "9E"),
+    ("qcow2", ("-o", "cluster_size=512"), "200G"),
+    ("vpc", (), "2041G"),  # the driver's EFBIG: qemu-img create's own words
+    ("vpc", ("-o", "subformat=fixed"), "3T"),
+    ("vpc", ("-o", "force_size=on"), "100T"),
     ("qcow2", (), "1.5k"),
     ("qcow2", (), "0x10"),
     ("qcow2", (), "1M", "extra"),

@@ -192,6 +192,20 @@ def test_file_size_limit(fmt: str, source: Path, tmp_path: Path) -> None:
         assert theirs.lines == ours.lines
 
 
+@pytest.mark.parametrize(("fmt", "options"), [
+    ("raw", "preallocation=full"), ("qcow2", "preallocation=full"), ("vhdx", "log_size=1M"),
+    ("vdi", "static=on")])
+def test_file_size_limit_create(fmt: str, options: str, tmp_path: Path) -> None:
+    """qemu-img create words every EFBIG its driver meets as "The image size is
+    too large for file format 'FMT'", whichever step of the driver met it."""
+    limit = file_size_limit(1 << 20)
+    results = [run(program, "create", "-q", "-f", fmt, "-o", options, "out", "10M",
+                   cwd=tmp_path, preexec_fn=limit) for program in ("qemu", "instar")]
+    assert results[0].rc == results[1].rc == 1
+    assert results[0].lines == results[1].lines
+    assert results[1].one_line().startswith("PROG: out: The image size is too large")
+
+
 def test_file_size_limit_dd(source: Path, tmp_path: Path) -> None:
     limit = file_size_limit(1 << 20)
     for fmt, expected in (("raw", "out: error while creating output image: Could not resize "

@@ -392,6 +392,23 @@ def test_refcount_bits_1_cannot_hold_a_snapshot(tmp_path: Path) -> None:
     assert pair.ours.read_bytes() == before
 
 
+def test_applying_past_the_refcount_width_fails_as_qemu(tmp_path: Path) -> None:
+    """2-bit refcounts: two snapshots and the active image hold a cluster 3
+    times, the most 2 bits count; applying one must count it a 4th time first:
+    qemu's goto fails with EINVAL, worded as every goto failure ("Failed to load
+    snapshot: Invalid argument"), not as -c's "-22 (Invalid argument)"."""
+    pair = Pair(tmp_path, "img.qcow2")
+    _made(pair, "refcount_bits=2", "1M", ("write -P 1 0 64k",))
+    for tag in ("a", "b"):
+        qemu_img_ok("snapshot", "-c", tag, pair.name, cwd=pair.qemu_dir)
+    pair.copy()
+    before = pair.ours.read_bytes()
+    result = pair.both("-a", "b")
+    assert (result.rc, result.stderr) == (
+        1, "qemu-img: Could not apply snapshot 'b': Failed to load snapshot: Invalid argument\n")
+    assert pair.ours.read_bytes() == before
+
+
 # --- crash safety ----------------------------------------------------------------------------
 
 

@@ -30,6 +30,7 @@ from instar.errors import (
     ImageCommitError,
     ImageOpenError,
     InstarError,
+    ResizeError,
     UnsupportedError,
 )
 from instar.events import Advance, EventSink, Line, Notice
@@ -300,9 +301,20 @@ def _prepare_qcow2(opener: ImageOpener, base: OpenedNode, size: int,
         backing = base.image.backing
         zero_fill = backing is not None and backing.virtual_size > old_size
         grow = ImageUpdate(target.fd, base.path)
-        resize_qcow2(driver, grow, size, "off", zero_fill)
+        try:
+            resize_qcow2(driver, grow, size, "off", zero_fill)
+        except ResizeError as error:
+            raise _job_failure(error) from None
         grow.finish()
         target.size = os.fstat(target.fd).st_size
+
+
+def _job_failure(error: ResizeError) -> InstarError:
+    """A base qemu's job fails to grow: the job reports only the errno
+    ("Block job failed: Operation not supported"), not the resize's words."""
+    if not error.errno:
+        return error
+    return ImageCommitError(f"Block job failed: {os.strerror(error.errno)}")
 
 
 def _grow_qed(opener: ImageOpener, base: OpenedNode, size: int, target: InputFile) -> None:
@@ -315,8 +327,13 @@ def _grow_qed(opener: ImageOpener, base: OpenedNode, size: int, target: InputFil
     assert isinstance(driver, QedDriver)
     for _ in driver.map(0, driver.virtual_size):  # a damaged base refused before the growth
         pass
+    backing = base.image.backing
+    zero_fill = backing is not None and backing.virtual_size > driver.virtual_size
     grow = ImageUpdate(target.fd, base.path)
-    resize_qed(driver, grow, size, "off")
+    try:
+        resize_qed(driver, grow, size, "off", zero_fill)
+    except ResizeError as error:
+        raise _job_failure(error) from None
     grow.finish()
 
 

@@ -15,9 +15,19 @@ unless ``-u``, then the "Formatting" line, then the driver.
 
 from __future__ import annotations
 
+import errno
+import os
 from collections.abc import Iterator, Mapping
 
-from instar.errors import CreationError, InstarError, OptionError, UnsupportedError
+from instar.errors import (
+    CreationError,
+    InstarError,
+    OptionError,
+    OutputError,
+    TooLargeError,
+    UnsupportedError,
+    WriteError,
+)
 from instar.events import EventSink, Line
 from instar.formats.base import Format
 from instar.formats.options import (
@@ -326,5 +336,27 @@ def _create_job(broker: Broker, send: EventSink, request: CreateRequest, quiet: 
         write_image(EmptyImage(declared), path, OutputSpec(fmt, declared, parsed),
                     broker=broker, durable=False)
     except CreationError as error:
+        if _too_large(error):
+            raise _failed(path, _size_refused(fmt)) from None
         raise _failed(path, error) from None
+    except WriteError as error:
+        if _too_large(error):
+            raise _failed(path, _size_refused(fmt)) from None
+        raise
+
+
+def _too_large(error: OutputError) -> bool:
+    """Whether qemu's driver would have failed with EFBIG: a format's own
+    refusal of the size, or the file system's (``ulimit -f``, its largest file)."""
+    return isinstance(error, TooLargeError) or (
+        error.reason if isinstance(error, WriteError) else str(error)
+    ).endswith(os.strerror(errno.EFBIG))
+
+
+def _size_refused(fmt: Format) -> CreationError:
+    """qemu-img create's words for every EFBIG, with its hint where the format
+    has a cluster size option (qemu asks for it with a default: always set)."""
+    hint = (" (try using a larger cluster size)"
+            if any(name == "cluster_size" for name, _, _ in QEMU_OPTIONS[fmt.name]) else "")
+    return CreationError(f"The image size is too large for file format '{fmt.name}'{hint}")
 

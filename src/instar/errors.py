@@ -114,9 +114,17 @@ class OutputError(InstarError):
 
 class ResizeError(InstarError):
     """resize refused or failed, in qemu-img's words. ``warning`` is a warning
-    qemu-img prints after the error ("Shrinking an image will delete...")."""
+    qemu-img prints after the error ("Shrinking an image will delete...").
+    ``errno`` is what qemu's truncate returns with the words, where qemu has
+    one: commit's job, which grows a base, reports only that."""
 
     warning: str | None = None
+    errno: int = 0
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        if errno:
+            self.errno = errno
 
 
 class UpdateError(ResizeError):
@@ -146,6 +154,13 @@ class OptionError(UsageError):
 class CreationError(OutputError):
     """The output format refused to create the image (a bad option value, a size
     it cannot hold); callers add qemu's "error while creating/converting" prefix."""
+
+
+class TooLargeError(CreationError):
+    """The format cannot hold the image's size and says so in its own words (qemu's
+    driver fails with EFBIG): convert shows the words, qemu-img create replaces
+    them, as it replaces every EFBIG failure, with "The image size is too large
+    for file format 'FMT'"."""
 
 
 class CommitError(CreationError):

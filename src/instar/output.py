@@ -39,6 +39,7 @@ from instar.errors import (
     InstarError,
     OutputError,
     ReadError,
+    TooLargeError,
     WriteError,
 )
 from instar.events import EventSink, Notice
@@ -419,6 +420,8 @@ def fill_output(
     try:
         writer = spec.format.create(out, spec.virtual_size, spec.options)
     except ImageOpenError:  # qemu creates such an image, then cannot open it: its words
+        raise
+    except TooLargeError:  # the size refused: create words it its own way
         raise
     except InstarError as error:  # the driver refused: qemu prefixes its message
         raise CreationError(str(error)) from None

@@ -112,9 +112,8 @@ def _resize_job(broker: Broker, send: EventSink, path: str, size: int, relative:
         elif fmt.name == "qed":
             from instar.formats.qed.resize import resize_qed
 
-            if zero_fill:
-                raise ResizeError("Block driver does not support requested flags")
-            resize_qed(driver, update, total, preallocation)  # type: ignore[arg-type]
+            resize_qed(driver, update, total, preallocation,  # type: ignore[arg-type]
+                       zero_fill)
         else:
             raise ResizeError("Image format driver does not support resize")
         update.finish()

@@ -213,9 +213,14 @@ class GuestWriter:
         return index, slot, int.from_bytes(raw, "big")
 
     def _compressed_clusters(self, entry: int) -> list[int]:
-        """The clusters a compressed entry's bytes touch, which must lie in the file."""
+        """The clusters a compressed entry's bytes touch, which must lie in the file.
+
+        qemu does not write the tail of a compressed cluster's last sector, so
+        the file may end inside that sector: only its start must be in the file
+        (the sector lies in one cluster, the one its data ends in)."""
         start, length = self.driver.compressed_range(entry)
-        if start + length > self.driver.file.size:
+        last_sector = (start + length - 1) & ~(L.SECTOR - 1)
+        if last_sector >= self.driver.file.size:
             raise FormatError(f"qcow2 compressed cluster at {start:#x} lies outside the image")
         return list(range(start // self.cluster, (start + length - 1) // self.cluster + 1))
 

@@ -34,6 +34,7 @@ ends, and refcounts that do not match what is being freed.
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import sys
@@ -60,9 +61,9 @@ def check_resize(driver: Qcow2Driver, new_size: int, preallocation: str,
     header = driver.header
     version = header.version if version is None else version
     if new_size % L.SECTOR:
-        raise ResizeError("The new size must be a multiple of 512")
+        raise ResizeError("The new size must be a multiple of 512", errno.EINVAL)
     if header.nb_snapshots and version < 3:
-        raise ResizeError("Can't resize a v2 image which has snapshots")
+        raise ResizeError("Can't resize a v2 image which has snapshots", errno.ENOTSUP)
     if header.incompatible_features & L.INCOMPAT_CORRUPT:
         raise ResizeError("qcow2: Image is corrupt; cannot be opened read/write")
     if driver.extensions.has_bitmaps or header.autoclear_features & L.AUTOCLEAR_BITMAPS:
@@ -81,11 +82,12 @@ def check_resize(driver: Qcow2Driver, new_size: int, preallocation: str,
     if end > driver.file.size:
         raise FormatError("qcow2 refcount table lies outside the image")
     if zero_fill and version < 3:
-        raise ResizeError("Failed to zero out new clusters: Operation not supported")
+        raise ResizeError("Failed to zero out new clusters: Operation not supported",
+                          errno.ENOTSUP)
     new_l1_size = L.l1_entries_for(new_size, header.cluster_bits, header.extended_l2)
     if new_size >= driver.virtual_size and (new_l1_size > QCOW_MAX_L1_ENTRIES
                                             or new_l1_size * 8 > MAX_TABLE_BYTES):
-        raise ResizeError("Failed to grow the L1 table: File too large")
+        raise ResizeError("Failed to grow the L1 table: File too large", errno.EFBIG)
 
 
 def read_active_l1(driver: Qcow2Driver) -> array[int]:

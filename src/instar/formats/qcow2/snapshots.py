@@ -536,7 +536,11 @@ def goto(driver: Qcow2Driver, update: ImageUpdate, name: bytes) -> None:
     # The final refcounts, checked before anything is written; they also say
     # which flags the new active tables carry.
     final = Refcounts(driver)
-    walk.add(final, target, +1)
+    try:
+        walk.add(final, target, +1)  # first, as qemu: a refcount at its width's maximum fails
+    except SnapshotError as error:
+        raise SnapshotError(f"Failed to load snapshot: {os.strerror(error.errno)}",
+                            error.errno) from None
     walk.add(final, old, -1)
     _free(final, header.l1_table_offset, len(old) * 8)
     refcounts = Refcounts(driver)

@@ -27,7 +27,7 @@ import errno
 import os
 from collections.abc import Callable
 
-from instar.errors import OutputError, UsageError
+from instar.errors import OutputError, TooLargeError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import OutputFile, ParsedOptions
 from instar.formats.cluster_writer import (
@@ -359,10 +359,10 @@ class Qcow2Writer(ClusterImageWriter):
         entries = L.l2_entries(self._bits, options.extended_l2)
         l1_size = L.l1_entries_for(virtual_size, self._bits, options.extended_l2)
         if l1_size * 8 > MAX_TABLE_BYTES:
-            raise OutputError(
-                "The image size is too large for file format 'qcow2' "
-                "(try using a larger cluster size)"
-            )
+            # qemu creates the image empty, then fails to grow its L1 table
+            # (create words it as every EFBIG: TooLargeError).
+            raise TooLargeError("Could not resize image: Failed to grow the L1 table: "
+                                "File too large")
         self._data = options.data_file  # the external data file, or None
         if self._data is not None:
             self._size_data_file(self._data, options.preallocation)

@@ -20,7 +20,7 @@ import time
 import uuid
 from array import array
 
-from instar.errors import CreationError, UsageError
+from instar.errors import TooLargeError, UsageError
 from instar.files import pwrite_all, write_zeros
 from instar.formats.base import Measurement, MeasureSource, OutputFile, ParsedOptions
 from instar.formats.common import pack_table, unit_spans
@@ -64,7 +64,7 @@ def plan(virtual_size: int, options: ParsedOptions) -> VpcPlan:
     force_size = options.flag("force_size")
     choice = rounded_geometry(virtual_size, force_size)
     if choice.too_large:
-        raise CreationError(TOO_LARGE_MESSAGE)
+        raise TooLargeError(TOO_LARGE_MESSAGE)
     return VpcPlan(subformat == "fixed", choice, force_size)
 
 
