@@ -153,21 +153,25 @@ def test_extents_read_only_metadata(corpus: dict[str, Path],
 
 
 @pytest.mark.usefixtures("qemu_img")
-def test_backing_file_needs_its_directory_allowed(corpus: dict[str, Path],
+def test_backing_file_needs_its_directory_allowed(corpus: dict[str, Path], tmp_path: Path,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The policy applies to a QED backing file: refused unless allowed; info
-    still names it without opening it."""
+    still names it without opening it. (The output is a file: qemu-img and
+    instar both refuse a character device such as /dev/null as dd's output.)"""
     monkeypatch.delenv("INSTAR_ALLOW")
     image = corpus["over-qcow2"]
-    result = run_instar("dd", f"if={image.name}", "of=/dev/null", cwd=image.parent)
+    out = tmp_path / "out.raw"
+    result = run_instar("dd", f"if={image.name}", f"of={out}", cwd=image.parent)
     assert result.rc == 1
     assert result.stderr == ("instar: backing file 'base.qcow2' is outside the allowed "
                              "directories (none); use --allow DIR to permit it\n")
+    assert not out.exists()
     info = run_instar("info", image.name, cwd=image.parent)
     assert info.rc == 0 and "backing file: base.qcow2\n" in info.stdout
-    allowed = run_instar("dd", "--allow", ".", f"if={image.name}", "of=/dev/null",
+    allowed = run_instar("dd", "--allow", ".", f"if={image.name}", f"of={out}",
                          cwd=image.parent)
     assert allowed.rc == 0, allowed.stderr
+    assert out.read_bytes() == qemu_read_raw(image, tmp_path)
 
 
 # --- check ---------------------------------------------------------------------------------------
