@@ -274,6 +274,18 @@ def test_base_that_cannot_grow(tmp_path: Path, chain: list[Step]) -> None:
 
 
 @pytest.mark.usefixtures("allow_own_directories")
+def test_v2_base_grown_inside_its_last_cluster(tmp_path: Path) -> None:
+    """A v2 base over a longer backing file grown only inside the cluster its
+    old end lies in: qemu writes explicit zeros there (no zero clusters needed)
+    and commits."""
+    steps = [*_raw("base.raw", "64k", "write -P 3 0 64k"),
+             *_qcow2("mid.qcow2", "1k", "write -P 4 0 512", backing="base.raw",
+                     backing_fmt="raw", options="compat=0.10"),
+             *_qcow2("ov.qcow2", "64k", "write -P 1 8k 4k", backing="mid.qcow2")]
+    assert _parity(tmp_path, steps).rc == 0
+
+
+@pytest.mark.usefixtures("allow_own_directories")
 def test_empty_overlay_grown_base(tmp_path: Path) -> None:
     """A big sparse overlay (the base grows, its refcount structures with it)."""
     steps = [*_qcow2("base.qcow2", "1M", "write -P 1 0 64k", options="cluster_size=512"),

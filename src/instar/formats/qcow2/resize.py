@@ -81,7 +81,9 @@ def check_resize(driver: Qcow2Driver, new_size: int, preallocation: str,
     end = header.refcount_table_offset + header.refcount_table_clusters * header.cluster_size
     if end > driver.file.size:
         raise FormatError("qcow2 refcount table lies outside the image")
-    if zero_fill and version < 3:
+    cluster = header.cluster_size
+    if zero_fill and version < 3 and new_size > -(-driver.virtual_size // cluster) * cluster:
+        # v2 has no zero clusters; explicit zeros inside the old end's cluster it can write
         raise ResizeError("Failed to zero out new clusters: Operation not supported",
                           errno.ENOTSUP)
     new_l1_size = L.l1_entries_for(new_size, header.cluster_bits, header.extended_l2)
